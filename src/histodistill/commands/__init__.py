@@ -1,0 +1,1 @@
+"""One module per ``histodistill`` subcommand; see ``histodistill.cli`` for the contract."""

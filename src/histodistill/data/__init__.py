@@ -1,0 +1,1 @@
+"""Whole-slide reading, tissue detection, tiling, sample data and datasets."""

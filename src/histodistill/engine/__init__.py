@@ -1,0 +1,1 @@
+"""The training engine: LightningCLI, run directories, callbacks, schedules."""

@@ -1,0 +1,1 @@
+"""Evaluation: feature extraction, probes, metrics, heatmaps, reports."""

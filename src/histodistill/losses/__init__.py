@@ -1,0 +1,1 @@
+"""Loss functions as plain, testable functions and small modules, one idea per file."""

@@ -1,0 +1,1 @@
+"""Backbones, the masked ViT and its decoder, heads, MIL models."""

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny slides made on the fly, and the real sample data when it is cached."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histodistill.data.tiff_writer import write_pyramid_tiff
+
+# Two cores in CI: keep torch from oversubscribing them when several tests build models.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+GLASS_RGB = (242, 240, 244)  # near-white background of a scanned slide
+
+
+@dataclass(frozen=True)
+class TinySlide:
+    """A synthetic slide with tissue exactly inside ``tissue_boxes`` (x0, y0, x1, y1 at level 0)."""
+
+    path: Path
+    mpp: float
+    size: tuple[int, int]  # (width, height) at level 0
+    tissue_boxes: tuple[tuple[int, int, int, int], ...]
+
+
+def make_tissue_image(width: int, height: int, boxes, seed: int = 0) -> np.ndarray:
+    """Glass everywhere, H&E-like pink/purple texture inside each box: (height, width, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = GLASS_RGB
+    for x0, y0, x1, y1 in boxes:
+        h, w = y1 - y0, x1 - x0
+        eosin = np.array([225, 120, 170], np.float32)
+        hematoxylin = np.array([90, 60, 150], np.float32)
+        mix = rng.random((h, w, 1), dtype=np.float32) ** 3  # mostly pink with purple specks (nuclei)
+        texture = eosin * (1 - mix) + hematoxylin * mix + rng.normal(0, 8, (h, w, 3))
+        image[y0:y1, x0:x1] = np.clip(texture, 0, 255).astype(np.uint8)
+    return image
+
+
+@pytest.fixture
+def tiny_slide(tmp_path) -> TinySlide:
+    """A 1024 x 768 pyramidal TIFF at 0.5 mpp with two tissue squares aligned to a 128-px grid."""
+    boxes = ((128, 128, 512, 384), (640, 384, 896, 640))
+    image = make_tissue_image(1024, 768, boxes)
+    path = write_pyramid_tiff(tmp_path / "tiny_slide.tif", image, mpp=0.5, tile=128)
+    return TinySlide(path=path, mpp=0.5, size=(1024, 768), tissue_boxes=boxes)
+
+
+@pytest.fixture
+def sample_file():
+    """``sample_file(name)`` -> path of a cached real sample, or skip the test when it is not cached."""
+    from histodistill.data.samples import cached_path
+
+    def get(name: str) -> Path:
+        path = cached_path(name)
+        if path is None:
+            pytest.skip(f"sample {name!r} is not cached: run `histodistill samples fetch {name}`")
+        return path
+
+    return get
