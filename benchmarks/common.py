@@ -1,0 +1,83 @@
+"""What every benchmark script shares: the machine description, a fair timer, and where results go.
+
+Each `benchmarks/<name>.py` measures one thing and calls `write_section(name, markdown)`, which
+writes `docs/benchmarks/<name>.md`; `benchmarks/run_all.py` runs them all and assembles
+`docs/benchmarks.md`. Figures are ratios against a baseline measured in the same run, so they
+stay meaningful across machines; the machine is recorded beside them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS_DIR = ROOT / "docs" / "benchmarks"
+
+
+def machine_description() -> str:
+    """CPU model and core count, memory, torch version and accelerator, in one line."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB RAM, {device}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, sync: bool = False) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA-synchronised if asked)."""
+    import torch
+
+    def once() -> float:
+        if sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def mean_sd(values: list[float]) -> str:
+    """``0.812 ± 0.015`` (sample sd; ``± 0`` for a single value)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, title: str, body: str) -> Path:
+    """Write one benchmark's results (with machine and date) to ``docs/benchmarks/<name>.md``."""
+    from histodistill.io import atomic_path
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = f"## {title}\n\n_Machine: {machine_description()}. Measured {stamp} by `python benchmarks/{name}.py`._\n\n{body.strip()}\n"
+    path = SECTIONS_DIR / f"{name}.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    print(text)
+    return path
