@@ -1,0 +1,164 @@
+"""Find tissue on each slide and write its tile grid at a target resolution.
+
+  histodistill tile SLIDE_OR_DIR_OR_CSV --out DIR [--mpp 0.5 | --magnification 20] --patch-size 256
+
+Per slide: DIR/patches/<slide_id>.h5 (coords, CLAM/TRIDENT layout), DIR/qc/<slide_id>.png
+(thumbnail, tissue contour, tiles) and DIR/status/<slide_id>.json (ok/failed, tiles, seconds).
+Slides already tiled with the same settings are skipped; a failing slide is reported and the
+others go on; the exit status is 1 when any slide failed. See docs/tiling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "detect tissue and write tile coordinates (CLAM/TRIDENT HDF5) for a slide, a folder or a CSV of slides"
+
+# What a folder scan picks up: OpenSlide's formats and the plain images we read as one-level slides.
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+                  ".qptiff", ".png", ".jpg", ".jpeg"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "source",
+        metavar="SLIDE_OR_DIR_OR_CSV",
+        help="one slide file; a folder (its slide files, not recursive: " + " ".join(sorted(SLIDE_SUFFIXES))
+        + "); or a CSV with a `path` column (relative paths are taken from the CSV's folder) and an "
+        "optional `mpp` column that overrides the slide's mpp for that row",
+    )
+    parser.add_argument("--out", required=True, help="output directory; patches/, qc/ and status/ are made inside")
+    resolution = parser.add_mutually_exclusive_group()
+    resolution.add_argument(
+        "--mpp", type=float, default=None, help="target resolution of the tiles in microns per pixel (default 0.5)"
+    )
+    resolution.add_argument(
+        "--magnification",
+        type=float,
+        default=None,
+        help="target objective magnification instead of --mpp: 20 = the slide's mpp x objective power / 20 "
+        "when the slide states its objective power, else 0.5 mpp (40 = 0.25 mpp)",
+    )
+    parser.add_argument("--patch-size", type=int, default=256, help="tile side in pixels at the target resolution (default 256)")
+    parser.add_argument(
+        "--overlap", type=int, default=0, help="pixels (at the target resolution) shared by neighbouring tiles (default 0)"
+    )
+    parser.add_argument(
+        "--min-tissue", type=float, default=0.5, help="keep a tile when tissue covers at least this fraction of it (default 0.5)"
+    )
+    parser.add_argument(
+        "--mpp-override",
+        type=float,
+        default=None,
+        help="level-0 microns per pixel to use instead of the slides' metadata (needed for slides without it, "
+        "e.g. most PNG/JPEG); a CSV `mpp` column wins over this for its row",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="slides tiled in parallel, one process each (default 1)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="tile again even where finished outputs exist (default: skip those)"
+    )
+    parser.add_argument(
+        "--thumbnail-size", type=int, default=2048,
+        help="longest side in pixels of the thumbnail the tissue mask is computed on (default 2048)",
+    )
+    parser.add_argument(
+        "--min-saturation", type=float, default=0.07,
+        help="tissue needs at least this HSV saturation (0..1) even when Otsu's threshold is lower (default 0.07)",
+    )
+
+
+def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path, float | None]]:
+    """``(slide path, mpp override or None)`` for every slide named by a file, folder or CSV."""
+    import csv
+
+    from histodistill.errors import UserError
+
+    if source.is_dir():
+        slides = sorted(p for p in source.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        if not slides:
+            raise UserError(f"{source}: no slide files in this folder (looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
+        found = [(path, mpp_override) for path in slides]
+    elif source.suffix.lower() == ".csv" and source.is_file():
+        with open(source, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or "path" not in rows[0]:
+            raise UserError(f"{source}: the slide CSV needs a header with a `path` column and at least one row")
+        found = []
+        for line, row in enumerate(rows, start=2):
+            mpp = row.get("mpp") or ""
+            try:
+                row_mpp = float(mpp) if mpp.strip() else mpp_override
+            except ValueError:
+                raise UserError(f"{source} line {line}: `mpp` must be a number, got {mpp!r}") from None
+            found.append((source.parent / row["path"], row_mpp))
+    elif source.exists():
+        found = [(source, mpp_override)]
+    else:
+        raise UserError(f"{source}: no such slide, folder or CSV")
+    by_id: dict[str, Path] = {}
+    for path, _ in found:
+        if by_id.setdefault(path.stem, path) != path:
+            raise UserError(f"{source}: two slides share the id {path.stem!r} ({by_id[path.stem]} and {path}); "
+                            "outputs are named by file stem, so rename one")
+    return found
+
+
+def _tile_one(job: dict):
+    """Run `tile_slide` and turn any failure into a failed `TileResult` (runs in worker processes)."""
+    from histodistill.data.tiling import TileResult, tile_slide
+    from histodistill.errors import UserError
+
+    try:
+        return tile_slide(**job)
+    except Exception as error:
+        message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        path = Path(job["slide_path"])
+        return TileResult(path.stem, str(path), "failed", 0, 0.0, message)
+
+
+def run(args: argparse.Namespace) -> int:
+    import multiprocessing
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    from histodistill.data.tissue import TissueConfig
+    from histodistill.errors import UserError
+
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    tissue = TissueConfig(thumbnail_size=args.thumbnail_size, min_saturation=args.min_saturation)
+    jobs = [
+        dict(slide_path=path, out_dir=args.out, target_mpp=args.mpp or 0.5, patch_size=args.patch_size,
+             overlap=args.overlap, min_tissue=args.min_tissue, mpp_override=mpp, tissue=tissue,
+             overwrite=args.overwrite, magnification=args.magnification)
+        for path, mpp in collect_slides(Path(args.source), args.mpp_override)
+    ]
+    progress = tqdm(total=len(jobs), desc="tile", unit="slide", disable=len(jobs) < 2)
+    results = []
+    if args.workers == 1:
+        for job in jobs:
+            results.append(_tile_one(job))
+            progress.update()
+    else:
+        # spawn, not fork: a forked worker would inherit the parent's open slide handles and threads.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.workers, len(jobs)), mp_context=context) as pool:
+            for result in pool.map(_tile_one, jobs):
+                results.append(result)
+                progress.update()
+    progress.close()
+
+    for result in results:
+        if result.status == "failed":
+            print(f"failed: {result.slide_path}: {result.message}", file=sys.stderr)
+    counts = {status: sum(r.status == status for r in results) for status in ("ok", "skipped", "failed")}
+    tiles = sum(r.n_tiles for r in results)
+    print(f"{len(results)} slides: {counts['ok']} tiled, {counts['skipped']} already done, {counts['failed']} failed; "
+          f"{tiles} tiles in {Path(args.out) / 'patches'}")
+    return 1 if counts["failed"] else 0

@@ -1,0 +1,265 @@
+"""One `Slide` interface over OpenSlide, TiffSlide and plain images, with mpp-aware reading.
+
+Backends are tried in this order (the first that opens the file wins):
+
+1. OpenSlide (openslide-python + openslide-bin): Aperio SVS, Hamamatsu, MIRAX, tiled generic TIFF...
+2. TiffSlide: tiled 8-bit RGB TIFFs OpenSlide refuses (some OME-TIFF and SVS variants).
+3. Plain images (PNG, JPEG, untiled TIFF) via Pillow, held in memory as a one-level slide.
+
+Every read returns RGB uint8; areas outside the slide or transparent in it come back as white
+glass, so tissue detection and models never see black padding. Open handles are cached per
+process (`open_slide`); the cache is dropped in a forked child, which must not share file
+handles with its parent.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from histodistill.errors import UserError
+
+# A level whose mpp is at most this much finer than asked is used as is: scanners report
+# downsamples like 4.0002, and a 0.1 % resize is not worth a second pass over the pixels.
+LEVEL_MPP_TOLERANCE = 1e-3
+# Plain-image resolution tags are trusted only when they describe a microscope: desktop
+# defaults (72, 96, 300, 600 dpi) are 42..353 um/px and fall outside this range.
+PLAUSIBLE_MPP = (0.05, 16.0)
+TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff"}
+
+
+def _to_rgb_uint8(image: Image.Image, path: Path) -> np.ndarray:
+    """Pillow image of any 8-bit mode -> (h, w, 3) uint8; transparency is composited onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F") or image.mode.endswith(";16"):
+        raise UserError(
+            f"{path}: {image.mode} images (16-bit or float) are not supported because their intensity "
+            "scale is ambiguous; convert the file to 8-bit RGB first (e.g. with tifffile or ImageMagick "
+            "`convert in.tif -depth 8 out.png`)"
+        )
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))  # L, 1, P, CMYK, YCbCr: colour conversion is exact enough
+
+
+class Slide(ABC):
+    """A multi-resolution RGB image. Locations are (x, y) at level 0; sizes are (width, height)."""
+
+    path: Path
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    objective_power: float | None
+
+    def __init__(self, path: Path, metadata_mpp: float | None, mpp_override: float | None):
+        self.path = path
+        self.slide_id = path.stem
+        self._metadata_mpp = metadata_mpp
+        self._mpp_override = mpp_override
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def mpp(self) -> float:
+        """Microns per pixel at level 0: the override if given, else the slide's metadata."""
+        mpp = self._mpp_override or self._metadata_mpp
+        if mpp is None:
+            raise UserError(
+                f"{self.path}: the slide has no microns-per-pixel in its metadata; pass --mpp-override X "
+                "(or an `mpp` column in the slide CSV) with the scanner's resolution in um/px"
+            )
+        return mpp
+
+    @abstractmethod
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """(h, w, 3) uint8 of a region that lies entirely inside ``level``."""
+
+    @abstractmethod
+    def get_thumbnail(self, max_size: int) -> np.ndarray:
+        """The whole slide as (h, w, 3) uint8, longest side at most ``max_size``, aspect kept."""
+
+    def close(self) -> None:
+        """Release the backend's file handle (plain images hold none)."""
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """(h, w, 3) uint8 of ``size`` pixels at ``level``, top-left ``location`` at level 0; white outside."""
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
+        width, height = size
+        downsample = self.level_downsamples[level]
+        level_w, level_h = self.level_dimensions[level]
+        # The requested box in level coordinates, then its intersection with the level.
+        x0, y0 = int(location[0] // downsample), int(location[1] // downsample)
+        cx0, cy0 = max(x0, 0), max(y0, 0)
+        cx1, cy1 = min(x0 + width, level_w), min(y0 + height, level_h)
+        if cx0 == x0 and cy0 == y0 and cx1 == x0 + width and cy1 == y0 + height:
+            return self._read(location, level, size)
+        out = np.full((height, width, 3), 255, np.uint8)
+        if cx1 > cx0 and cy1 > cy0:
+            inside_location = (round(cx0 * downsample), round(cy0 * downsample))
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read(inside_location, level, (cx1 - cx0, cy1 - cy0))
+        return out
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The coarsest level that is still at least as fine as ``target_mpp`` (level 0 if none is)."""
+        finest_enough = [
+            level
+            for level in range(self.level_count)
+            if self.level_mpp(level) <= target_mpp * (1 + LEVEL_MPP_TOLERANCE)
+        ]
+        return max(finest_enough, default=0)
+
+    def read_at_mpp(self, location: tuple[int, int], size_px: int, target_mpp: float) -> np.ndarray:
+        """(size_px, size_px, 3) uint8 at ``target_mpp``, top-left at level-0 ``location``.
+
+        One read from `best_level_for_mpp`, then one resize, so 0.5 mpp tiles from a 0.25 mpp slide
+        with a 1.0 mpp level below it cost one read of 2 x size_px at level 0 each.
+        """
+        level = self.best_level_for_mpp(target_mpp)
+        read_px = max(1, round(size_px * target_mpp / self.level_mpp(level)))
+        region = self.read_region(location, level, (read_px, read_px))
+        if read_px == size_px:
+            return region
+        # Pillow's bilinear filter widens its support when shrinking, so this is anti-aliased.
+        resized = Image.fromarray(region).resize((size_px, size_px), Image.Resampling.BILINEAR)
+        return np.asarray(resized)
+
+
+class OpenSlideLikeSlide(Slide):
+    """OpenSlide and TiffSlide share one API; only the property names of mpp and power differ."""
+
+    def __init__(self, path: Path, handle, prefix: str, mpp_override: float | None):
+        self._handle = handle
+        properties = handle.properties
+        mpp_x, mpp_y = properties.get(f"{prefix}.mpp-x"), properties.get(f"{prefix}.mpp-y")
+        metadata_mpp = None
+        if mpp_x not in (None, "") and float(mpp_x) > 0:
+            # Non-square pixels are rare; their mean keeps tile areas right to first order.
+            metadata_mpp = (float(mpp_x) + float(mpp_y or mpp_x)) / 2
+        super().__init__(path, metadata_mpp, mpp_override)
+        power = properties.get(f"{prefix}.objective-power")
+        self.objective_power = float(power) if power not in (None, "") and float(power) > 0 else None
+        self.level_dimensions = [tuple(map(int, dims)) for dims in handle.level_dimensions]
+        self.level_downsamples = [float(d) for d in handle.level_downsamples]
+
+    def _read(self, location, level, size):
+        region = self._handle.read_region(tuple(map(int, location)), level, tuple(map(int, size)))
+        return _to_rgb_uint8(region, self.path)
+
+    def get_thumbnail(self, max_size: int) -> np.ndarray:
+        return _to_rgb_uint8(self._handle.get_thumbnail((max_size, max_size)), self.path)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class ImageSlide(Slide):
+    """A non-pyramidal image (PNG, JPEG, untiled TIFF) as a one-level slide held in memory."""
+
+    def __init__(self, path: Path, image: Image.Image, mpp_override: float | None):
+        super().__init__(path, _trusted_image_mpp(image), mpp_override)
+        self._pixels = _to_rgb_uint8(image, path)  # (H, W, 3)
+        self.objective_power = None
+        self.level_dimensions = [(self._pixels.shape[1], self._pixels.shape[0])]
+        self.level_downsamples = [1.0]
+
+    def _read(self, location, level, size):
+        x, y = map(int, location)
+        return self._pixels[y : y + size[1], x : x + size[0]].copy()
+
+    def get_thumbnail(self, max_size: int) -> np.ndarray:
+        image = Image.fromarray(self._pixels)
+        image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
+        return np.asarray(image)
+
+
+def _trusted_image_mpp(image: Image.Image) -> float | None:
+    """mpp from a plain image's resolution tag, or None when absent or not a microscope's.
+
+    TIFF tags in centimetres or inches, PNG pHYs (Pillow reports it as dpi) and JPEG JFIF dpi are
+    read alike; a value outside `PLAUSIBLE_MPP` is an editor default, not a measurement.
+    """
+    dpi = image.info.get("dpi")
+    if image.format == "TIFF" and 296 in image.tag_v2:  # ResolutionUnit: 2 inch, 3 centimetre
+        unit, resolution = image.tag_v2[296], image.tag_v2.get(282)
+        if resolution and unit in (2, 3):
+            dpi = (float(resolution) * (2.54 if unit == 3 else 1.0),)
+    if not dpi or not dpi[0] or float(dpi[0]) <= 0:
+        return None
+    mpp = 25400.0 / float(dpi[0])
+    return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+
+
+def _is_tiled_rgb8_tiff(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return page.is_tiled and page.dtype == np.uint8 and page.samplesperpixel in (3, 4)
+    except Exception:  # not a TIFF at all: another backend will say why
+        return False
+
+
+def _open_uncached(path: Path, mpp_override: float | None) -> Slide:
+    import openslide
+
+    if not path.is_file():
+        raise UserError(f"{path}: slide file not found")
+    try:
+        return OpenSlideLikeSlide(path, openslide.OpenSlide(str(path)), "openslide", mpp_override)
+    except openslide.OpenSlideError as error:
+        openslide_error = error  # kept for the message if no backend can read the file
+    if path.suffix.lower() in TIFF_SUFFIXES and _is_tiled_rgb8_tiff(path):
+        import tiffslide
+
+        return OpenSlideLikeSlide(path, tiffslide.TiffSlide(path), "tiffslide", mpp_override)
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, Image.DecompressionBombError) as error:
+        raise UserError(
+            f"{path}: not a readable slide or image (OpenSlide: {openslide_error}; Pillow: {error}); "
+            "check that the file is complete and in a format OpenSlide or Pillow reads"
+        ) from None
+    return ImageSlide(path, image, mpp_override)
+
+
+_CACHE: dict[tuple[Path, float | None], Slide] = {}
+_CACHE_PID = os.getpid()
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
+    """Open ``path`` with the first backend that reads it; cached per process and per ``mpp`` override.
+
+    ``mpp`` overrides the slide's own microns-per-pixel (for slides whose metadata lacks it or is
+    wrong). Raises `UserError` naming the file when no backend can read it.
+    """
+    global _CACHE_PID
+    if os.getpid() != _CACHE_PID:  # forked child: the parent's handles are not ours to use
+        _CACHE.clear()
+        _CACHE_PID = os.getpid()
+    key = (Path(path).resolve(), mpp)
+    if key not in _CACHE:
+        _CACHE[key] = _open_uncached(key[0], mpp)
+    return _CACHE[key]
+
+
+def close_all() -> None:
+    """Close every cached slide of this process (long-running tools call this between batches)."""
+    for slide in _CACHE.values():
+        slide.close()
+    _CACHE.clear()

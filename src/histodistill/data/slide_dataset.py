@@ -1,0 +1,92 @@
+"""Tiles read lazily from slides at the resolution their coords file was made for.
+
+A dataset holds only paths, numbers and the coords array, so it pickles cheaply into DataLoader
+workers; each worker opens a slide on its first tile through `open_slide`'s per-process cache
+and keeps it open for the rest of the epoch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from histodistill.data.slide import open_slide
+from histodistill.data.tiling import read_coords
+from histodistill.errors import UserError
+
+
+class SlideTileDataset(Dataset):
+    """Tiles of one slide: ``(transform(uint8 (3, H, W)), coords long (2,))`` per coords row.
+
+    ``slide_path`` defaults to the ``slide_path`` attribute of the coords file; ``mpp`` overrides
+    the slide's level-0 mpp, which otherwise is the one the tiling used (the ``mpp`` attribute),
+    so tiles come out exactly as tiled even when that came from ``--mpp-override``.
+    """
+
+    def __init__(
+        self,
+        coords_path: str | os.PathLike,
+        slide_path: str | os.PathLike | None = None,
+        transform: Callable | None = None,
+        mpp: float | None = None,
+    ):
+        self.coords_path = Path(coords_path)
+        self.coords, attrs = read_coords(self.coords_path)  # (N, 2) int64
+        self.slide_id = str(attrs.get("slide_id", self.coords_path.stem))
+        self.slide_path = Path(slide_path or attrs["slide_path"])
+        if not self.slide_path.is_file():
+            raise UserError(
+                f"{self.coords_path}: its slide {self.slide_path} does not exist; pass the slide's current "
+                "location (slide_path=..., or slide_paths={slide_id: path} for SlideTilesDataset)"
+            )
+        self.patch_size = int(attrs["patch_size"])
+        self.target_mpp = float(attrs["target_mpp"])
+        self.mpp = float(mpp if mpp is not None else attrs["mpp"])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, index: int):
+        x, y = (int(v) for v in self.coords[index])
+        slide = open_slide(self.slide_path, mpp=self.mpp)
+        tile = slide.read_at_mpp((x, y), self.patch_size, self.target_mpp)  # (H, W, 3) uint8
+        image = torch.from_numpy(tile).permute(2, 0, 1).contiguous()  # (3, H, W)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, torch.tensor((x, y), dtype=torch.long)
+
+
+class SlideTilesDataset(ConcatDataset):
+    """Every tile of a tiling output: the concatenation of one `SlideTileDataset` per coords file.
+
+    ``patches_dir`` is ``<out>/patches`` of `histodistill tile`. ``slide_paths`` maps slide ids to
+    slide files for slides that moved since tiling. ``.datasets[i].slide_id`` names each part;
+    `slide_index` finds which slide a global index falls in.
+    """
+
+    def __init__(
+        self,
+        patches_dir: str | os.PathLike,
+        transform: Callable | None = None,
+        slide_paths: Mapping[str, str | os.PathLike] | None = None,
+    ):
+        patches_dir = Path(patches_dir)
+        # Names starting with "." are unfinished temporary files of a running `tile`.
+        files = sorted(p for p in patches_dir.glob("*.h5") if not p.name.startswith("."))
+        if not files:
+            raise UserError(f"{patches_dir}: no coords files (*.h5); run `histodistill tile ... --out DIR` "
+                            "and pass DIR/patches")
+        slide_paths = slide_paths or {}
+        super().__init__(
+            [SlideTileDataset(path, slide_paths.get(path.stem), transform) for path in files]
+        )
+
+    def slide_index(self, index: int) -> int:
+        """Index into ``self.datasets`` of the slide that global tile ``index`` belongs to."""
+        return bisect.bisect_right(self.cumulative_sizes, index)

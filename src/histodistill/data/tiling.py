@@ -1,0 +1,230 @@
+"""Grid tiling of one slide at a target resolution: coords HDF5, QC picture and status JSON.
+
+Arithmetic (all positions are top-left (x, y) at level 0):
+
+- ``scale = target_mpp / slide_mpp`` level-0 pixels per target pixel;
+- ``patch_size_level0 = round(patch_size * scale)``, stride ``(patch_size - overlap) * scale``;
+- column k sits at ``round(k * stride)``; only tiles that fit entirely inside the slide are kept,
+  so every tile is real pixels (no padding) and rounding never drifts across a large slide;
+- a tile is kept when the tissue mask covers at least ``min_tissue`` of its footprint.
+
+Outputs of ``tile_slide(path, out)``: ``out/patches/<id>.h5`` (CLAM/TRIDENT layout),
+``out/qc/<id>.png`` and ``out/status/<id>.json``, each written atomically; the status file is
+written last and marks the slide as done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from histodistill.data.slide import Slide, open_slide
+from histodistill.data.tissue import TissueConfig, tissue_mask
+from histodistill.errors import UserError
+from histodistill.io import atomic_path, write_json
+
+# mpp x magnification for slides that do not state their objective power: 20x = 0.5 mpp,
+# 40x = 0.25 mpp (the usual scanner convention).
+MPP_TIMES_MAGNIFICATION = 10.0
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """What happened to one slide. ``status`` is ``ok``, ``skipped`` (already done) or ``failed``."""
+
+    slide_id: str
+    slide_path: str
+    status: str
+    n_tiles: int
+    seconds: float
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    coords: Path
+    qc: Path
+    status: Path
+
+    @classmethod
+    def for_slide(cls, out_dir: str | os.PathLike, slide_id: str) -> OutputPaths:
+        out = Path(out_dir)
+        return cls(out / "patches" / f"{slide_id}.h5", out / "qc" / f"{slide_id}.png", out / "status" / f"{slide_id}.json")
+
+
+def magnification_to_mpp(slide: Slide, magnification: float) -> float:
+    """Target mpp of ``magnification``: from the slide's own objective power and mpp when it states
+    them (a 40x scanner at 0.23 mpp gives 20x = 0.46 mpp), else 20x = 0.5 mpp."""
+    if magnification <= 0:
+        raise UserError(f"--magnification must be positive, got {magnification}")
+    if slide.objective_power is not None:
+        return slide.mpp * slide.objective_power / magnification
+    return MPP_TIMES_MAGNIFICATION / magnification
+
+
+def grid_coords(dimensions: tuple[int, int], patch_size: int, overlap: int, scale: float) -> np.ndarray:
+    """(N, 2) int64 top-left (x, y) at level 0 of every tile that fits inside ``dimensions`` (w, h).
+
+    ``scale`` is level-0 pixels per target pixel; rows run over y, then x (row-major).
+    """
+    patch_level0 = round(patch_size * scale)
+    stride = (patch_size - overlap) * scale
+
+    def starts(extent: int) -> np.ndarray:
+        count = int((extent - patch_level0) // stride) + 1 if extent >= patch_level0 else 0
+        positions = np.round(np.arange(count + 1) * stride).astype(np.int64)  # one spare for rounding
+        return positions[positions + patch_level0 <= extent]
+
+    ys, xs = np.meshgrid(starts(dimensions[1]), starts(dimensions[0]), indexing="ij")
+    return np.stack([xs.ravel(), ys.ravel()], axis=1)  # (N, 2)
+
+
+def tissue_fractions(mask: np.ndarray, coords: np.ndarray, patch_level0: int, dimensions: tuple[int, int]) -> np.ndarray:
+    """(N,) fraction of each tile's footprint that ``mask`` (h, w, at thumbnail scale) marks as tissue."""
+    height, width = mask.shape
+    fx, fy = width / dimensions[0], height / dimensions[1]  # mask pixels per level-0 pixel
+    # Integral image with a zero row/column in front: box sum = I[y1,x1] - I[y0,x1] - I[y1,x0] + I[y0,x0].
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    x0 = np.clip(np.round(coords[:, 0] * fx).astype(np.int64), 0, width - 1)
+    y0 = np.clip(np.round(coords[:, 1] * fy).astype(np.int64), 0, height - 1)
+    x1 = np.clip(np.round((coords[:, 0] + patch_level0) * fx).astype(np.int64), x0 + 1, width)
+    y1 = np.clip(np.round((coords[:, 1] + patch_level0) * fy).astype(np.int64), y0 + 1, height)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return inside / ((x1 - x0) * (y1 - y0))
+
+
+def write_coords(path: Path, coords: np.ndarray, attrs: dict) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("coords", data=coords.astype(np.int64).reshape(-1, 2))
+        h5["coords"].attrs.update(attrs)  # CLAM reads the attributes from the dataset...
+        h5.attrs.update(attrs)  # ...TRIDENT-style readers from the file; both are cheap
+
+
+def read_coords(h5_path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """``(coords (N, 2) int64, attrs)`` of a coords file written by `tile_slide`."""
+    try:
+        with h5py.File(h5_path, "r") as h5:
+            attrs = {key: value.item() if hasattr(value, "item") else value for key, value in h5["coords"].attrs.items()}
+            return h5["coords"][:].astype(np.int64), attrs
+    except (OSError, KeyError) as error:
+        raise UserError(f"{h5_path}: not a coords file written by `histodistill tile` ({error})") from None
+
+
+def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, patch_level0: int, dimensions) -> Image.Image:
+    """Thumbnail with the tissue contour (green) and every kept tile (blue outline)."""
+    image = Image.fromarray(thumbnail).convert("RGB")
+    contour = ndimage.binary_dilation(mask & ~ndimage.binary_erosion(mask))
+    pixels = np.asarray(image).copy()
+    pixels[contour] = (0, 180, 0)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    fx, fy = thumbnail.shape[1] / dimensions[0], thumbnail.shape[0] / dimensions[1]
+    for x, y in coords:
+        draw.rectangle((x * fx, y * fy, (x + patch_level0) * fx, (y + patch_level0) * fy), outline=(30, 60, 220))
+    return image
+
+
+def _existing_done(paths: OutputPaths, settings: dict) -> dict | None:
+    """The ok status of a finished earlier run with these settings; `UserError` if the settings differ."""
+    if not (paths.status.is_file() and paths.coords.is_file()):
+        return None
+    status = json.loads(paths.status.read_text())
+    if status.get("status") != "ok":
+        return None
+    if status.get("settings") != settings:
+        raise UserError(
+            f"{paths.coords} was made with other settings ({status.get('settings')}); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    return status
+
+
+def tile_slide(
+    slide_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    target_mpp: float = 0.5,
+    patch_size: int = 256,
+    overlap: int = 0,
+    min_tissue: float = 0.5,
+    mpp_override: float | None = None,
+    tissue: TissueConfig = TissueConfig(),
+    overwrite: bool = False,
+    magnification: float | None = None,
+) -> TileResult:
+    """Tile one slide into ``out_dir`` (see the module docstring for the outputs).
+
+    ``magnification``, when given, replaces ``target_mpp`` (see `magnification_to_mpp`).
+    Finished outputs with the same settings are skipped unless ``overwrite``. On failure the
+    status file says so, no coords or QC file is left for the slide, and the error is re-raised.
+    """
+    if patch_size <= 0:
+        raise UserError(f"--patch-size must be positive, got {patch_size}")
+    if not 0 <= overlap < patch_size:
+        raise UserError(f"--overlap must be in [0, patch size {patch_size}), got {overlap}")
+    if not 0 <= min_tissue <= 1:
+        raise UserError(f"--min-tissue must be in [0, 1], got {min_tissue}")
+    slide_path = Path(slide_path).resolve()
+    slide_id = slide_path.stem
+    paths = OutputPaths.for_slide(out_dir, slide_id)
+    settings = dict(
+        target_mpp=None if magnification else target_mpp,
+        magnification=magnification,
+        patch_size=patch_size,
+        overlap=overlap,
+        min_tissue=min_tissue,
+        mpp_override=mpp_override,
+        tissue=dataclasses.asdict(tissue),
+    )
+    if not overwrite and (done := _existing_done(paths, settings)):
+        return TileResult(slide_id, str(slide_path), "skipped", done["n_tiles"], 0.0, "already tiled")
+
+    start = time.perf_counter()
+    try:
+        slide = open_slide(slide_path, mpp=mpp_override)
+        mpp = target_mpp if magnification is None else magnification_to_mpp(slide, magnification)
+        if mpp <= 0:
+            raise UserError(f"--mpp must be positive, got {mpp}")
+        scale = mpp / slide.mpp
+        patch_level0 = round(patch_size * scale)
+        thumbnail = slide.get_thumbnail(tissue.thumbnail_size)
+        mask = tissue_mask(thumbnail, tissue)
+        level0_magnification = slide.objective_power or MPP_TIMES_MAGNIFICATION / slide.mpp
+        coords = grid_coords(slide.dimensions, patch_size, overlap, scale)
+        coords = coords[tissue_fractions(mask, coords, patch_level0, slide.dimensions) >= min_tissue]
+        attrs = dict(
+            patch_size=patch_size,
+            patch_level=slide.best_level_for_mpp(mpp),
+            patch_size_level0=patch_level0,
+            mpp=slide.mpp,
+            target_mpp=mpp,
+            overlap=overlap,
+            slide_path=str(slide_path),
+            slide_id=slide_id,
+            level0_magnification=level0_magnification,
+            target_magnification=level0_magnification * slide.mpp / mpp,
+        )
+        write_coords(paths.coords, coords, attrs)
+        with atomic_path(paths.qc) as tmp:
+            draw_qc(thumbnail, mask, coords, patch_level0, slide.dimensions).save(tmp, format="PNG")
+    except BaseException as error:  # KeyboardInterrupt too: never leave a coords file for a failed slide
+        for path in (paths.coords, paths.qc):
+            path.unlink(missing_ok=True)
+        message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        status = dict(slide_id=slide_id, slide_path=str(slide_path), status="failed", n_tiles=0,
+                      seconds=round(time.perf_counter() - start, 3), message=message, settings=settings)
+        write_json(paths.status, status)
+        raise
+    seconds = time.perf_counter() - start
+    status = dict(slide_id=slide_id, slide_path=str(slide_path), status="ok", n_tiles=len(coords),
+                  seconds=round(seconds, 3), message="", settings=settings)
+    write_json(paths.status, status)
+    return TileResult(slide_id, str(slide_path), "ok", len(coords), seconds)
