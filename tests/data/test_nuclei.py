@@ -133,6 +133,7 @@ def test_write_image_folder_layout_summary_and_reuse(tmp_path, synthetic_hgsc):
         "train": {"connective": 1, "inflammatory": 1, "neoplastic": 1},
         "test": {"connective": 1, "inflammatory": 1, "neoplastic": 0},
     }
+    assert (out / "test" / "neoplastic").is_dir()  # empty, but present so class indices agree across splits
     crop = np.asarray(Image.open(out / "test" / "connective" / "00001.png"))
     assert crop.shape == (16, 16, 3) and crop[8, 8, :2].tolist() == [196, 100]
 

@@ -186,6 +186,9 @@ def write_image_folder(
         shutil.rmtree(path, ignore_errors=True)
     splits = {"train": (task.train_images, task.train_labels), "test": (task.test_images, task.test_labels)}
     for split, (images, labels) in splits.items():
+        for class_name in task.class_names:
+            # every class folder exists in both splits, so image-folder readers index classes alike
+            (out_dir / split / class_name).mkdir(parents=True, exist_ok=True)
         for index, (crop, label) in enumerate(zip(images, labels, strict=True)):
             with atomic_path(out_dir / split / task.class_names[label] / f"{index:05d}.png") as tmp:
                 Image.fromarray(crop).save(tmp)
