@@ -29,17 +29,12 @@ LEVEL_MPP_TOLERANCE = 1e-3
 # Plain-image resolution tags are trusted only when they describe a microscope: desktop
 # defaults (72, 96, 300, 600 dpi) are 42..353 um/px and fall outside this range.
 PLAUSIBLE_MPP = (0.05, 16.0)
-TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff"}
 
 
 def _to_rgb_uint8(image: Image.Image, path: Path) -> np.ndarray:
     """Pillow image of any 8-bit mode -> (h, w, 3) uint8; transparency is composited onto white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F") or image.mode.endswith(";16"):
-        raise UserError(
-            f"{path}: {image.mode} images (16-bit or float) are not supported because their intensity "
-            "scale is ambiguous; convert the file to 8-bit RGB first (e.g. with tifffile or ImageMagick "
-            "`convert in.tif -depth 8 out.png`)"
-        )
+    if image.mode in ("I", "F") or ";16" in image.mode:  # deep formats the header checks missed
+        _refuse_deep_pixels(path, 16 if ";16" in image.mode else 32)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -88,8 +83,9 @@ class Slide(ABC):
     def get_thumbnail(self, max_size: int) -> np.ndarray:
         """The whole slide as (h, w, 3) uint8, longest side at most ``max_size``, aspect kept."""
 
+    @abstractmethod
     def close(self) -> None:
-        """Release the backend's file handle (plain images hold none)."""
+        """Release the backend's file handle."""
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """(h, w, 3) uint8 of ``size`` pixels at ``level``, top-left ``location`` at level 0; white outside."""
@@ -185,6 +181,9 @@ class ImageSlide(Slide):
         image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
         return np.asarray(image)
 
+    def close(self) -> None:
+        """Nothing to release: the pixels were read into memory when the slide was opened."""
+
 
 def _trusted_image_mpp(image: Image.Image) -> float | None:
     """mpp from a plain image's resolution tag, or None when absent or not a microscope's.
@@ -203,15 +202,32 @@ def _trusted_image_mpp(image: Image.Image) -> float | None:
     return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
 
 
-def _is_tiled_rgb8_tiff(path: Path) -> bool:
+def _tiff_layout(path: Path) -> tuple[bool, int] | None:
+    """``(tiled, bits per sample)`` of a TIFF's first page, or None when the file is not a TIFF."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            return page.is_tiled and page.dtype == np.uint8 and page.samplesperpixel in (3, 4)
-    except Exception:  # not a TIFF at all: another backend will say why
-        return False
+            return bool(page.is_tiled), page.dtype.itemsize * 8 if page.dtype is not None else 0
+    except Exception:  # not a TIFF (or a broken one): the backends below will say why
+        return None
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    with open(path, "rb") as handle:
+        header = handle.read(26)  # signature (8), IHDR length + type (8), width, height (8), depth (1)
+    return header[24] if header[:8] == b"\x89PNG\r\n\x1a\n" and len(header) > 24 else None
+
+
+def _refuse_deep_pixels(path: Path, bits: int | None) -> None:
+    # Checked before any backend: OpenSlide and Pillow would silently keep the high byte, which
+    # turns 12-bit data stored in 16-bit samples into a nearly black image.
+    if bits is not None and bits > 8:
+        raise UserError(
+            f"{path}: {bits}-bit samples are not supported because their intensity scale is ambiguous; "
+            "convert the file to 8-bit RGB first (e.g. ImageMagick `convert in.tif -depth 8 out.tif`)"
+        )
 
 
 def _open_uncached(path: Path, mpp_override: float | None) -> Slide:
@@ -219,11 +235,13 @@ def _open_uncached(path: Path, mpp_override: float | None) -> Slide:
 
     if not path.is_file():
         raise UserError(f"{path}: slide file not found")
+    tiff = _tiff_layout(path)
+    _refuse_deep_pixels(path, tiff[1] if tiff else _png_bit_depth(path))
     try:
         return OpenSlideLikeSlide(path, openslide.OpenSlide(str(path)), "openslide", mpp_override)
     except openslide.OpenSlideError as error:
         openslide_error = error  # kept for the message if no backend can read the file
-    if path.suffix.lower() in TIFF_SUFFIXES and _is_tiled_rgb8_tiff(path):
+    if tiff is not None and tiff[0]:
         import tiffslide
 
         return OpenSlideLikeSlide(path, tiffslide.TiffSlide(path), "tiffslide", mpp_override)

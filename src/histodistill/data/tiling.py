@@ -156,7 +156,7 @@ def tile_slide(
     overlap: int = 0,
     min_tissue: float = 0.5,
     mpp_override: float | None = None,
-    tissue: TissueConfig = TissueConfig(),
+    tissue: TissueConfig = TissueConfig(),  # noqa: B008 - frozen dataclass, safe to share
     overwrite: bool = False,
     magnification: float | None = None,
 ) -> TileResult:
