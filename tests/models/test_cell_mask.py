@@ -29,7 +29,7 @@ def test_random_mask_is_seeded():
 @pytest.mark.parametrize("fill", ["mean", "learned"])
 def test_masked_pixels_carry_the_fill_and_visible_pixels_are_untouched(fill):
     side, tile = 3, 4
-    masker = CellMasker(side, fill=fill)
+    masker = CellMasker(fill=fill)
     if fill == "learned":
         with torch.no_grad():
             masker.mask_token.copy_(torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1))
@@ -48,7 +48,7 @@ def test_masked_pixels_carry_the_fill_and_visible_pixels_are_untouched(fill):
 
 
 def test_learned_fill_gets_a_gradient():
-    masker = CellMasker(2, fill="learned")
+    masker = CellMasker(fill="learned")
     mask = torch.tensor([[True, False, False, True]])
     masker(torch.randn(1, 3, 4, 4), mask).sum().backward()
     assert masker.mask_token.grad is not None and masker.mask_token.grad.abs().sum() > 0

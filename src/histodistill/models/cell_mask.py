@@ -8,6 +8,7 @@ value per channel, starting at that mean.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -33,8 +34,17 @@ def random_cell_mask(
     return ranks < count
 
 
-def cell_mask_to_pixels(mask: torch.Tensor, side: int, height: int, width: int) -> torch.Tensor:
+def grid_side(num_cells: int) -> int:
+    """s for a window of s*s cells."""
+    side = math.isqrt(num_cells)
+    if side * side != num_cells:
+        raise ValueError(f"{num_cells} cells do not form a square grid")
+    return side
+
+
+def cell_mask_to_pixels(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, s*s) cell mask -> (B, 1, H, W) pixel mask; H and W must be multiples of s (one tile = H/s x W/s)."""
+    side = grid_side(mask.shape[1])
     if height % side or width % side:
         raise ValueError(f"window {height}x{width} is not an exact {side}x{side} grid of tiles")
     grid = mask.view(mask.shape[0], 1, side, side)  # (B, 1, s, s), row-major cells
@@ -42,13 +52,13 @@ def cell_mask_to_pixels(mask: torch.Tensor, side: int, height: int, width: int) 
 
 
 class CellMasker(nn.Module):
-    """Paint masked cells of normalised windows (B, 3, H, W) with the fill value."""
+    """Paint masked cells of normalised windows (B, 3, H, W) with the fill value; the grid side s
+    follows from the mask's (B, s*s) shape."""
 
-    def __init__(self, side: int, fill: Literal["mean", "learned"] = "mean", channels: int = 3) -> None:
+    def __init__(self, fill: Literal["mean", "learned"] = "mean", channels: int = 3) -> None:
         super().__init__()
         if fill not in ("mean", "learned"):
             raise ValueError(f"fill must be 'mean' or 'learned', got {fill!r}")
-        self.side = side
         self.fill = fill
         # Named mask_token so the optimiser's no-weight-decay rule covers it (engine/optim.py).
         value = torch.zeros(1, channels, 1, 1)
@@ -58,5 +68,5 @@ class CellMasker(nn.Module):
             self.register_buffer("mask_token", value, persistent=False)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pixels = cell_mask_to_pixels(mask, self.side, images.shape[-2], images.shape[-1])
+        pixels = cell_mask_to_pixels(mask, images.shape[-2], images.shape[-1])
         return torch.where(pixels, self.mask_token.to(images.dtype), images)  # (B, 3, H, W)

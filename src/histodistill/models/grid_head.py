@@ -30,7 +30,7 @@ def spatial_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     features = backbone.forward_features(images)
     if backbone.feature_kind == "map":
         return features  # (B, C, h, w)
-    return tokens_to_map(features, getattr(backbone.model, "num_prefix_tokens", 1))
+    return tokens_to_map(features, backbone.num_prefix_tokens)
 
 
 def grid_pool(feature_map: torch.Tensor, side: int) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""Context windows for MCM-KD: s x s neighbouring tiles of a tiled slide, read as one image.
+
+A window is anchored on a tissue tile of a coords file (`histodistill tile` output). Its cells are
+the s x s tile positions around the anchor, spaced by the tile size at level 0
+(``patch_size_level0``); the anchor sits at cell ((s-1)//2, (s-1)//2), the centre when s is odd
+(for even s, the upper-left of the four central cells). A cell is *valid* when its position is a
+tile of the coords file (tissue with a teacher feature); a window is kept when at least
+``min_fraction`` of its s^2 cells are valid. Each window is ONE `Slide.read_at_mpp` of
+P = s * patch_size pixels at the tiling's target mpp, so its cells are pixel-aligned with the tiles
+the teacher saw. Cells are in row-major order: index ``i * s + j`` is row i (y), column j (x).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from histodistill.data.slide import open_slide
+from histodistill.data.teacher_cache import TeacherFeatures
+from histodistill.data.tiling import read_coords
+from histodistill.data.transforms import build_transform
+from histodistill.errors import UserError
+
+
+def grid_geometry(attrs: dict, source: str | os.PathLike) -> tuple[float, int]:
+    """The tiling grid of a coords file: (stride in level-0 pixels, grid steps from one cell to the next).
+
+    `histodistill tile` puts column k at ``round(k * stride)`` with ``stride = (patch_size - overlap) * scale``;
+    window cells must abut, so they are ``patch_size / (patch_size - overlap)`` grid steps apart.
+    """
+    patch_size, overlap = int(attrs["patch_size"]), int(attrs.get("overlap", 0))
+    if patch_size % (patch_size - overlap):
+        raise UserError(
+            f"{source}: tiles of {patch_size} px with overlap {overlap} do not abut on a grid, so they cannot "
+            "form context windows; tile again with --overlap 0 (or an overlap that divides the patch size evenly)"
+        )
+    stride = (patch_size - overlap) * float(attrs["target_mpp"]) / float(attrs["mpp"])
+    return stride, patch_size // (patch_size - overlap)
+
+
+def cell_offsets(side: int) -> np.ndarray:
+    """(s*s, 2) int64 (x, y) offsets of the cells from the anchor tile in cells, row-major."""
+    anchor = (side - 1) // 2
+    rows, cols = np.meshgrid(np.arange(side) - anchor, np.arange(side) - anchor, indexing="ij")
+    return np.stack([cols.ravel(), rows.ravel()], axis=1).astype(np.int64)  # (s*s, 2) as (x, y)
+
+
+def window_cells(
+    coords: np.ndarray, stride: float, cell_steps: int, side: int, min_fraction: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The windows of a coords file.
+
+    Args:
+        coords: (N, 2) int64 tile top-lefts (x, y) at level 0, on the grid ``round(k * stride)``.
+        stride, cell_steps: from `grid_geometry`.
+    Returns:
+        anchors (M,) int64 row of each window's anchor tile in ``coords``;
+        cell_coords (M, s*s, 2) int64 top-left of every cell (whether a tile or not);
+        valid (M, s*s) bool, True where the cell is a tile of ``coords``.
+    """
+    if not 0 < min_fraction <= 1:
+        raise UserError(f"data.min_fraction must be in (0, 1], got {min_fraction}")
+    grid_index = np.round(coords / stride).astype(np.int64)  # (N, 2) column/row of each tile
+    cell_index = grid_index[:, None, :] + cell_offsets(side)[None] * cell_steps  # (N, s*s, 2)
+    cells = np.round(cell_index * stride).astype(np.int64)  # the same rounding as the tiler
+    tiles = {(int(x), int(y)) for x, y in coords}
+    valid = np.array([(int(x), int(y)) in tiles for x, y in cells.reshape(-1, 2)], dtype=bool)
+    valid = valid.reshape(len(coords), side * side)  # (N, s*s)
+    # A small tolerance so that a threshold written as 0.888 keeps windows with 8 of 9 cells.
+    keep = valid.mean(axis=1) >= min_fraction - 1e-3
+    return np.flatnonzero(keep).astype(np.int64), cells[keep], valid[keep]
+
+
+def window_transform(preprocess, side: int):
+    """uint8 (3, P, P) window -> float (3, s*S, s*S) normalised with the backbone's mean/std, S its input size.
+
+    Each cell is thus resized exactly as `extract` resizes a lone tile to S, so the student sees tissue
+    at the same scale in fine-tuning and in extraction. No augmentation: spatial ones would have to
+    permute the cells and teacher targets along with the pixels.
+    """
+    window_side = side * int(preprocess.input_size)
+    as_window = SimpleNamespace(mean=preprocess.mean, std=preprocess.std, input_size=window_side, mpp=preprocess.mpp)
+    return build_transform("eval", as_window, train=False)  # resize to s*S; the centre crop is then a no-op
+
+
+class ContextWindowDataset(Dataset):
+    """The context windows of one coords file.
+
+    Item: ``(window, cell_coords, valid, teacher)`` with ``window = transform(uint8 (3, P, P))`` (the uint8
+    tensor itself without a transform), ``cell_coords`` long (s*s, 2), ``valid`` bool (s*s,), and
+    ``teacher`` float32 (s*s, D) from the teacher cache (zeros in invalid cells; (s*s, 0) without a cache).
+    """
+
+    def __init__(
+        self,
+        coords_path: str | os.PathLike,
+        teacher_features: str | os.PathLike | None = None,
+        side: int = 3,
+        min_fraction: float = 1.0,
+        slide_path: str | os.PathLike | None = None,
+        transform=None,
+        mpp: float | None = None,
+    ) -> None:
+        if side < 1:
+            raise UserError(f"context window side must be >= 1, got {side}")
+        coords, attrs = read_coords(coords_path)
+        self.coords_path = Path(coords_path)
+        self.slide_path = Path(slide_path or attrs["slide_path"])
+        self.side = side
+        self.patch_size = int(attrs["patch_size"])
+        self.target_mpp = float(attrs["target_mpp"])
+        self.window_px = side * self.patch_size
+        self.mpp = mpp
+        self.transform = transform
+        stride, cell_steps = grid_geometry(attrs, coords_path)
+        self.anchors, self.cell_coords, self.valid = window_cells(coords, stride, cell_steps, side, min_fraction)
+        self.teacher = TeacherFeatures(teacher_features) if teacher_features is not None else None
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+    def read_window(self, index: int) -> torch.Tensor:
+        """uint8 (3, P, P): one read of the whole window at the target mpp."""
+        slide = open_slide(self.slide_path, self.mpp)  # cached per process, so once per worker
+        top_left = self.cell_coords[index, 0]  # cell (0, 0)
+        pixels = slide.read_at_mpp((int(top_left[0]), int(top_left[1])), self.window_px, self.target_mpp)
+        # A copy: slide readers may hand back read-only buffers, which torch refuses to wrap.
+        return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # (P, P, 3) -> (3, P, P)
+
+    def __getitem__(self, index: int):
+        window = self.read_window(index)
+        if self.transform is not None:
+            window = self.transform(window)
+        cells, valid = self.cell_coords[index], self.valid[index]
+        if self.teacher is None:
+            teacher = torch.zeros(len(cells), 0)
+        else:
+            teacher = torch.from_numpy(self.teacher.lookup(cells, valid))  # (s*s, D)
+        return window, torch.from_numpy(cells), torch.from_numpy(valid), teacher
+
+
+def context_windows_of_dir(
+    patches_dir: str | os.PathLike,
+    features_dir: str | os.PathLike | None,
+    side: int = 3,
+    min_fraction: float = 1.0,
+    transform=None,
+    mpp: float | None = None,
+) -> ConcatDataset:
+    """Every coords file of ``patches_dir`` as one dataset; ``features_dir`` holds the teacher's
+    ``<slide_id>.h5`` features (the cache). Raises `UserError` when no slide yields a window."""
+    coords_files = sorted(Path(patches_dir).glob("*.h5"))
+    if not coords_files:
+        raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile` first")
+    datasets = [
+        ContextWindowDataset(
+            path,
+            None if features_dir is None else Path(features_dir) / path.name,
+            side=side,
+            min_fraction=min_fraction,
+            transform=transform,
+            mpp=mpp,
+        )
+        for path in coords_files
+    ]
+    if sum(len(d) for d in datasets) == 0:
+        raise UserError(
+            f"no {side}x{side} context window in {patches_dir} has at least {min_fraction:.0%} tissue cells: "
+            "lower data.min_fraction or data.side, or tile with a lower --min-tissue"
+        )
+    return ConcatDataset([d for d in datasets if len(d)])

@@ -1,0 +1,135 @@
+"""Context windows: the right tiles in every cell, the tissue threshold at borders, one read per window."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from histodistill.data.context_windows import (
+    ContextWindowDataset,
+    context_windows_of_dir,
+    grid_geometry,
+    window_cells,
+    window_transform,
+)
+from histodistill.data.slide import Slide, open_slide
+from histodistill.data.tiling import grid_coords, write_coords
+from histodistill.errors import UserError
+from histodistill.models.backbones import Preprocess
+
+TILE = 64
+
+
+def box_tiles(x0: int, y0: int, cols: int, rows: int) -> np.ndarray:
+    """(rows*cols, 2) top-lefts of a block of abutting 64-px tiles, row-major."""
+    ys, xs = np.meshgrid(y0 + TILE * np.arange(rows), x0 + TILE * np.arange(cols), indexing="ij")
+    return np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64)
+
+
+def coords_attrs(slide_path, mpp=0.5, target_mpp=0.5, overlap=0) -> dict:
+    return dict(patch_size=TILE, patch_level=0, patch_size_level0=round(TILE * target_mpp / mpp), mpp=mpp,
+                target_mpp=target_mpp, overlap=overlap, slide_path=str(slide_path), slide_id="tiny_slide")
+
+
+@pytest.fixture
+def tiled(tiny_slide, tmp_path):
+    """The first tissue box of the tiny slide as a 6 x 4 block of 64-px tiles at the slide's own 0.5 mpp."""
+    coords = box_tiles(128, 128, cols=6, rows=4)
+    path = tmp_path / "patches" / "tiny_slide.h5"
+    write_coords(path, coords, coords_attrs(tiny_slide.path))
+    return path, coords
+
+
+def test_cells_are_exactly_the_neighbouring_tiles(tiled):
+    _, coords = tiled
+    anchors, cells, valid = window_cells(coords, stride=TILE, cell_steps=1, side=3)
+    assert len(anchors) == (6 - 2) * (4 - 2)  # only interior tiles have all 8 neighbours
+    assert valid.all()
+    for anchor, window in zip(anchors, cells, strict=True):
+        x, y = coords[anchor]
+        expected = [(x + TILE * dx, y + TILE * dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # row-major
+        assert [tuple(c) for c in window.tolist()] == expected
+
+
+@pytest.mark.parametrize(("min_fraction", "windows"), [(1.0, 8), (6 / 9, 20), (4 / 9, 24)])
+def test_border_windows_follow_the_tissue_threshold(tiled, min_fraction, windows):
+    _, coords = tiled
+    anchors, cells, valid = window_cells(coords, TILE, 1, side=3, min_fraction=min_fraction)
+    assert len(anchors) == windows  # 8 interior, 12 edge tiles (6/9 cells), 4 corners (4/9)
+    tiles = {tuple(c) for c in coords.tolist()}
+    for window, flags in zip(cells, valid, strict=True):
+        assert flags.tolist() == [tuple(c) in tiles for c in window.tolist()]
+        assert flags.mean() >= min_fraction - 1e-6
+
+
+def test_even_side_anchors_the_upper_left_central_cell(tiled):
+    _, coords = tiled
+    anchors, cells, _ = window_cells(coords, TILE, 1, side=2)
+    assert (cells[:, 0] == coords[anchors]).all()  # anchor at cell (0, 0) = (s-1)//2 for s = 2
+
+
+def test_cells_land_on_tiles_when_the_scale_is_not_an_integer():
+    # 0.499 mpp slide tiled at 0.5 mpp: stride 64.128 level-0 px, tiles at round(k * stride).
+    attrs = coords_attrs("unused", mpp=0.499, target_mpp=0.5)
+    coords = grid_coords((1000, 700), TILE, 0, 0.5 / 0.499)
+    stride, steps = grid_geometry(attrs, "coords.h5")
+    _, _, valid = window_cells(coords, stride, steps, side=3)
+    assert valid.all() and len(valid) == (len(np.unique(coords[:, 0])) - 2) * (len(np.unique(coords[:, 1])) - 2)
+
+
+def test_overlap_that_does_not_divide_the_tile_is_refused():
+    with pytest.raises(UserError, match="--overlap 0"):
+        grid_geometry(coords_attrs("s", overlap=24), "coords.h5")
+    assert grid_geometry(coords_attrs("s", overlap=32), "coords.h5") == (32.0, 2)  # half overlap: every 2nd tile
+
+
+def test_one_read_per_window_and_cells_match_the_tiles(tiled, monkeypatch):
+    path, _ = tiled
+    reads = []
+    original = Slide.read_at_mpp
+
+    def spy(self, location, size_px, target_mpp):
+        reads.append((tuple(location), size_px))
+        return original(self, location, size_px, target_mpp)
+
+    monkeypatch.setattr(Slide, "read_at_mpp", spy)
+    dataset = ContextWindowDataset(path, side=3)
+    window, cells, valid, teacher = dataset[3]
+    assert reads == [(tuple(cells[0].tolist()), 3 * TILE)]  # one region read, from the top-left cell
+    assert window.shape == (3, 3 * TILE, 3 * TILE) and window.dtype == torch.uint8
+    assert cells.shape == (9, 2) and valid.shape == (9,) and teacher.shape == (9, 0)
+    slide = open_slide(dataset.slide_path)
+    for k in (0, 4, 8):
+        i, j = divmod(k, 3)
+        alone = original(slide, tuple(cells[k].tolist()), TILE, 0.5)  # (64, 64, 3)
+        np.testing.assert_array_equal(window[:, i * TILE : (i + 1) * TILE, j * TILE : (j + 1) * TILE].permute(1, 2, 0).numpy(), alone)
+
+
+def test_items_carry_teacher_features_of_their_cells(tiled, tmp_path):
+    path, coords = tiled
+    features_dir = tmp_path / "features_teacher"
+    features_dir.mkdir()
+    features = np.concatenate([coords, coords.sum(axis=1, keepdims=True)], axis=1).astype(np.float32)  # (N, 3)
+    with h5py.File(features_dir / "tiny_slide.h5", "w") as h5:
+        h5["features"], h5["coords"] = features, coords
+    dataset = context_windows_of_dir(path.parent, features_dir, side=3, min_fraction=4 / 9)
+    _, cells, valid, teacher = dataset[0]  # a corner window: 4 tissue cells of 9
+    assert valid.sum() == 4
+    np.testing.assert_array_equal(teacher[valid][:, :2].numpy(), cells[valid].numpy())
+    assert (teacher[~valid] == 0).all()
+
+
+def test_no_window_meets_the_threshold_is_a_user_error(tiny_slide, tmp_path):
+    path = tmp_path / "patches" / "tiny_slide.h5"
+    write_coords(path, box_tiles(128, 128, cols=2, rows=2), coords_attrs(tiny_slide.path))
+    with pytest.raises(UserError, match="min_fraction"):
+        context_windows_of_dir(path.parent, None, side=3)
+
+
+def test_window_transform_resizes_each_cell_to_the_model_input_and_normalises():
+    transform = window_transform(Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=32), side=3)
+    out = transform(torch.full((3, 3 * TILE, 3 * TILE), 255, dtype=torch.uint8))
+    assert out.shape == (3, 96, 96)
+    torch.testing.assert_close(out, torch.ones(3, 96, 96))
