@@ -12,6 +12,7 @@ holding its hash, size and mtime; a file whose size or mtime changed is hashed a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -144,7 +145,8 @@ def cached_path(name: str) -> Path | None:
         pass  # no marker yet, or an unreadable one: hash the file below
     if sha256_file(path) != sample.sha256:
         return None
-    write_json(marker, expected)
+    with contextlib.suppress(OSError):  # a read-only shared cache still works, it is just hashed each time
+        write_json(marker, expected)
     return path
 
 
