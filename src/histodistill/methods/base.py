@@ -32,6 +32,11 @@ class MethodModule(L.LightningModule):
 
     backbone: torch.nn.Module
 
+    # Metrics worth a "best" checkpoint, as {name: (logged metric, "max" | "min")}: `histodistill fit`
+    # keeps checkpoints/best-<name>.ckpt for each (besides last.ckpt). Classification methods monitor
+    # validation accuracy and macro-F1; methods without validation keep only last.ckpt.
+    checkpoint_monitors: dict[str, tuple[str, str]] = {}
+
     def __init__(self, optim: OptimConfig | None = None) -> None:
         super().__init__()
         self.optim = optim or OptimConfig()

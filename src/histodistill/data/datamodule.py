@@ -1,0 +1,106 @@
+"""`PatchDataModule`: train/val/test patch datasets prepared the way the method's backbone expects.
+
+The datasets are given in YAML as ``class_path`` + ``init_args`` (any dataset with a writable
+``transform`` attribute: `ImageFolderDataset`, `CsvDataset`, `HDF5ArrayDataset`, `SlideTilesDataset`);
+transforms are recipe names (`histodistill.data.transforms`). In ``setup()`` the module reads the
+backbone's preprocessing from ``trainer.lightning_module.preprocess``, so mean/std and input size
+always match the model being trained.
+
+Shuffling is reproducible and resumable: the training sampler draws epoch ``e``'s order from
+``seed + e`` (a `DistributedSampler`, which also shards the data under DDP), so a run resumed at
+epoch ``e`` sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from histodistill.data.transforms import build_transform
+from histodistill.errors import UserError
+
+
+class PatchDataModule(L.LightningDataModule):
+    """Patch datasets for any method.
+
+    Args:
+        train: training dataset (labeled ``(image, label)`` or unlabeled ``(image, coords)``).
+        val: validation dataset, or None for methods without validation (self-supervised pretraining).
+        test: test dataset for ``trainer.test``, or None.
+        batch_size: samples per device per step (the effective batch multiplies it by devices × accumulation).
+        num_workers: DataLoader worker processes (0 reads in the main process).
+        train_transform: recipe for training data (eval, basic, randaugment, mae, sdmae, he).
+        eval_transform: recipe for validation/test data, applied with ``train=False`` (deterministic).
+        seed: base of the per-epoch shuffling seed; None uses the run's ``seed_everything`` value.
+    """
+
+    def __init__(
+        self,
+        train: Dataset,
+        val: Dataset | None = None,
+        test: Dataset | None = None,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        train_transform: str = "basic",
+        eval_transform: str = "eval",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise UserError(f"data.init_args.batch_size must be >= 1, got {batch_size}")
+        self.datasets = {"train": train, "val": val, "test": test}
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.seed = seed
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names of the training data (None for unlabeled data)."""
+        return getattr(self.datasets["train"], "classes", None)
+
+    def setup(self, stage: str | None = None) -> None:
+        preprocess = self.trainer.lightning_module.preprocess
+        for split, dataset in self.datasets.items():
+            if dataset is None:
+                continue
+            if not hasattr(dataset, "transform"):
+                raise UserError(f"data.init_args.{split}: {type(dataset).__name__} has no `transform` attribute; "
+                                "use a histodistill dataset or give yours one")
+            train = split == "train"
+            dataset.transform = build_transform(self.train_transform if train else self.eval_transform, preprocess, train)
+
+    def _loader(self, split: str, sampler=None, drop_last: bool = False) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=drop_last,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        trainer = self.trainer
+        sampler = DistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=True, seed=seed
+        )
+        if len(dataset) // trainer.world_size < self.batch_size:
+            raise UserError(f"the training set has {len(dataset)} samples, fewer than one batch per device "
+                            f"(data.init_args.batch_size={self.batch_size}); lower the batch size")
+        # drop_last keeps every step's batch the same size (BatchNorm and the lr scaling assume it).
+        return self._loader("train", sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val") if self.datasets["val"] is not None else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test") if self.datasets["test"] is not None else []

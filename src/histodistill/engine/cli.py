@@ -1,0 +1,107 @@
+"""`histodistill fit`: LightningCLI wired to histodistill's run directory.
+
+The YAML gives ``model`` and ``data`` as ``class_path`` + ``init_args`` (any `MethodModule` and any
+LightningDataModule), ``trainer`` as Lightning's Trainer arguments and ``seed_everything``; any key
+can be overridden on the command line (``--trainer.max_epochs 3``). What this adds to LightningCLI:
+a default run directory (``runs/<config stem>``), loggers and callbacks by default (CSV,
+TensorBoard, last/best checkpoints, metrics.json; see `histodistill.engine.run_dir`), the resolved
+config saved atomically as ``<run dir>/config.yaml``, ``--resume`` and ``--overwrite``, and a test
+pass on the best checkpoint when the data module has a test set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from histodistill.engine.run_dir import check_run_dir, default_callbacks, default_loggers, default_run_dir
+from histodistill.io import atomic_path
+from histodistill.methods.base import MethodModule
+
+# Our own flags: not Trainer or model arguments, so left out of the saved config.
+RUN_FLAGS = ("resume", "overwrite")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Write the resolved config to ``<run dir>/config.yaml`` (atomically, rank zero only)."""
+
+    def __init__(self, parser, config, **kwargs) -> None:
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = self.config.clone()
+        for flag in RUN_FLAGS:
+            config.pop(flag, None)
+        text = self.parser.dump(config, skip_none=False)
+        with atomic_path(Path(trainer.default_root_dir) / "config.yaml") as tmp:
+            tmp.write_text(text)
+
+
+class HistodistillCLI(LightningCLI):
+    """Parses and instantiates; `fit_main` runs. ``self.ckpt_path`` is the checkpoint to resume from."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.ckpt_path: Path | None = None
+        super().__init__(
+            model_class=MethodModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=SaveRunConfig,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "prog": "histodistill fit",
+                "description": "Train a method (supervised, KD, MoMA, SD-MAE, MCM-KD) from a YAML recipe. "
+                "Every option below can be set in the YAML or overridden here as --key value. "
+                "Writes one run directory (trainer.default_root_dir, default runs/<config stem>) with "
+                "config.yaml, metrics.csv, metrics.json, tensorboard/, checkpoints/ and figures/.",
+            },
+            args=args,
+            run=False,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in trainer.default_root_dir from its checkpoints/last.ckpt "
+            "(weights, optimiser, schedule, epoch and step).",
+        )
+        parser.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start again in a run directory that already holds checkpoints (they are replaced).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        if config.trainer.default_root_dir is None:
+            config.trainer.default_root_dir = str(default_run_dir(config.get("config")))
+        self.ckpt_path = check_run_dir(config.trainer.default_root_dir, config.resume, config.overwrite)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list[L.Callback]) -> L.Trainer:
+        run_dir = Path(config["default_root_dir"])
+        if config.get("logger") in (None, True):
+            config["logger"] = default_loggers(run_dir)
+        return super()._instantiate_trainer(config, [*callbacks, *default_callbacks(self.model, run_dir)])
+
+
+def fit_main(argv: list[str]) -> int:
+    """Parse ``argv`` (the arguments after ``histodistill fit``), train, test when there is a test set."""
+    cli = HistodistillCLI(argv)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
+    if getattr(datamodule, "datasets", {}).get("test") is not None:
+        trainer.test(model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer))
+    return 0
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best checkpoint of the first monitored metric (None: test the weights as they are)."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_path:
+            return callback.best_model_path
+    return None

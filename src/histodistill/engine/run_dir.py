@@ -1,0 +1,81 @@
+"""The run directory: where a `histodistill fit` run writes everything, and what it gets by default.
+
+```
+<run dir>/                      trainer.default_root_dir (default runs/<config stem>)
+  config.yaml                   the resolved config: rerun it with `histodistill fit --config`
+  metrics.csv                   every logged value, per step / epoch (CSVLogger)
+  metrics.json                  final and best metrics at the end (RunSummary)
+  tensorboard/                  TensorBoard events
+  checkpoints/last.ckpt         end of the latest epoch: what --resume continues from
+  checkpoints/best-<name>.ckpt  best value of each metric the method monitors
+  figures/                      PNGs written by the method (confusion matrices, ...)
+```
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from histodistill.engine.callbacks import EpochReseed, RunSummary
+from histodistill.errors import UserError
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
+def default_run_dir(config_paths: list[str | os.PathLike] | None) -> Path:
+    """``runs/<stem of the last config file>`` (``runs/fit`` without a config file)."""
+    stem = Path(str(config_paths[-1])).stem if config_paths else "fit"
+    return Path("runs") / stem
+
+
+def check_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuse to silently reuse a finished run."""
+    last = last_checkpoint(run_dir)
+    if resume:
+        if not last.is_file():
+            raise UserError(f"--resume: {last} does not exist; run without --resume to start, "
+                            "or set trainer.default_root_dir to the run you want to continue")
+        return last
+    if last.is_file() and not overwrite:
+        raise UserError(f"{run_dir} already holds a run ({last}): add --resume to continue it, --overwrite to "
+                        "start it again in place, or choose another trainer.default_root_dir")
+    return None
+
+
+def default_loggers(run_dir: str | os.PathLike) -> list:
+    """metrics.csv directly in the run directory and TensorBoard events in ``tensorboard/``."""
+    return [
+        CSVLogger(save_dir=str(run_dir), name="", version=""),
+        TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False),
+    ]
+
+
+def default_callbacks(model: L.LightningModule, run_dir: str | os.PathLike) -> list[L.Callback]:
+    """last.ckpt every epoch, best-<name>.ckpt for each of the method's ``checkpoint_monitors``
+    (``{name: (metric, "max" | "min")}``), per-epoch reseeding, the learning rate, metrics.json."""
+    directory = Path(run_dir) / "checkpoints"
+    # enable_version_counter=False: --overwrite replaces files instead of adding "-v1" copies.
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, enable_version_counter=False)
+    ]
+    for name, (monitor, mode) in getattr(model, "checkpoint_monitors", {}).items():
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=directory,
+                filename=f"best-{name}",
+                monitor=monitor,
+                mode=mode,
+                save_top_k=1,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,
+            )
+        )
+    callbacks += [EpochReseed(), LearningRateMonitor(logging_interval="step"), RunSummary(run_dir)]
+    return callbacks

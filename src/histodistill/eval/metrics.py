@@ -1,0 +1,96 @@
+"""Classification metrics shared by training validation, probes and MIL, and the confusion figure.
+
+`classification_metrics` takes class probabilities, so the threshold-free AUROC and the
+argmax-based scores come from one call. A class absent from ``y_true`` (common in small
+validation folds) does not break anything: accuracy, balanced accuracy (mean recall over the
+classes present), macro-F1 (over all ``num_classes``, as scikit-learn with ``labels=range(C)``:
+an absent class that is never predicted scores 0) and kappa are computed as usual; the one-vs-rest
+AUROC is averaged over the classes present in ``y_true`` that also have negatives, and is NaN when
+fewer than two classes are present.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files; never open a window (CI, SLURM nodes)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
+
+from histodistill.io import atomic_path  # noqa: E402
+
+METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "kappa_qw")
+
+
+def ovr_auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """One-vs-rest AUROC from labels (N,) and probabilities (N, C), NaN if fewer than two classes are
+    present. Binary (C = 2): the AUROC of class 1. Otherwise: the mean over the classes present."""
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y_true == 1, probs[:, 1]))
+    return float(np.mean([roc_auc_score(y_true == c, probs[:, c]) for c in present]))
+
+
+def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float]:
+    """``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``auroc`` (one-vs-rest), ``kappa_qw``
+    (quadratic-weighted Cohen's kappa) from labels (N,) and class probabilities (N, C)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape != (len(y_true), num_classes):
+        raise ValueError(f"probs must be (N={len(y_true)}, C={num_classes}), got {probs.shape}")
+    y_pred = probs.argmax(axis=1)
+    labels = np.arange(num_classes)
+    if len(np.unique(np.concatenate([y_true, y_pred]))) == 1:
+        kappa = 1.0  # perfect agreement on a single class: sklearn would return NaN (0/0)
+    else:
+        kappa = float(cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic"))
+    return {
+        "accuracy": float((y_pred == y_true).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "auroc": ovr_auroc(y_true, probs),
+        "kappa_qw": kappa,
+    }
+
+
+def plot_confusion(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
+    """Save a confusion-matrix PNG (rows: true class, columns: predicted; counts and row-normalised
+    colour) atomically to ``path``."""
+    counts = confusion_matrix(y_true, y_pred, labels=np.arange(len(class_names)))  # (C, C)
+    row_sums = counts.sum(axis=1, keepdims=True)
+    recall = np.divide(counts, row_sums, out=np.zeros(counts.shape, float), where=row_sums > 0)
+    size = 1.5 + 0.5 * len(class_names)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    image = axes.imshow(recall, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ticks = np.arange(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axes.set_yticks(ticks, class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for (row, col), count in np.ndenumerate(counts):
+        axes.text(col, row, str(count), ha="center", va="center", color="white" if recall[row, col] > 0.5 else "black")
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120)
+    plt.close(figure)
