@@ -1,0 +1,69 @@
+"""Run demo stages in order, each once: a finished stage leaves ``<out>/<stage>/stage.json`` and is
+skipped next time, so an interrupted demo resumes where it stopped.
+
+A stage is a function ``(DemoContext) -> dict`` returning a short summary (numbers worth printing).
+The runner times each stage and writes ``<out>/timings.json`` for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from histodistill.io import write_json
+
+
+@dataclass(frozen=True)
+class DemoContext:
+    out: Path
+    quick: bool  # the ~2-minute version: fewer steps and tiles everywhere
+    device: str  # "cpu" or "cuda"
+    overwrite: bool
+
+    def stage_dir(self, name: str) -> Path:
+        path = self.out / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    description: str
+    run: Callable[[DemoContext], dict]
+
+
+def _record_path(context: DemoContext, stage: Stage) -> Path:
+    return context.out / stage.name / "stage.json"
+
+
+def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary and seconds."""
+    context.out.mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict] = {}
+    for index, stage in enumerate(stages, 1):
+        record_path = _record_path(context, stage)
+        header = f"[{index}/{len(stages)}] {stage.name}: {stage.description}"
+        if record_path.exists() and not context.overwrite:
+            records[stage.name] = json.loads(record_path.read_text())
+            log(f"{header} (done before, skipped)")
+            continue
+        log(header)
+        start = time.perf_counter()
+        summary = stage.run(context)
+        record = {"summary": summary, "seconds": round(time.perf_counter() - start, 2), "quick": context.quick}
+        write_json(record_path, record)
+        records[stage.name] = record
+        log(f"    done in {record['seconds']:.1f} s: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    write_json(context.out / "timings.json", {name: rec["seconds"] for name, rec in records.items()})
+    return records
+
+
+def format_timings(records: dict[str, dict]) -> str:
+    width = max(len(name) for name in records)
+    lines = [f"  {name:<{width}}  {rec['seconds']:7.1f} s" for name, rec in records.items()]
+    total = sum(rec["seconds"] for rec in records.values())
+    return "\n".join([*lines, f"  {'total':<{width}}  {total:7.1f} s"])
