@@ -128,8 +128,10 @@ def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, patch_l
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     fx, fy = thumbnail.shape[1] / dimensions[0], thumbnail.shape[0] / dimensions[1]
+    width = max(1, max(thumbnail.shape[:2]) // 700)  # still visible when the PNG is viewed shrunk
     for x, y in coords:
-        draw.rectangle((x * fx, y * fy, (x + patch_level0) * fx, (y + patch_level0) * fy), outline=(30, 60, 220))
+        box = (x * fx, y * fy, (x + patch_level0) * fx, (y + patch_level0) * fy)
+        draw.rectangle(box, outline=(30, 60, 220), width=width)
     return image
 
 
