@@ -56,7 +56,8 @@ class SlideTileDataset(Dataset):
         x, y = (int(v) for v in self.coords[index])
         slide = open_slide(self.slide_path, mpp=self.mpp)
         tile = slide.read_at_mpp((x, y), self.patch_size, self.target_mpp)  # (H, W, 3) uint8
-        image = torch.from_numpy(tile).permute(2, 0, 1).contiguous()  # (3, H, W)
+        # The copy makes the (possibly read-only, Pillow-owned) pixels a writable (3, H, W) array.
+        image = torch.from_numpy(tile.transpose(2, 0, 1).copy())  # (3, H, W)
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.tensor((x, y), dtype=torch.long)
