@@ -1,0 +1,237 @@
+"""A self-contained static HTML page for a run directory or a whole demo chain.
+
+One file, no external assets: figures are embedded as PNG data URIs and styles are inline, so the
+page can be mailed, archived or opened from a laptop without the run directory. No JavaScript.
+
+What goes in, found by walking the directory (so it follows whatever a stage wrote):
+- ``timings.json`` (a demo chain): the stages with their wall time and summaries;
+- every ``metrics.json``: a table of its numbers;
+- every ``metrics.csv`` (Lightning's CSVLogger): training curves drawn here;
+- every PNG (reconstruction grids, confusion matrices, ROC curves, tiling QC, heatmaps, montages),
+  grouped by folder, at most ``max_images`` per folder;
+- every ``config.yaml``: the resolved config, folded.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from histodistill.errors import UserError
+from histodistill.io import atomic_path
+
+MAX_FIGURE_PX = 1100  # wider figures are shrunk: the page column is 1200 px
+MAX_FIGURE_BYTES = 400_000  # heavier ones are re-encoded as JPEG
+
+STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d1d24;background:#fafafa}
+header{background:#3b2a5a;color:#fff;padding:18px 28px}header h1{margin:0 0 4px;font-size:22px}
+header p{margin:0;opacity:.85}nav{padding:8px 28px;background:#ece8f3;position:sticky;top:0}
+nav a{margin-right:14px;color:#3b2a5a;text-decoration:none;font-weight:600}
+main{max-width:1200px;margin:0 auto;padding:8px 28px 40px}
+section{background:#fff;border:1px solid #e2e0e8;border-radius:8px;padding:14px 20px;margin:18px 0}
+h2{margin:4px 0 10px;font-size:19px;color:#3b2a5a}h3{font-size:15px;margin:14px 0 6px;color:#555}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:14px}
+th,td{border-bottom:1px solid #e6e6ee;padding:4px 12px 4px 0;text-align:left;vertical-align:top}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:560px}
+figure img{max-width:100%;height:auto;border:1px solid #ddd;border-radius:4px;background:#fff}
+figcaption{font-size:12px;color:#666;word-break:break-all}
+pre{background:#f4f3f7;padding:10px;overflow:auto;font-size:12px;max-height:420px}
+details summary{cursor:pointer;color:#3b2a5a}
+"""
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None, max_images: int = 12) -> Path:
+    """Write the report of ``run_dir`` to ``out`` (default ``<run_dir>/report.html``); return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory: give a run directory (of fit, mil, tile or demo)")
+    out = Path(out) if out else run_dir / "report.html"
+    timings = _read_json(run_dir / "timings.json")
+    if timings:  # a demo chain: one section per stage, in the order the stages ran
+        parts = [_timings_section(run_dir, timings)]
+        parts += [_directory_section(run_dir / name, name, max_images) for name in timings if (run_dir / name).is_dir()]
+        title = f"histodistill demo — {run_dir.resolve().name}"
+    else:
+        parts = [_directory_section(run_dir, run_dir.resolve().name, max_images)]
+        title = f"histodistill run — {run_dir.resolve().name}"
+    sections = [part for part in parts if part]
+    if not sections:
+        raise UserError(f"{run_dir} holds nothing to report (no metrics, figures or config): is it a run directory?")
+    nav = "".join(f'<a href="#{_anchor(name)}">{html.escape(name)}</a>' for name, _ in sections)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(str(run_dir.resolve()))} · generated {stamp}</p></header>"
+        f"<nav>{nav}</nav><main>{''.join(body for _, body in sections)}</main></body></html>\n"
+    )
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out
+
+
+def _anchor(name: str) -> str:
+    return "s-" + "".join(ch if ch.isalnum() else "-" for ch in name)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _timings_section(run_dir: Path, timings: dict) -> tuple[str, str]:
+    rows = []
+    for name, seconds in timings.items():
+        record = _read_json(run_dir / name / "stage.json") or {}
+        summary = ", ".join(f"{k}={v}" for k, v in (record.get("summary") or {}).items())
+        rows.append(f'<tr><td><a href="#{_anchor(name)}">{html.escape(name)}</a></td>'
+                    f'<td class="num">{seconds:.1f} s</td><td>{html.escape(summary)}</td></tr>')
+    total = sum(timings.values())
+    rows.append(f'<tr><th>total</th><td class="num"><b>{total:.1f} s</b></td><td></td></tr>')
+    body = ('<section id="s-stages"><h2>Stages and timing</h2><table><tr><th>stage</th><th>time</th>'
+            f'<th>summary</th></tr>{"".join(rows)}</table></section>')
+    return "stages", body
+
+
+def _directory_section(directory: Path, name: str, max_images: int) -> tuple[str, str] | None:
+    blocks = []
+    for path in sorted(directory.rglob("metrics.json")):
+        blocks.append(_metrics_table(path, directory))
+    for path in sorted(directory.rglob("metrics.csv")):
+        curves = _curves_figure(path)
+        if curves:
+            blocks.append(f"<h3>Training curves ({html.escape(str(path.parent.relative_to(directory)) or '.')})</h3>"
+                          f'<div class="gallery">{_figure(curves, "training curves")}</div>')
+    blocks += _galleries(directory, max_images)
+    for path in sorted(directory.rglob("config.yaml")):
+        text = path.read_text(errors="replace")
+        blocks.append(f"<details><summary>config: {html.escape(str(path.relative_to(directory)))}</summary>"
+                      f"<pre>{html.escape(text)}</pre></details>")
+    if not blocks:
+        return None
+    return name, f'<section id="{_anchor(name)}"><h2>{html.escape(name)}</h2>{"".join(blocks)}</section>'
+
+
+def _flatten(prefix: str, value, rows: list[tuple[str, object]]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, rows)
+    else:
+        rows.append((prefix, value))
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, list) and len(value) > 12:
+        return f"[{len(value)} values]"
+    return str(value)
+
+
+def _metrics_table(path: Path, root: Path) -> str:
+    rows: list[tuple[str, object]] = []
+    _flatten("", _read_json(path) or {}, rows)
+    cells = "".join(
+        f'<tr><td>{html.escape(key)}</td><td class="num">{html.escape(_format(value))}</td></tr>' for key, value in rows
+    )
+    return f"<h3>Metrics ({html.escape(str(path.relative_to(root)))})</h3><table>{cells}</table>"
+
+
+def _curves_figure(path: Path) -> bytes | None:
+    """Each numeric column of a Lightning metrics.csv against ``step``, one small panel per metric."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for row in rows:
+        step = _number(row.get("step"))
+        if step is None:
+            continue
+        for key, raw in row.items():
+            value = _number(raw)
+            if key in ("step", "epoch") or value is None:
+                continue
+            xs, ys = series.setdefault(key, ([], []))
+            xs.append(step)
+            ys.append(value)
+    series = {key: xy for key, xy in series.items() if len(xy[0]) >= 2}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(series)[:12]
+    cols = min(3, len(names))
+    rows_n = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 2.6 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, names, strict=False):
+        xs, ys = series[key]
+        ax.plot(xs, ys, lw=1.2, marker="o" if len(xs) < 30 else None, ms=3)
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _number(raw) -> float | None:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _galleries(directory: Path, max_images: int) -> list[str]:
+    groups: dict[Path, list[Path]] = {}
+    for path in sorted(directory.rglob("*.png")):
+        if not path.name.startswith("."):  # skip temporary files of writers still running
+            groups.setdefault(path.parent, []).append(path)
+    blocks = []
+    for folder, paths in groups.items():
+        shown = paths[:max_images]
+        more = f" — {len(paths) - len(shown)} more not shown" if len(paths) > len(shown) else ""
+        figures = "".join(_figure(_screen_sized(p), str(p.relative_to(directory))) for p in shown)
+        label = str(folder.relative_to(directory)) if folder != directory else "."
+        blocks.append(f"<h3>Figures ({html.escape(label)}){html.escape(more)}</h3><div class=\"gallery\">{figures}</div>")
+    return blocks
+
+
+def _screen_sized(path: Path) -> bytes:
+    """The PNG's bytes, or a smaller re-encoding when it is wider than a report column or heavy
+    (tissue QC images and heatmaps are photographs: JPEG keeps the page light)."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        if image.width <= MAX_FIGURE_PX and len(data) <= MAX_FIGURE_BYTES:
+            return data
+        image = image.convert("RGB")
+        image.thumbnail((MAX_FIGURE_PX, MAX_FIGURE_PX * 4))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
+
+
+def _figure(image: bytes, caption: str) -> str:
+    mime = "image/png" if image[:4] == b"\x89PNG" else "image/jpeg"
+    data = base64.b64encode(image).decode("ascii")
+    return (f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(caption)}" loading="lazy">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
