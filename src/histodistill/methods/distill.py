@@ -1,0 +1,235 @@
+"""Student + teacher machinery shared by every distillation method, and the classic baselines.
+
+`TeacherStudentMethod` is a `ClassificationMethod` (the student: backbone + classifier, trained with
+cross-entropy and validated like any supervised run) that also holds a teacher backbone and, when
+knowledge distillation is on, the teacher's classifier. `Distill` adds one pluggable feature term to
+``w_ce · CE + w_kd · KD``: none (Hinton KD), ``hint`` (FitNet on the pooled feature) or ``crd``
+(contrastive representation distillation). MoMA (`histodistill.methods.moma`) builds on the same base.
+
+Where the teacher's logits come from: a teacher given as one of our checkpoints (``.ckpt`` of a
+supervised run) carries its classifier; otherwise ``teacher_classifier_from_checkpoint`` names the
+supervised checkpoint whose ``classifier.*`` weights to use. Without either, KD cannot run and the
+recipe must set ``w_kd: 0`` (the different-task scenario).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histodistill.engine.optim import OptimConfig
+from histodistill.errors import UserError
+from histodistill.losses.crd import CRDLoss
+from histodistill.losses.hint import HintLoss
+from histodistill.losses.kd import kd_loss
+from histodistill.methods.classification import ClassificationMethod
+from histodistill.methods.indexed_dataset import IndexedDataset
+from histodistill.models.backbones import Backbone, Preprocess, create_backbone
+from histodistill.models.weights import read_checkpoint
+
+# Prefix of the classifier's weights in a ClassificationMethod checkpoint's state dict.
+CLASSIFIER_PREFIX = "classifier."
+
+
+class TeacherStudentMethod(ClassificationMethod):
+    """A student classifier plus a teacher (no gradient, outside the optimiser and DDP's gradient sync).
+
+    Teacher arguments mirror the student's: ``teacher`` is anything `create_backbone` accepts (a timm
+    or registered name, an ``hf-hub:`` id, one of our ``.ckpt`` files, an exported directory), with
+    ``teacher_weights`` an optional local weights file and ``teacher_kwargs`` timm arguments. The
+    teacher sees the student's batch re-normalised with its own mean/std and resized to its input size.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        teacher: str,
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        weights: str | None = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        teacher_pretrained: bool = False,
+        teacher_weights: str | None = None,
+        teacher_classifier_from_checkpoint: str | None = None,
+        w_ce: float = 1.0,
+        w_kd: float = 1.0,
+        temperature: float = 4.0,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            backbone_kwargs=backbone_kwargs,
+            pretrained=pretrained,
+            weights=weights,
+            num_classes=num_classes,
+            optim=optim,
+        )
+        self.w_ce, self.w_kd, self.temperature = w_ce, w_kd, temperature
+        self.teacher: Backbone = create_backbone(
+            teacher, pretrained=teacher_pretrained, weights=teacher_weights, **(teacher_kwargs or {})
+        )
+        self.teacher_classifier: nn.Linear | None = None
+        if w_kd > 0:
+            self.teacher_classifier = load_teacher_classifier(
+                teacher, teacher_classifier_from_checkpoint, self.teacher.num_features, num_classes
+            )
+        freeze(self.teacher)
+        if self.teacher_classifier is not None:
+            freeze(self.teacher_classifier)
+
+    # ---- what subclasses use -------------------------------------------------------------------
+    def student_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) -> pooled features (B, D_s) and logits (B, num_classes)."""
+        features = self.backbone(images)
+        return features, self.classifier(features)
+
+    @torch.no_grad()
+    def teacher_forward(self, images: torch.Tensor, batch_statistics: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images prepared for the student -> teacher pooled features (B, D_t) and logits (or None).
+
+        ``batch_statistics`` runs the teacher's BatchNorm in training mode (the momentum encoder of
+        MoCo/MoMA normalises with the batch); otherwise the teacher is in eval mode, whatever mode
+        Lightning put the whole module in.
+        """
+        self.teacher.train(batch_statistics)
+        features = self.teacher(to_teacher_input(images, self.preprocess, self.teacher.preprocess))
+        logits = self.teacher_classifier(features) if self.teacher_classifier is not None else None
+        return features, logits
+
+    def supervised_terms(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None):
+        """The weighted CE and KD terms: {"ce", "kd" (when on)} and their weighted sum as "loss"."""
+        losses = {"ce": F.cross_entropy(logits, labels)}
+        total = self.w_ce * losses["ce"]
+        if self.w_kd > 0:
+            losses["kd"] = kd_loss(logits, teacher_logits, self.temperature)
+            total = total + self.w_kd * losses["kd"]
+        losses["loss"] = total
+        return losses
+
+
+class Distill(TeacherStudentMethod):
+    """The baselines of the MoMA comparison: ``w_ce · CE + w_kd · KD + w_feature · feature term``.
+
+    ``feature: none`` is Hinton KD (T = 4); ``hint`` is FitNet on the pooled feature (MoMA used
+    w_feature = 100); ``crd`` is CRD (w_feature = 0.8) and needs the sample index in every batch: wrap
+    the training dataset in `IndexedDataset`. Vanilla CE is `histodistill.methods.supervised.Supervised`.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        teacher: str,
+        feature: Literal["none", "hint", "crd"] = "none",
+        w_feature: float = 0.0,
+        crd_feat_dim: int = 128,
+        crd_nce_k: int = 16384,
+        crd_temperature: float = 0.07,
+        crd_momentum: float = 0.5,
+        num_samples: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone=backbone, num_classes=num_classes, teacher=teacher, **kwargs)
+        self.feature, self.w_feature = feature, w_feature
+        self.crd_options = {"feat_dim": crd_feat_dim, "nce_k": crd_nce_k, "temperature": crd_temperature,
+                            "momentum": crd_momentum}
+        self.feature_loss: nn.Module | None = None
+        if feature == "hint":
+            self.feature_loss = HintLoss(self.backbone.num_features, self.teacher.num_features)
+        elif feature == "crd" and num_samples is not None:
+            self.build_crd(num_samples)
+
+    def build_crd(self, num_samples: int) -> None:
+        """CRD's memory holds one row per training sample, so it is built once the data size is known."""
+        self.feature_loss = CRDLoss(self.backbone.num_features, self.teacher.num_features, num_samples, **self.crd_options)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.feature != "crd" or self.feature_loss is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = datamodule.train_dataloader().dataset if datamodule is not None else None
+        if not isinstance(dataset, IndexedDataset):
+            raise UserError(
+                "feature: crd needs the index of every training sample: wrap data.init_args.train in "
+                "histodistill.methods.indexed_dataset.IndexedDataset (see configs/kd/tiny_crd.yaml), "
+                "or give model.init_args.num_samples when training without a data module"
+            )
+        self.build_crd(len(dataset))
+
+    def objective(self, batch: Any) -> dict[str, torch.Tensor]:
+        images, labels = batch[0], batch[1]
+        features, logits = self.student_forward(images)
+        teacher_features, teacher_logits = self.teacher_forward(images)
+        losses = self.supervised_terms(logits, labels, teacher_logits)
+        if self.feature == "hint":
+            losses["hint"] = self.feature_loss(features, teacher_features)
+        elif self.feature == "crd":
+            if len(batch) < 3:
+                raise UserError("feature: crd needs batches (image, label, index): wrap the training dataset in "
+                                "histodistill.methods.indexed_dataset.IndexedDataset")
+            losses["crd"] = self.feature_loss(features, teacher_features, batch[2])
+        if self.feature != "none":
+            losses["loss"] = losses["loss"] + self.w_feature * losses[self.feature]
+        return losses
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def freeze(module: nn.Module) -> None:
+    """No gradient, so the optimiser skips it and DDP leaves it out of the gradient all-reduce."""
+    module.requires_grad_(False)
+
+
+def to_teacher_input(images: torch.Tensor, student: Preprocess, teacher: Preprocess) -> torch.Tensor:
+    """Re-normalise (B, 3, H, W) images from the student's mean/std to the teacher's, and rescale them
+    by teacher / student input size, so that a teacher built for another resolution (a ViT-L at 224 px
+    teaching a CNN at 64 px) sees the same field of view at the size it was trained at."""
+    if student.mean != teacher.mean or student.std != teacher.std:
+        s_mean, s_std, t_mean, t_std = (
+            torch.tensor(v, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+            for v in (student.mean, student.std, teacher.mean, teacher.std)
+        )
+        images = (images * s_std + s_mean - t_mean) / t_std
+    if teacher.input_size != student.input_size:
+        size = (round(images.shape[-2] * teacher.input_size / student.input_size),
+                round(images.shape[-1] * teacher.input_size / student.input_size))
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return images
+
+
+def load_teacher_classifier(teacher: str, source: str | None, in_features: int, num_classes: int) -> nn.Linear:
+    """The teacher's linear classifier from a supervised checkpoint (the teacher's own ``.ckpt`` by default).
+
+    Refuses clearly when there is no such checkpoint or when its class count differs from the
+    student's: KD compares class distributions, so both sides need the same classes in the same order.
+    """
+    if source is None and Path(teacher).suffix == ".ckpt":
+        source = teacher
+    if source is None:
+        raise UserError(
+            f"w_kd > 0 needs the teacher's classifier, but teacher {teacher!r} is not a histodistill .ckpt: set "
+            "model.init_args.teacher_classifier_from_checkpoint to the supervised checkpoint the teacher comes "
+            "from, or set model.init_args.w_kd: 0 (teacher and student tasks differ)"
+        )
+    state = read_checkpoint(source).get("state_dict", {})
+    weight, bias = state.get(f"{CLASSIFIER_PREFIX}weight"), state.get(f"{CLASSIFIER_PREFIX}bias")
+    if weight is None or weight.ndim != 2:
+        raise UserError(f"{source} has no linear '{CLASSIFIER_PREFIX}weight' in its state_dict: use the checkpoint "
+                        "of a supervised run (histodistill fit with a classification method)")
+    if weight.shape[0] != num_classes:
+        raise UserError(
+            f"KD is on (w_kd > 0) but the teacher classifier in {source} has {weight.shape[0]} classes and the "
+            f"student has num_classes={num_classes}: KD needs the same classes on both sides. For a different "
+            "task set model.init_args.w_kd: 0 (the feature term still transfers knowledge)"
+        )
+    if weight.shape[1] != in_features:
+        raise UserError(f"the classifier in {source} expects {weight.shape[1]}-d features but the teacher "
+                        f"produces {in_features}-d: teacher and teacher_classifier_from_checkpoint do not match")
+    classifier = nn.Linear(in_features, num_classes, bias=bias is not None)
+    classifier.load_state_dict({"weight": weight, **({"bias": bias} if bias is not None else {})})
+    return classifier
