@@ -1,0 +1,358 @@
+"""One registry and one interface for every backbone: timm names, ``hf-hub:`` ids, local weight files,
+checkpoints of our own methods and exported directories.
+
+`create_backbone` returns a `Backbone`: a timm model built with ``num_classes=0`` plus its `BackboneSpec`
+(architecture, constructor arguments and `Preprocess`), so mean/std/input size/mpp travel with the
+weights and extraction cannot normalise wrongly. Random initialisation is the default: no model hub is
+needed unless ``pretrained=True`` is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from histodistill.errors import UserError
+from histodistill.models.registry import Registry
+from histodistill.models.weights import load_weights, read_checkpoint, read_state_dict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Key under which our checkpoints describe their backbone (written by methods/base.py::backbone_record).
+CHECKPOINT_BACKBONE_KEY = "histodistill_backbone"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_SPEC = "backbone.json"
+# timm layer classes that model_kwargs may name as strings, so specs stay JSON (e.g. UNI2-h's MLP).
+_LAYER_NAMES = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images must be prepared for a backbone: normalisation, square input side, and the
+    microns per pixel it was trained at (``None`` when unknown, e.g. ImageNet models)."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = 224
+    mpp: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
+        return cls(tuple(data["mean"]), tuple(data["std"]), int(data["input_size"]), data.get("mpp"))
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild a backbone: ``timm.create_model(timm_name, num_classes=0, **model_kwargs)``.
+
+    ``name`` is what the user asked for (registered name, timm name, file); ``source`` says where the
+    weights came from: ``random``, ``timm-pretrained``, ``hf-hub:<id>``, ``weights:<file>``,
+    ``checkpoint:<file>`` or ``export:<dir>``.
+    """
+
+    name: str
+    timm_name: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    source: str = "random"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (stored in checkpoints and ``backbone.json``)."""
+        data = asdict(self)
+        data["preprocess"]["mean"] = list(self.preprocess.mean)
+        data["preprocess"]["std"] = list(self.preprocess.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
+        return cls(
+            name=data["name"],
+            timm_name=data["timm_name"],
+            model_kwargs=dict(data.get("model_kwargs", {})),
+            preprocess=Preprocess.from_dict(data["preprocess"]),
+            source=data.get("source", "random"),
+        )
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """A registered backbone: architecture, arguments, preprocessing, and where pretrained weights live
+    (``hub_id`` for ``timm.create_model("hf-hub:<hub_id>", pretrained=True)``, else timm's own weights)."""
+
+    timm_name: str
+    model_kwargs: dict[str, Any]
+    preprocess: Preprocess
+    hub_id: str | None = None
+    description: str = ""
+
+
+BACKBONES: Registry[BackboneEntry] = Registry("backbone")
+
+
+def register_backbone(name: str, entry: BackboneEntry) -> BackboneEntry:
+    """Add a named backbone (``namespace/name``); refuses a name that exists."""
+    return BACKBONES.register(name, entry)
+
+
+def list_backbones(namespace: str | None = None) -> list[str]:
+    """Registered names, e.g. ``list_backbones("pathology")``."""
+    return BACKBONES.list(namespace)
+
+
+class Backbone(nn.Module):
+    """A timm model without classifier (``.model``) and its `BackboneSpec` (``.spec``).
+
+    ``forward(x)`` (B, 3, H, W) -> (B, D) pooled features, D = ``num_features``;
+    ``forward_features(x)`` -> (B, C, h, w) for CNNs (``feature_kind == "map"``) or (B, N, D) tokens for
+    ViTs (``"tokens"``, the first ``num_prefix_tokens`` being class/register tokens).
+    """
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    @property
+    def num_features(self) -> int:
+        return int(self.model.num_features)
+
+    @property
+    def feature_kind(self) -> str:
+        # timm's token models (ViT, DeiT, EVA...) all declare their prefix tokens; CNNs do not.
+        return "tokens" if hasattr(self.model, "num_prefix_tokens") else "map"
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(getattr(self.model, "num_prefix_tokens", 0))
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.spec.preprocess
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # (B, D)
+
+
+def create_backbone(
+    name: str | os.PathLike,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    *,
+    strict: bool = True,
+    **model_kwargs: Any,
+) -> Backbone:
+    """Build a backbone from a registered name, a timm name, an ``hf-hub:`` id, one of our ``.ckpt``
+    checkpoints, or an exported directory (``model.safetensors`` + ``backbone.json``).
+
+    ``pretrained=True`` fetches the published weights (needs the hub); ``weights`` is a local file
+    (safetensors, or a .pth/.pt/.bin state dict, possibly wrapped) loaded on top, strictly unless
+    ``strict=False``. ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size=448``).
+    """
+    path = Path(name)
+    if path.is_dir():
+        backbone = _from_export(path, model_kwargs)
+    elif path.suffix == ".ckpt":
+        backbone = _from_checkpoint(path, model_kwargs)
+    elif str(name) in BACKBONES:
+        backbone = _from_entry(str(name), BACKBONES.get(str(name)), pretrained and weights is None, model_kwargs)
+    elif str(name).startswith("hf-hub:"):
+        backbone = _from_hub_id(str(name), pretrained and weights is None, model_kwargs)
+    elif timm.is_model(str(name)):
+        backbone = _from_timm(str(name), pretrained and weights is None, model_kwargs)
+    else:
+        raise UserError(_unknown_name_message(str(name)))
+    if weights is not None:
+        load_weights(backbone.model, _without_classifier(read_state_dict(weights), backbone.model), str(weights), strict)
+        backbone.spec = replace(backbone.spec, source=f"weights:{Path(weights).name}")
+    return backbone
+
+
+# ---- sources ---------------------------------------------------------------------------------------
+def _from_entry(name: str, entry: BackboneEntry, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
+    kwargs = {**entry.model_kwargs, **model_kwargs}
+    preprocess = _with_input_size(entry.preprocess, kwargs)
+    if pretrained and entry.hub_id:
+        model = _create_pretrained(f"hf-hub:{entry.hub_id}", kwargs, name)
+        source = f"hf-hub:{entry.hub_id}"
+    else:
+        model = _create_pretrained(entry.timm_name, kwargs, name) if pretrained else _create(entry.timm_name, kwargs)
+        source = "timm-pretrained" if pretrained else "random"
+    return Backbone(model, BackboneSpec(name, entry.timm_name, kwargs, preprocess, source))
+
+
+def _from_timm(name: str, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
+    model = _create_pretrained(name, model_kwargs, name) if pretrained else _create(name, model_kwargs)
+    spec = BackboneSpec(name, name, dict(model_kwargs), _timm_preprocess(model), "timm-pretrained" if pretrained else "random")
+    return Backbone(model, spec)
+
+
+def _from_hub_id(hub_id: str, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
+    # Even with pretrained=False timm reads the architecture from the hub's config.json, so an hf-hub id
+    # always needs the hub (or its local cache).
+    model = _create_pretrained(hub_id, model_kwargs, hub_id, pretrained=pretrained)
+    timm_name = model.pretrained_cfg.get("architecture") or type(model).__name__
+    spec = BackboneSpec(hub_id, timm_name, dict(model_kwargs), _timm_preprocess(model), hub_id if pretrained else "random")
+    return Backbone(model, spec)
+
+
+def _from_checkpoint(path: Path, model_kwargs: dict[str, Any]) -> Backbone:
+    checkpoint = read_checkpoint(path)
+    record = checkpoint.get(CHECKPOINT_BACKBONE_KEY)
+    if record is None:
+        raise UserError(
+            f"{path} has no '{CHECKPOINT_BACKBONE_KEY}' record, so it is not a histodistill checkpoint. "
+            "For a plain weights file pass the architecture as the model and the file as weights (--weights)."
+        )
+    spec = BackboneSpec.from_dict(record["spec"])
+    spec = replace(spec, model_kwargs={**spec.model_kwargs, **model_kwargs}, source=f"checkpoint:{path.name}")
+    backbone = Backbone(_create(spec.timm_name, spec.model_kwargs), spec)
+    load_weights(backbone.model, checkpoint_backbone_state(checkpoint), str(path))
+    return backbone
+
+
+def checkpoint_backbone_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The backbone's own weights (keys as in ``Backbone.model``) cut out of a checkpoint's state dict."""
+    prefix = checkpoint[CHECKPOINT_BACKBONE_KEY]["state_dict_prefix"]
+    state = checkpoint.get("state_dict", {})
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _from_export(directory: Path, model_kwargs: dict[str, Any]) -> Backbone:
+    spec_path, weights_path = directory / EXPORT_SPEC, directory / EXPORT_WEIGHTS
+    if not spec_path.is_file() or not weights_path.is_file():
+        raise UserError(
+            f"{directory} is a directory but not an exported backbone: it needs {EXPORT_SPEC} and {EXPORT_WEIGHTS} "
+            "(made by `histodistill export`)"
+        )
+    spec = BackboneSpec.from_dict(json.loads(spec_path.read_text()))
+    spec = replace(spec, model_kwargs={**spec.model_kwargs, **model_kwargs}, source=f"export:{directory.name}")
+    backbone = Backbone(_create(spec.timm_name, spec.model_kwargs), spec)
+    load_weights(backbone.model, read_state_dict(weights_path), str(weights_path))
+    return backbone
+
+
+# ---- timm ------------------------------------------------------------------------------------------
+def timm_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``model_kwargs`` as timm wants them: layer classes named by string (JSON) resolved to classes."""
+    kwargs = dict(model_kwargs)
+    if isinstance(kwargs.get("mlp_layer"), str):
+        if kwargs["mlp_layer"] not in _LAYER_NAMES:
+            raise UserError(f"model_kwargs.mlp_layer={kwargs['mlp_layer']!r}: use one of {_LAYER_NAMES}")
+        kwargs["mlp_layer"] = getattr(timm.layers, kwargs["mlp_layer"])
+    return kwargs
+
+
+def _create(timm_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs(model_kwargs))
+    except TypeError as error:
+        raise UserError(f"timm model {timm_name!r} does not accept these arguments {model_kwargs}: {error}") from error
+
+
+def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str, pretrained: bool = True) -> nn.Module:
+    try:
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **timm_kwargs(model_kwargs))
+    except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
+        raise UserError(
+            f"could not fetch pretrained weights for {asked!r} ({timm_name}): {type(error).__name__}: {error}. "
+            "Without access to the model hub, download the weights elsewhere and pass the file: "
+            f"create_backbone({asked!r}, weights='model.safetensors') or `--model {asked} --weights FILE`."
+        ) from error
+
+
+def _timm_preprocess(model: nn.Module) -> Preprocess:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return Preprocess(
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+        input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        mpp=None,
+    )
+
+
+def _with_input_size(preprocess: Preprocess, kwargs: dict[str, Any]) -> Preprocess:
+    size = kwargs.get("img_size")
+    return preprocess if size is None else replace(preprocess, input_size=int(size))
+
+
+def _without_classifier(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Drop classifier weights from a full-model file: our models are built with ``num_classes=0``."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier] if classifier else []
+    own = model.state_dict()
+    return {
+        key: value for key, value in state.items()
+        if key in own or not any(key.startswith(f"{n}.") for n in names)
+    }
+
+
+def _unknown_name_message(name: str) -> str:
+    close = [n for n in list_backbones() if name.lower() in n] or timm.list_models(f"*{name}*")[:10]
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    return (
+        f"unknown model {name!r}: not a registered name (list_backbones()), a timm model, an hf-hub: id, "
+        f"a .ckpt checkpoint or an exported directory.{hint}"
+    )
+
+
+# ---- registered backbones -------------------------------------------------------------------------
+# Small CPU-friendly models at 64 px for tests and the demo (0.5 mpp: a 64-px tile is 32 µm of tissue).
+_TINY = Preprocess(IMAGENET_MEAN, IMAGENET_STD, input_size=64, mpp=0.5)
+register_backbone("tiny/resnet18-64", BackboneEntry("resnet18", {}, _TINY, description="ResNet-18 at 64 px"))
+register_backbone(
+    "tiny/vit-tiny-p8-64",
+    BackboneEntry("vit_tiny_patch16_224", {"patch_size": 8, "img_size": 64}, _TINY,
+                  description="ViT-Tiny with 8-px patches at 64 px: 64 patch tokens + 1 class token"),
+)
+register_backbone("tiny/efficientnet-b0-64", BackboneEntry("efficientnet_b0", {}, _TINY, description="EfficientNet-B0 at 64 px"))
+
+# Pathology foundation models (gated on the Hugging Face hub): the architecture and arguments their model
+# cards give for timm, so local weight files load strictly into a model built without the hub.
+_SWIGLU_VIT_G = {"mlp_ratio": 2.66667 * 2, "mlp_layer": "SwiGLUPacked", "act_layer": "silu"}
+register_backbone(
+    "pathology/uni",
+    BackboneEntry(
+        "vit_large_patch16_224", {"init_values": 1e-5, "dynamic_img_size": True},
+        Preprocess(IMAGENET_MEAN, IMAGENET_STD, 224, 0.5), hub_id="MahmoodLab/UNI",
+        description="UNI (Chen et al. 2024), ViT-L/16, 1024-d class token",
+    ),
+)
+register_backbone(
+    "pathology/uni2-h",
+    BackboneEntry(
+        "vit_giant_patch14_224",
+        {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
+         "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU_VIT_G},
+        Preprocess(IMAGENET_MEAN, IMAGENET_STD, 224, 0.5), hub_id="MahmoodLab/UNI2-h",
+        description="UNI2-h, ViT-H/14 with 8 register tokens and SwiGLU, 1536-d class token",
+    ),
+)
+register_backbone(
+    "pathology/h-optimus-0",
+    BackboneEntry(
+        "vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+        Preprocess((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), 224, 0.5),
+        hub_id="bioptimus/H-optimus-0",
+        description="H-optimus-0 (Bioptimus), ViT-g/14 with 4 register tokens, 1536-d class token",
+    ),
+)
+register_backbone(
+    "pathology/virchow2",
+    BackboneEntry(
+        "vit_huge_patch14_224",
+        {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4, "dynamic_img_size": True,
+         "mlp_layer": "SwiGLUPacked", "act_layer": "silu"},
+        Preprocess(IMAGENET_MEAN, IMAGENET_STD, 224, 0.5), hub_id="paige-ai/Virchow2",
+        description="Virchow2 (Paige), ViT-H/14 with 4 register tokens; pooled output is the 1280-d class token",
+    ),
+)
