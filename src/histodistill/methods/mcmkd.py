@@ -1,0 +1,87 @@
+"""MCM-KD (Pisula & Bozek 2024): fine-tune a MIL patch extractor by masked context modelling with a teacher.
+
+The student sees an s x s window of neighbouring tiles with some tiles painted over, and predicts, for
+every tile, the feature a larger frozen teacher computed for that tile on its own. The teacher's
+features come from a cache (`histodistill.data.teacher_cache`), so no teacher runs here. After
+fine-tuning, ``self.backbone`` (the student) is used as an ordinary per-patch extractor; the head and
+the fill token are dropped. Paper <-> config <-> code: docs/mcmkd.md.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from histodistill.engine.optim import OptimConfig
+from histodistill.losses.masked_context import LossKind, masked_context_loss
+from histodistill.methods.base import MethodModule
+from histodistill.models.backbones import create_backbone
+from histodistill.models.cell_mask import CellMasker, grid_side, random_cell_mask
+from histodistill.models.grid_head import GridHead, grid_pool, spatial_features
+
+
+def mcmkd_optim() -> OptimConfig:
+    """The default schedule: AdamW at 1e-4, 5 % warm-up, cosine to 0 (one epoch, set in the recipes)."""
+    return OptimConfig(name="adamw", lr=1e-4, warmup_fraction=0.05, min_lr=0.0)
+
+
+class MCMKD(MethodModule):
+    """Masked context modelling with knowledge distillation.
+
+    Args:
+        student: backbone name for `create_backbone` (e.g. ``resnet50``, ``tiny/resnet18-64``).
+        teacher_dim: the dimension of the cached teacher features (1024 for UNI); checked against the cache.
+        pretrained: start the student from its published (ImageNet) weights (needs the hub or timm's cache).
+        student_weights: a local weights file for the student instead (safetensors or .pth).
+        mask_ratio: fraction of a window's cells hidden from the student (at least one, never all).
+        fill: what masked cells are painted with: ``mean`` (0 after normalisation) or a ``learned`` RGB value.
+        head: per-cell projection to the teacher's dimension, shared by all cells: ``linear`` or ``mlp``.
+        head_hidden_dim: hidden width of the ``mlp`` head (default: the student's feature dimension).
+        loss: ``cosine`` (1 - cos) or ``smooth_l1`` against the LayerNorm-ed teacher feature.
+        w_masked: weight of the masked-cell term (context modelling).
+        w_visible: weight of the visible-cell term (plain feature distillation).
+        smooth_l1_beta: the smooth-L1 transition point.
+        optim: optimiser and schedule (default AdamW, lr 1e-4, 5 % warm-up, cosine to 0).
+    """
+
+    def __init__(
+        self,
+        student: str,
+        teacher_dim: int,
+        pretrained: bool = True,
+        student_weights: str | None = None,
+        mask_ratio: float = 0.5,
+        fill: Literal["mean", "learned"] = "mean",
+        head: Literal["linear", "mlp"] = "linear",
+        head_hidden_dim: int | None = None,
+        loss: LossKind = "cosine",
+        w_masked: float = 1.0,
+        w_visible: float = 1.0,
+        smooth_l1_beta: float = 1.0,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        super().__init__(optim or mcmkd_optim())
+        if not 0 <= mask_ratio <= 1:
+            raise ValueError(f"model.init_args.mask_ratio must be in [0, 1], got {mask_ratio}")
+        self.backbone = create_backbone(student, pretrained=pretrained, weights=student_weights)
+        self.teacher_dim = teacher_dim
+        self.mask_ratio = mask_ratio
+        self.masker = CellMasker(fill=fill)
+        self.head = GridHead(self.backbone.num_features, teacher_dim, kind=head, hidden_dim=head_hidden_dim)
+        self.loss_kind = loss
+        self.w_masked, self.w_visible, self.smooth_l1_beta = w_masked, w_visible, smooth_l1_beta
+
+    def predict_cells(self, windows: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """(B, 3, P, P) normalised windows + (B, s*s) mask -> (B, s*s, teacher_dim) predicted teacher features."""
+        hidden = self.masker(windows, masked)  # masked cells painted with the fill
+        cells = grid_pool(spatial_features(self.backbone, hidden), grid_side(masked.shape[1]))  # (B, s*s, C)
+        return self.head(cells)
+
+    def objective(self, batch) -> dict[str, torch.Tensor]:
+        windows, _cell_coords, valid, teacher = batch  # (B, 3, P, P), (B, S, 2), (B, S), (B, S, D)
+        masked = random_cell_mask(valid.shape[0], valid.shape[1], self.mask_ratio, device=windows.device)
+        pred = self.predict_cells(windows, masked)
+        return masked_context_loss(
+            pred, teacher, masked, valid, self.loss_kind, self.w_masked, self.w_visible, self.smooth_l1_beta
+        )
