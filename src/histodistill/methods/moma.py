@@ -1,0 +1,108 @@
+"""MoMA (Vuong & Kwak 2024): momentum contrastive distillation through multi-head attention.
+
+Loss = w_ce · CE + w_kd · KD(T) + w_nce · InfoNCE, where for one augmented view of each image:
+
+    q  = attn_q(embed_q(student feature))                 query   (B, 512)
+    k  = attn_k(embed_k(teacher feature))                 positive key (B, 512)
+    queue ← attn_k(embed_k(teacher features of every rank))   after the step (FIFO, K = 16384)
+    InfoNCE(q, k, queue, τ = 0.15)
+
+``teacher_update: ema`` (the official design) makes the teacher the momentum encoder of the student:
+before each step teacher ← α·teacher + (1 − α)·student on parameters (α = 0.999; BN buffers are the
+teacher's own), likewise the teacher classifier and embed_k. ``frozen`` keeps the teacher fixed (any
+architecture, e.g. a ViT foundation model teaching a ResNet-18) and trains embed_k by gradient through
+the positive logit. In both modes attn_k is the EMA of attn_q (our deviation from the official code,
+where the key-side attention modules never train; see docs/moma.md).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+
+from histodistill.engine.ema import ema_update
+from histodistill.errors import UserError
+from histodistill.losses.infonce import MoCoQueue, concat_all_gather, infonce_loss
+from histodistill.methods.distill import TeacherStudentMethod, freeze
+from histodistill.models.batch_attention import BatchAttention
+from histodistill.models.projection import ProjectionHead
+
+
+class MoMA(TeacherStudentMethod):
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        teacher: str,
+        teacher_update: Literal["ema", "frozen"] = "ema",
+        momentum: float = 0.999,
+        w_nce: float = 1.0,
+        nce_temperature: float = 0.15,
+        queue_size: int = 16384,
+        embed_dim: int = 512,
+        attention_heads: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone=backbone, num_classes=num_classes, teacher=teacher, **kwargs)
+        if not 0 <= momentum < 1:
+            raise UserError(f"model.init_args.momentum must be in [0, 1), got {momentum}")
+        self.teacher_update, self.momentum = teacher_update, momentum
+        self.w_nce, self.nce_temperature = w_nce, nce_temperature
+        if teacher_update == "ema":
+            self.check_same_architecture()
+        self.embed_q = ProjectionHead(self.backbone.num_features, embed_dim)
+        self.embed_k = ProjectionHead(self.teacher.num_features, embed_dim)
+        self.attn_q = BatchAttention(embed_dim, attention_heads)
+        # The MoCo rule for everything on the key side: start as a copy, then follow by EMA.
+        self.attn_k = copy.deepcopy(self.attn_q)
+        freeze(self.attn_k)
+        if teacher_update == "ema":
+            freeze(self.embed_k)
+        self.queue = MoCoQueue(embed_dim, queue_size)
+
+    def check_same_architecture(self) -> None:
+        student = {name: p.shape for name, p in self.backbone.model.named_parameters()}
+        teacher = {name: p.shape for name, p in self.teacher.model.named_parameters()}
+        if student != teacher:
+            raise UserError(
+                f"teacher_update: ema makes the teacher the moving average of the student, so both need the same "
+                f"architecture, but teacher {self.teacher.spec.name!r} and student {self.backbone.spec.name!r} "
+                "differ: set model.init_args.teacher_update: frozen for a different teacher"
+            )
+        if self.teacher_classifier is not None and self.teacher_classifier.weight.shape != self.classifier.weight.shape:
+            raise UserError("teacher_update: ema needs the teacher classifier to match the student's "
+                            f"{tuple(self.classifier.weight.shape)}; got {tuple(self.teacher_classifier.weight.shape)}")
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """Key side ← EMA of query side, run before each training step (as the official loop does)."""
+        ema_update(self.attn_k, self.attn_q, self.momentum)
+        if self.teacher_update == "ema":
+            ema_update(self.teacher.model, self.backbone.model, self.momentum)
+            ema_update(self.embed_k, self.embed_q, self.momentum)
+            if self.teacher_classifier is not None:
+                ema_update(self.teacher_classifier, self.classifier, self.momentum)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.momentum_update()
+
+    def objective(self, batch: Any) -> dict[str, torch.Tensor]:
+        images, labels = batch[0], batch[1]
+        features, logits = self.student_forward(images)  # (B, D_s), (B, C)
+        teacher_features, teacher_logits = self.teacher_forward(images, batch_statistics=self.teacher_update == "ema")
+        losses = self.supervised_terms(logits, labels, teacher_logits)
+
+        query = self.attn_q(self.embed_q(features))  # (B, E): samples attend to each other
+        # Frozen teacher: embed_k is trained through the positive logit (as CRD trains its teacher head).
+        with torch.set_grad_enabled(self.teacher_update == "frozen" and torch.is_grad_enabled()):
+            key_embeddings = self.embed_k(teacher_features)  # (B, E)
+            key = self.attn_k(key_embeddings)  # (B, E)
+        # The queue is read before this batch enters it (a clone: enqueue writes in place).
+        losses["nce"] = infonce_loss(query, key, self.queue.queue.clone(), self.nce_temperature)
+        with torch.no_grad():
+            # Every rank's keys, attended as one sequence, enter every rank's queue.
+            self.queue.enqueue(self.attn_k(concat_all_gather(key_embeddings)))  # (world · B, E)
+        losses["loss"] = losses["loss"] + self.w_nce * losses["nce"]
+        return losses

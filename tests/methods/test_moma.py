@@ -1,0 +1,153 @@
+import copy
+
+import pytest
+import torch
+
+from histodistill.errors import UserError
+from histodistill.losses.infonce import infonce_loss
+from histodistill.methods import moma as moma_module
+from histodistill.methods.base import backbone_record
+from histodistill.methods.moma import MoMA
+from histodistill.methods.supervised import Supervised
+
+STUDENT = {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64]}}
+SMALL = {"queue_size": 32, "embed_dim": 16, "attention_heads": 4}
+VIT_TEACHER = {"teacher": "vit_tiny_patch16_224",
+               "teacher_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
+
+
+def tiny_batch(n=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.arange(n) % 3
+
+
+@pytest.fixture
+def teacher_ckpt(tmp_path):
+    torch.manual_seed(1)
+    teacher = Supervised(num_classes=3, **STUDENT)
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)}, path)
+    return str(path)
+
+
+def train_steps(module, batch, steps=12, lr=0.05):
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    module.train()
+    losses = []
+    for step in range(steps):
+        module.on_train_batch_start(batch, step)
+        loss = module.objective(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_ema_teacher_follows_its_formula_and_keeps_its_bn_buffers(teacher_ckpt):
+    torch.manual_seed(0)
+    model = MoMA(num_classes=3, teacher=teacher_ckpt, momentum=0.9, **SMALL, **STUDENT)
+    teacher_before = copy.deepcopy(model.teacher)
+    embed_before, attn_before = copy.deepcopy(model.embed_k), copy.deepcopy(model.attn_k)
+    classifier_before = copy.deepcopy(model.teacher_classifier)
+    model.momentum_update()
+    pairs = [(model.teacher.model, teacher_before.model, model.backbone.model),
+             (model.embed_k, embed_before, model.embed_q), (model.attn_k, attn_before, model.attn_q),
+             (model.teacher_classifier, classifier_before, model.classifier)]
+    for new, old, source in pairs:
+        for (name, p_new), p_old, p_src in zip(new.named_parameters(), old.parameters(), source.parameters(), strict=True):
+            torch.testing.assert_close(p_new, 0.9 * p_old + 0.1 * p_src, msg=name)
+    for (name, buffer), old in zip(model.teacher.named_buffers(), teacher_before.buffers(), strict=True):
+        assert torch.equal(buffer, old), name
+
+
+def test_frozen_teacher_never_changes_while_its_key_head_trains():
+    torch.manual_seed(0)
+    model = MoMA(num_classes=3, teacher_update="frozen", w_kd=0.0, **VIT_TEACHER, **SMALL, **STUDENT)
+    teacher_before = copy.deepcopy(model.teacher.state_dict())
+    embed_before = copy.deepcopy(model.embed_k.state_dict())
+    train_steps(model, tiny_batch(), steps=3)
+    for key, value in model.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    assert any(not torch.equal(v, embed_before[k]) for k, v in model.embed_k.state_dict().items())
+    assert not any(p.requires_grad for p in model.attn_k.parameters())
+
+
+def test_ema_with_a_different_teacher_architecture_is_refused():
+    with pytest.raises(UserError, match="teacher_update: frozen"):
+        MoMA(num_classes=3, w_kd=0.0, **VIT_TEACHER, **SMALL, **STUDENT)
+
+
+def test_kd_with_a_mismatched_class_count_is_refused(teacher_ckpt):
+    with pytest.raises(UserError, match="w_kd: 0"):
+        MoMA(num_classes=4, teacher=teacher_ckpt, **SMALL, **STUDENT)
+    model = MoMA(num_classes=4, teacher=teacher_ckpt, w_kd=0.0, **SMALL, **STUDENT)
+    assert model.teacher_classifier is None and "kd" not in model.objective(tiny_batch())
+
+
+def test_nce_term_equals_infonce_on_attended_embeddings_and_the_keys_are_enqueued(teacher_ckpt):
+    torch.manual_seed(0)
+    model = MoMA(num_classes=3, teacher=teacher_ckpt, **SMALL, **STUDENT)
+    model.eval()  # BN in eval for the student so the recomputation below is identical
+    images, labels = tiny_batch()
+    queue_before = model.queue.queue.clone()
+    losses = model.objective((images, labels))
+    with torch.no_grad():
+        features, _ = model.student_forward(images)
+        teacher_features, _ = model.teacher_forward(images, batch_statistics=True)
+        query = model.attn_q(model.embed_q(features))
+        key = model.attn_k(model.embed_k(teacher_features))
+    assert losses["nce"].item() == pytest.approx(infonce_loss(query, key, queue_before, 0.15).item(), rel=1e-5)
+    assert set(losses) == {"ce", "kd", "nce", "loss"}
+    assert losses["loss"].item() == pytest.approx(sum(losses[k].item() for k in ("ce", "kd", "nce")), rel=1e-6)
+    assert int(model.queue.pointer) == 8
+    torch.testing.assert_close(model.queue.queue[:8], key)
+    torch.testing.assert_close(model.queue.queue[8:], queue_before[8:])
+
+
+def test_keys_gathered_from_every_rank_enter_the_queue(teacher_ckpt, monkeypatch):
+    torch.manual_seed(0)
+    model = MoMA(num_classes=3, teacher=teacher_ckpt, **SMALL, **STUDENT)
+    gathered = {}
+
+    def fake_gather(tensor):  # world size 2: the other rank's keys are this rank's plus one
+        gathered["value"] = torch.cat([tensor, tensor + 1]).detach()
+        return gathered["value"]
+
+    monkeypatch.setattr(moma_module, "concat_all_gather", fake_gather)
+    model.objective(tiny_batch())
+    assert int(model.queue.pointer) == 16
+    with torch.no_grad():
+        torch.testing.assert_close(model.queue.queue[:16], model.attn_k(gathered["value"]))
+
+
+def test_the_embeddings_are_unit_vectors_before_attention_and_attention_mixes_the_batch(teacher_ckpt):
+    model = MoMA(num_classes=3, teacher=teacher_ckpt, **SMALL, **STUDENT).eval()
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        embedded = model.embed_q(model.backbone(images))
+        torch.testing.assert_close(embedded.norm(dim=1), torch.ones(8))
+        changed = embedded.clone()
+        changed[-1] = -changed[-1]
+        assert not torch.allclose(model.attn_q(embedded)[0], model.attn_q(changed)[0])
+
+
+@pytest.mark.parametrize("mode", ["ema", "frozen"])
+def test_a_tiny_moma_run_lowers_its_loss(teacher_ckpt, mode):
+    torch.manual_seed(0)
+    teacher = {"teacher": teacher_ckpt} if mode == "ema" else VIT_TEACHER
+    model = MoMA(num_classes=3, teacher_update=mode, w_kd=1.0 if mode == "ema" else 0.0, **teacher, **SMALL, **STUDENT)
+    batch = tiny_batch()
+    initial_queue = copy.deepcopy(model.queue.state_dict())
+
+    def loss_on_initial_queue():
+        # Training on one repeated batch fills the queue with this batch's own keys (hard negatives that
+        # change every step), so the loss is compared against the same queue before and after training.
+        model.queue.load_state_dict(initial_queue)
+        with torch.no_grad():
+            return model.objective(batch)["loss"].item()
+
+    before = loss_on_initial_queue()
+    losses = train_steps(model, batch)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert loss_on_initial_queue() < 0.7 * before
