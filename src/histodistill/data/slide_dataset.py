@@ -48,14 +48,19 @@ class SlideTileDataset(Dataset):
         self.target_mpp = float(attrs["target_mpp"])
         self.mpp = float(mpp if mpp is not None else attrs["mpp"])
         self.transform = transform
+        self._slide = None  # opened lazily in the process that reads, never pickled (__getstate__)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slide": None}
 
     def __len__(self) -> int:
         return len(self.coords)
 
     def __getitem__(self, index: int):
         x, y = (int(v) for v in self.coords[index])
-        slide = open_slide(self.slide_path, mpp=self.mpp)
-        tile = slide.read_at_mpp((x, y), self.patch_size, self.target_mpp)  # (H, W, 3) uint8
+        if self._slide is None:
+            self._slide = open_slide(self.slide_path, mpp=self.mpp)
+        tile = self._slide.read_at_mpp((x, y), self.patch_size, self.target_mpp)  # (H, W, 3) uint8
         # The copy makes the (possibly read-only, Pillow-owned) pixels a writable (3, H, W) array.
         image = torch.from_numpy(tile.transpose(2, 0, 1).copy())  # (3, H, W)
         if self.transform is not None:
