@@ -7,6 +7,7 @@ teacher's targets up by tile coordinates, so the training loop never runs the te
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import h5py
 import numpy as np
 
 from histodistill.errors import UserError
+from histodistill.io import sha256_file, write_json
 
 
 class TeacherFeatures:
@@ -54,3 +56,102 @@ class TeacherFeatures:
         values = features[rows[order]] if len(rows) else np.zeros((0, features.shape[1]), np.float32)
         out[[wanted[k][0] for k in order]] = values
         return out
+
+
+# Our record beside extract's ``extractor.json``: the hash of the teacher's weights *file*, which the
+# features files do not carry. Written last, so its presence marks a complete cache.
+CACHE_RECORD = "teacher_cache.json"
+
+
+def cache_features_dir(cache_root: str | os.PathLike, teacher: str) -> Path:
+    """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>``."""
+    from histodistill.eval.extract import model_slug
+
+    return Path(cache_root) / f"features_{model_slug(teacher)}"
+
+
+def cache_key(patches_dir: str | os.PathLike, teacher: str, teacher_weights: str | os.PathLike | None) -> dict:
+    """What the cached features depend on: the teacher (name + weights file hash) and, per slide, the
+    tiling (target mpp, patch size, tile count) read from the coords attrs."""
+    from histodistill.data.tiling import read_coords
+
+    slides = {}
+    for path in sorted(p for p in Path(patches_dir).glob("*.h5") if not p.name.startswith(".")):
+        coords, attrs = read_coords(path)
+        slides[path.stem] = {"target_mpp": float(attrs["target_mpp"]), "patch_size": int(attrs["patch_size"]),
+                             "tiles": len(coords)}
+    weights_hash = sha256_file(teacher_weights) if teacher_weights else None
+    return {"teacher": str(teacher), "teacher_weights_sha256": weights_hash, "slides": slides}
+
+
+def _cached_tiling(path: Path) -> dict | None:
+    """The tiling a slide's features were computed from, from the features file's attrs."""
+    if not path.is_file():
+        return None
+    with h5py.File(path, "r") as handle:
+        return {"target_mpp": float(handle.attrs.get("target_mpp", float("nan"))),
+                "patch_size": int(handle.attrs.get("patch_size", -1)), "tiles": int(handle["features"].shape[0])}
+
+
+def stale_reasons(features_dir: str | os.PathLike, key: dict) -> list[str]:
+    """Why the cache in ``features_dir`` cannot serve ``key`` (empty when it can): a different teacher
+    (``extractor.json``), other weights (our record), or slides tiled differently (coords attrs vs the
+    features files' attrs)."""
+    from histodistill.eval.extract import EXTRACTOR_JSON
+
+    features_dir = Path(features_dir)
+    extractor_path, record_path = features_dir / EXTRACTOR_JSON, features_dir / CACHE_RECORD
+    if not extractor_path.is_file() or not record_path.is_file():
+        return ["it was never completed"]
+    reasons = []
+    extractor = json.loads(extractor_path.read_text()).get("extractor")
+    if extractor != key["teacher"]:
+        reasons.append(f"its features are from {extractor!r}, the config's teacher is {key['teacher']!r}")
+    record = json.loads(record_path.read_text())
+    if record.get("teacher_weights_sha256") != key["teacher_weights_sha256"]:
+        reasons.append("the teacher weights file differs from the one it was computed with")
+    for slide_id, tiling in key["slides"].items():
+        cached = _cached_tiling(features_dir / f"{slide_id}.h5")
+        if cached != tiling:
+            reasons.append(f"slide {slide_id}: cached for {cached}, tiled as {tiling}")
+    return reasons
+
+
+def ensure_teacher_cache(
+    tiles_dir: str | os.PathLike,
+    cache_root: str | os.PathLike,
+    teacher: str,
+    teacher_weights: str | os.PathLike | None = None,
+    rebuild: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    precision: str = "32",
+) -> Path:
+    """The features directory holding the teacher's features of every tile of ``tiles_dir/patches``.
+
+    ``tiles_dir`` is a `histodistill tile` output; the cache is ``<cache_root>/features_<teacher slug>``,
+    exactly what ``histodistill extract --model TEACHER --coords tiles_dir --out cache_root`` writes. A cache
+    computed for this teacher, these weights and this tiling is used as is; a missing or stale one is
+    recomputed with `histodistill.eval.extract.extract_slides` when ``rebuild`` is True, and refused with a
+    `UserError` naming the cache and ``data.init_args.rebuild_cache`` otherwise.
+    """
+    patches_dir = Path(tiles_dir) / "patches"
+    features_dir = cache_features_dir(cache_root, teacher)
+    key = cache_key(patches_dir, teacher, teacher_weights)
+    if not key["slides"]:
+        raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile ... --out {tiles_dir}` first")
+    reasons = stale_reasons(features_dir, key)
+    if not reasons:
+        return features_dir
+    if not rebuild:
+        raise UserError(
+            f"the teacher cache {features_dir} is missing or stale ({'; '.join(reasons[:3])}); "
+            "set data.init_args.rebuild_cache: true to (re)compute it with the teacher"
+        )
+    from histodistill.eval.extract import extract_slides
+
+    (features_dir / CACHE_RECORD).unlink(missing_ok=True)  # a half-rebuilt cache must not look complete
+    extract_slides(teacher, tiles_dir, cache_root, weights=teacher_weights, batch_size=batch_size,
+                   num_workers=num_workers, precision=precision, overwrite=True)
+    write_json(features_dir / CACHE_RECORD, key)
+    return features_dir

@@ -1,0 +1,85 @@
+"""`ContextWindowDataModule`: MCM-KD's training data, context windows with cached teacher features.
+
+In ``setup()`` it makes sure the teacher cache matches the teacher and the tiling
+(`histodistill.data.teacher_cache.ensure_teacher_cache`), checks the model's ``teacher_dim`` against
+it, and normalises windows with the student's mean/std (``trainer.lightning_module.preprocess``).
+Loading, shuffling and DDP sharding are `PatchDataModule`'s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from histodistill.data.context_windows import context_windows_of_dir, window_transform
+from histodistill.data.datamodule import PatchDataModule
+from histodistill.data.teacher_cache import TeacherFeatures, ensure_teacher_cache
+from histodistill.errors import UserError
+
+
+class ContextWindowDataModule(PatchDataModule):
+    """Context windows of every coords file in ``patches_dir``.
+
+    Args:
+        tiles_dir: a `histodistill tile` output folder (its ``patches/`` holds one coords .h5 per slide).
+        teacher: the teacher backbone (registered name, timm name, hf-hub id, .ckpt or export dir).
+        teacher_weights: a local weights file for the teacher (e.g. UNI's pytorch_model.bin).
+        cache_dir: the teacher's features live in ``<cache_dir>/features_<teacher slug>``, the folder
+            ``histodistill extract --model TEACHER --coords TILES_DIR --out CACHE_DIR`` writes (default: tiles_dir).
+        rebuild_cache: recompute a missing or stale cache with the teacher instead of refusing it.
+        side: s, the window is s x s tiles (odd s centres the window on its anchor tile).
+        min_fraction: the least fraction of a window's s*s cells that must be tissue tiles (1 = all).
+        mpp: override of the slides' microns per pixel (for slides whose metadata lacks it).
+        batch_size: windows per device per step.
+        num_workers: DataLoader worker processes (0 reads in the main process).
+        extract_batch_size: tiles per teacher forward pass when the cache is built.
+        extract_precision: ``32`` or ``bf16`` (autocast) for the teacher when the cache is built.
+        seed: base of the per-epoch shuffling seed; None uses the run's seed.
+    """
+
+    def __init__(
+        self,
+        tiles_dir: str,
+        teacher: str,
+        teacher_weights: str | None = None,
+        cache_dir: str | None = None,
+        rebuild_cache: bool = False,
+        side: int = 3,
+        min_fraction: float = 1.0,
+        mpp: float | None = None,
+        batch_size: int = 16,
+        num_workers: int = 4,
+        extract_batch_size: int = 64,
+        extract_precision: Literal["32", "bf16"] = "32",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(train=None, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.tiles_dir = Path(tiles_dir)
+        self.teacher, self.teacher_weights = teacher, teacher_weights
+        self.cache_dir = Path(cache_dir) if cache_dir else self.tiles_dir
+        self.rebuild_cache = rebuild_cache
+        self.side, self.min_fraction, self.mpp = side, min_fraction, mpp
+        self.extract_batch_size, self.extract_precision = extract_batch_size, extract_precision
+
+    def prepare_data(self) -> None:
+        # Runs on one process only, so the cache is built once even under DDP.
+        ensure_teacher_cache(
+            self.tiles_dir, self.cache_dir, self.teacher, self.teacher_weights, self.rebuild_cache,
+            self.extract_batch_size, self.num_workers, self.extract_precision,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        features_dir = ensure_teacher_cache(self.tiles_dir, self.cache_dir, self.teacher, self.teacher_weights)
+        module = self.trainer.lightning_module
+        dataset = context_windows_of_dir(
+            self.tiles_dir / "patches", features_dir, self.side, self.min_fraction,
+            transform=window_transform(module.preprocess, self.side), mpp=self.mpp,
+        )
+        cached_dim = TeacherFeatures(next(features_dir.glob("*.h5"))).dim
+        if getattr(module, "teacher_dim", cached_dim) != cached_dim:
+            raise UserError(
+                f"model.init_args.teacher_dim is {module.teacher_dim} but the teacher cache {features_dir} holds "
+                f"{cached_dim}-d features of {self.teacher}: set model.init_args.teacher_dim: {cached_dim}"
+            )
+        self.datasets["train"] = dataset
+

@@ -1,0 +1,108 @@
+"""The teacher cache: looked up by coordinates, stale caches caught, rebuilt only when asked."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from histodistill.data.teacher_cache import (
+    CACHE_RECORD,
+    TeacherFeatures,
+    cache_features_dir,
+    cache_key,
+    ensure_teacher_cache,
+    stale_reasons,
+)
+from histodistill.data.tiling import write_coords
+from histodistill.errors import UserError
+from histodistill.eval import extract
+from histodistill.io import write_json
+
+COORDS = np.array([[0, 0], [64, 0], [0, 64], [64, 64]], dtype=np.int64)
+
+
+TEACHER = "tiny/vit-tiny-p8-64"
+
+
+def write_features(path, coords, features, **attrs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as h5:
+        h5["features"], h5["coords"] = features.astype(np.float32), coords
+        h5.attrs.update(attrs)
+
+
+@pytest.fixture
+def tiles(tmp_path):
+    """A tiling output folder with one 2 x 2-tile slide."""
+    attrs = dict(patch_size=64, patch_level=0, patch_size_level0=64, mpp=0.5, target_mpp=0.5, overlap=0,
+                 slide_path=str(tmp_path / "s.tif"), slide_id="s")
+    write_coords(tmp_path / "tiles" / "patches" / "s.h5", COORDS, attrs)
+    return tmp_path / "tiles"
+
+
+def complete_cache(tiles, teacher=TEACHER):
+    """What `extract` + our record leave behind: features with their tiling attrs, extractor.json, record."""
+    features_dir = cache_features_dir(tiles, teacher)
+    write_features(features_dir / "s.h5", COORDS, np.arange(8.0).reshape(4, 2), patch_size=64, target_mpp=0.5)
+    write_json(features_dir / extract.EXTRACTOR_JSON, {"extractor": teacher, "weights_sha256": "0" * 64})
+    write_json(features_dir / CACHE_RECORD, cache_key(tiles / "patches", teacher, None))
+    return features_dir
+
+
+def test_lookup_returns_rows_in_cell_order_with_zeros_for_invalid_cells(tmp_path):
+    order = np.array([2, 0, 3, 1])  # the file's rows are not in the order the cells ask for
+    write_features(tmp_path / "f.h5", COORDS[order], (10 * order[:, None] + np.array([[0, 1]])).astype(np.float32))
+    cells = np.array([[64, 64], [0, 0], [128, 0], [64, 0]])
+    out = TeacherFeatures(tmp_path / "f.h5").lookup(cells, np.array([True, True, False, True]))
+    np.testing.assert_array_equal(out, [[30, 31], [0, 1], [0, 0], [10, 11]])
+
+
+def test_a_tile_missing_from_the_cache_is_a_user_error(tmp_path):
+    write_features(tmp_path / "f.h5", COORDS[:2], np.zeros((2, 3)))
+    with pytest.raises(UserError, match="rebuild_cache"):
+        TeacherFeatures(tmp_path / "f.h5").lookup(COORDS, np.ones(4, bool))
+
+
+def test_a_complete_cache_is_used_as_is(tiles):
+    features_dir = complete_cache(tiles)
+    assert features_dir == tiles / "features_tiny-vit-tiny-p8-64"
+    assert ensure_teacher_cache(tiles, tiles, TEACHER) == features_dir
+
+
+@pytest.mark.parametrize("change", ["teacher", "weights", "patch_size", "tiles", "no_record"])
+def test_a_stale_cache_is_refused_naming_the_cache_and_the_option(tiles, tmp_path, change):
+    features_dir = complete_cache(tiles)
+    weights = None
+    if change == "teacher":  # another teacher's features copied into this teacher's folder
+        write_json(features_dir / extract.EXTRACTOR_JSON, {"extractor": "tiny/resnet18-64"})
+    elif change == "weights":
+        weights = tmp_path / "w.safetensors"
+        weights.write_bytes(b"other weights")
+    elif change == "patch_size":  # the slide was tiled again with larger tiles since
+        with h5py.File(tiles / "patches" / "s.h5", "a") as h5:
+            h5["coords"].attrs["patch_size"] = 128
+    elif change == "tiles":
+        write_features(features_dir / "s.h5", COORDS[:3], np.zeros((3, 2)), patch_size=64, target_mpp=0.5)
+    else:
+        (features_dir / CACHE_RECORD).unlink()
+    assert stale_reasons(features_dir, cache_key(tiles / "patches", TEACHER, weights))
+    with pytest.raises(UserError, match=r"cache .*data\.init_args\.rebuild_cache: true") as error:
+        ensure_teacher_cache(tiles, tiles, TEACHER, weights)
+    assert str(features_dir) in str(error.value)
+
+
+def test_rebuild_runs_extract_once_and_records_the_key(tiles, monkeypatch):
+    calls = []
+
+    def fake_extract_slides(model, coords_dir, out_dir, **kwargs):
+        calls.append((model, coords_dir, out_dir))
+        complete = cache_features_dir(out_dir, model)
+        write_features(complete / "s.h5", COORDS, np.ones((4, 5)), patch_size=64, target_mpp=0.5)
+        write_json(complete / extract.EXTRACTOR_JSON, {"extractor": model})
+
+    monkeypatch.setattr(extract, "extract_slides", fake_extract_slides)
+    ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
+    ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)  # now fresh: no second extraction
+    assert calls == [(TEACHER, tiles, tiles)]
+    assert not stale_reasons(cache_features_dir(tiles, TEACHER), cache_key(tiles / "patches", TEACHER, None))
