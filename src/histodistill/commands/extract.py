@@ -1,0 +1,56 @@
+"""Extract frozen-backbone features for every tile of every slide (or for an image folder).
+
+Slides: --coords DIR is a `histodistill tile` output (DIR/patches/*.h5); writes
+OUT/features_<model>/<slide_id>.h5 (features (N, D) float32, coords (N, 2) int64) and
+OUT/features_<model>/extractor.json. <model> is a folder-safe slug of --model: "/" and ":" become "-",
+a checkpoint RUN/checkpoints/last.ckpt becomes RUN-last, an exported directory its name.
+Images: --images DIR (DIR/<class>/<image>) writes OUT/features_<model>/features.h5 with features,
+labels, paths and a `classes` attribute, for `histodistill probe`.
+Finished slides are skipped on a rerun (files are written atomically), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "features for every tile of every slide (or an image folder) from any backbone or checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="NAME_OR_CKPT_OR_DIR",
+                        help="a registered name (e.g. tiny/resnet18-64, pathology/uni), any timm model name, an "
+                             "hf-hub: id, a histodistill .ckpt, or a directory made by `histodistill export`")
+    parser.add_argument("--weights", metavar="FILE",
+                        help="local weights to load into --model (.safetensors, or a .pth/.pt/.bin state dict); "
+                             "without it a name is randomly initialised (seed 0) and a checkpoint uses its own")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--coords", metavar="DIR", help="a tiling output directory containing patches/*.h5")
+    source.add_argument("--images", metavar="DIR", help="an image folder DIR/<class>/<image> (patch dataset)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where the features_<model>/ folder is written")
+    parser.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="DataLoader worker processes reading tiles (default 4; 0 reads in the main process)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32",
+                        help="32: float32; bf16: bfloat16 autocast (fast on recent GPUs); features are saved "
+                             "as float32 either way (default 32)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="extract again even where features exist (also allows replacing features of "
+                             "other weights in the same folder)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from histodistill.errors import UserError
+    from histodistill.eval.extract import extract_images, extract_slides
+
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError("--batch-size must be >= 1 and --workers >= 0")
+    options = dict(weights=args.weights, batch_size=args.batch_size, num_workers=args.workers,
+                   device=args.device, precision=args.precision, overwrite=args.overwrite)
+    if args.images:
+        out = extract_images(args.model, args.images, args.out, **options)
+    else:
+        out = extract_slides(args.model, args.coords, args.out, **options)
+    print(f"features in {out}")
+    return 0

@@ -1,0 +1,256 @@
+"""Frozen-backbone features for every tile of every slide, or for a folder of labelled patches.
+
+Slides: ``<out>/features_<slug>/<slide_id>.h5`` with ``features`` (N, D) float32 and ``coords`` (N, 2)
+int64 (CLAM/TRIDENT layout), one per coords file of a tiling output, plus ``extractor.json`` beside
+them. Patches: one ``features.h5`` with ``features``, ``labels``, ``paths`` and a ``classes`` attribute.
+
+Every file is written atomically, so a finished slide is one whose file exists: a rerun skips it,
+and a slide interrupted half-way is simply redone. Images are prepared in the DataLoader workers
+with the backbone's own eval transform (resize + centre crop to its input size, its mean/std).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from histodistill.data.transforms import build_transform
+from histodistill.errors import UserError
+from histodistill.io import atomic_path, write_json
+from histodistill.models.backbones import Backbone, create_backbone
+
+EXTRACTOR_JSON = "extractor.json"
+PATCH_FEATURES = "features.h5"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for ``cuda`` without one is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def model_slug(model: str | os.PathLike) -> str:
+    """A folder-safe name for the ``--model`` argument: ``tiny/resnet18-64`` -> ``tiny-resnet18-64``,
+    ``hf-hub:MahmoodLab/UNI`` -> ``hf-hub-MahmoodLab-UNI``, ``runs/moma/checkpoints/last.ckpt`` ->
+    ``moma-last`` (the run's folder names the checkpoint), an exported directory -> its name."""
+    text = str(model)
+    path = Path(text)
+    if path.exists():
+        parent = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        text = path.name if path.is_dir() else f"{parent.name}-{path.stem}" if parent.name else path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """SHA-256 over the weights as loaded (names, dtypes, shapes, bytes): the same weights hash the same
+    whatever file format, checkpoint or hub they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BN counters) cannot be viewed as bytes
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def extractor_record(backbone: Backbone, model_arg: str, weights_sha256: str) -> dict[str, Any]:
+    """What ``extractor.json`` says about the features: which network, which weights, which preprocessing."""
+    pre = backbone.spec.preprocess
+    return {
+        "extractor": str(model_arg),
+        "weights_sha256": weights_sha256,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "input_size": pre.input_size,
+        "mpp": pre.mpp,
+        "num_features": backbone.num_features,
+        "feature_dim": backbone.num_features,
+        "spec": backbone.spec.to_dict(),
+    }
+
+
+@torch.inference_mode()
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    precision: str = "32",
+    desc: str = "tiles",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``model`` (images (B, 3, S, S) -> (B, D)) over a dataset of ``(image, other)`` pairs.
+
+    Returns ``features`` (N, D) float32 and the stacked ``other`` values (N, ...) as numpy, in dataset
+    order (coords for slide tiles, labels for patch datasets). The model is used as it is (move it to
+    ``device`` and put it in eval mode first, see `prepare_model`).
+    """
+    device = torch.device(device)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    features, others = [], []
+    with tqdm(total=len(dataset), desc=desc, unit="tile", leave=False, dynamic_ncols=True) as bar:
+        for images, other in loader:
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                batch = model(images)  # (B, D)
+            features.append(batch.float().cpu())
+            others.append(torch.as_tensor(other))
+            bar.update(len(images))
+    if not features:
+        return np.zeros((0, int(getattr(model, "num_features", 0))), np.float32), np.zeros((0,), np.int64)
+    return torch.cat(features).numpy(), torch.cat(others).numpy()
+
+
+def extract_slide(
+    model: nn.Module, dataset: Dataset, batch_size: int = 64, num_workers: int = 0,
+    device: torch.device | str = "cpu", precision: str = "32", desc: str = "tiles",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, D) float32 and coords (N, 2) int64 of one slide's tiles (a `SlideTileDataset`)."""
+    features, coords = extract_features(model, dataset, batch_size, num_workers, device, precision, desc)
+    return features, coords.reshape(-1, 2).astype(np.int64)  # (N, 2) even when N = 0
+
+
+def prepare_model(backbone: Backbone, device: torch.device) -> Backbone:
+    """Eval mode on ``device``; channels_last on CUDA, where convolutions run faster in it."""
+    backbone = backbone.to(device).eval()
+    if device.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return backbone
+
+
+def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]) -> None:
+    """``features`` (N, D) float32 and ``coords`` (N, 2) int64, written atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.create_dataset("features", data=features.astype(np.float32))
+        handle.create_dataset("coords", data=coords.astype(np.int64))
+        for key, value in attrs.items():
+            handle.attrs[key] = value
+
+
+def extract_slides(
+    model: str | os.PathLike,
+    coords_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+    precision: str = "32",
+    overwrite: bool = False,
+) -> Path:
+    """Features for every slide of a tiling output (``coords_dir/patches/*.h5``); returns the features folder.
+
+    Finished slides are skipped unless ``overwrite``. A folder already holding features of other
+    weights is refused (mixing extractors in one folder would silently corrupt a MIL run).
+    """
+    from histodistill.data.slide_dataset import SlideTileDataset
+
+    coords_files = _coords_files(Path(coords_dir))
+    backbone = _seeded_backbone(model, weights)
+    record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
+    features_dir = Path(out_dir) / f"features_{model_slug(model)}"
+    _check_same_extractor(features_dir / EXTRACTOR_JSON, record, overwrite)
+    write_json(features_dir / EXTRACTOR_JSON, record)
+
+    torch_device = resolve_device(device)
+    backbone = prepare_model(backbone, torch_device)
+    transform = build_transform("eval", backbone.spec.preprocess, train=False)
+    for coords_path in tqdm(coords_files, desc="slides", unit="slide", dynamic_ncols=True):
+        target = features_dir / f"{coords_path.stem}.h5"
+        if target.exists() and not overwrite:
+            continue
+        dataset = SlideTileDataset(coords_path, transform=transform)
+        features, coords = extract_slide(
+            backbone, dataset, batch_size, num_workers, torch_device, precision, desc=dataset.slide_id
+        )
+        attrs = {"slide_id": dataset.slide_id, "extractor": str(model), "weights_sha256": record["weights_sha256"],
+                 "patch_size": dataset.patch_size, "target_mpp": dataset.target_mpp}
+        write_slide_features(target, features, coords, attrs)
+    return features_dir
+
+
+def extract_images(
+    model: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+    precision: str = "32",
+    overwrite: bool = False,
+) -> Path:
+    """Features of an image folder (``root/<class>/<image>``) into ``<out>/features_<slug>/features.h5``:
+    ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr ``classes``."""
+    from histodistill.data.datasets import ImageFolderDataset
+
+    features_dir = Path(out_dir) / f"features_{model_slug(model)}"
+    target = features_dir / PATCH_FEATURES
+    if target.exists() and not overwrite:
+        print(f"{target} exists; pass --overwrite to extract again")
+        return target
+    backbone = _seeded_backbone(model, weights)
+    record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
+    torch_device = resolve_device(device)
+    backbone = prepare_model(backbone, torch_device)
+    dataset = ImageFolderDataset(images_dir, transform=build_transform("eval", backbone.spec.preprocess, train=False))
+    features, labels = extract_features(backbone, dataset, batch_size, num_workers, torch_device, precision, "images")
+    paths = [str(path.relative_to(dataset.root)) for path, _ in dataset.samples]
+    with atomic_path(target) as tmp, h5py.File(tmp, "w") as handle:
+        handle.create_dataset("features", data=features.astype(np.float32))
+        handle.create_dataset("labels", data=labels.astype(np.int64))
+        handle.create_dataset("paths", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
+        handle.attrs["classes"] = list(dataset.classes)
+        handle.attrs["extractor"] = str(model)
+        handle.attrs["weights_sha256"] = record["weights_sha256"]
+    write_json(features_dir / EXTRACTOR_JSON, record)
+    return target
+
+
+def _seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None) -> Backbone:
+    # A randomly initialised model (the default without --weights) must be the same on every run, or a
+    # resumed extraction would mix features of two different networks.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_backbone(model, weights=weights)
+
+
+def _coords_files(coords_dir: Path) -> list[Path]:
+    patches = coords_dir / "patches"
+    # Names starting with "." are temporary files of a tiling still running.
+    files = sorted(p for p in patches.glob("*.h5") if not p.name.startswith(".")) if patches.is_dir() else []
+    if not files:
+        raise UserError(f"--coords {coords_dir}: no coords files in {patches}; run `histodistill tile ... --out "
+                        f"{coords_dir}` first and pass that --out folder")
+    return files
+
+
+def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -> None:
+    if overwrite or not path.exists():
+        return
+    previous = json.loads(path.read_text())
+    if previous.get("weights_sha256") != record["weights_sha256"]:
+        raise UserError(
+            f"{path.parent} holds features of other weights ({previous.get('extractor')}, sha256 "
+            f"{str(previous.get('weights_sha256'))[:12]}...); use another --out or pass --overwrite to redo every slide"
+        )
