@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +91,55 @@ def test_a_few_steps_lower_the_loss():
     model.eval()  # BatchNorm statistics settle only in eval; compare on the same masks
     torch.manual_seed(1)
     assert model.objective(batch)["loss"].item() < first
+
+
+# ---- end to end: tile -> teacher cache -> histodistill fit -> extract with the fine-tuned student -------------
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "mcmkd" / "tiny_cpu.yaml"
+
+
+@pytest.mark.slow
+def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(tiny_slide, tmp_path, monkeypatch):
+    from histodistill.cli import main
+    from histodistill.data.teacher_cache import ensure_teacher_cache
+    from histodistill.data.tiling import tile_slide
+    from histodistill.eval import extract
+    from histodistill.models.backbones import Backbone
+
+    tiles = tmp_path / "tiles"
+    tile_slide(tiny_slide.path, tiles, target_mpp=0.5, patch_size=64)
+    features_dir = ensure_teacher_cache(tiles, tiles, "tiny/vit-tiny-p8-64", rebuild=True, batch_size=32)
+
+    # From here on the teacher must never run: no extraction, no teacher forward.
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher cache was rebuilt during fine-tuning")
+
+    teacher_calls = []
+    original_forward = Backbone.forward
+
+    def spy(self, x):
+        if self.spec.name == "tiny/vit-tiny-p8-64":
+            teacher_calls.append(x.shape)
+        return original_forward(self, x)
+
+    monkeypatch.setattr(extract, "extract_slides", refuse)
+    monkeypatch.setattr(Backbone, "forward", spy)
+    run = tmp_path / "run"
+    assert main([
+        "fit", "--config", str(TINY), "--trainer.default_root_dir", str(run),
+        "--data.init_args.tiles_dir", str(tiles),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]) == 0
+    assert teacher_calls == []
+
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) >= 6  # 32 windows of 3 x 3 (6 of 9 cells tissue at least), batch 4
+    assert sum(losses[-3:]) / 3 < losses[0]
+
+    monkeypatch.setattr(Backbone, "forward", original_forward)
+    monkeypatch.undo()
+    student_dir = extract.extract_slides(run / "checkpoints" / "last.ckpt", tiles, tmp_path / "out", device="cpu")
+    with h5py.File(student_dir / "tiny_slide.h5") as h5, h5py.File(features_dir / "tiny_slide.h5") as teacher:
+        assert h5["features"].shape == (teacher["features"].shape[0], 512)  # resnet18 features per tile
+        assert np.isfinite(h5["features"][:]).all()
