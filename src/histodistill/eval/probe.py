@@ -1,0 +1,192 @@
+"""Frozen-feature probes: how good are a backbone's features for a labelled patch task?
+
+- linear: logistic regression (scikit-learn) on standardised features; the inverse regularisation ``C``
+  is picked by 3-fold inner cross-validation on the training split over ``C_GRID`` unless fixed.
+- kNN: DINO's weighted vote (Caron et al. 2021): cosine similarity to the training features, the ``k=20``
+  nearest vote for their class with weight ``exp(similarity / T)``, ``T=0.07``; class probabilities are
+  the normalised votes.
+
+Both return a `ProbeResult` whose metrics come from `histodistill.eval.metrics.classification_metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from histodistill.errors import UserError
+from histodistill.eval.metrics import classification_metrics
+
+C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+INNER_FOLDS = 3
+
+
+@dataclass
+class ProbeResult:
+    """Metrics on the test split and the class probabilities (N_test, C) they were computed from."""
+
+    metrics: dict[str, float]
+    probs: np.ndarray
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+
+@dataclass
+class PatchFeatures:
+    """``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) and class names."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: np.ndarray
+    classes: list[str]
+
+
+def linear_probe(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0,
+    C: float | None = None, num_classes: int | None = None,
+) -> ProbeResult:
+    """Logistic regression on standardised features; ``C=None`` chooses it by inner CV on the train split."""
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    inner = min(INNER_FOLDS, int(np.bincount(train_y).min(initial=0) if len(train_y) else 0))
+    if C is None and inner >= 2:
+        # Inner folds need at least two samples of every class; otherwise C falls back to 1.0.
+        classifier = LogisticRegressionCV(
+            Cs=list(C_GRID), cv=StratifiedKFold(inner, shuffle=True, random_state=seed), max_iter=2000,
+            random_state=seed,
+        )
+    else:
+        classifier = LogisticRegression(C=1.0 if C is None else C, max_iter=2000, random_state=seed)
+    model = make_pipeline(StandardScaler(), classifier).fit(train_x, train_y)
+    probs = np.zeros((len(test_x), num_classes))
+    probs[:, model.classes_] = model.predict_proba(test_x)  # classes absent from train keep probability 0
+    return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
+
+
+def knn_probe(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0,
+    k: int = 20, temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024,
+) -> ProbeResult:
+    """DINO's temperature-weighted cosine kNN. ``seed`` is accepted for symmetry: the vote is deterministic."""
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    train = torch.nn.functional.normalize(torch.as_tensor(train_x, dtype=torch.float32), dim=1)  # (Ntr, D)
+    labels = torch.as_tensor(train_y, dtype=torch.long)
+    k = min(k, len(train))
+    probs = []
+    for start in range(0, len(test_x), chunk):
+        test = torch.nn.functional.normalize(torch.as_tensor(test_x[start:start + chunk], dtype=torch.float32), dim=1)
+        similarity, index = (test @ train.T).topk(k, dim=1)  # (B, k)
+        weights = (similarity / temperature).exp()  # (B, k)
+        votes = torch.zeros(len(test), num_classes).scatter_add_(1, labels[index], weights)  # (B, C)
+        probs.append(votes / votes.sum(dim=1, keepdim=True))
+    probs = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes))
+    return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
+
+
+PROBES = {"linear": linear_probe, "knn": knn_probe}
+
+
+def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike | None = None) -> PatchFeatures:
+    """Read a ``features.h5`` of `histodistill extract --images` (or a folder holding one).
+
+    ``labels_csv`` (columns ``path,label``, paths as stored in the file) replaces the labels and keeps
+    only the listed patches.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "features.h5"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; make it with `histodistill extract --images DIR --out OUT`")
+    with h5py.File(path) as handle:
+        missing = {"features", "labels"} - set(handle)
+        if missing:
+            raise UserError(f"{path} has no {sorted(missing)} datasets: not a patch features file from `extract --images`")
+        features = handle["features"][:].astype(np.float32)
+        labels = handle["labels"][:].astype(np.int64)
+        paths = handle["paths"].asstr()[:] if "paths" in handle else np.arange(len(labels)).astype(str)
+        classes = [str(c) for c in handle.attrs.get("classes", [str(i) for i in range(labels.max() + 1)])]
+    if labels_csv is None:
+        return PatchFeatures(features, labels, np.asarray(paths), classes)
+    with open(labels_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise UserError(f"--labels {labels_csv}: expected a CSV with columns path,label")
+    position = {p: i for i, p in enumerate(paths)}
+    unknown = [row["path"] for row in rows if row["path"] not in position]
+    if unknown:
+        raise UserError(f"--labels {labels_csv}: {len(unknown)} paths are not in {path}, e.g. {unknown[:3]}")
+    classes = sorted({row["label"] for row in rows})
+    keep = np.array([position[row["path"]] for row in rows])
+    new_labels = np.array([classes.index(row["label"]) for row in rows], dtype=np.int64)
+    return PatchFeatures(features[keep], new_labels, np.asarray(paths)[keep], classes)
+
+
+def evaluate_probes(
+    data: PatchFeatures,
+    out_dir: str | os.PathLike,
+    test: PatchFeatures | None = None,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    folds: int = 5,
+    C: float | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict:
+    """Run both probes and write ``probe.json`` and ``confusion_<probe>.png`` into ``out_dir``.
+
+    Without ``test``: stratified ``folds``-fold cross-validation of ``data``, reshuffled per seed.
+    With ``test``: train on ``data``, test on ``test`` once per seed. Each metric is reported per run and
+    as mean and sample sd over runs; the confusion matrix shows seed ``seeds[0]``'s predictions
+    (out-of-fold predictions of every sample under cross-validation).
+    """
+    from histodistill.eval.metrics import plot_confusion
+    from histodistill.io import write_json
+
+    if test is not None and test.classes != data.classes:
+        raise UserError(f"--train classes {data.classes} differ from --test classes {test.classes}")
+    num_classes = len(data.classes)
+    options = {"linear": {"C": C}, "knn": {"k": k, "temperature": temperature}}
+    results: dict = {"protocol": "train/test" if test is not None else f"{folds}-fold CV", "seeds": list(seeds),
+                     "classes": data.classes, "options": options}
+    for name, probe in PROBES.items():
+        runs, first_truth, first_pred = [], [], []
+        for seed in seeds:
+            for split, (train_x, train_y, test_x, test_y) in enumerate(_splits(data, test, folds, seed)):
+                result = probe(train_x, train_y, test_x, test_y, seed, num_classes=num_classes, **options[name])
+                runs.append({"seed": seed, "split": split, **result.metrics})
+                if seed == seeds[0]:
+                    first_truth.append(test_y)
+                    first_pred.append(result.predictions)
+        metric_names = list(runs[0].keys() - {"seed", "split"})
+        results[name] = {
+            "mean": {m: float(np.nanmean([r[m] for r in runs])) for m in sorted(metric_names)},
+            "std": {m: float(np.nanstd([r[m] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+                    for m in sorted(metric_names)},
+            "runs": runs,
+        }
+        plot_confusion(np.concatenate(first_truth), np.concatenate(first_pred), data.classes,
+                       Path(out_dir) / f"confusion_{name}.png", title=f"{name} probe, seed {seeds[0]}")
+    write_json(Path(out_dir) / "probe.json", results)
+    return results
+
+
+def _splits(data: PatchFeatures, test: PatchFeatures | None, folds: int, seed: int):
+    if test is not None:
+        yield data.features, data.labels, test.features, test.labels
+        return
+    smallest = int(np.bincount(data.labels).min())
+    if folds < 2 or smallest < folds:
+        raise UserError(f"--folds {folds}: every class needs at least {folds} patches (the smallest has {smallest}); "
+                        "lower --folds or pass --train/--test")
+    for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.features, data.labels):
+        yield data.features[train], data.labels[train], data.features[held], data.labels[held]

@@ -1,0 +1,107 @@
+"""Probes: the kNN vote against the formula by hand, the linear probe on separable data, the CLI outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+
+from histodistill.cli import main
+from histodistill.eval.probe import knn_probe, linear_probe
+
+
+def test_knn_vote_matches_the_formula_by_hand():
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    train_y = np.array([0, 1, 1])
+    test = np.array([[2.0, 0.2], [0.1, 2.0]])  # only the first is checked by hand
+    # cosine similarities of the test point to each training point, then the 2 nearest vote with exp(s/T)
+    unit = test[0] / np.linalg.norm(test[0])
+    sims = [unit @ (t / np.linalg.norm(t)) for t in train]  # [0.995, 0.0995, 0.774]
+    T = 0.5
+    votes = np.array([math.exp(sims[0] / T), math.exp(sims[2] / T)])  # class 0, class 1 (point 1 is not in the top 2)
+    expected = votes / votes.sum()
+    result = knn_probe(train, train_y, test, np.array([0, 1]), k=2, temperature=T)
+    np.testing.assert_allclose(result.probs[0], expected, rtol=1e-5)
+    assert result.predictions.tolist() == [0, 1]
+
+
+def _clusters(n_per_class=12, classes=3, dim=8, seed=0, spread=0.3):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (classes, dim))
+    x = np.concatenate([c + rng.normal(0, spread, (n_per_class, dim)) for c in centres]).astype(np.float32)
+    y = np.repeat(np.arange(classes), n_per_class)
+    return x, y
+
+
+@pytest.mark.parametrize("C", [None, 0.5])
+def test_linear_probe_separates_separable_classes(C):
+    x, y = _clusters()
+    test_x, test_y = _clusters(seed=0, spread=0.3)[0][::2], y[::2]
+    result = linear_probe(x, y, test_x, test_y, seed=0, C=C)
+    assert result.metrics["accuracy"] == 1.0 and result.metrics["auroc"] == 1.0
+    assert result.probs.shape == (len(test_y), 3)
+    np.testing.assert_allclose(result.probs.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_linear_probe_class_missing_from_training_gets_zero_probability():
+    x, y = _clusters(n_per_class=6)
+    keep = y < 2
+    result = linear_probe(x[keep], y[keep], x, y, seed=0, num_classes=3)
+    assert result.probs.shape == (len(y), 3) and (result.probs[:, 2] == 0).all()
+
+
+def _write_features(path, x, y, classes):
+    with h5py.File(path, "w") as handle:
+        handle["features"] = x
+        handle["labels"] = y
+        handle.create_dataset("paths", data=np.array([f"{classes[c]}/{i}.png" for i, c in enumerate(y)], dtype=object),
+                              dtype=h5py.string_dtype())
+        handle.attrs["classes"] = classes
+
+
+def test_cli_cross_validation_writes_metrics_and_figures_and_repeats(tmp_path):
+    x, y = _clusters(n_per_class=10, spread=1.5)
+    _write_features(tmp_path / "features.h5", x, y, ["a", "b", "c"])
+    args = ["probe", "--features", str(tmp_path), "--folds", "3", "--seeds", "0", "1", "--k", "5"]
+    assert main([*args, "--out", str(tmp_path / "p1")]) == 0
+    results = json.loads((tmp_path / "p1" / "probe.json").read_text())
+    assert results["protocol"] == "3-fold CV" and results["classes"] == ["a", "b", "c"]
+    for name in ("linear", "knn"):
+        assert len(results[name]["runs"]) == 6
+        assert set(results[name]["mean"]) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "kappa_qw"}
+        assert results[name]["mean"]["accuracy"] > 0.8
+        assert (tmp_path / "p1" / f"confusion_{name}.png").stat().st_size > 0
+    assert main([*args, "--out", str(tmp_path / "p2")]) == 0
+    again = json.loads((tmp_path / "p2" / "probe.json").read_text())
+    assert again["linear"]["runs"] == results["linear"]["runs"] and again["knn"]["runs"] == results["knn"]["runs"]
+
+
+def test_cli_train_test_and_relabelling(tmp_path):
+    x, y = _clusters(n_per_class=8)
+    _write_features(tmp_path / "train.h5", x, y, ["a", "b", "c"])
+    _write_features(tmp_path / "test.h5", x[::2], y[::2], ["a", "b", "c"])
+    assert main(["probe", "--train", str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
+                 "--seeds", "0", "--out", str(tmp_path / "tt")]) == 0
+    results = json.loads((tmp_path / "tt" / "probe.json").read_text())
+    assert results["protocol"] == "train/test" and results["linear"]["mean"]["accuracy"] == 1.0
+
+    # Relabel: classes a and b merged into "ab", c dropped.
+    rows = ["path,label"] + [f"{'abc'[c]}/{i}.png,{'ab' if c < 2 else 'x'}" for i, c in enumerate(y) if c < 2]
+    rows += [f"c/{i}.png,c" for i, c in enumerate(y) if c == 2][:3]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert main(["probe", "--features", str(tmp_path / "train.h5"), "--labels", str(tmp_path / "labels.csv"),
+                 "--folds", "3", "--seeds", "0", "--k", "3", "--out", str(tmp_path / "rl")]) == 0
+    assert json.loads((tmp_path / "rl" / "probe.json").read_text())["classes"] == ["ab", "c"]
+
+
+def test_cli_errors_name_the_fix(tmp_path, capsys):
+    x, y = _clusters(n_per_class=2)
+    _write_features(tmp_path / "features.h5", x, y, ["a", "b", "c"])
+    assert main(["probe", "--features", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "lower --folds" in capsys.readouterr().err
+    assert main(["probe", "--train", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert main(["probe", "--features", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "o")]) == 2
+    assert "extract --images" in capsys.readouterr().err
