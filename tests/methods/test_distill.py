@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from histodistill.cli import main
 from histodistill.errors import UserError
 from histodistill.losses.kd import kd_loss
 from histodistill.methods.base import backbone_record
@@ -143,3 +146,39 @@ def test_teacher_input_is_renormalised_and_rescaled():
     bigger = Preprocess(student.mean, student.std, input_size=64)
     assert to_teacher_input(images, student, bigger).shape == (2, 3, 16, 16)
     assert to_teacher_input(images, student, student) is images
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "kd").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_kd_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "histodistill.methods.distill.Distill" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tiny_crd_config_trains_end_to_end_with_indexed_data(tmp_path):
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "data" / "train", per_class=4, size=16, seed=0)
+    make_image_folder(tmp_path / "data" / "val", per_class=2, size=16, seed=1)
+    teacher = Supervised(backbone="tiny/resnet18-64", num_classes=3)
+    torch.save({"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)},
+               tmp_path / "teacher.ckpt")
+    run = tmp_path / "run"
+    assert main([
+        "fit", "--config", str(ROOT / "configs" / "kd" / "tiny_crd.yaml"),
+        "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--model.init_args.teacher", str(tmp_path / "teacher.ckpt"),
+        "--data.init_args.train.init_args.dataset.init_args.root", str(tmp_path / "data" / "train"),
+        "--data.init_args.val.init_args.root", str(tmp_path / "data" / "val"),
+        "--data.init_args.batch_size", "4",
+    ]) == 0
+    assert "train/crd" in (run / "metrics.csv").read_text()
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert state["feature_loss.memory.memory_student"].shape == (12, 128)  # one memory row per training image
+    assert state["feature_loss.memory.z_student"] > 0

@@ -1,8 +1,10 @@
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
+from histodistill.cli import main
 from histodistill.errors import UserError
 from histodistill.losses.infonce import infonce_loss
 from histodistill.methods import moma as moma_module
@@ -151,3 +153,41 @@ def test_a_tiny_moma_run_lowers_its_loss(teacher_ckpt, mode):
     losses = train_steps(model, batch)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert loss_on_initial_queue() < 0.7 * before
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "moma").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_moma_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "histodistill.methods.moma.MoMA" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tiny_moma_config_trains_end_to_end_from_a_supervised_checkpoint(tmp_path):
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "data" / "train", per_class=4, size=16, seed=0)
+    make_image_folder(tmp_path / "data" / "val", per_class=2, size=16, seed=1)
+    teacher = Supervised(backbone="tiny/resnet18-64", num_classes=3)
+    torch.save({"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)},
+               tmp_path / "teacher.ckpt")
+    run = tmp_path / "run"
+    assert main([
+        "fit", "--config", str(ROOT / "configs" / "moma" / "tiny_cpu.yaml"),
+        "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--model.init_args.teacher", str(tmp_path / "teacher.ckpt"),
+        "--data.init_args.train.init_args.root", str(tmp_path / "data" / "train"),
+        "--data.init_args.val.init_args.root", str(tmp_path / "data" / "val"),
+        "--data.init_args.batch_size", "4",
+    ]) == 0
+    for name in ("checkpoints/last.ckpt", "checkpoints/best-accuracy.ckpt", "checkpoints/best-macro_f1.ckpt"):
+        assert (run / name).is_file(), name
+    metrics = (run / "metrics.csv").read_text()
+    assert "train/nce" in metrics and "train/kd" in metrics
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert int(checkpoint["state_dict"]["queue.pointer"]) == 12  # 3 steps of 4 keys entered the queue

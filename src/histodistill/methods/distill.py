@@ -154,7 +154,10 @@ class Distill(TeacherStudentMethod):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         dataset = datamodule.train_dataloader().dataset if datamodule is not None else None
-        if not isinstance(dataset, IndexedDataset):
+        # The data module may wrap the training set again (seeded augmentation): look through `.dataset`.
+        while dataset is not None and not isinstance(dataset, IndexedDataset):
+            dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
             raise UserError(
                 "feature: crd needs the index of every training sample: wrap data.init_args.train in "
                 "histodistill.methods.indexed_dataset.IndexedDataset (see configs/kd/tiny_crd.yaml), "
