@@ -133,3 +133,20 @@ def test_window_transform_resizes_each_cell_to_the_model_input_and_normalises():
     out = transform(torch.full((3, 3 * TILE, 3 * TILE), 255, dtype=torch.uint8))
     assert out.shape == (3, 96, 96)
     torch.testing.assert_close(out, torch.ones(3, 96, 96))
+
+
+def test_windows_are_read_at_the_tilings_mpp_not_the_slides_metadata(tmp_path):
+    # A plain PNG has no mpp in its metadata: as after `tile --mpp-override 0.25`, only the coords file knows it.
+    from PIL import Image
+
+    from conftest import make_tissue_image
+
+    png = tmp_path / "no_mpp.png"
+    Image.fromarray(make_tissue_image(512, 512, ((0, 0, 512, 512),))).save(png)
+    path = tmp_path / "patches" / "no_mpp.h5"
+    write_coords(path, box_tiles(0, 0, cols=3, rows=3) * 2, coords_attrs(png, mpp=0.25, target_mpp=0.5))
+    dataset = ContextWindowDataset(path, side=3)
+    window, cells, _, _ = dataset[0]
+    assert dataset.mpp == 0.25
+    expected = open_slide(png, 0.25).read_at_mpp(tuple(cells[0].tolist()), 3 * TILE, 0.5)  # a 2x downsampled read
+    np.testing.assert_array_equal(window.permute(1, 2, 0).numpy(), expected)

@@ -94,6 +94,7 @@ class ContextWindowDataset(Dataset):
     Item: ``(window, cell_coords, valid, teacher)`` with ``window = transform(uint8 (3, P, P))`` (the uint8
     tensor itself without a transform), ``cell_coords`` long (s*s, 2), ``valid`` bool (s*s,), and
     ``teacher`` float32 (s*s, D) from the teacher cache (zeros in invalid cells; (s*s, 0) without a cache).
+    ``mpp`` overrides the slide's level-0 mpp; by default it is the coords file's ``mpp`` attribute.
     """
 
     def __init__(
@@ -115,7 +116,9 @@ class ContextWindowDataset(Dataset):
         self.patch_size = int(attrs["patch_size"])
         self.target_mpp = float(attrs["target_mpp"])
         self.window_px = side * self.patch_size
-        self.mpp = mpp
+        # The mpp the tiling used (possibly from --mpp-override), as `SlideTileDataset` does: the slide's
+        # metadata may lack it or disagree, and the windows must be cut on the same grid as the tiles.
+        self.mpp = float(mpp if mpp is not None else attrs["mpp"])
         self.transform = transform
         stride, cell_steps = grid_geometry(attrs, coords_path)
         self.anchors, self.cell_coords, self.valid = window_cells(coords, stride, cell_steps, side, min_fraction)
