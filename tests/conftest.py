@@ -63,3 +63,26 @@ def sample_file():
         return path
 
     return get
+
+
+def make_image_folder(root: Path, classes=("a", "b", "c"), per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """``root/<class>/<i>.png``: RGB noise whose brightness depends on the class (a learnable task)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 80, (size, size, 3)) + 60 * index
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def patch_folders(tmp_path) -> Path:
+    """``<tmp>/demo_out/nuclei/{train,val}/{a,b,c}/*.png``: the layout of configs/supervised/tiny_cpu.yaml."""
+    root = tmp_path / "demo_out" / "nuclei"
+    make_image_folder(root / "train", per_class=4, seed=0)
+    make_image_folder(root / "val", per_class=2, seed=1)
+    return root

@@ -6,9 +6,11 @@ transforms are recipe names (`histodistill.data.transforms`). In ``setup()`` the
 backbone's preprocessing from ``trainer.lightning_module.preprocess``, so mean/std and input size
 always match the model being trained.
 
-Shuffling is reproducible and resumable: the training sampler draws epoch ``e``'s order from
-``seed + e`` (a `DistributedSampler`, which also shards the data under DDP), so a run resumed at
-epoch ``e`` sees exactly the batches an uninterrupted run would have seen.
+Training data is reproducible and resumable: epoch ``e``'s order comes from ``seed + e`` (a
+`DistributedSampler`, which also shards the data under DDP) and the augmentation of sample ``i`` in
+epoch ``e`` from its own generator seeded with (seed, e, i). Nothing depends on the global random
+state, the number of workers or whether they persist, so a run resumed at epoch ``e`` sees exactly
+the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -16,11 +18,39 @@ from __future__ import annotations
 import os
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
+
+
+class EpochIndexSampler(DistributedSampler):
+    """A `DistributedSampler` that yields ``epoch * N + index``, so the dataset (`SeededAugmentation`)
+    knows the epoch even inside persistent worker processes, which never see ``set_epoch``."""
+
+    def __iter__(self):
+        size = len(self.dataset)
+        return (self.epoch * size + index for index in super().__iter__())
+
+
+class SeededAugmentation(Dataset):
+    """Wraps a training dataset: item ``epoch * N + index`` is ``dataset[index]`` drawn with torch's
+    generator seeded from (seed, epoch, index), then the generator is restored."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(key, len(self.dataset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+            return self.dataset[index]
 
 
 class PatchDataModule(L.LightningDataModule):
@@ -74,10 +104,10 @@ class PatchDataModule(L.LightningDataModule):
             train = split == "train"
             dataset.transform = build_transform(self.train_transform if train else self.eval_transform, preprocess, train)
 
-    def _loader(self, split: str, sampler=None, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler=None, drop_last: bool = False) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=workers,
@@ -90,17 +120,15 @@ class PatchDataModule(L.LightningDataModule):
         dataset = self.datasets["train"]
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         trainer = self.trainer
-        sampler = DistributedSampler(
-            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=True, seed=seed
-        )
+        sampler = EpochIndexSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=seed)
         if len(dataset) // trainer.world_size < self.batch_size:
             raise UserError(f"the training set has {len(dataset)} samples, fewer than one batch per device "
                             f"(data.init_args.batch_size={self.batch_size}); lower the batch size")
         # drop_last keeps every step's batch the same size (BatchNorm and the lr scaling assume it).
-        return self._loader("train", sampler=sampler, drop_last=True)
+        return self._loader(SeededAugmentation(dataset, seed), sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val") if self.datasets["val"] is not None else []
+        return self._loader(self.datasets["val"]) if self.datasets["val"] is not None else []
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test") if self.datasets["test"] is not None else []
+        return self._loader(self.datasets["test"]) if self.datasets["test"] is not None else []

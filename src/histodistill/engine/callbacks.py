@@ -12,26 +12,38 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
 
-from histodistill.io import write_json
+from histodistill.io import atomic_path, write_json
 
 
-class EpochReseed(L.Callback):
-    """Reseed Python, NumPy and torch at the start of every training epoch from (seed, epoch, rank).
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed: a job killed while saving leaves the
+    previous ``last.ckpt`` intact instead of a truncated one that ``--resume`` would choke on."""
 
-    Augmentations, dropout and drop-path draw from these generators. Without reseeding, a run
-    resumed at epoch ``e`` would start epoch ``e`` from a different generator state than an
-    uninterrupted run (the checkpoint does not hold it), so the two would diverge. With it,
-    epoch ``e`` is the same in both, as long as DataLoader workers are re-created each epoch or
-    absent (``num_workers: 0``; persistent workers keep their own stream across epochs).
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class StepReseed(L.Callback):
+    """Reseed Python, NumPy and torch before every training batch from (seed, epoch, batch, rank).
+
+    Dropout, drop-path and random masking draw from these generators. The checkpoint does not hold
+    their state, and Lightning draws from them a different number of times in a resumed run (e.g.
+    when it creates DataLoader iterators), so without reseeding a resumed run would diverge from an
+    uninterrupted one. (Augmentations have their own per-sample seeds: see `PatchDataModule`.)
     """
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        state = np.random.SeedSequence([seed, trainer.current_epoch, trainer.global_rank]).generate_state(1)
+        key = [seed, trainer.current_epoch, batch_idx, trainer.global_rank]
+        state = np.random.SeedSequence(key).generate_state(1)
         value = int(state[0])
         random.seed(value)
         np.random.seed(value)

@@ -11,12 +11,14 @@ pass on the best checkpoint when the data module has a test set.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from histodistill.engine.callbacks import AtomicCheckpointIO
 from histodistill.engine.run_dir import check_run_dir, default_callbacks, default_loggers, default_run_dir
 from histodistill.io import atomic_path
 from histodistill.methods.base import MethodModule
@@ -86,12 +88,17 @@ class HistodistillCLI(LightningCLI):
         run_dir = Path(config["default_root_dir"])
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(run_dir)
+        if not config.get("plugins"):
+            config["plugins"] = [AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, [*callbacks, *default_callbacks(self.model, run_dir)])
 
 
 def fit_main(argv: list[str]) -> int:
     """Parse ``argv`` (the arguments after ``histodistill fit``), train, test when there is a test set."""
-    cli = HistodistillCLI(argv)
+    with warnings.catch_warnings():
+        # We are the command line: `histodistill fit ARGS` hands ARGS over, so sys.argv differing is expected.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = HistodistillCLI(argv)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
     if getattr(datamodule, "datasets", {}).get("test") is not None:

@@ -21,7 +21,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from histodistill.engine.callbacks import EpochReseed, RunSummary
+from histodistill.engine.callbacks import RunSummary, StepReseed
 from histodistill.errors import UserError
 
 
@@ -59,11 +59,12 @@ def default_loggers(run_dir: str | os.PathLike) -> list:
 
 def default_callbacks(model: L.LightningModule, run_dir: str | os.PathLike) -> list[L.Callback]:
     """last.ckpt every epoch, best-<name>.ckpt for each of the method's ``checkpoint_monitors``
-    (``{name: (metric, "max" | "min")}``), per-epoch reseeding, the learning rate, metrics.json."""
+    (``{name: (metric, "max" | "min")}``), per-step reseeding, the learning rate, metrics.json."""
     directory = Path(run_dir) / "checkpoints"
     # enable_version_counter=False: --overwrite replaces files instead of adding "-v1" copies.
+    # Without a monitor, save_top_k=1 keeps exactly the latest epoch: filename "last" makes it last.ckpt.
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, enable_version_counter=False)
+        ModelCheckpoint(dirpath=directory, filename="last", save_top_k=1, enable_version_counter=False)
     ]
     for name, (monitor, mode) in getattr(model, "checkpoint_monitors", {}).items():
         callbacks.append(
@@ -77,5 +78,5 @@ def default_callbacks(model: L.LightningModule, run_dir: str | os.PathLike) -> l
                 enable_version_counter=False,
             )
         )
-    callbacks += [EpochReseed(), LearningRateMonitor(logging_interval="step"), RunSummary(run_dir)]
+    callbacks += [StepReseed(), LearningRateMonitor(logging_interval="step"), RunSummary(run_dir)]
     return callbacks
