@@ -108,7 +108,12 @@ def run_fit(config: Path, run_dir: Path, data: Path) -> None:
 @pytest.mark.parametrize("recipe", ["sdmae", "mae"])
 def test_fit_writes_figures_and_a_checkpoint_that_exports_to_timm(tmp_path, recipe):
     from conftest import make_image_folder
-    from histodistill.models.backbones import BackboneSpec, checkpoint_backbone_state, timm_kwargs
+    from histodistill.models.backbones import (
+        BackboneSpec,
+        checkpoint_backbone_state,
+        create_backbone,
+        timm_kwargs,
+    )
 
     data = make_image_folder(tmp_path / "tiles", classes=("a", "b"), per_class=4, size=64)
     run_dir = tmp_path / "run"
@@ -118,5 +123,9 @@ def test_fit_writes_figures_and_a_checkpoint_that_exports_to_timm(tmp_path, reci
     spec = BackboneSpec.from_dict(checkpoint["histodistill_backbone"]["spec"])
     model = timm.create_model(spec.timm_name, num_classes=0, **timm_kwargs(spec.model_kwargs))
     model.load_state_dict(checkpoint_backbone_state(checkpoint), strict=True)
-    features = model.eval()(torch.randn(2, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.eval()(x)
+        served = create_backbone(run_dir / "checkpoints" / "last.ckpt").eval()(x)  # what extract/export read
     assert features.shape == (2, 96) and torch.isfinite(features).all()
+    torch.testing.assert_close(served, features)
