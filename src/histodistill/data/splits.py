@@ -41,10 +41,12 @@ def make_splits(rows: list[SlideLabel], folds: int, val_fraction: float = 0.2, s
     n_cases = len(set(groups))
     if n_cases < folds:
         raise UserError(f"{n_cases} cases cannot make {folds} folds: lower --folds")
-    val_splits = max(2, round(1 / val_fraction))
     splits = []
     for fold, (rest, test) in enumerate(_stratified_group_folds(labels, groups, folds, seed)):
-        if len(set(groups[rest])) < val_splits:
+        # Hold out one of ~1/val_fraction case folds; with few cases, fewer and larger folds.
+        cases_per_label = [len(set(groups[rest][labels[rest] == label])) for label in set(labels[rest])]
+        val_splits = min(max(2, round(1 / val_fraction)), max(cases_per_label))
+        if val_splits < 2:
             raise UserError(f"fold {fold}: too few training cases to hold out a validation part; lower --folds")
         train, val = next(_stratified_group_folds(labels[rest], groups[rest], val_splits, seed + 1 + fold))
         splits.append({
