@@ -1,0 +1,112 @@
+"""Semi-synthetic slides (from injected synthetic sources) and the Reinhard normalisation they use."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from histodistill.data.stain_norm import lab_stats, lab_to_rgb, reinhard_normalize, rgb_to_lab
+from histodistill.data.synthetic_slides import make_slides, tumor_tile_labels
+from histodistill.errors import UserError
+
+TILE, GRID = 32, 6
+
+
+def sources(seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """Benign: smooth pink gradients. Tumour: a bluish 4-px checkerboard (high-frequency texture that
+    survives colour normalisation and JPEG), so pasted tumour tiles can be found again in the slide."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, 96)[None, :, None]
+    benign = [np.clip(np.array([220, 130, 170]) - 40 * ramp + rng.normal(0, 2, (96, 96, 3)), 0, 255).astype(np.uint8)
+              for _ in range(2)]
+    checker = ((np.indices((80, 80)) // 4).sum(0) % 2)[..., None]
+    tumor = [np.clip(np.array([90, 70, 160]) + 70 * checker, 0, 255).astype(np.uint8)]
+    return {"benign": benign, "tumor": tumor}
+
+
+def high_frequency(tile: np.ndarray) -> float:
+    return float(np.abs(np.diff(tile.astype(float), axis=1)).mean())
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    labels = make_slides(out, n_slides=6, seed=3, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3))
+    return out, labels
+
+
+def test_labels_are_balanced_and_files_exist(slides):
+    out, labels = slides
+    with labels.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["label"] for r in rows].count("positive") == 3 and len(rows) == 6
+    for row in rows:
+        assert (out / "slides" / f"{row['slide_id']}.tif").is_file()
+        mask = np.load(out / "masks" / f"{row['slide_id']}.npy")
+        assert mask.shape == (GRID, GRID) and mask.any() == (row["label"] == "positive")
+    meta = json.loads((out / "synthetic.json").read_text())
+    assert meta["semi_synthetic"] and meta["tile_px"] == TILE
+
+
+def test_tumor_mask_matches_pasted_region(slides):
+    out, labels = slides
+    with labels.open() as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        image = tifffile.imread(out / "slides" / f"{row['slide_id']}.tif", key=0)
+        assert image.shape == (GRID * TILE, GRID * TILE, 3)
+        mask = np.load(out / "masks" / f"{row['slide_id']}.npy")
+        for r in range(GRID):
+            for c in range(GRID):
+                tile = image[r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE]
+                assert (high_frequency(tile) > 6) == mask[r, c], (row["slide_id"], r, c, high_frequency(tile))
+        if mask.any():  # one 4-connected region
+            seen, stack = set(), [tuple(np.argwhere(mask)[0])]
+            while stack:
+                r, c = stack.pop()
+                if (r, c) in seen or not (0 <= r < GRID and 0 <= c < GRID) or not mask[r, c]:
+                    continue
+                seen.add((r, c))
+                stack += [(r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)]
+            assert len(seen) == mask.sum()
+
+
+def test_same_seed_gives_identical_files(slides, tmp_path):
+    out, _ = slides
+    make_slides(tmp_path, n_slides=6, seed=3, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3))
+    for path in sorted((out / "slides").glob("*.tif")) + sorted((out / "masks").glob("*.npy")) + [out / "labels.csv"]:
+        assert (tmp_path / path.relative_to(out)).read_bytes() == path.read_bytes(), path.name
+    other = tmp_path / "other"
+    make_slides(other, n_slides=6, seed=4, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3))
+    assert (other / "slides" / "synth_000.tif").read_bytes() != (out / "slides" / "synth_000.tif").read_bytes()
+
+
+def test_tumor_tile_labels_map_coords_to_mask(tmp_path):
+    mask = np.zeros((3, 4), bool)
+    mask[2, 1] = True  # row 2 (y), column 1 (x)
+    np.save(tmp_path / "s.npy", mask)
+    coords = np.array([[TILE, 2 * TILE], [2 * TILE, TILE], [0, 0]])
+    assert tumor_tile_labels(tmp_path, "s", coords, TILE).tolist() == [True, False, False]
+
+
+def test_missing_samples_name_the_fetch_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("HISTODISTILL_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(UserError, match="histodistill samples fetch"):
+        make_slides(tmp_path / "out", n_slides=2)
+
+
+def test_lab_round_trip_and_reinhard_moves_stats_to_target():
+    rng = np.random.default_rng(0)
+    image = rng.integers(40, 230, (20, 20, 3)).astype(np.uint8)
+    assert np.abs(lab_to_rgb(rgb_to_lab(image)).astype(int) - image).max() <= 1
+    white = np.array([[[255, 255, 255]]], np.uint8)
+    np.testing.assert_allclose(rgb_to_lab(white)[0, 0], [100, 0, 0], atol=0.01)
+    target_mean, target_std = np.array([60.0, 25.0, -10.0]), np.array([10.0, 6.0, 5.0])
+    source = np.clip(np.array([200, 120, 160]) + rng.normal(0, 15, (40, 40, 3)), 0, 255).astype(np.uint8)
+    mean, std = lab_stats(reinhard_normalize(source, target_mean, target_std))
+    np.testing.assert_allclose(mean, target_mean, atol=0.6)
+    np.testing.assert_allclose(std, target_std, rtol=0.1)
