@@ -30,6 +30,7 @@ from histodistill.data.bags import BagDataset, collate_bags
 from histodistill.data.splits import Split
 from histodistill.engine.optim import OptimConfig, build_optimizer
 from histodistill.errors import UserError
+from histodistill.eval.extract import resolve_device
 from histodistill.eval.metrics import classification_metrics
 from histodistill.models.mil import create_mil
 
@@ -70,14 +71,6 @@ class FoldResult:
     history: list[dict]  # one row per epoch: epoch, train_loss, val_loss, val_auroc
     test: Predictions
     metrics: dict  # REPORTED_METRICS (+ whatever classification_metrics adds) on the test part
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device):
