@@ -17,9 +17,7 @@ import torch
 
 from histodistill.engine.optim import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 from histodistill.errors import UserError
-
-# Key under which every checkpoint records its extractable backbone (see `backbone_record`).
-CHECKPOINT_BACKBONE_KEY = "histodistill_backbone"
+from histodistill.models.backbones import CHECKPOINT_BACKBONE_KEY
 
 
 class NonFiniteLossError(UserError):
