@@ -1,0 +1,174 @@
+"""Attention heatmaps over slide thumbnails, and montages of the most and least attended tiles.
+
+A MIL run (`histodistill mil`) leaves ``attention/<slide_id>.h5`` with each tile's level-0 top-left
+``coords`` (N, 2) and ``scores`` (N,). Here every tile becomes a box on the thumbnail, at thumbnail
+scale (level-0 px / downsample), filled with its colour; the thumbnail shows through (``alpha``).
+Colours follow the score's rank among the slide's tiles (``scale="rank"``, robust to the peaked
+softmax of attention) or its value (``scale="value"``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import matplotlib
+
+matplotlib.use("Agg")  # figures go to files; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from histodistill.errors import UserError  # noqa: E402
+from histodistill.io import atomic_path  # noqa: E402
+
+MAX_WIDTH_PX = 1600  # figures are sized for a screen
+DPI = 100
+Scale = Literal["rank", "value"]
+
+
+def read_attention(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``coords`` (N, 2) int64, ``scores`` (N,) float32 and the attributes of an attention file."""
+    with h5py.File(path, "r") as handle:
+        return handle["coords"][:].astype(np.int64), handle["scores"][:].astype(np.float32), dict(handle.attrs)
+
+
+def rank_scale(scores: np.ndarray) -> np.ndarray:
+    """(N,) scores -> (N,) ranks in [0, 1] (0 = lowest, 1 = highest; ties keep their order)."""
+    ranks = np.empty(len(scores))
+    ranks[np.argsort(scores, kind="stable")] = np.arange(len(scores))
+    return ranks / max(len(scores) - 1, 1)
+
+
+def score_raster(
+    shape_hw: tuple[int, int], coords: np.ndarray, values: np.ndarray, patch_size_level0: int, downsample: float
+) -> np.ndarray:
+    """(h, w) float raster at thumbnail scale: each tile's box holds its value, NaN where no tile is.
+
+    Overlapping tiles: the later one in ``coords`` order wins, which for the usual row-major grids is
+    the tile whose top-left lies in the overlap.
+    """
+    raster = np.full(shape_hw, np.nan)
+    boxes = np.round(np.concatenate([coords, coords + patch_size_level0], axis=1) / downsample).astype(int)  # (N, 4)
+    boxes = np.clip(boxes, 0, [shape_hw[1], shape_hw[0], shape_hw[1], shape_hw[0]])
+    for (x0, y0, x1, y1), value in zip(boxes, values, strict=True):
+        raster[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] = value  # at least one pixel per tile
+    return raster
+
+
+def infer_patch_size_level0(coords: np.ndarray) -> int:
+    """The grid step of the coords (their patch size when tiles do not overlap), for files that lack it."""
+    steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
+    steps = np.concatenate([s[s > 0] for s in steps])
+    if not len(steps):
+        raise UserError("cannot infer the patch size from a single tile: add patch_size_level0 to the features file")
+    return int(steps.min())
+
+
+def overlay(thumbnail: np.ndarray, raster: np.ndarray, cmap: str, alpha: float, vmin: float, vmax: float) -> np.ndarray:
+    """(h, w, 3) uint8: the raster's colours blended over the thumbnail with opacity ``alpha``; pixels
+    without a tile (NaN) keep the thumbnail as it is."""
+    normalized = np.clip((raster - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    colours = plt.get_cmap(cmap)(np.nan_to_num(normalized))[..., :3] * 255  # (h, w, 3)
+    blended = (1 - alpha) * thumbnail + alpha * colours
+    return np.where(np.isfinite(raster)[..., None], blended, thumbnail).round().astype(np.uint8)
+
+
+def draw_heatmap(
+    path: str | os.PathLike,
+    thumbnail: np.ndarray,
+    raster: np.ndarray,
+    scale: Scale,
+    title: str = "",
+    alpha: float = 0.5,
+    cmap: str = "inferno",
+) -> None:
+    """The thumbnail beside the thumbnail with the raster over it, and a colour bar; PNG ≤ 1600 px wide."""
+    h, w = thumbnail.shape[:2]
+    width_in = MAX_WIDTH_PX / DPI
+    figure, axes = plt.subplots(1, 2, figsize=(width_in, width_in / 2 * h / w + 0.8), dpi=DPI)
+    finite = raster[np.isfinite(raster)]
+    vmin, vmax = (0.0, 1.0) if scale == "rank" or not len(finite) else (float(finite.min()), float(finite.max()))
+    axes[0].imshow(thumbnail)
+    axes[1].imshow(overlay(thumbnail, raster, cmap, alpha, vmin, vmax))
+    for ax, name in zip(axes, ("thumbnail", title or "attention"), strict=True):
+        ax.set_axis_off()
+        ax.set_title(name)
+    mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(vmin, vmax), cmap)
+    bar = figure.colorbar(mappable, ax=axes[1], fraction=0.046, pad=0.02)
+    bar.set_label("attention rank (0 = lowest, 1 = highest)" if scale == "rank" else "attention score")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=DPI)
+    plt.close(figure)
+
+
+def draw_montage(path: str | os.PathLike, top: list[np.ndarray], bottom: list[np.ndarray], top_scores, bottom_scores,
+                 title: str = "") -> None:
+    """Two rows of tiles: the ``k`` highest-scored (top row) and the ``k`` lowest; PNG ≤ 1600 px wide."""
+    k = max(len(top), len(bottom), 1)
+    cell_in = min(2.0, MAX_WIDTH_PX / DPI / k)
+    figure, axes = plt.subplots(2, k, figsize=(cell_in * k, cell_in * 2 + 0.6), dpi=DPI, squeeze=False)
+    for row, (tiles, scores, name) in enumerate(((top, top_scores, "top"), (bottom, bottom_scores, "bottom"))):
+        for col in range(k):
+            ax = axes[row, col]
+            ax.set_axis_off()
+            if col < len(tiles):
+                ax.imshow(tiles[col])
+                ax.set_title(f"{name} {col + 1}: {scores[col]:.3g}", fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=DPI)
+    plt.close(figure)
+
+
+def slide_heatmap(
+    slide_path: str | os.PathLike,
+    attention_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    top_k: int = 8,
+    scale: Scale = "rank",
+    alpha: float = 0.5,
+    thumbnail_size: int = 1024,
+    tile_px: int = 160,
+    mpp: float | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<slide_id>_heatmap.png`` and ``<slide_id>_tiles.png``; return both paths.
+
+    The patch size at level 0 comes from the attention file's ``patch_size_level0``, else from its
+    ``patch_size × target_mpp / slide mpp``, else from the coords' grid step.
+    """
+    from histodistill.data.slide import open_slide
+
+    coords, scores, attrs = read_attention(attention_path)
+    slide = open_slide(slide_path, mpp=mpp)
+    slide_id = Path(attention_path).stem
+    if "patch_size_level0" in attrs:
+        patch0 = int(attrs["patch_size_level0"])
+    elif "patch_size" in attrs and "target_mpp" in attrs:
+        patch0 = round(float(attrs["patch_size"]) * float(attrs["target_mpp"]) / slide.mpp)
+    else:
+        patch0 = infer_patch_size_level0(coords)
+    thumbnail = slide.get_thumbnail(thumbnail_size)
+    downsample = slide.dimensions[0] / thumbnail.shape[1]
+    values = rank_scale(scores) if scale == "rank" else scores
+    raster = score_raster(thumbnail.shape[:2], coords, values, patch0, downsample)
+    label = attrs.get("label")
+    title = f"{slide_id}: attention" + (f" (label {label}, fold {attrs.get('fold')})" if label is not None else "")
+    out_dir = Path(out_dir)
+    heatmap_path, montage_path = out_dir / f"{slide_id}_heatmap.png", out_dir / f"{slide_id}_tiles.png"
+    draw_heatmap(heatmap_path, thumbnail, raster, scale, title, alpha)
+    order = np.argsort(-scores, kind="stable")
+    k = min(top_k, len(order) // 2 or 1)
+
+    def tiles(indices) -> list[np.ndarray]:
+        return [np.asarray(Image.fromarray(slide.read_region(tuple(coords[i]), 0, (patch0, patch0))).resize((tile_px, tile_px)))
+                for i in indices]
+
+    top, bottom = order[:k], order[::-1][:k]
+    draw_montage(montage_path, tiles(top), tiles(bottom), scores[top], scores[bottom], f"{slide_id}: top and bottom {k} tiles")
+    return heatmap_path, montage_path
