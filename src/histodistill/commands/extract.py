@@ -35,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("32", "bf16"), default="32",
                         help="32: float32; bf16: bfloat16 autocast (fast on recent GPUs); features are saved "
                              "as float32 either way (default 32)")
+    parser.add_argument("--context-window", type=int, metavar="S",
+                        help="context-aware features (MCM-KD): for each tile, run the model on the S x S window of "
+                             "tiles centred on it (S odd, e.g. 3; every cell resized to the model's input size, border "
+                             "windows include glass or the white beyond the slide edge) and keep the centre cell of "
+                             "its feature map, pooled. Needs --coords and a CNN or a ViT with a dynamic input size; "
+                             "written to OUT/features_<model>-context<S>/ so it never mixes with per-patch features "
+                             "(default: off, one tile per forward pass)")
     parser.add_argument("--overwrite", action="store_true",
                         help="extract again even where features exist (also allows replacing features of "
                              "other weights in the same folder)")
@@ -49,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     options = dict(weights=args.weights, batch_size=args.batch_size, num_workers=args.workers,
                    device=args.device, precision=args.precision, overwrite=args.overwrite)
     if args.images:
+        if args.context_window is not None:
+            raise UserError("--context-window needs --coords: context windows are cut from slides, not image folders")
         out = extract_images(args.model, args.images, args.out, **options)
     else:
-        out = extract_slides(args.model, args.coords, args.out, **options)
+        out = extract_slides(args.model, args.coords, args.out, **options, context_window=args.context_window)
     print(f"features in {out}")
     return 0

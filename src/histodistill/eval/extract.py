@@ -16,6 +16,7 @@ import json
 import os
 import re
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,34 +158,44 @@ def extract_slides(
     device: str = "auto",
     precision: str = "32",
     overwrite: bool = False,
+    context_window: int | None = None,
 ) -> Path:
     """Features for every slide of a tiling output (``coords_dir/patches/*.h5``); returns the features folder.
 
     Finished slides are skipped unless ``overwrite``. A folder already holding features of other
     weights is refused (mixing extractors in one folder would silently corrupt a MIL run).
+    ``context_window`` s: each tile's feature is the centre cell of the s x s window around it
+    (`histodistill.eval.context_extract`), written to ``features_<slug>-context<s>``.
     """
     from histodistill.data.slide_dataset import SlideTileDataset
+    from histodistill.eval.context_extract import centre_cell_extraction, context_suffix
 
     coords_files = _coords_files(Path(coords_dir))
     backbone = _seeded_backbone(model, weights)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
-    features_dir = Path(out_dir) / f"features_{model_slug(model)}"
+    record["context_window"] = context_window
+    features_dir = Path(out_dir) / f"features_{model_slug(model)}{context_suffix(context_window)}"
+    transform = build_transform("eval", backbone.spec.preprocess, train=False)
+    net, tiles_of = backbone, partial(SlideTileDataset, transform=transform)
+    if context_window is not None:  # checked here, before anything is written
+        net, tiles_of = centre_cell_extraction(backbone, context_window)
     _check_same_extractor(features_dir / EXTRACTOR_JSON, record, overwrite)
     write_json(features_dir / EXTRACTOR_JSON, record)
 
     torch_device = resolve_device(device)
-    backbone = prepare_model(backbone, torch_device)
-    transform = build_transform("eval", backbone.spec.preprocess, train=False)
+    prepare_model(backbone, torch_device)  # in place (nn.Module.to), so `net` wraps the prepared backbone
     for coords_path in tqdm(coords_files, desc="slides", unit="slide", dynamic_ncols=True):
         target = features_dir / f"{coords_path.stem}.h5"
         if target.exists() and not overwrite:
             continue
-        dataset = SlideTileDataset(coords_path, transform=transform)
+        dataset = tiles_of(coords_path)
         features, coords = extract_slide(
-            backbone, dataset, batch_size, num_workers, torch_device, precision, desc=dataset.slide_id
+            net, dataset, batch_size, num_workers, torch_device, precision, desc=dataset.slide_id
         )
         attrs = {"slide_id": dataset.slide_id, "extractor": str(model), "weights_sha256": record["weights_sha256"],
                  "patch_size": dataset.patch_size, "target_mpp": dataset.target_mpp}
+        if context_window is not None:
+            attrs["context_window"] = context_window
         write_slide_features(target, features, coords, attrs)
     return features_dir
 
