@@ -1,0 +1,181 @@
+"""Every shipped YAML recipe parses and builds its model and data module; every ``*tiny*`` one trains.
+
+Configs are found automatically (configs/**/*.yaml). Their data paths are pointed at generated tiny
+data by dataset class: `TINY_DATA` maps a dataset class name to a function that writes tiny data
+under a folder and returns the ``init_args`` to use instead. A config using a dataset class not in
+the map fails with a message saying to add it here (see docs/training.md, "Configs and tests").
+Data-module arguments that are paths (``tiles_dir``) are rewritten by name through `TINY_PATHS`.
+Hub downloads are switched off: every ``pretrained`` key becomes false, and checkpoints of earlier
+runs (``*.ckpt`` values under ``model``, e.g. teachers) become a randomly initialised supervised
+checkpoint of the student's architecture, and weight files (``.bin``, ``.pth``, ``.pt``, ``.safetensors``)
+become null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_image_folder
+from histodistill.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def _classes(num_classes: int) -> tuple[str, ...]:
+    return tuple(f"class{i}" for i in range(num_classes))
+
+
+def tiny_image_folder(folder: Path, init_args: dict, num_classes: int) -> dict:
+    make_image_folder(folder, classes=_classes(num_classes), per_class=4, size=16)
+    return {**init_args, "root": str(folder)}
+
+
+def tiny_csv(folder: Path, init_args: dict, num_classes: int) -> dict:
+    names = _classes(num_classes)
+    make_image_folder(folder, classes=names, per_class=4, size=16)
+    rows = ["path,label"] + [f"{name}/{i}.png,{name}" for name in names for i in range(4)]
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return {**{k: v for k, v in init_args.items() if k not in ("root", "split")}, "csv": str(folder / "manifest.csv")}
+
+
+def tiny_hdf5(folder: Path, init_args: dict, num_classes: int) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 4 * num_classes
+    with h5py.File(folder / "x.h5", "w") as handle:
+        handle["x"] = np.random.default_rng(0).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    with h5py.File(folder / "y.h5", "w") as handle:
+        handle["y"] = (np.arange(n) % num_classes).astype(np.uint8).reshape(n, 1, 1, 1)
+    return {**init_args, "x_path": str(folder / "x.h5"), "y_path": str(folder / "y.h5"), "x_key": "x", "y_key": "y"}
+
+
+def tiny_tiles(folder: Path) -> str:
+    """A tiling output (``<folder>/patches/*.h5``) of one small synthetic slide, 64-px tiles at 0.5 mpp."""
+    from conftest import make_tissue_image
+    from histodistill.data.tiff_writer import write_pyramid_tiff
+    from histodistill.data.tiling import tile_slide
+
+    slide = write_pyramid_tiff(folder / "slide.tif", make_tissue_image(512, 384, ((0, 0, 448, 320),)), mpp=0.5, tile=128)
+    tile_slide(slide, folder, target_mpp=0.5, patch_size=64)
+    return str(folder)
+
+
+# Data-module arguments that are paths to data rather than dataset specs: name -> writer(folder) -> value.
+TINY_PATHS: dict[str, Callable[[Path], Any]] = {"tiles_dir": tiny_tiles}
+
+# Dataset class name -> writer of tiny data (folder, original init_args, num_classes) -> new init_args.
+TINY_DATA: dict[str, Callable[[Path, dict, int], dict]] = {
+    "ImageFolderDataset": tiny_image_folder,
+    "CsvDataset": tiny_csv,
+    "HDF5ArrayDataset": tiny_hdf5,
+}
+
+
+def point_at_tiny_data(node: Any, folder: Path, num_classes: int) -> Any:
+    """Replace the init_args of every dataset spec under ``node`` with tiny generated data."""
+    if isinstance(node, list):
+        return [point_at_tiny_data(item, folder / str(i), num_classes) for i, item in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    name = str(node.get("class_path", "")).rsplit(".", 1)[-1]
+    if name.endswith("Dataset") and not _holds_a_spec(node.get("init_args", {})):  # wrappers: recurse below
+        if name not in TINY_DATA:
+            pytest.fail(f"no tiny data for dataset class {name}: add a writer to TINY_DATA in tests/test_configs.py")
+        return {**node, "init_args": TINY_DATA[name](folder, node.get("init_args", {}), num_classes)}
+    return {
+        key: TINY_PATHS[key](folder / key) if key in TINY_PATHS else point_at_tiny_data(value, folder / key, num_classes)
+        for key, value in node.items()
+    }
+
+
+def _holds_a_spec(node: Any) -> bool:
+    if isinstance(node, dict):
+        return "class_path" in node or any(_holds_a_spec(value) for value in node.values())
+    return isinstance(node, list) and any(_holds_a_spec(item) for item in node)
+
+
+WEIGHT_FILES = (".bin", ".pth", ".pt", ".safetensors")
+
+
+def no_downloads(node: Any, stand_in: str) -> Any:
+    """``pretrained`` keys become false; checkpoints of earlier runs (``*.ckpt``, e.g. a teacher) become
+    ``stand_in`` (a checkpoint of the student's architecture, randomly initialised)."""
+    if isinstance(node, dict):
+        return {key: False if key == "pretrained" else no_downloads(value, stand_in) for key, value in node.items()}
+    if isinstance(node, list):
+        return [no_downloads(item, stand_in) for item in node]
+    if isinstance(node, str) and node.endswith(".ckpt"):
+        return str(stand_in)
+    if isinstance(node, str) and node.endswith(WEIGHT_FILES):
+        return None  # a published model's weights file: build it randomly initialised instead
+    return node
+
+
+def stand_in_checkpoint(folder: Path, backbone: str, num_classes: int) -> Path:
+    """A histodistill checkpoint of a randomly initialised supervised ``backbone`` classifier."""
+    import torch
+
+    from histodistill.methods.base import CHECKPOINT_BACKBONE_KEY, backbone_record
+    from histodistill.methods.supervised import Supervised
+
+    model = Supervised(backbone=backbone, num_classes=num_classes)
+    path = folder / "stand_in.ckpt"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), CHECKPOINT_BACKBONE_KEY: backbone_record(model)}, path)
+    return path
+
+
+def tiny_version(config_path: Path, tmp_path: Path) -> Path:
+    config = yaml.safe_load(config_path.read_text())
+    num_classes = int(config.get("model", {}).get("init_args", {}).get("num_classes", 3))
+    config["data"] = point_at_tiny_data(config["data"], tmp_path / "data", num_classes)
+    model_args = config["model"].get("init_args", {})
+    if ".ckpt" in yaml.safe_dump(config["model"]):
+        stand_in = stand_in_checkpoint(tmp_path / "stand_in", model_args["backbone"], num_classes)
+        config["model"] = no_downloads(config["model"], stand_in)
+    else:
+        config["model"] = no_downloads(config["model"], "")
+    out = tmp_path / config_path.name
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def test_configs_are_found():
+    assert ROOT / "configs" / "supervised" / "tiny_cpu.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_config_builds_model_and_data(config_path, tmp_path):
+    from histodistill.engine.cli import HistodistillCLI
+
+    cli = HistodistillCLI([
+        "--config", str(tiny_version(config_path, tmp_path)),
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32",
+    ])
+    import lightning as L
+
+    from histodistill.methods.base import MethodModule
+
+    assert isinstance(cli.model, MethodModule) and isinstance(cli.datamodule, L.LightningDataModule)
+
+
+@pytest.mark.parametrize("config_path", [p for p in CONFIGS if "tiny" in p.stem],
+                         ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_tiny_config_trains_end_to_end(config_path, tmp_path):
+    run = tmp_path / "run"
+    code = main([
+        "fit", "--config", str(tiny_version(config_path, tmp_path)),
+        "--trainer.default_root_dir", str(run),
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--data.init_args.batch_size", "4", "--trainer.enable_progress_bar", "false",
+    ])
+    assert code == 0
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics.json").is_file()
