@@ -11,8 +11,9 @@ import pytest
 
 from histodistill.data.tiff_writer import write_pyramid_tiff
 
-# Two cores in CI: keep torch from oversubscribing them when several tests build models.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread per test process: the suite runs on 2 cores as 2 pytest-xdist workers, and tiny tensors gain
+# nothing from intra-op threads (on a busy machine, 2 threads made collation 100x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 GLASS_RGB = (242, 240, 244)  # near-white background of a scanned slide
 
