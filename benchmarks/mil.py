@@ -130,7 +130,8 @@ def main() -> None:
         cli(["heatmap", "--run", str(heatmap_run), "--slides", str(work / "synthetic" / "slides"), "--slide-id", positive,
              "--top-k", "6", "--thumbnail-size", "640"])
         with Image.open(heatmap_run / "figures" / "heatmaps" / f"{positive}_heatmap.png") as png:
-            small = png.convert("RGB").resize((1000, round(png.height * 1000 / png.width)), Image.Resampling.LANCZOS)
+            small = png.convert("RGB").resize((800, round(png.height * 800 / png.width)), Image.Resampling.LANCZOS)
+            small = small.quantize(256)  # a palette PNG keeps the committed figure small
             with atomic_path(ROOT / "docs" / "img" / "mil_heatmap.png") as tmp:
                 small.save(tmp, optimize=True)
 
