@@ -40,6 +40,14 @@ def test_transform_is_applied(tiled):
     assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
 
 
+def test_tiles_dataset_transform_can_be_set_after_construction(tiled):
+    # PatchDataModule assigns `.transform` in setup(); it must reach every slide's part.
+    dataset = SlideTilesDataset(tiled)
+    dataset.transform = lambda x: x.float() / 255
+    assert dataset[len(dataset) - 1][0].dtype == torch.float32
+    assert all(part.transform is dataset.transform for part in dataset.datasets)
+
+
 def test_pickles_without_handles_and_workers_agree(tiled):
     dataset = SlideTileDataset(tiled / "tiny_slide.h5")
     dataset[0]  # opens the slide in this process; the dataset itself must still not carry the handle

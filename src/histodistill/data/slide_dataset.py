@@ -93,6 +93,16 @@ class SlideTilesDataset(ConcatDataset):
             [SlideTileDataset(path, slide_paths.get(path.stem), transform) for path in files]
         )
 
+    @property
+    def transform(self) -> Callable | None:
+        return self.datasets[0].transform
+
+    @transform.setter
+    def transform(self, transform: Callable | None) -> None:
+        # PatchDataModule sets the transform after construction; every slide's part shares it.
+        for part in self.datasets:
+            part.transform = transform
+
     def slide_index(self, index: int) -> int:
         """Index into ``self.datasets`` of the slide that global tile ``index`` belongs to."""
         return bisect.bisect_right(self.cumulative_sizes, index)
