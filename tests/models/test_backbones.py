@@ -104,9 +104,12 @@ def test_spec_round_trips_through_json():
 
 
 def test_timm_name_takes_preprocessing_from_timm_and_kwargs_change_input_size():
+    assert create_backbone("vit_tiny_patch16_224").spec.preprocess.input_size == 224  # timm's pretrained_cfg
     backbone = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
-    assert backbone.spec.preprocess.input_size == 224  # timm's pretrained_cfg: what its weights expect
-    assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, 192)
+    # A ViT built for 32 px accepts only 32 px: extraction must resize to what the model takes.
+    size = backbone.spec.preprocess.input_size
+    assert size == 32
+    assert backbone(torch.randn(1, 3, size, size)).shape == (1, 192)
     assert create_backbone("tiny/vit-tiny-p8-64", img_size=32).spec.preprocess.input_size == 32
 
 

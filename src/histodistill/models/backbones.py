@@ -192,7 +192,8 @@ def _from_entry(name: str, entry: BackboneEntry, pretrained: bool, model_kwargs:
 
 def _from_timm(name: str, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
     model = _create_pretrained(name, model_kwargs, name) if pretrained else _create(name, model_kwargs)
-    spec = BackboneSpec(name, name, dict(model_kwargs), _timm_preprocess(model), "timm-pretrained" if pretrained else "random")
+    preprocess = _with_input_size(_timm_preprocess(model), model_kwargs)
+    spec = BackboneSpec(name, name, dict(model_kwargs), preprocess, "timm-pretrained" if pretrained else "random")
     return Backbone(model, spec)
 
 
