@@ -33,9 +33,10 @@ def chain(tmp_path):
     (fit / "metrics.csv").write_text("\n".join(rows) + "\n")
     _png(fit / "figures" / "reconstruction.png")
     _png(root / "tiles" / "qc" / "slide.png", width=2400, height=1800, seed=1)  # shrunk for the page
-    for name, seconds in (("sdmae", 12.5), ("tiles", 3.0)):
+    _png(root / "data" / "nuclei" / "train" / "a" / "0.png")  # a data image, not a figure
+    for name, seconds in (("sdmae", 12.5), ("tiles", 3.0), ("data", 1.0)):
         (root / name / "stage.json").write_text(json.dumps({"summary": {"n": 1}, "seconds": seconds}))
-    (root / "timings.json").write_text(json.dumps({"tiles": 3.0, "sdmae": 12.5}))
+    (root / "timings.json").write_text(json.dumps({"data": 1.0, "tiles": 3.0, "sdmae": 12.5}))
     return root
 
 
@@ -43,11 +44,12 @@ def test_report_has_every_section_and_no_external_assets(chain):
     page = build_report(chain).read_text()
     for anchor in ("s-stages", "s-tiles", "s-sdmae"):
         assert f'id="{anchor}"' in page
-    assert "15.5 s" in page  # total of the stage timings
+    assert "16.5 s" in page  # total of the stage timings
     assert "val/accuracy" in page and "0.8" in page
     assert "Training curves" in page
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 3  # curves, reconstruction, QC
+    assert len(sources) == 3  # curves, reconstruction, QC: the data image is not a figure
+    assert "nuclei" not in page
     assert all(src.startswith("data:image/") for src in sources)
     assert not re.search(r'(src|href)="https?:', page)
     assert "<script" not in page

@@ -52,6 +52,8 @@ def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], N
             log(f"{header} (done before, skipped)")
             continue
         log(header)
+        # Written before each stage, so a stage (the report) sees the timings of the ones before it.
+        write_json(context.out / "timings.json", {name: rec["seconds"] for name, rec in records.items()})
         start = time.perf_counter()
         summary = stage.run(context)
         record = {"summary": summary, "seconds": round(time.perf_counter() - start, 2), "quick": context.quick}

@@ -7,8 +7,9 @@ What goes in, found by walking the directory (so it follows whatever a stage wro
 - ``timings.json`` (a demo chain): the stages with their wall time and summaries;
 - every ``metrics.json``: a table of its numbers;
 - every ``metrics.csv`` (Lightning's CSVLogger): training curves drawn here;
-- every PNG (reconstruction grids, confusion matrices, ROC curves, tiling QC, heatmaps, montages),
-  grouped by folder, at most ``max_images`` per folder;
+- every PNG in a ``figures/``, ``qc/`` or ``heatmaps/`` folder (reconstruction grids, confusion
+  matrices, ROC curves, tiling QC, heatmaps, montages), grouped by folder, at most ``max_images`` per
+  folder; other PNGs (patch datasets) are data, not figures, and stay out;
 - every ``config.yaml``: the resolved config, folded.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from histodistill.errors import UserError
 from histodistill.io import atomic_path
 
+FIGURE_FOLDERS = {"figures", "qc", "heatmaps"}  # where stages write their PNGs
 MAX_FIGURE_PX = 1100  # wider figures are shrunk: the page column is 1200 px
 MAX_FIGURE_BYTES = 400_000  # heavier ones are re-encoded as JPEG
 
@@ -199,10 +201,18 @@ def _number(raw) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _is_figure(path: Path, root: Path) -> bool:
+    """A PNG a stage drew (in a figures/, qc/ or heatmaps/ folder), not a data image such as a patch
+    dataset's crops; names starting with "." are temporary files of writers still running."""
+    # Relative to the parent, so a section that is itself a heatmaps/ folder counts.
+    folders = path.relative_to(root.parent).parts[:-1]
+    return not path.name.startswith(".") and any(part in FIGURE_FOLDERS for part in folders)
+
+
 def _galleries(directory: Path, max_images: int) -> list[str]:
     groups: dict[Path, list[Path]] = {}
     for path in sorted(directory.rglob("*.png")):
-        if not path.name.startswith("."):  # skip temporary files of writers still running
+        if _is_figure(path, directory):
             groups.setdefault(path.parent, []).append(path)
     blocks = []
     for folder, paths in groups.items():

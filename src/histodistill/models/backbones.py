@@ -310,6 +310,7 @@ def _unknown_name_message(name: str) -> str:
 # Small CPU-friendly models at 64 px for tests and the demo (0.5 mpp: a 64-px tile is 32 µm of tissue).
 _TINY = Preprocess(IMAGENET_MEAN, IMAGENET_STD, input_size=64, mpp=0.5)
 register_backbone("tiny/resnet18-64", BackboneEntry("resnet18", {}, _TINY, description="ResNet-18 at 64 px"))
+register_backbone("tiny/resnet34-64", BackboneEntry("resnet34", {}, _TINY, description="ResNet-34 at 64 px (a CPU teacher)"))
 register_backbone(
     "tiny/vit-tiny-p8-64",
     BackboneEntry("vit_tiny_patch16_224", {"patch_size": 8, "img_size": 64}, _TINY,

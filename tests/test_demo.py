@@ -1,0 +1,82 @@
+"""`histodistill demo`: stages run once, in order, resume after a failure; the whole quick chain runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from histodistill.cli import main
+from histodistill.demo.runner import DemoContext, Stage, run_stages
+
+
+def _context(tmp_path, overwrite=False) -> DemoContext:
+    return DemoContext(out=tmp_path / "demo", quick=True, device="cpu", overwrite=overwrite)
+
+
+def _stages(calls: list[str], fail_on: str | None = None) -> list[Stage]:
+    def make(name):
+        def run(context):
+            calls.append(name)
+            if name == fail_on:
+                raise RuntimeError(f"{name} broke")
+            (context.stage_dir(name) / "out.txt").write_text(name)
+            return {"n": len(calls)}
+
+        return Stage(name, f"stage {name}", run)
+
+    return [make(name) for name in ("a", "b", "c")]
+
+
+def test_stages_run_in_order_once_and_are_skipped_when_done(tmp_path):
+    calls: list[str] = []
+    records = run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)
+    assert calls == ["a", "b", "c"]
+    assert list(records) == ["a", "b", "c"] and records["b"]["summary"] == {"n": 2}
+    timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
+    assert list(timings) == ["a", "b", "c"] and all(seconds >= 0 for seconds in timings.values())
+    run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)
+    assert calls == ["a", "b", "c"]  # nothing ran again
+    run_stages(_stages(calls), _context(tmp_path, overwrite=True), log=lambda _: None)
+    assert calls == ["a", "b", "c"] * 2
+
+
+def test_a_failed_stage_is_not_recorded_and_the_next_run_resumes_there(tmp_path):
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="b broke"):
+        run_stages(_stages(calls, fail_on="b"), _context(tmp_path), log=lambda _: None)
+    assert calls == ["a", "b"]
+    assert not (tmp_path / "demo" / "b" / "stage.json").exists()
+    run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)
+    assert calls == ["a", "b", "b", "c"]  # a was done; b and c run
+
+
+def test_cuda_without_a_gpu_is_refused_clearly(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "--device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.samples
+@pytest.mark.slow
+def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, capsys):
+    sample_file("cmu_small_region")  # skips unless the samples are cached
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    from histodistill.demo.stages import EXTRACTORS, STAGES
+
+    for stage in STAGES:
+        assert (out / stage.name / "stage.json").is_file(), stage.name
+    for name in EXTRACTORS:
+        metrics = json.loads((out / "mil" / name / "metrics.json").read_text())
+        assert 0 <= metrics["mean"]["auroc"] <= 1
+    probe = json.loads((out / "sdmae" / "run" / "probe.json").read_text())["linear_probe_balanced_accuracy"]
+    assert set(probe) == {"sdmae", "random_init"} and all(1 / 3 - 0.1 < v <= 1 for v in probe.values())
+    assert list(out.glob("heatmaps/*.png"))
+    page = (out / "report.html").read_text()
+    assert 'id="s-stages"' in page and 'id="s-mil"' in page and 'id="s-heatmaps"' in page
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0  # finished stages are skipped
+    assert capsys.readouterr().out.count("done before, skipped") == len(STAGES)
