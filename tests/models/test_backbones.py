@@ -48,7 +48,7 @@ def no_network(monkeypatch):
 
 
 def test_registry_lists_the_promised_entries():
-    assert set(TINY) == {"tiny/resnet18-64", "tiny/vit-tiny-p8-64", "tiny/efficientnet-b0-64"}
+    assert set(TINY) == {"tiny/resnet18-64", "tiny/resnet34-64", "tiny/vit-tiny-p8-64", "tiny/efficientnet-b0-64"}
     assert set(list_backbones("pathology")) == set(PATHOLOGY)
 
 
