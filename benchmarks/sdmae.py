@@ -186,7 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=4, help="batch of the CPU timing runs (ViT-S/16 at 224)")
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs per ratio (median reported)")
-    parser.add_argument("--steps", type=int, default=60, help="pretraining steps per run in the quality test")
+    parser.add_argument("--steps", type=int, default=400, help="pretraining steps per run in the quality test")
     parser.add_argument("--seeds", type=int, default=3, help="seeds in the quality test (mean ± sd)")
     parser.add_argument("--pretrain-batch", type=int, default=16, help="batch size of the quality pretraining")
     parser.add_argument("--gpu-batch", type=int, default=256, help="batch of the GPU throughput run")

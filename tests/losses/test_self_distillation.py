@@ -69,6 +69,13 @@ def test_last_layer_norm_stays_fixed_under_training():
     torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(16))
 
 
+def test_token_mean_equals_the_mean_of_per_token_outputs():
+    torch.manual_seed(0)
+    head = DINOHead(8, out_dim=16, hidden_dim=12, bottleneck_dim=4)
+    tokens = torch.randn(3, 7, 8)
+    torch.testing.assert_close(head.forward_token_mean(tokens), head(tokens).mean(dim=1))
+
+
 def test_head_shapes_per_token():
     out = DINOHead(8, out_dim=16, hidden_dim=12, bottleneck_dim=4)(torch.randn(2, 5, 8))
     assert out.shape == (2, 5, 16) and torch.isfinite(out).all()

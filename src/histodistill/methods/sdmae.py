@@ -231,8 +231,9 @@ class SDMAE(_MaskedPretraining):
         pred_masked, decoded_visible = self.decoder(tokens, mask)  # (B, L−K, p·p·3), (B, K, Dd)
         return {
             "pred": scatter_patches(pred_masked, mask.ids_masked, self.num_patches),
-            "student": self.student_head(tokens).mean(dim=1),  # per token, then averaged: (B, head_dim)
-            "teacher": self.teacher_head(decoded_visible).mean(dim=1),
+            # Per token, then averaged over the visible patches: (B, head_dim) each.
+            "student": self.student_head.forward_token_mean(tokens),
+            "teacher": self.teacher_head.forward_token_mean(decoded_visible),
         }
 
     def predict(self, images: torch.Tensor, mask: MaskInfo) -> torch.Tensor:

@@ -47,3 +47,12 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)  # (..., bottleneck) on the unit sphere
         return self.last_layer(x)  # (..., out_dim)
+
+    def forward_token_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The head applied to every token, averaged over tokens: (B, K, in_dim) -> (B, out_dim).
+
+        Equal to ``self(x).mean(dim=1)``, but the last layer is linear and bias-free, so it is applied
+        once to the mean of the normalised bottlenecks instead of to each of the K tokens (the widest
+        product of the head: bottleneck x 4096 per token)."""
+        bottleneck = F.normalize(self.mlp(x), dim=-1)  # (B, K, bottleneck)
+        return self.last_layer(bottleneck.mean(dim=1))  # (B, out_dim)
