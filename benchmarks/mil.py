@@ -6,7 +6,9 @@ slide, the AUROC of its out-of-fold instance scores against the true tumour tile
 
 Extractors: a random-init ResNet-18 (no pretrained weights are reachable offline), a colour-only
 control (LAB mean and sd of each tile: the slide task must NOT be solvable from colour once the
-sources are stain-normalised), and an SD-MAE encoder when ``--sdmae CKPT`` is given.
+sources are stain-normalised), and two trained ones from `histodistill demo` when its outputs exist
+(or given with ``--sdmae CKPT`` / ``--supervised CKPT``): the SD-MAE ViT and the small supervised CNN
+(the demo's ResNet-34 teacher, trained on the labeled nuclei).
 The mean-pooling model is the baseline the attention models are compared with.
 
 Needs the cached samples (`histodistill samples fetch`). Run: ``python -m benchmarks.mil``.
@@ -36,9 +38,14 @@ from histodistill.eval.extract import extract_slides
 from histodistill.io import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_OUT = ROOT / "demo_out"  # where `histodistill demo` writes when run from the repository root
 MODELS = ("mean", "abmil", "transmil")
 # TransMIL at its paper width (512) takes minutes per fold on a shared 2-core CPU; 128 keeps the run short.
 MODEL_ARGS = {"mean": [], "abmil": [], "transmil": ["--hidden-dim", "128"]}
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
 
 
 def colour_features(patches_dir: Path, out_dir: Path) -> Path:
@@ -82,7 +89,11 @@ def main() -> None:
     parser.add_argument("--tile-px", type=int, default=160, help="tile size in pixels at 0.5 mpp")
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--sdmae", default=None, help="SD-MAE checkpoint (.ckpt) to add as an extractor")
+    parser.add_argument("--sdmae", default=str(DEMO_OUT / "sdmae" / "run" / "checkpoints" / "last.ckpt"),
+                        help="SD-MAE checkpoint (.ckpt) to add as an extractor (default: the demo's, if it exists)")
+    parser.add_argument("--supervised", default=str(DEMO_OUT / "teacher" / "run" / "checkpoints" / "last.ckpt"),
+                        help="supervised CNN checkpoint (.ckpt) to add as an extractor (default: the demo's "
+                        "ResNet-34 teacher, if it exists)")
     args = parser.parse_args()
     work = Path(args.work)
     timings = {}
@@ -98,16 +109,19 @@ def main() -> None:
     start = time.perf_counter()
     extractors["colour (LAB mean+sd)"] = colour_features(work / "tiles" / "patches", work / "features_colour")
     timings["colour features"] = time.perf_counter() - start
-    backbones = {"resnet18 (random init)": "resnet18"} | ({"SD-MAE encoder": args.sdmae} if args.sdmae else {})
+    trained = {"SD-MAE ViT (demo)": args.sdmae, "supervised ResNet-34 (demo)": args.supervised}
+    backbones = {"resnet18 (random init)": "resnet18"} | {k: v for k, v in trained.items() if Path(v).is_file()}
     for name, model in backbones.items():
         start = time.perf_counter()
-        extractors[name] = extract_slides(model, work / "tiles", work / "features", batch_size=32, device="cpu")
+        # One --out per extractor: the demo's checkpoints are all named run/checkpoints/last.ckpt.
+        out = work / "features" / _slug(name)
+        extractors[name] = extract_slides(model, work / "tiles", out, batch_size=32, device="cpu")
         timings[f"extract {name}"] = time.perf_counter() - start
 
     rows, heatmap_run, n_tiles = [], None, 0
     for name, features_dir in extractors.items():
         for model in MODELS:
-            run_dir = work / "runs" / f"{features_dir.name}_{model}"
+            run_dir = work / "runs" / f"{_slug(name)}_{model}"
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
                 code = cli(["mil", "--features", str(features_dir), "--labels", str(labels_csv), "--model", model,
@@ -147,8 +161,10 @@ normalisation removed the colour shortcut.
 {markdown_table(["extractor", "MIL model", "slide AUROC", "balanced acc.", "localisation AUROC", "seconds"], rows)}
 
 Stage times (s): {", ".join(f"{k} {v:.0f}" for k, v in timings.items())}.
-No pretrained CNN is reachable offline, so the "small supervised CNN" row of the plan is absent; pass
-`--sdmae CKPT` (e.g. the demo's SD-MAE checkpoint) to add a trained extractor.
+Trained extractors come from `histodistill demo` (its `sdmae` and `teacher` stages: a tiny SD-MAE ViT
+pretrained on the sample slide's tiles, and a ResNet-34 trained on the labeled hgsc nuclei); they are
+left out when the demo has not been run ({", ".join(k for k in trained if k not in backbones) or "none left out"}).
+No ImageNet or pathology weights are reachable offline.
 """
     write_section("mil", "MIL on semi-synthetic slides", body)
 
