@@ -87,3 +87,19 @@ def patch_folders(tmp_path) -> Path:
     make_image_folder(root / "train", per_class=4, seed=0)
     make_image_folder(root / "val", per_class=2, seed=1)
     return root
+
+
+def write_supervised_checkpoint(path: Path, num_classes: int = 3, seed: int = 1, **backbone) -> tuple[Path, object]:
+    """A supervised run's checkpoint as `histodistill fit` writes it (weights + backbone record): a teacher.
+
+    ``backbone`` holds `Supervised` arguments (``backbone=..., backbone_kwargs=...``; default tiny/resnet18-64).
+    """
+    import torch
+
+    from histodistill.methods.base import backbone_record
+    from histodistill.methods.supervised import Supervised
+
+    torch.manual_seed(seed)
+    teacher = Supervised(num_classes=num_classes, **({"backbone": "tiny/resnet18-64"} | backbone))
+    torch.save({"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)}, path)
+    return path, teacher

@@ -42,7 +42,22 @@ def _sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-class ImageFolderDataset(Dataset):
+class _ImageFiles(Dataset):
+    """Labeled image files: subclasses fill ``self.samples`` with ``(path, label index)`` and ``self.classes``."""
+
+    samples: list[tuple[Path, int]]
+    transform: Transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = read_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+class ImageFolderDataset(_ImageFiles):
     """``root/<class name>/<image>`` (the NCT-CRC-HE-100K layout); classes sorted by folder name."""
 
     def __init__(self, root: str | os.PathLike, transform: Transform = None) -> None:
@@ -62,16 +77,8 @@ class ImageFolderDataset(Dataset):
                                 "add images or remove the folder")
             self.samples += [(path, index) for path in files]
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        image = read_image(path)
-        return (self.transform(image) if self.transform else image), label
-
-
-class CsvDataset(Dataset):
+class CsvDataset(_ImageFiles):
     """A manifest ``path,label[,split]`` with image paths relative to the CSV (or to ``root``).
 
     The class list comes from the whole file, so every split shares one label mapping; pass
@@ -117,14 +124,6 @@ class CsvDataset(Dataset):
         if not rows:
             raise UserError(f"CSV manifest {self.csv_path} has no rows")
         return rows
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        image = read_image(path)
-        return (self.transform(image) if self.transform else image), label
 
 
 class HDF5ArrayDataset(Dataset):
