@@ -34,7 +34,7 @@ from histodistill.data.slide import open_slide
 from histodistill.data.stain_norm import rgb_to_lab
 from histodistill.data.synthetic_slides import make_slides, tumor_tile_labels
 from histodistill.data.tiling import read_coords, tile_slide
-from histodistill.eval.extract import extract_slides
+from histodistill.eval.extract import extract_slides, model_slug
 from histodistill.io import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +42,6 @@ DEMO_OUT = ROOT / "demo_out"  # where `histodistill demo` writes when run from t
 MODELS = ("mean", "abmil", "transmil")
 # TransMIL at its paper width (512) takes minutes per fold on a shared 2-core CPU; 128 keeps the run short.
 MODEL_ARGS = {"mean": [], "abmil": [], "transmil": ["--hidden-dim", "128"]}
-
-
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name)
 
 
 def colour_features(patches_dir: Path, out_dir: Path) -> Path:
@@ -114,14 +110,14 @@ def main() -> None:
     for name, model in backbones.items():
         start = time.perf_counter()
         # One --out per extractor: the demo's checkpoints are all named run/checkpoints/last.ckpt.
-        out = work / "features" / _slug(name)
+        out = work / "features" / model_slug(name)
         extractors[name] = extract_slides(model, work / "tiles", out, batch_size=32, device="cpu")
         timings[f"extract {name}"] = time.perf_counter() - start
 
     rows, heatmap_run, n_tiles = [], None, 0
     for name, features_dir in extractors.items():
         for model in MODELS:
-            run_dir = work / "runs" / f"{_slug(name)}_{model}"
+            run_dir = work / "runs" / f"{model_slug(name)}_{model}"
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
                 code = cli(["mil", "--features", str(features_dir), "--labels", str(labels_csv), "--model", model,

@@ -53,17 +53,21 @@ def train(module, images, labels, steps, seed, lr=0.05):
         optimizer, lambda s: 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     module.train()
     n = len(labels)
-    for _ in range(steps):
+    for step in range(steps):
         index = torch.randint(n, (min(BATCH, n),))
-        batch = (augment(images[index]), labels[index], index)
-        if hasattr(module, "momentum_update"):
-            module.momentum_update()
-        loss = module.objective(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        optimizer_step(module, optimizer, (augment(images[index]), labels[index], index), step)
         schedule.step()
     return module
+
+
+def optimizer_step(module, optimizer, batch, step: int) -> None:
+    """One training step as Lightning's loop runs it: the batch-start hook (MoMA's momentum update),
+    the objective, backward, optimiser step."""
+    module.on_train_batch_start(batch, step)
+    loss = module.objective(batch)["loss"]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
 
 
 @torch.no_grad()
@@ -138,15 +142,8 @@ def main() -> None:
         student = build_student(method, teacher_ckpt, len(train_y)).train()
         optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3)
 
-        def step(student=student, optimizer=optimizer):
-            if hasattr(student, "momentum_update"):
-                student.momentum_update()
-            loss = student.objective(batch)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-        timings[method] = median_seconds(step, repeats=15, warmup=3)
+        timings[method] = median_seconds(lambda s=student, o=optimizer: optimizer_step(s, o, batch, 0),
+                                         repeats=15, warmup=3)
 
     body = f"""
 Task: hgsc_nest nuclei (3 classes: {', '.join(task.class_names)}), {len(train_y)} training and {len(test_y)} test

@@ -103,3 +103,19 @@ def write_supervised_checkpoint(path: Path, num_classes: int = 3, seed: int = 1,
     teacher = Supervised(num_classes=num_classes, **({"backbone": "tiny/resnet18-64"} | backbone))
     torch.save({"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)}, path)
     return path, teacher
+
+
+@pytest.fixture
+def distill_inputs(tmp_path) -> dict[str, Path]:
+    """What a distillation recipe needs to run tiny: train/val image folders (3 classes, 16 px) and a
+    supervised teacher checkpoint of ``tiny/resnet18-64``."""
+    inputs = {"train": tmp_path / "data" / "train", "val": tmp_path / "data" / "val", "teacher": tmp_path / "teacher.ckpt"}
+    make_image_folder(inputs["train"], per_class=4, size=16, seed=0)
+    make_image_folder(inputs["val"], per_class=2, size=16, seed=1)
+    write_supervised_checkpoint(inputs["teacher"])
+    return inputs
+
+
+# `histodistill fit` flags for a quiet one-epoch test run.
+QUIET_ONE_EPOCH = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+                   "--trainer.enable_model_summary", "false", "--data.init_args.batch_size", "4"]

@@ -148,21 +148,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_tiny_crd_config_trains_end_to_end_with_indexed_data(tmp_path):
-    from conftest import make_image_folder, write_supervised_checkpoint
+def test_tiny_crd_config_trains_end_to_end_with_indexed_data(tmp_path, distill_inputs):
+    from conftest import QUIET_ONE_EPOCH
 
-    make_image_folder(tmp_path / "data" / "train", per_class=4, size=16, seed=0)
-    make_image_folder(tmp_path / "data" / "val", per_class=2, size=16, seed=1)
-    write_supervised_checkpoint(tmp_path / "teacher.ckpt")
     run = tmp_path / "run"
     assert main([
-        "fit", "--config", str(ROOT / "configs" / "kd" / "tiny_crd.yaml"),
-        "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.init_args.teacher", str(tmp_path / "teacher.ckpt"),
-        "--data.init_args.train.init_args.dataset.init_args.root", str(tmp_path / "data" / "train"),
-        "--data.init_args.val.init_args.root", str(tmp_path / "data" / "val"),
-        "--data.init_args.batch_size", "4",
+        "fit", "--config", str(ROOT / "configs" / "kd" / "tiny_crd.yaml"), "--trainer.default_root_dir", str(run),
+        "--model.init_args.teacher", str(distill_inputs["teacher"]),
+        "--data.init_args.train.init_args.dataset.init_args.root", str(distill_inputs["train"]),
+        "--data.init_args.val.init_args.root", str(distill_inputs["val"]), *QUIET_ONE_EPOCH,
     ]) == 0
     assert "train/crd" in (run / "metrics.csv").read_text()
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
