@@ -33,12 +33,12 @@ def main() -> None:
                         help="default: bf16 on a GPU, 32 on the CPU")
     args = parser.parse_args()
 
-    from histodistill.data.samples import cached_path
     from histodistill.data.slide_dataset import SlideTileDataset
-    from histodistill.data.tiling import tile_slide
     from histodistill.data.transforms import build_transform
-    from histodistill.eval.extract import extract_slide, prepare_model, resolve_device
+    from histodistill.features.extract import extract_slide, prepare_model, resolve_device
     from histodistill.models.backbones import create_backbone
+    from histodistill.samples.registry import cached_path
+    from histodistill.wsi.tiling import tile_slide
 
     device = resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "32")

@@ -33,14 +33,14 @@ from histodistill.cli import main as cli
 from histodistill.data.bags import BagDataset, class_names, make_bags, read_labels
 from histodistill.data.context_windows import context_windows_of_dir, window_transform
 from histodistill.data.splits import make_splits
-from histodistill.data.synthetic_slides import make_slides
-from histodistill.data.teacher_cache import ensure_teacher_cache
-from histodistill.data.tiling import read_coords, tile_slide
 from histodistill.data.transforms import build_transform
-from histodistill.eval.extract import extract_slides
 from histodistill.eval.mil import TrainConfig, run_fold
+from histodistill.features.extract import extract_slides
+from histodistill.features.teacher_cache import ensure_teacher_cache
 from histodistill.methods.mcmkd import MCMKD
 from histodistill.models.backbones import Backbone, create_backbone
+from histodistill.samples.synthetic_slides import make_slides
+from histodistill.wsi.tiling import read_coords, tile_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "mcmkd" / "tiny_cpu.yaml"

@@ -30,12 +30,12 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import markdown_table, mean_sd, write_section
 from histodistill.cli import main as cli
-from histodistill.data.slide import open_slide
-from histodistill.data.stain_norm import rgb_to_lab
-from histodistill.data.synthetic_slides import make_slides, tumor_tile_labels
-from histodistill.data.tiling import read_coords, tile_slide
-from histodistill.eval.extract import extract_slides, model_slug
+from histodistill.features.extract import extract_slides, model_slug
 from histodistill.io import atomic_path
+from histodistill.samples.stain_norm import rgb_to_lab
+from histodistill.samples.synthetic_slides import make_slides, tumor_tile_labels
+from histodistill.wsi.slide import open_slide
+from histodistill.wsi.tiling import read_coords, tile_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_OUT = ROOT / "demo_out"  # where `histodistill demo` writes when run from the repository root

@@ -104,9 +104,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from histodistill.data.nuclei import load_nuclei_task, stratified_subset
     from histodistill.methods.base import backbone_record
     from histodistill.methods.supervised import Supervised
+    from histodistill.samples.nuclei import load_nuclei_task, stratified_subset
 
     task = load_nuclei_task(crop_size=64)
     train_x, test_x = prepare(task.train_images), prepare(task.test_images)

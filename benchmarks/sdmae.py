@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import markdown_table, mean_sd, median_seconds, write_section
-from histodistill.engine.optim import parameter_groups
 from histodistill.methods.sdmae import MAE, SDMAE
 from histodistill.models.vit_mae import encode_visible, random_masking
+from histodistill.optim.optimizer import parameter_groups
 
 # Peak dense bf16 tensor throughput, for MFU (vendor figures, without sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -126,7 +126,7 @@ def probe_balanced_accuracy(train_x, train_y, test_x, test_y, num_classes: int) 
 
 
 def quality(steps: int, seeds: int, batch_size: int) -> tuple[dict[str, list[float]], str]:
-    from histodistill.data.nuclei import load_nuclei_task
+    from histodistill.samples.nuclei import load_nuclei_task
 
     task = load_nuclei_task(crop_size=64)
     results: dict[str, list[float]] = {"random init": [], "MAE": [], "SD-MAE": []}

@@ -25,7 +25,7 @@ BATCH_SIZE = 32
 
 def generated_slide(folder: Path) -> Path:
     """A 3072 x 3072 pyramid at 0.5 mpp with pink/purple texture in a disk covering ~40 % of it."""
-    from histodistill.data.tiff_writer import write_pyramid_tiff
+    from histodistill.wsi.tiff_writer import write_pyramid_tiff
 
     rng = np.random.default_rng(0)
     size = 3072
@@ -51,11 +51,11 @@ def main() -> None:
     # against the loader (measured: torch.stack of a batch 250x slower with 2 threads than with 1).
     torch.set_num_threads(1)
 
-    from histodistill.data.samples import cached_path
-    from histodistill.data.slide import close_all, open_slide
     from histodistill.data.slide_dataset import SlideTileDataset
-    from histodistill.data.tiling import tile_slide
-    from histodistill.data.tissue import TissueConfig, tissue_mask
+    from histodistill.samples.registry import cached_path
+    from histodistill.wsi.slide import close_all, open_slide
+    from histodistill.wsi.tiling import tile_slide
+    from histodistill.wsi.tissue import TissueConfig, tissue_mask
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

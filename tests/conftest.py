@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histodistill.data.tiff_writer import write_pyramid_tiff
+from histodistill.wsi.tiff_writer import write_pyramid_tiff
 
 # One thread per test process: the suite runs on 2 cores as 2 pytest-xdist workers, and tiny tensors gain
 # nothing from intra-op threads (on a busy machine, 2 threads made collation 100x slower).
@@ -55,7 +55,7 @@ def tiny_slide(tmp_path) -> TinySlide:
 @pytest.fixture
 def sample_file():
     """``sample_file(name)`` -> path of a cached real sample, or skip the test when it is not cached."""
-    from histodistill.data.samples import cached_path
+    from histodistill.samples.registry import cached_path
 
     def get(name: str) -> Path:
         path = cached_path(name)

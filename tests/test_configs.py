@@ -59,8 +59,8 @@ def tiny_hdf5(folder: Path, init_args: dict, num_classes: int) -> dict:
 def tiny_tiles(folder: Path) -> str:
     """A tiling output (``<folder>/patches/*.h5``) of one small synthetic slide, 64-px tiles at 0.5 mpp."""
     from conftest import make_tissue_image
-    from histodistill.data.tiff_writer import write_pyramid_tiff
-    from histodistill.data.tiling import tile_slide
+    from histodistill.wsi.tiff_writer import write_pyramid_tiff
+    from histodistill.wsi.tiling import tile_slide
 
     slide = write_pyramid_tiff(folder / "slide.tif", make_tissue_image(512, 384, ((0, 0, 448, 320),)), mpp=0.5, tile=128)
     tile_slide(slide, folder, target_mpp=0.5, patch_size=64)

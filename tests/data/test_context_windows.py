@@ -14,10 +14,10 @@ from histodistill.data.context_windows import (
     window_cells,
     window_transform,
 )
-from histodistill.data.slide import Slide, open_slide
-from histodistill.data.tiling import grid_coords, write_coords
 from histodistill.errors import UserError
 from histodistill.models.backbones import Preprocess
+from histodistill.wsi.slide import Slide, open_slide
+from histodistill.wsi.tiling import grid_coords, write_coords
 
 TILE = 64
 

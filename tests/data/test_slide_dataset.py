@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from histodistill.data.slide import open_slide
 from histodistill.data.slide_dataset import SlideTileDataset, SlideTilesDataset
-from histodistill.data.tiling import tile_slide
 from histodistill.errors import UserError
+from histodistill.wsi.slide import open_slide
+from histodistill.wsi.tiling import tile_slide
 
 
 @pytest.fixture

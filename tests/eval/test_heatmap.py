@@ -69,7 +69,7 @@ def test_heatmap_montage_shows_the_top_tile_first(mil_run, tiny_slide, monkeypat
     monkeypatch.setattr(heatmap, "draw_montage", lambda path, top, bottom, *a, **k: drawn.update(top=top))
     heatmap.slide_heatmap(tiny_slide.path, run / "attention" / f"{tiny_slide.path.stem}.h5", run / "out",
                           top_k=1, tile_px=128)
-    from histodistill.data.slide import open_slide
+    from histodistill.wsi.slide import open_slide
 
     expected = open_slide(tiny_slide.path).read_region(tuple(hot), 0, (128, 128))
     np.testing.assert_array_equal(drawn["top"][0], expected)

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 from conftest import write_supervised_checkpoint
 from histodistill.cli import main
+from histodistill.data.indexed_dataset import IndexedDataset
 from histodistill.errors import UserError
 from histodistill.losses.kd import kd_loss
 from histodistill.methods.distill import Distill, to_teacher_input
-from histodistill.methods.indexed_dataset import IndexedDataset
 from histodistill.methods.supervised import Supervised
 from histodistill.models.backbones import Preprocess
 

@@ -101,10 +101,10 @@ TINY = ROOT / "configs" / "mcmkd" / "tiny_cpu.yaml"
 @pytest.mark.slow
 def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(tiny_slide, tmp_path, monkeypatch):
     from histodistill.cli import main
-    from histodistill.data.teacher_cache import ensure_teacher_cache
-    from histodistill.data.tiling import tile_slide
-    from histodistill.eval import extract
+    from histodistill.features import extract
+    from histodistill.features.teacher_cache import ensure_teacher_cache
     from histodistill.models.backbones import Backbone
+    from histodistill.wsi.tiling import tile_slide
 
     tiles = tmp_path / "tiles"
     tile_slide(tiny_slide.path, tiles, target_mpp=0.5, patch_size=64)

@@ -9,8 +9,8 @@ import pytest
 import timm
 import torch
 
-from histodistill.engine.optim import parameter_groups
 from histodistill.methods.sdmae import MAE, SDMAE
+from histodistill.optim.optimizer import parameter_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_VIT = {"backbone": "tiny/vit-tiny-p8-64", "backbone_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2,

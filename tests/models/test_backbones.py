@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from histodistill.engine.optim import OptimConfig
 from histodistill.errors import UserError
 from histodistill.models.backbones import (
     CHECKPOINT_BACKBONE_KEY,
@@ -22,6 +21,7 @@ from histodistill.models.backbones import (
     register_backbone,
 )
 from histodistill.models.registry import Registry
+from histodistill.optim.optimizer import OptimConfig
 
 TINY = list_backbones("tiny")
 PATHOLOGY = {  # name -> (pooled dim, prefix tokens) from the model cards

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from histodistill.eval.export import export_checkpoint
+    from histodistill.features.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"exported backbone to {out}")

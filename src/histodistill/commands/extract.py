@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from histodistill.errors import UserError
-    from histodistill.eval.extract import extract_images, extract_slides
+    from histodistill.features.extract import extract_images, extract_slides
 
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")

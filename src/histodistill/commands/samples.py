@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _list() -> None:
-    from histodistill.data.samples import SAMPLES, cached_path, sample_path
+    from histodistill.samples.registry import SAMPLES, cached_path, sample_path
 
     width = max(len(name) for name in SAMPLES)
     for name, sample in SAMPLES.items():
@@ -64,18 +64,18 @@ def run(args: argparse.Namespace) -> int:
     if action == "list":
         _list()
     elif action == "fetch":
-        from histodistill.data.samples import SAMPLES, fetch
+        from histodistill.samples.registry import SAMPLES, fetch
 
         for name in args.names or list(SAMPLES):
             print(f"{name}\t{fetch(name)}")
     elif action == "make-slides":
-        from histodistill.data.synthetic_slides import make_slides
+        from histodistill.samples.synthetic_slides import make_slides
 
         # Only the options given are passed on, so the generator's own defaults stay the single source.
         options = {key: value for key, value in (("n_slides", args.n_slides), ("seed", args.seed)) if value is not None}
         print(make_slides(args.out, **options))
     elif action == "make-nuclei":
-        from histodistill.data.nuclei import write_image_folder
+        from histodistill.samples.nuclei import write_image_folder
 
         print(write_image_folder(args.out, crop_size=args.crop_size, test_fraction=args.test_fraction, overwrite=args.overwrite))
     return 0

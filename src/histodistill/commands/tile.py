@@ -109,8 +109,8 @@ def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path,
 
 def _tile_one(job: dict):
     """Run `tile_slide` and turn any failure into a failed `TileResult` (runs in worker processes)."""
-    from histodistill.data.tiling import TileResult, tile_slide
     from histodistill.errors import UserError
+    from histodistill.wsi.tiling import TileResult, tile_slide
 
     try:
         return tile_slide(**job)
@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from histodistill.data.tissue import TissueConfig
     from histodistill.errors import UserError
+    from histodistill.wsi.tissue import TissueConfig
 
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")

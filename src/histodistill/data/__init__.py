@@ -1,1 +1,1 @@
-"""Whole-slide reading, tissue detection, tiling, sample data and datasets."""
+"""Training data: patch datasets, data modules, transforms, MIL bags, splits, slide context windows."""

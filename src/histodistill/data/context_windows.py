@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from histodistill.data.slide import open_slide
-from histodistill.data.teacher_cache import TeacherFeatures
-from histodistill.data.tiling import read_coords
+from histodistill.data.teacher_features import TeacherFeatures
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
+from histodistill.wsi.slide import open_slide
+from histodistill.wsi.tiling import read_coords
 
 
 def grid_geometry(attrs: dict, source: str | os.PathLike) -> tuple[float, int]:

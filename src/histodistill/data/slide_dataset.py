@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from histodistill.data.slide import open_slide
-from histodistill.data.tiling import read_coords
 from histodistill.errors import UserError
+from histodistill.wsi.slide import open_slide
+from histodistill.wsi.tiling import read_coords
 
 
 class SlideTileDataset(Dataset):

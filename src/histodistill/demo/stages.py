@@ -79,15 +79,15 @@ def _stage_path(context: DemoContext, *parts: str) -> Path:
 
 # ---- stages -------------------------------------------------------------------------------------
 def fetch_samples(context: DemoContext) -> dict:
-    from histodistill.data.samples import fetch_all
+    from histodistill.samples.registry import fetch_all
 
     paths = fetch_all()
     return {"samples": len(paths), "cache": str(next(iter(paths.values())).parent)}
 
 
 def make_data(context: DemoContext) -> dict:
-    from histodistill.data.nuclei import stratified_subset, write_image_folder
-    from histodistill.data.synthetic_slides import make_slides
+    from histodistill.samples.nuclei import stratified_subset, write_image_folder
+    from histodistill.samples.synthetic_slides import make_slides
 
     nuclei = write_image_folder(context.stage_dir("data") / "nuclei", crop_size=64, overwrite=context.overwrite)
     # A stratified label subset for MoMA, as a CSV manifest (path,label) over the training folder.
@@ -106,8 +106,8 @@ def make_data(context: DemoContext) -> dict:
 
 
 def tile_slides(context: DemoContext) -> dict:
-    from histodistill.data.samples import fetch
-    from histodistill.data.tiling import tile_slide
+    from histodistill.samples.registry import fetch
+    from histodistill.wsi.tiling import tile_slide
 
     sample = tile_slide(fetch("cmu_small_region"), _stage_path(context, "tiles", "sample"), target_mpp=TILE_MPP,
                         patch_size=TILE_PX, min_tissue=0.5, overwrite=context.overwrite)
@@ -122,7 +122,7 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
     the baseline a pretrained encoder must beat."""
     import torch
 
-    from histodistill.eval.export import save_backbone
+    from histodistill.features.export import save_backbone
     from histodistill.models.backbones import CHECKPOINT_BACKBONE_KEY, BackboneSpec, create_backbone
     from histodistill.models.weights import read_checkpoint
 
@@ -133,8 +133,8 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
 
 def _probe(context: DemoContext, model: str | Path, name: str) -> float:
     """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task."""
-    from histodistill.eval.extract import extract_images
     from histodistill.eval.probe import linear_probe, load_patch_features
+    from histodistill.features.extract import extract_images
 
     nuclei = _stage_path(context, "data", "nuclei")
     feats = {
@@ -247,7 +247,7 @@ EXTRACTORS = {
 
 
 def extract_slide_features(context: DemoContext) -> dict:
-    from histodistill.eval.extract import extract_slides
+    from histodistill.features.extract import extract_slides
 
     counts = {}
     for name, parts in EXTRACTORS.items():

@@ -1,1 +1,1 @@
-"""The training engine: LightningCLI, run directories, callbacks, schedules."""
+"""The training driver: LightningCLI wiring, run directories, callbacks and figures for `histodistill fit`."""

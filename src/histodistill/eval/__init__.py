@@ -1,1 +1,1 @@
-"""Evaluation: feature extraction, probes, metrics, heatmaps, reports."""
+"""Evaluation: probes, metrics, MIL training and its outputs, heatmaps, the HTML report."""

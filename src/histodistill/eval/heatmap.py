@@ -142,7 +142,7 @@ def slide_heatmap(
     The patch size at level 0 comes from the attention file's ``patch_size_level0``, else from its
     ``patch_size × target_mpp / slide mpp``, else from the coords' grid step.
     """
-    from histodistill.data.slide import open_slide
+    from histodistill.wsi.slide import open_slide
 
     coords, scores, attrs = read_attention(attention_path)
     slide = open_slide(slide_path, mpp=mpp)

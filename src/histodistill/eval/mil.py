@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from histodistill.data.bags import BagDataset, collate_bags
 from histodistill.data.splits import Split
-from histodistill.engine.optim import OptimConfig, build_optimizer
 from histodistill.errors import UserError
-from histodistill.eval.extract import resolve_device
 from histodistill.eval.metrics import classification_metrics
+from histodistill.features.extract import resolve_device
 from histodistill.models.mil import create_mil
+from histodistill.optim.optimizer import OptimConfig, build_optimizer
 
 REPORTED_METRICS = ("auroc", "balanced_accuracy", "macro_f1", "accuracy")
 

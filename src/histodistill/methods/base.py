@@ -15,9 +15,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from histodistill.engine.optim import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 from histodistill.errors import UserError
 from histodistill.models.backbones import CHECKPOINT_BACKBONE_KEY
+from histodistill.optim.optimizer import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 
 
 class NonFiniteLossError(UserError):

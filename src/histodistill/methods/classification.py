@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histodistill.engine.optim import OptimConfig
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics, plot_confusion
 from histodistill.methods.base import MethodModule
 from histodistill.models.backbones import create_backbone
+from histodistill.optim.optimizer import OptimConfig
 
 
 class ClassificationMethod(MethodModule):

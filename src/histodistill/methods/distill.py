@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histodistill.engine.optim import OptimConfig
+from histodistill.data.indexed_dataset import IndexedDataset
 from histodistill.errors import UserError
 from histodistill.losses.crd import CRDLoss
 from histodistill.losses.hint import HintLoss
 from histodistill.losses.kd import kd_loss
 from histodistill.methods.classification import ClassificationMethod
-from histodistill.methods.indexed_dataset import IndexedDataset
 from histodistill.models.backbones import Backbone, Preprocess, create_backbone
 from histodistill.models.weights import read_checkpoint
+from histodistill.optim.optimizer import OptimConfig
 
 # Prefix of the classifier's weights in a ClassificationMethod checkpoint's state dict.
 CLASSIFIER_PREFIX = "classifier."
@@ -160,7 +160,7 @@ class Distill(TeacherStudentMethod):
         if dataset is None:
             raise UserError(
                 "feature: crd needs the index of every training sample: wrap data.init_args.train in "
-                "histodistill.methods.indexed_dataset.IndexedDataset (see configs/kd/tiny_crd.yaml), "
+                "histodistill.data.indexed_dataset.IndexedDataset (see configs/kd/tiny_crd.yaml), "
                 "or give model.init_args.num_samples when training without a data module"
             )
         self.build_crd(len(dataset))
@@ -175,7 +175,7 @@ class Distill(TeacherStudentMethod):
         elif self.feature == "crd":
             if len(batch) < 3:
                 raise UserError("feature: crd needs batches (image, label, index): wrap the training dataset in "
-                                "histodistill.methods.indexed_dataset.IndexedDataset")
+                                "histodistill.data.indexed_dataset.IndexedDataset")
             losses["crd"] = self.feature_loss(features, teacher_features, batch[2])
         if self.feature != "none":
             losses["loss"] = losses["loss"] + self.w_feature * losses[self.feature]

@@ -2,7 +2,7 @@
 
 The student sees an s x s window of neighbouring tiles with some tiles painted over, and predicts, for
 every tile, the feature a larger frozen teacher computed for that tile on its own. The teacher's
-features come from a cache (`histodistill.data.teacher_cache`), so no teacher runs here. After
+features come from a cache (`histodistill.features.teacher_cache`), so no teacher runs here. After
 fine-tuning, ``self.backbone`` (the student) is used as an ordinary per-patch extractor; the head and
 the fill token are dropped. Paper <-> config <-> code: docs/mcmkd.md.
 """
@@ -13,12 +13,12 @@ from typing import Literal
 
 import torch
 
-from histodistill.engine.optim import OptimConfig
 from histodistill.losses.masked_context import LossKind, masked_context_loss
 from histodistill.methods.base import MethodModule
 from histodistill.models.backbones import create_backbone
 from histodistill.models.cell_mask import CellMasker, grid_side, random_cell_mask
 from histodistill.models.grid_head import GridHead, grid_pool, spatial_features
+from histodistill.optim.optimizer import OptimConfig
 
 
 def mcmkd_optim() -> OptimConfig:

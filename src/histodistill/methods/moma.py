@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 import torch
 
-from histodistill.engine.ema import ema_update
 from histodistill.errors import UserError
 from histodistill.losses.infonce import MoCoQueue, concat_all_gather, infonce_loss
 from histodistill.methods.distill import TeacherStudentMethod, freeze
 from histodistill.models.batch_attention import BatchAttention
 from histodistill.models.projection import ProjectionHead
+from histodistill.optim.ema import ema_update
 
 
 class MoMA(TeacherStudentMethod):

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from histodistill.engine.optim import OptimConfig
 from histodistill.losses.mae import channel_norm_target, masked_patch_mse, patch_norm_target
 from histodistill.losses.self_distillation import SelfDistillationLoss
 from histodistill.methods.base import MethodModule
@@ -36,6 +35,7 @@ from histodistill.models.vit_mae import (
     scatter_patches,
     unpatchify,
 )
+from histodistill.optim.optimizer import OptimConfig
 
 # SD-MAE's encoder has no cls token, and its features are mean-pooled *normed* tokens: fc_norm=False
 # keeps timm's final LayerNorm on the tokens (timm would otherwise move it after the pooling).

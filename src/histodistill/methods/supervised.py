@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from histodistill.engine.optim import OptimConfig
 from histodistill.errors import UserError
 from histodistill.methods.classification import ClassificationMethod
+from histodistill.optim.optimizer import OptimConfig
 
 
 class Supervised(ClassificationMethod):

@@ -60,7 +60,7 @@ class CellMasker(nn.Module):
         if fill not in ("mean", "learned"):
             raise ValueError(f"fill must be 'mean' or 'learned', got {fill!r}")
         self.fill = fill
-        # Named mask_token so the optimiser's no-weight-decay rule covers it (engine/optim.py).
+        # Named mask_token so the optimiser's no-weight-decay rule covers it (optim/optimizer.py).
         value = torch.zeros(1, channels, 1, 1)
         if fill == "learned":
             self.mask_token = nn.Parameter(value)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from histodistill.engine.ema import ema_update
+from histodistill.optim.ema import ema_update
 
 
 def _net():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import GLASS_RGB, make_tissue_image
-from histodistill.data.slide import open_slide
-from histodistill.data.tissue import TissueConfig, otsu_threshold, tissue_mask
+from histodistill.wsi.slide import open_slide
+from histodistill.wsi.tissue import TissueConfig, otsu_threshold, tissue_mask
 
 
 def box_mask(shape, boxes) -> np.ndarray:

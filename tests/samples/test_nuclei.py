@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from histodistill import cli
-from histodistill.data import nuclei
-from histodistill.data.nuclei import (
+from histodistill.errors import UserError
+from histodistill.samples import nuclei
+from histodistill.samples.nuclei import (
     HGSC_CLASSES,
     build_nuclei_task,
     choose_split_x,
@@ -24,7 +25,6 @@ from histodistill.data.nuclei import (
     stratified_subset,
     write_image_folder,
 )
-from histodistill.errors import UserError
 
 WIDTH, HEIGHT = 200, 120
 # (instance id, centre x, centre y, majority type, minority type): ids need not be contiguous.
@@ -160,9 +160,9 @@ def test_cli_make_nuclei_and_make_slides_pass_their_options(tmp_path, synthetic_
     assert json.loads((tmp_path / "n" / "nuclei_task.json").read_text())["crop_size"] == 8
 
     seen = {}
-    fake = types.ModuleType("histodistill.data.synthetic_slides")
+    fake = types.ModuleType("histodistill.samples.synthetic_slides")
     fake.make_slides = lambda out_dir, **options: seen.update(out_dir=out_dir, **options) or "labels.csv"
-    monkeypatch.setitem(sys.modules, "histodistill.data.synthetic_slides", fake)
+    monkeypatch.setitem(sys.modules, "histodistill.samples.synthetic_slides", fake)
     assert cli.main(["samples", "make-slides", "--out", "slides", "--seed", "3"]) == 0
     assert seen == {"out_dir": "slides", "seed": 3}  # --n-slides not given: the generator's default applies
     assert capsys.readouterr().out.strip().endswith("labels.csv")

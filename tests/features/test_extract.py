@@ -13,12 +13,12 @@ from PIL import Image
 
 from histodistill.cli import main
 from histodistill.data.slide_dataset import SlideTileDataset
-from histodistill.data.tiling import read_coords, tile_slide
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
-from histodistill.eval import extract
-from histodistill.eval.extract import extract_slide, model_slug, state_dict_sha256
+from histodistill.features import extract
+from histodistill.features.extract import extract_slide, model_slug, state_dict_sha256
 from histodistill.models.backbones import create_backbone
+from histodistill.wsi.tiling import read_coords, tile_slide
 
 MODEL = "tiny/resnet18-64"
 

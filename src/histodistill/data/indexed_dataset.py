@@ -1,7 +1,7 @@
 """A dataset wrapper that adds each sample's index: ``(image, label) -> (image, label, index)``.
 
 CRD keeps one memory row per training sample and needs to know which rows a batch holds. Wrap the
-training dataset in a recipe (``class_path: histodistill.methods.indexed_dataset.IndexedDataset``,
+training dataset in a recipe (``class_path: histodistill.data.indexed_dataset.IndexedDataset``,
 ``init_args.dataset: {class_path: ..., init_args: ...}``); validation data stays unwrapped.
 """
 

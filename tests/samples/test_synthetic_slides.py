@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from histodistill.data.stain_norm import lab_stats, lab_to_rgb, reinhard_normalize, rgb_to_lab
-from histodistill.data.synthetic_slides import make_slides, tumor_tile_labels
 from histodistill.errors import UserError
+from histodistill.samples.stain_norm import lab_stats, lab_to_rgb, reinhard_normalize, rgb_to_lab
+from histodistill.samples.synthetic_slides import make_slides, tumor_tile_labels
 
 TILE, GRID = 32, 6
 

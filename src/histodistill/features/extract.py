@@ -27,8 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from histodistill.data.datasets import ImageFolderDataset
+from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
+from histodistill.features.context_extract import centre_cell_extraction, context_suffix
 from histodistill.io import atomic_path, write_json
 from histodistill.models.backbones import Backbone, create_backbone
 
@@ -165,10 +168,8 @@ def extract_slides(
     Finished slides are skipped unless ``overwrite``. A folder already holding features of other
     weights is refused (mixing extractors in one folder would silently corrupt a MIL run).
     ``context_window`` s: each tile's feature is the centre cell of the s x s window around it
-    (`histodistill.eval.context_extract`), written to ``features_<slug>-context<s>``.
+    (`histodistill.features.context_extract`), written to ``features_<slug>-context<s>``.
     """
-    from histodistill.data.slide_dataset import SlideTileDataset
-    from histodistill.eval.context_extract import centre_cell_extraction, context_suffix
 
     coords_files = _coords_files(Path(coords_dir))
     backbone = _seeded_backbone(model, weights)
@@ -213,7 +214,6 @@ def extract_images(
 ) -> Path:
     """Features of an image folder (``root/<class>/<image>``) into ``<out>/features_<slug>/features.h5``:
     ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr ``classes``."""
-    from histodistill.data.datasets import ImageFolderDataset
 
     features_dir = Path(out_dir) / f"features_{model_slug(model)}"
     target = features_dir / PATCH_FEATURES

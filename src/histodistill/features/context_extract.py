@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from histodistill.data.context_windows import ContextWindowDataset, window_transform
-from histodistill.data.tiling import read_coords
 from histodistill.errors import UserError
 from histodistill.models.backbones import Backbone
 from histodistill.models.grid_head import grid_pool, spatial_features
+from histodistill.wsi.tiling import read_coords
 
 
 def context_suffix(side: int | None) -> str:

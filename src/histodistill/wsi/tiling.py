@@ -27,10 +27,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from histodistill.data.slide import Slide, open_slide
-from histodistill.data.tissue import TissueConfig, tissue_mask
 from histodistill.errors import UserError
 from histodistill.io import atomic_path, write_json
+from histodistill.wsi.slide import Slide, open_slide
+from histodistill.wsi.tissue import TissueConfig, tissue_mask
 
 # mpp x magnification for slides that do not state their objective power: 20x = 0.5 mpp,
 # 40x = 0.25 mpp (the usual scanner convention).

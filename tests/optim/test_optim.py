@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from histodistill.engine.optim import (
+from histodistill.optim.optimizer import (
     OptimConfig,
     build_optimizer,
     build_scheduler,

@@ -131,7 +131,7 @@ def build_nuclei_task(
 
 def _load_hgsc() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The hgsc_nest image (H, W, 3) uint8 with its instance and type rasters (H, W), fetched if needed."""
-    from histodistill.data.samples import fetch
+    from histodistill.samples.registry import fetch
 
     image = np.asarray(Image.open(fetch("hgsc_nest")).convert("RGB"))
     with np.load(fetch("hgsc_nest_inst_mask")) as inst, np.load(fetch("hgsc_nest_type_mask")) as types:

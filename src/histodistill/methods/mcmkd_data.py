@@ -1,7 +1,7 @@
 """`ContextWindowDataModule`: MCM-KD's training data, context windows with cached teacher features.
 
 In ``setup()`` it makes sure the teacher cache matches the teacher and the tiling
-(`histodistill.data.teacher_cache.ensure_teacher_cache`), checks the model's ``teacher_dim`` against
+(`histodistill.features.teacher_cache.ensure_teacher_cache`), checks the model's ``teacher_dim`` against
 it, and normalises windows with the student's mean/std (``trainer.lightning_module.preprocess``).
 Loading, shuffling and DDP sharding are `PatchDataModule`'s.
 """
@@ -13,8 +13,9 @@ from typing import Literal
 
 from histodistill.data.context_windows import context_windows_of_dir, window_transform
 from histodistill.data.datamodule import PatchDataModule
-from histodistill.data.teacher_cache import TeacherFeatures, ensure_teacher_cache
+from histodistill.data.teacher_features import TeacherFeatures
 from histodistill.errors import UserError
+from histodistill.features.teacher_cache import ensure_teacher_cache
 
 
 class ContextWindowDataModule(PatchDataModule):

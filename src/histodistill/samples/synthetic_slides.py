@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from histodistill.data.stain_norm import lab_stats, reinhard_normalize, rgb_to_lab
-from histodistill.data.tiff_writer import write_pyramid_tiff
 from histodistill.errors import UserError
 from histodistill.io import atomic_path, write_json
+from histodistill.samples.stain_norm import lab_stats, reinhard_normalize, rgb_to_lab
+from histodistill.wsi.tiff_writer import write_pyramid_tiff
 
 BENIGN_SAMPLES = ("cmu_small_region", "hgsc_stromal_he")
 TUMOR_SAMPLES = ("hgsc_nest", "tiatoolbox_target")
@@ -39,8 +39,8 @@ LABELS = ("negative", "positive")
 
 def load_sample_sources() -> dict[str, list[np.ndarray]]:
     """The real sample images as (H, W, 3) uint8, by role; a `UserError` if any is not cached."""
-    from histodistill.data.samples import cached_path
-    from histodistill.data.slide import open_slide
+    from histodistill.samples.registry import cached_path
+    from histodistill.wsi.slide import open_slide
 
     missing = [n for n in BENIGN_SAMPLES + TUMOR_SAMPLES if cached_path(n) is None]
     if missing:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import make_tissue_image
-from histodistill.data.tiff_writer import write_pyramid_tiff
-from histodistill.data.tiling import (
+from histodistill.errors import UserError
+from histodistill.wsi.tiff_writer import write_pyramid_tiff
+from histodistill.wsi.tiling import (
     OutputPaths,
     grid_coords,
     magnification_to_mpp,
@@ -19,7 +20,6 @@ from histodistill.data.tiling import (
     tile_slide,
     tissue_fractions,
 )
-from histodistill.errors import UserError
 
 
 def reference_coords(slide_size, boxes, patch0, stride0, min_tissue):

@@ -12,51 +12,11 @@ import os
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from histodistill.errors import UserError
+from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, model_slug
 from histodistill.io import sha256_file, write_json
-
-
-class TeacherFeatures:
-    """Coordinate lookup in one slide's features file. The file is opened on first use, so each
-    DataLoader worker gets its own handle (h5py handles must not cross a fork)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self._features: h5py.Dataset | None = None
-        self._row: dict[tuple[int, int], int] = {}
-
-    def _open(self) -> h5py.Dataset:
-        if self._features is None:
-            if not self.path.is_file():
-                raise UserError(f"teacher cache file {self.path} is missing: set data.rebuild_cache: true")
-            handle = h5py.File(self.path, "r")
-            self._row = {(int(x), int(y)): i for i, (x, y) in enumerate(handle["coords"][:])}
-            self._features = handle["features"]
-        return self._features
-
-    @property
-    def dim(self) -> int:
-        return int(self._open().shape[1])
-
-    def lookup(self, cell_coords: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """(S, 2) cell top-lefts + (S,) valid -> (S, D) float32 teacher features, zeros where not valid."""
-        features = self._open()
-        out = np.zeros((len(cell_coords), features.shape[1]), np.float32)
-        wanted = [(k, (int(x), int(y))) for k, ((x, y), ok) in enumerate(zip(cell_coords, valid, strict=True)) if ok]
-        missing = [xy for _, xy in wanted if xy not in self._row]
-        if missing:
-            raise UserError(
-                f"teacher cache {self.path} has no feature for tile(s) {missing[:3]}: it was computed from a "
-                "different tiling; set data.rebuild_cache: true to recompute it"
-            )
-        rows = np.array([self._row[xy] for _, xy in wanted], dtype=np.int64)
-        order = np.argsort(rows)  # h5py reads a list of rows only in increasing order
-        values = features[rows[order]] if len(rows) else np.zeros((0, features.shape[1]), np.float32)
-        out[[wanted[k][0] for k in order]] = values
-        return out
-
+from histodistill.wsi.tiling import read_coords
 
 # Our record beside extract's ``extractor.json``: the hash of the teacher's weights *file*, which the
 # features files do not carry. Written last, so its presence marks a complete cache.
@@ -65,7 +25,6 @@ CACHE_RECORD = "teacher_cache.json"
 
 def cache_features_dir(cache_root: str | os.PathLike, teacher: str) -> Path:
     """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>``."""
-    from histodistill.eval.extract import model_slug
 
     return Path(cache_root) / f"features_{model_slug(teacher)}"
 
@@ -73,7 +32,6 @@ def cache_features_dir(cache_root: str | os.PathLike, teacher: str) -> Path:
 def cache_key(patches_dir: str | os.PathLike, teacher: str, teacher_weights: str | os.PathLike | None) -> dict:
     """What the cached features depend on: the teacher (name + weights file hash) and, per slide, the
     tiling (target mpp, patch size, tile count) read from the coords attrs."""
-    from histodistill.data.tiling import read_coords
 
     slides = {}
     for path in sorted(p for p in Path(patches_dir).glob("*.h5") if not p.name.startswith(".")):
@@ -97,7 +55,6 @@ def stale_reasons(features_dir: str | os.PathLike, key: dict) -> list[str]:
     """Why the cache in ``features_dir`` cannot serve ``key`` (empty when it can): a different teacher
     (``extractor.json``), other weights (our record), or slides tiled differently (coords attrs vs the
     features files' attrs)."""
-    from histodistill.eval.extract import EXTRACTOR_JSON
 
     features_dir = Path(features_dir)
     extractor_path, record_path = features_dir / EXTRACTOR_JSON, features_dir / CACHE_RECORD
@@ -132,7 +89,7 @@ def ensure_teacher_cache(
     ``tiles_dir`` is a `histodistill tile` output; the cache is ``<cache_root>/features_<teacher slug>``,
     exactly what ``histodistill extract --model TEACHER --coords tiles_dir --out cache_root`` writes. A cache
     computed for this teacher, these weights and this tiling is used as is; a missing or stale one is
-    recomputed with `histodistill.eval.extract.extract_slides` when ``rebuild`` is True, and refused with a
+    recomputed with `histodistill.features.extract.extract_slides` when ``rebuild`` is True, and refused with a
     `UserError` naming the cache and ``data.init_args.rebuild_cache`` otherwise.
     """
     patches_dir = Path(tiles_dir) / "patches"
@@ -148,7 +105,6 @@ def ensure_teacher_cache(
             f"the teacher cache {features_dir} is missing or stale ({'; '.join(reasons[:3])}); "
             "set data.init_args.rebuild_cache: true to (re)compute it with the teacher"
         )
-    from histodistill.eval.extract import extract_slides
 
     (features_dir / CACHE_RECORD).unlink(missing_ok=True)  # a half-rebuilt cache must not look complete
     extract_slides(teacher, tiles_dir, cache_root, weights=teacher_weights, batch_size=batch_size,

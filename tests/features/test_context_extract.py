@@ -13,12 +13,12 @@ from torch import nn
 
 from histodistill.cli import main
 from histodistill.data.slide_dataset import SlideTileDataset
-from histodistill.data.tiling import read_coords, tile_slide, write_coords
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
-from histodistill.eval.context_extract import CentreCell, CentreCellTiles, centre_cell_extraction
-from histodistill.eval.extract import extract_slide
+from histodistill.features.context_extract import CentreCell, CentreCellTiles, centre_cell_extraction
+from histodistill.features.extract import extract_slide
 from histodistill.models.backbones import Backbone, BackboneSpec, Preprocess, create_backbone
+from histodistill.wsi.tiling import read_coords, tile_slide, write_coords
 
 MODEL, TILE = "tiny/resnet18-64", 64
 FOLDER = "features_tiny-resnet18-64-context3"

@@ -8,10 +8,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from histodistill.data import slide as slide_module
-from histodistill.data.slide import ImageSlide, OpenSlideLikeSlide, open_slide
-from histodistill.data.tiff_writer import write_pyramid_tiff
 from histodistill.errors import UserError
+from histodistill.wsi import slide as slide_module
+from histodistill.wsi.slide import ImageSlide, OpenSlideLikeSlide, open_slide
+from histodistill.wsi.tiff_writer import write_pyramid_tiff
 
 
 @pytest.fixture

@@ -6,18 +6,18 @@ import h5py
 import numpy as np
 import pytest
 
-from histodistill.data.teacher_cache import (
+from histodistill.data.teacher_features import TeacherFeatures
+from histodistill.errors import UserError
+from histodistill.features import extract, teacher_cache
+from histodistill.features.teacher_cache import (
     CACHE_RECORD,
-    TeacherFeatures,
     cache_features_dir,
     cache_key,
     ensure_teacher_cache,
     stale_reasons,
 )
-from histodistill.data.tiling import write_coords
-from histodistill.errors import UserError
-from histodistill.eval import extract
 from histodistill.io import write_json
+from histodistill.wsi.tiling import write_coords
 
 COORDS = np.array([[0, 0], [64, 0], [0, 64], [64, 64]], dtype=np.int64)
 
@@ -101,7 +101,7 @@ def test_rebuild_runs_extract_once_and_records_the_key(tiles, monkeypatch):
         write_features(complete / "s.h5", COORDS, np.ones((4, 5)), patch_size=64, target_mpp=0.5)
         write_json(complete / extract.EXTRACTOR_JSON, {"extractor": model})
 
-    monkeypatch.setattr(extract, "extract_slides", fake_extract_slides)
+    monkeypatch.setattr(teacher_cache, "extract_slides", fake_extract_slides)
     ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
     ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)  # now fresh: no second extraction
     assert calls == [(TEACHER, tiles, tiles)]

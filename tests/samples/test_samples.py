@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from histodistill import cli
-from histodistill.data import samples
-from histodistill.data.samples import SAMPLES, Sample, cache_dir, cached_path, fetch
 from histodistill.errors import UserError
+from histodistill.samples import registry as samples
+from histodistill.samples.registry import SAMPLES, Sample, cache_dir, cached_path, fetch
 
 CONTENT_A = b"pretend H&E pixels " * 100
 CONTENT_B = b"a second member of the same wheel"

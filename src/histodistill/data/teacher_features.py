@@ -1,0 +1,56 @@
+"""Teacher features by tile coordinates: MCM-KD's targets, read from a features file of the teacher cache.
+
+The cache itself (which teacher, when it is stale, how it is built) lives in
+`histodistill.features.teacher_cache`; this reader only needs the file, so training data does not
+depend on extraction.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from histodistill.errors import UserError
+
+
+class TeacherFeatures:
+    """Coordinate lookup in one slide's features file. The file is opened on first use, so each
+    DataLoader worker gets its own handle (h5py handles must not cross a fork)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._features: h5py.Dataset | None = None
+        self._row: dict[tuple[int, int], int] = {}
+
+    def _open(self) -> h5py.Dataset:
+        if self._features is None:
+            if not self.path.is_file():
+                raise UserError(f"teacher cache file {self.path} is missing: set data.rebuild_cache: true")
+            handle = h5py.File(self.path, "r")
+            self._row = {(int(x), int(y)): i for i, (x, y) in enumerate(handle["coords"][:])}
+            self._features = handle["features"]
+        return self._features
+
+    @property
+    def dim(self) -> int:
+        return int(self._open().shape[1])
+
+    def lookup(self, cell_coords: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(S, 2) cell top-lefts + (S,) valid -> (S, D) float32 teacher features, zeros where not valid."""
+        features = self._open()
+        out = np.zeros((len(cell_coords), features.shape[1]), np.float32)
+        wanted = [(k, (int(x), int(y))) for k, ((x, y), ok) in enumerate(zip(cell_coords, valid, strict=True)) if ok]
+        missing = [xy for _, xy in wanted if xy not in self._row]
+        if missing:
+            raise UserError(
+                f"teacher cache {self.path} has no feature for tile(s) {missing[:3]}: it was computed from a "
+                "different tiling; set data.rebuild_cache: true to recompute it"
+            )
+        rows = np.array([self._row[xy] for _, xy in wanted], dtype=np.int64)
+        order = np.argsort(rows)  # h5py reads a list of rows only in increasing order
+        values = features[rows[order]] if len(rows) else np.zeros((0, features.shape[1]), np.float32)
+        out[[wanted[k][0] for k in order]] = values
+        return out
