@@ -26,7 +26,7 @@ _PUBLIC = {
     "TissueConfig": "histodistill.wsi.tissue",
     "tissue_mask": "histodistill.wsi.tissue",
     "tile_slide": "histodistill.wsi.tiling",
-    "read_coords": "histodistill.wsi.tiling",
+    "read_coords": "histodistill.wsi.coords",
     "Backbone": "histodistill.models.backbones",
     "create_backbone": "histodistill.models.backbones",
     "list_backbones": "histodistill.models.backbones",

@@ -27,7 +27,7 @@ def test_single_slide_then_skip_then_overwrite(tiny_slide, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["tile", str(tiny_slide.path), "--out", str(out), "--patch-size", "128"]
     assert main(argv) == 0
-    assert "1 tiled, 0 already done, 0 failed; 10 tiles" in capsys.readouterr().out
+    assert "1 tiled, 0 already done, 0 failed, 0 with no tiles; 10 tiles" in capsys.readouterr().out
     assert main(argv) == 0
     assert "0 tiled, 1 already done" in capsys.readouterr().out
     assert main([*argv, "--overwrite"]) == 0

@@ -138,7 +138,7 @@ def test_corrupt_and_missing_files_name_the_file(tmp_path):
         open_slide(tmp_path / "missing.svs")
 
 
-def test_plain_image_mpp_is_trusted_only_at_microscope_resolution(tmp_path):
+def test_plain_image_mpp_is_read_from_its_tag_and_refused_outside_microscope_range(tmp_path):
     pixels = np.zeros((8, 8, 3), np.uint8)
     Image.fromarray(pixels).save(tmp_path / "screen.png", dpi=(96, 96))  # an editor default
     Image.fromarray(pixels).save(tmp_path / "scan.jpg", dpi=(50800, 50800))  # 0.5 um/px
@@ -146,9 +146,12 @@ def test_plain_image_mpp_is_trusted_only_at_microscope_resolution(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "none.png")
     assert open_slide(tmp_path / "scan.jpg").mpp == pytest.approx(0.5)
     assert open_slide(tmp_path / "cm.tif").mpp == pytest.approx(0.25)
-    for name in ("screen.png", "none.png"):
-        with pytest.raises(UserError, match=rf"{name}: the slide has no microns-per-pixel.*--mpp-override"):
-            _ = open_slide(tmp_path / name).mpp
+    with pytest.raises(UserError, match=r"none.png: the slide has no microns-per-pixel.*--mpp-override"):
+        _ = open_slide(tmp_path / "none.png").mpp
+    # An editor default is refused by name, value and tag, not silently read as 264.6 um/px.
+    with pytest.raises(UserError, match=r"screen.png: level-0 mpp 264.6 um/px read from its PNG pHYs chunk "
+                                        r"\(96.* dpi\) is outside 0.05-16.0 .*--mpp-override"):
+        _ = open_slide(tmp_path / "screen.png").mpp
     assert open_slide(tmp_path / "screen.png", mpp=0.3).mpp == 0.3
 
 

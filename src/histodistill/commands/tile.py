@@ -3,9 +3,11 @@
   histodistill tile SLIDE_OR_DIR_OR_CSV --out DIR [--mpp 0.5 | --magnification 20] --patch-size 256
 
 Per slide: DIR/patches/<slide_id>.h5 (coords, CLAM/TRIDENT layout), DIR/qc/<slide_id>.png
-(thumbnail, tissue contour, tiles) and DIR/status/<slide_id>.json (ok/failed, tiles, seconds).
+(thumbnail, tissue contour, tiles) and DIR/status/<slide_id>.json (ok/empty/failed, tiles, seconds,
+and why a slide has no tile).
 Slides already tiled with the same settings are skipped; a failing slide is reported and the
-others go on; the exit status is 1 when any slide failed. See docs/tiling.md.
+others go on; the exit status is 1 when any slide failed. A slide without tiles gets one warning
+line. See docs/tiling.md.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from histodistill.wsi.formats import SLIDE_SUFFIXES
+
 HELP = "detect tissue and write tile coordinates (CLAM/TRIDENT HDF5) for a slide, a folder or a CSV of slides"
 
-# What a folder scan picks up: OpenSlide's formats and the plain images we read as one-level slides.
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-                  ".qptiff", ".png", ".jpg", ".jpeg"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,12 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="tile again even where finished outputs exist (default: skip those)"
     )
     parser.add_argument(
-        "--thumbnail-size", type=int, default=2048,
-        help="longest side in pixels of the thumbnail the tissue mask is computed on (default 2048)",
+        "--mask-mpp", type=float, default=None,
+        help="resolution of the tissue mask in microns per pixel, read from the closest pyramid level "
+        "(default: a 16th of a tile's side, at most 8)",
     )
     parser.add_argument(
-        "--min-saturation", type=float, default=0.07,
-        help="tissue needs at least this HSV saturation (0..1) even when Otsu's threshold is lower (default 0.07)",
+        "--min-saturation", type=float, default=None,
+        help="bright pixels less saturated than this (HSV, 0..1) are glass; set it below the automatic cut for "
+        "very pale tissue, 0 to count every pixel that is not near-black (default: automatic, Otsu over the "
+        "bright pixels clipped to 0.04-0.10)",
     )
 
 
@@ -132,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
-    tissue = TissueConfig(thumbnail_size=args.thumbnail_size, min_saturation=args.min_saturation)
+    if args.mask_mpp is not None and args.mask_mpp <= 0:
+        raise UserError(f"--mask-mpp must be positive, got {args.mask_mpp}")
+    tissue = TissueConfig(mask_mpp=args.mask_mpp, min_saturation=args.min_saturation)
     jobs = [
         dict(slide_path=path, out_dir=args.out, target_mpp=args.mpp or 0.5, patch_size=args.patch_size,
              overlap=args.overlap, min_tissue=args.min_tissue, mpp_override=mpp, tissue=tissue,
@@ -157,8 +163,11 @@ def run(args: argparse.Namespace) -> int:
     for result in results:
         if result.status == "failed":
             print(f"failed: {result.slide_path}: {result.message}", file=sys.stderr)
-    counts = {status: sum(r.status == status for r in results) for status in ("ok", "skipped", "failed")}
+        elif result.message:  # why a slide has no tile, or an upsampling warning
+            print(f"warning: {result.slide_path}: {result.message}", file=sys.stderr)
+    counts = {status: sum(r.status == status for r in results) for status in ("ok", "empty", "skipped", "failed")}
+    no_tiles = sum(r.status != "failed" and r.n_tiles == 0 for r in results)
     tiles = sum(r.n_tiles for r in results)
-    print(f"{len(results)} slides: {counts['ok']} tiled, {counts['skipped']} already done, {counts['failed']} failed; "
-          f"{tiles} tiles in {Path(args.out) / 'patches'}")
+    print(f"{len(results)} slides: {counts['ok'] + counts['empty']} tiled, {counts['skipped']} already done, "
+          f"{counts['failed']} failed, {no_tiles} with no tiles; {tiles} tiles in {Path(args.out) / 'patches'}")
     return 1 if counts["failed"] else 0

@@ -15,9 +15,11 @@ handles with its parent.
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -26,9 +28,12 @@ from histodistill.errors import UserError
 # A level whose mpp is at most this much finer than asked is used as is: scanners report
 # downsamples like 4.0002, and a 0.1 % resize is not worth a second pass over the pixels.
 LEVEL_MPP_TOLERANCE = 1e-3
-# Plain-image resolution tags are trusted only when they describe a microscope: desktop
-# defaults (72, 96, 300, 600 dpi) are 42..353 um/px and fall outside this range.
+# A level-0 mpp outside this range describes no microscope: writers' default resolution tags
+# (72, 96, 300, 600 dpi) are 42..353 um/px, a unit mistake by 10 gives 2.5 or 0.025 um/px at 20x.
 PLAUSIBLE_MPP = (0.05, 16.0)
+OVERRIDE_SOURCE = "--mpp-override (or the slide CSV's `mpp` column)"
+# Whole-level reads (tissue detection, QC) go in strips of at most this many pixels.
+STRIP_PIXELS = 16_000_000
 
 
 def _to_rgb_uint8(image: Image.Image, path: Path) -> np.ndarray:
@@ -50,11 +55,12 @@ class Slide(ABC):
     level_downsamples: list[float]
     objective_power: float | None
 
-    def __init__(self, path: Path, metadata_mpp: float | None, mpp_override: float | None):
+    def __init__(self, path: Path, metadata_mpp: float | None, mpp_override: float | None, mpp_source: str):
         self.path = path
         self.slide_id = path.stem
         self._metadata_mpp = metadata_mpp
         self._mpp_override = mpp_override
+        self.mpp_source = OVERRIDE_SOURCE if mpp_override else mpp_source  # where `mpp` comes from, for messages
 
     @property
     def level_count(self) -> int:
@@ -66,12 +72,22 @@ class Slide(ABC):
 
     @property
     def mpp(self) -> float:
-        """Microns per pixel at level 0: the override if given, else the slide's metadata."""
+        """Microns per pixel at level 0: the override if given, else the slide's metadata.
+
+        Raises `UserError` when there is none, or when it lies outside `PLAUSIBLE_MPP` whatever its
+        source (a 72 dpi tag would otherwise make one-pixel tiles).
+        """
         mpp = self._mpp_override or self._metadata_mpp
         if mpp is None:
             raise UserError(
                 f"{self.path}: the slide has no microns-per-pixel in its metadata; pass --mpp-override X "
                 "(or an `mpp` column in the slide CSV) with the scanner's resolution in um/px"
+            )
+        if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+            raise UserError(
+                f"{self.path}: level-0 mpp {mpp:.4g} um/px read from {self.mpp_source} is outside "
+                f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px, so it describes no microscope scan (72 dpi, a "
+                "common writer default, is 352.8 um/px); pass --mpp-override X with the scanner's resolution"
             )
         return mpp
 
@@ -109,14 +125,32 @@ class Slide(ABC):
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.level_downsamples[level]
 
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample is at most ``downsample`` (level 0 if none is)."""
+        fine_enough = [
+            level for level in range(self.level_count)
+            if self.level_downsamples[level] <= downsample * (1 + LEVEL_MPP_TOLERANCE)
+        ]
+        return max(fine_enough, default=0)
+
     def best_level_for_mpp(self, target_mpp: float) -> int:
         """The coarsest level that is still at least as fine as ``target_mpp`` (level 0 if none is)."""
-        finest_enough = [
-            level
-            for level in range(self.level_count)
-            if self.level_mpp(level) <= target_mpp * (1 + LEVEL_MPP_TOLERANCE)
-        ]
-        return max(finest_enough, default=0)
+        return self.best_level_for_downsample(target_mpp / self.mpp)
+
+    def read_box(self, location: tuple[int, int], size_level0: float, size_px: int) -> np.ndarray:
+        """(size_px, size_px, 3) uint8 of the square of side ``size_level0`` level-0 pixels at ``location``.
+
+        One read from the coarsest level at least as fine as the output, then one resize. Needs no
+        mpp, so coords of other tools (CLAM, TRIDENT) are read by their level-0 patch size alone.
+        """
+        level = self.best_level_for_downsample(size_level0 / size_px)
+        read_px = max(1, round(size_level0 / self.level_downsamples[level]))
+        region = self.read_region(location, level, (read_px, read_px))
+        if read_px == size_px:
+            return region
+        # Pillow's bilinear filter widens its support when shrinking, so this is anti-aliased.
+        resized = Image.fromarray(region).resize((size_px, size_px), Image.Resampling.BILINEAR)
+        return np.asarray(resized)
 
     def read_at_mpp(self, location: tuple[int, int], size_px: int, target_mpp: float) -> np.ndarray:
         """(size_px, size_px, 3) uint8 at ``target_mpp``, top-left at level-0 ``location``.
@@ -124,14 +158,31 @@ class Slide(ABC):
         One read from `best_level_for_mpp`, then one resize, so 0.5 mpp tiles from a 0.25 mpp slide
         with a 1.0 mpp level below it cost one read of 2 x size_px at level 0 each.
         """
-        level = self.best_level_for_mpp(target_mpp)
-        read_px = max(1, round(size_px * target_mpp / self.level_mpp(level)))
-        region = self.read_region(location, level, (read_px, read_px))
-        if read_px == size_px:
-            return region
-        # Pillow's bilinear filter widens its support when shrinking, so this is anti-aliased.
-        resized = Image.fromarray(region).resize((size_px, size_px), Image.Resampling.BILINEAR)
-        return np.asarray(resized)
+        return self.read_box(location, size_px * target_mpp / self.mpp, size_px)
+
+    def read_downsampled(self, downsample: float) -> np.ndarray:
+        """The whole slide as (round(H / downsample), round(W / downsample), 3) uint8, H x W at level 0.
+
+        Read from the coarsest level at least as fine (a downsample below 1 reads level 0 as is), in
+        horizontal strips of at most `STRIP_PIXELS`, each shrunk with area averaging, so memory stays
+        bounded on a slide without coarse levels.
+        """
+        downsample = max(downsample, 1.0)
+        level = self.best_level_for_downsample(downsample)
+        level_w, level_h = self.level_dimensions[level]
+        out_w = max(1, round(self.dimensions[0] / downsample))
+        out_h = max(1, round(self.dimensions[1] / downsample))
+        rows_per_out = level_h / out_h  # level rows per output row
+        out_rows_per_strip = max(1, int(STRIP_PIXELS / level_w / rows_per_out))
+        strips = []
+        for r0 in range(0, out_h, out_rows_per_strip):
+            r1 = min(out_h, r0 + out_rows_per_strip)
+            y0 = min(round(r0 * rows_per_out), level_h - 1)
+            y1 = max(min(round(r1 * rows_per_out), level_h), y0 + 1)
+            location = (0, round(y0 * self.level_downsamples[level]))
+            region = self.read_region(location, level, (level_w, y1 - y0))
+            strips.append(cv2.resize(region, (out_w, r1 - r0), interpolation=cv2.INTER_AREA).reshape(r1 - r0, out_w, 3))
+        return np.concatenate(strips)
 
 
 class OpenSlideLikeSlide(Slide):
@@ -145,7 +196,8 @@ class OpenSlideLikeSlide(Slide):
         if mpp_x not in (None, "") and float(mpp_x) > 0:
             # Non-square pixels are rare; their mean keeps tile areas right to first order.
             metadata_mpp = (float(mpp_x) + float(mpp_y or mpp_x)) / 2
-        super().__init__(path, metadata_mpp, mpp_override)
+        super().__init__(path, metadata_mpp, mpp_override, f"its `{prefix}.mpp-x` property (for a plain TIFF: "
+                         "its XResolution and ResolutionUnit tags)")
         power = properties.get(f"{prefix}.objective-power")
         self.objective_power = float(power) if power not in (None, "") and float(power) > 0 else None
         self.level_dimensions = [tuple(map(int, dims)) for dims in handle.level_dimensions]
@@ -166,7 +218,8 @@ class ImageSlide(Slide):
     """A non-pyramidal image (PNG, JPEG, untiled TIFF) as a one-level slide held in memory."""
 
     def __init__(self, path: Path, image: Image.Image, mpp_override: float | None):
-        super().__init__(path, _trusted_image_mpp(image), mpp_override)
+        metadata_mpp, source = _image_mpp(image)
+        super().__init__(path, metadata_mpp, mpp_override, source)
         self._pixels = _to_rgb_uint8(image, path)  # (H, W, 3)
         self.objective_power = None
         self.level_dimensions = [(self._pixels.shape[1], self._pixels.shape[0])]
@@ -185,21 +238,65 @@ class ImageSlide(Slide):
         """Nothing to release: the pixels were read into memory when the slide was opened."""
 
 
-def _trusted_image_mpp(image: Image.Image) -> float | None:
-    """mpp from a plain image's resolution tag, or None when absent or not a microscope's.
+def _image_mpp(image: Image.Image) -> tuple[float | None, str]:
+    """``(mpp or None, the tag it came from)`` of a plain image's resolution tag.
 
     TIFF tags in centimetres or inches, PNG pHYs (Pillow reports it as dpi) and JPEG JFIF dpi are
-    read alike; a value outside `PLAUSIBLE_MPP` is an editor default, not a measurement.
+    read alike. A desktop default such as 72 dpi is returned as it is: `Slide.mpp` refuses it by name.
     """
     dpi = image.info.get("dpi")
+    tag = {"PNG": "PNG pHYs chunk", "JPEG": "JPEG JFIF density"}.get(image.format, f"{image.format} resolution")
     if image.format == "TIFF" and 296 in image.tag_v2:  # ResolutionUnit: 2 inch, 3 centimetre
         unit, resolution = image.tag_v2[296], image.tag_v2.get(282)
+        tag = "TIFF XResolution and ResolutionUnit tags"
         if resolution and unit in (2, 3):
             dpi = (float(resolution) * (2.54 if unit == 3 else 1.0),)
     if not dpi or not dpi[0] or float(dpi[0]) <= 0:
-        return None
-    mpp = 25400.0 / float(dpi[0])
-    return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+        return None, "no resolution tag"
+    return 25400.0 / float(dpi[0]), f"its {tag} ({float(dpi[0]):.4g} dpi)"
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable on Linux, free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _open_plain_image(path: Path) -> Image.Image:
+    """Open and decode a plain image, also beyond Pillow's pixel limit when memory allows.
+
+    Pillow refuses images over twice ``Image.MAX_IMAGE_PIXELS`` (a guard against decompression
+    bombs from untrusted sources). A user's own slide export is not one: it is read whole when its
+    decoded pixels (and one RGB copy) fit in the available memory, else refused with the way out.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = None  # header only: the size is checked below, before decoding
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+        width, height = image.size
+        if limit and width * height > limit:
+            needed = width * height * 3 * 2  # decoded pixels + the RGB copy the slide keeps
+            available = available_memory()
+            if needed > available:
+                raise UserError(
+                    f"{path}: the image is {width} x {height} px ({width * height / 1e6:.0f} Mpx), beyond Pillow's "
+                    f"pixel limit of {limit / 1e6:.0f} Mpx, and reading it whole needs about {needed / 2**30:.1f} GiB "
+                    f"of memory ({available / 2**30:.1f} GiB available); convert it to a tiled pyramidal TIFF, e.g. "
+                    f"`vips tiffsave {path.name} {path.stem}.tif --tile --pyramid --compression jpeg --Q 90 "
+                    "--tile-width 256 --tile-height 256`, and tile that"
+                )
+        image.load()
+    return image
 
 
 def _tiff_layout(path: Path) -> tuple[bool, int] | None:
@@ -246,9 +343,8 @@ def _open_uncached(path: Path, mpp_override: float | None) -> Slide:
 
         return OpenSlideLikeSlide(path, tiffslide.TiffSlide(path), "tiffslide", mpp_override)
     try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, Image.DecompressionBombError) as error:
+        image = _open_plain_image(path)
+    except OSError as error:
         raise UserError(
             f"{path}: not a readable slide or image (OpenSlide: {openslide_error}; Pillow: {error}); "
             "check that the file is complete and in a format OpenSlide or Pillow reads"

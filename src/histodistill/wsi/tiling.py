@@ -6,11 +6,13 @@ Arithmetic (all positions are top-left (x, y) at level 0):
 - ``patch_size_level0 = round(patch_size * scale)``, stride ``(patch_size - overlap) * scale``;
 - column k sits at ``round(k * stride)``; only tiles that fit entirely inside the slide are kept,
   so every tile is real pixels (no padding) and rounding never drifts across a large slide;
-- a tile is kept when the tissue mask covers at least ``min_tissue`` of its footprint.
+- a tile is kept when the tissue mask covers at least ``min_tissue`` of its footprint; the mask is
+  computed on the pyramid level closest to the resolution it needs (`mask_mpp_for`).
 
 Outputs of ``tile_slide(path, out)``: ``out/patches/<id>.h5`` (CLAM/TRIDENT layout),
 ``out/qc/<id>.png`` and ``out/status/<id>.json``, each written atomically; the status file is
-written last and marks the slide as done.
+written last and marks the slide as done. A slide without a single tile gets no coords file and
+status ``empty`` with a message that says why, names the QC image and the option to change.
 """
 
 from __future__ import annotations
@@ -22,24 +24,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from histodistill.errors import UserError
 from histodistill.io import atomic_path, write_json
-from histodistill.wsi.slide import Slide, open_slide
-from histodistill.wsi.tissue import TissueConfig, tissue_mask
+from histodistill.wsi.coords import read_coords, write_coords
+from histodistill.wsi.slide import LEVEL_MPP_TOLERANCE, Slide, open_slide
+from histodistill.wsi.tissue import TissueConfig, lacks_colour, mask_mpp_for, tissue_mask
+
+__all__ = ["TileResult", "grid_coords", "read_coords", "tile_slide", "tissue_fractions", "write_coords"]
 
 # mpp x magnification for slides that do not state their objective power: 20x = 0.5 mpp,
 # 40x = 0.25 mpp (the usual scanner convention).
 MPP_TIMES_MAGNIFICATION = 10.0
+QC_MIN_SIDE = 1024  # a QC picture smaller than this is read again, finer, so its tile boxes can be seen
 
 
 @dataclass(frozen=True)
 class TileResult:
-    """What happened to one slide. ``status`` is ``ok``, ``skipped`` (already done) or ``failed``."""
+    """What happened to one slide. ``status`` is ``ok``, ``empty`` (no tile; ``message`` says why),
+    ``skipped`` (already done; ``message`` repeats an earlier run's) or ``failed``. ``message`` of an
+    ``ok`` slide holds its warnings, if any."""
 
     slide_id: str
     slide_path: str
@@ -102,28 +109,13 @@ def tissue_fractions(mask: np.ndarray, coords: np.ndarray, patch_level0: int, di
     return inside / ((x1 - x0) * (y1 - y0))
 
 
-def write_coords(path: Path, coords: np.ndarray, attrs: dict) -> None:
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("coords", data=coords.astype(np.int64).reshape(-1, 2))
-        h5["coords"].attrs.update(attrs)  # CLAM reads the attributes from the dataset...
-        h5.attrs.update(attrs)  # ...TRIDENT-style readers from the file; both are cheap
-
-
-def read_coords(h5_path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """``(coords (N, 2) int64, attrs)`` of a coords file written by `tile_slide`."""
-    try:
-        with h5py.File(h5_path, "r") as h5:
-            attrs = {key: value.item() if hasattr(value, "item") else value for key, value in h5["coords"].attrs.items()}
-            return h5["coords"][:].astype(np.int64), attrs
-    except (OSError, KeyError) as error:
-        raise UserError(f"{h5_path}: not a coords file written by `histodistill tile` ({error})") from None
-
-
 def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, patch_level0: int, dimensions) -> Image.Image:
-    """Thumbnail with the tissue contour (green) and every kept tile (blue outline)."""
-    image = Image.fromarray(thumbnail).convert("RGB")
-    contour = ndimage.binary_dilation(mask & ~ndimage.binary_erosion(mask))
-    pixels = np.asarray(image).copy()
+    """Thumbnail with the tissue contour (green) and every kept tile (blue outline); ``mask`` is
+    resized (nearest) to the thumbnail when their sizes differ."""
+    mask8 = cv2.resize(mask.astype(np.uint8), thumbnail.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    ring = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
+    contour = cv2.dilate(mask8 & ~cv2.erode(mask8, ring) & 1, ring).astype(bool)
+    pixels = np.array(thumbnail, np.uint8)
     pixels[contour] = (0, 180, 0)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
@@ -136,13 +128,13 @@ def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, patch_l
 
 
 def _existing_done(paths: OutputPaths, settings: dict) -> dict | None:
-    """The ok status of a finished earlier run with these settings; `UserError` if the settings differ."""
-    if not (paths.status.is_file() and paths.coords.is_file()):
+    """The ok/empty status of a finished earlier run with these settings; `UserError` if the settings differ."""
+    if not paths.status.is_file():
         return None
     status = json.loads(paths.status.read_text())
-    if status.get("status") != "ok":
+    if not (status.get("status") == "ok" and paths.coords.is_file() or status.get("status") == "empty"):
         return None
-    if status.get("settings") != settings:
+    if status.get("settings") != json.loads(json.dumps(settings)):  # as JSON stores it: tuples become lists
         raise UserError(
             f"{paths.coords} was made with other settings ({status.get('settings')}); "
             "pass --overwrite to replace it, or choose another --out"
@@ -187,7 +179,7 @@ def tile_slide(
         tissue=dataclasses.asdict(tissue),
     )
     if not overwrite and (done := _existing_done(paths, settings)):
-        return TileResult(slide_id, str(slide_path), "skipped", done["n_tiles"], 0.0, "already tiled")
+        return TileResult(slide_id, str(slide_path), "skipped", done["n_tiles"], 0.0, done.get("message", ""))
 
     start = time.perf_counter()
     try:
@@ -195,13 +187,22 @@ def tile_slide(
         mpp = target_mpp if magnification is None else magnification_to_mpp(slide, magnification)
         if mpp <= 0:
             raise UserError(f"--mpp must be positive, got {mpp}")
-        scale = mpp / slide.mpp
+        scale = mpp / slide.mpp  # level-0 pixels per target pixel; slide.mpp refuses implausible values
         patch_level0 = round(patch_size * scale)
-        thumbnail = slide.get_thumbnail(tissue.thumbnail_size)
-        mask = tissue_mask(thumbnail, tissue)
+        if patch_level0 < 1:
+            raise UserError(f"{slide_path}: a {patch_size}-px tile at {mpp:.4g} mpp is {patch_size * scale:.3g} level-0 "
+                            f"pixels of {slide.mpp:.4g} um; raise --patch-size or --mpp")
+        warnings = []
+        if scale < 1 - LEVEL_MPP_TOLERANCE:
+            warnings.append(f"target {mpp:.4g} mpp is finer than the slide's level 0 ({slide.mpp:.4g} mpp, from "
+                            f"{slide.mpp_source}): tiles are upsampled {1 / scale:.3g}x; pass --mpp {slide.mpp:.4g} "
+                            "or coarser unless this is meant")
+        mask_mpp = mask_mpp_for(tissue, patch_level0, slide.mpp)
+        image = slide.read_downsampled(mask_mpp / slide.mpp)  # (h, w, 3) from the closest pyramid level
+        mask = tissue_mask(image, slide.mpp * slide.dimensions[0] / image.shape[1], tissue)
         level0_magnification = slide.objective_power or MPP_TIMES_MAGNIFICATION / slide.mpp
-        coords = grid_coords(slide.dimensions, patch_size, overlap, scale)
-        coords = coords[tissue_fractions(mask, coords, patch_level0, slide.dimensions) >= min_tissue]
+        grid = grid_coords(slide.dimensions, patch_size, overlap, scale)
+        coords = grid[tissue_fractions(mask, grid, patch_level0, slide.dimensions) >= min_tissue]
         attrs = dict(
             patch_size=patch_size,
             patch_level=slide.best_level_for_mpp(mpp),
@@ -214,9 +215,16 @@ def tile_slide(
             level0_magnification=level0_magnification,
             target_magnification=level0_magnification * slide.mpp / mpp,
         )
-        write_coords(paths.coords, coords, attrs)
+        if len(coords):
+            write_coords(paths.coords, coords, attrs)
+        else:
+            paths.coords.unlink(missing_ok=True)  # an earlier run's coords are not this run's
+            warnings.insert(0, _why_no_tiles(slide, image, mask, grid, patch_size, mpp, patch_level0, min_tissue,
+                                             tissue, paths.qc))
+        qc_downsample = max(1.0, max(slide.dimensions) / QC_MIN_SIDE)
+        qc_image = image if max(image.shape[:2]) >= QC_MIN_SIDE else slide.read_downsampled(qc_downsample)
         with atomic_path(paths.qc) as tmp:
-            draw_qc(thumbnail, mask, coords, patch_level0, slide.dimensions).save(tmp, format="PNG")
+            draw_qc(qc_image, mask, coords, patch_level0, slide.dimensions).save(tmp, format="PNG")
     except BaseException as error:  # KeyboardInterrupt too: never leave a coords file for a failed slide
         for path in (paths.coords, paths.qc):
             path.unlink(missing_ok=True)
@@ -226,7 +234,25 @@ def tile_slide(
         write_json(paths.status, status)
         raise
     seconds = time.perf_counter() - start
-    status = dict(slide_id=slide_id, slide_path=str(slide_path), status="ok", n_tiles=len(coords),
-                  seconds=round(seconds, 3), message="", settings=settings)
+    outcome, message = "ok" if len(coords) else "empty", "; ".join(warnings)
+    status = dict(slide_id=slide_id, slide_path=str(slide_path), status=outcome, n_tiles=len(coords),
+                  seconds=round(seconds, 3), message=message, settings=settings)
     write_json(paths.status, status)
-    return TileResult(slide_id, str(slide_path), "ok", len(coords), seconds)
+    return TileResult(slide_id, str(slide_path), outcome, len(coords), seconds, message)
+
+
+def _why_no_tiles(slide: Slide, image: np.ndarray, mask: np.ndarray, grid: np.ndarray, patch_size: int, mpp: float,
+                  patch_level0: int, min_tissue: float, tissue: TissueConfig, qc_path: Path) -> str:
+    """One sentence: why a slide has no tile, where to look, and which option to change."""
+    width, height = slide.dimensions
+    if not len(grid):
+        return (f"no tiles: the slide is {width} x {height} px at level 0, smaller than one {patch_size}-px tile at "
+                f"{mpp:.4g} mpp ({patch_level0} level-0 px); lower --patch-size or --mpp")
+    if lacks_colour(image, tissue):
+        return (f"no tiles: the image has no colour (grayscale or unstained), and tissue is found by its stain; "
+                f"see {qc_path}; --min-saturation 0 counts every pixel that is not near-black as tissue")
+    if not mask.any():
+        return (f"no tiles: no tissue found; see {qc_path}; if pale tissue was missed, pass a --min-saturation "
+                "below the automatic glass cut (0.04-0.10), e.g. 0.02")
+    return (f"no tiles: tissue covers {mask.mean():.1%} of the slide but no tile reaches --min-tissue {min_tissue}; "
+            f"see {qc_path}; lower --min-tissue")

@@ -1,83 +1,156 @@
-"""Tissue mask on a slide thumbnail: saturation Otsu, pen and dark-pixel rejection, morphology.
+"""Tissue mask of a slide image at a known resolution: glass, ink, pen and dark-pixel rejection, morphology.
 
-Stained tissue is coloured and glass is grey, so HSV saturation separates them better than
-brightness does (a pale eosin region can be as bright as glass). The steps:
+Glass is bright and grey; stained tissue is coloured, and may be as bright as glass (pale eosin,
+loose stroma) or far darker. So a pixel is **glass only when it is bright AND unsaturated**, and
+everything else that carries some colour is tissue unless a rule below rejects it:
 
-1. saturation S = (max - min) / max per pixel, smoothed with a small median filter (JPEG noise);
-2. tissue = S above Otsu's threshold, but never below ``min_saturation`` (on a thumbnail that is
-   nearly all glass, Otsu splits the glass noise in two);
-3. drop pixels that are not H&E colours: near-black (labels, slide edges, black ink) and green
-   or blue pen (in H&E the green channel is the smallest; pen ink has green above red);
-4. closing with a disk, filling holes up to ``max_hole_area``, removing components smaller than
-   ``min_area``. Areas are fractions of the thumbnail so the config works at any thumbnail size.
+1. saturation S = (max - min) / max and value V = max per pixel; S is median-filtered against JPEG
+   noise;
+2. glass = V >= ``glass_value`` and S < the glass cut. The cut is ``min_saturation`` when the user
+   sets it (any value, also below Otsu's), else Otsu's threshold of S over the bright pixels only,
+   clipped to [``auto_saturation_floor``, ``auto_saturation_ceiling``]. The ceiling is what keeps an
+   image without glass whole: Otsu on an all-tissue image splits loose stroma from nuclei-dense
+   areas, and the ceiling stops that cut before it reaches stained tissue;
+3. dim pixels (V < ``glass_value``) are never glass; they are tissue when they carry a trace of
+   colour (S >= ``auto_saturation_floor``), so grey debris and grayscale images are not;
+4. not tissue: near-black (V < ``dark_value``: labels, slide edges, black ink), green/blue pen
+   (green above red by more than ``pen_margin``; in H&E green is the smallest channel) and
+   navy/violet-blue ink: on the colour averaged over ``ink_smoothing_um``, hue in ``ink_hue``
+   degrees, S >= ``ink_min_saturation`` and V <= ``ink_max_value``. Hematoxylin is blue-violet too,
+   but nuclei are small and sit in eosin, so their neighbourhood average is purple (hue > 255 deg
+   on the sample images) and paler; an ink stroke is a wide, uniform, dark blue band (see
+   docs/tiling.md for the measurements and the inks this does not catch);
+5. closing with a disk of ``closing_um``, holes up to ``max_hole_um2`` filled, components below
+   ``min_area_um2`` dropped.
+
+Thresholds and morphology are OpenCV's (``cv2.threshold`` with THRESH_OTSU, ``cv2.medianBlur``,
+``cv2.morphologyEx``, ``cv2.connectedComponentsWithStats``). Sizes are in microns, so the config
+means the same at any mask resolution.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
-from scipy import ndimage
 
 
 @dataclass(frozen=True)
 class TissueConfig:
     """Thresholds of `tissue_mask`; the defaults suit H&E scanned on white glass."""
 
-    thumbnail_size: int = 2048  # longest side of the thumbnail the mask is computed on, pixels
-    min_saturation: float = 0.07  # saturation floor under Otsu's threshold, 0..1
+    mask_mpp: float | None = None  # resolution of the mask, um/px; None: `mask_mpp_for` the tile size
+    min_saturation: float | None = None  # glass/tissue saturation cut 0..1; None: automatic (see module doc)
+    auto_saturation_floor: float = 0.04  # least colour counted as stain, and lowest automatic cut, 0..1
+    auto_saturation_ceiling: float = 0.10  # highest automatic cut: pale stain (S >= 0.1) is never glass
+    glass_value: int = 200  # only pixels at least this bright (brightest channel) can be glass, 0..255
     dark_value: int = 40  # pixels whose brightest channel is below this are ink/label/edge, 0..255
-    pen_margin: int = 10  # green above red by more than this = pen ink, 0..255
-    median_size: int = 3  # median filter on the saturation, pixels (1 = off)
-    closing_radius: int = 2  # disk radius of the closing that bridges small gaps, pixels (0 = off)
-    max_hole_area: float = 0.01  # holes up to this fraction of the thumbnail are filled (0 = none)
-    min_area: float = 0.0005  # components below this fraction of the thumbnail are dropped
+    pen_margin: int = 10  # green above red by more than this = green/blue pen, 0..255
+    ink_hue: tuple[float, float] = (200.0, 255.0)  # hue range of navy/violet-blue ink, degrees
+    ink_min_saturation: float = 0.3  # ink is strongly coloured...
+    ink_max_value: int = 160  # ...and dark (brightest channel), 0..255
+    ink_smoothing_um: float = 24.0  # side of the box the ink rule averages colour over, microns
+    median_um: float = 12.0  # median filter on the saturation, microns (0 = off)
+    closing_um: float = 16.0  # radius of the closing that bridges small gaps, microns (0 = off)
+    max_hole_um2: float = 50_000.0  # holes up to this area are filled (lumens above it stay out), um^2
+    min_area_um2: float = 1_000.0  # components below this area (a few cells) are dropped, um^2
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of ``values`` in [0, 1]: the cut maximising between-class variance."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    centers = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(hist).astype(np.float64)
-    weight_high = weight_low[-1] - weight_low
-    sum_low = np.cumsum(hist * centers)
-    mean_low = sum_low / np.maximum(weight_low, 1)
-    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2  # cut after bin i
-    return float(edges[int(np.argmax(between)) + 1])
+# A mask of a tile needs enough pixels to measure its tissue fraction, and no more: this many mask
+# pixels across one tile, but never coarser than MAX_MASK_MPP (islands of ~50 um stay visible).
+MASK_PIXELS_PER_TILE = 16
+MAX_MASK_MPP = 8.0
 
 
-def _disk(radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return xx**2 + yy**2 <= radius**2
+def mask_mpp_for(config: TissueConfig, patch_size_level0: float, slide_mpp: float) -> float:
+    """The mask resolution in um/px: the config's, else a 16th of a tile's side, at most 8 um/px."""
+    if config.mask_mpp is not None:
+        return config.mask_mpp
+    return min(MAX_MASK_MPP, patch_size_level0 * slide_mpp / MASK_PIXELS_PER_TILE)
 
 
-def tissue_mask(thumbnail: np.ndarray, config: TissueConfig = TissueConfig()) -> np.ndarray:
-    """(h, w) bool tissue mask of a (h, w, 3) uint8 RGB thumbnail."""
-    rgb = thumbnail.astype(np.int16)
+def hsv_saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w) float32 saturation in [0, 1] and (h, w) uint8 value (brightest channel) of RGB uint8."""
     value = rgb.max(axis=2)
-    saturation = (value - rgb.min(axis=2)) / np.maximum(value, 1)  # (h, w) in [0, 1]
-    if config.median_size > 1:
-        saturation = ndimage.median_filter(saturation, size=config.median_size)
-    threshold = max(otsu_threshold(saturation), config.min_saturation)
-    mask = saturation > threshold
-    mask &= value >= config.dark_value
-    mask &= rgb[..., 1] - rgb[..., 0] <= config.pen_margin
+    saturation = (value - rgb.min(axis=2)).astype(np.float32) / np.maximum(value, 1)
+    return saturation, value
 
-    area = mask.size
-    if config.closing_radius > 0:
+
+def lacks_colour(rgb: np.ndarray, config: TissueConfig = TissueConfig()) -> bool:  # noqa: B008 - frozen
+    """Whether an image shows something (over 1 % of its pixels darker than glass) but no stain colour
+    (under 1 % of its pixels as saturated as stain): a grayscale or unstained scan, not blank glass."""
+    saturation, value = hsv_saturation_value(rgb)
+    shows_something = (value < config.glass_value).mean() > 0.01
+    return shows_something and float(np.percentile(saturation, 99)) < config.auto_saturation_floor
+
+
+def glass_saturation_cut(saturation: np.ndarray, value: np.ndarray, config: TissueConfig) -> float:
+    """The saturation below which a bright pixel is glass (see the module docstring, step 2)."""
+    if config.min_saturation is not None:
+        return config.min_saturation
+    bright = saturation[value >= config.glass_value]
+    if bright.size < 64:  # no glass to model: only the floor applies
+        return config.auto_saturation_floor
+    as_uint8 = np.round(bright * 255).astype(np.uint8).reshape(-1, 1)
+    otsu, _ = cv2.threshold(as_uint8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(np.clip(otsu / 255, config.auto_saturation_floor, config.auto_saturation_ceiling))
+
+
+def _odd_kernel(microns: float, mpp: float) -> int:
+    size = round(microns / mpp)
+    return size + 1 - size % 2  # odd, >= 1
+
+
+def ink_mask(rgb: np.ndarray, mpp: float, config: TissueConfig) -> np.ndarray:
+    """(h, w) bool: navy/violet-blue ink judged on the neighbourhood-averaged colour, and its rim."""
+    size = max(3, _odd_kernel(config.ink_smoothing_um, mpp))
+    smooth = cv2.blur(rgb.astype(np.float32) / 255, (size, size))
+    hue, saturation, value = cv2.split(cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV))  # hue in degrees
+    ink = ((hue >= config.ink_hue[0]) & (hue <= config.ink_hue[1]) & (saturation >= config.ink_min_saturation)
+           & (value * 255 <= config.ink_max_value))
+    # The averaging pales a stroke's rim with the glass beside it; widen the mask by the box it used.
+    return cv2.dilate(ink.astype(np.uint8), np.ones((size, size), np.uint8)).astype(bool)
+
+
+def _fill_small_holes(mask: np.ndarray, max_pixels: float) -> np.ndarray:
+    """Fill background components that do not touch the border and have at most ``max_pixels``."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+    h, w = mask.shape
+    x, y, bw, bh, area = (stats[:, i] for i in range(5))
+    enclosed = (x > 0) & (y > 0) & (x + bw < w) & (y + bh < h)
+    small = enclosed & (area <= max_pixels)
+    small[0] = False  # label 0 is the tissue itself
+    return mask | small[labels]
+
+
+def tissue_mask(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()) -> np.ndarray:  # noqa: B008
+    """(h, w) bool tissue mask of a (h, w, 3) uint8 RGB image whose pixels are ``mpp`` microns wide."""
+    rgb = np.ascontiguousarray(rgb)
+    saturation, value = hsv_saturation_value(rgb)
+    median = _odd_kernel(config.median_um, mpp)
+    if median > 1:
+        s8 = cv2.medianBlur(np.round(saturation * 255).astype(np.uint8), median)
+        saturation = s8.astype(np.float32) / 255
+    cut = glass_saturation_cut(saturation, value, config)
+    glass = (value >= config.glass_value) & (saturation < cut)
+    coloured = saturation >= min(cut, config.auto_saturation_floor)
+    mask = ~glass & coloured & (value >= config.dark_value)
+    mask &= rgb[..., 1].astype(np.int16) - rgb[..., 0] <= config.pen_margin
+    mask &= ~ink_mask(rgb, mpp, config)
+
+    pixel_area = mpp * mpp  # um^2
+    radius = round(config.closing_um / mpp)
+    mask8 = mask.astype(np.uint8)
+    if radius > 0:
         # Pad so the closing does not erode tissue that touches the border.
-        pad = config.closing_radius
-        padded = np.pad(mask, pad, mode="edge")
-        mask = ndimage.binary_closing(padded, structure=_disk(pad))[pad:-pad, pad:-pad]
-    if config.max_hole_area > 0:
-        holes, n_holes = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
-        hole_sizes = np.bincount(holes.ravel(), minlength=n_holes + 1)
-        small = hole_sizes <= config.max_hole_area * area
-        small[0] = False  # label 0 is everything that is not a hole
-        mask |= small[holes]
-    components, n_components = ndimage.label(mask)
-    sizes = np.bincount(components.ravel(), minlength=n_components + 1)
-    keep = sizes >= config.min_area * area
-    keep[0] = False
-    return keep[components]
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        padded = cv2.copyMakeBorder(mask8, radius, radius, radius, radius, cv2.BORDER_REPLICATE)
+        mask8 = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disk)[radius:-radius, radius:-radius]
+    mask = mask8.astype(bool)
+    if config.max_hole_um2 > 0:
+        mask = _fill_small_holes(mask, config.max_hole_um2 / pixel_area)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= config.min_area_um2 / pixel_area
+    keep[0] = False  # background
+    return keep[labels]
