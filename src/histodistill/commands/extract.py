@@ -1,6 +1,7 @@
 """Extract frozen-backbone features for every tile of every slide (or for an image folder).
 
-Slides: --coords DIR is a `histodistill tile` output (DIR/patches/*.h5); writes
+Slides: --coords DIR is a `histodistill tile` output (DIR/patches/*.h5), or a patches/ folder of ours,
+CLAM's create_patches_fp or TRIDENT (--slides SLIDE_DIR finds slides such coords do not name); writes
 OUT/features_<model>/<slide_id>.h5 (features (N, D) float32, coords (N, 2) int64) and
 OUT/features_<model>/extractor.json. <model> is a folder-safe slug of --model: "/" and ":" become "-",
 a checkpoint RUN/checkpoints/last.ckpt becomes RUN-last, an exported directory its name.
@@ -24,7 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local weights to load into --model (.safetensors, or a .pth/.pt/.bin state dict); "
                              "without it a name is randomly initialised (seed 0) and a checkpoint uses its own")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--coords", metavar="DIR", help="a tiling output directory containing patches/*.h5")
+    source.add_argument("--coords", metavar="DIR",
+                        help="a tiling output directory containing patches/*.h5, or a patches/ folder itself; coords "
+                             "of `histodistill tile`, CLAM's create_patches_fp and TRIDENT are read as they are")
+    parser.add_argument("--slides", metavar="DIR", default=None,
+                        help="folder holding the slides as <slide_id>.<ext>, for coords that do not name their slide "
+                             "(CLAM, TRIDENT) or whose slides moved after tiling (default: the slide_path in each "
+                             "coords file)")
+    parser.add_argument("--slide-ext", metavar="EXT", default=None,
+                        help="suffix of the slides in --slides, e.g. .svs (default: any slide suffix tile knows)")
     source.add_argument("--images", metavar="DIR", help="an image folder DIR/<class>/<image> (patch dataset)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the features_<model>/ folder is written")
     parser.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
@@ -60,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--context-window needs --coords: context windows are cut from slides, not image folders")
         out = extract_images(args.model, args.images, args.out, **options)
     else:
-        out = extract_slides(args.model, args.coords, args.out, **options, context_window=args.context_window)
+        out = extract_slides(args.model, args.coords, args.out, **options, context_window=args.context_window,
+                             slides_dir=args.slides, slide_ext=args.slide_ext)
     print(f"features in {out}")
     return 0

@@ -16,9 +16,12 @@ HELP = "attention heatmaps over slide thumbnails + top/bottom tile montages from
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory of `histodistill mil` (holds attention/)")
-    parser.add_argument("--slides", required=True,
+    parser.add_argument("--slides", default=None,
                         help="directory of slide files named <slide_id>.<ext>, or a CSV with columns slide_id,path "
-                        "(relative paths are relative to the CSV)")
+                        "(relative paths are relative to the CSV), for slides that moved after tiling or coords that "
+                        "did not name them (default: the slide_path the tiling recorded)")
+    parser.add_argument("--slide-ext", metavar="EXT", default=None,
+                        help="suffix of the slides in a --slides directory, e.g. .svs (default: any slide suffix)")
     parser.add_argument("--top-k", type=int, default=8,
                         help="tiles per row of the montage: the k highest and the k lowest scored (default: %(default)s)")
     parser.add_argument("--scale", choices=("rank", "value"), default="rank",
@@ -28,24 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="opacity of the heatmap over the thumbnail, 0..1 (default: %(default)s)")
     parser.add_argument("--thumbnail-size", type=int, default=1024,
                         help="longest side of the thumbnail in pixels (default: %(default)s)")
-    parser.add_argument("--mpp", type=float, default=None,
-                        help="microns per pixel of slides whose metadata lacks it (as in `tile --mpp-override`)")
     parser.add_argument("--slide-id", action="append", default=None,
                         help="only this slide (repeat for several); default: every slide with attention")
     parser.add_argument("--out", default=None, help="output directory (default: <run>/figures/heatmaps)")
 
 
-def slide_paths(slides: str) -> dict[str, Path]:
-    """slide_id -> slide file, from a directory (file stems) or a slide_id,path CSV."""
+def csv_slide_paths(source: Path) -> dict[str, Path]:
+    """slide_id -> slide file from a slide_id,path CSV."""
     import csv
 
     from histodistill.errors import UserError
 
-    source = Path(slides)
-    if source.is_dir():
-        return {p.stem: p for p in sorted(source.iterdir()) if p.is_file() and not p.name.startswith(".")}
-    if not source.is_file():
-        raise UserError(f"--slides {source} is neither a directory nor a CSV file")
     with source.open(newline="") as handle:
         reader = csv.DictReader(handle)
         if not {"slide_id", "path"} <= set(reader.fieldnames or []):
@@ -57,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from histodistill.errors import UserError
-    from histodistill.eval.heatmap import slide_heatmap
+    from histodistill.eval.heatmap import read_attention, slide_heatmap
+    from histodistill.wsi.coords import find_slide
 
     run_dir = Path(args.run)
     attention = {p.stem: p for p in sorted((run_dir / "attention").glob("*.h5"))}
@@ -67,13 +64,17 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in wanted if s not in attention]
     if unknown:
         raise UserError(f"--slide-id {unknown}: no attention for them in {run_dir / 'attention'}")
-    paths = slide_paths(args.slides)
-    missing = [s for s in wanted if s not in paths]
-    if missing:
-        raise UserError(f"--slides {args.slides} has no slide for {missing[:5]}: add them or restrict with --slide-id")
+    if args.slides is not None and Path(args.slides).is_file():
+        paths = csv_slide_paths(Path(args.slides))
+        missing = [s for s in wanted if s not in paths]
+        if missing:
+            raise UserError(f"--slides {args.slides} has no slide for {missing[:5]}: add them or restrict with --slide-id")
+    else:  # every slide found before any is drawn
+        paths = {s: find_slide(attention[s], {**read_attention(attention[s])[2], "slide_id": s}, args.slides,
+                               args.slide_ext) for s in wanted}
     out = Path(args.out) if args.out else run_dir / "figures" / "heatmaps"
     for slide_id in tqdm(wanted, desc="heatmaps", unit="slide", dynamic_ncols=True):
         slide_heatmap(paths[slide_id], attention[slide_id], out, top_k=args.top_k, scale=args.scale,
-                      alpha=args.alpha, thumbnail_size=args.thumbnail_size, mpp=args.mpp)
+                      alpha=args.alpha, thumbnail_size=args.thumbnail_size)
     print(f"{len(wanted)} heatmaps in {out}")
     return 0

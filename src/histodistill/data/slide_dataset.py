@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from histodistill.errors import UserError
 from histodistill.wsi.slide import open_slide
-from histodistill.wsi.tiling import read_coords
+from histodistill.wsi.coords import read_coords
 
 
 class SlideTileDataset(Dataset):
@@ -25,7 +25,9 @@ class SlideTileDataset(Dataset):
 
     ``slide_path`` defaults to the ``slide_path`` attribute of the coords file; ``mpp`` overrides
     the slide's level-0 mpp, which otherwise is the one the tiling used (the ``mpp`` attribute),
-    so tiles come out exactly as tiled even when that came from ``--mpp-override``.
+    so tiles come out exactly as tiled even when that came from ``--mpp-override``. Coords of CLAM
+    or TRIDENT (no mpp, no slide path) are read as ``patch_size_level0`` level-0 pixels resized to
+    ``patch_size``, the field of view those tools cut.
     """
 
     def __init__(
@@ -38,15 +40,23 @@ class SlideTileDataset(Dataset):
         self.coords_path = Path(coords_path)
         self.coords, attrs = read_coords(self.coords_path)  # (N, 2) int64
         self.slide_id = str(attrs.get("slide_id", self.coords_path.stem))
+        self.attrs = attrs
+        if not (slide_path or attrs.get("slide_path")):
+            raise UserError(f"{self.coords_path}: the coords do not name their slide (CLAM/TRIDENT coords); pass "
+                            "slide_path=... (slide_paths={slide_id: path} for SlideTilesDataset, --slides on the CLI)")
         self.slide_path = Path(slide_path or attrs["slide_path"])
         if not self.slide_path.is_file():
             raise UserError(
                 f"{self.coords_path}: its slide {self.slide_path} does not exist; pass the slide's current "
-                "location (slide_path=..., or slide_paths={slide_id: path} for SlideTilesDataset)"
+                "location (slide_path=..., or slide_paths={slide_id: path} for SlideTilesDataset, --slides on the CLI)"
             )
         self.patch_size = int(attrs["patch_size"])
-        self.target_mpp = float(attrs["target_mpp"])
-        self.mpp = float(mpp if mpp is not None else attrs["mpp"])
+        self.target_mpp = float(attrs["target_mpp"]) if "target_mpp" in attrs else None
+        mpp = mpp if mpp is not None else attrs.get("mpp")
+        self.mpp = float(mpp) if mpp is not None else None
+        # Level-0 side of a tile: exact from the mpps when the file has them (no rounding), else as stated.
+        exact = self.target_mpp is not None and self.mpp is not None
+        self.patch_size_level0 = self.patch_size * self.target_mpp / self.mpp if exact else float(attrs["patch_size_level0"])
         self.transform = transform
         self._slide = None  # opened lazily in the process that reads, never pickled (__getstate__)
 
@@ -60,7 +70,7 @@ class SlideTileDataset(Dataset):
         x, y = (int(v) for v in self.coords[index])
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.mpp)
-        tile = self._slide.read_at_mpp((x, y), self.patch_size, self.target_mpp)  # (H, W, 3) uint8
+        tile = self._slide.read_box((x, y), self.patch_size_level0, self.patch_size)  # (H, W, 3) uint8
         # The copy makes the (possibly read-only, Pillow-owned) pixels a writable (3, H, W) array.
         image = torch.from_numpy(tile.transpose(2, 0, 1).copy())  # (3, H, W)
         if self.transform is not None:

@@ -135,24 +135,19 @@ def slide_heatmap(
     alpha: float = 0.5,
     thumbnail_size: int = 1024,
     tile_px: int = 160,
-    mpp: float | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<out_dir>/<slide_id>_heatmap.png`` and ``<slide_id>_tiles.png``; return both paths.
 
-    The patch size at level 0 comes from the attention file's ``patch_size_level0``, else from its
-    ``patch_size × target_mpp / slide mpp``, else from the coords' grid step.
+    Box geometry is the tiling's: the attention file's ``patch_size_level0`` (carried from the coords
+    through the features file), else the coords' grid step; never the slide's metadata, which may be
+    the very thing `tile --mpp-override` corrected.
     """
     from histodistill.wsi.slide import open_slide
 
     coords, scores, attrs = read_attention(attention_path)
-    slide = open_slide(slide_path, mpp=mpp)
+    slide = open_slide(slide_path)
     slide_id = Path(attention_path).stem
-    if "patch_size_level0" in attrs:
-        patch0 = int(attrs["patch_size_level0"])
-    elif "patch_size" in attrs and "target_mpp" in attrs:
-        patch0 = round(float(attrs["patch_size"]) * float(attrs["target_mpp"]) / slide.mpp)
-    else:
-        patch0 = infer_patch_size_level0(coords)
+    patch0 = int(attrs["patch_size_level0"]) if "patch_size_level0" in attrs else infer_patch_size_level0(coords)
     thumbnail = slide.get_thumbnail(thumbnail_size)
     downsample = slide.dimensions[0] / thumbnail.shape[1]
     values = rank_scale(scores) if scale == "rank" else scores

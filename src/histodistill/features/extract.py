@@ -34,6 +34,7 @@ from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
 from histodistill.io import atomic_path, write_json
 from histodistill.models.backbones import Backbone, create_backbone
+from histodistill.wsi.coords import coords_files, find_slide, read_coords, tiling_attrs
 
 EXTRACTOR_JSON = "extractor.json"
 PATCH_FEATURES = "features.h5"
@@ -142,11 +143,14 @@ def prepare_model(backbone: Backbone, device: torch.device) -> Backbone:
     return backbone
 
 
-def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]) -> None:
-    """``features`` (N, D) float32 and ``coords`` (N, 2) int64, written atomically."""
+def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any],
+                         coords_attrs: dict[str, Any] | None = None) -> None:
+    """``features`` (N, D) float32 and ``coords`` (N, 2) int64, written atomically; ``coords_attrs`` (the
+    tiling: patch_size_level0, ...) go on the ``coords`` dataset, where TRIDENT's slide encoders read them."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_dataset("features", data=features.astype(np.float32))
         handle.create_dataset("coords", data=coords.astype(np.int64))
+        handle["coords"].attrs.update(coords_attrs or {})
         for key, value in attrs.items():
             handle.attrs[key] = value
 
@@ -162,16 +166,24 @@ def extract_slides(
     precision: str = "32",
     overwrite: bool = False,
     context_window: int | None = None,
+    slides_dir: str | os.PathLike | None = None,
+    slide_ext: str | None = None,
 ) -> Path:
-    """Features for every slide of a tiling output (``coords_dir/patches/*.h5``); returns the features folder.
+    """Features for every slide of a tiling output (``coords_dir/patches/*.h5``, or that ``patches/``
+    folder itself; ours, CLAM's or TRIDENT's); returns the features folder.
 
     Finished slides are skipped unless ``overwrite``. A folder already holding features of other
     weights is refused (mixing extractors in one folder would silently corrupt a MIL run).
     ``context_window`` s: each tile's feature is the centre cell of the s x s window around it
     (`histodistill.features.context_extract`), written to ``features_<slug>-context<s>``.
+    ``slides_dir``: the folder holding ``<slide_id><slide_ext>`` for coords that do not name their slide
+    (CLAM, TRIDENT) or whose slides moved; every slide is found before any work starts.
+    Each features file's ``coords`` carries the tiling's attributes (`tiling_attrs`).
     """
 
-    coords_files = _coords_files(Path(coords_dir))
+    files = coords_files(coords_dir)
+    tilings = {path: read_coords(path)[1] for path in files}
+    slide_of = {path: find_slide(path, attrs, slides_dir, slide_ext) for path, attrs in tilings.items()}
     backbone = _seeded_backbone(model, weights)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     record["context_window"] = context_window
@@ -185,19 +197,21 @@ def extract_slides(
 
     torch_device = resolve_device(device)
     prepare_model(backbone, torch_device)  # in place (nn.Module.to), so `net` wraps the prepared backbone
-    for coords_path in tqdm(coords_files, desc="slides", unit="slide", dynamic_ncols=True):
-        target = features_dir / f"{coords_path.stem}.h5"
+    for coords_path in tqdm(files, desc="slides", unit="slide", dynamic_ncols=True):
+        tiling = tilings[coords_path]
+        target = features_dir / f"{tiling['slide_id']}.h5"
         if target.exists() and not overwrite:
             continue
-        dataset = tiles_of(coords_path)
+        # Context windows are cut on our own grid, whose coords name their slide.
+        dataset = tiles_of(coords_path) if context_window is not None else tiles_of(coords_path, slide_of[coords_path])
         features, coords = extract_slide(
-            net, dataset, batch_size, num_workers, torch_device, precision, desc=dataset.slide_id
+            net, dataset, batch_size, num_workers, torch_device, precision, desc=tiling["slide_id"]
         )
-        attrs = {"slide_id": dataset.slide_id, "extractor": str(model), "weights_sha256": record["weights_sha256"],
-                 "patch_size": dataset.patch_size, "target_mpp": dataset.target_mpp}
+        attrs = {"slide_id": tiling["slide_id"], "slide_path": str(slide_of[coords_path]), "extractor": str(model),
+                 "weights_sha256": record["weights_sha256"], **tiling_attrs(tiling)}
         if context_window is not None:
             attrs["context_window"] = context_window
-        write_slide_features(target, features, coords, attrs)
+        write_slide_features(target, features, coords, attrs, tiling_attrs(tiling))
     return features_dir
 
 
@@ -244,16 +258,6 @@ def _seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return create_backbone(model, weights=weights)
-
-
-def _coords_files(coords_dir: Path) -> list[Path]:
-    patches = coords_dir / "patches"
-    # Names starting with "." are temporary files of a tiling still running.
-    files = sorted(p for p in patches.glob("*.h5") if not p.name.startswith(".")) if patches.is_dir() else []
-    if not files:
-        raise UserError(f"--coords {coords_dir}: no coords files in {patches}; run `histodistill tile ... --out "
-                        f"{coords_dir}` first and pass that --out folder")
-    return files
 
 
 def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -> None:
