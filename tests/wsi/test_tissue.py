@@ -8,7 +8,13 @@ import pytest
 
 from conftest import GLASS_RGB, make_tissue_image
 from histodistill.wsi.slide import open_slide
-from histodistill.wsi.tissue import TissueConfig, glass_saturation_cut, lacks_colour, mask_mpp_for, tissue_mask
+from histodistill.wsi.tissue import (
+    TissueConfig,
+    glass_saturation_cut,
+    lacks_colour,
+    mask_mpp_for,
+    tissue_mask,
+)
 
 MPP = 4.0  # microns per mask pixel in these tests
 

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from histodistill.errors import UserError
-from histodistill.wsi.slide import open_slide
 from histodistill.wsi.coords import read_coords
+from histodistill.wsi.slide import open_slide
 
 
 class SlideTileDataset(Dataset):
