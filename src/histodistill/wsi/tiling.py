@@ -247,7 +247,7 @@ def _why_no_tiles(slide: Slide, image: np.ndarray, mask: np.ndarray, grid: np.nd
     width, height = slide.dimensions
     if not len(grid):
         return (f"no tiles: the slide is {width} x {height} px at level 0, smaller than one {patch_size}-px tile at "
-                f"{mpp:.4g} mpp ({patch_level0} level-0 px); lower --patch-size or --mpp")
+                f"{mpp:.4g} mpp ({patch_level0} level-0 px); see {qc_path}; lower --patch-size or --mpp")
     if lacks_colour(image, tissue):
         return (f"no tiles: the image has no colour (grayscale or unstained), and tissue is found by its stain; "
                 f"see {qc_path}; --min-saturation 0 counts every pixel that is not near-black as tissue")
