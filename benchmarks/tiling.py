@@ -139,9 +139,11 @@ def run_tile_cli(args: list[str], pythonpath: str) -> tuple[float, float]:
     import subprocess
     import sys
 
-    code = ("import resource, sys; from histodistill.cli import main; code = main(sys.argv[1:]); "
-            "print(max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))); "
-            "sys.exit(code)")
+    # VmHWM is this process's own peak (ru_maxrss would keep the benchmark's, inherited across exec);
+    # RUSAGE_CHILDREN covers the --workers processes.
+    code = ("import re, resource, sys; from histodistill.cli import main; code = main(sys.argv[1:]); "
+            "own = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+            "print(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
     env = {**os.environ, "PYTHONPATH": pythonpath}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, "tile", *args], check=True, env=env, capture_output=True, text=True)

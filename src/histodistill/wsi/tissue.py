@@ -72,9 +72,8 @@ def mask_mpp_for(config: TissueConfig, patch_size_level0: float, slide_mpp: floa
 
 def hsv_saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(h, w) float32 saturation in [0, 1] and (h, w) uint8 value (brightest channel) of RGB uint8."""
-    value = rgb.max(axis=2)
-    saturation = (value - rgb.min(axis=2)).astype(np.float32) / np.maximum(value, 1)
-    return saturation, value
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb, np.uint8), cv2.COLOR_RGB2HSV)  # S = (max - min) / max * 255
+    return hsv[..., 1].astype(np.float32) / 255, hsv[..., 2]
 
 
 def lacks_colour(rgb: np.ndarray, config: TissueConfig = TissueConfig()) -> bool:  # noqa: B008 - frozen
@@ -105,10 +104,10 @@ def _odd_kernel(microns: float, mpp: float) -> int:
 def ink_mask(rgb: np.ndarray, mpp: float, config: TissueConfig) -> np.ndarray:
     """(h, w) bool: navy/violet-blue ink judged on the neighbourhood-averaged colour, and its rim."""
     size = max(3, _odd_kernel(config.ink_smoothing_um, mpp))
-    smooth = cv2.blur(rgb.astype(np.float32) / 255, (size, size))
-    hue, saturation, value = cv2.split(cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV))  # hue in degrees
-    ink = ((hue >= config.ink_hue[0]) & (hue <= config.ink_hue[1]) & (saturation >= config.ink_min_saturation)
-           & (value * 255 <= config.ink_max_value))
+    hsv = cv2.cvtColor(cv2.blur(rgb, (size, size)), cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for 0..360 degrees
+    hue = hsv[..., 0].astype(np.float32) * (360 / 256)
+    ink = ((hue >= config.ink_hue[0]) & (hue <= config.ink_hue[1]) & (hsv[..., 1] >= config.ink_min_saturation * 255)
+           & (hsv[..., 2] <= config.ink_max_value))
     # The averaging pales a stroke's rim with the glass beside it; widen the mask by the box it used.
     return cv2.dilate(ink.astype(np.uint8), np.ones((size, size), np.uint8)).astype(bool)
 
