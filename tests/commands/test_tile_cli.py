@@ -127,3 +127,8 @@ def test_duplicate_slide_ids_are_refused(tiny_slide, tmp_path, capsys):
 def test_mpp_and_magnification_are_exclusive(tiny_slide, tmp_path):
     with pytest.raises(SystemExit):
         main(["tile", str(tiny_slide.path), "--out", str(tmp_path), "--mpp", "0.5", "--magnification", "20"])
+
+
+def test_a_non_positive_mask_resolution_is_a_user_error(tiny_slide, tmp_path, capsys):
+    assert main(["tile", str(tiny_slide.path), "--out", str(tmp_path / "out"), "--mask-mpp", "0"]) == 2
+    assert "--mask-mpp must be positive" in capsys.readouterr().err

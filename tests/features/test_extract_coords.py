@@ -92,9 +92,10 @@ def test_features_file_carries_the_tiling(tiny_slide, tmp_path):
     expected = {"patch_size_level0": 128, "patch_size": 64, "target_mpp": 1.0, "mpp": 0.5,
                 "level0_magnification": 20.0, "target_magnification": 10.0}
     assert {key: attrs[key] for key in expected} == pytest.approx(expected)
+    assert next(iter(attrs)) == "patch_size_level0"
 
 
-def test_heatmap_boxes_follow_the_tiling_after_mpp_override(tmp_path, monkeypatch):
+def test_heatmap_boxes_follow_the_tiling_after_mpp_override(tmp_path, monkeypatch, capsys):
     # Tagged 0.25 mpp but really 0.5: tiled with --mpp-override 0.5 --patch-size 128, the boxes are 128 px.
     from conftest import make_tissue_image
 
@@ -115,3 +116,11 @@ def test_heatmap_boxes_follow_the_tiling_after_mpp_override(tmp_path, monkeypatc
     monkeypatch.setattr(heatmap, "score_raster", lambda *a: sizes.append(a[3]) or original(*a))
     assert main(["heatmap", "--run", str(tmp_path / "run"), "--top-k", "1"]) == 0  # slide found by its slide_path
     assert sizes == [128]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(slide, moved / "mistagged.tif")
+    assert main(["heatmap", "--run", str(tmp_path / "run"), "--top-k", "1"]) == 2
+    assert "mistagged.tif no longer exists; pass --slides DIR" in capsys.readouterr().err
+    assert main(["heatmap", "--run", str(tmp_path / "run"), "--top-k", "1", "--slides", str(moved),
+                 "--slide-ext", ".tif"]) == 0
+    assert sizes == [128, 128]

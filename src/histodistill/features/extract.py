@@ -149,7 +149,8 @@ def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, a
     tiling: patch_size_level0, ...) go on the ``coords`` dataset, where TRIDENT's slide encoders read them."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_dataset("features", data=features.astype(np.float32))
-        handle.create_dataset("coords", data=coords.astype(np.int64))
+        # track_order keeps the attributes in the order given, patch_size_level0 first.
+        handle.create_dataset("coords", data=coords.astype(np.int64), track_order=True)
         handle["coords"].attrs.update(coords_attrs or {})
         for key, value in attrs.items():
             handle.attrs[key] = value
