@@ -58,6 +58,8 @@ def test_clam_patches_folder_with_slides_dir(tiny_slide, tmp_path, capsys):
     assert attrs["patch_size_level0"] == 128 and attrs["patch_size"] == 128
     reference, _, _ = ours(tiny_slide, tmp_path, target_mpp=0.5, patch_size=128)
     np.testing.assert_allclose(features, reference, rtol=1e-5, atol=1e-6)
+    assert extract(patches, tmp_path / "ctx", "--slides", str(tiny_slide.path.parent), "--context-window", "3") == 2
+    assert "--context-window needs coords of `histodistill tile`" in capsys.readouterr().err
 
 
 def test_trident_output_folder_with_slides_dir(tiny_slide, tmp_path):

@@ -185,6 +185,10 @@ def extract_slides(
     files = coords_files(coords_dir)
     tilings = {path: read_coords(path)[1] for path in files}
     slide_of = {path: find_slide(path, attrs, slides_dir, slide_ext) for path, attrs in tilings.items()}
+    foreign = [path for path, attrs in tilings.items() if "target_mpp" not in attrs or "mpp" not in attrs]
+    if context_window is not None and foreign:
+        raise UserError(f"--context-window needs coords of `histodistill tile` (attributes target_mpp and mpp), "
+                        f"{foreign[0]} lacks them (CLAM/TRIDENT coords); tile the slides with `histodistill tile`")
     backbone = _seeded_backbone(model, weights)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     record["context_window"] = context_window
