@@ -6,12 +6,16 @@ Per slide: DIR/patches/<slide_id>.h5 (coords, CLAM/TRIDENT layout), DIR/qc/<slid
 (thumbnail, tissue contour, tiles) and DIR/status/<slide_id>.json (ok/failed, tiles, seconds).
 Slides already tiled with the same settings are skipped; a failing slide is reported and the
 others go on; the exit status is 1 when any slide failed. See docs/tiling.md.
+Under torchrun or srun each process tiles its share of the slides; --shard I/N splits them across
+the jobs of a SLURM array (`histodistill.distributed`).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from histodistill.distributed import add_shard_argument
 
 HELP = "detect tissue and write tile coordinates (CLAM/TRIDENT HDF5) for a slide, a folder or a CSV of slides"
 
@@ -69,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-saturation", type=float, default=0.07,
         help="tissue needs at least this HSV saturation (0..1) even when Otsu's threshold is lower (default 0.07)",
     )
+    add_shard_argument(parser)
 
 
 def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path, float | None]]:
@@ -127,17 +132,22 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from histodistill.distributed import this_process
     from histodistill.errors import UserError
     from histodistill.wsi.tissue import TissueConfig
 
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     tissue = TissueConfig(thumbnail_size=args.thumbnail_size, min_saturation=args.min_saturation)
+    share = this_process(args.shard)
+    slides = sorted(collect_slides(Path(args.source), args.mpp_override), key=lambda slide: slide[0].stem)
+    if share.count > 1:  # sorted by id above, so every process cuts the same list
+        print(share.describe(len(share.select(slides)), len(slides)))
     jobs = [
         dict(slide_path=path, out_dir=args.out, target_mpp=args.mpp or 0.5, patch_size=args.patch_size,
              overlap=args.overlap, min_tissue=args.min_tissue, mpp_override=mpp, tissue=tissue,
              overwrite=args.overwrite, magnification=args.magnification)
-        for path, mpp in collect_slides(Path(args.source), args.mpp_override)
+        for path, mpp in share.select(slides)
     ]
     progress = tqdm(total=len(jobs), desc="tile", unit="slide", disable=len(jobs) < 2)
     results = []

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from histodistill.data.datasets import ImageFolderDataset
 from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.data.transforms import build_transform
+from histodistill.distributed import Share, local_device, write_json_once
 from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
 from histodistill.io import atomic_path, write_json
@@ -162,6 +163,7 @@ def extract_slides(
     precision: str = "32",
     overwrite: bool = False,
     context_window: int | None = None,
+    share: Share | None = None,
 ) -> Path:
     """Features for every slide of a tiling output (``coords_dir/patches/*.h5``); returns the features folder.
 
@@ -169,9 +171,15 @@ def extract_slides(
     weights is refused (mixing extractors in one folder would silently corrupt a MIL run).
     ``context_window`` s: each tile's feature is the centre cell of the s x s window around it
     (`histodistill.features.context_extract`), written to ``features_<slug>-context<s>``.
+    ``share``: only this process's share of the sorted slides, on its local GPU
+    (`histodistill.distributed.this_process`; default: every slide).
     """
 
-    coords_files = _coords_files(Path(coords_dir))
+    share = share or Share()
+    all_files = _coords_files(Path(coords_dir))
+    coords_files = share.select(all_files)
+    if share.count > 1:
+        print(share.describe(len(coords_files), len(all_files)))
     backbone = _seeded_backbone(model, weights)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     record["context_window"] = context_window
@@ -180,10 +188,10 @@ def extract_slides(
     net, tiles_of = backbone, partial(SlideTileDataset, transform=transform)
     if context_window is not None:  # checked here, before anything is written
         net, tiles_of = centre_cell_extraction(backbone, context_window)
+    write_json_once(features_dir / EXTRACTOR_JSON, record, share, replace=overwrite)
     _check_same_extractor(features_dir / EXTRACTOR_JSON, record, overwrite)
-    write_json(features_dir / EXTRACTOR_JSON, record)
 
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(local_device(device, share))
     prepare_model(backbone, torch_device)  # in place (nn.Module.to), so `net` wraps the prepared backbone
     for coords_path in tqdm(coords_files, desc="slides", unit="slide", dynamic_ncols=True):
         target = features_dir / f"{coords_path.stem}.h5"
