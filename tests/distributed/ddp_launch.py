@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from conftest import make_tissue_image
-
 from histodistill.wsi.tiff_writer import write_pyramid_tiff
 
 HERE = Path(__file__).parent
@@ -29,7 +28,7 @@ def torchrun(script: str, *args: str, nproc: int = 2, env: dict[str, str] | None
              extra: tuple[str, ...] = ("--standalone",), timeout: float = 600) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node nproc tests/distributed/<script> args`` on the CPU, one thread per process."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                   "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                   "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), str(HERE), os.environ.get("PYTHONPATH", "")]),
                    **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", *extra, "--nproc-per-node", str(nproc),
                str(HERE / script), *args]

@@ -71,5 +71,6 @@ def test_a_job_array_of_two_shards_tiles_and_extracts_every_slide_once(tmp_path,
     assert sorted(p.stem for p in folder.glob("*.h5")) == ["slide_0", "slide_2", "slide_4"]
     assert main([*extract, "1/2"]) == 0
     assert sorted(p.stem for p in folder.glob("*.h5")) == [f"slide_{i}" for i in range(6)]
+    capsys.readouterr()
     assert main([*extract, "2/2"]) == 2
     assert capsys.readouterr().err.startswith("error: --shard 2/2: expected I/N")

@@ -5,11 +5,13 @@ the confusion figures; subclasses only write `objective`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
 
 from histodistill.errors import UserError
@@ -17,6 +19,12 @@ from histodistill.eval.metrics import classification_metrics, plot_confusion
 from histodistill.methods.base import MethodModule
 from histodistill.models.backbones import create_backbone
 from histodistill.optim.optimizer import OptimConfig
+
+# Validation and test metrics are computed on the logits gathered from every rank (`_report`), so each rank
+# logs the global value already: Lightning's advice to reduce them across devices does not apply to them
+# (it still shows for any other epoch-level metric logged without sync_dist).
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/",
+                        category=PossibleUserWarning)
 
 
 class ClassificationMethod(MethodModule):
