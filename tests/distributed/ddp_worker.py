@@ -72,6 +72,6 @@ if __name__ == "__main__":
     fit(out, "sdmae", "sdmae/tiny_cpu.yaml", data, *train, "--trainer.max_steps", "1")
     one_step = ("--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--model.init_args.num_classes", "2",
                 "--model.init_args.teacher", teacher)
-    fit(out, "moma", "moma/tiny_cpu.yaml", data, *train, *one_step)
+    fit(out, "moma", "moma/tiny_cpu.yaml", data, *train, *val, *one_step)
     fit(out, "crd", "kd/tiny_crd.yaml", data, "--data.init_args.train.init_args.dataset.init_args.root",
-        str(data / "train"), *one_step)
+        str(data / "train"), *val, *one_step)

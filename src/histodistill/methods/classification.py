@@ -20,12 +20,6 @@ from histodistill.methods.base import MethodModule
 from histodistill.models.backbones import create_backbone
 from histodistill.optim.optimizer import OptimConfig
 
-# Validation and test metrics are computed on the logits gathered from every rank (`_report`), so each rank
-# logs the global value already: Lightning's advice to reduce them across devices does not apply to them
-# (it still shows for any other epoch-level metric logged without sync_dist).
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/",
-                        category=PossibleUserWarning)
-
 
 class ClassificationMethod(MethodModule):
     """A backbone and a linear classifier on its pooled features, evaluated with the five
@@ -110,6 +104,11 @@ class ClassificationMethod(MethodModule):
             # (world, N, C) -> (world * N, C): every rank scores the whole set, so all log the same numbers.
             logits = self.all_gather(logits).flatten(0, 1)
             targets = self.all_gather(targets).flatten(0, 1)
+            # So Lightning's advice to reduce these epoch metrics across devices (sync_dist) does not apply to
+            # them; it still shows for any other metric. Set here, not at import: `fit` imports this module
+            # inside a `warnings.catch_warnings()` block, which would discard the filter on exit.
+            warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\('{stage}/",
+                                    category=PossibleUserWarning)
         loss = F.cross_entropy(logits, targets)
         probs = logits.softmax(dim=1).cpu().numpy()
         metrics = classification_metrics(targets.cpu().numpy(), probs, self.num_classes)
