@@ -14,6 +14,7 @@ cached (`histodistill samples fetch cmu_small_region`), otherwise on the generat
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +82,7 @@ def main() -> None:
             return len(dataset) / (time.perf_counter() - start)
 
         model_only()  # warm-up (allocator, cuDNN autotune)
+        load_before = os.getloadavg()[0]
         alone, e2e = [], {workers: [] for workers in args.workers}
         for _ in range(args.repeats):
             alone.append(model_only())
@@ -94,7 +96,8 @@ Slide: {slide_label}, tiled at 0.5 mpp into {size}-px tiles (the model's input s
 model {args.model}, {device.type}, precision {precision}, batch {args.batch_size}. End-to-end = `extract_slide`
 over a `SlideTileDataset` (read, eval transform, DataLoader with N workers started for the slide, model);
 model-only = the same batches already in memory: {mean_sd(alone)} tiles/s. Mean ± sd over {args.repeats}
-interleaved repeats.
+interleaved repeats. Load average (1 min) {load_before:.1f} before and {os.getloadavg()[0]:.1f} after, on
+{os.cpu_count()} cores: tiles/s depend on what else runs on the machine.
 
 {table}
 
