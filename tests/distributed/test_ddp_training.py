@@ -6,6 +6,8 @@ One launch runs every case (`ddp_worker.py`); each test reads what the ranks sav
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from ddp_launch import torchrun
@@ -22,6 +24,8 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     make_image_folder(out / "data" / "train", classes=("a", "b"), per_class=4, size=16, seed=0)
     make_image_folder(out / "data" / "val", classes=("a", "b"), per_class=2, size=16, seed=1)
+    # A fifth image: 5 samples on 2 ranks, so the evaluation sampler pads one rank with a repeated sample.
+    shutil.copy(out / "data" / "train" / "b" / "0.png", out / "data" / "val" / "b" / "extra.png")
     run = torchrun("ddp_worker.py", str(out), str(out / "data"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     single = out / "single"
@@ -67,10 +71,10 @@ def test_moma_queue_takes_the_keys_of_both_ranks(ranks):
     assert torch.equal(fit0["buffers"]["queue.queue"], fit1["buffers"]["queue.queue"])
 
 
-def test_validation_metrics_are_those_of_the_whole_validation_set_on_every_rank(ranks):
+def test_validation_metrics_are_those_of_the_whole_validation_set_once_on_every_rank(ranks):
     fit0, fit1 = load(ranks / "supervised" / "rank0.pt"), load(ranks / "supervised" / "rank1.pt")
     for record in (fit0["val"], fit1["val"]):
-        assert record["samples"] == 4
+        assert record["samples"] == 5
         assert record["logged"] == pytest.approx(record["whole_set"], rel=1e-5)
     # Lightning's advice to reduce epoch metrics across devices does not apply to gathered metrics.
     assert "sync_dist" not in (ranks / "warnings_rank0.txt").read_text()
