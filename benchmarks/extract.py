@@ -1,16 +1,20 @@
-"""Extraction throughput: tiles/s from a slide through the Dataset, DataLoader and model, as a ratio of
-the model-only throughput on the very same (pre-loaded) batches, measured in the same run.
+"""Extraction throughput: tiles/s from a slide through the Dataset, DataLoader and model for 0, 1 and 2
+DataLoader workers (`extract --workers`), each as a ratio of the model-only throughput on the very same
+(pre-loaded) batches, measured in the same run.
 
 A ratio near 1 means reading and preparing tiles is hidden behind the model; below 1, the data side is
-the bottleneck. Runs on the real sample slide when cached (`histodistill samples fetch cmu_small_region`),
-otherwise on the generated slide of `benchmarks.tiling`, and says which.
+the bottleneck. The runs are interleaved (model-only, then each worker count, repeated), so a busy
+machine slows them alike; the table gives mean ± sd over the repeats. Runs on the real sample slide when
+cached (`histodistill samples fetch cmu_small_region`), otherwise on the generated slide of
+`benchmarks.tiling`, and says which.
 
-    python -m benchmarks.extract [--model tiny/resnet18-64] [--device auto] [--workers 2] [--tiles 512]
+    python -m benchmarks.extract [--model tiny/resnet18-64] [--device auto] [--workers 0 1 2] [--tiles 512]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from benchmarks.common import markdown_table, write_section
+from benchmarks.common import markdown_table, mean_sd, write_section
 from benchmarks.tiling import generated_slide
 
 
@@ -26,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="tiny/resnet18-64")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tiles", type=int, default=512, help="at most this many tiles are timed")
     parser.add_argument("--precision", choices=("32", "bf16"), default=None,
@@ -54,9 +59,9 @@ def main() -> None:
         full = SlideTileDataset(coords, transform=build_transform("eval", backbone.spec.preprocess, train=False))
         dataset = Subset(full, range(min(args.tiles, len(full))))
 
-        def end_to_end() -> float:
+        def end_to_end(workers: int) -> float:
             start = time.perf_counter()
-            extract_slide(backbone, dataset, args.batch_size, args.workers, device, precision, desc="benchmark")
+            extract_slide(backbone, dataset, args.batch_size, workers, device, precision, desc="benchmark")
             _sync(device)
             return len(dataset) / (time.perf_counter() - start)
 
@@ -77,24 +82,29 @@ def main() -> None:
             return len(dataset) / (time.perf_counter() - start)
 
         model_only()  # warm-up (allocator, cuDNN autotune)
-        e2e = [end_to_end() for _ in range(2)]
-        alone = [model_only() for _ in range(2)]
-    e2e_rate, model_rate = max(e2e), max(alone)
-    table = markdown_table(
-        ["device", "model", "precision", "tiles", "workers", "end-to-end tiles/s", "model-only tiles/s", "ratio"],
-        [[device.type, args.model, precision, len(dataset), args.workers, f"{e2e_rate:.1f}", f"{model_rate:.1f}",
-          f"{e2e_rate / model_rate:.2f}"]],
-    )
+        load_before = os.getloadavg()[0]
+        alone, e2e = [], {workers: [] for workers in args.workers}
+        for _ in range(args.repeats):
+            alone.append(model_only())
+            for workers in args.workers:
+                e2e[workers].append(end_to_end(workers))
+    rows = [[workers, mean_sd(rates), mean_sd([rate / model for rate, model in zip(rates, alone, strict=True)])]
+            for workers, rates in e2e.items()]
+    table = markdown_table(["workers", "end-to-end tiles/s", "ratio to model-only"], rows)
     body = f"""
-Slide: {slide_label}, tiled at 0.5 mpp into {size}-px tiles (the model's input size). End-to-end = `extract_slide`
-over a `SlideTileDataset` (read, eval transform, DataLoader with {args.workers} workers, model); model-only = the
-same batches already in memory. Best of two runs each.
+Slide: {slide_label}, tiled at 0.5 mpp into {size}-px tiles (the model's input size); {len(dataset)} tiles,
+model {args.model}, {device.type}, precision {precision}, batch {args.batch_size}. End-to-end = `extract_slide`
+over a `SlideTileDataset` (read, eval transform, DataLoader with N workers started for the slide, model);
+model-only = the same batches already in memory: {mean_sd(alone)} tiles/s. Mean ± sd over {args.repeats}
+interleaved repeats. Load average (1 min) {load_before:.1f} before and {os.getloadavg()[0]:.1f} after, on
+{os.cpu_count()} cores: tiles/s depend on what else runs on the machine.
 
 {table}
 
 On a CPU the model and the DataLoader workers share the same few cores, so every tile decoded is compute taken
-from the model: the ratio there measures that competition, not overlap. On a GPU the workers run beside the
-model and the target is a ratio of at least 0.9 (the data side hidden behind the model).
+from the model: the ratio there measures that competition, not overlap, and more workers than free cores only
+add start-up and scheduling. On a GPU the workers run beside the model and the target is a ratio of at least
+0.9 (the data side hidden behind the model){"" if device.type == "cuda" else "; this run had no GPU, so that target is not measured here"}.
 """
     write_section("extract", "Feature extraction throughput", body)
 

@@ -49,6 +49,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_json_if_absent(path: str | os.PathLike, obj: Any) -> bool:
+    """Write ``obj`` as JSON only where ``path`` does not exist; True when this call created it.
+
+    Atomic and exclusive at once: a complete temporary file is hard-linked onto ``path``, which fails
+    when another process got there first, so of many processes writing the same record exactly one
+    writes it and none can read it half-written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        os.link(tmp_name, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp_name)
+    return True
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks so large slides do not fill memory."""
     digest = hashlib.sha256()

@@ -8,11 +8,15 @@ a checkpoint RUN/checkpoints/last.ckpt becomes RUN-last, an exported directory i
 Images: --images DIR (DIR/<class>/<image>) writes OUT/features_<model>/features.h5 with features,
 labels, paths and a `classes` attribute, for `histodistill probe`.
 Finished slides are skipped on a rerun (files are written atomically), so an interrupted run resumes.
+Under torchrun or srun each process takes its share of the slides (and its own GPU); --shard I/N
+splits them across the jobs of a SLURM array (`histodistill.distributed`).
 """
 
 from __future__ import annotations
 
 import argparse
+
+from histodistill.distributed import add_shard_argument
 
 HELP = "features for every tile of every slide (or an image folder) from any backbone or checkpoint"
 
@@ -54,9 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="extract again even where features exist (also allows replacing features of "
                              "other weights in the same folder)")
+    add_shard_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from histodistill.distributed import process_group, this_process
     from histodistill.errors import UserError
     from histodistill.features.extract import extract_images, extract_slides
 
@@ -67,9 +73,13 @@ def run(args: argparse.Namespace) -> int:
     if args.images:
         if args.context_window is not None:
             raise UserError("--context-window needs --coords: context windows are cut from slides, not image folders")
+        if args.shard:
+            raise UserError("--shard needs --coords: an image folder is extracted into one file by one process")
         out = extract_images(args.model, args.images, args.out, **options)
     else:
-        out = extract_slides(args.model, args.coords, args.out, **options, context_window=args.context_window,
-                             slides_dir=args.slides, slide_ext=args.slide_ext)
+        share = this_process(args.shard)
+        with process_group():  # torchrun: a barrier for extractor.json
+            out = extract_slides(args.model, args.coords, args.out, **options, context_window=args.context_window,
+                                 slides_dir=args.slides, slide_ext=args.slide_ext, share=share)
     print(f"features in {out}")
     return 0

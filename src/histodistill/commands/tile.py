@@ -7,7 +7,8 @@ Per slide: DIR/patches/<slide_id>.h5 (coords, CLAM/TRIDENT layout), DIR/qc/<slid
 and why a slide has no tile).
 Slides already tiled with the same settings are skipped; a failing slide is reported and the
 others go on; the exit status is 1 when any slide failed. A slide without tiles gets one warning
-line. See docs/tiling.md.
+line. Under torchrun or srun each process tiles its share of the slides; --shard I/N splits them
+across the jobs of a SLURM array (`histodistill.distributed`). See docs/tiling.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from histodistill.distributed import add_shard_argument
 from histodistill.wsi.formats import SLIDE_SUFFIXES
 
 HELP = "detect tissue and write tile coordinates (CLAM/TRIDENT HDF5) for a slide, a folder or a CSV of slides"
@@ -73,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "very pale tissue, 0 to count every pixel that is not near-black (default: automatic, Otsu over the "
         "bright pixels clipped to 0.04-0.10)",
     )
+    add_shard_argument(parser)
 
 
 def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path, float | None]]:
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from histodistill.distributed import this_process
     from histodistill.errors import UserError
     from histodistill.wsi.tissue import TissueConfig
 
@@ -139,11 +143,15 @@ def run(args: argparse.Namespace) -> int:
     if args.mask_mpp is not None and args.mask_mpp <= 0:
         raise UserError(f"--mask-mpp must be positive, got {args.mask_mpp}")
     tissue = TissueConfig(mask_mpp=args.mask_mpp, min_saturation=args.min_saturation)
+    share = this_process(args.shard)
+    slides = sorted(collect_slides(Path(args.source), args.mpp_override), key=lambda slide: slide[0].stem)
+    if share.count > 1:  # sorted by id above, so every process cuts the same list
+        print(share.describe(len(share.select(slides)), len(slides)))
     jobs = [
         dict(slide_path=path, out_dir=args.out, target_mpp=args.mpp or 0.5, patch_size=args.patch_size,
              overlap=args.overlap, min_tissue=args.min_tissue, mpp_override=mpp, tissue=tissue,
              overwrite=args.overwrite, magnification=args.magnification)
-        for path, mpp in collect_slides(Path(args.source), args.mpp_override)
+        for path, mpp in share.select(slides)
     ]
     progress = tqdm(total=len(jobs), desc="tile", unit="slide", disable=len(jobs) < 2)
     results = []

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from histodistill.data.datasets import ImageFolderDataset
 from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.data.transforms import build_transform
+from histodistill.distributed import Share, local_device, write_json_once
 from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
 from histodistill.io import atomic_path, write_json
@@ -169,6 +170,7 @@ def extract_slides(
     context_window: int | None = None,
     slides_dir: str | os.PathLike | None = None,
     slide_ext: str | None = None,
+    share: Share | None = None,
 ) -> Path:
     """Features for every slide of a tiling output (``coords_dir/patches/*.h5``, or that ``patches/``
     folder itself; ours, CLAM's or TRIDENT's); returns the features folder.
@@ -180,9 +182,15 @@ def extract_slides(
     ``slides_dir``: the folder holding ``<slide_id><slide_ext>`` for coords that do not name their slide
     (CLAM, TRIDENT) or whose slides moved; every slide is found before any work starts.
     Each features file's ``coords`` carries the tiling's attributes (`tiling_attrs`).
+    ``share``: only this process's share of the sorted slides, on its local GPU
+    (`histodistill.distributed.this_process`; default: every slide).
     """
 
-    files = coords_files(coords_dir)
+    share = share or Share()
+    all_files = coords_files(coords_dir)
+    files = share.select(all_files)
+    if share.count > 1:
+        print(share.describe(len(files), len(all_files)))
     tilings = {path: read_coords(path)[1] for path in files}
     slide_of = {path: find_slide(path, attrs, slides_dir, slide_ext) for path, attrs in tilings.items()}
     foreign = [path for path, attrs in tilings.items() if "target_mpp" not in attrs or "mpp" not in attrs]
@@ -197,10 +205,10 @@ def extract_slides(
     net, tiles_of = backbone, partial(SlideTileDataset, transform=transform)
     if context_window is not None:  # checked here, before anything is written
         net, tiles_of = centre_cell_extraction(backbone, context_window)
+    write_json_once(features_dir / EXTRACTOR_JSON, record, share, replace=overwrite)
     _check_same_extractor(features_dir / EXTRACTOR_JSON, record, overwrite)
-    write_json(features_dir / EXTRACTOR_JSON, record)
 
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(local_device(device, share))
     prepare_model(backbone, torch_device)  # in place (nn.Module.to), so `net` wraps the prepared backbone
     for coords_path in tqdm(files, desc="slides", unit="slide", dynamic_ncols=True):
         tiling = tilings[coords_path]

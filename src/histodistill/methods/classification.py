@@ -5,12 +5,15 @@ the confusion figures; subclasses only write `objective`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics, plot_confusion
@@ -92,6 +95,23 @@ class ClassificationMethod(MethodModule):
         self._logits.append(self(images).float())
         self._targets.append(targets)
 
+    def _gather_ranks(self, logits: torch.Tensor, targets: torch.Tensor, stage: str):
+        """(N_rank, C), (N_rank,) on each rank -> every rank's, each sample once where the sampler allows.
+
+        Lightning's evaluation sampler (`DistributedSampler`, no shuffle) gives rank r the samples r, r + W,
+        r + 2W, ... of the set padded with its first samples to a multiple of W. Interleaving the gathered
+        ranks restores the set's order, and cutting at its length drops the padding, which would otherwise
+        count a few samples twice. Any other sampler: all gathered predictions, as they come.
+        """
+        logits, targets = self.all_gather(logits), self.all_gather(targets)  # (W, N_rank, C), (W, N_rank)
+        loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler) and not sampler.shuffle and not sampler.drop_last:
+            total = len(sampler.dataset)
+            # (W, N_rank, ...) -> (N_rank, W, ...) -> (N_rank * W, ...): the padded set in order.
+            return logits.transpose(0, 1).flatten(0, 1)[:total], targets.transpose(0, 1).flatten(0, 1)[:total]
+        return logits.flatten(0, 1), targets.flatten(0, 1)
+
     def _report(self, stage: str) -> None:
         if not self._logits:
             return
@@ -99,9 +119,13 @@ class ClassificationMethod(MethodModule):
         targets = torch.cat(self._targets)  # (N,)
         self._logits, self._targets = [], []
         if self.trainer.world_size > 1:
-            # (world, N, C) -> (world * N, C): every rank scores the whole set, so all log the same numbers.
-            logits = self.all_gather(logits).flatten(0, 1)
-            targets = self.all_gather(targets).flatten(0, 1)
+            # Every rank scores the whole set, so all log the same numbers.
+            logits, targets = self._gather_ranks(logits, targets, stage)
+            # So Lightning's advice to reduce these epoch metrics across devices (sync_dist) does not apply to
+            # them; it still shows for any other metric. Set here, not at import: `fit` imports this module
+            # inside a `warnings.catch_warnings()` block, which would discard the filter on exit.
+            warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\('{stage}/",
+                                    category=PossibleUserWarning)
         loss = F.cross_entropy(logits, targets)
         probs = logits.softmax(dim=1).cpu().numpy()
         metrics = classification_metrics(targets.cpu().numpy(), probs, self.num_classes)

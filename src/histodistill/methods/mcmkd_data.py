@@ -1,6 +1,7 @@
 """`ContextWindowDataModule`: MCM-KD's training data, context windows with cached teacher features.
 
-In ``setup()`` it makes sure the teacher cache matches the teacher and the tiling
+In ``prepare_data()`` (global rank 0 only, the others wait) it builds a missing cache when asked to; in
+``setup()`` (every rank) it makes sure the teacher cache matches the teacher and the tiling
 (`histodistill.features.teacher_cache.ensure_teacher_cache`), checks the model's ``teacher_dim`` against
 it, and normalises windows with the student's mean/std (``trainer.lightning_module.preprocess``).
 Loading, shuffling and DDP sharding are `PatchDataModule`'s.
@@ -61,9 +62,12 @@ class ContextWindowDataModule(PatchDataModule):
         self.rebuild_cache = rebuild_cache
         self.side, self.min_fraction, self.mpp = side, min_fraction, mpp
         self.extract_batch_size, self.extract_precision = extract_batch_size, extract_precision
+        # The cache lives on a filesystem every node sees: build it on global rank 0 only (Lightning's
+        # default, once per node, had several nodes write the same files at once); the other ranks wait
+        # at Lightning's barrier after prepare_data and then read the finished cache in setup().
+        self.prepare_data_per_node = False
 
     def prepare_data(self) -> None:
-        # Runs on one process only, so the cache is built once even under DDP.
         ensure_teacher_cache(
             self.tiles_dir, self.cache_dir, self.teacher, self.teacher_weights, self.rebuild_cache,
             self.extract_batch_size, self.num_workers, self.extract_precision,
