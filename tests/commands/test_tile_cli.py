@@ -103,7 +103,7 @@ def test_each_bad_slide_alone_exits_non_zero(tmp_path, capsys, index):
     [
         (lambda p: None, "no such slide, folder or CSV"),
         (lambda p: p.mkdir(), "no slide files in this folder"),
-        (lambda p: p.write_text("file\nx.svs\n"), "needs a header with a `path` column"),
+        (lambda p: p.write_text("file\nx.svs\n"), "lacks column(s) ['path'] (read as comma-separated with header ['file'])"),
         (lambda p: p.write_text("path,mpp\nx.svs,fast\n"), "line 2: `mpp` must be a number"),
     ],
 )

@@ -37,30 +37,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def slide_paths(slides: str) -> dict[str, Path]:
     """slide_id -> slide file, from a directory (file stems) or a slide_id,path CSV."""
-    import csv
-
+    from histodistill.data.table import read_table
     from histodistill.errors import UserError
+    from histodistill.io import visible_files
 
     source = Path(slides)
     if source.is_dir():
-        return {p.stem: p for p in sorted(source.iterdir()) if p.is_file() and not p.name.startswith(".")}
+        return {p.stem: p for p in visible_files(source)}
     if not source.is_file():
         raise UserError(f"--slides {source} is neither a directory nor a CSV file")
-    with source.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not {"slide_id", "path"} <= set(reader.fieldnames or []):
-            raise UserError(f"--slides CSV {source} needs columns slide_id,path")
-        return {row["slide_id"]: (source.parent / row["path"]).resolve() for row in reader}
+    rows = read_table(source, "--slides CSV", ("slide_id", "path")).rows
+    return {row["slide_id"]: (source.parent / row["path"]).resolve() for row in rows}
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from histodistill.errors import UserError
-    from histodistill.eval.heatmap import slide_heatmap
+    from histodistill.eval.heatmap import read_attention, slide_heatmap
+    from histodistill.io import visible_files
 
     run_dir = Path(args.run)
-    attention = {p.stem: p for p in sorted((run_dir / "attention").glob("*.h5"))}
+    attention = {p.stem: p for p in visible_files(run_dir / "attention", (".h5",))}
     if not attention:
         raise UserError(f"no attention files in {run_dir / 'attention'}: pass --run with the --out of `histodistill mil`")
     wanted = args.slide_id or sorted(attention)
@@ -71,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     missing = [s for s in wanted if s not in paths]
     if missing:
         raise UserError(f"--slides {args.slides} has no slide for {missing[:5]}: add them or restrict with --slide-id")
+    for slide_id in wanted:  # a damaged file stops the run before any figure is drawn
+        read_attention(attention[slide_id])
     out = Path(args.out) if args.out else run_dir / "figures" / "heatmaps"
     for slide_id in tqdm(wanted, desc="heatmaps", unit="slide", dynamic_ncols=True):
         slide_heatmap(paths[slide_id], attention[slide_id], out, top_k=args.top_k, scale=args.scale,

@@ -72,7 +72,14 @@ def run(args: argparse.Namespace) -> int:
     import yaml
     from torch.utils.tensorboard import SummaryWriter
 
-    from histodistill.data.bags import BagDataset, class_names, empty_bags, empty_bags_error, make_bags, read_labels
+    from histodistill.data.bags import (
+        BagDataset,
+        class_names,
+        empty_bags,
+        empty_bags_error,
+        make_bags,
+        read_labels,
+    )
     from histodistill.data.feature_files import load_slides, open_feature_folder, shown
     from histodistill.data.splits import make_splits, read_splits_dir, write_split
     from histodistill.errors import UserError

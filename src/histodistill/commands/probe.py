@@ -1,6 +1,8 @@
 """Evaluate frozen patch features with a linear probe and a kNN probe.
 
-Input: features.h5 files from `histodistill extract --images` (features, labels, paths, classes).
+Input: features.h5 files from `histodistill extract --images` (features, labels, paths, classes), or a
+folder of per-slide features (ours, CLAM's, TRIDENT's) with a case_id,slide_id,label CSV: each slide is
+the mean of its tile features, and cross-validation keeps a case's slides in one part.
 Either --features FILE_OR_DIR (stratified k-fold cross-validation, reshuffled per seed) or
 --train FILE --test FILE (one fit per seed). Linear: logistic regression on standardised features,
 C by 3-fold inner CV over 1e-3..10 unless --C is given. kNN: cosine similarity, the k nearest vote with

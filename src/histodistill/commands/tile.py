@@ -73,20 +73,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path, float | None]]:
     """``(slide path, mpp override or None)`` for every slide named by a file, folder or CSV."""
-    import csv
-
+    from histodistill.data.table import read_table
     from histodistill.errors import UserError
+    from histodistill.io import visible_files
 
     if source.is_dir():
-        slides = sorted(p for p in source.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        slides = visible_files(source, tuple(SLIDE_SUFFIXES))
         if not slides:
             raise UserError(f"{source}: no slide files in this folder (looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
         found = [(path, mpp_override) for path in slides]
     elif source.suffix.lower() == ".csv" and source.is_file():
-        with open(source, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows or "path" not in rows[0]:
-            raise UserError(f"{source}: the slide CSV needs a header with a `path` column and at least one row")
+        rows = read_table(source, "slide CSV", ("path",)).rows
+        if not rows:
+            raise UserError(f"{source}: the slide CSV has a header but no rows")
         found = []
         for line, row in enumerate(rows, start=2):
             mpp = row.get("mpp") or ""
