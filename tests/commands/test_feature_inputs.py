@@ -154,3 +154,11 @@ def test_heatmap_names_a_truncated_attention_file(tmp_path, tiny_slide, capsys):
     assert main(["heatmap", "--run", str(tmp_path / "run"), "--slides", str(tmp_path)]) == 2
     (line,) = error_lines(capsys)
     assert "attention file" in line and "s1.h5" in line
+
+
+def test_mil_with_an_overflowing_learning_rate_is_one_error_line(tmp_path, capsys):
+    for i in range(N_SLIDES):
+        write_ours(tmp_path / "features", f"s{i}", slide_features(i))
+    assert mil(tmp_path / "features", labels_csv(tmp_path), tmp_path / "run", "--lr", "1e38") == 2
+    (line,) = error_lines(capsys)
+    assert "overflowed" in line and "Lower --lr" in line
