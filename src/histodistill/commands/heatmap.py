@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from histodistill.commands._arguments import output_folder
+
 HELP = "attention heatmaps over slide thumbnails + top/bottom tile montages from a `mil` run"
 
 
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="microns per pixel of slides whose metadata lacks it (as in `tile --mpp-override`)")
     parser.add_argument("--slide-id", action="append", default=None,
                         help="only this slide (repeat for several); default: every slide with attention")
-    parser.add_argument("--out", default=None, help="output directory (default: <run>/figures/heatmaps)")
+    parser.add_argument("--out", default=None, type=output_folder, help="output directory (default: <run>/figures/heatmaps)")
 
 
 def slide_paths(slides: str) -> dict[str, Path]:

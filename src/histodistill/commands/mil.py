@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from histodistill.commands._arguments import output_folder
+
 HELP = "train + evaluate ABMIL / TransMIL / mean-pooling slide classifiers per CV fold"
 
 
@@ -20,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of <slide_id>.h5 features files: from `histodistill extract`, CLAM's feat_dir "
                         "(h5_files/ or pt_files/) or TRIDENT's features_<encoder>/ (or a folder holding one features_*)")
     parser.add_argument("--labels", required=True, help="CSV with columns case_id,slide_id,label (CLAM style)")
-    parser.add_argument("--out", required=True, help="run directory to create")
+    parser.add_argument("--out", required=True, type=output_folder, help="run directory to create")
     parser.add_argument("--model", choices=("abmil", "transmil", "mean"), default="abmil",
                         help="abmil: gated attention (Ilse 2018); transmil: Shao 2021; mean: mean pooling + linear "
                         "(default: %(default)s)")

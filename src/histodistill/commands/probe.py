@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from histodistill.commands._arguments import output_folder
+
 HELP = "linear and kNN probes on frozen patch features (accuracy, balanced accuracy, F1, AUROC, kappa)"
 
 
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", metavar="CSV",
                         help="optional CSV with columns path,label that replaces the labels stored in the "
                              "features file and keeps only the listed patches (paths as stored, relative to the image root)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where probe.json and the confusion PNGs go")
+    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR", help="where probe.json and the confusion PNGs go")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds with --features (default 5)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds: fold shuffles and the linear probe's inner CV (default 0 1 2)")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from histodistill.commands._arguments import output_folder
+
 HELP = "detect tissue and write tile coordinates (CLAM/TRIDENT HDF5) for a slide, a folder or a CSV of slides"
 
 # What a folder scan picks up: OpenSlide's formats and the plain images we read as one-level slides.
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + "); or a CSV with a `path` column (relative paths are taken from the CSV's folder) and an "
         "optional `mpp` column that overrides the slide's mpp for that row",
     )
-    parser.add_argument("--out", required=True, help="output directory; patches/, qc/ and status/ are made inside")
+    parser.add_argument("--out", required=True, type=output_folder, help="output directory; patches/, qc/ and status/ are made inside")
     resolution = parser.add_mutually_exclusive_group()
     resolution.add_argument(
         "--mpp", type=float, default=None, help="target resolution of the tiles in microns per pixel (default 0.5)"
@@ -153,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
                 progress.update()
     progress.close()
 
+    if len(results) == 1 and results[0].status == "failed" and Path(args.source).suffix.lower() != ".csv":
+        # One slide named on the command line that cannot be tiled is bad input, not a partial batch.
+        failed = results[0]
+        raise UserError(failed.message if failed.slide_path in failed.message else f"{failed.slide_path}: {failed.message}")
     for result in results:
         if result.status == "failed":
             print(f"failed: {result.slide_path}: {result.message}", file=sys.stderr)

@@ -148,10 +148,14 @@ def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike |
 def load_slide_embeddings(folder: str | os.PathLike, labels_csv: str | os.PathLike | None) -> PatchFeatures:
     """Slide-level probe data: the mean of each slide's tile features (D,), labelled by a CLAM labels CSV
     (``case_id,slide_id,label``); a case's slides share its cross-validation part (``groups``)."""
+    try:
+        feature_folder = open_feature_folder(folder)
+    except UserError:
+        raise UserError(f"{folder} holds neither a {PATCH_FEATURES} (`histodistill extract --images`) nor per-slide "
+                        "features files (`extract --coords`, CLAM, TRIDENT): pass one of those") from None
     if labels_csv is None:
         raise UserError(f"{folder} is a folder of per-slide features: pass --labels with a case_id,slide_id,label CSV "
                         "to probe mean-pooled slide embeddings")
-    feature_folder = open_feature_folder(folder)
     rows = read_labels(labels_csv)
     slides = load_slides(feature_folder, [r.slide_id for r in rows])
     if empty := [r.slide_id for r in rows if not slides[r.slide_id].n_tiles]:
