@@ -8,7 +8,6 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from conftest import write_clam_features, write_trident_features
 from histodistill.cli import main
@@ -18,12 +17,7 @@ DIM = 4
 N_SLIDES = 8  # four cases per class: the least two folds need
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def slide_features(i: int, n: int = 6) -> np.ndarray:
