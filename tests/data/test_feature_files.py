@@ -49,6 +49,16 @@ def test_clam_feat_dir_prefers_h5_files_for_their_coords(tmp_path):
     assert slide.coords.dtype == np.int64 and slide.coords.tolist() == grid(5).tolist()
 
 
+def test_a_clam_h5_without_its_pt_is_an_unfinished_slide(tmp_path):
+    write_clam(tmp_path, "done", features_of(5))
+    write_clam(tmp_path, "killed", features_of(5))
+    (tmp_path / "pt_files" / "killed.pt").unlink()  # CLAM appends to the .h5 and saves the .pt last
+    folder = open_feature_folder(tmp_path)
+    assert sorted(folder.files) == ["done"]
+    with pytest.raises(UserError, match=r"CLAM did not finish 1 slide\(s\) .*: killed have an .h5 but no pt_files"):
+        load_slides(folder, ["done", "killed"])
+
+
 def test_clam_pt_files_alone_are_read_safely_without_coords(tmp_path):
     write_clam(tmp_path, "slide_1", features_of(5))
     for path in (tmp_path / "h5_files").iterdir():

@@ -8,7 +8,8 @@ Layouts found from the folder a user passes (``--features``):
   one level down) is read from that subfolder. ``.pt`` files (TRIDENT's ``saveas='pt'``) are tensors (N, D).
 - CLAM: ``<feat_dir>/h5_files/<slide_id>.h5`` (``features`` float32, ``coords`` int32, no attributes) and
   ``<feat_dir>/pt_files/<slide_id>.pt`` (a float tensor (N, D), no coords). ``h5_files`` is preferred
-  because it has the coords that attention files and heatmaps need.
+  because it has the coords that attention files and heatmaps need. CLAM appends to the ``.h5`` batch
+  by batch and writes the ``.pt`` last, so an ``.h5`` without its ``.pt`` is a slide CLAM did not finish.
 
 Every problem a run would meet later is found before any work starts and reported in one `UserError`
 that names each file: unreadable or truncated files, missing datasets, ``features``/``coords`` row
@@ -43,6 +44,7 @@ class FeatureFolder:
     directory: Path  # where the files are
     layout: str  # "histodistill/TRIDENT h5", "CLAM h5_files", "CLAM pt_files", "pt"
     files: dict[str, Path]
+    unfinished: frozenset[str] = frozenset()  # CLAM h5_files without their pt_files counterpart
 
     def describe(self) -> str:
         where = "" if self.directory == self.given else f" (read from {self.directory})"
@@ -89,7 +91,12 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
     for sub, layout in (("h5_files", "CLAM h5_files"), ("pt_files", "CLAM pt_files")):
         found = _files_in(given / sub)
         if found:
-            return FeatureFolder(given, given / sub, layout, found[1])
+            files, unfinished = found[1], frozenset()
+            finished = {p.stem for p in visible_files(given / "pt_files", (".pt",))}
+            if sub == "h5_files" and finished:
+                unfinished = frozenset(files) - finished
+                files = {s: p for s, p in files.items() if s in finished}
+            return FeatureFolder(given, given / sub, layout, files, unfinished)
     found = _files_in(given)
     if found:
         return FeatureFolder(given, given, *found)
@@ -180,6 +187,9 @@ def load_slides(folder: FeatureFolder, slide_ids: Iterable[str]) -> dict[str, Sl
     Empty slides (0 tiles) are returned as they are; see `empty_slides`.
     """
     slide_ids = list(dict.fromkeys(slide_ids))
+    if cut := [s for s in slide_ids if s in folder.unfinished]:
+        raise UserError(f"CLAM did not finish {len(cut)} slide(s) in {folder.describe()}: {shown(cut)} have an .h5 "
+                        "but no pt_files/<slide_id>.pt; run CLAM's extract_features_fp.py again for them")
     missing = [s for s in slide_ids if s not in folder.files]
     if missing:
         raise UserError(f"no features file in {folder.describe()} for {len(missing)} slide(s) {shown(missing)}: run "
