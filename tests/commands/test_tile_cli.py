@@ -32,7 +32,7 @@ def test_single_slide_then_skip_then_overwrite(tiny_slide, tmp_path, capsys):
     assert "0 tiled, 1 already done" in capsys.readouterr().out
     assert main([*argv, "--overwrite"]) == 0
     assert "1 tiled" in capsys.readouterr().out
-    assert main([*argv[:-1], "64"]) == 1  # other settings over finished outputs: refused, outputs kept
+    assert main([*argv[:-1], "64"]) == 2  # other settings over finished outputs: refused (a user error), outputs kept
     assert "--overwrite" in capsys.readouterr().err
     assert '"status": "ok"' in (out / "status" / "tiny_slide.json").read_text()
     assert len(read_coords(out / "patches" / "tiny_slide.h5")[0]) == 10

@@ -122,6 +122,7 @@ def test_rows_and_dimension_problems(tmp_path):
     with pytest.raises(UserError, match=rf"most are {DIM}, but wide.h5 \({DIM + 2}\)"):
         load_slides(open_feature_folder(tmp_path), ["a", "b", "wide"])
     assert problems_of(tmp_path / "a.h5", rows=4, dim=DIM) is None
+    assert "features (4, 6) and 3 coords rows" in problems_of(tmp_path / "short.h5")
     assert "has 4 rows but its coords file has 5" in problems_of(tmp_path / "a.h5", rows=5, dim=DIM)
     assert "dimension 6, the extractor gives 8" in problems_of(tmp_path / "a.h5", rows=4, dim=8)
 

@@ -164,18 +164,28 @@ def non_finite_rows(features: np.ndarray) -> int:
 
 
 def problems_of(path: Path, rows: int | None = None, dim: int | None = None) -> str | None:
-    """What is wrong with one features file, or None: unreadable, shapes, ``rows`` and ``dim`` when
-    given, non-finite rows. Used to verify finished outputs before a rerun skips them."""
+    """What is wrong with one ``.h5`` features file, or None: it cannot be opened (HDF5 checks the file
+    length on open, so a truncated file fails here), lacks ``features``, its ``features``/``coords``
+    rows differ, or it differs from ``rows`` / ``dim`` when given.
+
+    Reads shapes only, never the feature values, so verifying a cohort's folder before a rerun costs
+    milliseconds per file; values are checked where they are written (`extract` refuses NaN/inf) and
+    where they are used (`load_slides`).
+    """
     try:
-        slide = read_slide_features(path)
-    except UserError as error:
-        return str(error)
-    if rows is not None and slide.n_tiles != rows:
-        return f"{path} has {slide.n_tiles} rows but its coords file has {rows}"
-    if dim is not None and slide.n_tiles and slide.features.shape[1] != dim:
-        return f"{path} has dimension {slide.features.shape[1]}, the extractor gives {dim}"
-    if bad := non_finite_rows(slide.features):
-        return f"{path} has {bad} non-finite rows"
+        with h5py.File(path, "r") as handle:
+            if "features" not in handle:
+                return f"{path} has no `features` dataset"
+            shape = handle["features"].shape
+            coords_rows = handle["coords"].shape[0] if "coords" in handle else shape[0]
+    except (OSError, KeyError, ValueError) as error:
+        return f"{path} cannot be read ({type(error).__name__}: {error})"
+    if len(shape) != 2 or coords_rows != shape[0]:
+        return f"{path} has features {shape} and {coords_rows} coords rows"
+    if rows is not None and shape[0] != rows:
+        return f"{path} has {shape[0]} rows but its coords file has {rows}"
+    if dim is not None and shape[0] and shape[1] != dim:
+        return f"{path} has dimension {shape[1]}, the extractor gives {dim}"
     return None
 
 

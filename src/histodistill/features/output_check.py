@@ -1,9 +1,10 @@
 """Checks on the slide features files `extract_slides` writes: before a rerun skips one, and before one is written.
 
-A file that exists is finished only if it opens, has as many ``features`` rows as its coords file has
-tiles, the extractor's dimension and no NaN or infinity; anything else (a file cut short by a full disk,
-one copied half-way, one left by an older run) is redone, with a line saying why. A model that gives
-non-finite features stops the run: writing them would break every later step.
+A file that exists is finished only if it opens and has as many ``features`` rows as its coords file
+has tiles, in the extractor's dimension; anything else (a file cut short by a full disk, one copied
+half-way, one left by an older tiling) is redone, with a line saying why. Only shapes are read, so a
+rerun over thousands of slides starts at once. A model that gives non-finite features stops the run
+before they are written: writing them would break every later step.
 """
 
 from __future__ import annotations
