@@ -44,6 +44,17 @@ def make_tissue_image(width: int, height: int, boxes, seed: int = 0) -> np.ndarr
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny matrices on a shared 2-core machine run ~10x faster on one thread than on two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_slide(tmp_path) -> TinySlide:
     """A 1024 x 768 pyramidal TIFF at 0.5 mpp with two tissue squares aligned to a 128-px grid."""
     boxes = ((128, 128, 512, 384), (640, 384, 896, 640))
@@ -119,3 +130,39 @@ def distill_inputs(tmp_path) -> dict[str, Path]:
 # `histodistill fit` flags for a quiet one-epoch test run.
 QUIET_ONE_EPOCH = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
                    "--trainer.enable_model_summary", "false", "--data.init_args.batch_size", "4"]
+
+
+# Feature folders as other tools write them (read by `histodistill.data.feature_files`).
+def tile_grid(n: int) -> np.ndarray:
+    """(n, 2) level-0 top-left corners of 256-px tiles, four to a row."""
+    return np.stack([np.arange(n) % 4 * 256, np.arange(n) // 4 * 256], 1)
+
+
+def write_clam_features(feat_dir, slide_id, features):
+    """As CLAM's extract_features_fp.py: h5_files/<id>.h5 appended batch by batch (resizable datasets,
+    coords int32, no attributes), then pt_files/<id>.pt = torch.save(torch.from_numpy(features))."""
+    import h5py
+    import torch
+
+    (feat_dir / "h5_files").mkdir(parents=True, exist_ok=True)
+    (feat_dir / "pt_files").mkdir(parents=True, exist_ok=True)
+    with h5py.File(feat_dir / "h5_files" / f"{slide_id}.h5", "w") as handle:
+        for key, value in (("features", features), ("coords", tile_grid(len(features)).astype(np.int32))):
+            handle.create_dataset(key, data=value, maxshape=(None, value.shape[1]), chunks=(1, value.shape[1]))
+    torch.save(torch.from_numpy(features), feat_dir / "pt_files" / f"{slide_id}.pt")
+
+
+def write_trident_features(job_dir, slide_id, features, encoder="uni_v1"):
+    """As TRIDENT's extract_patch_features: <job>/<mag>x_<px>px_<ov>px_overlap/features_<encoder>/<id>.h5,
+    coords attrs copied from the coords file, features attrs name/savetodir. Returns the features folder."""
+    import h5py
+
+    folder = job_dir / "20x_256px_0px_overlap" / f"features_{encoder}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with h5py.File(folder / f"{slide_id}.h5", "w") as handle:
+        handle["features"] = features
+        handle["coords"] = tile_grid(len(features)).astype(np.int64)
+        handle["features"].attrs.update(name=slide_id, savetodir=str(folder))
+        handle["coords"].attrs.update(patch_size=256, patch_size_level0=512, level0_magnification=40,
+                                      target_magnification=20, overlap=0, name=slide_id)
+    return folder

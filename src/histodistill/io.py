@@ -43,6 +43,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+# Names no finished output has: hidden files (our own `atomic_path` temporaries ``.<stem>.<random>.tmp<suffix>``,
+# macOS ``._<name>`` resource forks), editor backups, and other tools' partial or lock files.
+_TEMPORARY_ENDINGS = ("~", ".tmp", ".part", ".partial", ".lock", ".crdownload")
+
+
+def is_hidden_or_temporary(path: str | os.PathLike) -> bool:
+    """True for a file that a killed run or another program left behind, never a finished output."""
+    name = Path(path).name
+    return name.startswith((".", "~$")) or name.lower().endswith(_TEMPORARY_ENDINGS) or ".tmp." in name.lower()
+
+
+def visible_files(directory: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Sorted regular files directly in ``directory`` whose suffix (case-insensitive) is one of
+    ``suffixes`` (any when None), leaving out hidden and temporary files (`is_hidden_or_temporary`).
+    A missing directory has no files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    wanted = None if suffixes is None else {s.lower() for s in suffixes}
+    return sorted(
+        p for p in directory.iterdir()
+        if p.is_file() and not is_hidden_or_temporary(p) and (wanted is None or p.suffix.lower() in wanted)
+    )
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

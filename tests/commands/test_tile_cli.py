@@ -32,7 +32,7 @@ def test_single_slide_then_skip_then_overwrite(tiny_slide, tmp_path, capsys):
     assert "0 tiled, 1 already done" in capsys.readouterr().out
     assert main([*argv, "--overwrite"]) == 0
     assert "1 tiled" in capsys.readouterr().out
-    assert main([*argv[:-1], "64"]) == 1  # other settings over finished outputs: refused, outputs kept
+    assert main([*argv[:-1], "64"]) == 2  # other settings over finished outputs: refused (a user error), outputs kept
     assert "--overwrite" in capsys.readouterr().err
     assert '"status": "ok"' in (out / "status" / "tiny_slide.json").read_text()
     assert len(read_coords(out / "patches" / "tiny_slide.h5")[0]) == 10
@@ -103,7 +103,7 @@ def test_each_bad_slide_alone_exits_non_zero(tmp_path, capsys, index):
     [
         (lambda p: None, "no such slide, folder or CSV"),
         (lambda p: p.mkdir(), "no slide files in this folder"),
-        (lambda p: p.write_text("file\nx.svs\n"), "needs a header with a `path` column"),
+        (lambda p: p.write_text("file\nx.svs\n"), "lacks column(s) ['path'] (read as comma-separated with header ['file'])"),
         (lambda p: p.write_text("path,mpp\nx.svs,fast\n"), "line 2: `mpp` must be a number"),
     ],
 )

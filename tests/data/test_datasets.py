@@ -50,7 +50,7 @@ def test_csv_paths_are_relative_to_the_csv_and_splits_share_labels(tmp_path):
     with pytest.raises(UserError, match="no rows with split == 'test'"):
         CsvDataset(tmp_path / "m.csv", split="test")
     (tmp_path / "bad.csv").write_text("file,label\na.png,x\n")
-    with pytest.raises(UserError, match=r"lacks the column\(s\) \['path'\]"):
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['path'\]"):
         CsvDataset(tmp_path / "bad.csv")
 
 
@@ -88,3 +88,13 @@ def test_hdf5_mismatched_lengths_are_a_user_error(tmp_path):
         HDF5ArrayDataset(tmp_path / "x.h5", tmp_path / "y.h5")
     with pytest.raises(UserError, match="no dataset 'images'"):
         HDF5ArrayDataset(tmp_path / "x.h5", tmp_path / "y.h5", x_key="images")
+
+
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    make_image_folder(tmp_path, classes=("a", "b"), per_class=2, size=8)
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork
+    (tmp_path / "a" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "a" / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(b"")
+    (tmp_path / ".thumbnails").mkdir()
+    dataset = ImageFolderDataset(tmp_path)
+    assert dataset.classes == ["a", "b"] and len(dataset) == 4

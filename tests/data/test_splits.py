@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from histodistill.data.bags import SlideLabel
-from histodistill.data.splits import PARTS, check_split, make_splits, read_split, read_splits_dir, write_split
+from histodistill.data.splits import (
+    PARTS,
+    check_split,
+    make_splits,
+    min_cases_per_class,
+    read_split,
+    read_splits_dir,
+    write_split,
+)
 from histodistill.errors import UserError
 
 
@@ -71,3 +81,20 @@ def test_user_split_with_a_case_in_two_parts_is_refused():
 def test_too_many_folds_is_a_user_error():
     with pytest.raises(UserError, match="--folds"):
         make_splits(labels(3), folds=5)
+
+
+@pytest.mark.parametrize(("folds", "needed"), [(2, 4), (3, 3), (5, 5), (10, 10)])
+def test_minimum_cases_per_class(folds, needed):
+    # Every test fold holds one case of the class and two are left for training and validation.
+    assert min_cases_per_class(folds) == needed
+    assert needed - math.ceil(needed / folds) >= 2 and needed >= folds
+
+
+def test_two_folds_with_too_few_cases_names_each_class_count_and_the_minimum():
+    rows = [SlideLabel(f"c{i}", f"s{i}", label) for i, label in enumerate(["a", "a", "a", "a", "b", "b"])]
+    with pytest.raises(UserError) as info:
+        make_splits(rows, folds=2)
+    message = str(info.value)
+    assert "'a' 4, 'b' 2" in message and "at least 4" in message
+    assert "lower --folds" not in message
+    assert len(make_splits(rows + [SlideLabel("c6", "s6", "b"), SlideLabel("c7", "s7", "b")], folds=2)) == 2

@@ -108,9 +108,22 @@ def test_nan_loss_stops_with_a_user_error_and_keeps_the_last_good_checkpoint(tmp
     assert code == 2
     error = capsys.readouterr().err
     assert "non-finite at step 2" in error and "Traceback" not in error
+    assert f"({run / 'checkpoints' / 'last.ckpt'}) are from before this step" in error
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2  # written at the end of epoch 0, before the bad step
     assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values() if value.is_floating_point())
+
+
+def test_an_overflowing_optimiser_step_ends_like_a_nan_loss(tmp_path, two_class_data, capsys):
+    # Adam's step size lr / (1 - beta1) no longer fits in a float32: torch raises inside optimizer.step().
+    code = fit(tmp_path / "run", two_class_data, "--model.init_args.num_classes", "2",
+               "--model.init_args.optim.lr", "1e38", "--model.init_args.optim.warmup_epochs", "0")
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and [line[:42] for line in error.splitlines() if line.startswith("error:")] == [
+        "error: the optimiser step overflowed at st"]
+    assert "No checkpoint was written before this step" in error
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_resume_without_a_checkpoint_is_a_user_error(tmp_path, two_class_data, capsys):

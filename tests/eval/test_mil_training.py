@@ -19,13 +19,7 @@ DIM = 8
 FAST = {"abmil": ["--lr", "2e-3"], "mean": ["--lr", "5e-3"], "transmil": ["--lr", "1e-3", "--hidden-dim", "32"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices on a shared 2-core machine run ~10x faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def planted_features(tmp_path, n_cases: int = 24, seed: int = 0):

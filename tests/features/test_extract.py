@@ -160,3 +160,43 @@ def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="--device cpu"):
         extract.resolve_device("cuda")
     assert extract.resolve_device("auto").type == "cpu"
+
+
+def _truncate(path, fraction=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def test_rerun_redoes_damaged_outputs_and_says_why(tiles, tmp_path, capsys):
+    out = tmp_path / "features"
+    assert _extract(tiles, out) == 0
+    folder = out / "features_tiny-resnet18-64"
+    before = {s: h5py.File(folder / f"{s}.h5")["features"][:] for s in ("slide_a", "slide_b")}
+    _truncate(folder / "slide_b.h5")  # what `mil` died on with an OSError, and a rerun took as done
+    with h5py.File(folder / "slide_a.h5", "a") as handle:  # rows of another tiling
+        features, coords = handle["features"][:-1], handle["coords"][:-1]
+        del handle["features"], handle["coords"]
+        handle["features"], handle["coords"] = features, coords
+    capsys.readouterr()
+    assert _extract(tiles, out) == 0
+    printed = capsys.readouterr().out
+    assert "redoing slide_b.h5" in printed and "cannot be read" in printed
+    assert "redoing slide_a.h5" in printed and f"has {len(features)} rows but its coords file has {len(features) + 1}" in printed
+    for slide_id, features in before.items():
+        np.testing.assert_array_equal(h5py.File(folder / f"{slide_id}.h5")["features"][:], features)
+
+
+def test_a_model_giving_non_finite_features_stops_naming_the_slide(tiles, tmp_path, capsys, monkeypatch):
+    real = extract.extract_slide
+
+    def one_inf(*args, **kwargs):
+        features, coords = real(*args, **kwargs)
+        features[2, 7] = np.inf
+        return features, coords
+
+    monkeypatch.setattr(extract, "extract_slide", one_inf)
+    out = tmp_path / "features"
+    assert _extract(tiles, out) == 2
+    err = capsys.readouterr().err
+    assert "1 of" in err and "slide slide_a" in err and err.count("error:") == 1
+    assert not (out / "features_tiny-resnet18-64" / "slide_a.h5").exists()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 
+from histodistill.commands._arguments import output_folder
+
 HELP = "run the whole chain on the sample data (resumable; --quick for a ~2-minute version)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_out", help="directory for every stage's outputs (default demo_out)")
+    parser.add_argument("--out", default="demo_out", type=output_folder, help="directory for every stage's outputs (default demo_out)")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps: about 2 minutes on 2 cores")
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"),

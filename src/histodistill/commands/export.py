@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 
+from histodistill.commands._arguments import output_folder
+
 HELP = "export a checkpoint's backbone as model.safetensors + backbone.json (timm-loadable)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
                         help="a checkpoint written by `histodistill fit` (e.g. RUN/checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, metavar="DIR",
+    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR",
                         help="directory to write model.safetensors and backbone.json into (created if missing)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export in DIR")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from histodistill.commands._arguments import output_folder
 from histodistill.distributed import add_shard_argument
 
 HELP = "features for every tile of every slide (or an image folder) from any backbone or checkpoint"
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slide-ext", metavar="EXT", default=None,
                         help="suffix of the slides in --slides, e.g. .svs (default: any slide suffix tile knows)")
     source.add_argument("--images", metavar="DIR", help="an image folder DIR/<class>/<image> (patch dataset)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where the features_<model>/ folder is written")
+    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR", help="where the features_<model>/ folder is written")
     parser.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
     parser.add_argument("--workers", type=int, default=4,
                         help="DataLoader worker processes reading tiles (default 4; 0 reads in the main process)")

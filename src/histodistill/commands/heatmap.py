@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from histodistill.commands._arguments import output_folder
+
 HELP = "attention heatmaps over slide thumbnails + top/bottom tile montages from a `mil` run"
 
 
@@ -33,20 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest side of the thumbnail in pixels (default: %(default)s)")
     parser.add_argument("--slide-id", action="append", default=None,
                         help="only this slide (repeat for several); default: every slide with attention")
-    parser.add_argument("--out", default=None, help="output directory (default: <run>/figures/heatmaps)")
+    parser.add_argument("--out", default=None, type=output_folder, help="output directory (default: <run>/figures/heatmaps)")
 
 
 def csv_slide_paths(source: Path) -> dict[str, Path]:
     """slide_id -> slide file from a slide_id,path CSV."""
-    import csv
+    from histodistill.data.table import read_table
 
-    from histodistill.errors import UserError
-
-    with source.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not {"slide_id", "path"} <= set(reader.fieldnames or []):
-            raise UserError(f"--slides CSV {source} needs columns slide_id,path")
-        return {row["slide_id"]: (source.parent / row["path"]).resolve() for row in reader}
+    rows = read_table(source, "--slides CSV", ("slide_id", "path")).rows
+    return {row["slide_id"]: (source.parent / row["path"]).resolve() for row in rows}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,16 +51,19 @@ def run(args: argparse.Namespace) -> int:
 
     from histodistill.errors import UserError
     from histodistill.eval.heatmap import read_attention, slide_heatmap
+    from histodistill.io import visible_files
     from histodistill.wsi.coords import find_slide
 
     run_dir = Path(args.run)
-    attention = {p.stem: p for p in sorted((run_dir / "attention").glob("*.h5"))}
+    attention = {p.stem: p for p in visible_files(run_dir / "attention", (".h5",))}
     if not attention:
         raise UserError(f"no attention files in {run_dir / 'attention'}: pass --run with the --out of `histodistill mil`")
     wanted = args.slide_id or sorted(attention)
     unknown = [s for s in wanted if s not in attention]
     if unknown:
         raise UserError(f"--slide-id {unknown}: no attention for them in {run_dir / 'attention'}")
+    for slide_id in wanted:  # a damaged file stops the run before any figure is drawn
+        read_attention(attention[slide_id])
     if args.slides is not None and Path(args.slides).is_file():
         paths = csv_slide_paths(Path(args.slides))
         missing = [s for s in wanted if s not in paths]

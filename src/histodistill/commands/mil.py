@@ -1,5 +1,5 @@
 """Train and evaluate a slide-level MIL classifier (ABMIL, TransMIL or mean pooling) with k-fold
-cross-validation by case, on features written by `histodistill extract`.
+cross-validation by case, on features written by `histodistill extract`, CLAM or TRIDENT.
 
 Writes one run directory (--out): config.yaml (the resolved options), metrics.json (AUROC, balanced
 accuracy, macro-F1 and accuracy per fold, with mean and sd), metrics.csv (per-epoch losses),
@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 
+from histodistill.commands._arguments import output_folder
+
 HELP = "train + evaluate ABMIL / TransMIL / mean-pooling slide classifiers per CV fold"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features", required=True, help="directory of <slide_id>.h5 features files (from extract)")
+    parser.add_argument("--features", required=True,
+                        help="folder of <slide_id>.h5 features files: from `histodistill extract`, CLAM's feat_dir "
+                        "(h5_files/ or pt_files/) or TRIDENT's features_<encoder>/ (or a folder holding one features_*)")
     parser.add_argument("--labels", required=True, help="CSV with columns case_id,slide_id,label (CLAM style)")
-    parser.add_argument("--out", required=True, help="run directory to create")
+    parser.add_argument("--out", required=True, type=output_folder, help="run directory to create")
     parser.add_argument("--model", choices=("abmil", "transmil", "mean"), default="abmil",
                         help="abmil: gated attention (Ilse 2018); transmil: Shao 2021; mean: mean pooling + linear "
                         "(default: %(default)s)")
@@ -31,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", default=None,
                         help="directory of your own splits_<k>.csv (columns train,val,test of slide ids); "
                         "replaces --folds/--val-fraction")
+    parser.add_argument("--drop-empty", action="store_true",
+                        help="leave out slides without tissue tiles (features (0, D)) instead of stopping; they are "
+                        "listed on screen and in metrics.json under dropped_empty")
     parser.add_argument("--by-case", action="store_true",
                         help="one bag per case (all its slides together) instead of one bag per slide")
     parser.add_argument("--epochs", type=int, default=50, help="maximum epochs per fold (default: %(default)s)")
@@ -67,29 +74,43 @@ def run(args: argparse.Namespace) -> int:
     import yaml
     from torch.utils.tensorboard import SummaryWriter
 
-    from histodistill.data.bags import BagDataset, class_names, make_bags, read_labels
+    from histodistill.data.bags import (
+        BagDataset,
+        class_names,
+        empty_bags,
+        empty_bags_error,
+        make_bags,
+        read_labels,
+    )
+    from histodistill.data.feature_files import load_slides, open_feature_folder, shown
     from histodistill.data.splits import make_splits, read_splits_dir, write_split
     from histodistill.errors import UserError
     from histodistill.eval import mil, mil_outputs
     from histodistill.io import atomic_path, write_json
 
-    out, features = Path(args.out), Path(args.features)
+    out = Path(args.out)
     if (out / "metrics.json").exists() and not args.overwrite:
         raise UserError(f"{out} already holds a finished MIL run: pass --overwrite or choose another --out")
-    if not features.is_dir():
-        raise UserError(f"--features {features} is not a directory: point it at the output of `histodistill extract`")
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    with atomic_path(out / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(options, sort_keys=False))
-
-    rows = read_labels(args.labels)
+    # Everything is read and checked before anything is written to --out.
+    folder = open_feature_folder(args.features)
+    rows = labelled = read_labels(args.labels)
+    slides = load_slides(folder, [r.slide_id for r in rows])
+    dropped: list[str] = []
+    if empty := empty_bags(make_bags(rows, class_names(rows), by_case=args.by_case), slides):
+        if not args.drop_empty:
+            raise empty_bags_error(empty, folder.describe())
+        dropped = [s for bag in empty for s in bag.slide_ids]
+        rows = [r for r in rows if r.slide_id not in dropped]
+        print(f"--drop-empty: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
     classes = class_names(rows)
     if len(classes) < 2:
         raise UserError(f"--labels {args.labels} has a single label {classes}: MIL needs at least two classes")
-    dataset = BagDataset(features, make_bags(rows, classes, by_case=args.by_case))
-    splits = read_splits_dir(args.splits, rows) if args.splits else make_splits(rows, args.folds, args.val_fraction, args.seed)
-    for k, split in enumerate(splits):
-        write_split(out / "splits" / f"splits_{k}.csv", split)
+    dataset = BagDataset(folder, make_bags(rows, classes, by_case=args.by_case), slides)
+    if args.splits:
+        splits = [{part: [s for s in ids if s not in dropped] for part, ids in split.items()}
+                  for split in read_splits_dir(args.splits, labelled)]
+    else:
+        splits = make_splits(rows, args.folds, args.val_fraction, args.seed)
     model_kwargs = {}
     if args.hidden_dim is not None and args.model != "mean":
         model_kwargs[{"abmil": "hidden_dim", "transmil": "dim"}[args.model]] = args.hidden_dim
@@ -100,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if config.early_stop == "val_auroc":
         mil.check_val_has_every_class(dataset, splits, len(classes))
+
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(options, sort_keys=False))
+    for k, split in enumerate(splits):
+        write_split(out / "splits" / f"splits_{k}.csv", split)
 
     description = {"model": args.model, "in_dim": dataset.feature_dim, "classes": classes,
                    "model_kwargs": config.model_kwargs}
@@ -117,10 +144,12 @@ def run(args: argparse.Namespace) -> int:
         results.append(result)
 
     summary = mil.summarise(results)
-    write_json(out / "metrics.json", {"model": args.model, "classes": classes} | summary)
+    write_json(out / "metrics.json", {"model": args.model, "classes": classes, "dropped_empty": dropped} | summary)
     mil_outputs.write_history(out / "metrics.csv", results)
     mil_outputs.write_predictions(out / "predictions.csv", results, classes, "case_id" if args.by_case else "slide_id")
-    mil_outputs.write_attention(out, dataset, results, features)
+    if without_coords := mil_outputs.write_attention(out, dataset, results):
+        print(f"no attention files for {len(without_coords)} slide(s) whose features have no coords "
+              f"(CLAM pt_files): {shown(without_coords)}; pass CLAM's h5_files for heatmaps")
     mil_outputs.plot_roc(out / "figures" / "roc.png", results, classes)
     print(format_table(summary))
     print(f"run directory: {out}")

@@ -1,6 +1,8 @@
 """Evaluate frozen patch features with a linear probe and a kNN probe.
 
-Input: features.h5 files from `histodistill extract --images` (features, labels, paths, classes).
+Input: features.h5 files from `histodistill extract --images` (features, labels, paths, classes), or a
+folder of per-slide features (ours, CLAM's, TRIDENT's) with a case_id,slide_id,label CSV: each slide is
+the mean of its tile features, and cross-validation keeps a case's slides in one part.
 Either --features FILE_OR_DIR (stratified k-fold cross-validation, reshuffled per seed) or
 --train FILE --test FILE (one fit per seed). Linear: logistic regression on standardised features,
 C by 3-fold inner CV over 1e-3..10 unless --C is given. kNN: cosine similarity, the k nearest vote with
@@ -11,6 +13,8 @@ OUT/confusion_{linear,knn}.png.
 from __future__ import annotations
 
 import argparse
+
+from histodistill.commands._arguments import output_folder
 
 HELP = "linear and kNN probes on frozen patch features (accuracy, balanced accuracy, F1, AUROC, kappa)"
 
@@ -24,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", metavar="CSV",
                         help="optional CSV with columns path,label that replaces the labels stored in the "
                              "features file and keeps only the listed patches (paths as stored, relative to the image root)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where probe.json and the confusion PNGs go")
+    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR", help="where probe.json and the confusion PNGs go")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds with --features (default 5)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds: fold shuffles and the linear probe's inner CV (default 0 1 2)")

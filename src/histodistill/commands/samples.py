@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from histodistill.commands._arguments import output_folder
+
 HELP = "list, fetch and verify the real sample images; build the sample slide set and the nuclei task"
 
 
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slides = actions.add_parser(
         "make-slides", help="write semi-synthetic pyramidal slides built from the real samples, and their labels CSV"
     )
-    slides.add_argument("--out", required=True, help="output directory for the slides and labels.csv")
+    slides.add_argument("--out", required=True, type=output_folder, help="output directory for the slides and labels.csv")
     slides.add_argument("--n-slides", type=int, default=None, help="how many slides to write (default: the generator's)")
     slides.add_argument("--seed", type=int, default=None, help="random seed, for a reproducible set (default: the generator's)")
 
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "make-nuclei",
         help="write the labeled nuclei task (hgsc_nest crops) as <out>/{train,test}/<class>/<index>.png",
     )
-    nuclei.add_argument("--out", required=True, help="output directory (NCT-CRC-HE-100K-style image folders)")
+    nuclei.add_argument("--out", required=True, type=output_folder, help="output directory (NCT-CRC-HE-100K-style image folders)")
     nuclei.add_argument("--crop-size", type=int, default=64, help="side of the square crop centred on each nucleus, px (default 64)")
     nuclei.add_argument(
         "--test-fraction",

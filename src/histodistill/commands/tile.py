@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from histodistill.commands._arguments import output_folder
 from histodistill.distributed import add_shard_argument
 from histodistill.wsi.formats import SLIDE_SUFFIXES
 
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + "); or a CSV with a `path` column (relative paths are taken from the CSV's folder) and an "
         "optional `mpp` column that overrides the slide's mpp for that row",
     )
-    parser.add_argument("--out", required=True, help="output directory; patches/, qc/ and status/ are made inside")
+    parser.add_argument("--out", required=True, type=output_folder, help="output directory; patches/, qc/ and status/ are made inside")
     resolution = parser.add_mutually_exclusive_group()
     resolution.add_argument(
         "--mpp", type=float, default=None, help="target resolution of the tiles in microns per pixel (default 0.5)"
@@ -80,20 +81,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path, float | None]]:
     """``(slide path, mpp override or None)`` for every slide named by a file, folder or CSV."""
-    import csv
-
+    from histodistill.data.table import read_table
     from histodistill.errors import UserError
+    from histodistill.io import visible_files
 
     if source.is_dir():
-        slides = sorted(p for p in source.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        slides = visible_files(source, tuple(SLIDE_SUFFIXES))
         if not slides:
             raise UserError(f"{source}: no slide files in this folder (looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
         found = [(path, mpp_override) for path in slides]
     elif source.suffix.lower() == ".csv" and source.is_file():
-        with open(source, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows or "path" not in rows[0]:
-            raise UserError(f"{source}: the slide CSV needs a header with a `path` column and at least one row")
+        rows = read_table(source, "slide CSV", ("path",)).rows
+        if not rows:
+            raise UserError(f"{source}: the slide CSV has a header but no rows")
         found = []
         for line, row in enumerate(rows, start=2):
             mpp = row.get("mpp") or ""
@@ -168,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
                 progress.update()
     progress.close()
 
+    if len(results) == 1 and results[0].status == "failed" and Path(args.source).suffix.lower() != ".csv":
+        # One slide named on the command line that cannot be tiled is bad input, not a partial batch.
+        failed = results[0]
+        raise UserError(failed.message if failed.slide_path in failed.message else f"{failed.slide_path}: {failed.message}")
     for result in results:
         if result.status == "failed":
             print(f"failed: {result.slide_path}: {result.message}", file=sys.stderr)

@@ -2,22 +2,29 @@
 
 The labels CSV is CLAM's: columns ``case_id,slide_id,label`` (extra columns are ignored). A bag is
 one slide, or (``by_case=True``) every slide of one case together, which is how a diagnosis made
-on several slides of a patient is learned. Features come from ``<features_dir>/<slide_id>.h5``
-(datasets ``features`` (N, D) float32 and ``coords`` (N, 2) int64, written by ``histodistill extract``).
+on several slides of a patient is learned. Features come from a folder of per-slide files written by
+``histodistill extract``, CLAM or TRIDENT (`histodistill.data.feature_files`).
 """
 
 from __future__ import annotations
 
-import csv
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from histodistill.data.feature_files import (
+    FeatureFolder,
+    SlideFeatures,
+    feature_dim,
+    load_slides,
+    open_feature_folder,
+    shown,
+)
+from histodistill.data.table import read_table
 from histodistill.errors import UserError
 
 LABEL_COLUMNS = ("case_id", "slide_id", "label")
@@ -41,16 +48,10 @@ class Bag:
 
 
 def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
-    """Rows of a ``case_id,slide_id,label`` CSV; a `UserError` names the file when it is malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"labels CSV {path} does not exist: pass --labels with a case_id,slide_id,label CSV")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"labels CSV {path} lacks column(s) {missing}: its header must include case_id,slide_id,label")
-        rows = [SlideLabel(r["case_id"].strip(), r["slide_id"].strip(), r["label"].strip()) for r in reader]
+    """Rows of a ``case_id,slide_id,label`` CSV (`histodistill.data.table.read_table`: BOM, ``;`` or tab,
+    spaces, CRLF); a `UserError` names the file when it is malformed."""
+    table = read_table(path, "labels CSV (--labels)", LABEL_COLUMNS)
+    rows = [SlideLabel(r["case_id"], r["slide_id"], r["label"]) for r in table.rows]
     if not rows:
         raise UserError(f"labels CSV {path} has no rows")
     seen: set[str] = set()
@@ -92,54 +93,61 @@ def make_bags(rows: list[SlideLabel], classes: list[str], by_case: bool = False)
     return bags
 
 
-def features_path(features_dir: str | os.PathLike, slide_id: str) -> Path:
-    return Path(features_dir) / f"{slide_id}.h5"
+def empty_bags(bags: list[Bag], slides: Mapping[str, SlideFeatures]) -> list[Bag]:
+    """Bags without a single tile: every slide in them is (0, D), i.e. tiling found no tissue."""
+    return [bag for bag in bags if not any(slides[s].n_tiles for s in bag.slide_ids)]
 
 
-def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """``features`` (N, D) float32 and ``coords`` (N, 2) int64 of one slide's features file."""
-    with h5py.File(path, "r") as handle:
-        return handle["features"][:].astype(np.float32), handle["coords"][:].astype(np.int64)
-
-
-def check_features_exist(features_dir: str | os.PathLike, bags: list[Bag]) -> None:
-    missing = [s for bag in bags for s in bag.slide_ids if not features_path(features_dir, s).is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UserError(
-            f"no features file in {features_dir} for slide(s) {shown}: run `histodistill extract` for them "
-            "or remove them from the labels CSV"
-        )
+def empty_bags_error(empty: list[Bag], folder: str) -> UserError:
+    """The message for empty bags: all of them by name, why, and the two ways on."""
+    slides = [s for bag in empty for s in bag.slide_ids]
+    return UserError(
+        f"{len(slides)} slide(s) in {folder} have no tissue tiles (features of shape (0, D)): {shown(slides)}. "
+        "Tiling found no tissue on them, so re-tiling with the same settings gives 0 tiles again: pass --drop-empty "
+        "to leave them out (the run's metrics.json lists them) or remove them from the labels CSV"
+    )
 
 
 class BagDataset(Dataset):
-    """Bags read from a features directory, held in memory (feature bags are small: N×D floats).
+    """Bags read from a features folder (any layout `open_feature_folder` knows), held in memory
+    (feature bags are small: N×D floats).
 
     An item is a dict: ``features`` (N, D) float32, ``coords`` (N, 2) long, ``slide_index`` (N,) long
     (which of the bag's slides each instance comes from), ``label`` (int), ``bag_id`` (str).
+    Files without coords (CLAM's pt_files) give coords -1; ``has_coords`` says which slides have them.
+    ``slides`` passes features already read by `load_slides` (then ``features_dir`` only names them).
+    Raises `UserError` before returning for anything `load_slides` refuses and for empty bags.
     """
 
-    def __init__(self, features_dir: str | os.PathLike, bags: list[Bag]) -> None:
-        check_features_exist(features_dir, bags)
+    def __init__(self, features_dir: str | os.PathLike | FeatureFolder, bags: list[Bag],
+                 slides: Mapping[str, SlideFeatures] | None = None) -> None:
+        folder = features_dir if isinstance(features_dir, FeatureFolder) else None
+        if slides is None:
+            folder = folder or open_feature_folder(features_dir)
+            slides = load_slides(folder, [s for bag in bags for s in bag.slide_ids])
+        if empty := empty_bags(bags, slides):
+            raise empty_bags_error(empty, str(folder.describe() if folder else features_dir))
         self.bags = bags
-        self.items = [self._load(features_dir, bag) for bag in bags]
+        self.dim = feature_dim(slides)
+        self.attrs = {s: slides[s].attrs for bag in bags for s in bag.slide_ids}
+        self.has_coords = {s: slides[s].coords is not None for bag in bags for s in bag.slide_ids}
+        self.items = [self._item(bag, slides) for bag in bags]
 
     @staticmethod
-    def _load(features_dir, bag: Bag) -> dict:
-        parts = [read_features(features_path(features_dir, s)) for s in bag.slide_ids]
-        if any(len(f) == 0 for f, _ in parts):
-            raise UserError(f"a features file of bag {bag.bag_id!r} in {features_dir} has no tiles: re-tile that slide")
+    def _item(bag: Bag, slides: Mapping[str, SlideFeatures]) -> dict:
+        parts = [slides[s] for s in bag.slide_ids]
+        coords = [p.coords if p.coords is not None else np.full((p.n_tiles, 2), -1, np.int64) for p in parts]
         return {
-            "features": torch.from_numpy(np.concatenate([f for f, _ in parts])),
-            "coords": torch.from_numpy(np.concatenate([c for _, c in parts])),
-            "slide_index": torch.cat([torch.full((len(f),), i, dtype=torch.long) for i, (f, _) in enumerate(parts)]),
+            "features": torch.from_numpy(np.concatenate([p.features for p in parts])),
+            "coords": torch.from_numpy(np.concatenate(coords)),
+            "slide_index": torch.cat([torch.full((p.n_tiles,), i, dtype=torch.long) for i, p in enumerate(parts)]),
             "label": bag.label,
             "bag_id": bag.bag_id,
         }
 
     @property
     def feature_dim(self) -> int:
-        return int(self.items[0]["features"].shape[1])
+        return self.dim
 
     def __len__(self) -> int:
         return len(self.items)

@@ -23,6 +23,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from histodistill.data.teacher_features import TeacherFeatures
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
+from histodistill.io import visible_files
 from histodistill.wsi.slide import open_slide
 from histodistill.wsi.tiling import read_coords
 
@@ -157,7 +158,7 @@ def context_windows_of_dir(
 ) -> ConcatDataset:
     """Every coords file of ``patches_dir`` as one dataset; ``features_dir`` holds the teacher's
     ``<slide_id>.h5`` features (the cache). Raises `UserError` when no slide yields a window."""
-    coords_files = sorted(Path(patches_dir).glob("*.h5"))
+    coords_files = visible_files(patches_dir, (".h5",))
     if not coords_files:
         raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile` first")
     datasets = [

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from csv import DictReader
 from pathlib import Path
 
 import h5py
@@ -18,7 +17,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from histodistill.data.table import read_table
 from histodistill.errors import UserError
+from histodistill.io import is_hidden_or_temporary
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -66,12 +67,14 @@ class ImageFolderDataset(_ImageFiles):
         if not self.root.is_dir():
             raise UserError(f"image folder {self.root} does not exist: point the dataset's root at a folder "
                             "with one subfolder per class")
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not is_hidden_or_temporary(p))
         if not self.classes:
             raise UserError(f"image folder {self.root} has no class subfolders (expected root/<class>/<image>)")
         self.samples: list[tuple[Path, int]] = []
         for index, name in enumerate(self.classes):
-            files = sorted(p for p in (self.root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            # Hidden anywhere below the class folder (`._x.png` resource forks, `.ipynb_checkpoints/`) is not data.
+            files = sorted(p for p in (self.root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(is_hidden_or_temporary(part) for part in p.relative_to(self.root / name).parts))
             if not files:
                 raise UserError(f"class folder {self.root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                                 "add images or remove the folder")
@@ -112,15 +115,7 @@ class CsvDataset(_ImageFiles):
         self.samples = [(root / row["path"], index[row["label"]]) for row in rows]
 
     def _read_rows(self) -> list[dict[str, str]]:
-        if not self.csv_path.is_file():
-            raise UserError(f"CSV manifest {self.csv_path} does not exist")
-        with open(self.csv_path, newline="") as handle:
-            reader = DictReader(handle)
-            missing = {"path", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise UserError(f"{self.csv_path} lacks the column(s) {sorted(missing)}: "
-                                "the header must be path,label[,split]")
-            rows = [{key: (value or "").strip() for key, value in row.items()} for row in reader]
+        rows = read_table(self.csv_path, "CSV manifest", ("path", "label")).rows
         if not rows:
             raise UserError(f"CSV manifest {self.csv_path} has no rows")
         return rows

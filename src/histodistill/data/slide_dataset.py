@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from histodistill.errors import UserError
+from histodistill.io import visible_files
 from histodistill.wsi.coords import read_coords
 from histodistill.wsi.slide import open_slide
 
@@ -93,8 +94,8 @@ class SlideTilesDataset(ConcatDataset):
         slide_paths: Mapping[str, str | os.PathLike] | None = None,
     ):
         patches_dir = Path(patches_dir)
-        # Names starting with "." are unfinished temporary files of a running `tile`.
-        files = sorted(p for p in patches_dir.glob("*.h5") if not p.name.startswith("."))
+        # Leaves out the unfinished temporary files of a running `tile` (`histodistill.io.visible_files`).
+        files = visible_files(patches_dir, (".h5",))
         if not files:
             raise UserError(f"{patches_dir}: no coords files (*.h5); run `histodistill tile ... --out DIR` "
                             "and pass DIR/patches")

@@ -8,6 +8,7 @@ early stopping) is then held out of each fold's training cases the same way. Eve
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from histodistill.data.bags import SlideLabel
+from histodistill.data.table import read_table
 from histodistill.errors import UserError
 from histodistill.io import atomic_path
 
@@ -28,6 +30,30 @@ def _stratified_group_folds(labels: np.ndarray, groups: np.ndarray, n_splits: in
     return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(labels, labels, groups)
 
 
+def min_cases_per_class(folds: int) -> int:
+    """Cases each class needs for ``folds`` folds: one in every test fold (``folds``), and at least two
+    left in each fold's training part, one to train on and one to validate on."""
+    n = folds
+    while n - math.ceil(n / folds) < 2:
+        n += 1
+    return n
+
+
+def check_cases_per_class(rows: list[SlideLabel], folds: int) -> None:
+    """A `UserError` giving every class's case count and the minimum, when a class has too few cases."""
+    cases: dict[str, set[str]] = {}
+    for r in rows:
+        cases.setdefault(r.label, set()).add(r.case_id or r.slide_id)
+    needed = min_cases_per_class(folds)
+    if min(len(c) for c in cases.values()) < needed:
+        counts = ", ".join(f"{label!r} {len(c)}" for label, c in sorted(cases.items()))
+        raise UserError(
+            f"too few cases per class for --folds {folds}: cases per class are {counts}; each class needs at least "
+            f"{needed} (one in each of the {folds} test folds and two left to train and validate on). "
+            "Add cases of the small classes, or pass your own --splits"
+        )
+
+
 def make_splits(rows: list[SlideLabel], folds: int, val_fraction: float = 0.2, seed: int = 0) -> list[Split]:
     """``folds`` splits; in each, one fold of cases is the test part and ``val_fraction`` of the
     remaining cases (at least one per class where possible) is the validation part."""
@@ -38,16 +64,14 @@ def make_splits(rows: list[SlideLabel], folds: int, val_fraction: float = 0.2, s
     slide_ids = np.array([r.slide_id for r in rows])
     labels = np.array([r.label for r in rows])
     groups = np.array([r.case_id or r.slide_id for r in rows])
-    n_cases = len(set(groups))
-    if n_cases < folds:
-        raise UserError(f"{n_cases} cases cannot make {folds} folds: lower --folds")
+    check_cases_per_class(rows, folds)
     splits = []
     for fold, (rest, test) in enumerate(_stratified_group_folds(labels, groups, folds, seed)):
         # Hold out one of ~1/val_fraction case folds; with few cases, fewer and larger folds.
         cases_per_label = [len(set(groups[rest][labels[rest] == label])) for label in set(labels[rest])]
         val_splits = min(max(2, round(1 / val_fraction)), max(cases_per_label))
         if val_splits < 2:
-            raise UserError(f"fold {fold}: too few training cases to hold out a validation part; lower --folds")
+            raise UserError(f"fold {fold}: too few training cases to hold out a validation part; pass your own --splits")
         train, val = next(_stratified_group_folds(labels[rest], groups[rest], val_splits, seed + 1 + fold))
         splits.append({
             "train": sorted(slide_ids[rest][train]),
@@ -89,14 +113,8 @@ def write_split(path: str | os.PathLike, split: Split) -> Path:
 
 def read_split(path: str | os.PathLike) -> Split:
     """Read a ``splits_<k>.csv`` (CLAM's, or any CSV with train,val,test columns)."""
-    path = Path(path)
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [p for p in PARTS if p not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"splits file {path} lacks column(s) {missing}: it needs train,val,test columns")
-        rows = list(reader)
-    return {p: [r[p].strip() for r in rows if r[p] and r[p].strip()] for p in PARTS}
+    table = read_table(path, "splits file", PARTS)
+    return {p: [r[p] for r in table.rows if r[p]] for p in PARTS}
 
 
 def read_splits_dir(directory: str | os.PathLike, rows: list[SlideLabel]) -> list[Split]:

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from histodistill.engine.callbacks import AtomicCheckpointIO
 from histodistill.engine.run_dir import check_run_dir, default_callbacks, default_loggers, default_run_dir
+from histodistill.errors import UserError
 from histodistill.io import atomic_path
 from histodistill.methods.base import MethodModule
 
@@ -98,7 +99,13 @@ def fit_main(argv: list[str]) -> int:
     with warnings.catch_warnings():
         # We are the command line: `histodistill fit ARGS` hands ARGS over, so sys.argv differing is expected.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = HistodistillCLI(argv)
+        try:
+            cli = HistodistillCLI(argv)
+        except UnicodeDecodeError:
+            # jsonargparse reports missing and malformed config files itself, but not binary ones.
+            configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+            raise UserError(f"--config {' '.join(configs)}: not a YAML text file (UTF-8); pass a recipe such as "
+                            "configs/supervised/tiny_cpu.yaml") from None
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
     if getattr(datamodule, "datasets", {}).get("test") is not None:

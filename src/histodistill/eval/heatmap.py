@@ -30,9 +30,16 @@ Scale = Literal["rank", "value"]
 
 
 def read_attention(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``coords`` (N, 2) int64, ``scores`` (N,) float32 and the attributes of an attention file."""
-    with h5py.File(path, "r") as handle:
-        return handle["coords"][:].astype(np.int64), handle["scores"][:].astype(np.float32), dict(handle.attrs)
+    """``coords`` (N, 2) int64, ``scores`` (N,) float32 and the attributes of an attention file.
+
+    Raises `UserError` naming the file when it is truncated, not HDF5, or lacks a dataset."""
+    try:
+        with h5py.File(path, "r") as handle:
+            coords, scores = handle["coords"][:].astype(np.int64), handle["scores"][:].astype(np.float32)
+            return coords, scores, dict(handle.attrs)
+    except (OSError, KeyError) as error:
+        raise UserError(f"attention file {path} cannot be read ({type(error).__name__}: {error}): it is truncated "
+                        "or not from `histodistill mil`; run `histodistill mil` again to rewrite it") from None
 
 
 def rank_scale(scores: np.ndarray) -> np.ndarray:

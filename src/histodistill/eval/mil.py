@@ -33,6 +33,7 @@ from histodistill.eval.metrics import classification_metrics
 from histodistill.features.extract import resolve_device
 from histodistill.models.mil import create_mil
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
+from histodistill.optim.overflow import step_overflowed
 
 REPORTED_METRICS = ("auroc", "balanced_accuracy", "macro_f1", "accuracy")
 
@@ -94,9 +95,18 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         with autocast(device):
             logits = model(batch["features"].to(device), batch["mask"].to(device)).logits  # (B, C)
         loss = F.cross_entropy(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise UserError(f"the MIL training loss became non-finite (bags {batch['bag_ids']}); nothing was saved "
+                            "for this fold. Lower --lr, and check the features for extreme values")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as error:
+            if not step_overflowed(error):
+                raise
+            raise UserError(f"the MIL optimiser step overflowed (--lr {optimizer.param_groups[0]['lr']:.4g}: {error}); "
+                            "nothing was saved for this fold. Lower --lr") from None
         total += loss.item() * len(labels)
         count += len(labels)
     return total / max(count, 1)

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from histodistill.data.bags import BagDataset, features_path  # noqa: E402
+from histodistill.data.bags import BagDataset  # noqa: E402
 from histodistill.errors import UserError  # noqa: E402
 from histodistill.eval.mil import FoldResult  # noqa: E402
 from histodistill.io import atomic_path, write_json  # noqa: E402
@@ -80,22 +80,28 @@ def write_history(path: Path, results: list[FoldResult]) -> None:
                 writer.writerow({"fold": result.fold} | row)
 
 
-def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult], features_dir: Path) -> None:
+def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult]) -> list[str]:
     """Out-of-fold instance scores per slide (a case bag is cut back into its slides), with the tile
-    coords and the features file's tiling attributes (``patch_size_level0``...) for the heatmap."""
+    coords and the features file's tiling attributes (``patch_size_level0``...) for the heatmap.
+
+    Slides whose features file has no coords (CLAM's pt_files) get no attention file; returns their ids.
+    """
     index_of = {bag.bag_id: i for i, bag in enumerate(dataset.bags)}
+    without_coords = []
     for result in results:
         for bag_id, scores, label in zip(result.test.bag_ids, result.test.scores, result.test.labels, strict=True):
             item = dataset[index_of[bag_id]]
             for s, slide_id in enumerate(dataset.bags[index_of[bag_id]].slide_ids):
+                if not dataset.has_coords[slide_id]:
+                    without_coords.append(slide_id)
+                    continue
                 rows = (item["slide_index"] == s).numpy()
-                with h5py.File(features_path(features_dir, slide_id), "r") as source:
-                    attrs = dict(source.attrs) | dict(source["coords"].attrs)
                 with atomic_path(run_dir / "attention" / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as out:
                     out["coords"] = item["coords"].numpy()[rows]  # (N_slide, 2) level-0 top-left
                     out["scores"] = scores[rows].astype(np.float32)  # (N_slide,)
-                    out.attrs.update({k: v for k, v in attrs.items() if np.isscalar(v)})
+                    out.attrs.update({k: v for k, v in dataset.attrs[slide_id].items() if np.isscalar(v)})
                     out.attrs.update(fold=result.fold, bag_id=bag_id, label=int(label))
+    return without_coords
 
 
 def plot_roc(path: Path, results: list[FoldResult], classes: list[str]) -> None:

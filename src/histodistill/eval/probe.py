@@ -11,7 +11,6 @@ Both return a `ProbeResult` whose metrics come from `histodistill.eval.metrics.c
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,16 @@ import h5py
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from histodistill.data.bags import class_names, read_labels
+from histodistill.data.feature_files import load_slides, non_finite_rows, open_feature_folder, shown
+from histodistill.data.table import read_table
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics
+from histodistill.features.extract import PATCH_FEATURES
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 INNER_FOLDS = 3
@@ -45,12 +48,14 @@ class ProbeResult:
 
 @dataclass
 class PatchFeatures:
-    """``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) and class names."""
+    """``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) and class names; ``groups`` (N,)
+    (case ids of slide embeddings) keeps each group within one cross-validation part."""
 
     features: np.ndarray
     labels: np.ndarray
     paths: np.ndarray
     classes: list[str]
+    groups: np.ndarray | None = None
 
 
 def linear_probe(
@@ -98,30 +103,38 @@ PROBES = {"linear": linear_probe, "knn": knn_probe}
 
 
 def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike | None = None) -> PatchFeatures:
-    """Read a ``features.h5`` of `histodistill extract --images` (or a folder holding one).
+    """Read a ``features.h5`` of `histodistill extract --images` (or a folder holding one), or a folder of
+    per-slide features (ours, CLAM's, TRIDENT's; see `load_slide_embeddings`).
 
     ``labels_csv`` (columns ``path,label``, paths as stored in the file) replaces the labels and keeps
     only the listed patches.
     """
     path = Path(path)
+    if path.is_dir() and not (path / PATCH_FEATURES).is_file():
+        return load_slide_embeddings(path, labels_csv)
     if path.is_dir():
-        path = path / "features.h5"
+        path = path / PATCH_FEATURES
     if not path.is_file():
         raise UserError(f"{path} does not exist; make it with `histodistill extract --images DIR --out OUT`")
-    with h5py.File(path) as handle:
-        missing = {"features", "labels"} - set(handle)
-        if missing:
-            raise UserError(f"{path} has no {sorted(missing)} datasets: not a patch features file from `extract --images`")
-        features = handle["features"][:].astype(np.float32)
-        labels = handle["labels"][:].astype(np.int64)
-        paths = handle["paths"].asstr()[:] if "paths" in handle else np.arange(len(labels)).astype(str)
-        classes = [str(c) for c in handle.attrs.get("classes", [str(i) for i in range(labels.max() + 1)])]
+    try:
+        with h5py.File(path) as handle:
+            missing = {"features", "labels"} - set(handle)
+            if missing:
+                raise UserError(f"{path} has no {sorted(missing)} datasets: not a patch features file from `extract --images`")
+            features = handle["features"][:].astype(np.float32)
+            labels = handle["labels"][:].astype(np.int64)
+            paths = handle["paths"].asstr()[:] if "paths" in handle else np.arange(len(labels)).astype(str)
+            classes = [str(c) for c in handle.attrs.get("classes", [str(i) for i in range(labels.max() + 1)])]
+    except (OSError, KeyError, ValueError) as error:
+        raise UserError(f"{path} cannot be read ({type(error).__name__}: {error}): it is truncated or not a features "
+                        "file; extract it again with `histodistill extract --images ... --overwrite`") from None
+    if bad := non_finite_rows(features):
+        raise UserError(f"{path} has {bad} non-finite rows (NaN or inf) of {len(features)}: extract it again")
     if labels_csv is None:
         return PatchFeatures(features, labels, np.asarray(paths), classes)
-    with open(labels_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        raise UserError(f"--labels {labels_csv}: expected a CSV with columns path,label")
+    rows = read_table(labels_csv, "--labels CSV", ("path", "label")).rows
+    if not rows:
+        raise UserError(f"--labels {labels_csv}: expected a CSV with columns path,label and at least one row")
     position = {p: i for i, p in enumerate(paths)}
     unknown = [row["path"] for row in rows if row["path"] not in position]
     if unknown:
@@ -130,6 +143,29 @@ def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike |
     keep = np.array([position[row["path"]] for row in rows])
     new_labels = np.array([classes.index(row["label"]) for row in rows], dtype=np.int64)
     return PatchFeatures(features[keep], new_labels, np.asarray(paths)[keep], classes)
+
+
+def load_slide_embeddings(folder: str | os.PathLike, labels_csv: str | os.PathLike | None) -> PatchFeatures:
+    """Slide-level probe data: the mean of each slide's tile features (D,), labelled by a CLAM labels CSV
+    (``case_id,slide_id,label``); a case's slides share its cross-validation part (``groups``)."""
+    try:
+        feature_folder = open_feature_folder(folder)
+    except UserError:
+        raise UserError(f"{folder} holds neither a {PATCH_FEATURES} (`histodistill extract --images`) nor per-slide "
+                        "features files (`extract --coords`, CLAM, TRIDENT): pass one of those") from None
+    if labels_csv is None:
+        raise UserError(f"{folder} is a folder of per-slide features: pass --labels with a case_id,slide_id,label CSV "
+                        "to probe mean-pooled slide embeddings")
+    rows = read_labels(labels_csv)
+    slides = load_slides(feature_folder, [r.slide_id for r in rows])
+    if empty := [r.slide_id for r in rows if not slides[r.slide_id].n_tiles]:
+        raise UserError(f"{len(empty)} slide(s) in {feature_folder.describe()} have no tissue tiles (features (0, D)): "
+                        f"{shown(empty)}; remove them from the labels CSV")
+    classes = class_names(rows)
+    features = np.stack([slides[r.slide_id].features.mean(axis=0) for r in rows]).astype(np.float32)  # (S, D)
+    labels = np.array([classes.index(r.label) for r in rows], dtype=np.int64)
+    groups = np.array([r.case_id or r.slide_id for r in rows])
+    return PatchFeatures(features, labels, np.array([r.slide_id for r in rows]), classes, groups)
 
 
 def evaluate_probes(
@@ -184,9 +220,17 @@ def _splits(data: PatchFeatures, test: PatchFeatures | None, folds: int, seed: i
     if test is not None:
         yield data.features, data.labels, test.features, test.labels
         return
-    smallest = int(np.bincount(data.labels).min())
-    if folds < 2 or smallest < folds:
-        raise UserError(f"--folds {folds}: every class needs at least {folds} patches (the smallest has {smallest}); "
-                        "lower --folds or pass --train/--test")
-    for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.features, data.labels):
+    counts = np.bincount(data.labels, minlength=len(data.classes))
+    if folds < 2 or counts.min() < folds:
+        per_class = ", ".join(f"{name!r} {n}" for name, n in zip(data.classes, counts, strict=True))
+        raise UserError(f"--folds {folds}: every class needs at least {max(folds, 2)} samples, one per test fold; "
+                        f"samples per class are {per_class}. "
+                        + (f"Either lower --folds to {counts.min()}, add" if counts.min() >= 2 else "Add")
+                        + " samples of the small classes, or pass --train/--test")
+    if data.groups is None:
+        parts = StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.features, data.labels)
+    else:
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+        parts = splitter.split(data.features, data.labels, data.groups)
+    for train, held in parts:
         yield data.features[train], data.labels[train], data.features[held], data.labels[held]

@@ -4,8 +4,8 @@ Slides: ``<out>/features_<slug>/<slide_id>.h5`` with ``features`` (N, D) float32
 int64 (CLAM/TRIDENT layout), one per coords file of a tiling output, plus ``extractor.json`` beside
 them. Patches: one ``features.h5`` with ``features``, ``labels``, ``paths`` and a ``classes`` attribute.
 
-Every file is written atomically, so a finished slide is one whose file exists: a rerun skips it,
-and a slide interrupted half-way is simply redone. Images are prepared in the DataLoader workers
+Every file is written atomically, and a rerun skips a slide only when its file checks out
+(`histodistill.features.output_check`): one interrupted half-way, truncated or damaged is redone. Images are prepared in the DataLoader workers
 with the backbone's own eval transform (resize + centre crop to its input size, its mean/std).
 """
 
@@ -28,11 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histodistill.data.datasets import ImageFolderDataset
+from histodistill.data.feature_files import problems_of
 from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.data.transforms import build_transform
 from histodistill.distributed import Share, local_device, write_json_once
 from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
+from histodistill.features.output_check import is_finished, require_finite
 from histodistill.io import atomic_path, write_json
 from histodistill.models.backbones import Backbone, create_backbone
 from histodistill.wsi.coords import coords_files, find_slide, read_coords, tiling_attrs
@@ -213,13 +215,14 @@ def extract_slides(
     for coords_path in tqdm(files, desc="slides", unit="slide", dynamic_ncols=True):
         tiling = tilings[coords_path]
         target = features_dir / f"{tiling['slide_id']}.h5"
-        if target.exists() and not overwrite:
+        if not overwrite and is_finished(target, coords_path, record["feature_dim"]):
             continue
         # Context windows are cut on our own grid, whose coords name their slide.
         dataset = tiles_of(coords_path) if context_window is not None else tiles_of(coords_path, slide_of[coords_path])
         features, coords = extract_slide(
             net, dataset, batch_size, num_workers, torch_device, precision, desc=tiling["slide_id"]
         )
+        require_finite(features, f"slide {tiling['slide_id']}", str(model))
         attrs = {"slide_id": tiling["slide_id"], "slide_path": str(slide_of[coords_path]), "extractor": str(model),
                  "weights_sha256": record["weights_sha256"], **tiling_attrs(tiling)}
         if context_window is not None:
@@ -245,14 +248,17 @@ def extract_images(
     features_dir = Path(out_dir) / f"features_{model_slug(model)}"
     target = features_dir / PATCH_FEATURES
     if target.exists() and not overwrite:
-        print(f"{target} exists; pass --overwrite to extract again")
-        return target
+        if (problem := problems_of(target)) is None:
+            print(f"{target} exists; pass --overwrite to extract again")
+            return target
+        print(f"redoing {target}: {problem}")
     backbone = _seeded_backbone(model, weights)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     torch_device = resolve_device(device)
     backbone = prepare_model(backbone, torch_device)
     dataset = ImageFolderDataset(images_dir, transform=build_transform("eval", backbone.spec.preprocess, train=False))
     features, labels = extract_features(backbone, dataset, batch_size, num_workers, torch_device, precision, "images")
+    require_finite(features, f"image folder {images_dir}", str(model))
     paths = [str(path.relative_to(dataset.root)) for path, _ in dataset.samples]
     with atomic_path(target) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_dataset("features", data=features.astype(np.float32))

@@ -10,6 +10,7 @@ of the extractable backbone that `histodistill export` and `extract` read from a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ import torch
 from histodistill.errors import UserError
 from histodistill.models.backbones import CHECKPOINT_BACKBONE_KEY
 from histodistill.optim.optimizer import OptimConfig, build_optimizer, build_scheduler, scaled_lr
+from histodistill.optim.overflow import step_overflowed
 
 
 class NonFiniteLossError(UserError):
@@ -54,18 +56,37 @@ class MethodModule(L.LightningModule):
         losses = self.objective(batch)
         total = losses["loss"]
         if not torch.isfinite(total):
-            # Raising before backward() keeps the weights as they were after the last good step;
-            # the last checkpoint on disk is therefore a good one to resume from.
+            # Raising before backward() keeps the weights as they were after the last good step.
             details = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
-                f"the training loss became non-finite at step {self.global_step} ({details}). "
-                "The last checkpoint in the run directory is from before this step. "
+                f"the training loss became non-finite at step {self.global_step} ({details}). {self._resume_hint()} "
                 "Lower optim.lr, raise the warm-up, or use precision 32 to find the cause."
             )
         batch_size = _batch_size(batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size, sync_dist=False)
         return total
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        except RuntimeError as error:
+            if not step_overflowed(error):
+                raise
+            lr = optimizer.param_groups[0]["lr"]
+            raise NonFiniteLossError(
+                f"the optimiser step overflowed at step {self.global_step} (learning rate {lr:.4g}: {error}). "
+                f"{self._resume_hint()} Lower optim.lr."
+            ) from None
+
+    def _resume_hint(self) -> str:
+        """Which checkpoint a stopped run can go back to: only one that exists on disk is named."""
+        trainer = self.trainer
+        paths = {getattr(c, "best_model_path", "") for c in trainer.checkpoint_callbacks} | {trainer.ckpt_path or ""}
+        saved = sorted(str(p) for p in paths if p and Path(p).is_file())
+        if saved:
+            return f"The checkpoint(s) on disk ({', '.join(saved)}) are from before this step."
+        return "No checkpoint was written before this step, so there is nothing to resume from."
 
     def configure_optimizers(self):
         trainer = self.trainer

@@ -1,0 +1,129 @@
+"""The contract every subcommand keeps on bad input: exit 2, exactly one `error:` line, no traceback.
+
+Each command's path inputs get four kinds of bad value: a missing file, a wrong folder (one that exists
+but holds something else), a foreign file (a file of another kind) and an empty folder. Commands are
+discovered from `histodistill.cli`, so a new command fails `test_every_command_has_bad_inputs` until it
+is added to `INPUTS`. Everything runs in-process and stops before any real work, so the test is cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from histodistill.cli import _command_modules, main
+
+KINDS = ("missing file", "wrong folder", "foreign file", "empty folder")
+
+
+def bad_path(root: Path, kind: str) -> Path:
+    """A path of one bad kind under ``root``."""
+    if kind == "missing file":
+        return root / "no_such_input.h5"
+    if kind == "foreign file":
+        path = root / "holiday.jpg"  # not a JPEG either: bytes of another kind entirely
+        path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+        return path
+    path = root / kind.replace(" ", "_")
+    path.mkdir()
+    if kind == "wrong folder":
+        (path / "notes.txt").write_text("minutes of the meeting\n")
+        (path / "photos").mkdir()
+    return path
+
+
+def good_features(root: Path) -> Path:
+    """A valid features folder and labels for the inputs that are not under test."""
+    folder = root / "good_features"
+    folder.mkdir()
+    for slide_id in ("a", "b"):
+        with h5py.File(folder / f"{slide_id}.h5", "w") as handle:
+            handle["features"] = np.ones((3, 4), np.float32)
+            handle["coords"] = np.zeros((3, 2), np.int64)
+    return folder
+
+
+def good_labels(root: Path) -> Path:
+    path = root / "good_labels.csv"
+    path.write_text("case_id,slide_id,label\na,a,0\nb,b,1\n")
+    return path
+
+
+def good_run(root: Path) -> Path:
+    """A `mil` run directory with one attention file, for heatmap's --slides input."""
+    attention = root / "good_run" / "attention"
+    attention.mkdir(parents=True)
+    with h5py.File(attention / "a.h5", "w") as handle:
+        handle["coords"] = np.zeros((2, 2), np.int64)
+        handle["scores"] = np.ones(2, np.float32)
+    return root / "good_run"
+
+
+Argv = Callable[[Path, Path], list[str]]  # (bad path, tmp dir) -> argv
+
+# command -> {input: argv with the bad path in that input}. Output folders are not inputs: a missing or
+# empty one is valid. `samples` and `demo` read no files: their bad input is a file given as --out,
+# or an unknown sample name.
+INPUTS: dict[str, dict[str, Argv]] = {
+    "samples": {"--out": lambda p, t: ["samples", "make-slides", "--out", str(p)]},
+    "tile": {"SOURCE": lambda p, t: ["tile", str(p), "--out", str(t / "out")]},
+    "fit": {"--config": lambda p, t: ["fit", "--config", str(p)]},
+    "export": {"--checkpoint": lambda p, t: ["export", "--checkpoint", str(p), "--out", str(t / "out")]},
+    "extract": {
+        "--coords": lambda p, t: ["extract", "--model", "tiny/resnet18-64", "--coords", str(p), "--out", str(t / "out")],
+        "--images": lambda p, t: ["extract", "--model", "tiny/resnet18-64", "--images", str(p), "--out", str(t / "out"),
+                                  "--workers", "0"],
+    },
+    "probe": {"--features": lambda p, t: ["probe", "--features", str(p), "--out", str(t / "out")]},
+    "mil": {
+        "--features": lambda p, t: ["mil", "--features", str(p), "--labels", str(good_labels(t)), "--out", str(t / "out")],
+        "--labels": lambda p, t: ["mil", "--features", str(good_features(t)), "--labels", str(p), "--out", str(t / "out")],
+    },
+    "heatmap": {
+        "--run": lambda p, t: ["heatmap", "--run", str(p), "--slides", str(t)],
+        "--slides": lambda p, t: ["heatmap", "--run", str(good_run(t)), "--slides", str(p)],
+    },
+    "report": {"RUN_DIR": lambda p, t: ["report", str(p)]},
+    "demo": {"--out": lambda p, t: ["demo", "--out", str(p), "--quick"]},
+}
+# Kinds that are valid for an input, with the reason (everything else must be refused).
+VALID = {
+    ("samples", "--out"): {"missing file": "a new output folder", "empty folder": "an output folder",
+                           "wrong folder": "an output folder may hold other files"},
+    ("demo", "--out"): {"missing file": "a new output folder", "empty folder": "an output folder",
+                        "wrong folder": "an output folder may hold other files"},
+}
+EXTRA_CASES = {("samples", "unknown sample name"): lambda p, t: ["samples", "fetch", "no_such_sample"]}
+
+CASES = [
+    pytest.param((argv_of, kind), id=f"{command} {name} {kind}")
+    for command, inputs in INPUTS.items() for name, argv_of in inputs.items() for kind in KINDS
+    if kind not in VALID.get((command, name), {})
+] + [pytest.param((argv_of, "missing file"), id=f"{command} {name}") for (command, name), argv_of in EXTRA_CASES.items()]
+
+
+def test_every_command_has_bad_inputs():
+    assert set(INPUTS) == set(_command_modules()), "add the new command's inputs to INPUTS"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case):
+    argv_of, kind = case
+    argv = argv_of(bad_path(tmp_path, kind), tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse and `fit`'s jsonargparse exit themselves, with status 2
+        code = exit_.code
+    captured = capsys.readouterr()
+    err = captured.err
+    assert code == 2, (argv, err[-500:])
+    assert "Traceback" not in err + captured.out
+    # Ours print "error: ...", argparse's "histodistill CMD: error: ...": one line either way.
+    assert len([line for line in err.splitlines() if "error: " in line]) == 1, err
+    # Nothing is written before refusing, except tile's status/<slide>.json, its record of a failed slide.
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.parent.name != "status"]
+    assert not written, f"wrote {written} before refusing"
