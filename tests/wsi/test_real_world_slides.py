@@ -91,7 +91,8 @@ def test_a_desktop_resolution_tag_is_refused_by_name_and_writes_no_coords(tmp_pa
     image = make_tissue_image(512, 512, [(0, 0, 512, 512)])
     path = write_pyramid_tiff(tmp_path / "tagged.tif", image, mpp=25400 / dpi, tile=128)
     out = tmp_path / "out"
-    assert main(["tile", str(path), "--out", str(out)]) == 1
+    # One slide named on the command line is bad input (exit 2); in a folder it is one failed slide (exit 1).
+    assert main(["tile", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"tagged.tif: level-0 mpp {mpp} um/px read from its `openslide.mpp-x` property" in err
     assert "--mpp-override" in err
