@@ -5,7 +5,8 @@ data by dataset class: `TINY_DATA` maps a dataset class name to a function that 
 under a folder and returns the ``init_args`` to use instead. A config using a dataset class not in
 the map fails with a message saying to add it here (see docs/training.md, "Configs and tests").
 Data-module arguments that are paths (``tiles_dir``) are rewritten by name through `TINY_PATHS`.
-Hub downloads are switched off: every ``pretrained`` key becomes false, and checkpoints of earlier
+Hub downloads are switched off: every ``pretrained`` key becomes false (``student_init: imagenet``
+becomes ``random``), and checkpoints of earlier
 runs (``*.ckpt`` values under ``model``, e.g. teachers) become a randomly initialised supervised
 checkpoint of the student's architecture, and weight files (``.bin``, ``.pth``, ``.pt``, ``.safetensors``)
 become null.
@@ -108,7 +109,8 @@ def no_downloads(node: Any, stand_in: str) -> Any:
     """``pretrained`` keys become false; checkpoints of earlier runs (``*.ckpt``, e.g. a teacher) become
     ``stand_in`` (a checkpoint of the student's architecture, randomly initialised)."""
     if isinstance(node, dict):
-        return {key: False if key == "pretrained" else no_downloads(value, stand_in) for key, value in node.items()}
+        offline = {"pretrained": False, **({"student_init": "random"} if node.get("student_init") == "imagenet" else {})}
+        return {key: offline[key] if key in offline else no_downloads(value, stand_in) for key, value in node.items()}
     if isinstance(node, list):
         return [no_downloads(item, stand_in) for item in node]
     if isinstance(node, str) and node.endswith(".ckpt"):

@@ -72,14 +72,9 @@ class TeacherStudentMethod(ClassificationMethod):
         if student_init is not None and student_init not in STUDENT_INITS:
             raise UserError(f"model.init_args.student_init must be one of {', '.join(STUDENT_INITS)} (or unset), "
                             f"got {student_init!r}")
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            pretrained=student_init == "imagenet" or (pretrained and student_init is None),
-            weights=weights if student_init is None else None,
-            num_classes=num_classes,
-            optim=optim,
-        )
+        # Built randomly first: whether the student starts as the teacher is known only once both exist,
+        # and a student that does never needs its published weights.
+        super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, optim=optim)
         self.w_ce, self.w_kd, self.temperature = w_ce, w_kd, temperature
         self.teacher: Backbone = create_backbone(
             teacher, pretrained=teacher_pretrained, weights=teacher_weights, **(teacher_kwargs or {})
@@ -97,10 +92,12 @@ class TeacherStudentMethod(ClassificationMethod):
             raise UserError(f"student_init: teacher copies the teacher into the student, but teacher "
                             f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in architecture: "
                             "set model.init_args.student_init to imagenet or random")
-        self.student_init = student_init or ("teacher" if same_architecture else "pretrained" if pretrained or weights
-                                             else "random")
+        own_weights = pretrained or weights is not None
+        self.student_init = student_init or ("teacher" if same_architecture else "imagenet" if own_weights else "random")
         if self.student_init == "teacher":
             self.start_from_teacher(teacher, teacher_classifier_from_checkpoint)
+        elif self.student_init == "imagenet":  # the published weights, from the hub or the local `weights` file
+            self.backbone = create_backbone(backbone, pretrained=weights is None, weights=weights, **(backbone_kwargs or {}))
 
     def start_from_teacher(self, teacher: str, classifier_source: str | None) -> None:
         """Student ← teacher (weights and BN buffers); classifier too when the teacher has one for these classes.
