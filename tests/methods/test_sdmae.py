@@ -129,3 +129,22 @@ def test_fit_writes_figures_and_a_checkpoint_that_exports_to_timm(tmp_path, reci
         served = create_backbone(run_dir / "checkpoints" / "last.ckpt").eval()(x)  # what extract/export read
     assert features.shape == (2, 96) and torch.isfinite(features).all()
     torch.testing.assert_close(served, features)
+
+
+@pytest.mark.parametrize("cls", [SDMAE, MAE])
+def test_inputs_are_normalised_with_imagenet_statistics_and_the_export_records_them(cls, tmp_path):
+    import json
+
+    from histodistill.features.export import save_backbone
+    from histodistill.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    # timm's vit_tiny_patch16_224 config says mean = std = 0.5; MAE and SD-MAE normalise with ImageNet's.
+    kwargs = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 32, "depth": 1},
+              "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+    if cls is SDMAE:
+        kwargs.update(head_dim=16, head_hidden_dim=16, head_bottleneck_dim=8)
+    module = cls(**kwargs)
+    assert module.preprocess.mean == IMAGENET_MEAN and module.preprocess.std == IMAGENET_STD
+    spec = json.loads((save_backbone(module.backbone, tmp_path / "export") / "backbone.json").read_text())
+    assert spec["preprocess"]["mean"] == list(IMAGENET_MEAN) and spec["preprocess"]["std"] == list(IMAGENET_STD)
+    assert cls(**kwargs, normalization="backbone").preprocess.mean == (0.5, 0.5, 0.5)

@@ -13,6 +13,7 @@ the checkpoint's backbone record exports to a timm ViT without key mapping. Batc
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from histodistill.losses.mae import channel_norm_target, masked_patch_mse, patch_norm_target
 from histodistill.losses.self_distillation import SelfDistillationLoss
 from histodistill.methods.base import MethodModule
-from histodistill.models.backbones import create_backbone
+from histodistill.models.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone
 from histodistill.models.dino_head import DINOHead
 from histodistill.models.vit_mae import (
     MAEDecoder,
@@ -50,12 +51,20 @@ class _MaskedPretraining(MethodModule):
     pos_embed_kind: str
 
     def __init__(
-        self, backbone: str, backbone_kwargs: dict[str, Any] | None, mask_ratio: float, optim: OptimConfig | None
+        self, backbone: str, backbone_kwargs: dict[str, Any] | None, mask_ratio: float, optim: OptimConfig | None,
+        normalization: str = "imagenet",
     ) -> None:
         super().__init__(optim)
         if not 0 < mask_ratio < 1:
             raise ValueError(f"model.init_args.mask_ratio must be in (0, 1), got {mask_ratio}")
+        if normalization not in ("imagenet", "backbone"):
+            raise ValueError(f"model.init_args.normalization must be imagenet or backbone, got {normalization!r}")
         self.backbone = create_backbone(backbone, **(backbone_kwargs or {}))
+        if normalization == "imagenet":
+            # MAE and SD-MAE normalise with ImageNet mean/std, whereas timm's vit_*_patch16_224 configs say
+            # 0.5/0.5/0.5. The spec carries it, so the data module, checkpoints and exports all use it.
+            preprocess = replace(self.backbone.spec.preprocess, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            self.backbone.spec = replace(self.backbone.spec, preprocess=preprocess)
         prepare_vit_for_masking(self.backbone.model, self.pos_embed_kind)
         self.mask_ratio = mask_ratio
         self.patch_size = patch_size_of(self.backbone.model)
@@ -135,8 +144,9 @@ class MAE(_MaskedPretraining):
         decoder_depth: int = 8,
         decoder_heads: int = 16,
         optim: OptimConfig | None = None,
+        normalization: str = "imagenet",
     ) -> None:
-        super().__init__(backbone, backbone_kwargs, mask_ratio, optim)
+        super().__init__(backbone, backbone_kwargs, mask_ratio, optim, normalization)
         vit = self.backbone.model
         self.norm_pix_loss = norm_pix_loss
         self.decoder = MAEDecoder(
@@ -188,6 +198,7 @@ class SDMAE(_MaskedPretraining):
         center_momentum: EMA momentum of the teacher centre (0.9).
         teacher_stop_grad: detach the teacher branch in the distillation term (official code: False).
         optim: optimiser and schedule (official: AdamW β=(0.9, 0.999), lr 6e-4 × batch/256).
+        normalization: input mean/std, as for `MAE` (official: ImageNet's).
     """
 
     pos_embed_kind = "1d"
@@ -209,10 +220,11 @@ class SDMAE(_MaskedPretraining):
         center_momentum: float = 0.9,
         teacher_stop_grad: bool = False,
         optim: OptimConfig | None = None,
+        normalization: str = "imagenet",
     ) -> None:
         if not 0 <= distill_weight <= 1:
             raise ValueError(f"model.init_args.distill_weight must be in [0, 1], got {distill_weight}")
-        super().__init__(backbone, {**SDMAE_BACKBONE_KWARGS, **(backbone_kwargs or {})}, mask_ratio, optim)
+        super().__init__(backbone, {**SDMAE_BACKBONE_KWARGS, **(backbone_kwargs or {})}, mask_ratio, optim, normalization)
         vit = self.backbone.model
         self.distill_weight = distill_weight
         self.decoder = SDMAEDecoder(
