@@ -2,6 +2,8 @@
 
 - linear: logistic regression (scikit-learn) on standardised features; the inverse regularisation ``C``
   is picked by 3-fold inner cross-validation on the training split over ``C_GRID`` unless fixed.
+- linear, ``linear_protocol="mae"``: MAE's / SD-MAE's own protocol (`histodistill.eval.mae_linear_probe`):
+  BatchNorm1d(affine=False) + Linear trained by SGD for 90 epochs, the number comparable with the papers.
 - kNN: DINO's weighted vote (Caron et al. 2021): cosine similarity to the training features, the ``k=20``
   nearest vote for their class with weight ``exp(similarity / T)``, ``T=0.07``; class probabilities are
   the normalised votes.
@@ -141,6 +143,7 @@ def evaluate_probes(
     C: float | None = None,
     k: int = 20,
     temperature: float = 0.07,
+    linear_protocol: str = "sklearn",
 ) -> dict:
     """Run both probes and write ``probe.json`` and ``confusion_<probe>.png`` into ``out_dir``.
 
@@ -155,10 +158,17 @@ def evaluate_probes(
     if test is not None and test.classes != data.classes:
         raise UserError(f"--train classes {data.classes} differ from --test classes {test.classes}")
     num_classes = len(data.classes)
+    probes = dict(PROBES)
     options = {"linear": {"C": C}, "knn": {"k": k, "temperature": temperature}}
+    if linear_protocol == "mae":
+        from histodistill.eval.mae_linear_probe import mae_linear_probe
+
+        probes["linear"], options["linear"] = mae_linear_probe, {}
+    elif linear_protocol != "sklearn":
+        raise UserError(f"--linear-protocol {linear_protocol!r}: use sklearn or mae")
     results: dict = {"protocol": "train/test" if test is not None else f"{folds}-fold CV", "seeds": list(seeds),
-                     "classes": data.classes, "options": options}
-    for name, probe in PROBES.items():
+                     "classes": data.classes, "options": options, "linear_protocol": linear_protocol}
+    for name, probe in probes.items():
         runs, first_truth, first_pred = [], [], []
         for seed in seeds:
             for split, (train_x, train_y, test_x, test_y) in enumerate(_splits(data, test, folds, seed)):
