@@ -49,6 +49,11 @@ class _MaskedPretraining(MethodModule):
     in target space for every patch), `target` and `target_to_pixels`."""
 
     pos_embed_kind: str
+    xavier_patch_embed = True  # MAE initialises the patch projection like a Linear; SD-MAE leaves it
+
+    def visible_count(self) -> int:
+        """Patches kept per image: ``int(L·(1−r))`` (MAE's rule)."""
+        return int(self.num_patches * (1 - self.mask_ratio))
 
     def __init__(
         self, backbone: str, backbone_kwargs: dict[str, Any] | None, mask_ratio: float, optim: OptimConfig | None,
@@ -65,7 +70,7 @@ class _MaskedPretraining(MethodModule):
             # 0.5/0.5/0.5. The spec carries it, so the data module, checkpoints and exports all use it.
             preprocess = replace(self.backbone.spec.preprocess, mean=IMAGENET_MEAN, std=IMAGENET_STD)
             self.backbone.spec = replace(self.backbone.spec, preprocess=preprocess)
-        prepare_vit_for_masking(self.backbone.model, self.pos_embed_kind)
+        prepare_vit_for_masking(self.backbone.model, self.pos_embed_kind, self.xavier_patch_embed)
         self.mask_ratio = mask_ratio
         self.patch_size = patch_size_of(self.backbone.model)
         self.grid_size = grid_of(self.backbone.model)
@@ -73,9 +78,11 @@ class _MaskedPretraining(MethodModule):
 
     def random_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskInfo:
         if generator is None:
-            return random_masking(images.shape[0], self.num_patches, self.mask_ratio, images.device)
+            return random_masking(images.shape[0], self.num_patches, self.mask_ratio, images.device,
+                                  num_visible=self.visible_count())
         # A seeded CPU generator gives the same preview masks on any device.
-        mask = random_masking(images.shape[0], self.num_patches, self.mask_ratio, generator=generator)
+        mask = random_masking(images.shape[0], self.num_patches, self.mask_ratio, generator=generator,
+                              num_visible=self.visible_count())
         return MaskInfo(*(t.to(images.device) for t in (mask.ids_shuffle, mask.ids_restore, mask.mask)), mask.num_visible)
 
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -202,6 +209,12 @@ class SDMAE(_MaskedPretraining):
     """
 
     pos_embed_kind = "1d"
+    xavier_patch_embed = False
+
+    def visible_count(self) -> int:
+        """SD-MAE's RandomMaskingGenerator masks ``int(r·L)`` patches and keeps the rest (58 of 144 at r = 0.6,
+        where MAE's rule keeps 57)."""
+        return self.num_patches - int(self.mask_ratio * self.num_patches)
 
     def __init__(
         self,
