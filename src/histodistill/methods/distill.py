@@ -94,6 +94,9 @@ class TeacherStudentMethod(ClassificationMethod):
                             "set model.init_args.student_init to imagenet or random")
         own_weights = pretrained or weights is not None
         self.student_init = student_init or ("teacher" if same_architecture else "imagenet" if own_weights else "random")
+        if student_init is None:
+            rank_zero_info(f"student_init: {self.student_init} (the default: teacher when the architectures match, "
+                           "else the student's own pretrained/weights setting)")
         if self.student_init == "teacher":
             self.start_from_teacher(teacher, teacher_classifier_from_checkpoint)
         elif self.student_init == "imagenet":  # the published weights, from the hub or the local `weights` file
@@ -115,7 +118,7 @@ class TeacherStudentMethod(ClassificationMethod):
             self.classifier.load_state_dict(classifier if isinstance(classifier, dict) else classifier.state_dict())
         else:
             rank_zero_info(f"student_init: teacher: the student starts as the teacher; its {self.num_classes}-class "
-                  "classifier is freshly initialised (the teacher has none for these classes)")
+                           "classifier is freshly initialised (the teacher has none for these classes)")
 
     # ---- what subclasses use -------------------------------------------------------------------
     def student_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,11 +275,11 @@ def load_teacher_classifier(teacher: str, source: str | None, in_features: int, 
             "model.init_args.teacher_classifier_from_checkpoint to the supervised checkpoint the teacher comes "
             "from, or set model.init_args.w_kd: 0 (teacher and student tasks differ)"
         )
-    state = read_checkpoint(source).get("state_dict", {})
-    weight, bias = state.get(f"{CLASSIFIER_PREFIX}weight"), state.get(f"{CLASSIFIER_PREFIX}bias")
-    if weight is None or weight.ndim != 2:
+    state = classifier_state(teacher, source)
+    if state is None:
         raise UserError(f"{source} has no linear '{CLASSIFIER_PREFIX}weight' in its state_dict: use the checkpoint "
                         "of a supervised run (histodistill fit with a classification method)")
+    weight, bias = state["weight"], state.get("bias")
     if weight.shape[0] != num_classes:
         raise UserError(
             f"KD is on (w_kd > 0) but the teacher classifier in {source} has {weight.shape[0]} classes and the "
