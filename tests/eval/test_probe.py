@@ -108,7 +108,7 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
 
 
 def test_mae_linear_probe_is_bn_plus_linear_trained_by_sgd_and_separates_clusters():
-    from histodistill.eval.mae_linear_probe import mae_linear_probe
+    from histodistill.eval.probe import mae_linear_probe
 
     x, y = _clusters(n_per_class=20, spread=1.0)
     x = x * 50 + 10  # far from unit scale: the non-affine BatchNorm puts it back

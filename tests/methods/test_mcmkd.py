@@ -171,3 +171,18 @@ def test_freeze_bn_stats_keeps_the_running_statistics(frozen):
     optimizer.step()
     assert torch.equal(bn.running_mean, before) == frozen
     assert bn.weight.grad is not None  # the affine part trains either way
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_freeze_bn_stats_holds_in_a_lightning_fit(frozen, tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = make(freeze_bn_stats=frozen)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running_mean" in k}
+    windows, cells, valid, teacher = fake_batch(batch_size=8)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(TensorDataset(windows, cells, valid, teacher), batch_size=4))
+    after = {k: v for k, v in model.backbone.state_dict().items() if "running_mean" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before) == frozen

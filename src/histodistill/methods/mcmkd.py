@@ -83,14 +83,19 @@ class MCMKD(MethodModule):
         self.w_masked, self.w_visible, self.smooth_l1_beta = w_masked, w_visible, smooth_l1_beta
 
     def train(self, mode: bool = True) -> MCMKD:
-        """Lightning switches the whole module to training mode each epoch; frozen statistics keep the
-        student's BatchNorm layers in eval mode (normalising with, and not updating, their running stats)."""
+        """Training mode, except that frozen statistics keep the student's BatchNorm layers in eval mode
+        (normalising with, and not updating, their running statistics)."""
         super().train(mode)
         if mode and self.freeze_bn_stats:
             for module in self.backbone.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning never calls train() when fitting starts (the module is built in training mode), so the
+        # BatchNorm switch is applied here, every epoch.
+        self.train()
 
     def predict_cells(self, windows: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """(B, 3, P, P) normalised windows + (B, s*s) mask -> (B, s*s, teacher_dim) predicted teacher features."""
