@@ -99,6 +99,8 @@ def main() -> None:
             auroc = mean_sd(mil_auroc(features, labels_csv, args.folds, args.epochs))
         rows.append([name, f"{single['visible']:.3f}", f"{windows['visible']:.3f}", f"{windows['masked']:.3f}", auroc])
 
+    auroc_note = (f" With {args.folds} folds of {args.slides} slides the AUROC sd is wide." if args.folds
+                  else " MIL was not run (`--folds 0`).")
     body = f"""
 Same start (random `{STUDENT}`, seed 0), same data and masks: one epoch of `configs/mcmkd/tiny_cpu.yaml` on
 {args.slides} semi-synthetic slides ({TILE}-px tiles at 0.5 mpp), random `{TEACHER}` teacher (no hub offline),
@@ -110,8 +112,7 @@ once with BatchNorm statistics updated on the painted windows, once frozen.
 Cosines are means over every tile (single tiles: the student's use after fine-tuning) or over every
 visible / masked tissue cell of the 3×3 windows with ≥ 6 of 9 tissue cells (the training view, fixed
 masks). The teacher and the student start are random, so this measures the train-window → single-tile
-transfer of the distillation, not pathology knowledge; with {args.folds} folds of {args.slides} slides the
-AUROC sd is wide.
+transfer of the distillation, not pathology knowledge.{auroc_note}
 
 Total time: {time.perf_counter() - total:.0f} s ({args.threads} torch threads).
 """
