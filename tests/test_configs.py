@@ -5,9 +5,11 @@ data by dataset class: `TINY_DATA` maps a dataset class name to a function that 
 under a folder and returns the ``init_args`` to use instead. A config using a dataset class not in
 the map fails with a message saying to add it here (see docs/training.md, "Configs and tests").
 Data-module arguments that are paths (``tiles_dir``) are rewritten by name through `TINY_PATHS`.
-Hub downloads are switched off: every ``pretrained`` key becomes false, and checkpoints of earlier
+Hub downloads are switched off: every ``pretrained`` key becomes false (``student_init: imagenet``
+becomes ``random``), and checkpoints of earlier
 runs (``*.ckpt`` values under ``model``, e.g. teachers) become a randomly initialised supervised
-checkpoint of the student's architecture, and weight files (``.bin``, ``.pth``, ``.pt``, ``.safetensors``)
+checkpoint of the student's architecture, except a ``backbone`` that is a run's checkpoint (fine-tuning
+a pretrained encoder): that becomes an untrained checkpoint of the shipped config writing that run, and weight files (``.bin``, ``.pth``, ``.pt``, ``.safetensors``)
 become null.
 """
 
@@ -108,7 +110,8 @@ def no_downloads(node: Any, stand_in: str) -> Any:
     """``pretrained`` keys become false; checkpoints of earlier runs (``*.ckpt``, e.g. a teacher) become
     ``stand_in`` (a checkpoint of the student's architecture, randomly initialised)."""
     if isinstance(node, dict):
-        return {key: False if key == "pretrained" else no_downloads(value, stand_in) for key, value in node.items()}
+        offline = {"pretrained": False, **({"student_init": "random"} if node.get("student_init") == "imagenet" else {})}
+        return {key: offline[key] if key in offline else no_downloads(value, stand_in) for key, value in node.items()}
     if isinstance(node, list):
         return [no_downloads(item, stand_in) for item in node]
     if isinstance(node, str) and node.endswith(".ckpt"):
@@ -132,11 +135,32 @@ def stand_in_checkpoint(folder: Path, backbone: str, num_classes: int) -> Path:
     return path
 
 
+def stand_in_pretraining(checkpoint: str, folder: Path) -> Path:
+    """An untrained checkpoint of the shipped config whose run directory holds ``checkpoint``
+    (``runs/<name>/checkpoints/last.ckpt`` is written by the config with ``default_root_dir: runs/<name>``)."""
+    import torch
+
+    from histodistill.engine.cli import HistodistillCLI
+    from histodistill.methods.base import CHECKPOINT_BACKBONE_KEY, backbone_record
+
+    run = str(Path(checkpoint).parents[1])
+    sources = [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("trainer", {}).get("default_root_dir") == run]
+    if not sources:
+        pytest.fail(f"backbone {checkpoint}: no shipped config writes {run}; point it at a config's run directory")
+    cli = HistodistillCLI(["--config", str(tiny_version(sources[0], folder)), "--trainer.accelerator", "cpu",
+                           "--trainer.default_root_dir", str(folder / "run")])
+    path = folder / "pretrained.ckpt"
+    torch.save({"state_dict": cli.model.state_dict(), CHECKPOINT_BACKBONE_KEY: backbone_record(cli.model)}, path)
+    return path
+
+
 def tiny_version(config_path: Path, tmp_path: Path) -> Path:
     config = yaml.safe_load(config_path.read_text())
     num_classes = int(config.get("model", {}).get("init_args", {}).get("num_classes", 3))
     config["data"] = point_at_tiny_data(config["data"], tmp_path / "data", num_classes)
     model_args = config["model"].get("init_args", {})
+    if str(model_args.get("backbone", "")).endswith(".ckpt"):
+        model_args["backbone"] = str(stand_in_pretraining(model_args["backbone"], tmp_path / "pretraining"))
     if ".ckpt" in yaml.safe_dump(config["model"]):
         stand_in = stand_in_checkpoint(tmp_path / "stand_in", model_args["backbone"], num_classes)
         config["model"] = no_downloads(config["model"], stand_in)

@@ -150,3 +150,15 @@ def test_windows_are_read_at_the_tilings_mpp_not_the_slides_metadata(tmp_path):
     assert dataset.mpp == 0.25
     expected = open_slide(png, 0.25).read_at_mpp(tuple(cells[0].tolist()), 3 * TILE, 0.5)  # a 2x downsampled read
     np.testing.assert_array_equal(window.permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize(("window_stride", "most_visits"), [(1, 9), (3, 1)])
+def test_window_stride_sets_how_often_one_epoch_shows_a_tile(tiled, window_stride, most_visits):
+    _, coords = tiled
+    anchors, cells, valid = window_cells(coords, TILE, 1, side=3, min_fraction=1 / 9, window_stride=window_stride)
+    visits: dict[tuple[int, int], int] = {}
+    for window, flags in zip(cells, valid, strict=True):
+        for cell in window[flags].tolist():
+            visits[tuple(cell)] = visits.get(tuple(cell), 0) + 1
+    assert max(visits.values()) == most_visits  # stride 1: an interior tile is a target in all 9 of its windows
+    assert ((np.round(coords[anchors] / TILE) % window_stride) == 0).all()

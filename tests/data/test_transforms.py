@@ -81,3 +81,69 @@ def test_rot90_is_exact_and_covers_all_turns():
     torch.manual_seed(0)
     seen = {tuple(RandomRot90()(image)[0, 0].tolist()) for _ in range(40)}
     assert len(seen) == 4
+
+
+def _randaugment_of(recipe: str, preprocess: Preprocess):
+    from timm.data.auto_augment import RandAugment
+
+    from histodistill.data.transforms import TorchSeeded
+
+    found = [op.transform for op in build_transform(recipe, preprocess, train=True).transforms
+             if isinstance(op, TorchSeeded) and isinstance(op.transform, RandAugment)]
+    assert len(found) == 1
+    return found[0]
+
+
+# MoMA's dataset/RandAugment.py op list for 'rand' (its PosterizeTpu is timm's 'Posterize').
+MOMA_OPS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+            "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
+
+
+def test_randaugment_is_momas_rand_m10_n2_mstd05():
+    from timm.data.auto_augment import LEVEL_TO_ARG
+
+    imagenet = Preprocess(input_size=32)  # ImageNet mean/std, as MoMA normalises
+    augment = _randaugment_of("randaugment", imagenet)
+    assert augment.num_layers == 2 and augment.choice_weights is None
+    assert [op.name for op in augment.ops] == MOMA_OPS
+    for op in augment.ops:
+        assert op.prob == 0.5 and op.magnitude == 10 and op.magnitude_std == 0.5
+        assert op.kwargs["fillcolor"] == (124, 116, 104)  # round(255 · ImageNet mean), MoMA's img_mean
+        assert "interpolation" not in op.hparams  # bilinear or bicubic drawn per op, as MoMA
+    # Strength at the mean magnitude (MoMA's level functions): 30°, shear 0.3, enhance 1 ± 0.9.
+    assert abs(LEVEL_TO_ARG["Rotate"](10, {})[0]) == 30
+    assert abs(LEVEL_TO_ARG["ShearX"](10, {})[0]) == pytest.approx(0.3)
+    assert LEVEL_TO_ARG["Color"](10, {})[0] in (pytest.approx(0.1), pytest.approx(1.9))
+
+
+def test_finetune_recipe_is_maes_timm_transform():
+    from timm.data.random_erasing import RandomErasing
+
+    from histodistill.data.transforms import TorchSeeded
+
+    augment = _randaugment_of("finetune", Preprocess(input_size=32))
+    assert [op.name for op in augment.ops][:4] == ["AutoContrast", "Equalize", "Invert", "Rotate"]
+    assert "PosterizeIncreasing" in [op.name for op in augment.ops]  # 'inc1': the increasing variants
+    assert all(op.magnitude == 9 and op.magnitude_std == 0.5 and op.prob == 0.5 for op in augment.ops)
+    erasing = [op.transform for op in build_transform("finetune", Preprocess(input_size=32), True).transforms
+               if isinstance(op, TorchSeeded) and isinstance(op.transform, RandomErasing)]
+    assert len(erasing) == 1 and erasing[0].probability == 0.25 and erasing[0].mode == "pixel"
+
+
+def test_timm_augmentations_follow_torchs_seed_and_leave_pythons_alone():
+    import random
+
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    transform = build_transform("finetune", PRE, train=True)
+    random.seed(123)
+    before = random.random()
+    random.seed(123)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        outs.append(transform(image))
+    torch.manual_seed(8)
+    other = transform(image)
+    assert random.random() == before  # Python's global generator was restored
+    torch.testing.assert_close(outs[0], outs[1])
+    assert not torch.equal(outs[0], other)

@@ -105,3 +105,24 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
     assert main(["probe", "--train", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert main(["probe", "--features", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "o")]) == 2
     assert "extract --images" in capsys.readouterr().err
+
+
+def test_mae_linear_probe_is_bn_plus_linear_trained_by_sgd_and_separates_clusters():
+    from histodistill.eval.probe import mae_linear_probe
+
+    x, y = _clusters(n_per_class=20, spread=1.0)
+    x = x * 50 + 10  # far from unit scale: the non-affine BatchNorm puts it back
+    result = mae_linear_probe(x, y, x, y, seed=0, epochs=20, warmup_epochs=2, batch_size=16)
+    assert result.metrics["accuracy"] == 1.0
+    again = mae_linear_probe(x, y, x, y, seed=0, epochs=20, warmup_epochs=2, batch_size=16)
+    np.testing.assert_array_equal(result.probs, again.probs)
+
+
+def test_cli_linear_protocol_mae(tmp_path):
+    x, y = _clusters(n_per_class=8)
+    _write_features(tmp_path / "train.h5", x, y, ["a", "b", "c"])
+    _write_features(tmp_path / "test.h5", x[::2], y[::2], ["a", "b", "c"])
+    assert main(["probe", "--train", str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"), "--seeds", "0",
+                 "--linear-protocol", "mae", "--out", str(tmp_path / "mae")]) == 0
+    results = json.loads((tmp_path / "mae" / "probe.json").read_text())
+    assert results["linear_protocol"] == "mae" and results["linear"]["mean"]["accuracy"] == 1.0

@@ -162,3 +162,52 @@ def test_tiny_crd_config_trains_end_to_end_with_indexed_data(tmp_path, distill_i
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert state["feature_loss.memory.memory_student"].shape == (12, 128)  # one memory row per training image
     assert state["feature_loss.memory.z_student"] > 0
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("method", ["distill", "moma"])
+def test_student_starts_as_the_teacher_by_default_classifier_included(teacher_ckpt, method):
+    from histodistill.methods.moma import MoMA
+
+    path, teacher = teacher_ckpt()
+    cls = MoMA if method == "moma" else Distill
+    extra = {"queue_size": 16, "embed_dim": 8} if method == "moma" else {}
+    module = cls(num_classes=3, teacher=str(path), **STUDENT, **extra)
+    assert module.student_init == "teacher"
+    assert _same_state(module.backbone.model, teacher.backbone.model)
+    assert _same_state(module.classifier, teacher.classifier)
+    module.eval()
+    images = tiny_batch()[0]
+    torch.testing.assert_close(module(images), teacher.eval()(images))  # step 0: the student is the teacher
+
+
+def test_student_from_a_teacher_with_other_classes_gets_a_fresh_classifier(teacher_ckpt):
+    path, teacher = teacher_ckpt(num_classes=4)
+    module = Distill(num_classes=3, teacher=str(path), w_kd=0.0, **STUDENT)
+    assert _same_state(module.backbone.model, teacher.backbone.model)
+    assert module.classifier.weight.shape == (3, module.backbone.num_features)
+
+
+def test_student_init_random_and_imagenet_do_not_copy_the_teacher(teacher_ckpt, monkeypatch):
+    path, teacher = teacher_ckpt()
+    module = Distill(num_classes=3, teacher=str(path), student_init="random", **STUDENT)
+    assert module.student_init == "random" and not _same_state(module.backbone.model, teacher.backbone.model)
+    asked = []
+    import histodistill.methods.distill as distill
+
+    real = distill.create_backbone
+    monkeypatch.setattr(distill, "create_backbone", lambda name, pretrained=False, weights=None, **kw:
+                        asked.append((name, pretrained)) or real(name, **kw))
+    Distill(num_classes=3, teacher=str(path), student_init="imagenet", **STUDENT)
+    assert ("resnet18", True) in asked  # the published weights are asked for (no hub in tests: built randomly here)
+
+
+def test_student_init_teacher_with_another_architecture_is_refused(teacher_ckpt):
+    path, _ = teacher_ckpt()
+    with pytest.raises(UserError, match="student_init"):
+        Distill(num_classes=3, teacher=str(path), student_init="teacher", backbone="resnet18",
+                backbone_kwargs={"channels": [4, 8, 16, 32]})

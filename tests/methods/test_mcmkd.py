@@ -143,3 +143,46 @@ def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(t
     with h5py.File(student_dir / "tiny_slide.h5") as h5, h5py.File(features_dir / "tiny_slide.h5") as teacher:
         assert h5["features"].shape == (teacher["features"].shape[0], 512)  # resnet18 features per tile
         assert np.isfinite(h5["features"][:]).all()
+
+
+def test_mask_count_default_and_option(monkeypatch):
+    from histodistill.models.cell_mask import masked_cell_count
+
+    assert masked_cell_count(9, 0.5) == 4  # round half to even: 4 of 9, an effective ratio of 0.44
+    assert masked_cell_count(9, 0.5, count=5) == 5
+    model = make(mask_count=5)
+    recorded = []
+    import histodistill.methods.mcmkd as mcmkd
+
+    real = mcmkd.random_cell_mask
+    monkeypatch.setattr(mcmkd, "random_cell_mask", lambda *a, **k: recorded.append(real(*a, **k)) or recorded[-1])
+    model.objective(fake_batch())
+    assert (recorded[0].sum(dim=1) == 5).all()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_freeze_bn_stats_keeps_the_running_statistics(frozen):
+    model = make(freeze_bn_stats=frozen).train()
+    bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model.objective(fake_batch())["loss"]
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(bn.running_mean, before) == frozen
+    assert bn.weight.grad is not None  # the affine part trains either way
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_freeze_bn_stats_holds_in_a_lightning_fit(frozen, tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = make(freeze_bn_stats=frozen)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running_mean" in k}
+    windows, cells, valid, teacher = fake_batch(batch_size=8)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(TensorDataset(windows, cells, valid, teacher), batch_size=4))
+    after = {k: v for k, v in model.backbone.state_dict().items() if "running_mean" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before) == frozen

@@ -129,3 +129,44 @@ def test_fit_writes_figures_and_a_checkpoint_that_exports_to_timm(tmp_path, reci
         served = create_backbone(run_dir / "checkpoints" / "last.ckpt").eval()(x)  # what extract/export read
     assert features.shape == (2, 96) and torch.isfinite(features).all()
     torch.testing.assert_close(served, features)
+
+
+@pytest.mark.parametrize("cls", [SDMAE, MAE])
+def test_inputs_are_normalised_with_imagenet_statistics_and_the_export_records_them(cls, tmp_path):
+    import json
+
+    from histodistill.features.export import save_backbone
+    from histodistill.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    # timm's vit_tiny_patch16_224 config says mean = std = 0.5; MAE and SD-MAE normalise with ImageNet's.
+    kwargs = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 32, "depth": 1},
+              "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+    if cls is SDMAE:
+        kwargs.update(head_dim=16, head_hidden_dim=16, head_bottleneck_dim=8)
+    module = cls(**kwargs)
+    assert module.preprocess.mean == IMAGENET_MEAN and module.preprocess.std == IMAGENET_STD
+    spec = json.loads((save_backbone(module.backbone, tmp_path / "export") / "backbone.json").read_text())
+    assert spec["preprocess"]["mean"] == list(IMAGENET_MEAN) and spec["preprocess"]["std"] == list(IMAGENET_STD)
+    assert cls(**kwargs, normalization="backbone").preprocess.mean == (0.5, 0.5, 0.5)
+
+
+def test_official_init_and_mask_count_details():
+    # SD-MAE (irsLu/SD-MAE): masks int(r·L) and keeps the rest; trunc_normal_ cut at ±std; bridge and patch
+    # projection at PyTorch's defaults. MAE: keeps int(L·(1−r)); patch projection xavier_uniform.
+    shape = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 96, "patch_size": 8, "depth": 1,
+                                                                    "embed_dim": 48, "num_heads": 3},
+             "mask_ratio": 0.6, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+    torch.manual_seed(0)
+    sdmae = SDMAE(**shape, head_dim=16, head_hidden_dim=16, head_bottleneck_dim=8)
+    mae = MAE(**shape)
+    images = torch.randn(2, 3, 96, 96)
+    assert sdmae.random_mask(images).num_visible == 144 - int(0.6 * 144) == 58
+    assert mae.random_mask(images).num_visible == int(144 * 0.4) == 57
+    for head in (sdmae.student_head, sdmae.teacher_head):
+        assert all(m.weight.abs().max() <= 0.02 for m in head.mlp if isinstance(m, torch.nn.Linear))
+    assert sdmae.decoder.mask_token.abs().max() <= 0.02
+    fan_in = 3 * 8 * 8
+    assert sdmae.backbone.model.patch_embed.proj.weight.abs().max() <= fan_in**-0.5  # Conv2d default bound
+    assert mae.backbone.model.patch_embed.proj.weight.abs().max() > fan_in**-0.5  # xavier: (6 / (192 + 48))^0.5
+    bridge = sdmae.decoder.bridge.weight
+    assert bridge.abs().max() <= bridge.shape[1] ** -0.5  # Linear default, not xavier

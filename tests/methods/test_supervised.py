@@ -51,3 +51,22 @@ def test_invalid_arguments_are_user_errors():
         Supervised(backbone="tiny/resnet18-64", num_classes=3, label_smoothing=1.5)
     with pytest.raises(UserError, match="num_classes"):
         Supervised(backbone="tiny/resnet18-64", num_classes=1)
+
+
+def test_mixup_cutmix_objective_is_soft_target_ce_on_timms_mixed_batch():
+    import numpy as np
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    torch.manual_seed(0)
+    model = Supervised(backbone="tiny/resnet18-64", num_classes=3, label_smoothing=0.1, mixup=0.8, cutmix=1.0).train()
+    images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    for seed in (0, 3):  # seeds that draw mixup and cutmix
+        np.random.seed(seed)
+        loss = model.objective((images.clone(), labels))["loss"]
+        np.random.seed(seed)
+        mixed, targets = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=3)(images.clone(), labels)
+        assert not torch.equal(mixed, images) and torch.allclose(targets.sum(1), torch.ones(4))
+        torch.testing.assert_close(loss, SoftTargetCrossEntropy()(model(mixed), targets))
+    with pytest.raises(UserError, match="even batch"):
+        model.objective((images[:3], labels[:3]))

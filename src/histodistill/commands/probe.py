@@ -6,7 +6,8 @@ the mean of its tile features, and cross-validation keeps a case's slides in one
 Either --features FILE_OR_DIR (stratified k-fold cross-validation, reshuffled per seed) or
 --train FILE --test FILE (one fit per seed). Linear: logistic regression on standardised features,
 C by 3-fold inner CV over 1e-3..10 unless --C is given. kNN: cosine similarity, the k nearest vote with
-weight exp(sim/T) (DINO). Writes OUT/probe.json (per-run metrics, mean, sd) and
+weight exp(sim/T) (DINO). --linear-protocol mae swaps the linear probe for MAE's / SD-MAE's own
+(BatchNorm1d(affine=False) + Linear, SGD lr 0.1 x B/256, 90 epochs, 10 warm-up). Writes OUT/probe.json (per-run metrics, mean, sd) and
 OUT/confusion_{linear,knn}.png.
 """
 
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds: fold shuffles and the linear probe's inner CV (default 0 1 2)")
     parser.add_argument("--C", type=float, default=None,
                         help="fixed inverse regularisation of the linear probe (default: chosen by inner CV)")
+    parser.add_argument("--linear-protocol", choices=("sklearn", "mae"), default="sklearn",
+                        help="sklearn: logistic regression with C by inner CV; mae: the MAE/SD-MAE linear probe "
+                             "(BatchNorm1d(affine=False) + Linear, SGD, 90 epochs; default sklearn)")
     parser.add_argument("--k", type=int, default=20, help="neighbours in the kNN vote (default 20)")
     parser.add_argument("--temperature", type=float, default=0.07,
                         help="kNN vote temperature T: weight exp(cosine/T) (default 0.07, as DINO)")
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_patch_features(args.features or args.train, args.labels)
     test = load_patch_features(args.test) if args.test else None
     results = evaluate_probes(data, args.out, test=test, seeds=tuple(args.seeds), folds=args.folds, C=args.C,
-                              k=args.k, temperature=args.temperature)
+                              k=args.k, temperature=args.temperature, linear_protocol=args.linear_protocol)
     for name in ("linear", "knn"):
         mean, std = results[name]["mean"], results[name]["std"]
         print(f"{name:6s} " + "  ".join(f"{m} {mean[m]:.3f}±{std[m]:.3f}" for m in sorted(mean)))

@@ -5,7 +5,9 @@ the s x s tile positions around the anchor, spaced by the tile size at level 0
 (``patch_size_level0``); the anchor sits at cell ((s-1)//2, (s-1)//2), the centre when s is odd
 (for even s, the upper-left of the four central cells). A cell is *valid* when its position is a
 tile of the coords file (tissue with a teacher feature); a window is kept when at least
-``min_fraction`` of its s^2 cells are valid. Each window is ONE `Slide.read_at_mpp` of
+``min_fraction`` of its s^2 cells are valid. With ``window_stride`` k only tiles whose grid column
+and row are multiples of k anchor a window: k = 1 (the default) gives overlapping windows, in which a
+tile is a cell of up to s^2 windows per epoch; k = s gives disjoint windows, each tile at most once. Each window is ONE `Slide.read_at_mpp` of
 P = s * patch_size pixels at the tiling's target mpp, so its cells are pixel-aligned with the tiles
 the teacher saw. Cells are in row-major order: index ``i * s + j`` is row i (y), column j (x).
 """
@@ -52,13 +54,14 @@ def cell_offsets(side: int) -> np.ndarray:
 
 
 def window_cells(
-    coords: np.ndarray, stride: float, cell_steps: int, side: int, min_fraction: float = 1.0
+    coords: np.ndarray, stride: float, cell_steps: int, side: int, min_fraction: float = 1.0, window_stride: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The windows of a coords file.
 
     Args:
         coords: (N, 2) int64 tile top-lefts (x, y) at level 0, on the grid ``round(k * stride)``.
         stride, cell_steps: from `grid_geometry`.
+        window_stride: anchor windows only on tiles whose cell column and row are multiples of it.
     Returns:
         anchors (M,) int64 row of each window's anchor tile in ``coords``;
         cell_coords (M, s*s, 2) int64 top-left of every cell (whether a tile or not);
@@ -66,6 +69,8 @@ def window_cells(
     """
     if not 0 < min_fraction <= 1:
         raise UserError(f"data.min_fraction must be in (0, 1], got {min_fraction}")
+    if window_stride < 1:
+        raise UserError(f"data.window_stride must be >= 1, got {window_stride}")
     grid_index = np.round(coords / stride).astype(np.int64)  # (N, 2) column/row of each tile
     cell_index = grid_index[:, None, :] + cell_offsets(side)[None] * cell_steps  # (N, s*s, 2)
     cells = np.round(cell_index * stride).astype(np.int64)  # the same rounding as the tiler
@@ -74,6 +79,7 @@ def window_cells(
     valid = valid.reshape(len(coords), side * side)  # (N, s*s)
     # A small tolerance so that a threshold written as 0.888 keeps windows with 8 of 9 cells.
     keep = valid.mean(axis=1) >= min_fraction - 1e-3
+    keep &= (grid_index % (window_stride * cell_steps) == 0).all(axis=1)  # anchors on every k-th cell
     return np.flatnonzero(keep).astype(np.int64), cells[keep], valid[keep]
 
 
@@ -96,6 +102,7 @@ class ContextWindowDataset(Dataset):
     tensor itself without a transform), ``cell_coords`` long (s*s, 2), ``valid`` bool (s*s,), and
     ``teacher`` float32 (s*s, D) from the teacher cache (zeros in invalid cells; (s*s, 0) without a cache).
     ``mpp`` overrides the slide's level-0 mpp; by default it is the coords file's ``mpp`` attribute.
+    ``window_stride``: see `window_cells`.
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class ContextWindowDataset(Dataset):
         slide_path: str | os.PathLike | None = None,
         transform=None,
         mpp: float | None = None,
+        window_stride: int = 1,
     ) -> None:
         if side < 1:
             raise UserError(f"context window side must be >= 1, got {side}")
@@ -122,7 +130,8 @@ class ContextWindowDataset(Dataset):
         self.mpp = float(mpp if mpp is not None else attrs["mpp"])
         self.transform = transform
         stride, cell_steps = grid_geometry(attrs, coords_path)
-        self.anchors, self.cell_coords, self.valid = window_cells(coords, stride, cell_steps, side, min_fraction)
+        self.anchors, self.cell_coords, self.valid = window_cells(coords, stride, cell_steps, side, min_fraction,
+                                                                     window_stride)
         self.teacher = TeacherFeatures(teacher_features) if teacher_features is not None else None
 
     def __len__(self) -> int:
@@ -155,6 +164,7 @@ def context_windows_of_dir(
     min_fraction: float = 1.0,
     transform=None,
     mpp: float | None = None,
+    window_stride: int = 1,
 ) -> ConcatDataset:
     """Every coords file of ``patches_dir`` as one dataset; ``features_dir`` holds the teacher's
     ``<slide_id>.h5`` features (the cache). Raises `UserError` when no slide yields a window."""
@@ -169,6 +179,7 @@ def context_windows_of_dir(
             min_fraction=min_fraction,
             transform=transform,
             mpp=mpp,
+            window_stride=window_stride,
         )
         for path in coords_files
     ]

@@ -11,7 +11,12 @@ deterministic.
 Recipes (``train=True``):
 - ``eval``: no augmentation.
 - ``basic``: random horizontal/vertical flips and 90° rotations (tissue has no orientation).
-- ``randaugment``: MoMA's recipe, Resize → HFlip → RandAugment(n=2, m=10) → normalise.
+- ``randaugment``: MoMA's recipe, Resize → HFlip → timm RandAugment ``rand-m10-n2-mstd0.5`` (the
+  official op set with Invert and SolarizeAdd, each op applied with p = 0.5, magnitude ~ N(10, 0.5)
+  clipped to [0, 10], fill = the backbone's mean) → normalise.
+- ``finetune``: MAE/SD-MAE fine-tuning (timm ``create_transform`` as their code calls it):
+  RandomResizedCrop(S, bicubic) → HFlip → RandAugment ``rand-m9-mstd0.5-inc1`` → normalise →
+  RandomErasing(p = 0.25, per-pixel normal values).
 - ``mae``: RandomResizedCrop(S, scale=(0.2, 1), bicubic) + HFlip (the MAE paper).
 - ``sdmae``: RandomResizedCrop(S) with torchvision's default scale, no flip (SD-MAE official code).
 - ``he``: flips and 90° rotations + H&E stain jitter in HED colour space (`HEDJitter`).
@@ -19,9 +24,13 @@ Recipes (``train=True``):
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from torch import nn
 from torchvision.transforms import v2
 
@@ -88,6 +97,45 @@ class RandomRot90(nn.Module):
         return torch.rot90(image, turns, dims=(-2, -1))
 
 
+class TorchSeeded(nn.Module):
+    """Run a timm transform, which draws from Python's `random` and NumPy's global generator, with both
+    seeded from torch's generator (then restored): the per-sample torch seeding of
+    `histodistill.data.datamodule.SeededAugmentation` then fixes its draws too. With ``pil=True`` the
+    uint8 (3, H, W) tensor goes through PIL, which timm's RandAugment needs, and comes back as uint8."""
+
+    def __init__(self, transform: Callable, pil: bool) -> None:
+        super().__init__()
+        self.transform, self.pil = transform, pil
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        seed = int(torch.randint(2**31 - 1, ()).item())
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            if not self.pil:
+                return self.transform(image)
+            return v2.functional.pil_to_tensor(self.transform(v2.functional.to_pil_image(image)))
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def timm_randaugment(config: str, preprocess, size: int, interpolation: str | None = None) -> TorchSeeded:
+    """timm's RandAugment (``rand-m10-n2-mstd0.5`` ...) filling uncovered pixels with the backbone's mean.
+
+    ``interpolation`` None draws bilinear or bicubic per op (MoMA's call passes none); the MAE/SD-MAE
+    fine-tuning transform passes ``bicubic``. ``translate_const`` is only read by the absolute
+    translations, which the ``rand`` op set does not use (it translates by 45 % of the size).
+    """
+    hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in preprocess.mean)}
+    if interpolation is not None:
+        from timm.data.transforms import str_to_pil_interp
+
+        hparams["interpolation"] = str_to_pil_interp(interpolation)
+    return TorchSeeded(rand_augment_transform(config, hparams), pil=True)
+
+
 def _input_size(preprocess) -> int:
     """The square side the backbone expects; ``input_size`` may be an int, (H, W) or timm's (C, H, W)."""
     size = preprocess.input_size
@@ -111,17 +159,36 @@ def _orientation() -> list[Callable]:
     return [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
 
 
-# The uint8 -> uint8 part of each training recipe for input size S (normalisation is appended after).
-RECIPES: dict[str, Callable[[int], list[Callable]]] = {
-    "eval": lambda size: _resize_crop(size),
-    "basic": lambda size: _resize_crop(size) + _orientation(),
-    "randaugment": lambda size: _resize_crop(size) + [v2.RandomHorizontalFlip(), v2.RandAugment(num_ops=2, magnitude=10)],
-    "mae": lambda size: [
+def _finetune(size: int, preprocess) -> list[Callable]:
+    # timm.data.create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic"),
+    # as MAE's and SD-MAE's fine-tuning build it (RandomErasing comes after normalisation: see AFTER_NORMALISE).
+    return [
+        v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        timm_randaugment("rand-m9-mstd0.5-inc1", preprocess, size, interpolation="bicubic"),
+    ]
+
+
+# The uint8 -> uint8 part of each training recipe for input size S and the backbone's `Preprocess`
+# (normalisation is appended after).
+RECIPES: dict[str, Callable[[int, object], list[Callable]]] = {
+    "eval": lambda size, pre: _resize_crop(size),
+    "basic": lambda size, pre: _resize_crop(size) + _orientation(),
+    "randaugment": lambda size, pre: _resize_crop(size) + [
+        v2.RandomHorizontalFlip(), timm_randaugment("rand-m10-n2-mstd0.5", pre, size)
+    ],
+    "mae": lambda size, pre: [
         v2.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
     ],
-    "sdmae": lambda size: [v2.RandomResizedCrop(size, antialias=True)],
-    "he": lambda size: _resize_crop(size) + _orientation() + [HEDJitter()],
+    "sdmae": lambda size, pre: [v2.RandomResizedCrop(size, antialias=True)],
+    "he": lambda size, pre: _resize_crop(size) + _orientation() + [HEDJitter()],
+    "finetune": _finetune,
+}
+
+# Training ops that act on the normalised float tensor (timm's RandomErasing draws normalised noise).
+AFTER_NORMALISE: dict[str, Callable[[], list[Callable]]] = {
+    "finetune": lambda: [TorchSeeded(RandomErasing(probability=0.25, mode="pixel", max_count=1, device="cpu"), pil=False)],
 }
 
 
@@ -131,5 +198,7 @@ def build_transform(recipe: str, preprocess, train: bool) -> Callable[[torch.Ten
     if recipe not in RECIPES:
         raise UserError(f"unknown transform recipe {recipe!r}: use one of {', '.join(RECIPES)}")
     size = _input_size(preprocess)
-    ops = RECIPES[recipe](size) if train else _resize_crop(size)
-    return v2.Compose(ops + _normalise(preprocess))
+    if not train:
+        return v2.Compose(_resize_crop(size) + _normalise(preprocess))
+    after = AFTER_NORMALISE.get(recipe, lambda: [])()
+    return v2.Compose(RECIPES[recipe](size, preprocess) + _normalise(preprocess) + after)

@@ -2,6 +2,9 @@
 
 - linear: logistic regression (scikit-learn) on standardised features; the inverse regularisation ``C``
   is picked by 3-fold inner cross-validation on the training split over ``C_GRID`` unless fixed.
+- linear, ``linear_protocol="mae"``: MAE's / SD-MAE's own protocol (`mae_linear_probe`, from
+  ``main_linprobe.py`` / ``run_mae_eval_linear.py``): BatchNorm1d(affine=False) + Linear trained by SGD
+  for 90 epochs, the number comparable with those papers.
 - kNN: DINO's weighted vote (Caron et al. 2021): cosine similarity to the training features, the ``k=20``
   nearest vote for their class with weight ``exp(similarity / T)``, ``T=0.07``; class probabilities are
   the normalised votes.
@@ -22,6 +25,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from torch import nn
 
 from histodistill.data.bags import class_names, read_labels
 from histodistill.data.feature_files import load_slides, non_finite_rows, open_feature_folder, shown
@@ -29,6 +33,7 @@ from histodistill.data.table import read_table
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics
 from histodistill.features.extract import PATCH_FEATURES
+from histodistill.optim.optimizer import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 INNER_FOLDS = 3
@@ -99,7 +104,56 @@ def knn_probe(
     return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
 
 
+EPOCHS, WARMUP_EPOCHS, BATCH_SIZE, BASE_LR = 90, 10, 512, 0.1
+
+
+def mae_linear_probe(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0,
+    num_classes: int | None = None, epochs: int = EPOCHS, warmup_epochs: int = WARMUP_EPOCHS,
+    batch_size: int = BATCH_SIZE, base_lr: float = BASE_LR,
+) -> ProbeResult:
+    """MAE's linear probe on frozen features ``train_x`` (N, D), scored on ``test_x`` (M, D).
+
+    Head: BatchNorm1d(D, affine=False, eps=1e-6) (batch statistics in training, running ones at test), then
+    Linear(D, C) with weight ~ trunc_normal(std 0.01), bias 0. SGD, momentum 0.9, no weight decay,
+    lr = 0.1 × B / 256 with B = 512; 90 epochs, the first 10 a linear warm-up, then a per-step half cosine
+    to 0; shuffled batches, the last incomplete one dropped. The official per-image augmentation
+    (RandomResizedCrop + flip) cannot apply to precomputed features (docs/sdmae.md). A training set
+    smaller than ``batch_size`` is one batch per step (the lr still follows its size / 256).
+    """
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    x = torch.as_tensor(train_x, dtype=torch.float32)
+    y = torch.as_tensor(train_y, dtype=torch.long)
+    batch = min(batch_size, len(x))
+    steps_per_epoch = len(x) // batch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Sequential(nn.BatchNorm1d(x.shape[1], affine=False, eps=1e-6), nn.Linear(x.shape[1], num_classes))
+        nn.init.trunc_normal_(head[1].weight, std=0.01)  # MoCo v3 / MAE: the head starts near zero
+        nn.init.zeros_(head[1].bias)
+        config = OptimConfig(name="sgd", lr=base_lr, reference_batch_size=256, momentum=0.9, weight_decay=0.0,
+                             warmup_epochs=warmup_epochs, min_lr=0.0)
+        lr = scaled_lr(config, batch)
+        optimizer = build_optimizer(head, config, lr)
+        scheduler = build_scheduler(optimizer, config, lr, epochs * steps_per_epoch, steps_per_epoch)
+        generator = torch.Generator().manual_seed(seed)
+        head.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=generator)[: steps_per_epoch * batch].view(steps_per_epoch, batch)
+            for index in order:  # (batch,) sample indices; the remainder is dropped, as drop_last=True
+                loss = nn.functional.cross_entropy(head(x[index]), y[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+    head.eval()
+    with torch.no_grad():
+        probs = head(torch.as_tensor(test_x, dtype=torch.float32)).softmax(dim=1).numpy()
+    return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
+
+
 PROBES = {"linear": linear_probe, "knn": knn_probe}
+LINEAR_PROTOCOLS = {"sklearn": linear_probe, "mae": mae_linear_probe}
 
 
 def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike | None = None) -> PatchFeatures:
@@ -177,6 +231,7 @@ def evaluate_probes(
     C: float | None = None,
     k: int = 20,
     temperature: float = 0.07,
+    linear_protocol: str = "sklearn",
 ) -> dict:
     """Run both probes and write ``probe.json`` and ``confusion_<probe>.png`` into ``out_dir``.
 
@@ -191,10 +246,13 @@ def evaluate_probes(
     if test is not None and test.classes != data.classes:
         raise UserError(f"--train classes {data.classes} differ from --test classes {test.classes}")
     num_classes = len(data.classes)
-    options = {"linear": {"C": C}, "knn": {"k": k, "temperature": temperature}}
+    if linear_protocol not in LINEAR_PROTOCOLS:
+        raise UserError(f"--linear-protocol {linear_protocol!r}: use one of {', '.join(LINEAR_PROTOCOLS)}")
+    probes = {**PROBES, "linear": LINEAR_PROTOCOLS[linear_protocol]}
+    options = {"linear": {"C": C} if linear_protocol == "sklearn" else {}, "knn": {"k": k, "temperature": temperature}}
     results: dict = {"protocol": "train/test" if test is not None else f"{folds}-fold CV", "seeds": list(seeds),
-                     "classes": data.classes, "options": options}
-    for name, probe in PROBES.items():
+                     "classes": data.classes, "options": options, "linear_protocol": linear_protocol}
+    for name, probe in probes.items():
         runs, first_truth, first_pred = [], [], []
         for seed in seeds:
             for split, (train_x, train_y, test_x, test_y) in enumerate(_splits(data, test, folds, seed)):

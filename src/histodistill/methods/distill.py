@@ -6,6 +6,12 @@ knowledge distillation is on, the teacher's classifier. `Distill` adds one plugg
 ``w_ce · CE + w_kd · KD``: none (Hinton KD), ``hint`` (FitNet on the pooled feature) or ``crd``
 (contrastive representation distillation). MoMA (`histodistill.methods.moma`) builds on the same base.
 
+Where the student starts (``student_init``): ``teacher`` copies the teacher's backbone into the
+student, and its classifier too when the teacher checkpoint has one for the same classes, as MoMA's
+``load_model`` does with ``--std_pre PANDA --tec_pre PANDA`` (step 0: student = teacher);
+``imagenet`` is the backbone's published weights; ``random`` a fresh initialisation. The default is
+``teacher`` whenever the two architectures match, else whatever ``pretrained`` / ``weights`` say.
+
 Where the teacher's logits come from: a teacher given as one of our checkpoints (``.ckpt`` of a
 supervised run) carries its classifier; otherwise ``teacher_classifier_from_checkpoint`` names the
 supervised checkpoint whose ``classifier.*`` weights to use. Without either, KD cannot run and the
@@ -19,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from histodistill.data.indexed_dataset import IndexedDataset
@@ -56,19 +63,18 @@ class TeacherStudentMethod(ClassificationMethod):
         teacher_pretrained: bool = False,
         teacher_weights: str | None = None,
         teacher_classifier_from_checkpoint: str | None = None,
+        student_init: Literal["teacher", "imagenet", "random"] | None = None,
         w_ce: float = 1.0,
         w_kd: float = 1.0,
         temperature: float = 4.0,
         optim: OptimConfig | None = None,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            pretrained=pretrained,
-            weights=weights,
-            num_classes=num_classes,
-            optim=optim,
-        )
+        if student_init is not None and student_init not in STUDENT_INITS:
+            raise UserError(f"model.init_args.student_init must be one of {', '.join(STUDENT_INITS)} (or unset), "
+                            f"got {student_init!r}")
+        # Built randomly first: whether the student starts as the teacher is known only once both exist,
+        # and a student that does never needs its published weights.
+        super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, optim=optim)
         self.w_ce, self.w_kd, self.temperature = w_ce, w_kd, temperature
         self.teacher: Backbone = create_backbone(
             teacher, pretrained=teacher_pretrained, weights=teacher_weights, **(teacher_kwargs or {})
@@ -81,6 +87,38 @@ class TeacherStudentMethod(ClassificationMethod):
         freeze(self.teacher)
         if self.teacher_classifier is not None:
             freeze(self.teacher_classifier)
+        same_architecture = state_shapes(self.backbone.model) == state_shapes(self.teacher.model)
+        if student_init == "teacher" and not same_architecture:
+            raise UserError(f"student_init: teacher copies the teacher into the student, but teacher "
+                            f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in architecture: "
+                            "set model.init_args.student_init to imagenet or random")
+        own_weights = pretrained or weights is not None
+        self.student_init = student_init or ("teacher" if same_architecture else "imagenet" if own_weights else "random")
+        if student_init is None:
+            rank_zero_info(f"student_init: {self.student_init} (the default: teacher when the architectures match, "
+                           "else the student's own pretrained/weights setting)")
+        if self.student_init == "teacher":
+            self.start_from_teacher(teacher, teacher_classifier_from_checkpoint)
+        elif self.student_init == "imagenet":  # the published weights, from the hub or the local `weights` file
+            self.backbone = create_backbone(backbone, pretrained=weights is None, weights=weights, **(backbone_kwargs or {}))
+
+    def start_from_teacher(self, teacher: str, classifier_source: str | None) -> None:
+        """Student ← teacher (weights and BN buffers); classifier too when the teacher has one for these classes.
+
+        Otherwise the classifier keeps its fresh initialisation, as MoMA re-initialises only the
+        classifier when the class counts differ (``load_model(..., strict=False)``).
+        """
+        self.backbone.model.load_state_dict(self.teacher.model.state_dict())
+        classifier = self.teacher_classifier
+        if classifier is None:
+            state = classifier_state(teacher, classifier_source)
+            if state is not None and state["weight"].shape == self.classifier.weight.shape:
+                classifier = state
+        if classifier is not None:
+            self.classifier.load_state_dict(classifier if isinstance(classifier, dict) else classifier.state_dict())
+        else:
+            rank_zero_info(f"student_init: teacher: the student starts as the teacher; its {self.num_classes}-class "
+                           "classifier is freshly initialised (the teacher has none for these classes)")
 
     # ---- what subclasses use -------------------------------------------------------------------
     def student_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +221,24 @@ class Distill(TeacherStudentMethod):
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+STUDENT_INITS = ("teacher", "imagenet", "random")
+
+
+def state_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter and buffer: equal for two modules of the same architecture."""
+    return {name: tuple(value.shape) for name, value in module.state_dict().items()}
+
+
+def classifier_state(teacher: str, source: str | None) -> dict[str, torch.Tensor] | None:
+    """The ``classifier.*`` tensors of the teacher's supervised checkpoint, or None when it has none."""
+    source = source or (teacher if Path(teacher).suffix == ".ckpt" else None)
+    if source is None:
+        return None
+    state = read_checkpoint(source).get("state_dict", {})
+    found = {key[len(CLASSIFIER_PREFIX):]: value for key, value in state.items() if key.startswith(CLASSIFIER_PREFIX)}
+    return found if found.get("weight") is not None and found["weight"].ndim == 2 else None
+
+
 def freeze(module: nn.Module) -> None:
     """No gradient, so the optimiser skips it and DDP leaves it out of the gradient all-reduce."""
     module.requires_grad_(False)
@@ -219,11 +275,11 @@ def load_teacher_classifier(teacher: str, source: str | None, in_features: int, 
             "model.init_args.teacher_classifier_from_checkpoint to the supervised checkpoint the teacher comes "
             "from, or set model.init_args.w_kd: 0 (teacher and student tasks differ)"
         )
-    state = read_checkpoint(source).get("state_dict", {})
-    weight, bias = state.get(f"{CLASSIFIER_PREFIX}weight"), state.get(f"{CLASSIFIER_PREFIX}bias")
-    if weight is None or weight.ndim != 2:
+    state = classifier_state(teacher, source)
+    if state is None:
         raise UserError(f"{source} has no linear '{CLASSIFIER_PREFIX}weight' in its state_dict: use the checkpoint "
                         "of a supervised run (histodistill fit with a classification method)")
+    weight, bias = state["weight"], state.get("bias")
     if weight.shape[0] != num_classes:
         raise UserError(
             f"KD is on (w_kd > 0) but the teacher classifier in {source} has {weight.shape[0]} classes and the "

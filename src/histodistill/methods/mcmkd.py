@@ -34,7 +34,9 @@ class MCMKD(MethodModule):
         teacher_dim: the dimension of the cached teacher features (1024 for UNI); checked against the cache.
         pretrained: start the student from its published (ImageNet) weights (needs the hub or timm's cache).
         student_weights: a local weights file for the student instead (safetensors or .pth).
-        mask_ratio: fraction of a window's cells hidden from the student (at least one, never all).
+        mask_ratio: fraction of a window's cells hidden from the student (at least one, never all):
+            ``round(mask_ratio · s²)`` cells, 4 of 9 at 0.5 (an effective ratio of 0.44).
+        mask_count: hide exactly this many cells per window instead (e.g. 5 of 9); None uses ``mask_ratio``.
         fill: what masked cells are painted with: ``mean`` (0 after normalisation) or a ``learned`` RGB value.
         head: per-cell projection to the teacher's dimension, shared by all cells: ``linear`` or ``mlp``.
         head_hidden_dim: hidden width of the ``mlp`` head (default: the student's feature dimension).
@@ -42,6 +44,9 @@ class MCMKD(MethodModule):
         w_masked: weight of the masked-cell term (context modelling).
         w_visible: weight of the visible-cell term (plain feature distillation).
         smooth_l1_beta: the smooth-L1 transition point.
+        freeze_bn_stats: keep the student's BatchNorm running statistics as they were (BatchNorm in eval
+            mode during training; its affine weights still train). Otherwise they are updated on painted
+            windows, then used on single tiles at extraction.
         optim: optimiser and schedule (default AdamW, lr 1e-4, 5 % warm-up, cosine to 0).
     """
 
@@ -52,6 +57,7 @@ class MCMKD(MethodModule):
         pretrained: bool = True,
         student_weights: str | None = None,
         mask_ratio: float = 0.5,
+        mask_count: int | None = None,
         fill: Literal["mean", "learned"] = "mean",
         head: Literal["linear", "mlp"] = "linear",
         head_hidden_dim: int | None = None,
@@ -59,6 +65,7 @@ class MCMKD(MethodModule):
         w_masked: float = 1.0,
         w_visible: float = 1.0,
         smooth_l1_beta: float = 1.0,
+        freeze_bn_stats: bool = False,
         optim: OptimConfig | None = None,
     ) -> None:
         super().__init__(optim or mcmkd_optim())
@@ -66,11 +73,29 @@ class MCMKD(MethodModule):
             raise ValueError(f"model.init_args.mask_ratio must be in [0, 1], got {mask_ratio}")
         self.backbone = create_backbone(student, pretrained=pretrained, weights=student_weights)
         self.teacher_dim = teacher_dim
-        self.mask_ratio = mask_ratio
+        if mask_count is not None and mask_count < 1:
+            raise ValueError(f"model.init_args.mask_count must be >= 1, got {mask_count}")
+        self.mask_ratio, self.mask_count = mask_ratio, mask_count
+        self.freeze_bn_stats = freeze_bn_stats
         self.masker = CellMasker(fill=fill)
         self.head = GridHead(self.backbone.num_features, teacher_dim, kind=head, hidden_dim=head_hidden_dim)
         self.loss_kind = loss
         self.w_masked, self.w_visible, self.smooth_l1_beta = w_masked, w_visible, smooth_l1_beta
+
+    def train(self, mode: bool = True) -> MCMKD:
+        """Training mode, except that frozen statistics keep the student's BatchNorm layers in eval mode
+        (normalising with, and not updating, their running statistics)."""
+        super().train(mode)
+        if mode and self.freeze_bn_stats:
+            for module in self.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning never calls train() when fitting starts (the module is built in training mode), so the
+        # BatchNorm switch is applied here, every epoch.
+        self.train()
 
     def predict_cells(self, windows: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """(B, 3, P, P) normalised windows + (B, s*s) mask -> (B, s*s, teacher_dim) predicted teacher features."""
@@ -80,7 +105,8 @@ class MCMKD(MethodModule):
 
     def objective(self, batch) -> dict[str, torch.Tensor]:
         windows, _cell_coords, valid, teacher = batch  # (B, 3, P, P), (B, S, 2), (B, S), (B, S, D)
-        masked = random_cell_mask(valid.shape[0], valid.shape[1], self.mask_ratio, device=windows.device)
+        masked = random_cell_mask(valid.shape[0], valid.shape[1], self.mask_ratio, device=windows.device,
+                                  count=self.mask_count)
         pred = self.predict_cells(windows, masked)
         return masked_context_loss(
             pred, teacher, masked, valid, self.loss_kind, self.w_masked, self.w_visible, self.smooth_l1_beta

@@ -31,6 +31,8 @@ class ContextWindowDataModule(PatchDataModule):
         rebuild_cache: recompute a missing or stale cache with the teacher instead of refusing it.
         side: s, the window is s x s tiles (odd s centres the window on its anchor tile).
         min_fraction: the least fraction of a window's s*s cells that must be tissue tiles (1 = all).
+        window_stride: anchor a window on every k-th tile column and row only. 1: overlapping windows, one
+            epoch shows each tile as a target in up to s*s windows; s: disjoint windows, at most once.
         mpp: override of the slides' microns per pixel (for slides whose metadata lacks it).
         batch_size: windows per device per step.
         num_workers: DataLoader worker processes (0 reads in the main process).
@@ -48,6 +50,7 @@ class ContextWindowDataModule(PatchDataModule):
         rebuild_cache: bool = False,
         side: int = 3,
         min_fraction: float = 1.0,
+        window_stride: int = 1,
         mpp: float | None = None,
         batch_size: int = 16,
         num_workers: int = 4,
@@ -61,6 +64,7 @@ class ContextWindowDataModule(PatchDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else self.tiles_dir
         self.rebuild_cache = rebuild_cache
         self.side, self.min_fraction, self.mpp = side, min_fraction, mpp
+        self.window_stride = window_stride
         self.extract_batch_size, self.extract_precision = extract_batch_size, extract_precision
         # The cache lives on a filesystem every node sees: build it on global rank 0 only (Lightning's
         # default, once per node, had several nodes write the same files at once); the other ranks wait
@@ -78,7 +82,7 @@ class ContextWindowDataModule(PatchDataModule):
         module = self.trainer.lightning_module
         dataset = context_windows_of_dir(
             self.tiles_dir / "patches", features_dir, self.side, self.min_fraction,
-            transform=window_transform(module.preprocess, self.side), mpp=self.mpp,
+            transform=window_transform(module.preprocess, self.side), mpp=self.mpp, window_stride=self.window_stride,
         )
         cached_dim = TeacherFeatures(next(features_dir.glob("*.h5"))).dim
         if getattr(module, "teacher_dim", cached_dim) != cached_dim:

@@ -13,6 +13,7 @@ the checkpoint's backbone record exports to a timm ViT without key mapping. Batc
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from histodistill.losses.mae import channel_norm_target, masked_patch_mse, patch_norm_target
 from histodistill.losses.self_distillation import SelfDistillationLoss
 from histodistill.methods.base import MethodModule
-from histodistill.models.backbones import create_backbone
+from histodistill.models.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone
 from histodistill.models.dino_head import DINOHead
 from histodistill.models.vit_mae import (
     MAEDecoder,
@@ -48,15 +49,28 @@ class _MaskedPretraining(MethodModule):
     in target space for every patch), `target` and `target_to_pixels`."""
 
     pos_embed_kind: str
+    xavier_patch_embed = True  # MAE initialises the patch projection like a Linear; SD-MAE leaves it
+
+    def visible_count(self) -> int:
+        """Patches kept per image: ``int(L·(1−r))`` (MAE's rule)."""
+        return int(self.num_patches * (1 - self.mask_ratio))
 
     def __init__(
-        self, backbone: str, backbone_kwargs: dict[str, Any] | None, mask_ratio: float, optim: OptimConfig | None
+        self, backbone: str, backbone_kwargs: dict[str, Any] | None, mask_ratio: float, optim: OptimConfig | None,
+        normalization: str = "imagenet",
     ) -> None:
         super().__init__(optim)
         if not 0 < mask_ratio < 1:
             raise ValueError(f"model.init_args.mask_ratio must be in (0, 1), got {mask_ratio}")
+        if normalization not in ("imagenet", "backbone"):
+            raise ValueError(f"model.init_args.normalization must be imagenet or backbone, got {normalization!r}")
         self.backbone = create_backbone(backbone, **(backbone_kwargs or {}))
-        prepare_vit_for_masking(self.backbone.model, self.pos_embed_kind)
+        if normalization == "imagenet":
+            # MAE and SD-MAE normalise with ImageNet mean/std, whereas timm's vit_*_patch16_224 configs say
+            # 0.5/0.5/0.5. The spec carries it, so the data module, checkpoints and exports all use it.
+            preprocess = replace(self.backbone.spec.preprocess, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            self.backbone.spec = replace(self.backbone.spec, preprocess=preprocess)
+        prepare_vit_for_masking(self.backbone.model, self.pos_embed_kind, self.xavier_patch_embed)
         self.mask_ratio = mask_ratio
         self.patch_size = patch_size_of(self.backbone.model)
         self.grid_size = grid_of(self.backbone.model)
@@ -64,9 +78,11 @@ class _MaskedPretraining(MethodModule):
 
     def random_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskInfo:
         if generator is None:
-            return random_masking(images.shape[0], self.num_patches, self.mask_ratio, images.device)
+            return random_masking(images.shape[0], self.num_patches, self.mask_ratio, images.device,
+                                  num_visible=self.visible_count())
         # A seeded CPU generator gives the same preview masks on any device.
-        mask = random_masking(images.shape[0], self.num_patches, self.mask_ratio, generator=generator)
+        mask = random_masking(images.shape[0], self.num_patches, self.mask_ratio, generator=generator,
+                              num_visible=self.visible_count())
         return MaskInfo(*(t.to(images.device) for t in (mask.ids_shuffle, mask.ids_restore, mask.mask)), mask.num_visible)
 
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -135,8 +151,9 @@ class MAE(_MaskedPretraining):
         decoder_depth: int = 8,
         decoder_heads: int = 16,
         optim: OptimConfig | None = None,
+        normalization: str = "imagenet",
     ) -> None:
-        super().__init__(backbone, backbone_kwargs, mask_ratio, optim)
+        super().__init__(backbone, backbone_kwargs, mask_ratio, optim, normalization)
         vit = self.backbone.model
         self.norm_pix_loss = norm_pix_loss
         self.decoder = MAEDecoder(
@@ -188,9 +205,16 @@ class SDMAE(_MaskedPretraining):
         center_momentum: EMA momentum of the teacher centre (0.9).
         teacher_stop_grad: detach the teacher branch in the distillation term (official code: False).
         optim: optimiser and schedule (official: AdamW β=(0.9, 0.999), lr 6e-4 × batch/256).
+        normalization: input mean/std, as for `MAE` (official: ImageNet's).
     """
 
     pos_embed_kind = "1d"
+    xavier_patch_embed = False
+
+    def visible_count(self) -> int:
+        """SD-MAE's RandomMaskingGenerator masks ``int(r·L)`` patches and keeps the rest (58 of 144 at r = 0.6,
+        where MAE's rule keeps 57)."""
+        return self.num_patches - int(self.mask_ratio * self.num_patches)
 
     def __init__(
         self,
@@ -209,10 +233,11 @@ class SDMAE(_MaskedPretraining):
         center_momentum: float = 0.9,
         teacher_stop_grad: bool = False,
         optim: OptimConfig | None = None,
+        normalization: str = "imagenet",
     ) -> None:
         if not 0 <= distill_weight <= 1:
             raise ValueError(f"model.init_args.distill_weight must be in [0, 1], got {distill_weight}")
-        super().__init__(backbone, {**SDMAE_BACKBONE_KWARGS, **(backbone_kwargs or {})}, mask_ratio, optim)
+        super().__init__(backbone, {**SDMAE_BACKBONE_KWARGS, **(backbone_kwargs or {})}, mask_ratio, optim, normalization)
         vit = self.backbone.model
         self.distill_weight = distill_weight
         self.decoder = SDMAEDecoder(

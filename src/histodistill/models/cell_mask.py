@@ -15,19 +15,21 @@ import torch
 from torch import nn
 
 
-def masked_cell_count(num_cells: int, ratio: float) -> int:
-    """How many of ``num_cells`` cells to mask: ``round(ratio * num_cells)``, kept in [1, num_cells - 1]
-    so every window has something to predict and something to predict it from."""
+def masked_cell_count(num_cells: int, ratio: float, count: int | None = None) -> int:
+    """How many of ``num_cells`` cells to mask: ``count`` when given, else ``round(ratio * num_cells)``
+    (Python rounds halves to even: 0.5 of 9 cells is 4, an effective ratio of 0.44), kept in
+    [1, num_cells - 1] so every window has something to predict and something to predict it from."""
     if num_cells < 2:
         raise ValueError(f"masking needs at least 2 cells per window, got {num_cells}")
-    return min(max(round(ratio * num_cells), 1), num_cells - 1)
+    return min(max(round(ratio * num_cells) if count is None else count, 1), num_cells - 1)
 
 
 def random_cell_mask(
-    batch_size: int, num_cells: int, ratio: float, generator: torch.Generator | None = None, device=None
+    batch_size: int, num_cells: int, ratio: float, generator: torch.Generator | None = None, device=None,
+    count: int | None = None,
 ) -> torch.Tensor:
     """(B, S) bool, True = masked: exactly `masked_cell_count` cells per window, drawn independently per window."""
-    count = masked_cell_count(num_cells, ratio)
+    count = masked_cell_count(num_cells, ratio, count)
     scores = torch.rand(batch_size, num_cells, generator=generator, device=device)
     # A cell is masked when its random score is among the `count` smallest of its window.
     ranks = scores.argsort(dim=1).argsort(dim=1)  # (B, S): rank of each cell's score

@@ -36,7 +36,9 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         for module in self.mlp:
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+                # SD-MAE's trunc_normal_ wrapper cuts at a = -std, b = std (±1σ); timm's and PyTorch's
+                # defaults cut at ±2 absolute, i.e. ±100σ at std 0.02: no truncation at all.
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.02, b=0.02)
                 nn.init.zeros_(module.bias)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         norm = self.last_layer.parametrizations.weight.original0  # (out_dim, 1): the per-row g

@@ -74,15 +74,17 @@ def random_masking(
     mask_ratio: float,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
+    num_visible: int | None = None,
 ) -> MaskInfo:
-    """Per-sample uniform masking keeping exactly ``int(L·(1−r))`` patches (MAE's rule).
+    """Per-sample uniform masking keeping exactly ``int(L·(1−r))`` patches (MAE's rule), or ``num_visible``
+    when given (SD-MAE masks ``int(r·L)`` and keeps ``L − int(r·L)``).
 
     Sorting uniform noise gives an independent random permutation per sample; the first K indices
     (smallest noise) are kept.
     """
     if not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    num_visible = int(num_patches * (1 - mask_ratio))
+    num_visible = int(num_patches * (1 - mask_ratio)) if num_visible is None else num_visible
     noise = torch.rand(batch_size, num_patches, generator=generator, device=device)  # (B, L)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -108,12 +110,13 @@ def _xavier_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def prepare_vit_for_masking(vit: VisionTransformer, pos_embed: str) -> None:
+def prepare_vit_for_masking(vit: VisionTransformer, pos_embed: str, xavier_patch_embed: bool = True) -> None:
     """Make a freshly built timm ViT a masked-pretraining encoder, in place.
 
     Writes a fixed ``"2d"`` (MAE) or ``"1d"`` (SD-MAE) sin-cos table into ``vit.pos_embed`` and
-    freezes it, then applies MAE's initialisation (patch projection xavier_uniform on its flattened
-    weight, Linear xavier_uniform, LayerNorm 1/0, cls token normal std 0.02).
+    freezes it, then applies MAE's initialisation (Linear xavier_uniform, LayerNorm 1/0, cls token
+    normal std 0.02, and with ``xavier_patch_embed`` the patch projection xavier_uniform on its flattened
+    weight; without it the projection keeps PyTorch's Conv2d default, as SD-MAE's code leaves it).
     """
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"masked pretraining needs a timm VisionTransformer, got {type(vit).__name__}")
@@ -125,8 +128,11 @@ def prepare_vit_for_masking(vit: VisionTransformer, pos_embed: str) -> None:
     table = position_table(pos_embed, vit.patch_embed.grid_size, vit.embed_dim, vit.num_prefix_tokens)
     fix_position_table_(vit.pos_embed, table)
     vit.apply(_xavier_init)
-    weight = vit.patch_embed.proj.weight  # (D, C, p, p): initialised like a Linear on (D, C·p·p)
-    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    if xavier_patch_embed:
+        weight = vit.patch_embed.proj.weight  # (D, C, p, p): initialised like a Linear on (D, C·p·p)
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    else:
+        vit.patch_embed.proj.reset_parameters()
     if vit.cls_token is not None:
         nn.init.normal_(vit.cls_token, std=0.02)
 
@@ -230,7 +236,10 @@ class SDMAEDecoder(nn.Module):
         self.norm_visible = _LayerNorm(dim)
         self.pred = nn.Linear(dim, patch_size**2 * in_chans)
         self.apply(_xavier_init)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # SD-MAE's official code: the bridge keeps PyTorch's default init (its model-level _init_weights is
+        # never applied), and trunc_normal_ is its wrapper with a = -std, b = std, a cut at ±1σ.
+        self.bridge.reset_parameters()
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     def forward(self, visible: torch.Tensor, mask: MaskInfo) -> tuple[torch.Tensor, torch.Tensor]:
         b, k = visible.shape[:2]

@@ -1,8 +1,10 @@
-"""Optimiser and per-step learning-rate schedule shared by every method.
+"""Optimiser and learning-rate schedule shared by every method.
 
 One typed config (`OptimConfig`) that YAML recipes fill in; parameter groups that keep weight
-decay off biases, norms, position embeddings and tokens (as MAE, DINO and timm do); a warm-up
-followed by a half-cycle cosine, evaluated per optimiser step.
+decay off biases, norms, position embeddings and tokens (as MAE, DINO and timm do), or on every
+parameter (``weight_decay_on: all``, as MoMA's plain ``SGD(params, weight_decay=...)``), optionally
+with layer-wise lr decay for ViTs (BEiT/MAE fine-tuning); a warm-up followed by a half-cycle cosine
+evaluated per optimiser step, or MoMA's per-epoch cosine (``schedule: cosine_epoch``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from histodistill.errors import UserError
 
 # Parameters whose names contain one of these get no weight decay, whatever their shape.
 NO_DECAY_NAME_PARTS = ("pos_embed", "cls_token", "mask_token", "reg_token", "pos_table")
@@ -25,6 +29,14 @@ class OptimConfig:
 
     Warm-up lasts ``warmup_epochs`` epochs or ``warmup_fraction`` of all steps, whichever is longer;
     then the rate follows a half cosine from ``lr`` to ``min_lr`` (``schedule: constant`` keeps it flat).
+    ``schedule: cosine_epoch`` is MoMA's ``adjust_learning_rate``: the rate is set once per epoch,
+    ``min_lr + (lr − min_lr)·(1 + cos(π·e/E))/2`` for epoch e = 1..E, so even the first epoch is a
+    little below ``lr`` and the last one runs at ``min_lr``.
+
+    ``weight_decay_on``: ``weights`` spares biases, norms, embeddings and tokens; ``all`` decays every
+    trainable parameter. ``layer_decay`` (e.g. 0.75) scales the rate of a ViT backbone's layer ``i`` of
+    ``n`` by ``layer_decay ** (n + 1 − i)`` (patch embedding and tokens are layer 0, block j is layer
+    j + 1, final norm and classifier are layer n + 1 at the full rate), as BEiT/MAE fine-tuning does.
     """
 
     name: Literal["adamw", "sgd", "adam"] = "adamw"
@@ -34,10 +46,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
     nesterov: bool = False
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "cosine_epoch"] = "cosine"
     warmup_epochs: float = 0.0
     warmup_fraction: float = 0.0
     min_lr: float = 0.0
+    weight_decay_on: Literal["weights", "all"] = "weights"
+    layer_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -48,6 +62,8 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
 
 
 def scaled_lr(config: OptimConfig, effective_batch_size: int) -> float:
@@ -57,8 +73,12 @@ def scaled_lr(config: OptimConfig, effective_batch_size: int) -> float:
     return config.lr * effective_batch_size / config.reference_batch_size
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights (matrices, kernels) and undecayed ones (biases, norms, embeddings).
+def parameter_groups(
+    model: nn.Module, weight_decay: float, decay_all: bool = False, layer_scales: dict[str, float] | None = None
+) -> list[dict]:
+    """Decayed weights (matrices, kernels) and undecayed ones (biases, norms, embeddings), or one
+    decayed group when ``decay_all``; split further by lr scale when ``layer_scales`` (parameter name ->
+    multiplier of the rate, see `vit_layer_scales`) is given: each group then carries ``lr_scale``.
 
     Frozen parameters are left out so optimisers never hold state for them. A module may list extra
     names in ``no_weight_decay()`` (the timm convention).
@@ -67,22 +87,53 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for prefix, module in model.named_modules():
         if hasattr(module, "no_weight_decay"):
             extra |= {f"{prefix}.{name}" if prefix else name for name in module.no_weight_decay()}
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name in extra or any(part in name for part in NO_DECAY_NAME_PARTS):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        spared = param.ndim <= 1 or name in extra or any(part in name for part in NO_DECAY_NAME_PARTS)
+        scale = (layer_scales or {}).get(name, 1.0)
+        groups.setdefault((decay_all or not spared, scale), []).append(param)
+    if layer_scales is None:  # the two plain groups, decayed first, even when one is empty
+        groups.setdefault((True, 1.0), [])
+        groups.setdefault((decay_all, 1.0), [])
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
     ]
 
 
+def vit_layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """Layer-wise lr multipliers of a method whose ``backbone.model`` is a timm ViT (BEiT's rule, used by
+    MAE and SD-MAE fine-tuning): with n blocks, tokens / position table / patch embedding are layer 0,
+    ``blocks.j`` is layer j + 1, everything else (final norm, classifier) layer n + 1; layer i's rate is
+    multiplied by ``layer_decay ** (n + 1 − i)``. Keys are ``model.named_parameters()`` names."""
+    backbone = getattr(getattr(model, "backbone", None), "model", None)
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        raise UserError("optim.layer_decay needs a ViT backbone (a timm model with .blocks); remove layer_decay "
+                        "for other architectures")
+    depth = len(blocks)
+    prefix = next(name for name, module in model.named_modules() if module is backbone)
+    stem = ("cls_token", "mask_token", "reg_token", "pos_embed", "patch_embed")
+    scales = {}
+    for name, _ in model.named_parameters():
+        inner = name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
+        if inner is not None and inner.split(".")[0] in stem:
+            layer = 0
+        elif inner is not None and inner.startswith("blocks."):
+            layer = int(inner.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        scales[name] = layer_decay ** (depth + 1 - layer)
+    return scales
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.weight_decay)
+    scales = vit_layer_scales(model, config.layer_decay) if config.layer_decay is not None else None
+    groups = parameter_groups(model, config.weight_decay, config.weight_decay_on == "all", scales)
+    for group in groups:  # the scheduler multiplies each group's own starting rate
+        group["lr"] = lr * group.pop("lr_scale")
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.name == "adam":
@@ -102,6 +153,11 @@ def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, min_fac
         return 1.0
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return cosine_factor(progress, min_factor)
+
+
+def cosine_factor(progress: float, min_factor: float) -> float:
+    """Half cosine from 1 (progress 0) to ``min_factor`` (progress 1)."""
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -114,7 +170,12 @@ def build_scheduler(
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     min_factor = config.min_lr / lr if lr > 0 else 0.0
 
+    epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+
     def factor(step: int) -> float:
+        if config.schedule == "cosine_epoch" and step >= warmup_steps:
+            # MoMA sets the rate at the start of epoch e = 1..E (not 0..E-1) from cos(π·e/E).
+            return cosine_factor(min(1.0, (step // steps_per_epoch + 1) / epochs), min_factor)
         return warmup_cosine_factor(step, total_steps, warmup_steps, min_factor, config.schedule == "cosine")
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
