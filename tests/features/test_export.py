@@ -17,7 +17,7 @@ from histodistill.models.backbones import CHECKPOINT_BACKBONE_KEY, create_backbo
 def checkpoint(tmp_path):
     """A Lightning-style checkpoint of a method whose backbone sits at ``backbone.model``."""
     torch.manual_seed(0)
-    backbone = create_backbone("tiny/vit-tiny-p8-64").eval()
+    backbone = create_backbone("tiny/vit-tiny-p8-64", pretrained=False).eval()
     state = {f"backbone.model.{k}": v for k, v in backbone.model.state_dict().items()}
     state["head.weight"] = torch.randn(4, backbone.num_features)  # the method's own parts are not exported
     path = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -15,7 +15,7 @@ from histodistill.methods.supervised import Supervised
 @pytest.fixture(scope="module")
 def model() -> Supervised:
     torch.manual_seed(0)
-    return Supervised(backbone="tiny/resnet18-64", num_classes=3, label_smoothing=0.1)
+    return Supervised(backbone="tiny/resnet18-64", pretrained=False, num_classes=3, label_smoothing=0.1)
 
 
 def test_forward_gives_finite_logits(model):
@@ -48,6 +48,6 @@ def test_checkpoint_record_points_at_the_backbone_weights(model):
 
 def test_invalid_arguments_are_user_errors():
     with pytest.raises(UserError, match="label_smoothing"):
-        Supervised(backbone="tiny/resnet18-64", num_classes=3, label_smoothing=1.5)
+        Supervised(backbone="tiny/resnet18-64", pretrained=False, num_classes=3, label_smoothing=1.5)
     with pytest.raises(UserError, match="num_classes"):
-        Supervised(backbone="tiny/resnet18-64", num_classes=1)
+        Supervised(backbone="tiny/resnet18-64", pretrained=False, num_classes=1)

@@ -83,6 +83,7 @@ def extractor_record(backbone: Backbone, model_arg: str, weights_sha256: str) ->
         "mpp": pre.mpp,
         "num_features": backbone.num_features,
         "feature_dim": backbone.num_features,
+        "weights_source": backbone.spec.source,  # "random" only when --random-init asked for it
         "spec": backbone.spec.to_dict(),
     }
 
@@ -162,6 +163,7 @@ def extract_slides(
     precision: str = "32",
     overwrite: bool = False,
     context_window: int | None = None,
+    pretrained: bool = True,
 ) -> Path:
     """Features for every slide of a tiling output (``coords_dir/patches/*.h5``); returns the features folder.
 
@@ -169,10 +171,11 @@ def extract_slides(
     weights is refused (mixing extractors in one folder would silently corrupt a MIL run).
     ``context_window`` s: each tile's feature is the centre cell of the s x s window around it
     (`histodistill.features.context_extract`), written to ``features_<slug>-context<s>``.
+    ``pretrained=False`` extracts with random weights (``--random-init``; see `create_backbone`).
     """
 
     coords_files = _coords_files(Path(coords_dir))
-    backbone = _seeded_backbone(model, weights)
+    backbone = _seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     record["context_window"] = context_window
     features_dir = Path(out_dir) / f"features_{model_slug(model)}{context_suffix(context_window)}"
@@ -211,6 +214,7 @@ def extract_images(
     device: str = "auto",
     precision: str = "32",
     overwrite: bool = False,
+    pretrained: bool = True,
 ) -> Path:
     """Features of an image folder (``root/<class>/<image>``) into ``<out>/features_<slug>/features.h5``:
     ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr ``classes``."""
@@ -220,7 +224,7 @@ def extract_images(
     if target.exists() and not overwrite:
         print(f"{target} exists; pass --overwrite to extract again")
         return target
-    backbone = _seeded_backbone(model, weights)
+    backbone = _seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     torch_device = resolve_device(device)
     backbone = prepare_model(backbone, torch_device)
@@ -238,12 +242,12 @@ def extract_images(
     return target
 
 
-def _seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None) -> Backbone:
-    # A randomly initialised model (the default without --weights) must be the same on every run, or a
-    # resumed extraction would mix features of two different networks.
+def _seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
+    # A randomly initialised model (--random-init) must be the same on every run, or a resumed
+    # extraction would mix features of two different networks.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return create_backbone(model, weights=weights)
+        return create_backbone(model, pretrained=pretrained, weights=weights)
 
 
 def _coords_files(coords_dir: Path) -> list[Path]:

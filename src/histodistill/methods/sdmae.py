@@ -55,7 +55,8 @@ class _MaskedPretraining(MethodModule):
         super().__init__(optim)
         if not 0 < mask_ratio < 1:
             raise ValueError(f"model.init_args.mask_ratio must be in (0, 1), got {mask_ratio}")
-        self.backbone = create_backbone(backbone, **(backbone_kwargs or {}))
+        # Masked-image pretraining starts from random weights, as MAE and SD-MAE do.
+        self.backbone = create_backbone(backbone, pretrained=False, **(backbone_kwargs or {}))
         prepare_vit_for_masking(self.backbone.model, self.pos_embed_kind)
         self.mask_ratio = mask_ratio
         self.patch_size = patch_size_of(self.backbone.model)
