@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from histodistill.engine.callbacks import AtomicCheckpointIO
 from histodistill.engine.run_dir import check_run_dir, default_callbacks, default_loggers, default_run_dir
+from histodistill.errors import UserError
 from histodistill.io import atomic_path
 from histodistill.methods.base import MethodModule
 
@@ -84,6 +85,17 @@ class HistodistillCLI(LightningCLI):
             config.trainer.default_root_dir = str(default_run_dir(config.get("config")))
         self.ckpt_path = check_run_dir(config.trainer.default_root_dir, config.resume, config.overwrite)
 
+    def instantiate_classes(self) -> None:
+        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights
+        # cannot be had) in a ValueError listing the Union's subtypes; the user needs our one line.
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            cause = _user_error_in(error)
+            if cause is None:
+                raise
+            raise cause from None
+
     def _instantiate_trainer(self, config: dict, callbacks: list[L.Callback]) -> L.Trainer:
         run_dir = Path(config["default_root_dir"])
         if config.get("logger") in (None, True):
@@ -104,6 +116,17 @@ def fit_main(argv: list[str]) -> int:
     if getattr(datamodule, "datasets", {}).get("test") is not None:
         trainer.test(model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer))
     return 0
+
+
+def _user_error_in(error: BaseException) -> UserError | None:
+    """The `UserError` that ``error`` was raised from, if any (following ``__cause__``/``__context__``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

@@ -1,9 +1,10 @@
-"""`histodistill extract` weights: pretrained by default (here from a local stand-in of the Hugging Face
+"""`histodistill extract` and `fit` weights: pretrained by default (here from a local stand-in of the Hugging Face
 cache), one error line when they cannot be had, random only with --random-init and then said and recorded."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -16,6 +17,7 @@ from histodistill.wsi.tiling import tile_slide
 
 # timm's smallest architecture with published weights, and the hub repository timm loads them from.
 NAME, HUB_ID = "test_resnet", "timm/test_resnet.r160_in1k"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "supervised" / "tiny_cpu.yaml"
 
 
 @pytest.fixture
@@ -66,3 +68,19 @@ def test_random_init_and_a_weights_file_contradict(tiles, tmp_path, capsys):
 def test_default_workers_are_the_cpus_available_capped(monkeypatch, cpus, workers):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: cpus, raising=False)
     assert extract_command.default_workers() == workers
+
+
+def test_fit_recipe_with_an_imagenet_start_it_cannot_get_stops_with_one_line(tmp_path, fake_hf_cache, capsys):
+    from conftest import make_image_folder
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", classes=("a", "b"), per_class=2, size=16)
+    code = main(["fit", "--config", str(TINY), "--model.init_args.pretrained", "true",
+                 "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--data.init_args.train.init_args.root", str(data / "train"),
+                 "--data.init_args.val.init_args.root", str(data / "train")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "'tiny/resnet18-64'" in errors[0] and "pretrained: false" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
