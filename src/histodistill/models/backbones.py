@@ -33,8 +33,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Key under which our checkpoints describe their backbone (written by methods/base.py::backbone_record).
 CHECKPOINT_BACKBONE_KEY = "histodistill_backbone"
+# An export is a timm model folder (what timm's push_to_hf_hub writes and its local-dir:/hf-hub: loaders
+# read): the weights, and config.json with our BackboneSpec under EXPORT_SPEC_KEY (timm ignores it).
 EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_SPEC = "backbone.json"
+EXPORT_CONFIG = "config.json"
+EXPORT_SPEC_KEY = "histodistill"
 # timm layer classes that model_kwargs may name as strings, so specs stay JSON (e.g. UNI2-h's MLP).
 _LAYER_NAMES = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
 
@@ -70,7 +73,7 @@ class BackboneSpec:
     source: str = "random"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (stored in checkpoints and ``backbone.json``)."""
+        """A JSON-serialisable dict (stored in checkpoints, exports' ``config.json`` and ``extractor.json``)."""
         data = asdict(self)
         data["preprocess"]["mean"] = list(self.preprocess.mean)
         data["preprocess"]["std"] = list(self.preprocess.std)
@@ -249,14 +252,24 @@ def checkpoint_backbone_state(checkpoint: dict[str, Any]) -> dict[str, torch.Ten
 
 
 def _from_export(directory: Path, model_kwargs: dict[str, Any]) -> Backbone:
-    spec_path, weights_path = directory / EXPORT_SPEC, directory / EXPORT_WEIGHTS
-    if not spec_path.is_file() or not weights_path.is_file():
+    """Our export (``config.json`` with a ``histodistill`` spec + ``model.safetensors``), loaded strictly with
+    our messages; any other timm model folder (``config.json`` + weights, e.g. a downloaded hub snapshot)
+    through timm's own ``local-dir:`` loader."""
+    config_path, weights_path = directory / EXPORT_CONFIG, directory / EXPORT_WEIGHTS
+    if not config_path.is_file():
         raise UserError(
-            f"{directory} is a directory but not an exported backbone: it needs {EXPORT_SPEC} and {EXPORT_WEIGHTS} "
-            "(made by `histodistill export`)"
+            f"{directory} is a directory but not a model folder: it needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS} "
+            "(made by `histodistill export`, or a timm model folder from the Hugging Face hub)"
         )
-    spec = BackboneSpec.from_dict(json.loads(spec_path.read_text()))
-    spec = replace(spec, model_kwargs={**spec.model_kwargs, **model_kwargs}, source=f"export:{directory.name}")
+    config = json.loads(config_path.read_text())
+    source = f"export:{directory.name}"
+    if EXPORT_SPEC_KEY not in config:
+        model = _create_pretrained(f"local-dir:{directory}", model_kwargs, str(directory))
+        timm_name = model.pretrained_cfg.get("architecture") or type(model).__name__
+        spec = BackboneSpec(str(directory), timm_name, dict(model_kwargs), _timm_preprocess(model), source)
+        return Backbone(model, spec)
+    spec = BackboneSpec.from_dict(config[EXPORT_SPEC_KEY])
+    spec = replace(spec, model_kwargs={**spec.model_kwargs, **model_kwargs}, source=source)
     backbone = Backbone(_create(spec.timm_name, spec.model_kwargs), spec)
     load_weights(backbone.model, read_state_dict(weights_path), str(weights_path))
     return backbone
@@ -281,7 +294,8 @@ def _create(timm_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str, pretrained: bool = True) -> nn.Module:
-    if pretrained and not timm_name.startswith("hf-hub:") and not _has_published_weights(timm_name):
+    # hf-hub: and local-dir: sources bring their weights; a plain timm name may have none published.
+    if pretrained and ":" not in timm_name and not _has_published_weights(timm_name):
         raise UserError(
             f"timm publishes no pretrained weights for {asked!r} ({timm_name}): pass a local file (--weights FILE, "
             "config weights: FILE) or ask for random weights explicitly (--random-init, config pretrained: false)"
