@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from histodistill.engine.callbacks import AtomicCheckpointIO
+from histodistill.engine.console import drop_lightning_adverts, expected_warnings_silenced
 from histodistill.engine.run_dir import check_run_dir, default_callbacks, default_loggers, default_run_dir
 from histodistill.errors import UserError
 from histodistill.io import atomic_path
@@ -107,12 +108,14 @@ class HistodistillCLI(LightningCLI):
 
 def fit_main(argv: list[str]) -> int:
     """Parse ``argv`` (the arguments after ``histodistill fit``), train, test when there is a test set."""
+    drop_lightning_adverts()
     with warnings.catch_warnings():
         # We are the command line: `histodistill fit ARGS` hands ARGS over, so sys.argv differing is expected.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = HistodistillCLI(argv)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
+    with expected_warnings_silenced(model):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
     if getattr(datamodule, "datasets", {}).get("test") is not None:
         trainer.test(model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer))
     return 0
