@@ -106,7 +106,7 @@ def write_supervised_checkpoint(path: Path, num_classes: int = 3, seed: int = 1,
     from histodistill.methods.supervised import Supervised
 
     torch.manual_seed(seed)
-    teacher = Supervised(num_classes=num_classes, pretrained=False, **({"backbone": "tiny/resnet18-64"} | backbone))
+    teacher = Supervised(num_classes=num_classes, **({"backbone": "tiny/resnet18-64", "pretrained": False} | backbone))
     torch.save({"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)}, path)
     return path, teacher
 

@@ -104,13 +104,16 @@ def _holds_a_spec(node: Any) -> bool:
 
 WEIGHT_FILES = (".bin", ".pth", ".pt", ".safetensors")
 PRETRAINED_KEYS = ("pretrained", "teacher_pretrained")
+WEIGHTS_FLAG = {"weights": "pretrained", "student_weights": "pretrained", "teacher_weights": "teacher_pretrained"}
 
 
 def no_downloads(node: Any, stand_in: str) -> Any:
     """``pretrained`` keys become false; checkpoints of earlier runs (``*.ckpt``, e.g. a teacher) become
     ``stand_in`` (a checkpoint of the student's architecture, randomly initialised)."""
     if isinstance(node, dict):
-        return {key: False if key in PRETRAINED_KEYS else no_downloads(value, stand_in) for key, value in node.items()}
+        node = {key: False if key in PRETRAINED_KEYS else no_downloads(value, stand_in) for key, value in node.items()}
+        # A weights file turned null leaves a name, which would now load its published weights: say random.
+        return node | {flag: False for key, flag in WEIGHTS_FLAG.items() if key in node and node[key] is None}
     if isinstance(node, list):
         return [no_downloads(item, stand_in) for item in node]
     if isinstance(node, str) and node.endswith(".ckpt"):
