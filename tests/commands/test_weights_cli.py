@@ -84,3 +84,11 @@ def test_fit_recipe_with_an_imagenet_start_it_cannot_get_stops_with_one_line(tmp
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "'tiny/resnet18-64'" in errors[0] and "pretrained: false" in errors[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_random_init_of_a_checkpoint_is_refused_not_ignored(tiles, tmp_path, capsys):
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"")
+    assert main(["extract", "--model", str(checkpoint), "--random-init", "--coords", str(tiles),
+                 "--out", str(tmp_path / "f")]) == 2
+    assert "carries its own weights" in capsys.readouterr().err

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
     if args.random_init and args.weights:
         raise UserError("--random-init and --weights contradict each other: pass one of them")
+    if args.random_init and os.path.exists(args.model):
+        raise UserError(f"--random-init applies to model names; {args.model} carries its own weights: "
+                        "pass its architecture's name (e.g. the timm name) to extract with random weights")
     options = dict(weights=args.weights, batch_size=args.batch_size, num_workers=workers, device=args.device,
                    precision=args.precision, overwrite=args.overwrite, pretrained=not args.random_init)
     if args.images:
