@@ -48,7 +48,7 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "32")
     torch.manual_seed(0)
-    backbone = prepare_model(create_backbone(args.model), device)
+    backbone = prepare_model(create_backbone(args.model, pretrained=False), device)  # speed does not depend on the weights
     size = backbone.spec.preprocess.input_size
     with tempfile.TemporaryDirectory() as tmp:
         slide = cached_path("cmu_small_region")

@@ -96,7 +96,7 @@ def cache_vs_live(tiles: Path, cache: Path, windows: int, batch_size: int) -> di
     def method(live: bool) -> MCMKD:
         torch.manual_seed(0)
         kwargs = dict(student=STUDENT, teacher_dim=TEACHER_DIM, pretrained=False)
-        return LiveTeacherMCMKD(create_backbone(TEACHER), **kwargs) if live else MCMKD(**kwargs)
+        return LiveTeacherMCMKD(create_backbone(TEACHER, pretrained=False), **kwargs) if live else MCMKD(**kwargs)
 
     seconds = {}
     for name, live in (("cache", False), ("live teacher", True)):
@@ -125,7 +125,7 @@ def forward_ratio(batch: int) -> tuple[float, float]:
     """Model-only forward seconds per image at the real recipe's sizes: ResNet-50 and ViT-L/16 (UNI's shape)."""
     times, images = [], torch.randn(batch, 3, 224, 224)
     for name in ("resnet50", "vit_large_patch16_224"):
-        model = create_backbone(name).eval()
+        model = create_backbone(name, pretrained=False).eval()  # timing only
         with torch.inference_mode():
             times.append(median_seconds(lambda m=model: m(images), repeats=3, warmup=1) / batch)
     return times[0], times[1]
@@ -156,7 +156,7 @@ def main() -> None:
     features: dict[str, Path] = {}
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    features["teacher (tiny ViT, random)"] = ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True, batch_size=64)
+    features["teacher (tiny ViT, random)"] = ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True, batch_size=64, pretrained=False)
     seconds["teacher (tiny ViT, random)"] = time.perf_counter() - start
 
     run_dir = work / "mcmkd_tuned"
@@ -173,7 +173,7 @@ def main() -> None:
                                  ("student, MCM-KD, context 3", checkpoint, SIDE)):
         start = time.perf_counter()
         features[name] = extract_slides(model, tiles, work / "features", batch_size=64, device="cpu",
-                                        context_window=context)
+                                        context_window=context, pretrained=False)  # the un-tuned student is random
         seconds[name] = time.perf_counter() - start
 
     auroc = {name: mil_auroc(folder, labels_csv, args.folds, args.epochs) for name, folder in features.items()}

@@ -111,7 +111,8 @@ def main() -> None:
         start = time.perf_counter()
         # One --out per extractor: the demo's checkpoints are all named run/checkpoints/last.ckpt.
         out = work / "features" / model_slug(name)
-        extractors[name] = extract_slides(model, work / "tiles", out, batch_size=32, device="cpu")
+        # pretrained=False: the random-init baseline is meant; checkpoints carry their own weights anyway.
+        extractors[name] = extract_slides(model, work / "tiles", out, batch_size=32, device="cpu", pretrained=False)
         timings[f"extract {name}"] = time.perf_counter() - start
 
     rows, heatmap_run, n_tiles = [], None, 0

@@ -25,8 +25,8 @@ from benchmarks.common import markdown_table, mean_sd, median_seconds, write_sec
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-STUDENT = {"backbone": "resnet18", "backbone_kwargs": {"channels": [16, 32, 64, 128]}}
-TEACHER = {"backbone": "resnet18", "backbone_kwargs": {"channels": [32, 64, 128, 256]}}
+STUDENT = {"backbone": "resnet18", "pretrained": False, "backbone_kwargs": {"channels": [16, 32, 64, 128]}}
+TEACHER = {"backbone": "resnet18", "pretrained": False, "backbone_kwargs": {"channels": [32, 64, 128, 256]}}
 SIZE, BATCH = 32, 32
 
 

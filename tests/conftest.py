@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from histodistill.wsi.tiff_writer import write_pyramid_tiff
 # One thread per test process: the suite runs on 2 cores as 2 pytest-xdist workers, and tiny tensors gain
 # nothing from intra-op threads (on a busy machine, 2 threads made collation 100x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests never touch the model hub: offline mode and an empty Hugging Face cache (set before huggingface_hub is
+# imported, which reads them once), so a test that forgets --random-init fails loudly, here and on every machine.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="histodistill-tests-hf-")
+os.environ.pop("HF_HUB_CACHE", None)
 
 GLASS_RGB = (242, 240, 244)  # near-white background of a scanned slide
 
@@ -111,7 +117,7 @@ def write_supervised_checkpoint(path: Path, num_classes: int = 3, seed: int = 1,
     from histodistill.methods.supervised import Supervised
 
     torch.manual_seed(seed)
-    teacher = Supervised(num_classes=num_classes, **({"backbone": "tiny/resnet18-64"} | backbone))
+    teacher = Supervised(num_classes=num_classes, **({"backbone": "tiny/resnet18-64", "pretrained": False} | backbone))
     torch.save({"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)}, path)
     return path, teacher
 
@@ -166,3 +172,30 @@ def write_trident_features(job_dir, slide_id, features, encoder="uni_v1"):
         handle["coords"].attrs.update(patch_size=256, patch_size_level0=512, level0_magnification=40,
                                       target_magnification=20, overlap=0, name=slide_id)
     return folder
+
+
+@pytest.fixture
+def fake_hf_cache(tmp_path, monkeypatch):
+    """``put(repo_id, {filename: path})`` lays files out as the Hugging Face hub cache does
+    (``models--org--name/refs/main`` -> ``snapshots/<commit>/<filename>``) in a fresh cache that
+    huggingface_hub (offline) reads from; returns the cache folder."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def put(repo_id: str, files: dict[str, Path]) -> Path:
+        import shutil
+
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = "0" * 40
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name, source in files.items():
+            shutil.copy(source, snapshot / name)
+        return cache
+
+    return put

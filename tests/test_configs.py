@@ -5,8 +5,8 @@ data by dataset class: `TINY_DATA` maps a dataset class name to a function that 
 under a folder and returns the ``init_args`` to use instead. A config using a dataset class not in
 the map fails with a message saying to add it here (see docs/training.md, "Configs and tests").
 Data-module arguments that are paths (``tiles_dir``) are rewritten by name through `TINY_PATHS`.
-Hub downloads are switched off: every ``pretrained`` key becomes false (``student_init: imagenet``
-becomes ``random``), and checkpoints of earlier
+Hub downloads are switched off: every ``pretrained``/``teacher_pretrained`` key becomes false (each
+config states it: the default is pretrained; ``student_init: imagenet`` becomes ``random``), and checkpoints of earlier
 runs (``*.ckpt`` values under ``model``, e.g. teachers) become a randomly initialised supervised
 checkpoint of the student's architecture, except a ``backbone`` that is a run's checkpoint (fine-tuning
 a pretrained encoder): that becomes an untrained checkpoint of the shipped config writing that run, and weight files (``.bin``, ``.pth``, ``.pt``, ``.safetensors``)
@@ -104,14 +104,19 @@ def _holds_a_spec(node: Any) -> bool:
 
 
 WEIGHT_FILES = (".bin", ".pth", ".pt", ".safetensors")
+PRETRAINED_KEYS = ("pretrained", "teacher_pretrained")
+WEIGHTS_FLAG = {"weights": "pretrained", "student_weights": "pretrained", "teacher_weights": "teacher_pretrained"}
 
 
 def no_downloads(node: Any, stand_in: str) -> Any:
     """``pretrained`` keys become false; checkpoints of earlier runs (``*.ckpt``, e.g. a teacher) become
     ``stand_in`` (a checkpoint of the student's architecture, randomly initialised)."""
     if isinstance(node, dict):
-        offline = {"pretrained": False, **({"student_init": "random"} if node.get("student_init") == "imagenet" else {})}
-        return {key: offline[key] if key in offline else no_downloads(value, stand_in) for key, value in node.items()}
+        if node.get("student_init") == "imagenet":
+            node = {**node, "student_init": "random"}
+        node = {key: False if key in PRETRAINED_KEYS else no_downloads(value, stand_in) for key, value in node.items()}
+        # A weights file turned null leaves a name, which would now load its published weights: say random.
+        return node | {flag: False for key, flag in WEIGHTS_FLAG.items() if key in node and node[key] is None}
     if isinstance(node, list):
         return [no_downloads(item, stand_in) for item in node]
     if isinstance(node, str) and node.endswith(".ckpt"):
@@ -128,7 +133,7 @@ def stand_in_checkpoint(folder: Path, backbone: str, num_classes: int) -> Path:
     from histodistill.methods.base import CHECKPOINT_BACKBONE_KEY, backbone_record
     from histodistill.methods.supervised import Supervised
 
-    model = Supervised(backbone=backbone, num_classes=num_classes)
+    model = Supervised(backbone=backbone, num_classes=num_classes, pretrained=False)
     path = folder / "stand_in.ckpt"
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), CHECKPOINT_BACKBONE_KEY: backbone_record(model)}, path)
@@ -173,6 +178,27 @@ def tiny_version(config_path: Path, tmp_path: Path) -> Path:
 
 def test_configs_are_found():
     assert ROOT / "configs" / "supervised" / "tiny_cpu.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_config_states_pretrained_or_random(config_path):
+    """Weights are pretrained by default; a recipe says which start it means wherever its class has the choice."""
+    import importlib
+    import inspect
+
+    config = yaml.safe_load(config_path.read_text())
+    unstated = []
+    for section in ("model", "data"):
+        spec = config.get(section, {})
+        module, _, name = spec["class_path"].rpartition(".")
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        init_args = spec.get("init_args", {})
+        for key in PRETRAINED_KEYS:
+            named = init_args.get("teacher" if key == "teacher_pretrained" else "backbone", init_args.get("student"))
+            local = init_args.get("teacher_weights" if key == "teacher_pretrained" else "weights")  # a file wins
+            if key in parameters and named and not str(named).endswith(".ckpt") and not local and key not in init_args:
+                unstated.append(f"{section}.init_args.{key}")
+    assert unstated == []
 
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))

@@ -44,7 +44,7 @@ def one_slide(tiny_slide, tmp_path):
 
 
 def _extract(tiles, out, *extra):
-    return main(["extract", "--model", MODEL, "--coords", str(tiles), "--out", str(out), "--workers", "0",
+    return main(["extract", "--model", MODEL, "--random-init", "--coords", str(tiles), "--out", str(out), "--workers", "0",
                  "--batch-size", "8", *extra])
 
 
@@ -104,7 +104,7 @@ def test_features_folder_holds_centre_cell_features_apart_from_per_patch_ones(on
     assert not np.allclose(features, h5py.File(per_patch / "slide_a.h5")["features"][:], atol=1e-3)
 
     torch.manual_seed(0)  # extraction builds randomly initialised names with seed 0
-    model, tiles_of = centre_cell_extraction(create_backbone(MODEL).eval(), 3)
+    model, tiles_of = centre_cell_extraction(create_backbone(MODEL, pretrained=False).eval(), 3)
     window, tile_xy = tiles_of(coords_path)[len(expected_coords) - 1]
     assert window.shape == (3, 3 * 64, 3 * 64)  # every cell at the model's 64-px input size
     assert tile_xy.tolist() == expected_coords[-1].tolist()
@@ -139,7 +139,7 @@ def test_border_tiles_get_windows_with_the_white_beyond_the_slide(tiny_slide, tm
     last, _ = raw[2]  # bottom-right tile: the bottom row and right column are outside
     assert (last[:, -TILE:, :] == 255).all() and (last[:, :, -TILE:] == 255).all()
     torch.manual_seed(0)
-    model, tiles_of = centre_cell_extraction(create_backbone(MODEL).eval(), 3)
+    model, tiles_of = centre_cell_extraction(create_backbone(MODEL, pretrained=False).eval(), 3)
     features, xy = extract_slide(model, tiles_of(path), batch_size=4)
     assert features.shape == (3, 512) and np.isfinite(features).all()
     assert np.array_equal(xy, coords)
@@ -169,7 +169,7 @@ def test_unusable_windows_are_refused_before_anything_is_written(one_slide, tmp_
 
 def test_image_folders_have_no_context(tmp_path, capsys):
     (tmp_path / "images").mkdir()
-    assert main(["extract", "--model", MODEL, "--images", str(tmp_path / "images"), "--out", str(tmp_path),
+    assert main(["extract", "--model", MODEL, "--random-init", "--images", str(tmp_path / "images"), "--out", str(tmp_path),
                  "--context-window", "3"]) == 2
     assert "--coords" in capsys.readouterr().err
 

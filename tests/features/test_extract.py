@@ -34,8 +34,9 @@ def tiles(tiny_slide, tmp_path):
 
 
 def _extract(tiles, out, *extra):
-    return main(["extract", "--model", MODEL, "--coords", str(tiles), "--out", str(out), "--workers", "0",
-                 "--batch-size", "4", *extra])
+    random_init = () if "--weights" in extra else ("--random-init",)  # a weights file is the other explicit choice
+    return main(["extract", "--model", MODEL, *random_init, "--coords", str(tiles), "--out", str(out),
+                 "--workers", "0", "--batch-size", "4", *extra])
 
 
 def test_features_per_slide_match_the_model_on_each_tile(tiles, tmp_path):
@@ -44,8 +45,8 @@ def test_features_per_slide_match_the_model_on_each_tile(tiles, tmp_path):
     folder = out / "features_tiny-resnet18-64"
     assert sorted(p.name for p in folder.iterdir()) == ["extractor.json", "slide_a.h5", "slide_b.h5"]
 
-    torch.manual_seed(0)  # extraction builds randomly initialised names with seed 0
-    backbone = create_backbone(MODEL).eval()
+    torch.manual_seed(0)  # --random-init builds the model with seed 0
+    backbone = create_backbone(MODEL, pretrained=False).eval()
     record = json.loads((folder / "extractor.json").read_text())
     assert record["weights_sha256"] == state_dict_sha256(backbone.model)
     assert record["mean"] == [0.485, 0.456, 0.406] and record["input_size"] == 64 and record["mpp"] == 0.5
@@ -101,14 +102,14 @@ def test_features_of_other_weights_are_not_mixed_into_a_folder(tiles, tmp_path, 
     assert _extract(tiles, out) == 0
     other = tmp_path / "other.pth"
     torch.manual_seed(5)
-    torch.save(create_backbone(MODEL).model.state_dict(), other)
+    torch.save(create_backbone(MODEL, pretrained=False).model.state_dict(), other)
     assert _extract(tiles, out, "--weights", str(other)) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert _extract(tiles, out, "--weights", str(other), "--overwrite") == 0
 
 
 def test_missing_coords_folder_is_explained(tmp_path, capsys):
-    assert main(["extract", "--model", MODEL, "--coords", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert main(["extract", "--model", MODEL, "--random-init", "--coords", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "histodistill tile" in capsys.readouterr().err
 
 
@@ -118,7 +119,7 @@ def test_image_folder_features(tmp_path):
         (tmp_path / "images" / label).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
-    assert main(["extract", "--model", MODEL, "--images", str(tmp_path / "images"), "--out", str(tmp_path / "f"),
+    assert main(["extract", "--model", MODEL, "--random-init", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "f"),
                  "--workers", "0"]) == 0
     with h5py.File(tmp_path / "f" / "features_tiny-resnet18-64" / "features.h5") as handle:
         assert handle["features"].shape == (6, 512) and handle["features"].dtype == np.float32
@@ -128,7 +129,7 @@ def test_image_folder_features(tmp_path):
 
 
 def test_empty_slide_gives_empty_arrays():
-    backbone = create_backbone(MODEL).eval()
+    backbone = create_backbone(MODEL, pretrained=False).eval()
     features, coords = extract_slide(backbone, [], batch_size=2)
     assert features.shape == (0, 512) and coords.shape == (0, 2) and coords.dtype == np.int64
 
@@ -146,9 +147,9 @@ def test_model_slug(tmp_path):
 
 def test_weights_hash_follows_the_weights_not_the_object():
     torch.manual_seed(0)
-    a = create_backbone(MODEL)
+    a = create_backbone(MODEL, pretrained=False)
     torch.manual_seed(0)
-    b = create_backbone(MODEL)
+    b = create_backbone(MODEL, pretrained=False)
     assert state_dict_sha256(a.model) == state_dict_sha256(b.model)
     with torch.no_grad():
         b.model.conv1.weight[0, 0, 0, 0] += 1

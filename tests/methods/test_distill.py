@@ -14,7 +14,7 @@ from histodistill.methods.supervised import Supervised
 from histodistill.models.backbones import Preprocess
 
 # A ResNet-18 layout with 8..64 channels: the real code path at a size a 2-core CPU trains in seconds.
-STUDENT = {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64]}}
+STUDENT = {"backbone": "resnet18", "pretrained": False, "backbone_kwargs": {"channels": [8, 16, 32, 64]}}
 
 
 def tiny_batch(n=8, classes=3, seed=0):
@@ -82,7 +82,7 @@ def test_kd_with_a_different_class_count_is_refused_clearly(teacher_ckpt):
 
 def test_kd_without_a_teacher_classifier_is_refused():
     with pytest.raises(UserError, match="teacher_classifier_from_checkpoint"):
-        Distill(num_classes=3, teacher="resnet18", teacher_kwargs={"channels": [8, 16, 32, 64]}, **STUDENT)
+        Distill(num_classes=3, teacher="resnet18", teacher_pretrained=False, teacher_kwargs={"channels": [8, 16, 32, 64]}, **STUDENT)
 
 
 def test_frozen_teacher_never_changes_and_is_left_out_of_the_optimiser(teacher_ckpt):

@@ -12,10 +12,10 @@ from histodistill.methods import moma as moma_module
 from histodistill.methods.moma import MoMA
 
 # A narrow ResNet-18 that declares 32-px inputs, the size of `tiny_batch` and of the ViT teacher.
-STUDENT = {"backbone": "resnet18",
+STUDENT = {"backbone": "resnet18", "pretrained": False,
            "backbone_kwargs": {"channels": [8, 16, 32, 64], "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}}
 SMALL = {"queue_size": 32, "embed_dim": 16, "attention_heads": 4}
-VIT_TEACHER = {"teacher": "vit_tiny_patch16_224",
+VIT_TEACHER = {"teacher": "vit_tiny_patch16_224", "teacher_pretrained": False,
                "teacher_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
 
 

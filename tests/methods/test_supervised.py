@@ -15,7 +15,7 @@ from histodistill.methods.supervised import Supervised
 @pytest.fixture(scope="module")
 def model() -> Supervised:
     torch.manual_seed(0)
-    return Supervised(backbone="tiny/resnet18-64", num_classes=3, label_smoothing=0.1)
+    return Supervised(backbone="tiny/resnet18-64", pretrained=False, num_classes=3, label_smoothing=0.1)
 
 
 def test_forward_gives_finite_logits(model):
@@ -48,9 +48,9 @@ def test_checkpoint_record_points_at_the_backbone_weights(model):
 
 def test_invalid_arguments_are_user_errors():
     with pytest.raises(UserError, match="label_smoothing"):
-        Supervised(backbone="tiny/resnet18-64", num_classes=3, label_smoothing=1.5)
+        Supervised(backbone="tiny/resnet18-64", pretrained=False, num_classes=3, label_smoothing=1.5)
     with pytest.raises(UserError, match="num_classes"):
-        Supervised(backbone="tiny/resnet18-64", num_classes=1)
+        Supervised(backbone="tiny/resnet18-64", pretrained=False, num_classes=1)
 
 
 def test_mixup_cutmix_objective_is_soft_target_ce_on_timms_mixed_batch():
@@ -59,7 +59,7 @@ def test_mixup_cutmix_objective_is_soft_target_ce_on_timms_mixed_batch():
     from timm.loss import SoftTargetCrossEntropy
 
     torch.manual_seed(0)
-    model = Supervised(backbone="tiny/resnet18-64", num_classes=3, label_smoothing=0.1, mixup=0.8, cutmix=1.0).train()
+    model = Supervised(backbone="tiny/resnet18-64", pretrained=False, num_classes=3, label_smoothing=0.1, mixup=0.8, cutmix=1.0).train()
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
     for seed in (0, 3):  # seeds that draw mixup and cutmix
         np.random.seed(seed)

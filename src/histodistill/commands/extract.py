@@ -15,11 +15,14 @@ splits them across the jobs of a SLURM array (`histodistill.distributed`).
 from __future__ import annotations
 
 import argparse
+import os
 
 from histodistill.commands._arguments import output_folder
 from histodistill.distributed import add_shard_argument
 
 HELP = "features for every tile of every slide (or an image folder) from any backbone or checkpoint"
+# More DataLoader workers than this rarely speeds up reading tiles and multiplies open slides and memory.
+MAX_DEFAULT_WORKERS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hf-hub: id, a histodistill .ckpt, or a directory made by `histodistill export`")
     parser.add_argument("--weights", metavar="FILE",
                         help="local weights to load into --model (.safetensors, or a .pth/.pt/.bin state dict); "
-                             "without it a name is randomly initialised (seed 0) and a checkpoint uses its own")
+                             "without it a name loads its published pretrained weights (Hugging Face cache or hub) "
+                             "and a checkpoint or export uses its own")
+    parser.add_argument("--random-init", action="store_true",
+                        help="extract with randomly initialised weights (seed 0) instead of the pretrained ones; "
+                             "a baseline, said on stderr and recorded in extractor.json")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--coords", metavar="DIR",
                         help="a tiling output directory containing patches/*.h5, or a patches/ folder itself; coords "
@@ -42,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--images", metavar="DIR", help="an image folder DIR/<class>/<image> (patch dataset)")
     parser.add_argument("--out", required=True, type=output_folder, metavar="DIR", help="where the features_<model>/ folder is written")
     parser.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
-    parser.add_argument("--workers", type=int, default=4,
-                        help="DataLoader worker processes reading tiles (default 4; 0 reads in the main process)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader worker processes reading tiles (default: the CPUs this process may use, "
+                             f"at most {MAX_DEFAULT_WORKERS}; 0 reads in the main process)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32",
@@ -67,10 +75,16 @@ def run(args: argparse.Namespace) -> int:
     from histodistill.errors import UserError
     from histodistill.features.extract import extract_images, extract_slides
 
-    if args.batch_size < 1 or args.workers < 0:
+    workers = default_workers() if args.workers is None else args.workers
+    if args.batch_size < 1 or workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
-    options = dict(weights=args.weights, batch_size=args.batch_size, num_workers=args.workers,
-                   device=args.device, precision=args.precision, overwrite=args.overwrite)
+    if args.random_init and args.weights:
+        raise UserError("--random-init and --weights contradict each other: pass one of them")
+    if args.random_init and os.path.exists(args.model):
+        raise UserError(f"--random-init applies to model names; {args.model} carries its own weights: "
+                        "pass its architecture's name (e.g. the timm name) to extract with random weights")
+    options = dict(weights=args.weights, batch_size=args.batch_size, num_workers=workers, device=args.device,
+                   precision=args.precision, overwrite=args.overwrite, pretrained=not args.random_init)
     if args.images:
         if args.context_window is not None:
             raise UserError("--context-window needs --coords: context windows are cut from slides, not image folders")
@@ -84,3 +98,10 @@ def run(args: argparse.Namespace) -> int:
                                  slides_dir=args.slides, slide_ext=args.slide_ext, share=share)
     print(f"features in {out}")
     return 0
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity, which honours taskset and Slurm/cgroup pinning),
+    at most `MAX_DEFAULT_WORKERS`."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, MAX_DEFAULT_WORKERS)

@@ -128,7 +128,7 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
 
     spec = BackboneSpec.from_dict(read_checkpoint(checkpoint)[CHECKPOINT_BACKBONE_KEY]["spec"])
     torch.manual_seed(0)
-    return save_backbone(create_backbone(spec.timm_name, **spec.model_kwargs), out_dir)
+    return save_backbone(create_backbone(spec.timm_name, pretrained=False, **spec.model_kwargs), out_dir)
 
 
 def _probe(context: DemoContext, model: str | Path, name: str) -> float:

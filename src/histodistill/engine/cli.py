@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from histodistill.engine.callbacks import AtomicCheckpointIO
+from histodistill.engine.console import drop_lightning_adverts, expected_warnings_silenced
 from histodistill.engine.run_dir import check_run_dir, default_callbacks, default_loggers, default_run_dir
 from histodistill.errors import UserError
 from histodistill.io import atomic_path
@@ -85,6 +86,17 @@ class HistodistillCLI(LightningCLI):
             config.trainer.default_root_dir = str(default_run_dir(config.get("config")))
         self.ckpt_path = check_run_dir(config.trainer.default_root_dir, config.resume, config.overwrite)
 
+    def instantiate_classes(self) -> None:
+        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights
+        # cannot be had) in a ValueError listing the Union's subtypes; the user needs our one line.
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            cause = _user_error_in(error)
+            if cause is None:
+                raise
+            raise cause from None
+
     def _instantiate_trainer(self, config: dict, callbacks: list[L.Callback]) -> L.Trainer:
         run_dir = Path(config["default_root_dir"])
         if config.get("logger") in (None, True):
@@ -96,6 +108,7 @@ class HistodistillCLI(LightningCLI):
 
 def fit_main(argv: list[str]) -> int:
     """Parse ``argv`` (the arguments after ``histodistill fit``), train, test when there is a test set."""
+    drop_lightning_adverts()
     with warnings.catch_warnings():
         # We are the command line: `histodistill fit ARGS` hands ARGS over, so sys.argv differing is expected.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -107,10 +120,22 @@ def fit_main(argv: list[str]) -> int:
             raise UserError(f"--config {' '.join(configs)}: not a YAML text file (UTF-8); pass a recipe such as "
                             "configs/supervised/tiny_cpu.yaml") from None
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
+    with expected_warnings_silenced(model):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
     if getattr(datamodule, "datasets", {}).get("test") is not None:
         trainer.test(model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer))
     return 0
+
+
+def _user_error_in(error: BaseException) -> UserError | None:
+    """The `UserError` that ``error`` was raised from, if any (following ``__cause__``/``__context__``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

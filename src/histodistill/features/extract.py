@@ -87,6 +87,7 @@ def extractor_record(backbone: Backbone, model_arg: str, weights_sha256: str) ->
         "mpp": pre.mpp,
         "num_features": backbone.num_features,
         "feature_dim": backbone.num_features,
+        "weights_source": backbone.spec.source,  # "random" only when --random-init asked for it
         "spec": backbone.spec.to_dict(),
     }
 
@@ -173,6 +174,7 @@ def extract_slides(
     slides_dir: str | os.PathLike | None = None,
     slide_ext: str | None = None,
     share: Share | None = None,
+    pretrained: bool = True,
 ) -> Path:
     """Features for every slide of a tiling output (``coords_dir/patches/*.h5``, or that ``patches/``
     folder itself; ours, CLAM's or TRIDENT's); returns the features folder.
@@ -186,6 +188,7 @@ def extract_slides(
     Each features file's ``coords`` carries the tiling's attributes (`tiling_attrs`).
     ``share``: only this process's share of the sorted slides, on its local GPU
     (`histodistill.distributed.this_process`; default: every slide).
+    ``pretrained=False`` extracts with random weights (``--random-init``; see `create_backbone`).
     """
 
     share = share or Share()
@@ -199,7 +202,7 @@ def extract_slides(
     if context_window is not None and foreign:
         raise UserError(f"--context-window needs coords of `histodistill tile` (attributes target_mpp and mpp), "
                         f"{foreign[0]} lacks them (CLAM/TRIDENT coords); tile the slides with `histodistill tile`")
-    backbone = _seeded_backbone(model, weights)
+    backbone = _seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     record["context_window"] = context_window
     features_dir = Path(out_dir) / f"features_{model_slug(model)}{context_suffix(context_window)}"
@@ -241,6 +244,7 @@ def extract_images(
     device: str = "auto",
     precision: str = "32",
     overwrite: bool = False,
+    pretrained: bool = True,
 ) -> Path:
     """Features of an image folder (``root/<class>/<image>``) into ``<out>/features_<slug>/features.h5``:
     ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr ``classes``."""
@@ -252,7 +256,7 @@ def extract_images(
             print(f"{target} exists; pass --overwrite to extract again")
             return target
         print(f"redoing {target}: {problem}")
-    backbone = _seeded_backbone(model, weights)
+    backbone = _seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     torch_device = resolve_device(device)
     backbone = prepare_model(backbone, torch_device)
@@ -271,12 +275,12 @@ def extract_images(
     return target
 
 
-def _seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None) -> Backbone:
-    # A randomly initialised model (the default without --weights) must be the same on every run, or a
-    # resumed extraction would mix features of two different networks.
+def _seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
+    # A randomly initialised model (--random-init) must be the same on every run, or a resumed
+    # extraction would mix features of two different networks.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return create_backbone(model, weights=weights)
+        return create_backbone(model, pretrained=pretrained, weights=weights)
 
 
 def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -> None:

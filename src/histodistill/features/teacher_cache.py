@@ -29,9 +29,11 @@ def cache_features_dir(cache_root: str | os.PathLike, teacher: str) -> Path:
     return Path(cache_root) / f"features_{model_slug(teacher)}"
 
 
-def cache_key(patches_dir: str | os.PathLike, teacher: str, teacher_weights: str | os.PathLike | None) -> dict:
-    """What the cached features depend on: the teacher (name + weights file hash) and, per slide, the
-    tiling (target mpp, patch size, tile count) read from the coords attrs."""
+def cache_key(
+    patches_dir: str | os.PathLike, teacher: str, teacher_weights: str | os.PathLike | None, pretrained: bool = True
+) -> dict:
+    """What the cached features depend on: the teacher (name, weights file hash, pretrained or random)
+    and, per slide, the tiling (target mpp, patch size, tile count) read from the coords attrs."""
 
     slides = {}
     for path in sorted(p for p in Path(patches_dir).glob("*.h5") if not p.name.startswith(".")):
@@ -39,7 +41,8 @@ def cache_key(patches_dir: str | os.PathLike, teacher: str, teacher_weights: str
         slides[path.stem] = {"target_mpp": float(attrs["target_mpp"]), "patch_size": int(attrs["patch_size"]),
                              "tiles": len(coords)}
     weights_hash = sha256_file(teacher_weights) if teacher_weights else None
-    return {"teacher": str(teacher), "teacher_weights_sha256": weights_hash, "slides": slides}
+    key = {"teacher": str(teacher), "teacher_weights_sha256": weights_hash, "slides": slides}
+    return key if pretrained else {**key, "teacher_random_init": True}
 
 
 def _cached_tiling(path: Path) -> dict | None:
@@ -67,6 +70,9 @@ def stale_reasons(features_dir: str | os.PathLike, key: dict) -> list[str]:
     record = json.loads(record_path.read_text())
     if record.get("teacher_weights_sha256") != key["teacher_weights_sha256"]:
         reasons.append("the teacher weights file differs from the one it was computed with")
+    if record.get("teacher_random_init", False) != key.get("teacher_random_init", False):
+        reasons.append("it was computed with " + ("random" if record.get("teacher_random_init") else "pretrained")
+                       + " teacher weights")
     for slide_id, tiling in key["slides"].items():
         cached = _cached_tiling(features_dir / f"{slide_id}.h5")
         if cached != tiling:
@@ -83,6 +89,7 @@ def ensure_teacher_cache(
     batch_size: int = 64,
     num_workers: int = 0,
     precision: str = "32",
+    pretrained: bool = True,
 ) -> Path:
     """The features directory holding the teacher's features of every tile of ``tiles_dir/patches``.
 
@@ -94,7 +101,7 @@ def ensure_teacher_cache(
     """
     patches_dir = Path(tiles_dir) / "patches"
     features_dir = cache_features_dir(cache_root, teacher)
-    key = cache_key(patches_dir, teacher, teacher_weights)
+    key = cache_key(patches_dir, teacher, teacher_weights, pretrained)
     if not key["slides"]:
         raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile ... --out {tiles_dir}` first")
     reasons = stale_reasons(features_dir, key)
@@ -108,6 +115,6 @@ def ensure_teacher_cache(
 
     (features_dir / CACHE_RECORD).unlink(missing_ok=True)  # a half-rebuilt cache must not look complete
     extract_slides(teacher, tiles_dir, cache_root, weights=teacher_weights, batch_size=batch_size,
-                   num_workers=num_workers, precision=precision, overwrite=True)
+                   num_workers=num_workers, precision=precision, overwrite=True, pretrained=pretrained)
     write_json(features_dir / CACHE_RECORD, key)
     return features_dir

@@ -31,7 +31,8 @@ class ClassificationMethod(MethodModule):
             timm name, ``hf-hub:`` id, checkpoint of ours or exported directory).
         num_classes: number of classes; must equal the number of classes in the training data.
         backbone_kwargs: extra constructor arguments for the backbone (e.g. ``drop_path_rate``, ``img_size``).
-        pretrained: start from the backbone's published weights (timm / hf-hub; needs them cached).
+        pretrained: start from the backbone's published weights (timm / hf-hub, from the Hugging Face
+            cache or hub; a run that cannot get them stops with an error). False: random initialisation.
         weights: a local weights file for the backbone (safetensors, .pth/.pt), or None.
         optim: optimiser and schedule.
     """
@@ -44,7 +45,7 @@ class ClassificationMethod(MethodModule):
         backbone: str,
         num_classes: int,
         backbone_kwargs: dict[str, Any] | None = None,
-        pretrained: bool = False,
+        pretrained: bool = True,
         weights: str | None = None,
         optim: OptimConfig | None = None,
     ) -> None:

@@ -26,6 +26,8 @@ class ContextWindowDataModule(PatchDataModule):
         tiles_dir: a `histodistill tile` output folder (its ``patches/`` holds one coords .h5 per slide).
         teacher: the teacher backbone (registered name, timm name, hf-hub id, .ckpt or export dir).
         teacher_weights: a local weights file for the teacher (e.g. UNI's pytorch_model.bin).
+        teacher_pretrained: a teacher name loads its published weights; False builds it randomly
+            initialised (tests and the CPU demo only: random targets teach nothing).
         cache_dir: the teacher's features live in ``<cache_dir>/features_<teacher slug>``, the folder
             ``histodistill extract --model TEACHER --coords TILES_DIR --out CACHE_DIR`` writes (default: tiles_dir).
         rebuild_cache: recompute a missing or stale cache with the teacher instead of refusing it.
@@ -46,6 +48,7 @@ class ContextWindowDataModule(PatchDataModule):
         tiles_dir: str,
         teacher: str,
         teacher_weights: str | None = None,
+        teacher_pretrained: bool = True,
         cache_dir: str | None = None,
         rebuild_cache: bool = False,
         side: int = 3,
@@ -60,7 +63,7 @@ class ContextWindowDataModule(PatchDataModule):
     ) -> None:
         super().__init__(train=None, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.tiles_dir = Path(tiles_dir)
-        self.teacher, self.teacher_weights = teacher, teacher_weights
+        self.teacher, self.teacher_weights, self.teacher_pretrained = teacher, teacher_weights, teacher_pretrained
         self.cache_dir = Path(cache_dir) if cache_dir else self.tiles_dir
         self.rebuild_cache = rebuild_cache
         self.side, self.min_fraction, self.mpp = side, min_fraction, mpp
@@ -74,11 +77,12 @@ class ContextWindowDataModule(PatchDataModule):
     def prepare_data(self) -> None:
         ensure_teacher_cache(
             self.tiles_dir, self.cache_dir, self.teacher, self.teacher_weights, self.rebuild_cache,
-            self.extract_batch_size, self.num_workers, self.extract_precision,
+            self.extract_batch_size, self.num_workers, self.extract_precision, self.teacher_pretrained,
         )
 
     def setup(self, stage: str | None = None) -> None:
-        features_dir = ensure_teacher_cache(self.tiles_dir, self.cache_dir, self.teacher, self.teacher_weights)
+        features_dir = ensure_teacher_cache(self.tiles_dir, self.cache_dir, self.teacher, self.teacher_weights,
+                                            pretrained=self.teacher_pretrained)
         module = self.trainer.lightning_module
         dataset = context_windows_of_dir(
             self.tiles_dir / "patches", features_dir, self.side, self.min_fraction,

@@ -64,7 +64,8 @@ class _MaskedPretraining(MethodModule):
             raise ValueError(f"model.init_args.mask_ratio must be in (0, 1), got {mask_ratio}")
         if normalization not in ("imagenet", "backbone"):
             raise ValueError(f"model.init_args.normalization must be imagenet or backbone, got {normalization!r}")
-        self.backbone = create_backbone(backbone, **(backbone_kwargs or {}))
+        # Masked-image pretraining starts from random weights, as MAE and SD-MAE do.
+        self.backbone = create_backbone(backbone, pretrained=False, **(backbone_kwargs or {}))
         if normalization == "imagenet":
             # MAE and SD-MAE normalise with ImageNet mean/std, whereas timm's vit_*_patch16_224 configs say
             # 0.5/0.5/0.5. The spec carries it, so the data module, checkpoints and exports all use it.

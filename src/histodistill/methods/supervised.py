@@ -34,7 +34,7 @@ class Supervised(ClassificationMethod):
         backbone: str,
         num_classes: int,
         backbone_kwargs: dict[str, Any] | None = None,
-        pretrained: bool = False,
+        pretrained: bool = True,
         weights: str | None = None,
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,

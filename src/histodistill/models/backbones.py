@@ -3,14 +3,20 @@ checkpoints of our own methods and exported directories.
 
 `create_backbone` returns a `Backbone`: a timm model built with ``num_classes=0`` plus its `BackboneSpec`
 (architecture, constructor arguments and `Preprocess`), so mean/std/input size/mpp travel with the
-weights and extraction cannot normalise wrongly. Random initialisation is the default: no model hub is
-needed unless ``pretrained=True`` is asked for.
+weights and extraction cannot normalise wrongly.
+
+Pretrained weights are the default, as in CLAM and TRIDENT: a timm name, an ``hf-hub:`` id or a
+registered name loads its published weights through timm and huggingface_hub (and their cache).
+Random weights only with ``pretrained=False``, and a line on stderr says so. Weights that cannot be
+had (offline, gated) are a `UserError` naming the model and the remedies, never a silent random start.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,14 +27,17 @@ from torch import nn
 
 from histodistill.errors import UserError
 from histodistill.models.registry import Registry
-from histodistill.models.weights import load_weights, read_checkpoint, read_state_dict
+from histodistill.models.weights import first_line, load_weights, read_checkpoint, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Key under which our checkpoints describe their backbone (written by methods/base.py::backbone_record).
 CHECKPOINT_BACKBONE_KEY = "histodistill_backbone"
+# An export is a timm model folder (what timm's push_to_hf_hub writes and its local-dir:/hf-hub: loaders
+# read): the weights, and config.json with our BackboneSpec under EXPORT_SPEC_KEY (timm ignores it).
 EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_SPEC = "backbone.json"
+EXPORT_CONFIG = "config.json"
+EXPORT_SPEC_KEY = "histodistill"
 # timm layer classes that model_kwargs may name as strings, so specs stay JSON (e.g. UNI2-h's MLP).
 _LAYER_NAMES = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
 
@@ -53,7 +62,7 @@ class BackboneSpec:
     """Everything needed to rebuild a backbone: ``timm.create_model(timm_name, num_classes=0, **model_kwargs)``.
 
     ``name`` is what the user asked for (registered name, timm name, file); ``source`` says where the
-    weights came from: ``random``, ``timm-pretrained``, ``hf-hub:<id>``, ``weights:<file>``,
+    weights came from: ``random``, ``timm:<hub id or tag>``, ``hf-hub:<id>``, ``weights:<file>``,
     ``checkpoint:<file>`` or ``export:<dir>``.
     """
 
@@ -64,7 +73,7 @@ class BackboneSpec:
     source: str = "random"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (stored in checkpoints and ``backbone.json``)."""
+        """A JSON-serialisable dict (stored in checkpoints, exports' ``config.json`` and ``extractor.json``)."""
         data = asdict(self)
         data["preprocess"]["mean"] = list(self.preprocess.mean)
         data["preprocess"]["std"] = list(self.preprocess.std)
@@ -145,18 +154,23 @@ class Backbone(nn.Module):
 
 def create_backbone(
     name: str | os.PathLike,
-    pretrained: bool = False,
+    pretrained: bool = True,
     weights: str | os.PathLike | None = None,
     *,
     strict: bool = True,
     **model_kwargs: Any,
 ) -> Backbone:
     """Build a backbone from a registered name, a timm name, an ``hf-hub:`` id, one of our ``.ckpt``
-    checkpoints, or an exported directory (``model.safetensors`` + ``backbone.json``).
+    checkpoints, or an exported directory (``model.safetensors`` + ``config.json``).
 
-    ``pretrained=True`` fetches the published weights (needs the hub); ``weights`` is a local file
-    (safetensors, or a .pth/.pt/.bin state dict, possibly wrapped) loaded on top, strictly unless
-    ``strict=False``. ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size=448``).
+    Names load their published weights (timm's default tag, or the registered entry's hub id) from the
+    Hugging Face cache or hub; ``pretrained=False`` builds them randomly initialised (said on stderr).
+    ``weights`` is a local file (safetensors, or a .pth/.pt/.bin state dict, possibly wrapped) loaded
+    instead, strictly unless ``strict=False``. Checkpoints and exports always carry their own weights.
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size=448``).
+
+    Raises `UserError` for an unknown name (with the closest registered and timm names) and for
+    pretrained weights that cannot be had (offline, gated, none published), naming the remedies.
     """
     path = Path(name)
     if path.is_dir():
@@ -174,6 +188,9 @@ def create_backbone(
     if weights is not None:
         load_weights(backbone.model, _without_classifier(read_state_dict(weights), backbone.model), str(weights), strict)
         backbone.spec = replace(backbone.spec, source=f"weights:{Path(weights).name}")
+    if backbone.spec.source == "random":
+        print(f"note: {name}: random initialisation (pretrained=False / --random-init), no pretrained weights",
+              file=sys.stderr)
     return backbone
 
 
@@ -186,15 +203,21 @@ def _from_entry(name: str, entry: BackboneEntry, pretrained: bool, model_kwargs:
         source = f"hf-hub:{entry.hub_id}"
     else:
         model = _create_pretrained(entry.timm_name, kwargs, name) if pretrained else _create(entry.timm_name, kwargs)
-        source = "timm-pretrained" if pretrained else "random"
+        source = _timm_source(model) if pretrained else "random"
     return Backbone(model, BackboneSpec(name, entry.timm_name, kwargs, preprocess, source))
 
 
 def _from_timm(name: str, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
     model = _create_pretrained(name, model_kwargs, name) if pretrained else _create(name, model_kwargs)
     preprocess = _with_input_size(_timm_preprocess(model), model_kwargs)
-    spec = BackboneSpec(name, name, dict(model_kwargs), preprocess, "timm-pretrained" if pretrained else "random")
+    spec = BackboneSpec(name, name, dict(model_kwargs), preprocess, _timm_source(model) if pretrained else "random")
     return Backbone(model, spec)
+
+
+def _timm_source(model: nn.Module) -> str:
+    """``timm:<hub id>`` of the weights timm loaded (e.g. ``timm:timm/resnet18.a1_in1k``)."""
+    cfg = model.pretrained_cfg
+    return f"timm:{cfg.get('hf_hub_id') or cfg.get('architecture')}"
 
 
 def _from_hub_id(hub_id: str, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
@@ -229,14 +252,24 @@ def checkpoint_backbone_state(checkpoint: dict[str, Any]) -> dict[str, torch.Ten
 
 
 def _from_export(directory: Path, model_kwargs: dict[str, Any]) -> Backbone:
-    spec_path, weights_path = directory / EXPORT_SPEC, directory / EXPORT_WEIGHTS
-    if not spec_path.is_file() or not weights_path.is_file():
+    """Our export (``config.json`` with a ``histodistill`` spec + ``model.safetensors``), loaded strictly with
+    our messages; any other timm model folder (``config.json`` + weights, e.g. a downloaded hub snapshot)
+    through timm's own ``local-dir:`` loader."""
+    config_path, weights_path = directory / EXPORT_CONFIG, directory / EXPORT_WEIGHTS
+    if not config_path.is_file():
         raise UserError(
-            f"{directory} is a directory but not an exported backbone: it needs {EXPORT_SPEC} and {EXPORT_WEIGHTS} "
-            "(made by `histodistill export`)"
+            f"{directory} is a directory but not a model folder: it needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS} "
+            "(made by `histodistill export`, or a timm model folder from the Hugging Face hub)"
         )
-    spec = BackboneSpec.from_dict(json.loads(spec_path.read_text()))
-    spec = replace(spec, model_kwargs={**spec.model_kwargs, **model_kwargs}, source=f"export:{directory.name}")
+    config = json.loads(config_path.read_text())
+    source = f"export:{directory.name}"
+    if EXPORT_SPEC_KEY not in config:
+        model = _create_pretrained(f"local-dir:{directory}", model_kwargs, str(directory))
+        timm_name = model.pretrained_cfg.get("architecture") or type(model).__name__
+        spec = BackboneSpec(str(directory), timm_name, dict(model_kwargs), _timm_preprocess(model), source)
+        return Backbone(model, spec)
+    spec = BackboneSpec.from_dict(config[EXPORT_SPEC_KEY])
+    spec = replace(spec, model_kwargs={**spec.model_kwargs, **model_kwargs}, source=source)
     backbone = Backbone(_create(spec.timm_name, spec.model_kwargs), spec)
     load_weights(backbone.model, read_state_dict(weights_path), str(weights_path))
     return backbone
@@ -261,14 +294,48 @@ def _create(timm_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str, pretrained: bool = True) -> nn.Module:
+    # hf-hub: and local-dir: sources bring their weights; a plain timm name may have none published.
+    if pretrained and ":" not in timm_name and not _has_published_weights(timm_name):
+        raise UserError(
+            f"timm publishes no pretrained weights for {asked!r} ({timm_name}): pass a local file (--weights FILE, "
+            "config weights: FILE) or ask for random weights explicitly (--random-init, config pretrained: false)"
+        )
     try:
         return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **timm_kwargs(model_kwargs))
     except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
-        raise UserError(
-            f"could not fetch pretrained weights for {asked!r} ({timm_name}): {type(error).__name__}: {error}. "
-            "Without access to the model hub, download the weights elsewhere and pass the file: "
-            f"create_backbone({asked!r}, weights='model.safetensors') or `--model {asked} --weights FILE`."
-        ) from error
+        raise UserError(_unavailable_message(asked, timm_name, pretrained, error)) from error
+
+
+def _has_published_weights(timm_name: str) -> bool:
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    return cfg is not None and bool(cfg.hf_hub_id or cfg.url or cfg.file)
+
+
+def _unavailable_message(asked: str, timm_name: str, pretrained: bool, error: BaseException) -> str:
+    """One line: which model, why its files could not be had, and every way out."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    hub_id = timm_name.startswith("hf-hub:")
+    cfg = None if hub_id else timm.models.get_pretrained_cfg(timm_name)
+    where = timm_name.removeprefix("hf-hub:") if cfg is None else cfg.hf_hub_id or cfg.url or timm_name
+    what = "pretrained weights" if pretrained else "config.json (an hf-hub: id needs it even for random weights)"
+    if isinstance(error, GatedRepoError):
+        why = f"it is gated: accept its terms on https://huggingface.co/{where} and log in (`hf auth login` or HF_TOKEN)"
+    elif isinstance(error, RepositoryNotFoundError):
+        why = "no such repository on the Hugging Face hub, or a private one (log in: `hf auth login` or HF_TOKEN)"
+    elif isinstance(error, LocalEntryNotFoundError):
+        offline = ", HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else ""
+        why = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}){offline} and the hub was not reached"
+    else:
+        why = f"{type(error).__name__}: {first_line(error)}"
+    local = "the timm architecture as --model" if hub_id else f"--model {asked}"
+    random_init = "; or --random-init (config pretrained: false) for random weights" if pretrained else ""
+    return (
+        f"cannot get the {what} of {asked!r} from {where}: {why}. Remedies: a local file ({local} --weights FILE; "
+        f"config weights: FILE); or a populated Hugging Face cache (download {where} where the hub is reachable, "
+        "copy the cache, point HF_HOME or HF_HUB_CACHE at it, set HF_HUB_OFFLINE=1)" + random_init
+    )
 
 
 def _timm_preprocess(model: nn.Module) -> Preprocess:
@@ -298,11 +365,15 @@ def _without_classifier(state: dict[str, torch.Tensor], model: nn.Module) -> dic
 
 
 def _unknown_name_message(name: str) -> str:
-    close = [n for n in list_backbones() if name.lower() in n] or timm.list_models(f"*{name}*")[:10]
-    hint = f" Close matches: {', '.join(close)}." if close else ""
+    """Names the closest registered and timm names: substring matches first, then spelling (``resnet-18``)."""
+    query = name.lower()
+    registered = [n for n in list_backbones() if query in n] or difflib.get_close_matches(query, list_backbones(), 3, 0.5)
+    timm_names = timm.list_models(f"*{query}*")[:5] or difflib.get_close_matches(query, timm.list_models(), 5, 0.6)
+    hints = [f"registered: {', '.join(registered)}"] if registered else []
+    hints += [f"timm: {', '.join(timm_names)}"] if timm_names else []
     return (
         f"unknown model {name!r}: not a registered name (list_backbones()), a timm model, an hf-hub: id, "
-        f"a .ckpt checkpoint or an exported directory.{hint}"
+        f"a .ckpt checkpoint or an exported directory." + (f" Closest names: {'; '.join(hints)}." if hints else "")
     )
 
 

@@ -3,8 +3,10 @@
 Weight files come in many wrappings: a bare state dict, ``{"state_dict": ...}`` or ``{"model": ...}``
 (training scripts), keys prefixed ``module.`` (DDP) or ``_orig_mod.`` (torch.compile). Pickled
 files are always read with ``torch.load(weights_only=True)``: a weight file must not be able to run
-code. Our own Lightning checkpoints may also hold histodistill dataclasses (hyper-parameters); those,
-and only those, are allowed on top of plain tensors and containers.
+code. Our own Lightning checkpoints may also hold histodistill dataclasses (hyper-parameters), and
+MAE/DINO-style checkpoints ``{"model": ..., "epoch": ..., "args": argparse.Namespace(...)}`` their
+training arguments; those, and only those, are allowed on top of plain tensors and containers. A
+whole pickled model (``torch.save(model)``) is refused with one line saying how to save a state dict.
 """
 
 from __future__ import annotations
@@ -27,31 +29,46 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("state_dict", "model", "module")
 # Key prefixes added by DDP and torch.compile that never belong to the model itself.
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
-# Globals outside histodistill that our checkpoints legitimately hold (Lightning's hparams dict).
-EXTRA_SAFE_GLOBALS = ("lightning.fabric.utilities.data.AttributeDict", "pathlib.PosixPath", "pathlib.WindowsPath")
+# Globals outside histodistill that checkpoints legitimately hold: Lightning's hparams dict, paths in
+# hyper-parameters, and the argparse.Namespace that MAE/DINO/DeiT training scripts save as "args".
+EXTRA_SAFE_GLOBALS = (
+    "lightning.fabric.utilities.data.AttributeDict", "pathlib.PosixPath", "pathlib.WindowsPath", "argparse.Namespace",
+)
+SAVE_STATE_DICT = "torch.save(model.state_dict(), 'weights.pth') or safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A pickled checkpoint (``.ckpt``/``.pth``/``.pt``/``.bin``) as a dict, read with ``weights_only=True``.
 
     Globals that are not tensors or containers are allowed only when they are histodistill's own
-    classes (e.g. an ``OptimConfig`` in Lightning's hyper-parameters) or in `EXTRA_SAFE_GLOBALS`.
+    classes (e.g. an ``OptimConfig`` in Lightning's hyper-parameters) or in `EXTRA_SAFE_GLOBALS`; any
+    other (a whole pickled model: ``torch.nn.modules...``, a training script's own class) is a
+    `UserError` naming the first of them, before anything is unpickled.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
     try:
-        allowed = [_import_global(name) for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-                   if name.startswith("histodistill.") or name in EXTRA_SAFE_GLOBALS]
-        with torch.serialization.safe_globals(allowed):
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        names = []  # not torch's zip format (a legacy pickle): torch.load below judges it
+    foreign = [name for name in names if not _allowed_global(name)]
+    if foreign:
+        raise UserError(
+            f"{path} holds pickled Python objects ({_head(foreign, 3)}), e.g. a whole model saved with "
+            f"torch.save(model); only state dicts are loaded, because unpickling objects runs code. "
+            f"Save one where the model is defined: {SAVE_STATE_DICT}"
+        )
+    try:
+        with torch.serialization.safe_globals([_import_global(name) for name in names]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise UserError(
-            f"cannot read {path} as weights with torch.load(weights_only=True): {error}. "
-            "Save the state dict alone (torch.save(model.state_dict(), file)) or as .safetensors."
+            f"cannot read {path} as weights with torch.load(weights_only=True): {first_line(error)}. "
+            f"Save the state dict alone: {SAVE_STATE_DICT}"
         ) from error
     if not isinstance(obj, Mapping):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead")
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict. Save one: {SAVE_STATE_DICT}")
     return dict(obj)
 
 
@@ -122,6 +139,16 @@ def _is_state_dict(obj: Mapping[str, Any]) -> bool:
 
 def _head(items: list[str], count: int = 8) -> str:
     return ", ".join(items[:count]) + (", ..." if len(items) > count else "")
+
+
+def _allowed_global(qualified: str) -> bool:
+    return qualified.startswith("histodistill.") or qualified in EXTRA_SAFE_GLOBALS
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type when empty)."""
+    # torch's unpickling errors are paragraphs of advice about weights_only; the first line is the fact.
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _import_global(qualified: str) -> type:
