@@ -38,7 +38,7 @@ def _assert_same(found, reference):
 def test_two_ranks_survive_a_killed_rank_and_end_with_every_slide_once_as_one_process(tmp_path):
     slides = six_slides(tmp_path / "slides")
     assert main(["tile", str(slides), "--out", str(tmp_path / "ref_tiles"), "--mpp", "1.0", "--patch-size", "64"]) == 0
-    assert main(["extract", "--model", MODEL, "--coords", str(tmp_path / "ref_tiles"), "--out", str(tmp_path / "ref"),
+    assert main(["extract", "--model", MODEL, "--random-init", "--coords", str(tmp_path / "ref_tiles"), "--out", str(tmp_path / "ref"),
                  "--workers", "0", "--batch-size", "4"]) == 0
     reference = _features(tmp_path / "ref" / FOLDER)
     folder = tmp_path / "out" / FOLDER

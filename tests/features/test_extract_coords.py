@@ -20,7 +20,7 @@ SAME_TILES = np.array([[128, 128], [256, 128], [128, 256], [384, 256]], np.int64
 
 
 def extract(coords, out, *extra) -> int:
-    return main(["extract", "--model", MODEL, "--coords", str(coords), "--out", str(out), "--workers", "0",
+    return main(["extract", "--model", MODEL, "--random-init", "--coords", str(coords), "--out", str(out), "--workers", "0",
                  "--batch-size", "4", *extra])
 
 

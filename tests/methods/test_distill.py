@@ -201,7 +201,7 @@ def test_student_init_random_and_imagenet_do_not_copy_the_teacher(teacher_ckpt, 
 
     real = distill.create_backbone
     monkeypatch.setattr(distill, "create_backbone", lambda name, pretrained=False, weights=None, **kw:
-                        asked.append((name, pretrained)) or real(name, **kw))
+                        asked.append((name, pretrained)) or real(name, pretrained=False, **kw))
     Distill(num_classes=3, teacher=str(path), student_init="imagenet", **STUDENT)
     assert ("resnet18", True) in asked  # the published weights are asked for (no hub in tests: built randomly here)
 

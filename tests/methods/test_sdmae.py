@@ -145,8 +145,8 @@ def test_inputs_are_normalised_with_imagenet_statistics_and_the_export_records_t
         kwargs.update(head_dim=16, head_hidden_dim=16, head_bottleneck_dim=8)
     module = cls(**kwargs)
     assert module.preprocess.mean == IMAGENET_MEAN and module.preprocess.std == IMAGENET_STD
-    spec = json.loads((save_backbone(module.backbone, tmp_path / "export") / "backbone.json").read_text())
-    assert spec["preprocess"]["mean"] == list(IMAGENET_MEAN) and spec["preprocess"]["std"] == list(IMAGENET_STD)
+    config = json.loads((save_backbone(module.backbone, tmp_path / "export") / "config.json").read_text())
+    assert config["pretrained_cfg"]["mean"] == list(IMAGENET_MEAN) and config["pretrained_cfg"]["std"] == list(IMAGENET_STD)
     assert cls(**kwargs, normalization="backbone").preprocess.mean == (0.5, 0.5, 0.5)
 
 

@@ -89,7 +89,7 @@ def test_weight_decay_on_all_parameters_is_one_decayed_group():
 def test_layer_decay_follows_beits_rule_for_a_vit():
     from histodistill.methods.supervised import Supervised
 
-    module = Supervised("tiny/vit-tiny-p8-64", num_classes=3, backbone_kwargs={"depth": 3, "embed_dim": 48, "num_heads": 3})
+    module = Supervised("tiny/vit-tiny-p8-64", pretrained=False, num_classes=3, backbone_kwargs={"depth": 3, "embed_dim": 48, "num_heads": 3})
     optimizer = build_optimizer(module, OptimConfig(lr=1.0, layer_decay=0.5), 1.0)
     rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     named = dict(module.named_parameters())
@@ -110,4 +110,4 @@ def test_layer_decay_refuses_a_cnn():
     from histodistill.methods.supervised import Supervised
 
     with pytest.raises(UserError, match="ViT"):
-        build_optimizer(Supervised("tiny/resnet18-64", num_classes=3), OptimConfig(layer_decay=0.75), 1e-3)
+        build_optimizer(Supervised("tiny/resnet18-64", pretrained=False, num_classes=3), OptimConfig(layer_decay=0.75), 1e-3)

@@ -74,7 +74,8 @@ class TeacherStudentMethod(ClassificationMethod):
                             f"got {student_init!r}")
         # Built randomly first: whether the student starts as the teacher is known only once both exist,
         # and a student that does never needs its published weights.
-        super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, optim=optim)
+        super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, pretrained=False,
+                         optim=optim)
         self.w_ce, self.w_kd, self.temperature = w_ce, w_kd, temperature
         self.teacher: Backbone = create_backbone(
             teacher, pretrained=teacher_pretrained, weights=teacher_weights, **(teacher_kwargs or {})
