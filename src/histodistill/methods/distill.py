@@ -169,6 +169,11 @@ class Distill(TeacherStudentMethod):
         """The kd_zoo term, the teacher classifier where the term reuses it, and the stage counter."""
         self.feature_loss = build_term(self.feature, self.backbone, self.teacher, student_layers, teacher_layers, options)
         if self.feature_loss.needs_teacher_classifier and self.teacher_classifier is None:
+            if classifier_source is None and Path(teacher).suffix != ".ckpt":
+                raise UserError(
+                    f"feature: {self.feature} reuses the teacher's classifier, but teacher {teacher!r} is not a histodistill "
+                    ".ckpt: set model.init_args.teacher_classifier_from_checkpoint to the supervised checkpoint it comes "
+                    "from, or choose a term that needs no classifier (rkd, pkt, cc, sp, at, vid, nst, semckd...)")
             self.teacher_classifier = load_teacher_classifier(
                 teacher, classifier_source, self.teacher.num_features, self.num_classes)
             freeze(self.teacher_classifier)
