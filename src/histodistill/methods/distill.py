@@ -241,18 +241,21 @@ class Distill(TeacherStudentMethod):
     def zoo_objective(self, batch: Any) -> dict[str, torch.Tensor]:
         images, labels = batch[0], batch[1]
         term = self.feature_loss
-        student = forward_layers(self.backbone, images, term.student_layers)
         self.teacher.eval()
         with torch.no_grad():
             teacher = forward_layers(self.teacher, to_teacher_input(images, self.preprocess, self.teacher.preprocess),
                                      term.teacher_layers)
             teacher_logits = self.teacher_classifier(teacher.pooled) if self.teacher_classifier is not None else None
-        inputs = ZooInputs(student, teacher, teacher_logits, self.teacher_classifier)
+        in_stage = False
         if term.init_stage and self.training:
             self.trained_batches += 1
-            if self.trained_batches <= self.init_steps:
-                init = term.init_loss(inputs)
-                return {f"{self.feature}_init": init, "loss": init}
+            in_stage = bool(self.trained_batches <= self.init_steps)
+        # FT's stage trains the paraphraser on the teacher alone: the student (and its BatchNorm) is left as is.
+        student = forward_layers(self.backbone, images, term.student_layers) if not in_stage or term.stage_needs_student else None
+        inputs = ZooInputs(student, teacher, teacher_logits, self.teacher_classifier)
+        if in_stage:
+            init = term.init_loss(inputs)
+            return {f"{self.feature}_init": init, "loss": init}
         if self.feature == "simkd":
             logits = term.predict(student.final, self.teacher_classifier)
         else:

@@ -40,7 +40,7 @@ from histodistill.models.intermediates import LayerFeatures, layer_channels, pyr
 class ZooInputs:
     """What a term is computed from (teacher side already detached)."""
 
-    student: LayerFeatures
+    student: LayerFeatures | None  # None during FT's stage, which trains on the teacher alone
     teacher: LayerFeatures
     teacher_logits: torch.Tensor | None = None
     teacher_classifier: nn.Module | None = None
@@ -54,6 +54,7 @@ class ZooTerm(nn.Module):
     layers: ClassVar[slice | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
     init_stage: ClassVar[bool] = False
+    stage_needs_student: ClassVar[bool] = True
     needs_teacher_classifier: ClassVar[bool] = False
     needs_batch_size: ClassVar[bool] = False
 
@@ -151,6 +152,7 @@ class AB(ZooTerm):
 
 class FT(ZooTerm):
     layers, defaults, init_stage = slice(-1, None), {"rate": 0.5, "p": 1, "w_init": 1.0}, True
+    stage_needs_student = False
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
         super().__init__(student, teacher, student_layers, teacher_layers, options)
