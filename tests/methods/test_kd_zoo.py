@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from test_distill import STUDENT, teacher_ckpt, tiny_batch, train_steps  # noqa: F401  (teacher_ckpt is a fixture)
 
 from histodistill.errors import UserError
 from histodistill.methods.distill import Distill
 from histodistill.methods.kd_zoo import ZOO
 from histodistill.models.backbones import create_backbone
 from histodistill.models.intermediates import forward_layers, pyramid
-from test_distill import STUDENT, teacher_ckpt, tiny_batch, train_steps  # noqa: F401  (teacher_ckpt is a fixture)
 
 STAGED = {"ab", "ft", "fsp"}
 # Official weights of each term (MoMA's comparison where it ran the method, RepDistiller otherwise);
@@ -79,7 +79,7 @@ def test_pre_training_stage_trains_only_its_own_loss_then_hands_over(teacher_ckp
     # FT's stage trains the paraphraser on the teacher alone: the student is untouched
     for key, value in distill.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), key
-    assert any(not torch.equal(a, b) for a, b in zip(paraphraser_before, distill.feature_loss.paraphraser.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(paraphraser_before, distill.feature_loss.paraphraser.parameters(), strict=True))
     assert int(distill.trained_batches) == 2
     distill.train()
     assert set(distill.objective(tiny_batch())) == {"ce", "kd", "ft", "loss"}

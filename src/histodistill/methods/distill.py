@@ -30,7 +30,7 @@ from histodistill.losses.kd import kd_loss
 from histodistill.methods.classification import ClassificationMethod
 from histodistill.methods.kd_zoo import ZOO, ZooInputs, build_term
 from histodistill.models.backbones import Backbone, Preprocess, create_backbone
-from histodistill.models.intermediates import LayerFeatures, forward_layers
+from histodistill.models.intermediates import forward_layers
 from histodistill.models.weights import read_checkpoint
 from histodistill.optim.optimizer import OptimConfig
 
