@@ -230,7 +230,6 @@ class Distill(TeacherStudentMethod):
             losses["loss"] = losses["loss"] + self.w_feature * losses[self.feature]
         return losses
 
-
     # ---- the kd_zoo terms ------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> logits; a SimKD student predicts through the teacher's classifier."""
