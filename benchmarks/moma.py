@@ -127,6 +127,13 @@ def build_student(method: str, teacher_ckpt: str, num_samples: int, steps: int =
                    crd_nce_k=4096, **common)
 
 
+def mean_or_none(values: list[float]) -> str:
+    """Mean ± sd over seeds; a single seed has no spread to show, and no seed means not run."""
+    if not values:
+        return "not run"
+    return mean_sd(values) if len(values) > 1 else f"{values[0]:.3f} (one seed)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="SGD steps per student run (batch 32)")
@@ -203,9 +210,8 @@ def main() -> None:
             if len(done) < args.seeds:
                 missing.append(f"{fraction:.0%} {method} ({len(done)}/{args.seeds} seeds)")
             rows.append([f"{fraction:.0%} ({len(stratified_subset(task.train_labels, fraction))} nuclei)", method,
-                         mean_sd([r[0] for r in done]) if done else "not run",
-                         mean_sd([r[1] for r in done]) if done else "not run",
-                         f"×{timings[method] / timings['CE']:.2f}"])
+                         f"{len(done)}/{args.seeds}", mean_or_none([r[0] for r in done]),
+                         mean_or_none([r[1] for r in done]), f"×{timings[method] / timings['CE']:.2f}"])
     incomplete = (f"**Incomplete run** (stopped by --budget-minutes {args.budget_minutes} or interrupted): fewer "
                   f"seeds than asked for {'; '.join(missing)}. Rerun the same command to finish; finished runs are kept."
                   if missing else "")
@@ -226,7 +232,7 @@ Methods in this run: {', '.join(methods)}.
 
 Teacher on the test split: balanced accuracy {teacher_score[0]:.3f}, macro-F1 {teacher_score[1]:.3f}.
 
-{markdown_table(["labels", "student", "balanced accuracy", "macro-F1", "step time / CE"], rows)}
+{markdown_table(["labels", "student", "seeds", "balanced accuracy", "macro-F1", "step time / CE"], rows)}
 
 Step time: median of 15 optimiser steps (after 3 warm-up) of each student incl. its teacher forward, batch
 {BATCH} at {SIZE} px, CPU, measured once per method in this run; CE {timings['CE'] * 1e3:.1f} ms per step.
