@@ -3,8 +3,9 @@
 `TeacherStudentMethod` is a `ClassificationMethod` (the student: backbone + classifier, trained with
 cross-entropy and validated like any supervised run) that also holds a teacher backbone and, when
 knowledge distillation is on, the teacher's classifier. `Distill` adds one pluggable feature term to
-``w_ce · CE + w_kd · KD``: none (Hinton KD), ``hint`` (FitNet on the pooled feature) or ``crd``
-(contrastive representation distillation). MoMA (`histodistill.methods.moma`) builds on the same base.
+``w_ce · CE + w_kd · KD``: none (Hinton KD), ``hint`` (FitNet on the pooled feature), ``crd``
+(contrastive representation distillation) or one of the zoo in `histodistill.methods.kd_zoo` (AT, SP, CC,
+VID, RKD, PKT, AB, FT, FSP, NST, SemCKD, SimKD, SRRL). MoMA (`histodistill.methods.moma`) builds on the same base.
 
 Where the student starts (``student_init``): ``teacher`` copies the teacher's backbone into the
 student, and its classifier too when the teacher checkpoint has one for the same classes, as MoMA's
@@ -34,7 +35,9 @@ from histodistill.losses.crd import CRDLoss
 from histodistill.losses.hint import HintLoss
 from histodistill.losses.kd import kd_loss
 from histodistill.methods.classification import ClassificationMethod
+from histodistill.methods.kd_zoo import ZOO, ZooInputs, build_term
 from histodistill.models.backbones import Backbone, Preprocess, create_backbone
+from histodistill.models.intermediates import forward_layers
 from histodistill.models.weights import read_checkpoint
 from histodistill.optim.optimizer import OptimConfig
 
@@ -151,12 +154,22 @@ class TeacherStudentMethod(ClassificationMethod):
         return losses
 
 
+FeatureName = Literal["none", "hint", "crd", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst",
+                      "semckd", "simkd", "srrl"]
+
+
 class Distill(TeacherStudentMethod):
     """The baselines of the MoMA comparison: ``w_ce · CE + w_kd · KD + w_feature · feature term``.
 
     ``feature: none`` is Hinton KD (T = 4); ``hint`` is FitNet on the pooled feature (MoMA used
     w_feature = 100); ``crd`` is CRD (w_feature = 0.8) and needs the sample index in every batch: wrap
     the training dataset in `IndexedDataset`. Vanilla CE is `histodistill.methods.supervised.Supervised`.
+
+    The other names are the terms of `histodistill.methods.kd_zoo` (docs/moma.md lists paper, formula and
+    weight of each): ``student_layers`` / ``teacher_layers`` choose the layers (pyramid positions of
+    `histodistill.models.intermediates`; default: the official choice), ``feature_options`` the term's own
+    options, and ``init_steps`` the length, in training batches, of the pre-training stage of ab, ft and
+    fsp (only the stage's loss trains then; after it the objective is CE + KD + w_feature · term).
     """
 
     def __init__(
@@ -164,13 +177,17 @@ class Distill(TeacherStudentMethod):
         backbone: str,
         num_classes: int,
         teacher: str,
-        feature: Literal["none", "hint", "crd"] = "none",
+        feature: FeatureName = "none",
         w_feature: float = 0.0,
         crd_feat_dim: int = 128,
         crd_nce_k: int = 16384,
         crd_temperature: float = 0.07,
         crd_momentum: float = 0.5,
         num_samples: int | None = None,
+        student_layers: list[int] | None = None,
+        teacher_layers: list[int] | None = None,
+        feature_options: dict[str, Any] | None = None,
+        init_steps: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, teacher=teacher, **kwargs)
@@ -182,6 +199,30 @@ class Distill(TeacherStudentMethod):
             self.feature_loss = HintLoss(self.backbone.num_features, self.teacher.num_features)
         elif feature == "crd" and num_samples is not None:
             self.build_crd(num_samples)
+        elif feature in ZOO:
+            self.build_zoo_term(teacher, student_layers, teacher_layers, feature_options, init_steps,
+                                kwargs.get("teacher_classifier_from_checkpoint"))
+
+    def build_zoo_term(self, teacher: str, student_layers, teacher_layers, options, init_steps: int,
+                       classifier_source: str | None) -> None:
+        """The kd_zoo term, the teacher classifier where the term reuses it, and the stage counter."""
+        self.feature_loss = build_term(self.feature, self.backbone, self.teacher, student_layers, teacher_layers, options)
+        if self.feature_loss.needs_teacher_classifier and self.teacher_classifier is None:
+            if classifier_source is None and Path(teacher).suffix != ".ckpt":
+                raise UserError(
+                    f"feature: {self.feature} reuses the teacher's classifier, but teacher {teacher!r} is not a histodistill "
+                    ".ckpt: set model.init_args.teacher_classifier_from_checkpoint to the supervised checkpoint it comes "
+                    "from, or choose a term that needs no classifier (rkd, pkt, cc, sp, at, vid, nst, semckd...)")
+            self.teacher_classifier = load_teacher_classifier(
+                teacher, classifier_source, self.teacher.num_features, self.num_classes)
+            freeze(self.teacher_classifier)
+        if init_steps < 0 or (init_steps > 0 and not self.feature_loss.init_stage):
+            raise UserError(f"model.init_args.init_steps={init_steps}: only ab, ft and fsp have a pre-training "
+                            "stage; give a number of training batches >= 0 for those, 0 otherwise")
+        self.init_steps = init_steps
+        if self.feature_loss.init_stage:
+            # Training batches seen so far: a buffer, so a resumed run knows whether its stage is over.
+            self.register_buffer("trained_batches", torch.zeros((), dtype=torch.long))
 
     def build_crd(self, num_samples: int) -> None:
         """CRD's memory holds one row per training sample, so it is built once the data size is known."""
@@ -189,6 +230,12 @@ class Distill(TeacherStudentMethod):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if self.feature == "semckd" and self.feature_loss.criterion is None:
+            batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+            if batch_size is None:
+                raise UserError("feature: semckd needs the batch size before training: use a data module with "
+                                "batch_size, or give model.init_args.feature_options.batch_size")
+            self.feature_loss.build(int(batch_size))
         if self.feature != "crd" or self.feature_loss is not None:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -205,6 +252,8 @@ class Distill(TeacherStudentMethod):
         self.build_crd(len(dataset))
 
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
+        if self.feature in ZOO:
+            return self.zoo_objective(batch)
         images, labels = batch[0], batch[1]
         features, logits = self.student_forward(images)
         teacher_features, teacher_logits = self.teacher_forward(images)
@@ -217,6 +266,41 @@ class Distill(TeacherStudentMethod):
                                 "histodistill.data.indexed_dataset.IndexedDataset")
             losses["crd"] = self.feature_loss(features, teacher_features, batch[2])
         if self.feature != "none":
+            losses["loss"] = losses["loss"] + self.w_feature * losses[self.feature]
+        return losses
+
+    # ---- the kd_zoo terms ------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> logits; a SimKD student predicts through the teacher's classifier."""
+        if self.feature == "simkd":
+            return self.feature_loss.predict(self.backbone.forward_features(images), self.teacher_classifier)
+        return super().forward(images)
+
+    def zoo_objective(self, batch: Any) -> dict[str, torch.Tensor]:
+        images, labels = batch[0], batch[1]
+        term = self.feature_loss
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher = forward_layers(self.teacher, to_teacher_input(images, self.preprocess, self.teacher.preprocess),
+                                     term.teacher_layers)
+            teacher_logits = self.teacher_classifier(teacher.pooled) if self.teacher_classifier is not None else None
+        in_stage = False
+        if term.init_stage and self.training:
+            self.trained_batches += 1
+            in_stage = bool(self.trained_batches <= self.init_steps)
+        # FT's stage trains the paraphraser on the teacher alone: the student (and its BatchNorm) is left as is.
+        student = forward_layers(self.backbone, images, term.student_layers) if not in_stage or term.stage_needs_student else None
+        inputs = ZooInputs(student, teacher, teacher_logits, self.teacher_classifier)
+        if in_stage:
+            init = term.init_loss(inputs)
+            return {f"{self.feature}_init": init, "loss": init}
+        if self.feature == "simkd":
+            logits = term.predict(student.final, self.teacher_classifier)
+        else:
+            logits = self.classifier(student.pooled)
+        losses = self.supervised_terms(logits, labels, teacher_logits)
+        if self.w_feature != 0:  # AB and FSP train with CE + KD alone after their stage (w_feature 0)
+            losses[self.feature] = term.loss(inputs)
             losses["loss"] = losses["loss"] + self.w_feature * losses[self.feature]
         return losses
 

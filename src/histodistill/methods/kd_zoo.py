@@ -1,0 +1,279 @@
+"""The feature- and relation-based baselines of MoMA's comparison, as pluggable terms of `Distill`.
+
+Each term wraps one loss of `histodistill.losses` with what the official code (trinhvg/MoMA, which follows
+RepDistiller) feeds it: which layers, which trainable adapters, and for AB, FT and FSP a pre-training
+stage. A term sees the student's and the teacher's `LayerFeatures` (pooled feature, final map, the maps
+of its layers) and, where it needs them, the teacher's classifier and logits.
+
+Layers are pyramid positions (`histodistill.models.intermediates`); each term has a default slice of the
+pyramid (RepDistiller's ``feat[1:-1]`` is ``[1:]`` here: every stage after the stem), which
+``student_layers`` / ``teacher_layers`` override. Options are per term (``feature_options``), checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from histodistill.errors import UserError
+from histodistill.losses.activation_boundary import ABConnectors
+from histodistill.losses.attention_transfer import at_loss
+from histodistill.losses.correlation_congruence import cc_loss
+from histodistill.losses.factor_transfer import Paraphraser, ft_loss, translator
+from histodistill.losses.fsp import fsp_loss
+from histodistill.losses.nst import nst_loss
+from histodistill.losses.pkt import pkt_loss
+from histodistill.losses.rkd import rkd_loss
+from histodistill.losses.semckd import SemCKDLoss
+from histodistill.losses.similarity_preserving import sp_loss
+from histodistill.losses.simkd import SimKDProjector, simkd_loss
+from histodistill.losses.srrl import SRRLLoss
+from histodistill.losses.vid import VIDLoss
+from histodistill.models.backbones import Backbone
+from histodistill.models.intermediates import LayerFeatures, layer_channels, pyramid, resolve_layers
+
+
+@dataclass
+class ZooInputs:
+    """What a term is computed from (teacher side already detached)."""
+
+    student: LayerFeatures | None  # None during FT's stage, which trains on the teacher alone
+    teacher: LayerFeatures
+    teacher_logits: torch.Tensor | None = None
+    teacher_classifier: nn.Module | None = None
+
+
+class ZooTerm(nn.Module):
+    """Base of the terms. Subclasses set ``layers`` (default pyramid slice, None: pooled features only),
+    ``defaults`` (their ``feature_options``), and implement `loss`; a term with a pre-training stage
+    sets ``init_stage`` and implements `init_loss`."""
+
+    layers: ClassVar[slice | None] = None
+    defaults: ClassVar[dict[str, Any]] = {}
+    init_stage: ClassVar[bool] = False
+    stage_needs_student: ClassVar[bool] = True
+    needs_teacher_classifier: ClassVar[bool] = False
+    needs_batch_size: ClassVar[bool] = False
+
+    def __init__(self, student: Backbone, teacher: Backbone, student_layers: list[int], teacher_layers: list[int],
+                 options: dict[str, Any]) -> None:
+        super().__init__()
+        self.options = {**self.defaults, **options}
+        self.student_layers, self.teacher_layers = student_layers, teacher_layers
+        self.student_channels = layer_channels(student, student_layers)
+        self.teacher_channels = layer_channels(teacher, teacher_layers)
+
+    def loss(self, inputs: ZooInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_loss(self, inputs: ZooInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pairs(self, inputs: ZooInputs):
+        return zip(inputs.student.maps, inputs.teacher.maps, strict=True)
+
+
+class AT(ZooTerm):
+    layers, defaults = slice(1, None), {"p": 2.0}
+
+    def loss(self, inputs):
+        return torch.stack([at_loss(s, t, self.options["p"]) for s, t in self.pairs(inputs)]).sum()
+
+
+class SP(ZooTerm):
+    layers = slice(-1, None)
+
+    def loss(self, inputs):
+        return torch.stack([sp_loss(s, t) for s, t in self.pairs(inputs)]).sum()
+
+
+class CC(ZooTerm):
+    defaults = {"feat_dim": 128, "gamma": 0.4, "order": 2}
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        self.embed_student = nn.Linear(student.num_features, self.options["feat_dim"])
+        self.embed_teacher = nn.Linear(teacher.num_features, self.options["feat_dim"])
+
+    def loss(self, inputs):
+        return cc_loss(self.embed_student(inputs.student.pooled), self.embed_teacher(inputs.teacher.pooled),
+                       self.options["gamma"], self.options["order"])
+
+
+class VID(ZooTerm):
+    layers, defaults = slice(1, None), {"init_variance": 5.0}
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        self.per_layer = nn.ModuleList(
+            VIDLoss(s, t, t, self.options["init_variance"])
+            for s, t in zip(self.student_channels, self.teacher_channels, strict=True)
+        )
+
+    def loss(self, inputs):
+        return torch.stack([vid(s, t) for vid, (s, t) in zip(self.per_layer, self.pairs(inputs), strict=True)]).sum()
+
+
+class RKD(ZooTerm):
+    defaults = {"w_distance": 25.0, "w_angle": 50.0}
+
+    def loss(self, inputs):
+        return rkd_loss(inputs.student.pooled, inputs.teacher.pooled, self.options["w_distance"], self.options["w_angle"])
+
+
+class PKT(ZooTerm):
+    def loss(self, inputs):
+        return pkt_loss(inputs.student.pooled, inputs.teacher.pooled)
+
+
+class NST(ZooTerm):
+    layers = slice(1, -1)
+
+    def loss(self, inputs):
+        return torch.stack([nst_loss(s, t) for s, t in self.pairs(inputs)]).sum()
+
+
+class AB(ZooTerm):
+    layers, defaults, init_stage = slice(1, None), {"margin": 1.0, "w_init": 3e-3}, True
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        self.connectors = ABConnectors(self.student_channels, self.teacher_channels, self.options["margin"])
+
+    def loss(self, inputs):
+        return self.connectors(inputs.student.maps, inputs.teacher.maps)
+
+    def init_loss(self, inputs):
+        return self.options["w_init"] * self.loss(inputs)
+
+
+class FT(ZooTerm):
+    layers, defaults, init_stage = slice(-1, None), {"rate": 0.5, "p": 1, "w_init": 1.0}, True
+    stage_needs_student = False
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        if len(student_layers) != 1:
+            raise UserError(f"feature: ft uses one layer pair, got student_layers of length {len(student_layers)}")
+        self.paraphraser = Paraphraser(self.teacher_channels[0], self.options["rate"])
+        self.translator = translator(self.student_channels[0], self.paraphraser.factor_channels)
+
+    def loss(self, inputs):
+        # After its stage the paraphraser is fixed (eval mode, no gradient), as in the paper.
+        self.paraphraser.eval()
+        with torch.no_grad():
+            teacher_factor = self.paraphraser.encoder(inputs.teacher.maps[0])
+        return ft_loss(self.translator(inputs.student.maps[0]), teacher_factor, self.options["p"])
+
+    def init_loss(self, inputs):
+        self.paraphraser.train()
+        return self.options["w_init"] * self.paraphraser.reconstruction_loss(inputs.teacher.maps[0])
+
+
+class FSP(ZooTerm):
+    layers, defaults, init_stage = slice(0, None), {"w_init": 1.0}, True
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        if self.student_channels != self.teacher_channels:
+            raise UserError(
+                f"feature: fsp compares C_i × C_(i+1) matrices, so student and teacher layers need the same channels; "
+                f"got student {self.student_channels} and teacher {self.teacher_channels}. Choose layers with equal "
+                "channels (model.init_args.student_layers / teacher_layers) or a method that allows different widths "
+                "(at, nst, vid, ab, semckd)"
+            )
+
+    def loss(self, inputs):
+        return fsp_loss(inputs.student.maps, inputs.teacher.maps)
+
+    def init_loss(self, inputs):
+        return self.options["w_init"] * self.loss(inputs)
+
+
+class SemCKD(ZooTerm):
+    layers, defaults, needs_batch_size = slice(1, None), {"soft": 1.0, "batch_size": None}, True
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        self.criterion: SemCKDLoss | None = None
+        if self.options["batch_size"] is not None:
+            self.build(int(self.options["batch_size"]))
+
+    def build(self, batch_size: int) -> None:
+        """The attention embeds a whole row of the batch similarity, so it is built once the batch size is known."""
+        self.criterion = SemCKDLoss(self.student_channels, self.teacher_channels, batch_size, self.options["soft"])
+
+    def loss(self, inputs):
+        size = inputs.student.pooled.shape[0]
+        if size != self.criterion.batch_size:
+            raise UserError(f"feature: semckd was built for batches of {self.criterion.batch_size} but got {size}: "
+                            "keep data.init_args.batch_size fixed (the training loader drops the last short batch)")
+        return self.criterion(inputs.student.maps, inputs.teacher.maps)
+
+
+class SimKD(ZooTerm):
+    defaults, needs_teacher_classifier = {"factor": 2}, True
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        for role, backbone in (("student", student), ("teacher", teacher)):
+            if backbone.feature_kind != "map":
+                raise UserError(
+                    f"feature: simkd projects the student's last feature map onto the teacher's and reuses the teacher's "
+                    f"classifier on it, so both need a CNN feature map; the {role} {backbone.spec.name} is a token model. "
+                    "Use a CNN, or a method on pooled features or maps (rkd, pkt, cc, sp, at, vid...)"
+                )
+        self.projector = SimKDProjector(student.num_features, teacher.num_features, self.options["factor"])
+
+    def loss(self, inputs):
+        return simkd_loss(self.projector(inputs.student.final), inputs.teacher.final)
+
+    def predict(self, student_map: torch.Tensor, teacher_classifier: nn.Module) -> torch.Tensor:
+        return self.projector.predict(student_map, teacher_classifier)
+
+
+class SRRL(ZooTerm):
+    needs_teacher_classifier = True
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        self.criterion = SRRLLoss(student.num_features, teacher.num_features)
+
+    def loss(self, inputs):
+        return self.criterion(inputs.student.pooled, inputs.teacher.pooled, inputs.teacher_classifier,
+                              inputs.teacher_logits)
+
+
+ZOO: dict[str, type[ZooTerm]] = {
+    "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT, "ab": AB, "ft": FT, "fsp": FSP,
+    "nst": NST, "semckd": SemCKD, "simkd": SimKD, "srrl": SRRL,
+}
+
+
+def build_term(name: str, student: Backbone, teacher: Backbone, student_layers: list[int] | None,
+               teacher_layers: list[int] | None, options: dict[str, Any] | None) -> ZooTerm:
+    """The term ``name`` for this pair, with its layers resolved and its options checked."""
+    cls = ZOO[name]
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(cls.defaults))
+    if unknown:
+        allowed = ", ".join(sorted(cls.defaults)) or "none"
+        raise UserError(f"model.init_args.feature_options {unknown} are not options of feature: {name} (its options: {allowed})")
+    s_ids, t_ids = [], []
+    if cls.layers is not None:
+        s_pos = student_layers if student_layers is not None else default_positions(student, cls.layers)
+        t_pos = teacher_layers if teacher_layers is not None else default_positions(teacher, cls.layers)
+        if name != "semckd" and len(s_pos) != len(t_pos):
+            raise UserError(f"feature: {name} pairs student and teacher layers one to one, but student_layers has "
+                            f"{len(s_pos)} ({s_pos}) and teacher_layers {len(t_pos)} ({t_pos}): give both the same length")
+        s_ids = resolve_layers(student, s_pos, "model.init_args.student_layers")
+        t_ids = resolve_layers(teacher, t_pos, "model.init_args.teacher_layers")
+    return cls(student, teacher, s_ids, t_ids, options)
+
+
+def default_positions(backbone: Backbone, layers: slice) -> list[int]:
+    """The term's default pyramid slice as explicit positions."""
+    return list(range(len(pyramid(backbone))))[layers]
