@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "metrics.json", {"model": args.model, "classes": classes} | summary)
     mil_outputs.write_history(out / "metrics.csv", results)
     mil_outputs.write_predictions(out / "predictions.csv", results, classes, "case_id" if args.by_case else "slide_id")
-    mil_outputs.write_attention(out, dataset, results, features)
+    mil_outputs.write_attention(out, dataset, results, features, classes)
     mil_outputs.plot_roc(out / "figures" / "roc.png", results, classes)
     print(format_table(summary))
     print(f"run directory: {out}")

@@ -80,9 +80,11 @@ def write_history(path: Path, results: list[FoldResult]) -> None:
                 writer.writerow({"fold": result.fold} | row)
 
 
-def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult], features_dir: Path) -> None:
+def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult], features_dir: Path,
+                    classes: list[str]) -> None:
     """Out-of-fold instance scores per slide (a case bag is cut back into its slides), with the tile
-    coords and the features file's tiling attributes (``patch_size_level0``...) for the heatmap."""
+    coords, the label (index and class name) and the features file's tiling attributes
+    (``patch_size_level0``...) for the heatmap."""
     index_of = {bag.bag_id: i for i, bag in enumerate(dataset.bags)}
     for result in results:
         for bag_id, scores, label in zip(result.test.bag_ids, result.test.scores, result.test.labels, strict=True):
@@ -95,7 +97,7 @@ def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult
                     out["coords"] = item["coords"].numpy()[rows]  # (N_slide, 2) level-0 top-left
                     out["scores"] = scores[rows].astype(np.float32)  # (N_slide,)
                     out.attrs.update({k: v for k, v in attrs.items() if np.isscalar(v)})
-                    out.attrs.update(fold=result.fold, bag_id=bag_id, label=int(label))
+                    out.attrs.update(fold=result.fold, bag_id=bag_id, label=int(label), label_name=classes[int(label)])
 
 
 def plot_roc(path: Path, results: list[FoldResult], classes: list[str]) -> None:

@@ -41,11 +41,10 @@ import numpy as np
 
 from histodistill.errors import UserError
 from histodistill.io import atomic_path, write_json
-from histodistill.samples.stain_norm import lab_stats, reinhard_normalize, rgb_to_lab
+from histodistill.samples.stain_norm import TISSUE_LIGHTNESS, lab_stats, reinhard_normalize, rgb_to_lab
 from histodistill.wsi.tiff_writer import write_pyramid_tiff
 
 GLASS_RGB = (242, 240, 244)
-TISSUE_LIGHTNESS = 85.0  # LAB L below this is tissue, above is glass / empty background
 MIN_TISSUE_FRACTION = 0.7  # a source crop must be at least this much tissue to become a tile
 # A tumour-nest crop: neoplastic nucleus pixels are at least 5 % of the crop and 70 % of its typed
 # nucleus pixels. A benign crop of hgsc_nest: at most 0.5 % of its pixels are neoplastic nucleus.
