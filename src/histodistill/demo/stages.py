@@ -141,19 +141,10 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
 
 def _probe(context: DemoContext, model: str | Path, name: str) -> float:
     """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task."""
-    from histodistill.eval.probe import linear_probe, load_patch_features
-    from histodistill.features.extract import extract_images
+    from histodistill.demo.slide_task import probe_nuclei
 
-    nuclei = _stage_path(context, "data", "nuclei")
-    feats = {
-        split: load_patch_features(
-            extract_images(model, nuclei / split, _stage_path(context, "probe", name, split),
-                           device=context.device))
-        for split in ("train", "test")
-    }
-    result = linear_probe(feats["train"].features, feats["train"].labels, feats["test"].features,
-                          feats["test"].labels, seed=0)
-    return round(float(result.metrics["balanced_accuracy"]), 3)
+    return probe_nuclei(model, _stage_path(context, "data", "nuclei"),
+                        _stage_path(context, "features", "probe", name), context.device)
 
 
 def pretrain_sdmae(context: DemoContext) -> dict:
@@ -256,50 +247,19 @@ EXTRACTORS = {
 CONTROLS = ("random_init_resnet18", "colour_only")
 
 
-def _parameters(model: Path) -> int:
-    from histodistill.models.backbones import create_backbone
-
-    return sum(p.numel() for p in create_backbone(model).model.parameters())
-
-
 def extract_slide_features(context: DemoContext) -> dict:
     """Tile features of every slide per extractor, timed (tiles/s, end to end: read, transform, model),
     and each network's linear probe on the nuclei task."""
-    import time
+    from histodistill.demo.slide_task import COLOUR, measure_extractors
 
-    from histodistill.features.colour import colour_features
-    from histodistill.features.extract import extract_slides
-
-    tiles = _stage_path(context, "tiles", "slides")
     models = {name: _stage_path(context, *parts) for name, parts in EXTRACTORS.items()}
     models["random_init_resnet18"] = random_init_like(models["moma_student"],
                                                       _stage_path(context, "features", "random_init_resnet18_weights"))
-    rows = {}
-    for name in [*EXTRACTORS, *CONTROLS]:
-        start = time.perf_counter()
-        if name == "colour_only":
-            folder = colour_features(tiles, _stage_path(context, "features", name))
-        else:
-            folder = extract_slides(models[name], tiles, _stage_path(context, "features", name), device=context.device)
-        seconds = time.perf_counter() - start
-        n_tiles = sum(_tile_count(path) for path in folder.glob("*.h5"))
-        rows[name] = {"tiles_per_s": round(n_tiles / seconds, 1),
-                      "parameters": 0 if name == "colour_only" else _parameters(models[name]),
-                      "probe_balanced_accuracy": None if name == "colour_only" else _probe(context, models[name], name)}
+    models["colour_only"] = COLOUR
+    rows = measure_extractors(models, _stage_path(context, "tiles", "slides"), _stage_path(context, "features"),
+                              _stage_path(context, "data", "nuclei"), context.device)
     write_json(_stage_path(context, "features", "extractors.json"), rows)
     return {f"{name}_probe_bacc": row["probe_balanced_accuracy"] for name, row in rows.items()}
-
-
-def _tile_count(features_file: Path) -> int:
-    import h5py
-
-    with h5py.File(features_file, "r") as handle:
-        return len(handle["coords"])
-
-
-def _features_dir(context: DemoContext, name: str) -> Path:
-    (folder,) = _stage_path(context, "features", name).glob("features_*")
-    return folder
 
 
 def slide_mil(context: DemoContext) -> dict:
@@ -311,10 +271,11 @@ def slide_mil(context: DemoContext) -> dict:
     task = SLIDE_TASK[context.quick]
     extractors = json.loads(_stage_path(context, "features", "extractors.json").read_text())
     names = [*EXTRACTORS, *CONTROLS]
-    scores = run_slide_task({name: _features_dir(context, name) for name in names},
+    scores = run_slide_task({name: Path(extractors[name]["features_dir"]) for name in names},
                             _stage_path(context, "data", "slides"), _stage_path(context, "mil"), SLIDE_TILE_PX,
                             folds=task["folds"], seeds=task["seeds"], epochs=task["epochs"], device=context.device)
-    rows = [{"name": name, "control": name in CONTROLS, **extractors[name],
+    rows = [{"name": name, "control": name in CONTROLS,
+             **{k: v for k, v in extractors[name].items() if k != "features_dir"},
              "slide_auroc": scores[name]["auroc"], "slide_auroc_ci": scores[name]["auroc_ci"],
              "slide_auroc_per_seed": scores[name]["auroc_per_seed"],
              "balanced_accuracy": scores[name]["balanced_accuracy"],
