@@ -41,6 +41,14 @@ def ci(scores: dict) -> str:
     return f"{scores['auroc']:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def rate(row: dict) -> str:
+    return "not timed (resumed)" if row["tiles_per_s"] is None else f"{row['tiles_per_s']:.0f}"
+
+
+def ratio(value: float | None, baseline: float | None) -> str:
+    return "–" if value is None or baseline is None else f"{value / baseline:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default=str(ROOT / "demo_out"), help="a finished `histodistill demo --out` folder")
@@ -62,6 +70,7 @@ def main() -> None:
     start = time.perf_counter()
     extractors = measure_extractors(models, demo / "tiles" / "slides", work / "features", demo / "data" / "nuclei", "cpu")
     extract_seconds = time.perf_counter() - start
+    (work / "extractors.json").write_text(json.dumps(extractors, indent=1))
     names = list(models)
     features = {name: Path(extractors[name]["features_dir"]) for name in names}
     slides = demo / "data" / "slides"
@@ -84,12 +93,12 @@ def main() -> None:
                          extractors[name]["probe_balanced_accuracy"] or "–", ci(s),
                          " / ".join(f"{v:.3f}" for v in s["auroc_per_seed"]), f"{s['balanced_accuracy']:.3f}",
                          f"{s['localisation_auroc']:.3f}" if s["localisation_auroc"] is not None else "n/a",
-                         f"{extractors[name]['tiles_per_s']:.0f}", f"{extractors[name]['parameters']:,}"])
+                         rate(extractors[name]), f"{extractors[name]['parameters']:,}"])
     abmil = scores["abmil"]
-    teacher_rate = extractors["resnet34_teacher"]["tiles_per_s"] if "resnet34_teacher" in names else None
-    mcmkd_rows = [] if teacher_rate is None else [[label, ci(abmil[name]), f"{abmil[name]['localisation_auroc']:.3f}",
-                   f"{extractors[name]['tiles_per_s']:.0f}", f"{extractors[name]['tiles_per_s'] / teacher_rate:.2f}",
-                   f"{extractors[name]['parameters'] / extractors['resnet34_teacher']['parameters']:.2f}"]
+    teacher = extractors.get("resnet34_teacher")
+    mcmkd_rows = [] if teacher is None else [[label, ci(abmil[name]), f"{abmil[name]['localisation_auroc']:.3f}",
+                   rate(extractors[name]), ratio(extractors[name]["tiles_per_s"], teacher["tiles_per_s"]),
+                   f"{extractors[name]['parameters'] / teacher['parameters']:.2f}"]
                   for label, name in (("student, un-tuned (MoMA ResNet-18)", "moma_student"),
                                       ("student, MCM-KD tuned", "mcmkd_student"),
                                       ("teacher (supervised ResNet-34)", "resnet34_teacher")) if name in names]

@@ -36,13 +36,15 @@ def measure_extractors(models: dict[str, str | Path | None], tiles_dir: Path, ou
                        device: str) -> dict[str, dict]:
     """``{name: {features_dir, tiles_per_s, parameters, probe_balanced_accuracy}}``; a model of `COLOUR`
     is the colour-only control (no parameters, no probe). Features go to ``out_dir/<name>/features_*``,
-    probe features to ``out_dir/probe/<name>``."""
+    probe features to ``out_dir/probe/<name>``. ``tiles_per_s`` counts only the slides extracted by this
+    call (a resumed extraction skips finished slides), and is None when every slide was already done."""
     from histodistill.features.colour import colour_features
     from histodistill.features.extract import extract_slides
     from histodistill.models.backbones import create_backbone
 
     rows = {}
     for name, model in models.items():
+        done_before = {path.name for path in (out_dir / name).glob("features_*/*.h5")}
         start = time.perf_counter()
         if model is COLOUR:
             folder = colour_features(tiles_dir, out_dir / name)
@@ -51,10 +53,11 @@ def measure_extractors(models: dict[str, str | Path | None], tiles_dir: Path, ou
         seconds = time.perf_counter() - start
         tiles = 0
         for path in folder.glob("*.h5"):
-            with h5py.File(path, "r") as handle:
-                tiles += len(handle["coords"])
+            if path.name not in done_before:
+                with h5py.File(path, "r") as handle:
+                    tiles += len(handle["coords"])
         rows[name] = {
-            "features_dir": str(folder), "tiles_per_s": round(tiles / seconds, 1),
+            "features_dir": str(folder), "tiles_per_s": round(tiles / seconds, 1) if tiles else None,
             "parameters": 0 if model is COLOUR else sum(p.numel() for p in create_backbone(model).model.parameters()),
             "probe_balanced_accuracy": None if model is COLOUR else probe_nuclei(model, nuclei_dir,
                                                                                  out_dir / "probe" / name, device),
