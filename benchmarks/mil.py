@@ -96,7 +96,8 @@ def main() -> None:
                          rate(extractors[name]), f"{extractors[name]['parameters']:,}"])
     abmil = scores["abmil"]
     teacher = extractors.get("resnet34_teacher")
-    mcmkd_rows = [] if teacher is None else [[label, ci(abmil[name]), f"{abmil[name]['localisation_auroc']:.3f}",
+    students = {"moma_student", "mcmkd_student"} <= set(names)
+    mcmkd_rows = [] if teacher is None or not students else [[label, ci(abmil[name]), f"{abmil[name]['localisation_auroc']:.3f}",
                    rate(extractors[name]), ratio(extractors[name]["tiles_per_s"], teacher["tiles_per_s"]),
                    f"{extractors[name]['parameters'] / teacher['parameters']:.2f}"]
                   for label, name in (("student, un-tuned (MoMA ResNet-18)", "moma_student"),
@@ -120,12 +121,12 @@ def main() -> None:
 {n_slides} semi-synthetic slides (`make_slides`, seed {synthetic['seed']}: half positive, {synthetic['grid']}×{synthetic['grid']}
 cells of {synthetic['tile_px']} px at 0.5 mpp; positives carry {synthetic['tumor_fraction'][0]:.0%}–{synthetic['tumor_fraction'][1]:.0%}
 tumour-nest tiles; tiles from regions no extractor trained on, Reinhard-normalised per tile; [docs/mil.md](../mil.md)).
-{args.folds}-fold CV by case × {args.seeds} seeds, at most {args.epochs} epochs, AdamW lr 5e-4, early stopping on
+{args.folds}-fold CV by case × {args.seeds} seed(s), at most {args.epochs} epochs, AdamW lr 5e-4, early stopping on
 validation loss. **Slide AUROC**: of the out-of-fold predictions of all slides, mean over seeds, with a 95 %
 bootstrap CI over slides (2,000 resamples); per-seed values beside it. **Balanced accuracy**: out-of-fold, argmax,
 mean over seeds. **Localisation**: per positive slide, AUROC of the instance scores (ABMIL attention; instance
 logits for mean pooling) against the exact tumour tiles; mean over slides and seeds. **Patch probe**: linear
-probe balanced accuracy on the hgsc nuclei task. tiles/s: end-to-end extraction in the demo run (shared CPU).
+probe balanced accuracy on the hgsc nuclei task. tiles/s: end-to-end extraction in this run (shared CPU).
 Extractors from `histodistill demo --out {demo.name}`{" (--quick)" if n_slides < 60 else ""}{
 f"; NOT measured (their demo stage had not finished): {', '.join(missing)}" if missing else ""}.
 
@@ -135,7 +136,8 @@ f"; NOT measured (their demo stage had not finished): {', '.join(missing)}" if m
 ### MCM-KD: tuned vs un-tuned student, and the teacher (ABMIL, same runs as above)
 
 {markdown_table(["features", "slide AUROC [95 % CI]", "localisation AUROC", "tiles/s", "× teacher tiles/s",
-                 "× teacher parameters"], mcmkd_rows) if mcmkd_rows else "_Not measured: no teacher checkpoint._"}
+                 "× teacher parameters"], mcmkd_rows) if mcmkd_rows else
+  "_Not measured: the demo's teacher, MoMA student and MCM-KD student are all needed, and not all had finished._"}
 
 The teacher is the demo's supervised ResNet-34 (trained on the labeled nuclei of the training side of hgsc_nest);
 the student is the MoMA ResNet-18; MCM-KD fine-tunes it for one epoch on 3×3 windows of these same slides (no
