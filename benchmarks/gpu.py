@@ -104,7 +104,7 @@ def main() -> int:
 {steps}
 
 MFU = model FLOPs (PyTorch's FLOP counter on one forward + backward) / step time / the card's dense bf16
-peak. Extraction tiles/s against model-only: [extract.md](extract.md) ({"written by this run" if extract == 0
+peak. Extraction tiles/s against model-only: the extraction section (`docs/benchmarks/extract.md`, {"written by this run" if extract == 0
 else "its run FAILED in this session, see the console"}). Total time: {time.perf_counter() - start:.0f} s.
 """
     write_section("gpu", "GPU throughput: bf16, torch.compile, SD-MAE step and MFU", body)

@@ -120,7 +120,7 @@ def main() -> None:
     body = f"""
 {n_slides} semi-synthetic slides (`make_slides`, seed {synthetic['seed']}: half positive, {synthetic['grid']}×{synthetic['grid']}
 cells of {synthetic['tile_px']} px at 0.5 mpp; positives carry {synthetic['tumor_fraction'][0]:.0%}–{synthetic['tumor_fraction'][1]:.0%}
-tumour-nest tiles; tiles from regions no extractor trained on, Reinhard-normalised per tile; [docs/mil.md](../mil.md)).
+tumour-nest tiles; tiles from regions no extractor trained on, Reinhard-normalised per tile; see `docs/mil.md`).
 {args.folds}-fold CV by case × {args.seeds} seed(s), at most {args.epochs} epochs, AdamW lr 5e-4, early stopping on
 validation loss. **Slide AUROC**: of the out-of-fold predictions of all slides, mean over seeds, with a 95 %
 bootstrap CI over slides (2,000 resamples); per-seed values beside it. **Balanced accuracy**: out-of-fold, argmax,
