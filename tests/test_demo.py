@@ -65,18 +65,22 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     sample_file("cmu_small_region")  # skips unless the samples are cached
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    from histodistill.demo.stages import EXTRACTORS, STAGES
+    from histodistill.demo.stages import CONTROLS, EXTRACTORS, STAGES
 
     for stage in STAGES:
         assert (out / stage.name / "stage.json").is_file(), stage.name
-    for name in EXTRACTORS:
-        metrics = json.loads((out / "mil" / name / "metrics.json").read_text())
-        assert 0 <= metrics["mean"]["auroc"] <= 1
+    rows = json.loads((out / "summary.json").read_text())["extractors"]
+    assert [row["name"] for row in rows] == [*EXTRACTORS, *CONTROLS]
+    for row in rows:
+        low, high = row["slide_auroc_ci"]
+        assert 0 <= low <= row["slide_auroc"] <= high <= 1 and row["tiles_per_s"] > 0, row
+    assert all(row["parameters"] > 0 and 0 < row["probe_balanced_accuracy"] <= 1 for row in rows[:-1])
     probe = json.loads((out / "sdmae" / "run" / "probe.json").read_text())["linear_probe_balanced_accuracy"]
     assert set(probe) == {"sdmae", "random_init"} and all(1 / 3 - 0.1 < v <= 1 for v in probe.values())
     assert list(out.glob("heatmaps/*.png"))
     page = (out / "report.html").read_text()
     assert 'id="s-stages"' in page and 'id="s-mil"' in page and 'id="s-heatmaps"' in page
+    assert page.index('id="s-summary"') < page.index('id="s-stages"')  # the report opens on the extractor table
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(out)]) == 0  # finished stages are skipped
     assert capsys.readouterr().out.count("done before, skipped") == len(STAGES)

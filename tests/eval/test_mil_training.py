@@ -74,6 +74,7 @@ def test_mil_run_learns_planted_signal_and_writes_run_directory(tmp_path, model,
             with h5py.File(out / "attention" / f"{slide_id}.h5") as handle:
                 hits += int(np.argmax(handle["scores"][:]) in indices)
                 assert handle.attrs["patch_size_level0"] == 256
+                assert handle.attrs["label_name"] == "tumor"  # the class name, for the heatmap's title
         assert hits >= 9, f"top attention on a planted instance in only {hits}/12 positive slides"
     assert main(argv) == 2, "a finished run is not silently overwritten"
 

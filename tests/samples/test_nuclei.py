@@ -115,7 +115,7 @@ def synthetic_hgsc(monkeypatch):
         calls.append(1)
         return (_coordinate_image(), *_masks())
 
-    monkeypatch.setattr(nuclei, "_load_hgsc", load)
+    monkeypatch.setattr(nuclei, "load_hgsc", load)
     return calls
 
 
@@ -172,7 +172,7 @@ def test_cli_make_nuclei_and_make_slides_pass_their_options(tmp_path, synthetic_
 def test_real_task_counts(sample_file):
     for name in ("hgsc_nest", "hgsc_nest_inst_mask", "hgsc_nest_type_mask"):
         sample_file(name)
-    _, instance, kind = nuclei._load_hgsc()
+    _, instance, kind = nuclei.load_hgsc()
     found = find_nuclei(instance, kind)
     # the parquet lists 374 connective nuclei; one of them has no pixels of its own in the instance raster
     assert class_counts(found.types - 1, HGSC_CLASSES) == {"connective": 373, "inflammatory": 633, "neoplastic": 288}

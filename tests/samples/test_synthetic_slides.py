@@ -11,13 +11,20 @@ import tifffile
 
 from histodistill.errors import UserError
 from histodistill.samples.stain_norm import lab_stats, lab_to_rgb, reinhard_normalize, rgb_to_lab
-from histodistill.samples.synthetic_slides import make_slides, tumor_tile_labels
+from histodistill.samples.synthetic_slides import (
+    TISSUE_LIGHTNESS,
+    Source,
+    crop_fraction,
+    hgsc_nest_sources,
+    make_slides,
+    tumor_tile_labels,
+)
 
 TILE, GRID = 32, 6
 
 
-def sources(seed: int = 0) -> dict[str, list[np.ndarray]]:
-    """Benign: smooth pink gradients. Tumour: a bluish 4-px checkerboard (high-frequency texture that
+def sources(seed: int = 0) -> dict[str, list[Source]]:
+    """Benign: smooth pink gradients. Tumour: a bluish 4-px checkerboard (a period-8 texture that
     survives colour normalisation and JPEG), so pasted tumour tiles can be found again in the slide."""
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 1, 96)[None, :, None]
@@ -25,11 +32,15 @@ def sources(seed: int = 0) -> dict[str, list[np.ndarray]]:
               for _ in range(2)]
     checker = ((np.indices((80, 80)) // 4).sum(0) % 2)[..., None]
     tumor = [np.clip(np.array([90, 70, 160]) + 70 * checker, 0, 255).astype(np.uint8)]
-    return {"benign": benign, "tumor": tumor}
+    return {"benign": [Source(f"b{i}", im) for i, im in enumerate(benign)], "tumor": [Source("t", tumor[0])]}
 
 
-def high_frequency(tile: np.ndarray) -> float:
-    return float(np.abs(np.diff(tile.astype(float), axis=1)).mean())
+def is_checkerboard(tile: np.ndarray) -> bool:
+    """A 4-px checkerboard (any turn, flip or phase) differs most from itself shifted by 4 px and
+    hardly at all shifted by 8 px; a smooth gradient differs alike at both shifts."""
+    tile = tile.astype(float).mean(-1)
+    shift4, shift8 = np.abs(tile[:, 4:] - tile[:, :-4]).mean(), np.abs(tile[:, 8:] - tile[:, :-8]).mean()
+    return bool(shift4 > 3 * shift8 + 1)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +74,7 @@ def test_tumor_mask_matches_pasted_region(slides):
         for r in range(GRID):
             for c in range(GRID):
                 tile = image[r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE]
-                assert (high_frequency(tile) > 6) == mask[r, c], (row["slide_id"], r, c, high_frequency(tile))
+                assert is_checkerboard(tile) == mask[r, c], (row["slide_id"], r, c)
         if mask.any():  # one 4-connected region
             seen, stack = set(), [tuple(np.argwhere(mask)[0])]
             while stack:
@@ -110,3 +121,52 @@ def test_lab_round_trip_and_reinhard_moves_stats_to_target():
     mean, std = lab_stats(reinhard_normalize(source, target_mean, target_std))
     np.testing.assert_allclose(mean, target_mean, atol=0.6)
     np.testing.assert_allclose(std, target_std, rtol=0.1)
+
+
+def test_every_tissue_tile_is_normalised_to_the_same_colour_statistics(slides):
+    """Per-tile Reinhard: benign (pink) and tumour (blue) tiles end with the same LAB mean, so a
+    colour-statistics extractor cannot tell them apart."""
+    out, _ = slides
+    meta = json.loads((out / "synthetic.json").read_text())
+    target = np.array(meta["stain_target_lab_mean"])
+    means = {True: [], False: []}
+    for slide in meta["slides"]:
+        image = tifffile.imread(out / "slides" / f"{slide['slide_id']}.tif", key=0)
+        mask = np.load(out / "masks" / f"{slide['slide_id']}.npy")
+        for r in range(GRID):
+            for c in range(GRID):
+                tile = image[r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE]
+                if rgb_to_lab(tile)[..., 0].mean() < TISSUE_LIGHTNESS:  # not glass
+                    means[bool(mask[r, c])].append(lab_stats(tile, TISSUE_LIGHTNESS)[0])
+    for tumour in (True, False):
+        np.testing.assert_allclose(np.mean(means[tumour], axis=0), target, atol=2.5)
+
+
+def test_hgsc_nest_sources_keep_to_the_held_out_side_and_the_typed_nuclei():
+    """Tumour crops: mostly neoplastic nuclei; benign crops: none; both only right of split_x."""
+    types = np.zeros((40, 60), np.int64)
+    types[:, 30:45] = 3  # a neoplastic band, half of it left of the split
+    types[:, 45:] = 1  # connective right of it
+    types[:, :10] = 3  # neoplastic on the training side only
+    image = np.full((40, 60, 3), 120, np.uint8)
+    roles = hgsc_nest_sources(image, types, split_x=36, tile_px=8)
+    tumour, benign = roles["tumor"].allowed, roles["benign"].allowed  # (33, 53) top-lefts
+    assert tumour.shape == (33, 53)
+    assert not tumour[:, :36].any() and not benign[:, :36].any()  # the training side never gives a crop
+    assert tumour[:, 36:38].all() and not tumour[:, 45:].any()  # crops over the band (x < 45 - 8 + ...)
+    assert benign[:, 45:].all() and not benign[:, 36:44].any()
+
+
+def test_crop_fraction_is_each_crops_share_of_true_pixels():
+    mask = np.zeros((5, 6), bool)
+    mask[1:3, 2:4] = True
+    fraction = crop_fraction(mask, 2)
+    assert fraction.shape == (4, 5)
+    assert fraction[1, 2] == 1.0 and fraction[0, 1] == 0.25 and fraction[3, 0] == 0.0
+
+
+def test_tumour_fraction_follows_the_range_asked_for(tmp_path):
+    make_slides(tmp_path, n_slides=8, seed=1, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.4, 0.5))
+    for slide in json.loads((tmp_path / "synthetic.json").read_text())["slides"]:
+        if slide["tumor_tiles"]:
+            assert 0.35 <= slide["tumor_tiles"] / slide["tissue_tiles"] <= 0.55, slide

@@ -10,12 +10,12 @@ import argparse
 
 from histodistill.commands._arguments import output_folder
 
-HELP = "run the whole chain on the sample data (resumable; --quick for a ~2-minute version)"
+HELP = "run the whole chain on the sample data, ending on the slide task (resumable; --quick for a shorter version)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", type=output_folder, help="directory for every stage's outputs (default demo_out)")
-    parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps: about 2 minutes on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps: at most 3 minutes on 2 idle cores")
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="where to train and extract: auto = cuda when a GPU is visible, else cpu (default auto)",

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "metrics.json", {"model": args.model, "classes": classes, "dropped_empty": dropped} | summary)
     mil_outputs.write_history(out / "metrics.csv", results)
     mil_outputs.write_predictions(out / "predictions.csv", results, classes, "case_id" if args.by_case else "slide_id")
-    if without_coords := mil_outputs.write_attention(out, dataset, results):
+    if without_coords := mil_outputs.write_attention(out, dataset, results, classes):
         print(f"no attention files for {len(without_coords)} slide(s) whose features have no coords "
               f"(CLAM pt_files): {shown(without_coords)}; pass CLAM's h5_files for heatmaps")
     mil_outputs.plot_roc(out / "figures" / "roc.png", results, classes)

@@ -159,8 +159,9 @@ def slide_heatmap(
     downsample = slide.dimensions[0] / thumbnail.shape[1]
     values = rank_scale(scores) if scale == "rank" else scores
     raster = score_raster(thumbnail.shape[:2], coords, values, patch0, downsample)
-    label = attrs.get("label")
-    title = f"{slide_id}: attention" + (f" (label {label}, fold {attrs.get('fold')})" if label is not None else "")
+    # The class name where the run wrote one (older runs: the class index).
+    label = attrs.get("label_name", attrs.get("label"))
+    title = f"{slide_id}: attention" + (f" (true class: {label}, scored by fold {attrs.get('fold')})" if label is not None else "")
     out_dir = Path(out_dir)
     heatmap_path, montage_path = out_dir / f"{slide_id}_heatmap.png", out_dir / f"{slide_id}_tiles.png"
     draw_heatmap(heatmap_path, thumbnail, raster, scale, title, alpha)

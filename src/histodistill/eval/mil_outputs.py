@@ -80,9 +80,10 @@ def write_history(path: Path, results: list[FoldResult]) -> None:
                 writer.writerow({"fold": result.fold} | row)
 
 
-def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult]) -> list[str]:
+def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult], classes: list[str]) -> list[str]:
     """Out-of-fold instance scores per slide (a case bag is cut back into its slides), with the tile
-    coords and the features file's tiling attributes (``patch_size_level0``...) for the heatmap.
+    coords, the label (index and class name) and the features file's tiling attributes
+    (``patch_size_level0``...) for the heatmap.
 
     Slides whose features file has no coords (CLAM's pt_files) get no attention file; returns their ids.
     """
@@ -100,7 +101,7 @@ def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult
                     out["coords"] = item["coords"].numpy()[rows]  # (N_slide, 2) level-0 top-left
                     out["scores"] = scores[rows].astype(np.float32)  # (N_slide,)
                     out.attrs.update({k: v for k, v in dataset.attrs[slide_id].items() if np.isscalar(v)})
-                    out.attrs.update(fold=result.fold, bag_id=bag_id, label=int(label))
+                    out.attrs.update(fold=result.fold, bag_id=bag_id, label=int(label), label_name=classes[int(label)])
     return without_coords
 
 

@@ -4,6 +4,8 @@ One file, no external assets: figures are embedded as PNG data URIs and styles a
 page can be mailed, archived or opened from a laptop without the run directory. No JavaScript.
 
 What goes in, found by walking the directory (so it follows whatever a stage wrote):
+- ``summary.json`` with ``extractors`` (a demo chain): the opening table, one row per extractor
+  (patch-probe balanced accuracy, slide AUROC [95 % CI], localisation AUROC, tiles/s, parameters);
 - ``timings.json`` (a demo chain): the stages with their wall time and summaries;
 - every ``metrics.json``: a table of its numbers;
 - every ``metrics.csv`` (Lightning's CSVLogger): training curves drawn here;
@@ -30,6 +32,16 @@ from histodistill.io import atomic_path
 FIGURE_FOLDERS = {"figures", "qc", "heatmaps"}  # where stages write their PNGs
 MAX_FIGURE_PX = 1100  # wider figures are shrunk: the page column is 1200 px
 MAX_FIGURE_BYTES = 400_000  # heavier ones are re-encoded as JPEG
+SUMMARY_JSON = "summary.json"  # a demo's per-extractor results, the report's opening table
+# (key in summary.json, column header, format); a missing or null value shows as "–".
+EXTRACTOR_COLUMNS = (
+    ("probe_balanced_accuracy", "patch probe bal. acc.", "{:.3f}"),
+    ("slide_auroc", "slide AUROC [95 % CI]", "{:.3f}"),
+    ("balanced_accuracy", "slide bal. acc.", "{:.3f}"),
+    ("localisation_auroc", "localisation AUROC", "{:.3f}"),
+    ("tiles_per_s", "tiles/s", "{:.0f}"),
+    ("parameters", "parameters", "{:,}"),
+)
 
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d1d24;background:#fafafa}
@@ -57,8 +69,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, max_images:
         raise UserError(f"{run_dir} is not a directory: give a run directory (of fit, mil, tile or demo)")
     out = Path(out) if out else run_dir / "report.html"
     timings = _read_json(run_dir / "timings.json")
-    if timings:  # a demo chain: one section per stage, in the order the stages ran
-        parts = [_timings_section(run_dir, timings)]
+    if timings:  # a demo chain: the extractor table, then one section per stage, in the order they ran
+        parts = [_extractor_section(_read_json(run_dir / SUMMARY_JSON)), _timings_section(run_dir, timings)]
         parts += [_directory_section(run_dir / name, name, max_images) for name in timings if (run_dir / name).is_dir()]
         title = f"histodistill demo — {run_dir.resolve().name}"
     else:
@@ -106,6 +118,27 @@ def _timings_section(run_dir: Path, timings: dict) -> tuple[str, str]:
     return "stages", body
 
 
+def _extractor_section(summary: dict | None) -> tuple[str, str] | None:
+    """The table that answers "which extractor should I use": one row per extractor."""
+    if not summary or not summary.get("extractors"):
+        return None
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in EXTRACTOR_COLUMNS)
+    rows = []
+    for row in summary["extractors"]:
+        cells = []
+        for key, _, spec in EXTRACTOR_COLUMNS:
+            value = row.get(key)
+            text = "–" if value is None else spec.format(value)
+            if key == "slide_auroc" and row.get("slide_auroc_ci"):
+                text += " [{:.3f}, {:.3f}]".format(*row["slide_auroc_ci"])
+            cells.append(f'<td class="num">{html.escape(text)}</td>')
+        rows.append(f"<tr><td>{html.escape(row['name'])}</td>{''.join(cells)}</tr>")
+    note = f"<p>{html.escape(summary['note'])}</p>" if summary.get("note") else ""
+    body = (f'<section id="s-summary"><h2>Which extractor?</h2>{note}<table><tr><th>extractor</th>{head}</tr>'
+            f'{"".join(rows)}</table></section>')
+    return "summary", body
+
+
 def _directory_section(directory: Path, name: str, max_images: int) -> tuple[str, str] | None:
     blocks = []
     for path in sorted(directory.rglob("metrics.json")):
@@ -123,6 +156,11 @@ def _directory_section(directory: Path, name: str, max_images: int) -> tuple[str
     if not blocks:
         return None
     return name, f'<section id="{_anchor(name)}"><h2>{html.escape(name)}</h2>{"".join(blocks)}</section>'
+
+
+def _is_records(value) -> bool:
+    """A list of dicts with the same keys (per-fold results): shown as a table, not a Python repr."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _flatten(prefix: str, value, rows: list[tuple[str, object]]) -> None:
@@ -144,10 +182,24 @@ def _format(value) -> str:
 def _metrics_table(path: Path, root: Path) -> str:
     rows: list[tuple[str, object]] = []
     _flatten("", _read_json(path) or {}, rows)
+    records = [(key, value) for key, value in rows if _is_records(value)]
     cells = "".join(
-        f'<tr><td>{html.escape(key)}</td><td class="num">{html.escape(_format(value))}</td></tr>' for key, value in rows
+        f'<tr><td>{html.escape(key)}</td><td class="num">{html.escape(_format(value))}</td></tr>'
+        for key, value in rows if not _is_records(value)
     )
-    return f"<h3>Metrics ({html.escape(str(path.relative_to(root)))})</h3><table>{cells}</table>"
+    tables = "".join(_records_table(key, value) for key, value in records)
+    return f"<h3>Metrics ({html.escape(str(path.relative_to(root)))})</h3><table>{cells}</table>{tables}"
+
+
+def _records_table(name: str, records: list[dict]) -> str:
+    """One row per record (e.g. per fold), one column per key, numbers formatted."""
+    keys = list(dict.fromkeys(key for record in records for key in record))
+    head = "".join(f"<th>{html.escape(key)}</th>" for key in keys)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{html.escape(_format(r.get(key, "")))}</td>' for key in keys) + "</tr>"
+        for r in records
+    )
+    return f"<p><b>{html.escape(name)}</b></p><table><tr>{head}</tr>{body}</table>"
 
 
 def _curves_figure(path: Path) -> bytes | None:

@@ -129,7 +129,7 @@ def build_nuclei_task(
     )
 
 
-def _load_hgsc() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_hgsc() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The hgsc_nest image (H, W, 3) uint8 with its instance and type rasters (H, W), fetched if needed."""
     from histodistill.samples.registry import fetch
 
@@ -139,7 +139,7 @@ def _load_hgsc() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _hgsc_task(crop_size: int, test_fraction: float) -> tuple[NucleiTask, int]:
-    image, instance_mask, type_mask = _load_hgsc()
+    image, instance_mask, type_mask = load_hgsc()
     split_x = choose_split_x(find_nuclei(instance_mask, type_mask).centres_xy[:, 0], test_fraction)
     return build_nuclei_task(image, instance_mask, type_mask, HGSC_CLASSES, crop_size, split_x), split_x
 

@@ -16,6 +16,9 @@ _RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522
 _XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ)
 _WHITE = np.array([0.95047, 1.0, 1.08883])
 _DELTA = 6 / 29
+# LAB L below this is tissue, above it glass / empty background (H&E at 20x; stricter than the 90 default
+# of the functions below, which keeps pale stroma in).
+TISSUE_LIGHTNESS = 85.0
 
 
 def rgb_to_lab(image: np.ndarray) -> np.ndarray:

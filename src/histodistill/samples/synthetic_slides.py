@@ -1,14 +1,28 @@
 """Semi-synthetic whole slides with a known answer, assembled from real H&E tiles.
 
-Each slide is a grid of ``grid × grid`` cells of ``tile_px`` pixels: glass outside an elliptical
-piece of tissue, benign tiles inside it (skin from CMU-1-Small-Region, stroma from hgsc_stromal_he).
-Positive slides also carry one contiguous region of carcinoma tiles (hgsc_nest, the TIA Toolbox
-target image). Every source image is first Reinhard-normalised to one LAB target (the mean of the
-sources' statistics), so a classifier cannot tell tumour from benign by colour alone.
+The task: does the slide carry carcinoma? Each slide is a grid of ``grid × grid`` cells of ``tile_px``
+pixels: glass outside an elliptical piece of tissue, **benign** tiles (stroma, inflammatory cells)
+inside it; **positive** slides also carry one contiguous region of **tumour-nest** tiles covering a
+per-slide fraction of the tissue (default 5–40 %, so some slides are easy and some hard).
 
-The tissue is real; the slides are not: tiles are pasted side by side (seams at tile borders, no
-real tissue architecture across tiles), and the "tumour region" is wherever we put it. The ground
-truth (which grid cells are tumour) is exact, which is what attention-localisation scores need.
+The tiles come from image regions that no extractor of `histodistill demo` was trained on:
+- tumour nest: crops of ``hgsc_nest`` right of the nuclei task's train/test split (``split_x``; the
+  nuclei task trains only on crops left of it), where at least 70 % of the typed nucleus pixels are
+  neoplastic (the sample's own type raster says which);
+- benign: crops of the same region with (almost) no neoplastic nucleus pixels, and crops of
+  ``hgsc_stromal_he`` (never used for training). The demo's SD-MAE pretrains on CMU-1-Small-Region,
+  which is therefore not a source. Both classes draw benign tissue from ``hgsc_nest``, so "which image
+  did this tile come from" does not give the label away.
+
+Colour: each tile is Reinhard-normalised on its own (tissue pixels' LAB mean and sd moved to one
+target, the mean of the sources' statistics), so per-tile colour statistics carry no label. What is
+left is morphology, including how much of a tile is nuclei; a colour-histogram control measures how
+far that alone goes (`benchmarks/mil.py`).
+
+The tissue is real; the slides are not: tiles are pasted side by side (seams at tile borders, no real
+tissue architecture across tiles), tiles of a slide repeat pixels of the same few source regions, and
+the tumour region is wherever we put it. The ground truth (which grid cells are tumour) is exact,
+which is what localisation scores need.
 
 Outputs under ``out_dir``: ``slides/<slide_id>.tif`` (pyramidal TIFF), ``masks/<slide_id>.npy``
 ((grid, grid) bool, row = y, column = x: cell (r, c) is level-0 pixels [c·tile_px, (c+1)·tile_px) ×
@@ -21,73 +35,99 @@ import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from histodistill.errors import UserError
 from histodistill.io import atomic_path, write_json
-from histodistill.samples.stain_norm import lab_stats, reinhard_normalize, rgb_to_lab
+from histodistill.samples.stain_norm import TISSUE_LIGHTNESS, lab_stats, reinhard_normalize, rgb_to_lab
 from histodistill.wsi.tiff_writer import write_pyramid_tiff
 
-BENIGN_SAMPLES = ("cmu_small_region", "hgsc_stromal_he")
-TUMOR_SAMPLES = ("hgsc_nest", "tiatoolbox_target")
 GLASS_RGB = (242, 240, 244)
-TISSUE_LIGHTNESS = 85.0  # LAB L below this is tissue, above is glass / empty background
 MIN_TISSUE_FRACTION = 0.7  # a source crop must be at least this much tissue to become a tile
+# A tumour-nest crop: neoplastic nucleus pixels are at least 5 % of the crop and 70 % of its typed
+# nucleus pixels. A benign crop of hgsc_nest: at most 0.5 % of its pixels are neoplastic nucleus.
+MIN_NEOPLASTIC_AREA, MIN_NEOPLASTIC_SHARE, MAX_BENIGN_NEOPLASTIC_AREA = 0.05, 0.7, 0.005
+NEOPLASTIC_TYPE = 3  # hgsc_nest's type raster: 1 connective, 2 inflammatory, 3 neoplastic
 LABELS = ("negative", "positive")
 
 
-def load_sample_sources() -> dict[str, list[np.ndarray]]:
-    """The real sample images as (H, W, 3) uint8, by role; a `UserError` if any is not cached."""
-    from histodistill.samples.registry import cached_path
-    from histodistill.wsi.slide import open_slide
+class Source(NamedTuple):
+    """A source image (H, W, 3) uint8 and, optionally, which crop top-lefts it may give:
+    ``allowed`` (H - tile_px + 1, W - tile_px + 1) bool, ``None`` = anywhere with enough tissue."""
 
-    missing = [n for n in BENIGN_SAMPLES + TUMOR_SAMPLES if cached_path(n) is None]
+    name: str
+    image: np.ndarray
+    allowed: np.ndarray | None = None
+
+
+def crop_fraction(mask: np.ndarray, tile_px: int) -> np.ndarray:
+    """(H - t + 1, W - t + 1): the share of each ``t × t`` crop's pixels that are True in ``mask`` (H, W),
+    indexed by the crop's top-left (y, x); one summed-area table, O(1) per crop."""
+    t = tile_px
+    s = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # (H + 1, W + 1)
+    return (s[t:, t:] - s[:-t, t:] - s[t:, :-t] + s[:-t, :-t]) / t**2
+
+
+def hgsc_nest_sources(image: np.ndarray, type_mask: np.ndarray, split_x: int, tile_px: int) -> dict[str, Source]:
+    """Tumour-nest and benign crops of ``hgsc_nest`` (H, W, 3), from its (H, W) type raster, only where
+    the crop lies entirely right of ``split_x`` (the nuclei task's test side)."""
+    neoplastic = crop_fraction(type_mask == NEOPLASTIC_TYPE, tile_px)
+    typed = crop_fraction(type_mask > 0, tile_px)
+    held_out = np.zeros_like(neoplastic, bool)
+    held_out[:, split_x:] = True
+    share = neoplastic / np.maximum(typed, 1e-9)
+    tumor = held_out & (neoplastic >= MIN_NEOPLASTIC_AREA) & (share >= MIN_NEOPLASTIC_SHARE)
+    benign = held_out & (neoplastic <= MAX_BENIGN_NEOPLASTIC_AREA)
+    return {"tumor": Source("hgsc_nest", image, tumor), "benign": Source("hgsc_nest", image, benign)}
+
+
+def load_sample_sources(tile_px: int) -> dict[str, list[Source]]:
+    """The real sources by role (``tumor``, ``benign``); a `UserError` if a sample is not cached."""
+    from PIL import Image
+
+    from histodistill.samples.nuclei import choose_split_x, find_nuclei, load_hgsc
+    from histodistill.samples.registry import cached_path
+
+    missing = [n for n in ("hgsc_nest", "hgsc_nest_inst_mask", "hgsc_nest_type_mask", "hgsc_stromal_he")
+               if cached_path(n) is None]
     if missing:
         raise UserError(
             f"the semi-synthetic slides are built from sample images that are not cached: {missing}. "
             f"Run `histodistill samples fetch` first"
         )
-
-    def read(name: str) -> np.ndarray:
-        slide = open_slide(cached_path(name), mpp=0.5)  # every source is scanned at ~0.5 mpp (20x)
-        return slide.read_region((0, 0), 0, slide.dimensions)
-
-    return {"benign": [read(n) for n in BENIGN_SAMPLES], "tumor": [read(n) for n in TUMOR_SAMPLES]}
+    image, instance_mask, type_mask = load_hgsc()
+    # The nuclei task's own split (its default test fraction and 64-px crops): training crops end left of it.
+    split_x = choose_split_x(find_nuclei(instance_mask, type_mask).centres_xy[:, 0], test_fraction=0.3)
+    nest = hgsc_nest_sources(image, type_mask, split_x, tile_px)
+    stroma = Source("hgsc_stromal_he", np.asarray(Image.open(cached_path("hgsc_stromal_he")).convert("RGB")))
+    return {"tumor": [nest["tumor"]], "benign": [nest["benign"], stroma]}
 
 
 class TilePool:
-    """Random tissue crops of one role's (stain-normalised) sources, with random 90° turns and flips."""
+    """Random crops of one role's sources (uniform over sources, then over allowed tissue-rich
+    top-lefts), each with a random 90° turn and flip."""
 
-    def __init__(self, images: Sequence[np.ndarray], tile_px: int) -> None:
+    def __init__(self, sources: Sequence[Source], tile_px: int) -> None:
         self.tile_px = tile_px
-        self.images = [im for im in images if min(im.shape[:2]) >= tile_px]
+        self.images, self.positions = [], []
+        for source in sources:
+            if min(source.image.shape[:2]) < tile_px:
+                continue
+            ok = crop_fraction(rgb_to_lab(source.image)[..., 0] < TISSUE_LIGHTNESS, tile_px) >= MIN_TISSUE_FRACTION
+            if source.allowed is not None:
+                ok &= source.allowed
+            if ok.any():
+                self.images.append(source.image)
+                self.positions.append(np.argwhere(ok))  # (M, 2) top-left (y, x)
         if not self.images:
-            raise ValueError(f"no source image is at least {tile_px} px on each side")
-        # Summed-area tables of the tissue mask make each candidate crop's tissue fraction O(1).
-        self.tissue_sums = []
-        for image in self.images:
-            tissue = (rgb_to_lab(image)[..., 0] < TISSUE_LIGHTNESS).astype(np.int64)
-            self.tissue_sums.append(np.pad(tissue.cumsum(0).cumsum(1), ((1, 0), (1, 0))))  # (H+1, W+1)
+            raise ValueError(f"no source offers a {tile_px}-px crop with {MIN_TISSUE_FRACTION:.0%} tissue")
 
-    def _tissue_fraction(self, index: int, y: int, x: int) -> float:
-        s, t = self.tissue_sums[index], self.tile_px
-        return (s[y + t, x + t] - s[y, x + t] - s[y + t, x] + s[y, x]) / t**2
-
-    def draw(self, rng: np.random.Generator, attempts: int = 50) -> np.ndarray:
-        """One (tile_px, tile_px, 3) crop: the first of ``attempts`` random crops that is mostly tissue
-        (the most tissue-rich one seen if none is)."""
-        best, best_fraction = None, -1.0
-        for _ in range(attempts):
-            index = int(rng.integers(len(self.images)))
-            height, width = self.images[index].shape[:2]
-            y, x = int(rng.integers(height - self.tile_px + 1)), int(rng.integers(width - self.tile_px + 1))
-            fraction = self._tissue_fraction(index, y, x)
-            if fraction > best_fraction:
-                best, best_fraction = (index, y, x), fraction
-            if fraction >= MIN_TISSUE_FRACTION:
-                break
-        index, y, x = best
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """One (tile_px, tile_px, 3) uint8 crop."""
+        index = int(rng.integers(len(self.images)))
+        y, x = self.positions[index][rng.integers(len(self.positions[index]))]
         crop = self.images[index][y : y + self.tile_px, x : x + self.tile_px]
         crop = np.rot90(crop, k=int(rng.integers(4)))
         return np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop)
@@ -122,44 +162,52 @@ def tumor_region(tissue: np.ndarray, fraction: float, rng: np.random.Generator) 
     return region
 
 
-def assemble(cells: np.ndarray, tumor: np.ndarray, pools: dict[str, TilePool], rng: np.random.Generator) -> np.ndarray:
-    """Paste a tile per cell: glass, benign tissue, or tumour. Returns (grid·t, grid·t, 3) uint8."""
+class StainTarget(NamedTuple):
+    """The LAB mean (3,) and sd (3,) every tile's tissue is moved to."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def assemble(cells: np.ndarray, tumor: np.ndarray, pools: dict[str, TilePool], target: StainTarget,
+             rng: np.random.Generator) -> np.ndarray:
+    """Paste a tile per cell: glass, benign tissue, or tumour, each tile Reinhard-normalised on its own
+    to ``target``. Returns (grid·t, grid·t, 3) uint8."""
     t = pools["benign"].tile_px
     image = np.empty((cells.shape[0] * t, cells.shape[1] * t, 3), np.uint8)
     image[:] = GLASS_RGB
     for r, c in np.argwhere(cells):
         tile = pools["tumor" if tumor[r, c] else "benign"].draw(rng)
-        image[r * t : (r + 1) * t, c * t : (c + 1) * t] = tile
+        image[r * t : (r + 1) * t, c * t : (c + 1) * t] = reinhard_normalize(tile, *target, TISSUE_LIGHTNESS)
     return image
 
 
 def make_slides(
     out_dir: str | os.PathLike,
-    n_slides: int = 24,
+    n_slides: int = 60,
     seed: int = 0,
-    tile_px: int = 160,
+    tile_px: int = 64,
     mpp: float = 0.5,
-    grid: int = 10,
-    tumor_fraction: tuple[float, float] = (0.1, 0.3),
-    sources: dict[str, Sequence[np.ndarray]] | None = None,
+    grid: int = 8,
+    tumor_fraction: tuple[float, float] = (0.05, 0.4),
+    sources: dict[str, Sequence[Source]] | None = None,
 ) -> Path:
     """Write ``n_slides`` semi-synthetic slides (half positive) under ``out_dir``; return the labels CSV.
 
-    ``sources`` maps ``"benign"`` and ``"tumor"`` to lists of (H, W, 3) uint8 images (default: the
-    cached sample images; tests pass small synthetic ones). ``tumor_fraction`` bounds the share of a
-    positive slide's tissue cells that are tumour. The same arguments give byte-identical files.
+    ``sources`` maps ``"benign"`` and ``"tumor"`` to lists of `Source` (default: the cached sample
+    regions of `load_sample_sources`; tests pass small synthetic ones). ``tumor_fraction`` bounds the
+    share of a positive slide's tissue cells that are tumour (drawn uniformly per slide; at least 2
+    cells). The same arguments give byte-identical files.
     """
     if n_slides < 2:
         raise UserError(f"n_slides must be at least 2 (one per class), got {n_slides}")
     out_dir = Path(out_dir)
-    source_names = {"benign": list(BENIGN_SAMPLES), "tumor": list(TUMOR_SAMPLES)} if sources is None else "given"
-    sources = load_sample_sources() if sources is None else sources
-    stats = [lab_stats(image, TISSUE_LIGHTNESS) for role in ("benign", "tumor") for image in sources[role]]
-    target_mean, target_std = np.mean([m for m, _ in stats], axis=0), np.mean([s for _, s in stats], axis=0)
-    pools = {
-        role: TilePool([reinhard_normalize(im, target_mean, target_std, TISSUE_LIGHTNESS) for im in sources[role]], tile_px)
-        for role in ("benign", "tumor")
-    }
+    sources = load_sample_sources(tile_px) if sources is None else sources
+    named = {role: sorted({s.name for s in sources[role]}) for role in ("benign", "tumor")}
+    unique = {id(s.image): s.image for role in ("benign", "tumor") for s in sources[role]}
+    stats = [lab_stats(image, TISSUE_LIGHTNESS) for image in unique.values()]
+    target = StainTarget(np.mean([m for m, _ in stats], axis=0), np.mean([s for _, s in stats], axis=0))
+    pools = {role: TilePool(sources[role], tile_px) for role in ("benign", "tumor")}
     rng = np.random.default_rng(seed)
     positives = np.zeros(n_slides, bool)
     positives[rng.permutation(n_slides)[: n_slides // 2]] = True
@@ -168,7 +216,7 @@ def make_slides(
         slide_id = f"synth_{i:03d}"
         cells = tissue_cells(grid, rng)
         tumor = tumor_region(cells, rng.uniform(*tumor_fraction), rng) if positive else np.zeros_like(cells)
-        write_pyramid_tiff(out_dir / "slides" / f"{slide_id}.tif", assemble(cells, tumor, pools, rng), mpp=mpp)
+        write_pyramid_tiff(out_dir / "slides" / f"{slide_id}.tif", assemble(cells, tumor, pools, target, rng), mpp=mpp)
         with atomic_path(out_dir / "masks" / f"{slide_id}.npy") as tmp, tmp.open("wb") as handle:
             np.save(handle, tumor)
         rows.append((slide_id, slide_id, LABELS[int(positive)]))
@@ -178,8 +226,8 @@ def make_slides(
         csv.writer(handle).writerows([("case_id", "slide_id", "label"), *rows])
     write_json(out_dir / "synthetic.json", {
         "semi_synthetic": True, "seed": seed, "tile_px": tile_px, "mpp": mpp, "grid": grid,
-        "tumor_fraction": list(tumor_fraction), "sources": source_names,
-        "stain_target_lab_mean": target_mean.round(3).tolist(), "stain_target_lab_std": target_std.round(3).tolist(),
+        "tumor_fraction": list(tumor_fraction), "sources": named, "stain_normalisation": "Reinhard, per tile",
+        "stain_target_lab_mean": target.mean.round(3).tolist(), "stain_target_lab_std": target.std.round(3).tolist(),
         "slides": summary,
     })
     return labels_csv

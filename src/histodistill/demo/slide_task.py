@@ -1,0 +1,91 @@
+"""The slide task on a set of extractors, shared by the demo's ``features`` and ``mil`` stages and
+``benchmarks/mil.py``, so both measure the same way:
+
+- `measure_extractors`: tile features of every slide per extractor, timed (tiles/s end to end), with
+  each network's parameter count and linear-probe balanced accuracy on the nuclei task;
+- `run_slide_task`: `histodistill mil` per extractor and CV seed, then the scores of
+  `histodistill.eval.slide_task` (slide AUROC [95 % CI], balanced accuracy, localisation).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import h5py
+
+from histodistill.errors import UserError
+
+COLOUR = None  # the model value that stands for the colour-only control in `measure_extractors`
+
+
+def probe_nuclei(model: str | Path, nuclei_dir: Path, out_dir: Path, device: str) -> float:
+    """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task
+    (``nuclei_dir/{train,test}``); features are cached under ``out_dir``."""
+    from histodistill.eval.probe import linear_probe, load_patch_features
+    from histodistill.features.extract import extract_images
+
+    feats = {split: load_patch_features(extract_images(model, nuclei_dir / split, out_dir / split, device=device))
+             for split in ("train", "test")}
+    result = linear_probe(feats["train"].features, feats["train"].labels, feats["test"].features,
+                          feats["test"].labels, seed=0)
+    return round(float(result.metrics["balanced_accuracy"]), 3)
+
+
+def measure_extractors(models: dict[str, str | Path | None], tiles_dir: Path, out_dir: Path, nuclei_dir: Path,
+                       device: str) -> dict[str, dict]:
+    """``{name: {features_dir, tiles_per_s, parameters, probe_balanced_accuracy}}``; a model of `COLOUR`
+    is the colour-only control (no parameters, no probe). Features go to ``out_dir/<name>/features_*``,
+    probe features to ``out_dir/probe/<name>``. ``tiles_per_s`` counts only the slides extracted by this
+    call (a resumed extraction skips finished slides), and is None when every slide was already done."""
+    from histodistill.features.colour import colour_features
+    from histodistill.features.extract import extract_slides
+    from histodistill.models.backbones import create_backbone
+
+    rows = {}
+    for name, model in models.items():
+        done_before = {path.name for path in (out_dir / name).glob("features_*/*.h5")}
+        start = time.perf_counter()
+        if model is COLOUR:
+            folder = colour_features(tiles_dir, out_dir / name)
+        else:
+            folder = extract_slides(model, tiles_dir, out_dir / name, device=device)
+        seconds = time.perf_counter() - start
+        tiles = 0
+        for path in folder.glob("*.h5"):
+            if path.name not in done_before:
+                with h5py.File(path, "r") as handle:
+                    tiles += len(handle["coords"])
+        rows[name] = {
+            "features_dir": str(folder), "tiles_per_s": round(tiles / seconds, 1) if tiles else None,
+            "parameters": 0 if model is COLOUR else sum(p.numel() for p in create_backbone(model).model.parameters()),
+            "probe_balanced_accuracy": None if model is COLOUR else probe_nuclei(model, nuclei_dir,
+                                                                                 out_dir / "probe" / name, device),
+        }
+    return rows
+
+
+def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_px: int, *, model: str = "abmil",
+                   folds: int = 5, seeds: int = 3, epochs: int = 40, device: str = "cpu",
+                   extra: list[str] | None = None) -> dict[str, dict]:
+    """``{extractor: scores}`` for features folders ``{extractor: <features_*> dir}`` of the slides in
+    ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``); runs go to ``out/<extractor>/seed_<s>``.
+    The same seed gives the same folds for every extractor (the splits depend on the labels and seed only)."""
+    from histodistill.cli import main as cli
+    from histodistill.eval.slide_task import slide_task_scores
+    from histodistill.samples.synthetic_slides import tumor_tile_labels
+
+    def tumour(slide_id, coords):
+        return tumor_tile_labels(slides_dir / "masks", slide_id, coords, tile_px)
+
+    results = {}
+    for name, folder in features.items():
+        runs = [out / name / f"seed_{seed}" for seed in range(seeds)]
+        for seed, run in enumerate(runs):
+            argv = ["mil", "--features", str(folder), "--labels", str(slides_dir / "labels.csv"), "--model", model,
+                    "--folds", str(folds), "--epochs", str(epochs), "--lr", "5e-4", "--seed", str(seed),
+                    "--out", str(run), "--device", device, "--overwrite", *(extra or [])]
+            if cli(argv) != 0:
+                raise UserError(f"`histodistill {' '.join(argv)}` failed (see the message above)")
+        results[name] = slide_task_scores(runs, tumour)
+    return results

@@ -1,0 +1,41 @@
+"""The colour-only control extractor: per tile, the mean and sd of its tissue's CIELAB channels.
+
+A slide task that this extractor solves leaks a colour shortcut (scanner, stain batch, source image);
+a model that beats it on a task where it sits at chance has learned more than colour. It writes the
+same files as `extract_slides` (``features`` (N, 6) float32, ``coords`` (N, 2), the tiling attrs),
+so every downstream command reads it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from histodistill.data.slide_dataset import SlideTileDataset
+from histodistill.features.extract import EXTRACTOR_JSON, _coords_files, write_slide_features
+from histodistill.io import write_json
+from histodistill.samples.stain_norm import TISSUE_LIGHTNESS, lab_stats
+
+COLOUR_SLUG = "colour-lab-mean-sd"
+
+
+def colour_features(coords_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Features of every slide of a tiling output into ``out_dir/features_colour-lab-mean-sd``;
+    finished slides are skipped. Returns the features folder."""
+    features_dir = Path(out_dir) / f"features_{COLOUR_SLUG}"
+    write_json(features_dir / EXTRACTOR_JSON, {"model": COLOUR_SLUG, "feature_dim": 6, "source": "no weights",
+                                                 "features": "LAB mean (3) and sd (3) of the tile's tissue pixels"})
+    for coords_path in _coords_files(Path(coords_dir)):
+        target = features_dir / f"{coords_path.stem}.h5"
+        if target.exists():
+            continue
+        tiles = SlideTileDataset(coords_path)  # (3, H, W) uint8 tensors at the tiling's mpp
+        features = np.stack([
+            np.concatenate(lab_stats(tile.permute(1, 2, 0).numpy(), TISSUE_LIGHTNESS)) for tile, _ in tiles
+        ]).astype(np.float32)  # (N, 6)
+        write_slide_features(target, features, tiles.coords, {
+            "slide_id": tiles.slide_id, "extractor": COLOUR_SLUG, "patch_size": tiles.patch_size,
+            "target_mpp": tiles.target_mpp})
+    return features_dir
