@@ -49,8 +49,8 @@ def test_each_zoo_term_trains_a_tiny_student(teacher_ckpt, feature):  # noqa: F8
 
 
 def test_default_layers_follow_the_official_slices():
-    student = create_backbone("resnet18", channels=[8, 16, 32, 64])
-    vit = create_backbone("tiny/vit-tiny-p8-64")
+    student = create_backbone("resnet18", pretrained=False, channels=[8, 16, 32, 64])
+    vit = create_backbone("tiny/vit-tiny-p8-64", pretrained=False)
     assert pyramid(student) == [0, 1, 2, 3, 4] and pyramid(vit) == [0, 2, 5, 8, 11]
     from histodistill.methods.kd_zoo import build_term
 
@@ -63,7 +63,7 @@ def test_default_layers_follow_the_official_slices():
 
 def test_forward_layers_gives_the_backbones_own_pooled_feature_and_maps():
     for name in ("tiny/resnet18-64", "tiny/vit-tiny-p8-64"):
-        backbone = create_backbone(name).eval()
+        backbone = create_backbone(name, pretrained=False).eval()
         images = torch.randn(2, 3, 64, 64)
         out = forward_layers(backbone, images, [4, 1])
         torch.testing.assert_close(out.pooled, backbone(images))
@@ -105,7 +105,7 @@ def test_simkd_student_predicts_through_the_teacher_classifier(teacher_ckpt):  #
 
 
 # A 4-block ViT teaching a narrow ResNet-18, both at 64 px: the heterogeneous code path at CPU-test size.
-VIT_TEACHER = {"teacher": "tiny/vit-tiny-p8-64", "teacher_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 2},
+VIT_TEACHER = {"teacher": "tiny/vit-tiny-p8-64", "teacher_pretrained": False, "pretrained": False, "teacher_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 2},
                "backbone": "tiny/resnet18-64", "backbone_kwargs": {"channels": [8, 16, 32, 64]}, "w_kd": 0.0}
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from histodistill.data.slide_dataset import SlideTileDataset
-from histodistill.features.extract import EXTRACTOR_JSON, _coords_files, write_slide_features
+from histodistill.features.extract import EXTRACTOR_JSON, write_slide_features
 from histodistill.io import write_json
 from histodistill.samples.stain_norm import TISSUE_LIGHTNESS, lab_stats
+from histodistill.wsi.coords import coords_files
 
 COLOUR_SLUG = "colour-lab-mean-sd"
 
@@ -27,7 +28,7 @@ def colour_features(coords_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     features_dir = Path(out_dir) / f"features_{COLOUR_SLUG}"
     write_json(features_dir / EXTRACTOR_JSON, {"model": COLOUR_SLUG, "feature_dim": 6, "source": "no weights",
                                                  "features": "LAB mean (3) and sd (3) of the tile's tissue pixels"})
-    for coords_path in _coords_files(Path(coords_dir)):
+    for coords_path in coords_files(coords_dir):
         target = features_dir / f"{coords_path.stem}.h5"
         if target.exists():
             continue
