@@ -62,16 +62,15 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in wanted if s not in attention]
     if unknown:
         raise UserError(f"--slide-id {unknown}: no attention for them in {run_dir / 'attention'}")
-    for slide_id in wanted:  # a damaged file stops the run before any figure is drawn
-        read_attention(attention[slide_id])
+    # Every file is read before any figure is drawn, so a damaged one stops the run first.
+    attrs = {slide_id: read_attention(attention[slide_id])[2] for slide_id in wanted}
     if args.slides is not None and Path(args.slides).is_file():
         paths = csv_slide_paths(Path(args.slides))
         missing = [s for s in wanted if s not in paths]
         if missing:
             raise UserError(f"--slides {args.slides} has no slide for {missing[:5]}: add them or restrict with --slide-id")
     else:  # every slide found before any is drawn
-        paths = {s: find_slide(attention[s], {**read_attention(attention[s])[2], "slide_id": s}, args.slides,
-                               args.slide_ext) for s in wanted}
+        paths = {s: find_slide(attention[s], {**attrs[s], "slide_id": s}, args.slides, args.slide_ext) for s in wanted}
     out = Path(args.out) if args.out else run_dir / "figures" / "heatmaps"
     for slide_id in tqdm(wanted, desc="heatmaps", unit="slide", dynamic_ncols=True):
         slide_heatmap(paths[slide_id], attention[slide_id], out, top_k=args.top_k, scale=args.scale,
