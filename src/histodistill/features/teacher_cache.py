@@ -15,7 +15,7 @@ import h5py
 
 from histodistill.errors import UserError
 from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, model_slug
-from histodistill.io import sha256_file, write_json
+from histodistill.io import sha256_file, visible_files, write_json
 from histodistill.wsi.tiling import read_coords
 
 # Our record beside extract's ``extractor.json``: the hash of the teacher's weights *file*, which the
@@ -36,7 +36,7 @@ def cache_key(
     and, per slide, the tiling (target mpp, patch size, tile count) read from the coords attrs."""
 
     slides = {}
-    for path in sorted(p for p in Path(patches_dir).glob("*.h5") if not p.name.startswith(".")):
+    for path in visible_files(patches_dir, (".h5",)):
         coords, attrs = read_coords(path)
         slides[path.stem] = {"target_mpp": float(attrs["target_mpp"]), "patch_size": int(attrs["patch_size"]),
                              "tiles": len(coords)}

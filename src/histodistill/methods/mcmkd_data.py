@@ -17,6 +17,7 @@ from histodistill.data.datamodule import PatchDataModule
 from histodistill.data.teacher_features import TeacherFeatures
 from histodistill.errors import UserError
 from histodistill.features.teacher_cache import ensure_teacher_cache
+from histodistill.io import visible_files
 
 
 class ContextWindowDataModule(PatchDataModule):
@@ -88,7 +89,7 @@ class ContextWindowDataModule(PatchDataModule):
             self.tiles_dir / "patches", features_dir, self.side, self.min_fraction,
             transform=window_transform(module.preprocess, self.side), mpp=self.mpp, window_stride=self.window_stride,
         )
-        cached_dim = TeacherFeatures(next(features_dir.glob("*.h5"))).dim
+        cached_dim = TeacherFeatures(visible_files(features_dir, (".h5",))[0]).dim
         if getattr(module, "teacher_dim", cached_dim) != cached_dim:
             raise UserError(
                 f"model.init_args.teacher_dim is {module.teacher_dim} but the teacher cache {features_dir} holds "

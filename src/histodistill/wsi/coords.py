@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from histodistill.errors import UserError
-from histodistill.io import atomic_path
+from histodistill.io import atomic_path, visible_files
 from histodistill.wsi.formats import SLIDE_SUFFIXES
 
 # The tiling, as `extract` copies it onto a features file's `coords` (TRIDENT's slide encoders and
@@ -110,7 +110,7 @@ def coords_files(source: str | os.PathLike) -> list[Path]:
     of a tiling still running. Raises `UserError` when there are none."""
     source = Path(source)
     folder = source / "patches" if (source / "patches").is_dir() else source
-    files = sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".")) if folder.is_dir() else []
+    files = visible_files(folder, (".h5",))
     if not files:
         raise UserError(f"--coords {source}: no coords files in {folder} or {source / 'patches'}; run "
                         f"`histodistill tile ... --out {source}` first, or pass a CLAM/TRIDENT patches/ folder")
