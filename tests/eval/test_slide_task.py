@@ -7,8 +7,9 @@ import csv
 import h5py
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from histodistill.eval.slide_task import bootstrap_auroc, slide_task_scores
+from histodistill.eval.slide_task import binary_aurocs, bootstrap_auroc, slide_task_scores
 
 
 def _write_run(run, probs: dict[str, float], labels: dict[str, str], attention: dict[str, np.ndarray]) -> None:
@@ -55,3 +56,28 @@ def test_bootstrap_ci_narrows_with_more_slides_and_centres_on_the_auroc():
         return high - low
 
     assert ci_width(400) < ci_width(40) / 2
+
+
+def test_binary_aurocs_equal_sklearn_on_every_row_with_ties():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, size=(300, 17))
+    labels[:, :2] = [0, 1]  # both classes in every row
+    scores = rng.integers(0, 5, size=(3, 300, 17)) / 4  # few distinct values: many ties
+    expected = [[roc_auc_score(y, p) for y, p in zip(labels, repeat, strict=True)] for repeat in scores]
+    np.testing.assert_allclose(binary_aurocs(labels, scores), expected, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_ci_is_the_one_of_the_per_resample_sklearn_loop():
+    labels = np.array([0, 0, 1, 0, 0, 1, 0])  # 7 slides, 2 positive: about 1 resample in 10 is one-class
+    rng = np.random.default_rng(2)
+    probs = np.round(labels + rng.normal(0, 1.2, (3, len(labels))), 1)  # (R, S) with ties
+    draw, values = np.random.default_rng(5), []
+    while len(values) < 300:  # the former implementation: redraw one-class resamples, sklearn per resample
+        pick = draw.integers(len(labels), size=len(labels))
+        if labels[pick].min() == labels[pick].max():
+            continue
+        values.append(np.mean([roc_auc_score(labels[pick], p[pick]) for p in probs]))
+    expected = np.percentile(values, [2.5, 97.5])
+    point, low, high = bootstrap_auroc(labels, probs, n_boot=300, seed=5)
+    assert point == pytest.approx(np.mean([roc_auc_score(labels, p) for p in probs]))
+    np.testing.assert_allclose([low, high], expected, rtol=0, atol=1e-12)
