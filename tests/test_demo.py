@@ -84,3 +84,22 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(out)]) == 0  # finished stages are skipped
     assert capsys.readouterr().out.count("done before, skipped") == len(STAGES)
+
+
+def test_random_control_keeps_the_checkpoints_preprocessing_with_other_weights(tmp_path):
+    """Rebuilt from the timm name alone, the control of a 64-px student was exported at 224 px."""
+    import torch
+
+    from conftest import write_supervised_checkpoint
+    from histodistill.demo.stages import random_init_like
+    from histodistill.models.backbones import create_backbone
+
+    checkpoint, teacher = write_supervised_checkpoint(tmp_path / "student.ckpt", backbone="tiny/resnet18-64")
+    control = create_backbone(random_init_like(checkpoint, tmp_path / "control"))
+    trained = teacher.backbone.spec
+    assert (control.spec.name, control.spec.timm_name) == (trained.name, trained.timm_name)
+    assert control.spec.preprocess == trained.preprocess and control.spec.preprocess.input_size == 64
+    config = json.loads((tmp_path / "control" / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["histodistill"]["source"] == "random"
+    weights = teacher.backbone.model.state_dict()
+    assert not torch.equal(control.model.conv1.weight, weights["conv1.weight"])

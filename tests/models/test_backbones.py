@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from histodistill.models.backbones import (
     Preprocess,
     create_backbone,
     list_backbones,
+    random_like,
     register_backbone,
 )
 from histodistill.models.registry import Registry
@@ -178,6 +180,15 @@ def test_our_checkpoint_rebuilds_its_backbone(tmp_path):
     loaded = create_backbone(tmp_path / "last.ckpt").eval()
     torch.testing.assert_close(loaded(x[:1]), reference(x[:1]))
     assert loaded.spec.timm_name == "vit_tiny_patch16_224" and loaded.spec.source == "checkpoint:last.ckpt"
+
+
+def test_random_like_keeps_the_spec_and_draws_new_weights(capsys):
+    trained = create_backbone("tiny/vit-tiny-p8-64", pretrained=False)
+    control = random_like(replace(trained.spec, source="checkpoint:last.ckpt"))
+    assert control.spec == trained.spec and control.spec.preprocess.input_size == 64  # source "random" again
+    assert control(torch.zeros(1, 3, 64, 64)).shape == (1, trained.num_features)  # built for 64 px, as the spec
+    assert not torch.equal(control.model.patch_embed.proj.weight, trained.model.patch_embed.proj.weight)
+    assert "tiny/vit-tiny-p8-64: random initialisation" in capsys.readouterr().err
 
 
 def test_checkpoint_without_record_is_explained(tmp_path):

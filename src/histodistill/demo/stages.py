@@ -130,13 +130,12 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
     import torch
 
     from histodistill.features.export import save_backbone
-    from histodistill.models.backbones import CHECKPOINT_BACKBONE_KEY, BackboneSpec, create_backbone
+    from histodistill.models.backbones import CHECKPOINT_BACKBONE_KEY, BackboneSpec, random_like
     from histodistill.models.weights import read_checkpoint
 
     spec = BackboneSpec.from_dict(read_checkpoint(checkpoint)[CHECKPOINT_BACKBONE_KEY]["spec"])
     torch.manual_seed(0)
-    # pretrained=False said explicitly: a timm name defaults to its published weights.
-    return save_backbone(create_backbone(spec.timm_name, pretrained=False, **spec.model_kwargs), out_dir)
+    return save_backbone(random_like(spec), out_dir)  # the checkpoint's preprocessing (input size) kept
 
 
 def _probe(context: DemoContext, model: str | Path, name: str) -> float:

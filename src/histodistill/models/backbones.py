@@ -189,9 +189,25 @@ def create_backbone(
         load_weights(backbone.model, _without_classifier(read_state_dict(weights), backbone.model), str(weights), strict)
         backbone.spec = replace(backbone.spec, source=f"weights:{Path(weights).name}")
     if backbone.spec.source == "random":
-        print(f"note: {name}: random initialisation (pretrained=False / --random-init), no pretrained weights",
-              file=sys.stderr)
+        _note_random(str(name))
     return backbone
+
+
+def random_like(spec: BackboneSpec) -> Backbone:
+    """A backbone as ``spec`` describes it (name, timm architecture, ``model_kwargs`` and preprocessing:
+    mean, std, input size, mpp) with fresh weights from torch's global RNG; ``source`` becomes ``random``.
+
+    The control for a trained model: rebuilding from ``spec.timm_name`` alone would take timm's default
+    preprocessing (224 px for a 64-px ``tiny/`` model), so the control would see other input than the
+    model it controls for.
+    """
+    _note_random(spec.name)
+    return Backbone(_create(spec.timm_name, spec.model_kwargs), replace(spec, source="random"))
+
+
+def _note_random(name: str) -> None:
+    print(f"note: {name}: random initialisation (pretrained=False / --random-init), no pretrained weights",
+          file=sys.stderr)
 
 
 # ---- sources ---------------------------------------------------------------------------------------
