@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
-from histodistill.eval.metrics import classification_metrics, plot_confusion
+from histodistill.eval.metrics import classification_metrics, ovr_auroc, plot_confusion
 
 
 def test_hand_computed_binary_case():
@@ -55,3 +55,13 @@ def test_plot_confusion_writes_a_png(tmp_path):
     plot_confusion([0, 1, 2, 2], [0, 2, 2, 2], ["a", "b", "c"], path, title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_ovr_auroc_equals_sklearn_with_ties_binary_and_multiclass():
+    rng = np.random.default_rng(3)
+    y2, y4 = rng.integers(0, 2, 40), rng.integers(0, 4, 40)
+    p2 = np.round(rng.dirichlet(np.ones(2), 40), 1)  # rounded: many tied scores
+    p4 = np.round(rng.dirichlet(np.ones(4), 40), 1)
+    assert ovr_auroc(y2, p2) == pytest.approx(roc_auc_score(y2, p2[:, 1]), abs=1e-12)
+    expected = np.mean([roc_auc_score(y4 == c, p4[:, c]) for c in range(4)])
+    assert ovr_auroc(y4, p4) == pytest.approx(expected, abs=1e-12)

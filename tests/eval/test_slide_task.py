@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from histodistill.eval.slide_task import binary_aurocs, bootstrap_auroc, slide_task_scores
+from histodistill.eval.metrics import binary_aurocs
+from histodistill.eval.slide_task import bootstrap_auroc, slide_task_scores
 
 
 def _write_run(run, probs: dict[str, float], labels: dict[str, str], attention: dict[str, np.ndarray]) -> None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from histodistill.data.bags import BagDataset, collate_bags
 from histodistill.data.splits import Split
 from histodistill.errors import UserError
-from histodistill.eval.metrics import classification_metrics
+from histodistill.eval.metrics import classification_metrics, ovr_auroc
 from histodistill.features.extract import resolve_device
 from histodistill.models.mil import create_mil
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
@@ -130,15 +130,15 @@ def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size
     return Predictions(bag_ids, np.concatenate(labels), np.concatenate(probs), scores, sum(losses) / max(n, 1))
 
 
-def auroc(predictions: Predictions, num_classes: int) -> float:
-    return float(classification_metrics(predictions.labels, predictions.probs, num_classes)["auroc"])
+def auroc(predictions: Predictions) -> float:
+    """The one-vs-rest AUROC alone: every epoch's validation needs only this of `classification_metrics`."""
+    return ovr_auroc(predictions.labels, predictions.probs.astype(np.float64))
 
 
 def train_fold(
     model: nn.Module,
     train_set: Dataset,
     val_set: Dataset | None,
-    num_classes: int,
     config: TrainConfig,
     log: Callable[[dict], None] = lambda row: None,
 ) -> tuple[nn.Module, int, list[dict]]:
@@ -157,7 +157,7 @@ def train_fold(
         row = {"epoch": epoch, "train_loss": train_epoch(model, loader, optimizer, device)}
         if val_set is not None and len(val_set):
             val = predict(model, val_set, device, config.batch_size)
-            row |= {"val_loss": val.loss, "val_auroc": auroc(val, num_classes)}
+            row |= {"val_loss": val.loss, "val_auroc": auroc(val)}
         history.append(row)
         log(row)
         value = {"val_loss": -row.get("val_loss", 0.0), "val_auroc": row.get("val_auroc", 0.0), "none": epoch}[watch]
@@ -206,7 +206,7 @@ def run_fold(
     model = create_mil(model_name, dataset.feature_dim, num_classes, **config.model_kwargs)
     fold_config = dataclasses.replace(config, seed=config.seed + fold)  # each fold shuffles differently
     model, best_epoch, history = train_fold(
-        model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), num_classes, fold_config, log
+        model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), fold_config, log
     )
     test = predict(model, Subset(dataset, parts["test"]), torch.device("cpu"), config.batch_size)
     metrics = classification_metrics(test.labels, test.probs, num_classes)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from scipy.stats import rankdata
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from histodistill.eval.metrics import binary_aurocs
 
 
 def read_predictions(run_dir: str | os.PathLike, positive: str) -> dict[str, tuple[int, float]]:
@@ -29,16 +30,6 @@ def read_predictions(run_dir: str | os.PathLike, positive: str) -> dict[str, tup
     with open(Path(run_dir) / "predictions.csv", newline="") as handle:
         return {row["slide_id"]: (int(row["label"] == positive), float(row[f"prob_{positive}"]))
                 for row in csv.DictReader(handle)}
-
-
-def binary_aurocs(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """AUROC of each row: ``labels`` (B, n) 0/1 with both classes in every row, ``scores`` (..., B, n)
-    -> (..., B). The Mann-Whitney U statistic over ranks, tied scores sharing their average rank, which
-    is the trapezoidal ROC area that sklearn's ``roc_auc_score`` computes, without its per-call checks."""
-    ranks = rankdata(scores, axis=-1)
-    positives = labels.sum(-1)
-    negatives = labels.shape[-1] - positives
-    return ((ranks * labels).sum(-1) - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def bootstrap_auroc(labels: np.ndarray, probs: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
