@@ -103,3 +103,21 @@ def test_random_control_keeps_the_checkpoints_preprocessing_with_other_weights(t
     assert config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["histodistill"]["source"] == "random"
     weights = teacher.backbone.model.state_dict()
     assert not torch.equal(control.model.conv1.weight, weights["conv1.weight"])
+
+
+def test_slide_task_trains_mil_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    import torch
+
+    import histodistill.cli
+    import histodistill.eval.slide_task
+    from histodistill.demo.slide_task import run_slide_task
+
+    seen, before = [], torch.get_num_threads()
+    monkeypatch.setattr(histodistill.cli, "main", lambda argv: seen.append(torch.get_num_threads()) or 0)
+    monkeypatch.setattr(histodistill.eval.slide_task, "slide_task_scores", lambda runs, tumour: {"runs": len(runs)})
+    torch.set_num_threads(2)
+    try:
+        assert run_slide_task({"a": tmp_path}, tmp_path, tmp_path / "out", 64, seeds=2) == {"a": {"runs": 2}}
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
