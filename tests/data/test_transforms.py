@@ -147,3 +147,16 @@ def test_timm_augmentations_follow_torchs_seed_and_leave_pythons_alone():
     assert random.random() == before  # Python's global generator was restored
     torch.testing.assert_close(outs[0], outs[1])
     assert not torch.equal(outs[0], other)
+
+
+def test_linprobe_recipe_is_the_official_linear_probe_augmentation():
+    # main_linprobe.py / run_mae_eval_linear.py: RandomResizedCrop(224, interpolation=3) (default scale and
+    # ratio), RandomHorizontalFlip(), ToTensor, Normalize.
+    from torchvision.transforms import v2
+
+    crop, flip, to_float, normalise = build_transform("linprobe", PRE, train=True).transforms
+    assert isinstance(crop, v2.RandomResizedCrop) and tuple(crop.size) == (32, 32)
+    assert crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert crop.interpolation == v2.InterpolationMode.BICUBIC
+    assert isinstance(flip, v2.RandomHorizontalFlip) and flip.p == 0.5
+    assert isinstance(normalise, v2.Normalize) and normalise.mean == list(PRE.mean)

@@ -19,6 +19,8 @@ Recipes (``train=True``):
   RandomErasing(p = 0.25, per-pixel normal values).
 - ``mae``: RandomResizedCrop(S, scale=(0.2, 1), bicubic) + HFlip (the MAE paper).
 - ``sdmae``: RandomResizedCrop(S) with torchvision's default scale, no flip (SD-MAE official code).
+- ``linprobe``: RandomResizedCrop(S, bicubic) with torchvision's default scale (0.08, 1) + HFlip: the
+  linear probe of MAE's ``main_linprobe.py`` and SD-MAE's ``run_mae_eval_linear.py`` ("weak augmentation").
 - ``he``: flips and 90° rotations + H&E stain jitter in HED colour space (`HEDJitter`).
 """
 
@@ -182,6 +184,10 @@ RECIPES: dict[str, Callable[[int, object], list[Callable]]] = {
         v2.RandomHorizontalFlip(),
     ],
     "sdmae": lambda size, pre: [v2.RandomResizedCrop(size, antialias=True)],
+    "linprobe": lambda size, pre: [
+        v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ],
     "he": lambda size, pre: _resize_crop(size) + _orientation() + [HEDJitter()],
     "finetune": _finetune,
 }
