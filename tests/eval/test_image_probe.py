@@ -82,6 +82,13 @@ def test_a_seed_gives_the_same_metrics_and_another_seed_other_probabilities(data
     assert not np.array_equal(first.probs, other.probs)
 
 
+def test_dataloader_workers_do_not_change_the_metrics(data):
+    # Each image's draws are seeded by (seed, epoch, image), not by which process reads it.
+    in_main = _probe(data, epochs=2)
+    data.num_workers = 1
+    np.testing.assert_array_equal(in_main.probs, _probe(data, epochs=2).probs)
+
+
 def test_two_colour_classes_are_learnt(data):
     result = _probe(data, epochs=9, batch_size=3)
     assert result.metrics["accuracy"] == 1.0

@@ -22,7 +22,8 @@ import argparse
 
 from histodistill.commands._arguments import add_model_arguments, check_model_arguments, output_folder
 
-HELP = "linear and kNN probes on frozen patch features (accuracy, balanced accuracy, F1, AUROC, kappa)"
+HELP = ("linear and kNN probes on frozen patch features, or MAE's linear probe on augmented image folders "
+        "(accuracy, balanced accuracy, F1, AUROC, kappa)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@
   is picked by 3-fold inner cross-validation on the training split over ``C_GRID`` unless fixed.
 - linear, ``linear_protocol="mae"``: MAE's / SD-MAE's own protocol (`mae_linear_probe`, from
   ``main_linprobe.py`` / ``run_mae_eval_linear.py``): BatchNorm1d(affine=False) + Linear trained by SGD
-  for 90 epochs, the number comparable with those papers.
+  for 90 epochs, the number comparable with those papers; `train_mae_head` is its training loop, shared
+  with the probe on augmented images (`histodistill.eval.image_probe`).
 - kNN: DINO's weighted vote (Caron et al. 2021): cosine similarity to the training features, the ``k=20``
   nearest vote for their class with weight ``exp(similarity / T)``, ``T=0.07``; class probabilities are
   the normalised votes.
