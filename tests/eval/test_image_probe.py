@@ -128,3 +128,12 @@ def test_cli_bad_image_inputs_are_one_error_line(folders, tmp_path, capsys, chan
 def test_mae_training_options_need_the_mae_protocol(tmp_path, capsys):
     assert main(["probe", "--features", str(tmp_path), "--epochs", "5", "--out", str(tmp_path / "o")]) == 2
     assert "--epochs set the MAE linear probe's training: add --linear-protocol mae" in capsys.readouterr().err
+
+
+def test_non_finite_features_of_augmented_images_stop_the_run(data):
+    from histodistill.errors import UserError
+
+    _, test = eval_features(data)
+    data.backbone.forward = lambda images: torch.full((len(images), 512), float("nan"))
+    with pytest.raises(UserError, match="non-finite features .* augmented images of"):
+        mae_image_probe(data, test.features, test.labels, epochs=1, warmup_epochs=0, batch_size=3)

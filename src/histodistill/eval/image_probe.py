@@ -97,7 +97,8 @@ def mae_image_probe(
     keys = [(epoch * len(train) + index).tolist() for epoch, order in enumerate(orders) for index in order]
     loader = DataLoader(SeededAugmentation(train, seed), batch_sampler=keys, num_workers=data.num_workers,
                         pin_memory=data.device.type == "cuda")
-    head = train_mae_head(_frozen_features(data.backbone, loader, data.device), data.backbone.num_features,
+    batches = _frozen_features(data.backbone, loader, data.device, f"augmented images of {train.root}")
+    head = train_mae_head(batches, data.backbone.num_features,
                           num_classes, orders[0].shape[1], len(orders[0]), seed, epochs, warmup_epochs, base_lr,
                           data.device)
     return score_head(head, test_x, test_y, num_classes)
@@ -117,10 +118,15 @@ def image_linear_probe(data: ImageProbeData) -> Callable[..., ProbeResult]:
     return probe
 
 
-def _frozen_features(backbone: Backbone, loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features (B, D), labels (B,)) per batch, from the backbone in eval mode without gradients."""
+def _frozen_features(
+    backbone: Backbone, loader: DataLoader, device: torch.device, source: str,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features (B, D), labels (B,)) per batch, from the backbone in eval mode without gradients; a NaN or
+    inf feature stops the run (`UserError` naming ``source``) instead of training the head on it."""
     prepare_model(backbone, device)
     for images, labels in loader:  # images: (B, 3, S, S) normalised
         with torch.no_grad():
             features = backbone(images.to(device, non_blocking=True)).float()  # (B, D)
+        if not torch.isfinite(features).all():
+            require_finite(features.cpu().numpy(), source, backbone.spec.name)
         yield features, labels
