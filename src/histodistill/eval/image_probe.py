@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from histodistill.data.datamodule import SeededAugmentation
 from histodistill.data.datasets import ImageFolderDataset
@@ -97,7 +98,8 @@ def mae_image_probe(
     keys = [(epoch * len(train) + index).tolist() for epoch, order in enumerate(orders) for index in order]
     loader = DataLoader(SeededAugmentation(train, seed), batch_sampler=keys, num_workers=data.num_workers,
                         pin_memory=data.device.type == "cuda")
-    batches = _frozen_features(data.backbone, loader, data.device, f"augmented images of {train.root}")
+    steps = tqdm(loader, desc=f"linear probe, seed {seed}, {epochs} epochs", unit="step", leave=False, dynamic_ncols=True)
+    batches = _frozen_features(data.backbone, steps, data.device, f"augmented images of {train.root}")
     head = train_mae_head(batches, data.backbone.num_features,
                           num_classes, orders[0].shape[1], len(orders[0]), seed, epochs, warmup_epochs, base_lr,
                           data.device)
@@ -119,7 +121,7 @@ def image_linear_probe(data: ImageProbeData) -> Callable[..., ProbeResult]:
 
 
 def _frozen_features(
-    backbone: Backbone, loader: DataLoader, device: torch.device, source: str,
+    backbone: Backbone, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, source: str,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features (B, D), labels (B,)) per batch, from the backbone in eval mode without gradients; a NaN or
     inf feature stops the run (`UserError` naming ``source``) instead of training the head on it."""
