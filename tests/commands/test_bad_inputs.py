@@ -53,6 +53,18 @@ def good_labels(root: Path) -> Path:
     return path
 
 
+def good_images(root: Path) -> Path:
+    """A valid image folder (root/<class>/<image>) for probe's image input that is not under test."""
+    from conftest import make_image_folder
+
+    return make_image_folder(root / "good_images", per_class=1)
+
+
+def probe_images(train: Path, test: Path, out: Path) -> list[str]:
+    return ["probe", "--train-images", str(train), "--test-images", str(test), "--model", "tiny/resnet18-64",
+            "--random-init", "--linear-protocol", "mae", "--out", str(out)]
+
+
 def good_run(root: Path) -> Path:
     """A `mil` run directory with one attention file, for heatmap's --slides input."""
     attention = root / "good_run" / "attention"
@@ -78,7 +90,11 @@ INPUTS: dict[str, dict[str, Argv]] = {
         "--images": lambda p, t: ["extract", "--model", "tiny/resnet18-64", "--images", str(p), "--out", str(t / "out"),
                                   "--workers", "0"],
     },
-    "probe": {"--features": lambda p, t: ["probe", "--features", str(p), "--out", str(t / "out")]},
+    "probe": {
+        "--features": lambda p, t: ["probe", "--features", str(p), "--out", str(t / "out")],
+        "--train-images": lambda p, t: probe_images(p, good_images(t), t / "out"),
+        "--test-images": lambda p, t: probe_images(good_images(t), p, t / "out"),
+    },
     "mil": {
         "--features": lambda p, t: ["mil", "--features", str(p), "--labels", str(good_labels(t)), "--out", str(t / "out")],
         "--labels": lambda p, t: ["mil", "--features", str(good_features(t)), "--labels", str(p), "--out", str(t / "out")],

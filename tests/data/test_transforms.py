@@ -147,3 +147,38 @@ def test_timm_augmentations_follow_torchs_seed_and_leave_pythons_alone():
     assert random.random() == before  # Python's global generator was restored
     torch.testing.assert_close(outs[0], outs[1])
     assert not torch.equal(outs[0], other)
+
+
+def test_linprobe_recipe_is_the_official_linear_probe_augmentation():
+    # main_linprobe.py / run_mae_eval_linear.py: RandomResizedCrop(224, interpolation=3) (their single-draw
+    # subclass, default scale and ratio), RandomHorizontalFlip(), ToTensor, Normalize.
+    from torchvision.transforms import v2
+
+    from histodistill.data.transforms import SingleDrawResizedCrop
+
+    crop, flip, to_float, normalise = build_transform("linprobe", PRE, train=True).transforms
+    assert isinstance(crop, SingleDrawResizedCrop) and crop.size == 32
+    assert crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert isinstance(flip, v2.RandomHorizontalFlip) and flip.p == 0.5
+    assert isinstance(normalise, v2.Normalize) and normalise.mean == list(PRE.mean)
+
+
+def test_single_draw_crop_clips_the_box_to_the_image_instead_of_falling_back_to_a_centre_crop():
+    # The whole area at aspect 4/3 on a 40 x 40 image: width round(sqrt(1600 * 4/3)) = 46 is clipped to 40,
+    # height round(sqrt(1600 * 3/4)) = 35 stays; torchvision's version gives up and centre-crops 40 x 30.
+    from torchvision.transforms import v2
+
+    from histodistill.data.transforms import SingleDrawResizedCrop
+
+    image = torch.arange(40, dtype=torch.uint8).view(1, 40, 1).expand(3, 40, 40) * 6  # rows 0, 6, ..., 234
+    torch.manual_seed(0)
+    out = SingleDrawResizedCrop(40, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))(image)
+    crops = [v2.functional.resized_crop(image, top, 0, 35, 40, [40, 40], interpolation=v2.InterpolationMode.BICUBIC,
+                                        antialias=True) for top in range(6)]
+    assert any(torch.equal(out, crop) for crop in crops)
+    centre = v2.functional.resized_crop(image, 5, 0, 30, 40, [40, 40], interpolation=v2.InterpolationMode.BICUBIC,
+                                        antialias=True)
+    assert not torch.equal(out, centre)
+    torch.manual_seed(0)
+    small = SingleDrawResizedCrop(16)(image)  # a random area and aspect: still the output size
+    assert small.shape == (3, 16, 16) and small.dtype == torch.uint8

@@ -126,3 +126,39 @@ def test_cli_linear_protocol_mae(tmp_path):
                  "--linear-protocol", "mae", "--out", str(tmp_path / "mae")]) == 0
     results = json.loads((tmp_path / "mae" / "probe.json").read_text())
     assert results["linear_protocol"] == "mae" and results["linear"]["mean"]["accuracy"] == 1.0
+
+
+def test_mae_head_init_optimiser_and_per_step_lr_follow_main_linprobe(monkeypatch):
+    # main_linprobe.py / run_mae_eval_linear.py: BatchNorm1d(D, affine=False, eps=1e-6) + Linear, trunc_normal_
+    # (std=0.01) weight; SGD momentum 0.9 without weight decay (SD-MAE's); before every step, lr = blr x B / 256
+    # x (a linear warm-up, then a half cosine to 0) at epoch + step / steps_per_epoch. Documented deviation: the
+    # shared scheduler's warm-up is one step ahead, (step + 1) / warm-up steps, so no step runs at lr 0.
+    import torch
+
+    from histodistill.eval import probe
+
+    optimizers, lrs = [], []
+    build = probe.build_optimizer
+    monkeypatch.setattr(probe, "build_optimizer", lambda *a, **k: optimizers.append(build(*a, **k)) or optimizers[-1])
+    epochs, warmup, steps, batch, dim = 4, 2, 3, 8, 512
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(epochs * steps):
+            lrs.append(optimizers[0].param_groups[0]["lr"])  # the lr of the step this batch is for
+            yield torch.randn(batch, dim, generator=generator), torch.randint(0, 3, (batch,), generator=generator)
+
+    head = probe.train_mae_head(batches(), dim, 3, batch, steps, epochs=epochs, warmup_epochs=warmup, base_lr=0.1)
+    norm, linear = head
+    assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine and norm.eps == 1e-6 and not head.training
+    group = optimizers[0].param_groups[0]
+    assert isinstance(optimizers[0], torch.optim.SGD) and group["momentum"] == 0.9 and group["weight_decay"] == 0
+    peak = 0.1 * batch / 256
+    expected = []
+    for step in range(epochs * steps):
+        t = step / steps
+        expected.append(peak * (step + 1) / (warmup * steps) if t < warmup
+                        else peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (epochs - warmup))))
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    fresh = probe.train_mae_head(iter(()), dim, 3, batch, steps)  # no step taken: the initial head
+    assert fresh[1].weight.std().item() == pytest.approx(0.01, rel=0.05) and not fresh[1].bias.any()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from histodistill.commands._arguments import output_folder
+from histodistill.commands._arguments import add_model_arguments, check_model_arguments, output_folder
 from histodistill.distributed import add_shard_argument
 
 HELP = "features for every tile of every slide (or an image folder) from any backbone or checkpoint"
@@ -26,16 +26,7 @@ MAX_DEFAULT_WORKERS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME_OR_CKPT_OR_DIR",
-                        help="a registered name (e.g. tiny/resnet18-64, pathology/uni), any timm model name, an "
-                             "hf-hub: id, a histodistill .ckpt, or a directory made by `histodistill export`")
-    parser.add_argument("--weights", metavar="FILE",
-                        help="local weights to load into --model (.safetensors, or a .pth/.pt/.bin state dict); "
-                             "without it a name loads its published pretrained weights (Hugging Face cache or hub) "
-                             "and a checkpoint or export uses its own")
-    parser.add_argument("--random-init", action="store_true",
-                        help="extract with randomly initialised weights (seed 0) instead of the pretrained ones; "
-                             "a baseline, said on stderr and recorded in extractor.json")
+    add_model_arguments(parser, required=True)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--coords", metavar="DIR",
                         help="a tiling output directory containing patches/*.h5, or a patches/ folder itself; coords "
@@ -78,11 +69,7 @@ def run(args: argparse.Namespace) -> int:
     workers = default_workers() if args.workers is None else args.workers
     if args.batch_size < 1 or workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
-    if args.random_init and args.weights:
-        raise UserError("--random-init and --weights contradict each other: pass one of them")
-    if args.random_init and os.path.exists(args.model):
-        raise UserError(f"--random-init applies to model names; {args.model} carries its own weights: "
-                        "pass its architecture's name (e.g. the timm name) to extract with random weights")
+    check_model_arguments(args)
     options = dict(weights=args.weights, batch_size=args.batch_size, num_workers=workers, device=args.device,
                    precision=args.precision, overwrite=args.overwrite, pretrained=not args.random_init)
     if args.images:

@@ -65,8 +65,9 @@ class ImageFolderDataset(_ImageFiles):
         self.root = Path(root)
         self.transform = transform
         if not self.root.is_dir():
-            raise UserError(f"image folder {self.root} does not exist: point the dataset's root at a folder "
-                            "with one subfolder per class")
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            raise UserError(f"image folder {self.root} {what}: pass a folder with one subfolder per class "
+                            "(root/<class>/<image>)")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not is_hidden_or_temporary(p))
         if not self.classes:
             raise UserError(f"image folder {self.root} has no class subfolders (expected root/<class>/<image>)")

@@ -19,11 +19,14 @@ Recipes (``train=True``):
   RandomErasing(p = 0.25, per-pixel normal values).
 - ``mae``: RandomResizedCrop(S, scale=(0.2, 1), bicubic) + HFlip (the MAE paper).
 - ``sdmae``: RandomResizedCrop(S) with torchvision's default scale, no flip (SD-MAE official code).
+- ``linprobe``: `SingleDrawResizedCrop` (S, bicubic, scale (0.08, 1)) + HFlip: the linear probe of MAE's
+  ``main_linprobe.py`` and SD-MAE's ``run_mae_eval_linear.py`` ("weak augmentation").
 - ``he``: flips and 90° rotations + H&E stain jitter in HED colour space (`HEDJitter`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -95,6 +98,32 @@ class RandomRot90(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         turns = int(torch.randint(4, ()).item())
         return torch.rot90(image, turns, dims=(-2, -1))
+
+
+class SingleDrawResizedCrop(nn.Module):
+    """RandomResizedCrop as MAE's and SD-MAE's linear probes draw it (their ``RandomResizedCrop`` subclass,
+    after BYOL's TF code): one draw of the area fraction ~ U(``scale``) and log aspect ratio ~ U(log
+    ``ratio``), the box clipped to the image, then a bicubic resize to ``size`` x ``size``.
+
+    torchvision's RandomResizedCrop instead redraws up to 10 times until the box fits and then falls back
+    to a centre crop, which gives other crops for large areas and extreme ratios. uint8 (3, H, W) in and out.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        super().__init__()
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        area = height * width * torch.empty(1).uniform_(*self.scale).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1])).item())
+        crop_w = min(round(math.sqrt(area * aspect)), width)
+        crop_h = min(round(math.sqrt(area / aspect)), height)
+        top = int(torch.randint(0, height - crop_h + 1, (1,)).item())
+        left = int(torch.randint(0, width - crop_w + 1, (1,)).item())
+        return v2.functional.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size],
+                                          interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
 
 
 class TorchSeeded(nn.Module):
@@ -182,6 +211,7 @@ RECIPES: dict[str, Callable[[int, object], list[Callable]]] = {
         v2.RandomHorizontalFlip(),
     ],
     "sdmae": lambda size, pre: [v2.RandomResizedCrop(size, antialias=True)],
+    "linprobe": lambda size, pre: [SingleDrawResizedCrop(size), v2.RandomHorizontalFlip()],
     "he": lambda size, pre: _resize_crop(size) + _orientation() + [HEDJitter()],
     "finetune": _finetune,
 }

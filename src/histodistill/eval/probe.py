@@ -4,7 +4,8 @@
   is picked by 3-fold inner cross-validation on the training split over ``C_GRID`` unless fixed.
 - linear, ``linear_protocol="mae"``: MAE's / SD-MAE's own protocol (`mae_linear_probe`, from
   ``main_linprobe.py`` / ``run_mae_eval_linear.py``): BatchNorm1d(affine=False) + Linear trained by SGD
-  for 90 epochs, the number comparable with those papers.
+  for 90 epochs, the number comparable with those papers; `train_mae_head` is its training loop, shared
+  with the probe on augmented images (`histodistill.eval.image_probe`).
 - kNN: DINO's weighted vote (Caron et al. 2021): cosine similarity to the training features, the ``k=20``
   nearest vote for their class with weight ``exp(similarity / T)``, ``T=0.07``; class probabilities are
   the normalised votes.
@@ -15,6 +16,7 @@ Both return a `ProbeResult` whose metrics come from `histodistill.eval.metrics.c
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +106,60 @@ def knn_probe(
     return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
 
 
+# main_linprobe.py / run_mae_eval_linear.py defaults: --epochs 90, --warmup_epochs 10, --batch_size 512 (per GPU),
+# --blr 0.1 (lr = blr x batch / 256).
 EPOCHS, WARMUP_EPOCHS, BATCH_SIZE, BASE_LR = 90, 10, 512, 0.1
+
+
+def mae_batch_orders(n: int, batch_size: int, epochs: int, seed: int) -> list[torch.Tensor]:
+    """Per epoch, the shuffled sample indices (steps, batch) of `train_mae_head`: ``min(batch_size, n)``
+    per step, the incomplete last batch dropped (``drop_last=True``), reshuffled each epoch from ``seed``."""
+    batch = min(batch_size, n)
+    steps = n // batch
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=generator)[: steps * batch].view(steps, batch) for _ in range(epochs)]
+
+
+def train_mae_head(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], dim: int, num_classes: int, batch: int,
+    steps_per_epoch: int, seed: int = 0, epochs: int = EPOCHS, warmup_epochs: int = WARMUP_EPOCHS,
+    base_lr: float = BASE_LR, device: torch.device | str = "cpu",
+) -> nn.Sequential:
+    """Train MAE's linear-probe head on ``batches``: ``epochs x steps_per_epoch`` pairs of features (B, D)
+    and labels (B,), on ``device``; returns the head in eval mode.
+
+    Head: BatchNorm1d(D, affine=False, eps=1e-6) (batch statistics in training, running ones at test), then
+    Linear(D, C) with weight ~ trunc_normal(std 0.01), bias 0. SGD, momentum 0.9, no weight decay,
+    lr = ``base_lr`` x ``batch`` / 256; the first ``warmup_epochs`` a linear warm-up, then a per-step half
+    cosine to 0. Both MAE probes (`mae_linear_probe` on features, `histodistill.eval.image_probe` on
+    augmented images) train through this one loop.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(head[1].weight, std=0.01)  # MoCo v3 / MAE: the head starts near zero
+        nn.init.zeros_(head[1].bias)
+    head.to(device).train()
+    config = OptimConfig(name="sgd", lr=base_lr, reference_batch_size=256, momentum=0.9, weight_decay=0.0,
+                         warmup_epochs=warmup_epochs, min_lr=0.0)
+    lr = scaled_lr(config, batch)
+    optimizer = build_optimizer(head, config, lr)
+    scheduler = build_scheduler(optimizer, config, lr, epochs * steps_per_epoch, steps_per_epoch)
+    for features, labels in batches:
+        loss = nn.functional.cross_entropy(head(features.to(device)), labels.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return head.eval()
+
+
+def score_head(head: nn.Module, test_x: np.ndarray | torch.Tensor, test_y: np.ndarray, num_classes: int) -> ProbeResult:
+    """Metrics of a trained head on test features (M, D)."""
+    device = next(head.parameters()).device
+    with torch.no_grad():
+        probs = head(torch.as_tensor(test_x, dtype=torch.float32).to(device)).softmax(dim=1).cpu().numpy()
+    return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
 
 
 def mae_linear_probe(
@@ -112,44 +167,21 @@ def mae_linear_probe(
     num_classes: int | None = None, epochs: int = EPOCHS, warmup_epochs: int = WARMUP_EPOCHS,
     batch_size: int = BATCH_SIZE, base_lr: float = BASE_LR,
 ) -> ProbeResult:
-    """MAE's linear probe on frozen features ``train_x`` (N, D), scored on ``test_x`` (M, D).
+    """MAE's linear probe (`train_mae_head`) on frozen features ``train_x`` (N, D), scored on ``test_x`` (M, D).
 
-    Head: BatchNorm1d(D, affine=False, eps=1e-6) (batch statistics in training, running ones at test), then
-    Linear(D, C) with weight ~ trunc_normal(std 0.01), bias 0. SGD, momentum 0.9, no weight decay,
-    lr = 0.1 × B / 256 with B = 512; 90 epochs, the first 10 a linear warm-up, then a per-step half cosine
-    to 0; shuffled batches, the last incomplete one dropped. The official per-image augmentation
-    (RandomResizedCrop + flip) cannot apply to precomputed features (docs/sdmae.md). A training set
-    smaller than ``batch_size`` is one batch per step (the lr still follows its size / 256).
+    Shuffled batches of B = 512, the last incomplete one dropped (`mae_batch_orders`); a training set
+    smaller than ``batch_size`` is one batch per step (the lr still follows its size / 256). Precomputed
+    features get no per-image augmentation; `histodistill.eval.image_probe.mae_image_probe` applies the
+    official RandomResizedCrop + flip (docs/sdmae.md).
     """
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     x = torch.as_tensor(train_x, dtype=torch.float32)
     y = torch.as_tensor(train_y, dtype=torch.long)
-    batch = min(batch_size, len(x))
-    steps_per_epoch = len(x) // batch
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = nn.Sequential(nn.BatchNorm1d(x.shape[1], affine=False, eps=1e-6), nn.Linear(x.shape[1], num_classes))
-        nn.init.trunc_normal_(head[1].weight, std=0.01)  # MoCo v3 / MAE: the head starts near zero
-        nn.init.zeros_(head[1].bias)
-        config = OptimConfig(name="sgd", lr=base_lr, reference_batch_size=256, momentum=0.9, weight_decay=0.0,
-                             warmup_epochs=warmup_epochs, min_lr=0.0)
-        lr = scaled_lr(config, batch)
-        optimizer = build_optimizer(head, config, lr)
-        scheduler = build_scheduler(optimizer, config, lr, epochs * steps_per_epoch, steps_per_epoch)
-        generator = torch.Generator().manual_seed(seed)
-        head.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=generator)[: steps_per_epoch * batch].view(steps_per_epoch, batch)
-            for index in order:  # (batch,) sample indices; the remainder is dropped, as drop_last=True
-                loss = nn.functional.cross_entropy(head(x[index]), y[index])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-    head.eval()
-    with torch.no_grad():
-        probs = head(torch.as_tensor(test_x, dtype=torch.float32)).softmax(dim=1).numpy()
-    return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
+    orders = mae_batch_orders(len(x), batch_size, epochs, seed)
+    batches = ((x[index], y[index]) for order in orders for index in order)  # index: (batch,) sample indices
+    head = train_mae_head(batches, x.shape[1], num_classes, orders[0].shape[1], len(orders[0]), seed, epochs,
+                          warmup_epochs, base_lr)
+    return score_head(head, test_x, test_y, num_classes)
 
 
 PROBES = {"linear": linear_probe, "knn": knn_probe}
@@ -232,8 +264,15 @@ def evaluate_probes(
     k: int = 20,
     temperature: float = 0.07,
     linear_protocol: str = "sklearn",
+    mae_options: dict | None = None,
+    linear: Callable[..., ProbeResult] | None = None,
+    record: dict | None = None,
 ) -> dict:
     """Run both probes and write ``probe.json`` and ``confusion_<probe>.png`` into ``out_dir``.
+
+    ``mae_options`` (``epochs``, ``batch_size``, ...) go to the ``mae`` linear protocol. ``linear`` replaces
+    the protocol's linear probe (the augmented-image probe of `histodistill.eval.image_probe`), and
+    ``record`` adds entries to ``probe.json`` (what the features came from).
 
     Without ``test``: stratified ``folds``-fold cross-validation of ``data``, reshuffled per seed.
     With ``test``: train on ``data``, test on ``test`` once per seed. Each metric is reported per run and
@@ -248,10 +287,12 @@ def evaluate_probes(
     num_classes = len(data.classes)
     if linear_protocol not in LINEAR_PROTOCOLS:
         raise UserError(f"--linear-protocol {linear_protocol!r}: use one of {', '.join(LINEAR_PROTOCOLS)}")
-    probes = {**PROBES, "linear": LINEAR_PROTOCOLS[linear_protocol]}
-    options = {"linear": {"C": C} if linear_protocol == "sklearn" else {}, "knn": {"k": k, "temperature": temperature}}
+    probes = {**PROBES, "linear": linear or LINEAR_PROTOCOLS[linear_protocol]}
+    linear_options = {"C": C} if linear_protocol == "sklearn" else dict(mae_options or {})
+    options = {"linear": linear_options, "knn": {"k": k, "temperature": temperature}}
     results: dict = {"protocol": "train/test" if test is not None else f"{folds}-fold CV", "seeds": list(seeds),
-                     "classes": data.classes, "options": options, "linear_protocol": linear_protocol}
+                     "classes": data.classes, "options": options, "linear_protocol": linear_protocol,
+                     **(record or {})}
     for name, probe in probes.items():
         runs, first_truth, first_pred = [], [], []
         for seed in seeds:

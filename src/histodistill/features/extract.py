@@ -202,7 +202,7 @@ def extract_slides(
     if context_window is not None and foreign:
         raise UserError(f"--context-window needs coords of `histodistill tile` (attributes target_mpp and mpp), "
                         f"{foreign[0]} lacks them (CLAM/TRIDENT coords); tile the slides with `histodistill tile`")
-    backbone = _seeded_backbone(model, weights, pretrained)
+    backbone = seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     record["context_window"] = context_window
     features_dir = Path(out_dir) / f"features_{model_slug(model)}{context_suffix(context_window)}"
@@ -256,7 +256,7 @@ def extract_images(
             print(f"{target} exists; pass --overwrite to extract again")
             return target
         print(f"redoing {target}: {problem}")
-    backbone = _seeded_backbone(model, weights, pretrained)
+    backbone = seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     torch_device = resolve_device(device)
     backbone = prepare_model(backbone, torch_device)
@@ -275,7 +275,8 @@ def extract_images(
     return target
 
 
-def _seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
+def seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
+    """`create_backbone` with torch's generator seeded 0 (then restored): random weights are reproducible."""
     # A randomly initialised model (--random-init) must be the same on every run, or a resumed
     # extraction would mix features of two different networks.
     with torch.random.fork_rng(devices=[]):
