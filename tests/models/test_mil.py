@@ -92,3 +92,22 @@ def test_abmil_follows_gated_attention_formula():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="abmil"):
         create_mil("clam", IN_DIM, CLASSES)
+
+
+def test_standardized_mil_z_scores_with_fitted_statistics_and_wraps_the_model():
+    torch.manual_seed(0)
+    model = create_mil("abmil", 4, 2, standardize=True).eval()  # eval: no dropout
+    train = torch.randn(50, 4) * torch.tensor([1.0, 10.0, 0.1, 0.0]) + torch.tensor([5.0, -3.0, 2.0, 7.0])
+    model.fit(train)
+    # A constant dimension keeps sd 1 instead of dividing by zero.
+    assert torch.allclose(model.mean, train.mean(0)) and model.std[3] == 1.0
+    assert torch.allclose(model.std[:3], train.std(0)[:3])
+    x = torch.randn(1, 6, 4) * 3 + 1
+    expected = model.mil((x - train.mean(0)) / torch.tensor([*train.std(0)[:3], 1.0]))
+    out = model(x)
+    assert torch.allclose(out.logits, expected.logits) and torch.allclose(out.scores, expected.scores)
+    # The statistics travel with the state dict, so a rebuilt model predicts the same.
+    rebuilt = create_mil("abmil", 4, 2, standardize=True).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.allclose(rebuilt(x).logits, out.logits)
+    assert not isinstance(create_mil("abmil", 4, 2), type(model))

@@ -124,22 +124,36 @@ def test_lab_round_trip_and_reinhard_moves_stats_to_target():
 
 
 def test_every_tissue_tile_is_normalised_to_the_same_colour_statistics(slides):
-    """Per-tile Reinhard: benign (pink) and tumour (blue) tiles end with the same LAB mean, so a
-    colour-statistics extractor cannot tell them apart."""
+    """Per-tile Reinhard, repeated until it converges, on a lossless slide: every tissue tile, benign
+    (pink) or tumour (blue), ends with its LAB mean and sd at the target, so a colour-statistics extractor
+    cannot tell them apart. (One pass, or JPEG's chroma subsampling, left residuals of 1-2 LAB units that
+    a colour-only classifier read at tile AUROC 0.92-0.94.)"""
     out, _ = slides
     meta = json.loads((out / "synthetic.json").read_text())
-    target = np.array(meta["stain_target_lab_mean"])
-    means = {True: [], False: []}
+    target = np.concatenate([meta["stain_target_lab_mean"], meta["stain_target_lab_std"]])
+    tiles = 0
     for slide in meta["slides"]:
         image = tifffile.imread(out / "slides" / f"{slide['slide_id']}.tif", key=0)
-        mask = np.load(out / "masks" / f"{slide['slide_id']}.npy")
         for r in range(GRID):
             for c in range(GRID):
                 tile = image[r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE]
                 if rgb_to_lab(tile)[..., 0].mean() < TISSUE_LIGHTNESS:  # not glass
-                    means[bool(mask[r, c])].append(lab_stats(tile, TISSUE_LIGHTNESS)[0])
-    for tumour in (True, False):
-        np.testing.assert_allclose(np.mean(means[tumour], axis=0), target, atol=2.5)
+                    np.testing.assert_allclose(np.concatenate(lab_stats(tile, TISSUE_LIGHTNESS)), target, atol=0.3)
+                    tiles += 1
+    assert tiles > 0
+
+
+def test_repeated_reinhard_reaches_the_target_where_one_pass_does_not_and_stacks_match_single_images():
+    rng = np.random.default_rng(0)
+    target_mean, target_std = np.array([54.0, 34.0, -30.0]), np.array([16.5, 9.0, 11.5])
+    # Dark, saturated purple: one pass clips out of gamut and misses the target by units.
+    dark = np.clip(np.array([70, 20, 110]) + rng.normal(0, 25, (3, 32, 32, 3)), 0, 255).astype(np.uint8)
+    once = np.concatenate(lab_stats(reinhard_normalize(dark, target_mean, target_std, 85.0), 85.0), axis=-1)
+    assert np.abs(once - np.concatenate([target_mean, target_std])).max() > 0.5
+    repeated = reinhard_normalize(dark, target_mean, target_std, 85.0, iterations=10)
+    stats = np.concatenate(lab_stats(repeated, 85.0), axis=-1)  # (3, 6): one row per image
+    np.testing.assert_allclose(stats, np.tile(np.concatenate([target_mean, target_std]), (3, 1)), atol=0.1)
+    assert np.array_equal(repeated[1], reinhard_normalize(dark[1], target_mean, target_std, 85.0, iterations=10))
 
 
 def test_hgsc_nest_sources_keep_to_the_held_out_side_and_the_typed_nuclei():

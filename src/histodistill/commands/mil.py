@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-dim", type=int, default=None,
                         help="width of the instance embedding: ABMIL hidden_dim (default 256), TransMIL dim "
                         "(default 512, a multiple of its 8 heads); ignored by mean")
+    parser.add_argument("--feature-norm", choices=("standardize", "none"), default="standardize",
+                        help="standardize: z-score each feature dimension with the fold's training tiles' mean and sd "
+                        "(stored with the model); none: raw features as CLAM and TRIDENT feed them (default: %(default)s)")
     parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="fraction of each fold's training cases held out for early stopping (default: %(default)s)")
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                   for split in read_splits_dir(args.splits, labelled)]
     else:
         splits = make_splits(rows, args.folds, args.val_fraction, args.seed)
-    model_kwargs = {}
+    model_kwargs = {"standardize": args.feature_norm == "standardize"}
     if args.hidden_dim is not None and args.model != "mean":
         model_kwargs[{"abmil": "hidden_dim", "transmil": "dim"}[args.model]] = args.hidden_dim
     config = mil.TrainConfig(

@@ -31,7 +31,7 @@ from histodistill.data.splits import Split
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics, ovr_auroc
 from histodistill.features.extract import resolve_device
-from histodistill.models.mil import create_mil
+from histodistill.models.mil import Standardized, create_mil
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
 from histodistill.optim.overflow import step_overflowed
 
@@ -204,6 +204,8 @@ def run_fold(
     parts = split_indices(dataset, split)
     torch.manual_seed(config.seed + fold)
     model = create_mil(model_name, dataset.feature_dim, num_classes, **config.model_kwargs)
+    if isinstance(model, Standardized):  # statistics of the training part's instances only
+        model.fit(torch.cat([dataset[i]["features"] for i in parts["train"]]))  # (sum of N, D)
     fold_config = dataclasses.replace(config, seed=config.seed + fold)  # each fold shuffles differently
     model, best_epoch, history = train_fold(
         model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), fold_config, log

@@ -199,11 +199,42 @@ class TransMIL(nn.Module):
         return self.classifier(h[:, 0]), scores / scores.sum()
 
 
+class Standardized(nn.Module):
+    """A MIL model whose instance features are z-scored per dimension first: ``(x - mean) / std`` with
+    ``mean``, ``std`` (D,) buffers, identity until `fit` sets them from training instances.
+
+    Why: self-supervised ViT features are dominated by a vector shared by every tile (the final LayerNorm's
+    bias survives token averaging), so a MIL head on raw features starts nearly blind to what varies between
+    tiles (measured: the demo's SD-MAE features vary 0.08 per dimension within a slide around values of
+    sd 0.88; ABMIL on them stayed at chance while the same features z-scored separate tumour tiles at
+    AUROC 0.89). MAE's linear probe standardises with a non-affine BatchNorm for the same reason.
+    """
+
+    def __init__(self, model: nn.Module, in_dim: int) -> None:
+        super().__init__()
+        self.mil = model
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> Standardized:
+        """Set the statistics from training instances ``features`` (N, D); a constant dimension keeps sd 1."""
+        self.mean.copy_(features.mean(dim=0))
+        std = features.std(dim=0) if len(features) > 1 else torch.ones_like(self.std)
+        self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        return self
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        return self.mil((x - self.mean) / self.std, mask)  # (B, N, D) -> the wrapped model's output
+
+
 MIL_MODELS: dict[str, type[nn.Module]] = {"mean": MeanPoolMIL, "abmil": ABMIL, "transmil": TransMIL}
 
 
-def create_mil(name: str, in_dim: int, num_classes: int, **kwargs) -> nn.Module:
-    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``)."""
+def create_mil(name: str, in_dim: int, num_classes: int, standardize: bool = False, **kwargs) -> nn.Module:
+    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``); ``standardize`` wraps it in
+    `Standardized` (fit its statistics before training)."""
     if name not in MIL_MODELS:
         raise ValueError(f"unknown MIL model {name!r}; choose one of {sorted(MIL_MODELS)}")
-    return MIL_MODELS[name](in_dim, num_classes, **kwargs)
+    model = MIL_MODELS[name](in_dim, num_classes, **kwargs)
+    return Standardized(model, in_dim) if standardize else model
