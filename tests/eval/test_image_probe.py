@@ -137,3 +137,10 @@ def test_non_finite_features_of_augmented_images_stop_the_run(data):
     data.backbone.forward = lambda images: torch.full((len(images), 512), float("nan"))
     with pytest.raises(UserError, match="non-finite features .* augmented images of"):
         mae_image_probe(data, test.features, test.labels, epochs=1, warmup_epochs=0, batch_size=3)
+
+
+@pytest.mark.parametrize("flags", [["--device", "cpu"], ["--workers", "0"], ["--model", "tiny/resnet18-64"]])
+def test_image_only_options_with_features_are_refused_not_ignored(tmp_path, capsys, flags):
+    assert main(["probe", "--features", str(tmp_path), *flags, "--out", str(tmp_path / "o")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and flags[0] in errors[0] and "--train-images" in errors[0]

@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="--linear-protocol mae: samples per SGD step, lr = 0.1 x batch / 256; with --train-images "
                              "also images per forward pass (default 512, the official per-GPU --batch_size)")
-    parser.add_argument("--device", default="auto",
-                        help="--train-images: auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--device", default=None,
+                        help="--train-images: auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--workers", type=int, default=None,
                         help="--train-images: DataLoader worker processes reading images (default: the CPUs this "
                              "process may use, at most 8; 0 reads in the main process)")
@@ -107,9 +107,12 @@ def _mae_options(args: argparse.Namespace) -> dict:
 def _check_feature_arguments(args: argparse.Namespace) -> None:
     from histodistill.errors import UserError
 
-    if args.test_images or args.model or args.weights or args.random_init:
-        raise UserError("--test-images, --model, --weights and --random-init go with --train-images (an image "
-                        "folder); --features/--train read features that `histodistill extract` made")
+    image_only = [flag for flag, given in (("--test-images", args.test_images), ("--model", args.model),
+                                           ("--weights", args.weights), ("--random-init", args.random_init),
+                                           ("--device", args.device), ("--workers", args.workers is not None)) if given]
+    if image_only:
+        raise UserError(f"{', '.join(image_only)} go(es) with --train-images (an image folder, run through a model); "
+                        "--features/--train read features that `histodistill extract` made: drop it")
     if args.train and not args.test:
         raise UserError("--train needs --test (or use --features for cross-validation)")
     if args.test and not args.train:
@@ -146,7 +149,7 @@ def _image_inputs(args: argparse.Namespace):
     if workers < 0:
         raise UserError("--workers must be >= 0")
     train, test = open_image_folders(args.train_images, args.test_images)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device or "auto")
     backbone = seeded_backbone(args.model, args.weights, pretrained=not args.random_init)
     data = ImageProbeData(backbone, train, test, device, workers)
     train_features, test_features = eval_features(data, args.batch_size or BATCH_SIZE)
