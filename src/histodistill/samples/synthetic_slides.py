@@ -3,7 +3,7 @@
 The task: does the slide carry carcinoma? Each slide is a grid of ``grid × grid`` cells of ``tile_px``
 pixels: glass outside an elliptical piece of tissue, **benign** tiles (stroma, inflammatory cells)
 inside it; **positive** slides also carry one contiguous region of **tumour-nest** tiles covering a
-per-slide fraction of the tissue (default 5–40 %, so some slides are easy and some hard).
+per-slide fraction of the tissue (default 10–40 %, so some slides are easy and some hard).
 
 The tiles come from image regions that no extractor of `histodistill demo` was trained on:
 - tumour nest: crops of ``hgsc_nest`` right of the nuclei task's train/test split (``split_x``; the
@@ -198,7 +198,7 @@ def make_slides(
     tile_px: int = 64,
     mpp: float = 0.5,
     grid: int = 8,
-    tumor_fraction: tuple[float, float] = (0.05, 0.4),
+    tumor_fraction: tuple[float, float] = (0.1, 0.4),
     sources: dict[str, Sequence[Source]] | None = None,
 ) -> Path:
     """Write ``n_slides`` semi-synthetic slides (half positive) under ``out_dir``; return the labels CSV.
