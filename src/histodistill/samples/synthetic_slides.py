@@ -186,7 +186,7 @@ def assemble(cells: np.ndarray, tumor: np.ndarray, pools: dict[str, TilePool], t
     where = np.argwhere(cells)  # (n, 2) row, column
     tiles = np.stack([pools["tumor" if tumor[r, c] else "benign"].draw(rng) for r, c in where])  # (n, t, t, 3)
     tiles = reinhard_normalize(tiles, *target, TISSUE_LIGHTNESS, iterations=NORMALISE_PASSES)
-    for (r, c), tile in zip(where, tiles):
+    for (r, c), tile in zip(where, tiles, strict=True):
         image[r * t : (r + 1) * t, c * t : (c + 1) * t] = tile
     return image
 
