@@ -39,7 +39,7 @@ SLIDE_TILE_PX = 64
 LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
 # The slide task (docs/demo.md): slides, CV folds by case, CV seeds and ABMIL epochs; full and --quick.
 SLIDE_TASK = {False: {"slides": 60, "folds": 5, "seeds": 3, "epochs": 40},
-              True: {"slides": 30, "folds": 5, "seeds": 1, "epochs": 20}}
+              True: {"slides": 60, "folds": 5, "seeds": 1, "epochs": 20}}
 
 
 def configs_dir() -> Path:
