@@ -184,3 +184,17 @@ def test_tumour_fraction_follows_the_range_asked_for(tmp_path):
     for slide in json.loads((tmp_path / "synthetic.json").read_text())["slides"]:
         if slide["tumor_tiles"]:
             assert 0.35 <= slide["tumor_tiles"] / slide["tissue_tiles"] <= 0.55, slide
+
+
+def test_lab_to_rgb_gives_the_codes_of_the_srgb_formula_out_of_gamut_included():
+    """The boundary search returns what rounding 255 x sRGB(clip(linear)) gives, per the sRGB standard."""
+    rng = np.random.default_rng(1)
+    lab = np.stack([rng.uniform(0, 100, 20000), rng.uniform(-90, 90, 20000), rng.uniform(-90, 90, 20000)], -1)
+    fy = (lab[:, 0] + 16) / 116
+    f = np.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], axis=-1)
+    xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * np.array([0.95047, 1.0, 1.08883])
+    to_rgb = np.linalg.inv([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                            [0.0193339, 0.1191920, 0.9503041]])
+    linear = np.clip(xyz @ to_rgb.T, 0, 1)
+    srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    np.testing.assert_array_equal(lab_to_rgb(lab), np.round(srgb * 255).astype(np.uint8))

@@ -24,6 +24,9 @@ TISSUE_LIGHTNESS = 85.0
 _CODES = np.arange(256) / 255
 # sRGB's transfer curve for each of the 256 uint8 codes: one table lookup instead of a power per pixel.
 _SRGB_TO_LINEAR = np.where(_CODES <= 0.04045, _CODES / 12.92, ((_CODES + 0.055) / 1.055) ** 2.4)
+_HALF_STEPS = (np.arange(255) + 0.5) / 255  # sRGB values halfway between neighbouring uint8 codes
+# Linear light at those halfway points: code k covers linear values in [bound k-1, bound k).
+_LINEAR_CODE_BOUNDS = np.where(_HALF_STEPS <= 0.04045, _HALF_STEPS / 12.92, ((_HALF_STEPS + 0.055) / 1.055) ** 2.4)
 
 
 def rgb_to_lab(image: np.ndarray) -> np.ndarray:
@@ -37,10 +40,10 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     """(..., H, W, 3) CIELAB -> the same shape in uint8 sRGB (out-of-gamut colours clipped)."""
     fy = (lab[..., 0] + 16) / 116
     f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], axis=-1)
-    xyz = np.where(f > _DELTA, f**3, 3 * _DELTA**2 * (f - 4 / 29)) * _WHITE
-    linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0, 1)
-    rgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
-    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+    xyz = np.where(f > _DELTA, f * f * f, 3 * _DELTA**2 * (f - 4 / 29)) * _WHITE
+    # The uint8 code whose rounding interval holds each linear value: a search among 255 boundaries
+    # instead of a power per pixel (the same codes as rounding 255 x sRGB(linear), ties aside).
+    return np.searchsorted(_LINEAR_CODE_BOUNDS, xyz @ _XYZ_TO_RGB.T).astype(np.uint8)
 
 
 def lab_stats(image: np.ndarray, max_lightness: float = 90.0) -> tuple[np.ndarray, np.ndarray]:
