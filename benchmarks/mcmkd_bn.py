@@ -168,8 +168,8 @@ final train loss {final_loss[False]:.4f}, demo {demo['loss']:.4f}).
                  "slide AUROC [95 % CI]", "balanced accuracy", "localisation AUROC"], rows)}
 
 Cosines are means over every tile (single tiles: the student's use after fine-tuning) or over every
-visible / masked tissue cell of the 3×3 windows with ≥ 6 of 9 tissue cells centred on every
-{stride}-th tile (the training view, fixed masks); the un-tuned student has no head, so no cosine. Slide task: ABMIL on each student's tile
+visible / masked tissue cell of the 3×3 windows with ≥ 6 of 9 tissue cells, window stride {stride} as in
+training (the training view, fixed masks); the un-tuned student has no head, so no cosine. Slide task: ABMIL on each student's tile
 features (standardised, `histodistill mil`'s default), {task['folds']}-fold CV by case × {args.seeds} seed(s)
 (the same folds for every row at a seed), {epochs} epochs; AUROC of the pooled out-of-fold probabilities,
 mean over seeds, 95 % CI a bootstrap over slides (`histodistill.eval.slide_task`). AUROC per seed: {per_seed}.
