@@ -157,7 +157,7 @@ def main() -> None:
     slides = scores["moma_student"]["slides"]
     per_seed = "; ".join(f"{name} " + ", ".join(f"{v:.3f}" for v in scores[name]["auroc_per_seed"]) for name in labels)
     body = f"""
-Input: a `histodistill demo{' --quick' if demo['quick'] else ''}` output ({slides} semi-synthetic slides,
+Input: `{args.demo}`, a `histodistill demo{' --quick' if demo['quick'] else ''}` output ({slides} semi-synthetic slides,
 {SLIDE_TILE_PX}-px tiles at 0.5 mpp). Both MCM-KD runs are the demo's MCM-KD stage rerun from the same start
 (the trained MoMA ResNet-18 student, seed 0), same data, same cached targets of the trained ResNet-34 teacher:
 one epoch of `configs/mcmkd/tiny_cpu.yaml`, batch 8, window stride {stride}, once with BatchNorm statistics
