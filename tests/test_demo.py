@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +83,11 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     page = (out / "report.html").read_text()
     assert 'id="s-stages"' in page and 'id="s-mil"' in page and 'id="s-heatmaps"' in page
     assert page.index('id="s-summary"') < page.index('id="s-stages"')  # the report opens on the extractor table
+    # Every demo_out/... path a shipped recipe or doc points users at is one the demo wrote.
+    root = Path(__file__).resolve().parents[1]
+    texts = [p.read_text() for p in [*root.glob("configs/**/*.yaml"), *root.glob("docs/**/*.md"), root / "README.md"]]
+    named = {m for text in texts for m in re.findall(r"demo_out/([\w./-]*\w)", text)}
+    assert named and not [p for p in named if not (out / p).exists()]
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(out)]) == 0  # finished stages are skipped
     assert capsys.readouterr().out.count("done before, skipped") == len(STAGES)
