@@ -128,10 +128,12 @@ def test_a_demo_report_opens_on_the_extractor_table_and_shows_folds_as_a_table(c
     mil.mkdir()
     folds = [{"auroc": 0.8333333333333334, "balanced_accuracy": 0.75, "n_test": 12},
              {"auroc": 0.9166666666666666, "balanced_accuracy": 0.8, "n_test": 12}]
-    (mil / "metrics.json").write_text(json.dumps({"model": "abmil", "folds": folds, "mean": {"auroc": 0.875}}))
+    (mil / "metrics.json").write_text(json.dumps({"model": "abmil", "classes": ["negative", "positive"],
+                                                 "dropped_empty": [], "folds": folds, "mean": {"auroc": 0.875}}))
     (chain / "timings.json").write_text(json.dumps({"data": 1.0, "tiles": 3.0, "sdmae": 12.5, "mil": 2.0}))
     page = build_report(chain).read_text()
     assert page.index('id="s-summary"') < page.index('id="s-stages"')
     assert "0.901 [0.801, 0.966]" in page and "11,176,512" in page and "–" in page
     assert "0.8333333333333334" not in page and "{&#x27;auroc" not in page  # folds: a table, not a Python repr
     assert "<th>auroc</th>" in page and "0.8333" in page
+    assert "negative, positive" in page and "[&#x27;negative" not in page  # lists read as text, not a repr

@@ -176,6 +176,8 @@ def _format(value) -> str:
         return "nan" if math.isnan(value) else f"{value:.4g}"
     if isinstance(value, list) and len(value) > 12:
         return f"[{len(value)} values]"
+    if isinstance(value, list):  # class names, a CI: "negative, positive", not a Python repr
+        return ", ".join(_format(item) for item in value) if value else "none"
     return str(value)
 
 
