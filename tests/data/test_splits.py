@@ -45,6 +45,15 @@ def test_no_case_in_two_parts_and_every_slide_tested_once():
     assert tested == sorted(case_of)
 
 
+def test_val_fraction_zero_trains_on_every_remaining_case_with_the_same_test_folds():
+    rows = labels()
+    held, none = make_splits(rows, folds=4, val_fraction=0.25, seed=3), make_splits(rows, folds=4, val_fraction=0, seed=3)
+    for a, b in zip(held, none, strict=True):
+        assert b["val"] == [] and b["test"] == a["test"] and b["train"] == sorted(a["train"] + a["val"])
+    with pytest.raises(UserError, match=r"\[0, 1\)"):
+        make_splits(rows, folds=4, val_fraction=1.0)
+
+
 def test_test_folds_are_stratified():
     rows = labels(24)
     label_of = {r.slide_id: r.label for r in rows}

@@ -12,6 +12,7 @@ import torch
 
 from histodistill.cli import main
 from histodistill.data.bags import BagDataset, class_names, make_bags, read_labels
+from histodistill.data.splits import read_split
 from histodistill.eval.mil_outputs import load_model
 
 DIM = 8
@@ -120,6 +121,22 @@ def test_val_auroc_with_a_one_class_validation_part_is_a_user_error(tmp_path, ca
                  "--out", str(tmp_path / "run"), "--early-stop", "val_auroc"])
     assert code == 2
     assert "--early-stop val_loss" in capsys.readouterr().err
+
+
+def test_early_stopping_without_a_validation_part_is_refused_and_val_fraction_zero_trains_fixed_epochs(tmp_path, capsys):
+    features_dir, labels, _ = planted_features(tmp_path, n_cases=12)
+    common = ["mil", "--features", str(features_dir), "--labels", str(labels), "--folds", "2", "--epochs", "3",
+              "--val-fraction", "0"]
+    assert main([*common, "--out", str(tmp_path / "stop")]) == 2  # default --early-stop val_loss
+    err = capsys.readouterr().err
+    assert err.startswith("error: --val-fraction 0: fold(s) 0, 1 have no validation part") and "--early-stop none" in err
+    assert not (tmp_path / "stop").exists()  # refused before anything is written
+    assert main([*common, "--early-stop", "none", "--out", str(tmp_path / "fixed")]) == 0
+    metrics = json.loads((tmp_path / "fixed" / "metrics.json").read_text())
+    assert [fold["best_epoch"] for fold in metrics["folds"]] == [3, 3]  # every epoch ran, the last kept
+    for k in range(2):
+        split = read_split(tmp_path / "fixed" / "splits" / f"splits_{k}.csv")
+        assert split["val"] == [] and len(split["train"]) + len(split["test"]) == 12
 
 
 def test_feature_norm_fits_on_training_tiles_only_and_finds_a_signal_under_a_shared_offset(tmp_path):

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(stored with the model); none: raw features as CLAM and TRIDENT feed them (default: %(default)s)")
     parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
-                        help="fraction of each fold's training cases held out for early stopping (default: %(default)s)")
+                        help="fraction of each fold's training cases held out for early stopping; 0: none held out, "
+                        "every training case trains for --epochs (needs --early-stop none) (default: %(default)s)")
     parser.add_argument("--splits", default=None,
                         help="directory of your own splits_<k>.csv (columns train,val,test of slide ids); "
                         "replaces --folds/--val-fraction")
@@ -122,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
         model_kwargs=model_kwargs,
     )
+    if config.early_stop != "none":
+        mil.check_val_for_early_stop(splits, config.early_stop, args.splits or "--val-fraction 0")
     if config.early_stop == "val_auroc":
         mil.check_val_has_every_class(dataset, splits, len(classes))
 

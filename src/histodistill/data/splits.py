@@ -56,17 +56,22 @@ def check_cases_per_class(rows: list[SlideLabel], folds: int) -> None:
 
 def make_splits(rows: list[SlideLabel], folds: int, val_fraction: float = 0.2, seed: int = 0) -> list[Split]:
     """``folds`` splits; in each, one fold of cases is the test part and ``val_fraction`` of the
-    remaining cases (at least one per class where possible) is the validation part."""
+    remaining cases (at least one per class where possible) is the validation part; with
+    ``val_fraction`` 0 there is none and every remaining case trains (fixed epochs, no early stopping).
+    The test folds depend on the labels, cases and seed only, not on ``val_fraction``."""
     if folds < 2:
         raise UserError(f"--folds must be at least 2, got {folds}")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     slide_ids = np.array([r.slide_id for r in rows])
     labels = np.array([r.label for r in rows])
     groups = np.array([r.case_id or r.slide_id for r in rows])
     check_cases_per_class(rows, folds)
     splits = []
     for fold, (rest, test) in enumerate(_stratified_group_folds(labels, groups, folds, seed)):
+        if val_fraction == 0:
+            splits.append({"train": sorted(slide_ids[rest]), "val": [], "test": sorted(slide_ids[test])})
+            continue
         # Hold out one of ~1/val_fraction case folds; with few cases, fewer and larger folds.
         cases_per_label = [len(set(groups[rest][labels[rest] == label])) for label in set(labels[rest])]
         val_splits = min(max(2, round(1 / val_fraction)), max(cases_per_label))

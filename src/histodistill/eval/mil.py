@@ -180,6 +180,17 @@ def split_indices(dataset: BagDataset, split: Split) -> dict[str, list[int]]:
     return indices
 
 
+def check_val_for_early_stop(splits: list[Split], early_stop: str, source: str) -> None:
+    """Early stopping needs a validation part in every fold; a fold without one is refused before any
+    training (rather than silently trained for every epoch). ``source`` names where the splits came from."""
+    if empty := [fold for fold, split in enumerate(splits) if not split["val"]]:
+        raise UserError(
+            f"{source}: fold(s) {', '.join(map(str, empty))} have no validation part, so --early-stop {early_stop} "
+            "has nothing to watch; pass --early-stop none to train every fold for --epochs, or hold out a "
+            "validation part (--val-fraction > 0, or a val column in your --splits)"
+        )
+
+
 def check_val_has_every_class(dataset: BagDataset, splits: list[Split], num_classes: int) -> None:
     """AUROC needs every class in each validation part; say so before any training starts."""
     for fold, split in enumerate(splits):
