@@ -21,12 +21,15 @@ _DELTA = 6 / 29
 TISSUE_LIGHTNESS = 85.0
 
 
-_CODES = np.arange(256) / 255
-# sRGB's transfer curve for each of the 256 uint8 codes: one table lookup instead of a power per pixel.
-_SRGB_TO_LINEAR = np.where(_CODES <= 0.04045, _CODES / 12.92, ((_CODES + 0.055) / 1.055) ** 2.4)
-_HALF_STEPS = (np.arange(255) + 0.5) / 255  # sRGB values halfway between neighbouring uint8 codes
-# Linear light at those halfway points: code k covers linear values in [bound k-1, bound k).
-_LINEAR_CODE_BOUNDS = np.where(_HALF_STEPS <= 0.04045, _HALF_STEPS / 12.92, ((_HALF_STEPS + 0.055) / 1.055) ** 2.4)
+def _srgb_to_linear(value: np.ndarray) -> np.ndarray:
+    """sRGB's transfer curve (IEC 61966-2-1): encoded values in [0, 1] -> linear light."""
+    return np.where(value <= 0.04045, value / 12.92, ((value + 0.055) / 1.055) ** 2.4)
+
+
+# The curve at each of the 256 uint8 codes: one table lookup instead of a power per pixel.
+_SRGB_TO_LINEAR = _srgb_to_linear(np.arange(256) / 255)
+# Linear light halfway between neighbouring codes: code k covers linear values in [bound k-1, bound k).
+_LINEAR_CODE_BOUNDS = _srgb_to_linear((np.arange(255) + 0.5) / 255)
 
 
 def rgb_to_lab(image: np.ndarray) -> np.ndarray:
@@ -70,7 +73,7 @@ def reinhard_normalize(
     iterations: int = 1, tolerance: float = 0.05,
 ) -> np.ndarray:
     """``image`` (..., H, W, 3) uint8 (one image or a stack, each normalised on its own) with its tissue's
-    LAB mean/sd moved to ``target_mean``/``target_std`` (3,).
+    LAB mean/sd moved to ``target_mean``/``target_std``: (3,), or (..., 3) for a target per image.
 
     One pass is Reinhard's transfer. It is not exact on uint8 output: out-of-gamut colours are clipped and
     the tissue mask (L < ``max_lightness``) is re-drawn on the new lightness, so dark or pale images end a
@@ -79,14 +82,18 @@ def reinhard_normalize(
     the residual no longer tells dark tiles from pale ones.
     """
     stack = np.array(image, copy=True).reshape(-1, *image.shape[-3:])  # (N, H, W, 3)
+    goal_mean = np.broadcast_to(target_mean, (*image.shape[:-3], 3)).reshape(-1, 3)  # (N, 3)
+    goal_std = np.broadcast_to(target_std, (*image.shape[:-3], 3)).reshape(-1, 3)
     active = np.arange(len(stack))  # images still off the target
     for _ in range(iterations):
         lab = rgb_to_lab(stack[active])
         mean, std = _tissue_stats(lab, max_lightness)  # (n, 3) each
-        off = np.maximum(np.abs(mean - target_mean).max(axis=1), np.abs(std - target_std).max(axis=1)) > tolerance
+        off = np.maximum(np.abs(mean - goal_mean[active]).max(axis=1),
+                         np.abs(std - goal_std[active]).max(axis=1)) > tolerance
         if not off.any():
             break
         active, lab, mean, std = active[off], lab[off], mean[off], std[off]
-        scale = target_std / np.maximum(std, 1e-6)
-        stack[active] = lab_to_rgb((lab - mean[:, None, None, :]) * scale[:, None, None, :] + target_mean)
+        scale = goal_std[active] / np.maximum(std, 1e-6)  # (n, 3)
+        stack[active] = lab_to_rgb((lab - mean[:, None, None, :]) * scale[:, None, None, :]
+                                   + goal_mean[active][:, None, None, :])
     return stack.reshape(image.shape)
