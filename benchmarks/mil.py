@@ -27,7 +27,7 @@ from PIL import Image
 
 from benchmarks.common import markdown_table, write_section
 from histodistill.cli import main as cli
-from histodistill.demo.slide_task import COLOUR, measure_extractors, run_slide_task
+from histodistill.demo.slide_task import COLOUR, MIL_OPTIONS, measure_extractors, run_slide_task
 from histodistill.demo.stages import CONTROLS, EXTRACTORS, SLIDE_TILE_PX
 from histodistill.features.export import save_backbone
 from histodistill.io import atomic_path
@@ -121,8 +121,8 @@ def main() -> None:
 {n_slides} semi-synthetic slides (`make_slides`, seed {synthetic['seed']}: half positive, {synthetic['grid']}×{synthetic['grid']}
 cells of {synthetic['tile_px']} px at 0.5 mpp; positives carry {synthetic['tumor_fraction'][0]:.0%}–{synthetic['tumor_fraction'][1]:.0%}
 tumour-nest tiles; tiles from regions no extractor trained on, Reinhard-normalised per tile; see `docs/mil.md`).
-{args.folds}-fold CV by case × {args.seeds} seed(s), at most {args.epochs} epochs, AdamW lr 5e-4, early stopping on
-validation loss. **Slide AUROC**: of the out-of-fold predictions of all slides, mean over seeds, with a 95 %
+{args.folds}-fold CV by case × {args.seeds} seed(s), {args.epochs} epochs, `histodistill mil {' '.join(MIL_OPTIONS)}`
+(AdamW, the last epoch kept). **Slide AUROC**: of the out-of-fold predictions of all slides, mean over seeds, with a 95 %
 bootstrap CI over slides (2,000 resamples); per-seed values beside it. **Balanced accuracy**: out-of-fold, argmax,
 mean over seeds. **Localisation**: per positive slide, AUROC of the instance scores (ABMIL attention; instance
 logits for mean pooling) against the exact tumour tiles; mean over slides and seeds. **Patch probe**: linear
