@@ -16,7 +16,8 @@ ViT reached a balanced accuracy of only ~0.68 on the spatially split test nuclei
 probe at ~0.8), below a ResNet-18 trained on a quarter of the labels (~0.83); distilling from it
 made students worse. MoMA's paper also allows a supervised CNN teacher.
 
-Sizes are chosen for a 2-core CPU (at most 10 minutes); ``--quick`` shrinks them (at most 3).
+Sizes aim at a 2-core CPU; ``--quick`` shrinks them. The 10- and 3-minute budgets are not met yet
+(docs/demo.md gives the measured stage times).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ TILE_PX = 64
 SLIDE_TILE_PX = 64
 LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
 # The slide task (docs/demo.md): slides, CV folds by case, CV seeds and ABMIL epochs; full and --quick.
-SLIDE_TASK = {False: {"slides": 60, "folds": 5, "seeds": 3, "epochs": 40},
+# 200 slides in the full run: on tuning slides 60 left ABMIL at 0.74-0.76 for the best extractors, 200
+# lifted them to 0.83-0.84 with the controls at chance (docs/mil.md); --quick keeps 60 to stay short.
+SLIDE_TASK = {False: {"slides": 200, "folds": 5, "seeds": 3, "epochs": 40},
               True: {"slides": 60, "folds": 5, "seeds": 1, "epochs": 20}}
 
 
