@@ -42,7 +42,7 @@ from benchmarks.mcmkd import RECIPE, SIDE
 from histodistill.cli import main as cli
 from histodistill.data.context_windows import context_windows_of_dir, window_transform
 from histodistill.demo.slide_task import run_slide_task
-from histodistill.demo.stages import SLIDE_TASK, SLIDE_TILE_PX
+from histodistill.demo.stages import SLIDE_TASK, SLIDE_TILE_PX, mcmkd_overrides
 from histodistill.errors import UserError
 from histodistill.features.extract import extract_slides
 from histodistill.features.teacher_cache import ensure_teacher_cache
@@ -122,12 +122,9 @@ def main() -> None:
             code = cli(["fit", "--config", str(RECIPE), "--trainer.default_root_dir", str(run_dir),
                         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                         "--trainer.enable_model_summary", "false",
-                        "--model.init_args.student", str(demo["student"]),
-                        "--model.init_args.teacher_dim", str(teacher_dim),
+                        *mcmkd_overrides(demo["student"], demo["teacher"], demo["tiles"], work / "teacher_cache",
+                                         demo["quick"]),
                         "--model.init_args.freeze_bn_stats", str(frozen).lower(),
-                        "--data.init_args.tiles_dir", str(demo["tiles"]), "--data.init_args.teacher", teacher,
-                        "--data.init_args.cache_dir", str(work / "teacher_cache"),
-                        "--data.init_args.batch_size", "8", "--trainer.max_epochs", "1",
                         "--data.init_args.window_stride", str(stride)])
         if code != 0:
             raise SystemExit(f"MCM-KD fine-tuning failed (freeze_bn_stats={frozen})")

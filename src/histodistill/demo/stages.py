@@ -222,22 +222,28 @@ def distill_moma(context: DemoContext) -> dict:
             **{f"vanilla_{k}": v for k, v in _val_scores(vanilla).items()}}
 
 
+def mcmkd_overrides(student: Path, teacher: Path, tiles: Path, cache: Path, quick: bool) -> list[str]:
+    """The `fit` overrides of the demo's MCM-KD stage on `configs/mcmkd/tiny_cpu.yaml` (also rerun by
+    `benchmarks/mcmkd_bn.py`): one epoch, batch 8, the teacher's cached features under ``cache``."""
+    from histodistill.models.backbones import create_backbone
+
+    return [
+        "--model.init_args.student", str(student),
+        "--model.init_args.teacher_dim", str(create_backbone(str(teacher)).num_features),
+        "--data.init_args.tiles_dir", str(tiles), "--data.init_args.teacher", str(teacher),
+        "--data.init_args.cache_dir", str(cache), "--data.init_args.batch_size", "8", "--trainer.max_epochs", "1",
+        # --quick: windows on every 3rd tile, so each tile is a masked target about once instead of 9 times.
+        "--data.init_args.window_stride", "3" if quick else "1",
+    ]
+
+
 def finetune_mcmkd(context: DemoContext) -> dict:
     """MCM-KD: one epoch on 3x3 context windows of the slides; the ResNet-34 teacher's cached tile
     features are the targets, the MoMA student is the student."""
-    from histodistill.models.backbones import create_backbone
-
-    teacher = str(_stage_path(context, "teacher", "run", "checkpoints", "last.ckpt"))
-    metrics = _fit(context, "mcmkd/tiny_cpu.yaml", _stage_path(context, "mcmkd", "run"), [
-        "--model.init_args.student", str(_stage_path(context, "moma", "run", "checkpoints", "last.ckpt")),
-        "--model.init_args.teacher_dim", str(create_backbone(teacher).num_features),
-        "--data.init_args.tiles_dir", str(_stage_path(context, "tiles", "slides")),
-        "--data.init_args.teacher", teacher,
-        "--data.init_args.cache_dir", str(_stage_path(context, "mcmkd", "teacher_cache")),
-        "--data.init_args.batch_size", "8", "--trainer.max_epochs", "1",
-        # --quick: windows on every 3rd tile, so each tile is a masked target about once instead of 9 times.
-        "--data.init_args.window_stride", "3" if context.quick else "1",
-    ])
+    metrics = _fit(context, "mcmkd/tiny_cpu.yaml", _stage_path(context, "mcmkd", "run"), mcmkd_overrides(
+        _stage_path(context, "moma", "run", "checkpoints", "last.ckpt"),
+        _stage_path(context, "teacher", "run", "checkpoints", "last.ckpt"),
+        _stage_path(context, "tiles", "slides"), _stage_path(context, "mcmkd", "teacher_cache"), context.quick))
     return {"train_loss": _rounded(metrics["final"].get("train/loss")), "steps": metrics.get("global_step")}
 
 
