@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import csv
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # imported, which reads them once), so a test that forgets --random-init fails loudly, here and on every machine.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="histodistill-tests-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)  # one per test process, removed with it
 os.environ.pop("HF_HUB_CACHE", None)
 
 GLASS_RGB = (242, 240, 244)  # near-white background of a scanned slide
@@ -186,8 +190,6 @@ def fake_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
     def put(repo_id: str, files: dict[str, Path]) -> Path:
-        import shutil
-
         repo = cache / f"models--{repo_id.replace('/', '--')}"
         commit = "0" * 40
         (repo / "refs").mkdir(parents=True, exist_ok=True)
@@ -199,3 +201,30 @@ def fake_hf_cache(tmp_path, monkeypatch):
         return cache
 
     return put
+
+
+def planted_features(tmp_path: Path, n_cases: int = 24, seed: int = 0):
+    """MIL features: 8-dim, 12-24 tiles per slide, one slide per case. Positive slides carry 3 instances
+    shifted along feature 0; negatives are noise only. Returns (features dir, labels CSV, {slide_id: indices of planted instances})."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    features_dir, planted = tmp_path / "features", {}
+    features_dir.mkdir()
+    rows = []
+    for c in range(n_cases):
+        slide_id, positive = f"slide{c:02d}", c % 2 == 1
+        n = int(rng.integers(12, 25))
+        feats = rng.normal(0, 1, (n, 8)).astype(np.float32)
+        coords = np.stack([np.arange(n) % 5 * 256, np.arange(n) // 5 * 256], 1).astype(np.int64)
+        if positive:
+            planted[slide_id] = rng.choice(n, 3, replace=False)
+            feats[planted[slide_id], 0] += 4.0
+        with h5py.File(features_dir / f"{slide_id}.h5", "w") as handle:
+            handle["features"], handle["coords"] = feats, coords
+            handle["coords"].attrs["patch_size_level0"] = 256
+        rows.append((f"case{c:02d}", slide_id, "tumor" if positive else "normal"))
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as handle:
+        csv.writer(handle).writerows([("case_id", "slide_id", "label"), *rows])
+    return features_dir, labels, planted

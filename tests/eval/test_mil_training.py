@@ -10,42 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import planted_features
 from histodistill.cli import main
 from histodistill.data.bags import BagDataset, class_names, make_bags, read_labels
 from histodistill.data.splits import read_split
 from histodistill.eval.mil_outputs import load_model
 
-DIM = 8
 # Per-model settings that learn the planted signal within 12 epochs (TransMIL narrowed to stay fast).
 FAST = {"abmil": ["--lr", "2e-3"], "mean": ["--lr", "5e-3"], "transmil": ["--lr", "1e-3", "--hidden-dim", "32"]}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def planted_features(tmp_path, n_cases: int = 24, seed: int = 0):
-    """Positive slides carry 3 instances shifted along feature 0; negatives are noise only.
-    Returns (features dir, labels CSV, {slide_id: indices of planted instances})."""
-    rng = np.random.default_rng(seed)
-    features_dir, planted = tmp_path / "features", {}
-    features_dir.mkdir()
-    rows = []
-    for c in range(n_cases):
-        slide_id, positive = f"slide{c:02d}", c % 2 == 1
-        n = int(rng.integers(12, 25))
-        feats = rng.normal(0, 1, (n, DIM)).astype(np.float32)
-        coords = np.stack([np.arange(n) % 5 * 256, np.arange(n) // 5 * 256], 1).astype(np.int64)
-        if positive:
-            planted[slide_id] = rng.choice(n, 3, replace=False)
-            feats[planted[slide_id], 0] += 4.0
-        with h5py.File(features_dir / f"{slide_id}.h5", "w") as handle:
-            handle["features"], handle["coords"] = feats, coords
-            handle["coords"].attrs["patch_size_level0"] = 256
-        rows.append((f"case{c:02d}", slide_id, "tumor" if positive else "normal"))
-    labels = tmp_path / "labels.csv"
-    with labels.open("w", newline="") as handle:
-        csv.writer(handle).writerows([("case_id", "slide_id", "label"), *rows])
-    return features_dir, labels, planted
 
 
 @pytest.mark.parametrize("model", ["abmil", "mean", "transmil"])
@@ -143,7 +118,7 @@ def test_feature_norm_fits_on_training_tiles_only_and_finds_a_signal_under_a_sha
     """SSL ViT features: one large vector shared by every tile, the signal a small shift. Standardised,
     ABMIL finds it in a few epochs; the statistics are the fold's training tiles', stored in its checkpoint."""
     features_dir, labels, _ = planted_features(tmp_path)
-    offset = np.linspace(-40, 40, DIM).astype(np.float32)
+    offset = np.linspace(-40, 40, 8).astype(np.float32)
     for path in features_dir.glob("*.h5"):
         with h5py.File(path, "r+") as handle:
             handle["features"][...] = handle["features"][:] * 0.05 + offset  # signal 4 x 0.05 = 0.2 over +-40

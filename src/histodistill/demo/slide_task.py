@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -69,36 +70,65 @@ def measure_extractors(models: dict[str, str | Path | None], tiles_dir: Path, ou
     return rows
 
 
-def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_px: int, *, model: str = "abmil",
-                   folds: int = 5, seeds: int = 3, epochs: int = 40, device: str = "cpu",
-                   extra: list[str] | None = None) -> dict[str, dict]:
-    """``{extractor: scores}`` for features folders ``{extractor: <features_*> dir}`` of the slides in
-    ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``); runs go to ``out/<extractor>/seed_<s>``.
-    The same seed gives the same folds for every extractor (the splits depend on the labels and seed only)."""
+def _mil_run(argv: list[str]) -> tuple[int, str]:
+    """One `histodistill mil` run on one intra-op thread; returns (exit code, what it printed), so runs in
+    parallel processes print whole, one after another."""
+    import contextlib
+    import io
+
     import torch
 
     from histodistill.cli import main as cli
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            code = cli(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return code, printed.getvalue()
+
+
+def mil_workers(device: str) -> int:
+    """Parallel `histodistill mil` processes: one per usable CPU core on the CPU (a bag of a few dozen
+    tiles is too small to split over threads, so cores are used by running folds' runs side by side);
+    one on a GPU, which a single run already keeps busy."""
+    return len(os.sched_getaffinity(0)) if device == "cpu" and hasattr(os, "sched_getaffinity") else 1
+
+
+def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_px: int, *, model: str = "abmil",
+                   folds: int = 5, seeds: int = 3, epochs: int = 40, device: str = "cpu",
+                   extra: list[str] | None = None, workers: int | None = None) -> dict[str, dict]:
+    """``{extractor: scores}`` for features folders ``{extractor: <features_*> dir}`` of the slides in
+    ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``); runs go to ``out/<extractor>/seed_<s>``.
+    The same seed gives the same folds for every extractor (the splits depend on the labels and seed only).
+    Runs are independent and seeded, so ``workers`` parallel processes (default `mil_workers`) give the
+    same files as one; each run's output is printed whole when it ends."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     from histodistill.eval.slide_task import slide_task_scores
     from histodistill.samples.synthetic_slides import tumor_tile_labels
 
     def tumour(slide_id, coords):
         return tumor_tile_labels(slides_dir / "masks", slide_id, coords, tile_px)
 
-    results = {}
-    threads = torch.get_num_threads()
-    # One intra-op thread: a bag of a few dozen tiles is too small to split, and on a busy CPU the threads'
-    # hand-offs cost more than the work (a fold 5.4 s instead of 28-37 s at load 5 on 2 cores, same outputs).
-    torch.set_num_threads(1)
-    try:
-        for name, folder in features.items():
-            runs = [out / name / f"seed_{seed}" for seed in range(seeds)]
-            for seed, run in enumerate(runs):
-                argv = ["mil", "--features", str(folder), "--labels", str(slides_dir / "labels.csv"), "--model", model,
-                        "--folds", str(folds), "--epochs", str(epochs), *MIL_OPTIONS, "--seed", str(seed),
-                        "--out", str(run), "--device", device, "--overwrite", *(extra or [])]
-                if cli(argv) != 0:
-                    raise UserError(f"`histodistill {' '.join(argv)}` failed (see the message above)")
-            results[name] = slide_task_scores(runs, tumour)
-    finally:
-        torch.set_num_threads(threads)
-    return results
+    runs = {name: [out / name / f"seed_{seed}" for seed in range(seeds)] for name in features}
+    argvs = [["mil", "--features", str(features[name]), "--labels", str(slides_dir / "labels.csv"), "--model", model,
+              "--folds", str(folds), "--epochs", str(epochs), *MIL_OPTIONS, "--seed", str(seed), "--out", str(run),
+              "--device", device, "--overwrite", *(extra or [])]
+             for name in features for seed, run in enumerate(runs[name])]
+    workers = min(workers or mil_workers(device), len(argvs))
+    if workers > 1:
+        # spawn, not fork: a forked child would inherit the parent's torch thread pools mid-state.
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            outcomes = list(pool.map(_mil_run, argvs))
+    else:
+        outcomes = [_mil_run(argv) for argv in argvs]
+    for argv, (code, printed) in zip(argvs, outcomes, strict=True):
+        print(printed, end="")
+        if code != 0:
+            raise UserError(f"`histodistill {' '.join(argv)}` failed (see the message above)")
+    return {name: slide_task_scores(runs[name], tumour) for name in features}

@@ -149,7 +149,7 @@ def train_fold(
     device = resolve_device(config.device)
     model.to(device)
     optim = OptimConfig(name="adamw", lr=config.lr, weight_decay=config.weight_decay, schedule="constant")
-    optimizer = build_optimizer(model, optim, config.lr)
+    optimizer = build_optimizer(model, optim, config.lr, fused=True)
     loader = _loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
     watch = config.early_stop if val_set is not None and len(val_set) else "none"
     best_value, best_epoch, best_state, history = -math.inf, 0, None, []
