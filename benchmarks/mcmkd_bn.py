@@ -93,15 +93,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", required=True, help="a finished `histodistill demo` output directory (only read)")
     parser.add_argument("--work", default="/tmp/histodistill_bench_mcmkd_bn", help="scratch directory (emptied first)")
-    parser.add_argument("--window-stride", type=int, default=None,
-                        help="MCM-KD window stride (default: the demo's, 3 with --quick, else 1)")
+    parser.add_argument("--window-stride", type=int, default=3, help="MCM-KD window stride (default: the demo's)")
     parser.add_argument("--seeds", type=int, default=3, help="CV seeds of the slide task")
     parser.add_argument("--epochs", type=int, default=None, help="ABMIL epochs (default: the demo's, 20 quick, 40 full)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine is shared)")
     args = parser.parse_args()
     demo = demo_inputs(Path(args.demo))
     task = SLIDE_TASK[demo["quick"]]
-    stride = args.window_stride or (3 if demo["quick"] else 1)
+    stride = args.window_stride
     epochs = args.epochs or task["epochs"]
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -122,8 +121,7 @@ def main() -> None:
             code = cli(["fit", "--config", str(RECIPE), "--trainer.default_root_dir", str(run_dir),
                         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                         "--trainer.enable_model_summary", "false",
-                        *mcmkd_overrides(demo["student"], demo["teacher"], demo["tiles"], work / "teacher_cache",
-                                         demo["quick"]),
+                        *mcmkd_overrides(demo["student"], demo["teacher"], demo["tiles"], work / "teacher_cache"),
                         "--model.init_args.freeze_bn_stats", str(frozen).lower(),
                         "--data.init_args.window_stride", str(stride)])
         if code != 0:
