@@ -7,7 +7,7 @@ The chain, on the real sample data:
   teacher is trained on every labeled training nucleus → MoMA distils it into a ResNet-18 on a 25 %
   label subset (against the same student without a teacher) → MCM-KD fine-tunes that ResNet-18 on
   context windows of the semi-synthetic slides with the teacher's features as targets → tile
-  features of every slide from the four trained extractors and two controls (colour-only, random
+  features of every slide from the five trained extractors and two controls (colour-only, random
   init) → ABMIL on each, 5-fold CV by case over 3 seeds → slide AUROC with a bootstrap CI, balanced
   accuracy, localisation AUROC → attention heatmaps → HTML report opening on the extractor table.
 
@@ -248,11 +248,13 @@ def finetune_mcmkd(context: DemoContext) -> dict:
     return {"train_loss": _rounded(metrics["final"].get("train/loss")), "steps": metrics.get("global_step")}
 
 
-# Extractors compared on the slide task: the MoMA student before and after MCM-KD, their teacher, the
-# self-supervised SD-MAE ViT; and two controls that must sit at chance: the student's architecture
-# with random weights, and per-tile colour statistics.
+# Extractors compared on the slide task: the MoMA student before and after MCM-KD, the same student
+# trained on the same labels without a teacher (cross-entropy only), their teacher, the self-supervised
+# SD-MAE ViT; and two controls that must sit at chance: the student's architecture with random weights,
+# and per-tile colour statistics.
 EXTRACTORS = {
     "moma_student": ("moma", "run", "checkpoints", "last.ckpt"),
+    "ce_student": ("moma", "vanilla", "checkpoints", "last.ckpt"),
     "mcmkd_student": ("mcmkd", "run", "checkpoints", "last.ckpt"),
     "resnet34_teacher": ("teacher", "run", "checkpoints", "last.ckpt"),
     "sdmae_vit": ("sdmae", "run", "checkpoints", "last.ckpt"),
@@ -333,7 +335,7 @@ STAGES = [
     Stage("teacher", "train a ResNet-34 teacher on every labeled training nucleus", train_teacher),
     Stage("moma", "MoMA: distil the ResNet-34 into a ResNet-18 on 25 % of the labels (vs. no teacher)", distill_moma),
     Stage("mcmkd", "MCM-KD: one epoch of masked context modelling on slide windows", finetune_mcmkd),
-    Stage("features", "tile features of every slide: four trained extractors and two controls; patch probes",
+    Stage("features", "tile features of every slide: five trained extractors and two controls; patch probes",
           extract_slide_features),
     Stage("mil", "ABMIL on each extractor's features: CV by case over seeds, AUROC with bootstrap CI", slide_mil),
     Stage("heatmaps", "attention heatmaps and top/bottom tile montages", draw_heatmaps),
