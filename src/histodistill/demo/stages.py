@@ -7,7 +7,7 @@ The chain, on the real sample data:
   teacher is trained on every labeled training nucleus → MoMA distils it into a ResNet-18 on a 25 %
   label subset (against the same student without a teacher) → MCM-KD fine-tunes that ResNet-18 on
   context windows of the semi-synthetic slides with the teacher's features as targets → tile
-  features of every slide from the five trained extractors and two controls (colour-only, random
+  features of every slide from the six trained extractors and two controls (colour-only, random
   init) → ABMIL on each, 5-fold CV by case over 3 seeds → slide AUROC with a bootstrap CI, balanced
   accuracy, localisation AUROC → attention heatmaps → HTML report opening on the extractor table.
 
@@ -202,7 +202,8 @@ def train_teacher(context: DemoContext) -> dict:
 
 def distill_moma(context: DemoContext) -> dict:
     """MoMA: the ResNet-34 teacher (frozen: another architecture) into a ResNet-18 on 25 % of the
-    labels, next to the same student trained on the same labels without a teacher."""
+    labels, next to the same student with logit KD only (the contrastive term at 0) and without a
+    teacher (cross-entropy only): the paper's MoMA ≥ KD ≥ CE comparison in one recipe."""
     teacher = _stage_path(context, "teacher", "run", "checkpoints", "last.ckpt")
     subset = f"train_{round(LABEL_FRACTION * 100)}pct.csv"
     # The student (ResNet-18) cannot start as the ResNet-34 teacher, and the demo never reaches a hub for
@@ -212,13 +213,18 @@ def distill_moma(context: DemoContext) -> dict:
     moma = _fit(context, "moma/tiny_cpu.yaml", _stage_path(context, "moma", "run"), [
         "--model.init_args.teacher", str(teacher), "--model.init_args.teacher_update", "frozen", *common,
     ])
-    # The vanilla student is the same recipe with the teacher's terms weighted 0: same optimiser,
-    # schedule, augmentation and data, so the difference is the teacher's alone.
+    # The KD and vanilla students are the same recipe with teacher terms weighted 0: same optimiser,
+    # schedule, augmentation and data, so each difference is one term's alone.
+    kd = _fit(context, "moma/tiny_cpu.yaml", _stage_path(context, "moma", "kd"), [
+        "--model.init_args.teacher", str(teacher), "--model.init_args.teacher_update", "frozen",
+        "--model.init_args.w_nce", "0", *common,
+    ])
     vanilla = _fit(context, "moma/tiny_cpu.yaml", _stage_path(context, "moma", "vanilla"), [
         "--model.init_args.teacher", str(teacher), "--model.init_args.teacher_update", "frozen",
         "--model.init_args.w_kd", "0", "--model.init_args.w_nce", "0", *common,
     ])
     return {**{f"moma_{k}": v for k, v in _val_scores(moma).items()},
+            **{f"kd_{k}": v for k, v in _val_scores(kd).items()},
             **{f"vanilla_{k}": v for k, v in _val_scores(vanilla).items()}}
 
 
@@ -249,11 +255,12 @@ def finetune_mcmkd(context: DemoContext) -> dict:
 
 
 # Extractors compared on the slide task: the MoMA student before and after MCM-KD, the same student
-# trained on the same labels without a teacher (cross-entropy only), their teacher, the self-supervised
-# SD-MAE ViT; and two controls that must sit at chance: the student's architecture with random weights,
+# trained on the same labels with logit KD only and without a teacher (cross-entropy only), their
+# teacher, the self-supervised SD-MAE ViT; and two controls that must sit at chance: the student's architecture with random weights,
 # and per-tile colour statistics.
 EXTRACTORS = {
     "moma_student": ("moma", "run", "checkpoints", "last.ckpt"),
+    "kd_student": ("moma", "kd", "checkpoints", "last.ckpt"),
     "ce_student": ("moma", "vanilla", "checkpoints", "last.ckpt"),
     "mcmkd_student": ("mcmkd", "run", "checkpoints", "last.ckpt"),
     "resnet34_teacher": ("teacher", "run", "checkpoints", "last.ckpt"),
@@ -333,9 +340,10 @@ STAGES = [
     Stage("tiles", "detect tissue and tile the sample slide and the semi-synthetic slides", tile_slides),
     Stage("sdmae", "SD-MAE pretraining of a tiny ViT on the sample slide's tiles, then a linear probe", pretrain_sdmae),
     Stage("teacher", "train a ResNet-34 teacher on every labeled training nucleus", train_teacher),
-    Stage("moma", "MoMA: distil the ResNet-34 into a ResNet-18 on 25 % of the labels (vs. no teacher)", distill_moma),
+    Stage("moma", "MoMA: distil the ResNet-34 into a ResNet-18 on 25 % of the labels (vs. KD, vs. no teacher)",
+          distill_moma),
     Stage("mcmkd", "MCM-KD: one epoch of masked context modelling on slide windows", finetune_mcmkd),
-    Stage("features", "tile features of every slide: five trained extractors and two controls; patch probes",
+    Stage("features", "tile features of every slide: six trained extractors and two controls; patch probes",
           extract_slide_features),
     Stage("mil", "ABMIL on each extractor's features: CV by case over seeds, AUROC with bootstrap CI", slide_mil),
     Stage("heatmaps", "attention heatmaps and top/bottom tile montages", draw_heatmaps),
