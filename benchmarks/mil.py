@@ -3,14 +3,17 @@ accuracy and localisation per extractor × MIL model, and the MCM-KD claim, on a
 
     histodistill demo --out demo_out        # trains the extractors, tiles and extracts the slides
     python -m benchmarks.mil --demo demo_out
+    python -m benchmarks.mil --demo demo_out --from-demo --models abmil   # the demo's own runs, nothing redone
 
 Extractors: those of the demo's MoMA student, MCM-KD student, ResNet-34 teacher and SD-MAE ViT whose
 checkpoints exist in ``<demo>`` (the table says which are missing), and the two controls (random-init
 ResNet-18, the student's architecture; colour-only); features, tiles/s, parameters and the nuclei
 probe come from `histodistill.demo.slide_task.measure_extractors`, as in the demo. For each, ABMIL and
 mean pooling (the baseline attention must beat; ``--models abmil`` alone on a busy machine) with 5-fold CV by case repeated over 3 seeds
-(`histodistill.demo.slide_task`, the demo's own code path). Writes docs/benchmarks/mil.md and the
-heatmap figure of docs/mil.md.
+(`histodistill.demo.slide_task`, the demo's own code path). With ``--from-demo`` the features, tiles/s,
+probes and ABMIL runs are the demo's own (``<demo>/features/extractors.json``, ``<demo>/mil``; folds, seeds
+and epochs then are the demo's), so the page carries exactly the numbers of the demo's report; other
+``--models`` still train on those features. Writes docs/benchmarks/mil.md and the heatmap figure of docs/mil.md.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -27,8 +31,8 @@ from PIL import Image
 
 from benchmarks.common import markdown_table, write_section
 from histodistill.cli import main as cli
-from histodistill.demo.slide_task import COLOUR, MIL_OPTIONS, measure_extractors, run_slide_task
-from histodistill.demo.stages import CONTROLS, EXTRACTORS, SLIDE_TILE_PX
+from histodistill.demo.slide_task import COLOUR, MIL_OPTIONS, measure_extractors, run_slide_task, score_runs
+from histodistill.demo.stages import CONTROLS, EXTRACTORS, SLIDE_TASK, SLIDE_TILE_PX
 from histodistill.features.export import save_backbone
 from histodistill.io import atomic_path
 from histodistill.models.backbones import create_backbone
@@ -57,21 +61,34 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--models", default="abmil,mean", help="MIL models, comma-separated (abmil first)")
+    parser.add_argument("--from-demo", action="store_true",
+                        help="reuse the demo's features, tiles/s, probes and ABMIL runs instead of recomputing them")
     args = parser.parse_args()
     demo, work, mil_models = Path(args.demo), Path(args.work), args.models.split(",")
-    if not (demo / "tiles" / "stage.json").is_file():
-        raise SystemExit(f"{demo} has no finished tiles stage: run `histodistill demo --out {demo}` first")
-    checkpoints = {name: demo.joinpath(*parts) for name, parts in EXTRACTORS.items()}
-    missing = [name for name, path in checkpoints.items() if not path.is_file()]
-    torch.manual_seed(0)
-    random_init = save_backbone(create_backbone("tiny/resnet18-64", pretrained=False), work / "random_init_resnet18")
-    models = {name: path for name, path in checkpoints.items() if name not in missing}
-    models |= {"random_init_resnet18": random_init, "colour_only": COLOUR}
-    start = time.perf_counter()
-    extractors = measure_extractors(models, demo / "tiles" / "slides", work / "features", demo / "data" / "nuclei", "cpu")
-    extract_seconds = time.perf_counter() - start
-    (work / "extractors.json").write_text(json.dumps(extractors, indent=1))
-    names = list(models)
+    finished = "mil" if args.from_demo else "tiles"
+    if not (demo / finished / "stage.json").is_file():
+        raise SystemExit(f"{demo} has no finished {finished} stage: run `histodistill demo --out {demo}` first")
+    if args.from_demo:
+        # The demo's own extractor table and runs; the settings are the ones it ran with.
+        task = SLIDE_TASK[json.loads((demo / "mil" / "stage.json").read_text())["quick"]]
+        args.folds, args.seeds, args.epochs = task["folds"], task["seeds"], task["epochs"]
+        extractors = json.loads((demo / "features" / "extractors.json").read_text())
+        names = [name for name in [*EXTRACTORS, *CONTROLS] if name in extractors]
+        missing = [name for name in EXTRACTORS if name not in extractors]
+        extract_seconds = json.loads((demo / "features" / "stage.json").read_text())["seconds"]
+    else:
+        checkpoints = {name: demo.joinpath(*parts) for name, parts in EXTRACTORS.items()}
+        missing = [name for name, path in checkpoints.items() if not path.is_file()]
+        torch.manual_seed(0)
+        random_init = save_backbone(create_backbone("tiny/resnet18-64", pretrained=False), work / "random_init_resnet18")
+        models = {name: path for name, path in checkpoints.items() if name not in missing}
+        models |= {"random_init_resnet18": random_init, "colour_only": COLOUR}
+        start = time.perf_counter()
+        extractors = measure_extractors(models, demo / "tiles" / "slides", work / "features", demo / "data" / "nuclei",
+                                        "cpu")
+        extract_seconds = time.perf_counter() - start
+        (work / "extractors.json").write_text(json.dumps(extractors, indent=1))
+        names = list(models)
     features = {name: Path(extractors[name]["features_dir"]) for name in names}
     slides = demo / "data" / "slides"
     n_slides = len((slides / "labels.csv").read_text().splitlines()) - 1
@@ -80,6 +97,13 @@ def main() -> None:
     scores, seconds = {}, {}
     for model in mil_models:
         start = time.perf_counter()
+        if args.from_demo and model == "abmil":
+            runs = {name: [demo / "mil" / name / f"seed_{seed}" for seed in range(args.seeds)] for name in names}
+            scores[model] = score_runs(runs, slides, SLIDE_TILE_PX)
+            for name in names:  # the heatmap below writes into its run: a copy, the demo's folder stays as it was
+                shutil.copytree(runs[name][0], work / model / name / "seed_0", dirs_exist_ok=True)
+            seconds[model] = json.loads((demo / "mil" / "stage.json").read_text())["seconds"]
+            continue
         with contextlib.redirect_stdout(io.StringIO()):
             scores[model] = run_slide_task(features, slides, work / model, SLIDE_TILE_PX, model=model, folds=args.folds,
                                            seeds=args.seeds, epochs=args.epochs)
@@ -127,7 +151,8 @@ bootstrap CI over slides (2,000 resamples); per-seed values beside it. **Balance
 mean over seeds. **Localisation**: per positive slide, AUROC of the instance scores (ABMIL attention; instance
 logits for mean pooling) against the exact tumour tiles; mean over slides and seeds. **Patch probe**: linear
 probe balanced accuracy on the hgsc nuclei task. tiles/s: end-to-end extraction in this run (shared CPU).
-Extractors from `histodistill demo --out {demo.name}`{" (--quick)" if n_slides < 60 else ""}{
+Extractors from `histodistill demo --out {demo.name}`{" (--quick)" if json.loads((demo / "data" / "stage.json").read_text())["quick"] else ""}{
+" (features, tiles/s, probes and ABMIL runs: the demo's own, `--from-demo`)" if args.from_demo else ""}{
 f"; NOT measured (their demo stage had not finished): {', '.join(missing)}" if missing else ""}.
 
 {markdown_table(["extractor", "MIL", "patch probe", "slide AUROC [95 % CI]", "AUROC per seed", "balanced acc.",
@@ -145,7 +170,7 @@ labels: the method fine-tunes on the target cohort's slides, so it sees the test
 Both extract at 64 px on a shared CPU, so tiles/s ratios carry the noise of other jobs.
 
 Heatmap figure of docs/mil.md: ABMIL on the best trained extractor ({best}), seed 0, slide {positive}.
-Time: extraction and probes {extract_seconds:.0f} s, MIL {", ".join(f"{m} {v:.0f} s" for m, v in seconds.items())}.
+Time{" (the demo's stages)" if args.from_demo else ""}: extraction and probes {extract_seconds:.0f} s, MIL {", ".join(f"{m} {v:.0f} s" for m, v in seconds.items())}.
 """
     write_section("mil", "MIL: the slide task", body)
 

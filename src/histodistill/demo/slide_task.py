@@ -109,12 +109,6 @@ def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from histodistill.eval.slide_task import slide_task_scores
-    from histodistill.samples.synthetic_slides import tumor_tile_labels
-
-    def tumour(slide_id, coords):
-        return tumor_tile_labels(slides_dir / "masks", slide_id, coords, tile_px)
-
     runs = {name: [out / name / f"seed_{seed}" for seed in range(seeds)] for name in features}
     argvs = [["mil", "--features", str(features[name]), "--labels", str(slides_dir / "labels.csv"), "--model", model,
               "--folds", str(folds), "--epochs", str(epochs), *MIL_OPTIONS, "--seed", str(seed), "--out", str(run),
@@ -131,4 +125,16 @@ def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_
         print(printed, end="")
         if code != 0:
             raise UserError(f"`histodistill {' '.join(argv)}` failed (see the message above)")
-    return {name: slide_task_scores(runs[name], tumour) for name in features}
+    return score_runs(runs, slides_dir, tile_px)
+
+
+def score_runs(runs: dict[str, list[Path]], slides_dir: Path, tile_px: int) -> dict[str, dict]:
+    """``{extractor: scores}`` (`histodistill.eval.slide_task.slide_task_scores`) of finished `histodistill mil`
+    runs ``{extractor: [run dir per CV seed]}`` on the slides of ``slides_dir`` (their exact tumour masks)."""
+    from histodistill.eval.slide_task import slide_task_scores
+    from histodistill.samples.synthetic_slides import tumor_tile_labels
+
+    def tumour(slide_id, coords):
+        return tumor_tile_labels(slides_dir / "masks", slide_id, coords, tile_px)
+
+    return {name: slide_task_scores(paths, tumour) for name, paths in runs.items()}
