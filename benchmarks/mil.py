@@ -53,6 +53,26 @@ def ratio(value: float | None, baseline: float | None) -> str:
     return "–" if value is None or baseline is None else f"{value / baseline:.2f}"
 
 
+def verdict(scores: dict[str, dict], names: list[str]) -> str:
+    """The issue's checks on the ABMIL scores, in words: the best trained extractor against the target
+    (AUROC >= 0.85 with CI low > 0.7), each control at chance (CI containing 0.5, or AUROC <= 0.65), and the
+    trained extractors that do not beat the best control."""
+    trained = [n for n in names if n not in CONTROLS]
+    best = max(trained, key=lambda n: scores[n]["auroc"])
+    met = scores[best]["auroc"] >= 0.85 and scores[best]["auroc_ci"][0] > 0.7
+    lines = [f"**Target {'met' if met else 'NOT met'}**: the best trained extractor, {best}, reaches {ci(scores[best])} "
+             "(target: slide AUROC ≥ 0.85 with the CI's low end above 0.7)."]
+    for name in (n for n in names if n in CONTROLS):
+        low, high = scores[name]["auroc_ci"]
+        chance = low <= 0.5 <= high or scores[name]["auroc"] <= 0.65
+        lines.append(f"Control {name}: {ci(scores[name])}, " + ("at chance (CI contains 0.5)" if low <= 0.5 <= high else
+                     "AUROC ≤ 0.65 but its CI excludes 0.5" if chance else "**NOT at chance: the task leaks a shortcut**") + ".")
+    top_control = max((scores[n]["auroc"] for n in names if n in CONTROLS), default=0.5)
+    if below := [n for n in trained if scores[n]["auroc"] <= top_control]:
+        lines.append(f"Trained extractors not above the best control ({top_control:.3f}): {', '.join(below)}.")
+    return "\n".join(f"- {line}" for line in lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default=str(ROOT / "demo_out"), help="a finished `histodistill demo --out` folder")
@@ -157,6 +177,9 @@ f"; NOT measured (their demo stage had not finished): {', '.join(missing)}" if m
 
 {markdown_table(["extractor", "MIL", "patch probe", "slide AUROC [95 % CI]", "AUROC per seed", "balanced acc.",
                  "localisation AUROC", "tiles/s", "parameters"], rows)}
+
+ABMIL against the issue's checks:
+{verdict(abmil, names)}
 
 ### MCM-KD: tuned vs un-tuned student, and the teacher (ABMIL, same runs as above)
 
