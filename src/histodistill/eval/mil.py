@@ -33,7 +33,6 @@ from histodistill.eval.metrics import classification_metrics, ovr_auroc
 from histodistill.features.extract import resolve_device
 from histodistill.models.mil import Standardized, create_mil
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
-from histodistill.optim.overflow import step_overflowed
 
 REPORTED_METRICS = ("auroc", "balanced_accuracy", "macro_f1", "accuracy")
 
@@ -100,13 +99,12 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
                             "for this fold. Lower --lr, and check the features for extreme values")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        try:
-            optimizer.step()
-        except RuntimeError as error:
-            if not step_overflowed(error):
-                raise
-            raise UserError(f"the MIL optimiser step overflowed (--lr {optimizer.param_groups[0]['lr']:.4g}: {error}); "
-                            "nothing was saved for this fold. Lower --lr") from None
+        optimizer.step()
+        # The fused AdamW step writes an overflow (an absurd --lr) into the weights instead of raising, so the
+        # weights are checked after every step: a fold's last step could otherwise be saved as inf/NaN.
+        if not torch.isfinite(torch.nn.utils.get_total_norm(list(model.parameters()))):
+            raise UserError(f"the MIL optimiser step overflowed (--lr {optimizer.param_groups[0]['lr']:.4g}: the "
+                            "weights became non-finite); nothing was saved for this fold. Lower --lr")
         total += loss.item() * len(labels)
         count += len(labels)
     return total / max(count, 1)
