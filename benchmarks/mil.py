@@ -5,7 +5,7 @@ accuracy and localisation per extractor × MIL model, and the MCM-KD claim, on a
     python -m benchmarks.mil --demo demo_out
     python -m benchmarks.mil --demo demo_out --from-demo --models abmil   # the demo's own runs, nothing redone
 
-Extractors: those of the demo's MoMA student, MCM-KD student, ResNet-34 teacher and SD-MAE ViT whose
+Extractors: those of the demo's students (MoMA, KD, CE, MCM-KD), ResNet-34 teacher and SD-MAE ViT whose
 checkpoints exist in ``<demo>`` (the table says which are missing), and the two controls (random-init
 ResNet-18, the student's architecture; colour-only); features, tiles/s, parameters and the nuclei
 probe come from `histodistill.demo.slide_task.measure_extractors`, as in the demo. For each, ABMIL and

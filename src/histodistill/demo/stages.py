@@ -5,7 +5,7 @@ The chain, on the real sample data:
   samples → data (nuclei crops; semi-synthetic slides) → tiles → SD-MAE pretrains a tiny ViT on the
   sample slide's tiles and is linear-probed on the nuclei task against random init → a ResNet-34
   teacher is trained on every labeled training nucleus → MoMA distils it into a ResNet-18 on a 25 %
-  label subset (against the same student without a teacher) → MCM-KD fine-tunes that ResNet-18 on
+  label subset (beside the same student with logit KD only, and with cross-entropy only) → MCM-KD fine-tunes that ResNet-18 on
   context windows of the semi-synthetic slides with the teacher's features as targets → tile
   features of every slide from the six trained extractors and two controls (colour-only, random
   init) → ABMIL on each, 5-fold CV by case over 3 seeds → slide AUROC with a bootstrap CI, balanced
@@ -256,8 +256,8 @@ def finetune_mcmkd(context: DemoContext) -> dict:
 
 # Extractors compared on the slide task: the MoMA student before and after MCM-KD, the same student
 # trained on the same labels with logit KD only and without a teacher (cross-entropy only), their
-# teacher, the self-supervised SD-MAE ViT; and two controls that must sit at chance: the student's architecture with random weights,
-# and per-tile colour statistics.
+# teacher, the self-supervised SD-MAE ViT; and two controls that must sit at chance: the student's
+# architecture with random weights, and per-tile colour statistics.
 EXTRACTORS = {
     "moma_student": ("moma", "run", "checkpoints", "last.ckpt"),
     "kd_student": ("moma", "kd", "checkpoints", "last.ckpt"),
