@@ -203,9 +203,13 @@ def fake_hf_cache(tmp_path, monkeypatch):
     return put
 
 
+PLANTED_DIM = 8  # feature width of `planted_features`
+
+
 def planted_features(tmp_path: Path, n_cases: int = 24, seed: int = 0):
-    """MIL features: 8-dim, 12-24 tiles per slide, one slide per case. Positive slides carry 3 instances
-    shifted along feature 0; negatives are noise only. Returns (features dir, labels CSV, {slide_id: indices of planted instances})."""
+    """MIL features: PLANTED_DIM wide, 12-24 tiles per slide, one slide per case. Positive slides carry 3
+    instances shifted along feature 0; negatives are noise only.
+    Returns (features dir, labels CSV, {slide_id: indices of planted instances})."""
     import h5py
 
     rng = np.random.default_rng(seed)
@@ -215,7 +219,7 @@ def planted_features(tmp_path: Path, n_cases: int = 24, seed: int = 0):
     for c in range(n_cases):
         slide_id, positive = f"slide{c:02d}", c % 2 == 1
         n = int(rng.integers(12, 25))
-        feats = rng.normal(0, 1, (n, 8)).astype(np.float32)
+        feats = rng.normal(0, 1, (n, PLANTED_DIM)).astype(np.float32)
         coords = np.stack([np.arange(n) % 5 * 256, np.arange(n) // 5 * 256], 1).astype(np.int64)
         if positive:
             planted[slide_id] = rng.choice(n, 3, replace=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import planted_features
+from conftest import PLANTED_DIM, planted_features
 from histodistill.cli import main
 from histodistill.data.bags import BagDataset, class_names, make_bags, read_labels
 from histodistill.data.splits import read_split
@@ -118,7 +118,7 @@ def test_feature_norm_fits_on_training_tiles_only_and_finds_a_signal_under_a_sha
     """SSL ViT features: one large vector shared by every tile, the signal a small shift. Standardised,
     ABMIL finds it in a few epochs; the statistics are the fold's training tiles', stored in its checkpoint."""
     features_dir, labels, _ = planted_features(tmp_path)
-    offset = np.linspace(-40, 40, 8).astype(np.float32)
+    offset = np.linspace(-40, 40, PLANTED_DIM).astype(np.float32)
     for path in features_dir.glob("*.h5"):
         with h5py.File(path, "r+") as handle:
             handle["features"][...] = handle["features"][:] * 0.05 + offset  # signal 4 x 0.05 = 0.2 over +-40

@@ -88,6 +88,7 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> Data
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
     """One pass over the training bags; returns the mean loss per bag."""
     model.train()
+    parameters = list(model.parameters())  # checked after every step, listed once
     total, count = 0.0, 0
     for batch in loader:
         labels = batch["labels"].to(device)
@@ -102,7 +103,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         optimizer.step()
         # The fused AdamW step writes an overflow (an absurd --lr) into the weights instead of raising, so the
         # weights are checked after every step: a fold's last step could otherwise be saved as inf/NaN.
-        if not torch.isfinite(torch.nn.utils.get_total_norm(list(model.parameters()))):
+        if not torch.isfinite(torch.nn.utils.get_total_norm(parameters)):
             raise UserError(f"the MIL optimiser step overflowed (--lr {optimizer.param_groups[0]['lr']:.4g}: the "
                             "weights became non-finite); nothing was saved for this fold. Lower --lr")
         total += loss.item() * len(labels)
