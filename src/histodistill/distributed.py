@@ -56,6 +56,12 @@ class Share:
         return f"{self.launcher}: share {self.index} of {self.count}, {chosen} of {total} slides"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, which honours taskset and Slurm/cgroup pinning
+    (``os.cpu_count()`` where the platform has no affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"i/n"`` -> (i, n) with 0 <= i < n; anything else is a `UserError` naming ``--shard``."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)

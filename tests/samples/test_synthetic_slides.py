@@ -49,7 +49,8 @@ def is_checkerboard(tile: np.ndarray) -> bool:
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    labels = make_slides(out, n_slides=6, seed=3, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3))
+    labels = make_slides(out, n_slides=6, seed=3, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3),
+                         workers=3)
     return out, labels
 
 
@@ -89,10 +90,13 @@ def test_tumor_mask_matches_pasted_region(slides):
             assert len(seen) == mask.sum()
 
 
-def test_same_seed_gives_identical_files(slides, tmp_path):
-    out, _ = slides
-    make_slides(tmp_path, n_slides=6, seed=3, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3))
-    for path in sorted((out / "slides").glob("*.tif")) + sorted((out / "masks").glob("*.npy")) + [out / "labels.csv"]:
+def test_same_seed_gives_identical_files_whatever_the_threads(slides, tmp_path):
+    out, _ = slides  # rendered by 3 threads
+    make_slides(tmp_path, n_slides=6, seed=3, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3),
+                workers=1)
+    written = sorted((out / "slides").glob("*.tif")) + sorted((out / "masks").glob("*.npy"))
+    assert len(written) == 12
+    for path in [*written, out / "labels.csv", out / "synthetic.json"]:
         assert (tmp_path / path.relative_to(out)).read_bytes() == path.read_bytes(), path.name
     other = tmp_path / "other"
     make_slides(other, n_slides=6, seed=4, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3))

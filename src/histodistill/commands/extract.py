@@ -15,10 +15,9 @@ splits them across the jobs of a SLURM array (`histodistill.distributed`).
 from __future__ import annotations
 
 import argparse
-import os
 
 from histodistill.commands._arguments import add_model_arguments, check_model_arguments, output_folder
-from histodistill.distributed import add_shard_argument
+from histodistill.distributed import add_shard_argument, usable_cpus
 
 HELP = "features for every tile of every slide (or an image folder) from any backbone or checkpoint"
 # More DataLoader workers than this rarely speeds up reading tiles and multiplies open slides and memory.
@@ -88,7 +87,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def default_workers() -> int:
-    """The CPUs this process may run on (its affinity, which honours taskset and Slurm/cgroup pinning),
-    at most `MAX_DEFAULT_WORKERS`."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cpus, MAX_DEFAULT_WORKERS)
+    """The CPUs this process may run on (`usable_cpus`), at most `MAX_DEFAULT_WORKERS`."""
+    return min(usable_cpus(), MAX_DEFAULT_WORKERS)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -95,7 +94,9 @@ def mil_workers(device: str) -> int:
     """Parallel `histodistill mil` processes: one per usable CPU core on the CPU (a bag of a few dozen
     tiles is too small to split over threads, so cores are used by running folds' runs side by side);
     one on a GPU, which a single run already keeps busy."""
-    return len(os.sched_getaffinity(0)) if device == "cpu" and hasattr(os, "sched_getaffinity") else 1
+    from histodistill.distributed import usable_cpus
+
+    return usable_cpus() if device == "cpu" else 1
 
 
 def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_px: int, *, model: str = "abmil",

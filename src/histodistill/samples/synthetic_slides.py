@@ -35,11 +35,13 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from histodistill.distributed import usable_cpus
 from histodistill.errors import UserError
 from histodistill.io import atomic_path, write_json
 from histodistill.samples.stain_norm import TISSUE_LIGHTNESS, lab_stats, reinhard_normalize, rgb_to_lab
@@ -182,21 +184,50 @@ STAIN_JITTER_MEAN = 2.0
 STAIN_JITTER_LOG_SD = 0.08
 
 
-def assemble(cells: np.ndarray, tumor: np.ndarray, pools: dict[str, TilePool], target: StainTarget,
-             rng: np.random.Generator) -> np.ndarray:
-    """Paste a tile per cell: glass, benign tissue, or tumour, each tile Reinhard-normalised on its own
-    to ``target`` moved by its own class-independent jitter. Returns (grid·t, grid·t, 3) uint8."""
-    t = pools["benign"].tile_px
-    image = np.empty((cells.shape[0] * t, cells.shape[1] * t, 3), np.uint8)
-    image[:] = GLASS_RGB
-    where = np.argwhere(cells)  # (n, 2) row, column
-    tiles = np.stack([pools["tumor" if tumor[r, c] else "benign"].draw(rng) for r, c in where])  # (n, t, t, 3)
+class SlideDraw(NamedTuple):
+    """Everything random about one slide, drawn from the generator in a fixed order (`draw_slide`), so
+    rendering it (`render_slide`: pure arithmetic) can run in any order or thread."""
+
+    slide_id: str
+    positive: bool
+    cells: np.ndarray  # (grid, grid) bool: tissue
+    tumor: np.ndarray  # (grid, grid) bool: tumour cells (none on a negative slide)
+    tiles: np.ndarray  # (n, t, t, 3) uint8: the source crop of each tissue cell, in np.argwhere(cells) order
+    means: np.ndarray  # (n, 3): each tile's LAB mean target
+    stds: np.ndarray  # (n, 3): each tile's LAB sd target
+
+
+def draw_slide(slide_id: str, positive: bool, grid: int, tumor_fraction: tuple[float, float],
+               pools: dict[str, TilePool], target: StainTarget, rng: np.random.Generator) -> SlideDraw:
+    """The tissue, tumour region, source tiles and per-tile stain targets of one slide: ``target`` moved
+    by each tile's own class-independent jitter."""
+    cells = tissue_cells(grid, rng)
+    tumor = tumor_region(cells, rng.uniform(*tumor_fraction), rng) if positive else np.zeros_like(cells)
+    tiles = np.stack([pools["tumor" if tumor[r, c] else "benign"].draw(rng) for r, c in np.argwhere(cells)])
     means = target.mean + rng.normal(0.0, STAIN_JITTER_MEAN, (len(tiles), 3))  # (n, 3)
     stds = target.std * np.exp(rng.normal(0.0, STAIN_JITTER_LOG_SD, (len(tiles), 3)))
-    tiles = reinhard_normalize(tiles, means, stds, TISSUE_LIGHTNESS, iterations=NORMALISE_PASSES)
-    for (r, c), tile in zip(where, tiles, strict=True):
+    return SlideDraw(slide_id, positive, cells, tumor, tiles, means, stds)
+
+
+def render_slide(slide: SlideDraw) -> np.ndarray:
+    """Paste a tile per tissue cell on glass, each Reinhard-normalised on its own to its target.
+    Returns (grid·t, grid·t, 3) uint8."""
+    t = slide.tiles.shape[1]
+    image = np.empty((slide.cells.shape[0] * t, slide.cells.shape[1] * t, 3), np.uint8)
+    image[:] = GLASS_RGB
+    tiles = reinhard_normalize(slide.tiles, slide.means, slide.stds, TISSUE_LIGHTNESS, iterations=NORMALISE_PASSES)
+    for (r, c), tile in zip(np.argwhere(slide.cells), tiles, strict=True):
         image[r * t : (r + 1) * t, c * t : (c + 1) * t] = tile
     return image
+
+
+def write_slide(slide: SlideDraw, out_dir: Path, mpp: float) -> None:
+    """``slides/<id>.tif`` and ``masks/<id>.npy`` of one drawn slide, each written atomically."""
+    # Lossless: JPEG's chroma subsampling blurs colour more in busy (tumour) tiles than in calm ones, a
+    # residual of texture in the colour statistics that a colour-only classifier reads.
+    write_pyramid_tiff(out_dir / "slides" / f"{slide.slide_id}.tif", render_slide(slide), mpp=mpp, compression="zlib")
+    with atomic_path(out_dir / "masks" / f"{slide.slide_id}.npy") as tmp, tmp.open("wb") as handle:
+        np.save(handle, slide.tumor)
 
 
 def make_slides(
@@ -208,13 +239,16 @@ def make_slides(
     grid: int = 8,
     tumor_fraction: tuple[float, float] = (0.2, 0.5),
     sources: dict[str, Sequence[Source]] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Write ``n_slides`` semi-synthetic slides (half positive) under ``out_dir``; return the labels CSV.
 
     ``sources`` maps ``"benign"`` and ``"tumor"`` to lists of `Source` (default: the cached sample
     regions of `load_sample_sources`; tests pass small synthetic ones). ``tumor_fraction`` bounds the
     share of a positive slide's tissue cells that are tumour (drawn uniformly per slide; at least 2
-    cells). The same arguments give byte-identical files.
+    cells). The same arguments give byte-identical files, whatever ``workers``: the threads that render
+    and write the slides (default: the usable CPUs). Every random draw is made in the calling thread, in
+    slide order; the threads only do arithmetic, and NumPy releases the GIL in it.
     """
     if n_slides < 2:
         raise UserError(f"n_slides must be at least 2 (one per class), got {n_slides}")
@@ -228,19 +262,18 @@ def make_slides(
     rng = np.random.default_rng(seed)
     positives = np.zeros(n_slides, bool)
     positives[rng.permutation(n_slides)[: n_slides // 2]] = True
+    workers = workers or usable_cpus()
     rows, summary = [], []
-    for i, positive in enumerate(positives):
-        slide_id = f"synth_{i:03d}"
-        cells = tissue_cells(grid, rng)
-        tumor = tumor_region(cells, rng.uniform(*tumor_fraction), rng) if positive else np.zeros_like(cells)
-        # Lossless: JPEG's chroma subsampling blurs colour more in busy (tumour) tiles than in calm ones, a
-        # residual of texture in the colour statistics that a colour-only classifier reads.
-        write_pyramid_tiff(out_dir / "slides" / f"{slide_id}.tif", assemble(cells, tumor, pools, target, rng), mpp=mpp,
-                           compression="zlib")
-        with atomic_path(out_dir / "masks" / f"{slide_id}.npy") as tmp, tmp.open("wb") as handle:
-            np.save(handle, tumor)
-        rows.append((slide_id, slide_id, LABELS[int(positive)]))
-        summary.append({"slide_id": slide_id, "tissue_tiles": int(cells.sum()), "tumor_tiles": int(tumor.sum())})
+    with ThreadPoolExecutor(workers) as pool:
+        # A few slides per thread at a time: the drawn source tiles of every slide at once would grow with n_slides.
+        for start in range(0, n_slides, 4 * workers):
+            drawn = [draw_slide(f"synth_{i:03d}", bool(positives[i]), grid, tumor_fraction, pools, target, rng)
+                     for i in range(start, min(start + 4 * workers, n_slides))]
+            list(pool.map(lambda slide: write_slide(slide, out_dir, mpp), drawn))
+            for slide in drawn:
+                rows.append((slide.slide_id, slide.slide_id, LABELS[int(slide.positive)]))
+                summary.append({"slide_id": slide.slide_id, "tissue_tiles": int(slide.cells.sum()),
+                                "tumor_tiles": int(slide.tumor.sum())})
     labels_csv = out_dir / "labels.csv"
     with atomic_path(labels_csv) as tmp, tmp.open("w", newline="") as handle:
         csv.writer(handle).writerows([("case_id", "slide_id", "label"), *rows])
