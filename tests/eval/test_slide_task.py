@@ -10,7 +10,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from histodistill.eval.metrics import binary_aurocs
-from histodistill.eval.slide_task import bootstrap_auroc, slide_task_scores
+from histodistill.eval.probe import linear_probe
+from histodistill.eval.slide_task import bootstrap_auroc, slide_task_scores, tile_probe_auroc
 
 
 def _write_run(run, probs: dict[str, float], labels: dict[str, str], attention: dict[str, np.ndarray]) -> None:
@@ -82,3 +83,39 @@ def test_bootstrap_ci_is_the_one_of_the_per_resample_sklearn_loop():
     point, low, high = bootstrap_auroc(labels, probs, n_boot=300, seed=5)
     assert point == pytest.approx(np.mean([roc_auc_score(labels, p) for p in probs]))
     np.testing.assert_allclose([low, high], expected, rtol=0, atol=1e-12)
+
+
+def _write_features(folder, slides: dict[str, np.ndarray]) -> None:
+    folder.mkdir()
+    for slide_id, features in slides.items():
+        with h5py.File(folder / f"{slide_id}.h5", "w") as handle:
+            handle["features"] = features.astype(np.float32)
+            handle["coords"] = np.stack([np.arange(len(features)) * 64, np.zeros(len(features), int)], 1)
+
+
+def test_tile_probe_finds_tumour_tiles_the_features_carry(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = {f"s{i}": rng.random(20) < (0.3 if i % 2 else 0.0) for i in range(10)}  # tumour tiles on odd slides
+    features = {s: rng.normal(0, 1, (20, 6)) + 3.0 * t[:, None] * np.eye(6)[0] for s, t in truth.items()}
+    _write_features(tmp_path / "f", features)
+    score = tile_probe_auroc(tmp_path / "f", list(truth), lambda s, coords: truth[s][coords[:, 0] // 64])
+    assert score > 0.95
+
+
+def test_tile_probe_scores_no_tile_of_a_slide_it_trained_on(tmp_path):
+    """Every slide has its own feature offset and is all tumour or all benign: a probe that saw a slide's
+    tiles would recognise the slide (a linear model can tell 40 offsets apart in 64 dimensions); one that
+    never scores a training slide has nothing to go on."""
+    rng = np.random.default_rng(1)
+    offsets = rng.normal(0, 3, (40, 64))
+    features = {f"s{i}": offsets[i] + rng.normal(0, 0.3, (16, 64)) for i in range(40)}
+    _write_features(tmp_path / "f", features)
+
+    def tumour(slide_id, coords):
+        return np.full(len(coords), int(slide_id[1:]) % 2 == 1)
+
+    assert 0.3 < tile_probe_auroc(tmp_path / "f", list(features), tumour) < 0.7
+    # The same probe trained and scored on the same slides reads the slide off its offset.
+    x = np.concatenate(list(features.values()))
+    y = np.repeat(np.arange(40) % 2, 16)
+    assert roc_auc_score(y, linear_probe(x, y, x, y, num_classes=2).probs[:, 1]) > 0.95

@@ -133,9 +133,17 @@ def score_runs(runs: dict[str, list[Path]], slides_dir: Path, tile_px: int) -> d
     """``{extractor: scores}`` (`histodistill.eval.slide_task.slide_task_scores`) of finished `histodistill mil`
     runs ``{extractor: [run dir per CV seed]}`` on the slides of ``slides_dir`` (their exact tumour masks)."""
     from histodistill.eval.slide_task import slide_task_scores
+
+    tumour = exact_tumour(slides_dir, tile_px)
+    return {name: slide_task_scores(paths, tumour) for name, paths in runs.items()}
+
+
+def exact_tumour(slides_dir: Path, tile_px: int):
+    """``tumour(slide_id, coords (N, 2)) -> (N,) bool``: which tiles of a slide in ``slides_dir`` (`make_slides`
+    output) lie in its exact tumour mask; what localisation and tile-probe AUROCs are scored against."""
     from histodistill.samples.synthetic_slides import tumor_tile_labels
 
     def tumour(slide_id, coords):
         return tumor_tile_labels(slides_dir / "masks", slide_id, coords, tile_px)
 
-    return {name: slide_task_scores(paths, tumour) for name, paths in runs.items()}
+    return tumour
