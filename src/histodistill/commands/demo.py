@@ -15,7 +15,7 @@ HELP = "run the whole chain on the sample data, ending on the slide task (resuma
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", type=output_folder, help="directory for every stage's outputs (default demo_out)")
-    parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps: at most 3 minutes on 2 idle cores")
+    parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps, a smoke run: about 7 minutes on 2 idle cores")
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="where to train and extract: auto = cuda when a GPU is visible, else cpu (default auto)",

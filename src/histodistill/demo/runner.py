@@ -19,7 +19,7 @@ from histodistill.io import write_json
 @dataclass(frozen=True)
 class DemoContext:
     out: Path
-    quick: bool  # the ~2-minute version: fewer steps and tiles everywhere
+    quick: bool  # the smoke run: fewer slides, epochs and CV seeds (about 7 minutes on 2 idle cores)
     device: str  # "cpu" or "cuda"
     overwrite: bool
 
