@@ -10,6 +10,7 @@ import pytest
 
 from histodistill.cli import main
 from histodistill.demo.runner import DemoContext, Stage, run_stages
+from histodistill.errors import UserError
 
 
 def _context(tmp_path, overwrite=False) -> DemoContext:
@@ -51,6 +52,24 @@ def test_a_failed_stage_is_not_recorded_and_the_next_run_resumes_there(tmp_path)
     assert not (tmp_path / "demo" / "b" / "stage.json").exists()
     run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)
     assert calls == ["a", "b", "b", "c"]  # a was done; b and c run
+
+
+def test_a_folder_of_the_other_size_is_refused_before_any_stage_runs(tmp_path, capsys):
+    calls: list[str] = []
+    run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)  # a --quick run
+    full = DemoContext(out=tmp_path / "demo", quick=False, device="cpu", overwrite=False)
+    with pytest.raises(UserError, match=r"finished by --quick \(a, b, c\), and this run is the full demo"):
+        run_stages(_stages(calls), full, log=lambda _: None)
+    assert calls == ["a", "b", "c"]  # nothing ran, nothing was skipped into the full run
+    run_stages(_stages(calls), DemoContext(out=full.out, quick=False, device="cpu", overwrite=True), log=lambda _: None)
+    assert calls == ["a", "b", "c"] * 2
+    # The command: exit 2 and one line, before the samples stage (which would fetch) runs.
+    out = tmp_path / "cli"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "stage.json").write_text(json.dumps({"summary": {}, "seconds": 1.0, "quick": False}))
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and str(out) in err[0] and "--overwrite" in err[0]
 
 
 def test_cuda_without_a_gpu_is_refused_clearly(tmp_path, capsys, monkeypatch):

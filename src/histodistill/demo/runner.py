@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from histodistill.errors import UserError
 from histodistill.io import write_json
 
 
@@ -41,7 +42,12 @@ def _record_path(context: DemoContext, stage: Stage) -> Path:
 
 
 def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary and seconds."""
+    """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary and seconds.
+
+    Raises `UserError` before any stage runs when ``context.out`` holds finished stages of the other size
+    (``--quick`` vs the full demo): skipping them would mix one run's results into the other's report."""
+    if not context.overwrite:
+        check_same_size(stages, context)
     context.out.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
     for index, stage in enumerate(stages, 1):
@@ -62,6 +68,17 @@ def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], N
         log(f"    done in {record['seconds']:.1f} s: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     write_json(context.out / "timings.json", {name: rec["seconds"] for name, rec in records.items()})
     return records
+
+
+def check_same_size(stages: list[Stage], context: DemoContext) -> None:
+    """Refuse to resume into finished stages recorded with another ``quick`` than this run's."""
+    other = [stage.name for stage in stages if _record_path(context, stage).exists()
+             and json.loads(_record_path(context, stage).read_text()).get("quick", context.quick) != context.quick]
+    if other:
+        made, asked = ("the full demo", "--quick") if context.quick else ("--quick", "the full demo")
+        raise UserError(f"{context.out} holds stages finished by {made} ({', '.join(other)}), and this run is {asked}: "
+                        f"resuming would skip them and mix both in one report. Use another --out, or --overwrite "
+                        "to run every stage again")
 
 
 def format_timings(records: dict[str, dict]) -> str:
