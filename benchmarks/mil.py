@@ -31,6 +31,7 @@ from PIL import Image
 
 from benchmarks.common import markdown_table, write_section
 from histodistill.cli import main as cli
+from histodistill.data.bags import read_labels
 from histodistill.demo.slide_task import (
     COLOUR,
     MIL_OPTIONS,
@@ -119,7 +120,8 @@ def main() -> None:
         names = list(models)
     features = {name: Path(extractors[name]["features_dir"]) for name in names}
     slides = demo / "data" / "slides"
-    n_slides = len((slides / "labels.csv").read_text().splitlines()) - 1
+    label_rows = read_labels(slides / "labels.csv")  # read once: slide count, ids and labels below
+    n_slides = len(label_rows)
     synthetic = json.loads((slides / "synthetic.json").read_text())
 
     scores, seconds = {}, {}
@@ -139,7 +141,7 @@ def main() -> None:
 
     # Without MIL: how far each extractor's features alone separate tumour tiles (told every tile's label).
     start = time.perf_counter()
-    slide_ids = [line.split(",")[1] for line in (slides / "labels.csv").read_text().splitlines()[1:]]
+    slide_ids = [row.slide_id for row in label_rows]
     tile_probe = {name: tile_probe_auroc(features[name], slide_ids, exact_tumour(slides, SLIDE_TILE_PX))
                   for name in names}
     seconds["tile probe"] = time.perf_counter() - start
@@ -164,7 +166,7 @@ def main() -> None:
                                       ("teacher (supervised ResNet-34)", "resnet34_teacher")) if name in names]
 
     best = max((n for n in names if n not in CONTROLS), key=lambda n: abmil[n]["auroc"])
-    labels = dict(line.split(",")[1:3] for line in (slides / "labels.csv").read_text().splitlines()[1:])
+    labels = {row.slide_id: row.label for row in label_rows}
     # The figure shows a middling positive: the one whose tumour share is closest to 20 %.
     positive = min((s for s in synthetic["slides"] if labels[s["slide_id"]] == "positive"),
                    key=lambda s: abs(s["tumor_tiles"] / s["tissue_tiles"] - 0.2))["slide_id"]
