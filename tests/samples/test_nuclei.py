@@ -16,6 +16,7 @@ from histodistill.errors import UserError
 from histodistill.samples import nuclei
 from histodistill.samples.nuclei import (
     HGSC_CLASSES,
+    NucleiTask,
     build_nuclei_task,
     choose_split_x,
     class_counts,
@@ -23,6 +24,7 @@ from histodistill.samples.nuclei import (
     find_nuclei,
     spatial_split,
     stratified_subset,
+    subsample,
     write_image_folder,
 )
 
@@ -106,6 +108,20 @@ def test_stratified_subset_keeps_class_shares_and_is_seeded():
         stratified_subset(labels, 0.0, seed=0)
 
 
+def test_subsample_keeps_a_stratified_share_of_each_split_and_its_pairs():
+    train_labels = np.array([0] * 40 + [1] * 20 + [2] * 10)
+    test_labels = np.array([0] * 10 + [1] * 5 + [2] * 0)
+    # each crop's pixels hold its own index, so a subsampled crop can be matched to its label
+    task = NucleiTask(np.arange(70).reshape(70, 1, 1, 1) * np.ones((1, 2, 2, 3), int), train_labels,
+                      np.arange(15).reshape(15, 1, 1, 1) * np.ones((1, 2, 2, 3), int), test_labels, HGSC_CLASSES)
+    half = subsample(task, 0.5)
+    assert np.bincount(half.train_labels).tolist() == [20, 10, 5]
+    assert np.bincount(half.test_labels, minlength=3).tolist() == [5, 2, 0]  # round(2.5) = 2
+    np.testing.assert_array_equal(train_labels[half.train_images[:, 0, 0, 0]], half.train_labels)
+    np.testing.assert_array_equal(test_labels[half.test_images[:, 0, 0, 0]], half.test_labels)
+    assert subsample(task, 1.0) is task
+
+
 @pytest.fixture
 def synthetic_hgsc(monkeypatch):
     """Make the hgsc_nest loader return the synthetic image and masks: write_image_folder runs offline."""
@@ -145,6 +161,14 @@ def test_write_image_folder_layout_summary_and_reuse(tmp_path, synthetic_hgsc):
     write_image_folder(out, crop_size=8, test_fraction=0.3, overwrite=True)
     assert not (out / "train" / "stale").exists()
     assert json.loads((out / "nuclei_task.json").read_text())["crop_size"] == 8
+
+    # A folder written before `fraction` existed held every nucleus: reused at 1, refused at another share.
+    summary = json.loads((out / "nuclei_task.json").read_text())
+    del summary["fraction"]
+    (out / "nuclei_task.json").write_text(json.dumps(summary))
+    assert write_image_folder(out, crop_size=8, test_fraction=0.3) == out
+    with pytest.raises(UserError, match="'fraction': 1.0"):
+        write_image_folder(out, crop_size=8, test_fraction=0.3, fraction=0.5)
 
 
 def test_write_image_folder_refuses_foreign_folders(tmp_path, synthetic_hgsc):

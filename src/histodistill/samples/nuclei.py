@@ -155,9 +155,13 @@ def class_counts(labels: np.ndarray, class_names: tuple[str, ...]) -> dict[str, 
 
 
 def write_image_folder(
-    out_dir: str | os.PathLike, crop_size: int = 64, test_fraction: float = 0.3, overwrite: bool = False
+    out_dir: str | os.PathLike, crop_size: int = 64, test_fraction: float = 0.3, fraction: float = 1.0,
+    overwrite: bool = False,
 ) -> Path:
     """Write the task as ``out_dir/{train,test}/<class>/<index>.png`` plus ``out_dir/nuclei_task.json``.
+
+    ``fraction`` < 1 keeps a seeded, stratified share of each split (`subsample`): a smaller task for a
+    smoke run, with the same classes and split.
 
     The JSON (settings, split column, counts per class per split) is written last and marks the
     folders as finished: a later call with the same settings returns at once. Anything else already
@@ -166,11 +170,11 @@ def write_image_folder(
     """
     out_dir = Path(out_dir)
     summary_path = out_dir / "nuclei_task.json"
-    settings = {"source": "hgsc_nest", "crop_size": crop_size, "test_fraction": test_fraction}
+    settings = {"source": "hgsc_nest", "crop_size": crop_size, "test_fraction": test_fraction, "fraction": fraction}
     split_dirs = [out_dir / "train", out_dir / "test"]
     if not overwrite:
         if summary_path.is_file():
-            previous = json.loads(summary_path.read_text())
+            previous = {"fraction": 1.0} | json.loads(summary_path.read_text())  # older folders kept every nucleus
             previous = {key: previous.get(key) for key in settings}
             if previous == settings:
                 return out_dir
@@ -181,6 +185,7 @@ def write_image_folder(
         if any(path.is_dir() and any(path.iterdir()) for path in split_dirs):
             raise UserError(f"{out_dir} already has train/ or test/ folders; pass --overwrite to replace them")
     task, split_x = _hgsc_task(crop_size, test_fraction)
+    task = subsample(task, fraction)
     summary_path.unlink(missing_ok=True)  # the folders are about to change: not finished until rewritten
     for path in split_dirs:
         shutil.rmtree(path, ignore_errors=True)
@@ -195,6 +200,16 @@ def write_image_folder(
     counts = {split: class_counts(labels, task.class_names) for split, (_, labels) in splits.items()}
     write_json(summary_path, {**settings, "split_x": split_x, "class_names": list(task.class_names), "counts": counts})
     return out_dir
+
+
+def subsample(task: NucleiTask, fraction: float, seed: int = 0) -> NucleiTask:
+    """``task`` with a seeded, stratified ``fraction`` of each split (`stratified_subset`); ``task`` itself at 1."""
+    if fraction == 1:
+        return task
+    train = stratified_subset(task.train_labels, fraction, seed)
+    test = stratified_subset(task.test_labels, fraction, seed)
+    return task._replace(train_images=task.train_images[train], train_labels=task.train_labels[train],
+                         test_images=task.test_images[test], test_labels=task.test_labels[test])
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
