@@ -42,7 +42,7 @@ from benchmarks.mcmkd import RECIPE, SIDE
 from histodistill.cli import main as cli
 from histodistill.data.context_windows import context_windows_of_dir, window_transform
 from histodistill.demo.slide_task import run_slide_task
-from histodistill.demo.stages import SLIDE_TASK, SLIDE_TILE_PX, mcmkd_overrides
+from histodistill.demo.stages import SLIDE_TILE_PX, mcmkd_overrides, recorded_sizes
 from histodistill.errors import UserError
 from histodistill.features.extract import extract_slides
 from histodistill.features.teacher_cache import ensure_teacher_cache
@@ -95,13 +95,13 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/histodistill_bench_mcmkd_bn", help="scratch directory (emptied first)")
     parser.add_argument("--window-stride", type=int, default=3, help="MCM-KD window stride (default: the demo's)")
     parser.add_argument("--seeds", type=int, default=3, help="CV seeds of the slide task")
-    parser.add_argument("--epochs", type=int, default=None, help="ABMIL epochs (default: the demo's, 20 quick, 40 full)")
+    parser.add_argument("--epochs", type=int, default=None, help="ABMIL epochs (default: the demo's)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine is shared)")
     args = parser.parse_args()
     demo = demo_inputs(Path(args.demo))
-    task = SLIDE_TASK[demo["quick"]]
+    task = recorded_sizes(Path(args.demo), "mcmkd")
     stride = args.window_stride
-    epochs = args.epochs or task["epochs"]
+    epochs = args.epochs or task["mil_epochs"]
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -40,7 +40,7 @@ from histodistill.demo.slide_task import (
     run_slide_task,
     score_runs,
 )
-from histodistill.demo.stages import CONTROLS, EXTRACTORS, SLIDE_TASK, SLIDE_TILE_PX
+from histodistill.demo.stages import CONTROLS, EXTRACTORS, SLIDE_TILE_PX, recorded_sizes
 from histodistill.eval.slide_task import tile_probe_auroc
 from histodistill.features.export import save_backbone
 from histodistill.io import atomic_path
@@ -99,8 +99,8 @@ def main() -> None:
         raise SystemExit(f"{demo} has no finished {finished} stage: run `histodistill demo --out {demo}` first")
     if args.from_demo:
         # The demo's own extractor table and runs; the settings are the ones it ran with.
-        task = SLIDE_TASK[json.loads((demo / "mil" / "stage.json").read_text())["quick"]]
-        args.folds, args.seeds, args.epochs = task["folds"], task["seeds"], task["epochs"]
+        task = recorded_sizes(demo, "mil")
+        args.folds, args.seeds, args.epochs = task["folds"], task["seeds"], task["mil_epochs"]
         extractors = json.loads((demo / "features" / "extractors.json").read_text())
         names = [name for name in [*EXTRACTORS, *CONTROLS] if name in extractors]
         missing = [name for name in EXTRACTORS if name not in extractors]

@@ -27,7 +27,7 @@ os.environ.pop("HF_HUB_CACHE", None)
 
 GLASS_RGB = (242, 240, 244)  # near-white background of a scanned slide
 
-# The quick demo is most of the suite's time (~10 minutes on one core): its file is scheduled first (with
+# The quick demo is the suite's longest test (~4 minutes on one core): its file is scheduled first (with
 # --no-loadscope-reorder in pyproject.toml), so the other worker runs every other test beside it instead of
 # the demo starting when most else is done.
 LONGEST_FIRST = "test_demo.py"

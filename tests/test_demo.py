@@ -10,6 +10,7 @@ import pytest
 
 from histodistill.cli import main
 from histodistill.demo.runner import DemoContext, Stage, run_stages
+from histodistill.demo.stages import recorded_sizes
 from histodistill.errors import UserError
 
 
@@ -72,6 +73,25 @@ def test_a_folder_of_the_other_size_is_refused_before_any_stage_runs(tmp_path, c
     assert len(err) == 1 and err[0].startswith("error:") and str(out) in err[0] and "--overwrite" in err[0]
 
 
+def test_a_folder_of_other_sizes_or_of_unrecorded_sizes_is_refused(tmp_path):
+    calls: list[str] = []
+    out = tmp_path / "demo"
+    run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 60}), log=lambda _: None)
+    # --quick of an earlier version (60 slides) resumed by this one (20): refused, nothing runs.
+    with pytest.raises(UserError, match=r"other sizes than this version's \(a, b, c; now \{'slides': 20\}\)"):
+        run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 20}), log=lambda _: None)
+    assert calls == ["a", "b", "c"]
+    # A record written before sizes were recorded cannot be trusted to match.
+    record = json.loads((out / "b" / "stage.json").read_text())
+    del record["sizes"]
+    (out / "b" / "stage.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"other sizes than this version's \(b; "):
+        run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 60}), log=lambda _: None)
+    with pytest.raises(UserError, match="does not record the demo's sizes"):
+        recorded_sizes(out, "b")
+    assert recorded_sizes(out, "a") == {"slides": 60}
+
+
 def test_cuda_without_a_gpu_is_refused_clearly(tmp_path, capsys, monkeypatch):
     import torch
 
@@ -86,7 +106,7 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     sample_file("cmu_small_region")  # skips unless the samples are cached
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    from histodistill.demo.stages import CONTROLS, EXTRACTORS, STAGES
+    from histodistill.demo.stages import CONTROLS, EXTRACTORS, SIZES, STAGES
 
     for stage in STAGES:
         assert (out / stage.name / "stage.json").is_file(), stage.name
@@ -102,6 +122,8 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     page = (out / "report.html").read_text()
     assert 'id="s-stages"' in page and 'id="s-mil"' in page and 'id="s-heatmaps"' in page
     assert page.index('id="s-summary"') < page.index('id="s-stages"')  # the report opens on the extractor table
+    assert "a smoke run of every stage" in page  # the quick table is not mistaken for a result
+    assert all(json.loads((out / stage.name / "stage.json").read_text())["sizes"] == SIZES[True] for stage in STAGES)
     # Every demo_out/... path a shipped recipe or doc points users at is one the demo wrote.
     root = Path(__file__).resolve().parents[1]
     texts = [p.read_text() for p in [*root.glob("configs/**/*.yaml"), *root.glob("docs/**/*.md"), root / "README.md"]]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from histodistill.errors import UserError
@@ -20,9 +20,12 @@ from histodistill.io import write_json
 @dataclass(frozen=True)
 class DemoContext:
     out: Path
-    quick: bool  # the smoke run: fewer slides, epochs and CV seeds (about 7 minutes on 2 idle cores)
+    quick: bool  # the smoke run: every stage on a slice of the data
     device: str  # "cpu" or "cuda"
     overwrite: bool
+    # Every size the results depend on (slides, epochs, ...: `histodistill.demo.stages.SIZES`), recorded
+    # with each finished stage.
+    sizes: Mapping[str, float] = field(default_factory=dict)
 
     def stage_dir(self, name: str) -> Path:
         path = self.out / name
@@ -44,8 +47,9 @@ def _record_path(context: DemoContext, stage: Stage) -> Path:
 def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary and seconds.
 
-    Raises `UserError` before any stage runs when ``context.out`` holds finished stages of the other size
-    (``--quick`` vs the full demo): skipping them would mix one run's results into the other's report."""
+    Raises `UserError` before any stage runs when ``context.out`` holds finished stages of other sizes
+    (``--quick`` vs the full demo, or sizes of an earlier version): skipping them would mix two runs'
+    results in one report."""
     if not context.overwrite:
         check_same_size(stages, context)
     context.out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +66,8 @@ def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], N
         write_json(context.out / "timings.json", {name: rec["seconds"] for name, rec in records.items()})
         start = time.perf_counter()
         summary = stage.run(context)
-        record = {"summary": summary, "seconds": round(time.perf_counter() - start, 2), "quick": context.quick}
+        record = {"summary": summary, "seconds": round(time.perf_counter() - start, 2), "quick": context.quick,
+                  "sizes": dict(context.sizes)}
         write_json(record_path, record)
         records[stage.name] = record
         log(f"    done in {record['seconds']:.1f} s: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
@@ -71,14 +76,21 @@ def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], N
 
 
 def check_same_size(stages: list[Stage], context: DemoContext) -> None:
-    """Refuse to resume into finished stages recorded with another ``quick`` than this run's."""
-    other = [stage.name for stage in stages if _record_path(context, stage).exists()
-             and json.loads(_record_path(context, stage).read_text()).get("quick", context.quick) != context.quick]
-    if other:
+    """Refuse to resume into finished stages recorded with another ``quick`` or other ``sizes`` than this
+    run's (a record without sizes predates them, so it cannot be trusted to match)."""
+    records = {stage.name: json.loads(_record_path(context, stage).read_text())
+               for stage in stages if _record_path(context, stage).exists()}
+    other_kind = [name for name, record in records.items() if record.get("quick", context.quick) != context.quick]
+    if other_kind:
         made, asked = ("the full demo", "--quick") if context.quick else ("--quick", "the full demo")
-        raise UserError(f"{context.out} holds stages finished by {made} ({', '.join(other)}), and this run is {asked}: "
+        raise UserError(f"{context.out} holds stages finished by {made} ({', '.join(other_kind)}), and this run is {asked}: "
                         f"resuming would skip them and mix both in one report. Use another --out, or --overwrite "
                         "to run every stage again")
+    other_sizes = [name for name, record in records.items() if record.get("sizes") != dict(context.sizes)]
+    if other_sizes:
+        raise UserError(f"{context.out} holds stages finished with other sizes than this version's "
+                        f"({', '.join(other_sizes)}; now {dict(context.sizes)}): resuming would skip them and mix "
+                        "both in one report. Use another --out, or --overwrite to run every stage again")
 
 
 def format_timings(records: dict[str, dict]) -> str:

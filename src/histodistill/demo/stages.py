@@ -16,8 +16,8 @@ ViT reached a balanced accuracy of only ~0.68 on the spatially split test nuclei
 probe at ~0.8), below a ResNet-18 trained on a quarter of the labels (~0.83); distilling from it
 made students worse. MoMA's paper also allows a supervised CNN teacher.
 
-Sizes aim at a 2-core CPU; ``--quick`` shrinks them. The 10- and 3-minute budgets are not met yet
-(docs/demo.md gives the measured stage times).
+Sizes aim at a 2-core CPU. ``--quick`` is the smoke run: every stage on a slice of the data, within its
+3-minute budget; the full run's 10-minute budget is not met (docs/demo.md gives the measured stage times).
 """
 
 from __future__ import annotations
@@ -38,15 +38,36 @@ TILE_PX = 64
 # MIL tiles follow that grid.
 SLIDE_TILE_PX = 64
 LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
-# The slide task (docs/demo.md): slides, CV folds by case, CV seeds and ABMIL epochs; full and --quick.
-# 200 slides in the full run: on tuning slides 60 left ABMIL at 0.74-0.76 for the best extractors, 200
-# lifted them to 0.83-0.85 with the controls at 0.50 and 0.62 (docs/mil.md); --quick keeps 60 to stay short.
-SLIDE_TASK = {False: {"slides": 200, "folds": 5, "seeds": 3, "epochs": 40},
-              True: {"slides": 60, "folds": 5, "seeds": 1, "epochs": 10}}
+# Every size the demo's results depend on, full and --quick. Each finished stage records them, and a
+# folder finished with other sizes is refused on resume (`runner.check_same_size`).
+# - slides, folds, seeds, mil_epochs: the slide task (docs/demo.md). 200 slides in the full run: on tuning
+#   slides 60 left ABMIL at 0.74-0.76 for the best extractors, 200 lifted them to 0.83-0.85 with the
+#   controls at 0.50 and 0.62 (docs/mil.md). --quick runs 20 slides in 3 folds: enough for every stage's
+#   code path, too few to rank extractors (its table says so).
+# - nuclei_fraction: the share of the nuclei task written (each split, stratified); --quick trains,
+#   validates and probes every network on 20 % (172 training nuclei, 87 test).
+# - sdmae_epochs, teacher_epochs, student_epochs: the networks' training (students: MoMA, KD, CE).
+SIZES = {
+    False: {"slides": 200, "folds": 5, "seeds": 3, "mil_epochs": 40, "nuclei_fraction": 1.0,
+            "sdmae_epochs": 12, "teacher_epochs": 6, "student_epochs": 8},
+    True: {"slides": 20, "folds": 3, "seeds": 1, "mil_epochs": 10, "nuclei_fraction": 0.2,
+           "sdmae_epochs": 1, "teacher_epochs": 1, "student_epochs": 1},
+}
+
+
+def recorded_sizes(out: Path, stage: str) -> dict:
+    """The sizes (`SIZES`) that the finished ``stage`` of the demo folder ``out`` ran with. Raises
+    `UserError` for a stage finished before sizes were recorded: its sizes cannot be known."""
+    record = json.loads((out / stage / "stage.json").read_text())
+    if "sizes" not in record:
+        raise UserError(f"{out / stage / 'stage.json'} does not record the demo's sizes (an earlier version "
+                        f"wrote it): run `histodistill demo --out {out} --overwrite{' --quick' * record.get('quick', False)}` again")
+    return record["sizes"]
+
 
 # Measured wall time of the whole demo on 2 idle CPU cores (docs/demo.md, "Timing"), full and --quick.
 # Printed when a CPU demo starts.
-MINUTES_ON_2_CPU_CORES = {False: 54, True: 7}
+MINUTES_ON_2_CPU_CORES = {False: 54, True: 3}
 
 
 def configs_dir() -> Path:
@@ -58,10 +79,6 @@ def configs_dir() -> Path:
             "repository installed with `pip install -e .`"
         )
     return path
-
-
-def _epochs(context: DemoContext, full: int, quick: int) -> str:
-    return str(quick if context.quick else full)
 
 
 def _fit(context: DemoContext, recipe: str, run_dir: Path, overrides: list[str]) -> dict:
@@ -103,7 +120,8 @@ def make_data(context: DemoContext) -> dict:
     from histodistill.samples.nuclei import stratified_subset, write_image_folder
     from histodistill.samples.synthetic_slides import make_slides
 
-    nuclei = write_image_folder(context.stage_dir("data") / "nuclei", crop_size=64, overwrite=context.overwrite)
+    nuclei = write_image_folder(context.stage_dir("data") / "nuclei", crop_size=64,
+                                fraction=context.sizes["nuclei_fraction"], overwrite=context.overwrite)
     # A stratified label subset for MoMA, as a CSV manifest (path,label) over the training folder.
     train = sorted(p for p in (nuclei / "train").glob("*/*.png"))
     labels = [p.parent.name for p in train]
@@ -114,7 +132,7 @@ def make_data(context: DemoContext) -> dict:
         writer = csv.writer(handle)
         writer.writerow(["path", "label"])
         writer.writerows([str(train[i].relative_to(nuclei)), labels[i]] for i in keep)
-    labels_csv = make_slides(context.stage_dir("data") / "slides", n_slides=SLIDE_TASK[context.quick]["slides"],
+    labels_csv = make_slides(context.stage_dir("data") / "slides", n_slides=context.sizes["slides"],
                              seed=0, tile_px=SLIDE_TILE_PX, grid=8)
     return {"nuclei_train": len(train), "label_subset": len(keep), "slides": sum(1 for _ in open(labels_csv)) - 1}
 
@@ -161,7 +179,7 @@ def pretrain_sdmae(context: DemoContext) -> dict:
                            "init_args": {"every_n_steps": 100, "num_images": 8}}])
     metrics = _fit(context, "sdmae/tiny_cpu.yaml", run, [
         "--data.init_args.train", data, "--data.init_args.batch_size", "32", "--trainer.callbacks", figures,
-        "--trainer.max_epochs", _epochs(context, 12, 2),
+        "--trainer.max_epochs", str(context.sizes["sdmae_epochs"]),
     ])
     checkpoint = run / "checkpoints" / "last.ckpt"
     scores = {
@@ -198,7 +216,7 @@ def _val_scores(metrics: dict) -> dict:
 def train_teacher(context: DemoContext) -> dict:
     """A ResNet-34 trained on every training nucleus: the teacher MoMA and MCM-KD distil from."""
     metrics = _fit(context, "supervised/tiny_cpu.yaml", _stage_path(context, "teacher", "run"), [
-        "--model.init_args.backbone", "tiny/resnet34-64", "--trainer.max_epochs", _epochs(context, 6, 1),
+        "--model.init_args.backbone", "tiny/resnet34-64", "--trainer.max_epochs", str(context.sizes["teacher_epochs"]),
         "--data.init_args.batch_size", "32", *_nuclei_data(context, "train"),
     ])
     return _val_scores(metrics)
@@ -212,7 +230,7 @@ def distill_moma(context: DemoContext) -> dict:
     subset = f"train_{round(LABEL_FRACTION * 100)}pct.csv"
     # The student (ResNet-18) cannot start as the ResNet-34 teacher, and the demo never reaches a hub for
     # ImageNet weights: it starts from random weights, said here rather than left to a default.
-    common = ["--trainer.max_epochs", _epochs(context, 8, 1), "--data.init_args.batch_size", "16",
+    common = ["--trainer.max_epochs", str(context.sizes["student_epochs"]), "--data.init_args.batch_size", "16",
               "--model.init_args.student_init", "random", *_nuclei_data(context, subset)]
     moma = _fit(context, "moma/tiny_cpu.yaml", _stage_path(context, "moma", "run"), [
         "--model.init_args.teacher", str(teacher), "--model.init_args.teacher_update", "frozen", *common,
@@ -294,19 +312,21 @@ def slide_mil(context: DemoContext) -> dict:
     written with the features stage's numbers to ``<out>/summary.json`` (the report's opening table)."""
     from histodistill.demo.slide_task import run_slide_task
 
-    task = SLIDE_TASK[context.quick]
+    task = context.sizes
     extractors = json.loads(_stage_path(context, "features", "extractors.json").read_text())
     names = [*EXTRACTORS, *CONTROLS]
     scores = run_slide_task({name: Path(extractors[name]["features_dir"]) for name in names},
                             _stage_path(context, "data", "slides"), _stage_path(context, "mil"), SLIDE_TILE_PX,
-                            folds=task["folds"], seeds=task["seeds"], epochs=task["epochs"], device=context.device)
+                            folds=task["folds"], seeds=task["seeds"], epochs=task["mil_epochs"], device=context.device)
     rows = [{"name": name, "control": name in CONTROLS,
              **{k: v for k, v in extractors[name].items() if k != "features_dir"},
              "slide_auroc": scores[name]["auroc"], "slide_auroc_ci": scores[name]["auroc_ci"],
              "slide_auroc_per_seed": scores[name]["auroc_per_seed"],
              "balanced_accuracy": scores[name]["balanced_accuracy"],
              "localisation_auroc": scores[name]["localisation_auroc"]} for name in names]
-    note = (f"{scores[names[0]]['slides']} semi-synthetic slides of held-out real tissue; ABMIL, {task['folds']}-fold "
+    smoke = ("--quick: a smoke run of every stage on a slice of the data; its ranking is noise, run the full demo "
+             "for the result. " if context.quick else "")
+    note = smoke + (f"{scores[names[0]]['slides']} semi-synthetic slides of held-out real tissue; ABMIL, {task['folds']}-fold "
             f"CV by case x {task['seeds']} seed(s); slide AUROC of the out-of-fold predictions, mean over seeds, 95 % "
             "bootstrap CI over slides; localisation = AUROC of attention against the exact tumour tiles of positive "
             "slides. Patch probe = linear probe on the hgsc nuclei task (balanced accuracy). tiles/s = end-to-end "
