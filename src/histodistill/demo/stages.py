@@ -60,8 +60,9 @@ def recorded_sizes(out: Path, stage: str) -> dict:
     `UserError` for a stage finished before sizes were recorded: its sizes cannot be known."""
     record = json.loads((out / stage / "stage.json").read_text())
     if "sizes" not in record:
+        quick = " --quick" if record.get("quick") else ""
         raise UserError(f"{out / stage / 'stage.json'} does not record the demo's sizes (an earlier version "
-                        f"wrote it): run `histodistill demo --out {out} --overwrite{' --quick' * record.get('quick', False)}` again")
+                        f"wrote it): run `histodistill demo --out {out} --overwrite{quick}` again")
     return record["sizes"]
 
 
@@ -312,12 +313,12 @@ def slide_mil(context: DemoContext) -> dict:
     written with the features stage's numbers to ``<out>/summary.json`` (the report's opening table)."""
     from histodistill.demo.slide_task import run_slide_task
 
-    task = context.sizes
+    sizes = context.sizes
     extractors = json.loads(_stage_path(context, "features", "extractors.json").read_text())
     names = [*EXTRACTORS, *CONTROLS]
     scores = run_slide_task({name: Path(extractors[name]["features_dir"]) for name in names},
                             _stage_path(context, "data", "slides"), _stage_path(context, "mil"), SLIDE_TILE_PX,
-                            folds=task["folds"], seeds=task["seeds"], epochs=task["mil_epochs"], device=context.device)
+                            folds=sizes["folds"], seeds=sizes["seeds"], epochs=sizes["mil_epochs"], device=context.device)
     rows = [{"name": name, "control": name in CONTROLS,
              **{k: v for k, v in extractors[name].items() if k != "features_dir"},
              "slide_auroc": scores[name]["auroc"], "slide_auroc_ci": scores[name]["auroc_ci"],
@@ -326,8 +327,8 @@ def slide_mil(context: DemoContext) -> dict:
              "localisation_auroc": scores[name]["localisation_auroc"]} for name in names]
     smoke = ("--quick: a smoke run of every stage on a slice of the data; its ranking is noise, run the full demo "
              "for the result. " if context.quick else "")
-    note = smoke + (f"{scores[names[0]]['slides']} semi-synthetic slides of held-out real tissue; ABMIL, {task['folds']}-fold "
-            f"CV by case x {task['seeds']} seed(s); slide AUROC of the out-of-fold predictions, mean over seeds, 95 % "
+    note = smoke + (f"{scores[names[0]]['slides']} semi-synthetic slides of held-out real tissue; ABMIL, {sizes['folds']}-fold "
+            f"CV by case x {sizes['seeds']} seed(s); slide AUROC of the out-of-fold predictions, mean over seeds, 95 % "
             "bootstrap CI over slides; localisation = AUROC of attention against the exact tumour tiles of positive "
             "slides. Patch probe = linear probe on the hgsc nuclei task (balanced accuracy). tiles/s = end-to-end "
             "extraction on this machine. The two controls must sit at chance.")
