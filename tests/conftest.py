@@ -25,6 +25,11 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="histodistill-tests-hf-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)  # one per test process, removed with it
 os.environ.pop("HF_HUB_CACHE", None)
 
+# Lightning binds its log handlers to sys.stderr when first imported. Imported here, at collection, they
+# bind the session's stream; imported inside a test that uses capsys, they would bind that test's stream,
+# which is closed afterwards, and every later Lightning log line would print a "Logging error" traceback.
+import lightning  # noqa: E402, F401
+
 GLASS_RGB = (242, 240, 244)  # near-white background of a scanned slide
 
 # The quick demo is the suite's longest test (~4 minutes on one core): its file is scheduled first (with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,18 +79,37 @@ def test_a_folder_of_other_sizes_or_of_unrecorded_sizes_is_refused(tmp_path):
     out = tmp_path / "demo"
     run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 60}), log=lambda _: None)
     # --quick of an earlier version (60 slides) resumed by this one (20): refused, nothing runs.
-    with pytest.raises(UserError, match=r"other sizes than this version's \(a, b, c; now \{'slides': 20\}\)"):
+    with pytest.raises(UserError, match=r"other sizes than this run's \(a, b, c: recorded \{'slides': 60\}, "
+                                        r"now \{'slides': 20\}\)"):
         run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 20}), log=lambda _: None)
     assert calls == ["a", "b", "c"]
     # A record written before sizes were recorded cannot be trusted to match.
     record = json.loads((out / "b" / "stage.json").read_text())
     del record["sizes"]
     (out / "b" / "stage.json").write_text(json.dumps(record))
-    with pytest.raises(UserError, match=r"other sizes than this version's \(b; "):
+    with pytest.raises(UserError, match=r"other sizes than this run's \(b: recorded none \(an earlier version\)"):
         run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 60}), log=lambda _: None)
     with pytest.raises(UserError, match="does not record the demo's sizes"):
         recorded_sizes(out, "b")
     assert recorded_sizes(out, "a") == {"slides": 60}
+
+
+def test_an_unreadable_record_or_a_file_in_a_stage_folders_place_is_refused_before_any_stage(tmp_path):
+    calls: list[str] = []
+    out = tmp_path / "demo"
+    run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)
+    (out / "b" / "stage.json").write_text("")  # e.g. a disk that filled up under another tool
+    with pytest.raises(UserError, match=r"b/stage.json is not a readable stage record: delete it"):
+        run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)
+    assert calls == ["a", "b", "c"]
+    run_stages(_stages(calls), _context(tmp_path, overwrite=True), log=lambda _: None)  # --overwrite reruns all
+    assert calls == ["a", "b", "c"] * 2
+    shutil.rmtree(out / "c")
+    (out / "c").write_text("not a folder")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"/c is a file where the demo writes its c stage"):
+            run_stages(_stages(calls), _context(tmp_path, overwrite=overwrite), log=lambda _: None)
+    assert calls == ["a", "b", "c"] * 2
 
 
 def test_cuda_without_a_gpu_is_refused_clearly(tmp_path, capsys, monkeypatch):

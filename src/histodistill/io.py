@@ -2,7 +2,7 @@
 
 Every output of histodistill (coords, features, JSON, checkpoints we write ourselves, figures)
 goes through `atomic_path`, so a run killed half-way never leaves a half file that a later run
-would take as finished work.
+would take as finished work. `unwritable_reason` checks an output path before any work starts.
 """
 
 from __future__ import annotations
@@ -46,6 +46,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 # Names no finished output has: hidden files (our own `atomic_path` temporaries ``.<stem>.<random>.tmp<suffix>``,
 # macOS ``._<name>`` resource forks), editor backups, and other tools' partial or lock files.
 _TEMPORARY_ENDINGS = ("~", ".tmp", ".part", ".partial", ".lock", ".crdownload")
+
+
+def unwritable_reason(value: str | os.PathLike, kind: str) -> str | None:
+    """Why no ``kind`` ("folder" or "file") can be written at ``value``, or None when one can. Refused:
+    an empty path (it would silently mean the current folder), a path under a file (the first ``mkdir``
+    would fail with a traceback), and a path that exists as the other kind."""
+    if not str(value).strip():
+        return f"an empty path was given: pass a {kind} to write into"
+    path = Path(value)
+    above = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if above is not None:
+        return f"{value} lies under {above}, which is a file: pass a {kind} whose parents are folders"
+    if kind == "folder" and path.exists() and not path.is_dir():
+        return f"{value} is a file, not a folder: pass a folder to write into"
+    if kind == "file" and path.is_dir():
+        return f"{value} is a folder: pass a file name to write, e.g. {path / 'report.html'}"
+    return None
 
 
 def is_hidden_or_temporary(path: str | os.PathLike) -> bool:

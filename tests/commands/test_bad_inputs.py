@@ -143,3 +143,43 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case):
     # Nothing is written before refusing, except tile's status/<slide>.json, its record of a failed slide.
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.parent.name != "status"]
     assert not written, f"wrote {written} before refusing"
+
+
+# command -> argv with OUT as its output place (a folder; `report --out` and nothing else is a file). Only the
+# output is bad here: argparse checks it (`output_folder`, `output_file`) and `fit` its run directory, before
+# anything else is looked at.
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "supervised" / "tiny_cpu.yaml"
+OUTPUTS: dict[str, Argv] = {
+    "samples": lambda o, t: ["samples", "make-nuclei", "--out", o],
+    "tile": lambda o, t: ["tile", str(t), "--out", o],
+    "fit": lambda o, t: ["fit", "--config", str(RECIPE), "--trainer.default_root_dir", o],
+    "export": lambda o, t: ["export", "--checkpoint", str(t / "run.ckpt"), "--out", o],
+    "extract": lambda o, t: ["extract", "--model", "tiny/resnet18-64", "--coords", str(t), "--out", o],
+    "probe": lambda o, t: ["probe", "--features", str(t), "--out", o],
+    "mil": lambda o, t: ["mil", "--features", str(t), "--labels", str(t / "labels.csv"), "--out", o],
+    "heatmap": lambda o, t: ["heatmap", "--run", str(t), "--slides", str(t), "--out", o],
+    "report": lambda o, t: ["report", str(t), "--out", o],
+    "demo": lambda o, t: ["demo", "--quick", "--out", o],
+}
+
+
+def test_every_command_has_its_output_checked():
+    assert set(OUTPUTS) == set(_command_modules()), "add the new command's output to OUTPUTS"
+
+
+@pytest.mark.parametrize("kind", ["empty", "under a file"])
+@pytest.mark.parametrize("command", sorted(OUTPUTS))
+def test_an_output_nothing_can_be_written_to_is_one_error_line_and_exit_2(tmp_path, capsys, command, kind):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder\n")
+    out = "" if kind == "empty" else str(blocker / "results")  # "" would silently mean the current folder
+    try:
+        code = main(OUTPUTS[command](out, tmp_path))
+    except SystemExit as exit_:  # argparse and `fit`'s jsonargparse exit themselves, with status 2
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert code == 2, captured.err[-500:]
+    assert "Traceback" not in captured.err + captured.out
+    errors = [line for line in captured.err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and ("empty path" in errors[0] if kind == "empty" else "which is a file" in errors[0]), errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
+
+from histodistill.io import unwritable_reason
+
+
+def _writable(value: str, kind: str) -> str:
+    if (reason := unwritable_reason(value, kind)) is not None:
+        raise argparse.ArgumentTypeError(reason)
+    return value
 
 
 def output_folder(value: str) -> str:
-    """``type=`` of an ``--out`` folder: an existing file there is refused while the arguments are parsed,
-    before any work (otherwise the first ``mkdir`` deep inside a stage fails with a traceback)."""
-    if Path(value).exists() and not Path(value).is_dir():
-        raise argparse.ArgumentTypeError(f"{value} is a file, not a folder: pass a folder to write into")
-    return value
+    """``type=`` of an ``--out`` folder, checked while the arguments are parsed, before any work
+    (`histodistill.io.unwritable_reason`): refused when empty, an existing file, or under a file."""
+    return _writable(value, "folder")
+
+
+def output_file(value: str) -> str:
+    """``type=`` of an output file (`report --out`), checked while the arguments are parsed: refused when
+    empty, an existing folder, or under a file."""
+    return _writable(value, "file")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:

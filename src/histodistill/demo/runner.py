@@ -44,12 +44,26 @@ def _record_path(context: DemoContext, stage: Stage) -> Path:
     return context.out / stage.name / "stage.json"
 
 
+def _read_record(path: Path) -> dict:
+    """A finished stage's record. One that cannot be read leaves its stage's state unknown: refused, with
+    the fix, rather than taken as finished or silently run again."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        record = error
+    if not isinstance(record, dict) or not {"summary", "seconds"} <= record.keys():
+        raise UserError(f"{path} is not a readable stage record: delete it to run that stage again, or pass "
+                        "--overwrite to run every stage again")
+    return record
+
+
 def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary and seconds.
 
     Raises `UserError` before any stage runs when ``context.out`` holds finished stages of other sizes
     (``--quick`` vs the full demo, or sizes of an earlier version): skipping them would mix two runs'
-    results in one report."""
+    results in one report; and when a stage's folder is a file or its record unreadable."""
+    check_stage_folders(stages, context)
     if not context.overwrite:
         check_same_size(stages, context)
     context.out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +72,7 @@ def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], N
         record_path = _record_path(context, stage)
         header = f"[{index}/{len(stages)}] {stage.name}: {stage.description}"
         if record_path.exists() and not context.overwrite:
-            records[stage.name] = json.loads(record_path.read_text())
+            records[stage.name] = _read_record(record_path)
             log(f"{header} (done before, skipped)")
             continue
         log(header)
@@ -75,10 +89,17 @@ def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], N
     return records
 
 
+def check_stage_folders(stages: list[Stage], context: DemoContext) -> None:
+    """Refuse a file standing where a stage writes its folder (its first ``mkdir`` would fail mid-run)."""
+    if files := [context.out / stage.name for stage in stages if (context.out / stage.name).is_file()]:
+        raise UserError(f"{files[0]} is a file where the demo writes its {files[0].name} stage: move it away, "
+                        "or use another --out")
+
+
 def check_same_size(stages: list[Stage], context: DemoContext) -> None:
     """Refuse to resume into finished stages recorded with another ``quick`` or other ``sizes`` than this
     run's (a record without sizes predates them, so it cannot be trusted to match)."""
-    records = {stage.name: json.loads(_record_path(context, stage).read_text())
+    records = {stage.name: _read_record(_record_path(context, stage))
                for stage in stages if _record_path(context, stage).exists()}
     other_kind = [name for name, record in records.items() if record.get("quick", context.quick) != context.quick]
     if other_kind:
@@ -88,9 +109,10 @@ def check_same_size(stages: list[Stage], context: DemoContext) -> None:
                         "to run every stage again")
     other_sizes = [name for name, record in records.items() if record.get("sizes") != dict(context.sizes)]
     if other_sizes:
-        raise UserError(f"{context.out} holds stages finished with other sizes than this version's "
-                        f"({', '.join(other_sizes)}; now {dict(context.sizes)}): resuming would skip them and mix "
-                        "both in one report. Use another --out, or --overwrite to run every stage again")
+        recorded = records[other_sizes[0]].get("sizes") or "none (an earlier version)"
+        raise UserError(f"{context.out} holds stages finished with other sizes than this run's ({', '.join(other_sizes)}: "
+                        f"recorded {recorded}, now {dict(context.sizes)}): resuming would skip them and mix both in "
+                        "one report. Use another --out, or --overwrite to run every stage again")
 
 
 def format_timings(records: dict[str, dict]) -> str:

@@ -45,7 +45,7 @@ LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
 #   controls at 0.50 and 0.62 (docs/mil.md). --quick runs 20 slides in 3 folds: enough for every stage's
 #   code path, too few to rank extractors (its table says so).
 # - nuclei_fraction: the share of the nuclei task written (each split, stratified); --quick trains,
-#   validates and probes every network on 20 % (172 training nuclei, 87 test).
+#   validates and probes every network on 20 % (172 training nuclei, 71 test).
 # - sdmae_epochs, teacher_epochs, student_epochs: the networks' training (students: MoMA, KD, CE).
 SIZES = {
     False: {"slides": 200, "folds": 5, "seeds": 3, "mil_epochs": 40, "nuclei_fraction": 1.0,

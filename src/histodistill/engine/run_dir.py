@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from histodistill.engine.callbacks import RunSummary, StepReseed
 from histodistill.errors import UserError
+from histodistill.io import unwritable_reason
 
 
 def last_checkpoint(run_dir: str | os.PathLike) -> Path:
@@ -36,7 +37,10 @@ def default_run_dir(config_paths: list[str | os.PathLike] | None) -> Path:
 
 
 def check_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuse to silently reuse a finished run."""
+    """The checkpoint to resume from (None for a fresh run); refuse to silently reuse a finished run, and a
+    ``trainer.default_root_dir`` where no folder can be made (empty, a file, or under a file)."""
+    if (reason := unwritable_reason(run_dir, "folder")) is not None:
+        raise UserError(f"trainer.default_root_dir: {reason}")
     last = last_checkpoint(run_dir)
     if resume:
         if not last.is_file():
