@@ -44,13 +44,13 @@ def _record_path(context: DemoContext, stage: Stage) -> Path:
     return context.out / stage.name / "stage.json"
 
 
-def _read_record(path: Path) -> dict:
-    """A finished stage's record. One that cannot be read leaves its stage's state unknown: refused, with
-    the fix, rather than taken as finished or silently run again."""
+def read_record(path: Path) -> dict:
+    """A finished stage's record (``<out>/<stage>/stage.json``). One that cannot be read leaves its stage's
+    state unknown: refused (`UserError`, with the fix), rather than taken as finished or silently run again."""
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        record = error
+    except (OSError, ValueError):
+        record = None
     if not isinstance(record, dict) or not {"summary", "seconds"} <= record.keys():
         raise UserError(f"{path} is not a readable stage record: delete it to run that stage again, or pass "
                         "--overwrite to run every stage again")
@@ -72,7 +72,7 @@ def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], N
         record_path = _record_path(context, stage)
         header = f"[{index}/{len(stages)}] {stage.name}: {stage.description}"
         if record_path.exists() and not context.overwrite:
-            records[stage.name] = _read_record(record_path)
+            records[stage.name] = read_record(record_path)
             log(f"{header} (done before, skipped)")
             continue
         log(header)
@@ -99,7 +99,7 @@ def check_stage_folders(stages: list[Stage], context: DemoContext) -> None:
 def check_same_size(stages: list[Stage], context: DemoContext) -> None:
     """Refuse to resume into finished stages recorded with another ``quick`` or other ``sizes`` than this
     run's (a record without sizes predates them, so it cannot be trusted to match)."""
-    records = {stage.name: _read_record(_record_path(context, stage))
+    records = {stage.name: read_record(_record_path(context, stage))
                for stage in stages if _record_path(context, stage).exists()}
     other_kind = [name for name, record in records.items() if record.get("quick", context.quick) != context.quick]
     if other_kind:

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 import histodistill
-from histodistill.demo.runner import DemoContext, Stage
+from histodistill.demo.runner import DemoContext, Stage, read_record
 from histodistill.errors import UserError
 from histodistill.io import write_json
 
@@ -58,7 +58,7 @@ SIZES = {
 def recorded_sizes(out: Path, stage: str) -> dict:
     """The sizes (`SIZES`) that the finished ``stage`` of the demo folder ``out`` ran with. Raises
     `UserError` for a stage finished before sizes were recorded: its sizes cannot be known."""
-    record = json.loads((out / stage / "stage.json").read_text())
+    record = read_record(out / stage / "stage.json")
     if "sizes" not in record:
         quick = " --quick" if record.get("quick") else ""
         raise UserError(f"{out / stage / 'stage.json'} does not record the demo's sizes (an earlier version "
