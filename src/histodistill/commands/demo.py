@@ -1,4 +1,4 @@
-"""Run the whole chain on the real sample data, on a CPU (54 minutes on 2 idle cores; --quick, the smoke run, 3).
+"""Run the whole chain on the real sample data, on a CPU (54 minutes on 2 idle cores; --quick, the smoke run, about 3).
 
 Stages run in order and each writes into its own folder under --out; a finished stage is skipped
 when the demo is run again (so an interrupted demo resumes), unless --overwrite.
