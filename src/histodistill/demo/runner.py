@@ -64,15 +64,17 @@ def run_stages(stages: list[Stage], context: DemoContext, log: Callable[[str], N
     (``--quick`` vs the full demo, or sizes of an earlier version): skipping them would mix two runs'
     results in one report; and when a stage's folder is a file or its record unreadable."""
     check_stage_folders(stages, context)
-    if not context.overwrite:
-        check_same_size(stages, context)
+    # Each finished stage's record, read once: checked here, reused when the stage is skipped.
+    finished = {} if context.overwrite else {stage.name: read_record(_record_path(context, stage))
+                                             for stage in stages if _record_path(context, stage).exists()}
+    check_same_size(finished, context)
     context.out.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
     for index, stage in enumerate(stages, 1):
         record_path = _record_path(context, stage)
         header = f"[{index}/{len(stages)}] {stage.name}: {stage.description}"
-        if record_path.exists() and not context.overwrite:
-            records[stage.name] = read_record(record_path)
+        if stage.name in finished:
+            records[stage.name] = finished[stage.name]
             log(f"{header} (done before, skipped)")
             continue
         log(header)
@@ -96,11 +98,9 @@ def check_stage_folders(stages: list[Stage], context: DemoContext) -> None:
                         "or use another --out")
 
 
-def check_same_size(stages: list[Stage], context: DemoContext) -> None:
-    """Refuse to resume into finished stages recorded with another ``quick`` or other ``sizes`` than this
-    run's (a record without sizes predates them, so it cannot be trusted to match)."""
-    records = {stage.name: read_record(_record_path(context, stage))
-               for stage in stages if _record_path(context, stage).exists()}
+def check_same_size(records: dict[str, dict], context: DemoContext) -> None:
+    """Refuse to resume into finished stages (``{stage: record}``) recorded with another ``quick`` or other
+    ``sizes`` than this run's (a record without sizes predates them, so it cannot be trusted to match)."""
     other_kind = [name for name, record in records.items() if record.get("quick", context.quick) != context.quick]
     if other_kind:
         made, asked = ("the full demo", "--quick") if context.quick else ("--quick", "the full demo")
