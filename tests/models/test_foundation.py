@@ -210,3 +210,11 @@ def test_transformers_entries_name_the_extra_when_it_is_missing(monkeypatch):
     with pytest.raises(UserError, match=re.escape('pathology/hibou-b needs the Hugging Face transformers library, '
                                                   'which is not installed: pip install "histodistill[hf]"')):
         create_backbone("pathology/hibou-b", pretrained=False)
+
+
+def test_docs_table_states_every_entry_with_its_embedding():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "models.md").read_text()
+    for model in FOUNDATION_MODELS:
+        assert f"| `{model.name}` |" in text and f"| {model.embedding}, {model.dim} |" in text, model.name
