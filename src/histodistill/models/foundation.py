@@ -91,6 +91,15 @@ def _kaiko(name: str, timm_name: str, dim: int, extra: dict[str, Any] | None = N
     )
 
 
+def _hoptimus(version: str, licence: str, gated: bool, citation: str, source: str) -> FoundationModel:
+    """H-optimus-0 and -1: the same ViT-g/14 with 4 registers and Bioptimus' mean/std."""
+    return FoundationModel(
+        f"pathology/h-optimus-{version}", f"bioptimus/H-optimus-{version}", "timm hf-hub",
+        "vit_giant_patch14_reg4_dinov2", dict(_HOPTIMUS), _at(HOPTIMUS_MEAN, HOPTIMUS_STD), "cls", 1536, licence,
+        gated, citation, f"{source}; 20x: TRIDENT README; {CARD_UNREAD}",
+    )
+
+
 FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
     FoundationModel(
         "pathology/uni", "MahmoodLab/UNI", "timm hf-hub", "vit_large_patch16_224",
@@ -137,19 +146,11 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         f"{TRIDENT} Virchow2InferenceEncoder (class token + mean of tokens 5:, registers excluded); "
         f"{EVA}/paige.py (HF login: gated); 20x: TRIDENT README; {CARD_UNREAD}",
     ),
-    FoundationModel(
-        "pathology/h-optimus-0", "bioptimus/H-optimus-0", "timm hf-hub", "vit_giant_patch14_reg4_dinov2",
-        dict(_HOPTIMUS), _at(HOPTIMUS_MEAN, HOPTIMUS_STD), "cls", 1536, "Apache-2.0", False,
-        "Saillard et al., H-optimus-0, github.com/bioptimus/releases (2024)",
-        f"{TRIDENT} HOptimus0InferenceEncoder (global_pool token); {EVA}/bioptimus.py and eva "
-        f"replicate_evaluations.md (mean/std); 20x: TRIDENT README; {CARD_UNREAD}",
-    ),
-    FoundationModel(
-        "pathology/h-optimus-1", "bioptimus/H-optimus-1", "timm hf-hub", "vit_giant_patch14_reg4_dinov2",
-        dict(_HOPTIMUS), _at(HOPTIMUS_MEAN, HOPTIMUS_STD), "cls", 1536, "CC-BY-NC-ND-4.0", True,
-        "Bioptimus, H-optimus-1 model card (2025)",
-        f"{TRIDENT} HOptimus1InferenceEncoder (as H-optimus-0); 20x: TRIDENT README; {CARD_UNREAD}",
-    ),
+    _hoptimus("0", "Apache-2.0", False, "Saillard et al., H-optimus-0, github.com/bioptimus/releases (2024)",
+              f"{TRIDENT} HOptimus0InferenceEncoder (global_pool token); {EVA}/bioptimus.py and eva "
+              "replicate_evaluations.md (mean/std)"),
+    _hoptimus("1", "CC-BY-NC-ND-4.0", True, "Bioptimus, H-optimus-1 model card (2025)",
+              f"{TRIDENT} HOptimus1InferenceEncoder (as H-optimus-0)"),
     FoundationModel(
         "pathology/h0-mini", "bioptimus/H0-mini", "timm hf-hub", "vit_base_patch14_reg4_dinov2",
         {"img_size": 224, "dynamic_img_size": True, **_SWIGLU}, _at(HOPTIMUS_MEAN, HOPTIMUS_STD), "cls", 768,
