@@ -198,6 +198,23 @@ def test_phikon_file_missing_a_key_is_refused(tmp_path, fake_hf_cache):
         create_backbone("pathology/phikon")
 
 
+def test_a_local_published_phikon_file_needs_no_hub(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    state = _phikon_published_state(32, 2, 64)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "image_size": 32}
+    backbone = create_backbone("pathology/phikon", weights=tmp_path / "pytorch_model.bin", **tiny)
+    assert torch.equal(backbone.model.model.embeddings.cls_token, state["embeddings.cls_token"])
+    assert backbone.spec.source == "weights:pytorch_model.bin"
+    state.pop("layernorm.bias")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="1 missing keys: layernorm.bias"):
+        create_backbone("pathology/phikon", weights=tmp_path / "pytorch_model.bin", **tiny)
+    captured = capsys.readouterr()
+    assert "LOAD REPORT" not in captured.out + captured.err  # transformers' report: our one line says it
+
+
 def test_offline_published_file_is_one_error_line_with_the_remedies(fake_hf_cache):
     with pytest.raises(UserError) as error:
         create_backbone("pathology/gpfm")

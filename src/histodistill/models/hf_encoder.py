@@ -80,10 +80,17 @@ def load_hf_encoder(
     """``architecture`` with ``config``, weights read by transformers from ``folder`` (``model.safetensors``
     or ``pytorch_model.bin`` in the published key layout) or taken from ``state_dict``; strict."""
     model_class, config_class = _classes(architecture)
-    model, info = model_class.from_pretrained(
-        folder, config=config_class(**config), state_dict=state_dict, output_loading_info=True,
-        **_model_kwargs(model_class),
-    )
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line load report: the problems are our one error line below
+    try:
+        model, info = model_class.from_pretrained(
+            folder, config=config_class(**config), state_dict=state_dict, output_loading_info=True,
+            **_model_kwargs(model_class),
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     problems = [f"{len(info[key])} {key.replace('_', ' ')}: {', '.join(sorted(map(str, info[key]))[:8])}"
                 for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
     if problems:
