@@ -26,10 +26,10 @@ import csv
 import json
 from pathlib import Path
 
-import histodistill
 from histodistill.demo.runner import DemoContext
 from histodistill.errors import UserError
 from histodistill.io import write_json
+from histodistill.pipelines.recipes import fit_recipe
 from histodistill.pipelines.runner import Stage, read_record
 
 # Tiles for pretraining: 64 px at 0.5 mpp, so the tiny ViT with 8-px patches sees 64 tokens per tile.
@@ -72,31 +72,9 @@ def recorded_sizes(out: Path, stage: str) -> dict:
 MINUTES_ON_2_CPU_CORES = {False: 54, True: 3}
 
 
-def configs_dir() -> Path:
-    """The repository's configs/ (the demo runs from a source checkout: `pip install -e .`)."""
-    path = Path(histodistill.__file__).resolve().parents[2] / "configs"
-    if not path.is_dir():
-        raise UserError(
-            f"the demo needs the recipes in configs/, expected at {path}: run it from a clone of the "
-            "repository installed with `pip install -e .`"
-        )
-    return path
-
-
 def _fit(context: DemoContext, recipe: str, run_dir: Path, overrides: list[str]) -> dict:
     """`histodistill fit` on a shipped recipe with the demo's data and device; returns metrics.json."""
-    from histodistill.engine.cli import fit_main
-
-    argv = ["--config", str(configs_dir() / recipe), "--trainer.default_root_dir", str(run_dir),
-            "--trainer.enable_model_summary", "false", *overrides]
-    if context.device == "cuda":
-        argv += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"]
-    else:
-        argv += ["--trainer.accelerator", "cpu"]
-    # An interrupted stage resumes its run from the last epoch instead of starting over.
-    argv.append("--resume" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "--overwrite")
-    fit_main(argv)
-    return json.loads((run_dir / "metrics.json").read_text())
+    return fit_recipe(recipe, run_dir, overrides, context.device)
 
 
 def _cli(argv: list[str]) -> None:
