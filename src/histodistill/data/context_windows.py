@@ -14,9 +14,8 @@ the teacher saw. Cells are in row-major order: index ``i * s + j`` is row i (y),
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import os
+from collections.abc import Collection
 from pathlib import Path
 from types import SimpleNamespace
 

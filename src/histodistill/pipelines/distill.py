@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Literal
 
 from histodistill.errors import UserError
+from histodistill.eval.report import DISTILL_MODELS as MODELS
 from histodistill.pipelines.runner import Stage, format_timings, read_record, record_path, run_stages
 
 METHOD_RECIPES = {"mcmkd": "mcmkd/resnet50_s3_p224.yaml", "moma": "moma/heterogeneous_vit_to_resnet18.yaml"}
 # Optimiser steps between the fit's mid-run checkpoints (last.ckpt), so a killed fit loses at most these.
 CHECKPOINT_EVERY_STEPS = 500
-MODELS = ("teacher", "student_untuned", "student")  # the rows of summary.json, in table order
 
 
 def _option(help: str, **kwargs) -> dict:
@@ -222,7 +222,7 @@ def _check_labels(labels: Path, slide_ids: list[str], folds: int) -> None:
                         f"slides (e.g. {', '.join(missing[:3])}): fix the slide_id column or the slides")
     if len({row.label for row in rows}) < 2:
         raise UserError(f"--labels {labels}: every slide has the same label; the AUROC needs two classes at least")
-    check_cases_per_class(rows, folds)
+    check_cases_per_class(rows, folds, validation=False)  # the CV trains without a validation part
 
 
 # ---- stages ------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Run a pipeline's stages in order, each once: a finished stage leaves ``<out>/<stage>/stage.json`` and is
-skipped next time (after its outputs are verified), so an interrupted pipeline resumes where it stopped.
+skipped next time (after its outputs are verified), so an interrupted pipeline resumes where it stopped;
+the stages after one that runs again run again too.
 
 Shared by the demo (`histodistill.demo`) and `histodistill distill` (`histodistill.pipelines.distill`).
 A stage is a function ``(context) -> dict`` returning a short summary (numbers worth printing). Its record
@@ -81,17 +82,18 @@ def run_stages(stages: list[Stage], context: StageContext, log: Callable[[str], 
     check_settings(stages, finished, context)
     context.out.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
+    ran = False  # once a stage runs, every later one runs too: its inputs may have changed
     for index, stage in enumerate(stages, 1):
         header = f"[{index}/{len(stages)}] {stage.name}: {stage.description}"
-        problem = stage.verify(context) if stage.name in finished and stage.verify else None
-        if stage.name in finished and problem is None:
+        problem = stage.verify(context) if stage.name in finished and stage.verify and not ran else None
+        if stage.name in finished and problem is None and not ran:
             records[stage.name] = finished[stage.name]
             log(f"{header} (done before, skipped)")
             continue
         log(header + (f" (recorded as done, but {problem}: running it again)" if problem else ""))
         # Written before each stage, so a stage (the report) sees the timings of the ones before it.
         write_json(context.out / TIMINGS, {name: rec["seconds"] for name, rec in records.items()})
-        start = time.perf_counter()
+        start, ran = time.perf_counter(), True
         summary = stage.run(context)
         record = {"summary": summary, "seconds": round(time.perf_counter() - start, 2),
                   "settings": stage_settings(stage, context)}
