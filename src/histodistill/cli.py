@@ -22,7 +22,7 @@ from histodistill import __version__, commands
 from histodistill.errors import UserError
 
 # The order a user meets the stages in; commands not listed here are shown after them.
-PIPELINE_ORDER = ("samples", "tile", "fit", "export", "extract", "probe", "mil", "heatmap", "report", "demo")
+PIPELINE_ORDER = ("samples", "tile", "fit", "export", "extract", "probe", "mil", "heatmap", "report", "distill", "demo")
 
 
 def _command_modules() -> dict[str, ModuleType]:

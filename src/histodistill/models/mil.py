@@ -19,6 +19,25 @@ from torch import nn
 class MILOutput(NamedTuple):
     logits: torch.Tensor  # (B, C)
     scores: torch.Tensor  # (B, N), 0 at padded positions
+    # What a model's own objective needs besides the logits (CLAM's instance loss), None elsewhere:
+    attention: torch.Tensor | None = None  # (B, K, N) attention of each of K branches
+    instance_logits: torch.Tensor | None = None  # (B, N, C, 2) each class's instance classifier
+    mask: torch.Tensor | None = None  # (B, N) bool, True = real instance
+
+
+def bag_cross_entropy(output: MILOutput, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the bag logits (B, C) against ``labels`` (B,): every model's bag objective,
+    in float32 (the logits may come from bf16 autocast)."""
+    return F.cross_entropy(output.logits.float(), labels)
+
+
+class MILHead(nn.Module):
+    """A MIL model: ``forward(x (B, N, D), mask (B, N)) -> MILOutput`` and ``loss(output, labels)``, its
+    training objective (a scalar). The objective is the bag cross-entropy unless a model adds terms
+    (CLAM's instance loss), so one training loop serves every model."""
+
+    def loss(self, output: MILOutput, labels: torch.Tensor) -> torch.Tensor:
+        return bag_cross_entropy(output, labels)
 
 
 def full_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -33,7 +52,7 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-class MeanPoolMIL(nn.Module):
+class MeanPoolMIL(MILHead):
     """Baseline: the mean of the real instances' features, then a linear classifier.
 
     Because the classifier is linear, the bag logits equal the mean of per-instance logits; the
@@ -72,7 +91,7 @@ class GatedAttention(nn.Module):
         return masked_softmax(self.w(self.dropout(gated)).squeeze(-1), mask)
 
 
-class ABMIL(nn.Module):
+class ABMIL(MILHead):
     """Attention-based deep MIL with gated attention (Ilse, Tomczak, Welling, ICML 2018).
 
     Instance features are embedded (Linear + ReLU, the paper's f_ψ on precomputed features),
@@ -147,7 +166,7 @@ class PPEG(nn.Module):
         return torch.cat([cls_token, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
-class TransMIL(nn.Module):
+class TransMIL(MILHead):
     """TransMIL (Shao et al., NeurIPS 2021): embed → square-pad → [CLS] → attention → PPEG →
     attention → LayerNorm → classify the class token.
 
@@ -199,7 +218,7 @@ class TransMIL(nn.Module):
         return self.classifier(h[:, 0]), scores / scores.sum()
 
 
-class Standardized(nn.Module):
+class Standardized(MILHead):
     """A MIL model whose instance features are z-scored per dimension first: ``(x - mean) / std`` with
     ``mean``, ``std`` (D,) buffers, identity until `fit` sets them from training instances.
 
@@ -226,6 +245,9 @@ class Standardized(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         return self.mil((x - self.mean) / self.std, mask)  # (B, N, D) -> the wrapped model's output
+
+    def loss(self, output: MILOutput, labels: torch.Tensor) -> torch.Tensor:
+        return self.mil.loss(output, labels)
 
 
 MIL_MODELS: dict[str, type[nn.Module]] = {"mean": MeanPoolMIL, "abmil": ABMIL, "transmil": TransMIL}
