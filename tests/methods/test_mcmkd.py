@@ -93,6 +93,52 @@ def test_a_few_steps_lower_the_loss():
     assert model.objective(batch)["loss"].item() < first
 
 
+
+def test_standardize_uses_the_statistics_it_was_given_and_keeps_them_in_the_checkpoint():
+    from histodistill.losses.masked_context import masked_context_loss, normalise_targets
+
+    model = make(target_norm="standardize", loss="mse")
+    batch = fake_batch()
+    with pytest.raises(RuntimeError, match="statistics"):
+        model.objective(batch)  # never silently trains on NaN targets
+    teacher = batch[3][batch[2]]  # (N, D) the valid cells
+    mean, std = teacher.mean(0), teacher.std(0, unbiased=False)
+    model.set_target_statistics(mean.numpy(), std.numpy())
+    torch.manual_seed(3)
+    got = model.objective(batch)["loss"]
+    torch.manual_seed(3)
+    from histodistill.models.cell_mask import random_cell_mask
+
+    masked = random_cell_mask(4, SIDE * SIDE, 0.5)
+    expected = masked_context_loss(model.predict_cells(batch[0], masked), batch[3], masked, batch[2], "mse",
+                                   target_norm="standardize", target_mean=mean, target_std=std)["loss"]
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.equal(model.state_dict()["target_mean"], mean) and torch.equal(model.state_dict()["target_std"], std)
+    assert normalise_targets(teacher, "standardize", mean, std).mean(0).abs().max() < 1e-5
+    assert "target_mean" not in make().state_dict()  # layer_norm checkpoints keep their keys
+    with pytest.raises(ValueError, match="shape"):
+        model.set_target_statistics(np.zeros(DIM + 1), np.ones(DIM + 1))
+    with pytest.raises(ValueError, match="target_norm"):
+        make(target_norm="batch")
+
+
+def test_feature_statistics_over_every_tile_of_the_cache(tmp_path):
+    from histodistill.data.teacher_features import feature_statistics
+
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(5, 2, (7, 4)), rng.normal(-1, 1, (3, 4))]
+    paths = []
+    for k, part in enumerate(parts):
+        with h5py.File(tmp_path / f"s{k}.h5", "w") as handle:
+            handle["features"] = part.astype(np.float32)
+        paths.append(tmp_path / f"s{k}.h5")
+    mean, std, count = feature_statistics(paths)
+    rows = np.concatenate(parts).astype(np.float32).astype(np.float64)
+    assert count == 10
+    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(std, rows.std(0), rtol=1e-9)
+
+
 # ---- end to end: tile -> teacher cache -> histodistill fit -> extract with the fine-tuned student -------------
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "mcmkd" / "tiny_cpu.yaml"
@@ -144,6 +190,29 @@ def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(t
     with h5py.File(student_dir / "tiny_slide.h5") as h5, h5py.File(features_dir / "tiny_slide.h5") as teacher:
         assert h5["features"].shape == (teacher["features"].shape[0], 512)  # resnet18 features per tile
         assert np.isfinite(h5["features"][:]).all()
+
+
+
+@pytest.mark.slow
+def test_standardize_fit_computes_the_statistics_from_the_cache_and_stores_them(tiny_slide, tmp_path):
+    from histodistill.cli import main
+    from histodistill.data.teacher_features import feature_statistics
+    from histodistill.models.weights import read_checkpoint
+    from histodistill.wsi.tiling import tile_slide
+
+    tiles = tmp_path / "tiles"
+    tile_slide(tiny_slide.path, tiles, target_mpp=0.5, patch_size=64)
+    run = tmp_path / "run"
+    assert main([
+        "fit", "--config", str(TINY), "--trainer.default_root_dir", str(run), "--data.init_args.tiles_dir", str(tiles),
+        "--model.init_args.target_norm", "standardize", "--model.init_args.loss", "mse", "--trainer.max_steps", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]) == 0
+    state = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    mean, std, count = feature_statistics(sorted((tiles / "features_tiny-vit-tiny-p8-64").glob("*.h5")))
+    assert count > 0
+    np.testing.assert_allclose(state["target_mean"].numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["target_std"].numpy(), std, rtol=1e-5, atol=1e-6)
 
 
 def test_mask_count_default_and_option(monkeypatch):

@@ -54,3 +54,22 @@ class TeacherFeatures:
         values = features[rows[order]] if len(rows) else np.zeros((0, features.shape[1]), np.float32)
         out[[wanted[k][0] for k in order]] = values
         return out
+
+
+def feature_statistics(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-dimension mean and population standard deviation (D,) of the ``features`` rows of every
+    features file in ``paths`` (all of a teacher cache's tiles), and the number of rows. Accumulated in
+    float64, one file at a time. Raises UserError when there are no rows."""
+    count, total, squares = 0, None, None
+    for path in paths:
+        with h5py.File(path, "r") as handle:
+            rows = handle["features"][:].astype(np.float64)  # (N, D)
+        if total is None:
+            total, squares = np.zeros(rows.shape[1]), np.zeros(rows.shape[1])
+        count += len(rows)
+        total += rows.sum(axis=0)
+        squares += (rows**2).sum(axis=0)
+    if not count:
+        raise UserError(f"no teacher features to compute target statistics from in {[str(p) for p in paths][:3]}")
+    mean = total / count
+    return mean, np.sqrt(np.maximum(squares / count - mean**2, 0.0)), count

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from histodistill.losses.masked_context import LossKind, masked_context_loss
+from histodistill.losses.masked_context import LossKind, TargetNorm, masked_context_loss
 from histodistill.methods.base import MethodModule
 from histodistill.models.backbones import create_backbone
 from histodistill.models.cell_mask import CellMasker, grid_side, random_cell_mask
@@ -40,7 +40,11 @@ class MCMKD(MethodModule):
         fill: what masked cells are painted with: ``mean`` (0 after normalisation) or a ``learned`` RGB value.
         head: per-cell projection to the teacher's dimension, shared by all cells: ``linear`` or ``mlp``.
         head_hidden_dim: hidden width of the ``mlp`` head (default: the student's feature dimension).
-        loss: ``cosine`` (1 - cos) or ``smooth_l1`` against the LayerNorm-ed teacher feature.
+        loss: ``cosine`` (1 - cos), ``smooth_l1`` or ``mse`` against the normalised teacher feature.
+        target_norm: how teacher features become targets: ``layer_norm`` per tile (default), or
+            ``standardize`` per dimension with the mean and std of the teacher cache's tiles, computed once
+            by the data module (`set_target_statistics`) and kept in the checkpoint (buffers ``target_mean``,
+            ``target_std``). See `histodistill.losses.masked_context`.
         w_masked: weight of the masked-cell term (context modelling).
         w_visible: weight of the visible-cell term (plain feature distillation).
         smooth_l1_beta: the smooth-L1 transition point.
@@ -65,6 +69,7 @@ class MCMKD(MethodModule):
         w_masked: float = 1.0,
         w_visible: float = 1.0,
         smooth_l1_beta: float = 1.0,
+        target_norm: TargetNorm = "layer_norm",
         freeze_bn_stats: bool = False,
         optim: OptimConfig | None = None,
     ) -> None:
@@ -81,6 +86,27 @@ class MCMKD(MethodModule):
         self.head = GridHead(self.backbone.num_features, teacher_dim, kind=head, hidden_dim=head_hidden_dim)
         self.loss_kind = loss
         self.w_masked, self.w_visible, self.smooth_l1_beta = w_masked, w_visible, smooth_l1_beta
+        if target_norm not in ("layer_norm", "standardize"):
+            raise ValueError(f"model.init_args.target_norm must be 'layer_norm' or 'standardize', got {target_norm!r}")
+        self.target_norm = target_norm
+        if target_norm == "standardize":
+            # Registered only here, so checkpoints of layer_norm runs keep their keys. NaN until
+            # set_target_statistics: a run that never got its statistics fails loudly instead of training.
+            self.register_buffer("target_mean", torch.full((teacher_dim,), float("nan")))
+            self.register_buffer("target_std", torch.full((teacher_dim,), float("nan")))
+        else:
+            self.target_mean = self.target_std = None
+
+    def set_target_statistics(self, mean, std) -> None:
+        """The per-dimension mean and std (D,) of the teacher cache's features, for ``standardize``."""
+        if self.target_norm != "standardize":
+            raise ValueError(f"target statistics are only used with target_norm 'standardize', not {self.target_norm!r}")
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != (self.teacher_dim,) or std.shape != (self.teacher_dim,):
+            raise ValueError(f"target statistics must have shape ({self.teacher_dim},), got {tuple(mean.shape)} "
+                             f"and {tuple(std.shape)}")
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std)
 
     def train(self, mode: bool = True) -> MCMKD:
         """Training mode, except that frozen statistics keep the student's BatchNorm layers in eval mode
@@ -108,6 +134,10 @@ class MCMKD(MethodModule):
         masked = random_cell_mask(valid.shape[0], valid.shape[1], self.mask_ratio, device=windows.device,
                                   count=self.mask_count)
         pred = self.predict_cells(windows, masked)
+        if self.target_norm == "standardize" and torch.isnan(self.target_mean).any():
+            raise RuntimeError("target_norm 'standardize' needs the teacher cache's statistics: the data module "
+                               "(ContextWindowDataModule) sets them in setup(); call set_target_statistics first")
         return masked_context_loss(
-            pred, teacher, masked, valid, self.loss_kind, self.w_masked, self.w_visible, self.smooth_l1_beta
+            pred, teacher, masked, valid, self.loss_kind, self.w_masked, self.w_visible, self.smooth_l1_beta,
+            self.target_norm, self.target_mean, self.target_std,
         )

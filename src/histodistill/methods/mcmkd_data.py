@@ -3,7 +3,8 @@
 In ``prepare_data()`` (global rank 0 only, the others wait) it builds a missing cache when asked to; in
 ``setup()`` (every rank) it makes sure the teacher cache matches the teacher and the tiling
 (`histodistill.features.teacher_cache.ensure_teacher_cache`), checks the model's ``teacher_dim`` against
-it, and normalises windows with the student's mean/std (``trainer.lightning_module.preprocess``).
+it, normalises windows with the student's mean/std (``trainer.lightning_module.preprocess``) and, for
+``target_norm: standardize``, gives the module the per-dimension statistics of the cache's training tiles.
 Loading, shuffling and DDP sharding are `PatchDataModule`'s.
 """
 
@@ -12,9 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from histodistill.data.context_windows import context_windows_of_dir, window_transform
 from histodistill.data.datamodule import PatchDataModule
-from histodistill.data.teacher_features import TeacherFeatures
+from histodistill.data.teacher_features import TeacherFeatures, feature_statistics
 from histodistill.errors import UserError
 from histodistill.features.teacher_cache import ensure_teacher_cache
 from histodistill.io import visible_files
@@ -99,5 +102,13 @@ class ContextWindowDataModule(PatchDataModule):
                 f"model.init_args.teacher_dim is {module.teacher_dim} but the teacher cache {features_dir} holds "
                 f"{cached_dim}-d features of {self.teacher}: set model.init_args.teacher_dim: {cached_dim}"
             )
+        if getattr(module, "target_norm", "layer_norm") == "standardize":
+            # Statistics over the training slides' tiles only (held-out slides stay unseen), once per setup;
+            # the module keeps them in its checkpoint.
+            files = [path for path in visible_files(features_dir, (".h5",)) if path.stem not in self.exclude_slides]
+            mean, std, count = feature_statistics(files)
+            module.set_target_statistics(mean, std)
+            rank_zero_info(f"MCM-KD targets standardised per dimension with the statistics of {count} tiles "
+                           f"of {len(files)} slides in {features_dir}")
         self.datasets["train"] = dataset
 

@@ -63,7 +63,7 @@ def agreement(folders: dict[str, Path], slide_ids: Sequence[str], fit_run: Path,
 
     - ``student_cosine``: mean cosine between the MCM-KD student's prediction of each tile's teacher feature
       (its fitted projection head on the tile's pooled feature: the visible-cell prediction it was trained
-      on, one tile as a 1 x 1 window) and the teacher's feature, LayerNorm-ed as the MCM-KD targets are;
+      on, one tile as a 1 x 1 window) and the teacher's feature, normalised as the run's targets were;
       None for MoMA, whose heads map to a contrastive space, not to the teacher's features;
     - ``models.<name>.cka``: linear CKA (Kornblith et al. 2019) of each model's tile features with the
       teacher's, which needs no mapping between their dimensions (the teacher's own is 1).
@@ -91,11 +91,12 @@ def agreement(folders: dict[str, Path], slide_ids: Sequence[str], fit_run: Path,
     if not stacked or len(stacked["teacher"]) < 2:
         return {"student_cosine": None, "models": {name: {"cka": None} for name in MODELS}, "tiles": 0}
     cosine = None
-    head = _mcmkd_head(fit_run) if method == "mcmkd" else None
+    head, statistics = _mcmkd_head(fit_run) if method == "mcmkd" else (None, None)
     if head is not None:
         with torch.no_grad():
             predicted = head(torch.from_numpy(stacked["student"]))  # (N, D_teacher)
-            target = normalise_targets(torch.from_numpy(stacked["teacher"]))
+            norm = "layer_norm" if statistics is None else "standardize"
+            target = normalise_targets(torch.from_numpy(stacked["teacher"]), norm, *(statistics or (None, None)))
             cosine = round(float(torch.nn.functional.cosine_similarity(predicted, target, dim=-1).mean()), 4)
     from histodistill.eval.metrics import linear_cka
 
@@ -104,20 +105,22 @@ def agreement(folders: dict[str, Path], slide_ids: Sequence[str], fit_run: Path,
 
 
 def _mcmkd_head(run_dir: Path):
-    """The fitted MCM-KD projection head (`GridHead`: student dim -> teacher dim) from the run's last checkpoint."""
+    """The fitted MCM-KD projection head (`GridHead`: student dim -> teacher dim) from the run's last checkpoint,
+    and its target statistics ``(mean, std)`` when the run standardised its targets (else None)."""
     from histodistill.engine.run_dir import last_checkpoint
     from histodistill.models.grid_head import GridHead
     from histodistill.models.weights import read_checkpoint
 
-    state = {key.removeprefix("head."): value for key, value in read_checkpoint(last_checkpoint(run_dir))["state_dict"].items()
-             if key.startswith("head.")}
+    full = read_checkpoint(last_checkpoint(run_dir))["state_dict"]
+    state = {key.removeprefix("head."): value for key, value in full.items() if key.startswith("head.")}
+    statistics = (full["target_mean"], full["target_std"]) if "target_mean" in full else None
     if "net.weight" in state:  # linear: (D_teacher, D_student)
         head = GridHead(state["net.weight"].shape[1], state["net.weight"].shape[0], kind="linear")
     else:  # mlp: net.0 (hidden, D_student), net.2 (D_teacher, hidden)
         hidden, in_dim = state["net.0.weight"].shape
         head = GridHead(in_dim, state["net.2.weight"].shape[0], kind="mlp", hidden_dim=hidden)
     head.load_state_dict(state)
-    return head.eval()
+    return head.eval(), statistics
 
 
 def summary(rows: dict[str, dict], results: dict, fit: dict, context) -> dict:
