@@ -156,14 +156,14 @@ def main() -> None:
                          f"{s['localisation_auroc']:.3f}" if s["localisation_auroc"] is not None else "n/a",
                          f"{tile_probe[name]:.3f}", rate(extractors[name]), f"{extractors[name]['parameters']:,}"])
     abmil = scores["abmil"]
-    teacher = extractors.get("resnet34_teacher")
+    teacher = extractors.get("sdmae_vit")
     students = {"moma_student", "mcmkd_student"} <= set(names)
     mcmkd_rows = [] if teacher is None or not students else [[label, ci(abmil[name]), f"{abmil[name]['localisation_auroc']:.3f}",
                    rate(extractors[name]), ratio(extractors[name]["tiles_per_s"], teacher["tiles_per_s"]),
                    f"{extractors[name]['parameters'] / teacher['parameters']:.2f}"]
                   for label, name in (("student, un-tuned (MoMA ResNet-18)", "moma_student"),
                                       ("student, MCM-KD tuned", "mcmkd_student"),
-                                      ("teacher (supervised ResNet-34)", "resnet34_teacher")) if name in names]
+                                      ("teacher (SD-MAE ViT)", "sdmae_vit")) if name in names]
 
     best = max((n for n in names if n not in CONTROLS), key=lambda n: abmil[n]["auroc"])
     labels = {row.slide_id: row.label for row in label_rows}

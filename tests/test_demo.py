@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -127,20 +128,26 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     sample_file("cmu_small_region")  # skips unless the samples are cached
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    from histodistill.demo.stages import CONTROLS, EXTRACTORS, SIZES, STAGES
+    from histodistill.demo.stages import SIZES, STAGES, TABLE_ROWS
 
     for stage in STAGES:
         assert (out / stage.name / "stage.json").is_file(), stage.name
-    rows = json.loads((out / "summary.json").read_text())["extractors"]
-    assert [row["name"] for row in rows] == [*EXTRACTORS, *CONTROLS]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["extractors"]
+    assert [(row["label"], row["name"]) for row in rows] == list(TABLE_ROWS)  # the rows, in its order
     for row in rows:
         low, high = row["slide_auroc_ci"]
         assert 0 <= low <= row["slide_auroc"] <= high <= 1 and row["tiles_per_s"] > 0, row
+        assert 0 <= row["tile_probe_auroc"] <= 1, row
+    assert summary["verdict"].startswith("Distillation ")
+    # MoMA and MCM-KD learn from the SD-MAE ViT: its head for logit KD, its features for MCM-KD's cache.
+    assert (out / "teacher" / "head.ckpt").is_file() and list((out / "mcmkd").glob("teacher_cache/features_*"))
     assert all(row["parameters"] > 0 and 0 < row["probe_balanced_accuracy"] <= 1 for row in rows[:-1])
     probe = json.loads((out / "sdmae" / "run" / "probe.json").read_text())["linear_probe_balanced_accuracy"]
     assert set(probe) == {"sdmae", "random_init"} and all(1 / 3 - 0.1 < v <= 1 for v in probe.values())
     assert list(out.glob("heatmaps/*.png"))
     page = (out / "report.html").read_text()
+    assert html.escape(summary["verdict"]) in page and "student (MCM-KD)" in page
     assert 'id="s-stages"' in page and 'id="s-mil"' in page and 'id="s-heatmaps"' in page
     assert page.index('id="s-summary"') < page.index('id="s-stages"')  # the report opens on the extractor table
     assert "a smoke run of every stage" in page  # the quick table is not mistaken for a result

@@ -71,6 +71,14 @@ def linear_probe(
 ) -> ProbeResult:
     """Logistic regression on standardised features; ``C=None`` chooses it by inner CV on the train split."""
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    model = _fit_logistic(train_x, train_y, seed, C)
+    probs = np.zeros((len(test_x), num_classes))
+    probs[:, model.classes_] = model.predict_proba(test_x)  # classes absent from train keep probability 0
+    return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
+
+
+def _fit_logistic(train_x: np.ndarray, train_y: np.ndarray, seed: int, C: float | None):
+    """StandardScaler + logistic regression fitted on (N, D) features; ``C=None`` picks C by inner CV."""
     inner = min(INNER_FOLDS, int(np.bincount(train_y).min(initial=0) if len(train_y) else 0))
     if C is None and inner >= 2:
         # Inner folds need at least two samples of every class; otherwise C falls back to 1.0.
@@ -80,10 +88,29 @@ def linear_probe(
         )
     else:
         classifier = LogisticRegression(C=1.0 if C is None else C, max_iter=2000, random_state=seed)
-    model = make_pipeline(StandardScaler(), classifier).fit(train_x, train_y)
-    probs = np.zeros((len(test_x), num_classes))
-    probs[:, model.classes_] = model.predict_proba(test_x)  # classes absent from train keep probability 0
-    return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
+    return make_pipeline(StandardScaler(), classifier).fit(train_x, train_y)
+
+
+def linear_classifier(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, seed: int = 0) -> nn.Linear:
+    """The linear probe's classifier (`linear_probe`'s model, fitted on all of ``train_x`` (N, D)) as one
+    ``nn.Linear(D, num_classes)`` on raw features: the scaler folded into the weights, ``W / s`` and
+    ``b - W·(m / s)``. Its logits equal the probe's decision function; classes absent from ``train_y`` get
+    a bias of -1e4 (probability ~0, as in the probe). Used to give a self-supervised teacher the classifier
+    that logit KD needs."""
+    model = _fit_logistic(train_x, train_y, seed, None)
+    scaler, logistic = model[0], model[-1]
+    coef, intercept = logistic.coef_, logistic.intercept_  # (C', D), (C',); binary: (1, D)
+    if len(logistic.classes_) == 2:  # sklearn's binary form: one logit; as two, softmax gives the same odds
+        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    weight = np.zeros((num_classes, train_x.shape[1]))
+    bias = np.full(num_classes, -1e4)
+    weight[logistic.classes_] = coef / scaler.scale_
+    bias[logistic.classes_] = intercept - (coef * (scaler.mean_ / scaler.scale_)).sum(axis=1)
+    layer = nn.Linear(train_x.shape[1], num_classes)
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+        layer.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+    return layer
 
 
 def knn_probe(

@@ -4,8 +4,9 @@ One file, no external assets: figures are embedded as PNG data URIs and styles a
 page can be mailed, archived or opened from a laptop without the run directory. No JavaScript.
 
 What goes in, found by walking the directory (so it follows whatever a stage wrote):
-- ``summary.json`` with ``extractors`` (a demo chain): the opening table, one row per extractor
-  (patch-probe balanced accuracy, slide AUROC [95 % CI], localisation AUROC, tiles/s, parameters);
+- ``summary.json`` with ``extractors`` (a demo chain): its ``verdict`` sentence, then the opening table, one
+  row per extractor (its ``label``): slide AUROC [95 % CI], tile-probe AUROC, tiles/s, parameters, then
+  patch-probe balanced accuracy, slide balanced accuracy, localisation AUROC;
 - ``summary.json`` of `histodistill distill` (``teacher``, ``student_untuned``, ``student``, ``retention``):
   the opening verdict, the three models side by side, a plot of their AUROCs with CIs, retention,
   speed-up and the projection (`_distill_section`);
@@ -38,13 +39,15 @@ MAX_FIGURE_BYTES = 400_000  # heavier ones are re-encoded as JPEG
 SUMMARY_JSON = "summary.json"  # a demo's per-extractor results, the report's opening table
 DISTILL_MODELS = ("teacher", "student_untuned", "student")  # the rows of `histodistill distill`'s summary.json
 # (key in summary.json, column header, format); a missing or null value shows as "–".
+# The first four are the distill table's columns (docs/benchmarks/distill.md).
 EXTRACTOR_COLUMNS = (
-    ("probe_balanced_accuracy", "patch probe bal. acc.", "{:.3f}"),
     ("slide_auroc", "slide AUROC [95 % CI]", "{:.3f}"),
-    ("balanced_accuracy", "slide bal. acc.", "{:.3f}"),
-    ("localisation_auroc", "localisation AUROC", "{:.3f}"),
+    ("tile_probe_auroc", "tile probe AUROC", "{:.3f}"),
     ("tiles_per_s", "tiles/s", "{:.0f}"),
     ("parameters", "parameters", "{:,}"),
+    ("probe_balanced_accuracy", "patch probe bal. acc.", "{:.3f}"),
+    ("balanced_accuracy", "slide bal. acc.", "{:.3f}"),
+    ("localisation_auroc", "localisation AUROC", "{:.3f}"),
 )
 
 STYLE = """
@@ -139,9 +142,10 @@ def _extractor_section(summary: dict | None) -> tuple[str, str] | None:
             if key == "slide_auroc" and row.get("slide_auroc_ci"):
                 text += " [{:.3f}, {:.3f}]".format(*row["slide_auroc_ci"])
             cells.append(f'<td class="num">{html.escape(text)}</td>')
-        rows.append(f"<tr><td>{html.escape(row['name'])}</td>{''.join(cells)}</tr>")
+        rows.append(f"<tr><td>{html.escape(row.get('label', row['name']))}</td>{''.join(cells)}</tr>")
+    verdict = f"<p><b>{html.escape(summary['verdict'])}</b></p>" if summary.get("verdict") else ""
     note = f"<p>{html.escape(summary['note'])}</p>" if summary.get("note") else ""
-    body = (f'<section id="s-summary"><h2>Which extractor?</h2>{note}<table><tr><th>extractor</th>{head}</tr>'
+    body = (f'<section id="s-summary"><h2>Which extractor?</h2>{verdict}{note}<table><tr><th>extractor</th>{head}</tr>'
             f'{"".join(rows)}</table></section>')
     return "summary", body
 
