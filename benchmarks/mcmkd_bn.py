@@ -7,11 +7,12 @@ statistics the student started with.
 
 This benchmark takes a finished ``histodistill demo`` output DIR and reruns the demo's MCM-KD stage
 exactly (`histodistill.demo.stages.finetune_mcmkd`: `configs/mcmkd/tiny_cpu.yaml`, the trained MoMA
-ResNet-18 as the start, the trained ResNet-34 teacher's cache of DIR, batch 8, one epoch, the demo's
+ResNet-18 as the start, the SD-MAE ViT teacher's cache of DIR, batch 8, one epoch, the demo's
 window stride) twice, BatchNorm statistics updated and frozen, then measures for each:
 
 - agreement with the teacher where the student is used: mean cosine between the student's per-cell
-  prediction on a **single tile** and the (LayerNorm-ed) teacher feature of that tile, over every tile;
+  prediction on a **single tile** and the teacher feature of that tile, normalised as the run's targets
+  (the demo's `MCMKD_TARGETS`), over every tile;
 - the same on the training view: visible and masked cells of 3×3 windows (fixed masks);
 - the demo's slide task (`histodistill.demo.slide_task.run_slide_task`: ABMIL, k-fold CV by case over
   several seeds, same folds for every row): slide AUROC [95 % CI], balanced accuracy, localisation AUROC;
@@ -42,7 +43,7 @@ from benchmarks.mcmkd import RECIPE, SIDE
 from histodistill.cli import main as cli
 from histodistill.data.context_windows import context_windows_of_dir, window_transform
 from histodistill.demo.slide_task import run_slide_task
-from histodistill.demo.stages import SLIDE_TILE_PX, mcmkd_overrides, recorded_sizes
+from histodistill.demo.stages import MCMKD_TARGETS, SLIDE_TILE_PX, mcmkd_overrides, recorded_sizes
 from histodistill.errors import UserError
 from histodistill.features.extract import extract_slides
 from histodistill.features.teacher_cache import ensure_teacher_cache
@@ -66,7 +67,8 @@ def teacher_agreement(model: MCMKD, tiles: Path, cache: Path, side: int, stride:
     for windows, _, valid, teacher in DataLoader(dataset, batch_size=32):
         masked = (random_cell_mask(len(valid), valid.shape[1], model.mask_ratio, generator=generator) if side > 1
                   else torch.zeros_like(valid))
-        losses = masked_context_loss(model.predict_cells(windows, masked), teacher, masked, valid, "cosine", 1.0, 1.0, 1.0)
+        losses = masked_context_loss(model.predict_cells(windows, masked), teacher, masked, valid, "cosine", 1.0, 1.0, 1.0,
+                                     model.target_norm, model.target_mean, model.target_std)
         for part, cells in (("visible", ~masked & valid), ("masked", masked & valid)):
             n = int(cells.sum())
             if n:
@@ -78,7 +80,7 @@ def teacher_agreement(model: MCMKD, tiles: Path, cache: Path, side: int, stride:
 def demo_inputs(demo: Path) -> dict:
     """The paths the demo's MCM-KD stage used, whether the demo ran ``--quick`` and its final train loss
     (from its stage.json)."""
-    paths = {"teacher": demo / "teacher" / "run" / "checkpoints" / "last.ckpt",
+    paths = {"teacher": demo / "sdmae" / "run" / "checkpoints" / "last.ckpt",
              "student": demo / "moma" / "run" / "checkpoints" / "last.ckpt",
              "tiles": demo / "tiles" / "slides", "slides": demo / "data" / "slides",
              "cache": demo / "mcmkd" / "teacher_cache", "stage": demo / "mcmkd" / "stage.json"}
@@ -128,7 +130,8 @@ def main() -> None:
             raise SystemExit(f"MCM-KD fine-tuning failed (freeze_bn_stats={frozen})")
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
         final_loss[frozen] = json.loads((run_dir / "metrics.json").read_text())["final"]["train/loss"]
-        model = MCMKD(student=str(demo["student"]), teacher_dim=teacher_dim, pretrained=False, freeze_bn_stats=frozen)
+        model = MCMKD(student=str(demo["student"]), teacher_dim=teacher_dim, pretrained=False, freeze_bn_stats=frozen,
+                      target_norm=MCMKD_TARGETS["target_norm"])
         model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
         name = "mcmkd_frozen_bn" if frozen else "mcmkd_updated_bn"
         cosines[name] = (teacher_agreement(model, demo["tiles"], cache, 1),
@@ -154,7 +157,7 @@ def main() -> None:
     body = f"""
 Input: `{args.demo}`, a `histodistill demo{' --quick' if demo['quick'] else ''}` output ({slides} semi-synthetic slides,
 {SLIDE_TILE_PX}-px tiles at 0.5 mpp). Both MCM-KD runs are the demo's MCM-KD stage rerun from the same start
-(the trained MoMA ResNet-18 student, seed 0), same data, same cached targets of the trained ResNet-34 teacher:
+(the trained MoMA ResNet-18 student, seed 0), same data, same cached targets of the SD-MAE ViT teacher:
 one epoch of `configs/mcmkd/tiny_cpu.yaml`, batch 8, window stride {stride}, once with BatchNorm statistics
 updated on the painted windows, once frozen (the default run reproduces the demo's own MCM-KD stage:
 final train loss {final_loss[False]:.4f}, demo {demo['loss']:.4f}).

@@ -5,7 +5,7 @@ accuracy and localisation per extractor × MIL model, and the MCM-KD claim, on a
     python -m benchmarks.mil --demo demo_out
     python -m benchmarks.mil --demo demo_out --from-demo --models abmil   # the demo's own runs, nothing redone
 
-Extractors: those of the demo's students (MoMA, KD, CE, MCM-KD), ResNet-34 teacher and SD-MAE ViT whose
+Extractors: those of the demo's students (MoMA, KD, CE, MCM-KD), SD-MAE ViT teacher and MAE ViT whose
 checkpoints exist in ``<demo>`` (the table says which are missing), and the two controls (random-init
 ResNet-18, the student's architecture; colour-only); features, tiles/s, parameters and the nuclei
 probe come from `histodistill.demo.slide_task.measure_extractors`, as in the demo. For each, ABMIL and
@@ -206,8 +206,8 @@ ABMIL against the issue's checks:
                  "× teacher parameters"], mcmkd_rows) if mcmkd_rows else
   "_Not measured: the demo's teacher, MoMA student and MCM-KD student are all needed, and not all had finished._"}
 
-The teacher is the demo's supervised ResNet-34 (trained on the labeled nuclei of the training side of hgsc_nest);
-the student is the MoMA ResNet-18; MCM-KD fine-tunes it for one epoch on 3×3 windows of these same slides (no
+The teacher is the demo's SD-MAE ViT (self-supervised on CMU-1-Small-Region, with a linear head from the labeled
+nuclei for logit KD); the student is the MoMA ResNet-18; MCM-KD fine-tunes it for one epoch on 3×3 windows of these same slides (no
 labels: the method fine-tunes on the target cohort's slides, so it sees the test folds' tiles, unlabeled).
 Both extract at 64 px on a shared CPU, so tiles/s ratios carry the noise of other jobs.
 

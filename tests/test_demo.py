@@ -214,3 +214,21 @@ def test_slide_task_runs_in_parallel_processes_give_the_files_of_one(tmp_path, m
         for seed in (0, 1):
             one, two = (tmp_path / f"out{w}" / name / f"seed_{seed}" / "predictions.csv" for w in (1, 2))
             assert one.read_text() == two.read_text()
+
+
+def test_distill_verdict_names_the_best_student_and_checks_every_target():
+    from histodistill.demo.stages import STUDENTS, distill_verdict
+
+    def row(name, auroc, rate, label=None):
+        return {"name": name, "label": label or name, "slide_auroc": auroc, "tiles_per_s": rate}
+
+    students = [row(name, 0.70, 150.0) for name in STUDENTS]
+    students[2] = row(STUDENTS[2], 0.87, 150.0, "student (KD)")
+    rows = [row("sdmae_vit", 0.92, 50.0, "teacher"), *students]
+    verdict = distill_verdict(rows)
+    assert verdict.startswith("Distillation pays") and "student (KD)" in verdict  # 0.87 >= 0.85, 95 %, 3.0x
+    assert "95%" in verdict and "3.0x" in verdict
+    rows[0] = row("sdmae_vit", 0.92, 100.0, "teacher")  # 1.5x: too slow a student to be worth it
+    assert distill_verdict(rows).startswith("Distillation does not yet pay")
+    rows[0] = row("sdmae_vit", 0.99, 50.0, "teacher")  # 88 % of the teacher
+    assert distill_verdict(rows).startswith("Distillation does not yet pay")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from histodistill.cli import main
-from histodistill.eval.probe import knn_probe, linear_probe
+from histodistill.eval.probe import knn_probe, linear_classifier, linear_probe
 
 
 def test_knn_vote_matches_the_formula_by_hand():
@@ -60,6 +60,25 @@ def _write_features(path, x, y, classes):
         handle.create_dataset("paths", data=np.array([f"{classes[c]}/{i}.png" for i, c in enumerate(y)], dtype=object),
                               dtype=h5py.string_dtype())
         handle.attrs["classes"] = classes
+
+
+
+@pytest.mark.parametrize("classes", [(0, 1, 2), (0, 2)])  # three classes, and two of three (binary, one absent)
+def test_linear_classifier_gives_the_probe_probabilities_on_raw_features(classes):
+    """The teacher head for logit KD: the probe's scaler folded into one Linear, so softmax(logits) on raw
+    features equals the fitted probe's predict_proba (the probe scores test features with the same model)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(classes, 30)
+    x = rng.normal(size=(len(y), 4)) * [1.0, 5.0, 0.2, 2.0] + [3.0, -4.0, 1.0, 0.0]
+    x[:, 0] += 2.0 * y  # separable along one raw axis
+    probe = linear_probe(x, y, x, y, seed=0, num_classes=3)
+    layer = linear_classifier(x, y, num_classes=3, seed=0)
+    with torch.no_grad():
+        probs = torch.softmax(layer(torch.as_tensor(x, dtype=torch.float32)), dim=1).numpy()
+    np.testing.assert_allclose(probs, probe.probs, atol=1e-4)
+    assert layer.weight.shape == (3, 4)
 
 
 def test_cli_cross_validation_writes_metrics_and_figures_and_repeats(tmp_path):
