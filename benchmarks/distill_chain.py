@@ -1,9 +1,10 @@
 """The demo's distillation chain as one table: does a distilled student keep the teacher's slide AUROC?
 
-Reads a finished ``histodistill demo`` output DIR (only read) and writes docs/benchmarks/distill.md: the
-issue-26 table (rows `teacher`, `student (un-tuned)`, `student (MCM-KD)`, `student (MoMA)`, `student (KD)`,
+Reads a ``histodistill demo`` output DIR (only read; its ``features`` stage at least finished) and writes
+docs/benchmarks/distill.md: the issue-26 table (rows `teacher`, `student (un-tuned)`, `student (MCM-KD)`, `student (MoMA)`, `student (KD)`,
 `student (CE)`, `MAE ViT`, `random-init`, `colour-only`; columns slide AUROC [95 % CI], tile-probe AUROC,
-tiles/s, parameters), the verdict sentence, and the diagnosis: per extractor the linear CKA of its tile
+tiles/s, parameters; slide AUROC and the verdict sentence once the ``mil`` stage finished, the tile probe
+computed here otherwise), and the diagnosis: per extractor the linear CKA of its tile
 features with the teacher's; the patch probe on the nuclei task; the students' training steps and loss
 curves (start, middle, end).
 
@@ -21,8 +22,10 @@ import numpy as np
 
 from benchmarks.common import markdown_table, write_section
 from histodistill.data.feature_files import load_slides, open_feature_folder
-from histodistill.demo.stages import recorded_sizes
+from histodistill.demo.slide_task import exact_tumour
+from histodistill.demo.stages import SLIDE_TILE_PX, TABLE_ROWS, recorded_sizes
 from histodistill.eval.metrics import linear_cka
+from histodistill.eval.slide_task import tile_probe_auroc
 
 MAX_TILES = 4000  # CKA on the first tiles of the slides, in slide order (its cost grows with N·D²)
 RUNS = {"student (MoMA)": "moma/run", "student (KD)": "moma/kd", "student (CE)": "moma/vanilla",
@@ -48,24 +51,33 @@ def main() -> None:
     parser.add_argument("--label", default="", help="what run this is (sizes, machine state), printed above the table")
     args = parser.parse_args()
     demo = Path(args.demo)
-    summary = json.loads((demo / "summary.json").read_text())
-    sizes = recorded_sizes(demo, "mil")
+    finished = (demo / "summary.json").is_file()
+    summary = json.loads((demo / "summary.json").read_text()) if finished else None
+    sizes = recorded_sizes(demo, "features")
     extractors = json.loads((demo / "features" / "extractors.json").read_text())
-    with open(demo / "data" / "slides" / "labels.csv", newline="") as handle:
+    slides = demo / "data" / "slides"
+    with open(slides / "labels.csv", newline="") as handle:
         slide_ids = [row["slide_id"] for row in csv.DictReader(handle)]
-    teacher = tiles(Path(extractors["sdmae_vit"]["features_dir"]), slide_ids)
+    folders = {name: Path(extractors[name]["features_dir"]) for _, name in TABLE_ROWS}
+    teacher = tiles(folders["sdmae_vit"], slide_ids)
+    by_name = {row["name"]: row for row in summary["extractors"]} if finished else {}
+    probes = {name: (by_name[name]["tile_probe_auroc"] if finished else
+                     tile_probe_auroc(folders[name], slide_ids, exact_tumour(slides, SLIDE_TILE_PX), folds=sizes["folds"]))
+              for name in folders}
 
     table, diagnosis = [], []
-    for row in summary["extractors"]:
-        low, high = row["slide_auroc_ci"]
-        rate = row.get("tiles_per_s")
-        table.append([row["label"], f"{row['slide_auroc']:.3f} [{low:.3f}, {high:.3f}]", f"{row['tile_probe_auroc']:.3f}",
-                      f"{rate:.0f}" if rate else "–", f"{row['parameters']:,}"])
-        cka = linear_cka(tiles(Path(extractors[row["name"]]["features_dir"]), slide_ids), teacher)
-        per_seed = " / ".join(f"{v:.3f}" for v in row["slide_auroc_per_seed"])
-        probe = row.get("probe_balanced_accuracy")
-        diagnosis.append([row["label"], f"{cka:.3f}", f"{probe:.3f}" if probe is not None else "–", per_seed])
+    for label, name in TABLE_ROWS:
+        row, rate = by_name.get(name), extractors[name].get("tiles_per_s")
+        slide = (f"{row['slide_auroc']:.3f} [{row['slide_auroc_ci'][0]:.3f}, {row['slide_auroc_ci'][1]:.3f}]" if row
+                 else "not measured")
+        table.append([label, slide, f"{probes[name]:.3f}", f"{rate:.0f}" if rate else "–",
+                      f"{extractors[name]['parameters']:,}"])
+        cka = linear_cka(tiles(folders[name], slide_ids), teacher)
+        per_seed = " / ".join(f"{v:.3f}" for v in row["slide_auroc_per_seed"]) if row else "–"
+        probe = extractors[name].get("probe_balanced_accuracy")
+        diagnosis.append([label, f"{cka:.3f}", f"{probe:.3f}" if probe is not None else "–", per_seed])
     training = [[label, *curve(demo / run)] for label, run in RUNS.items() if (demo / run / "metrics.csv").is_file()]
+    verdict = f"**{summary['verdict']}**" if finished else "_The MIL stage did not run: no slide AUROC, no verdict._"
 
     body = f"""{args.label}
 
@@ -75,7 +87,7 @@ over slides. Tile probe: a linear probe told every tile's tumour label, {sizes['
 tiles/s: end-to-end extraction on this machine, in one process, one extractor after another. The un-tuned
 student is the MoMA student MCM-KD starts from (the same numbers as `student (MoMA)`).
 
-**{summary['verdict']}**
+{verdict}
 
 {markdown_table(["extractor", "slide AUROC [95 % CI]", "tile probe AUROC", "tiles/s", "parameters"], table)}
 
