@@ -256,3 +256,19 @@ def test_the_distill_report_renders_in_headless_chromium(tmp_path):
         finally:
             browser.close()
     assert errors == []
+
+
+@pytest.mark.slow
+def test_moma_fits_on_labelled_patches_and_the_report_says_it_is_not_unlabeled(cohort, tmp_path, one_torch_thread):
+    from conftest import make_image_folder
+
+    patches = make_image_folder(tmp_path / "patches", per_class=4, size=TILE)
+    out = tmp_path / "run"
+    argv = _argv(cohort, out, str(cohort["teacher"]), "--method", "moma", "--patch-labels", str(patches), labels=False)
+    argv[argv.index("--steps") + 1] = "2"
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fit"]["method"] == "moma" and summary["fit"]["steps"] == 2 and not summary["fit"]["unlabeled"]
+    assert summary["agreement"]["student_cosine"] is None  # MoMA's heads do not map to the teacher's features
+    assert "trains on the labelled patches given" in (out / "report.html").read_text()
+    assert "num_classes: 3" in (out / "fit" / "run" / "config.yaml").read_text()

@@ -139,7 +139,10 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     slide_ids = _slide_ids(config)
     if config.labels is not None:
         _check_labels(config.labels, slide_ids, config.folds)
-    teacher = create_backbone(config.teacher, weights=config.teacher_weights)
+    try:
+        teacher = create_backbone(config.teacher, weights=config.teacher_weights)
+    except UserError as error:
+        raise UserError(f"--teacher {config.teacher}: {error} (for distill: --teacher-weights FILE)") from None
     student_start = ("random" if config.student_random_init else
                      f"weights:{config.student_weights}" if config.student_weights else "imagenet")
     try:
