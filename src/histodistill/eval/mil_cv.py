@@ -152,7 +152,7 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
             raise empty_bags_error(empty, folder.describe())
         dropped = [s for bag in empty for s in bag.slide_ids]
         rows = [r for r in rows if r.slide_id not in dropped]
-        log(f"drop_empty: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
+        log(f"`drop_empty`: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
     classes = class_names(rows)
     if len(classes) < 2:
         raise UserError(f"labels {labels} have a single label {classes}: MIL needs at least two classes")
