@@ -67,7 +67,7 @@ def test_test_folds_of_two_slides_one_of_one_class_show_na_and_the_pooled_auroc(
     assert f"pooled out-of-fold AUROC {expected:.3f} [95 % CI" in printed
 
 
-def test_library_result_equals_its_files_and_seeds_repeat_with_the_same_folds_for_any_features(tmp_path):
+def test_library_result_equals_its_files_and_seeds_repeat_with_the_same_folds_for_any_features(tmp_path, capsys):
     features, labels, _ = planted_features(tmp_path, n_cases=12)
     one = cross_validate(features, labels, tmp_path / "one", quick(), log=lambda line: None)
     two = cross_validate(features, labels, tmp_path / "two", quick(seeds=2), log=lambda line: None)
@@ -93,6 +93,8 @@ def test_library_result_equals_its_files_and_seeds_repeat_with_the_same_folds_fo
     i = two.predictions.bag_ids.index(row["slide_id"])
     assert float(row["prob_tumor_seed1"]) == pytest.approx(two.predictions.probs_per_seed[1, i, 1], abs=1e-6)
     assert int(row["fold_seed1"]) == two.predictions.folds[1, i]
+    assert main(["heatmap", "--run", str(tmp_path / "two")]) == 2  # a CV folder of seeds: say which to pass
+    assert "pass one of them as --run (seed_0, seed_1 in" in capsys.readouterr().err
     # Other features, same labels and seed: the same folds.
     (tmp_path / "other").mkdir()
     other, _, _ = planted_features(tmp_path / "other", n_cases=12, seed=3)
