@@ -116,12 +116,18 @@ def test_too_few_cases_is_refused_before_anything_is_written_naming_folds_and_sp
     assert not (tmp_path / "run").exists()
 
 
-def test_a_finished_run_is_kept_unless_overwrite(tmp_path):
+def test_a_finished_run_is_kept_unless_overwrite_which_removes_only_the_old_runs_files(tmp_path):
     features, labels, _ = planted_features(tmp_path, n_cases=8)
     cross_validate(features, labels, tmp_path / "run", quick(), log=lambda line: None)
     with pytest.raises(UserError, match="`overwrite`"):
         cross_validate(features, labels, tmp_path / "run", quick(), log=lambda line: None)
-    assert cross_validate(features, labels, tmp_path / "run", quick(), overwrite=True, log=lambda line: None).auroc >= 0
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    three = cross_validate(features, labels, tmp_path / "run", quick(seeds=2), overwrite=True, log=lambda line: None)
+    # The one-seed run's files are gone (a stale attention/ would be drawn as this run's); others are kept.
+    assert not (tmp_path / "run" / "attention").exists() and not (tmp_path / "run" / "splits").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.yaml", "metrics.json", "notes.txt", "predictions.csv", "seed_0", "seed_1"]
+    assert three.runs == [tmp_path / "run" / "seed_0", tmp_path / "run" / "seed_1"]
 
 
 def test_render_parameters_shows_a_commands_flags():
