@@ -12,8 +12,8 @@ bag, and a fold with one class has none ("n/a").
 Run directory (``out``)::
 
     config.yaml          the resolved configuration, features and labels
-    metrics.json         {"pooled": {auroc, auroc_ci, balanced_accuracy, n_bags}, "pooled_per_seed": [...],
-                          "folds": [{seed, fold, n_test, n_test_per_class, auroc|null, ...}], ...}
+    metrics.json         {"pooled": {auroc, auroc_ci, balanced_accuracy, n_bags}, ..., "auroc_per_seed": [...],
+                          "folds": [{seed, fold, n_test, n_test_per_class, auroc|null, ...}]}
     predictions.csv      out-of-fold probabilities per bag (`histodistill.eval.mil_outputs`)
     splits/ checkpoints/ attention/ tensorboard/ figures/ metrics.csv   of the CV seed (one seed)
     seed_<s>/            with several seeds: each seed's complete run (the files above, for that seed)
@@ -152,7 +152,7 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
             raise empty_bags_error(empty, folder.describe())
         dropped = [s for bag in empty for s in bag.slide_ids]
         rows = [r for r in rows if r.slide_id not in dropped]
-        log(f"drop_empty: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
+        log(f"`drop_empty`: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
     classes = class_names(rows)
     if len(classes) < 2:
         raise UserError(f"labels {labels} have a single label {classes}: MIL needs at least two classes")
@@ -180,16 +180,35 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
             f"{config.train.patience}" + ("" if splits_dir else f", {val_fraction:.0%} of each fold's training cases "
                                           "held out for validation"))
     bags_of = {s: (bag.bag_id, classes[bag.label]) for bag in dataset.bags for s in bag.slide_ids}
-    for seed in seeds:
+    for seed in seeds[:1] if splits_dir is not None else seeds:  # given splits are the same for every seed
         for line in _test_fold_warnings(seed, splits[seed], bags_of, classes, config.by_case):
             log(line)
 
+    _clear_run(out)
     _write_config(out, features, labels, splits_dir, config, val_fraction)
     runs = seed_runs(out, seeds)
     per_seed = [_run_seed(run, dataset, splits[seed], dataclasses.replace(config.train, seed=seed), config, classes,
                           dropped, log, run_metrics=len(seeds) > 1)
                 for seed, run in zip(seeds, runs, strict=True)]
     return _pool(out, per_seed, seeds, runs, dataset, classes, dropped, config, log)
+
+
+# What a run writes in `out`: cleared before a run starts, so an overwritten or interrupted run of other
+# seeds or folds leaves nothing behind that could be read as this run's (a stale attention/ for heatmaps).
+RUN_ENTRIES = ("config.yaml", "metrics.json", "metrics.csv", "predictions.csv", "splits", "checkpoints",
+               "attention", "tensorboard", "figures")
+
+
+def _clear_run(out: Path) -> None:
+    import re
+    import shutil
+
+    seeds = [path for path in out.glob("seed_*") if re.fullmatch(r"seed_-?\d+", path.name)]
+    for path in [*(out / name for name in RUN_ENTRIES), *seeds]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def _write_config(out: Path, features, labels, splits_dir, config: CVConfig, val_fraction: float) -> None:
