@@ -66,7 +66,7 @@ STAGES = ("tiles", "teacher", "fit", "export", "features", "compare", "report")
 
 @pytest.mark.slow
 def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_each_stage(
-        cohort, hub_teacher, tmp_path, capsys, one_torch_thread):
+        cohort, hub_teacher, tmp_path, capsys, caplog, one_torch_thread):
     out = tmp_path / "run"
     assert main(_argv(cohort, out, hub_teacher)) == 0
     printed = capsys.readouterr().out
@@ -105,10 +105,10 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
     (cache / "synth_001.h5").unlink()
     (cache / ".synth_001.x1y2.tmp.h5").write_bytes(b"half")
     (out / "teacher" / "stage.json").unlink()
+    caplog.clear()
     assert main(_argv(cohort, out, hub_teacher)) == 0
-    printed = capsys.readouterr()
-    assert printed.out.count("done before, skipped") == 1  # tiles only
-    assert "Restored all states from the checkpoint" in printed.err  # the fit resumed from its last.ckpt
+    assert capsys.readouterr().out.count("done before, skipped") == 1  # tiles only
+    assert "Restored all states from the checkpoint" in caplog.text  # the fit resumed from its last.ckpt
     assert all((out / s / "stage.json").is_file() for s in STAGES) and (cache / "teacher_cache.json").is_file()
     assert json.loads((out / "summary.json").read_text())["fit"]["steps"] == 3  # resumed, not trained further
     # The last stage killed after its summary was removed: only it runs again.
