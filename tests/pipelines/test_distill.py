@@ -272,3 +272,19 @@ def test_moma_fits_on_labelled_patches_and_the_report_says_it_is_not_unlabeled(c
     assert summary["agreement"]["student_cosine"] is None  # MoMA's heads do not map to the teacher's features
     assert "trains on the labelled patches given" in (out / "report.html").read_text()
     assert "num_classes: 3" in (out / "fit" / "run" / "config.yaml").read_text()
+
+
+def test_coords_of_an_earlier_tiling_replace_stage_one_given_as_the_folder_or_its_patches(cohort, tmp_path):
+    from histodistill.pipelines.distill import DistillConfig, prepare, tile_slides
+    from histodistill.wsi.tiling import tile_slide
+
+    for path in sorted(cohort["slides"].glob("*.tif"))[:3]:
+        tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=TILE)
+    for coords in (tmp_path / "tiles", tmp_path / "tiles" / "patches"):
+        config = DistillConfig(teacher=str(cohort["teacher"]), student="tiny/resnet18-64", student_random_init=True,
+                               out=tmp_path / "run", coords=coords, holdout=0.34)
+        context = prepare(config, log=lambda _: None)
+        assert context.tiles_dir == tmp_path / "tiles" and len(context.slide_ids) == 3
+        assert len(context.held_out) == 1 and context.held_out[0] in context.slide_ids
+        assert (context.tile_px, context.tile_mpp, context.teacher_dim) == (TILE, 0.5, 192)
+        assert tile_slides(context) == {"coords": str(coords), "slides": 3}

@@ -119,7 +119,11 @@ class DistillContext:
 
     @property
     def tiles_dir(self) -> Path:
-        return self.config.coords if self.config.coords is not None else self.out / "tiles"
+        """The tiling output (holding ``patches/``): ours, or --coords (given as that folder or its patches/)."""
+        coords = self.config.coords
+        if coords is None:
+            return self.out / "tiles"
+        return coords.parent if coords.name == "patches" and not (coords / "patches").is_dir() else coords
 
     @property
     def precision(self) -> str:
