@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def main() -> None:
                  "The teacher is a tiny ViT with random weights and the student starts from random weights: this "
                  "checks that the chain runs and measures on a CPU; the retention of a real teacher (UNI, "
                  "Virchow2...) needs its weights and a GPU.\n"]
+    body.append(f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: read the "
+                "ratios, measured in the same run, rather than the absolute rates).\n")
     write_section("distill", "distill: teacher vs students", "\n".join(body))
 
 

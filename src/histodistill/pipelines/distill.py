@@ -160,6 +160,8 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
         log(f"the teacher {config.teacher} records no mpp: tiles at 0.5 mpp (pass --mpp to choose)")
     rng = random.Random(config.seed)
     held_out = tuple(sorted(rng.sample(sorted(slide_ids), round(config.holdout * len(slide_ids)))))
+    if len(held_out) == len(slide_ids):
+        raise UserError(f"--holdout {config.holdout} keeps all {len(slide_ids)} slides out of the fit: lower it")
     return DistillContext(config=config, device=device.split(":")[0], tile_mpp=config.mpp or pre.mpp or 0.5,
                           tile_px=config.patch_size or pre.input_size, slide_ids=tuple(sorted(slide_ids)),
                           held_out=held_out, student_start=student_start, teacher_dim=teacher.num_features)
