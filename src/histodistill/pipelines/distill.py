@@ -97,7 +97,7 @@ class DistillContext:
     tile_px: int
     slide_ids: tuple[str, ...]
     held_out: tuple[str, ...]
-    student_start: str  # "imagenet", "random" or "weights:<file>": where the student starts
+    student_start: str  # "imagenet", "random", "weights:<file>" or a checkpoint's/export's own: where it starts
     teacher_dim: int
 
     @property
@@ -148,7 +148,8 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     except UserError as error:
         raise UserError(f"--teacher {config.teacher}: {error} (for distill: --teacher-weights FILE)") from None
     student_start = ("random" if config.student_random_init else
-                     f"weights:{config.student_weights}" if config.student_weights else "imagenet")
+                     f"weights:{config.student_weights}" if config.student_weights else
+                     "its own (checkpoint or export)" if Path(config.student).exists() else "imagenet")
     try:
         create_backbone(config.student, pretrained=not config.student_random_init, weights=config.student_weights)
     except UserError as error:
