@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from histodistill.errors import UserError
+from histodistill.eval.mil_config import MIL_MODEL_NAMES
 from histodistill.eval.report import DISTILL_MODELS as MODELS
 from histodistill.pipelines.runner import Stage, format_timings, read_record, record_path, run_stages
 
@@ -39,8 +40,8 @@ METHOD_RECIPES = {"mcmkd": "mcmkd/resnet50_s3_p224.yaml", "moma": "moma/heteroge
 CHECKPOINT_EVERY_STEPS = 500
 
 
-def _option(help: str, **kwargs) -> dict:
-    return {"metadata": {"help": help}, **kwargs}
+def _option(help: str, choices: tuple[str, ...] | None = None) -> dict:
+    return {"metadata": {"help": help, "choices": choices}}
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class DistillConfig:
     holdout: float = field(default=0.0, **_option(
         "share of the slides kept out of the fit (MCM-KD fine-tunes on the target cohort, unlabeled, as the paper)"))
     folds: int = field(default=5, **_option("ABMIL cross-validation folds by case (with --labels)"))
-    mil_model: Literal["abmil", "transmil", "clam_sb"] = field(default="abmil", **_option("the MIL model compared"))
+    mil_model: str = field(default="abmil", **_option("the MIL model compared", choices=MIL_MODEL_NAMES))
     mil_epochs: int = field(default=20, **_option("MIL training epochs per fold"))
     devices: int = field(default=1, **_option("GPUs for the fit (DDP when more than one)"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", **_option(
