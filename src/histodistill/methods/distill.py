@@ -134,11 +134,15 @@ class TeacherStudentMethod(ClassificationMethod):
     def teacher_forward(self, images: torch.Tensor, batch_statistics: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images prepared for the student -> teacher pooled features (B, D_t) and logits (or None).
 
-        ``batch_statistics`` runs the teacher's BatchNorm in training mode (the momentum encoder of
-        MoCo/MoMA normalises with the batch); otherwise the teacher is in eval mode, whatever mode
-        Lightning put the whole module in.
+        ``batch_statistics`` runs the teacher's BatchNorm layers, and only those, in training mode (the momentum
+        encoder of MoCo/MoMA normalises with the batch: MoMA's ``set_bn_train``), so dropout and drop-path stay
+        off; otherwise the whole teacher is in eval mode, whatever mode Lightning put the module in.
         """
-        self.teacher.train(batch_statistics)
+        self.teacher.eval()
+        if batch_statistics:
+            for module in self.teacher.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
         features = self.teacher(to_teacher_input(images, self.preprocess, self.teacher.preprocess))
         logits = self.teacher_classifier(features) if self.teacher_classifier is not None else None
         return features, logits
@@ -289,7 +293,15 @@ class Distill(TeacherStudentMethod):
             self.trained_batches += 1
             in_stage = bool(self.trained_batches <= self.init_steps)
         # FT's stage trains the paraphraser on the teacher alone: the student (and its BatchNorm) is left as is.
-        student = forward_layers(self.backbone, images, term.student_layers) if not in_stage or term.stage_needs_student else None
+        student = None
+        if not in_stage or term.stage_needs_student:
+            # AB's and FSP's stages train the student in eval mode, as RepDistiller's helper/pretrain.py `init`.
+            eval_mode = in_stage and term.stage_student_eval and self.backbone.training
+            if eval_mode:
+                self.backbone.eval()
+            student = forward_layers(self.backbone, images, term.student_layers)
+            if eval_mode:
+                self.backbone.train()
         inputs = ZooInputs(student, teacher, teacher_logits, self.teacher_classifier)
         if in_stage:
             init = term.init_loss(inputs)
