@@ -67,6 +67,7 @@ class TeacherStudentMethod(ClassificationMethod):
         teacher_weights: str | None = None,
         teacher_classifier_from_checkpoint: str | None = None,
         student_init: Literal["teacher", "imagenet", "random"] | None = None,
+        classifier_dropout: float = 0.0,
         w_ce: float = 1.0,
         w_kd: float = 1.0,
         temperature: float = 4.0,
@@ -79,6 +80,9 @@ class TeacherStudentMethod(ClassificationMethod):
         # and a student that does never needs its published weights.
         super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, pretrained=False,
                          optim=optim)
+        if not 0 <= classifier_dropout < 1:
+            raise UserError(f"model.init_args.classifier_dropout must be in [0, 1), got {classifier_dropout}")
+        self.classifier_dropout = classifier_dropout
         self.w_ce, self.w_kd, self.temperature = w_ce, w_kd, temperature
         self.teacher: Backbone = create_backbone(
             teacher, pretrained=teacher_pretrained, weights=teacher_weights, **(teacher_kwargs or {})
@@ -128,7 +132,13 @@ class TeacherStudentMethod(ClassificationMethod):
     def student_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) -> pooled features (B, D_s) and logits (B, num_classes)."""
         features = self.backbone(images)
-        return features, self.classifier(features)
+        return features, self.classify(features)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, D_s) -> logits, through dropout while training: MoMA's EfficientNet has it inside
+        its classifier (``Dropout(0.2)`` then ``Linear``), so the features the distillation terms see are not
+        dropped (timm's ``drop_rate`` would drop them too)."""
+        return self.classifier(F.dropout(features, self.classifier_dropout, self.training))
 
     @torch.no_grad()
     def teacher_forward(self, images: torch.Tensor, batch_statistics: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -309,7 +319,7 @@ class Distill(TeacherStudentMethod):
         if self.feature == "simkd":
             logits = term.predict(student.final, self.teacher_classifier)
         else:
-            logits = self.classifier(student.pooled)
+            logits = self.classify(student.pooled)
         losses = self.supervised_terms(logits, labels, teacher_logits)
         if self.w_feature != 0:  # AB and FSP train with CE + KD alone after their stage (w_feature 0)
             losses[self.feature] = term.loss(inputs)
