@@ -33,7 +33,13 @@ from histodistill.losses.simkd import SimKDProjector, simkd_loss
 from histodistill.losses.srrl import SRRLLoss
 from histodistill.losses.vid import VIDLoss
 from histodistill.models.backbones import Backbone
-from histodistill.models.intermediates import LayerFeatures, layer_channels, layer_sizes, pyramid, resolve_layers
+from histodistill.models.intermediates import (
+    LayerFeatures,
+    layer_channels,
+    layer_sizes,
+    pyramid,
+    resolve_layers,
+)
 
 
 @dataclass
@@ -146,8 +152,9 @@ class AB(ZooTerm):
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
         super().__init__(student, teacher, student_layers, teacher_layers, options)
         # RepDistiller's Connector: no connector where channels and map size already agree.
-        same = [s == t for s, t in zip(zip(self.student_channels, self.student_sizes),
-                                        zip(self.teacher_channels, self.teacher_sizes), strict=True)]
+        student = list(zip(self.student_channels, self.student_sizes, strict=True))
+        teacher = list(zip(self.teacher_channels, self.teacher_sizes, strict=True))
+        same = [s == t for s, t in zip(student, teacher, strict=True)]
         self.connectors = ABConnectors(self.student_channels, self.teacher_channels, self.options["margin"], same)
 
     def loss(self, inputs):
