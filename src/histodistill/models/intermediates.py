@@ -64,8 +64,9 @@ def resolve_layers(backbone: Backbone, layers: list[int], what: str) -> list[int
 
 
 def layer_channels(backbone: Backbone, indices: list[int]) -> list[int]:
-    """Channels of each ``feature_info`` index (the C of its (B, C, H, W) map; `HEAD`: ``num_features``)."""
-    return [backbone.num_features if i == HEAD else int(backbone.model.feature_info[i]["num_chs"]) for i in indices]
+    """Channels of each ``feature_info`` index (the C of its (B, C, H, W) map; `HEAD`: the model's width)."""
+    info = backbone.model.feature_info
+    return [int(backbone.model.num_features) if i == HEAD else int(info[i]["num_chs"]) for i in indices]
 
 
 def layer_sizes(backbone: Backbone, indices: list[int]) -> list[int]:
@@ -78,9 +79,9 @@ def forward_layers(backbone: Backbone, images: torch.Tensor, indices: list[int])
     """images (B, 3, H, W) -> `LayerFeatures` with the maps of ``feature_info`` ``indices``, in that order."""
     if not indices:  # pooled features and final map only: the plain forward
         final = backbone.forward_features(images)
-        return LayerFeatures(pooled=backbone.model.forward_head(final, pre_logits=True), final=final, maps=[])
+        return LayerFeatures(pooled=backbone.pool(final), final=final, maps=[])
     order = sorted(set(indices) - {HEAD}) or [0]  # the final map comes with any intermediate
     final, maps = backbone.model.forward_intermediates(images, indices=order)
     by_index = {**dict(zip(order, maps, strict=True)), HEAD: final}
-    pooled = backbone.model.forward_head(final, pre_logits=True)  # (B, D), as Backbone.forward
+    pooled = backbone.pool(final)  # (B, D), as Backbone.forward
     return LayerFeatures(pooled=pooled, final=final, maps=[by_index[i] for i in indices])
