@@ -8,11 +8,11 @@ Loss = w_ce · CE + w_kd · KD(T) + w_nce · InfoNCE, where for one augmented vi
     InfoNCE(q, k, queue, τ = 0.15)
 
 ``teacher_update: ema`` (the official design) makes the teacher the momentum encoder of the student:
-each step teacher ← α·teacher + (1 − α)·student on parameters (α = 0.999; BN buffers are the teacher's
-own), likewise the teacher classifier and embed_k. In the official loop's order: the KD logits come from
-the teacher before this step's update, the key from the teacher after it (two teacher forwards). ``frozen`` keeps the teacher fixed (any
-architecture, e.g. a ViT foundation model teaching a ResNet-18) and trains embed_k by gradient through
-the positive logit. In both modes attn_k is the EMA of attn_q (our deviation from the official code,
+each step teacher ← α·teacher + (1 − α)·student on parameters (α = 0.999; BN buffers are the
+teacher's own), likewise the teacher classifier and embed_k. In the official loop's order: the KD
+logits come from the teacher before this step's update, the key from the teacher after it (two
+teacher forwards). ``frozen`` keeps the teacher fixed (any architecture, e.g. a ViT foundation model
+teaching a ResNet-18) and trains embed_k by gradient through the positive logit. In both modes attn_k is the EMA of attn_q (our deviation from the official code,
 where the key-side attention modules never train; see docs/moma.md).
 """
 
