@@ -52,6 +52,7 @@ class TeacherStudentMethod(ClassificationMethod):
     or registered name, an ``hf-hub:`` id, one of our ``.ckpt`` files, an exported directory), with
     ``teacher_weights`` an optional local weights file and ``teacher_kwargs`` timm arguments. The
     teacher sees the student's batch re-normalised with its own mean/std and resized to its input size.
+    ``classifier_dropout`` drops pooled features on their way to the student's classifier only (`classify`).
     """
 
     def __init__(
