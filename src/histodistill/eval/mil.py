@@ -85,6 +85,20 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_bags, generator=generator)
 
 
+def non_finite_loss_error(bag_ids: list[str], runs: str = "") -> UserError:
+    """A step's loss became NaN or inf (``runs``: which of runs trained together, if any)."""
+    where = f"bags {bag_ids}" + (f" of {runs}" if runs else "")
+    return UserError(f"the MIL training loss became non-finite ({where}); nothing was saved for this fold. "
+                     "Lower --lr, and check the features for extreme values")
+
+
+def overflow_error(lr: float, runs: str = "") -> UserError:
+    """An optimiser step wrote inf/NaN into the weights (``runs``: which of runs trained together, if any)."""
+    where = f" in {runs}" if runs else ""
+    return UserError(f"the MIL optimiser step overflowed{where} (--lr {lr:.4g}: the weights became non-finite); "
+                     "nothing was saved for this fold. Lower --lr")
+
+
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
     """One pass over the training bags; returns the mean loss per bag."""
     model.train()
@@ -96,16 +110,14 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
             logits = model(batch["features"].to(device), batch["mask"].to(device)).logits  # (B, C)
         loss = F.cross_entropy(logits.float(), labels)
         if not torch.isfinite(loss):
-            raise UserError(f"the MIL training loss became non-finite (bags {batch['bag_ids']}); nothing was saved "
-                            "for this fold. Lower --lr, and check the features for extreme values")
+            raise non_finite_loss_error(batch["bag_ids"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         # The fused AdamW step writes an overflow (an absurd --lr) into the weights instead of raising, so the
         # weights are checked after every step: a fold's last step could otherwise be saved as inf/NaN.
         if not torch.isfinite(torch.nn.utils.get_total_norm(parameters)):
-            raise UserError(f"the MIL optimiser step overflowed (--lr {optimizer.param_groups[0]['lr']:.4g}: the "
-                            "weights became non-finite); nothing was saved for this fold. Lower --lr")
+            raise overflow_error(optimizer.param_groups[0]["lr"])
         total += loss.item() * len(labels)
         count += len(labels)
     return total / max(count, 1)
