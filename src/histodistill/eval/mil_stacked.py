@@ -76,14 +76,14 @@ class _Bags:
     """One part (train or val) of one run: features (N_i, D) per bag, labels, ids."""
 
     features: list[torch.Tensor]
-    labels: torch.Tensor  # (n,) long
+    labels: list[int]
     ids: list[str]
 
     @classmethod
     def of(cls, dataset: Dataset | None) -> _Bags:
         items = [dataset[i] for i in range(len(dataset))] if dataset is not None else []
-        return cls([item["features"] for item in items], torch.tensor([item["label"] for item in items],
-                   dtype=torch.long), [item["bag_id"] for item in items])
+        return cls([item["features"] for item in items], [item["label"] for item in items],
+                   [item["bag_id"] for item in items])
 
 
 @dataclass
@@ -106,7 +106,7 @@ def _step(parts: list[_Bags], chosen: list[list[int]], per_run: int, dim: int) -
     for part, positions in zip(parts, chosen, strict=True):
         bags = [part.features[i] for i in positions]
         features += bags + [blank] * (per_run - len(bags))
-        labels += [int(part.labels[i]) for i in positions] + [0] * (per_run - len(bags))
+        labels += [part.labels[i] for i in positions] + [0] * (per_run - len(bags))
         real += [1.0] * len(bags) + [0.0] * (per_run - len(bags))
         shapes.append((len(bags), max(len(b) for b in bags)) if bags else None)
         ids.append([part.ids[i] for i in positions])
@@ -143,9 +143,7 @@ class _MaskedAdamW:
         for names, slices, moments, steps, settings in self.groups:
             if not names:
                 continue
-            # The fused kernel reads memory as laid out in the parameter: a gradient that autograd built
-            # transposed (the stacked layers multiply by weightᵀ) is made contiguous first.
-            per_run_grads = [grads[n].contiguous().unbind(0) for n in names]
+            per_run_grads = [grads[n].unbind(0) for n in names]
             pick = [(k, m) for m in stepping for k in range(len(names))]
             adamw([slices[k][m] for k, m in pick], [per_run_grads[k][m] for k, m in pick],
                   [moments[k][0][m] for k, m in pick], [moments[k][1][m] for k, m in pick], [],
@@ -172,7 +170,7 @@ def _validate(stacked: nn.Module, parts: list[_Bags], runs: list[int], per_run: 
             sums[m] += losses[slots].sum().item()
             probs[m].append(logits[slots].softmax(dim=1).numpy())
     return {m: {"val_loss": sums[m] / len(parts[m].ids),
-                "val_auroc": ovr_auroc(parts[m].labels.numpy(), np.concatenate(probs[m]).astype(np.float64))}
+                "val_auroc": ovr_auroc(np.array(parts[m].labels), np.concatenate(probs[m]).astype(np.float64))}
             for m in runs}
 
 

@@ -30,11 +30,13 @@ class NotStackable(ValueError):
 
 
 class StackedLinear(nn.Module):
-    """M `nn.Linear` layers: ``weight`` (M, out, in), ``bias`` (M, out). Input (M·B, …, in), run-major."""
+    """M `nn.Linear` layers: ``weight`` (M, in, out), i.e. each run's weight transposed, so the batched
+    products read and write contiguous memory (forward and gradients); ``bias`` (M, out). Input (M·B, …, in),
+    run-major."""
 
     def __init__(self, layers: Sequence[nn.Linear]) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]))
         self.bias = None if layers[0].bias is None else nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,8 +44,7 @@ class StackedLinear(nn.Module):
         if x.ndim < 2 or x.shape[0] % runs:
             raise ValueError(f"a stacked layer of {runs} runs needs (M·B, …, in) inputs, got {tuple(x.shape)}")
         rows = x.reshape(runs, -1, x.shape[-1])  # (M, B·…, in): run m's rows are contiguous
-        weight = self.weight.transpose(1, 2)  # (M, in, out)
-        out = torch.bmm(rows, weight) if self.bias is None else torch.baddbmm(self.bias[:, None], rows, weight)
+        out = torch.bmm(rows, self.weight) if self.bias is None else torch.baddbmm(self.bias[:, None], rows, self.weight)
         return out.reshape(*x.shape[:-1], out.shape[-1])  # (M·B, …, out)
 
 
@@ -130,8 +131,13 @@ def _stack(modules: list[nn.Module], path: str) -> nn.Module:
 
 
 def unstack_state(stacked: nn.Module, run: int) -> dict[str, torch.Tensor]:
-    """Run ``run``'s parameters as the state-dict entries of its own model (same names), cloned."""
-    return {name: value[run].detach().clone() for name, value in stacked.named_parameters()}
+    """Run ``run``'s parameters as the state-dict entries of its own model (same names and layout), cloned."""
+    state = {}
+    for prefix, module in stacked.named_modules():
+        for name, value in module.named_parameters(prefix=prefix, recurse=False):
+            one = value[run].detach()
+            state[name] = (one.t() if isinstance(module, StackedLinear) and name.endswith("weight") else one).clone()
+    return state
 
 
 def set_dropout(stacked: nn.Module, generators: list[torch.Generator] | None,
