@@ -25,6 +25,7 @@ from torch import nn
 
 from histodistill.models.mil import Standardized
 
+
 class NotStackable(ValueError):
     """The models cannot be trained as one stacked model (the message says why)."""
 
