@@ -60,6 +60,28 @@ def test_mil_on_clam_h5_files_writes_attention_with_coords(tmp_path):
         assert handle["coords"].shape == (6, 2) and handle["scores"].shape == (6,)
 
 
+@pytest.mark.parametrize("model", ["clam_sb", "clam_mb"])
+def test_clam_models_on_clam_h5_files_write_attention_of_their_branch(tmp_path, model):
+    for i in range(N_SLIDES):
+        write_clam_features(tmp_path / "clam", f"s{i}", slide_features(i))
+    assert mil(tmp_path / "clam", labels_csv(tmp_path), tmp_path / "run", "--model", model, "--hidden-dim", "16",
+               "--k-sample", "3") == 0
+    config = json.loads((tmp_path / "run" / "checkpoints" / "model.json").read_text())
+    assert config["model"] == model and config["model_kwargs"]["k_sample"] == 3
+    with h5py.File(tmp_path / "run" / "attention" / "s3.h5") as handle:
+        assert handle["coords"].shape == (6, 2) and handle["scores"][:].sum() == pytest.approx(1, abs=1e-5)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["pooled"]["n_bags"] == N_SLIDES
+
+
+def test_clam_options_with_another_model_are_one_error_line(tmp_path, capsys):
+    for i in range(N_SLIDES):
+        write_ours(tmp_path / "features", f"s{i}", slide_features(i))
+    assert mil(tmp_path / "features", labels_csv(tmp_path), tmp_path / "run", "--bag-weight", "0.5") == 2
+    (line,) = error_lines(capsys)
+    assert "--bag-weight" in line and "--model clam_sb" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_mil_on_clam_pt_files_says_there_is_no_attention_for_them(tmp_path, capsys):
     for i in range(N_SLIDES):
         write_clam_features(tmp_path / "clam", f"s{i}", slide_features(i))

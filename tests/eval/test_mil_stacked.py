@@ -20,11 +20,12 @@ from histodistill.models.mil_stacked import stack_mil
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SMALL = {"mean": {}, "abmil": {"hidden_dim": 16, "attention_dim": 8}, "transmil": {"dim": 16, "heads": 2}}
-# ABMIL's attention bias w.bias shifts every attention logit of a bag alike, so the softmax never sees it: its
+SMALL = {"mean": {}, "abmil": {"hidden_dim": 16, "attention_dim": 8}, "transmil": {"dim": 16, "heads": 2},
+         "clam_sb": {"hidden_dim": 16, "attention_dim": 8, "k_sample": 3}}
+# ABMIL's attention bias w.bias (CLAM's attention.c.bias) shifts every attention logit of a bag alike, so the softmax never sees it: its
 # gradient is float rounding noise (~1e-9), which Adam scales up to steps of about lr. It differs between any
 # two float orders of the same sums, and changes no output; it is compared through the predictions.
-NO_EFFECT = "attention.w.bias"
+NO_EFFECT = ("attention.w.bias", "attention.c.bias")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def one_at_a_time(runs, config):
     ("abmil", 0.25, 1, "val_auroc", 5e-3),  # runs stop after 2, 3 or 4 epochs
     ("abmil", 0.25, 3, "val_loss", 1e-2),
     ("mean", 0.5, 2, "val_loss", 1e-2),  # one run stops after 2 epochs, the others train all 8
+    ("clam_sb", 0.25, 2, "none", 1e-2),  # its own objective: bag and instance losses
 ])
 def test_training_together_equals_one_at_a_time(dataset, model_name, dropout, batch_size, early_stop, lr):
     data, splits = dataset
@@ -120,10 +122,10 @@ def test_transmil_is_refused_before_training(dataset):
 def test_a_non_finite_loss_and_an_overflowing_step_are_user_errors_naming_the_run(dataset):
     data, splits = dataset
     config = mil.TrainConfig(epochs=2, lr=1e38, early_stop="none", device="cpu")
-    with pytest.raises(UserError, match=r"overflowed in fold \d, seed 0.*--lr 1e\+38.*Lower --lr"):
+    with pytest.raises(UserError, match=r"overflowed in fold 0, seed 0; fold 1, seed 0 \(`lr=1e\+38`.*Lower `lr`"):
         train_runs(build_runs(data, splits[:2], "abmil", config, seeds=(0,)), config)
     runs = build_runs(data, splits[:2], "abmil", config, seeds=(0,))
     with torch.no_grad():
         runs[1].model.mil.classifier.bias.fill_(float("inf"))
-    with pytest.raises(UserError, match=r"non-finite \(bags \['slide\d+'\] of fold 1, seed 0\).*Lower --lr"):
+    with pytest.raises(UserError, match=r"non-finite \(bags \['slide\d+'\] of fold 1, seed 0\).*Lower `lr`"):
         train_runs(runs, dataclasses.replace(config, lr=1e-3))

@@ -36,21 +36,18 @@ from torch.optim.adamw import adamw
 from torch.utils.data import DataLoader, Dataset
 
 from histodistill.eval.metrics import ovr_auroc
-from histodistill.eval.mil import TrainConfig, autocast, non_finite_loss_error, overflow_error
+from histodistill.eval.mil import autocast, non_finite_loss_error, overflow_error
+from histodistill.eval.mil_config import TrainConfig
 from histodistill.features.extract import resolve_device
 from histodistill.models.mil import MILOutput
 from histodistill.models.mil_stacked import NotStackable, set_dropout, stack_mil, unstack_state
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
 
-__all__ = ["NotStackable", "Run", "bag_cross_entropy", "train_runs"]
+__all__ = ["NotStackable", "Run", "train_runs"]
 
-# (the model's output over B bags, their labels (B,)) -> each bag's loss (B,); a run's step loss is their mean.
-BagLoss = Callable[[MILOutput, torch.Tensor], torch.Tensor]
-
-
-def bag_cross_entropy(output: MILOutput, labels: torch.Tensor) -> torch.Tensor:
-    """Each bag's cross-entropy (B,), in float32 as `train_epoch` computes it."""
-    return F.cross_entropy(output.logits.float(), labels, reduction="none")
+def _run_part(output: MILOutput, start: int, stop: int) -> MILOutput:
+    """The output of bags ``start`` … ``stop`` − 1 of a stacked batch (every per-bag field sliced)."""
+    return MILOutput(*(None if field is None else field[start:stop] for field in output))
 
 
 @dataclass
@@ -93,27 +90,25 @@ class _Step:
     features: torch.Tensor  # (M·B, N, D)
     mask: torch.Tensor  # (M·B, N) bool
     labels: torch.Tensor  # (M·B,)
-    real: torch.Tensor  # (M·B,) float: 1 for a run's bag, 0 for an empty slot
     shapes: list[tuple[int, int] | None]  # per run: (its bags, their longest length), None without bags
     ids: list[list[str]]
 
 
 def _step(parts: list[_Bags], chosen: list[list[int]], per_run: int, dim: int) -> _Step:
     """Gather each run's ``chosen`` bag positions into one padded batch; an empty slot gets one zero
-    instance (a fully masked bag would give NaN attention, and its loss weight is 0 anyway)."""
+    instance (a fully masked bag would give NaN attention; no loss is taken of it)."""
     blank = torch.zeros(1, dim)
-    features, labels, real, shapes, ids = [], [], [], [], []
+    features, labels, shapes, ids = [], [], [], []
     for part, positions in zip(parts, chosen, strict=True):
         bags = [part.features[i] for i in positions]
         features += bags + [blank] * (per_run - len(bags))
         labels += [part.labels[i] for i in positions] + [0] * (per_run - len(bags))
-        real += [1.0] * len(bags) + [0.0] * (per_run - len(bags))
         shapes.append((len(bags), max(len(b) for b in bags)) if bags else None)
         ids.append([part.ids[i] for i in positions])
     lengths = torch.tensor([len(f) for f in features])
     padded = pad_sequence(features, batch_first=True)  # (M·B, N, D)
     mask = torch.arange(padded.shape[1])[None] < lengths[:, None]  # (M·B, N)
-    return _Step(padded, mask, torch.tensor(labels), torch.tensor(real), shapes, ids)
+    return _Step(padded, mask, torch.tensor(labels), shapes, ids)
 
 
 class _MaskedAdamW:
@@ -186,8 +181,7 @@ class _Progress:
     done: bool = False
 
 
-def train_runs(runs: list[Run], config: TrainConfig,
-               loss: BagLoss = bag_cross_entropy) -> list[tuple[nn.Module, int, list[dict]]]:
+def train_runs(runs: list[Run], config: TrainConfig) -> list[tuple[nn.Module, int, list[dict]]]:
     """Train ``runs`` together; per run what `train_fold` returns for it: (its model with the best epoch's
     weights, on the CPU; that epoch; the per-epoch history ``epoch, train_loss[, val_loss, val_auroc]``).
     ``config.seed`` is not used: each run has its own ``seed``.
@@ -199,6 +193,7 @@ def train_runs(runs: list[Run], config: TrainConfig,
     stacked = stack_mil([run.model for run in runs]).to(device)
     count, per_run, dim = len(runs), config.batch_size, runs[0].train[0]["features"].shape[1]
     optimizer = _MaskedAdamW(stacked, runs[0].model, config, count)
+    objective = runs[0].model.loss  # the model's training objective (`MILHead.loss`), the same for every run
     parameters = dict(stacked.named_parameters())
     generators = [run.generator or torch.Generator().manual_seed(run.seed) for run in runs]
     train, val = [_Bags.of(run.train) for run in runs], [_Bags.of(run.val) for run in runs]
@@ -221,17 +216,19 @@ def train_runs(runs: list[Run], config: TrainConfig,
             set_dropout(stacked, generators if device.type == "cpu" else None, step.shapes)
             with autocast(device):
                 output = stacked(step.features.to(device), step.mask.to(device))
-            real = step.real.to(device).view(count, per_run)
-            bag_losses = loss(output, step.labels.to(device)).view(count, per_run)  # (M, B)
-            run_losses = (bag_losses * real).sum(1) / real.sum(1).clamp_min(1)  # (M,)
-            if not torch.isfinite(run_losses[stepping]).all():
-                bad = [m for m in stepping if not torch.isfinite(run_losses[m])]
-                raise non_finite_loss_error([i for m in bad for i in step.ids[m]], ", ".join(runs[m].name for m in bad))
+            labels = step.labels.to(device)
+            # Each run's objective on its own bags only, as its model's `loss` computes it alone.
+            run_losses = torch.stack([objective(_run_part(output, m * per_run, m * per_run + len(chosen[m])),
+                                                labels[m * per_run : m * per_run + len(chosen[m])]) for m in stepping])
+            if not torch.isfinite(run_losses).all():
+                bad = [m for m, value in zip(stepping, run_losses, strict=True) if not torch.isfinite(value)]
+                raise non_finite_loss_error([i for m in bad for i in step.ids[m]], "; ".join(runs[m].name for m in bad))
             grads = torch.autograd.grad(run_losses.sum(), list(parameters.values()))
             optimizer.step(dict(zip(parameters, grads, strict=True)), stepping)
             if not torch.isfinite(torch.nn.utils.get_total_norm(list(parameters.values()))):
-                raise overflow_error(config.lr, ", ".join(runs[m].name for m in stepping))
-            totals += (run_losses.detach().double() * real.sum(1).double()).cpu()
+                bad = [m for m in stepping if not all(torch.isfinite(p[m]).all() for p in parameters.values())]
+                raise overflow_error(config.lr, "; ".join(runs[m].name for m in bad))
+            totals[stepping] += run_losses.detach().double().cpu() * torch.tensor([len(chosen[m]) for m in stepping])
         validation = _validate(stacked, val, [m for m in active if len(val[m].ids)], per_run, dim, device)
         for m in active:
             row = {"epoch": epoch, "train_loss": totals[m].item() / max(len(train[m].ids), 1)} | validation.get(m, {})

@@ -10,9 +10,10 @@ pooling, top-k) never mix bags, and every grouped layer maps run m's rows with r
 stacked model is the M models side by side, and it is exact: a bag's output is what its run's own model
 gives (to float rounding), padding included.
 
-A model with any other parametrised module (TransMIL's LayerNorm, convolutions and class token) cannot
-be stacked this way: `stack_mil` raises `NotStackable` saying which, and callers train such runs one at
-a time.
+This holds for models whose forward uses its layers only by calling them on (bags, …) tensors: mean
+pooling, ABMIL and CLAM-SB (`STACKABLE`). TransMIL runs each bag alone on its own token grid and holds
+LayerNorms, convolutions and a class token; CLAM-MB multiplies by its classifier's weight matrix
+directly. `stack_mil` raises `NotStackable` saying why, and callers train such runs one at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from histodistill.models.mil import Standardized
+from histodistill.models.mil import ABMIL, CLAMMB, CLAMSB, MeanPoolMIL, Standardized, TransMIL
+
+STACKABLE = (MeanPoolMIL, ABMIL, CLAMSB)
+WHY_NOT = {TransMIL: "TransMIL runs each bag alone on its own token grid (and holds LayerNorms, convolutions "
+                     "and a class token)",
+           CLAMMB: "CLAM-MB multiplies by its classifier's weight matrix directly"}
 
 
 class NotStackable(ValueError):
@@ -108,6 +114,10 @@ def stack_mil(models: Sequence[nn.Module]) -> nn.Module:
     Raises `NotStackable` for a module it cannot group (the message names it)."""
     if len({tuple((k, v.shape) for k, v in m.state_dict().items()) for m in models}) > 1:
         raise NotStackable("the runs' models differ in architecture or sizes")
+    inner = models[0].mil if isinstance(models[0], Standardized) else models[0]
+    if type(inner) not in STACKABLE:
+        raise NotStackable(WHY_NOT.get(type(inner), f"{type(inner).__name__} is not among the stackable models "
+                                                   f"({', '.join(t.__name__ for t in STACKABLE)})"))
     return _stack(list(models), "")
 
 
