@@ -1,10 +1,12 @@
 """Training the folds × seeds of a CV together (`eval.mil_stacked.train_runs`) equals training them one at a
-time (`eval.mil.train_fold`): same weights, predictions, histories and best epochs, dropout included."""
+time (`eval.mil.train_fold`): same weights, predictions, histories and best epochs, dropout included; and
+`cross_validate` (batched by default) writes what it writes one run at a time."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Subset
@@ -14,6 +16,7 @@ from histodistill.data.bags import BagDataset, class_names, make_bags, read_labe
 from histodistill.data.splits import make_splits
 from histodistill.errors import UserError
 from histodistill.eval import mil
+from histodistill.eval.mil_cv import CVConfig, TrainConfig, cross_validate
 from histodistill.eval.mil_stacked import NotStackable, Run, _MaskedAdamW, train_runs
 from histodistill.models.mil import create_mil
 from histodistill.models.mil_stacked import stack_mil
@@ -129,3 +132,26 @@ def test_a_non_finite_loss_and_an_overflowing_step_are_user_errors_naming_the_ru
         runs[1].model.mil.classifier.bias.fill_(float("inf"))
     with pytest.raises(UserError, match=r"non-finite \(bags \['slide\d+'\] of fold 1, seed 0\).*Lower `lr`"):
         train_runs(runs, dataclasses.replace(config, lr=1e-3))
+
+
+@pytest.mark.parametrize(("model_name", "early_stop"), [("abmil", "none"), ("mean", "val_loss")])
+def test_cross_validate_together_equals_one_at_a_time(tmp_path, model_name, early_stop):
+    """The CV's default (folds × seeds trained together) writes what training them one at a time writes."""
+    features, labels, _ = planted_features(tmp_path, n_cases=18)
+    train = TrainConfig(epochs=4, lr=5e-3, early_stop=early_stop, patience=1, model_kwargs=SMALL[model_name])
+    results = {batched: cross_validate(features, labels, tmp_path / str(batched), CVConfig(
+        model=model_name, folds=3, seeds=2, batched=batched, train=train), log=lambda line: None)
+        for batched in (False, True)}
+    alone, together = results[False], results[True]
+    np.testing.assert_allclose(together.predictions.probs_per_seed, alone.predictions.probs_per_seed, atol=1e-5)
+    assert together.auroc == pytest.approx(alone.auroc, abs=1e-6)
+    assert [row["best_epoch"] for row in together.folds] == [row["best_epoch"] for row in alone.folds]
+    assert (tmp_path / "True" / "seed_1" / "checkpoints" / "fold_2.safetensors").is_file()
+
+
+def test_cross_validate_trains_transmil_one_at_a_time_and_says_why(tmp_path):
+    features, labels, _ = planted_features(tmp_path, n_cases=8)
+    lines = []
+    cross_validate(features, labels, tmp_path / "run", CVConfig(model="transmil", folds=2, train=TrainConfig(
+        epochs=1, model_kwargs=SMALL["transmil"])), log=lines.append)
+    assert any("one at a time, not together: TransMIL runs each bag alone" in line for line in lines), lines

@@ -199,6 +199,27 @@ def check_val_has_every_class(dataset: BagDataset, splits: list[Split], num_clas
             )
 
 
+def build_fold_model(fold: int, dataset: BagDataset, train_part: list[int], model_name: str, num_classes: int,
+                     config: TrainConfig) -> nn.Module:
+    """A fresh model for ``fold``, initialised with seed ``config.seed + fold``; a `Standardized` one gets the
+    statistics of the training part's instances only. Training it draws its dropout masks from the global RNG
+    as this leaves it."""
+    torch.manual_seed(config.seed + fold)
+    model = create_mil(model_name, dataset.feature_dim, num_classes, **config.model_kwargs)
+    if isinstance(model, Standardized):
+        model.fit(torch.cat([dataset[i]["features"] for i in train_part]))  # (sum of N, D)
+    return model
+
+
+def evaluate_fold(fold: int, trained: tuple[nn.Module, int, list[dict]], dataset: BagDataset, test_part: list[int],
+              num_classes: int, batch_size: int) -> FoldResult:
+    """The fold's result: ``trained`` (model, best epoch, history, as `train_fold` returns) on its test part."""
+    model, best_epoch, history = trained
+    test = predict(model, Subset(dataset, test_part), torch.device("cpu"), batch_size)
+    metrics = classification_metrics(test.labels, test.probs, num_classes)
+    return FoldResult(fold, model, best_epoch, history, test, metrics)
+
+
 def run_fold(
     fold: int,
     dataset: BagDataset,
@@ -210,14 +231,7 @@ def run_fold(
 ) -> FoldResult:
     """Build a fresh seeded model, train it on the fold's train part, evaluate on its test part."""
     parts = split_indices(dataset, split)
-    torch.manual_seed(config.seed + fold)
-    model = create_mil(model_name, dataset.feature_dim, num_classes, **config.model_kwargs)
-    if isinstance(model, Standardized):  # statistics of the training part's instances only
-        model.fit(torch.cat([dataset[i]["features"] for i in parts["train"]]))  # (sum of N, D)
+    model = build_fold_model(fold, dataset, parts["train"], model_name, num_classes, config)
     fold_config = dataclasses.replace(config, seed=config.seed + fold)  # each fold shuffles differently
-    model, best_epoch, history = train_fold(
-        model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), fold_config, log
-    )
-    test = predict(model, Subset(dataset, parts["test"]), torch.device("cpu"), config.batch_size)
-    metrics = classification_metrics(test.labels, test.probs, num_classes)
-    return FoldResult(fold, model, best_epoch, history, test, metrics)
+    trained = train_fold(model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), fold_config, log)
+    return evaluate_fold(fold, trained, dataset, parts["test"], num_classes, config.batch_size)

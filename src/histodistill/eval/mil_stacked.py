@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,17 +33,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.optim.adamw import adamw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from histodistill.data.bags import BagDataset
+from histodistill.data.splits import Split
 from histodistill.eval.metrics import ovr_auroc
-from histodistill.eval.mil import autocast, non_finite_loss_error, overflow_error
+from histodistill.eval.mil import (
+    FoldResult,
+    autocast,
+    build_fold_model,
+    evaluate_fold,
+    non_finite_loss_error,
+    overflow_error,
+    split_indices,
+)
 from histodistill.eval.mil_config import TrainConfig
 from histodistill.features.extract import resolve_device
 from histodistill.models.mil import MILOutput
 from histodistill.models.mil_stacked import NotStackable, set_dropout, stack_mil, unstack_state
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
 
-__all__ = ["NotStackable", "Run", "train_runs"]
+__all__ = ["NotStackable", "Run", "run_folds", "train_runs"]
 
 def _run_part(output: MILOutput, start: int, stop: int) -> MILOutput:
     """The output of bags ``start`` … ``stop`` − 1 of a stacked batch (every per-bag field sliced)."""
@@ -152,7 +162,7 @@ def _validate(stacked: nn.Module, parts: list[_Bags], runs: list[int], per_run: 
     stacked.eval()
     sums = {m: 0.0 for m in runs}
     probs: dict[int, list[np.ndarray]] = {m: [] for m in runs}
-    longest = max(len(parts[m].ids) for m in runs)
+    longest = max((len(parts[m].ids) for m in runs), default=0)
     for start in range(0, longest, per_run):
         chosen = [list(range(start, min(start + per_run, len(p.ids)))) if m in runs else []
                   for m, p in enumerate(parts)]
@@ -251,3 +261,21 @@ def _record(progress: _Progress, row: dict, epoch: int, patience: int, stacked: 
         progress.best_value, progress.best_epoch, progress.best_state = value, epoch, unstack_state(stacked, run)
     elif epoch - progress.best_epoch >= patience and progress.watch != "none":
         progress.done = True
+
+
+def run_folds(dataset: BagDataset, folds: list[tuple[int, int, Split]], model_name: str, num_classes: int,
+              config: TrainConfig, logs: list[Callable[[dict], None]]) -> list[FoldResult]:
+    """`histodistill.eval.mil.run_fold` for every (CV seed, fold, split) of ``folds``, trained together: each
+    model built, trained (`train_runs`) and tested as `run_fold` does with ``config`` at that seed. ``logs``:
+    each run's per-epoch callback. Raises `NotStackable` for a model that must train alone."""
+    runs, parts = [], []
+    for (seed, fold, split), log in zip(folds, logs, strict=True):
+        part = split_indices(dataset, split)
+        model = build_fold_model(fold, dataset, part["train"], model_name, num_classes, replace(config, seed=seed))
+        generator = torch.Generator().set_state(torch.get_rng_state())  # what its dropout would draw from alone
+        runs.append(Run(model, Subset(dataset, part["train"]), Subset(dataset, part["val"]), seed + fold, generator,
+                        log, f"seed {seed} fold {fold}"))
+        parts.append(part)
+    trained = train_runs(runs, config)
+    return [evaluate_fold(fold, result, dataset, part["test"], num_classes, config.batch_size)
+            for (_, fold, _), result, part in zip(folds, trained, parts, strict=True)]
