@@ -180,12 +180,13 @@ def test_slide_task_trains_mil_on_one_thread_and_restores_the_count(tmp_path, mo
 
     import histodistill.eval.mil_cv
     import histodistill.eval.slide_task
-    from histodistill.demo.slide_task import MIL_TRAINING, run_slide_task
+    from histodistill.demo.slide_task import MIL_SETTINGS, run_slide_task
 
     seen, before = [], torch.get_num_threads()
 
     def cross_validate(features, labels, out, config, *, overwrite, log):
-        seen.append((torch.get_num_threads(), config.seeds, config.train.lr, config.train.early_stop, overwrite))
+        seen.append((torch.get_num_threads(), config.seeds, config.train.lr, config.val_fraction,
+                     config.train.early_stop, overwrite))
         return types.SimpleNamespace(runs=[out / "seed_0", out / "seed_1"])
 
     monkeypatch.setattr(histodistill.eval.mil_cv, "cross_validate", cross_validate)
@@ -193,7 +194,7 @@ def test_slide_task_trains_mil_on_one_thread_and_restores_the_count(tmp_path, mo
     torch.set_num_threads(2)
     try:
         assert run_slide_task({"a": tmp_path}, tmp_path, tmp_path / "out", 64, seeds=2, workers=1) == {"a": {"runs": 2}}
-        assert seen == [(1, 2, MIL_TRAINING["lr"], "none", True)] and torch.get_num_threads() == 2
+        assert seen == [(1, 2, MIL_SETTINGS["lr"], 0.2, "none", True)] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

@@ -67,7 +67,7 @@ def test_test_folds_of_two_slides_one_of_one_class_show_na_and_the_pooled_auroc(
     assert f"pooled out-of-fold AUROC {expected:.3f} [95 % CI" in printed
 
 
-def test_library_result_equals_its_files_and_seeds_repeat_with_the_same_folds_for_any_features(tmp_path):
+def test_library_result_equals_its_files_and_seeds_repeat_with_the_same_folds_for_any_features(tmp_path, capsys):
     features, labels, _ = planted_features(tmp_path, n_cases=12)
     one = cross_validate(features, labels, tmp_path / "one", quick(), log=lambda line: None)
     two = cross_validate(features, labels, tmp_path / "two", quick(seeds=2), log=lambda line: None)
@@ -93,6 +93,8 @@ def test_library_result_equals_its_files_and_seeds_repeat_with_the_same_folds_fo
     i = two.predictions.bag_ids.index(row["slide_id"])
     assert float(row["prob_tumor_seed1"]) == pytest.approx(two.predictions.probs_per_seed[1, i, 1], abs=1e-6)
     assert int(row["fold_seed1"]) == two.predictions.folds[1, i]
+    assert main(["heatmap", "--run", str(tmp_path / "two")]) == 2  # a CV folder of seeds: say which to pass
+    assert "pass one of them as --run (seed_0, seed_1 in" in capsys.readouterr().err
     # Other features, same labels and seed: the same folds.
     (tmp_path / "other").mkdir()
     other, _, _ = planted_features(tmp_path / "other", n_cases=12, seed=3)
@@ -114,12 +116,18 @@ def test_too_few_cases_is_refused_before_anything_is_written_naming_folds_and_sp
     assert not (tmp_path / "run").exists()
 
 
-def test_a_finished_run_is_kept_unless_overwrite(tmp_path):
+def test_a_finished_run_is_kept_unless_overwrite_which_removes_only_the_old_runs_files(tmp_path):
     features, labels, _ = planted_features(tmp_path, n_cases=8)
     cross_validate(features, labels, tmp_path / "run", quick(), log=lambda line: None)
     with pytest.raises(UserError, match="`overwrite`"):
         cross_validate(features, labels, tmp_path / "run", quick(), log=lambda line: None)
-    assert cross_validate(features, labels, tmp_path / "run", quick(), overwrite=True, log=lambda line: None).auroc >= 0
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    three = cross_validate(features, labels, tmp_path / "run", quick(seeds=2), overwrite=True, log=lambda line: None)
+    # The one-seed run's files are gone (a stale attention/ would be drawn as this run's); others are kept.
+    assert not (tmp_path / "run" / "attention").exists() and not (tmp_path / "run" / "splits").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.yaml", "metrics.json", "notes.txt", "predictions.csv", "seed_0", "seed_1"]
+    assert three.runs == [tmp_path / "run" / "seed_0", tmp_path / "run" / "seed_1"]
 
 
 def test_render_parameters_shows_a_commands_flags():

@@ -45,11 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 512, a multiple of its 8 heads), CLAM (default 512); ignored by mean")
     parser.add_argument("--k-sample", type=int, default=None,
                         help="CLAM: tiles of highest and of lowest attention per bag that its instance loss pseudo-labels "
-                        "(CLAM's --B; default 8)")
+                        "(CLAM's B; default 8)")
     parser.add_argument("--bag-weight", type=float, default=None,
                         help="CLAM: weight of the bag cross-entropy; the instance loss gets 1 - it (default 0.7)")
     parser.add_argument("--subtyping", action="store_true",
-                        help="CLAM: also push each other class's top-k tiles to negative (CLAM's --subtyping, for "
+                        help="CLAM: also push each other class's top-k tiles to negative (as CLAM's subtyping flag, for "
                         "subtype tasks where every class is tumour)")
     parser.add_argument("--feature-norm", choices=("standardize", "none"), default="standardize",
                         help="standardize: z-score each feature dimension with the fold's training tiles' mean and sd "

@@ -19,12 +19,14 @@ if TYPE_CHECKING:
     from histodistill.eval.mil_cv import CVResult
 
 COLOUR = None  # the model value that stands for the colour-only control in `measure_extractors`
-# MIL training of the slide task, chosen on tuning slides (generator seed 1, never the demo's seed-0 slides;
+# MIL settings of the slide task, chosen on tuning slides (generator seed 1, never the demo's seed-0 slides;
 # docs/mil.md): with early stopping on a validation part of ~10 slides, folds kept epoch 1-5 models (SD-MAE
-# ViT 0.51 vs 0.66 for a fixed 40 epochs at lr 2e-3), so early stopping stays off (the default).
-MIL_TRAINING = {"lr": 2e-3, "weight_decay": 1e-2}
+# ViT 0.51 vs 0.66 for a fixed 40 epochs at lr 2e-3), so early stopping stays off (the default). The 20 %
+# validation part stays held out (validation curves only) because every recorded number was measured so:
+# training on it too scored 0.687 / 0.722 against 0.755 / 0.743 (within the seed spread).
+MIL_SETTINGS = {"lr": 2e-3, "weight_decay": 1e-2, "val_fraction": 0.2}
 # The same settings as `histodistill mil` options, for the pages that report them.
-MIL_OPTIONS = tuple(part for name, value in MIL_TRAINING.items()
+MIL_OPTIONS = tuple(part for name, value in MIL_SETTINGS.items()
                     for part in (f"--{name.replace('_', '-')}", f"{value:g}"))
 
 
@@ -105,7 +107,7 @@ def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_
                    workers: int | None = None) -> dict[str, dict]:
     """``{extractor: scores}`` for features folders ``{extractor: <features_*> dir}`` of the slides in
     ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``): `histodistill.eval.mil_cv.cross_validate`
-    per extractor into ``out/<extractor>`` (its seed runs ``seed_<s>/`` with several seeds), `MIL_TRAINING`.
+    per extractor into ``out/<extractor>`` (its seed runs ``seed_<s>/`` with several seeds), `MIL_SETTINGS`.
     The same seed gives the same folds for every extractor (the splits depend on the labels and seed only).
     Extractors are independent and seeded, so ``workers`` parallel processes (default `mil_workers`) give the
     same files as one; each extractor's lines are printed whole when it ends."""
@@ -114,8 +116,9 @@ def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_
 
     from histodistill.eval.mil_cv import CVConfig, TrainConfig
 
-    config = CVConfig(model=model, folds=folds, seeds=seeds,
-                      train=TrainConfig(epochs=epochs, device=device, **MIL_TRAINING))
+    train = {name: value for name, value in MIL_SETTINGS.items() if name != "val_fraction"}
+    config = CVConfig(model=model, folds=folds, seeds=seeds, val_fraction=MIL_SETTINGS["val_fraction"],
+                      train=TrainConfig(epochs=epochs, device=device, **train))
     jobs = [(features[name], slides_dir / "labels.csv", out / name, config) for name in features]
     workers = min(workers or mil_workers(device), len(jobs))
     if workers > 1:

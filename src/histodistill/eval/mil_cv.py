@@ -180,10 +180,11 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
             f"{config.train.patience}" + ("" if splits_dir else f", {val_fraction:.0%} of each fold's training cases "
                                           "held out for validation"))
     bags_of = {s: (bag.bag_id, classes[bag.label]) for bag in dataset.bags for s in bag.slide_ids}
-    for seed in seeds:
+    for seed in seeds[:1] if splits_dir is not None else seeds:  # given splits are the same for every seed
         for line in _test_fold_warnings(seed, splits[seed], bags_of, classes, config.by_case):
             log(line)
 
+    _clear_run(out)
     _write_config(out, features, labels, splits_dir, config, val_fraction)
     runs = seed_runs(out, seeds)
     results = _train(runs, dataset, splits, seeds, config, len(classes), log)
@@ -191,6 +192,24 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
                           config, classes, dropped, log, run_metrics=len(seeds) > 1)
                 for seed, run in zip(seeds, runs, strict=True)]
     return _pool(out, per_seed, seeds, runs, dataset, classes, dropped, config, log)
+
+
+# What a run writes in `out`: cleared before a run starts, so an overwritten or interrupted run of other
+# seeds or folds leaves nothing behind that could be read as this run's (a stale attention/ for heatmaps).
+RUN_ENTRIES = ("config.yaml", "metrics.json", "metrics.csv", "predictions.csv", "splits", "checkpoints",
+               "attention", "tensorboard", "figures")
+
+
+def _clear_run(out: Path) -> None:
+    import re
+    import shutil
+
+    seeds = [path for path in out.glob("seed_*") if re.fullmatch(r"seed_-?\d+", path.name)]
+    for path in [*(out / name for name in RUN_ENTRIES), *seeds]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def _write_config(out: Path, features, labels, splits_dir, config: CVConfig, val_fraction: float) -> None:
