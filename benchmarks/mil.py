@@ -116,7 +116,8 @@ def synthetic_features(folder: Path, width: int, slides: int = 200, seed: int = 
 
 def time_cross_validation(features: Path, labels: Path, out: Path, folds: int, seeds: int, epochs: int,
                           batched: bool) -> tuple[float, object]:
-    """Seconds of the demo's `cross_validate` of ABMIL on one thread (as each demo worker runs it), and its result."""
+    """CPU seconds of the demo's `cross_validate` of ABMIL on one thread (as each demo worker runs it), and its
+    result. CPU time, not wall time: on a machine shared with other work, wall time counts the others' turns."""
     from histodistill.eval.mil_cv import CVConfig, TrainConfig, cross_validate
 
     train = {name: value for name, value in MIL_SETTINGS.items() if name != "val_fraction"}
@@ -125,9 +126,9 @@ def time_cross_validation(features: Path, labels: Path, out: Path, folds: int, s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        start = time.perf_counter()
+        start = time.process_time()
         result = cross_validate(features, labels, out, config, overwrite=True, log=lambda line: None)
-        return time.perf_counter() - start, result
+        return time.process_time() - start, result
     finally:
         torch.set_num_threads(threads)
 
@@ -173,19 +174,20 @@ def batched_speed(args: argparse.Namespace) -> None:
     body = f"""
 The full demo's MIL stage: per extractor, `cross_validate` of ABMIL with {args.folds}-fold CV by case × {args.seeds}
 seeds (`histodistill mil {' '.join(MIL_OPTIONS)}`, no early stopping, dropout 0.25) on {source}, on one
-thread as each of the demo's worker processes (one per core) runs it. **One at a time**: the {args.folds * args.seeds}
+thread as each of the demo's worker processes (one per core) runs it, timed in CPU seconds of this process
+(on a machine shared with other work wall time counts their turns too). **One at a time**: the {args.folds * args.seeds}
 runs trained one after another (`--one-at-a-time`, `eval.mil.train_fold`); **together** (the default): trained as
 one stacked model (`eval.mil_stacked`). Both ran in this process, alternating, at {low} and {high} epochs; the
 time per epoch is the slope between them and the time at {args.epochs} epochs is extrapolated on that line
 (the rest — reading features, writing the runs — is the same work in both). Δ prob: the largest difference
 of any out-of-fold probability between the two ways at {high} epochs; the pooled AUROCs beside it.
 
-{markdown_table(["features", "extractors", "s/epoch one at a time", "s/epoch together", "speed-up per epoch",
-                 f"s at {args.epochs} epochs, one at a time", f"s at {args.epochs} epochs, together", "speed-up",
+{markdown_table(["features", "extractors", "CPU s/epoch one at a time", "CPU s/epoch together", "speed-up per epoch",
+                 f"CPU s at {args.epochs} epochs, one at a time", f"CPU s at {args.epochs} epochs, together", "speed-up",
                  "max Δ prob", f"pooled AUROC at {high} epochs (one at a time / together)"], rows)}
 
 The whole MIL stage at {args.epochs} epochs (extractors × their time, on one core; the demo spreads them over its
-cores the same way in both): **{totals[False]:.0f} s one at a time, {totals[True]:.0f} s together
+cores the same way in both): **{totals[False]:.0f} CPU s one at a time, {totals[True]:.0f} CPU s together
 ({totals[False] / totals[True]:.1f}× faster)**. The machine was shared with other work; the ratios are from
 the same run.
 """

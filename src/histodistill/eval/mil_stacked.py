@@ -1,6 +1,6 @@
 """Train the M runs of one cross-validation (its folds × seeds) together, as one stacked model.
 
-Training one small MIL head at a time spends most of each single-bag step around the step (the data
+Training one small MIL head at a time spends much of each single-bag step around the step (the data
 loader, the optimiser's Python, checks, many tiny matrix products); here every step takes one bag of
 each run through one model holding all M runs' weights (`histodistill.models.mil_stacked`), one
 backward and one optimiser call. Each run keeps everything it has when trained alone with
@@ -18,7 +18,7 @@ backward and one optimiser call. Each run keeps everything it has when trained a
 - its validation, early stopping and best epoch.
 
 So the trained weights equal one-at-a-time training to float rounding (tests check weights and
-predictions to 1e-5). Models with parameters that cannot be grouped (TransMIL) raise `NotStackable`.
+predictions to 1e-5). Models that cannot be stacked (TransMIL, CLAM-MB) raise `NotStackable`.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from histodistill.models.mil_stacked import NotStackable, set_dropout, stack_mil
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
 
 __all__ = ["NotStackable", "Run", "run_folds", "train_runs"]
+
 
 def _run_part(output: MILOutput, start: int, stop: int) -> MILOutput:
     """The output of bags ``start`` … ``stop`` − 1 of a stacked batch (every per-bag field sliced)."""

@@ -1,9 +1,9 @@
 """M copies of one MIL architecture as one model with grouped weights, so M training runs (the folds ×
 seeds of a cross-validation) take their steps together.
 
-`stack_mil` deep-copies one of the models and swaps its parametrised leaves for grouped versions whose
-parameters carry a leading run axis M: `nn.Linear` → `StackedLinear` (weight (M, out, in), one batched
-matrix product for all runs), `Standardized` → per-run statistics, `nn.Dropout` → `StackedDropout`
+`stack_mil` copies the first model's module tree and swaps its parametrised leaves for grouped versions
+whose parameters carry a leading run axis M: `nn.Linear` → `StackedLinear` (weight (M, in, out), one
+batched matrix product for all runs), `Standardized` → per-run statistics, `nn.Dropout` → `StackedDropout`
 (each run's masks from its own generator). The model's own ``forward`` then runs unchanged on a batch of
 M·B bags, run-major (rows m·B … m·B + B − 1 are run m's): its per-bag operations (masked softmax,
 pooling, top-k) never mix bags, and every grouped layer maps run m's rows with run m's weights. So the
