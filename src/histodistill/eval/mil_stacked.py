@@ -17,8 +17,10 @@ backward and one optimiser call. Each run keeps everything it has when trained a
   ended (folds differ by a bag) or that stopped early keeps its weights and AdamW state untouched;
 - its validation, early stopping and best epoch.
 
-So the trained weights equal one-at-a-time training to float rounding (tests check weights and
-predictions to 1e-5). Models that cannot be stacked (TransMIL, CLAM-MB) raise `NotStackable`.
+So training computes what one-at-a-time training computes, in another float order: the tests check
+weights and predictions to 1e-5 over short runs; over long ones the two separate as any change of rounding
+separates a run from itself, and agree in distribution (docs/mil.md, "Folds trained together"). Models that
+cannot be stacked (TransMIL, CLAM-MB) raise `NotStackable`.
 """
 
 from __future__ import annotations
