@@ -3,7 +3,7 @@
 A short, visible loop rather than a Lightning Trainer: a MIL fold trains a small head on a few
 hundred in-memory bags of different lengths, early-stops on a validation metric and is rebuilt for
 every fold; the loop is shorter than the Trainer set-up it would replace, and starts instantly on a
-CPU. It keeps `fit`'s run-directory conventions (see `histodistill.commands.mil`).
+CPU. It keeps `fit`'s run-directory conventions (`histodistill.eval.mil_cv` writes it).
 
 Per fold: AdamW with weight decay (no decay on biases, norms and tokens, `engine.optim`), the model's
 own objective (``model.loss``: bag cross-entropy, plus CLAM's instance loss), ``epochs`` epochs with the

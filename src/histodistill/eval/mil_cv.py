@@ -12,8 +12,8 @@ bag, and a fold with one class has none ("n/a").
 Run directory (``out``)::
 
     config.yaml          the resolved configuration, features and labels
-    metrics.json         {"pooled": {auroc, auroc_ci, balanced_accuracy, n_bags}, "pooled_per_seed": [...],
-                          "folds": [{seed, fold, n_test, n_test_per_class, auroc|null, ...}], ...}
+    metrics.json         {"pooled": {auroc, auroc_ci, balanced_accuracy, n_bags}, ..., "auroc_per_seed": [...],
+                          "folds": [{seed, fold, n_test, n_test_per_class, auroc|null, ...}]}
     predictions.csv      out-of-fold probabilities per bag (`histodistill.eval.mil_outputs`)
     splits/ checkpoints/ attention/ tensorboard/ figures/ metrics.csv   of the CV seed (one seed)
     seed_<s>/            with several seeds: each seed's complete run (the files above, for that seed)
