@@ -47,8 +47,8 @@ class CVConfig:
     ``train.early_stop`` is on, none when it is off (no slide is kept from training for nothing).
     ``by_case``: one bag per case; ``drop_empty``: leave out slides without tissue tiles (else an error).
     ``batched``: train all folds × seeds as one stacked model (`histodistill.eval.mil_stacked`; the same
-    results as one at a time, several times faster); False, or a model that cannot be stacked (TransMIL,
-    CLAM-MB), trains them one at a time.
+    results as one at a time, about twice as fast on a CPU, M times the activation memory); False, or a
+    model that cannot be stacked (TransMIL, CLAM-MB), trains them one at a time.
     """
 
     model: Literal["abmil", "transmil", "mean", "clam_sb", "clam_mb"] = "abmil"
