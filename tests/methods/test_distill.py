@@ -211,3 +211,21 @@ def test_student_init_teacher_with_another_architecture_is_refused(teacher_ckpt)
     with pytest.raises(UserError, match="student_init"):
         Distill(num_classes=3, teacher=str(path), student_init="teacher", backbone="resnet18",
                 backbone_kwargs={"channels": [4, 8, 16, 32]})
+
+
+def test_classifier_dropout_drops_before_the_classifier_not_on_the_distilled_features(teacher_ckpt):
+    # MoMA's EfficientNet: classifier_ = Sequential(Dropout(0.2), Linear); feat[-1] (the pooled feature the
+    # hint, CRD and MoMA's embedding read) is taken before the dropout.
+    path, _ = teacher_ckpt()
+    distill = Distill(num_classes=3, teacher=str(path), classifier_dropout=0.5, **STUDENT)
+    distill.backbone.eval()  # fixed BN statistics, so only the dropout is random
+    distill.classifier.train(), distill.train(True)
+    distill.backbone.eval()
+    images, _ = tiny_batch()
+    (f1, z1), (f2, z2) = distill.student_forward(images), distill.student_forward(images)
+    torch.testing.assert_close(f1, f2)
+    assert not torch.allclose(z1, z2)
+    distill.eval()
+    torch.testing.assert_close(distill.student_forward(images)[1], distill.classifier(distill.backbone(images)))
+    with pytest.raises(UserError, match="classifier_dropout"):
+        Distill(num_classes=3, teacher=str(path), classifier_dropout=1.0, **STUDENT)

@@ -66,7 +66,7 @@ STAGES = ("tiles", "teacher", "fit", "export", "features", "compare", "report")
 
 @pytest.mark.slow
 def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_each_stage(
-        cohort, hub_teacher, tmp_path, capsys, one_torch_thread):
+        cohort, hub_teacher, tmp_path, capsys, caplog, one_torch_thread):
     out = tmp_path / "run"
     assert main(_argv(cohort, out, hub_teacher)) == 0
     printed = capsys.readouterr().out
@@ -105,10 +105,10 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
     (cache / "synth_001.h5").unlink()
     (cache / ".synth_001.x1y2.tmp.h5").write_bytes(b"half")
     (out / "teacher" / "stage.json").unlink()
+    caplog.clear()
     assert main(_argv(cohort, out, hub_teacher)) == 0
-    printed = capsys.readouterr()
-    assert printed.out.count("done before, skipped") == 1  # tiles only
-    assert "Restored all states from the checkpoint" in printed.err  # the fit resumed from its last.ckpt
+    assert capsys.readouterr().out.count("done before, skipped") == 1  # tiles only
+    assert "Restored all states from the checkpoint" in caplog.text  # the fit resumed from its last.ckpt
     assert all((out / s / "stage.json").is_file() for s in STAGES) and (cache / "teacher_cache.json").is_file()
     assert json.loads((out / "summary.json").read_text())["fit"]["steps"] == 3  # resumed, not trained further
     # The last stage killed after its summary was removed: only it runs again.
@@ -256,3 +256,35 @@ def test_the_distill_report_renders_in_headless_chromium(tmp_path):
         finally:
             browser.close()
     assert errors == []
+
+
+@pytest.mark.slow
+def test_moma_fits_on_labelled_patches_and_the_report_says_it_is_not_unlabeled(cohort, tmp_path, one_torch_thread):
+    from conftest import make_image_folder
+
+    patches = make_image_folder(tmp_path / "patches", per_class=4, size=TILE)
+    out = tmp_path / "run"
+    argv = _argv(cohort, out, str(cohort["teacher"]), "--method", "moma", "--patch-labels", str(patches), labels=False)
+    argv[argv.index("--steps") + 1] = "2"
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fit"]["method"] == "moma" and summary["fit"]["steps"] == 2 and not summary["fit"]["unlabeled"]
+    assert summary["agreement"]["student_cosine"] is None  # MoMA's heads do not map to the teacher's features
+    assert "trains on the labelled patches given" in (out / "report.html").read_text()
+    assert "num_classes: 3" in (out / "fit" / "run" / "config.yaml").read_text()
+
+
+def test_coords_of_an_earlier_tiling_replace_stage_one_given_as_the_folder_or_its_patches(cohort, tmp_path):
+    from histodistill.pipelines.distill import DistillConfig, prepare, tile_slides
+    from histodistill.wsi.tiling import tile_slide
+
+    for path in sorted(cohort["slides"].glob("*.tif"))[:3]:
+        tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=TILE)
+    for coords in (tmp_path / "tiles", tmp_path / "tiles" / "patches"):
+        config = DistillConfig(teacher=str(cohort["teacher"]), student="tiny/resnet18-64", student_random_init=True,
+                               out=tmp_path / "run", coords=coords, holdout=0.34)
+        context = prepare(config, log=lambda _: None)
+        assert context.tiles_dir == tmp_path / "tiles" and len(context.slide_ids) == 3
+        assert len(context.held_out) == 1 and context.held_out[0] in context.slide_ids
+        assert (context.tile_px, context.tile_mpp, context.teacher_dim) == (TILE, 0.5, 192)
+        assert tile_slides(context) == {"coords": str(coords), "slides": 3}

@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                              else f" (default {item.default})")
         if hint is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
-        elif typing.get_origin(hint) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(hint), default=item.default, help=help_text)
+        elif typing.get_origin(hint) is typing.Literal or item.metadata["choices"]:
+            choices = item.metadata["choices"] or typing.get_args(hint)
+            parser.add_argument(flag, choices=choices, default=item.default, help=help_text)
         else:
             kind = next(arg for arg in typing.get_args(hint) if arg is not type(None)) if typing.get_args(hint) else hint
             convert = output_folder if item.name == "out" else kind

@@ -43,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-dim", type=int, default=None,
                         help="width of the instance embedding: ABMIL hidden_dim (default 256), TransMIL dim "
                         "(default 512, a multiple of its 8 heads), CLAM (default 512); ignored by mean")
+    parser.add_argument("--k-sample", type=int, default=None,
+                        help="CLAM: tiles of highest and of lowest attention per bag that its instance loss pseudo-labels "
+                        "(CLAM's B; default 8)")
+    parser.add_argument("--bag-weight", type=float, default=None,
+                        help="CLAM: weight of the bag cross-entropy; the instance loss gets 1 - it (default 0.7)")
+    parser.add_argument("--subtyping", action="store_true",
+                        help="CLAM: also push each other class's top-k tiles to negative (as CLAM's subtyping flag, for "
+                        "subtype tasks where every class is tumour)")
     parser.add_argument("--feature-norm", choices=("standardize", "none"), default="standardize",
                         help="standardize: z-score each feature dimension with the fold's training tiles' mean and sd "
                         "(stored with the model); none: raw features as CLAM and TRIDENT feed them (default: %(default)s)")
@@ -77,21 +85,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bags per step, padded with a mask (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=train.seed,
                         help="first CV seed: splits, initialisation and shuffling (default: %(default)s)")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="train the folds x seeds one after another instead of together as one stacked model "
+                        "(the same results, slower; TransMIL and CLAM-MB always train one at a time)")
     parser.add_argument("--device", default=train.device,
                         help="auto (GPU if visible), cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
 
 def config_from(args: argparse.Namespace) -> CVConfig:
-    """The `CVConfig` the options describe."""
+    """The `CVConfig` the options describe; CLAM's options with another model are a `UserError`."""
+    from histodistill.errors import UserError
+
     model_kwargs = {"standardize": args.feature_norm == "standardize"}
     if args.hidden_dim is not None and args.model in WIDTH:
         model_kwargs[WIDTH[args.model]] = args.hidden_dim
+    clam = {"k_sample": args.k_sample, "bag_weight": args.bag_weight, "subtyping": args.subtyping or None}
+    if given := [name for name, value in clam.items() if value is not None]:
+        if not args.model.startswith("clam"):
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UserError(f"{flags}: CLAM's options, but --model is {args.model}; pass --model clam_sb or clam_mb")
+        model_kwargs |= {name: clam[name] for name in given}
     train = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, early_stop=args.early_stop,
                         patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
                         model_kwargs=model_kwargs)
     return CVConfig(model=args.model, folds=args.folds, seeds=args.seeds, val_fraction=args.val_fraction,
-                    by_case=args.by_case, drop_empty=args.drop_empty, train=train)
+                    by_case=args.by_case, drop_empty=args.drop_empty, batched=not args.one_at_a_time, train=train)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
-"""The demo's stages, in pipeline order. Each is short: it calls the library (or the same CLI entry
-points a user types) and reports a few numbers.
+"""The demo's stages, in pipeline order. Each is short: it calls the library functions the commands
+call (never the CLI) and reports a few numbers.
 
 The chain, on the real sample data (the three papers as one story, issue 26):
   samples → data (nuclei crops; semi-synthetic slides) → tiles → SD-MAE pretrains the teacher, a ViT
@@ -78,13 +78,6 @@ MINUTES_ON_2_CPU_CORES = {False: 54, True: 3}
 def _fit(context: DemoContext, recipe: str, run_dir: Path, overrides: list[str]) -> dict:
     """`histodistill fit` on a shipped recipe with the demo's data and device; returns metrics.json."""
     return fit_recipe(recipe, run_dir, overrides, context.device)
-
-
-def _cli(argv: list[str]) -> None:
-    from histodistill.cli import main
-
-    if main(argv) != 0:
-        raise UserError(f"`histodistill {' '.join(argv)}` failed (see the message above)")
 
 
 def _stage_path(context: DemoContext, *parts: str) -> Path:
@@ -392,13 +385,16 @@ def _best_trained(context: DemoContext) -> str:
 
 
 def draw_heatmaps(context: DemoContext) -> dict:
-    """Attention of the best trained extractor's ABMIL (seed 0) on a few positive slides."""
+    """Attention of the best trained extractor's ABMIL (its first CV seed) on a few positive slides."""
+    from histodistill.eval.heatmap import run_heatmaps
+    from histodistill.eval.mil_cv import seed_runs
+
     best = _best_trained(context)
     with open(_stage_path(context, "data", "slides", "labels.csv"), newline="") as handle:
         positives = [row["slide_id"] for row in csv.DictReader(handle) if row["label"] == "positive"][:4]
-    _cli(["heatmap", "--run", str(_stage_path(context, "mil", best, "seed_0")),
-          "--slides", str(_stage_path(context, "data", "slides", "slides")), "--top-k", "6",
-          "--out", str(_stage_path(context, "heatmaps")), *[arg for s in positives for arg in ("--slide-id", s)]])
+    run_heatmaps(seed_runs(_stage_path(context, "mil", best), list(range(context.sizes["seeds"])))[0],
+                 _stage_path(context, "data", "slides", "slides"), slide_ids=positives,
+                 out=_stage_path(context, "heatmaps"), top_k=6)
     return {"extractor": best, "heatmaps": len(list(_stage_path(context, "heatmaps").glob("*.png")))}
 
 

@@ -1,4 +1,4 @@
-"""Slide-task scores of one extractor from its `histodistill mil` runs (one run per CV seed).
+"""Slide-task scores of one extractor from its MIL runs (`histodistill.eval.mil_cv`: one run per CV seed).
 
 - **slide AUROC**: per seed, the AUROC of the out-of-fold probabilities of all slides (every slide is
   tested exactly once per seed); the figure is the mean over seeds, and its 95 % CI is a percentile
@@ -66,7 +66,7 @@ def slide_task_scores(run_dirs: Sequence[str | os.PathLike], tumour: Callable[[s
     return {
         "auroc": round(auroc, 4), "auroc_ci": [round(low, 4), round(high, 4)],
         "auroc_per_seed": [round(float(roc_auc_score(labels, p)), 4) for p in probs],
-        "balanced_accuracy": round(float(np.mean([balanced_accuracy_score(labels, p >= 0.5) for p in probs])), 4),
+        "balanced_accuracy": round(float(np.mean([balanced_accuracy_score(labels, p > 0.5) for p in probs])), 4),
         "localisation_auroc": round(float(np.mean(localisation)), 4) if localisation else None,
         "slides": len(slides),
     }

@@ -74,16 +74,19 @@ def projected_hours(tiles_per_s: float | None) -> float | None:
     return round(PROJECTED_SLIDES * PROJECTED_TILES_PER_SLIDE / tiles_per_s / 3600, 1)
 
 
-def machine(device: str) -> dict:
-    """``{cpu, cores, gpu}``: the CPU model (as lscpu names it), usable cores, and the GPU's name when
-    ``device`` is a CUDA device (else None)."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name as lscpu shows it (``/proc/cpuinfo``), else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict:
+    """``{cpu, cores, gpu}``: the CPU model, usable cores, and the GPU's name when ``device`` is a CUDA device
+    (else None)."""
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-    return {"cpu": cpu, "cores": usable_cpus(), "gpu": gpu}
+    return {"cpu": cpu_model(), "cores": usable_cpus(), "gpu": gpu}

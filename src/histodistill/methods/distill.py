@@ -52,6 +52,7 @@ class TeacherStudentMethod(ClassificationMethod):
     or registered name, an ``hf-hub:`` id, one of our ``.ckpt`` files, an exported directory), with
     ``teacher_weights`` an optional local weights file and ``teacher_kwargs`` timm arguments. The
     teacher sees the student's batch re-normalised with its own mean/std and resized to its input size.
+    ``classifier_dropout`` drops pooled features on their way to the student's classifier only (`classify`).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class TeacherStudentMethod(ClassificationMethod):
         teacher_weights: str | None = None,
         teacher_classifier_from_checkpoint: str | None = None,
         student_init: Literal["teacher", "imagenet", "random"] | None = None,
+        classifier_dropout: float = 0.0,
         w_ce: float = 1.0,
         w_kd: float = 1.0,
         temperature: float = 4.0,
@@ -79,6 +81,9 @@ class TeacherStudentMethod(ClassificationMethod):
         # and a student that does never needs its published weights.
         super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, pretrained=False,
                          optim=optim)
+        if not 0 <= classifier_dropout < 1:
+            raise UserError(f"model.init_args.classifier_dropout must be in [0, 1), got {classifier_dropout}")
+        self.classifier_dropout = classifier_dropout
         self.w_ce, self.w_kd, self.temperature = w_ce, w_kd, temperature
         self.teacher: Backbone = create_backbone(
             teacher, pretrained=teacher_pretrained, weights=teacher_weights, **(teacher_kwargs or {})
@@ -128,17 +133,27 @@ class TeacherStudentMethod(ClassificationMethod):
     def student_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) -> pooled features (B, D_s) and logits (B, num_classes)."""
         features = self.backbone(images)
-        return features, self.classifier(features)
+        return features, self.classify(features)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, D_s) -> logits, through dropout while training: MoMA's EfficientNet has it inside
+        its classifier (``Dropout(0.2)`` then ``Linear``), so the features the distillation terms see are not
+        dropped (timm's ``drop_rate`` would drop them too)."""
+        return self.classifier(F.dropout(features, self.classifier_dropout, self.training))
 
     @torch.no_grad()
     def teacher_forward(self, images: torch.Tensor, batch_statistics: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images prepared for the student -> teacher pooled features (B, D_t) and logits (or None).
 
-        ``batch_statistics`` runs the teacher's BatchNorm in training mode (the momentum encoder of
-        MoCo/MoMA normalises with the batch); otherwise the teacher is in eval mode, whatever mode
-        Lightning put the whole module in.
+        ``batch_statistics`` runs the teacher's BatchNorm layers, and only those, in training mode (the momentum
+        encoder of MoCo/MoMA normalises with the batch: MoMA's ``set_bn_train``), so dropout and drop-path stay
+        off; otherwise the whole teacher is in eval mode, whatever mode Lightning put the module in.
         """
-        self.teacher.train(batch_statistics)
+        self.teacher.eval()
+        if batch_statistics:
+            for module in self.teacher.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
         features = self.teacher(to_teacher_input(images, self.preprocess, self.teacher.preprocess))
         logits = self.teacher_classifier(features) if self.teacher_classifier is not None else None
         return features, logits
@@ -289,7 +304,15 @@ class Distill(TeacherStudentMethod):
             self.trained_batches += 1
             in_stage = bool(self.trained_batches <= self.init_steps)
         # FT's stage trains the paraphraser on the teacher alone: the student (and its BatchNorm) is left as is.
-        student = forward_layers(self.backbone, images, term.student_layers) if not in_stage or term.stage_needs_student else None
+        student = None
+        if not in_stage or term.stage_needs_student:
+            # AB's and FSP's stages train the student in eval mode, as RepDistiller's helper/pretrain.py `init`.
+            eval_mode = in_stage and term.stage_student_eval and self.backbone.training
+            if eval_mode:
+                self.backbone.eval()
+            student = forward_layers(self.backbone, images, term.student_layers)
+            if eval_mode:
+                self.backbone.train()
         inputs = ZooInputs(student, teacher, teacher_logits, self.teacher_classifier)
         if in_stage:
             init = term.init_loss(inputs)
@@ -297,7 +320,7 @@ class Distill(TeacherStudentMethod):
         if self.feature == "simkd":
             logits = term.predict(student.final, self.teacher_classifier)
         else:
-            logits = self.classifier(student.pooled)
+            logits = self.classify(student.pooled)
         losses = self.supervised_terms(logits, labels, teacher_logits)
         if self.w_feature != 0:  # AB and FSP train with CE + KD alone after their stage (w_feature 0)
             losses[self.feature] = term.loss(inputs)

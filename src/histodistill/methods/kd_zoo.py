@@ -33,7 +33,13 @@ from histodistill.losses.simkd import SimKDProjector, simkd_loss
 from histodistill.losses.srrl import SRRLLoss
 from histodistill.losses.vid import VIDLoss
 from histodistill.models.backbones import Backbone
-from histodistill.models.intermediates import LayerFeatures, layer_channels, pyramid, resolve_layers
+from histodistill.models.intermediates import (
+    LayerFeatures,
+    layer_channels,
+    layer_sizes,
+    pyramid,
+    resolve_layers,
+)
 
 
 @dataclass
@@ -55,6 +61,8 @@ class ZooTerm(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     init_stage: ClassVar[bool] = False
     stage_needs_student: ClassVar[bool] = True
+    # RepDistiller's init stage runs the student in eval mode (BatchNorm on running statistics) while it trains.
+    stage_student_eval: ClassVar[bool] = False
     needs_teacher_classifier: ClassVar[bool] = False
     needs_batch_size: ClassVar[bool] = False
 
@@ -65,6 +73,7 @@ class ZooTerm(nn.Module):
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         self.student_channels = layer_channels(student, student_layers)
         self.teacher_channels = layer_channels(teacher, teacher_layers)
+        self.student_sizes, self.teacher_sizes = layer_sizes(student, student_layers), layer_sizes(teacher, teacher_layers)
 
     def loss(self, inputs: ZooInputs) -> torch.Tensor:
         raise NotImplementedError
@@ -138,10 +147,15 @@ class NST(ZooTerm):
 
 class AB(ZooTerm):
     layers, defaults, init_stage = slice(1, None), {"margin": 1.0, "w_init": 3e-3}, True
+    stage_student_eval = True
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
         super().__init__(student, teacher, student_layers, teacher_layers, options)
-        self.connectors = ABConnectors(self.student_channels, self.teacher_channels, self.options["margin"])
+        # RepDistiller's Connector: no connector where channels and map size already agree.
+        student = list(zip(self.student_channels, self.student_sizes, strict=True))
+        teacher = list(zip(self.teacher_channels, self.teacher_sizes, strict=True))
+        same = [s == t for s, t in zip(student, teacher, strict=True)]
+        self.connectors = ABConnectors(self.student_channels, self.teacher_channels, self.options["margin"], same)
 
     def loss(self, inputs):
         return self.connectors(inputs.student.maps, inputs.teacher.maps)
@@ -151,14 +165,14 @@ class AB(ZooTerm):
 
 
 class FT(ZooTerm):
-    layers, defaults, init_stage = slice(-1, None), {"rate": 0.5, "p": 1, "w_init": 1.0}, True
+    layers, defaults, init_stage = slice(-1, None), {"rate": 0.5, "p": 1, "w_init": 1.0, "paraphraser_bn": False}, True
     stage_needs_student = False
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
         super().__init__(student, teacher, student_layers, teacher_layers, options)
         if len(student_layers) != 1:
             raise UserError(f"feature: ft uses one layer pair, got student_layers of length {len(student_layers)}")
-        self.paraphraser = Paraphraser(self.teacher_channels[0], self.options["rate"])
+        self.paraphraser = Paraphraser(self.teacher_channels[0], self.options["rate"], self.options["paraphraser_bn"])
         self.translator = translator(self.student_channels[0], self.paraphraser.factor_channels)
 
     def loss(self, inputs):
@@ -175,6 +189,7 @@ class FT(ZooTerm):
 
 class FSP(ZooTerm):
     layers, defaults, init_stage = slice(0, None), {"w_init": 1.0}, True
+    stage_student_eval = True
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
         super().__init__(student, teacher, student_layers, teacher_layers, options)

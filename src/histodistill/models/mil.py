@@ -1,7 +1,9 @@
-"""Slide-level multiple-instance learning heads: mean pooling, ABMIL (gated attention), TransMIL.
+"""Slide-level multiple-instance learning heads: mean pooling, ABMIL (gated attention), TransMIL, and the
+registry `create_mil` that also builds CLAM-SB/MB (`histodistill.models.clam`).
 
-Every model takes a bag of instance features ``x`` (B, N, D) with an optional padding mask
-(B, N) (True = real instance, False = padding) and returns `MILOutput(logits (B, C), scores (B, N))`.
+Every model (`histodistill.models.mil_base.MILHead`) takes a bag of instance features ``x`` (B, N, D) with an
+optional padding mask (B, N) (True = real instance, False = padding) and returns
+`MILOutput(logits (B, C), scores (B, N), ...)`; ``loss(output, labels)`` is its training objective.
 ``scores`` say how much each instance drove the prediction and are what heatmaps draw; they are
 0 at padded positions. Padding never changes a bag's output (tests check this for every model).
 """
@@ -9,47 +11,16 @@ Every model takes a bag of instance features ``x`` (B, N, D) with an optional pa
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodistill.models.clam import CLAMMB, CLAMSB
+from histodistill.models.mil_base import MILHead, MILOutput, full_mask, masked_softmax
 
-class MILOutput(NamedTuple):
-    logits: torch.Tensor  # (B, C)
-    scores: torch.Tensor  # (B, N), 0 at padded positions
-    # What a model's own objective needs besides the logits (CLAM's instance loss), None elsewhere:
-    attention: torch.Tensor | None = None  # (B, K, N) attention of each of K branches
-    instance_logits: torch.Tensor | None = None  # (B, N, C, 2) each class's instance classifier
-    mask: torch.Tensor | None = None  # (B, N) bool, True = real instance
-
-
-def bag_cross_entropy(output: MILOutput, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the bag logits (B, C) against ``labels`` (B,): every model's bag objective,
-    in float32 (the logits may come from bf16 autocast)."""
-    return F.cross_entropy(output.logits.float(), labels)
-
-
-class MILHead(nn.Module):
-    """A MIL model: ``forward(x (B, N, D), mask (B, N)) -> MILOutput`` and ``loss(output, labels)``, its
-    training objective (a scalar). The objective is the bag cross-entropy unless a model adds terms
-    (CLAM's instance loss), so one training loop serves every model."""
-
-    def loss(self, output: MILOutput, labels: torch.Tensor) -> torch.Tensor:
-        return bag_cross_entropy(output, labels)
-
-
-def full_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The padding mask (B, N) bool, all True when none is given."""
-    if mask is None:
-        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    return mask.bool()
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim (B, N) that gives padded positions exactly 0 weight."""
-    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+__all__ = ["ABMIL", "CLAMMB", "CLAMSB", "MIL_MODELS", "MILHead", "MILOutput", "MeanPoolMIL", "Standardized",
+           "TransMIL", "create_mil"]
 
 
 class MeanPoolMIL(MILHead):
@@ -250,12 +221,13 @@ class Standardized(MILHead):
         return self.mil.loss(output, labels)
 
 
-MIL_MODELS: dict[str, type[nn.Module]] = {"mean": MeanPoolMIL, "abmil": ABMIL, "transmil": TransMIL}
+MIL_MODELS: dict[str, type[MILHead]] = {"mean": MeanPoolMIL, "abmil": ABMIL, "transmil": TransMIL, "clam_sb": CLAMSB,
+                                        "clam_mb": CLAMMB}
 
 
 def create_mil(name: str, in_dim: int, num_classes: int, standardize: bool = False, **kwargs) -> nn.Module:
-    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``); ``standardize`` wraps it in
-    `Standardized` (fit its statistics before training)."""
+    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``, ``clam_sb``, ``clam_mb``); ``standardize``
+    wraps it in `Standardized` (fit its statistics before training)."""
     if name not in MIL_MODELS:
         raise ValueError(f"unknown MIL model {name!r}; choose one of {sorted(MIL_MODELS)}")
     model = MIL_MODELS[name](in_dim, num_classes, **kwargs)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from histodistill.errors import UserError
+from histodistill.eval.mil_config import MIL_MODEL_NAMES
 from histodistill.eval.report import DISTILL_MODELS as MODELS
 from histodistill.pipelines.runner import Stage, format_timings, read_record, record_path, run_stages
 
@@ -39,8 +40,8 @@ METHOD_RECIPES = {"mcmkd": "mcmkd/resnet50_s3_p224.yaml", "moma": "moma/heteroge
 CHECKPOINT_EVERY_STEPS = 500
 
 
-def _option(help: str, **kwargs) -> dict:
-    return {"metadata": {"help": help}, **kwargs}
+def _option(help: str, choices: tuple[str, ...] | None = None) -> dict:
+    return {"metadata": {"help": help, "choices": choices}}
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class DistillConfig:
     holdout: float = field(default=0.0, **_option(
         "share of the slides kept out of the fit (MCM-KD fine-tunes on the target cohort, unlabeled, as the paper)"))
     folds: int = field(default=5, **_option("ABMIL cross-validation folds by case (with --labels)"))
-    mil_model: Literal["abmil", "transmil", "clam_sb"] = field(default="abmil", **_option("the MIL model compared"))
+    mil_model: str = field(default="abmil", **_option("the MIL model compared", choices=MIL_MODEL_NAMES))
     mil_epochs: int = field(default=20, **_option("MIL training epochs per fold"))
     devices: int = field(default=1, **_option("GPUs for the fit (DDP when more than one)"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", **_option(
@@ -97,7 +98,7 @@ class DistillContext:
     tile_px: int
     slide_ids: tuple[str, ...]
     held_out: tuple[str, ...]
-    student_start: str  # "imagenet", "random" or "weights:<file>": where the student starts
+    student_start: str  # "imagenet", "random", "weights:<file>" or a checkpoint's/export's own: where it starts
     teacher_dim: int
 
     @property
@@ -119,7 +120,11 @@ class DistillContext:
 
     @property
     def tiles_dir(self) -> Path:
-        return self.config.coords if self.config.coords is not None else self.out / "tiles"
+        """The tiling output (holding ``patches/``): ours, or --coords (given as that folder or its patches/)."""
+        coords = self.config.coords
+        if coords is None:
+            return self.out / "tiles"
+        return coords.parent if coords.name == "patches" and not (coords / "patches").is_dir() else coords
 
     @property
     def precision(self) -> str:
@@ -139,9 +144,13 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     slide_ids = _slide_ids(config)
     if config.labels is not None:
         _check_labels(config.labels, slide_ids, config.folds)
-    teacher = create_backbone(config.teacher, weights=config.teacher_weights)
+    try:
+        teacher = create_backbone(config.teacher, weights=config.teacher_weights)
+    except UserError as error:
+        raise UserError(f"--teacher {config.teacher}: {error} (for distill: --teacher-weights FILE)") from None
     student_start = ("random" if config.student_random_init else
-                     f"weights:{config.student_weights}" if config.student_weights else "imagenet")
+                     f"weights:{config.student_weights}" if config.student_weights else
+                     "its own (checkpoint or export)" if Path(config.student).exists() else "imagenet")
     try:
         create_backbone(config.student, pretrained=not config.student_random_init, weights=config.student_weights)
     except UserError as error:
@@ -153,6 +162,8 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
         log(f"the teacher {config.teacher} records no mpp: tiles at 0.5 mpp (pass --mpp to choose)")
     rng = random.Random(config.seed)
     held_out = tuple(sorted(rng.sample(sorted(slide_ids), round(config.holdout * len(slide_ids)))))
+    if len(held_out) == len(slide_ids):
+        raise UserError(f"--holdout {config.holdout} keeps all {len(slide_ids)} slides out of the fit: lower it")
     return DistillContext(config=config, device=device.split(":")[0], tile_mpp=config.mpp or pre.mpp or 0.5,
                           tile_px=config.patch_size or pre.input_size, slide_ids=tuple(sorted(slide_ids)),
                           held_out=held_out, student_start=student_start, teacher_dim=teacher.num_features)
