@@ -105,7 +105,7 @@ def main() -> None:
                  "Virchow2...) needs its weights and a GPU.\n"]
     body.append(f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: read the "
                 "ratios, measured in the same run, rather than the absolute rates).\n")
-    write_section("distill", "distill: teacher vs students", "\n".join(body))
+    write_section("distill_command", "distill: teacher vs students", "\n".join(body))
 
 
 if __name__ == "__main__":
