@@ -11,8 +11,9 @@ a result is reported on:
   LayerNorm-ed targets (what a student scores by predicting the common direction, input ignored);
 - MCM-KD runs (`configs/mcmkd/tiny_cpu.yaml` with the demo's overrides, `mcmkd_overrides`) from the same
   student, same seed and windows, per target setting: the loss curve, and the loss relative to the
-  constant prediction's (1 - that cosine for the cosine; 1 for the squared error on standardised
-  targets, whose mean is 0), so < 1 means the student learned more than the common direction;
+  constant prediction's (per term 1 - that cosine for the cosine, 1 for the squared error on standardised
+  targets, whose mean is 0; times w_masked + w_visible), so < 1 means the student learned more than the
+  common direction;
 - for each tuned student and the start: the tile-probe AUROC (a linear probe told every tile's tumour
   label, 5-fold CV by slide, no MIL), the linear CKA of its tile features with the teacher's, and the
   mean cosine between its head's prediction and the (run's normalised) teacher target.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks.common import markdown_table, write_section
 from histodistill.data.feature_files import load_slides, open_feature_folder
@@ -129,7 +131,9 @@ def main() -> None:
             predicted = model.head(student[:, None, :])[:, 0]  # (N, D_teacher): each tile as a 1 x 1 window
             target = normalise_targets(raw, norm, model.target_mean, model.target_std)
             cosine = float(torch.nn.functional.cosine_similarity(predicted, target, dim=-1).mean())
-        constant = 1 - constant_cosine if loss == "cosine" else 1.0
+        # The logged loss is w_masked · masked + w_visible · visible: the constant prediction scores each term.
+        weights = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
+        constant = (weights["w_masked"] + weights["w_visible"]) * (1 - constant_cosine if loss == "cosine" else 1.0)
         rows.append([name, metrics.get("global_step"), f"{curve[0]:.4f}", f"{curve[len(curve) // 10]:.4f}",
                      f"{curve[-1]:.4f}", f"{np.mean(curve[-5:]) / constant:.3f}", f"{cosine:.3f}", f"{seconds:.0f}"])
 
