@@ -51,7 +51,8 @@ _TEMPORARY_ENDINGS = ("~", ".tmp", ".part", ".partial", ".lock", ".crdownload")
 def unwritable_reason(value: str | os.PathLike, kind: str) -> str | None:
     """Why no ``kind`` ("folder" or "file") can be written at ``value``, or None when one can. Refused:
     an empty path (it would silently mean the current folder), a path under a file (the first ``mkdir``
-    would fail with a traceback), and a path that exists as the other kind."""
+    would fail with a traceback), a path that exists as the other kind, and a place that is not writable
+    (a read-only mount or a folder without write permission: every later write would fail)."""
     if not str(value).strip():
         return f"an empty path was given: pass a {kind} to write into"
     path = Path(value)
@@ -62,6 +63,13 @@ def unwritable_reason(value: str | os.PathLike, kind: str) -> str | None:
         return f"{value} is a file, not a folder: pass a folder to write into"
     if kind == "file" and path.is_dir():
         return f"{value} is a folder: pass a file name to write, e.g. {path / 'report.html'}"
+    # The place where the first file or folder would be made: the folder itself for an existing output
+    # folder, else the nearest existing parent (missing parents are made there).
+    place = path if kind == "folder" and path.is_dir() else next(
+        (parent for parent in (path.parent, *path.parent.parents) if parent.exists()), Path("."))
+    if not os.access(place, os.W_OK | os.X_OK):  # EROFS and permissions alike, also for root on a read-only mount
+        return (f"{value}: {place.resolve()} is not writable (read-only or no permission): pass a {kind} "
+                "on a writable disk")
     return None
 
 
