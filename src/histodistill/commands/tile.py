@@ -127,6 +127,28 @@ def _tile_one(job: dict):
         return TileResult(path.stem, str(path), "failed", 0, 0.0, message)
 
 
+def refuse_other_settings(jobs: list[dict], out: Path) -> None:
+    """One `UserError` before any work when finished tiles in ``out`` were made with other settings, naming
+    only the settings that differ and the fix; the old tiles stay as they are."""
+    from histodistill.errors import UserError
+    from histodistill.wsi.tiling import earlier_tiling, tiling_settings
+
+    conflicts = []
+    for job in jobs:
+        settings = tiling_settings(job["target_mpp"], job["magnification"], job["patch_size"], job["overlap"],
+                                   job["min_tissue"], job["mpp_override"], job["tissue"])
+        status, differences = earlier_tiling(out, Path(job["slide_path"]).stem, settings)
+        if differences:
+            conflicts.append((status, differences))
+    if conflicts:
+        tiles = sum(int(status.get("n_tiles", 0)) for status, _ in conflicts)
+        raise UserError(
+            f"{out / 'patches'}: {len(conflicts)} of {len(jobs)} slides were tiled there with other settings "
+            f"({'; '.join(conflicts[0][1])}); their {tiles} tiles are kept: pass --overwrite to tile them again "
+            "with these settings, or choose another --out"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import multiprocessing
     import sys
@@ -153,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
              overwrite=args.overwrite, magnification=args.magnification)
         for path, mpp in share.select(slides)
     ]
+    if not args.overwrite:
+        refuse_other_settings(jobs, Path(args.out))
     progress = tqdm(total=len(jobs), desc="tile", unit="slide", disable=len(jobs) < 2)
     results = []
     if args.workers == 1:

@@ -127,17 +127,56 @@ def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, patch_l
     return image
 
 
-def _existing_done(paths: OutputPaths, settings: dict) -> dict | None:
-    """The ok/empty status of a finished earlier run with these settings; `UserError` if the settings differ."""
+def tiling_settings(target_mpp: float, magnification: float | None, patch_size: int, overlap: int, min_tissue: float,
+                    mpp_override: float | None, tissue: TissueConfig) -> dict:
+    """What a tiling depends on, as its status file records it (JSON: tuples become lists)."""
+    settings = dict(target_mpp=None if magnification else target_mpp, magnification=magnification,
+                    patch_size=patch_size, overlap=overlap, min_tissue=min_tissue, mpp_override=mpp_override,
+                    tissue=dataclasses.asdict(tissue))
+    return json.loads(json.dumps(settings))
+
+
+def _option(key: str) -> str:
+    """The `histodistill tile` option of a settings key: ``patch_size`` -> ``--patch-size``."""
+    return "--" + {"target_mpp": "mpp"}.get(key, key.removeprefix("tissue.")).replace("_", "-")
+
+
+def settings_differences(earlier: dict, now: dict) -> list[str]:
+    """Only the settings that differ, by their option: ``--patch-size 224 (the tiles there: 256)``."""
+    def flat(settings: dict) -> dict:
+        out = {}
+        for key, value in settings.items():
+            out |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+        return out
+
+    def shown(value) -> str:
+        return "default" if value is None else str(value)  # None: the option was not given
+
+    earlier, now = flat(earlier), flat(now)
+    return [f"{_option(key)} {shown(now.get(key))} (the tiles there: {shown(earlier.get(key))})"
+            for key in dict.fromkeys([*now, *earlier]) if earlier.get(key) != now.get(key)]
+
+
+def earlier_tiling(out_dir: str | os.PathLike, slide_id: str, settings: dict) -> tuple[dict | None, list[str]]:
+    """``(status, differences)`` of a finished earlier tiling of ``slide_id`` in ``out_dir`` (``(None, [])``
+    when there is none): its status record, and the settings (`tiling_settings`) it was made with that
+    differ from ``settings`` (`settings_differences`; empty when the same)."""
+    paths = OutputPaths.for_slide(out_dir, slide_id)
     if not paths.status.is_file():
-        return None
+        return None, []
     status = json.loads(paths.status.read_text())
     if not (status.get("status") == "ok" and paths.coords.is_file() or status.get("status") == "empty"):
-        return None
-    if status.get("settings") != json.loads(json.dumps(settings)):  # as JSON stores it: tuples become lists
+        return None, []
+    return status, settings_differences(status.get("settings") or {}, settings)
+
+
+def _existing_done(paths: OutputPaths, settings: dict) -> dict | None:
+    """The ok/empty status of a finished earlier run with these settings; `UserError` if the settings differ."""
+    status, differences = earlier_tiling(paths.coords.parent.parent, paths.coords.stem, settings)
+    if differences:
         raise UserError(
-            f"{paths.coords} was made with other settings ({status.get('settings')}); "
-            "pass --overwrite to replace it, or choose another --out"
+            f"{paths.coords} was made with other settings: {'; '.join(differences)}; its {status.get('n_tiles', 0)} "
+            "tiles are kept: pass --overwrite to replace them, or choose another --out"
         )
     return status
 
@@ -169,15 +208,7 @@ def tile_slide(
     slide_path = Path(slide_path).resolve()
     slide_id = slide_path.stem
     paths = OutputPaths.for_slide(out_dir, slide_id)
-    settings = dict(
-        target_mpp=None if magnification else target_mpp,
-        magnification=magnification,
-        patch_size=patch_size,
-        overlap=overlap,
-        min_tissue=min_tissue,
-        mpp_override=mpp_override,
-        tissue=dataclasses.asdict(tissue),
-    )
+    settings = tiling_settings(target_mpp, magnification, patch_size, overlap, min_tissue, mpp_override, tissue)
     if not overwrite and (done := _existing_done(paths, settings)):
         return TileResult(slide_id, str(slide_path), "skipped", done["n_tiles"], 0.0, done.get("message", ""))
 
