@@ -21,7 +21,7 @@ from histodistill.models.backbones import Backbone, BackboneSpec, Preprocess, cr
 from histodistill.wsi.tiling import read_coords, tile_slide, write_coords
 
 MODEL, TILE = "tiny/resnet18-64", 64
-FOLDER = "features_tiny-resnet18-64-context3"
+FOLDER = "features_tiny-resnet18-64-random-init-context3"
 
 
 def tiling(tiny_slide, tmp_path, names):
@@ -85,7 +85,7 @@ def corner_coords(tiny_slide, tmp_path):
 def test_features_folder_holds_centre_cell_features_apart_from_per_patch_ones(one_slide, tmp_path):
     out = tmp_path / "features"
     assert _extract(one_slide, out) == 0  # per-patch features first, in the same --out
-    per_patch = out / "features_tiny-resnet18-64"
+    per_patch = out / "features_tiny-resnet18-64-random-init"
     stamp = (per_patch / "slide_a.h5").stat().st_mtime_ns
     assert _extract(one_slide, out, "--context-window", "3") == 0
     folder = out / FOLDER

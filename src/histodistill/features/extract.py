@@ -64,6 +64,13 @@ def model_slug(model: str | os.PathLike) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
 
+def features_folder_name(model: str | os.PathLike, pretrained: bool = True, context_window: int | None = None) -> str:
+    """``features_<slug>`` (`model_slug`), with ``-random-init`` for random weights, so they never share a folder
+    name with the pretrained weights' features, and ``-context<S>`` for context-window features."""
+    random_init = "" if pretrained else "-random-init"
+    return f"features_{model_slug(model)}{random_init}{context_suffix(context_window)}"
+
+
 def state_dict_sha256(model: nn.Module) -> str:
     """SHA-256 over the weights as loaded (names, dtypes, shapes, bytes): the same weights hash the same
     whatever file format, checkpoint or hub they came from."""
@@ -183,6 +190,7 @@ def extract_slides(
     weights is refused (mixing extractors in one folder would silently corrupt a MIL run).
     ``context_window`` s: each tile's feature is the centre cell of the s x s window around it
     (`histodistill.features.context_extract`), written to ``features_<slug>-context<s>``.
+    The folder is named by `features_folder_name` (``-random-init`` for random weights).
     ``slides_dir``: the folder holding ``<slide_id><slide_ext>`` for coords that do not name their slide
     (CLAM, TRIDENT) or whose slides moved; every slide is found before any work starts.
     Each features file's ``coords`` carries the tiling's attributes (`tiling_attrs`).
@@ -205,7 +213,7 @@ def extract_slides(
     backbone = seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     record["context_window"] = context_window
-    features_dir = Path(out_dir) / f"features_{model_slug(model)}{context_suffix(context_window)}"
+    features_dir = Path(out_dir) / features_folder_name(model, pretrained, context_window)
     transform = build_transform("eval", backbone.spec.preprocess, train=False)
     net, tiles_of = backbone, partial(SlideTileDataset, transform=transform)
     if context_window is not None:  # checked here, before anything is written
@@ -249,7 +257,7 @@ def extract_images(
     """Features of an image folder (``root/<class>/<image>``) into ``<out>/features_<slug>/features.h5``:
     ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr ``classes``."""
 
-    features_dir = Path(out_dir) / f"features_{model_slug(model)}"
+    features_dir = Path(out_dir) / features_folder_name(model, pretrained)
     target = features_dir / PATCH_FEATURES
     if target.exists() and not overwrite:
         if (problem := problems_of(target)) is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 
 from histodistill.errors import UserError
-from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, model_slug
+from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, features_folder_name
 from histodistill.io import sha256_file, visible_files, write_json
 from histodistill.wsi.tiling import read_coords
 
@@ -23,10 +23,10 @@ from histodistill.wsi.tiling import read_coords
 CACHE_RECORD = "teacher_cache.json"
 
 
-def cache_features_dir(cache_root: str | os.PathLike, teacher: str) -> Path:
-    """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>``."""
+def cache_features_dir(cache_root: str | os.PathLike, teacher: str, pretrained: bool = True) -> Path:
+    """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>`` (`features_folder_name`)."""
 
-    return Path(cache_root) / f"features_{model_slug(teacher)}"
+    return Path(cache_root) / features_folder_name(teacher, pretrained)
 
 
 def cache_key(
@@ -100,7 +100,7 @@ def ensure_teacher_cache(
     `UserError` naming the cache and ``data.init_args.rebuild_cache`` otherwise.
     """
     patches_dir = Path(tiles_dir) / "patches"
-    features_dir = cache_features_dir(cache_root, teacher)
+    features_dir = cache_features_dir(cache_root, teacher, pretrained)
     key = cache_key(patches_dir, teacher, teacher_weights, pretrained)
     if not key["slides"]:
         raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile ... --out {tiles_dir}` first")
