@@ -137,3 +137,14 @@ def test_fit_help_lists_the_run_options(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--resume" in out and "--overwrite" in out and "--trainer.default_root_dir" in out
+
+
+def test_a_tiny_recipe_without_its_data_names_the_command_that_makes_it(tmp_path, capsys, monkeypatch):
+    # Issue 29: from a fresh folder the tiny recipe's demo_out/data/nuclei/train does not exist; the error
+    # names the samples subcommand that writes it.
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path / "run")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert errors == ["error: image folder demo_out/data/nuclei/train does not exist: pass a folder with one "
+                      "subfolder per class (root/<class>/<image>); `histodistill samples make-nuclei --out "
+                      "demo_out/data/nuclei` writes the sample nuclei task there"]

@@ -66,8 +66,11 @@ class ImageFolderDataset(_ImageFiles):
         self.transform = transform
         if not self.root.is_dir():
             what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            # The tiny recipes read the nuclei task at demo_out/data/nuclei/{train,test}: say what writes it.
+            maker = (f"; `histodistill samples make-nuclei --out {self.root.parent}` writes the sample nuclei task "
+                     "there" if self.root.name in ("train", "test") and not self.root.exists() else "")
             raise UserError(f"image folder {self.root} {what}: pass a folder with one subfolder per class "
-                            "(root/<class>/<image>)")
+                            f"(root/<class>/<image>){maker}")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not is_hidden_or_temporary(p))
         if not self.classes:
             raise UserError(f"image folder {self.root} has no class subfolders (expected root/<class>/<image>)")

@@ -103,7 +103,8 @@ def ensure_teacher_cache(
     features_dir = cache_features_dir(cache_root, teacher, pretrained)
     key = cache_key(patches_dir, teacher, teacher_weights, pretrained)
     if not key["slides"]:
-        raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile ... --out {tiles_dir}` first")
+        raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile SLIDES --out {tiles_dir}` first "
+                        "(sample slides: `histodistill samples make-slides --out SLIDES`)")
     reasons = stale_reasons(features_dir, key)
     if not reasons:
         return features_dir
