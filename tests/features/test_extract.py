@@ -130,6 +130,27 @@ def test_image_folder_features(tmp_path):
         assert list(handle.attrs["classes"]) == ["stroma", "tumour"]
 
 
+def test_image_features_of_an_earlier_run_are_reused_and_others_refused(tmp_path, capsys):
+    # Issue 29: the demo's features stage printed "... features.h5 exists; pass --overwrite" about the file its
+    # own sdmae stage had written: the same weights and images are reused and said so, not reported as a conflict.
+    from conftest import make_image_folder
+
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    argv = ["extract", "--model", MODEL, "--random-init", "--images", str(images), "--out", str(tmp_path / "f"),
+            "--workers", "0"]
+    assert main(argv) == 0
+    target = tmp_path / "f" / "features_tiny-resnet18-64-random-init" / "features.h5"
+    stamp = target.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"reusing {target}: extracted earlier" in out and "exists; pass --overwrite" not in out
+    assert target.stat().st_mtime_ns == stamp
+    (images / "a" / "extra.png").write_bytes((images / "a" / "0.png").read_bytes())
+    assert main(argv) == 2  # another image folder under the same name: refused, not silently reused
+    assert "holds features of another image folder" in capsys.readouterr().err
+
+
 def test_empty_slide_gives_empty_arrays():
     backbone = create_backbone(MODEL, pretrained=False).eval()
     features, coords = extract_slide(backbone, [], batch_size=2)

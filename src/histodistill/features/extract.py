@@ -259,19 +259,19 @@ def extract_images(
 
     features_dir = Path(out_dir) / features_folder_name(model, pretrained)
     target = features_dir / PATCH_FEATURES
-    if target.exists() and not overwrite:
-        if (problem := problems_of(target)) is None:
-            print(f"{target} exists; pass --overwrite to extract again")
-            return target
-        print(f"redoing {target}: {problem}")
     backbone = seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
+    dataset = ImageFolderDataset(images_dir, transform=build_transform("eval", backbone.spec.preprocess, train=False))
+    paths = [str(path.relative_to(dataset.root)) for path, _ in dataset.samples]
+    if target.exists() and not overwrite:
+        if (problem := problems_of(target)) is None:
+            _reuse_or_refuse(target, record, paths)
+            return target
+        print(f"redoing {target}: {problem}")
     torch_device = resolve_device(device)
     backbone = prepare_model(backbone, torch_device)
-    dataset = ImageFolderDataset(images_dir, transform=build_transform("eval", backbone.spec.preprocess, train=False))
     features, labels = extract_features(backbone, dataset, batch_size, num_workers, torch_device, precision, "images")
     require_finite(features, f"image folder {images_dir}", str(model))
-    paths = [str(path.relative_to(dataset.root)) for path, _ in dataset.samples]
     with atomic_path(target) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_dataset("features", data=features.astype(np.float32))
         handle.create_dataset("labels", data=labels.astype(np.int64))
@@ -281,6 +281,19 @@ def extract_images(
         handle.attrs["weights_sha256"] = record["weights_sha256"]
     write_json(features_dir / EXTRACTOR_JSON, record)
     return target
+
+
+def _reuse_or_refuse(target: Path, record: dict[str, Any], paths: list[str]) -> None:
+    """Reuse a finished ``features.h5`` of the same weights and images, saying so (a run's own earlier output,
+    e.g. the demo's, is no conflict); refuse one of other weights or other images (`UserError`)."""
+    with h5py.File(target, "r") as handle:
+        previous = handle.attrs.get("weights_sha256")
+        stored = handle["paths"][:] if "paths" in handle else []
+        same_images = [p.decode() if isinstance(p, bytes) else str(p) for p in stored] == paths
+    if previous != record["weights_sha256"] or not same_images:
+        what = "other weights" if previous != record["weights_sha256"] else "another image folder"
+        raise UserError(f"{target} holds features of {what}; use another --out or pass --overwrite to extract again")
+    print(f"reusing {target}: extracted earlier from these images with these weights (--overwrite extracts again)")
 
 
 def seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
