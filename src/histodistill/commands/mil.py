@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from histodistill.data.bags import (
         BagDataset,
         class_names,
+        describe_labels,
         empty_bags,
         empty_bags_error,
         make_bags,
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [r for r in rows if r.slide_id not in dropped]
         print(f"--drop-empty: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
     classes = class_names(rows)
+    print(describe_labels(rows, args.labels))
     if len(classes) < 2:
         raise UserError(f"--labels {args.labels} has a single label {classes}: MIL needs at least two classes")
     dataset = BagDataset(folder, make_bags(rows, classes, by_case=args.by_case), slides)
