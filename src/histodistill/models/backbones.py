@@ -27,6 +27,7 @@ from torch import nn
 
 from histodistill.errors import UserError
 from histodistill.models.registry import Registry
+from histodistill.models.hub import hub_access, unreachable_remedy
 from histodistill.models.weights import first_line, load_weights, read_checkpoint, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -316,10 +317,11 @@ def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str,
             f"timm publishes no pretrained weights for {asked!r} ({timm_name}): pass a local file (--weights FILE, "
             "config weights: FILE) or ask for random weights explicitly (--random-init, config pretrained: false)"
         )
-    try:
-        return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **timm_kwargs(model_kwargs))
-    except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
-        raise UserError(_unavailable_message(asked, timm_name, pretrained, error)) from error
+    with hub_access() as unreachable:  # one quick probe, not huggingface_hub's ~53 s of retries when offline
+        try:
+            return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **timm_kwargs(model_kwargs))
+        except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
+            raise UserError(_unavailable_message(asked, timm_name, pretrained, error, unreachable)) from error
 
 
 def _has_published_weights(timm_name: str) -> bool:
@@ -327,8 +329,10 @@ def _has_published_weights(timm_name: str) -> bool:
     return cfg is not None and bool(cfg.hf_hub_id or cfg.url or cfg.file)
 
 
-def _unavailable_message(asked: str, timm_name: str, pretrained: bool, error: BaseException) -> str:
-    """One line: which model, why its files could not be had, and every way out."""
+def _unavailable_message(asked: str, timm_name: str, pretrained: bool, error: BaseException,
+                         unreachable: str | None = None) -> str:
+    """One line: which model, why its files could not be had, and every way out (``unreachable``: why the hub
+    gave no answer, from `histodistill.models.hub.hub_access`)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -336,6 +340,11 @@ def _unavailable_message(asked: str, timm_name: str, pretrained: bool, error: Ba
     cfg = None if hub_id else timm.models.get_pretrained_cfg(timm_name)
     where = timm_name.removeprefix("hf-hub:") if cfg is None else cfg.hf_hub_id or cfg.url or timm_name
     what = "pretrained weights" if pretrained else "config.json (an hf-hub: id needs it even for random weights)"
+    local = "the timm architecture as --model" if hub_id else f"--model {asked}"
+    others = f"a local file ({local} --weights FILE; config weights: FILE)" + (
+        "; or --random-init (config pretrained: false) for random weights" if pretrained else "")
+    if unreachable is not None and isinstance(error, LocalEntryNotFoundError):
+        return f"cannot get the {what} of {asked!r} from {where}: {unreachable_remedy(where, unreachable)}; or {others}"
     if isinstance(error, GatedRepoError):
         why = f"it is gated: accept its terms on https://huggingface.co/{where} and log in (`hf auth login` or HF_TOKEN)"
     elif isinstance(error, RepositoryNotFoundError):
@@ -345,12 +354,10 @@ def _unavailable_message(asked: str, timm_name: str, pretrained: bool, error: Ba
         why = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}){offline} and the hub was not reached"
     else:
         why = f"{type(error).__name__}: {first_line(error)}"
-    local = "the timm architecture as --model" if hub_id else f"--model {asked}"
-    random_init = "; or --random-init (config pretrained: false) for random weights" if pretrained else ""
     return (
-        f"cannot get the {what} of {asked!r} from {where}: {why}. Remedies: a local file ({local} --weights FILE; "
-        f"config weights: FILE); or a populated Hugging Face cache (download {where} where the hub is reachable, "
-        "copy the cache, point HF_HOME or HF_HUB_CACHE at it, set HF_HUB_OFFLINE=1)" + random_init
+        f"cannot get the {what} of {asked!r} from {where}: {why}. Remedies: HF_HUB_OFFLINE=1 with a populated "
+        f"Hugging Face cache (download {where} where the hub is reachable, copy the cache, point HF_HOME or "
+        f"HF_HUB_CACHE at it); or {others}"
     )
 
 
