@@ -259,10 +259,11 @@ def extract_images(
 
     features_dir = Path(out_dir) / features_folder_name(model, pretrained)
     target = features_dir / PATCH_FEATURES
+    dataset = ImageFolderDataset(images_dir)  # checked before the model is loaded (perhaps from the hub)
+    paths = [str(path.relative_to(dataset.root)) for path, _ in dataset.samples]
     backbone = seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
-    dataset = ImageFolderDataset(images_dir, transform=build_transform("eval", backbone.spec.preprocess, train=False))
-    paths = [str(path.relative_to(dataset.root)) for path, _ in dataset.samples]
+    dataset.transform = build_transform("eval", backbone.spec.preprocess, train=False)
     if target.exists() and not overwrite:
         if (problem := problems_of(target)) is None:
             _reuse_or_refuse(target, record, paths)
