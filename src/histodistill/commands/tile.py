@@ -117,10 +117,13 @@ def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path,
 def _tile_one(job: dict):
     """Run `tile_slide` and turn any failure into a failed `TileResult` (runs in worker processes)."""
     from histodistill.errors import UserError
+    from histodistill.io import DiskFullError
     from histodistill.wsi.tiling import TileResult, tile_slide
 
     try:
         return tile_slide(**job)
+    except DiskFullError:
+        raise  # every later slide would fail too: the run stops with one line
     except Exception as error:
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         path = Path(job["slide_path"])
@@ -149,15 +152,43 @@ def refuse_other_settings(jobs: list[dict], out: Path) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
+def _tile_all(jobs: list[dict], workers: int, results: list, progress) -> None:
+    """Tile every job, appending to ``results`` in job order; ``workers`` processes when more than one."""
     import multiprocessing
-    import sys
     from concurrent.futures import ProcessPoolExecutor
+
+    if workers == 1:
+        for job in jobs:
+            results.append(_tile_one(job))
+            progress.update()
+        return
+    # spawn, not fork: a forked worker would inherit the parent's open slide handles and threads.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        for result in pool.map(_tile_one, jobs):
+            results.append(result)
+            progress.update()
+
+
+def space_needed(out: Path, slides: int) -> int | None:
+    """Bytes the tiling of ``slides`` slides needs in ``out``: the finished slides' coords, QC and status files
+    scaled to all of them (None before any slide is finished)."""
+    done = list((out / "status").glob("*.json"))
+    if not done:
+        return None
+    written = sum(p.stat().st_size for folder in ("patches", "qc", "status") for p in (out / folder).glob("*")
+                  if p.is_file())
+    return round(written / len(done) * slides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
 
     from tqdm import tqdm
 
     from histodistill.distributed import this_process
     from histodistill.errors import UserError
+    from histodistill.io import reporting_full_disk
     from histodistill.wsi.tissue import TissueConfig
 
     if args.workers < 1:
@@ -179,18 +210,11 @@ def run(args: argparse.Namespace) -> int:
         refuse_other_settings(jobs, Path(args.out))
     progress = tqdm(total=len(jobs), desc="tile", unit="slide", disable=len(jobs) < 2)
     results = []
-    if args.workers == 1:
-        for job in jobs:
-            results.append(_tile_one(job))
-            progress.update()
-    else:
-        # spawn, not fork: a forked worker would inherit the parent's open slide handles and threads.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(args.workers, len(jobs)), mp_context=context) as pool:
-            for result in pool.map(_tile_one, jobs):
-                results.append(result)
-                progress.update()
-    progress.close()
+    with reporting_full_disk(args.out, lambda: space_needed(Path(args.out), len(jobs))):
+        try:
+            _tile_all(jobs, args.workers, results, progress)
+        finally:
+            progress.close()  # before any error line, which would otherwise follow the bar on its line
 
     if len(results) == 1 and results[0].status == "failed" and Path(args.source).suffix.lower() != ".csv":
         # One slide named on the command line that cannot be tiled is bad input, not a partial batch.

@@ -34,8 +34,8 @@ from histodistill.data.transforms import build_transform
 from histodistill.distributed import Share, local_device, write_json_once
 from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
-from histodistill.features.output_check import is_finished, require_finite
-from histodistill.io import atomic_path, write_json
+from histodistill.features.output_check import coords_rows, is_finished, require_finite
+from histodistill.io import atomic_path, reporting_full_disk, write_json
 from histodistill.models.backbones import Backbone, create_backbone
 from histodistill.wsi.coords import coords_files, find_slide, read_coords, tiling_attrs
 
@@ -223,22 +223,27 @@ def extract_slides(
 
     torch_device = resolve_device(local_device(device, share))
     prepare_model(backbone, torch_device)  # in place (nn.Module.to), so `net` wraps the prepared backbone
-    for coords_path in tqdm(files, desc="slides", unit="slide", dynamic_ncols=True):
-        tiling = tilings[coords_path]
-        target = features_dir / f"{tiling['slide_id']}.h5"
-        if not overwrite and is_finished(target, coords_path, record["feature_dim"]):
-            continue
-        # Context windows are cut on our own grid, whose coords name their slide.
-        dataset = tiles_of(coords_path) if context_window is not None else tiles_of(coords_path, slide_of[coords_path])
-        features, coords = extract_slide(
-            net, dataset, batch_size, num_workers, torch_device, precision, desc=tiling["slide_id"]
-        )
-        require_finite(features, f"slide {tiling['slide_id']}", str(model))
-        attrs = {"slide_id": tiling["slide_id"], "slide_path": str(slide_of[coords_path]), "extractor": str(model),
-                 "weights_sha256": record["weights_sha256"], **tiling_attrs(tiling)}
-        if context_window is not None:
-            attrs["context_window"] = context_window
-        write_slide_features(target, features, coords, attrs, tiling_attrs(tiling))
+    # A full disk names the file, this run's need (N x D float32 features and N x 2 int64 coords per slide,
+    # plus HDF5's few KB) and that a rerun resumes.
+    needed = sum(coords_rows(path) or 0 for path in files) * (4 * record["feature_dim"] + 16) + 8192 * len(files)
+    with reporting_full_disk(features_dir, lambda: needed):
+        for coords_path in tqdm(files, desc="slides", unit="slide", dynamic_ncols=True):
+            tiling = tilings[coords_path]
+            target = features_dir / f"{tiling['slide_id']}.h5"
+            if not overwrite and is_finished(target, coords_path, record["feature_dim"]):
+                continue
+            # Context windows are cut on our own grid, whose coords name their slide.
+            dataset = tiles_of(coords_path) if context_window is not None else tiles_of(coords_path,
+                                                                                        slide_of[coords_path])
+            features, coords = extract_slide(
+                net, dataset, batch_size, num_workers, torch_device, precision, desc=tiling["slide_id"]
+            )
+            require_finite(features, f"slide {tiling['slide_id']}", str(model))
+            attrs = {"slide_id": tiling["slide_id"], "slide_path": str(slide_of[coords_path]), "extractor": str(model),
+                     "weights_sha256": record["weights_sha256"], **tiling_attrs(tiling)}
+            if context_window is not None:
+                attrs["context_window"] = context_window
+            write_slide_features(target, features, coords, attrs, tiling_attrs(tiling))
     return features_dir
 
 

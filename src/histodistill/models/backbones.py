@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from histodistill.errors import UserError
-from histodistill.models.registry import Registry
 from histodistill.models.hub import hub_access, unreachable_remedy
+from histodistill.models.registry import Registry
 from histodistill.models.weights import first_line, load_weights, read_checkpoint, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

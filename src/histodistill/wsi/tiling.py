@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from histodistill.errors import UserError
-from histodistill.io import atomic_path, write_json
+from histodistill.io import atomic_path, is_disk_full, write_json
 from histodistill.wsi.coords import read_coords, write_coords
 from histodistill.wsi.slide import LEVEL_MPP_TOLERANCE, Slide, open_slide
 from histodistill.wsi.tissue import TissueConfig, lacks_colour, mask_mpp_for, tissue_mask
@@ -260,6 +260,8 @@ def tile_slide(
     except BaseException as error:  # KeyboardInterrupt too: never leave a coords file for a failed slide
         for path in (paths.coords, paths.qc):
             path.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise  # no status can be written either; the run stops with one line (`reporting_full_disk`)
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         status = dict(slide_id=slide_id, slide_path=str(slide_path), status="failed", n_tiles=0,
                       seconds=round(time.perf_counter() - start, 3), message=message, settings=settings)
