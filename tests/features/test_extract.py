@@ -153,7 +153,7 @@ def test_image_features_of_an_earlier_run_are_reused_and_others_refused(tmp_path
 
 def test_empty_slide_gives_empty_arrays():
     backbone = create_backbone(MODEL, pretrained=False).eval()
-    features, coords = extract_slide(backbone, [], batch_size=2)
+    features, coords, unreadable = extract_slide(backbone, [], batch_size=2)
     assert features.shape == (0, 512) and coords.shape == (0, 2) and coords.dtype == np.int64
 
 
@@ -226,9 +226,9 @@ def test_a_model_giving_non_finite_features_stops_naming_the_slide(tiles, tmp_pa
     real = extract.extract_slide
 
     def one_inf(*args, **kwargs):
-        features, coords = real(*args, **kwargs)
+        features, coords, unreadable = real(*args, **kwargs)
         features[2, 7] = np.inf
-        return features, coords
+        return features, coords, unreadable
 
     monkeypatch.setattr(extract, "extract_slide", one_inf)
     out = tmp_path / "features"

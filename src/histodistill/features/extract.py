@@ -35,6 +35,7 @@ from histodistill.distributed import Share, local_device, write_json_once
 from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
 from histodistill.features.output_check import coords_rows, is_finished, require_finite
+from histodistill.features.unreadable import UNREADABLE_ATTR, record_unreadable
 from histodistill.io import atomic_path, reporting_full_disk, write_json
 from histodistill.models.backbones import Backbone, create_backbone
 from histodistill.wsi.coords import coords_files, find_slide, read_coords, tiling_attrs
@@ -140,10 +141,16 @@ def extract_features(
 def extract_slide(
     model: nn.Module, dataset: Dataset, batch_size: int = 64, num_workers: int = 0,
     device: torch.device | str = "cpu", precision: str = "32", desc: str = "tiles",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features (N, D) float32 and coords (N, 2) int64 of one slide's tiles (a `SlideTileDataset`)."""
-    features, coords = extract_features(model, dataset, batch_size, num_workers, device, precision, desc)
-    return features, coords.reshape(-1, 2).astype(np.int64)  # (N, 2) even when N = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features (N, D) float32 and coords (N, 2) int64 of one slide's readable tiles (a `SlideTileDataset`), and
+    the coords (U, 2) int64 of the tiles the slide file could not give (datasets built with ``mark_unreadable``
+    give coords (x, y, readable); plain (x, y) ones are all readable)."""
+    features, marked = extract_features(model, dataset, batch_size, num_workers, device, precision, desc)
+    marked = marked.reshape(len(features), -1) if len(features) else np.zeros((0, 2))  # (N, 2) or (N, 3)
+    marked = marked.astype(np.int64)
+    readable = marked[:, 2].astype(bool) if marked.shape[1] == 3 else np.ones(len(marked), bool)
+    coords = marked[:, :2].reshape(-1, 2)
+    return features[readable], coords[readable], coords[~readable]
 
 
 def prepare_model(backbone: Backbone, device: torch.device) -> Backbone:
@@ -215,7 +222,7 @@ def extract_slides(
     record["context_window"] = context_window
     features_dir = Path(out_dir) / features_folder_name(model, pretrained, context_window)
     transform = build_transform("eval", backbone.spec.preprocess, train=False)
-    net, tiles_of = backbone, partial(SlideTileDataset, transform=transform)
+    net, tiles_of = backbone, partial(SlideTileDataset, transform=transform, mark_unreadable=True)
     if context_window is not None:  # checked here, before anything is written
         net, tiles_of = centre_cell_extraction(backbone, context_window)
     write_json_once(features_dir / EXTRACTOR_JSON, record, share, replace=overwrite)
@@ -235,14 +242,16 @@ def extract_slides(
             # Context windows are cut on our own grid, whose coords name their slide.
             dataset = tiles_of(coords_path) if context_window is not None else tiles_of(coords_path,
                                                                                         slide_of[coords_path])
-            features, coords = extract_slide(
+            features, coords, unreadable = extract_slide(
                 net, dataset, batch_size, num_workers, torch_device, precision, desc=tiling["slide_id"]
             )
             require_finite(features, f"slide {tiling['slide_id']}", str(model))
             attrs = {"slide_id": tiling["slide_id"], "slide_path": str(slide_of[coords_path]), "extractor": str(model),
-                     "weights_sha256": record["weights_sha256"], **tiling_attrs(tiling)}
+                     "weights_sha256": record["weights_sha256"], **tiling_attrs(tiling),
+                     UNREADABLE_ATTR: len(unreadable)}
             if context_window is not None:
                 attrs["context_window"] = context_window
+            record_unreadable(features_dir, tiling["slide_id"], unreadable, len(coords) + len(unreadable))
             write_slide_features(target, features, coords, attrs, tiling_attrs(tiling))
     return features_dir
 

@@ -229,6 +229,7 @@ def tile_slide(
                             f"{slide.mpp_source}): tiles are upsampled {1 / scale:.3g}x; pass --mpp {slide.mpp:.4g} "
                             "or coarser unless this is meant")
         mask_mpp = mask_mpp_for(tissue, patch_level0, slide.mpp)
+        slide.unreadable.clear()  # the slide is cached per process: only this run's reads
         image = slide.read_downsampled(mask_mpp / slide.mpp)  # (h, w, 3) from the closest pyramid level
         mask = tissue_mask(image, slide.mpp * slide.dimensions[0] / image.shape[1], tissue)
         level0_magnification = slide.objective_power or MPP_TIMES_MAGNIFICATION / slide.mpp
@@ -254,6 +255,8 @@ def tile_slide(
                                              tissue, paths.qc))
         qc_downsample = max(1.0, max(slide.dimensions) / QC_MIN_SIDE)
         qc_image = image if max(image.shape[:2]) >= QC_MIN_SIDE else slide.read_downsampled(qc_downsample)
+        if slide.unreadable:
+            warnings.append(_unreadable_warning(slide.unreadable))
         with atomic_path(paths.qc) as tmp:
             # Fast zlib level: on a 20x slide's QC picture it saves 40 % of the time for 4 % more bytes.
             draw_qc(qc_image, mask, coords, patch_level0, slide.dimensions).save(tmp, format="PNG", compress_level=1)
@@ -273,6 +276,15 @@ def tile_slide(
                   seconds=round(seconds, 3), message=message, settings=settings)
     write_json(paths.status, status)
     return TileResult(slide_id, str(slide_path), outcome, len(coords), seconds, message)
+
+
+def _unreadable_warning(damage: list) -> str:
+    """One sentence on the regions a whole-level read could not decode (`Slide.unreadable`)."""
+    first = damage[0]
+    regions = len({(d.location, d.level) for d in damage})
+    return (f"{regions} region(s) of the slide file cannot be read (first: level-0 ({first.location[0]}, "
+            f"{first.location[1]}), level {first.level}: {first.reason}); they were taken as glass for tissue "
+            "detection, and `extract` leaves out, names and records the tiles it cannot read")
 
 
 def _why_no_tiles(slide: Slide, image: np.ndarray, mask: np.ndarray, grid: np.ndarray, patch_size: int, mpp: float,

@@ -1,6 +1,7 @@
-"""A full disk during `extract`, `tile` and `fit` (issue 29): exit 2 and one `error:` line naming the file that
-could not be written, the space the run needs and that a rerun resumes; finished files stay valid and the rerun
-completes them. The full disk is a write that raises ENOSPC at a chosen file (no root, no tmpfs)."""
+"""Faults while extracting (issue 29). A full disk during `extract`, `tile` and `fit`: exit 2 and one `error:`
+line naming the file that could not be written, the space the run needs and that a rerun resumes; finished files
+stay valid and the rerun completes them (the full disk is a write that raises ENOSPC at a chosen file: no root, no
+tmpfs). A corrupt JPEG tile: left out, named and recorded, the run goes on."""
 
 from __future__ import annotations
 
@@ -113,3 +114,27 @@ def test_a_library_error_that_says_write_failed_is_a_full_disk_too(tmp_path):
     assert info.value.path == tmp_path / "x.h5"
     with pytest.raises(RuntimeError, match="something else"), reporting_full_disk(tmp_path):  # others stay as they are
         raise RuntimeError("something else")
+
+
+def test_corrupt_tiles_are_left_out_named_and_recorded_and_the_rerun_keeps_the_file(tmp_path, capsys):
+    # Issue 29: `extract` ended in an OpenSlideError traceback naming neither the slide nor the tile.
+    from conftest import write_corrupt_slide
+    from histodistill.features.unreadable import UNREADABLE_ATTR, UNREADABLE_CSV
+
+    path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif")
+    tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=128)
+    out, folder = tmp_path / "features", tmp_path / "features" / FOLDER
+    assert _extract(tmp_path / "tiles", out) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: slide")]
+    damaged = [(x, y), (x + 128, y), (x, y + 128), (x + 128, y + 128)]  # the 256-px JPEG tile holds four tiles
+    assert warnings == [f"warning: slide corrupt: 4 of 64 tiles cannot be read from the slide file (corrupt or "
+                        f"damaged) and are left out of its features: {', '.join(map(str, damaged))}; listed in "
+                        f"{folder / UNREADABLE_CSV}"]
+    with h5py.File(folder / "corrupt.h5") as handle:
+        assert handle["features"].shape == (60, 512) and handle.attrs[UNREADABLE_ATTR] == 4
+        kept = {tuple(c) for c in handle["coords"][:].tolist()}
+    assert kept.isdisjoint(damaged) and len(kept) == 60
+    assert (folder / UNREADABLE_CSV).read_text().splitlines() == ["slide_id,x,y", *(f"corrupt,{a},{b}" for a, b in damaged)]
+    stamp = (folder / "corrupt.h5").stat().st_mtime_ns
+    assert _extract(tmp_path / "tiles", out) == 0  # a finished file with 60 of 64 rows is finished, not redone
+    assert "redoing" not in capsys.readouterr().out and (folder / "corrupt.h5").stat().st_mtime_ns == stamp
