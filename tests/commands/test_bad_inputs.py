@@ -212,3 +212,22 @@ def test_an_output_nothing_can_be_written_to_is_one_error_line_and_exit_2(tmp_pa
     assert {p.name for p in tmp_path.iterdir()} == made  # nothing written
     if kind == "read-only":
         assert not any((tmp_path / "read_only").iterdir())
+
+
+def test_a_full_disk_in_any_command_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    # Issue 29, "every command that writes": commands without an estimate of their own still end in one line
+    # (histodistill.cli wraps each in `reporting_full_disk`), naming the file and what was written so far.
+    import errno
+    import tempfile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)  # every atomic write starts with one
+    out = tmp_path / "slides"
+    assert main(["samples", "make-slides", "--out", str(out), "--n-slides", "2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith(f"error: no space left on the disk to write {out}")
+    assert f"were written to {out} so far" in errors[0] and "it resumes" in errors[0]
