@@ -41,6 +41,7 @@ from histodistill.demo.slide_task import (
     score_runs,
 )
 from histodistill.demo.stages import CONTROLS, EXTRACTORS, SLIDE_TILE_PX, recorded_sizes
+from histodistill.eval.mil_cv import seed_runs
 from histodistill.eval.slide_task import tile_probe_auroc
 from histodistill.features.export import save_backbone
 from histodistill.io import atomic_path
@@ -128,10 +129,11 @@ def main() -> None:
     for model in mil_models:
         start = time.perf_counter()
         if args.from_demo and model == "abmil":
-            runs = {name: [demo / "mil" / name / f"seed_{seed}" for seed in range(args.seeds)] for name in names}
+            runs = {name: seed_runs(demo / "mil" / name, list(range(args.seeds))) for name in names}
             scores[model] = score_runs(runs, slides, SLIDE_TILE_PX)
             for name in names:  # the heatmap below writes into its run: a copy, the demo's folder stays as it was
-                shutil.copytree(runs[name][0], work / model / name / "seed_0", dirs_exist_ok=True)
+                shutil.copytree(runs[name][0], seed_runs(work / model / name, list(range(args.seeds)))[0],
+                                dirs_exist_ok=True)
             seconds[model] = json.loads((demo / "mil" / "stage.json").read_text())["seconds"]
             continue
         with contextlib.redirect_stdout(io.StringIO()):
@@ -170,7 +172,7 @@ def main() -> None:
     # The figure shows a middling positive: the one whose tumour share is closest to 20 %.
     positive = min((s for s in synthetic["slides"] if labels[s["slide_id"]] == "positive"),
                    key=lambda s: abs(s["tumor_tiles"] / s["tissue_tiles"] - 0.2))["slide_id"]
-    run = work / "abmil" / best / "seed_0"
+    run = seed_runs(work / "abmil" / best, list(range(args.seeds)))[0]
     cli(["heatmap", "--run", str(run), "--slides", str(slides / "slides"), "--slide-id", positive, "--top-k", "6",
          "--thumbnail-size", "640"])
     with Image.open(run / "figures" / "heatmaps" / f"{positive}_heatmap.png") as png:

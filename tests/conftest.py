@@ -215,8 +215,9 @@ def write_trident_features(job_dir, slide_id, features, encoder="uni_v1"):
 
 @pytest.fixture
 def fake_hf_cache(tmp_path, monkeypatch):
-    """``put(repo_id, {filename: path})`` lays files out as the Hugging Face hub cache does
-    (``models--org--name/refs/main`` -> ``snapshots/<commit>/<filename>``) in a fresh cache that
+    """``put(repo_id, {filename: path}, repo_type="model")`` lays files out as the Hugging Face hub cache does
+    (``models--org--name/refs/main`` -> ``snapshots/<commit>/<filename>``; ``datasets--`` for datasets;
+    filenames may hold sub-folders) in a fresh cache that
     huggingface_hub (offline) reads from; returns the cache folder."""
     from huggingface_hub import constants
 
@@ -224,14 +225,15 @@ def fake_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
-    def put(repo_id: str, files: dict[str, Path]) -> Path:
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
+    def put(repo_id: str, files: dict[str, Path], repo_type: str = "model") -> Path:
+        repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
         commit = "0" * 40
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / "main").write_text(commit)
         snapshot = repo / "snapshots" / commit
         snapshot.mkdir(parents=True, exist_ok=True)
         for name, source in files.items():
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, snapshot / name)
         return cache
 

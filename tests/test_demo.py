@@ -174,19 +174,27 @@ def test_random_control_keeps_the_checkpoints_preprocessing_with_other_weights(t
 
 
 def test_slide_task_trains_mil_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    import types
+
     import torch
 
-    import histodistill.cli
+    import histodistill.eval.mil_cv
     import histodistill.eval.slide_task
-    from histodistill.demo.slide_task import run_slide_task
+    from histodistill.demo.slide_task import MIL_SETTINGS, run_slide_task
 
     seen, before = [], torch.get_num_threads()
-    monkeypatch.setattr(histodistill.cli, "main", lambda argv: seen.append(torch.get_num_threads()) or 0)
+
+    def cross_validate(features, labels, out, config, *, overwrite, log):
+        seen.append((torch.get_num_threads(), config.seeds, config.train.lr, config.val_fraction,
+                     config.train.early_stop, overwrite))
+        return types.SimpleNamespace(runs=[out / "seed_0", out / "seed_1"])
+
+    monkeypatch.setattr(histodistill.eval.mil_cv, "cross_validate", cross_validate)
     monkeypatch.setattr(histodistill.eval.slide_task, "slide_task_scores", lambda runs, tumour: {"runs": len(runs)})
     torch.set_num_threads(2)
     try:
         assert run_slide_task({"a": tmp_path}, tmp_path, tmp_path / "out", 64, seeds=2, workers=1) == {"a": {"runs": 2}}
-        assert seen == [1, 1] and torch.get_num_threads() == 2
+        assert seen == [(1, 2, MIL_SETTINGS["lr"], 0.2, "none", True)] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

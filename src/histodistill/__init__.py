@@ -35,6 +35,8 @@ _PUBLIC = {
     "extract_images": "histodistill.features.extract",
     "export_checkpoint": "histodistill.features.export",
     "evaluate_probes": "histodistill.eval.probe",
+    "CVConfig": "histodistill.eval.mil_cv",
+    "cross_validate": "histodistill.eval.mil_cv",
     "UserError": "histodistill.errors",
 }
 

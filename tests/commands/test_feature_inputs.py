@@ -60,6 +60,19 @@ def test_mil_on_clam_h5_files_writes_attention_with_coords(tmp_path):
         assert handle["coords"].shape == (6, 2) and handle["scores"].shape == (6,)
 
 
+@pytest.mark.parametrize("model", ["clam_sb", "clam_mb"])
+def test_clam_models_on_clam_h5_files_write_attention_of_their_branch(tmp_path, model):
+    for i in range(N_SLIDES):
+        write_clam_features(tmp_path / "clam", f"s{i}", slide_features(i))
+    assert mil(tmp_path / "clam", labels_csv(tmp_path), tmp_path / "run", "--model", model, "--hidden-dim", "16",
+               "--k-sample", "3") == 0
+    config = json.loads((tmp_path / "run" / "checkpoints" / "model.json").read_text())
+    assert config["model"] == model and config["model_kwargs"]["k_sample"] == 3
+    with h5py.File(tmp_path / "run" / "attention" / "s3.h5") as handle:
+        assert handle["coords"].shape == (6, 2) and handle["scores"][:].sum() == pytest.approx(1, abs=1e-5)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["pooled"]["n_bags"] == N_SLIDES
+
+
 def test_mil_on_clam_pt_files_says_there_is_no_attention_for_them(tmp_path, capsys):
     for i in range(N_SLIDES):
         write_clam_features(tmp_path / "clam", f"s{i}", slide_features(i))
@@ -150,9 +163,14 @@ def test_heatmap_names_a_truncated_attention_file(tmp_path, tiny_slide, capsys):
     assert "attention file" in line and "s1.h5" in line
 
 
-def test_mil_with_an_overflowing_learning_rate_is_one_error_line(tmp_path, capsys):
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--lr", "1e38"], ["overflowed", "Lower --lr"]),  # the weights overflow in the first step
+    (["--bag-weight", "0.5"], ["--bag-weight", "--model clam_sb"]),  # CLAM's option with another model
+])
+def test_mil_with_an_overflowing_learning_rate_or_a_clam_option_elsewhere_is_one_error_line(tmp_path, capsys, extra,
+                                                                                              expected):
     for i in range(N_SLIDES):
         write_ours(tmp_path / "features", f"s{i}", slide_features(i))
-    assert mil(tmp_path / "features", labels_csv(tmp_path), tmp_path / "run", "--lr", "1e38") == 2
+    assert mil(tmp_path / "features", labels_csv(tmp_path), tmp_path / "run", *extra) == 2
     (line,) = error_lines(capsys)
-    assert "overflowed" in line and "Lower --lr" in line
+    assert all(part in line for part in expected), line

@@ -87,9 +87,19 @@ def test_user_split_with_a_case_in_two_parts_is_refused():
         check_split(split, rows, "splits_0.csv")
 
 
-def test_too_many_folds_is_a_user_error():
-    with pytest.raises(UserError, match="--folds"):
+def test_too_many_folds_is_a_user_error_naming_the_folds_and_splits_parameters():
+    with pytest.raises(UserError, match="`folds=5`") as info:
         make_splits(labels(3), folds=5)
+    assert "`splits_dir`" in str(info.value) and "lower `folds`" in str(info.value)
+
+
+def test_without_a_validation_part_a_class_needs_one_training_case_per_fold_fewer():
+    # 2 folds: one case per test fold and one left to train on; with validation, two left.
+    assert min_cases_per_class(2, validation=False) == 2 and min_cases_per_class(2) == 4
+    rows = [SlideLabel(f"c{i}", f"s{i}", label) for i, label in enumerate("aabb")]
+    assert len(make_splits(rows, folds=2, val_fraction=0)) == 2
+    with pytest.raises(UserError, match="two left to train and validate on"):
+        make_splits(rows, folds=2, val_fraction=0.25)
 
 
 @pytest.mark.parametrize(("folds", "needed"), [(2, 4), (3, 3), (5, 5), (10, 10)])
@@ -105,5 +115,5 @@ def test_two_folds_with_too_few_cases_names_each_class_count_and_the_minimum():
         make_splits(rows, folds=2)
     message = str(info.value)
     assert "'a' 4, 'b' 2" in message and "at least 4" in message
-    assert "lower --folds" not in message
+    assert "lower `folds`" not in message
     assert len(make_splits(rows + [SlideLabel("c6", "s6", "b"), SlideLabel("c7", "s7", "b")], folds=2)) == 2

@@ -50,3 +50,18 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     if args.random_init and os.path.exists(args.model):
         raise UserError(f"--random-init applies to model names; {args.model} carries its own weights: "
                         "pass its architecture's name (e.g. the timm name) for random weights")
+
+
+def render_parameters(message: str, flags: dict[str, str] | None = None) -> str:
+    """A library message's parameters as a command's flags: `` `folds=5` `` -> ``--folds 5`` and `` `splits_dir` ``
+    -> ``--splits`` (``flags`` maps a parameter to its flag where the flag is not ``--`` + its name with
+    dashes). Library functions name their parameters so (`histodistill.eval.mil_cv`); the command that
+    called one shows the user what they typed."""
+    import re
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        option = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        return option if value is None else f"{option} {value}"
+
+    return re.sub(r"`([a-z_]+)(?:=([^`]*))?`", flag, message)

@@ -1,41 +1,68 @@
-"""Train and evaluate a slide-level MIL classifier (ABMIL, TransMIL or mean pooling) with k-fold
-cross-validation by case, on features written by `histodistill extract`, CLAM or TRIDENT.
+"""Train and evaluate a slide-level MIL classifier (ABMIL, TransMIL, CLAM-SB/MB or mean pooling) with k-fold
+cross-validation by case, repeated over --seeds CV seeds, on features written by `histodistill extract`,
+CLAM or TRIDENT.
 
-Writes one run directory (--out): config.yaml (the resolved options), metrics.json (AUROC, balanced
-accuracy, macro-F1 and accuracy per fold, with mean and sd), metrics.csv (per-epoch losses),
-predictions.csv (out-of-fold class probabilities), splits/splits_<k>.csv, checkpoints/ (best model
-per fold, safetensors), figures/roc.png, tensorboard/ and attention/ (per-slide instance scores that
-`histodistill heatmap` draws).
+Prints the pooled out-of-fold AUROC [95 % bootstrap CI] over all slides first, then per-fold numbers
+("n/a" for a test fold with one class). Writes one run directory (--out): config.yaml, metrics.json
+(pooled, then per fold), metrics.csv (per-epoch losses), predictions.csv (out-of-fold class
+probabilities), splits/splits_<k>.csv, checkpoints/ (the kept model per fold, safetensors),
+figures/roc.png, tensorboard/ and attention/ (per-slide instance scores that `histodistill heatmap`
+draws); with --seeds N > 1, each seed's run is <out>/seed_<s>/ and <out> holds the pooled files.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from histodistill.commands._arguments import output_folder
+from histodistill.commands._arguments import output_folder, render_parameters
+from histodistill.eval.mil_config import (
+    EARLY_STOP,
+    MIL_MODEL_NAMES,
+    VAL_FRACTION_FOR_EARLY_STOP,
+    CVConfig,
+    TrainConfig,
+)
 
-HELP = "train + evaluate ABMIL / TransMIL / mean-pooling slide classifiers per CV fold"
+HELP = "k-fold CV by case of ABMIL / TransMIL / CLAM / mean-pooling slide classifiers: pooled AUROC [95 % CI]"
+# The width option's name in each model (mean pooling has none).
+WIDTH = {"abmil": "hidden_dim", "transmil": "dim", "clam_sb": "hidden_dim", "clam_mb": "hidden_dim"}
+FLAGS = {"splits_dir": "--splits"}  # library parameters whose flag is not their name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cv, train = CVConfig(), TrainConfig()
     parser.add_argument("--features", required=True,
                         help="folder of <slide_id>.h5 features files: from `histodistill extract`, CLAM's feat_dir "
                         "(h5_files/ or pt_files/) or TRIDENT's features_<encoder>/ (or a folder holding one features_*)")
     parser.add_argument("--labels", required=True, help="CSV with columns case_id,slide_id,label (CLAM style)")
     parser.add_argument("--out", required=True, type=output_folder, help="run directory to create")
-    parser.add_argument("--model", choices=("abmil", "transmil", "mean"), default="abmil",
-                        help="abmil: gated attention (Ilse 2018); transmil: Shao 2021; mean: mean pooling + linear "
+    parser.add_argument("--model", choices=MIL_MODEL_NAMES, default=cv.model,
+                        help="abmil: gated attention (Ilse 2018); transmil: Shao 2021; mean: mean pooling + linear; "
+                        "clam_sb / clam_mb: CLAM single / multi-branch with its instance clustering loss (Lu 2021) "
                         "(default: %(default)s)")
     parser.add_argument("--hidden-dim", type=int, default=None,
                         help="width of the instance embedding: ABMIL hidden_dim (default 256), TransMIL dim "
-                        "(default 512, a multiple of its 8 heads); ignored by mean")
+                        "(default 512, a multiple of its 8 heads), CLAM (default 512); ignored by mean")
+    parser.add_argument("--k-sample", type=int, default=None,
+                        help="CLAM: tiles of highest and of lowest attention per bag that its instance loss pseudo-labels "
+                        "(CLAM's B; default 8)")
+    parser.add_argument("--bag-weight", type=float, default=None,
+                        help="CLAM: weight of the bag cross-entropy; the instance loss gets 1 - it (default 0.7)")
+    parser.add_argument("--subtyping", action="store_true",
+                        help="CLAM: also push each other class's top-k tiles to negative (as CLAM's subtyping flag, for "
+                        "subtype tasks where every class is tumour)")
     parser.add_argument("--feature-norm", choices=("standardize", "none"), default="standardize",
                         help="standardize: z-score each feature dimension with the fold's training tiles' mean and sd "
                         "(stored with the model); none: raw features as CLAM and TRIDENT feed them (default: %(default)s)")
-    parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default: %(default)s)")
-    parser.add_argument("--val-fraction", type=float, default=0.2,
-                        help="fraction of each fold's training cases held out for early stopping; 0: none held out, "
-                        "every training case trains for --epochs (needs --early-stop none) (default: %(default)s)")
+    parser.add_argument("--folds", type=int, default=cv.folds,
+                        help="number of cross-validation folds (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=cv.seeds,
+                        help="CV repeats: seed s = --seed + i splits the cases anew (the same folds for any features "
+                        "folder) and initialises the models; the pooled AUROC is the mean over seeds "
+                        "(default: %(default)s)")
+    parser.add_argument("--val-fraction", type=float, default=cv.val_fraction,
+                        help="fraction of each fold's training cases held out for validation (default: "
+                        f"{VAL_FRACTION_FOR_EARLY_STOP} with --early-stop, else 0: every training case trains)")
     parser.add_argument("--splits", default=None,
                         help="directory of your own splits_<k>.csv (columns train,val,test of slide ids); "
                         "replaces --folds/--val-fraction")
@@ -44,121 +71,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "listed on screen and in metrics.json under dropped_empty")
     parser.add_argument("--by-case", action="store_true",
                         help="one bag per case (all its slides together) instead of one bag per slide")
-    parser.add_argument("--epochs", type=int, default=50, help="maximum epochs per fold (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4,
+    parser.add_argument("--epochs", type=int, default=train.epochs, help="epochs per fold (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=train.lr, help="AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=train.weight_decay,
                         help="AdamW weight decay on weight matrices (default: %(default)s)")
-    parser.add_argument("--early-stop", choices=("val_loss", "val_auroc", "none"), default="val_loss",
-                        help="validation metric that picks the best epoch and stops training; none: keep the last "
-                        "epoch (default: %(default)s)")
-    parser.add_argument("--patience", type=int, default=10,
-                        help="epochs without improvement before a fold stops (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=1, help="bags per step, padded with a mask (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and shuffling (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if visible), cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--early-stop", choices=EARLY_STOP, default=train.early_stop,
+                        help="none: train every fold --epochs and keep the last (measured better on small cohorts, "
+                        "docs/mil.md); val_loss / val_auroc: keep the best epoch on a validation part and stop after "
+                        "--patience epochs without improvement (default: %(default)s)")
+    parser.add_argument("--patience", type=int, default=train.patience,
+                        help="with --early-stop: epochs without improvement before a fold stops (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=train.batch_size,
+                        help="bags per step, padded with a mask (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=train.seed,
+                        help="first CV seed: splits, initialisation and shuffling (default: %(default)s)")
+    parser.add_argument("--device", default=train.device,
+                        help="auto (GPU if visible), cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
 
-def format_table(summary: dict) -> str:
-    """Per-fold metrics and mean ± sd as a plain-text table."""
-    from histodistill.eval.mil import REPORTED_METRICS
+def config_from(args: argparse.Namespace) -> CVConfig:
+    """The `CVConfig` the options describe; CLAM's options with another model are a `UserError`."""
+    from histodistill.errors import UserError
 
-    header = f"{'fold':>6} " + " ".join(f"{name:>18}" for name in REPORTED_METRICS)
-    lines = [header]
-    for fold in summary["folds"]:
-        lines.append(f"{fold['fold']:>6} " + " ".join(f"{fold[name]:>18.3f}" for name in REPORTED_METRICS))
-    lines.append(f"{'mean':>6} " + " ".join(
-        f"{summary['mean'][n]:>10.3f} ± {summary['sd'][n]:.3f}" for n in REPORTED_METRICS))
-    return "\n".join(lines)
+    model_kwargs = {"standardize": args.feature_norm == "standardize"}
+    if args.hidden_dim is not None and args.model in WIDTH:
+        model_kwargs[WIDTH[args.model]] = args.hidden_dim
+    clam = {"k_sample": args.k_sample, "bag_weight": args.bag_weight, "subtyping": args.subtyping or None}
+    if given := [name for name, value in clam.items() if value is not None]:
+        if not args.model.startswith("clam"):
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UserError(f"{flags}: CLAM's options, but --model is {args.model}; pass --model clam_sb or clam_mb")
+        model_kwargs |= {name: clam[name] for name in given}
+    train = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, early_stop=args.early_stop,
+                        patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                        model_kwargs=model_kwargs)
+    return CVConfig(model=args.model, folds=args.folds, seeds=args.seeds, val_fraction=args.val_fraction,
+                    by_case=args.by_case, drop_empty=args.drop_empty, train=train)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import yaml
-    from torch.utils.tensorboard import SummaryWriter
-
-    from histodistill.data.bags import (
-        BagDataset,
-        class_names,
-        describe_labels,
-        empty_bags,
-        empty_bags_error,
-        make_bags,
-        read_labels,
-    )
-    from histodistill.data.feature_files import load_slides, open_feature_folder, shown
-    from histodistill.data.splits import make_splits, read_splits_dir, write_split
     from histodistill.errors import UserError
-    from histodistill.eval import mil, mil_outputs
-    from histodistill.io import atomic_path, write_json
+    from histodistill.eval.mil_cv import cross_validate, report_lines
 
-    out = Path(args.out)
-    if (out / "metrics.json").exists() and not args.overwrite:
-        raise UserError(f"{out} already holds a finished MIL run: pass --overwrite or choose another --out")
-    # Everything is read and checked before anything is written to --out.
-    folder = open_feature_folder(args.features)
-    rows = labelled = read_labels(args.labels)
-    slides = load_slides(folder, [r.slide_id for r in rows])
-    dropped: list[str] = []
-    if empty := empty_bags(make_bags(rows, class_names(rows), by_case=args.by_case), slides):
-        if not args.drop_empty:
-            raise empty_bags_error(empty, folder.describe())
-        dropped = [s for bag in empty for s in bag.slide_ids]
-        rows = [r for r in rows if r.slide_id not in dropped]
-        print(f"--drop-empty: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
-    classes = class_names(rows)
-    print(describe_labels(rows, args.labels))
-    if len(classes) < 2:
-        raise UserError(f"--labels {args.labels} has a single label {classes}: MIL needs at least two classes")
-    dataset = BagDataset(folder, make_bags(rows, classes, by_case=args.by_case), slides)
-    if args.splits:
-        splits = [{part: [s for s in ids if s not in dropped] for part, ids in split.items()}
-                  for split in read_splits_dir(args.splits, labelled)]
-    else:
-        splits = make_splits(rows, args.folds, args.val_fraction, args.seed)
-    model_kwargs = {"standardize": args.feature_norm == "standardize"}
-    if args.hidden_dim is not None and args.model != "mean":
-        model_kwargs[{"abmil": "hidden_dim", "transmil": "dim"}[args.model]] = args.hidden_dim
-    config = mil.TrainConfig(
-        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, early_stop=args.early_stop,
-        patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
-        model_kwargs=model_kwargs,
-    )
-    if config.early_stop != "none":
-        mil.check_val_for_early_stop(splits, config.early_stop, args.splits or "--val-fraction 0")
-    if config.early_stop == "val_auroc":
-        mil.check_val_has_every_class(dataset, splits, len(classes))
-
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    with atomic_path(out / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(options, sort_keys=False))
-    for k, split in enumerate(splits):
-        write_split(out / "splits" / f"splits_{k}.csv", split)
-
-    description = {"model": args.model, "in_dim": dataset.feature_dim, "classes": classes,
-                   "model_kwargs": config.model_kwargs}
-    results = []
-    for fold, split in enumerate(splits):
-        with SummaryWriter(str(out / "tensorboard" / f"fold_{fold}")) as writer:
-            def log(row: dict, writer=writer) -> None:
-                for name, value in row.items():
-                    if name != "epoch":
-                        writer.add_scalar(name.replace("_", "/", 1), value, row["epoch"])
-
-            result = mil.run_fold(fold, dataset, split, args.model, len(classes), config, log)
-        print(f"fold {fold}: best epoch {result.best_epoch}, test AUROC {result.metrics['auroc']:.3f}")
-        mil_outputs.save_model(out, result, description)
-        results.append(result)
-
-    summary = mil.summarise(results)
-    write_json(out / "metrics.json", {"model": args.model, "classes": classes, "dropped_empty": dropped} | summary)
-    mil_outputs.write_history(out / "metrics.csv", results)
-    mil_outputs.write_predictions(out / "predictions.csv", results, classes, "case_id" if args.by_case else "slide_id")
-    if without_coords := mil_outputs.write_attention(out, dataset, results, classes):
-        print(f"no attention files for {len(without_coords)} slide(s) whose features have no coords "
-              f"(CLAM pt_files): {shown(without_coords)}; pass CLAM's h5_files for heatmaps")
-    mil_outputs.plot_roc(out / "figures" / "roc.png", results, classes)
-    print(format_table(summary))
-    print(f"run directory: {out}")
+    try:
+        result = cross_validate(args.features, args.labels, args.out, config_from(args), splits_dir=args.splits,
+                                overwrite=args.overwrite, log=lambda line: print(render_parameters(line, FLAGS)))
+    except UserError as error:
+        raise UserError(render_parameters(str(error), FLAGS)) from None
+    print("\n".join(report_lines(result)))
+    print(f"run directory: {args.out}")
     return 0

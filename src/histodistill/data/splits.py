@@ -30,27 +30,32 @@ def _stratified_group_folds(labels: np.ndarray, groups: np.ndarray, n_splits: in
     return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(labels, labels, groups)
 
 
-def min_cases_per_class(folds: int) -> int:
+def min_cases_per_class(folds: int, validation: bool = True) -> int:
     """Cases each class needs for ``folds`` folds: one in every test fold (``folds``), and at least two
-    left in each fold's training part, one to train on and one to validate on."""
+    left in each fold's training part, one to train on and one to validate on (one, to train on, when no
+    validation part is held out)."""
+    left = 2 if validation else 1
     n = folds
-    while n - math.ceil(n / folds) < 2:
+    while n - math.ceil(n / folds) < left:
         n += 1
     return n
 
 
-def check_cases_per_class(rows: list[SlideLabel], folds: int) -> None:
-    """A `UserError` giving every class's case count and the minimum, when a class has too few cases."""
+def check_cases_per_class(rows: list[SlideLabel], folds: int, validation: bool = True) -> None:
+    """A `UserError` giving every class's case count and the minimum, when a class has too few cases.
+    It names the parameters `` `folds` `` and `` `splits_dir` `` (a command shows its flags)."""
     cases: dict[str, set[str]] = {}
     for r in rows:
         cases.setdefault(r.label, set()).add(r.case_id or r.slide_id)
-    needed = min_cases_per_class(folds)
+    needed = min_cases_per_class(folds, validation)
     if min(len(c) for c in cases.values()) < needed:
         counts = ", ".join(f"{label!r} {len(c)}" for label, c in sorted(cases.items()))
+        left = "two left to train and validate on" if validation else "one left to train on"
+        lower = "lower `folds`, " if folds > 2 else ""
         raise UserError(
-            f"too few cases per class for --folds {folds}: cases per class are {counts}; each class needs at least "
-            f"{needed} (one in each of the {folds} test folds and two left to train and validate on). "
-            "Add cases of the small classes, or pass your own --splits"
+            f"too few cases per class for `folds={folds}`: cases per class are {counts}; each class needs at least "
+            f"{needed} (one in each of the {folds} test folds and {left}). "
+            f"Add cases of the small classes, {lower}or pass your own splits (`splits_dir`)"
         )
 
 
@@ -60,13 +65,13 @@ def make_splits(rows: list[SlideLabel], folds: int, val_fraction: float = 0.2, s
     ``val_fraction`` 0 there is none and every remaining case trains (fixed epochs, no early stopping).
     The test folds depend on the labels, cases and seed only, not on ``val_fraction``."""
     if folds < 2:
-        raise UserError(f"--folds must be at least 2, got {folds}")
+        raise UserError(f"`folds={folds}`: at least 2 folds are needed")
     if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"`val_fraction={val_fraction}` must be in [0, 1)")
     slide_ids = np.array([r.slide_id for r in rows])
     labels = np.array([r.label for r in rows])
     groups = np.array([r.case_id or r.slide_id for r in rows])
-    check_cases_per_class(rows, folds)
+    check_cases_per_class(rows, folds, validation=val_fraction > 0)
     splits = []
     for fold, (rest, test) in enumerate(_stratified_group_folds(labels, groups, folds, seed)):
         if val_fraction == 0:
@@ -76,7 +81,8 @@ def make_splits(rows: list[SlideLabel], folds: int, val_fraction: float = 0.2, s
         cases_per_label = [len(set(groups[rest][labels[rest] == label])) for label in set(labels[rest])]
         val_splits = min(max(2, round(1 / val_fraction)), max(cases_per_label))
         if val_splits < 2:
-            raise UserError(f"fold {fold}: too few training cases to hold out a validation part; pass your own --splits")
+            raise UserError(f"fold {fold}: too few training cases to hold out a validation part; pass your own splits "
+                            "(`splits_dir`)")
         train, val = next(_stratified_group_folds(labels[rest], groups[rest], val_splits, seed + 1 + fold))
         splits.append({
             "train": sorted(slide_ids[rest][train]),

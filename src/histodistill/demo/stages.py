@@ -1,5 +1,5 @@
-"""The demo's stages, in pipeline order. Each is short: it calls the library (or the same CLI entry
-points a user types) and reports a few numbers.
+"""The demo's stages, in pipeline order. Each is short: it calls the library functions the commands
+call (never the CLI) and reports a few numbers.
 
 The chain, on the real sample data:
   samples → data (nuclei crops; semi-synthetic slides) → tiles → SD-MAE pretrains a tiny ViT on the
@@ -96,13 +96,6 @@ def _fit(context: DemoContext, recipe: str, run_dir: Path, overrides: list[str])
     argv.append("--resume" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "--overwrite")
     fit_main(argv)
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def _cli(argv: list[str]) -> None:
-    from histodistill.cli import main
-
-    if main(argv) != 0:
-        raise UserError(f"`histodistill {' '.join(argv)}` failed (see the message above)")
 
 
 def _stage_path(context: DemoContext, *parts: str) -> Path:
@@ -342,13 +335,16 @@ def _best_trained(context: DemoContext) -> str:
 
 
 def draw_heatmaps(context: DemoContext) -> dict:
-    """Attention of the best trained extractor's ABMIL (seed 0) on a few positive slides."""
+    """Attention of the best trained extractor's ABMIL (its first CV seed) on a few positive slides."""
+    from histodistill.eval.heatmap import run_heatmaps
+    from histodistill.eval.mil_cv import seed_runs
+
     best = _best_trained(context)
     with open(_stage_path(context, "data", "slides", "labels.csv"), newline="") as handle:
         positives = [row["slide_id"] for row in csv.DictReader(handle) if row["label"] == "positive"][:4]
-    _cli(["heatmap", "--run", str(_stage_path(context, "mil", best, "seed_0")),
-          "--slides", str(_stage_path(context, "data", "slides", "slides")), "--top-k", "6",
-          "--out", str(_stage_path(context, "heatmaps")), *[arg for s in positives for arg in ("--slide-id", s)]])
+    run_heatmaps(seed_runs(_stage_path(context, "mil", best), list(range(context.sizes["seeds"])))[0],
+                 _stage_path(context, "data", "slides", "slides"), slide_ids=positives,
+                 out=_stage_path(context, "heatmaps"), top_k=6)
     return {"extractor": best, "heatmaps": len(list(_stage_path(context, "heatmaps").glob("*.png")))}
 
 

@@ -175,3 +175,49 @@ def slide_heatmap(
     top, bottom = order[:k], order[::-1][:k]
     draw_montage(montage_path, tiles(top), tiles(bottom), scores[top], scores[bottom], f"{slide_id}: top and bottom {k} tiles")
     return heatmap_path, montage_path
+
+
+def csv_slide_paths(source: Path) -> dict[str, Path]:
+    """slide_id -> slide file from a ``slide_id,path`` CSV (relative paths are relative to the CSV)."""
+    from histodistill.data.table import read_table
+
+    rows = read_table(source, "slides CSV (`slides`)", ("slide_id", "path")).rows
+    return {row["slide_id"]: (source.parent / row["path"]).resolve() for row in rows}
+
+
+def run_heatmaps(run: str | os.PathLike, slides: str | os.PathLike | None = None, slide_ext: str | None = None,
+                 slide_ids: list[str] | None = None, out: str | os.PathLike | None = None, top_k: int = 8,
+                 scale: Scale = "rank", alpha: float = 0.5, thumbnail_size: int = 1024) -> tuple[list[str], Path]:
+    """`slide_heatmap` for every slide with attention in a MIL run directory ``run`` (``run/attention``), or
+    ``slide_ids``; returns (the slides drawn, the output folder: ``out``, default ``run/figures/heatmaps``).
+
+    Slides are found by the ``slide_path`` their tiling recorded, or in ``slides``: a folder of
+    ``<slide_id>.<ext>`` files (``slide_ext``) or a ``slide_id,path`` CSV. Every attention file is read and
+    every slide found before any figure is drawn: a `UserError` names what is missing or damaged."""
+    from tqdm import tqdm
+
+    from histodistill.io import visible_files
+    from histodistill.wsi.coords import find_slide
+
+    run = Path(run)
+    attention = {p.stem: p for p in visible_files(run / "attention", (".h5",))}
+    if not attention:
+        seeds = sorted(p.name for p in run.glob("seed_*") if (p / "attention").is_dir())
+        raise UserError(f"no attention files in {run / 'attention'}: " + (
+            f"{run} holds the runs of several CV seeds, pass one of them as `run` ({', '.join(seeds)} in {run})"
+            if seeds else "pass as `run` the run directory of a MIL cross-validation (`histodistill mil --out`)"))
+    wanted = slide_ids or sorted(attention)
+    if unknown := [s for s in wanted if s not in attention]:
+        raise UserError(f"`slide_ids={unknown}`: no attention for them in {run / 'attention'}")
+    attrs = {slide_id: read_attention(attention[slide_id])[2] for slide_id in wanted}
+    if slides is not None and Path(slides).is_file():
+        paths = csv_slide_paths(Path(slides))
+        if missing := [s for s in wanted if s not in paths]:
+            raise UserError(f"`slides={slides}` has no slide for {missing[:5]}: add them or restrict `slide_ids`")
+    else:
+        paths = {s: find_slide(attention[s], {**attrs[s], "slide_id": s}, slides, slide_ext) for s in wanted}
+    out = Path(out) if out else run / "figures" / "heatmaps"
+    for slide_id in tqdm(wanted, desc="heatmaps", unit="slide", dynamic_ncols=True):
+        slide_heatmap(paths[slide_id], attention[slide_id], out, top_k=top_k, scale=scale, alpha=alpha,
+                      thumbnail_size=thumbnail_size)
+    return wanted, out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -53,6 +54,85 @@ def ovr_auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
     if probs.shape[1] == 2:
         return float(binary_aurocs((y_true == 1)[None], probs[None, :, 1])[0])
     return float(np.mean(binary_aurocs(y_true[None] == present[:, None], probs[:, present].T)))  # (K, N) -> (K,)
+
+
+def ovr_aurocs(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """`ovr_auroc` of each row: ``labels`` (B, n) class indices with every class in every row,
+    ``probs`` (..., B, n, C) -> (..., B). Binary (C = 2): the AUROC of class 1; otherwise the mean of the
+    C one-vs-rest AUROCs."""
+    num_classes = probs.shape[-1]
+    if num_classes == 2:
+        return binary_aurocs(labels == 1, probs[..., 1])
+    return np.mean([binary_aurocs(labels == c, probs[..., c]) for c in range(num_classes)], axis=0)
+
+
+def bootstrap_picks(labels: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """(n_boot, S) indices of ``n_boot`` resamples (with replacement) of the S items of ``labels`` (S,),
+    each holding every class that ``labels`` holds (a resample without one is drawn again, so that its
+    AUROC is defined). Seeded: the same labels and seed give the same resamples."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    picks: list[np.ndarray] = []
+    while len(picks) < n_boot:
+        pick = rng.integers(len(labels), size=(n_boot, len(labels)))  # (n_boot, S)
+        complete = np.all([(labels[pick] == c).any(axis=1) for c in classes], axis=0)
+        picks.extend(pick[complete][: n_boot - len(picks)])
+    return np.array(picks)
+
+
+def _class_probs(probs: np.ndarray) -> np.ndarray:
+    """(R, S) probabilities of the positive class -> (R, S, 2) class probabilities; (R, S, C) unchanged."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return np.stack([1 - probs, probs], axis=-1) if probs.ndim == 2 else probs
+
+
+def bootstrap_auroc(labels: np.ndarray, probs: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean AUROC, CI low, CI high)`` for ``labels`` (S,) class indices (0/1 when binary) and ``probs``
+    of R repeats of the same S items (CV seeds): (R, S) probabilities of the positive class, or (R, S, C)
+    class probabilities (AUROC one-vs-rest, `ovr_auroc`). The point is the mean over repeats of each
+    repeat's AUROC; the CI is the 2.5 / 97.5 % percentile of that mean over resampled items
+    (`bootstrap_picks`: the same resampled items for every repeat)."""
+    labels, probs = np.asarray(labels), _class_probs(probs)
+    point = float(ovr_aurocs(labels[None], probs).mean())
+    picks = bootstrap_picks(labels, n_boot, seed)
+    values = ovr_aurocs(labels[picks], probs[:, picks]).mean(0)  # (R, n_boot) -> (n_boot,)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+@dataclass
+class PairedAUROC:
+    """Two models' AUROCs on the same items, and their difference (b - a) and ratio (b / a), each as
+    ``(point, CI low, CI high)``."""
+
+    a: tuple[float, float, float]
+    b: tuple[float, float, float]
+    difference: tuple[float, float, float]
+    ratio: tuple[float, float, float]
+
+
+def paired_bootstrap_auroc(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, n_boot: int = 2000,
+                           seed: int = 0) -> PairedAUROC:
+    """AUROCs of models a and b scored on the same items, with 95 % percentile CIs of b - a and b / a from
+    ONE resampling of the items: each resample scores both models on the same items, so what the two
+    share (which items are hard) cancels out of the difference instead of widening its CI.
+
+    ``labels`` (S,) class indices; ``probs_a``, ``probs_b``: (R, S) positive-class or (R, S, C) class
+    probabilities (R repeats, e.g. CV seeds; each model's AUROC is its mean over repeats, as in
+    `bootstrap_auroc`; R may differ between the two)."""
+    labels = np.asarray(labels)
+    probs = [_class_probs(probs_a), _class_probs(probs_b)]
+    picks = bootstrap_picks(labels, n_boot, seed)
+    point = [float(ovr_aurocs(labels[None], p).mean()) for p in probs]
+    a, b = (ovr_aurocs(labels[picks], p[:, picks]).mean(0) for p in probs)  # (n_boot,) each
+
+    def interval(value: float, samples: np.ndarray) -> tuple[float, float, float]:
+        low, high = np.percentile(samples, [2.5, 97.5])
+        return value, float(low), float(high)
+
+    return PairedAUROC(interval(point[0], a), interval(point[1], b), interval(point[1] - point[0], b - a),
+                       interval(point[1] / point[0], b / a))
 
 
 def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float]:

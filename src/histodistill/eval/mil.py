@@ -3,11 +3,12 @@
 A short, visible loop rather than a Lightning Trainer: a MIL fold trains a small head on a few
 hundred in-memory bags of different lengths, early-stops on a validation metric and is rebuilt for
 every fold; the loop is shorter than the Trainer set-up it would replace, and starts instantly on a
-CPU. It keeps `fit`'s run-directory conventions (see `histodistill.commands.mil`).
+CPU. It keeps `fit`'s run-directory conventions (`histodistill.eval.mil_cv` writes it).
 
-Per fold: AdamW with weight decay (no decay on biases, norms and tokens, `engine.optim`),
-cross-entropy, at most ``epochs`` epochs, the best epoch by validation loss or AUROC kept,
-stopping after ``patience`` epochs without improvement.
+Per fold: AdamW with weight decay (no decay on biases, norms and tokens, `engine.optim`), the model's
+own objective (``model.loss``: bag cross-entropy, plus CLAM's instance loss), ``epochs`` epochs with the
+last kept, or (``early_stop``) the best epoch by validation loss or AUROC kept, stopping after
+``patience`` epochs without improvement. `histodistill.eval.mil_cv` runs the folds.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,26 +30,12 @@ from histodistill.data.bags import BagDataset, collate_bags
 from histodistill.data.splits import Split
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics, ovr_auroc
+from histodistill.eval.mil_config import TrainConfig
 from histodistill.features.extract import resolve_device
 from histodistill.models.mil import Standardized, create_mil
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
 
 REPORTED_METRICS = ("auroc", "balanced_accuracy", "macro_f1", "accuracy")
-
-
-@dataclass
-class TrainConfig:
-    """How each fold is trained (the `histodistill mil` options of the same names)."""
-
-    epochs: int = 50
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    early_stop: Literal["val_loss", "val_auroc", "none"] = "val_loss"
-    patience: int = 10
-    batch_size: int = 1
-    seed: int = 0
-    device: str = "auto"
-    model_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -93,19 +79,19 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     for batch in loader:
         labels = batch["labels"].to(device)
         with autocast(device):
-            logits = model(batch["features"].to(device), batch["mask"].to(device)).logits  # (B, C)
-        loss = F.cross_entropy(logits.float(), labels)
+            output = model(batch["features"].to(device), batch["mask"].to(device))  # logits (B, C)
+        loss = model.loss(output, labels)  # the model's objective: bag CE, plus CLAM's instance loss
         if not torch.isfinite(loss):
             raise UserError(f"the MIL training loss became non-finite (bags {batch['bag_ids']}); nothing was saved "
-                            "for this fold. Lower --lr, and check the features for extreme values")
+                            "for this fold. Lower `lr`, and check the features for extreme values")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         # The fused AdamW step writes an overflow (an absurd --lr) into the weights instead of raising, so the
         # weights are checked after every step: a fold's last step could otherwise be saved as inf/NaN.
         if not torch.isfinite(torch.nn.utils.get_total_norm(parameters)):
-            raise UserError(f"the MIL optimiser step overflowed (--lr {optimizer.param_groups[0]['lr']:.4g}: the "
-                            "weights became non-finite); nothing was saved for this fold. Lower --lr")
+            raise UserError(f"the MIL optimiser step overflowed (`lr={optimizer.param_groups[0]['lr']:.4g}`: the "
+                            "weights became non-finite); nothing was saved for this fold. Lower `lr`")
         total += loss.item() * len(labels)
         count += len(labels)
     return total / max(count, 1)
@@ -184,9 +170,9 @@ def check_val_for_early_stop(splits: list[Split], early_stop: str, source: str) 
     training (rather than silently trained for every epoch). ``source`` names where the splits came from."""
     if empty := [fold for fold, split in enumerate(splits) if not split["val"]]:
         raise UserError(
-            f"{source}: fold(s) {', '.join(map(str, empty))} have no validation part, so --early-stop {early_stop} "
-            "has nothing to watch; pass --early-stop none to train every fold for --epochs, or hold out a "
-            "validation part (--val-fraction > 0, or a val column in your --splits)"
+            f"{source}: fold(s) {', '.join(map(str, empty))} have no validation part, so `early_stop={early_stop}` "
+            "has nothing to watch; pass `early_stop=none` to train every fold for `epochs`, or hold out a "
+            "validation part (`val_fraction` > 0, or a val column in your `splits_dir`)"
         )
 
 
@@ -197,7 +183,7 @@ def check_val_has_every_class(dataset: BagDataset, splits: list[Split], num_clas
         if len(present) < num_classes:
             raise UserError(
                 f"fold {fold}: the validation part lacks some classes, so val AUROC is undefined; "
-                "use --early-stop val_loss, a larger --val-fraction, or other --splits"
+                "use `early_stop=val_loss`, a larger `val_fraction`, or other `splits_dir`"
             )
 
 
@@ -223,15 +209,3 @@ def run_fold(
     test = predict(model, Subset(dataset, parts["test"]), torch.device("cpu"), config.batch_size)
     metrics = classification_metrics(test.labels, test.probs, num_classes)
     return FoldResult(fold, model, best_epoch, history, test, metrics)
-
-
-def summarise(results: list[FoldResult]) -> dict:
-    """Per-fold metrics and their mean and sample sd over folds (sd 0 for one fold)."""
-    folds = [
-        {"fold": r.fold, "best_epoch": r.best_epoch, "n_test": len(r.test.bag_ids)}
-        | {k: float(r.metrics[k]) for k in REPORTED_METRICS}
-        for r in results
-    ]
-    mean = {k: float(np.nanmean([f[k] for f in folds])) for k in REPORTED_METRICS}
-    sd = {k: float(np.nanstd([f[k] for f in folds], ddof=1)) if len(folds) > 1 else 0.0 for k in REPORTED_METRICS}
-    return {"folds": folds, "mean": mean, "sd": sd}

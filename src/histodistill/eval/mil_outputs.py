@@ -1,7 +1,8 @@
-"""What a `histodistill mil` run leaves in its run directory, and how to read it back.
+"""What a `histodistill mil` run leaves in its run directory, and how to read it back
+(`histodistill.eval.mil_cv` says which files pool several CV seeds).
 
 ```
-<out>/config.yaml            resolved options           <out>/metrics.json   per fold + mean/sd
+<out>/config.yaml            resolved options           <out>/metrics.json   pooled + per fold
 <out>/metrics.csv            per-epoch history           <out>/predictions.csv
 <out>/splits/splits_<k>.csv  CLAM layout                 <out>/figures/roc.png
 <out>/checkpoints/fold_<k>.safetensors + model.json      <out>/tensorboard/fold_<k>/
@@ -67,6 +68,21 @@ def write_predictions(path: Path, results: list[FoldResult], classes: list[str],
             test = result.test
             for bag_id, label, probs in zip(test.bag_ids, test.labels, test.probs, strict=True):
                 writer.writerow([bag_id, classes[label], *(f"{p:.6f}" for p in probs), result.fold])
+
+
+def write_pooled_predictions(path: Path, predictions, classes: list[str], seeds: list[int]) -> None:
+    """Out-of-fold predictions of several CV seeds (`histodistill.eval.mil_cv.OutOfFold`), one row per bag:
+    ``<id_column>,label,prob_<class>...`` (the mean over seeds), then per seed s ``fold_seed<s>`` and
+    ``prob_<class>_seed<s>``."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([predictions.id_column, "label", *(f"prob_{c}" for c in classes),
+                         *(name for s in seeds for name in (f"fold_seed{s}", *(f"prob_{c}_seed{s}" for c in classes)))])
+        for i, bag_id in enumerate(predictions.bag_ids):
+            per_seed = [value for r in range(len(seeds)) for value in (
+                int(predictions.folds[r, i]), *(f"{p:.6f}" for p in predictions.probs_per_seed[r, i]))]
+            writer.writerow([bag_id, classes[predictions.labels[i]], *(f"{p:.6f}" for p in predictions.probs[i]),
+                             *per_seed])
 
 
 def write_history(path: Path, results: list[FoldResult]) -> None:

@@ -1,4 +1,4 @@
-"""Slide-task scores of one extractor from its `histodistill mil` runs (one run per CV seed).
+"""Slide-task scores of one extractor from its MIL runs (`histodistill.eval.mil_cv`: one run per CV seed).
 
 - **slide AUROC**: per seed, the AUROC of the out-of-fold probabilities of all slides (every slide is
   tested exactly once per seed); the figure is the mean over seeds, and its 95 % CI is a percentile
@@ -28,7 +28,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import GroupKFold
 
 from histodistill.data.feature_files import load_slides, open_feature_folder
-from histodistill.eval.metrics import binary_aurocs
+from histodistill.eval.metrics import bootstrap_auroc
 from histodistill.eval.probe import linear_probe
 
 
@@ -37,24 +37,6 @@ def read_predictions(run_dir: str | os.PathLike, positive: str) -> dict[str, tup
     with open(Path(run_dir) / "predictions.csv", newline="") as handle:
         return {row["slide_id"]: (int(row["label"] == positive), float(row[f"prob_{positive}"]))
                 for row in csv.DictReader(handle)}
-
-
-def bootstrap_auroc(labels: np.ndarray, probs: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """``(mean AUROC, CI low, CI high)`` for ``labels`` (S,) 0/1 and ``probs`` (R, S), R repeats of the
-    same S slides; the CI is the 2.5 / 97.5 % percentile of the resampled-slides mean AUROC.
-    Resamples that hold one class only are drawn again."""
-    labels, probs = np.asarray(labels), np.atleast_2d(probs)
-    point = float(np.mean([roc_auc_score(labels, p) for p in probs]))
-    rng = np.random.default_rng(seed)
-    picks = []
-    while len(picks) < n_boot:
-        pick = rng.integers(len(labels), size=len(labels))
-        if labels[pick].min() < labels[pick].max():
-            picks.append(pick)
-    picks = np.array(picks)  # (n_boot, S) slide indices
-    values = binary_aurocs(labels[picks], probs[:, picks]).mean(0)  # (R, n_boot) -> (n_boot,)
-    low, high = np.percentile(values, [2.5, 97.5])
-    return point, float(low), float(high)
 
 
 def localisation_aurocs(run_dir: str | os.PathLike, positives: Sequence[str],
@@ -84,7 +66,7 @@ def slide_task_scores(run_dirs: Sequence[str | os.PathLike], tumour: Callable[[s
     return {
         "auroc": round(auroc, 4), "auroc_ci": [round(low, 4), round(high, 4)],
         "auroc_per_seed": [round(float(roc_auc_score(labels, p)), 4) for p in probs],
-        "balanced_accuracy": round(float(np.mean([balanced_accuracy_score(labels, p >= 0.5) for p in probs])), 4),
+        "balanced_accuracy": round(float(np.mean([balanced_accuracy_score(labels, p > 0.5) for p in probs])), 4),
         "localisation_auroc": round(float(np.mean(localisation)), 4) if localisation else None,
         "slides": len(slides),
     }

@@ -26,12 +26,14 @@ import torch
 from torch import nn
 
 from histodistill.errors import UserError
+from histodistill.models.architectures import BUILDERS, CONVERTERS, is_transformers
+from histodistill.models.foundation import FOUNDATION_MODELS, PACKAGES, FoundationModel
 from histodistill.models.hub import hub_access, unreachable_remedy
+from histodistill.models.pooling import embedding_dim, pool
+from histodistill.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from histodistill.models.registry import Registry
 from histodistill.models.weights import first_line, load_weights, read_checkpoint, read_state_dict
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Key under which our checkpoints describe their backbone (written by methods/base.py::backbone_record).
 CHECKPOINT_BACKBONE_KEY = "histodistill_backbone"
 # An export is a timm model folder (what timm's push_to_hf_hub writes and its local-dir:/hf-hub: loaders
@@ -44,27 +46,14 @@ _LAYER_NAMES = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
 
 
 @dataclass(frozen=True)
-class Preprocess:
-    """How images must be prepared for a backbone: normalisation, square input side, and the
-    microns per pixel it was trained at (``None`` when unknown, e.g. ImageNet models)."""
-
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    input_size: int = 224
-    mpp: float | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
-        return cls(tuple(data["mean"]), tuple(data["std"]), int(data["input_size"]), data.get("mpp"))
-
-
-@dataclass(frozen=True)
 class BackboneSpec:
     """Everything needed to rebuild a backbone: ``timm.create_model(timm_name, num_classes=0, **model_kwargs)``.
 
     ``name`` is what the user asked for (registered name, timm name, file); ``source`` says where the
     weights came from: ``random``, ``timm:<hub id or tag>``, ``hf-hub:<id>``, ``weights:<file>``,
-    ``checkpoint:<file>`` or ``export:<dir>``.
+    ``checkpoint:<file>`` or ``export:<dir>``. ``timm_name`` may also name one of our non-timm architectures
+    (`histodistill.models.architectures.BUILDERS`). ``embedding`` is how tokens become the pooled vector
+    (`histodistill.models.pooling`; ``head``: the model's own pooled output).
     """
 
     name: str
@@ -72,6 +61,7 @@ class BackboneSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     preprocess: Preprocess = field(default_factory=Preprocess)
     source: str = "random"
+    embedding: str = "head"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (stored in checkpoints, exports' ``config.json`` and ``extractor.json``)."""
@@ -88,19 +78,28 @@ class BackboneSpec:
             model_kwargs=dict(data.get("model_kwargs", {})),
             preprocess=Preprocess.from_dict(data["preprocess"]),
             source=data.get("source", "random"),
+            embedding=data.get("embedding", "head"),
         )
 
 
 @dataclass(frozen=True)
 class BackboneEntry:
-    """A registered backbone: architecture, arguments, preprocessing, and where pretrained weights live
-    (``hub_id`` for ``timm.create_model("hf-hub:<hub_id>", pretrained=True)``, else timm's own weights)."""
+    """A registered backbone: architecture, arguments, preprocessing, embedding, and where pretrained
+    weights live: ``hub_id`` alone for ``timm.create_model("hf-hub:<hub_id>", pretrained=True)``; with
+    ``weights_file``, that file of the hub repository (``repo_type``), or a URL, loaded into the stated
+    architecture (transformers architectures read the repository's config.json too when ``hub_config``);
+    neither: timm's own weights. ``requires`` names what must be installed (`FoundationModel.requires`)."""
 
     timm_name: str
     model_kwargs: dict[str, Any]
     preprocess: Preprocess
     hub_id: str | None = None
     description: str = ""
+    embedding: str = "head"
+    weights_file: str | None = None
+    repo_type: str = "model"
+    hub_config: bool = False
+    requires: str | None = None
 
 
 BACKBONES: Registry[BackboneEntry] = Registry("backbone")
@@ -119,9 +118,11 @@ def list_backbones(namespace: str | None = None) -> list[str]:
 class Backbone(nn.Module):
     """A timm model without classifier (``.model``) and its `BackboneSpec` (``.spec``).
 
-    ``forward(x)`` (B, 3, H, W) -> (B, D) pooled features, D = ``num_features``;
-    ``forward_features(x)`` -> (B, C, h, w) for CNNs (``feature_kind == "map"``) or (B, N, D) tokens for
-    ViTs (``"tokens"``, the first ``num_prefix_tokens`` being class/register tokens).
+    ``forward(x)`` (B, 3, H, W) -> (B, D) pooled features, D = ``num_features``, as ``spec.embedding``
+    defines them (e.g. Virchow2: class token + mean patch token, D = 2 x 1280);
+    ``forward_features(x)`` -> (B, C, h, w) for CNNs (``feature_kind == "map"``) or (B, N, C) tokens for
+    ViTs (``"tokens"``, the first ``num_prefix_tokens`` being class/register tokens); C is the model's width
+    (``model.num_features``), which differs from D for ``cls+mean_patch`` and attention-pooled models.
     """
 
     def __init__(self, model: nn.Module, spec: BackboneSpec) -> None:
@@ -131,7 +132,7 @@ class Backbone(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return int(self.model.num_features)
+        return embedding_dim(int(self.model.num_features), self.spec.embedding)
 
     @property
     def feature_kind(self) -> str:
@@ -149,8 +150,12 @@ class Backbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
 
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """``forward_features`` output -> (B, D), the embedding ``spec.embedding`` names."""
+        return pool(self.model, features, self.spec.embedding)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # (B, D)
+        return self.pool(self.model.forward_features(x))  # (B, D)
 
 
 def create_backbone(
@@ -187,7 +192,7 @@ def create_backbone(
     else:
         raise UserError(_unknown_name_message(str(name)))
     if weights is not None:
-        load_weights(backbone.model, _without_classifier(read_state_dict(weights), backbone.model), str(weights), strict)
+        _load_local(backbone, read_state_dict(weights), str(weights), strict)
         backbone.spec = replace(backbone.spec, source=f"weights:{Path(weights).name}")
     if backbone.spec.source == "random":
         _note_random(str(name))
@@ -213,15 +218,93 @@ def _note_random(name: str) -> None:
 
 # ---- sources ---------------------------------------------------------------------------------------
 def _from_entry(name: str, entry: BackboneEntry, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
+    _check_requirements(name, entry)
     kwargs = {**entry.model_kwargs, **model_kwargs}
-    preprocess = _with_input_size(entry.preprocess, kwargs)
-    if pretrained and entry.hub_id:
+    # Only the caller's img_size changes the input: an entry's own (Kaiko ViT-L/14's 518-px position table)
+    # is an architecture argument, its preprocessing stays the published one.
+    preprocess = _with_input_size(entry.preprocess, model_kwargs)
+    if pretrained and entry.weights_file:
+        model, kwargs, source = _from_published_file(name, entry, kwargs, model_kwargs)
+    elif pretrained and entry.hub_id:
         model = _create_pretrained(f"hf-hub:{entry.hub_id}", kwargs, name)
         source = f"hf-hub:{entry.hub_id}"
     else:
         model = _create_pretrained(entry.timm_name, kwargs, name) if pretrained else _create(entry.timm_name, kwargs)
         source = _timm_source(model) if pretrained else "random"
-    return Backbone(model, BackboneSpec(name, entry.timm_name, kwargs, preprocess, source))
+    return Backbone(model, BackboneSpec(name, entry.timm_name, kwargs, preprocess, source, entry.embedding))
+
+
+def _check_requirements(name: str, entry: BackboneEntry) -> None:
+    """Entries only their authors' package builds, and transformers entries without transformers, stop here."""
+    if entry.requires in PACKAGES:
+        raise UserError(
+            f"{name} is built by the authors' {entry.requires!r} package ({PACKAGES[entry.requires]}), which "
+            "histodistill does not wrap: extract its features with that package (or TRIDENT), or pick another "
+            "model (histodistill models)"
+        )
+    if is_transformers(entry.timm_name):
+        from histodistill.models.hf_encoder import require_transformers
+
+        require_transformers(name)
+
+
+def _from_published_file(
+    name: str, entry: BackboneEntry, kwargs: dict[str, Any], model_kwargs: dict[str, Any]
+) -> tuple[nn.Module, dict[str, Any], str]:
+    """The stated architecture with the published weights file: (model, its arguments, source)."""
+    path = _published_file(name, entry, entry.weights_file)
+    source = entry.weights_file if "://" in entry.weights_file else f"hf-hub:{entry.hub_id}"
+    if is_transformers(entry.timm_name):
+        from histodistill.models.hf_encoder import load_hf_encoder
+
+        if entry.hub_config:  # the published architecture, as transformers' from_pretrained would read it
+            kwargs = {**json.loads(_published_file(name, entry, "config.json").read_text()), **model_kwargs}
+        return load_hf_encoder(entry.timm_name, kwargs, path.parent, f"{entry.hub_id}/{entry.weights_file}"), kwargs, source
+    model = _create(entry.timm_name, kwargs)
+    convert = CONVERTERS.get(entry.timm_name)
+    state = read_state_dict(path)
+    load_weights(model, convert(state, model) if convert else state, f"{source}/{path.name}")
+    return model, kwargs, source
+
+
+def _published_file(name: str, entry: BackboneEntry, filename: str) -> Path:
+    """A file of the entry's hub repository (from the Hugging Face cache or hub), or a URL's download (in
+    torch's hub cache); a `UserError` naming the remedies when it cannot be had."""
+    if "://" in filename:
+        target = Path(torch.hub.get_dir()) / "checkpoints" / filename.rsplit("/", 1)[-1]
+        if not target.is_file():
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(filename, str(target), progress=False)  # writes a temporary, then renames
+            except OSError as error:
+                raise UserError(
+                    f"cannot download the pretrained weights of {name!r} from {filename}: {first_line(error)}. "
+                    f"Remedies: a local file (--model {name} --weights FILE; config weights: FILE); or the file "
+                    f"at {target}; or --random-init (config pretrained: false) for random weights"
+                ) from error
+        return target
+    from huggingface_hub import hf_hub_download
+
+    with hub_access() as unreachable:  # one quick probe, not huggingface_hub's ~53 s of retries when offline
+        try:
+            return Path(hf_hub_download(entry.hub_id, filename, repo_type=entry.repo_type))
+        except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
+            raise UserError(_unavailable_message(name, f"hf-hub:{entry.hub_id}", True, error, local=name,
+                                                 unreachable=unreachable)) from error
+
+
+def _load_local(backbone: Backbone, state: dict[str, torch.Tensor], origin: str, strict: bool) -> None:
+    """A local weights file into ``backbone``: a registered entry's published layout is converted first
+    (transformers' own loader for transformers architectures, which is always strict)."""
+    architecture = backbone.spec.timm_name
+    if is_transformers(architecture):
+        from histodistill.models.hf_encoder import load_hf_encoder
+
+        backbone.model = load_hf_encoder(architecture, backbone.spec.model_kwargs, None, origin, state_dict=state)
+        return
+    convert = CONVERTERS.get(architecture)
+    state = convert(state, backbone.model) if convert else state
+    load_weights(backbone.model, _without_classifier(state, backbone.model), origin, strict)
 
 
 def _from_timm(name: str, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
@@ -304,6 +387,8 @@ def timm_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _create(timm_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
+    if timm_name in BUILDERS:
+        return BUILDERS[timm_name](**timm_kwargs(model_kwargs))
     try:
         return timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs(model_kwargs))
     except TypeError as error:
@@ -321,7 +406,8 @@ def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str,
         try:
             return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **timm_kwargs(model_kwargs))
         except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
-            raise UserError(_unavailable_message(asked, timm_name, pretrained, error, unreachable)) from error
+            message = _unavailable_message(asked, timm_name, pretrained, error, unreachable=unreachable)
+            raise UserError(message) from error
 
 
 def _has_published_weights(timm_name: str) -> bool:
@@ -329,9 +415,12 @@ def _has_published_weights(timm_name: str) -> bool:
     return cfg is not None and bool(cfg.hf_hub_id or cfg.url or cfg.file)
 
 
-def _unavailable_message(asked: str, timm_name: str, pretrained: bool, error: BaseException,
-                         unreachable: str | None = None) -> str:
-    """One line: which model, why its files could not be had, and every way out (``unreachable``: why the hub
+def _unavailable_message(
+    asked: str, timm_name: str, pretrained: bool, error: BaseException, local: str | None = None,
+    unreachable: str | None = None,
+) -> str:
+    """One line: which model, why its files could not be had, and every way out (``local``: the --model that
+    takes a local file, when it is not the asked name or the timm architecture; ``unreachable``: why the hub
     gave no answer, from `histodistill.models.hub.hub_access`)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -340,7 +429,7 @@ def _unavailable_message(asked: str, timm_name: str, pretrained: bool, error: Ba
     cfg = None if hub_id else timm.models.get_pretrained_cfg(timm_name)
     where = timm_name.removeprefix("hf-hub:") if cfg is None else cfg.hf_hub_id or cfg.url or timm_name
     what = "pretrained weights" if pretrained else "config.json (an hf-hub: id needs it even for random weights)"
-    local = "the timm architecture as --model" if hub_id else f"--model {asked}"
+    local = f"--model {local}" if local else "the timm architecture as --model" if hub_id else f"--model {asked}"
     others = f"a local file ({local} --weights FILE; config weights: FILE)" + (
         "; or --random-init (config pretrained: false) for random weights" if pretrained else "")
     if unreachable is not None and isinstance(error, LocalEntryNotFoundError):
@@ -412,43 +501,14 @@ register_backbone(
 )
 register_backbone("tiny/efficientnet-b0-64", BackboneEntry("efficientnet_b0", {}, _TINY, description="EfficientNet-B0 at 64 px"))
 
-# Pathology foundation models (gated on the Hugging Face hub): the architecture and arguments their model
-# cards give for timm, so local weight files load strictly into a model built without the hub.
-_SWIGLU_VIT_G = {"mlp_ratio": 2.66667 * 2, "mlp_layer": "SwiGLUPacked", "act_layer": "silu"}
-register_backbone(
-    "pathology/uni",
-    BackboneEntry(
-        "vit_large_patch16_224", {"init_values": 1e-5, "dynamic_img_size": True},
-        Preprocess(IMAGENET_MEAN, IMAGENET_STD, 224, 0.5), hub_id="MahmoodLab/UNI",
-        description="UNI (Chen et al. 2024), ViT-L/16, 1024-d class token",
-    ),
-)
-register_backbone(
-    "pathology/uni2-h",
-    BackboneEntry(
-        "vit_giant_patch14_224",
-        {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
-         "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU_VIT_G},
-        Preprocess(IMAGENET_MEAN, IMAGENET_STD, 224, 0.5), hub_id="MahmoodLab/UNI2-h",
-        description="UNI2-h, ViT-H/14 with 8 register tokens and SwiGLU, 1536-d class token",
-    ),
-)
-register_backbone(
-    "pathology/h-optimus-0",
-    BackboneEntry(
-        "vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
-        Preprocess((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), 224, 0.5),
-        hub_id="bioptimus/H-optimus-0",
-        description="H-optimus-0 (Bioptimus), ViT-g/14 with 4 register tokens, 1536-d class token",
-    ),
-)
-register_backbone(
-    "pathology/virchow2",
-    BackboneEntry(
-        "vit_huge_patch14_224",
-        {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4, "dynamic_img_size": True,
-         "mlp_layer": "SwiGLUPacked", "act_layer": "silu"},
-        Preprocess(IMAGENET_MEAN, IMAGENET_STD, 224, 0.5), hub_id="paige-ai/Virchow2",
-        description="Virchow2 (Paige), ViT-H/14 with 4 register tokens; pooled output is the 1280-d class token",
-    ),
-)
+# Pathology foundation models: the table in models/foundation.py, with its sources.
+def _entry(model: FoundationModel) -> BackboneEntry:
+    return BackboneEntry(
+        model.architecture, dict(model.model_kwargs), model.preprocess, model.hub_id,
+        f"{model.citation.split(',')[0]}: {model.build}, {model.embedding} {model.dim}-d", model.embedding,
+        model.weights_file, model.repo_type, model.hub_config, model.requires,
+    )
+
+
+for _model in FOUNDATION_MODELS:
+    register_backbone(_model.name, _entry(_model))

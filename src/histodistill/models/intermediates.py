@@ -59,9 +59,9 @@ def forward_layers(backbone: Backbone, images: torch.Tensor, indices: list[int])
     """images (B, 3, H, W) -> `LayerFeatures` with the maps of ``feature_info`` ``indices``, in that order."""
     if not indices:  # pooled features and final map only: the plain forward
         final = backbone.forward_features(images)
-        return LayerFeatures(pooled=backbone.model.forward_head(final, pre_logits=True), final=final, maps=[])
+        return LayerFeatures(pooled=backbone.pool(final), final=final, maps=[])
     order = sorted(set(indices))
     final, maps = backbone.model.forward_intermediates(images, indices=order)
     by_index = dict(zip(order, maps, strict=True))
-    pooled = backbone.model.forward_head(final, pre_logits=True)  # (B, D), as Backbone.forward
+    pooled = backbone.pool(final)  # (B, D), as Backbone.forward
     return LayerFeatures(pooled=pooled, final=final, maps=[by_index[i] for i in indices])

@@ -1,7 +1,9 @@
-"""Slide-level multiple-instance learning heads: mean pooling, ABMIL (gated attention), TransMIL.
+"""Slide-level multiple-instance learning heads: mean pooling, ABMIL (gated attention), TransMIL, and the
+registry `create_mil` that also builds CLAM-SB/MB (`histodistill.models.clam`).
 
-Every model takes a bag of instance features ``x`` (B, N, D) with an optional padding mask
-(B, N) (True = real instance, False = padding) and returns `MILOutput(logits (B, C), scores (B, N))`.
+Every model (`histodistill.models.mil_base.MILHead`) takes a bag of instance features ``x`` (B, N, D) with an
+optional padding mask (B, N) (True = real instance, False = padding) and returns
+`MILOutput(logits (B, C), scores (B, N), ...)`; ``loss(output, labels)`` is its training objective.
 ``scores`` say how much each instance drove the prediction and are what heatmaps draw; they are
 0 at padded positions. Padding never changes a bag's output (tests check this for every model).
 """
@@ -9,31 +11,19 @@ Every model takes a bag of instance features ``x`` (B, N, D) with an optional pa
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodistill.models.clam import CLAMMB, CLAMSB
+from histodistill.models.mil_base import MILHead, MILOutput, full_mask, masked_softmax
 
-class MILOutput(NamedTuple):
-    logits: torch.Tensor  # (B, C)
-    scores: torch.Tensor  # (B, N), 0 at padded positions
-
-
-def full_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The padding mask (B, N) bool, all True when none is given."""
-    if mask is None:
-        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    return mask.bool()
+__all__ = ["ABMIL", "CLAMMB", "CLAMSB", "MIL_MODELS", "MILHead", "MILOutput", "MeanPoolMIL", "Standardized",
+           "TransMIL", "create_mil"]
 
 
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim (B, N) that gives padded positions exactly 0 weight."""
-    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-
-
-class MeanPoolMIL(nn.Module):
+class MeanPoolMIL(MILHead):
     """Baseline: the mean of the real instances' features, then a linear classifier.
 
     Because the classifier is linear, the bag logits equal the mean of per-instance logits; the
@@ -72,7 +62,7 @@ class GatedAttention(nn.Module):
         return masked_softmax(self.w(self.dropout(gated)).squeeze(-1), mask)
 
 
-class ABMIL(nn.Module):
+class ABMIL(MILHead):
     """Attention-based deep MIL with gated attention (Ilse, Tomczak, Welling, ICML 2018).
 
     Instance features are embedded (Linear + ReLU, the paper's f_ψ on precomputed features),
@@ -147,7 +137,7 @@ class PPEG(nn.Module):
         return torch.cat([cls_token, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
-class TransMIL(nn.Module):
+class TransMIL(MILHead):
     """TransMIL (Shao et al., NeurIPS 2021): embed → square-pad → [CLS] → attention → PPEG →
     attention → LayerNorm → classify the class token.
 
@@ -199,7 +189,7 @@ class TransMIL(nn.Module):
         return self.classifier(h[:, 0]), scores / scores.sum()
 
 
-class Standardized(nn.Module):
+class Standardized(MILHead):
     """A MIL model whose instance features are z-scored per dimension first: ``(x - mean) / std`` with
     ``mean``, ``std`` (D,) buffers, identity until `fit` sets them from training instances.
 
@@ -227,13 +217,17 @@ class Standardized(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         return self.mil((x - self.mean) / self.std, mask)  # (B, N, D) -> the wrapped model's output
 
+    def loss(self, output: MILOutput, labels: torch.Tensor) -> torch.Tensor:
+        return self.mil.loss(output, labels)
 
-MIL_MODELS: dict[str, type[nn.Module]] = {"mean": MeanPoolMIL, "abmil": ABMIL, "transmil": TransMIL}
+
+MIL_MODELS: dict[str, type[MILHead]] = {"mean": MeanPoolMIL, "abmil": ABMIL, "transmil": TransMIL, "clam_sb": CLAMSB,
+                                        "clam_mb": CLAMMB}
 
 
 def create_mil(name: str, in_dim: int, num_classes: int, standardize: bool = False, **kwargs) -> nn.Module:
-    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``); ``standardize`` wraps it in
-    `Standardized` (fit its statistics before training)."""
+    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``, ``clam_sb``, ``clam_mb``); ``standardize``
+    wraps it in `Standardized` (fit its statistics before training)."""
     if name not in MIL_MODELS:
         raise ValueError(f"unknown MIL model {name!r}; choose one of {sorted(MIL_MODELS)}")
     model = MIL_MODELS[name](in_dim, num_classes, **kwargs)
