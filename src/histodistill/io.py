@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -50,13 +50,16 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_unraisable() -> Iterator[None]:
-    """Drop the "Exception ignored" reports of objects freed inside (h5py objects of a file the full disk cut
-    short cannot flush when freed: their reports would repeat the error the user already gets in one line)."""
+def _quiet_hdf5_cleanup() -> Iterator[None]:
+    """Silence what HDF5 objects print when freed after a failed write: h5py prints each one's traceback and
+    then reports it as "Exception ignored" (sys.unraisablehook). On a full disk every object of the file cut
+    short does so, a screen of paragraphs repeating the one error the user gets (`DiskFullError`). Only h5py
+    calls run inside; the error itself still propagates."""
     hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         sys.unraisablehook = hook
 
@@ -88,13 +91,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except (OSError, RuntimeError) as error:
         if not is_disk_full(error) or isinstance(error, DiskFullError):
             raise
-        full = True  # raised below, outside this handler, so the failed writer's objects can be freed first
+        full = True  # raised below, outside this handler: the error's context would only repeat it
     finally:
         if tmp.exists():
             tmp.unlink()
     if full:
-        with _quiet_unraisable():
-            gc.collect()
         raise DiskFullError(path)
 
 
@@ -170,6 +171,24 @@ def reporting_full_disk(out: str | os.PathLike, needed: Callable[[], int | None]
             raise
         path = error.path if isinstance(error, DiskFullError) else Path(getattr(error, "filename", None) or out)
         raise UserError(full_disk_message(path, Path(out), needed(), rerun)) from None
+
+
+@contextlib.contextmanager
+def atomic_hdf5(path: str | os.PathLike) -> Iterator[Any]:
+    """A new HDF5 file (an open ``h5py.File``, closed at the end) written under `atomic_path`, with what HDF5
+    prints about its objects after a failed write silenced (`_quiet_hdf5_cleanup`): a full disk is then one
+    `DiskFullError`, not a screen of "Can't decrement id ref count" paragraphs."""
+    import h5py
+
+    with atomic_path(path) as tmp, _quiet_hdf5_cleanup():
+        handle = h5py.File(tmp, "w")
+        try:
+            yield handle
+        except BaseException:
+            with contextlib.suppress(Exception):
+                handle.close()  # the block's own error is the one to raise
+            raise
+        handle.close()  # the final flush: where a full disk often shows; it raises like any write
 
 
 def is_hidden_or_temporary(path: str | os.PathLike) -> bool:

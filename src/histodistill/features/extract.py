@@ -36,7 +36,7 @@ from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
 from histodistill.features.output_check import coords_rows, is_finished, require_finite
 from histodistill.features.unreadable import UNREADABLE_ATTR, record_unreadable
-from histodistill.io import atomic_path, reporting_full_disk, write_json
+from histodistill.io import atomic_hdf5, reporting_full_disk, write_json
 from histodistill.models.backbones import Backbone, create_backbone
 from histodistill.wsi.coords import coords_files, find_slide, read_coords, tiling_attrs
 
@@ -165,7 +165,7 @@ def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, a
                          coords_attrs: dict[str, Any] | None = None) -> None:
     """``features`` (N, D) float32 and ``coords`` (N, 2) int64, written atomically; ``coords_attrs`` (the
     tiling: patch_size_level0, ...) go on the ``coords`` dataset, where TRIDENT's slide encoders read them."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+    with atomic_hdf5(path) as handle:
         handle.create_dataset("features", data=features.astype(np.float32))
         # track_order keeps the attributes in the order given, patch_size_level0 first.
         handle.create_dataset("coords", data=coords.astype(np.int64), track_order=True)
@@ -287,7 +287,7 @@ def extract_images(
     backbone = prepare_model(backbone, torch_device)
     features, labels = extract_features(backbone, dataset, batch_size, num_workers, torch_device, precision, "images")
     require_finite(features, f"image folder {images_dir}", str(model))
-    with atomic_path(target) as tmp, h5py.File(tmp, "w") as handle:
+    with atomic_hdf5(target) as handle:
         handle.create_dataset("features", data=features.astype(np.float32))
         handle.create_dataset("labels", data=labels.astype(np.int64))
         handle.create_dataset("paths", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
