@@ -12,7 +12,7 @@ from test_distill import STUDENT, teacher_ckpt, tiny_batch  # noqa: F401  (teach
 from histodistill.methods.distill import Distill
 
 # Per-term arguments beyond feature / w_feature (small CRD memory; staged terms: one batch of stage).
-ARGS = {"crd": {"num_samples": 8, "crd_nce_k": 16, "crd_feat_dim": 16}, "semckd": {"feature_options": {"batch_size": 8}},
+ARGS = {"crd": {"feature_options": {"num_samples": 8, "nce_k": 16, "feat_dim": 16}}, "semckd": {"feature_options": {"batch_size": 8}},
         "ab": {"init_steps": 1}, "ft": {"init_steps": 1}, "fsp": {"init_steps": 1}}
 # name -> (named losses of each of three training steps, sum of the eval-mode logits afterwards)
 PINNED = {
@@ -76,3 +76,34 @@ def test_each_term_gives_the_pinned_losses_and_logits(teacher_ckpt, feature):  #
     for step, expected in zip(steps, expected_steps, strict=True):
         assert step == pytest.approx(expected, rel=1e-5, abs=1e-5)
     assert logits == pytest.approx(expected_logits, rel=1e-5, abs=1e-4)
+
+
+def test_the_flat_crd_arguments_of_earlier_versions_still_configure_crd(teacher_ckpt):  # noqa: F811
+    path, _ = teacher_ckpt()
+    with pytest.warns(UserWarning, match=r"crd_nce_k, num_samples are deprecated.*feature_options \{nce_k: 16"):
+        old = Distill(num_classes=3, teacher=str(path), feature="crd", w_feature=1.0, crd_nce_k=16, num_samples=8,
+                      **STUDENT)
+    assert old.feature_loss.options == {"feat_dim": 128, "nce_k": 16, "temperature": 0.07, "momentum": 0.5,
+                                        "num_samples": 8}
+    assert old.feature_loss.criterion.memory.num_data == 8
+    with pytest.warns(UserWarning, match="feature: hint ignores them"):
+        Distill(num_classes=3, teacher=str(path), feature="hint", w_feature=1.0, num_samples=8, **STUDENT)
+
+
+@pytest.mark.parametrize("feature", ["hint", "crd"])
+def test_a_checkpoint_from_before_hint_and_crd_were_terms_still_loads(teacher_ckpt, feature):  # noqa: F811
+    path, _ = teacher_ckpt()
+    make = lambda: Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=1.0,  # noqa: E731
+                           **STUDENT, **ARGS.get(feature, {}))
+    torch.manual_seed(0)
+    saved = make().state_dict()
+    # Earlier versions held the loss module itself as feature_loss: its keys had no "criterion." level.
+    old = {key.replace("feature_loss.criterion.", "feature_loss."): value for key, value in saved.items()}
+    assert old.keys() != saved.keys()
+    torch.manual_seed(1)
+    distill = make()
+    checkpoint = {"state_dict": old}
+    distill.on_load_checkpoint(checkpoint)
+    distill.load_state_dict(checkpoint["state_dict"])
+    for key, value in distill.state_dict().items():
+        assert torch.equal(value, saved[key]), key
