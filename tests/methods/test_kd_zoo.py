@@ -212,3 +212,19 @@ def test_bad_zoo_settings_are_refused_before_training(teacher_ckpt):  # noqa: F8
         make(path, "at", student_layers=[7], teacher_layers=[4])
     with pytest.raises(UserError, match="only ab, ft and fsp"):
         make(path, "at", init_steps=5)
+
+
+def test_terms_build_what_depends_on_the_data_at_setup_or_say_what_is_missing(teacher_ckpt):  # noqa: F811
+    from histodistill.methods.kd_zoo import TrainingData
+
+    path, _ = teacher_ckpt()
+    unknown = TrainingData(batch_size=lambda: None, num_samples=lambda: None)
+    known = TrainingData(batch_size=lambda: 8, num_samples=lambda: 12)
+    for feature, built, missing in (("semckd", lambda t: t.criterion.batch_size, "batch size.*batch_size"),
+                                    ("crd", lambda t: t.criterion.memory.num_data, "IndexedDataset.*num_samples")):
+        term = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=1.0, **STUDENT).feature_loss
+        assert term.criterion is None
+        with pytest.raises(UserError, match=missing):
+            term.setup(unknown)
+        term.setup(known)
+        assert built(term) == {"semckd": 8, "crd": 12}[feature]
