@@ -101,8 +101,8 @@ def test_a_tiny_run_of_each_baseline_lowers_its_loss(teacher_ckpt, feature, w_fe
     path, _ = teacher_ckpt()
     torch.manual_seed(0)
     options = {"num_samples": 8, "nce_k": 16, "feat_dim": 16} if feature == "crd" else None
-    distill = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=w_feature, feature_options=options,
-                      **STUDENT)
+    distill = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=w_feature,
+                      feature_options=options, **STUDENT)
     images, labels = tiny_batch()
     losses = train_steps(distill, (images, labels, torch.arange(8)))
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
@@ -162,7 +162,8 @@ def test_tiny_crd_config_trains_end_to_end_with_indexed_data(tmp_path, distill_i
     ]) == 0
     assert "train/crd" in (run / "metrics.csv").read_text()
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    assert state["feature_loss.criterion.memory.memory_student"].shape == (12, 128)  # one memory row per training image
+    # one memory row per training image
+    assert state["feature_loss.criterion.memory.memory_student"].shape == (12, 128)
     assert state["feature_loss.criterion.memory.z_student"] > 0
 
 

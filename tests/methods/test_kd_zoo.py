@@ -13,7 +13,8 @@ from histodistill.models.intermediates import forward_layers, pyramid
 STAGED = {"ab", "ft", "fsp"}
 # Official feature weights of each term (MoMA's comparison where it ran the method, RepDistiller otherwise);
 # AB and FSP train without their term after their stage.
-WEIGHTS = {"hint": 100.0, "crd": 0.8, "at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0, "ab": 0.0, "ft": 200.0,
+WEIGHTS = {"hint": 100.0, "crd": 0.8,
+           "at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0, "ab": 0.0, "ft": 200.0,
            "fsp": 0.0, "nst": 50.0, "semckd": 50.0, "simkd": 1.0, "srrl": 1.0}
 
 
@@ -220,9 +221,11 @@ def test_terms_build_what_depends_on_the_data_at_setup_or_say_what_is_missing(te
     path, _ = teacher_ckpt()
     unknown = TrainingData(batch_size=lambda: None, num_samples=lambda: None)
     known = TrainingData(batch_size=lambda: 8, num_samples=lambda: 12)
-    for feature, built, missing in (("semckd", lambda t: t.criterion.batch_size, "batch size.*batch_size"),
-                                    ("crd", lambda t: t.criterion.memory.num_data, "IndexedDataset.*num_samples")):
-        term = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=1.0, **STUDENT).feature_loss
+    cases = (("semckd", lambda t: t.criterion.batch_size, "batch size.*batch_size"),
+             ("crd", lambda t: t.criterion.memory.num_data, "IndexedDataset.*num_samples"))
+    for feature, built, missing in cases:
+        distill = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=1.0, **STUDENT)
+        term = distill.feature_loss
         assert term.criterion is None
         with pytest.raises(UserError, match=missing):
             term.setup(unknown)

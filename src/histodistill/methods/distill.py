@@ -5,7 +5,8 @@ cross-entropy and validated like any supervised run) that also holds a teacher b
 knowledge distillation is on, the teacher's classifier. `Distill` adds one pluggable feature term to
 ``w_ce · CE + w_kd · KD``: none (Hinton KD) or one of the terms of `histodistill.methods.kd_zoo` (``hint``:
 FitNet on the pooled feature, ``crd``: contrastive representation distillation, AT, SP, CC, VID, RKD, PKT, AB,
-FT, FSP, NST, SemCKD, SimKD, SRRL), each an object whose hooks say what it needs. MoMA (`histodistill.methods.moma`) builds on the same base.
+FT, FSP, NST, SemCKD, SimKD, SRRL), each an object whose hooks say what it needs. MoMA
+(`histodistill.methods.moma`) builds on the same base.
 
 Where the student starts (``student_init``): ``teacher`` copies the teacher's backbone into the
 student, and its classifier too when the teacher checkpoint has one for the same classes, as MoMA's
@@ -180,9 +181,10 @@ class Distill(TeacherStudentMethod):
     ``feature: none`` is Hinton KD (T = 4). Every other name is a term of `histodistill.methods.kd_zoo`
     (docs/moma.md lists paper, formula, options and weight of each), configured alike: ``w_feature`` its
     weight (the term is computed only when it is not 0), ``feature_options`` its own options,
-    ``student_layers`` / ``teacher_layers`` its layers (pyramid positions of `histodistill.models.intermediates`;
-    default: the official choice), and ``init_steps`` the length, in training batches, of the pre-training stage
-    of ab, ft and fsp (only the stage's loss trains then; after it the objective is CE + KD + w_feature · term).
+    ``student_layers`` / ``teacher_layers`` its layers (pyramid positions of
+    `histodistill.models.intermediates`; default: the official choice), and ``init_steps`` the length, in
+    training batches, of the pre-training stage of ab, ft and fsp (only the stage's loss trains then; after
+    it the objective is CE + KD + w_feature · term).
     ``hint`` is FitNet on the pooled feature (MoMA used w_feature = 100); ``crd`` is CRD (w_feature = 0.8) and
     needs the sample index in every batch: wrap the training dataset in `IndexedDataset`. Vanilla CE is
     `histodistill.methods.supervised.Supervised`.
@@ -218,15 +220,17 @@ class Distill(TeacherStudentMethod):
         if feature != "none":
             self.build_term(teacher, student_layers, teacher_layers, options,
                             kwargs.get("teacher_classifier_from_checkpoint"))
-        if init_steps < 0 or (init_steps > 0 and not (self.feature_loss is not None and self.feature_loss.init_stage)):
+        staged = self.feature_loss is not None and self.feature_loss.init_stage
+        if init_steps < 0 or (init_steps > 0 and not staged):
             raise UserError(f"model.init_args.init_steps={init_steps}: only ab, ft and fsp have a pre-training "
                             "stage; give a number of training batches >= 0 for those, 0 otherwise")
         self.init_steps = init_steps
-        if self.feature_loss is not None and self.feature_loss.init_stage:
+        if staged:
             # Training batches seen so far: a buffer, so a resumed run knows whether its stage is over.
             self.register_buffer("trained_batches", torch.zeros((), dtype=torch.long))
 
-    def build_term(self, teacher: str, student_layers, teacher_layers, options, classifier_source: str | None) -> None:
+    def build_term(self, teacher: str, student_layers, teacher_layers, options,
+                   classifier_source: str | None) -> None:
         """The term, and the teacher classifier where the term reuses it."""
         self.feature_loss = build_term(self.feature, self.backbone, self.teacher, student_layers, teacher_layers, options)
         if self.feature_loss.needs_teacher_classifier and self.teacher_classifier is None:
@@ -257,8 +261,8 @@ class Distill(TeacherStudentMethod):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> logits: the classifier's, or the term's where it replaces it (SimKD)."""
-        student = forward_layers(self.backbone, images, [])
-        logits = self.feature_loss.logits(student, self.teacher_classifier) if self.feature_loss is not None else None
+        student, term = forward_layers(self.backbone, images, []), self.feature_loss
+        logits = term.logits(student, self.teacher_classifier) if term is not None else None
         return self.classifier(student.pooled) if logits is None else logits
 
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -286,8 +290,8 @@ class Distill(TeacherStudentMethod):
         index = None
         if term is not None and term.needs_index:
             if len(batch) < 3:
-                raise UserError(f"feature: {self.feature} needs batches (image, label, index): wrap the training "
-                                "dataset in histodistill.data.indexed_dataset.IndexedDataset")
+                raise UserError(f"feature: {self.feature} needs batches (image, label, index): wrap the "
+                                "training dataset in histodistill.data.indexed_dataset.IndexedDataset")
             index = batch[2]
         inputs = TermInputs(student, teacher, teacher_logits, self.teacher_classifier, index)
         if in_stage:
@@ -303,7 +307,8 @@ class Distill(TeacherStudentMethod):
         return losses
 
 
-def migrate_crd_arguments(feature: str, options: dict[str, Any] | None, legacy: dict[str, Any]) -> dict[str, Any]:
+def migrate_crd_arguments(feature: str, options: dict[str, Any] | None,
+                          legacy: dict[str, Any]) -> dict[str, Any]:
     """``feature_options`` with the flat CRD arguments of earlier versions moved in (crd only, as before)."""
     given = {name: value for name, value in legacy.items() if value is not None}
     if not given:

@@ -4,14 +4,15 @@ A term wraps one loss of `histodistill.losses` with what the official code (trin
 RepDistiller) feeds it, and says through its hooks what `Distill` must give it:
 
 - what it needs from the forward pass: ``layers`` (a default pyramid slice of intermediate maps; None: the
-  pooled feature and final map only), ``needs_index`` (the batch's sample indices), ``needs_teacher_classifier``;
+  pooled feature and final map only), ``needs_index`` (the batch's sample indices),
+  ``needs_teacher_classifier``;
 - ``__init__`` builds its trainable adapters from the student's and teacher's layer shapes, and `setup` what
   depends on the training data (CRD's memory: the number of samples; SemCKD's attention: the batch size);
 - `loss` (and, for AB, FT and FSP, a pre-training stage: ``init_stage`` and `init_loss`);
 - `logits`, for a term that replaces the student's classifier (SimKD).
 
-All terms are configured the same way: ``feature`` (the name in `ZOO`), ``w_feature``, ``feature_options`` (the
-term's own options, checked here), ``student_layers`` / ``teacher_layers``. Layers are pyramid positions
+All terms are configured the same way: ``feature`` (the name in `ZOO`), ``w_feature``, ``feature_options``
+(the term's own options, checked here), ``student_layers`` / ``teacher_layers``. Layers are pyramid positions
 (`histodistill.models.intermediates`); each term has a default slice of the pyramid (RepDistiller's
 ``feat[1:-1]`` is ``[1:]`` here: every stage after the stem), which ``student_layers`` / ``teacher_layers``
 override.
@@ -78,7 +79,7 @@ class Term(nn.Module):
     sets ``init_stage`` and implements `init_loss`."""
 
     layers: ClassVar[slice | None] = None
-    # Student and teacher layers are compared one to one (SemCKD's attention pairs every student layer with all).
+    # Student and teacher layers are compared one to one (SemCKD's attention pairs each student layer with all).
     pairs_layers: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {}
     init_stage: ClassVar[bool] = False
@@ -107,7 +108,7 @@ class Term(nn.Module):
         raise NotImplementedError
 
     def logits(self, student: LayerFeatures, teacher_classifier: nn.Module | None) -> torch.Tensor | None:
-        """The student's logits (B, num_classes) when the term replaces its classifier; None: the classifier's."""
+        """The student's logits (B, num_classes) where the term replaces its classifier; None: the classifier's."""
         return None
 
     def pairs(self, inputs: TermInputs):
@@ -347,7 +348,8 @@ class SRRL(Term):
 
 
 ZOO: dict[str, type[Term]] = {
-    "hint": Hint, "crd": CRD, "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT, "ab": AB, "ft": FT, "fsp": FSP,
+    "hint": Hint, "crd": CRD,
+    "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT, "ab": AB, "ft": FT, "fsp": FSP,
     "nst": NST, "semckd": SemCKD, "simkd": SimKD, "srrl": SRRL,
 }
 
