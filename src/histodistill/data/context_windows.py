@@ -27,8 +27,8 @@ from histodistill.data.teacher_features import TeacherFeatures
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
 from histodistill.io import visible_files
+from histodistill.wsi.coords import read_coords
 from histodistill.wsi.slide import open_slide
-from histodistill.wsi.tiling import read_coords
 
 
 def grid_geometry(attrs: dict, source: str | os.PathLike) -> tuple[float, int]:

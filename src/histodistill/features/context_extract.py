@@ -28,7 +28,7 @@ from histodistill.data.context_windows import ContextWindowDataset, window_trans
 from histodistill.errors import UserError
 from histodistill.models.backbones import Backbone
 from histodistill.models.grid_head import grid_pool, spatial_features
-from histodistill.wsi.tiling import read_coords
+from histodistill.wsi.coords import read_coords
 
 
 def context_suffix(side: int | None) -> str:

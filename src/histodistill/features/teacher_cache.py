@@ -16,7 +16,7 @@ import h5py
 from histodistill.errors import UserError
 from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, model_slug
 from histodistill.io import sha256_file, visible_files, write_json
-from histodistill.wsi.tiling import read_coords
+from histodistill.wsi.coords import read_coords
 
 # Our record beside extract's ``extractor.json``: the hash of the teacher's weights *file*, which the
 # features files do not carry. Written last, so its presence marks a complete cache.
