@@ -24,14 +24,9 @@ def machine_description() -> str:
     """CPU model and core count, memory, torch version and accelerator, in one line."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from histodistill.features.throughput import cpu_model
+
+    cpu = cpu_model()
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
@@ -70,14 +65,42 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, title: str, body: str) -> Path:
-    """Write one benchmark's results (with machine and date) to ``docs/benchmarks/<name>.md``."""
-    from histodistill.io import atomic_path
+PART = "<!-- part: "  # starts a part of a section that a script writes on its own (`write_part`)
 
+
+def write_section(name: str, title: str, body: str) -> Path:
+    """Write one benchmark's results (with machine and date) to ``docs/benchmarks/<name>.md``; the parts
+    that `write_part` wrote into it stay after them."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = f"## {title}\n\n_Machine: {machine_description()}. Measured {stamp} by `python benchmarks/{name}.py`._\n\n{body.strip()}\n"
     path = SECTIONS_DIR / f"{name}.md"
+    old = path.read_text() if path.is_file() else ""
+    parts = old[old.index(PART):] if PART in old else ""
+    return _write(path, text + ("\n" + parts if parts else ""), text)
+
+
+def write_part(name: str, key: str, title: str, command: str, body: str) -> Path:
+    """Write (or replace) the part ``key`` of ``docs/benchmarks/<name>.md``: a ``###`` subsection with its
+    own machine and date, measured by ``command``; the rest of the file stays as it was."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    marker = f"{PART}{key} -->"
+    block = (f"{marker}\n### {title}\n\n_Machine: {machine_description()}. Measured {stamp} by `{command}`._\n\n"
+             f"{body.strip()}\n")
+    path = SECTIONS_DIR / f"{name}.md"
+    old = path.read_text() if path.is_file() else ""
+    if marker in old:
+        start = old.index(marker)
+        following = old.find(PART, start + len(marker))
+        new = old[:start] + block + ("\n" + old[following:] if following >= 0 else "")
+    else:
+        new = old + ("\n" if old else "") + block
+    return _write(path, new, block)
+
+
+def _write(path: Path, text: str, shown: str) -> Path:
+    from histodistill.io import atomic_path
+
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-    print(text)
+    print(shown)
     return path

@@ -66,8 +66,8 @@ def train(module, images, labels, steps, seed, lr=0.05):
 
 
 def optimizer_step(module, optimizer, batch, step: int) -> None:
-    """One training step as Lightning's loop runs it: the batch-start hook (MoMA's momentum update),
-    the objective, backward, optimiser step."""
+    """One training step as Lightning's loop runs it: the batch-start hook, the objective, backward,
+    optimiser step."""
     module.on_train_batch_start(batch, step)
     loss = module.objective(batch)["loss"]
     optimizer.zero_grad()
@@ -88,18 +88,18 @@ def score(module, images, labels) -> tuple[float, float]:
 # kd_zoo baselines: Distill arguments as in configs/kd/effnet_b0_512_<name>.yaml (the official weights).
 ZOO_ARGS = {
     "AT": {"feature": "at", "w_feature": 1000.0},
-    "SP": {"feature": "sp", "w_feature": 3000.0},
+    "SP": {"feature": "sp", "w_feature": 3000.0, "w_kd": 0.0},
     "CC": {"feature": "cc", "w_feature": 0.02, "feature_options": {"feat_dim": 128}},
-    "VID": {"feature": "vid", "w_feature": 1.0},
-    "RKD": {"feature": "rkd", "w_feature": 1.0},
-    "PKT": {"feature": "pkt", "w_feature": 30000.0},
-    "AB": {"feature": "ab", "w_feature": 0.0, "init_steps": "1/8"},
-    "FT": {"feature": "ft", "w_feature": 200.0, "init_steps": "1/8"},
+    "VID": {"feature": "vid", "w_feature": 1.0, "w_kd": 0.0},
+    "RKD": {"feature": "rkd", "w_feature": 1.0, "w_kd": 0.0},
+    "PKT": {"feature": "pkt", "w_feature": 30000.0, "w_kd": 0.0},
+    "AB": {"feature": "ab", "w_feature": 0.0, "w_kd": 0.0, "init_steps": "1/8"},
+    "FT": {"feature": "ft", "w_feature": 200.0, "w_kd": 0.0, "init_steps": "1/8"},
     # FSP needs equal channels: the student's stem, layer2..4 (64, 32, 64, 128) against the wider
     # teacher's stem, layer1..3 (64, 32, 64, 128).
-    "FSP": {"feature": "fsp", "w_feature": 0.0, "init_steps": "1/8", "student_layers": [0, 2, 3, 4],
+    "FSP": {"feature": "fsp", "w_feature": 0.0, "w_kd": 0.0, "init_steps": "1/8", "student_layers": [0, 2, 3, 4],
             "teacher_layers": [0, 1, 2, 3]},
-    "NST": {"feature": "nst", "w_feature": 50.0},
+    "NST": {"feature": "nst", "w_feature": 50.0, "w_kd": 0.0},
     "SemCKD": {"feature": "semckd", "w_feature": 50.0, "w_kd": 0.0, "feature_options": {"batch_size": BATCH}},
     "SimKD": {"feature": "simkd", "w_feature": 1.0, "w_ce": 0.0, "w_kd": 0.0},
     "SRRL": {"feature": "srrl", "w_feature": 1.0},
@@ -123,8 +123,8 @@ def build_student(method: str, teacher_ckpt: str, num_samples: int, steps: int =
             args["init_steps"] = max(1, steps // 8)
         return Distill(teacher=teacher_ckpt, **args, **common)
     feature, weight = {"KD": ("none", 0.0), "FitNet": ("hint", 100.0), "CRD": ("crd", 0.8)}[method]
-    return Distill(teacher=teacher_ckpt, feature=feature, w_feature=weight, num_samples=num_samples,
-                   crd_nce_k=4096, **common)
+    options = {"num_samples": num_samples, "nce_k": 4096, "feat_dim": 512} if feature == "crd" else None
+    return Distill(teacher=teacher_ckpt, feature=feature, w_feature=weight, feature_options=options, **common)
 
 
 def mean_or_none(values: list[float]) -> str:
@@ -221,9 +221,11 @@ Task: hgsc_nest nuclei (3 classes: {', '.join(task.class_names)}), {len(train_y)
 nuclei from a spatial split; 64-px crops resized to {SIZE} px. Students: ResNet-18 layout with 16-128 channels,
 {args.steps} SGD steps (batch {BATCH}, lr 0.05, cosine), flips/rot90. Teacher: ResNet-18 layout with 32-256
 channels trained supervised on the full training split for {args.teacher_steps} steps. MoMA runs with a frozen
-teacher (different widths, so no EMA), KD on, a 1024-key queue; CRD with 4096 negatives. The kd_zoo rows use
-the official weights of configs/kd/effnet_b0_512_<name>.yaml (tuned by their authors for batch 64 and longer
-runs, not re-tuned here); AB, FT and FSP spend the first {max(1, args.steps // 8)} steps in their pre-training
+teacher (different widths, so no EMA), KD on, a 1024-key queue; CRD with 512-d embeddings and 4096 negatives;
+FitNet's regressor is MoMA's ConvReg (1×1 conv + BN + ReLU). The kd_zoo rows use the official weights of
+configs/kd/effnet_b0_512_<name>.yaml (MoMA's script where it ran the method, else RepDistiller's, which runs SP,
+VID, RKD, PKT, AB, FT, FSP and NST without KD; tuned by their authors for batch 64 and longer runs, not re-tuned
+here); AB, FT and FSP spend the first {max(1, args.steps // 8)} steps in their pre-training
 stage; FSP pairs the student's stem + layer2..4 with the teacher's stem + layer1..3 (equal channels).
 Mean ± sd over {args.seeds} seeds (seed = label subset and initialisation). torch threads: {args.threads}.
 Methods in this run: {', '.join(methods)}.

@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 from benchmarks.common import ROOT, SECTIONS_DIR  # noqa: E402
 
 # The order sections appear in: the pipeline's order.
-ORDER = ("tiling", "extract", "sdmae", "moma", "mcmkd", "mil", "gpu", "demo")
+ORDER = ("tiling", "extract", "sdmae", "moma", "mcmkd", "mil", "distill", "gpu", "demo")
 
 
 def scripts() -> list[str]:

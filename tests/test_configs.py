@@ -229,3 +229,38 @@ def test_tiny_config_trains_end_to_end(config_path, tmp_path):
     ])
     assert code == 0
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics.json").is_file()
+
+
+# MoMA's comparison (trinhvg/MoMA scripts/run_comparison.sh: -c CE, -d KD, -b feature) where it runs the method,
+# else RepDistiller's scripts/run_cifar_distill.sh (-a 0: no KD; CE weight -r 1 by default).
+OFFICIAL_WEIGHTS = {
+    "fitnet": (1, 1, 100), "cc": (1, 1, 0.02), "crd": (1, 1, 0.8), "at": (1, 1, 1000), "semckd": (1, 0, 50),
+    "simkd": (0, 0, 1), "sp": (1, 0, 3000), "vid": (1, 0, 1), "rkd": (1, 0, 1), "pkt": (1, 0, 30000),
+    "ft": (1, 0, 200), "nst": (1, 0, 50),
+    "ab": (1, 0, 0), "fsp": (1, 0, 0),  # RepDistiller sets β = 0 for them after their init stage
+}
+
+
+@pytest.mark.parametrize("config_path", [ROOT / "configs" / "moma" / "official_effnet_b0_512.yaml",
+                                         *sorted((ROOT / "configs" / "kd").glob("effnet_b0_512_*.yaml"))],
+                         ids=lambda p: p.stem)
+def test_momas_recipes_train_as_its_official_scripts(config_path):
+    # train_student_moma.py / train_student_comparison.py: SGD(lr 0.05, momentum 0.9, weight_decay 1e-4) over
+    # every trainable parameter, adjust_learning_rate with --cosine (eta_min = lr · 0.1³, per epoch), 50 epochs,
+    # fp32; EfficientNet-B0 from efficientnet(): dropout 0.2 in the classifier, drop-connect 0.2, BN 0.01 / 1e-3.
+    config = yaml.safe_load(config_path.read_text())
+    args = config["model"]["init_args"]
+    optim = args["optim"]
+    assert (optim["name"], optim["lr"], optim["momentum"], optim["weight_decay"]) == ("sgd", 0.05, 0.9, 1e-4)
+    assert optim["weight_decay_on"] == "all" and optim["schedule"] == "cosine_epoch"
+    assert optim["min_lr"] == pytest.approx(0.05 * 0.1**3) and config["trainer"]["max_epochs"] == 50
+    assert config["trainer"]["precision"] == "32-true"
+    assert args["classifier_dropout"] == 0.2
+    assert {k: args["backbone_kwargs"][k] for k in ("drop_path_rate", "bn_momentum", "bn_eps")} == {
+        "drop_path_rate": 0.2, "bn_momentum": 0.01, "bn_eps": 1e-3}
+    assert {k: args["teacher_kwargs"][k] for k in ("bn_momentum", "bn_eps")} == {"bn_momentum": 0.01, "bn_eps": 1e-3}
+    name = config_path.stem.rsplit("_", 1)[1]
+    if name in OFFICIAL_WEIGHTS:
+        assert (args["w_ce"], args["w_kd"], args["w_feature"]) == OFFICIAL_WEIGHTS[name]
+    if name == "crd":
+        assert args["feature_options"]["feat_dim"] == 512  # train_student_comparison.py --feat_dim default

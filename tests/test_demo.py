@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from histodistill.cli import main
-from histodistill.demo.runner import DemoContext, Stage, run_stages
+from histodistill.demo.runner import DemoContext
 from histodistill.demo.stages import recorded_sizes
 from histodistill.errors import UserError
+from histodistill.pipelines.runner import Stage, run_stages
 
 
 def _context(tmp_path, overwrite=False) -> DemoContext:
@@ -60,7 +61,7 @@ def test_a_folder_of_the_other_size_is_refused_before_any_stage_runs(tmp_path, c
     calls: list[str] = []
     run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)  # a --quick run
     full = DemoContext(out=tmp_path / "demo", quick=False, device="cpu", overwrite=False)
-    with pytest.raises(UserError, match=r"finished by --quick \(a, b, c\), and this run is the full demo"):
+    with pytest.raises(UserError, match=r"quick true != false in .*demo/a/stage.json"):
         run_stages(_stages(calls), full, log=lambda _: None)
     assert calls == ["a", "b", "c"]  # nothing ran, nothing was skipped into the full run
     run_stages(_stages(calls), DemoContext(out=full.out, quick=False, device="cpu", overwrite=True), log=lambda _: None)
@@ -79,15 +80,15 @@ def test_a_folder_of_other_sizes_or_of_unrecorded_sizes_is_refused(tmp_path):
     out = tmp_path / "demo"
     run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 60}), log=lambda _: None)
     # --quick of an earlier version (60 slides) resumed by this one (20): refused, nothing runs.
-    with pytest.raises(UserError, match=r"other sizes than this run's \(a, b, c: recorded \{'slides': 60\}, "
-                                        r"now \{'slides': 20\}\)"):
+    with pytest.raises(UserError, match=r"slides 60 != 20 in .*demo/a/stage.json \(recorded there != this run\): "
+                                        r"pass --overwrite"):
         run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 20}), log=lambda _: None)
     assert calls == ["a", "b", "c"]
     # A record written before sizes were recorded cannot be trusted to match.
     record = json.loads((out / "b" / "stage.json").read_text())
-    del record["sizes"]
+    del record["settings"]
     (out / "b" / "stage.json").write_text(json.dumps(record))
-    with pytest.raises(UserError, match=r"other sizes than this run's \(b: recorded none \(an earlier version\)"):
+    with pytest.raises(UserError, match=r"b/stage.json records no settings \(an earlier version wrote it\)"):
         run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 60}), log=lambda _: None)
     with pytest.raises(UserError, match="does not record the demo's sizes"):
         recorded_sizes(out, "b")
@@ -107,7 +108,7 @@ def test_an_unreadable_record_or_a_file_in_a_stage_folders_place_is_refused_befo
     shutil.rmtree(out / "c")
     (out / "c").write_text("not a folder")
     for overwrite in (False, True):
-        with pytest.raises(UserError, match=r"/c is a file where the demo writes its c stage"):
+        with pytest.raises(UserError, match=r"/c is a file where the c stage writes its folder"):
             run_stages(_stages(calls), _context(tmp_path, overwrite=overwrite), log=lambda _: None)
     assert calls == ["a", "b", "c"] * 2
 
@@ -143,7 +144,8 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     assert 'id="s-stages"' in page and 'id="s-mil"' in page and 'id="s-heatmaps"' in page
     assert page.index('id="s-summary"') < page.index('id="s-stages"')  # the report opens on the extractor table
     assert "a smoke run of every stage" in page  # the quick table is not mistaken for a result
-    assert all(json.loads((out / stage.name / "stage.json").read_text())["sizes"] == SIZES[True] for stage in STAGES)
+    assert all(json.loads((out / stage.name / "stage.json").read_text())["settings"] == {"quick": True, **SIZES[True]}
+               for stage in STAGES)
     # Every demo_out/... path a shipped recipe or doc points users at is one the demo wrote.
     root = Path(__file__).resolve().parents[1]
     texts = [p.read_text() for p in [*root.glob("configs/**/*.yaml"), *root.glob("docs/**/*.md"), root / "README.md"]]

@@ -23,7 +23,7 @@ from histodistill.errors import UserError
 from histodistill.io import reporting_full_disk
 
 # The order a user meets the stages in; commands not listed here are shown after them.
-PIPELINE_ORDER = ("samples", "tile", "fit", "export", "extract", "probe", "mil", "heatmap", "report", "demo")
+PIPELINE_ORDER = ("samples", "tile", "fit", "export", "extract", "probe", "mil", "heatmap", "report", "distill", "demo")
 
 
 def _command_modules() -> dict[str, ModuleType]:

@@ -77,6 +77,19 @@ def good_run(root: Path) -> Path:
 
 Argv = Callable[[Path, Path], list[str]]  # (bad path, tmp dir) -> argv
 
+
+def good_slides(root: Path) -> Path:
+    """A folder holding one slide file (never opened: the checks stop before tiling)."""
+    folder = root / "good_slides"
+    folder.mkdir()
+    (folder / "a.tif").write_bytes(b"II*\x00")
+    return folder
+
+
+def distill(inputs: list[str], root: Path) -> list[str]:
+    return ["distill", "--teacher", "tiny/resnet18-64", "--student", "tiny/resnet18-64", "--student-random-init",
+            "--out", str(root / "out"), *inputs]
+
 # command -> {input: argv with the bad path in that input}. Output folders are not inputs: a missing or
 # empty one is valid. `samples` and `demo` read no files: their bad input is a file given as --out,
 # or an unknown sample name.
@@ -104,6 +117,11 @@ INPUTS: dict[str, dict[str, Argv]] = {
         "--slides": lambda p, t: ["heatmap", "--run", str(good_run(t)), "--slides", str(p)],
     },
     "report": {"RUN_DIR": lambda p, t: ["report", str(p)]},
+    "distill": {
+        "--slides": lambda p, t: distill(["--slides", str(p)], t),
+        "--coords": lambda p, t: distill(["--coords", str(p)], t),
+        "--labels": lambda p, t: distill(["--slides", str(good_slides(t)), "--labels", str(p)], t),
+    },
     "demo": {"--out": lambda p, t: ["demo", "--out", str(p), "--quick"]},
     "models": {},  # reads no file and takes no input: it prints the registry
 }
@@ -161,6 +179,8 @@ OUTPUTS: dict[str, Argv] = {
     "heatmap": lambda o, t: ["heatmap", "--run", str(t), "--slides", str(t), "--out", o],
     "report": lambda o, t: ["report", str(t), "--out", o],
     "demo": lambda o, t: ["demo", "--quick", "--out", o],
+    "distill": lambda o, t: ["distill", "--teacher", "tiny/resnet18-64", "--student", "resnet18", "--slides", str(t),
+                             "--out", o],
 }
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from conftest import make_tissue_image
 from histodistill.cli import main
 from histodistill.commands import tile as tile_command
+from histodistill.wsi.coords import read_coords
 from histodistill.wsi.tiff_writer import write_pyramid_tiff
-from histodistill.wsi.tiling import read_coords
 
 
 def test_every_option_has_help():

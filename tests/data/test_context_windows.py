@@ -16,8 +16,9 @@ from histodistill.data.context_windows import (
 )
 from histodistill.errors import UserError
 from histodistill.models.backbones import Preprocess
+from histodistill.wsi.coords import write_coords
 from histodistill.wsi.slide import Slide, open_slide
-from histodistill.wsi.tiling import grid_coords, write_coords
+from histodistill.wsi.tiling import grid_coords
 
 TILE = 64
 
@@ -162,3 +163,12 @@ def test_window_stride_sets_how_often_one_epoch_shows_a_tile(tiled, window_strid
             visits[tuple(cell)] = visits.get(tuple(cell), 0) + 1
     assert max(visits.values()) == most_visits  # stride 1: an interior tile is a target in all 9 of its windows
     assert ((np.round(coords[anchors] / TILE) % window_stride) == 0).all()
+
+
+def test_excluded_slides_give_no_window(tiled, tmp_path):
+    path, _ = tiled
+    kept = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
+    write_coords(path.parent / "other.h5", box_tiles(128, 128, cols=6, rows=4), coords_attrs(path))
+    both = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
+    held_out = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5, exclude=["other"])
+    assert len(both) == 2 * len(kept) and len(held_out) == len(kept) > 0

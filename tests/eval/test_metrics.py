@@ -65,3 +65,17 @@ def test_ovr_auroc_equals_sklearn_with_ties_binary_and_multiclass():
     assert ovr_auroc(y2, p2) == pytest.approx(roc_auc_score(y2, p2[:, 1]), abs=1e-12)
     expected = np.mean([roc_auc_score(y4 == c, p4[:, c]) for c in range(4)])
     assert ovr_auroc(y4, p4) == pytest.approx(expected, abs=1e-12)
+
+
+def test_linear_cka_is_one_under_rotation_and_scaling_and_low_for_unrelated_features():
+    from scipy.stats import ortho_group
+
+    from histodistill.eval.metrics import linear_cka
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6))
+    rotated = 3.0 * x @ ortho_group.rvs(6, random_state=1) + 5.0  # rotation, isotropic scale, shift
+    assert linear_cka(x, rotated) == pytest.approx(1.0)
+    assert linear_cka(x, rng.normal(size=(200, 4))) < 0.1
+    # The formula on a case worked by hand: x = (-1, 0, 1), y = (-1, 0, 1)^2 centred = (1/3, -2/3, 1/3): orthogonal.
+    assert linear_cka(np.array([[-1.0], [0.0], [1.0]]), np.array([[1.0], [0.0], [1.0]])) == pytest.approx(0.0)

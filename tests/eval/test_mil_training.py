@@ -157,3 +157,17 @@ def test_feature_norm_fits_on_training_tiles_only_and_finds_a_signal_under_a_sha
     train = np.concatenate(train)
     np.testing.assert_allclose(model.mean.numpy(), train.mean(0), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(model.std.numpy(), train.std(0, ddof=1), rtol=1e-4)
+
+
+def test_one_at_a_time_writes_the_predictions_of_the_default_batched_run(tmp_path, capsys):
+    features_dir, labels, _ = planted_features(tmp_path, n_cases=12)
+    probabilities = {}
+    for name, extra in (("together", []), ("alone", ["--one-at-a-time"])):
+        argv = ["mil", "--features", str(features_dir), "--labels", str(labels), "--folds", "3", "--seeds", "2",
+                "--epochs", "3", "--lr", "2e-3", "--out", str(tmp_path / name), *extra]
+        assert main(argv) == 0
+        with (tmp_path / name / "predictions.csv").open() as handle:
+            probabilities[name] = [[float(v) for k, v in row.items() if k.startswith("prob_")]
+                                   for row in csv.DictReader(handle)]
+    np.testing.assert_allclose(probabilities["together"], probabilities["alone"], atol=1e-5)
+    assert "one at a time" not in capsys.readouterr().out  # ABMIL trains together, silently

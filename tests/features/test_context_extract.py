@@ -18,7 +18,8 @@ from histodistill.errors import UserError
 from histodistill.features.context_extract import CentreCell, CentreCellTiles, centre_cell_extraction
 from histodistill.features.extract import extract_slide
 from histodistill.models.backbones import Backbone, BackboneSpec, Preprocess, create_backbone
-from histodistill.wsi.tiling import read_coords, tile_slide, write_coords
+from histodistill.wsi.coords import read_coords, write_coords
+from histodistill.wsi.tiling import tile_slide
 
 MODEL, TILE = "tiny/resnet18-64", 64
 FOLDER = "features_tiny-resnet18-64-random-init-context3"

@@ -19,7 +19,8 @@ from histodistill.errors import UserError
 from histodistill.features import extract
 from histodistill.features.extract import extract_slide, features_folder_name, model_slug, state_dict_sha256
 from histodistill.models.backbones import create_backbone
-from histodistill.wsi.tiling import read_coords, tile_slide
+from histodistill.wsi.coords import read_coords
+from histodistill.wsi.tiling import tile_slide
 
 MODEL = "tiny/resnet18-64"
 

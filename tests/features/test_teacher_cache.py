@@ -17,7 +17,7 @@ from histodistill.features.teacher_cache import (
     stale_reasons,
 )
 from histodistill.io import write_json
-from histodistill.wsi.tiling import write_coords
+from histodistill.wsi.coords import write_coords
 
 COORDS = np.array([[0, 0], [64, 0], [0, 64], [64, 64]], dtype=np.int64)
 
@@ -106,3 +106,23 @@ def test_rebuild_runs_extract_once_and_records_the_key(tiles, monkeypatch):
     ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)  # now fresh: no second extraction
     assert calls == [(TEACHER, tiles, tiles)]
     assert not stale_reasons(cache_features_dir(tiles, TEACHER), cache_key(tiles / "patches", TEACHER, None))
+
+
+def test_an_interrupted_build_resumes_and_a_stale_or_damaged_cache_is_computed_again(tiles, monkeypatch):
+    overwrites = []
+
+    def fake_extract_slides(model, coords_dir, out_dir, overwrite=False, **kwargs):
+        overwrites.append(overwrite)
+        complete = cache_features_dir(out_dir, model)
+        write_features(complete / "s.h5", COORDS, np.ones((4, 5)), patch_size=64, target_mpp=0.5)
+        write_json(complete / extract.EXTRACTOR_JSON, {"extractor": model})
+
+    monkeypatch.setattr(teacher_cache, "extract_slides", fake_extract_slides)
+    features_dir = complete_cache(tiles)
+    (features_dir / CACHE_RECORD).unlink()  # killed before the record: extract keeps the slides it finished
+    ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
+    (features_dir / "s.h5").write_bytes(b"half")  # damaged after the record: not trusted, computed again
+    assert stale_reasons(features_dir, cache_key(tiles / "patches", TEACHER, None)) == [
+        "slide s: cached for None, tiled as {'target_mpp': 0.5, 'patch_size': 64, 'tiles': 4}"]
+    ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
+    assert overwrites == [False, True]

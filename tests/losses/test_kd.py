@@ -36,9 +36,30 @@ def test_kd_refuses_different_class_counts():
         kd_loss(torch.randn(2, 3), torch.randn(2, 4))
 
 
-def test_hint_is_mse_of_the_regressed_student_feature():
-    torch.manual_seed(0)
+def test_hint_is_the_official_convreg_then_mse_on_the_pooled_feature():
+    # MoMA's comparison: hint_layer 5 is the pooled (B, C, 1, 1) feature; RepDistiller's ConvReg for equal
+    # 1x1 maps is conv 1x1 (bias) -> BatchNorm2d (training: batch mean, biased variance, eps 1e-5) -> ReLU,
+    # then nn.MSELoss. Recomputed here element by element with fixed weights.
     hint = HintLoss(3, 2)
-    fs, ft = torch.randn(4, 3), torch.randn(4, 2)
-    by_hand = ((fs @ hint.regressor.weight.T + hint.regressor.bias - ft) ** 2).mean()
-    assert hint(fs, ft).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    conv, bn = hint.regressor[0], hint.regressor[1]
+    w = [[0.5, -1.0, 0.25], [1.5, 0.5, -0.5]]
+    b, gamma, beta = [0.1, -0.2], [1.2, 0.8], [0.3, -0.1]
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(w).view(2, 3, 1, 1))
+        conv.bias.copy_(torch.tensor(b))
+        bn.weight.copy_(torch.tensor(gamma))
+        bn.bias.copy_(torch.tensor(beta))
+    fs = [[1.0, 2.0, -1.0], [0.0, 1.0, 3.0], [-2.0, 0.5, 1.0], [1.5, -1.0, 0.0]]
+    ft = [[0.2, 1.0], [1.5, 0.0], [0.0, 0.3], [2.0, 1.0]]
+    z = [[sum(w[o][i] * x[i] for i in range(3)) + b[o] for o in range(2)] for x in fs]
+    expected = 0.0
+    for o in range(2):
+        column = [row[o] for row in z]
+        mean = sum(column) / 4
+        var = sum((v - mean) ** 2 for v in column) / 4
+        for row, target in zip(column, ft, strict=True):
+            y = max(0.0, (row - mean) / math.sqrt(var + 1e-5) * gamma[o] + beta[o])
+            expected += (y - target[o]) ** 2
+    expected /= 8
+    hint.train()
+    assert hint(torch.tensor(fs), torch.tensor(ft)).item() == pytest.approx(expected, rel=1e-5)

@@ -240,3 +240,17 @@ def test_srrl_is_feature_mse_plus_mse_of_the_teacher_classifier_outputs():
                            * bn.weight + bn.bias)
     expected = ((regressed - t) ** 2).mean() + ((regressed @ classifier.weight.T + classifier.bias - z) ** 2).mean()
     assert srrl(s, t, classifier, z).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---- layer pairs of different sizes ------------------------------------------------------------------
+def test_the_larger_map_is_average_pooled_to_the_smaller_as_repdistillers_at_and_nst():
+    # RepDistiller/MoMA AT and NST: if s_H > t_H: f_s = adaptive_avg_pool2d(f_s, (t_H, t_H)), else the teacher.
+    from histodistill.losses.spatial import match_spatial
+
+    big = torch.arange(16.0).view(1, 1, 4, 4)
+    small = torch.zeros(1, 1, 2, 2)
+    by_hand = [[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4], [(8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4]]
+    pooled, same = match_spatial(big, small)
+    assert pooled[0, 0].tolist() == by_hand and same is small
+    same, pooled = match_spatial(small, big)
+    assert pooled[0, 0].tolist() == by_hand and same is small

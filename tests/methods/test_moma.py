@@ -104,6 +104,46 @@ def test_nce_term_equals_infonce_on_attended_embeddings_and_the_keys_are_enqueue
     torch.testing.assert_close(model.queue.queue[8:], queue_before[8:])
 
 
+def test_kd_logits_come_from_the_teacher_before_the_ema_update_and_the_key_after_it(teacher_ckpt):
+    # trinhvg/MoMA helper/loops_moma.py train_distill_moma: logit_t = model_t(images) (line 271), then
+    # momentum_update(model_s, model_t) (309), then the key forward through the updated teacher with its
+    # BatchNorm in training mode (set_bn_train, 318-320).
+    from histodistill.losses.kd import kd_loss
+
+    torch.manual_seed(0)
+    model = MoMA(num_classes=3, teacher=teacher_ckpt, momentum=0.5, **SMALL, **STUDENT)
+    with torch.no_grad():  # the student moves away from the teacher, so the update changes the teacher
+        for param in [*model.backbone.parameters(), *model.classifier.parameters()]:
+            param.add_(0.05 * torch.randn_like(param))
+    model.eval()  # the student's BN on running statistics, so its recomputation below is the same
+    images, labels = tiny_batch()
+    reference = copy.deepcopy(model)
+    losses = model.objective((images, labels))
+    with torch.no_grad():
+        _, logits = reference.student_forward(images)
+        _, logits_before = reference.teacher_forward(images, batch_statistics=True)
+        reference.momentum_update()
+        features_after, logits_after = reference.teacher_forward(images, batch_statistics=True)
+        key = reference.attn_k(reference.embed_k(features_after))
+    assert not torch.allclose(logits_before, logits_after)
+    assert losses["kd"].item() == pytest.approx(kd_loss(logits, logits_before, 4.0).item(), rel=1e-5)
+    torch.testing.assert_close(model.queue.queue[:8], key)
+
+
+def test_the_ema_teacher_normalises_with_the_batch_but_never_drops_paths():
+    # MoMA's set_bn_train switches only BatchNorm to training mode: a drop-path teacher stays deterministic.
+    torch.manual_seed(0)
+    kwargs = {**STUDENT["backbone_kwargs"], "drop_path_rate": 0.5}
+    model = MoMA(num_classes=3, teacher="resnet18", teacher_pretrained=False, teacher_kwargs=kwargs, w_kd=0.0,
+                 backbone="resnet18", pretrained=False, backbone_kwargs=kwargs, **SMALL)
+    images, _ = tiny_batch()
+    first, _ = model.teacher_forward(images, batch_statistics=True)
+    second, _ = model.teacher_forward(images, batch_statistics=True)
+    torch.testing.assert_close(first, second)
+    assert all(m.training for m in model.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not model.teacher.model.layer1[1].drop_path.training
+
+
 def test_keys_gathered_from_every_rank_enter_the_queue(teacher_ckpt, monkeypatch):
     torch.manual_seed(0)
     model = MoMA(num_classes=3, teacher=teacher_ckpt, **SMALL, **STUDENT)

@@ -170,3 +170,31 @@ def test_official_init_and_mask_count_details():
     assert mae.backbone.model.patch_embed.proj.weight.abs().max() > fan_in**-0.5  # xavier: (6 / (192 + 48))^0.5
     bridge = sdmae.decoder.bridge.weight
     assert bridge.abs().max() <= bridge.shape[1] ** -0.5  # Linear default, not xavier
+
+
+def test_the_pooled_feature_is_the_official_probes_fresh_layernorm_on_un_normed_token_means():
+    # irsLu/SD-MAE modeling_finetune.py, use_mean_pooling=True: norm = Identity, fc_norm = a new LayerNorm on
+    # x.mean(1); run_mae_eval_linear.py loads the pretrained weights non-strictly, so the pretrained final norm
+    # is dropped and fc_norm stays at weight 1, bias 0 (the encoder is frozen).
+    torch.manual_seed(0)
+    module = SDMAE(**TINY_SDMAE)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        loss = module.objective((images(), None))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vit = module.backbone.model.eval()
+    x = images(1)
+    with torch.no_grad():
+        tokens = vit.blocks(vit.patch_embed(x) + vit.pos_embed)  # (B, L, D), no final norm
+        official = torch.nn.functional.layer_norm(tokens.mean(1), (tokens.shape[-1],), eps=1e-6)
+        torch.testing.assert_close(module.backbone(x), official)
+        assert not any(p.requires_grad for p in vit.fc_norm.parameters())
+        # pretraining still normalises the encoder's tokens, with a LayerNorm that trains
+        assert not torch.equal(module.encoder_norm.weight, torch.ones_like(module.encoder_norm.weight))
+    kept = SDMAE(**{**TINY_SDMAE, "backbone_kwargs": {**TINY_VIT["backbone_kwargs"], "fc_norm": False}}).eval()
+    with torch.no_grad():  # the option: the mean of the final-normed tokens, the final norm in the backbone
+        vit = kept.backbone.model
+        torch.testing.assert_close(kept.backbone(x), vit.norm(vit.blocks(vit.patch_embed(x) + vit.pos_embed)).mean(1))
+    assert isinstance(kept.encoder_norm, torch.nn.Identity)

@@ -10,6 +10,7 @@ import torch
 
 from histodistill.models.clam import clam_instance_loss, clam_loss
 from histodistill.models.mil import MIL_MODELS, MILOutput, create_mil
+from histodistill.models.mil_stacked import NotStackable, stack_mil, unstack_state
 
 IN_DIM, CLASSES = 12, 3
 CLAM_SMALL = {"hidden_dim": 16, "attention_dim": 8, "k_sample": 2}
@@ -187,3 +188,32 @@ def test_standardized_mil_z_scores_with_fitted_statistics_and_wraps_the_model():
     rebuilt.load_state_dict(model.state_dict())
     assert torch.allclose(rebuilt(x).logits, out.logits)
     assert not isinstance(create_mil("abmil", 4, 2), type(model))
+
+
+@pytest.mark.parametrize("name", ["mean", "abmil", "clam_sb"])
+def test_stacked_models_give_each_models_own_output_padding_included(name):
+    models = [build(name).train() for _ in range(3)]
+    for k, model in enumerate(models):  # three different models
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * k * torch.randn_like(p))
+    stacked = stack_mil(models).eval()
+    lengths = [(5, 8), (8, 3), (2, 6)]  # 2 bags per run, padded to 8 with large values
+    x, mask = 100 * torch.ones(6, 8, IN_DIM), torch.zeros(6, 8, dtype=torch.bool)
+    for slot, n in enumerate(n for pair in lengths for n in pair):
+        x[slot, :n], mask[slot, :n] = torch.randn(n, IN_DIM), True
+    out = stacked(x, mask)
+    for slot in range(6):
+        n, alone = mask[slot].sum(), models[slot // 2].eval()(x[slot : slot + 1, : mask[slot].sum()])
+        torch.testing.assert_close(out.logits[slot], alone.logits[0])
+        torch.testing.assert_close(out.scores[slot, :n], alone.scores[0])
+    state = unstack_state(stacked, 1)
+    for key, value in models[1].named_parameters():
+        assert torch.equal(state[key], value), key
+
+
+def test_transmil_and_clam_mb_cannot_be_stacked_and_say_why():
+    with pytest.raises(NotStackable, match="TransMIL runs each bag alone"):
+        stack_mil([build("transmil"), build("transmil")])
+    with pytest.raises(NotStackable, match="CLAM-MB multiplies by its classifier's weight"):
+        stack_mil([build("clam_mb"), build("clam_mb")])

@@ -11,12 +11,12 @@ import pytest
 
 from conftest import make_tissue_image
 from histodistill.errors import UserError
+from histodistill.wsi.coords import read_coords
 from histodistill.wsi.tiff_writer import write_pyramid_tiff
 from histodistill.wsi.tiling import (
     OutputPaths,
     grid_coords,
     magnification_to_mpp,
-    read_coords,
     tile_slide,
     tissue_fractions,
 )

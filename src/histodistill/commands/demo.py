@@ -27,9 +27,10 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from histodistill.demo.runner import DemoContext, format_timings, run_stages
+    from histodistill.demo.runner import DemoContext
     from histodistill.demo.stages import MINUTES_ON_2_CPU_CORES, SIZES, STAGES
     from histodistill.errors import UserError
+    from histodistill.pipelines.runner import format_timings, run_stages
 
     device = args.device
     if device != "cpu":

@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bags per step, padded with a mask (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=train.seed,
                         help="first CV seed: splits, initialisation and shuffling (default: %(default)s)")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="train the folds x seeds one after another instead of together as one stacked model "
+                        "(the same results, slower; TransMIL and CLAM-MB always train one at a time)")
     parser.add_argument("--device", default=train.device,
                         help="auto (GPU if visible), cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -107,7 +110,7 @@ def config_from(args: argparse.Namespace) -> CVConfig:
                         patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
                         model_kwargs=model_kwargs)
     return CVConfig(model=args.model, folds=args.folds, seeds=args.seeds, val_fraction=args.val_fraction,
-                    by_case=args.by_case, drop_empty=args.drop_empty, train=train)
+                    by_case=args.by_case, drop_empty=args.drop_empty, batched=not args.one_at_a_time, train=train)
 
 
 def run(args: argparse.Namespace) -> int:

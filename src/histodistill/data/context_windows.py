@@ -15,6 +15,7 @@ the teacher saw. Cells are in row-major order: index ``i * s + j`` is row i (y),
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,8 +27,8 @@ from histodistill.data.teacher_features import TeacherFeatures
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
 from histodistill.io import visible_files
+from histodistill.wsi.coords import read_coords
 from histodistill.wsi.slide import open_slide
-from histodistill.wsi.tiling import read_coords
 
 
 def grid_geometry(attrs: dict, source: str | os.PathLike) -> tuple[float, int]:
@@ -165,10 +166,12 @@ def context_windows_of_dir(
     transform=None,
     mpp: float | None = None,
     window_stride: int = 1,
+    exclude: Collection[str] = (),
 ) -> ConcatDataset:
-    """Every coords file of ``patches_dir`` as one dataset; ``features_dir`` holds the teacher's
-    ``<slide_id>.h5`` features (the cache). Raises `UserError` when no slide yields a window."""
-    coords_files = visible_files(patches_dir, (".h5",))
+    """Every coords file of ``patches_dir`` as one dataset, except the slide ids in ``exclude`` (held out);
+    ``features_dir`` holds the teacher's ``<slide_id>.h5`` features (the cache). Raises `UserError` when no
+    slide yields a window."""
+    coords_files = [path for path in visible_files(patches_dir, (".h5",)) if path.stem not in set(exclude)]
     if not coords_files:
         raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile` first")
     datasets = [

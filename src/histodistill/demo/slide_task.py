@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import h5py
-
 if TYPE_CHECKING:
     from histodistill.eval.mil_cv import CVResult
 
@@ -51,25 +49,20 @@ def measure_extractors(models: dict[str, str | Path | None], tiles_dir: Path, ou
     call (a resumed extraction skips finished slides), and is None when every slide was already done."""
     from histodistill.features.colour import colour_features
     from histodistill.features.extract import extract_slides
+    from histodistill.features.throughput import extraction_rate, finished_slides, parameters
     from histodistill.models.backbones import create_backbone
 
     rows = {}
     for name, model in models.items():
-        done_before = {path.name for path in (out_dir / name).glob("features_*/*.h5")}
+        done_before = {slide for folder in (out_dir / name).glob("features_*") for slide in finished_slides(folder)}
         start = time.perf_counter()
         if model is COLOUR:
             folder = colour_features(tiles_dir, out_dir / name)
         else:
             folder = extract_slides(model, tiles_dir, out_dir / name, device=device)
-        seconds = time.perf_counter() - start
-        tiles = 0
-        for path in folder.glob("*.h5"):
-            if path.name not in done_before:
-                with h5py.File(path, "r") as handle:
-                    tiles += len(handle["coords"])
         rows[name] = {
-            "features_dir": str(folder), "tiles_per_s": round(tiles / seconds, 1) if tiles else None,
-            "parameters": 0 if model is COLOUR else sum(p.numel() for p in create_backbone(model).model.parameters()),
+            "features_dir": str(folder), "tiles_per_s": extraction_rate(folder, done_before, time.perf_counter() - start),
+            "parameters": 0 if model is COLOUR else parameters(create_backbone(model)),
             "probe_balanced_accuracy": None if model is COLOUR else probe_nuclei(model, nuclei_dir,
                                                                                  out_dir / "probe" / name, device),
         }

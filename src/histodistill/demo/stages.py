@@ -26,10 +26,11 @@ import csv
 import json
 from pathlib import Path
 
-import histodistill
-from histodistill.demo.runner import DemoContext, Stage, read_record
+from histodistill.demo.runner import DemoContext
 from histodistill.errors import UserError
 from histodistill.io import write_json
+from histodistill.pipelines.recipes import fit_recipe
+from histodistill.pipelines.runner import Stage, read_record
 
 # Tiles for pretraining: 64 px at 0.5 mpp, so the tiny ViT with 8-px patches sees 64 tokens per tile.
 TILE_MPP = 0.5
@@ -39,7 +40,7 @@ TILE_PX = 64
 SLIDE_TILE_PX = 64
 LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
 # Every size the demo's results depend on, full and --quick. Each finished stage records them, and a
-# folder finished with other sizes is refused on resume (`runner.check_same_size`).
+# folder finished with other sizes is refused on resume (`histodistill.pipelines.runner.check_settings`).
 # - slides, folds, seeds, mil_epochs: the slide task (docs/demo.md). 200 slides in the full run: on tuning
 #   slides 60 left ABMIL at 0.74-0.76 for the best extractors, 200 lifted them to 0.83-0.85 with the
 #   controls at 0.50 and 0.62 (docs/mil.md). --quick runs 20 slides in 3 folds: enough for every stage's
@@ -59,11 +60,11 @@ def recorded_sizes(out: Path, stage: str) -> dict:
     """The sizes (`SIZES`) that the finished ``stage`` of the demo folder ``out`` ran with. Raises
     `UserError` for a stage finished before sizes were recorded: its sizes cannot be known."""
     record = read_record(out / stage / "stage.json")
-    if "sizes" not in record:
+    if "settings" not in record:
         quick = " --quick" if record.get("quick") else ""
         raise UserError(f"{out / stage / 'stage.json'} does not record the demo's sizes (an earlier version "
                         f"wrote it): run `histodistill demo --out {out} --overwrite{quick}` again")
-    return record["sizes"]
+    return {key: value for key, value in record["settings"].items() if key != "quick"}
 
 
 # Measured wall time of the whole demo on 2 idle CPU cores (docs/demo.md, "Timing"), full and --quick.
@@ -71,31 +72,9 @@ def recorded_sizes(out: Path, stage: str) -> dict:
 MINUTES_ON_2_CPU_CORES = {False: 54, True: 3}
 
 
-def configs_dir() -> Path:
-    """The repository's configs/ (the demo runs from a source checkout: `pip install -e .`)."""
-    path = Path(histodistill.__file__).resolve().parents[2] / "configs"
-    if not path.is_dir():
-        raise UserError(
-            f"the demo needs the recipes in configs/, expected at {path}: run it from a clone of the "
-            "repository installed with `pip install -e .`"
-        )
-    return path
-
-
 def _fit(context: DemoContext, recipe: str, run_dir: Path, overrides: list[str]) -> dict:
     """`histodistill fit` on a shipped recipe with the demo's data and device; returns metrics.json."""
-    from histodistill.engine.cli import fit_main
-
-    argv = ["--config", str(configs_dir() / recipe), "--trainer.default_root_dir", str(run_dir),
-            "--trainer.enable_model_summary", "false", *overrides]
-    if context.device == "cuda":
-        argv += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"]
-    else:
-        argv += ["--trainer.accelerator", "cpu"]
-    # An interrupted stage resumes its run from the last epoch instead of starting over.
-    argv.append("--resume" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "--overwrite")
-    fit_main(argv)
-    return json.loads((run_dir / "metrics.json").read_text())
+    return fit_recipe(recipe, run_dir, overrides, context.device)
 
 
 def _stage_path(context: DemoContext, *parts: str) -> Path:

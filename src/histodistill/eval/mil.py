@@ -5,8 +5,8 @@ hundred in-memory bags of different lengths, early-stops on a validation metric 
 every fold; the loop is shorter than the Trainer set-up it would replace, and starts instantly on a
 CPU. It keeps `fit`'s run-directory conventions (`histodistill.eval.mil_cv` writes it).
 
-Per fold: AdamW with weight decay (no decay on biases, norms and tokens, `engine.optim`), the model's
-own objective (``model.loss``: bag cross-entropy, plus CLAM's instance loss), ``epochs`` epochs with the
+Per fold: AdamW with weight decay (no decay on biases, norms and tokens, `histodistill.optim.optimizer`),
+the model's own objective (``model.loss``: bag cross-entropy, plus CLAM's instance loss), ``epochs`` epochs with the
 last kept, or (``early_stop``) the best epoch by validation loss or AUROC kept, stopping after
 ``patience`` epochs without improvement. `histodistill.eval.mil_cv` runs the folds.
 """
@@ -71,6 +71,20 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_bags, generator=generator)
 
 
+def non_finite_loss_error(bag_ids: list[str], runs: str = "") -> UserError:
+    """A step's loss became NaN or inf (``runs``: which of runs trained together, if any)."""
+    where = f"bags {bag_ids}" + (f" of {runs}" if runs else "")
+    return UserError(f"the MIL training loss became non-finite ({where}); nothing was saved for this fold. "
+                     "Lower `lr`, and check the features for extreme values")
+
+
+def overflow_error(lr: float, runs: str = "") -> UserError:
+    """An optimiser step wrote inf/NaN into the weights (``runs``: which of runs trained together, if any)."""
+    where = f" in {runs}" if runs else ""
+    return UserError(f"the MIL optimiser step overflowed{where} (`lr={lr:.4g}`: the weights became non-finite); "
+                     "nothing was saved for this fold. Lower `lr`")
+
+
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
     """One pass over the training bags; returns the mean loss per bag."""
     model.train()
@@ -82,16 +96,14 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
             output = model(batch["features"].to(device), batch["mask"].to(device))  # logits (B, C)
         loss = model.loss(output, labels)  # the model's objective: bag CE, plus CLAM's instance loss
         if not torch.isfinite(loss):
-            raise UserError(f"the MIL training loss became non-finite (bags {batch['bag_ids']}); nothing was saved "
-                            "for this fold. Lower `lr`, and check the features for extreme values")
+            raise non_finite_loss_error(batch["bag_ids"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         # The fused AdamW step writes an overflow (an absurd --lr) into the weights instead of raising, so the
         # weights are checked after every step: a fold's last step could otherwise be saved as inf/NaN.
         if not torch.isfinite(torch.nn.utils.get_total_norm(parameters)):
-            raise UserError(f"the MIL optimiser step overflowed (`lr={optimizer.param_groups[0]['lr']:.4g}`: the "
-                            "weights became non-finite); nothing was saved for this fold. Lower `lr`")
+            raise overflow_error(optimizer.param_groups[0]["lr"])
         total += loss.item() * len(labels)
         count += len(labels)
     return total / max(count, 1)
@@ -187,6 +199,27 @@ def check_val_has_every_class(dataset: BagDataset, splits: list[Split], num_clas
             )
 
 
+def build_fold_model(fold: int, dataset: BagDataset, train_part: list[int], model_name: str, num_classes: int,
+                     config: TrainConfig) -> nn.Module:
+    """A fresh model for ``fold``, initialised with seed ``config.seed + fold``; a `Standardized` one gets the
+    statistics of the training part's instances only. Training it draws its dropout masks from the global RNG
+    as this leaves it."""
+    torch.manual_seed(config.seed + fold)
+    model = create_mil(model_name, dataset.feature_dim, num_classes, **config.model_kwargs)
+    if isinstance(model, Standardized):
+        model.fit(torch.cat([dataset[i]["features"] for i in train_part]))  # (sum of N, D)
+    return model
+
+
+def evaluate_fold(fold: int, trained: tuple[nn.Module, int, list[dict]], dataset: BagDataset, test_part: list[int],
+              num_classes: int, batch_size: int) -> FoldResult:
+    """The fold's result: ``trained`` (model, best epoch, history, as `train_fold` returns) on its test part."""
+    model, best_epoch, history = trained
+    test = predict(model, Subset(dataset, test_part), torch.device("cpu"), batch_size)
+    metrics = classification_metrics(test.labels, test.probs, num_classes)
+    return FoldResult(fold, model, best_epoch, history, test, metrics)
+
+
 def run_fold(
     fold: int,
     dataset: BagDataset,
@@ -198,14 +231,7 @@ def run_fold(
 ) -> FoldResult:
     """Build a fresh seeded model, train it on the fold's train part, evaluate on its test part."""
     parts = split_indices(dataset, split)
-    torch.manual_seed(config.seed + fold)
-    model = create_mil(model_name, dataset.feature_dim, num_classes, **config.model_kwargs)
-    if isinstance(model, Standardized):  # statistics of the training part's instances only
-        model.fit(torch.cat([dataset[i]["features"] for i in parts["train"]]))  # (sum of N, D)
+    model = build_fold_model(fold, dataset, parts["train"], model_name, num_classes, config)
     fold_config = dataclasses.replace(config, seed=config.seed + fold)  # each fold shuffles differently
-    model, best_epoch, history = train_fold(
-        model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), fold_config, log
-    )
-    test = predict(model, Subset(dataset, parts["test"]), torch.device("cpu"), config.batch_size)
-    metrics = classification_metrics(test.labels, test.probs, num_classes)
-    return FoldResult(fold, model, best_epoch, history, test, metrics)
+    trained = train_fold(model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), fold_config, log)
+    return evaluate_fold(fold, trained, dataset, parts["test"], num_classes, config.batch_size)

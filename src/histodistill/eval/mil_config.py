@@ -46,6 +46,9 @@ class CVConfig:
     ``val_fraction`` None: `VAL_FRACTION_FOR_EARLY_STOP` of each fold's training cases are held out when
     ``train.early_stop`` is on, none when it is off (no slide is kept from training for nothing).
     ``by_case``: one bag per case; ``drop_empty``: leave out slides without tissue tiles (else an error).
+    ``batched``: train all folds × seeds as one stacked model (`histodistill.eval.mil_stacked`; the same
+    results as one at a time, about twice as fast on a CPU, M times the activation memory); False, or a
+    model that cannot be stacked (TransMIL, CLAM-MB), trains them one at a time.
     """
 
     model: Literal["abmil", "transmil", "mean", "clam_sb", "clam_mb"] = "abmil"
@@ -54,6 +57,7 @@ class CVConfig:
     val_fraction: float | None = None
     by_case: bool = False
     drop_empty: bool = False
+    batched: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def resolved_val_fraction(self) -> float:

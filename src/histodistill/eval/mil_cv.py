@@ -189,8 +189,9 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
     _clear_run(out)
     _write_config(out, features, labels, splits_dir, config, val_fraction)
     runs = seed_runs(out, seeds)
-    per_seed = [_run_seed(run, dataset, splits[seed], dataclasses.replace(config.train, seed=seed), config, classes,
-                          dropped, log, run_metrics=len(seeds) > 1)
+    results = _train(runs, dataset, splits, seeds, config, len(classes), log)
+    per_seed = [_run_seed(run, dataset, splits[seed], results[seed], dataclasses.replace(config.train, seed=seed),
+                          config, classes, dropped, log, run_metrics=len(seeds) > 1)
                 for seed, run in zip(seeds, runs, strict=True)]
     return _pool(out, per_seed, seeds, runs, dataset, classes, dropped, config, log)
 
@@ -234,34 +235,64 @@ class _SeedRun:
     fold_rows: list[dict]
 
 
-def _run_seed(run: Path, dataset, splits: list[dict], train: TrainConfig, config: CVConfig, classes: list[str],
-              dropped: list[str], log: Callable[[str], None], run_metrics: bool) -> _SeedRun:
-    """Train every fold of one CV seed and write its run directory."""
+def _train(runs: list[Path], dataset, splits: dict[int, list[dict]], seeds: list[int], config: CVConfig,
+           num_classes: int, log: Callable[[str], None]) -> dict[int, list]:
+    """Every fold of every CV seed trained and tested: ``{seed: [FoldResult per fold]}``. With ``config.batched``
+    all of them train together as one stacked model (`histodistill.eval.mil_stacked`: the same results as one
+    at a time); a model that cannot be stacked trains one run at a time, and a line says why."""
+    import contextlib
+
     from torch.utils.tensorboard import SummaryWriter
 
+    from histodistill.eval import mil, mil_stacked
+
+    folds = [(seed, fold, split) for seed in seeds for fold, split in enumerate(splits[seed])]
+    run_of = dict(zip(seeds, runs, strict=True))
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(SummaryWriter(str(run_of[seed] / "tensorboard" / f"fold_{fold}")))
+                   for seed, fold, _ in folds]
+
+        def board(writer):
+            def log_row(row: dict) -> None:
+                for name, value in row.items():
+                    if name != "epoch":
+                        writer.add_scalar(name.replace("_", "/", 1), value, row["epoch"])
+            return log_row
+
+        boards = [board(writer) for writer in writers]
+        results = None
+        if config.batched and len(folds) > 1:
+            try:
+                results = mil_stacked.run_folds(dataset, folds, config.model, num_classes, config.train, boards)
+            except mil_stacked.NotStackable as why:
+                log(f"training the {len(folds)} runs (folds x seeds) one at a time, not together: {why}")
+        if results is None:
+            results = [mil.run_fold(fold, dataset, split, config.model, num_classes,
+                                    dataclasses.replace(config.train, seed=seed), log_row)
+                       for (seed, fold, split), log_row in zip(folds, boards, strict=True)]
+    by_seed: dict[int, list] = {seed: [] for seed in seeds}
+    for (seed, _, _), result in zip(folds, results, strict=True):
+        by_seed[seed].append(result)
+    return by_seed
+
+
+def _run_seed(run: Path, dataset, splits: list[dict], results: list, train: TrainConfig, config: CVConfig,
+              classes: list[str], dropped: list[str], log: Callable[[str], None], run_metrics: bool) -> _SeedRun:
+    """Write one CV seed's run directory from its trained folds ``results``."""
     from histodistill.data.feature_files import shown
     from histodistill.data.splits import write_split
-    from histodistill.eval import mil, mil_outputs
+    from histodistill.eval import mil_outputs
     from histodistill.io import write_json
 
     for k, split in enumerate(splits):
         write_split(run / "splits" / f"splits_{k}.csv", split)
     description = {"model": config.model, "in_dim": dataset.feature_dim, "classes": classes,
                    "model_kwargs": train.model_kwargs}
-    results = []
-    for fold, split in enumerate(splits):
-        with SummaryWriter(str(run / "tensorboard" / f"fold_{fold}")) as writer:
-            def board(row: dict, writer=writer) -> None:
-                for name, value in row.items():
-                    if name != "epoch":
-                        writer.add_scalar(name.replace("_", "/", 1), value, row["epoch"])
-
-            result = mil.run_fold(fold, dataset, split, config.model, len(classes), train, board)
+    for result in results:
         auroc = result.metrics["auroc"]
-        log(f"seed {train.seed} fold {fold}: {len(result.test.bag_ids)} test bags, epoch {result.best_epoch} kept, "
-            f"test AUROC {'n/a' if np.isnan(auroc) else f'{auroc:.3f}'}")
+        log(f"seed {train.seed} fold {result.fold}: {len(result.test.bag_ids)} test bags, epoch {result.best_epoch} "
+            f"kept, test AUROC {'n/a' if np.isnan(auroc) else f'{auroc:.3f}'}")
         mil_outputs.save_model(run, result, description)
-        results.append(result)
 
     index_of = {bag.bag_id: i for i, bag in enumerate(dataset.bags)}
     total = np.zeros((len(dataset.bags), len(classes)))

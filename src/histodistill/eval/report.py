@@ -6,6 +6,9 @@ page can be mailed, archived or opened from a laptop without the run directory. 
 What goes in, found by walking the directory (so it follows whatever a stage wrote):
 - ``summary.json`` with ``extractors`` (a demo chain): the opening table, one row per extractor
   (patch-probe balanced accuracy, slide AUROC [95 % CI], localisation AUROC, tiles/s, parameters);
+- ``summary.json`` of `histodistill distill` (``teacher``, ``student_untuned``, ``student``, ``retention``):
+  the opening verdict, the three models side by side, a plot of their AUROCs with CIs, retention,
+  speed-up and the projection (`_distill_section`);
 - ``timings.json`` (a demo chain): the stages with their wall time and summaries;
 - every ``metrics.json``: a table of its numbers;
 - every ``metrics.csv`` (Lightning's CSVLogger): training curves drawn here;
@@ -33,6 +36,7 @@ FIGURE_FOLDERS = {"figures", "qc", "heatmaps"}  # where stages write their PNGs
 MAX_FIGURE_PX = 1100  # wider figures are shrunk: the page column is 1200 px
 MAX_FIGURE_BYTES = 400_000  # heavier ones are re-encoded as JPEG
 SUMMARY_JSON = "summary.json"  # a demo's per-extractor results, the report's opening table
+DISTILL_MODELS = ("teacher", "student_untuned", "student")  # the rows of `histodistill distill`'s summary.json
 # (key in summary.json, column header, format); a missing or null value shows as "–".
 EXTRACTOR_COLUMNS = (
     ("probe_balanced_accuracy", "patch probe bal. acc.", "{:.3f}"),
@@ -69,10 +73,13 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, max_images:
         raise UserError(f"{run_dir} is not a directory: give a run directory (of fit, mil, tile or demo)")
     out = Path(out) if out else run_dir / "report.html"
     timings = _read_json(run_dir / "timings.json")
-    if timings:  # a demo chain: the extractor table, then one section per stage, in the order they ran
-        parts = [_extractor_section(_read_json(run_dir / SUMMARY_JSON)), _timings_section(run_dir, timings)]
+    if timings:  # a chain: its summary table, then one section per stage, in the order they ran
+        summary = _read_json(run_dir / SUMMARY_JSON)
+        distilled = isinstance(summary, dict) and DISTILL_MODELS[0] in summary
+        first = _distill_section(summary) if distilled else _extractor_section(summary)
+        parts = [first, _timings_section(run_dir, timings)]
         parts += [_directory_section(run_dir / name, name, max_images) for name in timings if (run_dir / name).is_dir()]
-        title = f"histodistill demo — {run_dir.resolve().name}"
+        title = f"histodistill {'distill' if distilled else 'demo'} — {run_dir.resolve().name}"
     else:
         parts = [_directory_section(run_dir, run_dir.resolve().name, max_images)]
         title = f"histodistill run — {run_dir.resolve().name}"
@@ -137,6 +144,75 @@ def _extractor_section(summary: dict | None) -> tuple[str, str] | None:
     body = (f'<section id="s-summary"><h2>Which extractor?</h2>{note}<table><tr><th>extractor</th>{head}</tr>'
             f'{"".join(rows)}</table></section>')
     return "summary", body
+
+
+def _distill_section(summary: dict) -> tuple[str, str]:
+    """`histodistill distill`'s answer: the verdict, the teacher and both students side by side, their slide
+    AUROCs with CIs as a plot, retention, speed-up and the projection on this machine."""
+    unit = summary["projection"]["unit"]
+    head = "".join(f"<th>{html.escape(title)}</th>" for title in (
+        "model", "slide AUROC [95 % CI]", "slide bal. acc.", "tiles/s (extraction)", "tiles/s (forward)",
+        "parameters", f"{unit} for 10k slides"))
+    rows = []
+    for key in DISTILL_MODELS:
+        row = summary[key]
+        auroc = "–" if row["slide_auroc"] is None else "{:.3f} [{:.3f}, {:.3f}]".format(row["slide_auroc"],
+                                                                                     *row["slide_auroc_ci"])
+        cells = [auroc, *("–" if row.get(k) is None else spec.format(row[k]) for k, spec in (
+            ("balanced_accuracy", "{:.3f}"), ("tiles_per_s", "{:,.0f}"), ("forward_tiles_per_s", "{:,.0f}"),
+            ("parameters", "{:,}"), ("projected_hours", "{:,.1f}")))]
+        rows.append(f"<tr><td>{html.escape(row['name'])}</td>"
+                    + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells) + "</tr>")
+    retention, fit, machine = summary["retention"], summary["fit"], summary["machine"]
+    facts = [f"Speed-up of the student ({summary['speed_measure']}): {summary['speedup']}x."]
+    if retention["value"] is not None:
+        low, high = ("unbounded" if v is None else f"{v:.1%}" for v in retention["ci"])
+        facts.insert(0, "Retention (student / teacher slide AUROC, paired bootstrap over the same slides): "
+                        f"{retention['value']:.1%} [95 % CI {low}, {high}].")
+    else:
+        agreement = summary.get("agreement", {})
+        facts.insert(0, f"No slide labels: the AUROC comparison needs --labels. Feature agreement on "
+                        f"{agreement.get('tiles')} tiles ({agreement.get('slides')} slides): cosine "
+                        f"{agreement.get('student_cosine')}, linear CKA {summary['student'].get('feature_cka')}.")
+    facts.append(f"Projection: 10,000 slides of 10,000 tiles in {unit} at the rates measured on this machine "
+                 f"({machine['gpu'] or machine['cpu']}, {machine['cores']} CPU cores, device {machine['device']}).")
+    unlabeled = "fine-tunes on the target cohort's slides, unlabeled, as the paper does" if fit.get("unlabeled") \
+        else "trains on the labelled patches given"
+    facts.append(f"The fit ({fit['method']}) {unlabeled}: {fit['slides_fit']} slides in the fit, {fit['slides_held_out']} "
+                 f"held out (--holdout), {fit['steps']} optimiser steps; the student started from "
+                 f"{fit['student_start']} weights.")
+    plot = _auroc_figure(summary)
+    figure = f'<div class="gallery">{_figure(plot, "slide AUROC with 95 % CI")}</div>' if plot else ""
+    body = (f'<section id="s-summary"><h2>Distilled: does the student keep the teacher\'s slide AUROC?</h2>'
+            f"<p><b>{html.escape(summary['verdict'])}</b></p><table><tr>{head}</tr>{''.join(rows)}</table>{figure}"
+            + "".join(f"<p>{html.escape(fact)}</p>" for fact in facts) + "</section>")
+    return "summary", body
+
+
+def _auroc_figure(summary: dict) -> bytes | None:
+    """The three models' slide AUROCs with their 95 % CIs as error bars (PNG), or None without labels."""
+    rows = [summary[key] for key in DISTILL_MODELS]
+    if any(row["slide_auroc"] is None for row in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [row["slide_auroc"] for row in rows]
+    errors = [[v - row["slide_auroc_ci"][0] for v, row in zip(values, rows, strict=True)],
+              [row["slide_auroc_ci"][1] - v for v, row in zip(values, rows, strict=True)]]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
+    ax.errorbar(range(len(rows)), values, yerr=errors, fmt="o", capsize=6, color="#3b2a5a")
+    ax.set_xticks(range(len(rows)), ["teacher", "student (un-tuned)", "student (tuned)"])
+    ax.set_ylabel("slide AUROC [95 % CI]")
+    ax.set_ylim(min(0.4, min(row["slide_auroc_ci"][0] for row in rows) - 0.05), 1.0)
+    ax.axhline(0.5, color="#999", lw=0.8, ls="--")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def _directory_section(directory: Path, name: str, max_images: int) -> tuple[str, str] | None:

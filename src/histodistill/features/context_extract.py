@@ -29,8 +29,8 @@ from histodistill.data.slide_dataset import marked_unreadable
 from histodistill.errors import UserError
 from histodistill.models.backbones import Backbone
 from histodistill.models.grid_head import grid_pool, spatial_features
+from histodistill.wsi.coords import read_coords
 from histodistill.wsi.slide import UnreadableRegion
-from histodistill.wsi.tiling import read_coords
 
 
 def context_suffix(side: int | None) -> str:

@@ -16,11 +16,12 @@ import h5py
 from histodistill.errors import UserError
 from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, features_folder_name
 from histodistill.io import sha256_file, visible_files, write_json
-from histodistill.wsi.tiling import read_coords
+from histodistill.wsi.coords import read_coords
 
 # Our record beside extract's ``extractor.json``: the hash of the teacher's weights *file*, which the
 # features files do not carry. Written last, so its presence marks a complete cache.
 CACHE_RECORD = "teacher_cache.json"
+NEVER_COMPLETED = "it was never completed"
 
 
 def cache_features_dir(cache_root: str | os.PathLike, teacher: str, pretrained: bool = True) -> Path:
@@ -49,9 +50,12 @@ def _cached_tiling(path: Path) -> dict | None:
     """The tiling a slide's features were computed from, from the features file's attrs."""
     if not path.is_file():
         return None
-    with h5py.File(path, "r") as handle:
-        return {"target_mpp": float(handle.attrs.get("target_mpp", float("nan"))),
-                "patch_size": int(handle.attrs.get("patch_size", -1)), "tiles": int(handle["features"].shape[0])}
+    try:
+        with h5py.File(path, "r") as handle:
+            return {"target_mpp": float(handle.attrs.get("target_mpp", float("nan"))),
+                    "patch_size": int(handle.attrs.get("patch_size", -1)), "tiles": int(handle["features"].shape[0])}
+    except (OSError, KeyError):  # damaged (e.g. by another tool or a failing disk): recomputed, never trusted
+        return None
 
 
 def stale_reasons(features_dir: str | os.PathLike, key: dict) -> list[str]:
@@ -62,7 +66,7 @@ def stale_reasons(features_dir: str | os.PathLike, key: dict) -> list[str]:
     features_dir = Path(features_dir)
     extractor_path, record_path = features_dir / EXTRACTOR_JSON, features_dir / CACHE_RECORD
     if not extractor_path.is_file() or not record_path.is_file():
-        return ["it was never completed"]
+        return [NEVER_COMPLETED]
     reasons = []
     extractor = json.loads(extractor_path.read_text()).get("extractor")
     if extractor != key["teacher"]:
@@ -115,7 +119,10 @@ def ensure_teacher_cache(
         )
 
     (features_dir / CACHE_RECORD).unlink(missing_ok=True)  # a half-rebuilt cache must not look complete
+    # A build that was interrupted (no record yet) resumes: extract skips the slides it finished and checks
+    # they are of the same weights. A stale cache is computed again from scratch.
+    interrupted = reasons == [NEVER_COMPLETED]
     extract_slides(teacher, tiles_dir, cache_root, weights=teacher_weights, batch_size=batch_size,
-                   num_workers=num_workers, precision=precision, overwrite=True, pretrained=pretrained)
+                   num_workers=num_workers, precision=precision, overwrite=not interrupted, pretrained=pretrained)
     write_json(features_dir / CACHE_RECORD, key)
     return features_dir

@@ -25,16 +25,20 @@ def ab_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float = 1.0) -
 class ABConnectors(nn.Module):
     """One connector per layer pair (1×1 convolution + BatchNorm, student channels -> teacher channels,
     as the paper) and the layer weights ``2^(i − n + 1)`` of the official code (deeper layers weigh more).
+    A pair marked in ``identity`` (RepDistiller's ``Connector``: same channels and same map size) has no
+    connector: the student map itself meets the boundary.
 
     forward(student maps, teacher maps) -> ``Σ_i w_i · ab_loss(connector_i(s_i), t_i)``.
     """
 
-    def __init__(self, student_channels: list[int], teacher_channels: list[int], margin: float = 1.0) -> None:
+    def __init__(self, student_channels: list[int], teacher_channels: list[int], margin: float = 1.0,
+                 identity: list[bool] | None = None) -> None:
         super().__init__()
         self.margin = margin
+        identity = identity or [False] * len(student_channels)
         self.connectors = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(s, t, 1, bias=False), nn.BatchNorm2d(t))
-            for s, t in zip(student_channels, teacher_channels, strict=True)
+            nn.Identity() if same else nn.Sequential(nn.Conv2d(s, t, 1, bias=False), nn.BatchNorm2d(t))
+            for s, t, same in zip(student_channels, teacher_channels, identity, strict=True)
         )
         n = len(student_channels)
         self.layer_weights = [2.0 ** (i - n + 1) for i in range(n)]

@@ -11,21 +11,24 @@ from torch import nn
 from histodistill.losses.spatial import match_spatial
 
 
-def _conv(c_in: int, c_out: int, transpose: bool = False) -> nn.Sequential:
+def _conv(c_in: int, c_out: int, transpose: bool = False, bn: bool = True) -> nn.Sequential:
     conv = nn.ConvTranspose2d if transpose else nn.Conv2d
-    return nn.Sequential(conv(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1))
+    norm = [nn.BatchNorm2d(c_out)] if bn else []
+    return nn.Sequential(conv(c_in, c_out, 3, padding=1), *norm, nn.LeakyReLU(0.1))
 
 
 class Paraphraser(nn.Module):
     """Auto-encoder on the teacher map: three 3×3 convolutions C -> C -> m -> m (the factor, m = rate · C)
-    and three transposed convolutions back; BatchNorm + LeakyReLU(0.1) after each (the paper's design)."""
+    and three transposed convolutions back, each followed by LeakyReLU(0.1); with ``bn`` a BatchNorm before
+    each activation. RepDistiller builds it with ``use_bn=False`` (its translator keeps BN)."""
 
-    def __init__(self, channels: int, rate: float = 0.5) -> None:
+    def __init__(self, channels: int, rate: float = 0.5, bn: bool = False) -> None:
         super().__init__()
         factor = max(1, round(channels * rate))
-        self.encoder = nn.Sequential(_conv(channels, channels), _conv(channels, factor), _conv(factor, factor))
-        self.decoder = nn.Sequential(_conv(factor, factor, True), _conv(factor, channels, True),
-                                     _conv(channels, channels, True))
+        self.encoder = nn.Sequential(_conv(channels, channels, bn=bn), _conv(channels, factor, bn=bn),
+                                     _conv(factor, factor, bn=bn))
+        self.decoder = nn.Sequential(_conv(factor, factor, True, bn), _conv(factor, channels, True, bn),
+                                     _conv(channels, channels, True, bn))
         self.factor_channels = factor
 
     def reconstruction_loss(self, teacher: torch.Tensor) -> torch.Tensor:

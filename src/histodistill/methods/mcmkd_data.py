@@ -37,6 +37,7 @@ class ContextWindowDataModule(PatchDataModule):
         window_stride: anchor a window on every k-th tile column and row only. 1: overlapping windows, one
             epoch shows each tile as a target in up to s*s windows; s: disjoint windows, at most once.
         mpp: override of the slides' microns per pixel (for slides whose metadata lacks it).
+        exclude_slides: slide ids kept out of training (held-out slides, `histodistill distill --holdout`).
         batch_size: windows per device per step.
         num_workers: DataLoader worker processes (0 reads in the main process).
         extract_batch_size: tiles per teacher forward pass when the cache is built.
@@ -56,6 +57,7 @@ class ContextWindowDataModule(PatchDataModule):
         min_fraction: float = 1.0,
         window_stride: int = 1,
         mpp: float | None = None,
+        exclude_slides: list[str] | None = None,
         batch_size: int = 16,
         num_workers: int = 4,
         extract_batch_size: int = 64,
@@ -69,6 +71,7 @@ class ContextWindowDataModule(PatchDataModule):
         self.rebuild_cache = rebuild_cache
         self.side, self.min_fraction, self.mpp = side, min_fraction, mpp
         self.window_stride = window_stride
+        self.exclude_slides = list(exclude_slides or [])
         self.extract_batch_size, self.extract_precision = extract_batch_size, extract_precision
         # The cache lives on a filesystem every node sees: build it on global rank 0 only (Lightning's
         # default, once per node, had several nodes write the same files at once); the other ranks wait
@@ -88,6 +91,7 @@ class ContextWindowDataModule(PatchDataModule):
         dataset = context_windows_of_dir(
             self.tiles_dir / "patches", features_dir, self.side, self.min_fraction,
             transform=window_transform(module.preprocess, self.side), mpp=self.mpp, window_stride=self.window_stride,
+            exclude=self.exclude_slides,
         )
         cached_dim = TeacherFeatures(visible_files(features_dir, (".h5",))[0]).dim
         if getattr(module, "teacher_dim", cached_dim) != cached_dim:

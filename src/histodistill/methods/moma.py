@@ -8,10 +8,11 @@ Loss = w_ce · CE + w_kd · KD(T) + w_nce · InfoNCE, where for one augmented vi
     InfoNCE(q, k, queue, τ = 0.15)
 
 ``teacher_update: ema`` (the official design) makes the teacher the momentum encoder of the student:
-before each step teacher ← α·teacher + (1 − α)·student on parameters (α = 0.999; BN buffers are the
-teacher's own), likewise the teacher classifier and embed_k. ``frozen`` keeps the teacher fixed (any
-architecture, e.g. a ViT foundation model teaching a ResNet-18) and trains embed_k by gradient through
-the positive logit. In both modes attn_k is the EMA of attn_q (our deviation from the official code,
+each step teacher ← α·teacher + (1 − α)·student on parameters (α = 0.999; BN buffers are the
+teacher's own), likewise the teacher classifier and embed_k. In the official loop's order: the KD
+logits come from the teacher before this step's update, the key from the teacher after it (two
+teacher forwards). ``frozen`` keeps the teacher fixed (any architecture, e.g. a ViT foundation model
+teaching a ResNet-18) and trains embed_k by gradient through the positive logit. In both modes attn_k is the EMA of attn_q (our deviation from the official code,
 where the key-side attention modules never train; see docs/moma.md).
 """
 
@@ -77,7 +78,7 @@ class MoMA(TeacherStudentMethod):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """Key side ← EMA of query side, run before each training step (as the official loop does)."""
+        """Key side ← EMA of query side, once per training step, between the KD-logit and the key forward."""
         ema_update(self.attn_k, self.attn_q, self.momentum)
         if self.teacher_update == "ema":
             ema_update(self.teacher.model, self.backbone.model, self.momentum)
@@ -85,13 +86,16 @@ class MoMA(TeacherStudentMethod):
             if self.teacher_classifier is not None:
                 ema_update(self.teacher_classifier, self.classifier, self.momentum)
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.momentum_update()
-
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         images, labels = batch[0], batch[1]
+        ema = self.teacher_update == "ema"
         features, logits = self.student_forward(images)  # (B, D_s), (B, C)
-        teacher_features, teacher_logits = self.teacher_forward(images, batch_statistics=self.teacher_update == "ema")
+        # trinhvg/MoMA loops_moma.py: KD logits from the teacher as it was, then the EMA update, then the key
+        # forward (BN on batch statistics) from the updated teacher.
+        teacher_features, teacher_logits = self.teacher_forward(images, batch_statistics=ema)
+        self.momentum_update()
+        if ema:
+            teacher_features, _ = self.teacher_forward(images, batch_statistics=True)
         losses = self.supervised_terms(logits, labels, teacher_logits)
 
         query = self.attn_q(self.embed_q(features))  # (B, E): samples attend to each other

@@ -13,10 +13,12 @@ the checkpoint's backbone record exports to a timm ViT without key mapping. Batc
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from histodistill.losses.mae import channel_norm_target, masked_patch_mse, patch_norm_target
 from histodistill.losses.self_distillation import SelfDistillationLoss
@@ -38,9 +40,11 @@ from histodistill.models.vit_mae import (
 )
 from histodistill.optim.optimizer import OptimConfig
 
-# SD-MAE's encoder has no cls token, and its features are mean-pooled *normed* tokens: fc_norm=False
-# keeps timm's final LayerNorm on the tokens (timm would otherwise move it after the pooling).
-SDMAE_BACKBONE_KWARGS = {"class_token": False, "global_pool": "avg", "fc_norm": False}
+# SD-MAE's encoder has no cls token. Its features are those of the official linear probe and fine-tuning
+# (modeling_finetune.py, use_mean_pooling=True): a fresh LayerNorm (timm's fc_norm) on the mean of the
+# un-normed patch tokens, the pretrained final norm dropped. ``backbone_kwargs: {fc_norm: false}`` instead keeps
+# the final norm on the tokens and mean-pools the normed tokens.
+SDMAE_BACKBONE_KWARGS = {"class_token": False, "global_pool": "avg", "fc_norm": True}
 
 
 class _MaskedPretraining(MethodModule):
@@ -196,7 +200,11 @@ class SDMAE(_MaskedPretraining):
 
     Args:
         backbone, backbone_kwargs: the encoder, as for `MAE`; the kwargs default to SD-MAE's
-            ``{class_token: False, global_pool: avg, fc_norm: False}`` and are merged over them.
+            ``{class_token: False, global_pool: avg, fc_norm: True}`` and are merged over them. With
+            ``fc_norm: True`` the encoder's final LayerNorm (used in pretraining) lives in ``encoder_norm``,
+            outside the backbone, and the backbone's ``fc_norm`` stays at its fresh 1/0: the extracted
+            feature is the official probe's ``LayerNorm(mean of un-normed tokens)``. ``fc_norm: False``
+            keeps the final norm in the backbone: the feature is the mean of the final-normed tokens.
         mask_ratio: fraction of patches removed (0.75; the official PCam recipe uses 0.6).
         decoder_dim, decoder_depth, decoder_heads: SD-MAE's decoder (192, 4, 3).
         distill_weight: λ in ``λ·L_distill + (1 − λ)·L_rec`` (0.2; 0 = no self-distillation).
@@ -240,6 +248,11 @@ class SDMAE(_MaskedPretraining):
             raise ValueError(f"model.init_args.distill_weight must be in [0, 1], got {distill_weight}")
         super().__init__(backbone, {**SDMAE_BACKBONE_KWARGS, **(backbone_kwargs or {})}, mask_ratio, optim, normalization)
         vit = self.backbone.model
+        # Pretraining normalises the encoder's tokens; the pooled feature uses a fresh, frozen fc_norm instead.
+        self.encoder_norm = nn.Identity()
+        if isinstance(vit.norm, nn.Identity) and not isinstance(vit.fc_norm, nn.Identity):
+            self.encoder_norm = copy.deepcopy(vit.fc_norm)
+            vit.fc_norm.requires_grad_(False)
         self.distill_weight = distill_weight
         self.decoder = SDMAEDecoder(
             vit.embed_dim, self.grid_size, self.patch_size, dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads
@@ -253,7 +266,7 @@ class SDMAE(_MaskedPretraining):
         """``pred`` (B, L, p·p·3) in target space (zeros at visible patches), ``student`` and ``teacher``
         head outputs averaged over the visible patches, (B, head_dim) each."""
         vit = self.backbone.model
-        tokens = encode_visible(vit, images, mask.ids_keep)[:, vit.num_prefix_tokens :]  # (B, K, D)
+        tokens = self.encoder_norm(encode_visible(vit, images, mask.ids_keep)[:, vit.num_prefix_tokens :])  # (B, K, D)
         pred_masked, decoded_visible = self.decoder(tokens, mask)  # (B, L−K, p·p·3), (B, K, Dd)
         return {
             "pred": scatter_patches(pred_masked, mask.ids_masked, self.num_patches),

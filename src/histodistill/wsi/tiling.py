@@ -30,11 +30,11 @@ from PIL import Image, ImageDraw
 
 from histodistill.errors import UserError
 from histodistill.io import atomic_path, is_disk_full, write_json
-from histodistill.wsi.coords import read_coords, write_coords
+from histodistill.wsi.coords import write_coords
 from histodistill.wsi.slide import LEVEL_MPP_TOLERANCE, Slide, open_slide
 from histodistill.wsi.tissue import TissueConfig, lacks_colour, mask_mpp_for, tissue_mask
 
-__all__ = ["TileResult", "grid_coords", "read_coords", "tile_slide", "tissue_fractions", "write_coords"]
+__all__ = ["TileResult", "grid_coords", "tile_slide", "tissue_fractions"]
 
 # mpp x magnification for slides that do not state their objective power: 20x = 0.5 mpp,
 # 40x = 0.25 mpp (the usual scanner convention).

@@ -1,0 +1,1 @@
+"""Pipelines: chains of the library's stages that resume (the demo and `histodistill distill`)."""

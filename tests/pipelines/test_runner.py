@@ -1,0 +1,54 @@
+"""The shared stage runner: settings per stage, the setting that differs named, outputs verified."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from histodistill.errors import UserError
+from histodistill.pipelines.runner import Stage, run_stages
+
+
+@dataclass(frozen=True)
+class Context:
+    out: Path
+    overwrite: bool = False
+    settings: dict = field(default_factory=dict)
+
+
+def _stages(calls: list[str]) -> list[Stage]:
+    def make(name, settings):
+        def run(context):
+            calls.append(name)
+            (context.out / name).mkdir(parents=True, exist_ok=True)
+            (context.out / name / "out.txt").write_text(name)
+            return {}
+
+        def verify(context):
+            return None if (context.out / name / "out.txt").exists() else "out.txt is missing"
+
+        return Stage(name, name, run, settings=settings, verify=verify)
+
+    return [make("a", ("size",)), make("b", ("steps",)), make("c", ())]
+
+
+def test_a_stage_records_its_own_settings_and_a_change_is_named_with_its_record(tmp_path):
+    calls: list[str] = []
+    run_stages(_stages(calls), Context(tmp_path, settings={"size": 1, "steps": 200}), log=lambda _: None)
+    with pytest.raises(UserError, match=r"^steps 200 != 500 in .*/b/stage.json \(recorded there != this run\): "
+                                        r"pass --overwrite to run every stage again, or another --out$"):
+        run_stages(_stages(calls), Context(tmp_path, settings={"size": 1, "steps": 500}), log=lambda _: None)
+    assert calls == ["a", "b", "c"]
+
+
+def test_a_recorded_stage_whose_output_is_gone_runs_again_and_so_do_the_stages_after_it(tmp_path):
+    calls: list[str] = []
+    context = Context(tmp_path, settings={"size": 1, "steps": 2})
+    run_stages(_stages(calls), context, log=lambda _: None)
+    (tmp_path / "b" / "out.txt").unlink()
+    lines: list[str] = []
+    run_stages(_stages(calls), context, log=lines.append)
+    assert calls == ["a", "b", "c", "b", "c"]
+    assert "(done before, skipped)" in lines[0] and "out.txt is missing: running it again" in lines[1]
