@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from histodistill.data.slide_dataset import next_readable
 from histodistill.data.teacher_features import TeacherFeatures
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
@@ -103,7 +104,9 @@ class ContextWindowDataset(Dataset):
     tensor itself without a transform), ``cell_coords`` long (s*s, 2), ``valid`` bool (s*s,), and
     ``teacher`` float32 (s*s, D) from the teacher cache (zeros in invalid cells; (s*s, 0) without a cache).
     ``mpp`` overrides the slide's level-0 mpp; by default it is the coords file's ``mpp`` attribute.
-    ``window_stride``: see `window_cells`.
+    ``window_stride``: see `window_cells`. A window the slide file cannot give raises `UnreadableRegion`; with
+    ``skip_unreadable`` (training, `context_windows_of_dir`) the item is the slide's next readable window's
+    (`next_readable`).
     """
 
     def __init__(
@@ -116,12 +119,15 @@ class ContextWindowDataset(Dataset):
         transform=None,
         mpp: float | None = None,
         window_stride: int = 1,
+        skip_unreadable: bool = False,
     ) -> None:
         if side < 1:
             raise UserError(f"context window side must be >= 1, got {side}")
         coords, attrs = read_coords(coords_path)
         self.coords_path = Path(coords_path)
         self.slide_path = Path(slide_path or attrs["slide_path"])
+        self.slide_id = str(attrs.get("slide_id", self.coords_path.stem))
+        self.skip_unreadable = skip_unreadable
         self.side = side
         self.patch_size = int(attrs["patch_size"])
         self.target_mpp = float(attrs["target_mpp"])
@@ -147,6 +153,11 @@ class ContextWindowDataset(Dataset):
         return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # (P, P, 3) -> (3, P, P)
 
     def __getitem__(self, index: int):
+        if self.skip_unreadable:
+            return next_readable(self._item, index, len(self), self.slide_id, "context window")
+        return self._item(index)
+
+    def _item(self, index: int):
         window = self.read_window(index)
         if self.transform is not None:
             window = self.transform(window)
@@ -169,8 +180,9 @@ def context_windows_of_dir(
     exclude: Collection[str] = (),
 ) -> ConcatDataset:
     """Every coords file of ``patches_dir`` as one dataset, except the slide ids in ``exclude`` (held out);
-    ``features_dir`` holds the teacher's ``<slide_id>.h5`` features (the cache). Raises `UserError` when no
-    slide yields a window."""
+    ``features_dir`` holds the teacher's ``<slide_id>.h5`` features (the cache). A window the slide file cannot
+    give is replaced by the slide's next readable one, with one warning per slide (`next_readable`). Raises
+    `UserError` when no slide yields a window."""
     coords_files = [path for path in visible_files(patches_dir, (".h5",)) if path.stem not in set(exclude)]
     if not coords_files:
         raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile` first")
@@ -183,6 +195,7 @@ def context_windows_of_dir(
             transform=transform,
             mpp=mpp,
             window_stride=window_stride,
+            skip_unreadable=True,
         )
         for path in coords_files
     ]

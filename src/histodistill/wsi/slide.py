@@ -115,10 +115,6 @@ class Slide(ABC):
         """(h, w, 3) uint8 of a region that lies entirely inside ``level``."""
 
     @abstractmethod
-    def get_thumbnail(self, max_size: int) -> np.ndarray:
-        """The whole slide as (h, w, 3) uint8, longest side at most ``max_size``, aspect kept."""
-
-    @abstractmethod
     def close(self) -> None:
         """Release the backend's file handle."""
 
@@ -207,6 +203,14 @@ class Slide(ABC):
         return np.concatenate(strips)
 
 
+    def get_thumbnail(self, max_size: int) -> np.ndarray:
+        """The whole slide as (h, w, 3) uint8, longest side ``max_size`` (or level 0's, if smaller), aspect kept.
+
+        `read_downsampled`, so regions the slide file cannot give come back as glass and are listed in
+        ``self.unreadable`` (OpenSlide's own thumbnail stops at the first corrupt tile, breaking the handle).
+        """
+        return self.read_downsampled(max(self.dimensions) / max_size)
+
     def _read_around_damage(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """``read_region`` in `UNREADABLE_BLOCK` blocks: unreadable ones come back white (glass) and are added
         to ``self.unreadable``, so tissue detection loses the damaged blocks only, and says so."""
@@ -253,9 +257,6 @@ class OpenSlideLikeSlide(Slide):
             raise UnreadableRegion(self.path, tuple(map(int, location)), level, tuple(map(int, size)), reason) from None
         return _to_rgb_uint8(region, self.path)
 
-    def get_thumbnail(self, max_size: int) -> np.ndarray:
-        return _to_rgb_uint8(self._handle.get_thumbnail((max_size, max_size)), self.path)
-
     def close(self) -> None:
         self._handle.close()
 
@@ -274,11 +275,6 @@ class ImageSlide(Slide):
     def _read(self, location, level, size):
         x, y = map(int, location)
         return self._pixels[y : y + size[1], x : x + size[0]].copy()
-
-    def get_thumbnail(self, max_size: int) -> np.ndarray:
-        image = Image.fromarray(self._pixels)
-        image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
-        return np.asarray(image)
 
     def close(self) -> None:
         """Nothing to release: the pixels were read into memory when the slide was opened."""
