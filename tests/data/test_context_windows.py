@@ -172,3 +172,24 @@ def test_excluded_slides_give_no_window(tiled, tmp_path):
     both = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
     held_out = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5, exclude=["other"])
     assert len(both) == 2 * len(kept) and len(held_out) == len(kept) > 0
+
+
+def test_a_corrupt_window_is_replaced_by_the_slides_next_readable_one_with_one_warning(tmp_path, capfd):
+    # Issue 29: MCM-KD training raised UnreadableRegion inside a DataLoader worker (a traceback).
+    from torch.utils.data import DataLoader
+
+    from conftest import write_corrupt_slide
+    from histodistill.data import slide_dataset
+    from histodistill.wsi.tiling import tile_slide
+
+    slide_dataset._NAMED.discard("corrupt")
+    path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif")
+    tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=128)
+    dataset = context_windows_of_dir(tmp_path / "tiles" / "patches", None, side=3, window_stride=3)
+    corners = torch.cat([cells[:, 0] for _, cells, _, _ in DataLoader(dataset, batch_size=4, num_workers=1)])
+    assert len(corners) == len(dataset) == 4  # anchors on cells 3 and 6 of the 8 x 8 grid: corners at 256, 640 px
+    # The window over the damaged JPEG tile (256..512 px) is (256, 256)'s: it takes the next one, (640, 256).
+    assert sorted(map(tuple, corners.tolist())) == [(256, 640), (640, 256), (640, 256), (640, 640)]
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: slide corrupt: a context window at level-0 ({x}, {y}) cannot be read from {path} (Corrupt JPEG")
