@@ -126,3 +126,22 @@ def test_an_interrupted_build_resumes_and_a_stale_or_damaged_cache_is_computed_a
         "slide s: cached for None, tiled as {'target_mpp': 0.5, 'patch_size': 64, 'tiles': 4}"]
     ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
     assert overwrites == [False, True]
+
+
+def test_a_cache_whose_extract_left_out_unreadable_tiles_is_fresh_and_names_them(tiles, tmp_path):
+    # Issue 29: extract leaves out tiles of a corrupt JPEG tile; the cache then held fewer rows than the coords
+    # and counted as stale for ever, and a lookup of such a tile blamed "a different tiling".
+    from histodistill.wsi.coords import UNREADABLE_ATTR
+    from histodistill.wsi.slide import UnreadableRegion
+
+    features_dir = cache_features_dir(tiles, TEACHER)
+    write_features(features_dir / "s.h5", COORDS[:3], np.ones((3, 2)), patch_size=64, target_mpp=0.5,
+                   slide_path=str(tmp_path / "s.tif"), **{UNREADABLE_ATTR: 1})
+    with h5py.File(features_dir / "s.h5", "a") as handle:
+        handle["coords"].attrs["patch_size_level0"] = 64
+    write_json(features_dir / extract.EXTRACTOR_JSON, {"extractor": TEACHER})
+    write_json(features_dir / CACHE_RECORD, cache_key(tiles / "patches", TEACHER, None))
+    assert ensure_teacher_cache(tiles, tiles, TEACHER) == features_dir  # not stale: 3 rows + 1 unreadable
+    with pytest.raises(UnreadableRegion, match=r"s.tif: the 64 x 64 px region at level-0 \(64, 64\), level 0, "
+                                               r"cannot be read \(left out of the teacher cache .*s.h5 as unreadable\)"):
+        TeacherFeatures(features_dir / "s.h5").lookup(COORDS, np.ones(4, bool))

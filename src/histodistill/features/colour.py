@@ -17,10 +17,10 @@ import torch
 
 from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.features.extract import EXTRACTOR_JSON, extract_slide, write_slide_features
-from histodistill.features.unreadable import UNREADABLE_ATTR, record_unreadable
+from histodistill.features.unreadable import record_unreadable
 from histodistill.io import write_json
 from histodistill.samples.stain_norm import TISSUE_LIGHTNESS, lab_stats
-from histodistill.wsi.coords import coords_files
+from histodistill.wsi.coords import UNREADABLE_ATTR, coords_files
 
 COLOUR_SLUG = "colour-lab-mean-sd"
 

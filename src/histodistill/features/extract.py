@@ -35,10 +35,10 @@ from histodistill.distributed import Share, local_device, write_json_once
 from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
 from histodistill.features.output_check import coords_rows, is_finished, require_finite
-from histodistill.features.unreadable import UNREADABLE_ATTR, record_unreadable
+from histodistill.features.unreadable import record_unreadable
 from histodistill.io import atomic_hdf5, reporting_full_disk, write_json
 from histodistill.models.backbones import Backbone, create_backbone
-from histodistill.wsi.coords import coords_files, find_slide, read_coords, tiling_attrs
+from histodistill.wsi.coords import UNREADABLE_ATTR, coords_files, find_slide, read_coords, tiling_attrs
 
 EXTRACTOR_JSON = "extractor.json"
 PATCH_FEATURES = "features.h5"

@@ -16,7 +16,7 @@ import h5py
 from histodistill.errors import UserError
 from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, features_folder_name
 from histodistill.io import sha256_file, visible_files, write_json
-from histodistill.wsi.coords import read_coords
+from histodistill.wsi.coords import UNREADABLE_ATTR, read_coords
 
 # Our record beside extract's ``extractor.json``: the hash of the teacher's weights *file*, which the
 # features files do not carry. Written last, so its presence marks a complete cache.
@@ -53,7 +53,9 @@ def _cached_tiling(path: Path) -> dict | None:
     try:
         with h5py.File(path, "r") as handle:
             return {"target_mpp": float(handle.attrs.get("target_mpp", float("nan"))),
-                    "patch_size": int(handle.attrs.get("patch_size", -1)), "tiles": int(handle["features"].shape[0])}
+                    "patch_size": int(handle.attrs.get("patch_size", -1)),
+                    # tiles the slide file could not give are left out of the file, and counted
+                    "tiles": int(handle["features"].shape[0]) + int(handle.attrs.get(UNREADABLE_ATTR, 0))}
     except (OSError, KeyError):  # damaged (e.g. by another tool or a failing disk): recomputed, never trusted
         return None
 

@@ -19,8 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from histodistill.io import atomic_path
+from histodistill.wsi.coords import UNREADABLE_ATTR
 
-UNREADABLE_ATTR = "unreadable_tiles"
 UNREADABLE_CSV = "unreadable_tiles.csv"
 
 
