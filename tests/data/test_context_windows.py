@@ -164,10 +164,11 @@ def test_window_stride_sets_how_often_one_epoch_shows_a_tile(tiled, window_strid
     assert ((np.round(coords[anchors] / TILE) % window_stride) == 0).all()
 
 
-def test_excluded_slides_give_no_window(tiled, tmp_path):
+def test_excluded_slides_give_no_window(tiled, tiny_slide):
     path, _ = tiled
     kept = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
-    write_coords(path.parent / "other.h5", box_tiles(128, 128, cols=6, rows=4), coords_attrs(path))
+    write_coords(path.parent / "other.h5", box_tiles(128, 128, cols=6, rows=4),
+                 coords_attrs(tiny_slide.path) | {"slide_id": "other"})  # excluded by its slide id
     both = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
     held_out = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5, exclude=["other"])
     assert len(both) == 2 * len(kept) and len(held_out) == len(kept) > 0

@@ -63,13 +63,16 @@ class CentreCellTiles(Dataset):
     tile (float (3, s*S, s*S)) and the tile's top-left ``coords`` long (2,), in coords-file order.
 
     A window is kept when at least one of its s*s cells is a tile, which the centre always is, so every
-    tile gets one; a coords file whose tiles are not on `histodistill tile`'s grid is refused.
+    tile gets one; our coords whose tiles are not on `histodistill tile`'s grid are refused. ``slide_path``:
+    the slide, for coords that do not name it (CLAM, TRIDENT).
     """
 
-    def __init__(self, coords_path: str | os.PathLike, transform, side: int) -> None:
-        self.windows = ContextWindowDataset(coords_path, side=side, min_fraction=1 / side**2, transform=transform)
+    def __init__(self, coords_path: str | os.PathLike, slide_path: str | os.PathLike | None = None, *, transform,
+                 side: int) -> None:
+        self.windows = ContextWindowDataset(coords_path, side=side, min_fraction=1 / side**2, slide_path=slide_path,
+                                            transform=transform)
         self.coords_path = Path(coords_path)
-        self.slide_id = self.coords_path.stem  # extract names the features file after the coords file
+        self.slide_id = self.windows.slide_id  # extract names the features file after it
         self.patch_size, self.target_mpp = self.windows.patch_size, self.windows.target_mpp
         self.centre = side * side // 2
         # A tile off the grid is not its own window's centre cell: its window would be cut elsewhere or not at all.
