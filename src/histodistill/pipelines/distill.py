@@ -244,9 +244,8 @@ def _describe_coords(config: DistillConfig, teacher_mpp: float | None) -> str:
     else:
         resolution = f"at level {attrs.get('patch_level', '?')} (mpp unknown)"
     expects = f"{teacher_mpp:g} mpp" if teacher_mpp else "no particular mpp"
-    return (f"--coords {config.coords}: {len(files)} slide(s), tiles of {attrs['patch_size']} px = "
-            f"{attrs['patch_size_level0']} level-0 px {resolution} (from {files[0].name}); "
-            f"the teacher {config.teacher} expects {expects}")
+    return (f"--coords {config.coords}: {len(files)} slide(s); {files[0].name}: tiles of {attrs['patch_size']} px = "
+            f"{attrs['patch_size_level0']} level-0 px {resolution}; the teacher {config.teacher} expects {expects}")
 
 
 def _check_labels(labels: Path, slide_ids: list[str], folds: int) -> None:
