@@ -16,9 +16,9 @@ from histodistill.data.context_windows import (
 )
 from histodistill.errors import UserError
 from histodistill.models.backbones import Preprocess
-from histodistill.wsi.coords import read_coords
+from histodistill.wsi.coords import read_coords, write_coords
 from histodistill.wsi.slide import Slide, open_slide
-from histodistill.wsi.tiling import grid_coords, write_coords
+from histodistill.wsi.tiling import grid_coords
 
 TILE = 64
 

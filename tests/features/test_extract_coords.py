@@ -25,7 +25,7 @@ def extract(coords, out, *extra) -> int:
 
 
 def features_of(out, slide_id="tiny_slide"):
-    with h5py.File(out / "features_tiny-resnet18-64" / f"{slide_id}.h5", "r") as h5:
+    with h5py.File(out / "features_tiny-resnet18-64-random-init" / f"{slide_id}.h5", "r") as h5:
         return h5["features"][:], h5["coords"][:], dict(h5["coords"].attrs)
 
 
@@ -111,7 +111,7 @@ def test_heatmap_boxes_follow_the_tiling_after_mpp_override(tmp_path, monkeypatc
                  "--patch-size", "128"]) == 0
     assert extract(tmp_path / "tiles", tmp_path / "features") == 0
     # The attention file as `mil` writes it: coords, scores, the features file's attributes.
-    with h5py.File(tmp_path / "features" / "features_tiny-resnet18-64" / "mistagged.h5", "r") as source:
+    with h5py.File(tmp_path / "features" / "features_tiny-resnet18-64-random-init" / "mistagged.h5", "r") as source:
         attrs = dict(source.attrs) | dict(source["coords"].attrs)
         coords = source["coords"][:]
     (tmp_path / "run" / "attention").mkdir(parents=True)

@@ -17,7 +17,7 @@ from histodistill.features.teacher_cache import (
     stale_reasons,
 )
 from histodistill.io import write_json
-from histodistill.wsi.tiling import write_coords
+from histodistill.wsi.coords import write_coords
 
 COORDS = np.array([[0, 0], [64, 0], [0, 64], [64, 64]], dtype=np.int64)
 

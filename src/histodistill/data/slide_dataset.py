@@ -18,7 +18,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from histodistill.errors import UserError
 from histodistill.io import visible_files
 from histodistill.wsi.coords import read_coords
-from histodistill.wsi.slide import open_slide
+from histodistill.wsi.slide import UnreadableRegion, open_slide
 
 
 class SlideTileDataset(Dataset):
@@ -29,6 +29,10 @@ class SlideTileDataset(Dataset):
     so tiles come out exactly as tiled even when that came from ``--mpp-override``. Coords of CLAM
     or TRIDENT (no mpp, no slide path) are read as ``patch_size_level0`` level-0 pixels resized to
     ``patch_size``, the field of view those tools cut.
+
+    A tile the slide file cannot give (a corrupt JPEG tile) raises `UnreadableRegion`; with
+    ``mark_unreadable`` (`extract`) its item is instead a stand-in image with coords ``(x, y, 0)``, readable
+    tiles coming with ``(x, y, 1)``, so the reader leaves it out, names it and records it.
     """
 
     def __init__(
@@ -37,8 +41,10 @@ class SlideTileDataset(Dataset):
         slide_path: str | os.PathLike | None = None,
         transform: Callable | None = None,
         mpp: float | None = None,
+        mark_unreadable: bool = False,
     ):
         self.coords_path = Path(coords_path)
+        self.mark_unreadable = mark_unreadable
         self.coords, attrs = read_coords(self.coords_path)  # (N, 2) int64
         self.slide_id = str(attrs.get("slide_id", self.coords_path.stem))
         self.attrs = attrs
@@ -71,12 +77,26 @@ class SlideTileDataset(Dataset):
         x, y = (int(v) for v in self.coords[index])
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.mpp)
-        tile = self._slide.read_box((x, y), self.patch_size_level0, self.patch_size)  # (H, W, 3) uint8
+        try:
+            tile = self._slide.read_box((x, y), self.patch_size_level0, self.patch_size)  # (H, W, 3) uint8
+        except UnreadableRegion:
+            if not self.mark_unreadable:
+                raise
+            return marked_unreadable(torch.zeros((3, self.patch_size, self.patch_size), dtype=torch.uint8),
+                                     self.transform, x, y)
         # The copy makes the (possibly read-only, Pillow-owned) pixels a writable (3, H, W) array.
         image = torch.from_numpy(tile.transpose(2, 0, 1).copy())  # (3, H, W)
         if self.transform is not None:
             image = self.transform(image)
+        if self.mark_unreadable:
+            return image, torch.tensor((x, y, 1), dtype=torch.long)
         return image, torch.tensor((x, y), dtype=torch.long)
+
+
+def marked_unreadable(image: torch.Tensor, transform: Callable | None, x: int, y: int):
+    """The item of a tile whose pixels cannot be read, in ``mark_unreadable`` mode: a stand-in ``image`` (never
+    used: the reader drops the row) and coords ``(x, y, 0)``; readable tiles come with ``(x, y, 1)``."""
+    return (transform(image) if transform is not None else image), torch.tensor((x, y, 0), dtype=torch.long)
 
 
 class SlideTilesDataset(ConcatDataset):

@@ -31,6 +31,7 @@ from torch import nn
 
 from histodistill.data.bags import class_names, read_labels
 from histodistill.data.feature_files import load_slides, non_finite_rows, open_feature_folder, shown
+from histodistill.data.labels import class_order, clean_labels
 from histodistill.data.table import read_table
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics
@@ -218,16 +219,18 @@ def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike |
         raise UserError(f"{path} has {bad} non-finite rows (NaN or inf) of {len(features)}: extract it again")
     if labels_csv is None:
         return PatchFeatures(features, labels, np.asarray(paths), classes)
-    rows = read_table(labels_csv, "--labels CSV", ("path", "label")).rows
+    table = read_table(labels_csv, "--labels CSV", ("path", "label"))
+    rows = table.rows
     if not rows:
         raise UserError(f"--labels {labels_csv}: expected a CSV with columns path,label and at least one row")
+    row_labels = clean_labels([row["label"] for row in rows], table.lines, f"--labels {labels_csv}")
     position = {p: i for i, p in enumerate(paths)}
     unknown = [row["path"] for row in rows if row["path"] not in position]
     if unknown:
         raise UserError(f"--labels {labels_csv}: {len(unknown)} paths are not in {path}, e.g. {unknown[:3]}")
-    classes = sorted({row["label"] for row in rows})
+    classes = class_order(row_labels)
     keep = np.array([position[row["path"]] for row in rows])
-    new_labels = np.array([classes.index(row["label"]) for row in rows], dtype=np.int64)
+    new_labels = np.array([classes.index(label) for label in row_labels], dtype=np.int64)
     return PatchFeatures(features[keep], new_labels, np.asarray(paths)[keep], classes)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from histodistill.data.feature_files import non_finite_rows, problems_of
 from histodistill.errors import UserError
+from histodistill.features.unreadable import unreadable_count
 
 
 def coords_rows(coords_path: Path) -> int | None:
@@ -31,7 +32,10 @@ def is_finished(target: Path, coords_path: Path, dim: int) -> bool:
     """True when ``target`` is a complete features file for ``coords_path``; prints why it is redone otherwise."""
     if not target.exists():
         return False
-    problem = problems_of(target, rows=coords_rows(coords_path), dim=dim)
+    rows = coords_rows(coords_path)
+    if rows is not None:  # tiles the slide file could not give are left out, and counted (`features.unreadable`)
+        rows -= unreadable_count(target)
+    problem = problems_of(target, rows=rows, dim=dim)
     if problem is not None:
         print(f"redoing {target.name}: {problem}")
     return problem is None

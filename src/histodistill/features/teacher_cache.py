@@ -14,9 +14,9 @@ from pathlib import Path
 import h5py
 
 from histodistill.errors import UserError
-from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, model_slug
+from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, features_folder_name
 from histodistill.io import sha256_file, visible_files, write_json
-from histodistill.wsi.tiling import read_coords
+from histodistill.wsi.coords import read_coords
 
 # Our record beside extract's ``extractor.json``: the hash of the teacher's weights *file*, which the
 # features files do not carry. Written last, so its presence marks a complete cache.
@@ -24,10 +24,10 @@ CACHE_RECORD = "teacher_cache.json"
 NEVER_COMPLETED = "it was never completed"
 
 
-def cache_features_dir(cache_root: str | os.PathLike, teacher: str) -> Path:
-    """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>``."""
+def cache_features_dir(cache_root: str | os.PathLike, teacher: str, pretrained: bool = True) -> Path:
+    """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>`` (`features_folder_name`)."""
 
-    return Path(cache_root) / f"features_{model_slug(teacher)}"
+    return Path(cache_root) / features_folder_name(teacher, pretrained)
 
 
 def cache_key(
@@ -115,10 +115,11 @@ def ensure_teacher_cache(
     `UserError` naming the cache and ``data.init_args.rebuild_cache`` otherwise.
     """
     patches_dir = Path(tiles_dir) / "patches"
-    features_dir = cache_features_dir(cache_root, teacher)
+    features_dir = cache_features_dir(cache_root, teacher, pretrained)
     key = cache_key(patches_dir, teacher, teacher_weights, pretrained)
     if not key["slides"]:
-        raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile ... --out {tiles_dir}` first")
+        raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile SLIDES --out {tiles_dir}` first "
+                        "(sample slides: `histodistill samples make-slides --out SLIDES`)")
     reasons = stale_reasons(features_dir, key)
     if not reasons:
         return features_dir
