@@ -61,8 +61,8 @@ def test_clam_patches_folder_with_slides_dir(tiny_slide, tmp_path, capsys):
     # In context too: the same windows, read by their level-0 size, as from our coords of the same tiles.
     assert extract(patches, tmp_path / "ctx", "--slides", str(tiny_slide.path.parent), "--context-window", "3") == 0
     assert extract(tmp_path / "ours", tmp_path / "ours_ctx", "--context-window", "3") == 0
-    with h5py.File(tmp_path / "ctx" / "features_tiny-resnet18-64-context3" / "tiny_slide.h5", "r") as h5, \
-            h5py.File(tmp_path / "ours_ctx" / "features_tiny-resnet18-64-context3" / "tiny_slide.h5", "r") as ref:
+    with h5py.File(tmp_path / "ctx" / "features_tiny-resnet18-64-random-init-context3" / "tiny_slide.h5", "r") as h5, \
+            h5py.File(tmp_path / "ours_ctx" / "features_tiny-resnet18-64-random-init-context3" / "tiny_slide.h5", "r") as ref:
         np.testing.assert_array_equal(h5["coords"][:], SAME_TILES)
         np.testing.assert_allclose(h5["features"][:], ref["features"][:], rtol=1e-5, atol=1e-6)
 
