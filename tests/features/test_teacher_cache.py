@@ -145,3 +145,23 @@ def test_a_cache_whose_extract_left_out_unreadable_tiles_is_fresh_and_names_them
     with pytest.raises(UnreadableRegion, match=r"s.tif: the 64 x 64 px region at level-0 \(64, 64\), level 0, "
                                                r"cannot be read \(left out of the teacher cache .*s.h5 as unreadable\)"):
         TeacherFeatures(features_dir / "s.h5").lookup(COORDS, np.ones(4, bool))
+
+
+def test_clam_coords_are_cached_under_their_slide_and_keyed_on_the_level0_tile(tiny_slide, tmp_path):
+    # CLAM's create_patches_fp: 64-px tiles at level 1 (downsample 2), no mpp and no slide path.
+    tiles = tmp_path / "clam"
+    clam = dict(patch_size=64, patch_level=1, downsample=np.array([2.0, 2.0]), name="tiny_slide")
+    write_coords(tiles / "patches" / "tiny_slide.h5", COORDS * 2 + 128, clam)
+    key = cache_key(tiles / "patches", TEACHER, None, pretrained=False)
+    assert key["slides"] == {"tiny_slide": {"patch_size_level0": 128, "patch_size": 64, "tiles": 4}}
+    with pytest.raises(UserError, match="--slides"):  # the slide is not named: found only with slides_dir
+        ensure_teacher_cache(tiles, tmp_path, TEACHER, rebuild=True, pretrained=False)
+    features_dir = ensure_teacher_cache(tiles, tmp_path, TEACHER, rebuild=True, pretrained=False,
+                                        slides_dir=tiny_slide.path.parent)
+    assert TeacherFeatures(features_dir / "tiny_slide.h5").dim == 192
+    assert not stale_reasons(features_dir, key)  # the features carry patch_size_level0: fresh as computed
+    clam["downsample"] = np.array([4.0, 4.0])  # tiled again at level 2: 256 level-0 px per tile
+    write_coords(tiles / "patches" / "tiny_slide.h5", COORDS * 2 + 128, clam)
+    assert stale_reasons(features_dir, cache_key(tiles / "patches", TEACHER, None, pretrained=False)) == [
+        "slide tiny_slide: cached for {'patch_size_level0': 128, 'patch_size': 64, 'tiles': 4}, "
+        "tiled as {'patch_size_level0': 256, 'patch_size': 64, 'tiles': 4}"]

@@ -65,16 +65,19 @@ class CentreCellTiles(Dataset):
     tile (float (3, s*S, s*S)) and the tile's top-left ``coords`` long (2,), in coords-file order.
 
     A window is kept when at least one of its s*s cells is a tile, which the centre always is, so every
-    tile gets one; a coords file whose tiles are not on `histodistill tile`'s grid is refused. With
-    ``mark_unreadable`` (`extract`), coords are ``(x, y, readable)`` and a window touching pixels the slide file
-    cannot give is marked unreadable instead of raising `UnreadableRegion` (`SlideTileDataset` does the same).
+    tile gets one; our coords whose tiles are not on `histodistill tile`'s grid are refused. ``slide_path``:
+    the slide, for coords that do not name it (CLAM, TRIDENT). With ``mark_unreadable`` (`extract`), coords are
+    ``(x, y, readable)`` and a window touching pixels the slide file cannot give is marked unreadable instead of
+    raising `UnreadableRegion` (`SlideTileDataset` does the same).
     """
 
-    def __init__(self, coords_path: str | os.PathLike, transform, side: int, mark_unreadable: bool = False) -> None:
+    def __init__(self, coords_path: str | os.PathLike, slide_path: str | os.PathLike | None = None, *, transform,
+                 side: int, mark_unreadable: bool = False) -> None:
         self.mark_unreadable = mark_unreadable
-        self.windows = ContextWindowDataset(coords_path, side=side, min_fraction=1 / side**2, transform=transform)
+        self.windows = ContextWindowDataset(coords_path, side=side, min_fraction=1 / side**2, slide_path=slide_path,
+                                            transform=transform)
         self.coords_path = Path(coords_path)
-        self.slide_id = self.coords_path.stem  # extract names the features file after the coords file
+        self.slide_id = self.windows.slide_id  # extract names the features file after it
         self.patch_size, self.target_mpp = self.windows.patch_size, self.windows.target_mpp
         self.centre = side * side // 2
         # A tile off the grid is not its own window's centre cell: its window would be cut elsewhere or not at all.
@@ -119,7 +122,7 @@ def check_context_side(backbone: Backbone, side: int) -> None:
 
 def centre_cell_extraction(backbone: Backbone, side: int):
     """What `extract_slides` runs with ``--context-window side``: ``(model, tiles_of)``, where ``model`` maps
-    windows to features and ``tiles_of(coords_path)`` is the `CentreCellTiles` of one slide."""
+    windows to features and ``tiles_of(coords_path, slide_path)`` is the `CentreCellTiles` of one slide."""
     check_context_side(backbone, side)
     transform = window_transform(backbone.spec.preprocess, side)  # each cell resized like a lone tile
     return CentreCell(backbone, side), partial(CentreCellTiles, transform=transform, side=side, mark_unreadable=True)

@@ -213,10 +213,6 @@ def extract_slides(
         print(share.describe(len(files), len(all_files)))
     tilings = {path: read_coords(path)[1] for path in files}
     slide_of = {path: find_slide(path, attrs, slides_dir, slide_ext) for path, attrs in tilings.items()}
-    foreign = [path for path, attrs in tilings.items() if "target_mpp" not in attrs or "mpp" not in attrs]
-    if context_window is not None and foreign:
-        raise UserError(f"--context-window needs coords of `histodistill tile` (attributes target_mpp and mpp), "
-                        f"{foreign[0]} lacks them (CLAM/TRIDENT coords); tile the slides with `histodistill tile`")
     backbone = seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     record["context_window"] = context_window
@@ -239,9 +235,7 @@ def extract_slides(
             target = features_dir / f"{tiling['slide_id']}.h5"
             if not overwrite and is_finished(target, coords_path, record["feature_dim"]):
                 continue
-            # Context windows are cut on our own grid, whose coords name their slide.
-            dataset = tiles_of(coords_path) if context_window is not None else tiles_of(coords_path,
-                                                                                        slide_of[coords_path])
+            dataset = tiles_of(coords_path, slide_of[coords_path])
             features, coords, unreadable = extract_slide(
                 net, dataset, batch_size, num_workers, torch_device, precision, desc=tiling["slide_id"]
             )
