@@ -15,6 +15,7 @@ from histodistill.cli import main
 from histodistill.data.feature_files import open_feature_folder
 from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.data.transforms import build_transform
+from histodistill.distributed import resolve_device
 from histodistill.errors import UserError
 from histodistill.features import extract
 from histodistill.features.extract import extract_slide, features_folder_name, model_slug, state_dict_sha256
@@ -195,8 +196,8 @@ def test_weights_hash_follows_the_weights_not_the_object():
 def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="--device cpu"):
-        extract.resolve_device("cuda")
-    assert extract.resolve_device("auto").type == "cpu"
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
 
 
 def _truncate(path, fraction=0.5):

@@ -134,6 +134,7 @@ def _image_inputs(args: argparse.Namespace):
     """The eval-transform features of both folders, the augmented-image linear probe and what probe.json
     records; every input is checked (folders, then the model) before any image goes through the model."""
     from histodistill.commands.extract import default_workers
+    from histodistill.distributed import resolve_device
     from histodistill.errors import UserError
     from histodistill.eval.image_probe import (
         ImageProbeData,
@@ -142,7 +143,7 @@ def _image_inputs(args: argparse.Namespace):
         open_image_folders,
     )
     from histodistill.eval.probe import BATCH_SIZE
-    from histodistill.features.extract import resolve_device, seeded_backbone
+    from histodistill.models.backbones import seeded_backbone
 
     if not args.test_images:
         raise UserError("--train-images needs --test-images (a second image folder with the same classes)")

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from histodistill.data.bags import BagDataset, collate_bags
 from histodistill.data.splits import Split
+from histodistill.distributed import resolve_device
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics, ovr_auroc
 from histodistill.eval.mil_config import TrainConfig
-from histodistill.features.extract import resolve_device
 from histodistill.models.mil import Standardized, create_mil
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
 

@@ -31,26 +31,17 @@ from histodistill.data.datasets import ImageFolderDataset
 from histodistill.data.feature_files import problems_of
 from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.data.transforms import build_transform
-from histodistill.distributed import Share, local_device, write_json_once
+from histodistill.distributed import Share, local_device, resolve_device, write_json_once
 from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
 from histodistill.features.output_check import coords_rows, is_finished, require_finite
 from histodistill.features.unreadable import record_unreadable
 from histodistill.io import atomic_hdf5, reporting_full_disk, write_json
-from histodistill.models.backbones import Backbone, create_backbone
+from histodistill.models.backbones import Backbone, seeded_backbone
 from histodistill.wsi.coords import UNREADABLE_ATTR, coords_files, find_slide, read_coords, tiling_attrs
 
 EXTRACTOR_JSON = "extractor.json"
 PATCH_FEATURES = "features.h5"
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for ``cuda`` without one is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
-    return torch.device(device)
 
 
 def model_slug(model: str | os.PathLike) -> str:
@@ -303,15 +294,6 @@ def _reuse_or_refuse(target: Path, record: dict[str, Any], paths: list[str]) -> 
         what = "other weights" if previous != record["weights_sha256"] else "another image folder"
         raise UserError(f"{target} holds features of {what}; use another --out or pass --overwrite to extract again")
     print(f"reusing {target}: extracted earlier from these images with these weights (--overwrite extracts again)")
-
-
-def seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
-    """`create_backbone` with torch's generator seeded 0 (then restored): random weights are reproducible."""
-    # A randomly initialised model (--random-init) must be the same on every run, or a resumed
-    # extraction would mix features of two different networks.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return create_backbone(model, pretrained=pretrained, weights=weights)
 
 
 def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -> None:

@@ -512,3 +512,12 @@ def _entry(model: FoundationModel) -> BackboneEntry:
 
 for _model in FOUNDATION_MODELS:
     register_backbone(_model.name, _entry(_model))
+
+
+def seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
+    """`create_backbone` with torch's generator seeded 0 (then restored): random weights are reproducible."""
+    # A randomly initialised model (--random-init) must be the same on every run, or a resumed
+    # extraction would mix features of two different networks.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_backbone(model, pretrained=pretrained, weights=weights)

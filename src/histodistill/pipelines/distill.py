@@ -143,7 +143,7 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     """Check every input and resolve the defaults; raises `UserError` (one line, the fix) before any work:
     bad paths, a teacher whose weights cannot be had, an unknown student, labels that do not match the
     slides, too few cases per class for the folds, MoMA without patch labels."""
-    from histodistill.features.extract import resolve_device
+    from histodistill.distributed import resolve_device
     from histodistill.models.backbones import create_backbone
 
     _check_numbers(config)
