@@ -33,8 +33,7 @@ def test_colour_features_are_each_tiles_lab_statistics(tmp_path):
 def test_corrupt_tiles_are_left_out_named_and_recorded_as_extract_does(tmp_path, capsys):
     # Issue 29: colour features stopped at the first tile the slide file cannot give.
     from conftest import write_corrupt_slide
-    from histodistill.features.unreadable import UNREADABLE_CSV
-    from histodistill.wsi.coords import UNREADABLE_ATTR
+    from histodistill.data.feature_files import UNREADABLE_ATTR, UNREADABLE_CSV
 
     path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif")
     tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=128)

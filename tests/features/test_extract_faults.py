@@ -119,8 +119,7 @@ def test_a_library_error_that_says_write_failed_is_a_full_disk_too(tmp_path):
 def test_corrupt_tiles_are_left_out_named_and_recorded_and_the_rerun_keeps_the_file(tmp_path, capsys):
     # Issue 29: `extract` ended in an OpenSlideError traceback naming neither the slide nor the tile.
     from conftest import write_corrupt_slide
-    from histodistill.features.unreadable import UNREADABLE_CSV
-    from histodistill.wsi.coords import UNREADABLE_ATTR
+    from histodistill.data.feature_files import UNREADABLE_ATTR, UNREADABLE_CSV
 
     path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif")
     tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=128)

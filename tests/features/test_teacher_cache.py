@@ -6,9 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
+from histodistill.data.feature_files import EXTRACTOR_JSON
 from histodistill.data.teacher_features import TeacherFeatures
 from histodistill.errors import UserError
-from histodistill.features import extract, teacher_cache
+from histodistill.features import teacher_cache
 from histodistill.features.teacher_cache import (
     CACHE_RECORD,
     cache_features_dir,
@@ -45,7 +46,7 @@ def complete_cache(tiles, teacher=TEACHER):
     """What `extract` + our record leave behind: features with their tiling attrs, extractor.json, record."""
     features_dir = cache_features_dir(tiles, teacher)
     write_features(features_dir / "s.h5", COORDS, np.arange(8.0).reshape(4, 2), patch_size=64, target_mpp=0.5)
-    write_json(features_dir / extract.EXTRACTOR_JSON, {"extractor": teacher, "weights_sha256": "0" * 64})
+    write_json(features_dir / EXTRACTOR_JSON, {"extractor": teacher, "weights_sha256": "0" * 64})
     write_json(features_dir / CACHE_RECORD, cache_key(tiles / "patches", teacher, None))
     return features_dir
 
@@ -75,7 +76,7 @@ def test_a_stale_cache_is_refused_naming_the_cache_and_the_option(tiles, tmp_pat
     features_dir = complete_cache(tiles)
     weights = None
     if change == "teacher":  # another teacher's features copied into this teacher's folder
-        write_json(features_dir / extract.EXTRACTOR_JSON, {"extractor": "tiny/resnet18-64"})
+        write_json(features_dir / EXTRACTOR_JSON, {"extractor": "tiny/resnet18-64"})
     elif change == "weights":
         weights = tmp_path / "w.safetensors"
         weights.write_bytes(b"other weights")
@@ -99,7 +100,7 @@ def test_rebuild_runs_extract_once_and_records_the_key(tiles, monkeypatch):
         calls.append((model, coords_dir, out_dir))
         complete = cache_features_dir(out_dir, model)
         write_features(complete / "s.h5", COORDS, np.ones((4, 5)), patch_size=64, target_mpp=0.5)
-        write_json(complete / extract.EXTRACTOR_JSON, {"extractor": model})
+        write_json(complete / EXTRACTOR_JSON, {"extractor": model})
 
     monkeypatch.setattr(teacher_cache, "extract_slides", fake_extract_slides)
     ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
@@ -115,7 +116,7 @@ def test_an_interrupted_build_resumes_and_a_stale_or_damaged_cache_is_computed_a
         overwrites.append(overwrite)
         complete = cache_features_dir(out_dir, model)
         write_features(complete / "s.h5", COORDS, np.ones((4, 5)), patch_size=64, target_mpp=0.5)
-        write_json(complete / extract.EXTRACTOR_JSON, {"extractor": model})
+        write_json(complete / EXTRACTOR_JSON, {"extractor": model})
 
     monkeypatch.setattr(teacher_cache, "extract_slides", fake_extract_slides)
     features_dir = complete_cache(tiles)
@@ -131,7 +132,7 @@ def test_an_interrupted_build_resumes_and_a_stale_or_damaged_cache_is_computed_a
 def test_a_cache_whose_extract_left_out_unreadable_tiles_is_fresh_and_names_them(tiles, tmp_path):
     # Issue 29: extract leaves out tiles of a corrupt JPEG tile; the cache then held fewer rows than the coords
     # and counted as stale for ever, and a lookup of such a tile blamed "a different tiling".
-    from histodistill.wsi.coords import UNREADABLE_ATTR
+    from histodistill.data.feature_files import UNREADABLE_ATTR
     from histodistill.wsi.slide import UnreadableRegion
 
     features_dir = cache_features_dir(tiles, TEACHER)
@@ -139,7 +140,7 @@ def test_a_cache_whose_extract_left_out_unreadable_tiles_is_fresh_and_names_them
                    slide_path=str(tmp_path / "s.tif"), **{UNREADABLE_ATTR: 1})
     with h5py.File(features_dir / "s.h5", "a") as handle:
         handle["coords"].attrs["patch_size_level0"] = 64
-    write_json(features_dir / extract.EXTRACTOR_JSON, {"extractor": TEACHER})
+    write_json(features_dir / EXTRACTOR_JSON, {"extractor": TEACHER})
     write_json(features_dir / CACHE_RECORD, cache_key(tiles / "patches", TEACHER, None))
     assert ensure_teacher_cache(tiles, tiles, TEACHER) == features_dir  # not stale: 3 rows + 1 unreadable
     with pytest.raises(UnreadableRegion, match=r"s.tif: the 64 x 64 px region at level-0 \(64, 64\), level 0, "

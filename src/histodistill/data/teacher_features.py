@@ -13,8 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from histodistill.data.feature_files import COORDS, FEATURES, UNREADABLE_ATTR
 from histodistill.errors import UserError
-from histodistill.wsi.coords import UNREADABLE_ATTR
 from histodistill.wsi.slide import UnreadableRegion
 
 
@@ -33,9 +33,9 @@ class TeacherFeatures:
             if not self.path.is_file():
                 raise UserError(f"teacher cache file {self.path} is missing: set data.rebuild_cache: true")
             handle = h5py.File(self.path, "r")
-            self._row = {(int(x), int(y)): i for i, (x, y) in enumerate(handle["coords"][:])}
-            self._features = handle["features"]
-            self._attrs = {**handle["coords"].attrs, **handle.attrs}
+            self._row = {(int(x), int(y)): i for i, (x, y) in enumerate(handle[COORDS][:])}
+            self._features = handle[FEATURES]
+            self._attrs = {**handle[COORDS].attrs, **handle.attrs}
         return self._features
 
     @property

@@ -4,7 +4,7 @@ A slide task that this extractor solves leaks a colour shortcut (scanner, stain 
 a model that beats it on a task where it sits at chance has learned more than colour. It writes the
 same files as `extract_slides` (``features`` (N, 6) float32, ``coords`` (N, 2), the tiling attrs),
 so every downstream command reads it unchanged. Tiles the slide file cannot give are left out, named and
-recorded as `extract` does (`histodistill.features.unreadable`).
+recorded as `extract` does (`histodistill.data.feature_files.record_unreadable`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histodistill.data.feature_files import (
+    EXTRACTOR_JSON,
+    UNREADABLE_ATTR,
+    record_unreadable,
+    write_slide_features,
+)
 from histodistill.data.slide_dataset import SlideTileDataset
-from histodistill.features.extract import EXTRACTOR_JSON, extract_slide, write_slide_features
-from histodistill.features.unreadable import record_unreadable
+from histodistill.features.extract import extract_slide
 from histodistill.io import write_json
 from histodistill.samples.stain_norm import TISSUE_LIGHTNESS, lab_stats
-from histodistill.wsi.coords import UNREADABLE_ATTR, coords_files
+from histodistill.wsi.coords import coords_files
 
 COLOUR_SLUG = "colour-lab-mean-sd"
 

@@ -4,9 +4,10 @@ Slides: ``<out>/features_<slug>/<slide_id>.h5`` with ``features`` (N, D) float32
 int64 (CLAM/TRIDENT layout), one per coords file of a tiling output, plus ``extractor.json`` beside
 them. Patches: one ``features.h5`` with ``features``, ``labels``, ``paths`` and a ``classes`` attribute.
 
-Every file is written atomically, and a rerun skips a slide only when its file checks out
-(`histodistill.features.output_check`): one interrupted half-way, truncated or damaged is redone. Images are prepared in the DataLoader workers
-with the backbone's own eval transform (resize + centre crop to its input size, its mean/std).
+Every file is written atomically (the format is `histodistill.data.feature_files`'s), and a rerun skips a
+slide only when its file checks out (`histodistill.data.feature_files.is_finished`): one interrupted half-way,
+truncated or damaged is redone. Images are prepared in the DataLoader workers with the backbone's own eval
+transform (resize + centre crop to its input size, its mean/std).
 """
 
 from __future__ import annotations
@@ -28,20 +29,26 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histodistill.data.datasets import ImageFolderDataset
-from histodistill.data.feature_files import problems_of
+from histodistill.data.feature_files import (
+    EXTRACTOR_JSON,
+    PATCH_FEATURES,
+    UNREADABLE_ATTR,
+    coords_rows,
+    is_finished,
+    problems_of,
+    record_unreadable,
+    require_finite,
+    write_patch_features,
+    write_slide_features,
+)
 from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.data.transforms import build_transform
 from histodistill.distributed import Share, local_device, resolve_device, write_json_once
 from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
-from histodistill.features.output_check import coords_rows, is_finished, require_finite
-from histodistill.features.unreadable import record_unreadable
-from histodistill.io import atomic_hdf5, reporting_full_disk, write_json
+from histodistill.io import reporting_full_disk, write_json
 from histodistill.models.backbones import Backbone, seeded_backbone
-from histodistill.wsi.coords import UNREADABLE_ATTR, coords_files, find_slide, read_coords, tiling_attrs
-
-EXTRACTOR_JSON = "extractor.json"
-PATCH_FEATURES = "features.h5"
+from histodistill.wsi.coords import coords_files, find_slide, read_coords, tiling_attrs
 
 
 def model_slug(model: str | os.PathLike) -> str:
@@ -152,19 +159,6 @@ def prepare_model(backbone: Backbone, device: torch.device) -> Backbone:
     return backbone
 
 
-def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any],
-                         coords_attrs: dict[str, Any] | None = None) -> None:
-    """``features`` (N, D) float32 and ``coords`` (N, 2) int64, written atomically; ``coords_attrs`` (the
-    tiling: patch_size_level0, ...) go on the ``coords`` dataset, where TRIDENT's slide encoders read them."""
-    with atomic_hdf5(path) as handle:
-        handle.create_dataset("features", data=features.astype(np.float32))
-        # track_order keeps the attributes in the order given, patch_size_level0 first.
-        handle.create_dataset("coords", data=coords.astype(np.int64), track_order=True)
-        handle["coords"].attrs.update(coords_attrs or {})
-        for key, value in attrs.items():
-            handle.attrs[key] = value
-
-
 def extract_slides(
     model: str | os.PathLike,
     coords_dir: str | os.PathLike,
@@ -272,13 +266,8 @@ def extract_images(
     backbone = prepare_model(backbone, torch_device)
     features, labels = extract_features(backbone, dataset, batch_size, num_workers, torch_device, precision, "images")
     require_finite(features, f"image folder {images_dir}", str(model))
-    with atomic_hdf5(target) as handle:
-        handle.create_dataset("features", data=features.astype(np.float32))
-        handle.create_dataset("labels", data=labels.astype(np.int64))
-        handle.create_dataset("paths", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
-        handle.attrs["classes"] = list(dataset.classes)
-        handle.attrs["extractor"] = str(model)
-        handle.attrs["weights_sha256"] = record["weights_sha256"]
+    attrs = {"classes": list(dataset.classes), "extractor": str(model), "weights_sha256": record["weights_sha256"]}
+    write_patch_features(target, features, labels, paths, attrs)
     write_json(features_dir / EXTRACTOR_JSON, record)
     return target
 

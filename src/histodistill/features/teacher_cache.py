@@ -13,10 +13,11 @@ from pathlib import Path
 
 import h5py
 
+from histodistill.data.feature_files import EXTRACTOR_JSON, FEATURES, UNREADABLE_ATTR
 from histodistill.errors import UserError
-from histodistill.features.extract import EXTRACTOR_JSON, extract_slides, features_folder_name
+from histodistill.features.extract import extract_slides, features_folder_name
 from histodistill.io import sha256_file, visible_files, write_json
-from histodistill.wsi.coords import UNREADABLE_ATTR, read_coords
+from histodistill.wsi.coords import read_coords
 
 # Our record beside extract's ``extractor.json``: the hash of the teacher's weights *file*, which the
 # features files do not carry. Written last, so its presence marks a complete cache.
@@ -63,7 +64,7 @@ def _cached_tiling(path: Path) -> dict | None:
     try:
         with h5py.File(path, "r") as handle:
             # tiles the slide file could not give are left out of the file, and counted
-            tiles = int(handle["features"].shape[0]) + int(handle.attrs.get(UNREADABLE_ATTR, 0))
+            tiles = int(handle[FEATURES].shape[0]) + int(handle.attrs.get(UNREADABLE_ATTR, 0))
             return tiling_key(dict(handle.attrs), tiles)
     except (OSError, KeyError):  # damaged (e.g. by another tool or a failing disk): recomputed, never trusted
         return None

@@ -34,8 +34,6 @@ from histodistill.wsi.formats import SLIDE_SUFFIXES
 TILING_ATTRS = ("patch_size_level0", "patch_size", "patch_level", "target_mpp", "target_magnification",
                 "level0_magnification", "mpp", "overlap")
 TRIDENT_SUFFIX = "_patches"
-# A features file's count of the tiles of its coords file the slide file could not give (`features.unreadable`).
-UNREADABLE_ATTR = "unreadable_tiles"
 
 
 def _plain(value):
