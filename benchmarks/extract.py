@@ -40,7 +40,8 @@ def main() -> None:
 
     from histodistill.data.slide_dataset import SlideTileDataset
     from histodistill.data.transforms import build_transform
-    from histodistill.features.extract import extract_slide, prepare_model, resolve_device
+    from histodistill.distributed import resolve_device
+    from histodistill.features.extract import extract_slide, prepare_model
     from histodistill.models.backbones import create_backbone
     from histodistill.samples.registry import cached_path
     from histodistill.wsi.tiling import tile_slide

@@ -40,7 +40,8 @@ from histodistill.features.teacher_cache import ensure_teacher_cache
 from histodistill.methods.mcmkd import MCMKD
 from histodistill.models.backbones import Backbone, create_backbone
 from histodistill.samples.synthetic_slides import make_slides
-from histodistill.wsi.tiling import read_coords, tile_slide
+from histodistill.wsi.coords import read_coords
+from histodistill.wsi.tiling import tile_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "mcmkd" / "tiny_cpu.yaml"

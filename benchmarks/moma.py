@@ -123,8 +123,8 @@ def build_student(method: str, teacher_ckpt: str, num_samples: int, steps: int =
             args["init_steps"] = max(1, steps // 8)
         return Distill(teacher=teacher_ckpt, **args, **common)
     feature, weight = {"KD": ("none", 0.0), "FitNet": ("hint", 100.0), "CRD": ("crd", 0.8)}[method]
-    return Distill(teacher=teacher_ckpt, feature=feature, w_feature=weight, num_samples=num_samples,
-                   crd_nce_k=4096, crd_feat_dim=512, **common)
+    options = {"num_samples": num_samples, "nce_k": 4096, "feat_dim": 512} if feature == "crd" else None
+    return Distill(teacher=teacher_ckpt, feature=feature, w_feature=weight, feature_options=options, **common)
 
 
 def mean_or_none(values: list[float]) -> str:

@@ -87,6 +87,27 @@ def tiny_slide(tmp_path) -> TinySlide:
     return TinySlide(path=path, mpp=0.5, size=(1024, 768), tissue_boxes=boxes)
 
 
+def write_corrupt_slide(path: Path, levels: bool = True) -> tuple[Path, tuple[int, int]]:
+    """A 1024 x 1024 JPEG-tiled pyramidal TIFF at 0.5 mpp, tissue everywhere, whose level-0 tile at (256, 256)
+    has the second half of its entropy-coded data replaced by noise (a corrupt tile as real archives hold them);
+    ``levels=False`` writes level 0 only, so tissue detection reads the damaged level too. Returns the path and
+    the damaged tile's level-0 top-left."""
+    import tifffile
+
+    from histodistill.wsi.tiff_writer import write_pyramid_tiff
+
+    image = make_tissue_image(1024, 1024, [(0, 0, 1024, 1024)], seed=1)
+    write_pyramid_tiff(path, image, mpp=0.5, tile=256, min_level_size=64 if levels else 1024)
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]  # row 1, column 1
+    data = bytearray(path.read_bytes())
+    half = count // 2
+    data[offset + half : offset + count - 2] = np.random.default_rng(0).integers(0, 256, count - 2 - half,
+                                                                                  dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path, (256, 256)
+
+
 @pytest.fixture
 def sample_file():
     """``sample_file(name)`` -> path of a cached real sample, or skip the test when it is not cached."""

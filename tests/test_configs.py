@@ -263,4 +263,4 @@ def test_momas_recipes_train_as_its_official_scripts(config_path):
     if name in OFFICIAL_WEIGHTS:
         assert (args["w_ce"], args["w_kd"], args["w_feature"]) == OFFICIAL_WEIGHTS[name]
     if name == "crd":
-        assert args["crd_feat_dim"] == 512  # train_student_comparison.py --feat_dim default
+        assert args["feature_options"]["feat_dim"] == 512  # train_student_comparison.py --feat_dim default

@@ -15,7 +15,7 @@ pull in torch.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,27 @@ _PUBLIC = {
 }
 
 __all__ = ["__version__", *_PUBLIC]
+
+# The same names for type checkers (py.typed; ``X as X`` marks a re-export); at run time `__getattr__` imports
+# each on first use. tests/test_layers.py checks that this block and `_PUBLIC` agree.
+if TYPE_CHECKING:
+    from histodistill.errors import UserError as UserError
+    from histodistill.eval.mil_cv import CVConfig as CVConfig
+    from histodistill.eval.mil_cv import cross_validate as cross_validate
+    from histodistill.eval.probe import evaluate_probes as evaluate_probes
+    from histodistill.features.export import export_checkpoint as export_checkpoint
+    from histodistill.features.extract import extract_images as extract_images
+    from histodistill.features.extract import extract_slides as extract_slides
+    from histodistill.models.backbones import Backbone as Backbone
+    from histodistill.models.backbones import create_backbone as create_backbone
+    from histodistill.models.backbones import list_backbones as list_backbones
+    from histodistill.models.mil import create_mil as create_mil
+    from histodistill.wsi.coords import read_coords as read_coords
+    from histodistill.wsi.slide import Slide as Slide
+    from histodistill.wsi.slide import open_slide as open_slide
+    from histodistill.wsi.tiling import tile_slide as tile_slide
+    from histodistill.wsi.tissue import TissueConfig as TissueConfig
+    from histodistill.wsi.tissue import tissue_mask as tissue_mask
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ from types import ModuleType
 
 from histodistill import __version__, commands
 from histodistill.errors import UserError
+from histodistill.io import reporting_full_disk
 
 # The order a user meets the stages in; commands not listed here are shown after them.
 PIPELINE_ORDER = ("samples", "tile", "fit", "export", "extract", "probe", "mil", "heatmap", "report", "distill", "demo")
@@ -63,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "_run"):
             build_parser(modules).print_help()
             return 0
-        return int(args._run(args) or 0)
+        # Every command that writes: a full disk is one line naming the file, not a traceback (commands that
+        # can estimate the space their run needs report it from inside, see `reporting_full_disk`).
+        with reporting_full_disk(getattr(args, "out", None) or "."):
+            return int(args._run(args) or 0)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

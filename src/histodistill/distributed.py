@@ -24,9 +24,12 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from histodistill.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -113,6 +116,17 @@ def local_device(device: str, share: Share) -> str:
     if device in ("auto", "cuda") and share.local_rank is not None and torch.cuda.is_available():
         return f"cuda:{share.local_rank % torch.cuda.device_count()}"
     return device
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for ``cuda`` without one is a user error."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
+    return torch.device(device)
 
 
 @contextlib.contextmanager

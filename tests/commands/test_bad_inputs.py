@@ -191,12 +191,38 @@ def test_every_command_has_its_output_checked():
     assert set(OUTPUTS) | WRITES_NOTHING == set(_command_modules()), "add the new command's output to OUTPUTS"
 
 
-@pytest.mark.parametrize("kind", ["empty", "under a file"])
+def read_only_folder(root: Path, monkeypatch) -> Path:
+    """A folder nobody may write into: mode 0555, and, for root (whom modes do not stop), `os.access` answering
+    as it does on a read-only mount (EROFS), the issue-29 case of `extract --out` on a read-only share."""
+    import os
+
+    folder = root / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        inside = Path(path).resolve().is_relative_to(folder.resolve())
+        return False if inside and mode & os.W_OK else real_access(path, mode, *args, **kwargs)
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "access", access)
+    return folder
+
+
+MESSAGES = {"empty": "empty path", "under a file": "which is a file", "read-only": "is not writable"}
+
+
+@pytest.mark.parametrize("kind", sorted(MESSAGES))
 @pytest.mark.parametrize("command", sorted(OUTPUTS))
-def test_an_output_nothing_can_be_written_to_is_one_error_line_and_exit_2(tmp_path, capsys, command, kind):
+def test_an_output_nothing_can_be_written_to_is_one_error_line_and_exit_2(tmp_path, capsys, monkeypatch, command,
+                                                                          kind):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder\n")
-    out = "" if kind == "empty" else str(blocker / "results")  # "" would silently mean the current folder
+    # "" would silently mean the current folder; a missing folder under a read-only one could not be made.
+    out = {"empty": "", "under a file": str(blocker / "results")}.get(kind)
+    if kind == "read-only":
+        out = str(read_only_folder(tmp_path, monkeypatch) / "results")
     try:
         code = main(OUTPUTS[command](out, tmp_path))
     except SystemExit as exit_:  # argparse and `fit`'s jsonargparse exit themselves, with status 2
@@ -205,5 +231,27 @@ def test_an_output_nothing_can_be_written_to_is_one_error_line_and_exit_2(tmp_pa
     assert code == 2, captured.err[-500:]
     assert "Traceback" not in captured.err + captured.out
     errors = [line for line in captured.err.splitlines() if "error: " in line]
-    assert len(errors) == 1 and ("empty path" in errors[0] if kind == "empty" else "which is a file" in errors[0]), errors
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written
+    assert len(errors) == 1 and MESSAGES[kind] in errors[0], errors
+    made = {"notes.txt"} | ({"read_only"} if kind == "read-only" else set())
+    assert {p.name for p in tmp_path.iterdir()} == made  # nothing written
+    if kind == "read-only":
+        assert not any((tmp_path / "read_only").iterdir())
+
+
+def test_a_full_disk_in_any_command_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    # Issue 29, "every command that writes": commands without an estimate of their own still end in one line
+    # (histodistill.cli wraps each in `reporting_full_disk`), naming the file and what was written so far.
+    import errno
+    import tempfile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)  # every atomic write starts with one
+    out = tmp_path / "slides"
+    assert main(["samples", "make-slides", "--out", str(out), "--n-slides", "2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith(f"error: no space left on the disk to write {out}")
+    assert f"were written to {out} so far" in errors[0] and "it resumes" in errors[0]

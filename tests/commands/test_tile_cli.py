@@ -13,8 +13,8 @@ from PIL import Image
 from conftest import make_tissue_image
 from histodistill.cli import main
 from histodistill.commands import tile as tile_command
+from histodistill.wsi.coords import read_coords
 from histodistill.wsi.tiff_writer import write_pyramid_tiff
-from histodistill.wsi.tiling import read_coords
 
 
 def test_every_option_has_help():
@@ -33,7 +33,11 @@ def test_single_slide_then_skip_then_overwrite(tiny_slide, tmp_path, capsys):
     assert main([*argv, "--overwrite"]) == 0
     assert "1 tiled" in capsys.readouterr().out
     assert main([*argv[:-1], "64"]) == 2  # other settings over finished outputs: refused (a user error), outputs kept
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # Issue 29: only the setting that differs (not the whole settings dict), the tiles kept, and the fix.
+    assert err.splitlines() == [f"error: {out / 'patches'}: 1 of 1 slides were tiled there with other settings "
+                                "(--patch-size 64 (the tiles there: 128)); their 10 tiles are kept: pass --overwrite "
+                                "to tile them again with these settings, or choose another --out"]
     assert '"status": "ok"' in (out / "status" / "tiny_slide.json").read_text()
     assert len(read_coords(out / "patches" / "tiny_slide.h5")[0]) == 10
 

@@ -31,8 +31,8 @@ def _extract(tiles, out, *extra):
     return main(["extract", "--model", NAME, "--coords", str(tiles), "--out", str(out), "--workers", "0", *extra])
 
 
-def _record(out):
-    return json.loads((out / f"features_{NAME}" / "extractor.json").read_text())
+def _record(out, folder=f"features_{NAME}"):
+    return json.loads((out / folder / "extractor.json").read_text())
 
 
 def test_pretrained_weights_are_the_default(tiles, tmp_path, fake_hf_cache):
@@ -55,7 +55,7 @@ def test_unavailable_weights_are_one_error_line_before_any_work(tiles, tmp_path,
 def test_random_init_is_said_and_recorded(tiles, tmp_path, capsys):
     assert _extract(tiles, tmp_path / "f", "--random-init") == 0
     assert "random initialisation" in capsys.readouterr().err
-    record = _record(tmp_path / "f")
+    record = _record(tmp_path / "f", f"features_{NAME}-random-init")
     assert record["weights_source"] == "random" and record["spec"]["source"] == "random"
 
 

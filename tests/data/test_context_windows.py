@@ -16,8 +16,9 @@ from histodistill.data.context_windows import (
 )
 from histodistill.errors import UserError
 from histodistill.models.backbones import Preprocess
+from histodistill.wsi.coords import read_coords, write_coords
 from histodistill.wsi.slide import Slide, open_slide
-from histodistill.wsi.tiling import grid_coords, write_coords
+from histodistill.wsi.tiling import grid_coords
 
 TILE = 64
 
@@ -164,10 +165,98 @@ def test_window_stride_sets_how_often_one_epoch_shows_a_tile(tiled, window_strid
     assert ((np.round(coords[anchors] / TILE) % window_stride) == 0).all()
 
 
-def test_excluded_slides_give_no_window(tiled, tmp_path):
+def test_excluded_slides_give_no_window(tiled, tiny_slide):
     path, _ = tiled
     kept = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
-    write_coords(path.parent / "other.h5", box_tiles(128, 128, cols=6, rows=4), coords_attrs(path))
+    write_coords(path.parent / "other.h5", box_tiles(128, 128, cols=6, rows=4),
+                 coords_attrs(tiny_slide.path) | {"slide_id": "other"})  # excluded by its slide id
     both = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
     held_out = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5, exclude=["other"])
     assert len(both) == 2 * len(kept) and len(held_out) == len(kept) > 0
+
+
+def test_a_corrupt_window_is_replaced_by_the_slides_next_readable_one_with_one_warning(tmp_path, capfd):
+    # Issue 29: MCM-KD training raised UnreadableRegion inside a DataLoader worker (a traceback).
+    from torch.utils.data import DataLoader
+
+    from conftest import write_corrupt_slide
+    from histodistill.data import slide_dataset
+    from histodistill.wsi.tiling import tile_slide
+
+    slide_dataset._NAMED.discard("corrupt")
+    path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif")
+    tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=128)
+    dataset = context_windows_of_dir(tmp_path / "tiles" / "patches", None, side=3, window_stride=3)
+    corners = torch.cat([cells[:, 0] for _, cells, _, _ in DataLoader(dataset, batch_size=4, num_workers=1)])
+    assert len(corners) == len(dataset) == 4  # anchors on cells 3 and 6 of the 8 x 8 grid: corners at 256, 640 px
+    # The window over the damaged JPEG tile (256..512 px) is (256, 256)'s: it takes the next one, (640, 256).
+    assert sorted(map(tuple, corners.tolist())) == [(256, 640), (640, 256), (640, 256), (640, 640)]
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: slide corrupt: a context window at level-0 ({x}, {y}) cannot be read from {path} (Corrupt JPEG")
+
+
+# ---- CLAM's and TRIDENT's coords: no mpp, windows by level-0 geometry ---------------------------------
+HALF = TILE // 2  # their tiles: 32 px at half the slide's resolution, i.e. 64 level-0 px
+
+
+def layout_attrs(layout: str) -> dict:
+    """The attrs CLAM's create_patches_fp / TRIDENT write for 32-px tiles of 64 level-0 px (no slide path, no mpp)."""
+    if layout == "clam":
+        return dict(patch_size=HALF, patch_level=1, downsample=np.array([2.0, 2.0]),
+                    downsampled_level_dim=np.array([512, 384]), level_dim=np.array([1024, 768]), name="tiny_slide",
+                    save_path="patches")
+    return dict(patch_size=HALF, patch_size_level0=TILE, level0_magnification=20, target_magnification=10,
+                overlap=0, name="tiny_slide", savetodir="job")
+
+
+@pytest.mark.parametrize("layout", ["clam", "trident"])
+def test_clam_and_trident_coords_give_exactly_the_windows_of_ours(tiny_slide, tmp_path, layout):
+    coords = box_tiles(128, 128, cols=6, rows=4)
+    ours = tmp_path / "ours" / "patches" / "tiny_slide.h5"
+    write_coords(ours, coords, coords_attrs(tiny_slide.path, target_mpp=1.0) | {"patch_size": HALF,
+                                                                          "patch_size_level0": TILE})
+    name = "tiny_slide_patches.h5" if layout == "trident" else "tiny_slide.h5"  # TRIDENT's file name
+    theirs = tmp_path / layout / "patches" / name
+    write_coords(theirs, coords, layout_attrs(layout))
+    features = tmp_path / "features"
+    features.mkdir()
+    with h5py.File(features / "tiny_slide.h5", "w") as h5:  # the teacher cache names files by slide id
+        h5["features"], h5["coords"] = coords.astype(np.float32), coords
+    expected = context_windows_of_dir(ours.parent, features, side=3, min_fraction=4 / 9)
+    with pytest.raises(UserError, match="--slides"):  # their coords name no slide
+        context_windows_of_dir(theirs.parent, features, side=3, min_fraction=4 / 9)
+    got = context_windows_of_dir(theirs.parent, features, side=3, min_fraction=4 / 9, slides_dir=tiny_slide.path.parent)
+    assert grid_geometry(read_coords(theirs)[1], theirs) == (float(TILE), 1)
+    ours_part, their_part = expected.datasets[0], got.datasets[0]
+    assert their_part.target_mpp is None and their_part.window_level0 == 3 * TILE
+    np.testing.assert_array_equal(their_part.anchors, ours_part.anchors)
+    np.testing.assert_array_equal(their_part.cell_coords, ours_part.cell_coords)
+    np.testing.assert_array_equal(their_part.valid, ours_part.valid)
+    assert len(got) == len(expected) == 24
+    for index in (0, 5, 23):  # a corner, an edge and the last window: pixels, cells, flags and teacher rows
+        for mine, other in zip(got[index], expected[index], strict=True):
+            assert torch.equal(mine, other)
+    assert got[0][0].shape == (3, 3 * HALF, 3 * HALF)
+
+
+def test_a_clam_grid_per_contour_with_a_fractional_step_finds_its_neighbours():
+    # CLAM starts each contour's grid at the contour's corner and steps by patch_size * downsample (here
+    # 64.4 level-0 px), truncated to int; patch_size_level0 is 64 after rounding.
+    steps = (37 + np.arange(5) * 64.4).astype(np.int64)
+    ys, xs = np.meshgrid(steps, steps, indexing="ij")
+    coords = np.stack([xs.ravel(), ys.ravel()], axis=1)  # (25, 2)
+    attrs = dict(patch_size=HALF, patch_size_level0=64, overlap=0)
+    stride, cell_steps = grid_geometry(attrs, "clam.h5")
+    anchors, cells, valid = window_cells(coords, stride, cell_steps, side=3, on_grid=False)
+    assert len(anchors) == 9 and valid.all()  # the 3 x 3 interior tiles, every neighbour found
+    index = {tuple(xy): k for k, xy in enumerate(coords.tolist())}
+    for anchor, window in zip(anchors, cells, strict=True):
+        row, col = divmod(int(anchor), 5)
+        neighbours = [index[(int(steps[col + dx]), int(steps[row + dy]))] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        np.testing.assert_array_equal(window, coords[neighbours])  # the tiles' own coords, row-major
+
+
+def test_trident_overlap_spaces_cells_by_whole_tiles():
+    attrs = dict(patch_size=HALF, patch_size_level0=TILE, overlap=HALF // 2)
+    assert grid_geometry(attrs, "trident.h5") == (TILE / 2, 2)  # grid step 32 level-0 px, cells 2 steps apart

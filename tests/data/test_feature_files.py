@@ -10,7 +10,15 @@ import torch
 from conftest import tile_grid as grid
 from conftest import write_clam_features as write_clam
 from conftest import write_trident_features as write_trident
-from histodistill.data.feature_files import load_slides, open_feature_folder, problems_of, read_slide_features
+from histodistill.data.feature_files import (
+    UNREADABLE_ATTR,
+    is_finished,
+    load_slides,
+    open_feature_folder,
+    problems_of,
+    read_slide_features,
+    write_slide_features,
+)
 from histodistill.errors import UserError
 
 DIM = 6
@@ -138,3 +146,23 @@ def test_folders_without_features_are_explained(tmp_path, make):
             (given / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="--features"):
         open_feature_folder(given)
+
+
+def test_what_the_writer_writes_the_reader_reads_and_the_rerun_check_accepts(tmp_path):
+    """The format's owner round-trips: float64/int32 in, float32/int64 out; tiling attrs on `coords`, slide attrs
+    on the file; a file leaving out unreadable tiles is finished for its coords file, a shorter one is not."""
+    coords_path = tmp_path / "patches" / "s1.h5"
+    coords_path.parent.mkdir()
+    with h5py.File(coords_path, "w") as handle:
+        handle["coords"] = grid(5)
+    target = tmp_path / "features" / "s1.h5"
+    write_slide_features(target, features_of(4).astype(np.float64), grid(4).astype(np.int32),
+                         {"slide_id": "s1", UNREADABLE_ATTR: 1}, {"patch_size_level0": 256})
+    slide = read_slide_features(target)
+    assert slide.features.dtype == np.float32 and slide.coords.dtype == np.int64
+    np.testing.assert_array_equal(slide.coords, grid(4))
+    with h5py.File(target) as handle:
+        assert dict(handle["coords"].attrs) == {"patch_size_level0": 256} and handle.attrs["slide_id"] == "s1"
+    assert is_finished(target, coords_path, DIM) and not is_finished(target, coords_path, DIM + 1)
+    write_slide_features(target, features_of(3), grid(3), {"slide_id": "s1"})  # 3 of 5 rows, none unreadable
+    assert not is_finished(target, coords_path, DIM)

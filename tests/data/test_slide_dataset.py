@@ -93,3 +93,35 @@ def test_tiles_dataset_concatenates_slides_and_finds_moved_ones(tiny_slide, tile
 def test_empty_patches_dir_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no coords files"):
         SlideTilesDataset(tmp_path)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_tile_is_replaced_by_the_next_readable_one_with_one_warning(tmp_path, capfd, workers):
+    # Issue 29: training raised UnreadableRegion inside a DataLoader worker, re-wrapped by torch into a traceback.
+    from conftest import write_corrupt_slide
+    from histodistill.data import slide_dataset
+
+    slide_dataset._NAMED.discard("corrupt")  # a fresh process's state (workers=0 reads in this one)
+    path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif")
+    tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=128)
+    dataset = SlideTilesDataset(tmp_path / "tiles" / "patches")
+    coords = torch.cat([c for _, c in DataLoader(dataset, batch_size=16, num_workers=workers)]).tolist()
+    damaged = [[x, y], [x + 128, y], [x, y + 128], [x + 128, y + 128]]
+    assert len(coords) == 64 and not any(c in damaged for c in coords)  # the batch keeps its size, no made-up pixels
+    assert coords.count([x + 256, y]) == 3  # (x, y) and (x + 128, y) take the next readable tile of their row
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: slide corrupt: a tile at level-0 ({x}, {y}) cannot be read from {path} (Corrupt "
+                        "JPEG data: premature end of data segment); training uses the slide's next readable tile in "
+                        "its place and names no further ones of this slide (`histodistill extract` lists them all in "
+                        "unreadable_tiles.csv)"]
+
+
+def test_a_slide_with_no_readable_tile_is_a_user_error(tmp_path):
+    from histodistill.data.slide_dataset import next_readable
+    from histodistill.wsi.slide import UnreadableRegion
+
+    def unreadable(index):
+        raise UnreadableRegion(tmp_path / "s.tif", (0, 0), 0, (8, 8), "Corrupt JPEG data")
+
+    with pytest.raises(UserError, match="slide s: none of its 3 tiles can be read .*restore the file"):
+        next_readable(unreadable, 0, 3, "s", "tile")

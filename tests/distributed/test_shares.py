@@ -63,7 +63,7 @@ def test_a_job_array_of_two_shards_tiles_and_extracts_every_slide_once(tmp_path,
         assert "3 slides: 3 tiled" in capsys.readouterr().out
     assert sorted(p.stem for p in (tiles / "patches").glob("*.h5")) == [f"slide_{i}" for i in range(6)]
 
-    folder = out / "features_tiny-resnet18-64"
+    folder = out / "features_tiny-resnet18-64-random-init"
     extract = ["extract", "--model", "tiny/resnet18-64", "--random-init", "--coords", str(tiles), "--out", str(out),
                "--workers", "0", "--shard"]
     assert main([*extract, "0/2"]) == 0

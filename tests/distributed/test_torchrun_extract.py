@@ -16,7 +16,7 @@ from histodistill.cli import main
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny/resnet18-64"
-FOLDER = "features_tiny-resnet18-64"
+FOLDER = "features_tiny-resnet18-64-random-init"
 
 
 def _features(folder):

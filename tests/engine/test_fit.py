@@ -78,6 +78,15 @@ def test_fit_writes_the_run_directory(tmp_path, two_class_data):
     assert 0.0 <= summary["final"]["val/accuracy"] <= 1.0
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["histodistill_backbone"]["state_dict_prefix"] == "backbone.model."
+    # Issue 29 (disk use): last.ckpt resumes (optimiser state); a best checkpoint is weights and our backbone
+    # record only, so it loads as a backbone yet is a fraction of last.ckpt's size.
+    assert "optimizer_states" in checkpoint
+    best = torch.load(run / "checkpoints" / "best-accuracy.ckpt", map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in best and best["histodistill_backbone"] == checkpoint["histodistill_backbone"]
+    assert (run / "checkpoints" / "best-accuracy.ckpt").stat().st_size < 0.6 * (run / "checkpoints" / "last.ckpt").stat().st_size
+    from histodistill.models.backbones import create_backbone
+
+    create_backbone(run / "checkpoints" / "best-accuracy.ckpt")
     # The saved config reproduces the run: it names the overridden data and leaves out --resume/--overwrite.
     config = (run / "config.yaml").read_text()
     assert str(two_class_data / "train") in config and "resume" not in config
@@ -137,3 +146,32 @@ def test_fit_help_lists_the_run_options(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--resume" in out and "--overwrite" in out and "--trainer.default_root_dir" in out
+
+
+def test_a_tiny_recipe_without_its_data_names_the_command_that_makes_it(tmp_path, capsys, monkeypatch):
+    # Issue 29: from a fresh folder the tiny recipe's demo_out/data/nuclei/train does not exist; the error
+    # names the samples subcommand that writes it.
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path / "run")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert errors == ["error: image folder demo_out/data/nuclei/train does not exist: pass a folder with one "
+                      "subfolder per class (root/<class>/<image>); `histodistill samples make-nuclei --out "
+                      "demo_out/data/nuclei` writes the sample nuclei task there"]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, two_class_data, capsys, monkeypatch):
+    # torch.save reports a full disk as RuntimeError "... file write failed" (issue 29: every command that writes).
+    from histodistill.engine import callbacks
+
+    def full_disk(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(callbacks.torch, "save", full_disk)
+    assert fit(tmp_path / "run", two_class_data, "--model.init_args.num_classes", "2", "--trainer.max_epochs", "1") == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert errors[0].startswith(f"error: no space left on the disk to write {tmp_path / 'run' / 'checkpoints'}")
+    assert "this run needs about" in errors[0] and "add --resume" in errors[0]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))

@@ -12,7 +12,7 @@ from PIL import Image
 from histodistill.cli import main
 from histodistill.eval.image_probe import ImageProbeData, eval_features, mae_image_probe, open_image_folders
 from histodistill.eval.probe import mae_batch_orders
-from histodistill.features.extract import seeded_backbone
+from histodistill.models.backbones import seeded_backbone
 
 COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 60)}
 

@@ -63,7 +63,9 @@ def test_test_folds_of_two_slides_one_of_one_class_show_na_and_the_pooled_auroc(
     expected = hand_auroc([int(r["label"] == "tumor") for r in rows], [float(r["prob_tumor"]) for r in rows])
     assert metrics["pooled"]["auroc"] == pytest.approx(expected, abs=1e-6)
     assert metrics["pooled"]["n_bags"] == 10
-    assert printed.startswith("early stopping off")
+    # The classes and their counts come first (issue 29), then the run's settings.
+    assert printed.splitlines()[0] == f"{labels}: 2 classes: normal (5 slides), tumor (5 slides)"
+    assert printed.splitlines()[1].startswith("early stopping off")
     assert f"pooled out-of-fold AUROC {expected:.3f} [95 % CI" in printed
 
 

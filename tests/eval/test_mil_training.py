@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 
 import h5py
 import numpy as np
@@ -63,11 +64,15 @@ def test_mil_run_learns_planted_signal_and_writes_run_directory(tmp_path, model,
     assert main(argv) == 2, "a finished run is not silently overwritten"
 
 
-def test_saved_model_reproduces_out_of_fold_predictions(tmp_path):
+def test_saved_model_reproduces_out_of_fold_predictions(tmp_path, capsys):
     features_dir, labels, _ = planted_features(tmp_path, n_cases=12)
     out = tmp_path / "run"
     assert main(["mil", "--features", str(features_dir), "--labels", str(labels), "--folds", "2", "--out", str(out),
                  "--epochs", "3", "--model", "abmil"]) == 0
+    # Issue 29: the classes and their counts are said before training.
+    counts = Counter(row.label for row in read_labels(labels))
+    assert (f"{labels}: 2 classes: normal ({counts['normal']} slides), tumor ({counts['tumor']} slides)"
+            in capsys.readouterr().out.splitlines())
     with (out / "predictions.csv").open() as handle:
         row = next(r for r in csv.DictReader(handle) if r["fold"] == "1")
     model, description = load_model(out, 1)

@@ -28,3 +28,21 @@ def test_colour_features_are_each_tiles_lab_statistics(tmp_path):
         tile = open_slide(tmp_path / "s.tif").read_region((int(x), int(y)), 0, (64, 64))  # as stored (JPEG)
         np.testing.assert_allclose(feature, np.concatenate(lab_stats(tile, TISSUE_LIGHTNESS)), rtol=1e-3)
     assert abs(features[0, 1] - features[1, 1]) > 5  # the two tiles differ in colour
+
+
+def test_corrupt_tiles_are_left_out_named_and_recorded_as_extract_does(tmp_path, capsys):
+    # Issue 29: colour features stopped at the first tile the slide file cannot give.
+    from conftest import write_corrupt_slide
+    from histodistill.data.feature_files import UNREADABLE_ATTR, UNREADABLE_CSV
+
+    path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif")
+    tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=128)
+    folder = colour_features(tmp_path / "tiles", tmp_path / "out")
+    damaged = [(x, y), (x + 128, y), (x, y + 128), (x + 128, y + 128)]
+    with h5py.File(folder / "corrupt.h5") as handle:
+        assert handle["features"].shape == (60, 6) and handle.attrs[UNREADABLE_ATTR] == 4
+        assert {tuple(c) for c in handle["coords"][:].tolist()}.isdisjoint(damaged)
+        assert np.isfinite(handle["features"][:]).all()
+    assert (folder / UNREADABLE_CSV).read_text().splitlines() == ["slide_id,x,y", *(f"corrupt,{a},{b}" for a, b in damaged)]
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: slide")]
+    assert warning.startswith("warning: slide corrupt: 4 of 64 tiles cannot be read from the slide file")

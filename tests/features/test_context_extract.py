@@ -18,10 +18,11 @@ from histodistill.errors import UserError
 from histodistill.features.context_extract import CentreCell, CentreCellTiles, centre_cell_extraction
 from histodistill.features.extract import extract_slide
 from histodistill.models.backbones import Backbone, BackboneSpec, Preprocess, create_backbone
-from histodistill.wsi.tiling import read_coords, tile_slide, write_coords
+from histodistill.wsi.coords import read_coords, write_coords
+from histodistill.wsi.tiling import tile_slide
 
 MODEL, TILE = "tiny/resnet18-64", 64
-FOLDER = "features_tiny-resnet18-64-context3"
+FOLDER = "features_tiny-resnet18-64-random-init-context3"
 
 
 def tiling(tiny_slide, tmp_path, names):
@@ -85,7 +86,7 @@ def corner_coords(tiny_slide, tmp_path):
 def test_features_folder_holds_centre_cell_features_apart_from_per_patch_ones(one_slide, tmp_path):
     out = tmp_path / "features"
     assert _extract(one_slide, out) == 0  # per-patch features first, in the same --out
-    per_patch = out / "features_tiny-resnet18-64"
+    per_patch = out / "features_tiny-resnet18-64-random-init"
     stamp = (per_patch / "slide_a.h5").stat().st_mtime_ns
     assert _extract(one_slide, out, "--context-window", "3") == 0
     folder = out / FOLDER
@@ -107,7 +108,7 @@ def test_features_folder_holds_centre_cell_features_apart_from_per_patch_ones(on
     model, tiles_of = centre_cell_extraction(create_backbone(MODEL, pretrained=False).eval(), 3)
     window, tile_xy = tiles_of(coords_path)[len(expected_coords) - 1]
     assert window.shape == (3, 3 * 64, 3 * 64)  # every cell at the model's 64-px input size
-    assert tile_xy.tolist() == expected_coords[-1].tolist()
+    assert tile_xy.tolist() == [*expected_coords[-1].tolist(), 1]  # (x, y, readable): extract leaves out 0s
     with torch.no_grad():
         np.testing.assert_allclose(features[-1], model(window[None])[0].numpy(), rtol=1e-4, atol=1e-5)
 
@@ -140,7 +141,7 @@ def test_border_tiles_get_windows_with_the_white_beyond_the_slide(tiny_slide, tm
     assert (last[:, -TILE:, :] == 255).all() and (last[:, :, -TILE:] == 255).all()
     torch.manual_seed(0)
     model, tiles_of = centre_cell_extraction(create_backbone(MODEL, pretrained=False).eval(), 3)
-    features, xy = extract_slide(model, tiles_of(path), batch_size=4)
+    features, xy, _ = extract_slide(model, tiles_of(path), batch_size=4)
     assert features.shape == (3, 512) and np.isfinite(features).all()
     assert np.array_equal(xy, coords)
 

@@ -12,13 +12,16 @@ import torch
 from PIL import Image
 
 from histodistill.cli import main
+from histodistill.data.feature_files import open_feature_folder
 from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.data.transforms import build_transform
+from histodistill.distributed import resolve_device
 from histodistill.errors import UserError
 from histodistill.features import extract
-from histodistill.features.extract import extract_slide, model_slug, state_dict_sha256
+from histodistill.features.extract import extract_slide, features_folder_name, model_slug, state_dict_sha256
 from histodistill.models.backbones import create_backbone
-from histodistill.wsi.tiling import read_coords, tile_slide
+from histodistill.wsi.coords import read_coords
+from histodistill.wsi.tiling import tile_slide
 
 MODEL = "tiny/resnet18-64"
 
@@ -42,7 +45,7 @@ def _extract(tiles, out, *extra):
 def test_features_per_slide_match_the_model_on_each_tile(tiles, tmp_path):
     out = tmp_path / "features"
     assert _extract(tiles, out) == 0
-    folder = out / "features_tiny-resnet18-64"
+    folder = out / "features_tiny-resnet18-64-random-init"
     assert sorted(p.name for p in folder.iterdir()) == ["extractor.json", "slide_a.h5", "slide_b.h5"]
 
     torch.manual_seed(0)  # --random-init builds the model with seed 0
@@ -68,7 +71,7 @@ def test_features_per_slide_match_the_model_on_each_tile(tiles, tmp_path):
 def test_rerun_skips_finished_slides_and_redoes_missing_ones(tiles, tmp_path):
     out = tmp_path / "features"
     assert _extract(tiles, out) == 0
-    folder = out / "features_tiny-resnet18-64"
+    folder = out / "features_tiny-resnet18-64-random-init"
     stamp_a = (folder / "slide_a.h5").stat().st_mtime_ns
     before = h5py.File(folder / "slide_b.h5")["features"][:]
     (folder / "slide_b.h5").unlink()
@@ -90,7 +93,7 @@ def test_an_interrupted_slide_leaves_no_file_and_is_redone(tiles, tmp_path, monk
     monkeypatch.setattr(extract, "extract_slide", crash_on_second)
     out = tmp_path / "features"
     assert _extract(tiles, out) == 130
-    folder = out / "features_tiny-resnet18-64"
+    folder = out / "features_tiny-resnet18-64-random-init"
     assert sorted(p.name for p in folder.iterdir()) == ["extractor.json", "slide_a.h5"]  # no partial file
     monkeypatch.setattr(extract, "extract_slide", real)
     assert _extract(tiles, out) == 0
@@ -99,10 +102,11 @@ def test_an_interrupted_slide_leaves_no_file_and_is_redone(tiles, tmp_path, monk
 
 def test_features_of_other_weights_are_not_mixed_into_a_folder(tiles, tmp_path, capsys):
     out = tmp_path / "features"
-    assert _extract(tiles, out) == 0
-    other = tmp_path / "other.pth"
-    torch.manual_seed(5)
-    torch.save(create_backbone(MODEL, pretrained=False).model.state_dict(), other)
+    first, other = tmp_path / "first.pth", tmp_path / "other.pth"
+    for seed, path in ((4, first), (5, other)):
+        torch.manual_seed(seed)
+        torch.save(create_backbone(MODEL, pretrained=False).model.state_dict(), path)
+    assert _extract(tiles, out, "--weights", str(first)) == 0
     assert _extract(tiles, out, "--weights", str(other)) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert _extract(tiles, out, "--weights", str(other), "--overwrite") == 0
@@ -121,17 +125,50 @@ def test_image_folder_features(tmp_path):
             Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
     assert main(["extract", "--model", MODEL, "--random-init", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "f"),
                  "--workers", "0"]) == 0
-    with h5py.File(tmp_path / "f" / "features_tiny-resnet18-64" / "features.h5") as handle:
+    with h5py.File(tmp_path / "f" / "features_tiny-resnet18-64-random-init" / "features.h5") as handle:
         assert handle["features"].shape == (6, 512) and handle["features"].dtype == np.float32
         assert handle["labels"][:].tolist() == [0, 0, 0, 1, 1, 1]
         assert handle["paths"].asstr()[0] == "stroma/0.png"
         assert list(handle.attrs["classes"]) == ["stroma", "tumour"]
 
 
+def test_image_features_of_an_earlier_run_are_reused_and_others_refused(tmp_path, capsys):
+    # Issue 29: the demo's features stage printed "... features.h5 exists; pass --overwrite" about the file its
+    # own sdmae stage had written: the same weights and images are reused and said so, not reported as a conflict.
+    from conftest import make_image_folder
+
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    argv = ["extract", "--model", MODEL, "--random-init", "--images", str(images), "--out", str(tmp_path / "f"),
+            "--workers", "0"]
+    assert main(argv) == 0
+    target = tmp_path / "f" / "features_tiny-resnet18-64-random-init" / "features.h5"
+    stamp = target.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"reusing {target}: extracted earlier" in out and "exists; pass --overwrite" not in out
+    assert target.stat().st_mtime_ns == stamp
+    (images / "a" / "extra.png").write_bytes((images / "a" / "0.png").read_bytes())
+    assert main(argv) == 2  # another image folder under the same name: refused, not silently reused
+    assert "holds features of another image folder" in capsys.readouterr().err
+
+
 def test_empty_slide_gives_empty_arrays():
     backbone = create_backbone(MODEL, pretrained=False).eval()
-    features, coords = extract_slide(backbone, [], batch_size=2)
+    features, coords, unreadable = extract_slide(backbone, [], batch_size=2)
     assert features.shape == (0, 512) and coords.shape == (0, 2) and coords.dtype == np.int64
+
+
+def test_random_init_features_get_a_folder_of_their_own(tiles, tmp_path):
+    # Issue 29: --random-init features went to features_resnet50, the pretrained weights' folder name.
+    assert features_folder_name("resnet50", pretrained=False) == "features_resnet50-random-init"
+    assert features_folder_name("resnet50") == "features_resnet50"
+    assert features_folder_name("tiny/resnet18-64", False, 3) == "features_tiny-resnet18-64-random-init-context3"
+    out = tmp_path / "features"
+    assert _extract(tiles, out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["features_tiny-resnet18-64-random-init"]
+    # The readers that look for one features_* folder find it.
+    assert open_feature_folder(out).directory == out / "features_tiny-resnet18-64-random-init"
 
 
 def test_model_slug(tmp_path):
@@ -159,8 +196,8 @@ def test_weights_hash_follows_the_weights_not_the_object():
 def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="--device cpu"):
-        extract.resolve_device("cuda")
-    assert extract.resolve_device("auto").type == "cpu"
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
 
 
 def _truncate(path, fraction=0.5):
@@ -171,7 +208,7 @@ def _truncate(path, fraction=0.5):
 def test_rerun_redoes_damaged_outputs_and_says_why(tiles, tmp_path, capsys):
     out = tmp_path / "features"
     assert _extract(tiles, out) == 0
-    folder = out / "features_tiny-resnet18-64"
+    folder = out / "features_tiny-resnet18-64-random-init"
     before = {s: h5py.File(folder / f"{s}.h5")["features"][:] for s in ("slide_a", "slide_b")}
     _truncate(folder / "slide_b.h5")  # what `mil` died on with an OSError, and a rerun took as done
     with h5py.File(folder / "slide_a.h5", "a") as handle:  # rows of another tiling
@@ -191,13 +228,13 @@ def test_a_model_giving_non_finite_features_stops_naming_the_slide(tiles, tmp_pa
     real = extract.extract_slide
 
     def one_inf(*args, **kwargs):
-        features, coords = real(*args, **kwargs)
+        features, coords, unreadable = real(*args, **kwargs)
         features[2, 7] = np.inf
-        return features, coords
+        return features, coords, unreadable
 
     monkeypatch.setattr(extract, "extract_slide", one_inf)
     out = tmp_path / "features"
     assert _extract(tiles, out) == 2
     err = capsys.readouterr().err
     assert "1 of" in err and "slide slide_a" in err and err.count("error:") == 1
-    assert not (out / "features_tiny-resnet18-64" / "slide_a.h5").exists()
+    assert not (out / "features_tiny-resnet18-64-random-init" / "slide_a.h5").exists()

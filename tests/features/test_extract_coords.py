@@ -25,7 +25,7 @@ def extract(coords, out, *extra) -> int:
 
 
 def features_of(out, slide_id="tiny_slide"):
-    with h5py.File(out / "features_tiny-resnet18-64" / f"{slide_id}.h5", "r") as h5:
+    with h5py.File(out / "features_tiny-resnet18-64-random-init" / f"{slide_id}.h5", "r") as h5:
         return h5["features"][:], h5["coords"][:], dict(h5["coords"].attrs)
 
 
@@ -58,8 +58,13 @@ def test_clam_patches_folder_with_slides_dir(tiny_slide, tmp_path, capsys):
     assert attrs["patch_size_level0"] == 128 and attrs["patch_size"] == 128
     reference, _, _ = ours(tiny_slide, tmp_path, target_mpp=0.5, patch_size=128)
     np.testing.assert_allclose(features, reference, rtol=1e-5, atol=1e-6)
-    assert extract(patches, tmp_path / "ctx", "--slides", str(tiny_slide.path.parent), "--context-window", "3") == 2
-    assert "--context-window needs coords of `histodistill tile`" in capsys.readouterr().err
+    # In context too: the same windows, read by their level-0 size, as from our coords of the same tiles.
+    assert extract(patches, tmp_path / "ctx", "--slides", str(tiny_slide.path.parent), "--context-window", "3") == 0
+    assert extract(tmp_path / "ours", tmp_path / "ours_ctx", "--context-window", "3") == 0
+    with h5py.File(tmp_path / "ctx" / "features_tiny-resnet18-64-random-init-context3" / "tiny_slide.h5", "r") as h5, \
+            h5py.File(tmp_path / "ours_ctx" / "features_tiny-resnet18-64-random-init-context3" / "tiny_slide.h5", "r") as ref:
+        np.testing.assert_array_equal(h5["coords"][:], SAME_TILES)
+        np.testing.assert_allclose(h5["features"][:], ref["features"][:], rtol=1e-5, atol=1e-6)
 
 
 def test_trident_output_folder_with_slides_dir(tiny_slide, tmp_path):
@@ -106,7 +111,7 @@ def test_heatmap_boxes_follow_the_tiling_after_mpp_override(tmp_path, monkeypatc
                  "--patch-size", "128"]) == 0
     assert extract(tmp_path / "tiles", tmp_path / "features") == 0
     # The attention file as `mil` writes it: coords, scores, the features file's attributes.
-    with h5py.File(tmp_path / "features" / "features_tiny-resnet18-64" / "mistagged.h5", "r") as source:
+    with h5py.File(tmp_path / "features" / "features_tiny-resnet18-64-random-init" / "mistagged.h5", "r") as source:
         attrs = dict(source.attrs) | dict(source["coords"].attrs)
         coords = source["coords"][:]
     (tmp_path / "run" / "attention").mkdir(parents=True)

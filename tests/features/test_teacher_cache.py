@@ -6,9 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
+from histodistill.data.feature_files import EXTRACTOR_JSON
 from histodistill.data.teacher_features import TeacherFeatures
 from histodistill.errors import UserError
-from histodistill.features import extract, teacher_cache
+from histodistill.features import teacher_cache
 from histodistill.features.teacher_cache import (
     CACHE_RECORD,
     cache_features_dir,
@@ -17,7 +18,7 @@ from histodistill.features.teacher_cache import (
     stale_reasons,
 )
 from histodistill.io import write_json
-from histodistill.wsi.tiling import write_coords
+from histodistill.wsi.coords import write_coords
 
 COORDS = np.array([[0, 0], [64, 0], [0, 64], [64, 64]], dtype=np.int64)
 
@@ -45,7 +46,7 @@ def complete_cache(tiles, teacher=TEACHER):
     """What `extract` + our record leave behind: features with their tiling attrs, extractor.json, record."""
     features_dir = cache_features_dir(tiles, teacher)
     write_features(features_dir / "s.h5", COORDS, np.arange(8.0).reshape(4, 2), patch_size=64, target_mpp=0.5)
-    write_json(features_dir / extract.EXTRACTOR_JSON, {"extractor": teacher, "weights_sha256": "0" * 64})
+    write_json(features_dir / EXTRACTOR_JSON, {"extractor": teacher, "weights_sha256": "0" * 64})
     write_json(features_dir / CACHE_RECORD, cache_key(tiles / "patches", teacher, None))
     return features_dir
 
@@ -75,7 +76,7 @@ def test_a_stale_cache_is_refused_naming_the_cache_and_the_option(tiles, tmp_pat
     features_dir = complete_cache(tiles)
     weights = None
     if change == "teacher":  # another teacher's features copied into this teacher's folder
-        write_json(features_dir / extract.EXTRACTOR_JSON, {"extractor": "tiny/resnet18-64"})
+        write_json(features_dir / EXTRACTOR_JSON, {"extractor": "tiny/resnet18-64"})
     elif change == "weights":
         weights = tmp_path / "w.safetensors"
         weights.write_bytes(b"other weights")
@@ -99,7 +100,7 @@ def test_rebuild_runs_extract_once_and_records_the_key(tiles, monkeypatch):
         calls.append((model, coords_dir, out_dir))
         complete = cache_features_dir(out_dir, model)
         write_features(complete / "s.h5", COORDS, np.ones((4, 5)), patch_size=64, target_mpp=0.5)
-        write_json(complete / extract.EXTRACTOR_JSON, {"extractor": model})
+        write_json(complete / EXTRACTOR_JSON, {"extractor": model})
 
     monkeypatch.setattr(teacher_cache, "extract_slides", fake_extract_slides)
     ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
@@ -115,7 +116,7 @@ def test_an_interrupted_build_resumes_and_a_stale_or_damaged_cache_is_computed_a
         overwrites.append(overwrite)
         complete = cache_features_dir(out_dir, model)
         write_features(complete / "s.h5", COORDS, np.ones((4, 5)), patch_size=64, target_mpp=0.5)
-        write_json(complete / extract.EXTRACTOR_JSON, {"extractor": model})
+        write_json(complete / EXTRACTOR_JSON, {"extractor": model})
 
     monkeypatch.setattr(teacher_cache, "extract_slides", fake_extract_slides)
     features_dir = complete_cache(tiles)
@@ -126,3 +127,42 @@ def test_an_interrupted_build_resumes_and_a_stale_or_damaged_cache_is_computed_a
         "slide s: cached for None, tiled as {'target_mpp': 0.5, 'patch_size': 64, 'tiles': 4}"]
     ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
     assert overwrites == [False, True]
+
+
+def test_a_cache_whose_extract_left_out_unreadable_tiles_is_fresh_and_names_them(tiles, tmp_path):
+    # Issue 29: extract leaves out tiles of a corrupt JPEG tile; the cache then held fewer rows than the coords
+    # and counted as stale for ever, and a lookup of such a tile blamed "a different tiling".
+    from histodistill.data.feature_files import UNREADABLE_ATTR
+    from histodistill.wsi.slide import UnreadableRegion
+
+    features_dir = cache_features_dir(tiles, TEACHER)
+    write_features(features_dir / "s.h5", COORDS[:3], np.ones((3, 2)), patch_size=64, target_mpp=0.5,
+                   slide_path=str(tmp_path / "s.tif"), **{UNREADABLE_ATTR: 1})
+    with h5py.File(features_dir / "s.h5", "a") as handle:
+        handle["coords"].attrs["patch_size_level0"] = 64
+    write_json(features_dir / EXTRACTOR_JSON, {"extractor": TEACHER})
+    write_json(features_dir / CACHE_RECORD, cache_key(tiles / "patches", TEACHER, None))
+    assert ensure_teacher_cache(tiles, tiles, TEACHER) == features_dir  # not stale: 3 rows + 1 unreadable
+    with pytest.raises(UnreadableRegion, match=r"s.tif: the 64 x 64 px region at level-0 \(64, 64\), level 0, "
+                                               r"cannot be read \(left out of the teacher cache .*s.h5 as unreadable\)"):
+        TeacherFeatures(features_dir / "s.h5").lookup(COORDS, np.ones(4, bool))
+
+
+def test_clam_coords_are_cached_under_their_slide_and_keyed_on_the_level0_tile(tiny_slide, tmp_path):
+    # CLAM's create_patches_fp: 64-px tiles at level 1 (downsample 2), no mpp and no slide path.
+    tiles = tmp_path / "clam"
+    clam = dict(patch_size=64, patch_level=1, downsample=np.array([2.0, 2.0]), name="tiny_slide")
+    write_coords(tiles / "patches" / "tiny_slide.h5", COORDS * 2 + 128, clam)
+    key = cache_key(tiles / "patches", TEACHER, None, pretrained=False)
+    assert key["slides"] == {"tiny_slide": {"patch_size_level0": 128, "patch_size": 64, "tiles": 4}}
+    with pytest.raises(UserError, match="--slides"):  # the slide is not named: found only with slides_dir
+        ensure_teacher_cache(tiles, tmp_path, TEACHER, rebuild=True, pretrained=False)
+    features_dir = ensure_teacher_cache(tiles, tmp_path, TEACHER, rebuild=True, pretrained=False,
+                                        slides_dir=tiny_slide.path.parent)
+    assert TeacherFeatures(features_dir / "tiny_slide.h5").dim == 192
+    assert not stale_reasons(features_dir, key)  # the features carry patch_size_level0: fresh as computed
+    clam["downsample"] = np.array([4.0, 4.0])  # tiled again at level 2: 256 level-0 px per tile
+    write_coords(tiles / "patches" / "tiny_slide.h5", COORDS * 2 + 128, clam)
+    assert stale_reasons(features_dir, cache_key(tiles / "patches", TEACHER, None, pretrained=False)) == [
+        "slide tiny_slide: cached for {'patch_size_level0': 128, 'patch_size': 64, 'tiles': 4}, "
+        "tiled as {'patch_size_level0': 256, 'patch_size': 64, 'tiles': 4}"]

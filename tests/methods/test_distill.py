@@ -100,8 +100,9 @@ def test_frozen_teacher_never_changes_and_is_left_out_of_the_optimiser(teacher_c
 def test_a_tiny_run_of_each_baseline_lowers_its_loss(teacher_ckpt, feature, w_feature):
     path, _ = teacher_ckpt()
     torch.manual_seed(0)
-    distill = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=w_feature, num_samples=8,
-                      crd_nce_k=16, crd_feat_dim=16, **STUDENT)
+    options = {"num_samples": 8, "nce_k": 16, "feat_dim": 16} if feature == "crd" else None
+    distill = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=w_feature,
+                      feature_options=options, **STUDENT)
     images, labels = tiny_batch()
     losses = train_steps(distill, (images, labels, torch.arange(8)))
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
@@ -111,7 +112,8 @@ def test_a_tiny_run_of_each_baseline_lowers_its_loss(teacher_ckpt, feature, w_fe
 
 def test_crd_without_indices_says_how_to_get_them(teacher_ckpt):
     path, _ = teacher_ckpt()
-    distill = Distill(num_classes=3, teacher=str(path), feature="crd", w_feature=0.8, num_samples=8, **STUDENT)
+    distill = Distill(num_classes=3, teacher=str(path), feature="crd", w_feature=0.8,
+                      feature_options={"num_samples": 8}, **STUDENT)
     with pytest.raises(UserError, match="IndexedDataset"):
         distill.objective(tiny_batch())
 
@@ -160,8 +162,9 @@ def test_tiny_crd_config_trains_end_to_end_with_indexed_data(tmp_path, distill_i
     ]) == 0
     assert "train/crd" in (run / "metrics.csv").read_text()
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    assert state["feature_loss.memory.memory_student"].shape == (12, 128)  # one memory row per training image
-    assert state["feature_loss.memory.z_student"] > 0
+    # one memory row per training image
+    assert state["feature_loss.criterion.memory.memory_student"].shape == (12, 128)
+    assert state["feature_loss.criterion.memory.z_student"] > 0
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -13,7 +13,8 @@ from histodistill.models.intermediates import forward_layers, pyramid
 STAGED = {"ab", "ft", "fsp"}
 # Official feature weights of each term (MoMA's comparison where it ran the method, RepDistiller otherwise);
 # AB and FSP train without their term after their stage.
-WEIGHTS = {"at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0, "ab": 0.0, "ft": 200.0,
+WEIGHTS = {"hint": 100.0, "crd": 0.8,
+           "at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0, "ab": 0.0, "ft": 200.0,
            "fsp": 0.0, "nst": 50.0, "semckd": 50.0, "simkd": 1.0, "srrl": 1.0}
 
 
@@ -23,6 +24,8 @@ def make(path, feature, **kwargs):
         kwargs.setdefault("init_steps", 3)
     if feature == "semckd":
         kwargs.setdefault("feature_options", {"batch_size": 8})
+    if feature == "crd":
+        kwargs.setdefault("feature_options", {"num_samples": 8, "nce_k": 4})
     return Distill(num_classes=3, teacher=str(path), feature=feature, **STUDENT, **kwargs)
 
 
@@ -31,7 +34,7 @@ def test_every_zoo_name_is_a_feature_choice():
 
     from histodistill.methods.distill import FeatureName
 
-    assert set(ZOO) <= set(typing.get_args(FeatureName))
+    assert set(typing.get_args(FeatureName)) == {"none", *ZOO}  # every term, hint and crd included
     assert set(ZOO) == set(WEIGHTS)
 
 
@@ -40,9 +43,10 @@ def test_each_zoo_term_trains_a_tiny_student(teacher_ckpt, feature):  # noqa: F8
     path, _ = teacher_ckpt()
     torch.manual_seed(0)
     distill = make(path, feature, w_feature=min(WEIGHTS[feature], 1.0))  # official weights assume batches of 64
-    losses = train_steps(distill, tiny_batch(), steps=10, lr=0.02)
+    batch = (*tiny_batch(), torch.arange(8))  # the sample indices CRD needs; the other terms ignore them
+    losses = train_steps(distill, batch, steps=10, lr=0.02)
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
-    after = distill.objective(tiny_batch())
+    after = distill.objective(batch)
     assert {"ce", "kd", "loss"} <= set(after)
     assert (feature in after) == (WEIGHTS[feature] != 0)
     assert after["ce"].item() < 1.1  # the student learned the batch (ln 3 ≈ 1.10 at chance)
@@ -181,11 +185,11 @@ VIT_TEACHER = {"teacher": "tiny/vit-tiny-p8-64", "teacher_pretrained": False, "p
 @pytest.mark.parametrize("feature", sorted(set(ZOO) - {"fsp", "simkd", "srrl"}))
 def test_a_vit_teacher_teaches_a_cnn_student(feature):
     torch.manual_seed(0)
-    options = {"batch_size": 4} if feature == "semckd" else None
+    options = {"semckd": {"batch_size": 4}, "crd": {"num_samples": 4, "nce_k": 2}}.get(feature)
     distill = Distill(num_classes=3, feature=feature, w_feature=1.0, feature_options=options, **VIT_TEACHER)
     images, labels = torch.randn(4, 3, 64, 64), torch.arange(4) % 3
     distill.train()
-    loss = distill.objective((images, labels))["loss"]
+    loss = distill.objective((images, labels, torch.arange(4)))["loss"]
     loss.backward()
     assert torch.isfinite(loss) and distill.backbone.model.conv1.weight.grad is not None
 
@@ -209,3 +213,21 @@ def test_bad_zoo_settings_are_refused_before_training(teacher_ckpt):  # noqa: F8
         make(path, "at", student_layers=[7], teacher_layers=[4])
     with pytest.raises(UserError, match="only ab, ft and fsp"):
         make(path, "at", init_steps=5)
+
+
+def test_terms_build_what_depends_on_the_data_at_setup_or_say_what_is_missing(teacher_ckpt):  # noqa: F811
+    from histodistill.methods.kd_zoo import TrainingData
+
+    path, _ = teacher_ckpt()
+    unknown = TrainingData(batch_size=lambda: None, num_samples=lambda: None)
+    known = TrainingData(batch_size=lambda: 8, num_samples=lambda: 12)
+    cases = (("semckd", lambda t: t.criterion.batch_size, "batch size.*batch_size"),
+             ("crd", lambda t: t.criterion.memory.num_data, "IndexedDataset.*num_samples"))
+    for feature, built, missing in cases:
+        distill = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=1.0, **STUDENT)
+        term = distill.feature_loss
+        assert term.criterion is None
+        with pytest.raises(UserError, match=missing):
+            term.setup(unknown)
+        term.setup(known)
+        assert built(term) == {"semckd": 8, "crd": 12}[feature]

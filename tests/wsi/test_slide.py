@@ -159,3 +159,21 @@ def test_unknown_mpp_of_a_pyramid_names_the_slide(tmp_path):
     path = write_pyramid_tiff(tmp_path / "nompp.tif", np.zeros((128, 128, 3), np.uint8), mpp=None, tile=64)
     with pytest.raises(UserError, match="nompp.tif: .*--mpp-override"):
         _ = open_slide(path).mpp
+
+
+def test_a_corrupt_jpeg_tile_is_an_error_naming_slide_and_region_and_the_slide_stays_readable(tmp_path):
+    from conftest import write_corrupt_slide
+    from histodistill.wsi.slide import UnreadableRegion
+
+    path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif")
+    slide = open_slide(path)
+    with pytest.raises(UnreadableRegion) as info:
+        slide.read_region((x, y), 0, (256, 256))
+    assert str(info.value).startswith(f"{path}: the 256 x 256 px region at level-0 ({x}, {y}), level 0, cannot be "
+                                      "read (Corrupt JPEG data")
+    # OpenSlide keeps an error for good; the handle was opened again, so the other tiles still read.
+    assert slide.read_region((0, 0), 0, (256, 256)).mean() < 250
+    # A whole-level read loses only the damaged block (as glass) and lists it.
+    image = slide.read_downsampled(1)
+    assert (image[y : y + 256, x : x + 256] == 255).all() and image[:256, :256].mean() < 250
+    assert [(d.location, d.level) for d in slide.unreadable] == [((x, y), 0)]

@@ -11,15 +11,16 @@ import pytest
 
 from conftest import make_tissue_image
 from histodistill.errors import UserError
+from histodistill.wsi.coords import read_coords
 from histodistill.wsi.tiff_writer import write_pyramid_tiff
 from histodistill.wsi.tiling import (
     OutputPaths,
     grid_coords,
     magnification_to_mpp,
-    read_coords,
     tile_slide,
     tissue_fractions,
 )
+from histodistill.wsi.tissue import TissueConfig
 
 
 def reference_coords(slide_size, boxes, patch0, stride0, min_tissue):
@@ -109,8 +110,11 @@ def test_finished_outputs_are_skipped_overwritten_or_refused(tiny_slide, tmp_pat
     stamp = paths.coords.stat().st_mtime_ns
     assert tile_slide(tiny_slide.path, out, patch_size=128).status == "skipped"
     assert paths.coords.stat().st_mtime_ns == stamp
-    with pytest.raises(UserError, match="tiny_slide.h5 was made with other settings.*--overwrite"):
+    with pytest.raises(UserError, match=r"tiny_slide.h5 was made with other settings: --patch-size 64 \(the tiles "
+                       r"there: 128\); its 10 tiles are kept: pass --overwrite"):
         tile_slide(tiny_slide.path, out, patch_size=64)
+    with pytest.raises(UserError, match=r"settings: --min-saturation 0.02 \(the tiles there: default\); its"):
+        tile_slide(tiny_slide.path, out, patch_size=128, tissue=TissueConfig(min_saturation=0.02))
     assert tile_slide(tiny_slide.path, out, patch_size=64, overwrite=True).n_tiles > 10
 
 

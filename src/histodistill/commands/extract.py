@@ -4,7 +4,8 @@ Slides: --coords DIR is a `histodistill tile` output (DIR/patches/*.h5), or a pa
 CLAM's create_patches_fp or TRIDENT (--slides SLIDE_DIR finds slides such coords do not name); writes
 OUT/features_<model>/<slide_id>.h5 (features (N, D) float32, coords (N, 2) int64) and
 OUT/features_<model>/extractor.json. <model> is a folder-safe slug of --model: "/" and ":" become "-",
-a checkpoint RUN/checkpoints/last.ckpt becomes RUN-last, an exported directory its name.
+a checkpoint RUN/checkpoints/last.ckpt becomes RUN-last, an exported directory its name; --random-init
+adds -random-init (features_resnet50-random-init), so random weights never take the pretrained folder name.
 Images: --images DIR (DIR/<class>/<image>) writes OUT/features_<model>/features.h5 with features,
 labels, paths and a `classes` attribute, for `histodistill probe`.
 Finished slides are skipped on a rerun (files are written atomically), so an interrupted run resumes.

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         data = load_patch_features(args.features or args.train, args.labels)
         test = load_patch_features(args.test) if args.test else None
         linear, record = None, None
+    print(_classes_line(data, args.labels or args.features or args.train or args.train_images))
     results = evaluate_probes(data, args.out, test=test, seeds=tuple(args.seeds), folds=args.folds, C=args.C,
                               k=args.k, temperature=args.temperature, linear_protocol=args.linear_protocol,
                               mae_options=mae_options, linear=linear, record=record)
@@ -83,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
         mean, std = results[name]["mean"], results[name]["std"]
         print(f"{name:6s} " + "  ".join(f"{m} {mean[m]:.3f}±{std[m]:.3f}" for m in sorted(mean)))
     return 0
+
+
+def _classes_line(data, source: str) -> str:
+    """Each class and its count, said before the probes train (`histodistill.data.labels.describe_classes`)."""
+    from histodistill.data.labels import describe_classes
+
+    unit = "slides" if data.groups is not None else "images"
+    return describe_classes([data.classes[i] for i in data.labels], unit, str(source))
 
 
 def _mae_options(args: argparse.Namespace) -> dict:
@@ -125,6 +134,7 @@ def _image_inputs(args: argparse.Namespace):
     """The eval-transform features of both folders, the augmented-image linear probe and what probe.json
     records; every input is checked (folders, then the model) before any image goes through the model."""
     from histodistill.commands.extract import default_workers
+    from histodistill.distributed import resolve_device
     from histodistill.errors import UserError
     from histodistill.eval.image_probe import (
         ImageProbeData,
@@ -133,7 +143,7 @@ def _image_inputs(args: argparse.Namespace):
         open_image_folders,
     )
     from histodistill.eval.probe import BATCH_SIZE
-    from histodistill.features.extract import resolve_device, seeded_backbone
+    from histodistill.models.backbones import seeded_backbone
 
     if not args.test_images:
         raise UserError("--train-images needs --test-images (a second image folder with the same classes)")

@@ -117,25 +117,78 @@ def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path,
 def _tile_one(job: dict):
     """Run `tile_slide` and turn any failure into a failed `TileResult` (runs in worker processes)."""
     from histodistill.errors import UserError
+    from histodistill.io import DiskFullError
     from histodistill.wsi.tiling import TileResult, tile_slide
 
     try:
         return tile_slide(**job)
+    except DiskFullError:
+        raise  # every later slide would fail too: the run stops with one line
     except Exception as error:
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         path = Path(job["slide_path"])
         return TileResult(path.stem, str(path), "failed", 0, 0.0, message)
 
 
-def run(args: argparse.Namespace) -> int:
+def refuse_other_settings(jobs: list[dict], out: Path) -> None:
+    """One `UserError` before any work when finished tiles in ``out`` were made with other settings, naming
+    only the settings that differ and the fix; the old tiles stay as they are."""
+    from histodistill.errors import UserError
+    from histodistill.wsi.tiling import earlier_tiling, tiling_settings
+
+    conflicts = []
+    for job in jobs:
+        settings = tiling_settings(job["target_mpp"], job["magnification"], job["patch_size"], job["overlap"],
+                                   job["min_tissue"], job["mpp_override"], job["tissue"])
+        status, differences = earlier_tiling(out, Path(job["slide_path"]).stem, settings)
+        if differences:
+            conflicts.append((status, differences))
+    if conflicts:
+        tiles = sum(int(status.get("n_tiles", 0)) for status, _ in conflicts)
+        raise UserError(
+            f"{out / 'patches'}: {len(conflicts)} of {len(jobs)} slides were tiled there with other settings "
+            f"({'; '.join(conflicts[0][1])}); their {tiles} tiles are kept: pass --overwrite to tile them again "
+            "with these settings, or choose another --out"
+        )
+
+
+def _tile_all(jobs: list[dict], workers: int, results: list, progress) -> None:
+    """Tile every job, appending to ``results`` in job order; ``workers`` processes when more than one."""
     import multiprocessing
-    import sys
     from concurrent.futures import ProcessPoolExecutor
+
+    if workers == 1:
+        for job in jobs:
+            results.append(_tile_one(job))
+            progress.update()
+        return
+    # spawn, not fork: a forked worker would inherit the parent's open slide handles and threads.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        for result in pool.map(_tile_one, jobs):
+            results.append(result)
+            progress.update()
+
+
+def space_needed(out: Path, slides: int) -> int | None:
+    """Bytes the tiling of ``slides`` slides needs in ``out``: the finished slides' coords, QC and status files
+    scaled to all of them (None before any slide is finished)."""
+    done = list((out / "status").glob("*.json"))
+    if not done:
+        return None
+    written = sum(p.stat().st_size for folder in ("patches", "qc", "status") for p in (out / folder).glob("*")
+                  if p.is_file())
+    return round(written / len(done) * slides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
 
     from tqdm import tqdm
 
     from histodistill.distributed import this_process
     from histodistill.errors import UserError
+    from histodistill.io import reporting_full_disk
     from histodistill.wsi.tissue import TissueConfig
 
     if args.workers < 1:
@@ -153,20 +206,15 @@ def run(args: argparse.Namespace) -> int:
              overwrite=args.overwrite, magnification=args.magnification)
         for path, mpp in share.select(slides)
     ]
+    if not args.overwrite:
+        refuse_other_settings(jobs, Path(args.out))
     progress = tqdm(total=len(jobs), desc="tile", unit="slide", disable=len(jobs) < 2)
     results = []
-    if args.workers == 1:
-        for job in jobs:
-            results.append(_tile_one(job))
-            progress.update()
-    else:
-        # spawn, not fork: a forked worker would inherit the parent's open slide handles and threads.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(args.workers, len(jobs)), mp_context=context) as pool:
-            for result in pool.map(_tile_one, jobs):
-                results.append(result)
-                progress.update()
-    progress.close()
+    with reporting_full_disk(args.out, lambda: space_needed(Path(args.out), len(jobs))):
+        try:
+            _tile_all(jobs, args.workers, results, progress)
+        finally:
+            progress.close()  # before any error line, which would otherwise follow the bar on its line
 
     if len(results) == 1 and results[0].status == "failed" and Path(args.source).suffix.lower() != ".csv":
         # One slide named on the command line that cannot be tiled is bad input, not a partial batch.

@@ -24,6 +24,7 @@ from histodistill.data.feature_files import (
     open_feature_folder,
     shown,
 )
+from histodistill.data.labels import class_order, clean_labels, describe_classes
 from histodistill.data.table import read_table
 from histodistill.errors import UserError
 
@@ -49,15 +50,17 @@ class Bag:
 
 def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
     """Rows of a ``case_id,slide_id,label`` CSV (`histodistill.data.table.read_table`: BOM, ``;`` or tab,
-    spaces, CRLF); a `UserError` names the file when it is malformed."""
+    spaces, CRLF), labels in one spelling per class (`histodistill.data.labels.clean_labels`: missing ones
+    and case-only differences refused, ``1.0`` read as ``1``); a `UserError` names the file when it is malformed."""
     table = read_table(path, "labels CSV (--labels)", LABEL_COLUMNS)
-    rows = [SlideLabel(r["case_id"], r["slide_id"], r["label"]) for r in table.rows]
-    if not rows:
+    if not table.rows:
         raise UserError(f"labels CSV {path} has no rows")
+    labels = clean_labels([r["label"] for r in table.rows], table.lines, f"labels CSV {path}")
+    rows = [SlideLabel(r["case_id"], r["slide_id"], label) for r, label in zip(table.rows, labels, strict=True)]
     seen: set[str] = set()
-    for row in rows:
-        if not row.slide_id or not row.label:
-            raise UserError(f"labels CSV {path}: a row has an empty slide_id or label ({row})")
+    for row, line in zip(rows, table.lines, strict=True):
+        if not row.slide_id:
+            raise UserError(f"labels CSV {path}: line {line} has an empty slide_id ({row})")
         if row.slide_id in seen:
             raise UserError(f"labels CSV {path}: slide_id {row.slide_id!r} appears twice; list each slide once")
         seen.add(row.slide_id)
@@ -65,12 +68,14 @@ def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
 
 
 def class_names(rows: list[SlideLabel]) -> list[str]:
-    """Sorted distinct labels (numerically when all are integers), so label ``1`` / ``positive``
-    / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is the positive class."""
-    labels = {row.label for row in rows}
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
+    """Sorted distinct labels (`histodistill.data.labels.class_order`: numerically when all are numbers), so
+    label ``1`` / ``positive`` / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is the positive class."""
+    return class_order([row.label for row in rows])
+
+
+def describe_labels(rows: list[SlideLabel], path: str | os.PathLike) -> str:
+    """The line printed before training on ``rows``: each class with its number of slides."""
+    return describe_classes([row.label for row in rows], "slides", str(path))
 
 
 def make_bags(rows: list[SlideLabel], classes: list[str], by_case: bool = False) -> list[Bag]:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from histodistill.data.labels import canonical, class_order, clean_labels
 from histodistill.data.table import read_table
 from histodistill.errors import UserError
 from histodistill.io import is_hidden_or_temporary
@@ -34,13 +35,6 @@ def read_image(path: Path) -> torch.Tensor:
     except (OSError, UnidentifiedImageError) as error:
         raise UserError(f"cannot read image {path}: {error}. Remove or replace the file.") from error
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
-
-
-def _sorted_labels(labels: set[str]) -> list[str]:
-    """Class names in a stable order: numerically when every label is an integer, else alphabetically."""
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
 
 
 class _ImageFiles(Dataset):
@@ -66,8 +60,11 @@ class ImageFolderDataset(_ImageFiles):
         self.transform = transform
         if not self.root.is_dir():
             what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            # The tiny recipes read the nuclei task at demo_out/data/nuclei/{train,test}: say what writes it.
+            maker = (f"; `histodistill samples make-nuclei --out {self.root.parent}` writes the sample nuclei task "
+                     "there" if self.root.name in ("train", "test") and not self.root.exists() else "")
             raise UserError(f"image folder {self.root} {what}: pass a folder with one subfolder per class "
-                            "(root/<class>/<image>)")
+                            f"(root/<class>/<image>){maker}")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not is_hidden_or_temporary(p))
         if not self.classes:
             raise UserError(f"image folder {self.root} has no class subfolders (expected root/<class>/<image>)")
@@ -103,7 +100,7 @@ class CsvDataset(_ImageFiles):
         root = Path(root) if root is not None else self.csv_path.parent
         rows = self._read_rows()
         labels = {row["label"] for row in rows}
-        self.classes = list(classes) if classes is not None else _sorted_labels(labels)
+        self.classes = [canonical(c) for c in classes] if classes is not None else class_order(labels)
         unknown = sorted(labels - set(self.classes))
         if unknown:
             raise UserError(f"{self.csv_path}: labels {unknown} are not in classes {self.classes}; "
@@ -116,10 +113,11 @@ class CsvDataset(_ImageFiles):
         self.samples = [(root / row["path"], index[row["label"]]) for row in rows]
 
     def _read_rows(self) -> list[dict[str, str]]:
-        rows = read_table(self.csv_path, "CSV manifest", ("path", "label")).rows
-        if not rows:
+        table = read_table(self.csv_path, "CSV manifest", ("path", "label"))
+        if not table.rows:
             raise UserError(f"CSV manifest {self.csv_path} has no rows")
-        return rows
+        labels = clean_labels([row["label"] for row in table.rows], table.lines, f"CSV manifest {self.csv_path}")
+        return [{**row, "label": label} for row, label in zip(table.rows, labels, strict=True)]
 
 
 class HDF5ArrayDataset(Dataset):

@@ -1,4 +1,10 @@
-"""One reader for folders of per-slide tile features: ours, CLAM's and TRIDENT's, checked up front.
+"""The features file format's one owner: its names, writing, reading and checks; and one reader for folders of
+per-slide tile features, ours, CLAM's and TRIDENT's, checked up front.
+
+Our files (`write_slide_features`): ``<out>/features_<model>/<slide_id>.h5`` with datasets ``features`` (N, D)
+float32 and ``coords`` (N, 2) int64, level-0 top-left (x, y), the tiling's attributes on ``coords`` (where
+TRIDENT's slide encoders read them) and the slide's on the file; ``extractor.json`` beside them. Patch
+folders: one ``features.h5`` (`write_patch_features`). Every write is atomic (`histodistill.io.atomic_hdf5`).
 
 Layouts found from the folder a user passes (``--features``):
 
@@ -11,27 +17,52 @@ Layouts found from the folder a user passes (``--features``):
   because it has the coords that attention files and heatmaps need. CLAM appends to the ``.h5`` batch
   by batch and writes the ``.pt`` last, so an ``.h5`` without its ``.pt`` is a slide CLAM did not finish.
 
-Every problem a run would meet later is found before any work starts and reported in one `UserError`
-that names each file: unreadable or truncated files, missing datasets, ``features``/``coords`` row
-counts that differ, a feature dimension that differs from the others, non-finite rows. Hidden and
-temporary files (a killed run's ``.s1.k3j2h1.tmp.h5``) are never read (`histodistill.io.visible_files`).
+Every problem a run would meet later is found before any work starts and reported in one `UserError` that
+names each file: unreadable or truncated files, missing datasets, ``features``/``coords`` row counts that
+differ, a feature dimension that differs from the others, non-finite rows. Hidden and temporary files (a
+killed run's ``.s1.k3j2h1.tmp.h5``) are never read (`histodistill.io.visible_files`).
+
+Before a rerun of `extract` skips a slide (`is_finished`), its file must open and have as many ``features``
+rows as its coords file has tiles, in the extractor's dimension; anything else (a file cut short by a full
+disk, one copied half-way, one left by an older tiling) is redone, with a line saying why. Only shapes are
+read, so a rerun over thousands of slides starts at once. A model that gives non-finite features stops the run
+before they are written (`require_finite`): writing them would break every later step.
+
+Unreadable tiles (a corrupt JPEG tile in an SVS, a damaged file). Real archives hold slides with a few
+undecodable tiles. Stopping a 10,000-slide run for one would leave the user no way forward; dropping the tile
+unsaid would be a silent wrong result. So `extract` leaves such a tile out of the features file, says so in
+one ``warning:`` line per slide (slide, count, coords), and records it twice: the features file's
+``unreadable_tiles`` attribute (its count; the file then holds that many rows fewer than the coords file,
+which the rerun check allows for) and ``unreadable_tiles.csv`` beside the features files (``slide_id,x,y``,
+level-0 top-left), one row per tile, every slide of the folder (`record_unreadable`).
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import pickle
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from histodistill.errors import UserError
-from histodistill.io import visible_files
+from histodistill.io import atomic_hdf5, atomic_path, visible_files
 
+FEATURES = "features"  # dataset (N, D) float32
+COORDS = "coords"  # dataset (N, 2) int64, level-0 top-left (x, y); the tiling's attributes are on it
+EXTRACTOR_JSON = "extractor.json"  # beside the features files: which network, weights and preprocessing
+PATCH_FEATURES = "features.h5"  # an image folder's features: FEATURES, ``labels``, ``paths``, attr ``classes``
+# A features file's count of the tiles of its coords file the slide file could not give (module docstring).
+UNREADABLE_ATTR = "unreadable_tiles"
+UNREADABLE_CSV = "unreadable_tiles.csv"  # slide_id,x,y of every tile left out as unreadable, beside the files
 FEATURE_SUFFIXES = (".h5", ".pt")
 SHOWN = 5  # names listed in one message before "and N more"
 
@@ -121,11 +152,11 @@ def read_slide_features(path: str | os.PathLike) -> SlideFeatures:
         return _read_pt(path)
     try:
         with h5py.File(path, "r") as handle:
-            if "features" not in handle:
+            if FEATURES not in handle:
                 raise UserError(f"{path} has no `features` dataset (it has {sorted(handle)}): not a features file")
-            features = np.asarray(handle["features"][:], dtype=np.float32)
-            coords = np.asarray(handle["coords"][:]).astype(np.int64) if "coords" in handle else None
-            attrs = dict(handle.attrs) | (dict(handle["coords"].attrs) if "coords" in handle else {})
+            features = np.asarray(handle[FEATURES][:], dtype=np.float32)
+            coords = np.asarray(handle[COORDS][:]).astype(np.int64) if COORDS in handle else None
+            attrs = dict(handle.attrs) | (dict(handle[COORDS].attrs) if COORDS in handle else {})
     except (OSError, KeyError, ValueError, TypeError) as error:
         # h5py raises OSError for truncated or non-HDF5 files, KeyError/ValueError for damaged objects.
         raise UserError(f"{path} cannot be read ({type(error).__name__}: {error}); it is truncated or not a "
@@ -174,10 +205,10 @@ def problems_of(path: Path, rows: int | None = None, dim: int | None = None) -> 
     """
     try:
         with h5py.File(path, "r") as handle:
-            if "features" not in handle:
+            if FEATURES not in handle:
                 return f"{path} has no `features` dataset"
-            shape = handle["features"].shape
-            coords_rows = handle["coords"].shape[0] if "coords" in handle else shape[0]
+            shape = handle[FEATURES].shape
+            coords_rows = handle[COORDS].shape[0] if COORDS in handle else shape[0]
     except (OSError, KeyError, ValueError) as error:
         return f"{path} cannot be read ({type(error).__name__}: {error})"
     if len(shape) != 2 or coords_rows != shape[0]:
@@ -187,6 +218,93 @@ def problems_of(path: Path, rows: int | None = None, dim: int | None = None) -> 
     if dim is not None and shape[0] and shape[1] != dim:
         return f"{path} has dimension {shape[1]}, the extractor gives {dim}"
     return None
+
+
+def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any],
+                         coords_attrs: dict[str, Any] | None = None) -> None:
+    """``features`` (N, D) float32 and ``coords`` (N, 2) int64, written atomically; ``coords_attrs`` (the
+    tiling: patch_size_level0, ...) go on the ``coords`` dataset, where TRIDENT's slide encoders read them."""
+    with atomic_hdf5(path) as handle:
+        handle.create_dataset(FEATURES, data=features.astype(np.float32))
+        # track_order keeps the attributes in the order given, patch_size_level0 first.
+        handle.create_dataset(COORDS, data=coords.astype(np.int64), track_order=True)
+        handle[COORDS].attrs.update(coords_attrs or {})
+        for key, value in attrs.items():
+            handle.attrs[key] = value
+
+
+def write_patch_features(path: Path, features: np.ndarray, labels: np.ndarray, paths: list[str],
+                         attrs: dict[str, Any]) -> None:
+    """An image folder's ``features`` (N, D) float32, ``labels`` (N,) int64 and ``paths`` (N,) (relative to its
+    root), written atomically with ``attrs`` (``classes``, ``extractor``, ``weights_sha256``) on the file."""
+    with atomic_hdf5(path) as handle:
+        handle.create_dataset(FEATURES, data=features.astype(np.float32))
+        handle.create_dataset("labels", data=labels.astype(np.int64))
+        handle.create_dataset("paths", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
+        for key, value in attrs.items():
+            handle.attrs[key] = value
+
+
+def coords_rows(coords_path: Path) -> int | None:
+    """Tiles in a coords file (None when it cannot be read: the tiling step reports that itself)."""
+    try:
+        with h5py.File(coords_path, "r") as handle:
+            return int(handle[COORDS].shape[0])
+    except (OSError, KeyError):
+        return None
+
+
+def unreadable_count(features_path: Path) -> int:
+    """The tiles a features file leaves out as unreadable (0 when it says none or cannot be read)."""
+    try:
+        with h5py.File(features_path, "r") as handle:
+            return int(handle.attrs.get(UNREADABLE_ATTR, 0))
+    except OSError:
+        return 0
+
+
+def record_unreadable(features_dir: Path, slide_id: str, coords: np.ndarray, tiles: int) -> None:
+    """Replace ``slide_id``'s rows of ``unreadable_tiles.csv`` with ``coords`` (U, 2) and say so on stderr."""
+    path = features_dir / UNREADABLE_CSV
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if row["slide_id"] != slide_id]
+    rows += [{"slide_id": slide_id, "x": int(x), "y": int(y)} for x, y in coords]
+    if not rows and not path.is_file():
+        return
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ("slide_id", "x", "y"))
+        writer.writeheader()
+        writer.writerows(rows)
+    if len(coords):
+        listed = ", ".join(f"({x}, {y})" for x, y in coords[:5]) + (", ..." if len(coords) > 5 else "")
+        # tqdm.write keeps the line off the progress bars.
+        tqdm.write(f"warning: slide {slide_id}: {len(coords)} of {tiles} tiles cannot be read from the slide file "
+                   f"(corrupt or damaged) and are left out of its features: {listed}; listed in {path}", file=sys.stderr)
+
+
+def is_finished(target: Path, coords_path: Path, dim: int) -> bool:
+    """True when ``target`` is a complete features file for ``coords_path``; prints why it is redone otherwise."""
+    if not target.exists():
+        return False
+    rows = coords_rows(coords_path)
+    if rows is not None:  # tiles the slide file could not give are left out, and counted (`unreadable_count`)
+        rows -= unreadable_count(target)
+    problem = problems_of(target, rows=rows, dim=dim)
+    if problem is not None:
+        print(f"redoing {target.name}: {problem}")
+    return problem is None
+
+
+def require_finite(features: np.ndarray, source: str, model: str) -> None:
+    """Stop with a `UserError` naming ``source`` (``slide s1``) when ``features`` (N, D) hold a NaN or an infinity."""
+    if bad := non_finite_rows(features):
+        raise UserError(
+            f"--model {model} gave non-finite features (NaN or inf) for {bad} of {len(features)} images of "
+            f"{source}; nothing was written for it. Check the weights (a diverged checkpoint gives NaN), or "
+            "try --precision 32"
+        )
 
 
 def load_slides(folder: FeatureFolder, slide_ids: Iterable[str]) -> dict[str, SlideFeatures]:

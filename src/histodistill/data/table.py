@@ -25,6 +25,7 @@ class Table:
     header: list[str]
     rows: list[dict[str, str]]
     delimiter: str
+    lines: list[int]  # the line each row ends on in the file, 1-based, for messages
 
     def how_read(self) -> str:
         """``read as comma-separated with header ['case_id', 'slide_id']``: for messages about the header."""
@@ -60,9 +61,11 @@ def read_table(path: str | os.PathLike, what: str, required: tuple[str, ...] = (
     delimiter = sniff_delimiter(first)
     # newline="": the csv module itself handles CRLF, also inside quoted fields.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
-    records = [[cell.strip() for cell in record] for record in reader if any(cell.strip() for cell in record)]
-    header, body = records[0], records[1:]
-    table = Table(path, header, [dict(zip(header, record, strict=False)) for record in body], delimiter)
+    records = [([cell.strip() for cell in record], reader.line_num) for record in reader
+               if any(cell.strip() for cell in record)]
+    header, body = records[0][0], records[1:]
+    table = Table(path, header, [dict(zip(header, record, strict=False)) for record, _ in body], delimiter,
+                  [line for _, line in body])
     missing = [c for c in required if c not in header]
     if missing:
         raise UserError(f"{what} {path} lacks column(s) {missing} ({table.how_read()}): its header must include "

@@ -13,7 +13,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from histodistill.data.feature_files import COORDS, FEATURES, UNREADABLE_ATTR
 from histodistill.errors import UserError
+from histodistill.wsi.slide import UnreadableRegion
 
 
 class TeacherFeatures:
@@ -24,14 +26,16 @@ class TeacherFeatures:
         self.path = Path(path)
         self._features: h5py.Dataset | None = None
         self._row: dict[tuple[int, int], int] = {}
+        self._attrs: dict = {}
 
     def _open(self) -> h5py.Dataset:
         if self._features is None:
             if not self.path.is_file():
                 raise UserError(f"teacher cache file {self.path} is missing: set data.rebuild_cache: true")
             handle = h5py.File(self.path, "r")
-            self._row = {(int(x), int(y)): i for i, (x, y) in enumerate(handle["coords"][:])}
-            self._features = handle["features"]
+            self._row = {(int(x), int(y)): i for i, (x, y) in enumerate(handle[COORDS][:])}
+            self._features = handle[FEATURES]
+            self._attrs = {**handle[COORDS].attrs, **handle.attrs}
         return self._features
 
     @property
@@ -39,11 +43,18 @@ class TeacherFeatures:
         return int(self._open().shape[1])
 
     def lookup(self, cell_coords: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """(S, 2) cell top-lefts + (S,) valid -> (S, D) float32 teacher features, zeros where not valid."""
+        """(S, 2) cell top-lefts + (S,) valid -> (S, D) float32 teacher features, zeros where not valid.
+
+        A valid cell without a feature is `UnreadableRegion` when the file records tiles its slide file could not
+        give (`extract` left them out), else a `UserError`: the cache was computed from another tiling."""
         features = self._open()
         out = np.zeros((len(cell_coords), features.shape[1]), np.float32)
         wanted = [(k, (int(x), int(y))) for k, ((x, y), ok) in enumerate(zip(cell_coords, valid, strict=True)) if ok]
         missing = [xy for _, xy in wanted if xy not in self._row]
+        if missing and self._attrs.get(UNREADABLE_ATTR, 0):
+            side = int(round(float(self._attrs.get("patch_size_level0", 0))))
+            raise UnreadableRegion(Path(str(self._attrs.get("slide_path", self.path))), missing[0], 0, (side, side),
+                                   f"left out of the teacher cache {self.path} as unreadable")
         if missing:
             raise UserError(
                 f"teacher cache {self.path} has no feature for tile(s) {missing[:3]}: it was computed from a "

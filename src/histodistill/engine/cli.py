@@ -22,7 +22,7 @@ from histodistill.engine.callbacks import AtomicCheckpointIO
 from histodistill.engine.console import drop_lightning_adverts, expected_warnings_silenced
 from histodistill.engine.run_dir import check_run_dir, default_callbacks, default_loggers, default_run_dir
 from histodistill.errors import UserError
-from histodistill.io import atomic_path
+from histodistill.io import atomic_path, reporting_full_disk
 from histodistill.methods.base import MethodModule
 
 # Our own flags: not Trainer or model arguments, so left out of the saved config.
@@ -120,11 +120,20 @@ def fit_main(argv: list[str]) -> int:
             raise UserError(f"--config {' '.join(configs)}: not a YAML text file (UTF-8); pass a recipe such as "
                             "configs/supervised/tiny_cpu.yaml") from None
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    with expected_warnings_silenced(model):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
-    if getattr(datamodule, "datasets", {}).get("test") is not None:
-        trainer.test(model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer))
+    resume = "add --resume to continue from checkpoints/last.ckpt (or --overwrite to start again if there is none)"
+    with reporting_full_disk(trainer.default_root_dir, lambda: checkpoint_space(model), resume):
+        with expected_warnings_silenced(model):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
+        if getattr(datamodule, "datasets", {}).get("test") is not None:
+            trainer.test(model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer))
     return 0
+
+
+def checkpoint_space(model: L.LightningModule) -> int:
+    """Bytes the run's checkpoints need, an estimate: last.ckpt holds the weights and about two optimiser
+    states as large (Adam's moments), each best-<name>.ckpt the weights alone (`default_callbacks`)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return weights * (3 + len(getattr(model, "checkpoint_monitors", {})))
 
 
 def _user_error_in(error: BaseException) -> UserError | None:

@@ -7,7 +7,7 @@
   metrics.json                  final and best metrics at the end (RunSummary)
   tensorboard/                  TensorBoard events
   checkpoints/last.ckpt         end of the latest epoch: what --resume continues from
-  checkpoints/best-<name>.ckpt  best value of each metric the method monitors
+  checkpoints/best-<name>.ckpt  best value of each metric the method monitors: weights only (no optimiser state)
   figures/                      PNGs written by the method (confusion matrices, ...)
 ```
 """
@@ -62,7 +62,7 @@ def default_loggers(run_dir: str | os.PathLike) -> list:
 
 
 def default_callbacks(model: L.LightningModule, run_dir: str | os.PathLike) -> list[L.Callback]:
-    """last.ckpt every epoch, best-<name>.ckpt for each of the method's ``checkpoint_monitors``
+    """last.ckpt every epoch, best-<name>.ckpt (weights only) for each of the method's ``checkpoint_monitors``
     (``{name: (metric, "max" | "min")}``), per-step reseeding, the learning rate, metrics.json."""
     directory = Path(run_dir) / "checkpoints"
     # enable_version_counter=False: --overwrite replaces files instead of adding "-v1" copies.
@@ -80,6 +80,10 @@ def default_callbacks(model: L.LightningModule, run_dir: str | os.PathLike) -> l
                 save_top_k=1,
                 auto_insert_metric_name=False,
                 enable_version_counter=False,
+                # What a best checkpoint is for (a teacher, extraction, export, testing) needs the weights and
+                # our backbone record, not the optimiser state that doubles or triples its size; resuming
+                # uses last.ckpt.
+                save_weights_only=True,
             )
         )
     callbacks += [StepReseed(), LearningRateMonitor(logging_interval="step"), RunSummary(run_dir)]

@@ -4,12 +4,14 @@ A MIL run (`histodistill mil`) leaves ``attention/<slide_id>.h5`` with each tile
 ``coords`` (N, 2) and ``scores`` (N,). Here every tile becomes a box on the thumbnail, at thumbnail
 scale (level-0 px / downsample), filled with its colour; the thumbnail shows through (``alpha``).
 Colours follow the score's rank among the slide's tiles (``scale="rank"``, robust to the peaked
-softmax of attention) or its value (``scale="value"``).
+softmax of attention) or its value (``scale="value"``). Regions the slide file cannot give (a corrupt
+JPEG tile) are drawn `MISSING` grey, on the thumbnail and in the montage, and named in one warning per slide.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +28,7 @@ from histodistill.io import atomic_path  # noqa: E402
 
 MAX_WIDTH_PX = 1600  # figures are sized for a screen
 DPI = 100
+MISSING = (128, 128, 128)  # pixels the slide file cannot give: neither tissue nor glass
 Scale = Literal["rank", "value"]
 
 
@@ -149,14 +152,20 @@ def slide_heatmap(
     through the features file), else the coords' grid step; never the slide's metadata, which may be
     the very thing `tile --mpp-override` corrected.
     """
-    from histodistill.wsi.slide import open_slide
+    from histodistill.wsi.slide import UnreadableRegion, open_slide
 
     coords, scores, attrs = read_attention(attention_path)
     slide = open_slide(slide_path)
     slide_id = Path(attention_path).stem
     patch0 = int(attrs["patch_size_level0"]) if "patch_size_level0" in attrs else infer_patch_size_level0(coords)
-    thumbnail = slide.get_thumbnail(thumbnail_size)
+    slide.unreadable.clear()  # the slide is cached per process: only this figure's reads
+    thumbnail = slide.get_thumbnail(thumbnail_size).copy()
     downsample = slide.dimensions[0] / thumbnail.shape[1]
+    for damage in slide.unreadable:  # read as glass by `get_thumbnail`; drawn as missing instead
+        (x, y), scale = damage.location, slide.level_downsamples[damage.level] / downsample
+        x0, y0 = int(x / downsample), int(y / downsample)
+        thumbnail[y0 : y0 + max(1, round(damage.size[1] * scale)), x0 : x0 + max(1, round(damage.size[0] * scale))] = MISSING
+    damaged = list(slide.unreadable)
     values = rank_scale(scores) if scale == "rank" else scores
     raster = score_raster(thumbnail.shape[:2], coords, values, patch0, downsample)
     # The class name where the run wrote one (older runs: the class index).
@@ -168,12 +177,24 @@ def slide_heatmap(
     order = np.argsort(-scores, kind="stable")
     k = min(top_k, len(order) // 2 or 1)
 
-    def tiles(indices) -> list[np.ndarray]:
-        return [np.asarray(Image.fromarray(slide.read_region(tuple(coords[i]), 0, (patch0, patch0))).resize((tile_px, tile_px)))
-                for i in indices]
+    def tile(index: int) -> np.ndarray:
+        try:
+            pixels = slide.read_region(tuple(coords[index]), 0, (patch0, patch0))
+        except UnreadableRegion as damage:
+            damaged.append(damage)
+            return np.full((tile_px, tile_px, 3), MISSING, np.uint8)
+        return np.asarray(Image.fromarray(pixels).resize((tile_px, tile_px)))
 
     top, bottom = order[:k], order[::-1][:k]
-    draw_montage(montage_path, tiles(top), tiles(bottom), scores[top], scores[bottom], f"{slide_id}: top and bottom {k} tiles")
+    draw_montage(montage_path, [tile(i) for i in top], [tile(i) for i in bottom], scores[top], scores[bottom],
+                 f"{slide_id}: top and bottom {k} tiles")
+    if damaged:
+        from tqdm import tqdm
+
+        (x, y), regions = damaged[0].location, len({(d.location, d.level) for d in damaged})
+        tqdm.write(f"warning: slide {slide_id}: {regions} region(s) of {slide.path} cannot be read (corrupt or "
+                   f"damaged; first: level-0 ({x}, {y}): {damaged[0].reason}); drawn grey (missing) in "
+                   f"{heatmap_path.name} and {montage_path.name}", file=sys.stderr)
     return heatmap_path, montage_path
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from histodistill.data.datamodule import SeededAugmentation
 from histodistill.data.datasets import ImageFolderDataset
+from histodistill.data.feature_files import require_finite
 from histodistill.data.transforms import build_transform
 from histodistill.errors import UserError
 from histodistill.eval.probe import (
@@ -41,7 +42,6 @@ from histodistill.eval.probe import (
     train_mae_head,
 )
 from histodistill.features.extract import extract_features, prepare_model
-from histodistill.features.output_check import require_finite
 from histodistill.models.backbones import Backbone
 
 

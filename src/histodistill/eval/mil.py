@@ -5,8 +5,8 @@ hundred in-memory bags of different lengths, early-stops on a validation metric 
 every fold; the loop is shorter than the Trainer set-up it would replace, and starts instantly on a
 CPU. It keeps `fit`'s run-directory conventions (`histodistill.eval.mil_cv` writes it).
 
-Per fold: AdamW with weight decay (no decay on biases, norms and tokens, `engine.optim`), the model's
-own objective (``model.loss``: bag cross-entropy, plus CLAM's instance loss), ``epochs`` epochs with the
+Per fold: AdamW with weight decay (no decay on biases, norms and tokens, `histodistill.optim.optimizer`),
+the model's own objective (``model.loss``: bag cross-entropy, plus CLAM's instance loss), ``epochs`` epochs with the
 last kept, or (``early_stop``) the best epoch by validation loss or AUROC kept, stopping after
 ``patience`` epochs without improvement. `histodistill.eval.mil_cv` runs the folds.
 """
@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from histodistill.data.bags import BagDataset, collate_bags
 from histodistill.data.splits import Split
+from histodistill.distributed import resolve_device
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics, ovr_auroc
 from histodistill.eval.mil_config import TrainConfig
-from histodistill.features.extract import resolve_device
 from histodistill.models.mil import Standardized, create_mil
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
 

@@ -128,6 +128,7 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
     from histodistill.data.bags import (
         BagDataset,
         class_names,
+        describe_labels,
         empty_bags,
         empty_bags_error,
         make_bags,
@@ -154,6 +155,7 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
         rows = [r for r in rows if r.slide_id not in dropped]
         log(f"`drop_empty`: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
     classes = class_names(rows)
+    log(describe_labels(rows, labels))  # each class and its count, before training
     if len(classes) < 2:
         raise UserError(f"labels {labels} have a single label {classes}: MIL needs at least two classes")
     dataset = BagDataset(folder, make_bags(rows, classes, by_case=config.by_case), slides)

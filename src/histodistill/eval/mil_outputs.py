@@ -17,7 +17,6 @@ import json
 import os
 from pathlib import Path
 
-import h5py
 import matplotlib
 
 matplotlib.use("Agg")  # figures go to files; never open a window
@@ -30,7 +29,7 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 from histodistill.data.bags import BagDataset  # noqa: E402
 from histodistill.errors import UserError  # noqa: E402
 from histodistill.eval.mil import FoldResult  # noqa: E402
-from histodistill.io import atomic_path, write_json  # noqa: E402
+from histodistill.io import atomic_hdf5, atomic_path, write_json  # noqa: E402
 from histodistill.models.mil import create_mil  # noqa: E402
 
 MODEL_JSON = "model.json"
@@ -113,7 +112,7 @@ def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult
                     without_coords.append(slide_id)
                     continue
                 rows = (item["slide_index"] == s).numpy()
-                with atomic_path(run_dir / "attention" / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as out:
+                with atomic_hdf5(run_dir / "attention" / f"{slide_id}.h5") as out:
                     out["coords"] = item["coords"].numpy()[rows]  # (N_slide, 2) level-0 top-left
                     out["scores"] = scores[rows].astype(np.float32)  # (N_slide,)
                     out.attrs.update({k: v for k, v in dataset.attrs[slide_id].items() if np.isscalar(v)})

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from histodistill.data.bags import BagDataset
 from histodistill.data.splits import Split
+from histodistill.distributed import resolve_device
 from histodistill.eval.metrics import ovr_auroc
 from histodistill.eval.mil import (
     FoldResult,
@@ -50,7 +51,6 @@ from histodistill.eval.mil import (
     split_indices,
 )
 from histodistill.eval.mil_config import TrainConfig
-from histodistill.features.extract import resolve_device
 from histodistill.models.mil import MILOutput
 from histodistill.models.mil_stacked import NotStackable, set_dropout, stack_mil, unstack_state
 from histodistill.optim.optimizer import OptimConfig, build_optimizer

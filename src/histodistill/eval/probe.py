@@ -30,11 +30,18 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from histodistill.data.bags import class_names, read_labels
-from histodistill.data.feature_files import load_slides, non_finite_rows, open_feature_folder, shown
+from histodistill.data.feature_files import (
+    FEATURES,
+    PATCH_FEATURES,
+    load_slides,
+    non_finite_rows,
+    open_feature_folder,
+    shown,
+)
+from histodistill.data.labels import class_order, clean_labels
 from histodistill.data.table import read_table
 from histodistill.errors import UserError
 from histodistill.eval.metrics import classification_metrics
-from histodistill.features.extract import PATCH_FEATURES
 from histodistill.optim.optimizer import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -231,10 +238,10 @@ def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike |
         raise UserError(f"{path} does not exist; make it with `histodistill extract --images DIR --out OUT`")
     try:
         with h5py.File(path) as handle:
-            missing = {"features", "labels"} - set(handle)
+            missing = {FEATURES, "labels"} - set(handle)
             if missing:
                 raise UserError(f"{path} has no {sorted(missing)} datasets: not a patch features file from `extract --images`")
-            features = handle["features"][:].astype(np.float32)
+            features = handle[FEATURES][:].astype(np.float32)
             labels = handle["labels"][:].astype(np.int64)
             paths = handle["paths"].asstr()[:] if "paths" in handle else np.arange(len(labels)).astype(str)
             classes = [str(c) for c in handle.attrs.get("classes", [str(i) for i in range(labels.max() + 1)])]
@@ -245,16 +252,18 @@ def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike |
         raise UserError(f"{path} has {bad} non-finite rows (NaN or inf) of {len(features)}: extract it again")
     if labels_csv is None:
         return PatchFeatures(features, labels, np.asarray(paths), classes)
-    rows = read_table(labels_csv, "--labels CSV", ("path", "label")).rows
+    table = read_table(labels_csv, "--labels CSV", ("path", "label"))
+    rows = table.rows
     if not rows:
         raise UserError(f"--labels {labels_csv}: expected a CSV with columns path,label and at least one row")
+    row_labels = clean_labels([row["label"] for row in rows], table.lines, f"--labels {labels_csv}")
     position = {p: i for i, p in enumerate(paths)}
     unknown = [row["path"] for row in rows if row["path"] not in position]
     if unknown:
         raise UserError(f"--labels {labels_csv}: {len(unknown)} paths are not in {path}, e.g. {unknown[:3]}")
-    classes = sorted({row["label"] for row in rows})
+    classes = class_order(row_labels)
     keep = np.array([position[row["path"]] for row in rows])
-    new_labels = np.array([classes.index(row["label"]) for row in rows], dtype=np.int64)
+    new_labels = np.array([classes.index(label) for label in row_labels], dtype=np.int64)
     return PatchFeatures(features[keep], new_labels, np.asarray(paths)[keep], classes)
 
 

@@ -3,7 +3,8 @@
 A slide task that this extractor solves leaks a colour shortcut (scanner, stain batch, source image);
 a model that beats it on a task where it sits at chance has learned more than colour. It writes the
 same files as `extract_slides` (``features`` (N, 6) float32, ``coords`` (N, 2), the tiling attrs),
-so every downstream command reads it unchanged.
+so every downstream command reads it unchanged. Tiles the slide file cannot give are left out, named and
+recorded as `extract` does (`histodistill.data.feature_files.record_unreadable`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from histodistill.data.feature_files import (
+    EXTRACTOR_JSON,
+    UNREADABLE_ATTR,
+    record_unreadable,
+    write_slide_features,
+)
 from histodistill.data.slide_dataset import SlideTileDataset
-from histodistill.features.extract import EXTRACTOR_JSON, write_slide_features
+from histodistill.features.extract import extract_slide
 from histodistill.io import write_json
 from histodistill.samples.stain_norm import TISSUE_LIGHTNESS, lab_stats
 from histodistill.wsi.coords import coords_files
@@ -32,11 +40,17 @@ def colour_features(coords_dir: str | os.PathLike, out_dir: str | os.PathLike) -
         target = features_dir / f"{coords_path.stem}.h5"
         if target.exists():
             continue
-        tiles = SlideTileDataset(coords_path)  # (3, H, W) uint8 tensors at the tiling's mpp
-        features = np.stack([
-            np.concatenate(lab_stats(tile.permute(1, 2, 0).numpy(), TISSUE_LIGHTNESS)) for tile, _ in tiles
-        ]).astype(np.float32)  # (N, 6)
-        write_slide_features(target, features, tiles.coords, {
+        tiles = SlideTileDataset(coords_path, mark_unreadable=True)  # (3, H, W) uint8 tensors at the tiling's mpp
+        features, coords, unreadable = extract_slide(lab_features, tiles, desc=tiles.slide_id)
+        record_unreadable(features_dir, tiles.slide_id, unreadable, len(tiles))
+        write_slide_features(target, features, coords, {
             "slide_id": tiles.slide_id, "extractor": COLOUR_SLUG, "patch_size": tiles.patch_size,
-            "target_mpp": tiles.target_mpp})
+            "target_mpp": tiles.target_mpp, UNREADABLE_ATTR: len(unreadable)})
     return features_dir
+
+
+def lab_features(tiles: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 RGB tiles -> (B, 6) float32: LAB mean and sd of each tile's tissue pixels."""
+    return torch.from_numpy(np.stack([
+        np.concatenate(lab_stats(tile.permute(1, 2, 0).numpy(), TISSUE_LIGHTNESS)) for tile in tiles
+    ]).astype(np.float32))

@@ -25,10 +25,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from histodistill.data.context_windows import ContextWindowDataset, window_transform
+from histodistill.data.slide_dataset import marked_unreadable
 from histodistill.errors import UserError
 from histodistill.models.backbones import Backbone
 from histodistill.models.grid_head import grid_pool, spatial_features
-from histodistill.wsi.tiling import read_coords
+from histodistill.wsi.coords import read_coords
+from histodistill.wsi.slide import UnreadableRegion
 
 
 def context_suffix(side: int | None) -> str:
@@ -63,13 +65,19 @@ class CentreCellTiles(Dataset):
     tile (float (3, s*S, s*S)) and the tile's top-left ``coords`` long (2,), in coords-file order.
 
     A window is kept when at least one of its s*s cells is a tile, which the centre always is, so every
-    tile gets one; a coords file whose tiles are not on `histodistill tile`'s grid is refused.
+    tile gets one; our coords whose tiles are not on `histodistill tile`'s grid are refused. ``slide_path``:
+    the slide, for coords that do not name it (CLAM, TRIDENT). With ``mark_unreadable`` (`extract`), coords are
+    ``(x, y, readable)`` and a window touching pixels the slide file cannot give is marked unreadable instead of
+    raising `UnreadableRegion` (`SlideTileDataset` does the same).
     """
 
-    def __init__(self, coords_path: str | os.PathLike, transform, side: int) -> None:
-        self.windows = ContextWindowDataset(coords_path, side=side, min_fraction=1 / side**2, transform=transform)
+    def __init__(self, coords_path: str | os.PathLike, slide_path: str | os.PathLike | None = None, *, transform,
+                 side: int, mark_unreadable: bool = False) -> None:
+        self.mark_unreadable = mark_unreadable
+        self.windows = ContextWindowDataset(coords_path, side=side, min_fraction=1 / side**2, slide_path=slide_path,
+                                            transform=transform)
         self.coords_path = Path(coords_path)
-        self.slide_id = self.coords_path.stem  # extract names the features file after the coords file
+        self.slide_id = self.windows.slide_id  # extract names the features file after it
         self.patch_size, self.target_mpp = self.windows.patch_size, self.windows.target_mpp
         self.centre = side * side // 2
         # A tile off the grid is not its own window's centre cell: its window would be cut elsewhere or not at all.
@@ -84,8 +92,18 @@ class CentreCellTiles(Dataset):
         return len(self.windows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window, cells, _valid, _teacher = self.windows[index]
-        return window, cells[self.centre]  # (3, s*S, s*S), (2,) = the tile's own top-left
+        try:
+            window, cells, _valid, _teacher = self.windows[index]
+        except UnreadableRegion:  # the window touches pixels the slide file cannot give: the tile is left out
+            if not self.mark_unreadable:
+                raise
+            x, y = (int(v) for v in self.windows.cell_coords[index, self.centre])
+            side = self.windows.window_px
+            return marked_unreadable(torch.zeros((3, side, side), dtype=torch.uint8), self.windows.transform, x, y)
+        if not self.mark_unreadable:
+            return window, cells[self.centre]  # (3, s*S, s*S), (2,) = the tile's own top-left
+        x, y = (int(v) for v in cells[self.centre])
+        return window, torch.tensor((x, y, 1), dtype=torch.long)  # (3, s*S, s*S), (x, y, readable)
 
 
 def check_context_side(backbone: Backbone, side: int) -> None:
@@ -104,7 +122,7 @@ def check_context_side(backbone: Backbone, side: int) -> None:
 
 def centre_cell_extraction(backbone: Backbone, side: int):
     """What `extract_slides` runs with ``--context-window side``: ``(model, tiles_of)``, where ``model`` maps
-    windows to features and ``tiles_of(coords_path)`` is the `CentreCellTiles` of one slide."""
+    windows to features and ``tiles_of(coords_path, slide_path)`` is the `CentreCellTiles` of one slide."""
     check_context_side(backbone, side)
     transform = window_transform(backbone.spec.preprocess, side)  # each cell resized like a lone tile
-    return CentreCell(backbone, side), partial(CentreCellTiles, transform=transform, side=side)
+    return CentreCell(backbone, side), partial(CentreCellTiles, transform=transform, side=side, mark_unreadable=True)

@@ -4,9 +4,10 @@ Slides: ``<out>/features_<slug>/<slide_id>.h5`` with ``features`` (N, D) float32
 int64 (CLAM/TRIDENT layout), one per coords file of a tiling output, plus ``extractor.json`` beside
 them. Patches: one ``features.h5`` with ``features``, ``labels``, ``paths`` and a ``classes`` attribute.
 
-Every file is written atomically, and a rerun skips a slide only when its file checks out
-(`histodistill.features.output_check`): one interrupted half-way, truncated or damaged is redone. Images are prepared in the DataLoader workers
-with the backbone's own eval transform (resize + centre crop to its input size, its mean/std).
+Every file is written atomically (the format is `histodistill.data.feature_files`'s), and a rerun skips a
+slide only when its file checks out (`histodistill.data.feature_files.is_finished`): one interrupted half-way,
+truncated or damaged is redone. Images are prepared in the DataLoader workers with the backbone's own eval
+transform (resize + centre crop to its input size, its mean/std).
 """
 
 from __future__ import annotations
@@ -28,28 +29,26 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histodistill.data.datasets import ImageFolderDataset
-from histodistill.data.feature_files import problems_of
+from histodistill.data.feature_files import (
+    EXTRACTOR_JSON,
+    PATCH_FEATURES,
+    UNREADABLE_ATTR,
+    coords_rows,
+    is_finished,
+    problems_of,
+    record_unreadable,
+    require_finite,
+    write_patch_features,
+    write_slide_features,
+)
 from histodistill.data.slide_dataset import SlideTileDataset
 from histodistill.data.transforms import build_transform
-from histodistill.distributed import Share, local_device, write_json_once
+from histodistill.distributed import Share, local_device, resolve_device, write_json_once
 from histodistill.errors import UserError
 from histodistill.features.context_extract import centre_cell_extraction, context_suffix
-from histodistill.features.output_check import is_finished, require_finite
-from histodistill.io import atomic_path, write_json
-from histodistill.models.backbones import Backbone, create_backbone
+from histodistill.io import reporting_full_disk, write_json
+from histodistill.models.backbones import Backbone, seeded_backbone
 from histodistill.wsi.coords import coords_files, find_slide, read_coords, tiling_attrs
-
-EXTRACTOR_JSON = "extractor.json"
-PATCH_FEATURES = "features.h5"
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for ``cuda`` without one is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
-    return torch.device(device)
 
 
 def model_slug(model: str | os.PathLike) -> str:
@@ -62,6 +61,13 @@ def model_slug(model: str | os.PathLike) -> str:
         parent = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         text = path.name if path.is_dir() else f"{parent.name}-{path.stem}" if parent.name else path.stem
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def features_folder_name(model: str | os.PathLike, pretrained: bool = True, context_window: int | None = None) -> str:
+    """``features_<slug>`` (`model_slug`), with ``-random-init`` for random weights, so they never share a folder
+    name with the pretrained weights' features, and ``-context<S>`` for context-window features."""
+    random_init = "" if pretrained else "-random-init"
+    return f"features_{model_slug(model)}{random_init}{context_suffix(context_window)}"
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -133,10 +139,16 @@ def extract_features(
 def extract_slide(
     model: nn.Module, dataset: Dataset, batch_size: int = 64, num_workers: int = 0,
     device: torch.device | str = "cpu", precision: str = "32", desc: str = "tiles",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features (N, D) float32 and coords (N, 2) int64 of one slide's tiles (a `SlideTileDataset`)."""
-    features, coords = extract_features(model, dataset, batch_size, num_workers, device, precision, desc)
-    return features, coords.reshape(-1, 2).astype(np.int64)  # (N, 2) even when N = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features (N, D) float32 and coords (N, 2) int64 of one slide's readable tiles (a `SlideTileDataset`), and
+    the coords (U, 2) int64 of the tiles the slide file could not give (datasets built with ``mark_unreadable``
+    give coords (x, y, readable); plain (x, y) ones are all readable)."""
+    features, marked = extract_features(model, dataset, batch_size, num_workers, device, precision, desc)
+    marked = marked.reshape(len(features), -1) if len(features) else np.zeros((0, 2))  # (N, 2) or (N, 3)
+    marked = marked.astype(np.int64)
+    readable = marked[:, 2].astype(bool) if marked.shape[1] == 3 else np.ones(len(marked), bool)
+    coords = marked[:, :2].reshape(-1, 2)
+    return features[readable], coords[readable], coords[~readable]
 
 
 def prepare_model(backbone: Backbone, device: torch.device) -> Backbone:
@@ -145,19 +157,6 @@ def prepare_model(backbone: Backbone, device: torch.device) -> Backbone:
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
     return backbone
-
-
-def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any],
-                         coords_attrs: dict[str, Any] | None = None) -> None:
-    """``features`` (N, D) float32 and ``coords`` (N, 2) int64, written atomically; ``coords_attrs`` (the
-    tiling: patch_size_level0, ...) go on the ``coords`` dataset, where TRIDENT's slide encoders read them."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
-        handle.create_dataset("features", data=features.astype(np.float32))
-        # track_order keeps the attributes in the order given, patch_size_level0 first.
-        handle.create_dataset("coords", data=coords.astype(np.int64), track_order=True)
-        handle["coords"].attrs.update(coords_attrs or {})
-        for key, value in attrs.items():
-            handle.attrs[key] = value
 
 
 def extract_slides(
@@ -183,6 +182,7 @@ def extract_slides(
     weights is refused (mixing extractors in one folder would silently corrupt a MIL run).
     ``context_window`` s: each tile's feature is the centre cell of the s x s window around it
     (`histodistill.features.context_extract`), written to ``features_<slug>-context<s>``.
+    The folder is named by `features_folder_name` (``-random-init`` for random weights).
     ``slides_dir``: the folder holding ``<slide_id><slide_ext>`` for coords that do not name their slide
     (CLAM, TRIDENT) or whose slides moved; every slide is found before any work starts.
     Each features file's ``coords`` carries the tiling's attributes (`tiling_attrs`).
@@ -198,16 +198,12 @@ def extract_slides(
         print(share.describe(len(files), len(all_files)))
     tilings = {path: read_coords(path)[1] for path in files}
     slide_of = {path: find_slide(path, attrs, slides_dir, slide_ext) for path, attrs in tilings.items()}
-    foreign = [path for path, attrs in tilings.items() if "target_mpp" not in attrs or "mpp" not in attrs]
-    if context_window is not None and foreign:
-        raise UserError(f"--context-window needs coords of `histodistill tile` (attributes target_mpp and mpp), "
-                        f"{foreign[0]} lacks them (CLAM/TRIDENT coords); tile the slides with `histodistill tile`")
     backbone = seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
     record["context_window"] = context_window
-    features_dir = Path(out_dir) / f"features_{model_slug(model)}{context_suffix(context_window)}"
+    features_dir = Path(out_dir) / features_folder_name(model, pretrained, context_window)
     transform = build_transform("eval", backbone.spec.preprocess, train=False)
-    net, tiles_of = backbone, partial(SlideTileDataset, transform=transform)
+    net, tiles_of = backbone, partial(SlideTileDataset, transform=transform, mark_unreadable=True)
     if context_window is not None:  # checked here, before anything is written
         net, tiles_of = centre_cell_extraction(backbone, context_window)
     write_json_once(features_dir / EXTRACTOR_JSON, record, share, replace=overwrite)
@@ -215,22 +211,27 @@ def extract_slides(
 
     torch_device = resolve_device(local_device(device, share))
     prepare_model(backbone, torch_device)  # in place (nn.Module.to), so `net` wraps the prepared backbone
-    for coords_path in tqdm(files, desc="slides", unit="slide", dynamic_ncols=True):
-        tiling = tilings[coords_path]
-        target = features_dir / f"{tiling['slide_id']}.h5"
-        if not overwrite and is_finished(target, coords_path, record["feature_dim"]):
-            continue
-        # Context windows are cut on our own grid, whose coords name their slide.
-        dataset = tiles_of(coords_path) if context_window is not None else tiles_of(coords_path, slide_of[coords_path])
-        features, coords = extract_slide(
-            net, dataset, batch_size, num_workers, torch_device, precision, desc=tiling["slide_id"]
-        )
-        require_finite(features, f"slide {tiling['slide_id']}", str(model))
-        attrs = {"slide_id": tiling["slide_id"], "slide_path": str(slide_of[coords_path]), "extractor": str(model),
-                 "weights_sha256": record["weights_sha256"], **tiling_attrs(tiling)}
-        if context_window is not None:
-            attrs["context_window"] = context_window
-        write_slide_features(target, features, coords, attrs, tiling_attrs(tiling))
+    # A full disk names the file, this run's need (N x D float32 features and N x 2 int64 coords per slide,
+    # plus HDF5's few KB) and that a rerun resumes.
+    needed = sum(coords_rows(path) or 0 for path in files) * (4 * record["feature_dim"] + 16) + 8192 * len(files)
+    with reporting_full_disk(features_dir, lambda: needed):
+        for coords_path in tqdm(files, desc="slides", unit="slide", dynamic_ncols=True):
+            tiling = tilings[coords_path]
+            target = features_dir / f"{tiling['slide_id']}.h5"
+            if not overwrite and is_finished(target, coords_path, record["feature_dim"]):
+                continue
+            dataset = tiles_of(coords_path, slide_of[coords_path])
+            features, coords, unreadable = extract_slide(
+                net, dataset, batch_size, num_workers, torch_device, precision, desc=tiling["slide_id"]
+            )
+            require_finite(features, f"slide {tiling['slide_id']}", str(model))
+            attrs = {"slide_id": tiling["slide_id"], "slide_path": str(slide_of[coords_path]), "extractor": str(model),
+                     "weights_sha256": record["weights_sha256"], **tiling_attrs(tiling),
+                     UNREADABLE_ATTR: len(unreadable)}
+            if context_window is not None:
+                attrs["context_window"] = context_window
+            record_unreadable(features_dir, tiling["slide_id"], unreadable, len(coords) + len(unreadable))
+            write_slide_features(target, features, coords, attrs, tiling_attrs(tiling))
     return features_dir
 
 
@@ -249,39 +250,39 @@ def extract_images(
     """Features of an image folder (``root/<class>/<image>``) into ``<out>/features_<slug>/features.h5``:
     ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr ``classes``."""
 
-    features_dir = Path(out_dir) / f"features_{model_slug(model)}"
+    features_dir = Path(out_dir) / features_folder_name(model, pretrained)
     target = features_dir / PATCH_FEATURES
-    if target.exists() and not overwrite:
-        if (problem := problems_of(target)) is None:
-            print(f"{target} exists; pass --overwrite to extract again")
-            return target
-        print(f"redoing {target}: {problem}")
+    dataset = ImageFolderDataset(images_dir)  # checked before the model is loaded (perhaps from the hub)
+    paths = [str(path.relative_to(dataset.root)) for path, _ in dataset.samples]
     backbone = seeded_backbone(model, weights, pretrained)
     record = extractor_record(backbone, str(model), state_dict_sha256(backbone.model))
+    dataset.transform = build_transform("eval", backbone.spec.preprocess, train=False)
+    if target.exists() and not overwrite:
+        if (problem := problems_of(target)) is None:
+            _reuse_or_refuse(target, record, paths)
+            return target
+        print(f"redoing {target}: {problem}")
     torch_device = resolve_device(device)
     backbone = prepare_model(backbone, torch_device)
-    dataset = ImageFolderDataset(images_dir, transform=build_transform("eval", backbone.spec.preprocess, train=False))
     features, labels = extract_features(backbone, dataset, batch_size, num_workers, torch_device, precision, "images")
     require_finite(features, f"image folder {images_dir}", str(model))
-    paths = [str(path.relative_to(dataset.root)) for path, _ in dataset.samples]
-    with atomic_path(target) as tmp, h5py.File(tmp, "w") as handle:
-        handle.create_dataset("features", data=features.astype(np.float32))
-        handle.create_dataset("labels", data=labels.astype(np.int64))
-        handle.create_dataset("paths", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
-        handle.attrs["classes"] = list(dataset.classes)
-        handle.attrs["extractor"] = str(model)
-        handle.attrs["weights_sha256"] = record["weights_sha256"]
+    attrs = {"classes": list(dataset.classes), "extractor": str(model), "weights_sha256": record["weights_sha256"]}
+    write_patch_features(target, features, labels, paths, attrs)
     write_json(features_dir / EXTRACTOR_JSON, record)
     return target
 
 
-def seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
-    """`create_backbone` with torch's generator seeded 0 (then restored): random weights are reproducible."""
-    # A randomly initialised model (--random-init) must be the same on every run, or a resumed
-    # extraction would mix features of two different networks.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return create_backbone(model, pretrained=pretrained, weights=weights)
+def _reuse_or_refuse(target: Path, record: dict[str, Any], paths: list[str]) -> None:
+    """Reuse a finished ``features.h5`` of the same weights and images, saying so (a run's own earlier output,
+    e.g. the demo's, is no conflict); refuse one of other weights or other images (`UserError`)."""
+    with h5py.File(target, "r") as handle:
+        previous = handle.attrs.get("weights_sha256")
+        stored = handle["paths"][:] if "paths" in handle else []
+        same_images = [p.decode() if isinstance(p, bytes) else str(p) for p in stored] == paths
+    if previous != record["weights_sha256"] or not same_images:
+        what = "other weights" if previous != record["weights_sha256"] else "another image folder"
+        raise UserError(f"{target} holds features of {what}; use another --out or pass --overwrite to extract again")
+    print(f"reusing {target}: extracted earlier from these images with these weights (--overwrite extracts again)")
 
 
 def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -> None:

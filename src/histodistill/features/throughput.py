@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import torch
 
+from histodistill.data.feature_files import COORDS
 from histodistill.distributed import usable_cpus
 from histodistill.models.backbones import Backbone
 
@@ -37,7 +38,7 @@ def extraction_rate(features_dir: str | os.PathLike, done_before: set[str], seco
     for path in Path(features_dir).glob("*.h5"):
         if path.name not in done_before:
             with h5py.File(path, "r") as handle:
-                tiles += len(handle["coords"])
+                tiles += len(handle[COORDS])
     return round(tiles / seconds, 1) if tiles and seconds > 0 else None
 
 

@@ -3,9 +3,10 @@
 `TeacherStudentMethod` is a `ClassificationMethod` (the student: backbone + classifier, trained with
 cross-entropy and validated like any supervised run) that also holds a teacher backbone and, when
 knowledge distillation is on, the teacher's classifier. `Distill` adds one pluggable feature term to
-``w_ce · CE + w_kd · KD``: none (Hinton KD), ``hint`` (FitNet on the pooled feature), ``crd``
-(contrastive representation distillation) or one of the zoo in `histodistill.methods.kd_zoo` (AT, SP, CC,
-VID, RKD, PKT, AB, FT, FSP, NST, SemCKD, SimKD, SRRL). MoMA (`histodistill.methods.moma`) builds on the same base.
+``w_ce · CE + w_kd · KD``: none (Hinton KD) or one of the terms of `histodistill.methods.kd_zoo` (``hint``:
+FitNet on the pooled feature, ``crd``: contrastive representation distillation, AT, SP, CC, VID, RKD, PKT, AB,
+FT, FSP, NST, SemCKD, SimKD, SRRL), each an object whose hooks say what it needs. MoMA
+(`histodistill.methods.moma`) builds on the same base.
 
 Where the student starts (``student_init``): ``teacher`` copies the teacher's backbone into the
 student, and its classifier too when the teacher checkpoint has one for the same classes, as MoMA's
@@ -26,16 +27,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from histodistill.data.indexed_dataset import IndexedDataset
 from histodistill.errors import UserError
-from histodistill.losses.crd import CRDLoss
-from histodistill.losses.hint import HintLoss
 from histodistill.losses.kd import kd_loss
 from histodistill.methods.classification import ClassificationMethod
-from histodistill.methods.kd_zoo import ZOO, ZooInputs, build_term
+from histodistill.methods.kd_zoo import Term, TermInputs, TrainingData, build_term
 from histodistill.models.backbones import Backbone, Preprocess, create_backbone
 from histodistill.models.intermediates import forward_layers
 from histodistill.models.weights import read_checkpoint
@@ -171,20 +170,27 @@ class TeacherStudentMethod(ClassificationMethod):
 
 FeatureName = Literal["none", "hint", "crd", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst",
                       "semckd", "simkd", "srrl"]
+# Flat CRD arguments of earlier versions -> the crd term's ``feature_options`` keys they now are.
+LEGACY_CRD_ARGUMENTS = {"crd_feat_dim": "feat_dim", "crd_nce_k": "nce_k", "crd_temperature": "temperature",
+                        "crd_momentum": "momentum", "num_samples": "num_samples"}
 
 
 class Distill(TeacherStudentMethod):
     """The baselines of the MoMA comparison: ``w_ce · CE + w_kd · KD + w_feature · feature term``.
 
-    ``feature: none`` is Hinton KD (T = 4); ``hint`` is FitNet on the pooled feature (MoMA used
-    w_feature = 100); ``crd`` is CRD (w_feature = 0.8) and needs the sample index in every batch: wrap
-    the training dataset in `IndexedDataset`. Vanilla CE is `histodistill.methods.supervised.Supervised`.
+    ``feature: none`` is Hinton KD (T = 4). Every other name is a term of `histodistill.methods.kd_zoo`
+    (docs/moma.md lists paper, formula, options and weight of each), configured alike: ``w_feature`` its
+    weight (the term is computed only when it is not 0), ``feature_options`` its own options,
+    ``student_layers`` / ``teacher_layers`` its layers (pyramid positions of
+    `histodistill.models.intermediates`; default: the official choice), and ``init_steps`` the length, in
+    training batches, of the pre-training stage of ab, ft and fsp (only the stage's loss trains then; after
+    it the objective is CE + KD + w_feature · term).
+    ``hint`` is FitNet on the pooled feature (MoMA used w_feature = 100); ``crd`` is CRD (w_feature = 0.8) and
+    needs the sample index in every batch: wrap the training dataset in `IndexedDataset`. Vanilla CE is
+    `histodistill.methods.supervised.Supervised`.
 
-    The other names are the terms of `histodistill.methods.kd_zoo` (docs/moma.md lists paper, formula and
-    weight of each): ``student_layers`` / ``teacher_layers`` choose the layers (pyramid positions of
-    `histodistill.models.intermediates`; default: the official choice), ``feature_options`` the term's own
-    options, and ``init_steps`` the length, in training batches, of the pre-training stage of ab, ft and
-    fsp (only the stage's loss trains then; after it the objective is CE + KD + w_feature · term).
+    ``crd_feat_dim``, ``crd_nce_k``, ``crd_temperature``, ``crd_momentum`` and ``num_samples`` are the flat
+    arguments of earlier versions, still read (with a warning) as the crd term's ``feature_options``.
     """
 
     def __init__(
@@ -194,33 +200,38 @@ class Distill(TeacherStudentMethod):
         teacher: str,
         feature: FeatureName = "none",
         w_feature: float = 0.0,
-        crd_feat_dim: int = 128,
-        crd_nce_k: int = 16384,
-        crd_temperature: float = 0.07,
-        crd_momentum: float = 0.5,
-        num_samples: int | None = None,
+        feature_options: dict[str, Any] | None = None,
         student_layers: list[int] | None = None,
         teacher_layers: list[int] | None = None,
-        feature_options: dict[str, Any] | None = None,
         init_steps: int = 0,
+        crd_feat_dim: int | None = None,
+        crd_nce_k: int | None = None,
+        crd_temperature: float | None = None,
+        crd_momentum: float | None = None,
+        num_samples: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, teacher=teacher, **kwargs)
         self.feature, self.w_feature = feature, w_feature
-        self.crd_options = {"feat_dim": crd_feat_dim, "nce_k": crd_nce_k, "temperature": crd_temperature,
-                            "momentum": crd_momentum}
-        self.feature_loss: nn.Module | None = None
-        if feature == "hint":
-            self.feature_loss = HintLoss(self.backbone.num_features, self.teacher.num_features)
-        elif feature == "crd" and num_samples is not None:
-            self.build_crd(num_samples)
-        elif feature in ZOO:
-            self.build_zoo_term(teacher, student_layers, teacher_layers, feature_options, init_steps,
-                                kwargs.get("teacher_classifier_from_checkpoint"))
+        options = migrate_crd_arguments(feature, feature_options, {
+            "crd_feat_dim": crd_feat_dim, "crd_nce_k": crd_nce_k, "crd_temperature": crd_temperature,
+            "crd_momentum": crd_momentum, "num_samples": num_samples})
+        self.feature_loss: Term | None = None
+        if feature != "none":
+            self.build_term(teacher, student_layers, teacher_layers, options,
+                            kwargs.get("teacher_classifier_from_checkpoint"))
+        staged = self.feature_loss is not None and self.feature_loss.init_stage
+        if init_steps < 0 or (init_steps > 0 and not staged):
+            raise UserError(f"model.init_args.init_steps={init_steps}: only ab, ft and fsp have a pre-training "
+                            "stage; give a number of training batches >= 0 for those, 0 otherwise")
+        self.init_steps = init_steps
+        if staged:
+            # Training batches seen so far: a buffer, so a resumed run knows whether its stage is over.
+            self.register_buffer("trained_batches", torch.zeros((), dtype=torch.long))
 
-    def build_zoo_term(self, teacher: str, student_layers, teacher_layers, options, init_steps: int,
-                       classifier_source: str | None) -> None:
-        """The kd_zoo term, the teacher classifier where the term reuses it, and the stage counter."""
+    def build_term(self, teacher: str, student_layers, teacher_layers, options,
+                   classifier_source: str | None) -> None:
+        """The term, and the teacher classifier where the term reuses it."""
         self.feature_loss = build_term(self.feature, self.backbone, self.teacher, student_layers, teacher_layers, options)
         if self.feature_loss.needs_teacher_classifier and self.teacher_classifier is None:
             if classifier_source is None and Path(teacher).suffix != ".ckpt":
@@ -231,76 +242,39 @@ class Distill(TeacherStudentMethod):
             self.teacher_classifier = load_teacher_classifier(
                 teacher, classifier_source, self.teacher.num_features, self.num_classes)
             freeze(self.teacher_classifier)
-        if init_steps < 0 or (init_steps > 0 and not self.feature_loss.init_stage):
-            raise UserError(f"model.init_args.init_steps={init_steps}: only ab, ft and fsp have a pre-training "
-                            "stage; give a number of training batches >= 0 for those, 0 otherwise")
-        self.init_steps = init_steps
-        if self.feature_loss.init_stage:
-            # Training batches seen so far: a buffer, so a resumed run knows whether its stage is over.
-            self.register_buffer("trained_batches", torch.zeros((), dtype=torch.long))
-
-    def build_crd(self, num_samples: int) -> None:
-        """CRD's memory holds one row per training sample, so it is built once the data size is known."""
-        self.feature_loss = CRDLoss(self.backbone.num_features, self.teacher.num_features, num_samples, **self.crd_options)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self.feature == "semckd" and self.feature_loss.criterion is None:
-            batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
-            if batch_size is None:
-                raise UserError("feature: semckd needs the batch size before training: use a data module with "
-                                "batch_size, or give model.init_args.feature_options.batch_size")
-            self.feature_loss.build(int(batch_size))
-        if self.feature != "crd" or self.feature_loss is not None:
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        dataset = datamodule.train_dataloader().dataset if datamodule is not None else None
-        # The data module may wrap the training set again (seeded augmentation): look through `.dataset`.
-        while dataset is not None and not isinstance(dataset, IndexedDataset):
-            dataset = getattr(dataset, "dataset", None)
-        if dataset is None:
-            raise UserError(
-                "feature: crd needs the index of every training sample: wrap data.init_args.train in "
-                "histodistill.data.indexed_dataset.IndexedDataset (see configs/kd/tiny_crd.yaml), "
-                "or give model.init_args.num_samples when training without a data module"
-            )
-        self.build_crd(len(dataset))
+        if self.feature_loss is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.feature_loss.setup(TrainingData(batch_size=lambda: getattr(datamodule, "batch_size", None),
+                                                 num_samples=lambda: indexed_samples(datamodule)))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints from before hint and crd were terms hold their loss's weights one level up
+        (``feature_loss.regressor.*``, now ``feature_loss.criterion.regressor.*``): move them."""
+        state, own = checkpoint.get("state_dict", {}), self.state_dict()
+        for key in [key for key in state if key.startswith("feature_loss.") and key not in own]:
+            moved = "feature_loss.criterion." + key.removeprefix("feature_loss.")
+            if moved in own:
+                state[moved] = state.pop(key)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> logits: the classifier's, or the term's where it replaces it (SimKD)."""
+        student, term = forward_layers(self.backbone, images, []), self.feature_loss
+        logits = term.logits(student, self.teacher_classifier) if term is not None else None
+        return self.classifier(student.pooled) if logits is None else logits
 
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
-        if self.feature in ZOO:
-            return self.zoo_objective(batch)
-        images, labels = batch[0], batch[1]
-        features, logits = self.student_forward(images)
-        teacher_features, teacher_logits = self.teacher_forward(images)
-        losses = self.supervised_terms(logits, labels, teacher_logits)
-        if self.feature == "hint":
-            losses["hint"] = self.feature_loss(features, teacher_features)
-        elif self.feature == "crd":
-            if len(batch) < 3:
-                raise UserError("feature: crd needs batches (image, label, index): wrap the training dataset in "
-                                "histodistill.data.indexed_dataset.IndexedDataset")
-            losses["crd"] = self.feature_loss(features, teacher_features, batch[2])
-        if self.feature != "none":
-            losses["loss"] = losses["loss"] + self.w_feature * losses[self.feature]
-        return losses
-
-    # ---- the kd_zoo terms ------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, S, S) -> logits; a SimKD student predicts through the teacher's classifier."""
-        if self.feature == "simkd":
-            return self.feature_loss.predict(self.backbone.forward_features(images), self.teacher_classifier)
-        return super().forward(images)
-
-    def zoo_objective(self, batch: Any) -> dict[str, torch.Tensor]:
         images, labels = batch[0], batch[1]
         term = self.feature_loss
         self.teacher.eval()
         with torch.no_grad():
             teacher = forward_layers(self.teacher, to_teacher_input(images, self.preprocess, self.teacher.preprocess),
-                                     term.teacher_layers)
+                                     term.teacher_layers if term is not None else [])
             teacher_logits = self.teacher_classifier(teacher.pooled) if self.teacher_classifier is not None else None
         in_stage = False
-        if term.init_stage and self.training:
+        if term is not None and term.init_stage and self.training:
             self.trained_batches += 1
             in_stage = bool(self.trained_batches <= self.init_steps)
         # FT's stage trains the paraphraser on the teacher alone: the student (and its BatchNorm) is left as is.
@@ -310,22 +284,51 @@ class Distill(TeacherStudentMethod):
             eval_mode = in_stage and term.stage_student_eval and self.backbone.training
             if eval_mode:
                 self.backbone.eval()
-            student = forward_layers(self.backbone, images, term.student_layers)
+            student = forward_layers(self.backbone, images, term.student_layers if term is not None else [])
             if eval_mode:
                 self.backbone.train()
-        inputs = ZooInputs(student, teacher, teacher_logits, self.teacher_classifier)
+        index = None
+        if term is not None and term.needs_index:
+            if len(batch) < 3:
+                raise UserError(f"feature: {self.feature} needs batches (image, label, index): wrap the "
+                                "training dataset in histodistill.data.indexed_dataset.IndexedDataset")
+            index = batch[2]
+        inputs = TermInputs(student, teacher, teacher_logits, self.teacher_classifier, index)
         if in_stage:
             init = term.init_loss(inputs)
             return {f"{self.feature}_init": init, "loss": init}
-        if self.feature == "simkd":
-            logits = term.predict(student.final, self.teacher_classifier)
-        else:
+        logits = term.logits(student, self.teacher_classifier) if term is not None else None
+        if logits is None:
             logits = self.classify(student.pooled)
         losses = self.supervised_terms(logits, labels, teacher_logits)
-        if self.w_feature != 0:  # AB and FSP train with CE + KD alone after their stage (w_feature 0)
+        if term is not None and self.w_feature != 0:  # AB and FSP train with CE + KD alone after their stage
             losses[self.feature] = term.loss(inputs)
             losses["loss"] = losses["loss"] + self.w_feature * losses[self.feature]
         return losses
+
+
+def migrate_crd_arguments(feature: str, options: dict[str, Any] | None,
+                          legacy: dict[str, Any]) -> dict[str, Any]:
+    """``feature_options`` with the flat CRD arguments of earlier versions moved in (crd only, as before)."""
+    given = {name: value for name, value in legacy.items() if value is not None}
+    if not given:
+        return dict(options or {})
+    moved = ", ".join(f"{LEGACY_CRD_ARGUMENTS[name]}: {value}" for name, value in given.items())
+    rank_zero_warn(f"model.init_args {', '.join(given)} are deprecated: give them as "
+                   f"model.init_args.feature_options {{{moved}}}" + ("" if feature == "crd" else
+                                                                     f" (feature: {feature} ignores them)"))
+    if feature != "crd":
+        return dict(options or {})
+    return {**{LEGACY_CRD_ARGUMENTS[name]: value for name, value in given.items()}, **(options or {})}
+
+
+def indexed_samples(datamodule: Any) -> int | None:
+    """The number of training samples behind the data module's `IndexedDataset`, or None without one."""
+    dataset = datamodule.train_dataloader().dataset if datamodule is not None else None
+    # The data module may wrap the training set again (seeded augmentation): look through `.dataset`.
+    while dataset is not None and not isinstance(dataset, IndexedDataset):
+        dataset = getattr(dataset, "dataset", None)
+    return len(dataset) if dataset is not None else None
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

@@ -1,17 +1,26 @@
-"""The feature- and relation-based baselines of MoMA's comparison, as pluggable terms of `Distill`.
+"""Every distillation term of `Distill` (MoMA's comparison baselines) as one object with hooks.
 
-Each term wraps one loss of `histodistill.losses` with what the official code (trinhvg/MoMA, which follows
-RepDistiller) feeds it: which layers, which trainable adapters, and for AB, FT and FSP a pre-training
-stage. A term sees the student's and the teacher's `LayerFeatures` (pooled feature, final map, the maps
-of its layers) and, where it needs them, the teacher's classifier and logits.
+A term wraps one loss of `histodistill.losses` with what the official code (trinhvg/MoMA, which follows
+RepDistiller) feeds it, and says through its hooks what `Distill` must give it:
 
-Layers are pyramid positions (`histodistill.models.intermediates`); each term has a default slice of the
-pyramid (RepDistiller's ``feat[1:-1]`` is ``[1:]`` here: every stage after the stem), which
-``student_layers`` / ``teacher_layers`` override. Options are per term (``feature_options``), checked here.
+- what it needs from the forward pass: ``layers`` (a default pyramid slice of intermediate maps; None: the
+  pooled feature and final map only), ``needs_index`` (the batch's sample indices),
+  ``needs_teacher_classifier``;
+- ``__init__`` builds its trainable adapters from the student's and teacher's layer shapes, and `setup` what
+  depends on the training data (CRD's memory: the number of samples; SemCKD's attention: the batch size);
+- `loss` (and, for AB, FT and FSP, a pre-training stage: ``init_stage`` and `init_loss`);
+- `logits`, for a term that replaces the student's classifier (SimKD).
+
+All terms are configured the same way: ``feature`` (the name in `ZOO`), ``w_feature``, ``feature_options``
+(the term's own options, checked here), ``student_layers`` / ``teacher_layers``. Layers are pyramid positions
+(`histodistill.models.intermediates`); each term has a default slice of the pyramid (RepDistiller's
+``feat[1:-1]`` is ``[1:]`` here: every stage after the stem), which ``student_layers`` / ``teacher_layers``
+override.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,8 +31,10 @@ from histodistill.errors import UserError
 from histodistill.losses.activation_boundary import ABConnectors
 from histodistill.losses.attention_transfer import at_loss
 from histodistill.losses.correlation_congruence import cc_loss
+from histodistill.losses.crd import CRDLoss
 from histodistill.losses.factor_transfer import Paraphraser, ft_loss, translator
 from histodistill.losses.fsp import fsp_loss
+from histodistill.losses.hint import HintLoss
 from histodistill.losses.nst import nst_loss
 from histodistill.losses.pkt import pkt_loss
 from histodistill.losses.rkd import rkd_loss
@@ -43,28 +54,40 @@ from histodistill.models.intermediates import (
 
 
 @dataclass
-class ZooInputs:
+class TermInputs:
     """What a term is computed from (teacher side already detached)."""
 
     student: LayerFeatures | None  # None during FT's stage, which trains on the teacher alone
     teacher: LayerFeatures
     teacher_logits: torch.Tensor | None = None
     teacher_classifier: nn.Module | None = None
+    index: torch.Tensor | None = None  # (B,) sample indices, given to terms with ``needs_index``
 
 
-class ZooTerm(nn.Module):
+@dataclass
+class TrainingData:
+    """What `Term.setup` may ask about the training data. Each returns None where the data does not say, and
+    is called only by a term that needs it (counting the samples builds the training loader)."""
+
+    batch_size: Callable[[], int | None]
+    num_samples: Callable[[], int | None]
+
+
+class Term(nn.Module):
     """Base of the terms. Subclasses set ``layers`` (default pyramid slice, None: pooled features only),
     ``defaults`` (their ``feature_options``), and implement `loss`; a term with a pre-training stage
     sets ``init_stage`` and implements `init_loss`."""
 
     layers: ClassVar[slice | None] = None
+    # Student and teacher layers are compared one to one (SemCKD's attention pairs each student layer with all).
+    pairs_layers: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {}
     init_stage: ClassVar[bool] = False
     stage_needs_student: ClassVar[bool] = True
     # RepDistiller's init stage runs the student in eval mode (BatchNorm on running statistics) while it trains.
     stage_student_eval: ClassVar[bool] = False
     needs_teacher_classifier: ClassVar[bool] = False
-    needs_batch_size: ClassVar[bool] = False
+    needs_index: ClassVar[bool] = False
 
     def __init__(self, student: Backbone, teacher: Backbone, student_layers: list[int], teacher_layers: list[int],
                  options: dict[str, Any]) -> None:
@@ -75,31 +98,83 @@ class ZooTerm(nn.Module):
         self.teacher_channels = layer_channels(teacher, teacher_layers)
         self.student_sizes, self.teacher_sizes = layer_sizes(student, student_layers), layer_sizes(teacher, teacher_layers)
 
-    def loss(self, inputs: ZooInputs) -> torch.Tensor:
+    def setup(self, data: TrainingData) -> None:
+        """Build what depends on the training data, before training starts (nothing, for most terms)."""
+
+    def loss(self, inputs: TermInputs) -> torch.Tensor:
         raise NotImplementedError
 
-    def init_loss(self, inputs: ZooInputs) -> torch.Tensor:
+    def init_loss(self, inputs: TermInputs) -> torch.Tensor:
         raise NotImplementedError
 
-    def pairs(self, inputs: ZooInputs):
+    def logits(self, student: LayerFeatures, teacher_classifier: nn.Module | None) -> torch.Tensor | None:
+        """The student's logits (B, num_classes) where the term replaces its classifier; None: the classifier's."""
+        return None
+
+    def pairs(self, inputs: TermInputs):
         return zip(inputs.student.maps, inputs.teacher.maps, strict=True)
 
 
-class AT(ZooTerm):
+class Hint(Term):
+    """FitNet's hint on the pooled feature (`HintLoss`: ConvReg then MSE)."""
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        self.criterion = HintLoss(student.num_features, teacher.num_features)
+
+    def loss(self, inputs):
+        return self.criterion(inputs.student.pooled, inputs.teacher.pooled)
+
+
+class CRD(Term):
+    """CRD on the pooled features (`CRDLoss`). Its memory holds one row per training sample, so it is built
+    once the data size is known: the ``num_samples`` option, else the training set at `setup`."""
+
+    defaults = {"feat_dim": 128, "nce_k": 16384, "temperature": 0.07, "momentum": 0.5, "num_samples": None}
+    needs_index = True
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, options):
+        super().__init__(student, teacher, student_layers, teacher_layers, options)
+        self.dims = (student.num_features, teacher.num_features)
+        self.criterion: CRDLoss | None = None
+        if self.options["num_samples"] is not None:
+            self.build(int(self.options["num_samples"]))
+
+    def build(self, num_samples: int) -> None:
+        options = {key: value for key, value in self.options.items() if key != "num_samples"}
+        self.criterion = CRDLoss(*self.dims, num_samples, **options)
+
+    def setup(self, data):
+        if self.criterion is not None:
+            return
+        num_samples = data.num_samples()
+        if num_samples is None:
+            raise UserError(
+                "feature: crd needs the index of every training sample: wrap data.init_args.train in "
+                "histodistill.data.indexed_dataset.IndexedDataset (see configs/kd/tiny_crd.yaml), "
+                "or give model.init_args.feature_options.num_samples when training without a data module"
+            )
+        self.build(num_samples)
+
+    def loss(self, inputs):
+        return self.criterion(inputs.student.pooled, inputs.teacher.pooled, inputs.index)
+
+
+class AT(Term):
     layers, defaults = slice(1, None), {"p": 2.0}
 
     def loss(self, inputs):
         return torch.stack([at_loss(s, t, self.options["p"]) for s, t in self.pairs(inputs)]).sum()
 
 
-class SP(ZooTerm):
+class SP(Term):
     layers = slice(-1, None)
 
     def loss(self, inputs):
         return torch.stack([sp_loss(s, t) for s, t in self.pairs(inputs)]).sum()
 
 
-class CC(ZooTerm):
+class CC(Term):
     defaults = {"feat_dim": 128, "gamma": 0.4, "order": 2}
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
@@ -112,7 +187,7 @@ class CC(ZooTerm):
                        self.options["gamma"], self.options["order"])
 
 
-class VID(ZooTerm):
+class VID(Term):
     layers, defaults = slice(1, None), {"init_variance": 5.0}
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
@@ -126,26 +201,26 @@ class VID(ZooTerm):
         return torch.stack([vid(s, t) for vid, (s, t) in zip(self.per_layer, self.pairs(inputs), strict=True)]).sum()
 
 
-class RKD(ZooTerm):
+class RKD(Term):
     defaults = {"w_distance": 25.0, "w_angle": 50.0}
 
     def loss(self, inputs):
         return rkd_loss(inputs.student.pooled, inputs.teacher.pooled, self.options["w_distance"], self.options["w_angle"])
 
 
-class PKT(ZooTerm):
+class PKT(Term):
     def loss(self, inputs):
         return pkt_loss(inputs.student.pooled, inputs.teacher.pooled)
 
 
-class NST(ZooTerm):
+class NST(Term):
     layers = slice(1, -1)
 
     def loss(self, inputs):
         return torch.stack([nst_loss(s, t) for s, t in self.pairs(inputs)]).sum()
 
 
-class AB(ZooTerm):
+class AB(Term):
     layers, defaults, init_stage = slice(1, None), {"margin": 1.0, "w_init": 3e-3}, True
     stage_student_eval = True
 
@@ -164,7 +239,7 @@ class AB(ZooTerm):
         return self.options["w_init"] * self.loss(inputs)
 
 
-class FT(ZooTerm):
+class FT(Term):
     layers, defaults, init_stage = slice(-1, None), {"rate": 0.5, "p": 1, "w_init": 1.0, "paraphraser_bn": False}, True
     stage_needs_student = False
 
@@ -187,7 +262,7 @@ class FT(ZooTerm):
         return self.options["w_init"] * self.paraphraser.reconstruction_loss(inputs.teacher.maps[0])
 
 
-class FSP(ZooTerm):
+class FSP(Term):
     layers, defaults, init_stage = slice(0, None), {"w_init": 1.0}, True
     stage_student_eval = True
 
@@ -208,8 +283,8 @@ class FSP(ZooTerm):
         return self.options["w_init"] * self.loss(inputs)
 
 
-class SemCKD(ZooTerm):
-    layers, defaults, needs_batch_size = slice(1, None), {"soft": 1.0, "batch_size": None}, True
+class SemCKD(Term):
+    layers, defaults, pairs_layers = slice(1, None), {"soft": 1.0, "batch_size": None}, False
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
         super().__init__(student, teacher, student_layers, teacher_layers, options)
@@ -221,6 +296,15 @@ class SemCKD(ZooTerm):
         """The attention embeds a whole row of the batch similarity, so it is built once the batch size is known."""
         self.criterion = SemCKDLoss(self.student_channels, self.teacher_channels, batch_size, self.options["soft"])
 
+    def setup(self, data):
+        if self.criterion is not None:
+            return
+        batch_size = data.batch_size()
+        if batch_size is None:
+            raise UserError("feature: semckd needs the batch size before training: use a data module with "
+                            "batch_size, or give model.init_args.feature_options.batch_size")
+        self.build(int(batch_size))
+
     def loss(self, inputs):
         size = inputs.student.pooled.shape[0]
         if size != self.criterion.batch_size:
@@ -229,7 +313,7 @@ class SemCKD(ZooTerm):
         return self.criterion(inputs.student.maps, inputs.teacher.maps)
 
 
-class SimKD(ZooTerm):
+class SimKD(Term):
     defaults, needs_teacher_classifier = {"factor": 2}, True
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
@@ -246,11 +330,12 @@ class SimKD(ZooTerm):
     def loss(self, inputs):
         return simkd_loss(self.projector(inputs.student.final), inputs.teacher.final)
 
-    def predict(self, student_map: torch.Tensor, teacher_classifier: nn.Module) -> torch.Tensor:
-        return self.projector.predict(student_map, teacher_classifier)
+    def logits(self, student, teacher_classifier):
+        """The student predicts through the teacher's classifier, on its projected final map."""
+        return self.projector.predict(student.final, teacher_classifier)
 
 
-class SRRL(ZooTerm):
+class SRRL(Term):
     needs_teacher_classifier = True
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
@@ -262,14 +347,15 @@ class SRRL(ZooTerm):
                               inputs.teacher_logits)
 
 
-ZOO: dict[str, type[ZooTerm]] = {
+ZOO: dict[str, type[Term]] = {
+    "hint": Hint, "crd": CRD,
     "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT, "ab": AB, "ft": FT, "fsp": FSP,
     "nst": NST, "semckd": SemCKD, "simkd": SimKD, "srrl": SRRL,
 }
 
 
 def build_term(name: str, student: Backbone, teacher: Backbone, student_layers: list[int] | None,
-               teacher_layers: list[int] | None, options: dict[str, Any] | None) -> ZooTerm:
+               teacher_layers: list[int] | None, options: dict[str, Any] | None) -> Term:
     """The term ``name`` for this pair, with its layers resolved and its options checked."""
     cls = ZOO[name]
     options = dict(options or {})
@@ -281,7 +367,7 @@ def build_term(name: str, student: Backbone, teacher: Backbone, student_layers: 
     if cls.layers is not None:
         s_pos = student_layers if student_layers is not None else default_positions(student, cls.layers)
         t_pos = teacher_layers if teacher_layers is not None else default_positions(teacher, cls.layers)
-        if name != "semckd" and len(s_pos) != len(t_pos):
+        if cls.pairs_layers and len(s_pos) != len(t_pos):
             raise UserError(f"feature: {name} pairs student and teacher layers one to one, but student_layers has "
                             f"{len(s_pos)} ({s_pos}) and teacher_layers {len(t_pos)} ({t_pos}): give both the same length")
         s_ids = resolve_layers(student, s_pos, "model.init_args.student_layers")

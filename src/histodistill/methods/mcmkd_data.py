@@ -27,7 +27,10 @@ class ContextWindowDataModule(PatchDataModule):
     """Context windows of every coords file in ``patches_dir``.
 
     Args:
-        tiles_dir: a `histodistill tile` output folder (its ``patches/`` holds one coords .h5 per slide).
+        tiles_dir: a tiling output folder, ours, CLAM's or TRIDENT's (its ``patches/`` holds one coords .h5 per
+            slide).
+        slides_dir: the folder of the slides, for coords that do not name them (CLAM, TRIDENT) or whose slides
+            moved (default: each coords file's ``slide_path``).
         teacher: the teacher backbone (registered name, timm name, hf-hub id, .ckpt or export dir).
         teacher_weights: a local weights file for the teacher (e.g. UNI's pytorch_model.bin).
         teacher_pretrained: a teacher name loads its published weights; False builds it randomly
@@ -66,9 +69,11 @@ class ContextWindowDataModule(PatchDataModule):
         extract_batch_size: int = 64,
         extract_precision: Literal["32", "bf16"] = "32",
         seed: int | None = None,
+        slides_dir: str | None = None,
     ) -> None:
         super().__init__(train=None, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.tiles_dir = Path(tiles_dir)
+        self.slides_dir = Path(slides_dir) if slides_dir else None
         self.teacher, self.teacher_weights, self.teacher_pretrained = teacher, teacher_weights, teacher_pretrained
         self.cache_dir = Path(cache_dir) if cache_dir else self.tiles_dir
         self.rebuild_cache = rebuild_cache
@@ -85,6 +90,7 @@ class ContextWindowDataModule(PatchDataModule):
         ensure_teacher_cache(
             self.tiles_dir, self.cache_dir, self.teacher, self.teacher_weights, self.rebuild_cache,
             self.extract_batch_size, self.num_workers, self.extract_precision, self.teacher_pretrained,
+            self.slides_dir,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -94,7 +100,7 @@ class ContextWindowDataModule(PatchDataModule):
         dataset = context_windows_of_dir(
             self.tiles_dir / "patches", features_dir, self.side, self.min_fraction,
             transform=window_transform(module.preprocess, self.side), mpp=self.mpp, window_stride=self.window_stride,
-            exclude=self.exclude_slides,
+            exclude=self.exclude_slides, slides_dir=self.slides_dir,
         )
         cached_dim = TeacherFeatures(visible_files(features_dir, (".h5",))[0]).dim
         if getattr(module, "teacher_dim", cached_dim) != cached_dim:

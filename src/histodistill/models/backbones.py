@@ -28,6 +28,7 @@ from torch import nn
 from histodistill.errors import UserError
 from histodistill.models.architectures import BUILDERS, CONVERTERS, is_transformers
 from histodistill.models.foundation import FOUNDATION_MODELS, PACKAGES, FoundationModel
+from histodistill.models.hub import hub_access, unreachable_remedy
 from histodistill.models.pooling import embedding_dim, pool
 from histodistill.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from histodistill.models.registry import Registry
@@ -284,10 +285,12 @@ def _published_file(name: str, entry: BackboneEntry, filename: str) -> Path:
         return target
     from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(entry.hub_id, filename, repo_type=entry.repo_type))
-    except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
-        raise UserError(_unavailable_message(name, f"hf-hub:{entry.hub_id}", True, error, local=name)) from error
+    with hub_access() as unreachable:  # one quick probe, not huggingface_hub's ~53 s of retries when offline
+        try:
+            return Path(hf_hub_download(entry.hub_id, filename, repo_type=entry.repo_type))
+        except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
+            raise UserError(_unavailable_message(name, f"hf-hub:{entry.hub_id}", True, error, local=name,
+                                                 unreachable=unreachable)) from error
 
 
 def _load_local(backbone: Backbone, state: dict[str, torch.Tensor], origin: str, strict: bool) -> None:
@@ -399,10 +402,12 @@ def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str,
             f"timm publishes no pretrained weights for {asked!r} ({timm_name}): pass a local file (--weights FILE, "
             "config weights: FILE) or ask for random weights explicitly (--random-init, config pretrained: false)"
         )
-    try:
-        return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **timm_kwargs(model_kwargs))
-    except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
-        raise UserError(_unavailable_message(asked, timm_name, pretrained, error)) from error
+    with hub_access() as unreachable:  # one quick probe, not huggingface_hub's ~53 s of retries when offline
+        try:
+            return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **timm_kwargs(model_kwargs))
+        except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
+            message = _unavailable_message(asked, timm_name, pretrained, error, unreachable=unreachable)
+            raise UserError(message) from error
 
 
 def _has_published_weights(timm_name: str) -> bool:
@@ -411,10 +416,12 @@ def _has_published_weights(timm_name: str) -> bool:
 
 
 def _unavailable_message(
-    asked: str, timm_name: str, pretrained: bool, error: BaseException, local: str | None = None
+    asked: str, timm_name: str, pretrained: bool, error: BaseException, local: str | None = None,
+    unreachable: str | None = None,
 ) -> str:
     """One line: which model, why its files could not be had, and every way out (``local``: the --model that
-    takes a local file, when it is not the asked name or the timm architecture)."""
+    takes a local file, when it is not the asked name or the timm architecture; ``unreachable``: why the hub
+    gave no answer, from `histodistill.models.hub.hub_access`)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -422,6 +429,11 @@ def _unavailable_message(
     cfg = None if hub_id else timm.models.get_pretrained_cfg(timm_name)
     where = timm_name.removeprefix("hf-hub:") if cfg is None else cfg.hf_hub_id or cfg.url or timm_name
     what = "pretrained weights" if pretrained else "config.json (an hf-hub: id needs it even for random weights)"
+    local = f"--model {local}" if local else "the timm architecture as --model" if hub_id else f"--model {asked}"
+    others = f"a local file ({local} --weights FILE; config weights: FILE)" + (
+        "; or --random-init (config pretrained: false) for random weights" if pretrained else "")
+    if unreachable is not None and isinstance(error, LocalEntryNotFoundError):
+        return f"cannot get the {what} of {asked!r} from {where}: {unreachable_remedy(where, unreachable)}; or {others}"
     if isinstance(error, GatedRepoError):
         why = f"it is gated: accept its terms on https://huggingface.co/{where} and log in (`hf auth login` or HF_TOKEN)"
     elif isinstance(error, RepositoryNotFoundError):
@@ -431,12 +443,10 @@ def _unavailable_message(
         why = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}){offline} and the hub was not reached"
     else:
         why = f"{type(error).__name__}: {first_line(error)}"
-    local = f"--model {local}" if local else "the timm architecture as --model" if hub_id else f"--model {asked}"
-    random_init = "; or --random-init (config pretrained: false) for random weights" if pretrained else ""
     return (
-        f"cannot get the {what} of {asked!r} from {where}: {why}. Remedies: a local file ({local} --weights FILE; "
-        f"config weights: FILE); or a populated Hugging Face cache (download {where} where the hub is reachable, "
-        "copy the cache, point HF_HOME or HF_HUB_CACHE at it, set HF_HUB_OFFLINE=1)" + random_init
+        f"cannot get the {what} of {asked!r} from {where}: {why}. Remedies: HF_HUB_OFFLINE=1 with a populated "
+        f"Hugging Face cache (download {where} where the hub is reachable, copy the cache, point HF_HOME or "
+        f"HF_HUB_CACHE at it); or {others}"
     )
 
 
@@ -502,3 +512,12 @@ def _entry(model: FoundationModel) -> BackboneEntry:
 
 for _model in FOUNDATION_MODELS:
     register_backbone(_model.name, _entry(_model))
+
+
+def seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
+    """`create_backbone` with torch's generator seeded 0 (then restored): random weights are reproducible."""
+    # A randomly initialised model (--random-init) must be the same on every run, or a resumed
+    # extraction would mix features of two different networks.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_backbone(model, pretrained=pretrained, weights=weights)

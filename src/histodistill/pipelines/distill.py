@@ -55,9 +55,11 @@ class DistillConfig:
                                    "a histodistill .ckpt or export folder"))
     out: Path = field(**_option("the output folder of every stage (resumable)"))
     slides: Path | None = field(default=None, **_option(
-        "folder of slides (not recursive); with --coords: where the coords' slides are, if moved"))
+        "folder of slides (not recursive); with --coords: where the coords' slides are (needed for CLAM/TRIDENT "
+        "coords, or if the slides moved)"))
     coords: Path | None = field(default=None, **_option(
-        "a `histodistill tile` output (its patches/) to use instead of tiling"))
+        "coords of an earlier tiling to use instead of tiling: `histodistill tile`'s, CLAM's or TRIDENT's (the "
+        "folder holding patches/, or patches/ itself)"))
     labels: Path | None = field(default=None, **_option(
         "slide labels CSV case_id,slide_id,label: the AUROC comparison (without: feature agreement)"))
     teacher_weights: Path | None = field(default=None, **_option(
@@ -127,6 +129,11 @@ class DistillContext:
         return coords.parent if coords.name == "patches" and not (coords / "patches").is_dir() else coords
 
     @property
+    def slides_dir(self) -> Path | None:
+        """Where the slides of --coords are (CLAM and TRIDENT coords do not name them): --slides, else None."""
+        return self.config.slides if self.config.coords is not None else None
+
+    @property
     def precision(self) -> str:
         return "bf16" if self.device == "cuda" else "32"
 
@@ -136,7 +143,7 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     """Check every input and resolve the defaults; raises `UserError` (one line, the fix) before any work:
     bad paths, a teacher whose weights cannot be had, an unknown student, labels that do not match the
     slides, too few cases per class for the folds, MoMA without patch labels."""
-    from histodistill.features.extract import resolve_device
+    from histodistill.distributed import resolve_device
     from histodistill.models.backbones import create_backbone
 
     _check_numbers(config)
@@ -158,6 +165,8 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
                         "--student-random-init)") from None
     device = str(resolve_device(config.device))
     pre = teacher.preprocess
+    if config.coords is not None:
+        log(_describe_coords(config, pre.mpp))
     if config.mpp is None and pre.mpp is None:
         log(f"the teacher {config.teacher} records no mpp: tiles at 0.5 mpp (pass --mpp to choose)")
     rng = random.Random(config.seed)
@@ -196,23 +205,22 @@ def _check_paths(config: DistillConfig) -> None:
         if path is not None and not Path(path).exists():
             raise UserError(f"{option} {path}: no such file or folder")
     if config.slides is None and config.coords is None:
-        raise UserError("pass --slides FOLDER (slides to tile), or --coords of an earlier `histodistill tile` run")
+        raise UserError("pass --slides FOLDER (slides to tile), or --coords of an earlier tile/CLAM/TRIDENT run "
+                        "(with --slides for CLAM/TRIDENT coords)")
 
 
 def _slide_ids(config: DistillConfig) -> list[str]:
-    """The cohort: the slide files of --slides, or the coords files of --coords (ours: MCM-KD's windows and the
-    teacher cache need the tiling's attributes)."""
+    """The cohort: the slide files of --slides, or the slide ids of the coords files of --coords (ours, CLAM's
+    or TRIDENT's), each of whose slides must be found (`find_slide`: in --slides, else where the coords say)."""
     from histodistill.io import visible_files
-    from histodistill.wsi.coords import coords_files, read_coords
+    from histodistill.wsi.coords import coords_files, find_slide, read_coords
     from histodistill.wsi.formats import SLIDE_SUFFIXES
 
     if config.coords is not None:
-        files = coords_files(config.coords)
-        foreign = [path for path in files if "target_mpp" not in read_coords(path)[1]]
-        if foreign:
-            raise UserError(f"--coords {config.coords}: {foreign[0].name} was not written by `histodistill tile` (no "
-                            "target_mpp): MCM-KD's context windows need our tiling; drop --coords to tile --slides")
-        return [path.stem for path in files]
+        tilings = {path: read_coords(path)[1] for path in coords_files(config.coords)}
+        for path, attrs in tilings.items():
+            find_slide(path, attrs, config.slides)
+        return [attrs["slide_id"] for attrs in tilings.values()]
     if not Path(config.slides).is_dir():
         raise UserError(f"--slides {config.slides}: expected a folder of slides")
     slides = visible_files(config.slides, tuple(SLIDE_SUFFIXES))
@@ -220,6 +228,24 @@ def _slide_ids(config: DistillConfig) -> list[str]:
         raise UserError(f"--slides {config.slides}: no slide files in this folder (looked for "
                         f"{', '.join(sorted(SLIDE_SUFFIXES))})")
     return [path.stem for path in slides]
+
+
+def _describe_coords(config: DistillConfig, teacher_mpp: float | None) -> str:
+    """One line: what the tiles of --coords are (the first file's; CLAM states no mpp, TRIDENT a magnification)
+    and the mpp the teacher expects, which distill cannot check for coords without an mpp."""
+    from histodistill.wsi.coords import coords_files, read_coords
+
+    files = coords_files(config.coords)
+    attrs = read_coords(files[0])[1]
+    if "target_mpp" in attrs:
+        resolution = f"at {float(attrs['target_mpp']):g} mpp"
+    elif "target_magnification" in attrs:
+        resolution = f"at {float(attrs['target_magnification']):g}x magnification (mpp unknown)"
+    else:
+        resolution = f"at level {attrs.get('patch_level', '?')} (mpp unknown)"
+    expects = f"{teacher_mpp:g} mpp" if teacher_mpp else "no particular mpp"
+    return (f"--coords {config.coords}: {len(files)} slide(s); {files[0].name}: tiles of {attrs['patch_size']} px = "
+            f"{attrs['patch_size_level0']} level-0 px {resolution}; the teacher {config.teacher} expects {expects}")
 
 
 def _check_labels(labels: Path, slide_ids: list[str], folds: int) -> None:
@@ -271,7 +297,7 @@ def cache_teacher(context: DistillContext) -> dict:
     start = time.perf_counter()
     ensure_teacher_cache(context.tiles_dir, context.out / "teacher", config.teacher, config.teacher_weights,
                          rebuild=True, batch_size=config.extract_batch_size, num_workers=config.num_workers,
-                         precision=context.precision)
+                         precision=context.precision, slides_dir=context.slides_dir)
     return _throughput(config.teacher, folder, done_before, time.perf_counter() - start, context,
                        weights=config.teacher_weights)
 
@@ -348,6 +374,7 @@ def _mcmkd_overrides(context: DistillContext) -> list[str]:
         "--model.init_args.student", str(student_start_dir(context)),
         "--model.init_args.teacher_dim", str(context.teacher_dim),
         "--data.init_args.tiles_dir", str(context.tiles_dir),
+        "--data.init_args.slides_dir", str(context.slides_dir) if context.slides_dir else "null",
         "--data.init_args.teacher", config.teacher,
         "--data.init_args.teacher_weights", str(config.teacher_weights) if config.teacher_weights else "null",
         "--data.init_args.cache_dir", str(context.out / "teacher"),
@@ -405,7 +432,7 @@ def extract_students(context: DistillContext) -> dict:
         start = time.perf_counter()
         extract_slides(model, context.tiles_dir, folder.parent, batch_size=config.extract_batch_size,
                        num_workers=config.num_workers, device=context.device, precision=context.precision,
-                       slides_dir=config.slides if config.coords is not None else None)
+                       slides_dir=context.slides_dir)
         rows[name] = {"name": _student_name(context, name),
                       **_throughput(model, folder, done_before, time.perf_counter() - start, context)}
     write_json(context.out / "features" / "models.json", rows)

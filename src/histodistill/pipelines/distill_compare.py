@@ -71,6 +71,7 @@ def agreement(folders: dict[str, Path], slide_ids: Sequence[str], fit_run: Path,
     import h5py
     import torch
 
+    from histodistill.data.feature_files import COORDS, FEATURES
     from histodistill.losses.masked_context import normalise_targets
 
     features: dict[str, list[np.ndarray]] = {name: [] for name in MODELS}
@@ -81,7 +82,7 @@ def agreement(folders: dict[str, Path], slide_ids: Sequence[str], fit_run: Path,
             if not path.is_file():
                 break
             with h5py.File(path, "r") as handle:
-                values, order = handle["features"][:], handle["coords"][:]
+                values, order = handle[FEATURES][:], handle[COORDS][:]
             if coords is not None and not np.array_equal(coords, order):
                 raise ValueError(f"{path}: tiles in another order than the teacher's; the features were not "
                                  "extracted from the same coords")

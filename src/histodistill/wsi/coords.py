@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from histodistill.errors import UserError
-from histodistill.io import atomic_path, visible_files
+from histodistill.io import atomic_hdf5, visible_files
 from histodistill.wsi.formats import SLIDE_SUFFIXES
 
 # The tiling, as `extract` copies it onto a features file's `coords` (TRIDENT's slide encoders and
@@ -93,7 +93,7 @@ def read_coords(h5_path: str | os.PathLike) -> tuple[np.ndarray, dict]:
 
 def write_coords(path: Path, coords: np.ndarray, attrs: dict) -> None:
     """Write ``coords`` (N, 2) int64 with ``attrs`` on the dataset (CLAM) and on the file (TRIDENT-style)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_hdf5(path) as h5:
         h5.create_dataset("coords", data=coords.astype(np.int64).reshape(-1, 2))
         h5["coords"].attrs.update(attrs)  # CLAM reads the attributes from the dataset...
         h5.attrs.update(attrs)  # ...TRIDENT-style readers from the file; both are cheap

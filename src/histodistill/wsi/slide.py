@@ -36,6 +36,24 @@ OVERRIDE_SOURCE = "--mpp-override (or the slide CSV's `mpp` column)"
 STRIP_PIXELS = 16_000_000
 
 
+# A whole-level read that meets an unreadable region reads that strip again in blocks of this side, so
+# only the blocks holding the damage are lost (read as glass), not the whole strip.
+UNREADABLE_BLOCK = 256
+
+
+class UnreadableRegion(UserError):
+    """Pixels the slide file cannot give: a corrupt JPEG tile, a truncated or damaged file. Names the slide,
+    the region (level-0 top-left, level, size) and the decoder's reason."""
+
+    def __init__(self, path: Path, location: tuple[int, int], level: int, size: tuple[int, int], reason: str):
+        self.path, self.location, self.level, self.size, self.reason = path, location, level, size, reason
+        super().__init__(f"{path}: the {size[0]} x {size[1]} px region at level-0 ({location[0]}, {location[1]}), "
+                         f"level {level}, cannot be read ({reason})")
+
+    def __reduce__(self):  # rebuilt from its fields when it comes back from a worker process
+        return UnreadableRegion, (self.path, self.location, self.level, self.size, self.reason)
+
+
 def _to_rgb_uint8(image: Image.Image, path: Path) -> np.ndarray:
     """Pillow image of any 8-bit mode -> (h, w, 3) uint8; transparency is composited onto white."""
     if image.mode in ("I", "F") or ";16" in image.mode:  # deep formats the header checks missed
@@ -61,6 +79,7 @@ class Slide(ABC):
         self._metadata_mpp = metadata_mpp
         self._mpp_override = mpp_override
         self.mpp_source = OVERRIDE_SOURCE if mpp_override else mpp_source  # where `mpp` comes from, for messages
+        self.unreadable: list[UnreadableRegion] = []  # regions `read_downsampled` read as glass
 
     @property
     def level_count(self) -> int:
@@ -94,10 +113,6 @@ class Slide(ABC):
     @abstractmethod
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """(h, w, 3) uint8 of a region that lies entirely inside ``level``."""
-
-    @abstractmethod
-    def get_thumbnail(self, max_size: int) -> np.ndarray:
-        """The whole slide as (h, w, 3) uint8, longest side at most ``max_size``, aspect kept."""
 
     @abstractmethod
     def close(self) -> None:
@@ -180,9 +195,36 @@ class Slide(ABC):
             y0 = min(round(r0 * rows_per_out), level_h - 1)
             y1 = max(min(round(r1 * rows_per_out), level_h), y0 + 1)
             location = (0, round(y0 * self.level_downsamples[level]))
-            region = self.read_region(location, level, (level_w, y1 - y0))
+            try:
+                region = self.read_region(location, level, (level_w, y1 - y0))
+            except UnreadableRegion:
+                region = self._read_around_damage(location, level, (level_w, y1 - y0))
             strips.append(cv2.resize(region, (out_w, r1 - r0), interpolation=cv2.INTER_AREA).reshape(r1 - r0, out_w, 3))
         return np.concatenate(strips)
+
+
+    def get_thumbnail(self, max_size: int) -> np.ndarray:
+        """The whole slide as (h, w, 3) uint8, longest side ``max_size`` (or level 0's, if smaller), aspect kept.
+
+        `read_downsampled`, so regions the slide file cannot give come back as glass and are listed in
+        ``self.unreadable`` (OpenSlide's own thumbnail stops at the first corrupt tile, breaking the handle).
+        """
+        return self.read_downsampled(max(self.dimensions) / max_size)
+
+    def _read_around_damage(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """``read_region`` in `UNREADABLE_BLOCK` blocks: unreadable ones come back white (glass) and are added
+        to ``self.unreadable``, so tissue detection loses the damaged blocks only, and says so."""
+        out = np.full((size[1], size[0], 3), 255, np.uint8)
+        downsample = self.level_downsamples[level]
+        for by in range(0, size[1], UNREADABLE_BLOCK):
+            for bx in range(0, size[0], UNREADABLE_BLOCK):
+                block = (min(UNREADABLE_BLOCK, size[0] - bx), min(UNREADABLE_BLOCK, size[1] - by))
+                at = (location[0] + round(bx * downsample), location[1] + round(by * downsample))
+                try:
+                    out[by : by + block[1], bx : bx + block[0]] = self.read_region(at, level, block)
+                except UnreadableRegion as damage:
+                    self.unreadable.append(damage)
+        return out
 
 
 class OpenSlideLikeSlide(Slide):
@@ -190,6 +232,7 @@ class OpenSlideLikeSlide(Slide):
 
     def __init__(self, path: Path, handle, prefix: str, mpp_override: float | None):
         self._handle = handle
+        self._reopen = type(handle)  # OpenSlide or TiffSlide: called with the path after a read error
         properties = handle.properties
         mpp_x, mpp_y = properties.get(f"{prefix}.mpp-x"), properties.get(f"{prefix}.mpp-y")
         metadata_mpp = None
@@ -204,11 +247,15 @@ class OpenSlideLikeSlide(Slide):
         self.level_downsamples = [float(d) for d in handle.level_downsamples]
 
     def _read(self, location, level, size):
-        region = self._handle.read_region(tuple(map(int, location)), level, tuple(map(int, size)))
+        try:
+            region = self._handle.read_region(tuple(map(int, location)), level, tuple(map(int, size)))
+        except Exception as error:  # noqa: BLE001 - OpenSlideError, or TiffSlide's decoders' own error types
+            # OpenSlide keeps an error for good: every later read of this handle would fail, so open it again.
+            self._handle.close()
+            self._handle = self._reopen(str(self.path))
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UnreadableRegion(self.path, tuple(map(int, location)), level, tuple(map(int, size)), reason) from None
         return _to_rgb_uint8(region, self.path)
-
-    def get_thumbnail(self, max_size: int) -> np.ndarray:
-        return _to_rgb_uint8(self._handle.get_thumbnail((max_size, max_size)), self.path)
 
     def close(self) -> None:
         self._handle.close()
@@ -228,11 +275,6 @@ class ImageSlide(Slide):
     def _read(self, location, level, size):
         x, y = map(int, location)
         return self._pixels[y : y + size[1], x : x + size[0]].copy()
-
-    def get_thumbnail(self, max_size: int) -> np.ndarray:
-        image = Image.fromarray(self._pixels)
-        image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
-        return np.asarray(image)
 
     def close(self) -> None:
         """Nothing to release: the pixels were read into memory when the slide was opened."""

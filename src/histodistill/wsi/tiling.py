@@ -29,12 +29,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from histodistill.errors import UserError
-from histodistill.io import atomic_path, write_json
-from histodistill.wsi.coords import read_coords, write_coords
+from histodistill.io import atomic_path, is_disk_full, write_json
+from histodistill.wsi.coords import write_coords
 from histodistill.wsi.slide import LEVEL_MPP_TOLERANCE, Slide, open_slide
 from histodistill.wsi.tissue import TissueConfig, lacks_colour, mask_mpp_for, tissue_mask
 
-__all__ = ["TileResult", "grid_coords", "read_coords", "tile_slide", "tissue_fractions", "write_coords"]
+__all__ = ["TileResult", "grid_coords", "tile_slide", "tissue_fractions"]
 
 # mpp x magnification for slides that do not state their objective power: 20x = 0.5 mpp,
 # 40x = 0.25 mpp (the usual scanner convention).
@@ -127,17 +127,56 @@ def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, patch_l
     return image
 
 
-def _existing_done(paths: OutputPaths, settings: dict) -> dict | None:
-    """The ok/empty status of a finished earlier run with these settings; `UserError` if the settings differ."""
+def tiling_settings(target_mpp: float, magnification: float | None, patch_size: int, overlap: int, min_tissue: float,
+                    mpp_override: float | None, tissue: TissueConfig) -> dict:
+    """What a tiling depends on, as its status file records it (JSON: tuples become lists)."""
+    settings = dict(target_mpp=None if magnification else target_mpp, magnification=magnification,
+                    patch_size=patch_size, overlap=overlap, min_tissue=min_tissue, mpp_override=mpp_override,
+                    tissue=dataclasses.asdict(tissue))
+    return json.loads(json.dumps(settings))
+
+
+def _option(key: str) -> str:
+    """The `histodistill tile` option of a settings key: ``patch_size`` -> ``--patch-size``."""
+    return "--" + {"target_mpp": "mpp"}.get(key, key.removeprefix("tissue.")).replace("_", "-")
+
+
+def settings_differences(earlier: dict, now: dict) -> list[str]:
+    """Only the settings that differ, by their option: ``--patch-size 224 (the tiles there: 256)``."""
+    def flat(settings: dict) -> dict:
+        out = {}
+        for key, value in settings.items():
+            out |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+        return out
+
+    def shown(value) -> str:
+        return "default" if value is None else str(value)  # None: the option was not given
+
+    earlier, now = flat(earlier), flat(now)
+    return [f"{_option(key)} {shown(now.get(key))} (the tiles there: {shown(earlier.get(key))})"
+            for key in dict.fromkeys([*now, *earlier]) if earlier.get(key) != now.get(key)]
+
+
+def earlier_tiling(out_dir: str | os.PathLike, slide_id: str, settings: dict) -> tuple[dict | None, list[str]]:
+    """``(status, differences)`` of a finished earlier tiling of ``slide_id`` in ``out_dir`` (``(None, [])``
+    when there is none): its status record, and the settings (`tiling_settings`) it was made with that
+    differ from ``settings`` (`settings_differences`; empty when the same)."""
+    paths = OutputPaths.for_slide(out_dir, slide_id)
     if not paths.status.is_file():
-        return None
+        return None, []
     status = json.loads(paths.status.read_text())
     if not (status.get("status") == "ok" and paths.coords.is_file() or status.get("status") == "empty"):
-        return None
-    if status.get("settings") != json.loads(json.dumps(settings)):  # as JSON stores it: tuples become lists
+        return None, []
+    return status, settings_differences(status.get("settings") or {}, settings)
+
+
+def _existing_done(paths: OutputPaths, settings: dict) -> dict | None:
+    """The ok/empty status of a finished earlier run with these settings; `UserError` if the settings differ."""
+    status, differences = earlier_tiling(paths.coords.parent.parent, paths.coords.stem, settings)
+    if differences:
         raise UserError(
-            f"{paths.coords} was made with other settings ({status.get('settings')}); "
-            "pass --overwrite to replace it, or choose another --out"
+            f"{paths.coords} was made with other settings: {'; '.join(differences)}; its {status.get('n_tiles', 0)} "
+            "tiles are kept: pass --overwrite to replace them, or choose another --out"
         )
     return status
 
@@ -169,15 +208,7 @@ def tile_slide(
     slide_path = Path(slide_path).resolve()
     slide_id = slide_path.stem
     paths = OutputPaths.for_slide(out_dir, slide_id)
-    settings = dict(
-        target_mpp=None if magnification else target_mpp,
-        magnification=magnification,
-        patch_size=patch_size,
-        overlap=overlap,
-        min_tissue=min_tissue,
-        mpp_override=mpp_override,
-        tissue=dataclasses.asdict(tissue),
-    )
+    settings = tiling_settings(target_mpp, magnification, patch_size, overlap, min_tissue, mpp_override, tissue)
     if not overwrite and (done := _existing_done(paths, settings)):
         return TileResult(slide_id, str(slide_path), "skipped", done["n_tiles"], 0.0, done.get("message", ""))
 
@@ -198,6 +229,7 @@ def tile_slide(
                             f"{slide.mpp_source}): tiles are upsampled {1 / scale:.3g}x; pass --mpp {slide.mpp:.4g} "
                             "or coarser unless this is meant")
         mask_mpp = mask_mpp_for(tissue, patch_level0, slide.mpp)
+        slide.unreadable.clear()  # the slide is cached per process: only this run's reads
         image = slide.read_downsampled(mask_mpp / slide.mpp)  # (h, w, 3) from the closest pyramid level
         mask = tissue_mask(image, slide.mpp * slide.dimensions[0] / image.shape[1], tissue)
         level0_magnification = slide.objective_power or MPP_TIMES_MAGNIFICATION / slide.mpp
@@ -223,12 +255,16 @@ def tile_slide(
                                              tissue, paths.qc))
         qc_downsample = max(1.0, max(slide.dimensions) / QC_MIN_SIDE)
         qc_image = image if max(image.shape[:2]) >= QC_MIN_SIDE else slide.read_downsampled(qc_downsample)
+        if slide.unreadable:
+            warnings.append(_unreadable_warning(slide.unreadable))
         with atomic_path(paths.qc) as tmp:
             # Fast zlib level: on a 20x slide's QC picture it saves 40 % of the time for 4 % more bytes.
             draw_qc(qc_image, mask, coords, patch_level0, slide.dimensions).save(tmp, format="PNG", compress_level=1)
     except BaseException as error:  # KeyboardInterrupt too: never leave a coords file for a failed slide
         for path in (paths.coords, paths.qc):
             path.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise  # no status can be written either; the run stops with one line (`reporting_full_disk`)
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         status = dict(slide_id=slide_id, slide_path=str(slide_path), status="failed", n_tiles=0,
                       seconds=round(time.perf_counter() - start, 3), message=message, settings=settings)
@@ -240,6 +276,15 @@ def tile_slide(
                   seconds=round(seconds, 3), message=message, settings=settings)
     write_json(paths.status, status)
     return TileResult(slide_id, str(slide_path), outcome, len(coords), seconds, message)
+
+
+def _unreadable_warning(damage: list) -> str:
+    """One sentence on the regions a whole-level read could not decode (`Slide.unreadable`)."""
+    first = damage[0]
+    regions = len({(d.location, d.level) for d in damage})
+    return (f"{regions} region(s) of the slide file cannot be read (first: level-0 ({first.location[0]}, "
+            f"{first.location[1]}), level {first.level}: {first.reason}); they were taken as glass for tissue "
+            "detection, and `extract` leaves out, names and records the tiles it cannot read")
 
 
 def _why_no_tiles(slide: Slide, image: np.ndarray, mask: np.ndarray, grid: np.ndarray, patch_size: int, mpp: float,

@@ -13,13 +13,14 @@ everything else that carries some colour is tissue unless a rule below rejects i
    areas, and the ceiling stops that cut before it reaches stained tissue;
 3. dim pixels (V < ``glass_value``) are never glass; they are tissue when they carry a trace of
    colour (S >= ``auto_saturation_floor``), so grey debris and grayscale images are not;
-4. not tissue: near-black (V < ``dark_value``: labels, slide edges, black ink), green/blue pen
-   (green above red by more than ``pen_margin``; in H&E green is the smallest channel) and
-   navy/violet-blue ink: on the colour averaged over ``ink_smoothing_um``, hue in ``ink_hue``
-   degrees, S >= ``ink_min_saturation`` and V <= ``ink_max_value``. Hematoxylin is blue-violet too,
-   but nuclei are small and sit in eosin, so their neighbourhood average is purple (hue > 255 deg
-   on the sample images) and paler; an ink stroke is a wide, uniform, dark blue band (see
-   docs/tiling.md for the measurements and the inks this does not catch);
+4. not tissue: near-black (V < ``dark_value``: labels, slide edges), green/blue pen (green above
+   red by more than ``pen_margin``; in H&E green is the smallest channel), and two inks judged on
+   the colour averaged over ``ink_smoothing_um``: navy/violet-blue (hue in ``ink_hue`` degrees,
+   S >= ``ink_min_saturation``, V <= ``ink_max_value``) and black/grey (V <= ``black_ink_max_value``,
+   S < ``black_ink_max_saturation``). Hematoxylin is blue-violet too, but nuclei are small and sit
+   in eosin, so their neighbourhood average is purple (hue > 255 deg on the sample images) and
+   paler; tissue that dark is also strongly coloured. An ink stroke is a wide, uniform band (see
+   docs/tiling.md for the measurements and the inks this does not catch: red is kept);
 5. closing with a disk of ``closing_um``, holes up to ``max_hole_um2`` filled, components below
    ``min_area_um2`` dropped.
 
@@ -50,7 +51,9 @@ class TissueConfig:
     ink_hue: tuple[float, float] = (200.0, 255.0)  # hue range of navy/violet-blue ink, degrees
     ink_min_saturation: float = 0.3  # ink is strongly coloured...
     ink_max_value: int = 160  # ...and dark (brightest channel), 0..255
-    ink_smoothing_um: float = 24.0  # side of the box the ink rule averages colour over, microns
+    black_ink_max_value: int = 100  # black/grey ink: averaged colour at most this dark (brightest channel)...
+    black_ink_max_saturation: float = 0.25  # ...and this grey; H&E that dark is coloured (S >= 0.27 on the samples)
+    ink_smoothing_um: float = 24.0  # side of the box the ink rules average colour over, microns
     median_um: float = 12.0  # median filter on the saturation, microns (0 = off)
     closing_um: float = 16.0  # radius of the closing that bridges small gaps, microns (0 = off)
     max_hole_um2: float = 50_000.0  # holes up to this area are filled (lumens above it stay out), um^2
@@ -102,12 +105,22 @@ def _odd_kernel(microns: float, mpp: float) -> int:
 
 
 def ink_mask(rgb: np.ndarray, mpp: float, config: TissueConfig) -> np.ndarray:
-    """(h, w) bool: navy/violet-blue ink judged on the neighbourhood-averaged colour, and its rim."""
+    """(h, w) bool: navy/violet-blue ink, black/grey ink and green/blue pen, judged on the neighbourhood-averaged
+    colour, and their rim."""
     size = max(3, _odd_kernel(config.ink_smoothing_um, mpp))
-    hsv = cv2.cvtColor(cv2.blur(rgb, (size, size)), cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for 0..360 degrees
+    averaged = cv2.blur(rgb, (size, size))
+    hsv = cv2.cvtColor(averaged, cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for 0..360 degrees
     hue = hsv[..., 0].astype(np.float32) * (360 / 256)
-    ink = ((hue >= config.ink_hue[0]) & (hue <= config.ink_hue[1]) & (hsv[..., 1] >= config.ink_min_saturation * 255)
-           & (hsv[..., 2] <= config.ink_max_value))
+    saturation, value = hsv[..., 1], hsv[..., 2]
+    navy = ((hue >= config.ink_hue[0]) & (hue <= config.ink_hue[1]) & (saturation >= config.ink_min_saturation * 255)
+            & (value <= config.ink_max_value))
+    # Black marker, RGB about (45, 45, 55), is above the near-black cut and carries a trace of blue.
+    black = (value <= config.black_ink_max_value) & (saturation < config.black_ink_max_saturation * 255)
+    # The pen rule again on the averaged colour: per pixel, noise lets some pixels of a wide pen stroke pass it.
+    # Pen is strongly coloured; a greyish-blue average (a tissue rim on bluish glass) is not pen.
+    pen = ((averaged[..., 1].astype(np.int16) - averaged[..., 0] > config.pen_margin)
+           & (saturation >= config.ink_min_saturation * 255))
+    ink = navy | black | pen
     # The averaging pales a stroke's rim with the glass beside it; widen the mask by the box it used.
     return cv2.dilate(ink.astype(np.uint8), np.ones((size, size), np.uint8)).astype(bool)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from histodistill.cli import main
 from histodistill.samples.synthetic_slides import Source, make_slides
@@ -179,17 +180,49 @@ def test_bad_input_is_refused_with_one_line_before_any_stage(cohort, tmp_path, c
         assert not out.exists(), expected  # nothing ran, nothing was written
 
 
-def test_coords_of_another_tool_are_refused(cohort, tmp_path, capsys):
+def test_clam_coords_with_slides_are_described_cached_and_cut_into_windows(cohort, tmp_path, capsys):
     import h5py
 
-    coords = tmp_path / "clam" / "patches"
-    coords.mkdir(parents=True)
-    with h5py.File(coords / "slide_000.h5", "w") as handle:
-        handle["coords"] = np.zeros((2, 2), np.int64)
-        handle["coords"].attrs.update(patch_size=256, patch_level=0, patch_size_level0=256)
-    argv = _argv(cohort, tmp_path / "run", str(cohort["teacher"]), "--coords", str(coords.parent))
-    assert main(argv) == 2
-    assert "was not written by `histodistill tile`" in _one_error_line(capsys)
+    from histodistill.data.context_windows import context_windows_of_dir
+    from histodistill.pipelines.distill import DistillConfig, _mcmkd_overrides, cache_teacher, prepare
+    from histodistill.wsi.coords import read_coords
+    from histodistill.wsi.tiling import tile_slide
+
+    clam = tmp_path / "clam" / "patches"
+    clam.mkdir(parents=True)
+    slides = sorted(cohort["slides"].glob("*.tif"))[:3]
+    for path in slides:  # our tiles of 3 slides, rewritten as create_patches_fp writes them: no mpp, no slide path
+        tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=TILE)
+        coords, _ = read_coords(tmp_path / "tiles" / "patches" / f"{path.stem}.h5")
+        with h5py.File(clam / f"{path.stem}.h5", "w") as handle:
+            handle["coords"] = coords
+            handle["coords"].attrs.update(patch_size=TILE, patch_level=0, downsample=np.array([1.0, 1.0]),
+                                          name=path.stem)
+    argv = _argv(cohort, tmp_path / "run", str(cohort["teacher"]), "--coords", str(clam.parent), labels=False)
+    without_slides = argv[:argv.index("--slides")] + argv[argv.index("--slides") + 2:]
+    assert main(without_slides) == 2  # CLAM coords name no slide
+    assert "pass --slides DIR" in _one_error_line(capsys)
+
+    config = DistillConfig(teacher=str(cohort["teacher"]), student="tiny/resnet18-64", student_random_init=True,
+                           out=tmp_path / "run", coords=clam.parent, slides=cohort["slides"], device="cpu",
+                           num_workers=0)
+    lines = []
+    context = prepare(config, log=lines.append)
+    assert context.slide_ids == tuple(path.stem for path in slides) and context.slides_dir == cohort["slides"]
+    described = [line for line in lines if line.startswith("--coords")]
+    assert len(described) == 1 and "3 slide(s); synth_000.h5: tiles of 64 px = 64 level-0 px at level 0 (mpp unknown)" in described[0]
+    assert "the teacher " in described[0] and " expects " in described[0]
+    overrides = _mcmkd_overrides(context)  # the fit finds the slides too
+    assert overrides[overrides.index("--data.init_args.slides_dir") + 1] == str(cohort["slides"])
+    summary = cache_teacher(context)  # stage 2 reads the tiles through --slides
+    cache = Path(summary["features_dir"])
+    assert sorted(path.stem for path in cache.glob("*.h5")) == list(context.slide_ids)
+    theirs = context_windows_of_dir(clam, cache, side=3, slides_dir=context.slides_dir)
+    ours = context_windows_of_dir(tmp_path / "tiles" / "patches", cache, side=3)
+    assert len(theirs) == len(ours) > 0
+    for index in (0, len(ours) - 1):
+        for mine, other in zip(theirs[index], ours[index], strict=True):
+            assert torch.equal(mine, other)
 
 
 def _summary(labelled: bool = True) -> dict:
