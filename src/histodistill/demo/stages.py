@@ -45,8 +45,9 @@ LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
 #   validates and probes every network on 20 % (172 training nuclei, 71 test).
 # - sdmae_epochs (SD-MAE and MAE alike), student_epochs: the networks' training (students: MoMA, KD, CE).
 # - teacher_dim, teacher_depth, teacher_heads: the SD-MAE (and MAE) ViT, 8-px patches at 64 px. The full
-#   run's 384-d, 4-block ViT forwards 2.9x slower than the 64-px ResNet-18 student on this CPU (the issue
-#   asks >= 2x; docs/benchmarks/distill.md); --quick keeps the 96-d, 2-block ViT, faster than the student.
+#   run's 384-d, 4-block ViT extracts 2.4-3.0x slower than the 64-px ResNet-18 student end to end on this
+#   CPU (the issue asks >= 2x; docs/benchmarks/distill.md); --quick keeps the 96-d, 2-block ViT, faster
+#   than the student.
 SIZES = {
     False: {"slides": 200, "folds": 5, "seeds": 3, "mil_epochs": 40, "nuclei_fraction": 1.0,
             "sdmae_epochs": 12, "student_epochs": 8, "teacher_dim": 384, "teacher_depth": 4, "teacher_heads": 6},
