@@ -139,8 +139,11 @@ def batched_speed(args: argparse.Namespace) -> None:
     docs/benchmarks/mil.md. Each cross-validation runs at ``--speed-epochs`` (two epoch counts, alternating the
     two ways), and its time at ``--epochs`` is extrapolated from the line through them (a fixed part: reading,
     writing the run; and a part per epoch)."""
+    import os
+
     import numpy as np
 
+    load_at_start = os.getloadavg()[0]  # the page says how busy the machine was; ratios are same-run either way
     demo, work = Path(args.demo), Path(args.work) / "speed"
     low, high = (int(e) for e in args.speed_epochs.split(","))
     if args.from_demo:
@@ -195,8 +198,8 @@ epochs the two are equal in distribution (the AUROCs), and equal to 1e-5 only ov
 
 The whole MIL stage at {args.epochs} epochs (extractors × their time, on one core; the demo spreads them over its
 cores the same way in both): **{totals[False]:.0f} CPU s one at a time, {totals[True]:.0f} CPU s together
-({totals[False] / totals[True]:.1f}× faster)**. The machine was shared with other work; the ratios are from
-the same run.
+({totals[False] / totals[True]:.1f}× faster)**. Load average {load_at_start:.1f} on the machine's cores when it
+started; the ratios are from the same run.
 """
     write_part("mil", "batched", "Folds trained together: the MIL stage batched vs one run at a time",
                "python -m benchmarks.mil --speed" + (" --from-demo" if args.from_demo else ""), body)

@@ -47,7 +47,7 @@ class CVConfig:
     ``train.early_stop`` is on, none when it is off (no slide is kept from training for nothing).
     ``by_case``: one bag per case; ``drop_empty``: leave out slides without tissue tiles (else an error).
     ``batched``: train all folds × seeds as one stacked model (`histodistill.eval.mil_stacked`; the same
-    results as one at a time, about twice as fast on a CPU, M times the activation memory); False, or a
+    results as one at a time, 1.3-1.5x less CPU time on an idle 2-core CPU, M times the activation memory); False, or a
     model that cannot be stacked (TransMIL, CLAM-MB), trains them one at a time.
     """
 
