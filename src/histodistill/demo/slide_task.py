@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,21 +46,21 @@ def measure_extractors(models: dict[str, str | Path | None], tiles_dir: Path, ou
     is the colour-only control (no parameters, no probe). Features go to ``out_dir/<name>/features_*``,
     probe features to ``out_dir/probe/<name>``. ``tiles_per_s`` counts only the slides extracted by this
     call (a resumed extraction skips finished slides), and is None when every slide was already done."""
+    from functools import partial
+
     from histodistill.features.colour import colour_features
     from histodistill.features.extract import extract_slides
-    from histodistill.features.throughput import extraction_rate, finished_slides, parameters
+    from histodistill.features.throughput import parameters, timed_extraction
     from histodistill.models.backbones import create_backbone
 
     rows = {}
     for name, model in models.items():
-        done_before = {slide for folder in (out_dir / name).glob("features_*") for slide in finished_slides(folder)}
-        start = time.perf_counter()
-        if model is COLOUR:
-            folder = colour_features(tiles_dir, out_dir / name)
-        else:
-            folder = extract_slides(model, tiles_dir, out_dir / name, device=device)
+        place = out_dir / name
+        extract = (partial(colour_features, tiles_dir, place) if model is COLOUR else
+                   partial(extract_slides, model, tiles_dir, place, device=device))
+        folder, tiles_per_s = timed_extraction(extract, place)
         rows[name] = {
-            "features_dir": str(folder), "tiles_per_s": extraction_rate(folder, done_before, time.perf_counter() - start),
+            "features_dir": str(folder), "tiles_per_s": tiles_per_s,
             "parameters": 0 if model is COLOUR else parameters(create_backbone(model)),
             "probe_balanced_accuracy": None if model is COLOUR else probe_nuclei(model, nuclei_dir,
                                                                                  out_dir / "probe" / name, device),

@@ -1,7 +1,7 @@
 """How fast a backbone turns tiles into features on this machine, and which machine that is.
 
 Two rates, both in tiles per second:
-- end to end (`extraction_rate`): what `extract_slides` achieved over the slides it wrote (reading, resizing,
+- end to end (`timed_extraction`): what `extract_slides` achieved over the slides it wrote (reading, resizing,
   normalising and the forward pass), the number a lab's extraction run will see;
 - forward only (`forward_rate`): the network alone on random tiles already on the device, which the data
   pipeline cannot hide (on a GPU a slow reader caps the end-to-end rate of every model alike).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -26,20 +27,20 @@ PROJECTED_SLIDES = 10_000
 PROJECTED_TILES_PER_SLIDE = 10_000
 
 
-def finished_slides(features_dir: str | os.PathLike) -> set[str]:
-    """Names of the features files already in ``features_dir`` (taken before an extraction that resumes)."""
-    return {path.name for path in Path(features_dir).glob("*.h5")}
-
-
-def extraction_rate(features_dir: str | os.PathLike, done_before: set[str], seconds: float) -> float | None:
-    """Tiles/s over the features files written since ``done_before`` was taken, in ``seconds``; None when
-    none was written (a resumed extraction had nothing left to do: no rate was measured)."""
+def timed_extraction(extract: Callable[[], Path], search_dir: str | os.PathLike) -> tuple[Path, float | None]:
+    """Run ``extract``, which writes features files under ``search_dir`` and returns their folder; returns that
+    folder and the end-to-end tiles/s over the files this call wrote (None when it wrote none: a resumed
+    extraction had nothing left to do, so no rate was measured)."""
+    done_before = {path.resolve() for path in Path(search_dir).rglob("*.h5")}
+    start = time.perf_counter()
+    folder = Path(extract())
+    seconds = time.perf_counter() - start
     tiles = 0
-    for path in Path(features_dir).glob("*.h5"):
-        if path.name not in done_before:
+    for path in folder.glob("*.h5"):
+        if path.resolve() not in done_before:
             with h5py.File(path, "r") as handle:
                 tiles += len(handle[COORDS])
-    return round(tiles / seconds, 1) if tiles and seconds > 0 else None
+    return folder, (round(tiles / seconds, 1) if tiles and seconds > 0 else None)
 
 
 @torch.inference_mode()

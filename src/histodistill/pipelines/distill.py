@@ -287,35 +287,27 @@ def tile_slides(context: DistillContext) -> dict:
 def cache_teacher(context: DistillContext) -> dict:
     """Stage 2: the teacher's feature of every tile, once (`ensure_teacher_cache`). These files are both the
     MCM-KD targets and the teacher's slide features in the comparison."""
-    import time
 
     from histodistill.features.teacher_cache import cache_features_dir, ensure_teacher_cache
+    from histodistill.features.throughput import timed_extraction
 
     config = context.config
-    folder = cache_features_dir(context.out / "teacher", config.teacher)
-    done_before = _finished(folder)
-    start = time.perf_counter()
-    ensure_teacher_cache(context.tiles_dir, context.out / "teacher", config.teacher, config.teacher_weights,
-                         rebuild=True, batch_size=config.extract_batch_size, num_workers=config.num_workers,
-                         precision=context.precision, slides_dir=context.slides_dir)
-    return _throughput(config.teacher, folder, done_before, time.perf_counter() - start, context,
-                       weights=config.teacher_weights)
+    folder, tiles_per_s = timed_extraction(lambda: ensure_teacher_cache(
+        context.tiles_dir, context.out / "teacher", config.teacher, config.teacher_weights, rebuild=True,
+        batch_size=config.extract_batch_size, num_workers=config.num_workers, precision=context.precision,
+        slides_dir=context.slides_dir), cache_features_dir(context.out / "teacher", config.teacher))
+    return _throughput(config.teacher, folder, tiles_per_s, context, weights=config.teacher_weights)
 
 
-def _finished(folder: Path) -> set[str]:
-    from histodistill.features.throughput import finished_slides
-
-    return finished_slides(folder)
-
-
-def _throughput(model: str | Path, folder: Path, done_before: set[str], seconds: float, context: DistillContext,
+def _throughput(model: str | Path, folder: Path, tiles_per_s: float | None, context: DistillContext,
                 weights: Path | None = None) -> dict:
-    """A model's row: its features folder, end-to-end and forward-only tiles/s, and parameters."""
-    from histodistill.features.throughput import extraction_rate, forward_rate, parameters
+    """A model's row: its features folder, end-to-end (``tiles_per_s``, `timed_extraction`) and forward-only
+    tiles/s, and parameters."""
+    from histodistill.features.throughput import forward_rate, parameters
     from histodistill.models.backbones import create_backbone
 
     backbone = create_backbone(model, weights=weights)
-    return {"features_dir": str(folder), "tiles_per_s": extraction_rate(folder, done_before, seconds),
+    return {"features_dir": str(folder), "tiles_per_s": tiles_per_s,
             "forward_tiles_per_s": forward_rate(backbone, context.device, precision=context.precision),
             "parameters": parameters(backbone)}
 
@@ -418,23 +410,20 @@ def export_student(context: DistillContext) -> dict:
 def extract_students(context: DistillContext) -> dict:
     """Stage 5a: every slide's features from the tuned and the un-tuned student (timed), beside the teacher's
     row from stage 2 (its cache is its slide features: no second teacher pass). Writes features/models.json."""
-    import time
 
-    from histodistill.features.extract import extract_slides, model_slug
+    from histodistill.features.extract import extract_slides
+    from histodistill.features.throughput import timed_extraction
     from histodistill.io import write_json
 
     config = context.config
     teacher = read_record(record_path(context.out, "teacher"))["summary"]
     rows = {"teacher": {"name": config.teacher, **teacher}}
     for name, model in (("student_untuned", student_start_dir(context)), ("student", context.out / "export")):
-        folder = context.out / "features" / name / f"features_{model_slug(model)}"
-        done_before = _finished(folder)
-        start = time.perf_counter()
-        extract_slides(model, context.tiles_dir, folder.parent, batch_size=config.extract_batch_size,
-                       num_workers=config.num_workers, device=context.device, precision=context.precision,
-                       slides_dir=context.slides_dir)
-        rows[name] = {"name": _student_name(context, name),
-                      **_throughput(model, folder, done_before, time.perf_counter() - start, context)}
+        folder, tiles_per_s = timed_extraction(lambda model=model, name=name: extract_slides(
+            model, context.tiles_dir, context.out / "features" / name, batch_size=config.extract_batch_size,
+            num_workers=config.num_workers, device=context.device, precision=context.precision,
+            slides_dir=context.slides_dir), context.out / "features" / name)
+        rows[name] = {"name": _student_name(context, name), **_throughput(model, folder, tiles_per_s, context)}
     write_json(context.out / "features" / "models.json", rows)
     return {f"{name}_tiles_per_s": row["tiles_per_s"] for name, row in rows.items()}
 
