@@ -51,7 +51,7 @@ from histodistill.eval.mil import (
     split_indices,
 )
 from histodistill.eval.mil_config import TrainConfig
-from histodistill.models.mil import MILOutput
+from histodistill.models.mil import MILHead, MILOutput, Standardized
 from histodistill.models.mil_stacked import NotStackable, set_dropout, stack_mil, unstack_state
 from histodistill.optim.optimizer import OptimConfig, build_optimizer
 
@@ -144,18 +144,22 @@ class _MaskedAdamW:
             settings = {k: group[k] for k in ("lr", "weight_decay", "eps")} | dict(zip(("beta1", "beta2"),
                                                                                         group["betas"], strict=True))
             self.groups.append((names, slices, moments, steps, settings))
+        self._picked: dict[int, tuple] = {}
 
     @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor], stepping: list[int]) -> None:
         """One AdamW step for the runs ``stepping`` with ``grads`` {name: (M, …)}."""
-        for names, slices, moments, steps, settings in self.groups:
+        for g, (names, slices, moments, steps, settings) in enumerate(self.groups):
             if not names:
                 continue
-            per_run_grads = [grads[n].unbind(0) for n in names]
             pick = [(k, m) for m in stepping for k in range(len(names))]
-            adamw([slices[k][m] for k, m in pick], [per_run_grads[k][m] for k, m in pick],
-                  [moments[k][0][m] for k, m in pick], [moments[k][1][m] for k, m in pick], [],
-                  [steps[k][m] for k, m in pick], fused=True, amsgrad=False, maximize=False, **settings)
+            if self._picked.get(g, (None,))[0] != pick:  # the same runs step almost every time: lists kept
+                self._picked[g] = (pick, [slices[k][m] for k, m in pick], [moments[k][0][m] for k, m in pick],
+                                   [moments[k][1][m] for k, m in pick], [steps[k][m] for k, m in pick])
+            _, weights, averages, squares, counts = self._picked[g]
+            per_run_grads = [grads[n].unbind(0) for n in names]
+            adamw(weights, [per_run_grads[k][m] for k, m in pick], averages, squares, [], counts, fused=True,
+                  amsgrad=False, maximize=False, **settings)
 
 
 @torch.no_grad()
@@ -206,7 +210,7 @@ def train_runs(runs: list[Run], config: TrainConfig) -> list[tuple[nn.Module, in
     stacked = stack_mil([run.model for run in runs]).to(device)
     count, per_run, dim = len(runs), config.batch_size, runs[0].train[0]["features"].shape[1]
     optimizer = _MaskedAdamW(stacked, runs[0].model, config, count)
-    objective = runs[0].model.loss  # the model's training objective (`MILHead.loss`), the same for every run
+    loss = _objective(runs[0].model, count, per_run)
     parameters = dict(stacked.named_parameters())
     generators = [run.generator or torch.Generator().manual_seed(run.seed) for run in runs]
     train, val = [_Bags.of(run.train) for run in runs], [_Bags.of(run.val) for run in runs]
@@ -215,6 +219,7 @@ def train_runs(runs: list[Run], config: TrainConfig) -> list[tuple[nn.Module, in
     orders = [DataLoader(range(len(part.ids)), batch_size=per_run, shuffle=True, collate_fn=list,
                          generator=torch.Generator().manual_seed(run.seed)) for run, part in zip(runs, train, strict=True)]
     progress = [_Progress(config.early_stop if len(part.ids) else "none") for part in val]
+    finite_at_start = _finite(parameters)
     for epoch in range(1, config.epochs + 1):
         active = [m for m in range(count) if not progress[m].done]
         if not active:
@@ -229,19 +234,18 @@ def train_runs(runs: list[Run], config: TrainConfig) -> list[tuple[nn.Module, in
             set_dropout(stacked, generators if device.type == "cpu" else None, step.shapes)
             with autocast(device):
                 output = stacked(step.features.to(device), step.mask.to(device))
-            labels = step.labels.to(device)
-            # Each run's objective on its own bags only, as its model's `loss` computes it alone.
-            run_losses = torch.stack([objective(_run_part(output, m * per_run, m * per_run + len(chosen[m])),
-                                                labels[m * per_run : m * per_run + len(chosen[m])]) for m in stepping])
+            run_losses = loss(output, step.labels.to(device), chosen, stepping)
             if not torch.isfinite(run_losses).all():
+                if finite_at_start:  # weights given non-finite are the loss's error, as in `train_fold`
+                    _check_weights(parameters, runs, config.lr)  # an earlier step's overflow shows here first
                 bad = [m for m, value in zip(stepping, run_losses, strict=True) if not torch.isfinite(value)]
                 raise non_finite_loss_error([i for m in bad for i in step.ids[m]], "; ".join(runs[m].name for m in bad))
             grads = torch.autograd.grad(run_losses.sum(), list(parameters.values()))
             optimizer.step(dict(zip(parameters, grads, strict=True)), stepping)
-            if not torch.isfinite(torch.nn.utils.get_total_norm(list(parameters.values()))):
-                bad = [m for m in stepping if not all(torch.isfinite(p[m]).all() for p in parameters.values())]
-                raise overflow_error(config.lr, "; ".join(runs[m].name for m in bad))
             totals[stepping] += run_losses.detach().double().cpu() * torch.tensor([len(chosen[m]) for m in stepping])
+        # An overflowing step (an absurd lr) writes inf/NaN into its run's weights: the run's next loss is then
+        # non-finite (checked above), and the epoch's last step is checked here, before anything is kept.
+        _check_weights(parameters, runs, config.lr)
         validation = _validate(stacked, val, [m for m in active if len(val[m].ids)], per_run, dim, device)
         for m in active:
             row = {"epoch": epoch, "train_loss": totals[m].item() / max(len(train[m].ids), 1)} | validation.get(m, {})
@@ -254,6 +258,38 @@ def train_runs(runs: list[Run], config: TrainConfig) -> list[tuple[nn.Module, in
                 parameter.copy_(progress[m].best_state[name])
         results.append((run.model.cpu(), progress[m].best_epoch, progress[m].history))
     return results
+
+
+def _objective(model: nn.Module, count: int, per_run: int) -> Callable:
+    """Each stepping run's objective on its own bags, as its model's ``loss`` computes it alone:
+    ``(stacked output, labels (M·B,), chosen, stepping) -> (len(stepping),)``. The plain bag cross-entropy
+    (every model but CLAM's) is one call for all runs, the mean over each run's bags; another objective
+    (CLAM-SB's instance loss) is called per run on its part of the output."""
+    inner = model.mil if isinstance(model, Standardized) else model
+    if type(inner).loss is not MILHead.loss:
+        def per_run_loss(output, labels, chosen, stepping):
+            return torch.stack([model.loss(_run_part(output, m * per_run, m * per_run + len(chosen[m])),
+                                           labels[m * per_run : m * per_run + len(chosen[m])]) for m in stepping])
+        return per_run_loss
+
+    def bag_cross_entropy(output, labels, chosen, stepping):
+        per_bag = F.cross_entropy(output.logits.float(), labels, reduction="none").view(count, per_run)  # (M, B)
+        bags = torch.tensor([len(c) for c in chosen], device=per_bag.device)[:, None]  # (M, 1)
+        share = (torch.arange(per_run, device=per_bag.device) < bags) / bags.clamp_min(1)  # (M, B): 1/B_m, 0 if empty
+        # An empty slot's loss is left out, not multiplied by 0 (it may be inf for a run whose weights overflowed).
+        return per_bag.where(share > 0, 0.0).mul(share).sum(1)[stepping]
+    return bag_cross_entropy
+
+
+def _finite(parameters: dict[str, torch.Tensor]) -> bool:
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(list(parameters.values()))))
+
+
+def _check_weights(parameters: dict[str, torch.Tensor], runs: list[Run], lr: float) -> None:
+    """`train_fold`'s overflow error, naming the runs whose weights are no longer finite."""
+    if not _finite(parameters):
+        bad = [m for m in range(len(runs)) if not all(torch.isfinite(p[m]).all() for p in parameters.values())]
+        raise overflow_error(lr, "; ".join(runs[m].name for m in bad))
 
 
 def _record(progress: _Progress, row: dict, epoch: int, patience: int, stacked: nn.Module, run: int) -> None:

@@ -96,17 +96,16 @@ class StackedDropout(nn.Module):
             return x * 0.0
         if self.generators is None:
             return nn.functional.dropout(x, self.p, training=True)
-        mask = torch.ones_like(x)
+        # Each run draws into its (B_m, N_m, …) corner of the mask: a strided view, drawn in the order of a
+        # contiguous tensor of that shape. Padding and empty slots keep 0 (their outputs are never used).
+        mask = torch.zeros_like(x)
         per_run = x.shape[0] // len(self.generators)
         for m, (generator, shape) in enumerate(zip(self.generators, self.shapes, strict=True)):
-            if shape is None:
-                continue
-            bags, length = shape
-            draw_shape = (bags, length, *x.shape[2:]) if x.ndim >= 3 else (bags, *x.shape[1:])
-            noise = torch.empty(draw_shape, dtype=x.dtype).bernoulli_(1 - self.p, generator=generator)
-            rows = mask[m * per_run : m * per_run + bags]
-            (rows[:, :length] if x.ndim >= 3 else rows).copy_(noise.div_(1 - self.p))
-        return x * mask
+            if shape is not None:
+                bags, length = shape
+                rows = mask[m * per_run : m * per_run + bags]
+                (rows[:, :length] if x.ndim >= 3 else rows).bernoulli_(1 - self.p, generator=generator)
+        return x * mask.div_(1 - self.p)
 
 
 def stack_mil(models: Sequence[nn.Module]) -> nn.Module:
