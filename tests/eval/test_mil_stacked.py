@@ -5,6 +5,8 @@ time (`eval.mil.train_fold`): same weights, predictions, histories and best epoc
 from __future__ import annotations
 
 import dataclasses
+import math
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -15,10 +17,10 @@ from conftest import planted_features
 from histodistill.data.bags import BagDataset, class_names, make_bags, read_labels
 from histodistill.data.splits import make_splits
 from histodistill.errors import UserError
-from histodistill.eval import mil
+from histodistill.eval import mil, mil_stacked
 from histodistill.eval.mil_cv import CVConfig, TrainConfig, cross_validate
-from histodistill.eval.mil_stacked import NotStackable, Run, _MaskedAdamW, train_runs
-from histodistill.models.mil import create_mil
+from histodistill.eval.mil_stacked import NotStackable, Run, _MaskedAdamW, _objective, train_runs
+from histodistill.models.mil import MILOutput, create_mil
 from histodistill.models.mil_stacked import stack_mil
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,3 +157,40 @@ def test_cross_validate_trains_transmil_one_at_a_time_and_says_why(tmp_path):
     cross_validate(features, labels, tmp_path / "run", CVConfig(model="transmil", folds=2, train=TrainConfig(
         epochs=1, model_kwargs=SMALL["transmil"])), log=lines.append)
     assert any("one at a time, not together: TransMIL runs each bag alone" in line for line in lines), lines
+
+
+def test_the_bag_cross_entropy_of_all_runs_at_once_is_each_runs_own_mean_and_ignores_empty_slots():
+    """`_objective`'s one call for every run gives what each run's model.loss gives on its own bags (runs with 3,
+    1 and no bags of a 3-bag step); an empty slot's inf logits reach no run's loss."""
+    model = create_mil("abmil", 6, 2, **SMALL["abmil"])
+    logits, labels = torch.randn(9, 2), torch.tensor([0, 1, 1, 0, 0, 0, 1, 0, 1])
+    logits[4:] = float("inf")  # run 1's padding slots and run 2's empty slots
+    chosen, stepping = [[0, 1, 2], [5], []], [0, 1]
+    output = MILOutput(logits, torch.zeros(9, 4))
+    got = _objective(model, 3, 3)(output, labels, chosen, stepping)
+    expected = torch.stack([model.loss(MILOutput(logits[:3], None), labels[:3]),
+                            model.loss(MILOutput(logits[3:4], None), labels[3:4])])
+    torch.testing.assert_close(got, expected)
+
+
+def test_several_bags_per_step_take_one_adamw_step_per_group_of_bags_and_repeat_with_the_same_seeds(dataset):
+    """``batch_size`` B: each run takes ceil(n / B) steps an epoch (the mean loss of B bags each); trained twice
+    with the same seeds, dropout included, the weights are identical."""
+    data, splits = dataset
+    config = mil.TrainConfig(epochs=1, lr=1e-2, batch_size=3, device="cpu")
+    optimizers, trained = [], []
+
+    class Kept(_MaskedAdamW):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            optimizers.append(self)
+
+    for _ in range(2):
+        runs = build_runs(data, splits, "abmil", config, seeds=(0,), dropout=0.25)
+        with patch.object(mil_stacked, "_MaskedAdamW", Kept):
+            trained.append(train_runs(runs, config))
+        steps = optimizers[-1].groups[0][3][0]  # the first parameter's AdamW step count, per run
+        assert [int(count) for count in steps] == [math.ceil(len(run.train) / 3) for run in runs]
+    for (model_a, _, _), (model_b, _, _) in zip(*trained, strict=True):
+        for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
