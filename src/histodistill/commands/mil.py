@@ -82,7 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=train.patience,
                         help="with --early-stop: epochs without improvement before a fold stops (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=train.batch_size,
-                        help="bags per step, padded with a mask (default: %(default)s)")
+                        help="bags per step, padded to the longest with a mask; the loss is their mean, so an epoch "
+                        "takes ceil(n/B) AdamW steps instead of n: B > 1 changes the optimisation (lr may need "
+                        "scaling; docs/mil.md, 'Several bags per step') (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=train.seed,
                         help="first CV seed: splits, initialisation and shuffling (default: %(default)s)")
     parser.add_argument("--one-at-a-time", action="store_true",

@@ -23,7 +23,8 @@ class TrainConfig:
     ``early_stop`` is off by default: on the 1-10 validation slides of a small cohort it picked
     epoch-1 to -5 models and lowered the slide AUROC (docs/mil.md), so the last epoch is kept.
     ``seed`` is the first CV seed: seed s seeds the splits, each fold's initialisation (s + fold) and
-    its shuffling.
+    its shuffling. ``batch_size``: bags per step, padded with a mask, their mean loss and one AdamW step;
+    B > 1 takes ceil(n / B) steps an epoch instead of n, which changes the optimisation (docs/mil.md).
     """
 
     epochs: int = 50
