@@ -159,13 +159,15 @@ def test_feature_norm_fits_on_training_tiles_only_and_finds_a_signal_under_a_sha
     np.testing.assert_allclose(model.std.numpy(), train.std(0, ddof=1), rtol=1e-4)
 
 
-def test_one_at_a_time_writes_the_predictions_of_the_default_batched_run(tmp_path, capsys):
+@pytest.mark.parametrize("bags_per_step", ["1", "3"])
+def test_one_at_a_time_writes_the_predictions_of_the_default_batched_run(tmp_path, capsys, bags_per_step):
     features_dir, labels, _ = planted_features(tmp_path, n_cases=12)
     probabilities = {}
     for name, extra in (("together", []), ("alone", ["--one-at-a-time"])):
         argv = ["mil", "--features", str(features_dir), "--labels", str(labels), "--folds", "3", "--seeds", "2",
-                "--epochs", "3", "--lr", "2e-3", "--out", str(tmp_path / name), *extra]
+                "--epochs", "3", "--lr", "2e-3", "--batch-size", bags_per_step, "--out", str(tmp_path / name), *extra]
         assert main(argv) == 0
+        assert f"batch_size: {bags_per_step}\n" in (tmp_path / name / "config.yaml").read_text()
         with (tmp_path / name / "predictions.csv").open() as handle:
             probabilities[name] = [[float(v) for k, v in row.items() if k.startswith("prob_")]
                                    for row in csv.DictReader(handle)]
