@@ -4,7 +4,6 @@ a planted signal."""
 from __future__ import annotations
 
 import argparse
-
 import csv
 import json
 from collections import Counter
