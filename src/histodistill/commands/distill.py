@@ -23,7 +23,7 @@ HELP = "distil a foundation-model teacher into a fast student on your slides, an
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per `DistillConfig` field: its type, default and help live there."""
-    from histodistill.pipelines.distill import DistillConfig
+    from histodistill.pipelines.distill_config import DistillConfig
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     hints = typing.get_type_hints(DistillConfig)
@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from histodistill.pipelines.distill import DistillConfig, distill
+    from histodistill.pipelines.distill import distill
+    from histodistill.pipelines.distill_config import DistillConfig
 
     values = {item.name: getattr(args, item.name) for item in dataclasses.fields(DistillConfig)}
     values["out"] = Path(values["out"])
