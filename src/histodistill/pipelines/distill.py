@@ -95,6 +95,16 @@ def run_dir(context: DistillContext) -> Path:
     return context.out / "fit" / "run"
 
 
+def models_json(out: Path) -> Path:
+    """features/models.json of a distill folder ``out``: each model's row (features folder, tiles/s, parameters)."""
+    return out / "features" / "models.json"
+
+
+def compare_dir(out: Path) -> Path:
+    """Where a distill folder ``out`` keeps each model's MIL CV run (``<model>/``, `slide_cv`)."""
+    return out / "compare"
+
+
 def fit_student(context: DistillContext) -> dict:
     """Stage 3: the student's start weights saved (the un-tuned student of the comparison), then the fit
     through the recipe (`fit_recipe`: the code `histodistill fit` runs), budgeted in optimiser steps."""
@@ -202,7 +212,7 @@ def extract_students(context: DistillContext) -> dict:
             num_workers=config.num_workers, device=context.device, precision=context.precision,
             slides_dir=context.slides_dir), context.out / "features" / name)
         rows[name] = {"name": _student_name(context, name), **_throughput(model, folder, tiles_per_s, context)}
-    write_json(context.out / "features" / "models.json", rows)
+    write_json(models_json(context.out), rows)
     return {f"{name}_tiles_per_s": row["tiles_per_s"] for name, row in rows.items()}
 
 
@@ -219,16 +229,16 @@ def compare(context: DistillContext) -> dict:
     from histodistill.io import write_json
     from histodistill.pipelines.distill_compare import agreement, slide_cv
 
-    rows = json.loads((context.out / "features" / "models.json").read_text())
+    rows = json.loads(models_json(context.out).read_text())
     folders = {name: Path(rows[name]["features_dir"]) for name in MODELS}
     if context.config.labels is not None:
-        results = slide_cv(folders, context.config, context.out / "compare", context.device)
+        results = slide_cv(folders, context.config, compare_dir(context.out), context.device)
         summary = {f"{name}_auroc": results["models"][name]["slide_auroc"] for name in MODELS}
     else:
         results = agreement(folders, context.held_out or context.slide_ids, run_dir(context), context.config.method)
         results["slides"] = "held_out" if context.held_out else "all"
         summary = {"student_cosine": results["student_cosine"], "student_cka": results["models"]["student"]["cka"]}
-    write_json(context.out / "compare" / "results.json", results)
+    write_json(compare_dir(context.out) / "results.json", results)
     return summary
 
 
@@ -238,8 +248,8 @@ def write_summary(context: DistillContext) -> dict:
     from histodistill.io import write_json
     from histodistill.pipelines.distill_compare import summary
 
-    rows = json.loads((context.out / "features" / "models.json").read_text())
-    results = json.loads((context.out / "compare" / "results.json").read_text())
+    rows = json.loads(models_json(context.out).read_text())
+    results = json.loads((compare_dir(context.out) / "results.json").read_text())
     fit = read_record(record_path(context.out, "fit"))["summary"]
     document = summary(rows, results, fit, context)
     write_json(context.out / SUMMARY_JSON, document)
