@@ -113,7 +113,7 @@ def fit_student(context: DistillContext) -> dict:
     from histodistill.features.export import EXPORT_CONFIG, save_backbone
     from histodistill.io import write_json
     from histodistill.models.backbones import create_backbone
-    from histodistill.pipelines.recipes import class_spec, fit_recipe
+    from histodistill.pipelines.recipes import fit_recipe
 
     config = context.config
     start = student_start_dir(context)
@@ -124,7 +124,7 @@ def fit_student(context: DistillContext) -> dict:
     write_json(context.out / "fit" / "held_out.json", list(context.held_out))
     common = ["--seed_everything", str(config.seed), "--trainer.max_epochs", "-1",
               "--trainer.max_steps", str(config.steps), "--trainer.log_every_n_steps", str(min(50, config.steps)),
-              "--trainer.callbacks", json.dumps([class_spec(*_step_checkpoint(context))])]
+              "--trainer.callbacks", json.dumps([_step_checkpoint(context)])]
     if config.batch_size:
         common += ["--data.init_args.batch_size", str(config.batch_size)]
     common += ["--data.init_args.num_workers", str(config.num_workers)]
@@ -136,13 +136,15 @@ def fit_student(context: DistillContext) -> dict:
             "slides_fit": len(context.slide_ids) - len(context.held_out), "slides_held_out": len(context.held_out)}
 
 
-def _step_checkpoint(context: DistillContext) -> tuple[type, dict]:
+def _step_checkpoint(context: DistillContext) -> dict:
     """last.ckpt every `CHECKPOINT_EVERY_STEPS` steps too (the run directory's own one is written per epoch,
-    and a large cohort's fit may be a fraction of an epoch): the callback class and its arguments."""
+    and a large cohort's fit may be a fraction of an epoch)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    return ModelCheckpoint, {"dirpath": str(run_dir(context) / "checkpoints"), "filename": "last", "save_top_k": 1,
-                             "every_n_train_steps": CHECKPOINT_EVERY_STEPS, "enable_version_counter": False}
+    from histodistill.pipelines.recipes import class_spec
+
+    return class_spec(ModelCheckpoint, dirpath=str(run_dir(context) / "checkpoints"), filename="last", save_top_k=1,
+                      every_n_train_steps=CHECKPOINT_EVERY_STEPS, enable_version_counter=False)
 
 
 def _mcmkd_overrides(context: DistillContext) -> list[str]:
@@ -157,6 +159,9 @@ def _mcmkd_overrides(context: DistillContext) -> list[str]:
         "--data.init_args.slides_dir", str(context.slides_dir) if context.slides_dir else "null",
         "--data.init_args.teacher", config.teacher,
         "--data.init_args.teacher_weights", str(config.teacher_weights) if config.teacher_weights else "null",
+        # The teacher as stage 2 cached it, with its weights (a recipe may say otherwise, e.g. tiny_cpu's random
+        # teacher): the cache is found under that teacher's name.
+        "--data.init_args.teacher_pretrained", "true",
         "--data.init_args.cache_dir", str(context.out / "teacher"),
         "--data.init_args.rebuild_cache", "false",  # stage 2 built it: the fit must find exactly those files
         "--data.init_args.extract_precision", context.precision,
