@@ -36,4 +36,4 @@ def test_distill_offers_exactly_mcmkds_target_norms_and_losses():
     from histodistill.losses.masked_context import LossKind, TargetNorm
     from histodistill.pipelines.distill_config import MCMKD_LOSSES, TARGET_NORMS
 
-    assert TARGET_NORMS == typing.get_args(TargetNorm) and MCMKD_LOSSES == typing.get_args(LossKind)
+    assert typing.get_args(TargetNorm) == TARGET_NORMS and typing.get_args(LossKind) == MCMKD_LOSSES

@@ -287,6 +287,7 @@ def mcmkd_overrides(student: Path, teacher: Path, tiles: Path, cache: Path, step
         "--model.init_args.student", str(student),
         "--model.init_args.teacher_dim", str(create_backbone(str(teacher)).num_features),
         "--data.init_args.tiles_dir", str(tiles), "--data.init_args.teacher", str(teacher),
+        "--data.init_args.teacher_pretrained", "true",  # its own weights, the cache named as distill's
         "--data.init_args.cache_dir", str(cache), "--data.init_args.batch_size", str(MCMKD_BATCH),
         "--data.init_args.window_stride", str(MCMKD_WINDOW_STRIDE), *budget,
     ]
