@@ -143,6 +143,21 @@ def test_a_folder_the_previous_demo_finished_resumes_into_the_distill_stage(tmp_
     assert calls == []
 
 
+def test_a_rerun_features_stage_keeps_the_tiles_per_s_measured_when_the_same_folder_was_extracted(tmp_path):
+    from histodistill.demo.stages import _keep_measured_rates
+
+    previous = tmp_path / "extractors.json"
+    previous.write_text(json.dumps({"kd_student": {"features_dir": "f/kd", "tiles_per_s": 150.0},
+                                    "mae_vit": {"features_dir": "f/old_mae", "tiles_per_s": 600.0}}))
+    rows = {"kd_student": {"features_dir": "f/kd", "tiles_per_s": None},  # skipped: every slide done before
+            "mae_vit": {"features_dir": "f/mae", "tiles_per_s": None},  # another folder: nothing to keep
+            "ce_student": {"features_dir": "f/ce", "tiles_per_s": 90.0}}  # measured now
+    _keep_measured_rates(rows, previous)
+    assert [row["tiles_per_s"] for row in rows.values()] == [150.0, None, 90.0]
+    _keep_measured_rates(rows, tmp_path / "absent.json")  # a first run: nothing before
+    assert rows["mae_vit"]["tiles_per_s"] is None
+
+
 def test_cuda_without_a_gpu_is_refused_clearly(tmp_path, capsys, monkeypatch):
     import torch
 

@@ -356,6 +356,7 @@ def extract_slide_features(context: DemoContext) -> dict:
     models["colour_only"] = COLOUR
     rows = measure_extractors(models, context.out / "tiles" / "slides", context.out / "features",
                               context.out / "data" / "nuclei", context.device)
+    _keep_measured_rates(rows, context.out / "features" / "extractors.json")
     distilled = json.loads(models_json(context.out / "distill").read_text())
     for name, row in DISTILLED.items():
         rows[name] = {**{key: distilled[row][key] for key in ("features_dir", "tiles_per_s", "parameters")},
@@ -365,13 +366,25 @@ def extract_slide_features(context: DemoContext) -> dict:
     return {f"{name}_probe_bacc": row["probe_balanced_accuracy"] for name, row in rows.items()}
 
 
-def _mil_runs(context: DemoContext, name: str) -> list[Path]:
-    """An extractor's MIL run per CV seed: the distill stage's for the `DISTILLED`, the mil stage's otherwise."""
+def _keep_measured_rates(rows: dict[str, dict], previous: Path) -> None:
+    """A rerun of the features stage finds every slide of an unchanged extractor done (verified, skipped), so it
+    times nothing (``tiles_per_s`` None); such a row keeps the tiles/s its earlier run of this stage measured
+    for the same features folder (``previous``: that run's extractors.json), else stays None."""
+    measured = json.loads(previous.read_text()) if previous.is_file() else {}
+    for name, row in rows.items():
+        before = measured.get(name, {})
+        if row["tiles_per_s"] is None and before.get("features_dir") == row["features_dir"]:
+            row["tiles_per_s"] = before.get("tiles_per_s")
+
+
+def mil_runs(out: Path, name: str, seeds: int) -> list[Path]:
+    """An extractor's MIL run per CV seed in the demo folder ``out``: the distill stage's for the `DISTILLED`,
+    the mil stage's otherwise."""
     from histodistill.eval.mil_cv import seed_runs
     from histodistill.pipelines.distill import compare_dir
 
-    folder = compare_dir(context.out / "distill") / DISTILLED[name] if name in DISTILLED else context.out / "mil" / name
-    return seed_runs(folder, list(range(context.sizes["seeds"])))
+    folder = compare_dir(out / "distill") / DISTILLED[name] if name in DISTILLED else out / "mil" / name
+    return seed_runs(folder, list(range(seeds)))
 
 
 def _check_same_folds(runs: list[Path], reference: list[Path]) -> None:
@@ -402,8 +415,9 @@ def slide_mil(context: DemoContext) -> dict:
     others = [name for name in names if name not in DISTILLED]
     scores = run_slide_task({name: features[name] for name in others}, slides, context.out / "mil", SLIDE_TILE_PX,
                             folds=sizes["folds"], seeds=sizes["seeds"], epochs=sizes["mil_epochs"], device=context.device)
-    _check_same_folds(_mil_runs(context, "sdmae_vit"), _mil_runs(context, others[0]))
-    scores |= score_runs({name: _mil_runs(context, name) for name in DISTILLED}, slides, SLIDE_TILE_PX)
+    seeds = sizes["seeds"]
+    _check_same_folds(mil_runs(context.out, "sdmae_vit", seeds), mil_runs(context.out, others[0], seeds))
+    scores |= score_runs({name: mil_runs(context.out, name, seeds) for name in DISTILLED}, slides, SLIDE_TILE_PX)
     with open(slides / "labels.csv", newline="") as handle:
         slide_ids = [row["slide_id"] for row in csv.DictReader(handle)]
     # No MIL: how well each extractor's tile features alone separate tumour tiles (told every tile's label).
@@ -456,7 +470,7 @@ def draw_heatmaps(context: DemoContext) -> dict:
     slides = context.out / "data" / "slides"
     with open(slides / "labels.csv", newline="") as handle:
         positives = [row["slide_id"] for row in csv.DictReader(handle) if row["label"] == "positive"][:4]
-    run_heatmaps(_mil_runs(context, best)[0], slides / "slides", slide_ids=positives, out=context.out / "heatmaps",
+    run_heatmaps(mil_runs(context.out, best, context.sizes["seeds"])[0], slides / "slides", slide_ids=positives, out=context.out / "heatmaps",
                  top_k=6)
     return {"extractor": best, "heatmaps": len(list((context.out / "heatmaps").glob("*.png")))}
 
