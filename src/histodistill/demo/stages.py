@@ -149,12 +149,12 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
     return save_backbone(random_like(spec), out_dir)  # the checkpoint's preprocessing (input size) kept
 
 
-def _probe(context: DemoContext, model: str | Path, name: str) -> float:
+def _probe(context: DemoContext, model: str | Path, name: str, overwrite: bool = False) -> float:
     """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task."""
     from histodistill.demo.slide_task import probe_nuclei
 
     return probe_nuclei(model, context.out / "data" / "nuclei", context.out / "features" / "probe" / name,
-                        context.device)
+                        context.device, overwrite)
 
 
 def _pretrain(context: DemoContext, recipe: str, stage: str) -> tuple[dict, Path]:
@@ -359,8 +359,10 @@ def extract_slide_features(context: DemoContext) -> dict:
     _keep_measured_rates(rows, context.out / "features" / "extractors.json")
     distilled = json.loads(models_json(context.out / "distill").read_text())
     for name, row in DISTILLED.items():
+        # The MCM-KD student's probe features are extracted afresh (the nuclei: seconds): a folder of the demo
+        # before the distill stage holds its earlier MCM-KD student's under the same name.
         rows[name] = {**{key: distilled[row][key] for key in ("features_dir", "tiles_per_s", "parameters")},
-                      "probe_balanced_accuracy": _probe(context, checkpoints[name], name)}
+                      "probe_balanced_accuracy": _probe(context, checkpoints[name], name, name == "mcmkd_student")}
     rows = {name: rows[name] for name in [*EXTRACTORS, *CONTROLS]}
     write_json(context.out / "features" / "extractors.json", rows)
     return {f"{name}_probe_bacc": row["probe_balanced_accuracy"] for name, row in rows.items()}
