@@ -72,3 +72,19 @@ def test_a_stage_that_declares_its_settings_ignores_other_recorded_keys_but_not_
     every = [Stage("a", "a", lambda context: {})]  # declares none: every key of either side counts
     with pytest.raises(UserError, match=r"^retired x != \(unset\) in .*/a/stage.json"):
         run_stages(every, Context(tmp_path, settings={"size": 1, "steps": 2}), log=lambda _: None)
+
+
+def test_an_interrupted_rerun_leaves_no_record_of_a_later_stage_to_skip_next_time(tmp_path):
+    """a runs again (its output went missing); the run is killed in b: c's record, of c's run on a's earlier
+    output, must not let the next run skip c."""
+    calls: list[str] = []
+    context = Context(tmp_path, settings={"size": 1, "steps": 2})
+    run_stages(_stages(calls), context, log=lambda _: None)
+    (tmp_path / "a" / "out.txt").unlink()
+    stages = _stages(calls)
+    stages[1] = Stage("b", "b", lambda context: 1 / 0, settings=("steps",))
+    with pytest.raises(ZeroDivisionError):
+        run_stages(stages, context, log=lambda _: None)
+    assert not (tmp_path / "c" / "stage.json").exists()
+    run_stages(_stages(calls), context, log=lambda _: None)
+    assert calls == ["a", "b", "c", "a", "b", "c"]

@@ -88,6 +88,10 @@ def run_stages(stages: list[Stage], context: StageContext, log: Callable[[str], 
             log(f"{header} (done before, skipped)")
             continue
         log(header + (f" (recorded as done, but {problem}: running it again)" if problem else ""))
+        if not ran:  # this stage and every later one run: the later ones' records describe older inputs, and
+            # one left behind by an interruption would be skipped next time
+            for later in stages[index:]:
+                record_path(context.out, later.name).unlink(missing_ok=True)
         # Written before each stage, so a stage (the report) sees the timings of the ones before it.
         write_json(context.out / TIMINGS, {name: rec["seconds"] for name, rec in records.items()})
         start, ran = time.perf_counter(), True
