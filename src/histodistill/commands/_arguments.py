@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 
+from histodistill.errors import Flag
 from histodistill.io import unwritable_reason
 
 
@@ -50,6 +52,27 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     if args.random_init and os.path.exists(args.model):
         raise UserError(f"--random-init applies to model names; {args.model} carries its own weights: "
                         "pass its architecture's name (e.g. the timm name) for random weights")
+
+
+def command_flags(parser: argparse.ArgumentParser, parameters: Mapping[str, str] | None = None) -> dict[str, Flag]:
+    """The `Flag` of each library parameter a command passes, for `histodistill.errors.rendering_parameters`:
+    every option of ``parser`` under its dest (``patch_size`` -> ``--patch-size``; a switch under
+    ``dest=True``, e.g. ``overwrite=True`` -> ``--overwrite``), plus ``parameters``, the command's own
+    ``PARAMETERS``: a library parameter (or ``name=value``) that an option passes under another name -> that
+    option's dest (``{"target_mpp": "mpp", "pretrained=False": "random_init"}``)."""
+    by_dest: dict[str, tuple[str, Flag]] = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        option = max(action.option_strings, key=len)  # the long form
+        if action.nargs == 0:  # store_true & co.: the option stands for one value
+            by_dest[action.dest] = (f"{action.dest}={action.const}", Flag(option, None))
+        else:
+            by_dest[action.dest] = (action.dest, Flag(option, str(action.metavar or action.dest.upper())))
+    flags = dict(by_dest.values())
+    for parameter, dest in (parameters or {}).items():
+        flags[parameter] = by_dest[dest][1]
+    return flags
 
 
 def render_parameters(message: str, flags: dict[str, str] | None = None) -> str:

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from histodistill.data.indexed_dataset import IndexedDataset
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.losses.kd import kd_loss
 from histodistill.methods.classification import ClassificationMethod
 from histodistill.methods.kd_zoo import Term, TermInputs, TrainingData, build_term
@@ -74,14 +74,13 @@ class TeacherStudentMethod(ClassificationMethod):
         optim: OptimConfig | None = None,
     ) -> None:
         if student_init is not None and student_init not in STUDENT_INITS:
-            raise UserError(f"model.init_args.student_init must be one of {', '.join(STUDENT_INITS)} (or unset), "
-                            f"got {student_init!r}")
+            raise ConfigError(f"`student_init={student_init!r}`: must be one of {', '.join(STUDENT_INITS)} (or unset)")
         # Built randomly first: whether the student starts as the teacher is known only once both exist,
         # and a student that does never needs its published weights.
         super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, pretrained=False,
                          optim=optim)
         if not 0 <= classifier_dropout < 1:
-            raise UserError(f"model.init_args.classifier_dropout must be in [0, 1), got {classifier_dropout}")
+            raise ConfigError(f"`classifier_dropout={classifier_dropout}`: must be in [0, 1)")
         self.classifier_dropout = classifier_dropout
         self.w_ce, self.w_kd, self.temperature = w_ce, w_kd, temperature
         self.teacher: Backbone = create_backbone(
@@ -97,9 +96,9 @@ class TeacherStudentMethod(ClassificationMethod):
             freeze(self.teacher_classifier)
         same_architecture = state_shapes(self.backbone.model) == state_shapes(self.teacher.model)
         if student_init == "teacher" and not same_architecture:
-            raise UserError(f"student_init: teacher copies the teacher into the student, but teacher "
-                            f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in architecture: "
-                            "set model.init_args.student_init to imagenet or random")
+            raise ConfigError(f"`student_init='teacher'` copies the teacher into the student, but teacher "
+                              f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in architecture: "
+                              "set `student_init='imagenet'` or `student_init='random'`")
         own_weights = pretrained or weights is not None
         self.student_init = student_init or ("teacher" if same_architecture else "imagenet" if own_weights else "random")
         if student_init is None:
@@ -222,8 +221,8 @@ class Distill(TeacherStudentMethod):
                             kwargs.get("teacher_classifier_from_checkpoint"))
         staged = self.feature_loss is not None and self.feature_loss.init_stage
         if init_steps < 0 or (init_steps > 0 and not staged):
-            raise UserError(f"model.init_args.init_steps={init_steps}: only ab, ft and fsp have a pre-training "
-                            "stage; give a number of training batches >= 0 for those, 0 otherwise")
+            raise ConfigError(f"`init_steps={init_steps}`: only ab, ft and fsp have a pre-training "
+                              "stage; give a number of training batches >= 0 for those, 0 otherwise")
         self.init_steps = init_steps
         if staged:
             # Training batches seen so far: a buffer, so a resumed run knows whether its stage is over.

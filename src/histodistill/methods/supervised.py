@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.methods.classification import ClassificationMethod
 from histodistill.optim.optimizer import OptimConfig
 
@@ -45,9 +45,9 @@ class Supervised(ClassificationMethod):
     ) -> None:
         super().__init__(backbone, num_classes, backbone_kwargs, pretrained, weights, optim)
         if not 0.0 <= label_smoothing < 1.0:
-            raise UserError(f"model.init_args.label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise ConfigError(f"`label_smoothing={label_smoothing}`: must be in [0, 1)")
         if mixup < 0 or cutmix < 0:
-            raise UserError(f"model.init_args.mixup and cutmix must be >= 0, got {mixup} and {cutmix}")
+            raise ConfigError(f"`mixup={mixup}` and `cutmix={cutmix}`: must be >= 0")
         self.label_smoothing = label_smoothing
         self.mixup: Mixup | None = None
         if mixup > 0 or cutmix > 0:
