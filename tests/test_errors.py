@@ -9,13 +9,13 @@ import pytest
 from histodistill.commands._arguments import command_flags
 from histodistill.errors import ConfigError, Flag, UserError, render_parameters, rendering_parameters
 
-FLAGS = {"target_mpp": Flag("--mpp", "MPP"), "overwrite=True": Flag("--overwrite", None),
-         "pretrained=False": Flag("--random-init", None)}
+FLAGS = {"target_mpp": Flag("--mpp"), "overwrite=True": Flag("--overwrite", switch=True),
+         "pretrained=False": Flag("--random-init", switch=True)}
 
 
 def test_a_parameter_is_rendered_as_its_flag_with_its_value():
     assert render_parameters("`target_mpp=0.3`: finer than the slide", FLAGS) == "--mpp 0.3: finer than the slide"
-    assert render_parameters("raise `target_mpp=...`", FLAGS) == "raise --mpp MPP"
+    assert render_parameters("raise `target_mpp=...`", FLAGS) == "raise --mpp"
     assert render_parameters("`target_mpp='x'`: not a number", FLAGS) == "--mpp x: not a number"
 
 
@@ -49,10 +49,11 @@ def test_a_commands_flags_come_from_its_parser_and_its_renames():
     parser = argparse.ArgumentParser()
     parser.add_argument("slides")
     parser.add_argument("--patch-size", type=int)
-    parser.add_argument("--mpp", metavar="UM")
+    parser.add_argument("--mpp", "-m", metavar="UM")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--random-init", action="store_true")
     flags = command_flags(parser, {"target_mpp": "mpp", "pretrained=False": "random_init"})
-    assert flags == {"patch_size": Flag("--patch-size", "PATCH_SIZE"), "mpp": Flag("--mpp", "UM"),
-                     "target_mpp": Flag("--mpp", "UM"), "overwrite=True": Flag("--overwrite", None),
-                     "random_init=True": Flag("--random-init", None), "pretrained=False": Flag("--random-init", None)}
+    assert flags == {"patch_size": Flag("--patch-size"), "mpp": Flag("--mpp"), "target_mpp": Flag("--mpp"),
+                     "overwrite=True": Flag("--overwrite", switch=True),
+                     "random_init=True": Flag("--random-init", switch=True),
+                     "pretrained=False": Flag("--random-init", switch=True)}

@@ -6,7 +6,7 @@ a bad configuration value (a number out of range, an unknown choice): a `UserErr
 
 The library speaks Python, the commands speak flags. A message names a parameter as the caller passed it,
 in backticks with its value: `` `target_mpp=0.3`: finer than the slide's 0.5 um/px ``, `` pass
-`overwrite=True` to replace them `` (the value ``...`` when it does not matter: `` `out=...` ``). That
+`overwrite=True` to replace them `` (``...`` when no value is meant: `` choose another `out_dir=...` ``). That
 form is the marker: a backticked word without ``=`` (a dataset name such as `` `coords` ``) is not a
 parameter. A command renders the parameters it knows as its options (`rendering_parameters` with the
 command's `Flag` of each parameter), so a CLI user reads ``--mpp 0.3: ...`` and ``pass --overwrite``;
@@ -39,27 +39,27 @@ class ConfigError(UserError, ValueError):
 
 
 class Flag(NamedTuple):
-    """How a command takes a parameter: ``option`` (``--mpp``) and the ``metavar`` shown for a value of
-    ``...`` (``MPP``); ``metavar=None`` for a switch (``--overwrite``), which is rendered without a value."""
+    """How a command takes a parameter: its ``option`` (``--mpp``), and whether it is a ``switch`` that takes
+    no value (``--overwrite``)."""
 
     option: str
-    metavar: str | None = "VALUE"
+    switch: bool = False
 
 
 def render_parameters(message: str, flags: Mapping[str, Flag]) -> str:
     """``message`` with every `` `name=value` `` whose parameter is in ``flags`` written as its flag:
-    ``--mpp 0.3``. A switch is keyed by the one ``name=value`` it stands for (``overwrite=True`` ->
-    ``--overwrite``, ``pretrained=False`` -> ``--random-init``) and rendered without the value; other
-    parameters, and values, are left as they are."""
+    ``--mpp 0.3``, or the option alone for a value of ``...`` (``choose another --out``). A switch is keyed
+    by the one ``name=value`` it stands for (``overwrite=True`` -> ``--overwrite``, ``pretrained=False`` ->
+    ``--random-init``); other parameters, and other values of a switch, are left as they are."""
 
     def flag(match: re.Match) -> str:
         name, value = match["name"], match["value"]
         if (switch := flags.get(f"{name}={value}")) is not None:
             return switch.option
         found = flags.get(name)
-        if found is None or found.metavar is None:  # unknown here, or a switch given another value
+        if found is None or found.switch:  # unknown here, or a switch given another value
             return match[0]
-        return f"{found.option} {found.metavar if value == '...' else _unquoted(value)}"
+        return found.option if value == "..." else f"{found.option} {_unquoted(value)}"
 
     return PARAMETER.sub(flag, message)
 

@@ -66,9 +66,9 @@ def command_flags(parser: argparse.ArgumentParser, parameters: Mapping[str, str]
             continue
         option = max(action.option_strings, key=len)  # the long form
         if action.nargs == 0:  # store_true & co.: the option stands for one value
-            by_dest[action.dest] = (f"{action.dest}={action.const}", Flag(option, None))
+            by_dest[action.dest] = (f"{action.dest}={action.const}", Flag(option, switch=True))
         else:
-            by_dest[action.dest] = (action.dest, Flag(option, str(action.metavar or action.dest.upper())))
+            by_dest[action.dest] = (action.dest, Flag(option))
     flags = dict(by_dest.values())
     for parameter, dest in (parameters or {}).items():
         flags[parameter] = by_dest[dest][1]

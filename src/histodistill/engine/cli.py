@@ -140,7 +140,7 @@ def config_flags(config: Namespace) -> dict[str, Flag]:
     argument as its key, ``mask_ratio`` -> ``--model.init_args.mask_ratio`` (a nested one under its own name,
     ``lr`` -> ``--model.init_args.optim.lr``; a name found twice is the shallower key's, then the model's),
     and the run flags (``overwrite=True`` -> ``--overwrite``)."""
-    flags = {f"{flag}=True": Flag(f"--{flag}", None) for flag in RUN_FLAGS}
+    flags = {f"{flag}=True": Flag(f"--{flag}", switch=True) for flag in RUN_FLAGS}
     keys = []
     for group in ("model", "data"):
         if isinstance(init_args := config.get(f"{group}.init_args"), Namespace):
