@@ -81,7 +81,7 @@ def test_cells_land_on_tiles_when_the_scale_is_not_an_integer():
 
 
 def test_overlap_that_does_not_divide_the_tile_is_refused():
-    with pytest.raises(UserError, match="--overlap 0"):
+    with pytest.raises(UserError, match="`overlap=0`"):
         grid_geometry(coords_attrs("s", overlap=24), "coords.h5")
     assert grid_geometry(coords_attrs("s", overlap=32), "coords.h5") == (32.0, 2)  # half overlap: every 2nd tile
 
