@@ -224,7 +224,7 @@ def test_clam_and_trident_coords_give_exactly_the_windows_of_ours(tiny_slide, tm
     with h5py.File(features / "tiny_slide.h5", "w") as h5:  # the teacher cache names files by slide id
         h5["features"], h5["coords"] = coords.astype(np.float32), coords
     expected = context_windows_of_dir(ours.parent, features, side=3, min_fraction=4 / 9)
-    with pytest.raises(UserError, match="--slides"):  # their coords name no slide
+    with pytest.raises(UserError, match="`slides_dir=DIR`"):  # their coords name no slide
         context_windows_of_dir(theirs.parent, features, side=3, min_fraction=4 / 9)
     got = context_windows_of_dir(theirs.parent, features, side=3, min_fraction=4 / 9, slides_dir=tiny_slide.path.parent)
     assert grid_geometry(read_coords(theirs)[1], theirs) == (float(TILE), 1)
