@@ -10,7 +10,11 @@ in backticks with its value: `` `target_mpp=0.3`: finer than the slide's 0.5 um/
 form is the marker: a backticked word without ``=`` (a dataset name such as `` `coords` ``) is not a
 parameter. A command renders the parameters it knows as its options (`rendering_parameters` with the
 command's `Flag` of each parameter), so a CLI user reads ``--mpp 0.3: ...`` and ``pass --overwrite``;
-parameters the command does not know stay as written.
+parameters the command does not know stay as written. The flags come from the running command's argparse
+options by dest, plus its module's ``PARAMETERS`` where an option passes a library parameter of another
+name (`histodistill.commands._arguments.command_flags`, used by `histodistill.cli`); ``histodistill fit``
+renders a module's or data module's init argument as its key, ``--model.init_args.mask_ratio 1.5``
+(`histodistill.engine.cli.config_flags`).
 """
 
 from __future__ import annotations
