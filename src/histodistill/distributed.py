@@ -69,7 +69,8 @@ def parse_shard(text: str) -> tuple[int, int]:
     """``"i/n"`` -> (i, n) with 0 <= i < n; anything else is a `ConfigError` naming ``shard``."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not match or not 0 <= int(match[1]) < int(match[2]):
-        raise ConfigError(f"`shard={text}`: expected I/N with 0 <= I < N, e.g. `shard=0/4` (the first of 4 shares)")
+        raise ConfigError(f"`shard={text}`: expected I/N with 0 <= I < N, e.g. `shard=0/4` (the first of 4 "
+                          "shares)")
     return int(match[1]), int(match[2])
 
 
@@ -97,7 +98,8 @@ def this_process(shard: str | None = None, env: Mapping[str, str] | None = None)
     rank, world, local_rank, launcher = launcher_rank(env)
     shard_index, shard_count = parse_shard(shard) if shard else (0, 1)
     if shard:
-        launcher = f"shard {shard_index}/{shard_count}" + (f", {launcher} rank {rank}/{world}" if world > 1 else "")
+        launcher = f"shard {shard_index}/{shard_count}" + (
+            f", {launcher} rank {rank}/{world}" if world > 1 else "")
     elif world > 1:
         launcher = f"{launcher} rank {rank}/{world}"
     return Share(shard_index + shard_count * rank, shard_count * world, local_rank, launcher)

@@ -54,7 +54,8 @@ def check_model_arguments(args: argparse.Namespace) -> None:
                         "pass its architecture's name (e.g. the timm name) for random weights")
 
 
-def command_flags(parser: argparse.ArgumentParser, parameters: Mapping[str, str] | None = None) -> dict[str, Flag]:
+def command_flags(parser: argparse.ArgumentParser,
+                  parameters: Mapping[str, str] | None = None) -> dict[str, Flag]:
     """The `Flag` of each library parameter a command passes, for `histodistill.errors.rendering_parameters`:
     every option of ``parser`` under its dest (``patch_size`` -> ``--patch-size``; a switch under
     ``dest=True``, e.g. ``overwrite=True`` -> ``--overwrite``), plus ``parameters``, the command's own

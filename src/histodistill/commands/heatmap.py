@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from histodistill.eval.heatmap import run_heatmaps
 
-    drawn, out = run_heatmaps(args.run, args.slides, args.slide_ext, args.slide_id, args.out, top_k=args.top_k,
-                              scale=args.scale, alpha=args.alpha, thumbnail_size=args.thumbnail_size)
+    drawn, out = run_heatmaps(args.run, args.slides, args.slide_ext, args.slide_id, args.out,
+                              top_k=args.top_k, scale=args.scale, alpha=args.alpha,
+                              thumbnail_size=args.thumbnail_size)
     print(f"{len(drawn)} heatmaps in {out}")
     return 0

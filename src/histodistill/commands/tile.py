@@ -21,7 +21,8 @@ from histodistill.distributed import add_shard_argument
 from histodistill.wsi.formats import SLIDE_SUFFIXES
 
 HELP = "detect tissue and write tile coordinates (CLAM/TRIDENT HDF5) for a slide, a folder or a CSV of slides"
-PARAMETERS = {"target_mpp": "mpp", "out_dir": "out"}  # `tile_slide`'s parameters passed by options of other names
+# `tile_slide`'s parameters that options of other names pass (`histodistill.errors`).
+PARAMETERS = {"target_mpp": "mpp", "out_dir": "out"}
 
 
 
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         failed = results[0]
         raise UserError(failed.message if failed.slide_path in failed.message else f"{failed.slide_path}: {failed.message}")
     for result in results:
-        message = render_parameters(result.message, args._flags)  # the library's `min_tissue=0.5`: --min-tissue 0.5
+        message = render_parameters(result.message, args._flags)  # `min_tissue=0.5` -> --min-tissue 0.5
         if result.status == "failed":
             print(f"failed: {result.slide_path}: {message}", file=sys.stderr)
         elif result.message:  # why a slide has no tile, or an upsampling warning

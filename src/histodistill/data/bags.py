@@ -108,7 +108,8 @@ def empty_bags_error(empty: list[Bag], folder: str) -> UserError:
     slides = [s for bag in empty for s in bag.slide_ids]
     return UserError(
         f"{len(slides)} slide(s) in {folder} have no tissue tiles (features of shape (0, D)): {shown(slides)}. "
-        "Tiling found no tissue on them, so re-tiling with the same settings gives 0 tiles again: pass `drop_empty=True` "
+        "Tiling found no tissue on them, so re-tiling with the same settings gives 0 tiles again: pass "
+        "`drop_empty=True` "
         "to leave them out (the run's metrics.json lists them) or remove them from the labels CSV"
     )
 

@@ -53,7 +53,8 @@ def grid_geometry(attrs: dict, source: str | os.PathLike) -> tuple[float, int]:
     if patch_size % (patch_size - overlap):
         raise UserError(
             f"{source}: tiles of {patch_size} px with overlap {overlap} do not abut on a grid, so they cannot "
-            "form context windows; tile again with `overlap=0` (or an overlap that divides the patch size evenly)"
+            "form context windows; tile again with `overlap=0` (or an overlap that divides the patch size "
+            "evenly)"
         )
     if has_mpp(attrs):
         stride = (patch_size - overlap) * float(attrs["target_mpp"]) / float(attrs["mpp"])

@@ -117,7 +117,8 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
     given = Path(path)
     if not given.is_dir():
         what = "a file" if given.exists() else "missing"
-        raise UserError(f"`features={given}` is {what}, not a folder: pass the folder of <slide_id>.h5 files that "
+        raise UserError(f"`features={given}` is {what}, not a folder: pass the folder of <slide_id>.h5 files "
+                        "that "
                         "`histodistill extract` wrote (or CLAM's feat_dir, or TRIDENT's features_<encoder>/)")
     for sub, layout in (("h5_files", "CLAM h5_files"), ("pt_files", "CLAM pt_files")):
         found = _files_in(given / sub)
@@ -135,7 +136,8 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
     if len(candidates) == 1:
         return FeatureFolder(given, candidates[0], *_files_in(candidates[0]))
     if candidates:
-        raise UserError(f"`features={given}` holds {len(candidates)} feature folders ({shown(str(c) for c in candidates)}): "
+        raise UserError(f"`features={given}` holds {len(candidates)} feature folders "
+                        f"({shown(str(c) for c in candidates)}): "
                         "pass the one you want")
     raise UserError(f"`features={given}` has no feature files: expected <slide_id>.h5 (histodistill extract, "
                     "TRIDENT features_<encoder>/) or CLAM's h5_files/ or pt_files/")
@@ -336,7 +338,8 @@ def load_slides(folder: FeatureFolder, slide_ids: Iterable[str]) -> dict[str, Sl
         common = max(set(dims.values()), key=list(dims.values()).count)
         odd = [f"{folder.files[s].name} ({d})" for s, d in dims.items() if d != common]
         raise UserError(f"features in {folder.describe()} have different dimensions: most are {common}, but "
-                        f"{shown(odd)}: they come from another extractor; extract them again with the same model")
+                        f"{shown(odd)}: they come from another extractor; extract them again with the same "
+                        "model")
     bad = {s: n for s, f in loaded.items() if (n := non_finite_rows(f.features))}
     if bad:
         listed = [f"{folder.files[s].name} ({n} of {loaded[s].n_tiles} rows)" for s, n in bad.items()]

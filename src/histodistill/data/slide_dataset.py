@@ -29,8 +29,8 @@ class SlideTileDataset(Dataset):
 
     ``slide_path`` defaults to the ``slide_path`` attribute of the coords file; ``mpp`` overrides
     the slide's level-0 mpp, which otherwise is the one the tiling used (the ``mpp`` attribute),
-    so tiles come out exactly as tiled even when that came from an override (`tile_slide`'s ``mpp_override``). Coords of CLAM
-    or TRIDENT (no mpp, no slide path) are read as ``patch_size_level0`` level-0 pixels resized to
+    so tiles come out exactly as tiled even when that came from `tile_slide`'s ``mpp_override``. Coords
+    of CLAM or TRIDENT (no mpp, no slide path) are read as ``patch_size_level0`` level-0 pixels resized to
     ``patch_size``, the field of view those tools cut.
 
     A tile the slide file cannot give (a corrupt JPEG tile) raises `UnreadableRegion`; with

@@ -135,8 +135,8 @@ def read_splits_dir(directory: str | os.PathLike, rows: list[SlideLabel]) -> lis
     numbered = {int(m.group(1)): p for p in directory.glob("splits_*.csv") if (m := SPLIT_NAME.fullmatch(p.name))}
     paths = [numbered[k] for k in sorted(numbered)]
     if not paths:
-        raise UserError(f"no splits_<k>.csv files in {directory}: pass as `splits_dir=...` a directory of CLAM-style "
-                        "splits")
+        raise UserError(f"no splits_<k>.csv files in {directory}: pass as `splits_dir=...` a directory of "
+                        "CLAM-style splits")
     splits = [read_split(p) for p in paths]
     for path, split in zip(paths, splits, strict=True):
         check_split(split, rows, str(path))

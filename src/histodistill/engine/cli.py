@@ -91,8 +91,8 @@ class HistodistillCLI(LightningCLI):
             self.ckpt_path = check_run_dir(config.trainer.default_root_dir, config.resume, config.overwrite)
 
     def instantiate_classes(self) -> None:
-        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights
-        # cannot be had, a ConfigError) in a ValueError listing the Union's subtypes; the user needs our one line.
+        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights cannot
+        # be had, a ConfigError) in a ValueError listing the Union's subtypes; the user needs our one line.
         with rendering_parameters(config_flags(self.config)):
             try:
                 super().instantiate_classes()
@@ -144,7 +144,8 @@ def config_flags(config: Namespace) -> dict[str, Flag]:
     keys = []
     for group in ("model", "data"):
         if isinstance(init_args := config.get(f"{group}.init_args"), Namespace):
-            keys += [f"{group}.init_args.{key}" for key in init_args.keys()]  # noqa: SIM118 (leaf keys; a Namespace is not iterable)
+            # A jsonargparse Namespace is not iterable; keys() gives the leaves' dotted keys.
+            keys += [f"{group}.init_args.{key}" for key in init_args.keys()]  # noqa: SIM118
     for key in sorted(keys, key=lambda key: key.count(".")):  # stable: model before data at each depth
         flags.setdefault(key.rsplit(".", 1)[-1], Flag(f"--{key}"))
     return flags

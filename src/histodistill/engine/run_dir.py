@@ -48,8 +48,8 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool) -> 
                             "or set trainer.default_root_dir to the run you want to continue")
         return last
     if last.is_file() and not overwrite:
-        raise UserError(f"{run_dir} already holds a run ({last}): add `resume=True` to continue it, `overwrite=True` "
-                        "to start it again in place, or choose another trainer.default_root_dir")
+        raise UserError(f"{run_dir} already holds a run ({last}): add `resume=True` to continue it, "
+                        "`overwrite=True` to start it again in place, or choose another trainer.default_root_dir")
     return None
 
 

@@ -225,8 +225,9 @@ def run_heatmaps(run: str | os.PathLike, slides: str | os.PathLike | None = None
     if not attention:
         seeds = sorted(p.name for p in run.glob("seed_*") if (p / "attention").is_dir())
         raise UserError(f"no attention files in {run / 'attention'}: " + (
-            f"{run} holds the runs of several CV seeds, pass one of them as `run=...` ({', '.join(seeds)} in {run})"
-            if seeds else "pass as `run=...` the run directory of a MIL cross-validation (`histodistill mil --out`)"))
+            f"{run} holds the runs of several CV seeds, pass one of them as `run=...` "
+            f"({', '.join(seeds)} in {run})" if seeds
+            else "pass as `run=...` the run directory of a MIL cross-validation (`histodistill mil --out`)"))
     wanted = slide_ids or sorted(attention)
     if unknown := [s for s in wanted if s not in attention]:
         raise UserError(f"`slide_ids={unknown}`: no attention for them in {run / 'attention'}")

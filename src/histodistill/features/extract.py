@@ -281,9 +281,10 @@ def _reuse_or_refuse(target: Path, record: dict[str, Any], paths: list[str]) -> 
         same_images = [p.decode() if isinstance(p, bytes) else str(p) for p in stored] == paths
     if previous != record["weights_sha256"] or not same_images:
         what = "other weights" if previous != record["weights_sha256"] else "another image folder"
-        raise UserError(f"{target} holds features of {what}; use another `out_dir=...` or pass `overwrite=True` to "
-                        "extract again")
-    print(f"reusing {target}: extracted earlier from these images with these weights (overwriting extracts again)")
+        raise UserError(f"{target} holds features of {what}; use another `out_dir=...` or pass `overwrite=True` "
+                        "to extract again")
+    print(f"reusing {target}: extracted earlier from these images with these weights (overwriting extracts "
+          "again)")
 
 
 def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -> None:
@@ -293,6 +294,6 @@ def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -
     if previous.get("weights_sha256") != record["weights_sha256"]:
         raise UserError(
             f"{path.parent} holds features of other weights ({previous.get('extractor')}, sha256 "
-            f"{str(previous.get('weights_sha256'))[:12]}...); use another `out_dir=...` or pass `overwrite=True` to redo "
-            "every slide"
+            f"{str(previous.get('weights_sha256'))[:12]}...); use another `out_dir=...` or pass `overwrite=True` "
+            "to redo every slide"
         )

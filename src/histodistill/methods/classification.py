@@ -70,8 +70,8 @@ class ClassificationMethod(MethodModule):
     def setup(self, stage: str) -> None:
         names = getattr(getattr(self.trainer, "datamodule", None), "classes", None)
         if names is not None and len(names) != self.num_classes:
-            raise ConfigError(f"`num_classes={self.num_classes}` but the training data has {len(names)} classes "
-                              f"({', '.join(map(str, names))}): set `num_classes={len(names)}`")
+            raise ConfigError(f"`num_classes={self.num_classes}` but the training data has {len(names)} "
+                              f"classes ({', '.join(map(str, names))}): set `num_classes={len(names)}`")
 
     # ---- validation and test: collect logits, score them once per epoch ------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -74,7 +74,8 @@ class TeacherStudentMethod(ClassificationMethod):
         optim: OptimConfig | None = None,
     ) -> None:
         if student_init is not None and student_init not in STUDENT_INITS:
-            raise ConfigError(f"`student_init={student_init!r}`: must be one of {', '.join(STUDENT_INITS)} (or unset)")
+            raise ConfigError(f"`student_init={student_init!r}`: must be one of {', '.join(STUDENT_INITS)} "
+                              "(or unset)")
         # Built randomly first: whether the student starts as the teacher is known only once both exist,
         # and a student that does never needs its published weights.
         super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, pretrained=False,
@@ -97,8 +98,8 @@ class TeacherStudentMethod(ClassificationMethod):
         same_architecture = state_shapes(self.backbone.model) == state_shapes(self.teacher.model)
         if student_init == "teacher" and not same_architecture:
             raise ConfigError(f"`student_init='teacher'` copies the teacher into the student, but teacher "
-                              f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in architecture: "
-                              "set `student_init='imagenet'` or `student_init='random'`")
+                              f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in "
+                              "architecture: set `student_init='imagenet'` or `student_init='random'`")
         own_weights = pretrained or weights is not None
         self.student_init = student_init or ("teacher" if same_architecture else "imagenet" if own_weights else "random")
         if student_init is None:
@@ -236,7 +237,7 @@ class Distill(TeacherStudentMethod):
             if classifier_source is None and Path(teacher).suffix != ".ckpt":
                 raise UserError(
                     f"feature: {self.feature} reuses the teacher's classifier, but teacher {teacher!r} is not a histodistill "
-                    ".ckpt: set model.init_args.teacher_classifier_from_checkpoint to the supervised checkpoint it comes "
+                    ".ckpt: set `teacher_classifier_from_checkpoint=...` to the supervised checkpoint it comes "
                     "from, or choose a term that needs no classifier (rkd, pkt, cc, sp, at, vid, nst, semckd...)")
             self.teacher_classifier = load_teacher_classifier(
                 teacher, classifier_source, self.teacher.num_features, self.num_classes)
@@ -382,8 +383,8 @@ def load_teacher_classifier(teacher: str, source: str | None, in_features: int, 
     if source is None:
         raise UserError(
             f"w_kd > 0 needs the teacher's classifier, but teacher {teacher!r} is not a histodistill .ckpt: set "
-            "model.init_args.teacher_classifier_from_checkpoint to the supervised checkpoint the teacher comes "
-            "from, or set model.init_args.w_kd: 0 (teacher and student tasks differ)"
+            "`teacher_classifier_from_checkpoint=...` to the supervised checkpoint the teacher comes "
+            "from, or set `w_kd=0` (teacher and student tasks differ)"
         )
     state = classifier_state(teacher, source)
     if state is None:
@@ -394,7 +395,7 @@ def load_teacher_classifier(teacher: str, source: str | None, in_features: int, 
         raise UserError(
             f"KD is on (w_kd > 0) but the teacher classifier in {source} has {weight.shape[0]} classes and the "
             f"student has num_classes={num_classes}: KD needs the same classes on both sides. For a different "
-            "task set model.init_args.w_kd: 0 (the feature term still transfers knowledge)"
+            "task set `w_kd=0` (the feature term still transfers knowledge)"
         )
     if weight.shape[1] != in_features:
         raise UserError(f"the classifier in {source} expects {weight.shape[1]}-d features but the teacher "

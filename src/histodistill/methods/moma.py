@@ -68,8 +68,8 @@ class MoMA(TeacherStudentMethod):
         teacher = {name: p.shape for name, p in self.teacher.model.named_parameters()}
         if student != teacher:
             raise ConfigError(
-                f"`teacher_update='ema'` makes the teacher the moving average of the student, so both need the same "
-                f"architecture, but teacher {self.teacher.spec.name!r} and student {self.backbone.spec.name!r} "
+                f"`teacher_update='ema'` makes the teacher the moving average of the student, so both need the "
+                f"same architecture, but teacher {self.teacher.spec.name!r} and student {self.backbone.spec.name!r} "
                 "differ: set `teacher_update='frozen'` for a different teacher"
             )
         if self.teacher_classifier is not None and self.teacher_classifier.weight.shape != self.classifier.weight.shape:

@@ -60,7 +60,7 @@ class Supervised(ClassificationMethod):
         if self.mixup is not None and self.training:
             if images.shape[0] % 2:
                 raise UserError(f"mixup/cutmix mix a batch with its reverse and need an even batch size, got "
-                                f"{images.shape[0]}: set data.init_args.batch_size to an even number")
+                                f"{images.shape[0]}: set `batch_size=...` to an even number")
             images, targets = self.mixup(images, labels)  # targets (B, C): mixed, smoothed one-hots
             return {"loss": self.soft_target_loss(self(images), targets)}
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)

@@ -399,8 +399,8 @@ def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str,
     # hf-hub: and local-dir: sources bring their weights; a plain timm name may have none published.
     if pretrained and ":" not in timm_name and not _has_published_weights(timm_name):
         raise UserError(
-            f"timm publishes no pretrained weights for {asked!r} ({timm_name}): pass a local file (`weights=FILE`) "
-            "or ask for random weights explicitly (`pretrained=False`)"
+            f"timm publishes no pretrained weights for {asked!r} ({timm_name}): pass a local file "
+            "(`weights=FILE`) or ask for random weights explicitly (`pretrained=False`)"
         )
     with hub_access() as unreachable:  # one quick probe, not huggingface_hub's ~53 s of retries when offline
         try:
@@ -429,7 +429,8 @@ def _unavailable_message(
     cfg = None if hub_id else timm.models.get_pretrained_cfg(timm_name)
     where = timm_name.removeprefix("hf-hub:") if cfg is None else cfg.hf_hub_id or cfg.url or timm_name
     what = "pretrained weights" if pretrained else "config.json (an hf-hub: id needs it even for random weights)"
-    local = f"the model {local!r}" if local else "the timm architecture as the model" if hub_id else f"the model {asked!r}"
+    local = (f"the model {local!r}" if local else "the timm architecture as the model" if hub_id
+             else f"the model {asked!r}")
     others = f"a local file (`weights=FILE` with {local})" + (
         "; or `pretrained=False` for random weights" if pretrained else "")
     if unreachable is not None and isinstance(error, LocalEntryNotFoundError):

@@ -183,7 +183,8 @@ def write_image_folder(
                 "pass `overwrite=True` to replace it, or choose another `out_dir=...`"
             )
         if any(path.is_dir() and any(path.iterdir()) for path in split_dirs):
-            raise UserError(f"{out_dir} already has train/ or test/ folders; pass `overwrite=True` to replace them")
+            raise UserError(f"{out_dir} already has train/ or test/ folders; pass `overwrite=True` to replace "
+                            "them")
     task, split_x = _hgsc_task(crop_size, test_fraction)
     task = subsample(task, fraction)
     summary_path.unlink(missing_ok=True)  # the folders are about to change: not finished until rewritten

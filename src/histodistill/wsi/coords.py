@@ -141,6 +141,6 @@ def find_slide(coords_path: Path, attrs: dict, slides_dir: str | os.PathLike | N
                         "pass `slides_dir=DIR`, the folder holding <slide_id>.<ext>")
     path = Path(attrs["slide_path"])
     if not path.is_file():
-        raise UserError(f"{coords_path}: its slide {path} no longer exists; pass `slides_dir=DIR`, the folder the "
-                        "slides are in now")
+        raise UserError(f"{coords_path}: its slide {path} no longer exists; pass `slides_dir=DIR`, the folder "
+                        "the slides are in now")
     return path

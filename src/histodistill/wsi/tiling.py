@@ -137,7 +137,7 @@ def tiling_settings(target_mpp: float, magnification: float | None, patch_size: 
 
 
 def _parameter(key: str) -> str:
-    """The parameter of a settings key: ``tissue.min_saturation`` (a `TissueConfig` field) -> ``min_saturation``."""
+    """The parameter of a settings key: ``tissue.min_saturation`` (of `TissueConfig`) -> ``min_saturation``."""
     return key.removeprefix("tissue.")
 
 
@@ -226,8 +226,8 @@ def tile_slide(
         warnings = []
         if scale < 1 - LEVEL_MPP_TOLERANCE:
             warnings.append(f"target {mpp:.4g} mpp is finer than the slide's level 0 ({slide.mpp:.4g} mpp, from "
-                            f"{slide.mpp_source}): tiles are upsampled {1 / scale:.3g}x; pass `target_mpp={slide.mpp:.4g}` "
-                            "or coarser unless this is meant")
+                            f"{slide.mpp_source}): tiles are upsampled {1 / scale:.3g}x; pass "
+                            f"`target_mpp={slide.mpp:.4g}` or coarser unless this is meant")
         mask_mpp = mask_mpp_for(tissue, patch_level0, slide.mpp)
         slide.unreadable.clear()  # the slide is cached per process: only this run's reads
         image = slide.read_downsampled(mask_mpp / slide.mpp)  # (h, w, 3) from the closest pyramid level
@@ -293,12 +293,13 @@ def _why_no_tiles(slide: Slide, image: np.ndarray, mask: np.ndarray, grid: np.nd
     width, height = slide.dimensions
     if not len(grid):
         return (f"no tiles: the slide is {width} x {height} px at level 0, smaller than one {patch_size}-px tile at "
-                f"{mpp:.4g} mpp ({patch_level0} level-0 px); see {qc_path}; lower `patch_size=...` or `target_mpp=...`")
+                f"{mpp:.4g} mpp ({patch_level0} level-0 px); see {qc_path}; lower `patch_size=...` or "
+                "`target_mpp=...`")
     if lacks_colour(image, tissue):
         return (f"no tiles: the image has no colour (grayscale or unstained), and tissue is found by its stain; "
                 f"see {qc_path}; `min_saturation=0` counts every pixel that is not near-black as tissue")
     if not mask.any():
-        return (f"no tiles: no tissue found; see {qc_path}; if pale tissue was missed, pass a `min_saturation=...` "
-                "below the automatic glass cut (0.04-0.10), e.g. `min_saturation=0.02`")
-    return (f"no tiles: tissue covers {mask.mean():.1%} of the slide but no tile reaches `min_tissue={min_tissue}`; "
-            f"see {qc_path}; lower `min_tissue=...`")
+        return (f"no tiles: no tissue found; see {qc_path}; if pale tissue was missed, pass a "
+                "`min_saturation=...` below the automatic glass cut (0.04-0.10), e.g. `min_saturation=0.02`")
+    return (f"no tiles: tissue covers {mask.mean():.1%} of the slide but no tile reaches "
+            f"`min_tissue={min_tissue}`; see {qc_path}; lower `min_tissue=...`")
