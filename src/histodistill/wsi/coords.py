@@ -14,7 +14,7 @@ in the attributes that say how big a tile is (checked against the writers' sourc
 
 `read_coords` returns the attributes with at least ``patch_size``, ``patch_size_level0`` and
 ``slide_id``; ``slide_path``, ``mpp`` and ``target_mpp`` only when the file states them. Slides
-that coords do not name (or that moved) are found by `find_slide` in a folder (``--slides``).
+that coords do not name (or that moved) are found by `find_slide` in a folder (``slides_dir``).
 """
 
 from __future__ import annotations
