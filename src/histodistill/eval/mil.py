@@ -205,7 +205,7 @@ def build_fold_model(fold: int, dataset: BagDataset, train_part: list[int], mode
     statistics of the training part's instances only. Training it draws its dropout masks from the global RNG
     as this leaves it."""
     torch.manual_seed(config.seed + fold)
-    model = create_mil(model_name, dataset.feature_dim, num_classes, **config.model_kwargs)
+    model = create_mil(model_name, dataset.feature_dim, num_classes, **config.model_arguments())
     if isinstance(model, Standardized):
         model.fit(torch.cat([dataset[i]["features"] for i in train_part]))  # (sum of N, D)
     return model
