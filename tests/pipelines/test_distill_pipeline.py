@@ -261,7 +261,7 @@ def test_the_report_opens_on_the_verdict_the_three_models_and_their_auroc_plot(t
     assert "histodistill distill" in page
     (tmp_path / "summary.json").write_text(json.dumps(_summary(labelled=False)))
     page = build_report(tmp_path).read_text()
-    assert "data:image/png" not in page and "the AUROC comparison needs --labels" in page and "cosine 0.71" in page
+    assert "data:image/png" not in page and "the AUROC comparison needs a labels CSV" in page and "cosine 0.71" in page
 
 
 @pytest.mark.browser

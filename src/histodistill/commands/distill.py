@@ -19,6 +19,8 @@ from pathlib import Path
 from histodistill.commands._arguments import output_folder
 
 HELP = "distil a foundation-model teacher into a fast student on your slides, and compare them on the slide task"
+# Parameters of the stages' library calls that name an option here (`histodistill.errors`).
+PARAMETERS = {"coords_dir": "coords", "slides_dir": "slides", "target_mpp": "mpp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

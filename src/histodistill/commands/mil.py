@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subtyping", action="store_true",
                         help="CLAM: also push each other class's top-k tiles to negative (as CLAM's subtyping flag, for "
                         "subtype tasks where every class is tumour)")
-    parser.add_argument("--feature-norm", choices=("standardize", "none"), default="standardize",
+    parser.add_argument("--feature-norm", choices=("standardize", "none"), default=train.feature_norm,
                         help="standardize: z-score each feature dimension with the fold's training tiles' mean and sd "
                         "(stored with the model); none: raw features as CLAM and TRIDENT feed them (default: %(default)s)")
     parser.add_argument("--folds", type=int, default=cv.folds,
@@ -97,7 +97,7 @@ def config_from(args: argparse.Namespace) -> CVConfig:
     """The `CVConfig` the options describe; CLAM's options with another model are a `UserError`."""
     from histodistill.errors import UserError
 
-    model_kwargs = {"standardize": args.feature_norm == "standardize"}
+    model_kwargs = {}
     if args.hidden_dim is not None and args.model in WIDTH:
         model_kwargs[WIDTH[args.model]] = args.hidden_dim
     clam = {"k_sample": args.k_sample, "bag_weight": args.bag_weight, "subtyping": args.subtyping or None}
@@ -108,7 +108,7 @@ def config_from(args: argparse.Namespace) -> CVConfig:
         model_kwargs |= {name: clam[name] for name in given}
     train = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, early_stop=args.early_stop,
                         patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                        model_kwargs=model_kwargs)
+                        feature_norm=args.feature_norm, model_kwargs=model_kwargs)
     return CVConfig(model=args.model, folds=args.folds, seeds=args.seeds, val_fraction=args.val_fraction,
                     by_case=args.by_case, drop_empty=args.drop_empty, batched=not args.one_at_a_time, train=train)
 

@@ -287,7 +287,7 @@ def _run_seed(run: Path, dataset, splits: list[dict], results: list, train: Trai
     for k, split in enumerate(splits):
         write_split(run / "splits" / f"splits_{k}.csv", split)
     description = {"model": config.model, "in_dim": dataset.feature_dim, "classes": classes,
-                   "model_kwargs": train.model_kwargs}
+                   "model_kwargs": train.model_arguments()}
     for result in results:
         auroc = result.metrics["auroc"]
         log(f"seed {train.seed} fold {result.fold}: {len(result.test.bag_ids)} test bags, epoch {result.best_epoch} "
