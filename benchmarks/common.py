@@ -21,7 +21,13 @@ SECTIONS_DIR = ROOT / "docs" / "benchmarks"
 
 
 def machine_description() -> str:
-    """CPU model and core count, memory, torch version and accelerator, in one line."""
+    """CPU model and core count, the CPU kernels torch runs (its instruction set), memory, torch version and
+    accelerator, in one line.
+
+    The instruction set is there because it changes results, not only speed: the same seeded MoMA benchmark
+    trains a teacher of balanced accuracy 0.799 with oneDNN's AVX-512 kernels and 0.853 with its AVX2 ones
+    (docs/benchmarks/moma.md), and "AMD EPYC" alone does not say which a host had.
+    """
     import torch
 
     from histodistill.features.throughput import cpu_model
@@ -29,8 +35,11 @@ def machine_description() -> str:
     cpu = cpu_model()
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    kernels = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):  # a cap that get_cpu_capability does not see
+        kernels += f" (oneDNN capped at {os.environ['ONEDNN_MAX_CPU_ISA']})"
     return (
-        f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB RAM, {device}, "
+        f"{cpu}, {os.cpu_count()} cores, {kernels} kernels, {memory_gib:.0f} GiB RAM, {device}, "
         f"torch {torch.__version__}, Python {platform.python_version()}"
     )
 

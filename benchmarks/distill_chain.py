@@ -29,7 +29,7 @@ from histodistill.eval.slide_task import tile_probe_auroc
 
 MAX_TILES = 4000  # CKA on the first tiles of the slides, in slide order (its cost grows with N·D²)
 RUNS = {"student (MoMA)": "moma/run", "student (KD)": "moma/kd", "student (CE)": "moma/vanilla",
-        "student (MCM-KD)": "mcmkd/run", "teacher (SD-MAE)": "sdmae/run", "MAE ViT": "mae/run"}
+        "student (MCM-KD)": "distill/fit/run", "teacher (SD-MAE)": "sdmae/run", "MAE ViT": "mae/run"}
 
 
 def tiles(folder: Path, slide_ids: list[str]) -> np.ndarray:

@@ -5,10 +5,10 @@ context windows with masked cells painted over; after fine-tuning the student ex
 BatchNorm normalises single tiles with window statistics. ``freeze_bn_stats: true`` keeps the running
 statistics the student started with.
 
-This benchmark takes a finished ``histodistill demo`` output DIR and reruns the demo's MCM-KD stage
-exactly (`histodistill.demo.stages.finetune_mcmkd`: `configs/mcmkd/tiny_cpu.yaml`, the trained MoMA
-ResNet-18 as the start, the SD-MAE ViT teacher's cache of DIR, batch 8, one epoch, the demo's
-window stride) twice, BatchNorm statistics updated and frozen, then measures for each:
+This benchmark takes a finished ``histodistill demo`` output DIR and reruns the MCM-KD fit of the demo's
+distill stage (`histodistill.demo.stages.distill_mcmkd`: `configs/mcmkd/tiny_cpu.yaml`, the trained MoMA
+ResNet-18 as the start, the SD-MAE ViT teacher's cache of DIR, batch 8, the demo's step budget and window
+stride: `mcmkd_overrides`) twice, BatchNorm statistics updated and frozen, then measures for each:
 
 - agreement with the teacher where the student is used: mean cosine between the student's per-cell
   prediction on a **single tile** and the teacher feature of that tile, normalised as the run's targets
@@ -43,7 +43,14 @@ from benchmarks.mcmkd import RECIPE, SIDE
 from histodistill.cli import main as cli
 from histodistill.data.context_windows import context_windows_of_dir, window_transform
 from histodistill.demo.slide_task import run_slide_task
-from histodistill.demo.stages import MCMKD_TARGETS, SLIDE_TILE_PX, mcmkd_overrides, recorded_sizes
+from histodistill.demo.stages import (
+    EXTRACTORS,
+    MCMKD_TARGETS,
+    MCMKD_WINDOW_STRIDE,
+    SLIDE_TILE_PX,
+    mcmkd_overrides,
+    recorded_sizes,
+)
 from histodistill.errors import UserError
 from histodistill.features.extract import extract_slides
 from histodistill.features.teacher_cache import ensure_teacher_cache
@@ -78,30 +85,31 @@ def teacher_agreement(model: MCMKD, tiles: Path, cache: Path, side: int, stride:
 
 
 def demo_inputs(demo: Path) -> dict:
-    """The paths the demo's MCM-KD stage used, whether the demo ran ``--quick`` and its final train loss
-    (from its stage.json)."""
-    paths = {"teacher": demo / "sdmae" / "run" / "checkpoints" / "last.ckpt",
-             "student": demo / "moma" / "run" / "checkpoints" / "last.ckpt",
+    """The paths the MCM-KD fit of the demo's distill stage used, whether the demo ran ``--quick`` and the fit's
+    final train loss (from the stage records)."""
+    paths = {"teacher": demo.joinpath(*EXTRACTORS["sdmae_vit"]), "student": demo.joinpath(*EXTRACTORS["moma_student"]),
              "tiles": demo / "tiles" / "slides", "slides": demo / "data" / "slides",
-             "cache": demo / "mcmkd" / "teacher_cache", "stage": demo / "mcmkd" / "stage.json"}
+             "cache": demo / "distill" / "teacher", "stage": demo / "distill" / "stage.json",
+             "fit": demo / "distill" / "fit" / "stage.json"}
     missing = [str(path) for path in paths.values() if not path.exists()]
     if missing:
         raise UserError(f"{missing[0]} is missing: --demo must be a finished `histodistill demo --out DIR` output")
-    stage = json.loads(paths["stage"].read_text())
-    return {**paths, "quick": bool(stage["quick"]), "loss": stage["summary"]["train_loss"]}
+    quick = json.loads(paths["stage"].read_text())["settings"]["quick"]
+    return {**paths, "quick": bool(quick), "loss": json.loads(paths["fit"].read_text())["summary"]["train_loss"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", required=True, help="a finished `histodistill demo` output directory (only read)")
     parser.add_argument("--work", default="/tmp/histodistill_bench_mcmkd_bn", help="scratch directory (emptied first)")
-    parser.add_argument("--window-stride", type=int, default=3, help="MCM-KD window stride (default: the demo's)")
+    parser.add_argument("--window-stride", type=int, default=MCMKD_WINDOW_STRIDE,
+                        help="MCM-KD window stride (default: the demo's)")
     parser.add_argument("--seeds", type=int, default=3, help="CV seeds of the slide task")
     parser.add_argument("--epochs", type=int, default=None, help="ABMIL epochs (default: the demo's)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine is shared)")
     args = parser.parse_args()
     demo = demo_inputs(Path(args.demo))
-    task = recorded_sizes(Path(args.demo), "mcmkd")
+    task = recorded_sizes(Path(args.demo), "distill")
     stride = args.window_stride
     epochs = args.epochs or task["mil_epochs"]
     torch.set_num_threads(args.threads)
@@ -113,7 +121,7 @@ def main() -> None:
     shutil.copytree(demo["cache"], work / "teacher_cache")
     teacher = str(demo["teacher"])
     teacher_dim = create_backbone(teacher).num_features
-    cache = ensure_teacher_cache(demo["tiles"], work / "teacher_cache", teacher, pretrained=False)
+    cache = ensure_teacher_cache(demo["tiles"], work / "teacher_cache", teacher)
 
     cosines, final_loss, features = {}, {}, {"moma_student": extract_slides(demo["student"], demo["tiles"], work / "features_moma",
                                                             device="cpu")}
@@ -123,7 +131,8 @@ def main() -> None:
             code = cli(["fit", "--config", str(RECIPE), "--trainer.default_root_dir", str(run_dir),
                         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                         "--trainer.enable_model_summary", "false",
-                        *mcmkd_overrides(demo["student"], demo["teacher"], demo["tiles"], work / "teacher_cache"),
+                        *mcmkd_overrides(demo["student"], demo["teacher"], demo["tiles"], work / "teacher_cache",
+                                         task["mcmkd_steps"]),
                         "--model.init_args.freeze_bn_stats", str(frozen).lower(),
                         "--data.init_args.window_stride", str(stride)])
         if code != 0:
@@ -158,8 +167,8 @@ def main() -> None:
 Input: `{args.demo}`, a `histodistill demo{' --quick' if demo['quick'] else ''}` output ({slides} semi-synthetic slides,
 {SLIDE_TILE_PX}-px tiles at 0.5 mpp). Both MCM-KD runs are the demo's MCM-KD stage rerun from the same start
 (the trained MoMA ResNet-18 student, seed 0), same data, same cached targets of the SD-MAE ViT teacher:
-one epoch of `configs/mcmkd/tiny_cpu.yaml`, batch 8, window stride {stride}, once with BatchNorm statistics
-updated on the painted windows, once frozen (the default run reproduces the demo's own MCM-KD stage:
+{task['mcmkd_steps']} steps of `configs/mcmkd/tiny_cpu.yaml`, batch 8, window stride {stride}, once with BatchNorm
+statistics updated on the painted windows, once frozen (the default run reproduces the demo's own MCM-KD fit:
 final train loss {final_loss[False]:.4f}, demo {demo['loss']:.4f}).
 
 {markdown_table(["student", "cos to teacher, single tiles", "cos, window visible cells", "cos, window masked cells",

@@ -114,6 +114,50 @@ def test_an_unreadable_record_or_a_file_in_a_stage_folders_place_is_refused_befo
     assert calls == ["a", "b", "c"] * 2
 
 
+def test_a_folder_the_previous_demo_finished_resumes_into_the_distill_stage(tmp_path):
+    """Records of the demo before the distill stage hold every size with every stage (no mcmkd_steps) and a
+    stage `mcmkd` since retired: samples..moma are skipped, distill and every stage after it run. A change of a
+    size a finished stage declares is still refused, naming it."""
+    import dataclasses
+
+    from histodistill.demo.stages import SIZES, STAGES
+
+    out = tmp_path / "demo"
+    old = {"quick": True, **{key: value for key, value in SIZES[True].items() if key != "mcmkd_steps"}}
+    for name in ("samples", "data", "tiles", "sdmae", "mae", "teacher", "moma", "mcmkd", "features", "mil",
+                 "heatmaps", "report"):
+        (out / name).mkdir(parents=True)
+        (out / name / "stage.json").write_text(json.dumps({"summary": {}, "seconds": 1.0, "settings": old}))
+    calls: list[str] = []
+    stages = [dataclasses.replace(stage, run=lambda context, name=stage.name: calls.append(name) or {})
+              for stage in STAGES]
+    run_stages(stages, DemoContext(out, True, "cpu", False, sizes=SIZES[True]), log=lambda _: None)
+    assert calls == ["distill", "features", "mil", "heatmaps", "report"]
+    record = json.loads((out / "distill" / "stage.json").read_text())
+    assert record["settings"] == {"quick": True, **SIZES[True]}  # every size recorded, mcmkd_steps now too
+    calls.clear()
+    for key, value in (("student_epochs", 2), ("mcmkd_steps", 5)):
+        sizes = {**SIZES[True], key: value}
+        with pytest.raises(UserError, match=rf"^{key} {SIZES[True][key]} != {value} in .*demo/(moma|distill)/stage.json"):
+            run_stages(stages, DemoContext(out, True, "cpu", False, sizes=sizes), log=lambda _: None)
+    assert calls == []
+
+
+def test_a_rerun_features_stage_keeps_the_tiles_per_s_measured_when_the_same_folder_was_extracted(tmp_path):
+    from histodistill.demo.stages import _keep_measured_rates
+
+    previous = tmp_path / "extractors.json"
+    previous.write_text(json.dumps({"kd_student": {"features_dir": "f/kd", "tiles_per_s": 150.0},
+                                    "mae_vit": {"features_dir": "f/old_mae", "tiles_per_s": 600.0}}))
+    rows = {"kd_student": {"features_dir": "f/kd", "tiles_per_s": None},  # skipped: every slide done before
+            "mae_vit": {"features_dir": "f/mae", "tiles_per_s": None},  # another folder: nothing to keep
+            "ce_student": {"features_dir": "f/ce", "tiles_per_s": 90.0}}  # measured now
+    _keep_measured_rates(rows, previous)
+    assert [row["tiles_per_s"] for row in rows.values()] == [150.0, None, 90.0]
+    _keep_measured_rates(rows, tmp_path / "absent.json")  # a first run: nothing before
+    assert rows["mae_vit"]["tiles_per_s"] is None
+
+
 def test_cuda_without_a_gpu_is_refused_clearly(tmp_path, capsys, monkeypatch):
     import torch
 
@@ -141,7 +185,15 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
         assert 0 <= row["tile_probe_auroc"] <= 1, row
     assert summary["verdict"].startswith("Distillation ")
     # MoMA and MCM-KD learn from the SD-MAE ViT: its head for logit KD, its features for MCM-KD's cache.
-    assert (out / "teacher" / "head.ckpt").is_file() and list((out / "mcmkd").glob("teacher_cache/features_*"))
+    assert (out / "teacher" / "head.ckpt").is_file() and list((out / "distill").glob("teacher/features_*"))
+    # The demo's MCM-KD, features and slide task of teacher, un-tuned and tuned student ran in distill, once.
+    from histodistill.demo.stages import DISTILLED
+
+    extractors = json.loads((out / "features" / "extractors.json").read_text())
+    assert all(Path(extractors[name]["features_dir"]).is_relative_to(out / "distill") for name in DISTILLED)
+    assert not [name for name in DISTILLED if (out / "mil" / name).exists()]
+    assert (out / "distill" / "report.html").is_file() and "histodistill distill` (MCM-KD" in summary["verdict"]
+    assert "the student keeps " in summary["verdict"]
     assert all(row["parameters"] > 0 and 0 < row["probe_balanced_accuracy"] <= 1 for row in rows[:-1])
     probe = json.loads((out / "sdmae" / "run" / "probe.json").read_text())["linear_probe_balanced_accuracy"]
     assert set(probe) == {"sdmae", "random_init"} and all(1 / 3 - 0.1 < v <= 1 for v in probe.values())

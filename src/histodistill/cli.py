@@ -6,8 +6,11 @@ automatically. A command module defines:
 - ``HELP``: the one-line summary shown by ``histodistill --help``;
 - ``add_arguments(parser)``: its options (imports nothing heavy, so ``--help`` stays fast);
 - ``run(args) -> int | None``: the work (imports torch & co. lazily);
+- optionally ``PARAMETERS``: library parameters that its options pass under another name, parameter ->
+  the option's dest (``{"target_mpp": "mpp"}``), so that a library error naming `` `target_mpp=0.3` ``
+  reads ``--mpp 0.3`` (`histodistill.errors`; the other options are found by their dest);
 - optionally ``PASSTHROUGH = True`` and ``main(argv) -> int | None`` for commands that parse their
-  own arguments (``fit`` hands them to LightningCLI).
+  own arguments (``fit`` hands them to LightningCLI, which renders its own keys).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import sys
 from types import ModuleType
 
 from histodistill import __version__, commands
-from histodistill.errors import UserError
+from histodistill.commands._arguments import command_flags
+from histodistill.errors import UserError, rendering_parameters
 from histodistill.io import reporting_full_disk
 
 # The order a user meets the stages in; commands not listed here are shown after them.
@@ -50,7 +54,8 @@ def build_parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
             continue
         command_parser = sub.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(command_parser)
-        command_parser.set_defaults(_run=module.run)
+        command_parser.set_defaults(_run=module.run,
+                                    _flags=command_flags(command_parser, getattr(module, "PARAMETERS", None)))
     return parser
 
 
@@ -66,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Every command that writes: a full disk is one line naming the file, not a traceback (commands that
         # can estimate the space their run needs report it from inside, see `reporting_full_disk`).
-        with reporting_full_disk(getattr(args, "out", None) or "."):
+        # A library error names the parameters (`target_mpp=0.3`): the user reads the options they typed.
+        with rendering_parameters(args._flags), reporting_full_disk(getattr(args, "out", None) or "."):
             return int(args._run(args) or 0)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

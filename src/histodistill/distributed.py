@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
 
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -66,10 +66,11 @@ def usable_cpus() -> int:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n) with 0 <= i < n; anything else is a `UserError` naming ``--shard``."""
+    """``"i/n"`` -> (i, n) with 0 <= i < n; anything else is a `ConfigError` naming ``shard``."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not match or not 0 <= int(match[1]) < int(match[2]):
-        raise UserError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. --shard 0/4 (the first of 4 shares)")
+        raise ConfigError(f"`shard={text}`: expected I/N with 0 <= I < N, e.g. `shard=0/4` (the first of 4 "
+                          "shares)")
     return int(match[1]), int(match[2])
 
 
@@ -93,11 +94,12 @@ def launcher_rank(env: Mapping[str, str] | None = None) -> tuple[int, int, int |
 
 
 def this_process(shard: str | None = None, env: Mapping[str, str] | None = None) -> Share:
-    """The share of this process: its launcher rank within ``--shard i/n`` (see the module docstring)."""
+    """The share of this process: its launcher rank within ``shard`` ``"i/n"`` (see the module docstring)."""
     rank, world, local_rank, launcher = launcher_rank(env)
     shard_index, shard_count = parse_shard(shard) if shard else (0, 1)
     if shard:
-        launcher = f"--shard {shard_index}/{shard_count}" + (f", {launcher} rank {rank}/{world}" if world > 1 else "")
+        launcher = f"shard {shard_index}/{shard_count}" + (
+            f", {launcher} rank {rank}/{world}" if world > 1 else "")
     elif world > 1:
         launcher = f"{launcher} rank {rank}/{world}"
     return Share(shard_index + shard_count * rank, shard_count * world, local_rank, launcher)
@@ -125,7 +127,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
+        raise ConfigError(f"`device={device}`: no CUDA device is visible; use `device=cpu` or `device=auto`")
     return torch.device(device)
 
 
@@ -174,7 +176,7 @@ def write_json_once(path: str | os.PathLike, obj: object, share: Share, replace:
 
     One process (``share.count == 1``) simply writes it when absent. Several: with a process group, rank 0
     writes and the others wait at a barrier; without one (srun, job arrays) every process writes it only
-    if absent, so the first one wins, atomically. ``replace`` writes it whatever is there (``--overwrite``).
+    if absent, so the first one wins, atomically. ``replace`` writes it whatever is there (overwriting).
     """
     from histodistill.io import write_json, write_json_if_absent
 

@@ -82,7 +82,7 @@ def test_fit_recipe_with_an_imagenet_start_it_cannot_get_stops_with_one_line(tmp
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "'tiny/resnet18-64'" in errors[0] and "pretrained: false" in errors[0]
+    assert len(errors) == 1 and "'tiny/resnet18-64'" in errors[0] and "--model.init_args.pretrained False" in errors[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

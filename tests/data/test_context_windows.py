@@ -81,7 +81,7 @@ def test_cells_land_on_tiles_when_the_scale_is_not_an_integer():
 
 
 def test_overlap_that_does_not_divide_the_tile_is_refused():
-    with pytest.raises(UserError, match="--overlap 0"):
+    with pytest.raises(UserError, match="`overlap=0`"):
         grid_geometry(coords_attrs("s", overlap=24), "coords.h5")
     assert grid_geometry(coords_attrs("s", overlap=32), "coords.h5") == (32.0, 2)  # half overlap: every 2nd tile
 
@@ -224,7 +224,7 @@ def test_clam_and_trident_coords_give_exactly_the_windows_of_ours(tiny_slide, tm
     with h5py.File(features / "tiny_slide.h5", "w") as h5:  # the teacher cache names files by slide id
         h5["features"], h5["coords"] = coords.astype(np.float32), coords
     expected = context_windows_of_dir(ours.parent, features, side=3, min_fraction=4 / 9)
-    with pytest.raises(UserError, match="--slides"):  # their coords name no slide
+    with pytest.raises(UserError, match="`slides_dir=DIR`"):  # their coords name no slide
         context_windows_of_dir(theirs.parent, features, side=3, min_fraction=4 / 9)
     got = context_windows_of_dir(theirs.parent, features, side=3, min_fraction=4 / 9, slides_dir=tiny_slide.path.parent)
     assert grid_geometry(read_coords(theirs)[1], theirs) == (float(TILE), 1)

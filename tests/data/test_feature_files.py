@@ -144,7 +144,7 @@ def test_folders_without_features_are_explained(tmp_path, make):
         given.mkdir()
         if make == "foreign files":
             (given / "notes.txt").write_text("x")
-    with pytest.raises(UserError, match="--features"):
+    with pytest.raises(UserError, match="`features="):
         open_feature_folder(given)
 
 

@@ -137,7 +137,20 @@ def test_an_overflowing_optimiser_step_ends_like_a_nan_loss(tmp_path, two_class_
 
 def test_resume_without_a_checkpoint_is_a_user_error(tmp_path, two_class_data, capsys):
     assert fit(tmp_path / "empty", two_class_data, "--resume") == 2
-    assert "last.ckpt does not exist" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "error: --resume: " in error and "last.ckpt does not exist; run without --resume" in error
+
+
+@pytest.mark.parametrize(("option", "value", "problem"), [
+    ("--model.init_args.label_smoothing", "1.5", "must be in [0, 1)"),  # the module's own argument
+    ("--model.init_args.optim.lr", "-1.0", "must be > 0"),  # a nested config (OptimConfig)
+])
+def test_a_bad_config_value_is_one_line_naming_its_key(tmp_path, two_class_data, capsys, option, value, problem):
+    # Issue 31: a ConfigError raised while the module is built names the parameter (`lr=-1.0`); fit shows its key.
+    assert fit(tmp_path / "run", two_class_data, "--model.init_args.num_classes", "2", option, value) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert [line for line in error.splitlines() if line.startswith("error:")] == [f"error: {option} {value}: {problem}"]
 
 
 def test_fit_help_lists_the_run_options(capsys):

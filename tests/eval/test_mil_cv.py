@@ -109,7 +109,7 @@ def test_too_few_cases_is_refused_before_anything_is_written_naming_folds_and_sp
     features, labels, _ = planted_features(tmp_path, n_cases=8)  # 4 cases per class
     with pytest.raises(UserError, match="`folds=5`") as info:
         cross_validate(features, labels, tmp_path / "run", quick(folds=5))
-    assert "`splits_dir`" in str(info.value)
+    assert "`splits_dir=...`" in str(info.value)
     assert not (tmp_path / "run").exists()
     assert main(["mil", "--features", str(features), "--labels", str(labels), "--folds", "5",
                  "--out", str(tmp_path / "run")]) == 2

@@ -195,7 +195,7 @@ def test_weights_hash_follows_the_weights_not_the_object():
 
 def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="--device cpu"):
+    with pytest.raises(UserError, match="`device=cpu`"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
 

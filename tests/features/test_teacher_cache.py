@@ -155,7 +155,7 @@ def test_clam_coords_are_cached_under_their_slide_and_keyed_on_the_level0_tile(t
     write_coords(tiles / "patches" / "tiny_slide.h5", COORDS * 2 + 128, clam)
     key = cache_key(tiles / "patches", TEACHER, None, pretrained=False)
     assert key["slides"] == {"tiny_slide": {"patch_size_level0": 128, "patch_size": 64, "tiles": 4}}
-    with pytest.raises(UserError, match="--slides"):  # the slide is not named: found only with slides_dir
+    with pytest.raises(UserError, match="`slides_dir=DIR`"):  # the slide is not named: found only with slides_dir
         ensure_teacher_cache(tiles, tmp_path, TEACHER, rebuild=True, pretrained=False)
     features_dir = ensure_teacher_cache(tiles, tmp_path, TEACHER, rebuild=True, pretrained=False,
                                         slides_dir=tiny_slide.path.parent)

@@ -74,7 +74,7 @@ def test_kd_objective_is_ce_plus_t2_kl_against_the_teacher_checkpoint(teacher_ck
 
 def test_kd_with_a_different_class_count_is_refused_clearly(teacher_ckpt):
     path, _ = teacher_ckpt(num_classes=4)
-    with pytest.raises(UserError, match=r"4 classes.*num_classes=3.*w_kd: 0"):
+    with pytest.raises(UserError, match=r"4 classes.*num_classes=3.*`w_kd=0`"):
         Distill(num_classes=3, teacher=str(path), **STUDENT)
     # switching KD off is the documented way to distil across tasks
     Distill(num_classes=3, teacher=str(path), w_kd=0.0, feature="hint", w_feature=1.0, **STUDENT)

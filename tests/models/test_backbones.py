@@ -193,7 +193,7 @@ def test_random_like_keeps_the_spec_and_draws_new_weights(capsys):
 
 def test_checkpoint_without_record_is_explained(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
-    with pytest.raises(UserError, match="not a histodistill checkpoint.*--weights"):
+    with pytest.raises(UserError, match="not a histodistill checkpoint.*`weights=FILE`"):
         create_backbone(tmp_path / "other.ckpt")
 
 

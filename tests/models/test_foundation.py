@@ -219,7 +219,7 @@ def test_offline_published_file_is_one_error_line_with_the_remedies(fake_hf_cach
     with pytest.raises(UserError) as error:
         create_backbone("pathology/gpfm")
     message = str(error.value)
-    assert "\n" not in message and "majiabo/GPFM" in message and "--model pathology/gpfm --weights FILE" in message
+    assert "\n" not in message and "majiabo/GPFM" in message and "`weights=FILE` with the model 'pathology/gpfm'" in message
 
 
 def test_transformers_entries_name_the_extra_when_it_is_missing(monkeypatch):

@@ -36,13 +36,13 @@ def test_missing_weights_offline_is_one_error_line_with_every_remedy(fake_hf_cac
         create_backbone(NAME)
     message = str(error.value)
     assert "\n" not in message and f"'{NAME}'" in message and HUB_ID in message
-    for remedy in ("--weights FILE", "HF_HUB_OFFLINE", "HF_HOME", "--random-init"):
+    for remedy in ("`weights=FILE`", "HF_HUB_OFFLINE", "HF_HOME", "`pretrained=False`"):
         assert remedy in message
     assert "random initialisation" not in capsys.readouterr().err  # nothing was built at random
 
 
 def test_an_architecture_without_published_weights_is_not_silently_random():
-    with pytest.raises(UserError, match="no pretrained weights for 'vit_giant_patch14_224'.*--random-init"):
+    with pytest.raises(UserError, match="no pretrained weights for 'vit_giant_patch14_224'.*`pretrained=False`"):
         create_backbone("vit_giant_patch14_224")
 
 
@@ -71,5 +71,5 @@ def test_gated_model_names_the_model_and_how_to_get_access(monkeypatch):
         raise error
 
     monkeypatch.setattr(timm, "create_model", gated)
-    with pytest.raises(UserError, match=r"'pathology/uni' from MahmoodLab/UNI: it is gated.*HF_TOKEN.*--weights FILE"):
+    with pytest.raises(UserError, match=r"'pathology/uni' from MahmoodLab/UNI: it is gated.*HF_TOKEN.*`weights=FILE`"):
         create_backbone("pathology/uni")

@@ -63,13 +63,17 @@ def _argv(cohort, out: Path, teacher: str, *extra: str, labels: bool = True) -> 
 
 
 STAGES = ("tiles", "teacher", "fit", "export", "features", "compare", "report")
+# A shipped recipe other than the method's default, MCM-KD's targets and windows, and two MIL CV seeds (what the
+# demo's distill stage sets).
+TUNED = ("--recipe", "mcmkd/tiny_cpu.yaml", "--target-norm", "standardize", "--loss", "mse", "--window-stride", "2",
+         "--mil-seeds", "2", "--mil-val-fraction", "0.25")
 
 
 @pytest.mark.slow
 def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_each_stage(
         cohort, hub_teacher, tmp_path, capsys, caplog, one_torch_thread):
     out = tmp_path / "run"
-    assert main(_argv(cohort, out, hub_teacher)) == 0
+    assert main(_argv(cohort, out, hub_teacher, *TUNED)) == 0
     printed = capsys.readouterr().out
     assert "starts from random weights" in printed and all(f"] {stage}:" in printed for stage in STAGES)
     assert all((out / stage / "stage.json").is_file() for stage in STAGES)
@@ -91,13 +95,21 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
     assert not list((out / "features").glob("*/features_hf-hub*"))
     fit_config = (out / "fit" / "run" / "config.yaml").read_text()
     assert "rebuild_cache: false" in fit_config and f"cache_dir: {out / 'teacher'}" in fit_config
+    # --recipe (tiny_cpu's lr 1e-3, not resnet50_s3_p224's 1e-4) with the MCM-KD options over it.
+    assert all(line in fit_config for line in ("lr: 0.001", "target_norm: standardize", "loss: mse",
+                                               "window_stride: 2"))
+    # --mil-seeds 2: two CV runs per model, on the same folds for the three (same labels, same seeds).
+    splits = [sorted(p.read_text() for p in (out / "compare" / name / f"seed_{seed}" / "splits").glob("*.csv"))
+              for seed in (0, 1) for name in ("teacher", "student_untuned", "student")]
+    assert splits[0] and splits[:3] == [splits[0]] * 3 and splits[3:] == [splits[3]] * 3 and splits[0] != splits[3]
+    assert "val_fraction: 0.25" in (out / "compare" / "teacher" / "config.yaml").read_text()
     # Exported as a timm local-dir with its model card; the un-tuned student is literally the start weights.
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (out / "export").iterdir()}
     page = (out / "report.html").read_text()
     assert "the student keeps" in page and "data:image/png;base64" in page and "unlabeled, as the paper does" in page
 
     # Run again: every stage verified and skipped.
-    assert main(_argv(cohort, out, hub_teacher)) == 0
+    assert main(_argv(cohort, out, hub_teacher, *TUNED)) == 0
     assert capsys.readouterr().out.count("done before, skipped") == len(STAGES)
 
     # A kill mid-stage: its record never written, a half-written temporary left, finished files kept. The rerun
@@ -107,7 +119,7 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
     (cache / ".synth_001.x1y2.tmp.h5").write_bytes(b"half")
     (out / "teacher" / "stage.json").unlink()
     caplog.clear()
-    assert main(_argv(cohort, out, hub_teacher)) == 0
+    assert main(_argv(cohort, out, hub_teacher, *TUNED)) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 1  # tiles only
     assert "Restored all states from the checkpoint" in caplog.text  # the fit resumed from its last.ckpt
     assert all((out / s / "stage.json").is_file() for s in STAGES) and (cache / "teacher_cache.json").is_file()
@@ -115,20 +127,22 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
     # The last stage killed after its summary was removed: only it runs again.
     (out / "summary.json").unlink()
     (out / "report" / "stage.json").unlink()
-    assert main(_argv(cohort, out, hub_teacher)) == 0
+    assert main(_argv(cohort, out, hub_teacher, *TUNED)) == 0
     assert capsys.readouterr().out.count("done before, skipped") == len(STAGES) - 1
     assert (out / "summary.json").is_file()
     # A recorded stage whose output went missing is run again (verified before it is skipped).
     (out / "export" / "model.safetensors").unlink()
-    assert main(_argv(cohort, out, hub_teacher)) == 0
+    assert main(_argv(cohort, out, hub_teacher, *TUNED)) == 0
     assert "model.safetensors is missing: running it again" in capsys.readouterr().out
     assert (out / "export" / "model.safetensors").is_file()
 
     # Other settings: refused before any stage, naming the setting and the record.
-    assert main(_argv(cohort, out, hub_teacher, "--steps", "5")) == 2
+    assert main(_argv(cohort, out, hub_teacher, *TUNED, "--steps", "5")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert errors == [f"error: steps 3 != 5 in {out / 'fit' / 'stage.json'} (recorded there != this run): pass "
                    "--overwrite to run every stage again, or another --out"]
+    assert main(_argv(cohort, out, hub_teacher, *TUNED[:-4], "--mil-seeds", "3")) == 2
+    assert f"error: mil_seeds 2 != 3 in {out / 'compare' / 'stage.json'}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -168,13 +182,22 @@ def test_bad_input_is_refused_with_one_line_before_any_stage(cohort, tmp_path, c
         "too few cases per class": ("--labels", str(thin)),
         "--patch-labels DIR_OR_CSV": ("--method", "moma"),
         "no such file or folder": ("--teacher-weights", str(tmp_path / "missing.bin")),
+        "--recipe nope.yaml: neither a recipe under": ("--recipe", "nope.yaml"),
+        "--recipe moma/tiny_cpu.yaml fits histodistill.methods.moma.MoMA, not histodistill.methods.mcmkd.MCMKD: "
+        "pass a recipe of --method mcmkd": ("--recipe", "moma/tiny_cpu.yaml"),
+        "--target-norm is MCM-KD's: drop it for --method moma": ("--method", "moma", "--target-norm", "standardize"),
+        "--window-stride must be positive, got 0": ("--window-stride", "0"),
+        "--mil-seeds must be at least 1, got 0": ("--mil-seeds", "0"),
+        "--mil-val-fraction must be in [0, 1), got 1.0": ("--mil-val-fraction", "1"),
+        "--mil-lr must be positive": ("--mil-lr", "0"),
     }
-    for expected, (option, value) in cases.items():
+    for expected, pairs in cases.items():
         argv = _argv(cohort, out, teacher)
-        if option in argv:
-            argv[argv.index(option) + 1] = value
-        else:
-            argv += [option, value]
+        for option, value in zip(pairs[::2], pairs[1::2], strict=True):
+            if option in argv:
+                argv[argv.index(option) + 1] = value
+            else:
+                argv += [option, value]
         assert main(argv) == 2, expected
         assert expected in _one_error_line(capsys)
         assert not out.exists(), expected  # nothing ran, nothing was written
@@ -261,7 +284,7 @@ def test_the_report_opens_on_the_verdict_the_three_models_and_their_auroc_plot(t
     assert "histodistill distill" in page
     (tmp_path / "summary.json").write_text(json.dumps(_summary(labelled=False)))
     page = build_report(tmp_path).read_text()
-    assert "data:image/png" not in page and "the AUROC comparison needs --labels" in page and "cosine 0.71" in page
+    assert "data:image/png" not in page and "the AUROC comparison needs a labels CSV" in page and "cosine 0.71" in page
 
 
 @pytest.mark.browser

@@ -155,7 +155,7 @@ def test_write_image_folder_layout_summary_and_reuse(tmp_path, synthetic_hgsc):
 
     assert write_image_folder(out, crop_size=16, test_fraction=0.3) == out
     assert len(synthetic_hgsc) == 1  # finished task with the same settings: not rebuilt
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="`overwrite=True`"):
         write_image_folder(out, crop_size=8, test_fraction=0.3)
     (out / "train" / "stale").mkdir()
     write_image_folder(out, crop_size=8, test_fraction=0.3, overwrite=True)
@@ -174,7 +174,7 @@ def test_write_image_folder_layout_summary_and_reuse(tmp_path, synthetic_hgsc):
 def test_write_image_folder_refuses_foreign_folders(tmp_path, synthetic_hgsc):
     (tmp_path / "train" / "tumour").mkdir(parents=True)
     (tmp_path / "train" / "tumour" / "x.png").write_bytes(b"")
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="`overwrite=True`"):
         write_image_folder(tmp_path)
     assert synthetic_hgsc == []
 

@@ -87,9 +87,9 @@ def test_slides_are_found_in_a_folder_by_id_and_extension(tmp_path):
     (slides / "case_1.ndpi").write_bytes(b"")
     assert find_slide(coords_path, attrs, slides, ".ndpi") == slides / "case_1.ndpi"
     assert find_slide(coords_path, attrs, slides, "svs") == slides / "case_1.svs"
-    with pytest.raises(UserError, match=r"case_1.h5: no slide case_1.mrxs in --slides"):
+    with pytest.raises(UserError, match=r"case_1.h5: no slide case_1.mrxs in `slides_dir="):
         find_slide(coords_path, attrs, slides, ".mrxs")
-    with pytest.raises(UserError, match=r"case_1.h5: the coords do not name their slide .*pass --slides DIR"):
+    with pytest.raises(UserError, match=r"case_1.h5: the coords do not name their slide .*pass `slides_dir=DIR`"):
         find_slide(coords_path, attrs)
-    with pytest.raises(UserError, match=r"its slide .*gone.svs no longer exists; pass --slides DIR"):
+    with pytest.raises(UserError, match=r"its slide .*gone.svs no longer exists; pass `slides_dir=DIR`"):
         find_slide(coords_path, {**attrs, "slide_path": str(tmp_path / "gone.svs")})

@@ -60,26 +60,27 @@ def test_an_image_that_is_tissue_everywhere_keeps_every_tile(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "pixels", "reason", "option"),
+    ("name", "pixels", "reason", "parameter", "option"),
     [
         ("gray", make_tissue_image(512, 512, [(0, 0, 512, 512)]).mean(2, keepdims=True).repeat(3, 2),
-         "the image has no colour", "--min-saturation 0"),
-        ("blank", np.full((512, 512, 3), 240), "no tissue found", "--min-saturation"),
-        ("small", make_tissue_image(100, 100, [(0, 0, 100, 100)]), "smaller than one 256-px tile", "--patch-size"),
+         "the image has no colour", "`min_saturation=0`", "--min-saturation 0"),
+        ("blank", np.full((512, 512, 3), 240), "no tissue found", "`min_saturation=0.02`", "--min-saturation 0.02"),
+        ("small", make_tissue_image(100, 100, [(0, 0, 100, 100)]), "smaller than one 256-px tile", "`patch_size=...`",
+         "lower --patch-size or --mpp"),
     ],
 )
-def test_zero_tiles_are_never_silent(tmp_path, capsys, name, pixels, reason, option):
+def test_zero_tiles_are_never_silent(tmp_path, capsys, name, pixels, reason, parameter, option):
     path = write_pyramid_tiff(tmp_path / f"{name}.tif", pixels.astype(np.uint8), mpp=0.5, tile=64)
     out = tmp_path / "out"
     assert main(["tile", str(path), "--out", str(out)]) == 0
     status = status_of(out, name)
     assert status["status"] == "empty" and status["n_tiles"] == 0
-    assert reason in status["message"] and option in status["message"]
+    assert reason in status["message"] and parameter in status["message"]  # the file speaks Python, the CLI flags
     assert str(out / "qc" / f"{name}.png") in status["message"] and (out / "qc" / f"{name}.png").is_file()
     assert not (out / "patches" / f"{name}.h5").exists()
     captured = capsys.readouterr()
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and reason in warnings[0]
+    assert len(warnings) == 1 and reason in warnings[0] and option in warnings[0]
     assert "1 with no tiles" in captured.out
     assert main(["tile", str(path), "--out", str(out)]) == 0  # skipped on a rerun, still not silent
     captured = capsys.readouterr()
@@ -95,19 +96,19 @@ def test_a_desktop_resolution_tag_is_refused_by_name_and_writes_no_coords(tmp_pa
     assert main(["tile", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"tagged.tif: level-0 mpp {mpp} um/px read from its `openslide.mpp-x` property" in err
-    assert "--mpp-override" in err
+    assert "pass --mpp-override X with the scanner's resolution" in err
     assert not (out / "patches" / "tagged.h5").exists()
     assert status_of(out, "tagged")["status"] == "failed"
     assert main(["tile", str(path), "--out", str(out), "--mpp-override", "0.5"]) == 0  # the named remedy works
 
 
 def test_an_mpp_override_off_by_ten_is_refused_too(tiny_slide, tmp_path):
-    with pytest.raises(UserError, match=r"level-0 mpp 0.025 um/px read from --mpp-override"):
+    with pytest.raises(UserError, match=r"level-0 mpp 0.025 um/px read from the override \(`mpp_override=...`, or"):
         tile_slide(tiny_slide.path, tmp_path / "out", mpp_override=0.025)
 
 
 def test_patch_size_level0_is_never_below_one(tiny_slide, tmp_path):
-    with pytest.raises(UserError, match=r"a 1-px tile at 0.05 mpp is 0.00313 level-0 pixels.*--patch-size"):
+    with pytest.raises(UserError, match=r"a 1-px tile at 0.05 mpp is 0.00313 level-0 pixels.*raise `patch_size=...`"):
         tile_slide(tiny_slide.path, tmp_path / "out", target_mpp=0.05, patch_size=1, mpp_override=16)
 
 
@@ -117,7 +118,7 @@ def test_upsampling_is_a_warning_that_names_both_mpps(tiny_slide, tmp_path, caps
     message = status_of(out, "tiny_slide")["message"]
     assert "target 0.25 mpp is finer than the slide's level 0 (0.5 mpp" in message and "upsampled 2x" in message
     assert status_of(out, "tiny_slide")["status"] == "ok"
-    assert message in capsys.readouterr().err
+    assert message.replace("`target_mpp=0.5`", "--mpp 0.5") in capsys.readouterr().err  # the CLI names its option
 
 
 def test_images_beyond_pillows_pixel_limit_are_read_when_memory_allows(tmp_path, monkeypatch):

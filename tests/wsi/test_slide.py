@@ -146,18 +146,18 @@ def test_plain_image_mpp_is_read_from_its_tag_and_refused_outside_microscope_ran
     Image.fromarray(pixels).save(tmp_path / "none.png")
     assert open_slide(tmp_path / "scan.jpg").mpp == pytest.approx(0.5)
     assert open_slide(tmp_path / "cm.tif").mpp == pytest.approx(0.25)
-    with pytest.raises(UserError, match=r"none.png: the slide has no microns-per-pixel.*--mpp-override"):
+    with pytest.raises(UserError, match=r"none.png: the slide has no microns-per-pixel.*`mpp_override=X`"):
         _ = open_slide(tmp_path / "none.png").mpp
     # An editor default is refused by name, value and tag, not silently read as 264.6 um/px.
     with pytest.raises(UserError, match=r"screen.png: level-0 mpp 264.6 um/px read from its PNG pHYs chunk "
-                                        r"\(96.* dpi\) is outside 0.05-16.0 .*--mpp-override"):
+                                        r"\(96.* dpi\) is outside 0.05-16.0 .*`mpp_override=X`"):
         _ = open_slide(tmp_path / "screen.png").mpp
     assert open_slide(tmp_path / "screen.png", mpp=0.3).mpp == 0.3
 
 
 def test_unknown_mpp_of_a_pyramid_names_the_slide(tmp_path):
     path = write_pyramid_tiff(tmp_path / "nompp.tif", np.zeros((128, 128, 3), np.uint8), mpp=None, tile=64)
-    with pytest.raises(UserError, match="nompp.tif: .*--mpp-override"):
+    with pytest.raises(UserError, match="nompp.tif: .*`mpp_override=X`"):
         _ = open_slide(path).mpp
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tissue_image
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.wsi.coords import read_coords
 from histodistill.wsi.tiff_writer import write_pyramid_tiff
 from histodistill.wsi.tiling import (
@@ -110,10 +110,10 @@ def test_finished_outputs_are_skipped_overwritten_or_refused(tiny_slide, tmp_pat
     stamp = paths.coords.stat().st_mtime_ns
     assert tile_slide(tiny_slide.path, out, patch_size=128).status == "skipped"
     assert paths.coords.stat().st_mtime_ns == stamp
-    with pytest.raises(UserError, match=r"tiny_slide.h5 was made with other settings: --patch-size 64 \(the tiles "
-                       r"there: 128\); its 10 tiles are kept: pass --overwrite"):
+    with pytest.raises(UserError, match=r"tiny_slide.h5 was made with other settings: `patch_size=64` \(the tiles "
+                       r"there: 128\); its 10 tiles are kept: pass `overwrite=True`"):
         tile_slide(tiny_slide.path, out, patch_size=64)
-    with pytest.raises(UserError, match=r"settings: --min-saturation 0.02 \(the tiles there: default\); its"):
+    with pytest.raises(UserError, match=r"settings: `min_saturation=0.02` \(the tiles there: default\); its"):
         tile_slide(tiny_slide.path, out, patch_size=128, tissue=TissueConfig(min_saturation=0.02))
     assert tile_slide(tiny_slide.path, out, patch_size=64, overwrite=True).n_tiles > 10
 
@@ -143,15 +143,16 @@ def test_a_failed_slide_leaves_a_failed_status_and_no_outputs(tmp_path):
 def test_missing_mpp_needs_an_override(tmp_path, tiny_slide):
     image = make_tissue_image(*tiny_slide.size, tiny_slide.tissue_boxes)
     path = write_pyramid_tiff(tmp_path / "nompp.tif", image, mpp=None, tile=128)
-    with pytest.raises(UserError, match="nompp.tif: .*--mpp-override"):
+    with pytest.raises(UserError, match="nompp.tif: .*`mpp_override=X`"):
         tile_slide(path, tmp_path / "out", patch_size=128)
     assert tile_slide(path, tmp_path / "out", patch_size=128, mpp_override=0.5, overwrite=True).n_tiles == 10
 
 
-@pytest.mark.parametrize("kwargs, option", [(dict(overlap=128), "--overlap"), (dict(min_tissue=1.5), "--min-tissue"),
-                                            (dict(patch_size=0), "--patch-size")])
-def test_bad_settings_name_their_option(tiny_slide, tmp_path, kwargs, option):
-    with pytest.raises(UserError, match=option):
+@pytest.mark.parametrize("kwargs, parameter", [(dict(overlap=128), "`overlap=128`: must be in"),
+                                               (dict(min_tissue=1.5), "`min_tissue=1.5`: must be in"),
+                                               (dict(patch_size=0), "`patch_size=0`: must be positive")])
+def test_bad_settings_name_their_parameter(tiny_slide, tmp_path, kwargs, parameter):
+    with pytest.raises(ConfigError, match=parameter):
         tile_slide(tiny_slide.path, tmp_path, **{"patch_size": 128, **kwargs})
 
 

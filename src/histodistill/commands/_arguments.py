@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 
+from histodistill.errors import Flag
 from histodistill.io import unwritable_reason
 
 
@@ -52,16 +54,43 @@ def check_model_arguments(args: argparse.Namespace) -> None:
                         "pass its architecture's name (e.g. the timm name) for random weights")
 
 
+def command_flags(parser: argparse.ArgumentParser,
+                  parameters: Mapping[str, str] | None = None) -> dict[str, Flag]:
+    """The `Flag` of each library parameter a command passes, for `histodistill.errors.rendering_parameters`:
+    every option of ``parser`` under its dest (``patch_size`` -> ``--patch-size``; a switch under
+    ``dest=True``, e.g. ``overwrite=True`` -> ``--overwrite``), plus ``parameters``, the command's own
+    ``PARAMETERS``: a library parameter (or ``name=value``) that an option passes under another name -> that
+    option's dest (``{"target_mpp": "mpp", "pretrained=False": "random_init"}``). The options of nested
+    subcommands (``samples make-nuclei``) count too."""
+    by_dest: dict[str, tuple[str, Flag]] = {}
+    actions = list(parser._actions)
+    for action in actions:
+        if isinstance(action, argparse._SubParsersAction):
+            actions += [nested for sub in action.choices.values() for nested in sub._actions]
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        option = max(action.option_strings, key=len)  # the long form
+        if action.nargs == 0:  # store_true & co.: the option stands for one value
+            by_dest[action.dest] = (f"{action.dest}={action.const}", Flag(option, switch=True))
+        else:
+            by_dest[action.dest] = (action.dest, Flag(option))
+    flags = dict(by_dest.values())
+    for parameter, dest in (parameters or {}).items():
+        flags[parameter] = by_dest[dest][1]
+    return flags
+
+
 def render_parameters(message: str, flags: dict[str, str] | None = None) -> str:
     """A library message's parameters as a command's flags: `` `folds=5` `` -> ``--folds 5`` and `` `splits_dir` ``
-    -> ``--splits`` (``flags`` maps a parameter to its flag where the flag is not ``--`` + its name with
-    dashes). Library functions name their parameters so (`histodistill.eval.mil_cv`); the command that
-    called one shows the user what they typed."""
+    (or `` `splits_dir=...` ``) -> ``--splits`` (``flags`` maps a parameter to its flag where the flag is not
+    ``--`` + its name with dashes); `` `drop_empty=True` `` -> ``--drop-empty``, a switch. `mil` and its
+    library (`histodistill.eval.mil_cv`) still name bare parameters, which `histodistill.errors` does not
+    take as parameters; the other commands render through `histodistill.errors.rendering_parameters`."""
     import re
 
     def flag(match: re.Match) -> str:
         name, value = match.group(1), match.group(2)
         option = (flags or {}).get(name, "--" + name.replace("_", "-"))
-        return option if value is None else f"{option} {value}"
+        return option if value in (None, "True", "...") else f"{option} {value}"
 
     return re.sub(r"`([a-z_]+)(?:=([^`]*))?`", flag, message)

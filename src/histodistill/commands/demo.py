@@ -1,4 +1,5 @@
-"""Run the whole chain on the real sample data, on a CPU (54 minutes on 2 idle cores; --quick, the smoke run, about 3).
+"""Run the whole chain on the real sample data, on a CPU (the full run: see docs/demo.md for its stage times;
+--quick, the smoke run, about 3 minutes on 2 idle cores).
 
 Stages run in order and each writes into its own folder under --out; a finished stage is skipped
 when the demo is run again (so an interrupted demo resumes), unless --overwrite.
@@ -44,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if device == "cpu":
         minutes = MINUTES_ON_2_CPU_CORES[args.quick]
         took = (f"took about {minutes} minutes on 2 CPU cores in our runs" if minutes is not None else
-                "has not been timed on a CPU since its teacher became the SD-MAE ViT (the ResNet-34 chain took 54 "
-                "minutes on 2 cores; this one trains a larger ViT twice, SD-MAE and MAE, and takes longer)")
+                "has not been timed on a CPU in its current form")
         print(f"the {'quick' if args.quick else 'full'} demo {took} (docs/demo.md); each stage prints its time, "
               "and an interrupted demo resumes")
     if args.quick:

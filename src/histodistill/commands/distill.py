@@ -19,11 +19,13 @@ from pathlib import Path
 from histodistill.commands._arguments import output_folder
 
 HELP = "distil a foundation-model teacher into a fast student on your slides, and compare them on the slide task"
+# Parameters of the stages' library calls that name an option here (`histodistill.errors`).
+PARAMETERS = {"coords_dir": "coords", "slides_dir": "slides", "target_mpp": "mpp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per `DistillConfig` field: its type, default and help live there."""
-    from histodistill.pipelines.distill import DistillConfig
+    from histodistill.pipelines.distill_config import DistillConfig
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     hints = typing.get_type_hints(DistillConfig)
@@ -45,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from histodistill.pipelines.distill import DistillConfig, distill
+    from histodistill.pipelines.distill import distill
+    from histodistill.pipelines.distill_config import DistillConfig
 
     values = {item.name: getattr(args, item.name) for item in dataclasses.fields(DistillConfig)}
     values["out"] = Path(values["out"])

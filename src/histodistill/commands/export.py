@@ -13,6 +13,7 @@ import argparse
 from histodistill.commands._arguments import output_folder
 
 HELP = "export a checkpoint's backbone as a timm model folder (model.safetensors + config.json)"
+PARAMETERS = {"out_dir": "out", "license_id": "license"}  # `export_checkpoint`'s, by their options' dests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,9 @@ from histodistill.commands._arguments import add_model_arguments, check_model_ar
 from histodistill.distributed import add_shard_argument, usable_cpus
 
 HELP = "features for every tile of every slide (or an image folder) from any backbone or checkpoint"
+# `extract_slides`/`extract_images` parameters passed by options of other names (`histodistill.errors`).
+PARAMETERS = {"coords_dir": "coords", "slides_dir": "slides", "images_dir": "images", "out_dir": "out",
+              "num_workers": "workers", "pretrained=False": "random_init"}
 # More DataLoader workers than this rarely speeds up reading tiles and multiplies open slides and memory.
 MAX_DEFAULT_WORKERS = 8
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from histodistill.commands._arguments import output_folder, render_parameters
+from histodistill.commands._arguments import output_folder
 
 HELP = "attention heatmaps over slide thumbnails + top/bottom tile montages from a `mil` run"
+PARAMETERS = {"slide_ids": "slide_id", "slides_dir": "slides"}  # `run_heatmaps`'s, by their options' dests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,13 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from histodistill.errors import UserError
     from histodistill.eval.heatmap import run_heatmaps
 
-    try:
-        drawn, out = run_heatmaps(args.run, args.slides, args.slide_ext, args.slide_id, args.out, top_k=args.top_k,
-                                  scale=args.scale, alpha=args.alpha, thumbnail_size=args.thumbnail_size)
-    except UserError as error:
-        raise UserError(render_parameters(str(error), {"slide_ids": "--slide-id"})) from None
+    drawn, out = run_heatmaps(args.run, args.slides, args.slide_ext, args.slide_id, args.out,
+                              top_k=args.top_k, scale=args.scale, alpha=args.alpha,
+                              thumbnail_size=args.thumbnail_size)
     print(f"{len(drawn)} heatmaps in {out}")
     return 0

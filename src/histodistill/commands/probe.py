@@ -24,6 +24,9 @@ from histodistill.commands._arguments import add_model_arguments, check_model_ar
 
 HELP = ("linear and kNN probes on frozen patch features, or MAE's linear probe on augmented image folders "
         "(accuracy, balanced accuracy, F1, AUROC, kappa)")
+# Library parameters passed by options of other names (`histodistill.errors`).
+PARAMETERS = {"labels_csv": "labels", "train_dir": "train_images", "test_dir": "test_images",
+              "out_dir": "out"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ import argparse
 from histodistill.commands._arguments import output_folder
 
 HELP = "list, fetch and verify the real sample images; build the sample slide set and the nuclei task"
+PARAMETERS = {"out_dir": "out"}  # the library's parameter passed by --out (`histodistill.errors`)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,8 @@ from histodistill.distributed import add_shard_argument
 from histodistill.wsi.formats import SLIDE_SUFFIXES
 
 HELP = "detect tissue and write tile coordinates (CLAM/TRIDENT HDF5) for a slide, a folder or a CSV of slides"
+# `tile_slide`'s parameters that options of other names pass (`histodistill.errors`).
+PARAMETERS = {"target_mpp": "mpp", "out_dir": "out"}
 
 
 
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from histodistill.distributed import this_process
-    from histodistill.errors import UserError
+    from histodistill.errors import UserError, render_parameters
     from histodistill.io import reporting_full_disk
     from histodistill.wsi.tissue import TissueConfig
 
@@ -221,10 +223,11 @@ def run(args: argparse.Namespace) -> int:
         failed = results[0]
         raise UserError(failed.message if failed.slide_path in failed.message else f"{failed.slide_path}: {failed.message}")
     for result in results:
+        message = render_parameters(result.message, args._flags)  # `min_tissue=0.5` -> --min-tissue 0.5
         if result.status == "failed":
-            print(f"failed: {result.slide_path}: {result.message}", file=sys.stderr)
+            print(f"failed: {result.slide_path}: {message}", file=sys.stderr)
         elif result.message:  # why a slide has no tile, or an upsampling warning
-            print(f"warning: {result.slide_path}: {result.message}", file=sys.stderr)
+            print(f"warning: {result.slide_path}: {message}", file=sys.stderr)
     counts = {status: sum(r.status == status for r in results) for status in ("ok", "empty", "skipped", "failed")}
     no_tiles = sum(r.status != "failed" and r.n_tiles == 0 for r in results)
     tiles = sum(r.n_tiles for r in results)

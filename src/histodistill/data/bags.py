@@ -52,7 +52,7 @@ def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
     """Rows of a ``case_id,slide_id,label`` CSV (`histodistill.data.table.read_table`: BOM, ``;`` or tab,
     spaces, CRLF), labels in one spelling per class (`histodistill.data.labels.clean_labels`: missing ones
     and case-only differences refused, ``1.0`` read as ``1``); a `UserError` names the file when it is malformed."""
-    table = read_table(path, "labels CSV (--labels)", LABEL_COLUMNS)
+    table = read_table(path, "labels CSV", LABEL_COLUMNS)
     if not table.rows:
         raise UserError(f"labels CSV {path} has no rows")
     labels = clean_labels([r["label"] for r in table.rows], table.lines, f"labels CSV {path}")
@@ -92,7 +92,7 @@ def make_bags(rows: list[SlideLabel], classes: list[str], by_case: bool = False)
         if len(labels) > 1:
             raise UserError(
                 f"case {case_id!r} has slides with different labels {sorted(labels)}: fix the labels CSV "
-                "or train one bag per slide (drop --by-case)"
+                "or train one bag per slide (without `by_case=True`)"
             )
         bags.append(Bag(case_id, case_id, tuple(m.slide_id for m in members), index[members[0].label]))
     return bags
@@ -108,7 +108,8 @@ def empty_bags_error(empty: list[Bag], folder: str) -> UserError:
     slides = [s for bag in empty for s in bag.slide_ids]
     return UserError(
         f"{len(slides)} slide(s) in {folder} have no tissue tiles (features of shape (0, D)): {shown(slides)}. "
-        "Tiling found no tissue on them, so re-tiling with the same settings gives 0 tiles again: pass --drop-empty "
+        "Tiling found no tissue on them, so re-tiling with the same settings gives 0 tiles again: pass "
+        "`drop_empty=True` "
         "to leave them out (the run's metrics.json lists them) or remove them from the labels CSV"
     )
 

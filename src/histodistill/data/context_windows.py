@@ -53,7 +53,8 @@ def grid_geometry(attrs: dict, source: str | os.PathLike) -> tuple[float, int]:
     if patch_size % (patch_size - overlap):
         raise UserError(
             f"{source}: tiles of {patch_size} px with overlap {overlap} do not abut on a grid, so they cannot "
-            "form context windows; tile again with --overlap 0 (or an overlap that divides the patch size evenly)"
+            "form context windows; tile again with `overlap=0` (or an overlap that divides the patch size "
+            "evenly)"
         )
     if has_mpp(attrs):
         stride = (patch_size - overlap) * float(attrs["target_mpp"]) / float(attrs["mpp"])
@@ -164,14 +165,14 @@ class ContextWindowDataset(Dataset):
         self.slide_id = attrs["slide_id"]
         if not (slide_path or attrs.get("slide_path")):
             raise UserError(f"{coords_path}: the coords do not name their slide (CLAM/TRIDENT coords); pass its "
-                            "folder (--slides on the CLI, data.init_args.slides_dir in a recipe)")
+                            "file as `slide_path=...`")
         self.slide_path = Path(slide_path or attrs["slide_path"])
         self.skip_unreadable = skip_unreadable
         self.side = side
         self.patch_size = int(attrs["patch_size"])
         self.target_mpp = float(attrs["target_mpp"]) if has_mpp(attrs) else None
         self.window_px = side * self.patch_size
-        # The mpp the tiling used (possibly from --mpp-override), as `SlideTileDataset` does: the slide's
+        # The mpp the tiling used (possibly from an mpp override), as `SlideTileDataset` does: the slide's
         # metadata may lack it or disagree, and the windows must be cut on the same grid as the tiles.
         mpp = mpp if mpp is not None else attrs.get("mpp")
         self.mpp = float(mpp) if mpp is not None else None
@@ -251,6 +252,6 @@ def context_windows_of_dir(
     if sum(len(d) for d in datasets) == 0:
         raise UserError(
             f"no {side}x{side} context window in {patches_dir} has at least {min_fraction:.0%} tissue cells: "
-            "lower data.min_fraction or data.side, or tile with a lower --min-tissue"
+            "lower `min_fraction=...` or `side=...`, or tile with a lower `min_tissue=...`"
         )
     return ConcatDataset([d for d in datasets if len(d)])

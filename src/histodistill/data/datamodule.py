@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from histodistill.data.transforms import build_transform
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 
 
 class EpochIndexSampler(DistributedSampler):
@@ -82,7 +82,7 @@ class PatchDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise UserError(f"data.init_args.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"`batch_size={batch_size}`: must be >= 1")
         self.datasets = {"train": train, "val": val, "test": test}
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -125,7 +125,7 @@ class PatchDataModule(L.LightningDataModule):
         sampler = EpochIndexSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=seed)
         if len(dataset) // trainer.world_size < self.batch_size:
             raise UserError(f"the training set has {len(dataset)} samples, fewer than one batch per device "
-                            f"(data.init_args.batch_size={self.batch_size}); lower the batch size")
+                            f"(`batch_size={self.batch_size}`); lower the batch size")
         # drop_last keeps every step's batch the same size (BatchNorm and the lr scaling assume it).
         return self._loader(SeededAugmentation(dataset, seed), sampler=sampler, drop_last=True)
 

@@ -6,7 +6,7 @@ float32 and ``coords`` (N, 2) int64, level-0 top-left (x, y), the tiling's attri
 TRIDENT's slide encoders read them) and the slide's on the file; ``extractor.json`` beside them. Patch
 folders: one ``features.h5`` (`write_patch_features`). Every write is atomic (`histodistill.io.atomic_hdf5`).
 
-Layouts found from the folder a user passes (``--features``):
+Layouts found from the folder a user passes (``features``):
 
 - histodistill / TRIDENT: ``<dir>/<slide_id>.h5`` with datasets ``features`` (N, D) and ``coords`` (N, 2),
   level-0 top-left (x, y). TRIDENT writes ``<job_dir>/<mag>x_<px>px_<overlap>px_overlap/features_<encoder>/``,
@@ -117,7 +117,8 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
     given = Path(path)
     if not given.is_dir():
         what = "a file" if given.exists() else "missing"
-        raise UserError(f"--features {given} is {what}, not a folder: pass the folder of <slide_id>.h5 files that "
+        raise UserError(f"`features={given}` is {what}, not a folder: pass the folder of <slide_id>.h5 files "
+                        "that "
                         "`histodistill extract` wrote (or CLAM's feat_dir, or TRIDENT's features_<encoder>/)")
     for sub, layout in (("h5_files", "CLAM h5_files"), ("pt_files", "CLAM pt_files")):
         found = _files_in(given / sub)
@@ -135,9 +136,10 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
     if len(candidates) == 1:
         return FeatureFolder(given, candidates[0], *_files_in(candidates[0]))
     if candidates:
-        raise UserError(f"--features {given} holds {len(candidates)} feature folders ({shown(str(c) for c in candidates)}): "
+        raise UserError(f"`features={given}` holds {len(candidates)} feature folders "
+                        f"({shown(str(c) for c in candidates)}): "
                         "pass the one you want")
-    raise UserError(f"--features {given} has no feature files: expected <slide_id>.h5 (histodistill extract, "
+    raise UserError(f"`features={given}` has no feature files: expected <slide_id>.h5 (histodistill extract, "
                     "TRIDENT features_<encoder>/) or CLAM's h5_files/ or pt_files/")
 
 
@@ -301,9 +303,9 @@ def require_finite(features: np.ndarray, source: str, model: str) -> None:
     """Stop with a `UserError` naming ``source`` (``slide s1``) when ``features`` (N, D) hold a NaN or an infinity."""
     if bad := non_finite_rows(features):
         raise UserError(
-            f"--model {model} gave non-finite features (NaN or inf) for {bad} of {len(features)} images of "
+            f"`model={model}` gave non-finite features (NaN or inf) for {bad} of {len(features)} images of "
             f"{source}; nothing was written for it. Check the weights (a diverged checkpoint gives NaN), or "
-            "try --precision 32"
+            "try `precision='32'`"
         )
 
 
@@ -336,7 +338,8 @@ def load_slides(folder: FeatureFolder, slide_ids: Iterable[str]) -> dict[str, Sl
         common = max(set(dims.values()), key=list(dims.values()).count)
         odd = [f"{folder.files[s].name} ({d})" for s, d in dims.items() if d != common]
         raise UserError(f"features in {folder.describe()} have different dimensions: most are {common}, but "
-                        f"{shown(odd)}: they come from another extractor; extract them again with the same --model")
+                        f"{shown(odd)}: they come from another extractor; extract them again with the same "
+                        "model")
     bad = {s: n for s, f in loaded.items() if (n := non_finite_rows(f.features))}
     if bad:
         listed = [f"{folder.files[s].name} ({n} of {loaded[s].n_tiles} rows)" for s, n in bad.items()]

@@ -29,8 +29,8 @@ class SlideTileDataset(Dataset):
 
     ``slide_path`` defaults to the ``slide_path`` attribute of the coords file; ``mpp`` overrides
     the slide's level-0 mpp, which otherwise is the one the tiling used (the ``mpp`` attribute),
-    so tiles come out exactly as tiled even when that came from ``--mpp-override``. Coords of CLAM
-    or TRIDENT (no mpp, no slide path) are read as ``patch_size_level0`` level-0 pixels resized to
+    so tiles come out exactly as tiled even when that came from `tile_slide`'s ``mpp_override``. Coords
+    of CLAM or TRIDENT (no mpp, no slide path) are read as ``patch_size_level0`` level-0 pixels resized to
     ``patch_size``, the field of view those tools cut.
 
     A tile the slide file cannot give (a corrupt JPEG tile) raises `UnreadableRegion`; with
@@ -55,12 +55,12 @@ class SlideTileDataset(Dataset):
         self.attrs = attrs
         if not (slide_path or attrs.get("slide_path")):
             raise UserError(f"{self.coords_path}: the coords do not name their slide (CLAM/TRIDENT coords); pass "
-                            "slide_path=... (slide_paths={slide_id: path} for SlideTilesDataset, --slides on the CLI)")
+                            "`slide_path=...` (`slide_paths=...`, {slide_id: path}, for SlideTilesDataset)")
         self.slide_path = Path(slide_path or attrs["slide_path"])
         if not self.slide_path.is_file():
             raise UserError(
                 f"{self.coords_path}: its slide {self.slide_path} does not exist; pass the slide's current "
-                "location (slide_path=..., or slide_paths={slide_id: path} for SlideTilesDataset, --slides on the CLI)"
+                "location (`slide_path=...`, or `slide_paths=...`, {slide_id: path}, for SlideTilesDataset)"
             )
         self.patch_size = int(attrs["patch_size"])
         self.target_mpp = float(attrs["target_mpp"]) if "target_mpp" in attrs else None

@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from histodistill.data.bags import SlideLabel
 from histodistill.data.table import read_table
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.io import atomic_path
 
 SPLIT_NAME = re.compile(r"splits_(\d+)\.csv")
@@ -55,7 +55,7 @@ def check_cases_per_class(rows: list[SlideLabel], folds: int, validation: bool =
         raise UserError(
             f"too few cases per class for `folds={folds}`: cases per class are {counts}; each class needs at least "
             f"{needed} (one in each of the {folds} test folds and {left}). "
-            f"Add cases of the small classes, {lower}or pass your own splits (`splits_dir`)"
+            f"Add cases of the small classes, {lower}or pass your own splits (`splits_dir=...`)"
         )
 
 
@@ -65,9 +65,9 @@ def make_splits(rows: list[SlideLabel], folds: int, val_fraction: float = 0.2, s
     ``val_fraction`` 0 there is none and every remaining case trains (fixed epochs, no early stopping).
     The test folds depend on the labels, cases and seed only, not on ``val_fraction``."""
     if folds < 2:
-        raise UserError(f"`folds={folds}`: at least 2 folds are needed")
+        raise ConfigError(f"`folds={folds}`: at least 2 folds are needed")
     if not 0 <= val_fraction < 1:
-        raise UserError(f"`val_fraction={val_fraction}` must be in [0, 1)")
+        raise ConfigError(f"`val_fraction={val_fraction}` must be in [0, 1)")
     slide_ids = np.array([r.slide_id for r in rows])
     labels = np.array([r.label for r in rows])
     groups = np.array([r.case_id or r.slide_id for r in rows])
@@ -135,7 +135,8 @@ def read_splits_dir(directory: str | os.PathLike, rows: list[SlideLabel]) -> lis
     numbered = {int(m.group(1)): p for p in directory.glob("splits_*.csv") if (m := SPLIT_NAME.fullmatch(p.name))}
     paths = [numbered[k] for k in sorted(numbered)]
     if not paths:
-        raise UserError(f"no splits_<k>.csv files in {directory}: pass --splits with a directory of CLAM-style splits")
+        raise UserError(f"no splits_<k>.csv files in {directory}: pass as `splits_dir=...` a directory of "
+                        "CLAM-style splits")
     splits = [read_split(p) for p in paths]
     for path, split in zip(paths, splits, strict=True):
         check_split(split, rows, str(path))

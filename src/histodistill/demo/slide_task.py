@@ -27,13 +27,14 @@ MIL_OPTIONS = tuple(part for name, value in MIL_SETTINGS.items()
                     for part in (f"--{name.replace('_', '-')}", f"{value:g}"))
 
 
-def probe_nuclei(model: str | Path, nuclei_dir: Path, out_dir: Path, device: str) -> float:
+def probe_nuclei(model: str | Path, nuclei_dir: Path, out_dir: Path, device: str, overwrite: bool = False) -> float:
     """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task
-    (``nuclei_dir/{train,test}``); features are cached under ``out_dir``."""
+    (``nuclei_dir/{train,test}``); features are cached under ``out_dir`` (``overwrite``: extracted again)."""
     from histodistill.eval.probe import linear_probe, load_patch_features
     from histodistill.features.extract import extract_images
 
-    feats = {split: load_patch_features(extract_images(model, nuclei_dir / split, out_dir / split, device=device))
+    feats = {split: load_patch_features(extract_images(model, nuclei_dir / split, out_dir / split, device=device,
+                                                       overwrite=overwrite))
              for split in ("train", "test")}
     result = linear_probe(feats["train"].features, feats["train"].labels, feats["test"].features,
                           feats["test"].labels, seed=0)

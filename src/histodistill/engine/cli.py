@@ -5,8 +5,10 @@ LightningDataModule), ``trainer`` as Lightning's Trainer arguments and ``seed_ev
 can be overridden on the command line (``--trainer.max_epochs 3``). What this adds to LightningCLI:
 a default run directory (``runs/<config stem>``), loggers and callbacks by default (CSV,
 TensorBoard, last/best checkpoints, metrics.json; see `histodistill.engine.run_dir`), the resolved
-config saved atomically as ``<run dir>/config.yaml``, ``--resume`` and ``--overwrite``, and a test
-pass on the best checkpoint when the data module has a test set.
+config saved atomically as ``<run dir>/config.yaml``, ``--resume`` and ``--overwrite``, a test
+pass on the best checkpoint when the data module has a test set, and errors in the user's keys: a
+`UserError` raised while a module is built or trained names its parameter (`` `mask_ratio=1.5` ``, see
+`histodistill.errors`) and is printed as the key to change (``--model.init_args.mask_ratio 1.5``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from histodistill.engine.callbacks import AtomicCheckpointIO
 from histodistill.engine.console import drop_lightning_adverts, expected_warnings_silenced
 from histodistill.engine.run_dir import check_run_dir, default_callbacks, default_loggers, default_run_dir
-from histodistill.errors import UserError
+from histodistill.errors import Flag, UserError, rendering_parameters
 from histodistill.io import atomic_path, reporting_full_disk
 from histodistill.methods.base import MethodModule
 
@@ -84,18 +87,20 @@ class HistodistillCLI(LightningCLI):
         config = self.config
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(default_run_dir(config.get("config")))
-        self.ckpt_path = check_run_dir(config.trainer.default_root_dir, config.resume, config.overwrite)
+        with rendering_parameters(config_flags(config)):
+            self.ckpt_path = check_run_dir(config.trainer.default_root_dir, config.resume, config.overwrite)
 
     def instantiate_classes(self) -> None:
-        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights
-        # cannot be had) in a ValueError listing the Union's subtypes; the user needs our one line.
-        try:
-            super().instantiate_classes()
-        except ValueError as error:
-            cause = _user_error_in(error)
-            if cause is None:
-                raise
-            raise cause from None
+        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights cannot
+        # be had, a ConfigError) in a ValueError listing the Union's subtypes; the user needs our one line.
+        with rendering_parameters(config_flags(self.config)):
+            try:
+                super().instantiate_classes()
+            except ValueError as error:
+                cause = _user_error_in(error)
+                if cause is None:
+                    raise
+                raise cause from None
 
     def _instantiate_trainer(self, config: dict, callbacks: list[L.Callback]) -> L.Trainer:
         run_dir = Path(config["default_root_dir"])
@@ -121,12 +126,29 @@ def fit_main(argv: list[str]) -> int:
                             "configs/supervised/tiny_cpu.yaml") from None
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     resume = "add --resume to continue from checkpoints/last.ckpt (or --overwrite to start again if there is none)"
-    with reporting_full_disk(trainer.default_root_dir, lambda: checkpoint_space(model), resume):
+    with rendering_parameters(config_flags(cli.config)), \
+            reporting_full_disk(trainer.default_root_dir, lambda: checkpoint_space(model), resume):
         with expected_warnings_silenced(model):
             trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
         if getattr(datamodule, "datasets", {}).get("test") is not None:
             trainer.test(model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer))
     return 0
+
+
+def config_flags(config: Namespace) -> dict[str, Flag]:
+    """fit's `Flag` of each parameter (`histodistill.errors.rendering_parameters`): a model or data init
+    argument as its key, ``mask_ratio`` -> ``--model.init_args.mask_ratio`` (a nested one under its own name,
+    ``lr`` -> ``--model.init_args.optim.lr``; a name found twice is the shallower key's, then the model's),
+    and the run flags (``overwrite=True`` -> ``--overwrite``)."""
+    flags = {f"{flag}=True": Flag(f"--{flag}", switch=True) for flag in RUN_FLAGS}
+    keys = []
+    for group in ("model", "data"):
+        if isinstance(init_args := config.get(f"{group}.init_args"), Namespace):
+            # A jsonargparse Namespace is not iterable; keys() gives the leaves' dotted keys.
+            keys += [f"{group}.init_args.{key}" for key in init_args.keys()]  # noqa: SIM118
+    for key in sorted(keys, key=lambda key: key.count(".")):  # stable: model before data at each depth
+        flags.setdefault(key.rsplit(".", 1)[-1], Flag(f"--{key}"))
+    return flags
 
 
 def checkpoint_space(model: L.LightningModule) -> int:

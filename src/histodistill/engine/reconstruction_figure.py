@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from histodistill.errors import ConfigError
 from histodistill.io import atomic_path  # noqa: E402
 
 COLUMNS = ("original", "masked", "reconstruction")
@@ -52,7 +53,7 @@ class ReconstructionFigure(L.Callback):
 
     def __init__(self, every_n_steps: int = 1000, num_images: int = 8, seed: int = 0) -> None:
         if every_n_steps < 0 or num_images < 1:
-            raise ValueError("ReconstructionFigure needs every_n_steps >= 0 and num_images >= 1")
+            raise ConfigError("ReconstructionFigure needs every_n_steps >= 0 and num_images >= 1")
         self.every_n_steps = every_n_steps
         self.num_images = num_images
         self.seed = seed

@@ -6,7 +6,7 @@
   metrics.csv                   every logged value, per step / epoch (CSVLogger)
   metrics.json                  final and best metrics at the end (RunSummary)
   tensorboard/                  TensorBoard events
-  checkpoints/last.ckpt         end of the latest epoch: what --resume continues from
+  checkpoints/last.ckpt         end of the latest epoch: what ``resume`` continues from
   checkpoints/best-<name>.ckpt  best value of each metric the method monitors: weights only (no optimiser state)
   figures/                      PNGs written by the method (confusion matrices, ...)
 ```
@@ -44,12 +44,12 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool) -> 
     last = last_checkpoint(run_dir)
     if resume:
         if not last.is_file():
-            raise UserError(f"--resume: {last} does not exist; run without --resume to start, "
+            raise UserError(f"`resume=True`: {last} does not exist; run without `resume=True` to start, "
                             "or set trainer.default_root_dir to the run you want to continue")
         return last
     if last.is_file() and not overwrite:
-        raise UserError(f"{run_dir} already holds a run ({last}): add --resume to continue it, --overwrite to "
-                        "start it again in place, or choose another trainer.default_root_dir")
+        raise UserError(f"{run_dir} already holds a run ({last}): add `resume=True` to continue it, "
+                        "`overwrite=True` to start it again in place, or choose another trainer.default_root_dir")
     return None
 
 
@@ -65,7 +65,7 @@ def default_callbacks(model: L.LightningModule, run_dir: str | os.PathLike) -> l
     """last.ckpt every epoch, best-<name>.ckpt (weights only) for each of the method's ``checkpoint_monitors``
     (``{name: (metric, "max" | "min")}``), per-step reseeding, the learning rate, metrics.json."""
     directory = Path(run_dir) / "checkpoints"
-    # enable_version_counter=False: --overwrite replaces files instead of adding "-v1" copies.
+    # enable_version_counter=False: overwriting replaces files instead of adding "-v1" copies.
     # Without a monitor, save_top_k=1 keeps exactly the latest epoch: filename "last" makes it last.ckpt.
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=directory, filename="last", save_top_k=1, enable_version_counter=False)

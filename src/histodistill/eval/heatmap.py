@@ -225,8 +225,9 @@ def run_heatmaps(run: str | os.PathLike, slides: str | os.PathLike | None = None
     if not attention:
         seeds = sorted(p.name for p in run.glob("seed_*") if (p / "attention").is_dir())
         raise UserError(f"no attention files in {run / 'attention'}: " + (
-            f"{run} holds the runs of several CV seeds, pass one of them as `run` ({', '.join(seeds)} in {run})"
-            if seeds else "pass as `run` the run directory of a MIL cross-validation (`histodistill mil --out`)"))
+            f"{run} holds the runs of several CV seeds, pass one of them as `run=...` "
+            f"({', '.join(seeds)} in {run})" if seeds
+            else "pass as `run=...` the run directory of a MIL cross-validation (`histodistill mil --out`)"))
     wanted = slide_ids or sorted(attention)
     if unknown := [s for s in wanted if s not in attention]:
         raise UserError(f"`slide_ids={unknown}`: no attention for them in {run / 'attention'}")
@@ -234,7 +235,7 @@ def run_heatmaps(run: str | os.PathLike, slides: str | os.PathLike | None = None
     if slides is not None and Path(slides).is_file():
         paths = csv_slide_paths(Path(slides))
         if missing := [s for s in wanted if s not in paths]:
-            raise UserError(f"`slides={slides}` has no slide for {missing[:5]}: add them or restrict `slide_ids`")
+            raise UserError(f"`slides={slides}` has no slide for {missing[:5]}: add them or restrict `slide_ids=...`")
     else:
         paths = {s: find_slide(attention[s], {**attrs[s], "slide_id": s}, slides, slide_ext) for s in wanted}
     out = Path(out) if out else run / "figures" / "heatmaps"

@@ -62,7 +62,7 @@ def open_image_folders(train_dir: str | os.PathLike, test_dir: str | os.PathLike
     `UserError` naming the folder otherwise."""
     train, test = ImageFolderDataset(train_dir), ImageFolderDataset(test_dir)
     if train.classes != test.classes:
-        raise UserError(f"--test-images {test_dir} has classes {test.classes} but --train-images {train_dir} has "
+        raise UserError(f"`test_dir={test_dir}` has classes {test.classes} but `train_dir={train_dir}` has "
                         f"{train.classes}: both folders need the same class subfolders")
     return train, test
 

@@ -100,8 +100,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # The fused AdamW step writes an overflow (an absurd --lr) into the weights instead of raising, so the
-        # weights are checked after every step: a fold's last step could otherwise be saved as inf/NaN.
+        # The fused AdamW step writes an overflow (an absurd learning rate) into the weights instead of raising,
+        # so the weights are checked after every step: a fold's last step could otherwise be saved as inf/NaN.
         if not torch.isfinite(torch.nn.utils.get_total_norm(parameters)):
             raise overflow_error(optimizer.param_groups[0]["lr"])
         total += loss.item() * len(labels)

@@ -40,7 +40,7 @@ from histodistill.data.feature_files import (
 )
 from histodistill.data.labels import class_order, clean_labels
 from histodistill.data.table import read_table
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.eval.metrics import classification_metrics
 from histodistill.optim.optimizer import OptimConfig, build_optimizer, build_scheduler, scaled_lr
 
@@ -252,15 +252,17 @@ def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike |
         raise UserError(f"{path} has {bad} non-finite rows (NaN or inf) of {len(features)}: extract it again")
     if labels_csv is None:
         return PatchFeatures(features, labels, np.asarray(paths), classes)
-    table = read_table(labels_csv, "--labels CSV", ("path", "label"))
+    table = read_table(labels_csv, "labels CSV", ("path", "label"))
     rows = table.rows
     if not rows:
-        raise UserError(f"--labels {labels_csv}: expected a CSV with columns path,label and at least one row")
-    row_labels = clean_labels([row["label"] for row in rows], table.lines, f"--labels {labels_csv}")
+        raise UserError(f"`labels_csv={labels_csv}`: expected a CSV with columns path,label and at least one "
+                        "row")
+    row_labels = clean_labels([row["label"] for row in rows], table.lines, f"`labels_csv={labels_csv}`")
     position = {p: i for i, p in enumerate(paths)}
     unknown = [row["path"] for row in rows if row["path"] not in position]
     if unknown:
-        raise UserError(f"--labels {labels_csv}: {len(unknown)} paths are not in {path}, e.g. {unknown[:3]}")
+        raise UserError(f"`labels_csv={labels_csv}`: {len(unknown)} paths are not in {path}, "
+                        f"e.g. {unknown[:3]}")
     classes = class_order(row_labels)
     keep = np.array([position[row["path"]] for row in rows])
     new_labels = np.array([classes.index(label) for label in row_labels], dtype=np.int64)
@@ -276,8 +278,8 @@ def load_slide_embeddings(folder: str | os.PathLike, labels_csv: str | os.PathLi
         raise UserError(f"{folder} holds neither a {PATCH_FEATURES} (`histodistill extract --images`) nor per-slide "
                         "features files (`extract --coords`, CLAM, TRIDENT): pass one of those") from None
     if labels_csv is None:
-        raise UserError(f"{folder} is a folder of per-slide features: pass --labels with a case_id,slide_id,label CSV "
-                        "to probe mean-pooled slide embeddings")
+        raise UserError(f"{folder} is a folder of per-slide features: pass as `labels_csv=...` a "
+                        "case_id,slide_id,label CSV to probe mean-pooled slide embeddings")
     rows = read_labels(labels_csv)
     slides = load_slides(feature_folder, [r.slide_id for r in rows])
     if empty := [r.slide_id for r in rows if not slides[r.slide_id].n_tiles]:
@@ -319,10 +321,10 @@ def evaluate_probes(
     from histodistill.io import write_json
 
     if test is not None and test.classes != data.classes:
-        raise UserError(f"--train classes {data.classes} differ from --test classes {test.classes}")
+        raise UserError(f"the training classes {data.classes} differ from the test classes {test.classes}")
     num_classes = len(data.classes)
     if linear_protocol not in LINEAR_PROTOCOLS:
-        raise UserError(f"--linear-protocol {linear_protocol!r}: use one of {', '.join(LINEAR_PROTOCOLS)}")
+        raise ConfigError(f"`linear_protocol={linear_protocol!r}`: use one of {', '.join(LINEAR_PROTOCOLS)}")
     probes = {**PROBES, "linear": linear or LINEAR_PROTOCOLS[linear_protocol]}
     linear_options = {"C": C} if linear_protocol == "sklearn" else dict(mae_options or {})
     options = {"linear": linear_options, "knn": {"k": k, "temperature": temperature}}
@@ -358,10 +360,11 @@ def _splits(data: PatchFeatures, test: PatchFeatures | None, folds: int, seed: i
     counts = np.bincount(data.labels, minlength=len(data.classes))
     if folds < 2 or counts.min() < folds:
         per_class = ", ".join(f"{name!r} {n}" for name, n in zip(data.classes, counts, strict=True))
-        raise UserError(f"--folds {folds}: every class needs at least {max(folds, 2)} samples, one per test fold; "
-                        f"samples per class are {per_class}. "
-                        + (f"Either lower --folds to {counts.min()}, add" if counts.min() >= 2 else "Add")
-                        + " samples of the small classes, or pass --train/--test")
+        raise ConfigError(f"`folds={folds}`: every class needs at least {max(folds, 2)} samples, one per test "
+                          f"fold; samples per class are {per_class}. "
+                          + (f"Either lower `folds=...` to {counts.min()}, add" if counts.min() >= 2
+                             else "Add")
+                          + " samples of the small classes, or pass a test set (`test=...`)")
     if data.groups is None:
         parts = StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.features, data.labels)
     else:

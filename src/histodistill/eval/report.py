@@ -175,7 +175,7 @@ def _distill_section(summary: dict) -> tuple[str, str]:
                         f"{retention['value']:.1%} [95 % CI {low}, {high}].")
     else:
         agreement = summary.get("agreement", {})
-        facts.insert(0, f"No slide labels: the AUROC comparison needs --labels. Feature agreement on "
+        facts.insert(0, f"No slide labels: the AUROC comparison needs a labels CSV. Feature agreement on "
                         f"{agreement.get('tiles')} tiles ({agreement.get('slides')} slides): cosine "
                         f"{agreement.get('student_cosine')}, linear CKA {summary['student'].get('feature_cka')}.")
     facts.append(f"Projection: 10,000 slides of 10,000 tiles in {unit} at the rates measured on this machine "
@@ -183,7 +183,7 @@ def _distill_section(summary: dict) -> tuple[str, str]:
     unlabeled = "fine-tunes on the target cohort's slides, unlabeled, as the paper does" if fit.get("unlabeled") \
         else "trains on the labelled patches given"
     facts.append(f"The fit ({fit['method']}) {unlabeled}: {fit['slides_fit']} slides in the fit, {fit['slides_held_out']} "
-                 f"held out (--holdout), {fit['steps']} optimiser steps; the student started from "
+                 f"held out, {fit['steps']} optimiser steps; the student started from "
                  f"{fit['student_start']} weights.")
     plot = _auroc_figure(summary)
     figure = f'<div class="gallery">{_figure(plot, "slide AUROC with 95 % CI")}</div>' if plot else ""

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from histodistill.data.context_windows import ContextWindowDataset, window_transform
 from histodistill.data.slide_dataset import marked_unreadable
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.models.backbones import Backbone
 from histodistill.models.grid_head import grid_pool, spatial_features
 from histodistill.wsi.coords import read_coords
@@ -85,7 +85,8 @@ class CentreCellTiles(Dataset):
         if not np.array_equal(self.windows.cell_coords[:, self.centre], coords):
             raise UserError(
                 f"{coords_path}: its tiles are not on the grid `histodistill tile` writes, so context windows "
-                "cannot be centred on them; tile the slide with `histodistill tile` (or extract without --context-window)"
+                "cannot be centred on them; tile the slide with `histodistill tile` (or extract without "
+                "`context_window=...`)"
             )
 
     def __len__(self) -> int:
@@ -109,19 +110,19 @@ class CentreCellTiles(Dataset):
 def check_context_side(backbone: Backbone, side: int) -> None:
     """Refuse a window side or a model that cannot give context features, naming the option and the fix."""
     if side < 3 or side % 2 == 0:
-        raise UserError(f"--context-window {side}: must be an odd number >= 3 so the window has a centre tile "
-                        "(e.g. 3); leave it out for per-patch features")
+        raise ConfigError(f"`context_window={side}`: must be an odd number >= 3 so the window has a centre "
+                          "tile (e.g. 3); leave it out for per-patch features")
     if backbone.feature_kind == "tokens" and not getattr(backbone.model, "dynamic_img_size", False):
         size = backbone.spec.preprocess.input_size
         raise UserError(
-            f"--context-window {side}: {backbone.spec.name} is a ViT with a fixed {size}-px input and cannot take "
-            f"{side * size}-px windows; use a CNN, or a ViT built with dynamic_img_size=True (e.g. an MCM-KD checkpoint "
-            "trained that way)"
+            f"`context_window={side}`: {backbone.spec.name} is a ViT with a fixed {size}-px input and cannot "
+            f"take {side * size}-px windows; use a CNN, or a ViT built with dynamic_img_size=True (e.g. an MCM-KD "
+            "checkpoint trained that way)"
         )
 
 
 def centre_cell_extraction(backbone: Backbone, side: int):
-    """What `extract_slides` runs with ``--context-window side``: ``(model, tiles_of)``, where ``model`` maps
+    """What `extract_slides` runs with ``context_window=side``: ``(model, tiles_of)``, where ``model`` maps
     windows to features and ``tiles_of(coords_path, slide_path)`` is the `CentreCellTiles` of one slide."""
     check_context_side(backbone, side)
     transform = window_transform(backbone.spec.preprocess, side)  # each cell resized like a lone tile

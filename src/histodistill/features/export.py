@@ -89,11 +89,11 @@ def export_checkpoint(
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if checkpoint.suffix != ".ckpt":
         raise UserError(
-            f"--checkpoint {checkpoint}: expected a histodistill checkpoint (.ckpt with a "
+            f"`checkpoint={checkpoint}`: expected a histodistill checkpoint (.ckpt with a "
             f"'{CHECKPOINT_BACKBONE_KEY}' record), e.g. <run>/checkpoints/last.ckpt"
         )
     if (out_dir / EXPORT_CONFIG).exists() and not overwrite:
-        raise UserError(f"{out_dir} already holds an exported backbone; pass --overwrite to replace it")
+        raise UserError(f"{out_dir} already holds an exported backbone; pass `overwrite=True` to replace it")
     backbone = create_backbone(checkpoint)
     save_backbone(backbone, out_dir)
     if model_card:

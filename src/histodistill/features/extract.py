@@ -52,7 +52,7 @@ from histodistill.wsi.coords import coords_files, find_slide, read_coords, tilin
 
 
 def model_slug(model: str | os.PathLike) -> str:
-    """A folder-safe name for the ``--model`` argument: ``tiny/resnet18-64`` -> ``tiny-resnet18-64``,
+    """A folder-safe name for the ``model`` argument: ``tiny/resnet18-64`` -> ``tiny-resnet18-64``,
     ``hf-hub:MahmoodLab/UNI`` -> ``hf-hub-MahmoodLab-UNI``, ``runs/moma/checkpoints/last.ckpt`` ->
     ``moma-last`` (the run's folder names the checkpoint), an exported directory -> its name."""
     text = str(model)
@@ -93,7 +93,7 @@ def extractor_record(backbone: Backbone, model_arg: str, weights_sha256: str) ->
         "mpp": pre.mpp,
         "num_features": backbone.num_features,
         "feature_dim": backbone.num_features,
-        "weights_source": backbone.spec.source,  # "random" only when --random-init asked for it
+        "weights_source": backbone.spec.source,  # "random" only when pretrained=False asked for it
         "spec": backbone.spec.to_dict(),
     }
 
@@ -188,7 +188,7 @@ def extract_slides(
     Each features file's ``coords`` carries the tiling's attributes (`tiling_attrs`).
     ``share``: only this process's share of the sorted slides, on its local GPU
     (`histodistill.distributed.this_process`; default: every slide).
-    ``pretrained=False`` extracts with random weights (``--random-init``; see `create_backbone`).
+    ``pretrained=False`` extracts with random weights (see `create_backbone`).
     """
 
     share = share or Share()
@@ -281,8 +281,10 @@ def _reuse_or_refuse(target: Path, record: dict[str, Any], paths: list[str]) -> 
         same_images = [p.decode() if isinstance(p, bytes) else str(p) for p in stored] == paths
     if previous != record["weights_sha256"] or not same_images:
         what = "other weights" if previous != record["weights_sha256"] else "another image folder"
-        raise UserError(f"{target} holds features of {what}; use another --out or pass --overwrite to extract again")
-    print(f"reusing {target}: extracted earlier from these images with these weights (--overwrite extracts again)")
+        raise UserError(f"{target} holds features of {what}; use another `out_dir=...` or pass `overwrite=True` "
+                        "to extract again")
+    print(f"reusing {target}: extracted earlier from these images with these weights (overwriting extracts "
+          "again)")
 
 
 def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -> None:
@@ -292,5 +294,6 @@ def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -
     if previous.get("weights_sha256") != record["weights_sha256"]:
         raise UserError(
             f"{path.parent} holds features of other weights ({previous.get('extractor')}, sha256 "
-            f"{str(previous.get('weights_sha256'))[:12]}...); use another --out or pass --overwrite to redo every slide"
+            f"{str(previous.get('weights_sha256'))[:12]}...); use another `out_dir=...` or pass `overwrite=True` "
+            "to redo every slide"
         )

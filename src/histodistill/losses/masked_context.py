@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from histodistill.errors import ConfigError
+
 LossKind = Literal["cosine", "smooth_l1", "mse"]
 TargetNorm = Literal["layer_norm", "standardize"]
 
@@ -47,7 +49,7 @@ def normalise_targets(
         if mean is None or std is None:
             raise ValueError("target_norm 'standardize' needs the per-dimension mean and std of the teacher cache")
         return (teacher.float() - mean) / std.clamp_min(eps)
-    raise ValueError(f"target_norm must be 'layer_norm' or 'standardize', got {norm!r}")
+    raise ConfigError(f"target_norm must be 'layer_norm' or 'standardize', got {norm!r}")
 
 
 def mean_direction_share(targets: torch.Tensor) -> float:
@@ -72,7 +74,7 @@ def per_cell_loss(pred: torch.Tensor, target: torch.Tensor, kind: LossKind, beta
         return F.smooth_l1_loss(pred, target, reduction="none", beta=beta).mean(dim=-1)
     if kind == "mse":
         return F.mse_loss(pred, target, reduction="none").mean(dim=-1)
-    raise ValueError(f"loss kind must be 'cosine', 'smooth_l1' or 'mse', got {kind!r}")
+    raise ConfigError(f"loss kind must be 'cosine', 'smooth_l1' or 'mse', got {kind!r}")
 
 
 def _mean_over(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError
 from histodistill.eval.metrics import classification_metrics, plot_confusion
 from histodistill.methods.base import MethodModule
 from histodistill.models.backbones import create_backbone
@@ -51,7 +51,7 @@ class ClassificationMethod(MethodModule):
     ) -> None:
         super().__init__(optim)
         if num_classes < 2:
-            raise UserError(f"model.init_args.num_classes must be >= 2, got {num_classes}")
+            raise ConfigError(f"`num_classes={num_classes}`: must be >= 2")
         self.num_classes = num_classes
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, **(backbone_kwargs or {}))
         self.classifier = nn.Linear(self.backbone.num_features, num_classes)
@@ -70,8 +70,8 @@ class ClassificationMethod(MethodModule):
     def setup(self, stage: str) -> None:
         names = getattr(getattr(self.trainer, "datamodule", None), "classes", None)
         if names is not None and len(names) != self.num_classes:
-            raise UserError(f"model.init_args.num_classes is {self.num_classes} but the training data has "
-                            f"{len(names)} classes ({', '.join(map(str, names))}); set num_classes to {len(names)}")
+            raise ConfigError(f"`num_classes={self.num_classes}` but the training data has {len(names)} "
+                              f"classes ({', '.join(map(str, names))}): set `num_classes={len(names)}`")
 
     # ---- validation and test: collect logits, score them once per epoch ------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:

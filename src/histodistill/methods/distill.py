@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from histodistill.data.indexed_dataset import IndexedDataset
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.losses.kd import kd_loss
 from histodistill.methods.classification import ClassificationMethod
 from histodistill.methods.kd_zoo import Term, TermInputs, TrainingData, build_term
@@ -74,14 +74,14 @@ class TeacherStudentMethod(ClassificationMethod):
         optim: OptimConfig | None = None,
     ) -> None:
         if student_init is not None and student_init not in STUDENT_INITS:
-            raise UserError(f"model.init_args.student_init must be one of {', '.join(STUDENT_INITS)} (or unset), "
-                            f"got {student_init!r}")
+            raise ConfigError(f"`student_init={student_init!r}`: must be one of {', '.join(STUDENT_INITS)} "
+                              "(or unset)")
         # Built randomly first: whether the student starts as the teacher is known only once both exist,
         # and a student that does never needs its published weights.
         super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, pretrained=False,
                          optim=optim)
         if not 0 <= classifier_dropout < 1:
-            raise UserError(f"model.init_args.classifier_dropout must be in [0, 1), got {classifier_dropout}")
+            raise ConfigError(f"`classifier_dropout={classifier_dropout}`: must be in [0, 1)")
         self.classifier_dropout = classifier_dropout
         self.w_ce, self.w_kd, self.temperature = w_ce, w_kd, temperature
         self.teacher: Backbone = create_backbone(
@@ -97,9 +97,9 @@ class TeacherStudentMethod(ClassificationMethod):
             freeze(self.teacher_classifier)
         same_architecture = state_shapes(self.backbone.model) == state_shapes(self.teacher.model)
         if student_init == "teacher" and not same_architecture:
-            raise UserError(f"student_init: teacher copies the teacher into the student, but teacher "
-                            f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in architecture: "
-                            "set model.init_args.student_init to imagenet or random")
+            raise ConfigError(f"`student_init='teacher'` copies the teacher into the student, but teacher "
+                              f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in "
+                              "architecture: set `student_init='imagenet'` or `student_init='random'`")
         own_weights = pretrained or weights is not None
         self.student_init = student_init or ("teacher" if same_architecture else "imagenet" if own_weights else "random")
         if student_init is None:
@@ -222,8 +222,8 @@ class Distill(TeacherStudentMethod):
                             kwargs.get("teacher_classifier_from_checkpoint"))
         staged = self.feature_loss is not None and self.feature_loss.init_stage
         if init_steps < 0 or (init_steps > 0 and not staged):
-            raise UserError(f"model.init_args.init_steps={init_steps}: only ab, ft and fsp have a pre-training "
-                            "stage; give a number of training batches >= 0 for those, 0 otherwise")
+            raise ConfigError(f"`init_steps={init_steps}`: only ab, ft and fsp have a pre-training "
+                              "stage; give a number of training batches >= 0 for those, 0 otherwise")
         self.init_steps = init_steps
         if staged:
             # Training batches seen so far: a buffer, so a resumed run knows whether its stage is over.
@@ -237,7 +237,7 @@ class Distill(TeacherStudentMethod):
             if classifier_source is None and Path(teacher).suffix != ".ckpt":
                 raise UserError(
                     f"feature: {self.feature} reuses the teacher's classifier, but teacher {teacher!r} is not a histodistill "
-                    ".ckpt: set model.init_args.teacher_classifier_from_checkpoint to the supervised checkpoint it comes "
+                    ".ckpt: set `teacher_classifier_from_checkpoint=...` to the supervised checkpoint it comes "
                     "from, or choose a term that needs no classifier (rkd, pkt, cc, sp, at, vid, nst, semckd...)")
             self.teacher_classifier = load_teacher_classifier(
                 teacher, classifier_source, self.teacher.num_features, self.num_classes)
@@ -383,8 +383,8 @@ def load_teacher_classifier(teacher: str, source: str | None, in_features: int, 
     if source is None:
         raise UserError(
             f"w_kd > 0 needs the teacher's classifier, but teacher {teacher!r} is not a histodistill .ckpt: set "
-            "model.init_args.teacher_classifier_from_checkpoint to the supervised checkpoint the teacher comes "
-            "from, or set model.init_args.w_kd: 0 (teacher and student tasks differ)"
+            "`teacher_classifier_from_checkpoint=...` to the supervised checkpoint the teacher comes "
+            "from, or set `w_kd=0` (teacher and student tasks differ)"
         )
     state = classifier_state(teacher, source)
     if state is None:
@@ -395,7 +395,7 @@ def load_teacher_classifier(teacher: str, source: str | None, in_features: int, 
         raise UserError(
             f"KD is on (w_kd > 0) but the teacher classifier in {source} has {weight.shape[0]} classes and the "
             f"student has num_classes={num_classes}: KD needs the same classes on both sides. For a different "
-            "task set model.init_args.w_kd: 0 (the feature term still transfers knowledge)"
+            "task set `w_kd=0` (the feature term still transfers knowledge)"
         )
     if weight.shape[1] != in_features:
         raise UserError(f"the classifier in {source} expects {weight.shape[1]}-d features but the teacher "

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from histodistill.errors import ConfigError
 from histodistill.losses.masked_context import LossKind, TargetNorm, masked_context_loss
 from histodistill.methods.base import MethodModule
 from histodistill.models.backbones import create_backbone
@@ -75,11 +76,11 @@ class MCMKD(MethodModule):
     ) -> None:
         super().__init__(optim or mcmkd_optim())
         if not 0 <= mask_ratio <= 1:
-            raise ValueError(f"model.init_args.mask_ratio must be in [0, 1], got {mask_ratio}")
+            raise ConfigError(f"`mask_ratio={mask_ratio}`: must be in [0, 1]")
         self.backbone = create_backbone(student, pretrained=pretrained, weights=student_weights)
         self.teacher_dim = teacher_dim
         if mask_count is not None and mask_count < 1:
-            raise ValueError(f"model.init_args.mask_count must be >= 1, got {mask_count}")
+            raise ConfigError(f"`mask_count={mask_count}`: must be >= 1")
         self.mask_ratio, self.mask_count = mask_ratio, mask_count
         self.freeze_bn_stats = freeze_bn_stats
         self.masker = CellMasker(fill=fill)
@@ -87,7 +88,7 @@ class MCMKD(MethodModule):
         self.loss_kind = loss
         self.w_masked, self.w_visible, self.smooth_l1_beta = w_masked, w_visible, smooth_l1_beta
         if target_norm not in ("layer_norm", "standardize"):
-            raise ValueError(f"model.init_args.target_norm must be 'layer_norm' or 'standardize', got {target_norm!r}")
+            raise ConfigError(f"`target_norm={target_norm!r}`: must be 'layer_norm' or 'standardize'")
         self.target_norm = target_norm
         if target_norm == "standardize":
             # Registered only here, so checkpoints of layer_norm runs keep their keys. NaN until

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from histodistill.data.context_windows import context_windows_of_dir, window_transform
 from histodistill.data.datamodule import PatchDataModule
 from histodistill.data.teacher_features import TeacherFeatures, feature_statistics
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError
 from histodistill.features.teacher_cache import ensure_teacher_cache
 from histodistill.io import visible_files
 
@@ -104,9 +104,9 @@ class ContextWindowDataModule(PatchDataModule):
         )
         cached_dim = TeacherFeatures(visible_files(features_dir, (".h5",))[0]).dim
         if getattr(module, "teacher_dim", cached_dim) != cached_dim:
-            raise UserError(
-                f"model.init_args.teacher_dim is {module.teacher_dim} but the teacher cache {features_dir} holds "
-                f"{cached_dim}-d features of {self.teacher}: set model.init_args.teacher_dim: {cached_dim}"
+            raise ConfigError(
+                f"`teacher_dim={module.teacher_dim}` but the teacher cache {features_dir} holds "
+                f"{cached_dim}-d features of {self.teacher}: set `teacher_dim={cached_dim}`"
             )
         if getattr(module, "target_norm", "layer_norm") == "standardize":
             # Statistics over the training slides' tiles only (held-out slides stay unseen), once per setup;

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError
 from histodistill.losses.infonce import MoCoQueue, concat_all_gather, infonce_loss
 from histodistill.methods.distill import TeacherStudentMethod, freeze
 from histodistill.models.batch_attention import BatchAttention
@@ -48,7 +48,7 @@ class MoMA(TeacherStudentMethod):
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, teacher=teacher, **kwargs)
         if not 0 <= momentum < 1:
-            raise UserError(f"model.init_args.momentum must be in [0, 1), got {momentum}")
+            raise ConfigError(f"`momentum={momentum}`: must be in [0, 1)")
         self.teacher_update, self.momentum = teacher_update, momentum
         self.w_nce, self.nce_temperature = w_nce, nce_temperature
         if teacher_update == "ema":
@@ -67,13 +67,13 @@ class MoMA(TeacherStudentMethod):
         student = {name: p.shape for name, p in self.backbone.model.named_parameters()}
         teacher = {name: p.shape for name, p in self.teacher.model.named_parameters()}
         if student != teacher:
-            raise UserError(
-                f"teacher_update: ema makes the teacher the moving average of the student, so both need the same "
-                f"architecture, but teacher {self.teacher.spec.name!r} and student {self.backbone.spec.name!r} "
-                "differ: set model.init_args.teacher_update: frozen for a different teacher"
+            raise ConfigError(
+                f"`teacher_update='ema'` makes the teacher the moving average of the student, so both need the "
+                f"same architecture, but teacher {self.teacher.spec.name!r} and student {self.backbone.spec.name!r} "
+                "differ: set `teacher_update='frozen'` for a different teacher"
             )
         if self.teacher_classifier is not None and self.teacher_classifier.weight.shape != self.classifier.weight.shape:
-            raise UserError("teacher_update: ema needs the teacher classifier to match the student's "
+            raise ConfigError("`teacher_update='ema'` needs the teacher classifier to match the student's "
                             f"{tuple(self.classifier.weight.shape)}; got {tuple(self.teacher_classifier.weight.shape)}")
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from histodistill.errors import ConfigError
 from histodistill.losses.mae import channel_norm_target, masked_patch_mse, patch_norm_target
 from histodistill.losses.self_distillation import SelfDistillationLoss
 from histodistill.methods.base import MethodModule
@@ -65,9 +66,9 @@ class _MaskedPretraining(MethodModule):
     ) -> None:
         super().__init__(optim)
         if not 0 < mask_ratio < 1:
-            raise ValueError(f"model.init_args.mask_ratio must be in (0, 1), got {mask_ratio}")
+            raise ConfigError(f"`mask_ratio={mask_ratio}`: must be in (0, 1)")
         if normalization not in ("imagenet", "backbone"):
-            raise ValueError(f"model.init_args.normalization must be imagenet or backbone, got {normalization!r}")
+            raise ConfigError(f"`normalization={normalization!r}`: must be imagenet or backbone")
         # Masked-image pretraining starts from random weights, as MAE and SD-MAE do.
         self.backbone = create_backbone(backbone, pretrained=False, **(backbone_kwargs or {}))
         if normalization == "imagenet":
@@ -245,7 +246,7 @@ class SDMAE(_MaskedPretraining):
         normalization: str = "imagenet",
     ) -> None:
         if not 0 <= distill_weight <= 1:
-            raise ValueError(f"model.init_args.distill_weight must be in [0, 1], got {distill_weight}")
+            raise ConfigError(f"`distill_weight={distill_weight}`: must be in [0, 1]")
         super().__init__(backbone, {**SDMAE_BACKBONE_KWARGS, **(backbone_kwargs or {})}, mask_ratio, optim, normalization)
         vit = self.backbone.model
         # Pretraining normalises the encoder's tokens; the pooled feature uses a fresh, frozen fc_norm instead.

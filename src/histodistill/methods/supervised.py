@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.methods.classification import ClassificationMethod
 from histodistill.optim.optimizer import OptimConfig
 
@@ -45,9 +45,9 @@ class Supervised(ClassificationMethod):
     ) -> None:
         super().__init__(backbone, num_classes, backbone_kwargs, pretrained, weights, optim)
         if not 0.0 <= label_smoothing < 1.0:
-            raise UserError(f"model.init_args.label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise ConfigError(f"`label_smoothing={label_smoothing}`: must be in [0, 1)")
         if mixup < 0 or cutmix < 0:
-            raise UserError(f"model.init_args.mixup and cutmix must be >= 0, got {mixup} and {cutmix}")
+            raise ConfigError(f"`mixup={mixup}` and `cutmix={cutmix}`: must be >= 0")
         self.label_smoothing = label_smoothing
         self.mixup: Mixup | None = None
         if mixup > 0 or cutmix > 0:
@@ -60,7 +60,7 @@ class Supervised(ClassificationMethod):
         if self.mixup is not None and self.training:
             if images.shape[0] % 2:
                 raise UserError(f"mixup/cutmix mix a batch with its reverse and need an even batch size, got "
-                                f"{images.shape[0]}: set data.init_args.batch_size to an even number")
+                                f"{images.shape[0]}: set `batch_size=...` to an even number")
             images, targets = self.mixup(images, labels)  # targets (B, C): mixed, smoothed one-hots
             return {"loss": self.soft_target_loss(self(images), targets)}
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)

@@ -212,7 +212,7 @@ def random_like(spec: BackboneSpec) -> Backbone:
 
 
 def _note_random(name: str) -> None:
-    print(f"note: {name}: random initialisation (pretrained=False / --random-init), no pretrained weights",
+    print(f"note: {name}: random initialisation (random weights were asked for), no pretrained weights",
           file=sys.stderr)
 
 
@@ -279,8 +279,8 @@ def _published_file(name: str, entry: BackboneEntry, filename: str) -> Path:
             except OSError as error:
                 raise UserError(
                     f"cannot download the pretrained weights of {name!r} from {filename}: {first_line(error)}. "
-                    f"Remedies: a local file (--model {name} --weights FILE; config weights: FILE); or the file "
-                    f"at {target}; or --random-init (config pretrained: false) for random weights"
+                    f"Remedies: a local file (`weights=FILE` with the model {name!r}); or the file "
+                    f"at {target}; or `pretrained=False` for random weights"
                 ) from error
         return target
     from huggingface_hub import hf_hub_download
@@ -335,7 +335,7 @@ def _from_checkpoint(path: Path, model_kwargs: dict[str, Any]) -> Backbone:
     if record is None:
         raise UserError(
             f"{path} has no '{CHECKPOINT_BACKBONE_KEY}' record, so it is not a histodistill checkpoint. "
-            "For a plain weights file pass the architecture as the model and the file as weights (--weights)."
+            "For a plain weights file pass the architecture as the model and the file as `weights=FILE`."
         )
     spec = BackboneSpec.from_dict(record["spec"])
     spec = replace(spec, model_kwargs={**spec.model_kwargs, **model_kwargs}, source=f"checkpoint:{path.name}")
@@ -399,8 +399,8 @@ def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str,
     # hf-hub: and local-dir: sources bring their weights; a plain timm name may have none published.
     if pretrained and ":" not in timm_name and not _has_published_weights(timm_name):
         raise UserError(
-            f"timm publishes no pretrained weights for {asked!r} ({timm_name}): pass a local file (--weights FILE, "
-            "config weights: FILE) or ask for random weights explicitly (--random-init, config pretrained: false)"
+            f"timm publishes no pretrained weights for {asked!r} ({timm_name}): pass a local file "
+            "(`weights=FILE`) or ask for random weights explicitly (`pretrained=False`)"
         )
     with hub_access() as unreachable:  # one quick probe, not huggingface_hub's ~53 s of retries when offline
         try:
@@ -419,7 +419,7 @@ def _unavailable_message(
     asked: str, timm_name: str, pretrained: bool, error: BaseException, local: str | None = None,
     unreachable: str | None = None,
 ) -> str:
-    """One line: which model, why its files could not be had, and every way out (``local``: the --model that
+    """One line: which model, why its files could not be had, and every way out (``local``: the model that
     takes a local file, when it is not the asked name or the timm architecture; ``unreachable``: why the hub
     gave no answer, from `histodistill.models.hub.hub_access`)."""
     from huggingface_hub import constants
@@ -429,9 +429,10 @@ def _unavailable_message(
     cfg = None if hub_id else timm.models.get_pretrained_cfg(timm_name)
     where = timm_name.removeprefix("hf-hub:") if cfg is None else cfg.hf_hub_id or cfg.url or timm_name
     what = "pretrained weights" if pretrained else "config.json (an hf-hub: id needs it even for random weights)"
-    local = f"--model {local}" if local else "the timm architecture as --model" if hub_id else f"--model {asked}"
-    others = f"a local file ({local} --weights FILE; config weights: FILE)" + (
-        "; or --random-init (config pretrained: false) for random weights" if pretrained else "")
+    local = (f"the model {local!r}" if local else "the timm architecture as the model" if hub_id
+             else f"the model {asked!r}")
+    others = f"a local file (`weights=FILE` with {local})" + (
+        "; or `pretrained=False` for random weights" if pretrained else "")
     if unreachable is not None and isinstance(error, LocalEntryNotFoundError):
         return f"cannot get the {what} of {asked!r} from {where}: {unreachable_remedy(where, unreachable)}; or {others}"
     if isinstance(error, GatedRepoError):
@@ -516,7 +517,7 @@ for _model in FOUNDATION_MODELS:
 
 def seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
     """`create_backbone` with torch's generator seeded 0 (then restored): random weights are reproducible."""
-    # A randomly initialised model (--random-init) must be the same on every run, or a resumed
+    # A randomly initialised model (pretrained=False) must be the same on every run, or a resumed
     # extraction would mix features of two different networks.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

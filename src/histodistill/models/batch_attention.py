@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodistill.errors import ConfigError
+
 
 class BatchAttention(nn.Module):
     def __init__(self, dim: int = 512, num_heads: int = 4, qkv_bias: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embedding dim {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"embedding dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

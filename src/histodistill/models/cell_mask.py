@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from histodistill.errors import ConfigError
+
 
 def masked_cell_count(num_cells: int, ratio: float, count: int | None = None) -> int:
     """How many of ``num_cells`` cells to mask: ``count`` when given, else ``round(ratio * num_cells)``
@@ -60,7 +62,7 @@ class CellMasker(nn.Module):
     def __init__(self, fill: Literal["mean", "learned"] = "mean", channels: int = 3) -> None:
         super().__init__()
         if fill not in ("mean", "learned"):
-            raise ValueError(f"fill must be 'mean' or 'learned', got {fill!r}")
+            raise ConfigError(f"fill must be 'mean' or 'learned', got {fill!r}")
         self.fill = fill
         # Named mask_token so the optimiser's no-weight-decay rule covers it (optim/optimizer.py).
         value = torch.zeros(1, channels, 1, 1)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodistill.errors import ConfigError
 from histodistill.models.mil_base import MILHead, MILOutput, bag_cross_entropy, full_mask, masked_softmax
 
 
@@ -59,7 +60,7 @@ class CLAM(MILHead):
                  dropout: float = 0.25, k_sample: int = 8, bag_weight: float = 0.7, subtyping: bool = False) -> None:
         super().__init__()
         if k_sample < 1 or not 0 <= bag_weight <= 1:
-            raise ValueError(f"CLAM needs k_sample >= 1 and 0 <= bag_weight <= 1, got {k_sample}, {bag_weight}")
+            raise ConfigError(f"CLAM needs k_sample >= 1 and 0 <= bag_weight <= 1, got {k_sample}, {bag_weight}")
         self.num_classes, self.k_sample, self.bag_weight, self.subtyping = num_classes, k_sample, bag_weight, subtyping
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.attention = GatedAttentionBranches(hidden_dim, attention_dim, num_classes if self.multi_branch else 1,

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from histodistill.errors import ConfigError
+
 
 class DINOHead(nn.Module):
     """``Linear(in, H) → GELU → [Linear(H, H) → GELU]·(layers−2) → Linear(H, bottleneck)`` → L2-normalise →
@@ -27,7 +29,7 @@ class DINOHead(nn.Module):
     ) -> None:
         super().__init__()
         if num_layers < 2:
-            raise ValueError(f"DINOHead needs num_layers >= 2, got {num_layers}")
+            raise ConfigError(f"DINOHead needs num_layers >= 2, got {num_layers}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:], strict=True):

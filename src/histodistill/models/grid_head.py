@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodistill.errors import ConfigError
+
 
 def tokens_to_map(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     """ViT tokens (B, prefix + h*w, D) -> spatial map (B, D, h, w), dropping class/register tokens."""
@@ -62,7 +64,7 @@ class GridHead(nn.Module):
             hidden = hidden_dim or in_dim
             self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
         else:
-            raise ValueError(f"head kind must be 'linear' or 'mlp', got {kind!r}")
+            raise ConfigError(f"head kind must be 'linear' or 'mlp', got {kind!r}")
 
     def forward(self, cells: torch.Tensor) -> torch.Tensor:
         return self.net(cells)  # Linear acts on the last dim: (B, S, C) -> (B, S, D)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodistill.errors import ConfigError
 from histodistill.models.clam import CLAMMB, CLAMSB
 from histodistill.models.mil_base import MILHead, MILOutput, full_mask, masked_softmax
 
@@ -96,7 +97,7 @@ class SelfAttentionLayer(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+            raise ConfigError(f"dim {dim} must be divisible by heads {heads}")
         self.heads = heads
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -229,6 +230,6 @@ def create_mil(name: str, in_dim: int, num_classes: int, standardize: bool = Fal
     """Build a MIL model by name (``mean``, ``abmil``, ``transmil``, ``clam_sb``, ``clam_mb``); ``standardize``
     wraps it in `Standardized` (fit its statistics before training)."""
     if name not in MIL_MODELS:
-        raise ValueError(f"unknown MIL model {name!r}; choose one of {sorted(MIL_MODELS)}")
+        raise ConfigError(f"unknown MIL model {name!r}; choose one of {sorted(MIL_MODELS)}")
     model = MIL_MODELS[name](in_dim, num_classes, **kwargs)
     return Standardized(model, in_dim) if standardize else model

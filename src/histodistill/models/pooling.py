@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from histodistill.errors import ConfigError
+
 EMBEDDINGS = ("head", "cls", "cls+mean_patch", "mean_patch")
 
 
@@ -34,7 +36,7 @@ def pool(model: nn.Module, features: torch.Tensor, embedding: str) -> torch.Tens
     if embedding == "head":
         return model.forward_head(features, pre_logits=True)
     if embedding not in EMBEDDINGS:
-        raise ValueError(f"unknown embedding {embedding!r}; use one of {EMBEDDINGS}")
+        raise ConfigError(f"unknown embedding {embedding!r}; use one of {EMBEDDINGS}")
     prefix = int(model.num_prefix_tokens)
     cls, patches = features[:, 0], features[:, prefix:]  # (B, C), (B, N - prefix, C)
     if embedding == "cls":

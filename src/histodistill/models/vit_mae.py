@@ -18,6 +18,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from histodistill.errors import ConfigError
 from histodistill.models.pos_embed import fix_position_table_, position_table
 
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # eps of MAE, SD-MAE and timm's ViTs
@@ -83,7 +84,7 @@ def random_masking(
     (smallest noise) are kept.
     """
     if not 0 <= mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        raise ConfigError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     num_visible = int(num_patches * (1 - mask_ratio)) if num_visible is None else num_visible
     noise = torch.rand(batch_size, num_patches, generator=generator, device=device)  # (B, L)
     ids_shuffle = torch.argsort(noise, dim=1)

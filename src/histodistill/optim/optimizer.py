@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError
 
 # Parameters whose names contain one of these get no weight decay, whatever their shape.
 NO_DECAY_NAME_PARTS = ("pos_embed", "cls_token", "mask_token", "reg_token", "pos_table")
@@ -55,15 +55,15 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"`lr={self.lr}`: must be > 0")
         if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"`weight_decay={self.weight_decay}`: must be >= 0")
         if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+            raise ConfigError(f"`warmup_fraction={self.warmup_fraction}`: must be in [0, 1)")
         if self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+            raise ConfigError(f"`min_lr={self.min_lr}`: must be in [0, lr] = [0, {self.lr}]")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise ConfigError(f"`layer_decay={self.layer_decay}`: must be in (0, 1]")
 
 
 def scaled_lr(config: OptimConfig, effective_batch_size: int) -> float:
@@ -111,8 +111,8 @@ def vit_layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
     backbone = getattr(getattr(model, "backbone", None), "model", None)
     blocks = getattr(backbone, "blocks", None)
     if blocks is None:
-        raise UserError("optim.layer_decay needs a ViT backbone (a timm model with .blocks); remove layer_decay "
-                        "for other architectures")
+        raise ConfigError(f"`layer_decay={layer_decay}` needs a ViT backbone (a timm model with .blocks); remove "
+                          "layer_decay for other architectures")
     depth = len(blocks)
     prefix = next(name for name, module in model.named_modules() if module is backbone)
     stem = ("cls_token", "mask_token", "reg_token", "pos_embed", "patch_embed")

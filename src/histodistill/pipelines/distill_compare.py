@@ -21,15 +21,18 @@ MAX_AGREEMENT_TILES = 20_000  # tiles pooled for the CKA (a (n, n)-free formula,
 
 
 def slide_cv(folders: dict[str, Path], config, out: Path, device: str) -> dict:
-    """ABMIL (``config.mil_model``) k-fold CV by case on each of ``folders`` (``{model: features folder}``)
-    against ``config.labels``; returns ``{models: {name: {slide_auroc, slide_auroc_ci, balanced_accuracy, run}},
+    """ABMIL (``config.mil_model``) k-fold CV by case over ``config.mil_seeds`` CV seeds (runs in
+    ``out/<model>``, or ``out/<model>/seed_<s>`` with several: `histodistill.eval.mil_cv.seed_runs`) on each of
+    ``folders`` (``{model: features folder}``) against ``config.labels``; returns ``{models: {name: {slide_auroc, slide_auroc_ci, balanced_accuracy, run}},
     retention, retention_untuned: {value, ci}, bags, folds, mil_model}``. ``config`` is a `DistillConfig`."""
     from histodistill.errors import UserError
     from histodistill.eval.metrics import paired_bootstrap_auroc
     from histodistill.eval.mil_cv import CVConfig, TrainConfig, cross_validate
 
-    cv = CVConfig(model=config.mil_model, folds=config.folds, seeds=1,
-                  train=TrainConfig(epochs=config.mil_epochs, seed=config.seed, device=device))
+    cv = CVConfig(model=config.mil_model, folds=config.folds, seeds=config.mil_seeds,
+                  val_fraction=config.mil_val_fraction,
+                  train=TrainConfig(epochs=config.mil_epochs, lr=config.mil_lr, weight_decay=config.mil_weight_decay,
+                                    seed=config.seed, device=device))
     # overwrite: a CV interrupted in this stage is run again whole (minutes, against the fit's hours).
     results = {name: cross_validate(folders[name], config.labels, out / name, cv, overwrite=True,
                                     log=lambda line, name=name: print(f"  [{name}] {line}"))

@@ -1,6 +1,7 @@
-"""Training a shipped recipe (configs/<method>/<recipe>.yaml) from a pipeline: the same code `histodistill fit`
-runs (`histodistill.engine.cli.fit_main`: LightningCLI builds the method, the data module and the Trainer),
-with the pipeline's overrides, resuming an interrupted run from its last checkpoint."""
+"""Training a recipe (configs/<method>/<recipe>.yaml, or a YAML file) from a pipeline: the same code
+`histodistill fit` runs (`histodistill.engine.cli.fit_main`: LightningCLI builds the method, the data module and
+the Trainer), with the pipeline's overrides, resuming an interrupted run from its last checkpoint.
+`class_spec` names a class in those overrides as the recipes do (``class_path`` + ``init_args``)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,26 @@ def configs_dir() -> Path:
     return path
 
 
-def fit_recipe(recipe: str, run_dir: Path, overrides: list[str], device: str, devices: int = 1) -> dict:
-    """`histodistill fit --config configs/<recipe>` with ``overrides`` into ``run_dir``, on ``device`` (``cpu``:
+def class_spec(cls: type, **init_args) -> dict:
+    """``{"class_path": ..., "init_args": init_args}``: ``cls`` as a recipe names it, its path taken from the class
+    itself (an override then fails at import, not at a typo'd string). ``json.dumps`` it for `fit_recipe`."""
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def recipe_model(path: Path) -> str:
+    """The ``model.class_path`` a recipe file fits; raises `UserError` for a file that is not a recipe."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+        return str(recipe["model"]["class_path"])
+    except (OSError, yaml.YAMLError, TypeError, KeyError) as error:
+        raise UserError(f"{path} is not a fit recipe (YAML with model.class_path: {error!r}): see configs/") from None
+
+
+def fit_recipe(recipe: str | Path, run_dir: Path, overrides: list[str], device: str, devices: int = 1) -> dict:
+    """`histodistill fit --config configs/<recipe>` (or ``--config recipe`` for an absolute path) with
+    ``overrides`` into ``run_dir``, on ``device`` (``cpu``:
     32-bit; ``cuda``: bf16-mixed, ``devices`` GPUs, DDP when more than one); returns its metrics.json. A run
     directory holding ``checkpoints/last.ckpt`` is resumed from it (Lightning ``ckpt_path``) instead of
     started again."""

@@ -4,8 +4,9 @@ the stages after one that runs again run again too.
 
 Shared by the demo (`histodistill.demo`) and `histodistill distill` (`histodistill.pipelines.distill`).
 A stage is a function ``(context) -> dict`` returning a short summary (numbers worth printing). Its record
-holds the summary, its wall time and the settings its outputs depend on; a folder finished with other
-settings is refused before any stage runs, naming the setting that differs. The runner writes
+holds the summary, its wall time and every setting of the run; a folder finished with other values of the
+settings a stage's outputs depend on (`Stage.settings`) is refused before any stage runs, naming the setting
+that differs. The runner writes
 ``<out>/timings.json`` (seconds per stage) for the report.
 """
 
@@ -37,7 +38,8 @@ class StageContext(Protocol):
 
 @dataclass(frozen=True)
 class Stage:
-    """One step. ``settings``: the keys of the context's settings its outputs depend on (None: all of them);
+    """One step. ``settings``: the keys of the context's settings its outputs depend on, the ones a resume
+    must match (None: all of them);
     ``verify(context)``: why a recorded stage's outputs cannot be trusted (None when they can), e.g. a file
     deleted since; such a stage runs again."""
 
@@ -65,11 +67,6 @@ def read_record(path: Path) -> dict:
     return record
 
 
-def stage_settings(stage: Stage, context: StageContext) -> dict:
-    settings = dict(context.settings)
-    return settings if stage.settings is None else {key: settings.get(key) for key in stage.settings}
-
-
 def run_stages(stages: list[Stage], context: StageContext, log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary, seconds and settings.
 
@@ -91,12 +88,16 @@ def run_stages(stages: list[Stage], context: StageContext, log: Callable[[str], 
             log(f"{header} (done before, skipped)")
             continue
         log(header + (f" (recorded as done, but {problem}: running it again)" if problem else ""))
+        if not ran:  # this stage and every later one run: the later ones' records describe older inputs, and
+            # one left behind by an interruption would be skipped next time
+            for later in stages[index:]:
+                record_path(context.out, later.name).unlink(missing_ok=True)
         # Written before each stage, so a stage (the report) sees the timings of the ones before it.
         write_json(context.out / TIMINGS, {name: rec["seconds"] for name, rec in records.items()})
         start, ran = time.perf_counter(), True
         summary = stage.run(context)
         record = {"summary": summary, "seconds": round(time.perf_counter() - start, 2),
-                  "settings": stage_settings(stage, context)}
+                  "settings": dict(context.settings)}  # all of them: what the run was
         write_json(record_path(context.out, stage.name), record)
         records[stage.name] = record
         log(f"    done in {record['seconds']:.1f} s: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
@@ -113,16 +114,19 @@ def check_stage_folders(stages: list[Stage], out: Path) -> None:
 
 def check_settings(stages: list[Stage], records: Mapping[str, dict], context: StageContext) -> None:
     """Refuse to resume into a finished stage (``{stage: record}``) recorded with other settings than this
-    run's: skipping it would mix two runs' results. Names the first setting that differs, in stage order."""
+    run's: skipping it would mix two runs' results. Names the first setting that differs, in stage order.
+    A stage that declares its settings is compared on those alone (a record holds every setting, and one of an
+    earlier version may hold settings since retired); one that declares none (None) on every key of either side."""
     for stage in stages:
         if stage.name not in records:
             continue
         path = record_path(context.out, stage.name)
-        recorded, now = records[stage.name].get("settings"), stage_settings(stage, context)
+        recorded, now = records[stage.name].get("settings"), dict(context.settings)
         if recorded is None:
             raise UserError(f"{path} records no settings (an earlier version wrote it): pass --overwrite to run "
                             "every stage again, or another --out")
-        for key in [*now, *(key for key in recorded if key not in now)]:
+        keys = [*now, *(key for key in recorded if key not in now)] if stage.settings is None else stage.settings
+        for key in keys:
             if recorded.get(key, "(unset)") != now.get(key, "(unset)"):
                 raise UserError(f"{key} {_shown(recorded.get(key, '(unset)'))} != {_shown(now.get(key, '(unset)'))} "
                                 f"in {path} (recorded there != this run): pass --overwrite to run every stage "

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.io import atomic_path, write_json
 
 # Type raster value v is class HGSC_CLASSES[v - 1]. Verified against the `class_name` column of
@@ -92,7 +92,7 @@ def crop_around(image: np.ndarray, centres_xy: np.ndarray, size: int) -> np.ndar
 def choose_split_x(centres_x: np.ndarray, test_fraction: float) -> int:
     """The column that leaves about ``test_fraction`` of the centroids at or right of it."""
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise ConfigError(f"`test_fraction={test_fraction}`: must be in (0, 1)")
     return int(np.rint(np.quantile(centres_x, 1 - test_fraction)))
 
 
@@ -180,10 +180,11 @@ def write_image_folder(
                 return out_dir
             raise UserError(
                 f"{summary_path} holds a nuclei task made with {previous}, not {settings}; "
-                "pass --overwrite to replace it, or choose another --out"
+                "pass `overwrite=True` to replace it, or choose another `out_dir=...`"
             )
         if any(path.is_dir() and any(path.iterdir()) for path in split_dirs):
-            raise UserError(f"{out_dir} already has train/ or test/ folders; pass --overwrite to replace them")
+            raise UserError(f"{out_dir} already has train/ or test/ folders; pass `overwrite=True` to replace "
+                            "them")
     task, split_x = _hgsc_task(crop_size, test_fraction)
     task = subsample(task, fraction)
     summary_path.unlink(missing_ok=True)  # the folders are about to change: not finished until rewritten
@@ -218,7 +219,7 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.
     For limited-label runs: every class keeps its share, and the same seed gives the same subset.
     """
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"`fraction={fraction}`: must be in (0, 1]")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     chosen = []

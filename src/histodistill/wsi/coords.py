@@ -14,7 +14,7 @@ in the attributes that say how big a tile is (checked against the writers' sourc
 
 `read_coords` returns the attributes with at least ``patch_size``, ``patch_size_level0`` and
 ``slide_id``; ``slide_path``, ``mpp`` and ``target_mpp`` only when the file states them. Slides
-that coords do not name (or that moved) are found by `find_slide` in a folder (``--slides``).
+that coords do not name (or that moved) are found by `find_slide` in a folder (``slides_dir``).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def coords_files(source: str | os.PathLike) -> list[Path]:
     folder = source / "patches" if (source / "patches").is_dir() else source
     files = visible_files(folder, (".h5",))
     if not files:
-        raise UserError(f"--coords {source}: no coords files in {folder} or {source / 'patches'}; run "
+        raise UserError(f"`coords_dir={source}`: no coords files in {folder} or {source / 'patches'}; run "
                         f"`histodistill tile ... --out {source}` first, or pass a CLAM/TRIDENT patches/ folder")
     return files
 
@@ -122,25 +122,25 @@ def find_slide(coords_path: Path, attrs: dict, slides_dir: str | os.PathLike | N
     """The slide of a coords file: ``<slides_dir>/<slide_id><ext>`` when ``slides_dir`` is given
     (any slide suffix when ``slide_ext`` is None), else the file's ``slide_path``.
 
-    Raises `UserError` naming the coords file and ``--slides`` when the slide is not found.
+    Raises `UserError` naming the coords file and ``slides_dir`` when the slide is not found.
     """
     slide_id = attrs["slide_id"]
     if slides_dir is not None:
         folder = Path(slides_dir)
         if not folder.is_dir():
-            raise UserError(f"--slides {folder}: not a folder")
+            raise UserError(f"`slides_dir={folder}`: not a folder")
         suffixes = [slide_ext if slide_ext.startswith(".") else f".{slide_ext}"] if slide_ext else SLIDE_SUFFIXES
         found = [folder / f"{slide_id}{suffix}" for suffix in suffixes if (folder / f"{slide_id}{suffix}").is_file()]
         if not found:
             looked = f"{slide_id}{suffixes[0]}" if slide_ext else f"{slide_id}.<{'|'.join(s[1:] for s in suffixes)}>"
-            raise UserError(f"{coords_path}: no slide {looked} in --slides {folder}"
-                            + ("" if slide_ext else "; pass --slide-ext if its suffix is another"))
+            raise UserError(f"{coords_path}: no slide {looked} in `slides_dir={folder}`"
+                            + ("" if slide_ext else "; pass `slide_ext=...` if its suffix is another"))
         return found[0]
     if not attrs.get("slide_path"):
         raise UserError(f"{coords_path}: the coords do not name their slide (CLAM and TRIDENT coords do not); "
-                        "pass --slides DIR, the folder holding <slide_id>.<ext>")
+                        "pass `slides_dir=DIR`, the folder holding <slide_id>.<ext>")
     path = Path(attrs["slide_path"])
     if not path.is_file():
-        raise UserError(f"{coords_path}: its slide {path} no longer exists; pass --slides DIR, the folder the "
-                        "slides are in now")
+        raise UserError(f"{coords_path}: its slide {path} no longer exists; pass `slides_dir=DIR`, the folder "
+                        "the slides are in now")
     return path

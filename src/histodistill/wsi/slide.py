@@ -31,7 +31,7 @@ LEVEL_MPP_TOLERANCE = 1e-3
 # A level-0 mpp outside this range describes no microscope: writers' default resolution tags
 # (72, 96, 300, 600 dpi) are 42..353 um/px, a unit mistake by 10 gives 2.5 or 0.025 um/px at 20x.
 PLAUSIBLE_MPP = (0.05, 16.0)
-OVERRIDE_SOURCE = "--mpp-override (or the slide CSV's `mpp` column)"
+OVERRIDE_SOURCE = "the override (`mpp_override=...`, or the slide CSV's `mpp` column)"
 # Whole-level reads (tissue detection, QC) go in strips of at most this many pixels.
 STRIP_PIXELS = 16_000_000
 
@@ -99,14 +99,14 @@ class Slide(ABC):
         mpp = self._mpp_override or self._metadata_mpp
         if mpp is None:
             raise UserError(
-                f"{self.path}: the slide has no microns-per-pixel in its metadata; pass --mpp-override X "
+                f"{self.path}: the slide has no microns-per-pixel in its metadata; pass `mpp_override=X` "
                 "(or an `mpp` column in the slide CSV) with the scanner's resolution in um/px"
             )
         if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
             raise UserError(
                 f"{self.path}: level-0 mpp {mpp:.4g} um/px read from {self.mpp_source} is outside "
                 f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px, so it describes no microscope scan (72 dpi, a "
-                "common writer default, is 352.8 um/px); pass --mpp-override X with the scanner's resolution"
+                "common writer default, is 352.8 um/px); pass `mpp_override=X` with the scanner's resolution"
             )
         return mpp
 

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.io import atomic_path, is_disk_full, write_json
 from histodistill.wsi.coords import write_coords
 from histodistill.wsi.slide import LEVEL_MPP_TOLERANCE, Slide, open_slide
@@ -72,7 +72,7 @@ def magnification_to_mpp(slide: Slide, magnification: float) -> float:
     """Target mpp of ``magnification``: from the slide's own objective power and mpp when it states
     them (a 40x scanner at 0.23 mpp gives 20x = 0.46 mpp), else 20x = 0.5 mpp."""
     if magnification <= 0:
-        raise UserError(f"--magnification must be positive, got {magnification}")
+        raise ConfigError(f"`magnification={magnification}`: must be positive")
     if slide.objective_power is not None:
         return slide.mpp * slide.objective_power / magnification
     return MPP_TIMES_MAGNIFICATION / magnification
@@ -136,13 +136,13 @@ def tiling_settings(target_mpp: float, magnification: float | None, patch_size: 
     return json.loads(json.dumps(settings))
 
 
-def _option(key: str) -> str:
-    """The `histodistill tile` option of a settings key: ``patch_size`` -> ``--patch-size``."""
-    return "--" + {"target_mpp": "mpp"}.get(key, key.removeprefix("tissue.")).replace("_", "-")
+def _parameter(key: str) -> str:
+    """The parameter of a settings key: ``tissue.min_saturation`` (of `TissueConfig`) -> ``min_saturation``."""
+    return key.removeprefix("tissue.")
 
 
 def settings_differences(earlier: dict, now: dict) -> list[str]:
-    """Only the settings that differ, by their option: ``--patch-size 224 (the tiles there: 256)``."""
+    """Only the settings that differ, by their parameter: ```patch_size=224` (the tiles there: 256)``."""
     def flat(settings: dict) -> dict:
         out = {}
         for key, value in settings.items():
@@ -153,7 +153,7 @@ def settings_differences(earlier: dict, now: dict) -> list[str]:
         return "default" if value is None else str(value)  # None: the option was not given
 
     earlier, now = flat(earlier), flat(now)
-    return [f"{_option(key)} {shown(now.get(key))} (the tiles there: {shown(earlier.get(key))})"
+    return [f"`{_parameter(key)}={shown(now.get(key))}` (the tiles there: {shown(earlier.get(key))})"
             for key in dict.fromkeys([*now, *earlier]) if earlier.get(key) != now.get(key)]
 
 
@@ -176,7 +176,7 @@ def _existing_done(paths: OutputPaths, settings: dict) -> dict | None:
     if differences:
         raise UserError(
             f"{paths.coords} was made with other settings: {'; '.join(differences)}; its {status.get('n_tiles', 0)} "
-            "tiles are kept: pass --overwrite to replace them, or choose another --out"
+            "tiles are kept: pass `overwrite=True` to replace them, or choose another `out_dir=...`"
         )
     return status
 
@@ -200,11 +200,11 @@ def tile_slide(
     status file says so, no coords or QC file is left for the slide, and the error is re-raised.
     """
     if patch_size <= 0:
-        raise UserError(f"--patch-size must be positive, got {patch_size}")
+        raise ConfigError(f"`patch_size={patch_size}`: must be positive")
     if not 0 <= overlap < patch_size:
-        raise UserError(f"--overlap must be in [0, patch size {patch_size}), got {overlap}")
+        raise ConfigError(f"`overlap={overlap}`: must be in [0, patch size {patch_size})")
     if not 0 <= min_tissue <= 1:
-        raise UserError(f"--min-tissue must be in [0, 1], got {min_tissue}")
+        raise ConfigError(f"`min_tissue={min_tissue}`: must be in [0, 1]")
     slide_path = Path(slide_path).resolve()
     slide_id = slide_path.stem
     paths = OutputPaths.for_slide(out_dir, slide_id)
@@ -217,17 +217,17 @@ def tile_slide(
         slide = open_slide(slide_path, mpp=mpp_override)
         mpp = target_mpp if magnification is None else magnification_to_mpp(slide, magnification)
         if mpp <= 0:
-            raise UserError(f"--mpp must be positive, got {mpp}")
+            raise ConfigError(f"`target_mpp={mpp}`: must be positive")
         scale = mpp / slide.mpp  # level-0 pixels per target pixel; slide.mpp refuses implausible values
         patch_level0 = round(patch_size * scale)
         if patch_level0 < 1:
             raise UserError(f"{slide_path}: a {patch_size}-px tile at {mpp:.4g} mpp is {patch_size * scale:.3g} level-0 "
-                            f"pixels of {slide.mpp:.4g} um; raise --patch-size or --mpp")
+                            f"pixels of {slide.mpp:.4g} um; raise `patch_size=...` or `target_mpp=...`")
         warnings = []
         if scale < 1 - LEVEL_MPP_TOLERANCE:
             warnings.append(f"target {mpp:.4g} mpp is finer than the slide's level 0 ({slide.mpp:.4g} mpp, from "
-                            f"{slide.mpp_source}): tiles are upsampled {1 / scale:.3g}x; pass --mpp {slide.mpp:.4g} "
-                            "or coarser unless this is meant")
+                            f"{slide.mpp_source}): tiles are upsampled {1 / scale:.3g}x; pass "
+                            f"`target_mpp={slide.mpp:.4g}` or coarser unless this is meant")
         mask_mpp = mask_mpp_for(tissue, patch_level0, slide.mpp)
         slide.unreadable.clear()  # the slide is cached per process: only this run's reads
         image = slide.read_downsampled(mask_mpp / slide.mpp)  # (h, w, 3) from the closest pyramid level
@@ -293,12 +293,13 @@ def _why_no_tiles(slide: Slide, image: np.ndarray, mask: np.ndarray, grid: np.nd
     width, height = slide.dimensions
     if not len(grid):
         return (f"no tiles: the slide is {width} x {height} px at level 0, smaller than one {patch_size}-px tile at "
-                f"{mpp:.4g} mpp ({patch_level0} level-0 px); see {qc_path}; lower --patch-size or --mpp")
+                f"{mpp:.4g} mpp ({patch_level0} level-0 px); see {qc_path}; lower `patch_size=...` or "
+                "`target_mpp=...`")
     if lacks_colour(image, tissue):
         return (f"no tiles: the image has no colour (grayscale or unstained), and tissue is found by its stain; "
-                f"see {qc_path}; --min-saturation 0 counts every pixel that is not near-black as tissue")
+                f"see {qc_path}; `min_saturation=0` counts every pixel that is not near-black as tissue")
     if not mask.any():
-        return (f"no tiles: no tissue found; see {qc_path}; if pale tissue was missed, pass a --min-saturation "
-                "below the automatic glass cut (0.04-0.10), e.g. 0.02")
-    return (f"no tiles: tissue covers {mask.mean():.1%} of the slide but no tile reaches --min-tissue {min_tissue}; "
-            f"see {qc_path}; lower --min-tissue")
+        return (f"no tiles: no tissue found; see {qc_path}; if pale tissue was missed, pass a "
+                "`min_saturation=...` below the automatic glass cut (0.04-0.10), e.g. `min_saturation=0.02`")
+    return (f"no tiles: tissue covers {mask.mean():.1%} of the slide but no tile reaches "
+            f"`min_tissue={min_tissue}`; see {qc_path}; lower `min_tissue=...`")
