@@ -187,7 +187,7 @@ thread as each of the demo's worker processes (one per core) runs it, timed in C
 (on a machine shared with other work wall time counts their turns too). **One at a time**: the {args.folds * args.seeds}
 runs trained one after another (`--one-at-a-time`, `eval.mil.train_fold`); **together** (the default): trained as
 one stacked model (`eval.mil_stacked`). Both ran in this process, alternating, at {low} and {high} epochs, each
-{args.speed_repeats} times (the least time kept); the time per epoch is the slope between them and the time at {args.epochs} epochs is extrapolated on that line
+{args.speed_repeats} time(s) (the least time kept); the time per epoch is the slope between them and the time at {args.epochs} epochs is extrapolated on that line
 (the rest — reading features, writing the runs — is the same work in both). Δ prob: the largest difference
 of any out-of-fold probability between the two ways at {high} epochs; the pooled AUROCs (one at a time with its
 95 % CI / together) beside it. The two ways compute the same steps in another float order, and a 512-d ABMIL
