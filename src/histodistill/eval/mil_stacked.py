@@ -204,7 +204,8 @@ def train_runs(runs: list[Run], config: TrainConfig) -> list[tuple[nn.Module, in
     ``config.seed`` is not used: each run has its own ``seed``.
 
     Raises `NotStackable` (before any training) when the models cannot be stacked, and `UserError` when a
-    run's loss becomes non-finite or a step overflows its weights, as `train_fold` does.
+    run's loss becomes non-finite or a step overflows its weights, as `train_fold` does (an overflow is found
+    at the run's next step or at the epoch's end, before anything of the epoch is kept).
     """
     device = resolve_device(config.device)
     stacked = stack_mil([run.model for run in runs]).to(device)
