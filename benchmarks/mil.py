@@ -44,12 +44,13 @@ from histodistill.demo.slide_task import (
     run_slide_task,
     score_runs,
 )
-from histodistill.demo.stages import CONTROLS, EXTRACTORS, SLIDE_TILE_PX, recorded_sizes
+from histodistill.demo.stages import CONTROLS, EXTRACTORS, SLIDE_TILE_PX, mil_runs, recorded_sizes
 from histodistill.eval.mil_cv import seed_runs
 from histodistill.eval.slide_task import tile_probe_auroc
 from histodistill.features.export import save_backbone
 from histodistill.io import atomic_path
 from histodistill.models.backbones import create_backbone
+from histodistill.pipelines.runner import read_record, record_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,12 +308,14 @@ def main() -> None:
     for model in mil_models:
         start = time.perf_counter()
         if args.from_demo and model == "abmil":
-            runs = {name: seed_runs(demo / "mil" / name, list(range(args.seeds))) for name in names}
+            runs = {name: mil_runs(demo, name, args.seeds) for name in names}  # distill's rows: its compare stage
             scores[model] = score_runs(runs, slides, SLIDE_TILE_PX)
             for name in names:  # the heatmap below writes into its run: a copy, the demo's folder stays as it was
                 shutil.copytree(runs[name][0], seed_runs(work / model / name, list(range(args.seeds)))[0],
                                 dirs_exist_ok=True)
-            seconds[model] = json.loads((demo / "mil" / "stage.json").read_text())["seconds"]
+            # The demo's MIL is its mil stage plus the distill stage's compare (teacher, un-tuned, tuned student).
+            seconds[model] = sum(read_record(record_path(folder, "mil" if folder == demo else "compare"))["seconds"]
+                                 for folder in (demo, demo / "distill"))
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             scores[model] = run_slide_task(features, slides, work / model, SLIDE_TILE_PX, model=model, folds=args.folds,
