@@ -90,7 +90,7 @@ def test_user_split_with_a_case_in_two_parts_is_refused():
 def test_too_many_folds_is_a_user_error_naming_the_folds_and_splits_parameters():
     with pytest.raises(UserError, match="`folds=5`") as info:
         make_splits(labels(3), folds=5)
-    assert "`splits_dir=...`" in str(info.value) and "lower `folds`" in str(info.value)
+    assert "`splits_dir=...`" in str(info.value) and "lower `folds=...`" in str(info.value)
 
 
 def test_without_a_validation_part_a_class_needs_one_training_case_per_fold_fewer():
@@ -115,5 +115,5 @@ def test_two_folds_with_too_few_cases_names_each_class_count_and_the_minimum():
         make_splits(rows, folds=2)
     message = str(info.value)
     assert "'a' 4, 'b' 2" in message and "at least 4" in message
-    assert "lower `folds`" not in message
+    assert "lower `folds" not in message
     assert len(make_splits(rows + [SlideLabel("c6", "s6", "b"), SlideLabel("c7", "s7", "b")], folds=2)) == 2

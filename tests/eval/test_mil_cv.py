@@ -12,7 +12,6 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import planted_features
 from histodistill.cli import main
-from histodistill.commands._arguments import render_parameters
 from histodistill.errors import UserError
 from histodistill.eval.metrics import bootstrap_auroc, bootstrap_picks, ovr_aurocs, paired_bootstrap_auroc
 from histodistill.eval.mil_cv import CVConfig, TrainConfig, cross_validate
@@ -121,7 +120,7 @@ def test_too_few_cases_is_refused_before_anything_is_written_naming_folds_and_sp
 def test_a_finished_run_is_kept_unless_overwrite_which_removes_only_the_old_runs_files(tmp_path):
     features, labels, _ = planted_features(tmp_path, n_cases=8)
     cross_validate(features, labels, tmp_path / "run", quick(), log=lambda line: None)
-    with pytest.raises(UserError, match="`overwrite`"):
+    with pytest.raises(UserError, match="`overwrite=True`"):
         cross_validate(features, labels, tmp_path / "run", quick(), log=lambda line: None)
     (tmp_path / "run" / "notes.txt").write_text("mine")
     three = cross_validate(features, labels, tmp_path / "run", quick(seeds=2), overwrite=True, log=lambda line: None)
@@ -132,10 +131,16 @@ def test_a_finished_run_is_kept_unless_overwrite_which_removes_only_the_old_runs
     assert three.runs == [tmp_path / "run" / "seed_0", tmp_path / "run" / "seed_1"]
 
 
-def test_render_parameters_shows_a_commands_flags():
-    message = "too few for `folds=5`; lower `folds`, or pass `splits_dir`; `early_stop=none` trains `epochs`"
-    assert render_parameters(message, {"splits_dir": "--splits"}) == (
-        "too few for --folds 5; lower --folds, or pass --splits; --early-stop none trains --epochs")
+def test_mil_renders_the_librarys_parameters_as_its_flags(tmp_path, capsys):
+    """`cross_validate` names `folds=...` and `splits_dir=...`; `histodistill mil` prints --folds and --splits."""
+    features_dir, labels, _ = planted_features(tmp_path)
+    with pytest.raises(UserError, match=r"`folds=50`.*lower `folds=\.\.\.`.*`splits_dir=\.\.\.`"):
+        cross_validate(features_dir, labels, tmp_path / "lib", CVConfig(folds=50), log=lambda line: None)
+    assert main(["mil", "--features", str(features_dir), "--labels", str(labels), "--folds", "50",
+                 "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: too few cases per class for --folds 50") and "lower --folds," in err
+    assert err.endswith("(--splits)") and "`" not in err and len(err.splitlines()) == 1
 
 
 def test_bootstrap_auroc_of_class_probabilities_is_the_ovr_auroc_and_binary_matches_positive_probs():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from histodistill.commands._arguments import output_folder, render_parameters
+from histodistill.commands._arguments import output_folder
 from histodistill.eval.mil_config import (
     EARLY_STOP,
     MIL_MODEL_NAMES,
@@ -26,7 +26,7 @@ from histodistill.eval.mil_config import (
 HELP = "k-fold CV by case of ABMIL / TransMIL / CLAM / mean-pooling slide classifiers: pooled AUROC [95 % CI]"
 # The width option's name in each model (mean pooling has none).
 WIDTH = {"abmil": "hidden_dim", "transmil": "dim", "clam_sb": "hidden_dim", "clam_mb": "hidden_dim"}
-FLAGS = {"splits_dir": "--splits"}  # library parameters whose flag is not their name
+PARAMETERS = {"splits_dir": "splits"}  # `cross_validate`'s parameters whose option has another dest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,14 +116,12 @@ def config_from(args: argparse.Namespace) -> CVConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from histodistill.errors import UserError
+    from histodistill.errors import render_parameters
     from histodistill.eval.mil_cv import cross_validate, report_lines
 
-    try:
-        result = cross_validate(args.features, args.labels, args.out, config_from(args), splits_dir=args.splits,
-                                overwrite=args.overwrite, log=lambda line: print(render_parameters(line, FLAGS)))
-    except UserError as error:
-        raise UserError(render_parameters(str(error), FLAGS)) from None
+    # Errors are rendered by the CLI (`histodistill.cli`); the progress and warning lines here.
+    result = cross_validate(args.features, args.labels, args.out, config_from(args), splits_dir=args.splits,
+                            overwrite=args.overwrite, log=lambda line: print(render_parameters(line, args._flags)))
     print("\n".join(report_lines(result)))
     print(f"run directory: {args.out}")
     return 0

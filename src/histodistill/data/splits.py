@@ -43,7 +43,7 @@ def min_cases_per_class(folds: int, validation: bool = True) -> int:
 
 def check_cases_per_class(rows: list[SlideLabel], folds: int, validation: bool = True) -> None:
     """A `UserError` giving every class's case count and the minimum, when a class has too few cases.
-    It names the parameters `` `folds` `` and `` `splits_dir` `` (a command shows its flags)."""
+    It names the parameters `` `folds=...` `` and `` `splits_dir=...` `` (a command shows its flags)."""
     cases: dict[str, set[str]] = {}
     for r in rows:
         cases.setdefault(r.label, set()).add(r.case_id or r.slide_id)
@@ -51,7 +51,7 @@ def check_cases_per_class(rows: list[SlideLabel], folds: int, validation: bool =
     if min(len(c) for c in cases.values()) < needed:
         counts = ", ".join(f"{label!r} {len(c)}" for label, c in sorted(cases.items()))
         left = "two left to train and validate on" if validation else "one left to train on"
-        lower = "lower `folds`, " if folds > 2 else ""
+        lower = "lower `folds=...`, " if folds > 2 else ""
         raise UserError(
             f"too few cases per class for `folds={folds}`: cases per class are {counts}; each class needs at least "
             f"{needed} (one in each of the {folds} test folds and {left}). "
@@ -82,7 +82,7 @@ def make_splits(rows: list[SlideLabel], folds: int, val_fraction: float = 0.2, s
         val_splits = min(max(2, round(1 / val_fraction)), max(cases_per_label))
         if val_splits < 2:
             raise UserError(f"fold {fold}: too few training cases to hold out a validation part; pass your own splits "
-                            "(`splits_dir`)")
+                            "(`splits_dir=...`)")
         train, val = next(_stratified_group_folds(labels[rest], groups[rest], val_splits, seed + 1 + fold))
         splits.append({
             "train": sorted(slide_ids[rest][train]),

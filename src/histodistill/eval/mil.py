@@ -75,14 +75,14 @@ def non_finite_loss_error(bag_ids: list[str], runs: str = "") -> UserError:
     """A step's loss became NaN or inf (``runs``: which of runs trained together, if any)."""
     where = f"bags {bag_ids}" + (f" of {runs}" if runs else "")
     return UserError(f"the MIL training loss became non-finite ({where}); nothing was saved for this fold. "
-                     "Lower `lr`, and check the features for extreme values")
+                     "Lower `lr=...`, and check the features for extreme values")
 
 
 def overflow_error(lr: float, runs: str = "") -> UserError:
     """An optimiser step wrote inf/NaN into the weights (``runs``: which of runs trained together, if any)."""
     where = f" in {runs}" if runs else ""
     return UserError(f"the MIL optimiser step overflowed{where} (`lr={lr:.4g}`: the weights became non-finite); "
-                     "nothing was saved for this fold. Lower `lr`")
+                     "nothing was saved for this fold. Lower `lr=...`")
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
@@ -183,8 +183,8 @@ def check_val_for_early_stop(splits: list[Split], early_stop: str, source: str) 
     if empty := [fold for fold, split in enumerate(splits) if not split["val"]]:
         raise UserError(
             f"{source}: fold(s) {', '.join(map(str, empty))} have no validation part, so `early_stop={early_stop}` "
-            "has nothing to watch; pass `early_stop=none` to train every fold for `epochs`, or hold out a "
-            "validation part (`val_fraction` > 0, or a val column in your `splits_dir`)"
+            "has nothing to watch; pass `early_stop=none` to train every fold for `epochs=...`, or hold out a "
+            "validation part (`val_fraction=...` > 0, or a val column in your `splits_dir=...`)"
         )
 
 
@@ -195,7 +195,7 @@ def check_val_has_every_class(dataset: BagDataset, splits: list[Split], num_clas
         if len(present) < num_classes:
             raise UserError(
                 f"fold {fold}: the validation part lacks some classes, so val AUROC is undefined; "
-                "use `early_stop=val_loss`, a larger `val_fraction`, or other `splits_dir`"
+                "use `early_stop=val_loss`, a larger `val_fraction=...`, or other `splits_dir=...`"
             )
 
 

@@ -20,8 +20,8 @@ Run directory (``out``)::
 
 With one seed (the default) ``out`` is that seed's run, as `histodistill heatmap --run` expects.
 
-Error messages name the parameters as `` `name=value` `` (`render_parameters` in `histodistill.commands`
-turns them into command-line flags).
+Error and log messages name the parameters as `` `name=value` `` (`histodistill.errors`: a command renders
+them as its flags).
 """
 
 from __future__ import annotations
@@ -75,18 +75,18 @@ def seed_runs(out: str | Path, seeds: list[int]) -> list[Path]:
 
 
 def _check_config(config: CVConfig) -> None:
-    from histodistill.errors import UserError
+    from histodistill.errors import ConfigError
 
     if config.model not in MIL_MODEL_NAMES:
-        raise UserError(f"`model={config.model}` is not a MIL model: choose one of {', '.join(MIL_MODEL_NAMES)}")
+        raise ConfigError(f"`model={config.model}` is not a MIL model: choose one of {', '.join(MIL_MODEL_NAMES)}")
     if config.train.early_stop not in EARLY_STOP:
-        raise UserError(f"`early_stop={config.train.early_stop}`: choose one of {', '.join(EARLY_STOP)}")
+        raise ConfigError(f"`early_stop={config.train.early_stop}`: choose one of {', '.join(EARLY_STOP)}")
     for name, value in (("seeds", config.seeds), ("epochs", config.train.epochs), ("batch_size", config.train.batch_size),
                         ("patience", config.train.patience)):
         if value < 1:
-            raise UserError(f"`{name}={value}` must be at least 1")
+            raise ConfigError(f"`{name}={value}` must be at least 1")
     if not config.train.lr > 0:
-        raise UserError(f"`lr={config.train.lr}` must be positive")
+        raise ConfigError(f"`lr={config.train.lr}` must be positive")
 
 
 def _test_fold_warnings(seed: int, splits: list[dict], bags_of: dict[str, tuple[str, str]], classes: list[str],
@@ -141,7 +141,7 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
 
     out = Path(out)
     if (out / "metrics.json").exists() and not overwrite:
-        raise UserError(f"{out} already holds a finished MIL run: pass `overwrite` or choose another `out`")
+        raise UserError(f"{out} already holds a finished MIL run: pass `overwrite=True` or choose another `out=...`")
     _check_config(config)
     # Everything is read and checked before anything is written to `out`.
     folder = open_feature_folder(features)
@@ -153,7 +153,7 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
             raise empty_bags_error(empty, folder.describe())
         dropped = [s for bag in empty for s in bag.slide_ids]
         rows = [r for r in rows if r.slide_id not in dropped]
-        log(f"`drop_empty`: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
+        log(f"`drop_empty=True`: left out {len(dropped)} slide(s) without tissue tiles: {shown(dropped)}")
     classes = class_names(rows)
     log(describe_labels(rows, labels))  # each class and its count, before training
     if len(classes) < 2:
@@ -170,7 +170,7 @@ def cross_validate(features: str | Path, labels: str | Path, out: str | Path, co
     early_stop = config.train.early_stop
     for seed_splits in splits.values():
         if early_stop != "none":
-            mil.check_val_for_early_stop(seed_splits, early_stop, "`splits_dir`" if splits_dir else "`val_fraction=0`")
+            mil.check_val_for_early_stop(seed_splits, early_stop, "`splits_dir=...`" if splits_dir else "`val_fraction=0`")
         if early_stop == "val_auroc":
             mil.check_val_has_every_class(dataset, seed_splits, len(classes))
 
