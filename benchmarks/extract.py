@@ -34,8 +34,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tiles", type=int, default=512, help="at most this many tiles are timed")
-    parser.add_argument("--precision", choices=("32", "bf16"), default=None,
-                        help="default: bf16 on a GPU, 32 on the CPU")
+    parser.add_argument(
+        "--precision", choices=("32", "bf16"), default=None, help="default: bf16 on a GPU, 32 on the CPU"
+    )
     args = parser.parse_args()
 
     from histodistill.data.slide_dataset import SlideTileDataset
@@ -49,7 +50,9 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "32")
     torch.manual_seed(0)
-    backbone = prepare_model(create_backbone(args.model, pretrained=False), device)  # speed does not depend on the weights
+    backbone = prepare_model(
+        create_backbone(args.model, pretrained=False), device
+    )  # speed does not depend on the weights
     size = backbone.spec.preprocess.input_size
     with tempfile.TemporaryDirectory() as tmp:
         slide = cached_path("cmu_small_region")
@@ -57,7 +60,9 @@ def main() -> None:
         slide = slide or generated_slide(Path(tmp))
         tile_slide(slide, Path(tmp) / "tiles", target_mpp=0.5, patch_size=size)
         coords = next((Path(tmp) / "tiles" / "patches").glob("*.h5"))
-        full = SlideTileDataset(coords, transform=build_transform("eval", backbone.spec.preprocess, train=False))
+        full = SlideTileDataset(
+            coords, transform=build_transform("eval", backbone.spec.preprocess, train=False)
+        )
         dataset = Subset(full, range(min(args.tiles, len(full))))
 
         def end_to_end(workers: int) -> float:
@@ -66,8 +71,10 @@ def main() -> None:
             _sync(device)
             return len(dataset) / (time.perf_counter() - start)
 
-        batches = [torch.stack([dataset[j][0] for j in range(i, min(i + args.batch_size, len(dataset)))])
-                   for i in range(0, len(dataset), args.batch_size)]
+        batches = [
+            torch.stack([dataset[j][0] for j in range(i, min(i + args.batch_size, len(dataset)))])
+            for i in range(0, len(dataset), args.batch_size)
+        ]
 
         @torch.inference_mode()
         def model_only() -> float:
@@ -89,8 +96,10 @@ def main() -> None:
             alone.append(model_only())
             for workers in args.workers:
                 e2e[workers].append(end_to_end(workers))
-    rows = [[workers, mean_sd(rates), mean_sd([rate / model for rate, model in zip(rates, alone, strict=True)])]
-            for workers, rates in e2e.items()]
+    rows = [
+        [workers, mean_sd(rates), mean_sd([rate / model for rate, model in zip(rates, alone, strict=True)])]
+        for workers, rates in e2e.items()
+    ]
     table = markdown_table(["workers", "end-to-end tiles/s", "ratio to model-only"], rows)
     body = f"""
 Slide: {slide_label}, tiled at 0.5 mpp into {size}-px tiles (the model's input size); {len(dataset)} tiles,

@@ -38,16 +38,27 @@ def test_labels_that_differ_only_in_case_are_refused_naming_both(tmp_path):
 @pytest.mark.parametrize("missing", ["NA", "", "nan", "N/A", "null"])
 def test_missing_labels_are_refused_naming_their_lines(tmp_path, missing):
     path = labels_csv(tmp_path, ["tumor", missing, "normal", "NA" if missing else ""])
-    with pytest.raises(UserError, match=r"labels.csv: 2 row\(s\) have no label \(empty or NA\) on line\(s\) 3, 5:"):
+    with pytest.raises(
+        UserError, match=r"labels.csv: 2 row\(s\) have no label \(empty or NA\) on line\(s\) 3, 5:"
+    ):
         read_labels(path)
 
 
 def test_canonical_spellings_and_class_order():
-    assert [canonical(s) for s in ("1.0", "01", "1e0", "0.50", "-2.0", "tumor", "inf")] == \
-        ["1", "1", "1", "0.5", "-2", "tumor", "inf"]
+    assert [canonical(s) for s in ("1.0", "01", "1e0", "0.50", "-2.0", "tumor", "inf")] == [
+        "1",
+        "1",
+        "1",
+        "0.5",
+        "-2",
+        "tumor",
+        "inf",
+    ]
     assert class_order(["10", "2", "1", "0.5"]) == ["0.5", "1", "2", "10"]
     assert class_order(["tumor", "normal"]) == ["normal", "tumor"]
-    assert describe_classes(["b", "a", "b"], "images", "x.csv") == "x.csv: 2 classes: a (1 images), b (2 images)"
+    assert (
+        describe_classes(["b", "a", "b"], "images", "x.csv") == "x.csv: 2 classes: a (1 images), b (2 images)"
+    )
 
 
 def test_the_csv_manifest_reads_labels_the_same_way(tmp_path):

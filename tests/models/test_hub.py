@@ -53,7 +53,11 @@ def test_an_unreachable_hub_is_one_probe_and_one_line_naming_hf_hub_offline_firs
     message = str(error.value)
     assert len(unreachable_hub) == 1  # one connection attempt, no retries
     assert "\n" not in message and "cannot be reached" in message and "Connection refused" in message
-    assert message.index("HF_HUB_OFFLINE=1") < message.index("`weights=FILE`") < message.index("`pretrained=False`")
+    assert (
+        message.index("HF_HUB_OFFLINE=1")
+        < message.index("`weights=FILE`")
+        < message.index("`pretrained=False`")
+    )
     assert constants.HF_HUB_OFFLINE is False  # offline mode only for the block
 
 

@@ -56,13 +56,17 @@ def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
     if not table.rows:
         raise UserError(f"labels CSV {path} has no rows")
     labels = clean_labels([r["label"] for r in table.rows], table.lines, f"labels CSV {path}")
-    rows = [SlideLabel(r["case_id"], r["slide_id"], label) for r, label in zip(table.rows, labels, strict=True)]
+    rows = [
+        SlideLabel(r["case_id"], r["slide_id"], label) for r, label in zip(table.rows, labels, strict=True)
+    ]
     seen: set[str] = set()
     for row, line in zip(rows, table.lines, strict=True):
         if not row.slide_id:
             raise UserError(f"labels CSV {path}: line {line} has an empty slide_id ({row})")
         if row.slide_id in seen:
-            raise UserError(f"labels CSV {path}: slide_id {row.slide_id!r} appears twice; list each slide once")
+            raise UserError(
+                f"labels CSV {path}: slide_id {row.slide_id!r} appears twice; list each slide once"
+            )
         seen.add(row.slide_id)
     return rows
 
@@ -125,8 +129,12 @@ class BagDataset(Dataset):
     Raises `UserError` before returning for anything `load_slides` refuses and for empty bags.
     """
 
-    def __init__(self, features_dir: str | os.PathLike | FeatureFolder, bags: list[Bag],
-                 slides: Mapping[str, SlideFeatures] | None = None) -> None:
+    def __init__(
+        self,
+        features_dir: str | os.PathLike | FeatureFolder,
+        bags: list[Bag],
+        slides: Mapping[str, SlideFeatures] | None = None,
+    ) -> None:
         folder = features_dir if isinstance(features_dir, FeatureFolder) else None
         if slides is None:
             folder = folder or open_feature_folder(features_dir)
@@ -146,7 +154,9 @@ class BagDataset(Dataset):
         return {
             "features": torch.from_numpy(np.concatenate([p.features for p in parts])),
             "coords": torch.from_numpy(np.concatenate(coords)),
-            "slide_index": torch.cat([torch.full((p.n_tiles,), i, dtype=torch.long) for i, p in enumerate(parts)]),
+            "slide_index": torch.cat(
+                [torch.full((p.n_tiles,), i, dtype=torch.long) for i, p in enumerate(parts)]
+            ),
             "label": bag.label,
             "bag_id": bag.bag_id,
         }

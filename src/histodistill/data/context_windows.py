@@ -71,7 +71,12 @@ def cell_offsets(side: int) -> np.ndarray:
 
 
 def window_cells(
-    coords: np.ndarray, stride: float, cell_steps: int, side: int, min_fraction: float = 1.0, window_stride: int = 1,
+    coords: np.ndarray,
+    stride: float,
+    cell_steps: int,
+    side: int,
+    min_fraction: float = 1.0,
+    window_stride: int = 1,
     on_grid: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The windows of a coords file.
@@ -100,14 +105,19 @@ def window_cells(
         valid = np.array([(int(x), int(y)) in tiles for x, y in cells.reshape(-1, 2)], dtype=bool)
     else:
         cells, valid = _snap_to_tiles(coords, np.round(cell_offsets(side) * cell_steps * stride), stride / 4)
-    cells, valid = cells.reshape(len(coords), side * side, 2), valid.reshape(len(coords), side * side)  # (N, s*s)
+    cells, valid = (
+        cells.reshape(len(coords), side * side, 2),
+        valid.reshape(len(coords), side * side),
+    )  # (N, s*s)
     # A small tolerance so that a threshold written as 0.888 keeps windows with 8 of 9 cells.
     keep = valid.mean(axis=1) >= min_fraction - 1e-3
     keep &= (grid_index % (window_stride * cell_steps) == 0).all(axis=1)  # anchors on every k-th cell
     return np.flatnonzero(keep).astype(np.int64), cells[keep], valid[keep]
 
 
-def _snap_to_tiles(coords: np.ndarray, offsets: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+def _snap_to_tiles(
+    coords: np.ndarray, offsets: np.ndarray, tolerance: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(N*s*s, 2) int64 cells at ``coords + offsets`` (offsets (s*s, 2) level-0 px), each replaced by the tile
     within ``tolerance`` (Chebyshev distance) of it if there is one, and (N*s*s,) bool: whether there is."""
     from scipy.spatial import cKDTree
@@ -128,7 +138,9 @@ def window_transform(preprocess, side: int):
     permute the cells and teacher targets along with the pixels.
     """
     window_side = side * int(preprocess.input_size)
-    as_window = SimpleNamespace(mean=preprocess.mean, std=preprocess.std, input_size=window_side, mpp=preprocess.mpp)
+    as_window = SimpleNamespace(
+        mean=preprocess.mean, std=preprocess.std, input_size=window_side, mpp=preprocess.mpp
+    )
     return build_transform("eval", as_window, train=False)  # resize to s*S; the centre crop is then a no-op
 
 
@@ -164,8 +176,10 @@ class ContextWindowDataset(Dataset):
         self.coords_path = Path(coords_path)
         self.slide_id = attrs["slide_id"]
         if not (slide_path or attrs.get("slide_path")):
-            raise UserError(f"{coords_path}: the coords do not name their slide (CLAM/TRIDENT coords); pass its "
-                            "file as `slide_path=...`")
+            raise UserError(
+                f"{coords_path}: the coords do not name their slide (CLAM/TRIDENT coords); pass its "
+                "file as `slide_path=...`"
+            )
         self.slide_path = Path(slide_path or attrs["slide_path"])
         self.skip_unreadable = skip_unreadable
         self.side = side
@@ -180,8 +194,9 @@ class ContextWindowDataset(Dataset):
         stride, cell_steps = grid_geometry(attrs, coords_path)
         # CLAM/TRIDENT: a window is s cells of patch_size_level0 level-0 px each (stride * cell_steps).
         self.window_level0 = None if self.target_mpp is not None else side * stride * cell_steps
-        self.anchors, self.cell_coords, self.valid = window_cells(coords, stride, cell_steps, side, min_fraction,
-                                                                     window_stride, on_grid=has_mpp(attrs))
+        self.anchors, self.cell_coords, self.valid = window_cells(
+            coords, stride, cell_steps, side, min_fraction, window_stride, on_grid=has_mpp(attrs)
+        )
         self.teacher = TeacherFeatures(teacher_features) if teacher_features is not None else None
 
     def __len__(self) -> int:

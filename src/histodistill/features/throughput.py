@@ -44,8 +44,9 @@ def timed_extraction(extract: Callable[[], Path], search_dir: str | os.PathLike)
 
 
 @torch.inference_mode()
-def forward_rate(backbone: Backbone, device: str = "cpu", batch_size: int = 32, seconds: float = 2.0,
-                 precision: str = "32") -> float:
+def forward_rate(
+    backbone: Backbone, device: str = "cpu", batch_size: int = 32, seconds: float = 2.0, precision: str = "32"
+) -> float:
     """Tiles/s of ``backbone`` alone: batches of ``batch_size`` random (3, S, S) tiles at its input size S,
     repeated for about ``seconds`` after one warm-up batch; ``precision`` ``bf16`` autocasts (GPUs)."""
     size = backbone.preprocess.input_size

@@ -17,7 +17,9 @@ class HintLoss(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int) -> None:
         super().__init__()
-        self.regressor = nn.Sequential(nn.Conv2d(student_dim, teacher_dim, 1), nn.BatchNorm2d(teacher_dim), nn.ReLU())
+        self.regressor = nn.Sequential(
+            nn.Conv2d(student_dim, teacher_dim, 1), nn.BatchNorm2d(teacher_dim), nn.ReLU()
+        )
 
     def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
         """student_features (B, Ds), teacher_features (B, Dt) -> scalar mean squared error."""

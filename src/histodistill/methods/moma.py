@@ -72,9 +72,14 @@ class MoMA(TeacherStudentMethod):
                 f"same architecture, but teacher {self.teacher.spec.name!r} and student {self.backbone.spec.name!r} "
                 "differ: set `teacher_update='frozen'` for a different teacher"
             )
-        if self.teacher_classifier is not None and self.teacher_classifier.weight.shape != self.classifier.weight.shape:
-            raise ConfigError("`teacher_update='ema'` needs the teacher classifier to match the student's "
-                            f"{tuple(self.classifier.weight.shape)}; got {tuple(self.teacher_classifier.weight.shape)}")
+        if (
+            self.teacher_classifier is not None
+            and self.teacher_classifier.weight.shape != self.classifier.weight.shape
+        ):
+            raise ConfigError(
+                "`teacher_update='ema'` needs the teacher classifier to match the student's "
+                f"{tuple(self.classifier.weight.shape)}; got {tuple(self.teacher_classifier.weight.shape)}"
+            )
 
     @torch.no_grad()
     def momentum_update(self) -> None:

@@ -27,7 +27,11 @@ def masked_cell_count(num_cells: int, ratio: float, count: int | None = None) ->
 
 
 def random_cell_mask(
-    batch_size: int, num_cells: int, ratio: float, generator: torch.Generator | None = None, device=None,
+    batch_size: int,
+    num_cells: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device=None,
     count: int | None = None,
 ) -> torch.Tensor:
     """(B, S) bool, True = masked: exactly `masked_cell_count` cells per window, drawn independently per window."""
@@ -52,7 +56,9 @@ def cell_mask_to_pixels(mask: torch.Tensor, height: int, width: int) -> torch.Te
     if height % side or width % side:
         raise ValueError(f"window {height}x{width} is not an exact {side}x{side} grid of tiles")
     grid = mask.view(mask.shape[0], 1, side, side)  # (B, 1, s, s), row-major cells
-    return grid.repeat_interleave(height // side, dim=2).repeat_interleave(width // side, dim=3)  # (B, 1, H, W)
+    return grid.repeat_interleave(height // side, dim=2).repeat_interleave(
+        width // side, dim=3
+    )  # (B, 1, H, W)
 
 
 class CellMasker(nn.Module):

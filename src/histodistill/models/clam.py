@@ -56,15 +56,32 @@ class CLAM(MILHead):
 
     multi_branch = False
 
-    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 512, attention_dim: int = 256,
-                 dropout: float = 0.25, k_sample: int = 8, bag_weight: float = 0.7, subtyping: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        hidden_dim: int = 512,
+        attention_dim: int = 256,
+        dropout: float = 0.25,
+        k_sample: int = 8,
+        bag_weight: float = 0.7,
+        subtyping: bool = False,
+    ) -> None:
         super().__init__()
         if k_sample < 1 or not 0 <= bag_weight <= 1:
-            raise ConfigError(f"CLAM needs k_sample >= 1 and 0 <= bag_weight <= 1, got {k_sample}, {bag_weight}")
-        self.num_classes, self.k_sample, self.bag_weight, self.subtyping = num_classes, k_sample, bag_weight, subtyping
+            raise ConfigError(
+                f"CLAM needs k_sample >= 1 and 0 <= bag_weight <= 1, got {k_sample}, {bag_weight}"
+            )
+        self.num_classes, self.k_sample, self.bag_weight, self.subtyping = (
+            num_classes,
+            k_sample,
+            bag_weight,
+            subtyping,
+        )
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.attention = GatedAttentionBranches(hidden_dim, attention_dim, num_classes if self.multi_branch else 1,
-                                                dropout)
+        self.attention = GatedAttentionBranches(
+            hidden_dim, attention_dim, num_classes if self.multi_branch else 1, dropout
+        )
         # MB: row c of the weight is class c's own Linear(hidden_dim, 1); SB: one Linear(hidden_dim, C).
         self.classifier = nn.Linear(hidden_dim, num_classes)
         self.instance_classifiers = nn.Linear(hidden_dim, 2 * num_classes)  # C Linear(hidden_dim, 2), stacked
@@ -98,8 +115,9 @@ class CLAMMB(CLAM):
     multi_branch = True
 
 
-def clam_instance_loss(output: MILOutput, labels: torch.Tensor, k_sample: int = 8,
-                       subtyping: bool = False) -> torch.Tensor:
+def clam_instance_loss(
+    output: MILOutput, labels: torch.Tensor, k_sample: int = 8, subtyping: bool = False
+) -> torch.Tensor:
     """CLAM's instance clustering loss (module docstring), the mean over the B bags.
 
     ``output.attention`` (B, K, N) with K = 1 (SB: every class uses it) or K = C (MB: class c uses branch
@@ -122,7 +140,10 @@ def clam_instance_loss(output: MILOutput, labels: torch.Tensor, k_sample: int = 
     total = torch.zeros(batch, device=mask.device)
     for c in range(logits.shape[2]):
         branch = c if branches > 1 else 0
-        top_c, bottom_c = logits[rows, top[:, branch], c], logits[rows, bottom[:, branch], c]  # (B, k, 2) each
+        top_c, bottom_c = (
+            logits[rows, top[:, branch], c],
+            logits[rows, bottom[:, branch], c],
+        )  # (B, k, 2) each
         in_class = (mean_ce(top_c, ones) + mean_ce(bottom_c, zeros)) / (2 * valid.sum(1))
         out_of_class = mean_ce(top_c, zeros) / valid.sum(1) if subtyping else torch.zeros_like(in_class)
         total = total + torch.where(labels == c, in_class, out_of_class)
@@ -131,8 +152,13 @@ def clam_instance_loss(output: MILOutput, labels: torch.Tensor, k_sample: int = 
     return total.mean()
 
 
-def clam_loss(output: MILOutput, labels: torch.Tensor, bag_weight: float = 0.7, k_sample: int = 8,
-              subtyping: bool = False) -> torch.Tensor:
+def clam_loss(
+    output: MILOutput,
+    labels: torch.Tensor,
+    bag_weight: float = 0.7,
+    k_sample: int = 8,
+    subtyping: bool = False,
+) -> torch.Tensor:
     """CLAM's training objective: ``bag_weight`` × bag cross-entropy + (1 - ``bag_weight``) × `clam_instance_loss`."""
     instance = clam_instance_loss(output, labels, k_sample, subtyping)
     return bag_weight * bag_cross_entropy(output, labels) + (1 - bag_weight) * instance

@@ -58,8 +58,10 @@ def resolve_layers(backbone: Backbone, layers: list[int], what: str) -> list[int
     levels = pyramid(backbone)
     bad = [i for i in layers if not -len(levels) <= i < len(levels)]
     if bad:
-        raise UserError(f"{what}={layers}: {backbone.spec.name} has {len(levels)} pyramid levels "
-                        f"(0..{len(levels) - 1}, negative counts from the end); {bad} is out of range")
+        raise UserError(
+            f"{what}={layers}: {backbone.spec.name} has {len(levels)} pyramid levels "
+            f"(0..{len(levels) - 1}, negative counts from the end); {bad} is out of range"
+        )
     return [levels[i] for i in layers]
 
 

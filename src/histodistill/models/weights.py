@@ -32,7 +32,10 @@ STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 # Globals outside histodistill that checkpoints legitimately hold: Lightning's hparams dict, paths in
 # hyper-parameters, and the argparse.Namespace that MAE/DINO/DeiT training scripts save as "args".
 EXTRA_SAFE_GLOBALS = (
-    "lightning.fabric.utilities.data.AttributeDict", "pathlib.PosixPath", "pathlib.WindowsPath", "argparse.Namespace",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "argparse.Namespace",
 )
 SAVE_STATE_DICT = "torch.save(model.state_dict(), 'weights.pth') or safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
 
@@ -100,11 +103,13 @@ def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     state = dict(obj)
     for prefix in STRIPPED_PREFIXES:
         if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
+            state = {key[len(prefix) :]: value for key, value in state.items()}
     return state
 
 
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str, strict: bool = True) -> None:
+def load_weights(
+    model: nn.Module, state: Mapping[str, torch.Tensor], origin: str, strict: bool = True
+) -> None:
     """Load ``state`` into ``model``; mismatches raise a `UserError` naming ``origin`` and the keys.
 
     With ``strict=False`` missing and unexpected keys are tolerated, shape mismatches never are.
