@@ -99,8 +99,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise DiskFullError(path)
 
 
-# Names no finished output has: hidden files (our own `atomic_path` temporaries ``.<stem>.<random>.tmp<suffix>``,
-# macOS ``._<name>`` resource forks), editor backups, and other tools' partial or lock files.
+# Names no finished output has: hidden files (our own `atomic_path` temporaries
+# ``.<stem>.<random>.tmp<suffix>``, macOS ``._<name>`` resource forks), editor backups, and other tools'
+# partial or lock files.
 _TEMPORARY_ENDINGS = ("~", ".tmp", ".part", ".partial", ".lock", ".crdownload")
 
 
@@ -155,7 +156,8 @@ RESUMES = "run the same command again: it resumes, keeping every finished file"
 
 
 def full_disk_message(path: Path, out: Path, needed: int | None, rerun: str = RESUMES) -> str:
-    """One line: the file that could not be written, the free space, the run's estimated need, and the rerun."""
+    """One line: the file that could not be written, the free space, the run's estimated need, and the
+    rerun."""
     place = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(place).free
     need = (
@@ -173,10 +175,10 @@ def full_disk_message(path: Path, out: Path, needed: int | None, rerun: str = RE
 def reporting_full_disk(
     out: str | os.PathLike, needed: Callable[[], int | None] = lambda: None, rerun: str = RESUMES
 ) -> Iterator[None]:
-    """Turn a write that fails for want of space anywhere in the block into a `UserError` (`full_disk_message`):
-    the file, the space ``needed()`` by the run in ``out`` (bytes, an estimate; None when unknown), and how a
-    rerun resumes (``rerun``). Every command that writes runs inside one (`histodistill.cli`), estimating
-    commands in their own."""
+    """Turn a write that fails for want of space anywhere in the block into a `UserError`
+    (`full_disk_message`): the file, the space ``needed()`` by the run in ``out`` (bytes, an estimate; None
+    when unknown), and how a rerun resumes (``rerun``). Every command that writes runs inside one
+    (`histodistill.cli`), estimating commands in their own."""
     try:
         yield
     except (OSError, RuntimeError, DiskFullError) as error:

@@ -1,4 +1,5 @@
-"""Flow of solution procedure, FSP (Yim et al., CVPR 2017): match the Gram matrices between consecutive layers."""
+"""Flow of solution procedure, FSP (Yim et al., CVPR 2017): match the Gram matrices between consecutive
+layers."""
 
 from __future__ import annotations
 

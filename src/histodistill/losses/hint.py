@@ -1,4 +1,5 @@
-"""FitNet hint (Romero et al. 2015) on the pooled feature: regress the teacher's feature from the student's."""
+"""FitNet hint (Romero et al. 2015) on the pooled feature: regress the teacher's feature from the
+student's."""
 
 from __future__ import annotations
 

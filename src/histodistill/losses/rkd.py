@@ -1,4 +1,5 @@
-"""Relational KD, RKD (Park et al., CVPR 2019): match distances between samples and angles between triplets."""
+"""Relational KD, RKD (Park et al., CVPR 2019): match distances between samples and angles between
+triplets."""
 
 from __future__ import annotations
 

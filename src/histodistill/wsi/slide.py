@@ -123,7 +123,8 @@ class Slide(ABC):
         """Release the backend's file handle."""
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """(h, w, 3) uint8 of ``size`` pixels at ``level``, top-left ``location`` at level 0; white outside."""
+        """(h, w, 3) uint8 of ``size`` pixels at ``level``, top-left ``location`` at level 0; white
+        outside."""
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
         width, height = size
@@ -212,7 +213,8 @@ class Slide(ABC):
         return np.concatenate(strips)
 
     def get_thumbnail(self, max_size: int) -> np.ndarray:
-        """The whole slide as (h, w, 3) uint8, longest side ``max_size`` (or level 0's, if smaller), aspect kept.
+        """The whole slide as (h, w, 3) uint8, longest side ``max_size`` (or level 0's, if smaller), aspect
+        kept.
 
         `read_downsampled`, so regions the slide file cannot give come back as glass and are listed in
         ``self.unreadable`` (OpenSlide's own thumbnail stops at the first corrupt tile, breaking the handle).
@@ -347,11 +349,11 @@ def _open_plain_image(path: Path) -> Image.Image:
             available = available_memory()
             if needed > available:
                 raise UserError(
-                    f"{path}: the image is {width} x {height} px ({width * height / 1e6:.0f} Mpx), beyond Pillow's "
-                    f"pixel limit of {limit / 1e6:.0f} Mpx, and reading it whole needs about {needed / 2**30:.1f} GiB "
-                    f"of memory ({available / 2**30:.1f} GiB available); convert it to a tiled pyramidal TIFF, e.g. "
-                    f"`vips tiffsave {path.name} {path.stem}.tif --tile --pyramid --compression jpeg --Q 90 "
-                    "--tile-width 256 --tile-height 256`, and tile that"
+                    f"{path}: the image is {width} x {height} px ({width * height / 1e6:.0f} Mpx), beyond "
+                    f"Pillow's pixel limit of {limit / 1e6:.0f} Mpx, and reading it whole needs about "
+                    f"{needed / 2**30:.1f} GiB of memory ({available / 2**30:.1f} GiB available); convert it "
+                    f"to a tiled pyramidal TIFF, e.g. `vips tiffsave {path.name} {path.stem}.tif --tile "
+                    "--pyramid --compression jpeg --Q 90 --tile-width 256 --tile-height 256`, and tile that"
                 )
         image.load()
     return image

@@ -158,7 +158,8 @@ def tiling_settings(
 
 
 def _parameter(key: str) -> str:
-    """The parameter of a settings key: ``tissue.min_saturation`` (of `TissueConfig`) -> ``min_saturation``."""
+    """The parameter of a settings key: ``tissue.min_saturation`` (of `TissueConfig`) ->
+    ``min_saturation``."""
     return key.removeprefix("tissue.")
 
 
@@ -198,12 +199,14 @@ def earlier_tiling(
 
 
 def _existing_done(paths: OutputPaths, settings: dict) -> dict | None:
-    """The ok/empty status of a finished earlier run with these settings; `UserError` if the settings differ."""
+    """The ok/empty status of a finished earlier run with these settings; `UserError` if the settings
+    differ."""
     status, differences = earlier_tiling(paths.coords.parent.parent, paths.coords.stem, settings)
     if differences:
         raise UserError(
-            f"{paths.coords} was made with other settings: {'; '.join(differences)}; its {status.get('n_tiles', 0)} "
-            "tiles are kept: pass `overwrite=True` to replace them, or choose another `out_dir=...`"
+            f"{paths.coords} was made with other settings: {'; '.join(differences)}; its "
+            f"{status.get('n_tiles', 0)} tiles are kept: pass `overwrite=True` to replace them, or choose "
+            "another `out_dir=...`"
         )
     return status
 
@@ -358,8 +361,8 @@ def _why_no_tiles(
     width, height = slide.dimensions
     if not len(grid):
         return (
-            f"no tiles: the slide is {width} x {height} px at level 0, smaller than one {patch_size}-px tile at "
-            f"{mpp:.4g} mpp ({patch_level0} level-0 px); see {qc_path}; lower `patch_size=...` or "
+            f"no tiles: the slide is {width} x {height} px at level 0, smaller than one {patch_size}-px tile "
+            f"at {mpp:.4g} mpp ({patch_level0} level-0 px); see {qc_path}; lower `patch_size=...` or "
             "`target_mpp=...`"
         )
     if lacks_colour(image, tissue):

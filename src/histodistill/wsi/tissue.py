@@ -107,8 +107,8 @@ def _odd_kernel(microns: float, mpp: float) -> int:
 
 
 def ink_mask(rgb: np.ndarray, mpp: float, config: TissueConfig) -> np.ndarray:
-    """(h, w) bool: navy/violet-blue ink, black/grey ink and green/blue pen, judged on the neighbourhood-averaged
-    colour, and their rim."""
+    """(h, w) bool: navy/violet-blue ink, black/grey ink and green/blue pen, judged on the
+    neighbourhood-averaged colour, and their rim."""
     size = max(3, _odd_kernel(config.ink_smoothing_um, mpp))
     averaged = cv2.blur(rgb, (size, size))
     hsv = cv2.cvtColor(averaged, cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for 0..360 degrees
@@ -122,8 +122,8 @@ def ink_mask(rgb: np.ndarray, mpp: float, config: TissueConfig) -> np.ndarray:
     )
     # Black marker, RGB about (45, 45, 55), is above the near-black cut and carries a trace of blue.
     black = (value <= config.black_ink_max_value) & (saturation < config.black_ink_max_saturation * 255)
-    # The pen rule again on the averaged colour: per pixel, noise lets some pixels of a wide pen stroke pass it.
-    # Pen is strongly coloured; a greyish-blue average (a tissue rim on bluish glass) is not pen.
+    # The pen rule again on the averaged colour: per pixel, noise lets some pixels of a wide pen stroke pass
+    # it. Pen is strongly coloured; a greyish-blue average (a tissue rim on bluish glass) is not pen.
     pen = (averaged[..., 1].astype(np.int16) - averaged[..., 0] > config.pen_margin) & (
         saturation >= config.ink_min_saturation * 255
     )
