@@ -51,7 +51,8 @@ class Bag:
 def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
     """Rows of a ``case_id,slide_id,label`` CSV (`histodistill.data.table.read_table`: BOM, ``;`` or tab,
     spaces, CRLF), labels in one spelling per class (`histodistill.data.labels.clean_labels`: missing ones
-    and case-only differences refused, ``1.0`` read as ``1``); a `UserError` names the file when it is malformed."""
+    and case-only differences refused, ``1.0`` read as ``1``); a `UserError` names the file when it is
+    malformed."""
     table = read_table(path, "labels CSV", LABEL_COLUMNS)
     if not table.rows:
         raise UserError(f"labels CSV {path} has no rows")
@@ -73,7 +74,8 @@ def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
 
 def class_names(rows: list[SlideLabel]) -> list[str]:
     """Sorted distinct labels (`histodistill.data.labels.class_order`: numerically when all are numbers), so
-    label ``1`` / ``positive`` / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is the positive class."""
+    label ``1`` / ``positive`` / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is the positive
+    class."""
     return class_order([row.label for row in rows])
 
 
@@ -111,9 +113,9 @@ def empty_bags_error(empty: list[Bag], folder: str) -> UserError:
     """The message for empty bags: all of them by name, why, and the two ways on."""
     slides = [s for bag in empty for s in bag.slide_ids]
     return UserError(
-        f"{len(slides)} slide(s) in {folder} have no tissue tiles (features of shape (0, D)): {shown(slides)}. "
-        "Tiling found no tissue on them, so re-tiling with the same settings gives 0 tiles again: pass "
-        "`drop_empty=True` "
+        f"{len(slides)} slide(s) in {folder} have no tissue tiles (features of shape (0, D)): "
+        f"{shown(slides)}. Tiling found no tissue on them, so re-tiling with the same settings gives 0 tiles "
+        "again: pass `drop_empty=True` "
         "to leave them out (the run's metrics.json lists them) or remove them from the labels CSV"
     )
 

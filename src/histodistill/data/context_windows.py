@@ -44,17 +44,18 @@ def has_mpp(attrs: dict) -> bool:
 def grid_geometry(attrs: dict, source: str | os.PathLike) -> tuple[float, int]:
     """The tiling grid of a coords file: (stride in level-0 pixels, grid steps from one cell to the next).
 
-    `histodistill tile` puts column k at ``round(k * stride)`` with ``stride = (patch_size - overlap) * scale``,
-    ``scale = target_mpp / mpp``; CLAM and TRIDENT state no mpp, so their stride is
+    `histodistill tile` puts column k at ``round(k * stride)`` with ``stride = (patch_size - overlap) *
+    scale``, ``scale = target_mpp / mpp``; CLAM and TRIDENT state no mpp, so their stride is
     ``patch_size_level0 * (patch_size - overlap) / patch_size`` (CLAM records no overlap: its default step is
-    the patch size). Window cells must abut, so they are ``patch_size / (patch_size - overlap)`` grid steps apart.
+    the patch size). Window cells must abut, so they are ``patch_size / (patch_size - overlap)`` grid steps
+    apart.
     """
     patch_size, overlap = int(attrs["patch_size"]), int(attrs.get("overlap", 0))
     if patch_size % (patch_size - overlap):
         raise UserError(
-            f"{source}: tiles of {patch_size} px with overlap {overlap} do not abut on a grid, so they cannot "
-            "form context windows; tile again with `overlap=0` (or an overlap that divides the patch size "
-            "evenly)"
+            f"{source}: tiles of {patch_size} px with overlap {overlap} do not abut on a grid, so they "
+            "cannot form context windows; tile again with `overlap=0` (or an overlap that divides the patch "
+            "size evenly)"
         )
     if has_mpp(attrs):
         stride = (patch_size - overlap) * float(attrs["target_mpp"]) / float(attrs["mpp"])
@@ -131,7 +132,8 @@ def _snap_to_tiles(
 
 
 def window_transform(preprocess, side: int):
-    """uint8 (3, P, P) window -> float (3, s*S, s*S) normalised with the backbone's mean/std, S its input size.
+    """uint8 (3, P, P) window -> float (3, s*S, s*S) normalised with the backbone's mean/std, S its input
+    size.
 
     Each cell is thus resized exactly as `extract` resizes a lone tile to S, so the student sees tissue
     at the same scale in fine-tuning and in extraction. No augmentation: spatial ones would have to
@@ -243,8 +245,8 @@ def context_windows_of_dir(
 ) -> ConcatDataset:
     """Every coords file of ``patches_dir`` as one dataset, except the slide ids in ``exclude`` (held out);
     ``features_dir`` holds the teacher's ``<slide_id>.h5`` features (the cache). ``slides_dir``: the folder of
-    the slides, for coords that do not name them (CLAM, TRIDENT) or whose slides moved (`find_slide`). A window
-    the slide file cannot give is replaced by the slide's next readable one, with one warning per slide
+    the slides, for coords that do not name them (CLAM, TRIDENT) or whose slides moved (`find_slide`). A
+    window the slide file cannot give is replaced by the slide's next readable one, with one warning per slide
     (`next_readable`). Raises `UserError` when no slide yields a window or a slide is not found."""
     tilings = {path: read_coords(path)[1] for path in visible_files(patches_dir, (".h5",))}
     tilings = {path: attrs for path, attrs in tilings.items() if attrs["slide_id"] not in set(exclude)}

@@ -66,9 +66,10 @@ class PatchDataModule(L.LightningDataModule):
         test: test dataset for ``trainer.test``, or None.
         batch_size: samples per device per step (the effective batch multiplies it by devices × accumulation).
         num_workers: DataLoader worker processes (0 reads in the main process).
-        train_transform: recipe for training data (eval, basic, randaugment, mae, sdmae, linprobe, he, finetune).
-        eval_transform: recipe for validation/test data, applied with ``train=False`` (deterministic).
-        seed: base of the per-epoch shuffling seed; None uses the run's ``seed_everything`` value.
+        train_transform: recipe for training data (eval, basic, randaugment, mae, sdmae, linprobe, he,
+        finetune). eval_transform: recipe for validation/test data, applied with ``train=False``
+        (deterministic). seed: base of the per-epoch shuffling seed; None uses the run's ``seed_everything``
+        value.
     """
 
     def __init__(

@@ -38,7 +38,8 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 class _ImageFiles(Dataset):
-    """Labeled image files: subclasses fill ``self.samples`` with ``(path, label index)`` and ``self.classes``."""
+    """Labeled image files: subclasses fill ``self.samples`` with ``(path, label index)`` and
+    ``self.classes``."""
 
     samples: list[tuple[Path, int]]
     transform: Transform
@@ -62,8 +63,8 @@ class ImageFolderDataset(_ImageFiles):
             what = "is a file, not a folder" if self.root.exists() else "does not exist"
             # The tiny recipes read the nuclei task at demo_out/data/nuclei/{train,test}: say what writes it.
             maker = (
-                f"; `histodistill samples make-nuclei --out {self.root.parent}` writes the sample nuclei task "
-                "there"
+                f"; `histodistill samples make-nuclei --out {self.root.parent}` writes the sample nuclei "
+                "task there"
                 if self.root.name in ("train", "test") and not self.root.exists()
                 else ""
             )
@@ -80,7 +81,8 @@ class ImageFolderDataset(_ImageFiles):
             )
         self.samples: list[tuple[Path, int]] = []
         for index, name in enumerate(self.classes):
-            # Hidden anywhere below the class folder (`._x.png` resource forks, `.ipynb_checkpoints/`) is not data.
+            # Hidden anywhere below the class folder (`._x.png` resource forks, `.ipynb_checkpoints/`) is not
+            # data.
             files = sorted(
                 p
                 for p in (self.root / name).rglob("*")

@@ -263,8 +263,9 @@ def write_slide_features(
 def write_patch_features(
     path: Path, features: np.ndarray, labels: np.ndarray, paths: list[str], attrs: dict[str, Any]
 ) -> None:
-    """An image folder's ``features`` (N, D) float32, ``labels`` (N,) int64 and ``paths`` (N,) (relative to its
-    root), written atomically with ``attrs`` (``classes``, ``extractor``, ``weights_sha256``) on the file."""
+    """An image folder's ``features`` (N, D) float32, ``labels`` (N,) int64 and ``paths`` (N,) (relative to
+    its root), written atomically with ``attrs`` (``classes``, ``extractor``, ``weights_sha256``) on the
+    file."""
     with atomic_hdf5(path) as handle:
         handle.create_dataset(FEATURES, data=features.astype(np.float32))
         handle.create_dataset("labels", data=labels.astype(np.int64))
@@ -316,7 +317,8 @@ def record_unreadable(features_dir: Path, slide_id: str, coords: np.ndarray, til
 
 
 def is_finished(target: Path, coords_path: Path, dim: int) -> bool:
-    """True when ``target`` is a complete features file for ``coords_path``; prints why it is redone otherwise."""
+    """True when ``target`` is a complete features file for ``coords_path``; prints why it is redone
+    otherwise."""
     if not target.exists():
         return False
     rows = coords_rows(coords_path)
@@ -329,7 +331,8 @@ def is_finished(target: Path, coords_path: Path, dim: int) -> bool:
 
 
 def require_finite(features: np.ndarray, source: str, model: str) -> None:
-    """Stop with a `UserError` naming ``source`` (``slide s1``) when ``features`` (N, D) hold a NaN or an infinity."""
+    """Stop with a `UserError` naming ``source`` (``slide s1``) when ``features`` (N, D) hold a NaN or an
+    infinity."""
     if bad := non_finite_rows(features):
         raise UserError(
             f"`model={model}` gave non-finite features (NaN or inf) for {bad} of {len(features)} images of "
@@ -382,8 +385,9 @@ def load_slides(folder: FeatureFolder, slide_ids: Iterable[str]) -> dict[str, Sl
     if bad:
         listed = [f"{folder.files[s].name} ({n} of {loaded[s].n_tiles} rows)" for s, n in bad.items()]
         raise UserError(
-            f"non-finite features (NaN or inf) in {len(bad)} file(s) of {folder.describe()}: {shown(listed)}; "
-            "extract them again (`histodistill extract --overwrite`) or remove those slides from the labels CSV"
+            f"non-finite features (NaN or inf) in {len(bad)} file(s) of {folder.describe()}: "
+            f"{shown(listed)}; extract them again (`histodistill extract --overwrite`) or remove those "
+            "slides from the labels CSV"
         )
     return loaded
 

@@ -77,8 +77,9 @@ def clean_labels(labels: Sequence[str], lines: Sequence[int], source: str) -> li
 
 
 def class_order(labels: Sequence[str] | set[str]) -> list[str]:
-    """Distinct labels sorted numerically when every one is a number (``2`` before ``10``), else alphabetically,
-    so ``1`` / ``positive`` / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is the positive class."""
+    """Distinct labels sorted numerically when every one is a number (``2`` before ``10``), else
+    alphabetically, so ``1`` / ``positive`` / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is
+    the positive class."""
     distinct = set(labels)
     if all(_number(label) is not None for label in distinct):
         return sorted(distinct, key=float)

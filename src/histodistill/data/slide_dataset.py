@@ -36,7 +36,8 @@ class SlideTileDataset(Dataset):
     A tile the slide file cannot give (a corrupt JPEG tile) raises `UnreadableRegion`; with
     ``mark_unreadable`` (`extract`) its item is instead a stand-in image with coords ``(x, y, 0)``, readable
     tiles coming with ``(x, y, 1)``, so the reader leaves it out, names it and records it; with
-    ``skip_unreadable`` (training, `SlideTilesDataset`) the item is the next readable tile's (`next_readable`).
+    ``skip_unreadable`` (training, `SlideTilesDataset`) the item is the next readable tile's
+    (`next_readable`).
     """
 
     def __init__(
@@ -109,8 +110,9 @@ class SlideTileDataset(Dataset):
 
 
 def marked_unreadable(image: torch.Tensor, transform: Callable | None, x: int, y: int):
-    """The item of a tile whose pixels cannot be read, in ``mark_unreadable`` mode: a stand-in ``image`` (never
-    used: the reader drops the row) and coords ``(x, y, 0)``; readable tiles come with ``(x, y, 1)``."""
+    """The item of a tile whose pixels cannot be read, in ``mark_unreadable`` mode: a stand-in ``image``
+    (never used: the reader drops the row) and coords ``(x, y, 0)``; readable tiles come with ``(x, y,
+    1)``."""
     return (transform(image) if transform is not None else image), torch.tensor((x, y, 0), dtype=torch.long)
 
 
@@ -120,10 +122,10 @@ _NAMED: set[str] = set()
 
 
 def next_readable(item: Callable[[int], Item], index: int, size: int, slide_id: str, what: str) -> Item:
-    """``item(index)`` or, when the slide file cannot give its pixels (`UnreadableRegion`), the item of the next
-    index of the same slide that it can (wrapping around), so a training batch keeps its size and holds no made-up
-    pixels. The first unreadable ``what`` (tile, context window) of each slide is named in one ``warning:`` line
-    per process; a slide none of whose ``size`` items can be read is a `UserError`."""
+    """``item(index)`` or, when the slide file cannot give its pixels (`UnreadableRegion`), the item of the
+    next index of the same slide that it can (wrapping around), so a training batch keeps its size and holds
+    no made-up pixels. The first unreadable ``what`` (tile, context window) of each slide is named in one
+    ``warning:`` line per process; a slide none of whose ``size`` items can be read is a `UserError`."""
     for step in range(size):
         try:
             return item((index + step) % size)

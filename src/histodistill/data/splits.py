@@ -55,8 +55,8 @@ def check_cases_per_class(rows: list[SlideLabel], folds: int, validation: bool =
         left = "two left to train and validate on" if validation else "one left to train on"
         lower = "lower `folds`, " if folds > 2 else ""
         raise UserError(
-            f"too few cases per class for `folds={folds}`: cases per class are {counts}; each class needs at least "
-            f"{needed} (one in each of the {folds} test folds and {left}). "
+            f"too few cases per class for `folds={folds}`: cases per class are {counts}; each class needs at "
+            f"least {needed} (one in each of the {folds} test folds and {left}). "
             f"Add cases of the small classes, {lower}or pass your own splits (`splits_dir=...`)"
         )
 

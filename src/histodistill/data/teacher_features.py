@@ -45,8 +45,8 @@ class TeacherFeatures:
     def lookup(self, cell_coords: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """(S, 2) cell top-lefts + (S,) valid -> (S, D) float32 teacher features, zeros where not valid.
 
-        A valid cell without a feature is `UnreadableRegion` when the file records tiles its slide file could not
-        give (`extract` left them out), else a `UserError`: the cache was computed from another tiling."""
+        A valid cell without a feature is `UnreadableRegion` when the file records tiles its slide file could
+        not give (`extract` left them out), else a `UserError`: the cache was computed from another tiling."""
         features = self._open()
         out = np.zeros((len(cell_coords), features.shape[1]), np.float32)
         wanted = [

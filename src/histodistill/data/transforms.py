@@ -201,8 +201,9 @@ def _orientation() -> list[Callable]:
 
 
 def _finetune(size: int, preprocess) -> list[Callable]:
-    # timm.data.create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic"),
-    # as MAE's and SD-MAE's fine-tuning build it (RandomErasing comes after normalisation: see AFTER_NORMALISE).
+    # timm.data.create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+    # interpolation="bicubic"), as MAE's and SD-MAE's fine-tuning build it (RandomErasing comes after
+    # normalisation: see AFTER_NORMALISE).
     return [
         v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),

