@@ -47,7 +47,8 @@ _LAYER_NAMES = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything needed to rebuild a backbone: ``timm.create_model(timm_name, num_classes=0, **model_kwargs)``.
+    """Everything needed to rebuild a backbone: ``timm.create_model(timm_name, num_classes=0,
+    **model_kwargs)``.
 
     ``name`` is what the user asked for (registered name, timm name, file); ``source`` says where the
     weights came from: ``random``, ``timm:<hub id or tag>``, ``hf-hub:<id>``, ``weights:<file>``,
@@ -64,7 +65,8 @@ class BackboneSpec:
     embedding: str = "head"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (stored in checkpoints, exports' ``config.json`` and ``extractor.json``)."""
+        """A JSON-serialisable dict (stored in checkpoints, exports' ``config.json`` and
+        ``extractor.json``)."""
         data = asdict(self)
         data["preprocess"]["mean"] = list(self.preprocess.mean)
         data["preprocess"]["std"] = list(self.preprocess.std)
@@ -243,12 +245,13 @@ def _from_entry(name: str, entry: BackboneEntry, pretrained: bool, model_kwargs:
 
 
 def _check_requirements(name: str, entry: BackboneEntry) -> None:
-    """Entries only their authors' package builds, and transformers entries without transformers, stop here."""
+    """Entries only their authors' package builds, and transformers entries without transformers, stop
+    here."""
     if entry.requires in PACKAGES:
         raise UserError(
             f"{name} is built by the authors' {entry.requires!r} package ({PACKAGES[entry.requires]}), which "
-            "histodistill does not wrap: extract its features with that package (or TRIDENT), or pick another "
-            "model (histodistill models)"
+            "histodistill does not wrap: extract its features with that package (or TRIDENT), or pick "
+            "another model (histodistill models)"
         )
     if is_transformers(entry.timm_name):
         from histodistill.models.hf_encoder import require_transformers
@@ -292,9 +295,9 @@ def _published_file(name: str, entry: BackboneEntry, filename: str) -> Path:
                 )  # writes a temporary, then renames
             except OSError as error:
                 raise UserError(
-                    f"cannot download the pretrained weights of {name!r} from {filename}: {first_line(error)}. "
-                    f"Remedies: a local file (`weights=FILE` with the model {name!r}); or the file "
-                    f"at {target}; or `pretrained=False` for random weights"
+                    f"cannot download the pretrained weights of {name!r} from {filename}: "
+                    f"{first_line(error)}. Remedies: a local file (`weights=FILE` with the model {name!r}); "
+                    f"or the file at {target}; or `pretrained=False` for random weights"
                 ) from error
         return target
     from huggingface_hub import hf_hub_download
@@ -381,8 +384,9 @@ def _from_export(directory: Path, model_kwargs: dict[str, Any]) -> Backbone:
     config_path, weights_path = directory / EXPORT_CONFIG, directory / EXPORT_WEIGHTS
     if not config_path.is_file():
         raise UserError(
-            f"{directory} is a directory but not a model folder: it needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS} "
-            "(made by `histodistill export`, or a timm model folder from the Hugging Face hub)"
+            f"{directory} is a directory but not a model folder: it needs {EXPORT_CONFIG} and "
+            f"{EXPORT_WEIGHTS} (made by `histodistill export`, or a timm model folder from the Hugging Face "
+            "hub)"
         )
     config = json.loads(config_path.read_text())
     source = f"export:{directory.name}"
@@ -475,20 +479,29 @@ def _unavailable_message(
         "; or `pretrained=False` for random weights" if pretrained else ""
     )
     if unreachable is not None and isinstance(error, LocalEntryNotFoundError):
-        return f"cannot get the {what} of {asked!r} from {where}: {unreachable_remedy(where, unreachable)}; or {others}"
+        return (
+            f"cannot get the {what} of {asked!r} from {where}: {unreachable_remedy(where, unreachable)}; "
+            f"or {others}"
+        )
     if isinstance(error, GatedRepoError):
-        why = f"it is gated: accept its terms on https://huggingface.co/{where} and log in (`hf auth login` or HF_TOKEN)"
+        why = (
+            f"it is gated: accept its terms on https://huggingface.co/{where} and log in (`hf auth login` "
+            "or HF_TOKEN)"
+        )
     elif isinstance(error, RepositoryNotFoundError):
-        why = "no such repository on the Hugging Face hub, or a private one (log in: `hf auth login` or HF_TOKEN)"
+        why = (
+            "no such repository on the Hugging Face hub, or a private one (log in: `hf auth login` or "
+            "HF_TOKEN)"
+        )
     elif isinstance(error, LocalEntryNotFoundError):
         offline = ", HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else ""
         why = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}){offline} and the hub was not reached"
     else:
         why = f"{type(error).__name__}: {first_line(error)}"
     return (
-        f"cannot get the {what} of {asked!r} from {where}: {why}. Remedies: HF_HUB_OFFLINE=1 with a populated "
-        f"Hugging Face cache (download {where} where the hub is reachable, copy the cache, point HF_HOME or "
-        f"HF_HUB_CACHE at it); or {others}"
+        f"cannot get the {what} of {asked!r} from {where}: {why}. Remedies: HF_HUB_OFFLINE=1 with a "
+        f"populated Hugging Face cache (download {where} where the hub is reachable, copy the cache, point "
+        f"HF_HOME or HF_HUB_CACHE at it); or {others}"
     )
 
 

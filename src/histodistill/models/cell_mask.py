@@ -34,7 +34,8 @@ def random_cell_mask(
     device=None,
     count: int | None = None,
 ) -> torch.Tensor:
-    """(B, S) bool, True = masked: exactly `masked_cell_count` cells per window, drawn independently per window."""
+    """(B, S) bool, True = masked: exactly `masked_cell_count` cells per window, drawn independently per
+    window."""
     count = masked_cell_count(num_cells, ratio, count)
     scores = torch.rand(batch_size, num_cells, generator=generator, device=device)
     # A cell is masked when its random score is among the `count` smallest of its window.
@@ -51,7 +52,8 @@ def grid_side(num_cells: int) -> int:
 
 
 def cell_mask_to_pixels(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, s*s) cell mask -> (B, 1, H, W) pixel mask; H and W must be multiples of s (one tile = H/s x W/s)."""
+    """(B, s*s) cell mask -> (B, 1, H, W) pixel mask; H and W must be multiples of s (one tile = H/s x
+    W/s)."""
     side = grid_side(mask.shape[1])
     if height % side or width % side:
         raise ValueError(f"window {height}x{width} is not an exact {side}x{side} grid of tiles")

@@ -9,11 +9,11 @@ attention-pooled bag with one Linear(512, C); MB pools once per class and scores
 pooling with its own Linear(512, 1). Each class c also has an instance classifier Linear(512, 2).
 
 The objective (`clam_loss`): ``bag_weight`` × bag cross-entropy + (1 - ``bag_weight``) × the instance
-clustering loss (`clam_instance_loss`): for a bag of class y, the ``k_sample`` tiles with the highest attention
-(of branch y for MB) are pseudo-labelled 1 and the ``k_sample`` lowest 0 for class y's instance classifier,
-cross-entropy averaged over those 2k tiles. With ``subtyping`` (CLAM's flag for subtype tasks, where every
-class is tumour), every other class c also gets its branch's top-k tiles pushed to 0 by its classifier
-(cross-entropy over k tiles), and the sum over the C classifiers is divided by C.
+clustering loss (`clam_instance_loss`): for a bag of class y, the ``k_sample`` tiles with the highest
+attention (of branch y for MB) are pseudo-labelled 1 and the ``k_sample`` lowest 0 for class y's instance
+classifier, cross-entropy averaged over those 2k tiles. With ``subtyping`` (CLAM's flag for subtype tasks,
+where every class is tumour), every other class c also gets its branch's top-k tiles pushed to 0 by its
+classifier (cross-entropy over k tiles), and the sum over the C classifiers is divided by C.
 
 Defaults are CLAM's: dropout 0.25, ``k_sample`` 8 (``--B``), ``bag_weight`` 0.7, ``subtyping`` False,
 cross-entropy instance loss. Deviations (docs/mil.md):
@@ -134,7 +134,8 @@ def clam_instance_loss(
     ones, zeros = (torch.full((batch, k), value, dtype=torch.long, device=mask.device) for value in (1, 0))
 
     def mean_ce(picked: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of picked logits (B, k, 2) against ``target`` (B, k), summed over the valid picks: (B,)."""
+        """Cross-entropy of picked logits (B, k, 2) against ``target`` (B, k), summed over the valid picks:
+        (B,)."""
         return (F.cross_entropy(picked.transpose(1, 2), target, reduction="none") * valid).sum(1)
 
     total = torch.zeros(batch, device=mask.device)
@@ -159,6 +160,7 @@ def clam_loss(
     k_sample: int = 8,
     subtyping: bool = False,
 ) -> torch.Tensor:
-    """CLAM's training objective: ``bag_weight`` × bag cross-entropy + (1 - ``bag_weight``) × `clam_instance_loss`."""
+    """CLAM's training objective: ``bag_weight`` × bag cross-entropy + (1 - ``bag_weight``) ×
+    `clam_instance_loss`."""
     instance = clam_instance_loss(output, labels, k_sample, subtyping)
     return bag_weight * bag_cross_entropy(output, labels) + (1 - bag_weight) * instance

@@ -23,7 +23,8 @@ TRUNK = "vit_large_patch16_224"
 
 
 class AttentionalPooler(nn.Module):
-    """``n_queries`` learned queries (d_model) attend over context tokens (context_dim): (B, N, Cc) -> (B, Q, d)."""
+    """``n_queries`` learned queries (d_model) attend over context tokens (context_dim): (B, N, Cc) -> (B, Q,
+    d)."""
 
     def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1) -> None:
         super().__init__()

@@ -136,7 +136,8 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         "CC-BY-NC-ND-4.0",
         True,
         "Chen et al., Towards a general-purpose foundation model for computational pathology, Nat Med (2024)",
-        f"{TRIDENT} UNIInferenceEncoder; {EVA}/mahmood.py (HF login: gated); 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} UNIInferenceEncoder; {EVA}/mahmood.py (HF login: gated); 20x: TRIDENT README; "
+        f"{CARD_UNREAD}",
     ),
     FoundationModel(
         "pathology/uni2-h",
@@ -162,7 +163,8 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         "CC-BY-NC-ND-4.0",
         True,
         "Chen et al., Nat Med (2024); UNI2-h model card (MahmoodLab, 2025)",
-        f"{TRIDENT} UNIv2InferenceEncoder; {EVA}/mahmood.py (HF login: gated); 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} UNIv2InferenceEncoder; {EVA}/mahmood.py (HF login: gated); 20x: TRIDENT README; "
+        f"{CARD_UNREAD}",
     ),
     FoundationModel(
         "pathology/conch-v1",
@@ -176,8 +178,8 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         "CC-BY-NC-ND-4.0",
         True,
         "Lu et al., A visual-language foundation model for computational pathology, Nat Med (2024)",
-        f"{TRIDENT} Conchv1InferenceEncoder (encode_image, no projection); 448 px and OpenAI mean/std: CONCH repo "
-        f"conch_ViT-B-16.json and factory.py; 512-d and 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} Conchv1InferenceEncoder (encode_image, no projection); 448 px and OpenAI mean/std: CONCH "
+        f"repo conch_ViT-B-16.json and factory.py; 512-d and 20x: TRIDENT README; {CARD_UNREAD}",
         requires="conch",
     ),
     FoundationModel(
@@ -192,8 +194,8 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         "CC-BY-NC-ND-4.0",
         True,
         "Ding et al., Multimodal whole slide foundation model for pathology (TITAN), arXiv 2411.19666 (2024)",
-        f"{TRIDENT} Conchv15InferenceEncoder and model_zoo/conchv1_5 (ViT-L/16 trunk, attentional pooler, 448 px "
-        f"bilinear, ImageNet mean/std); 768-d and 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} Conchv15InferenceEncoder and model_zoo/conchv1_5 (ViT-L/16 trunk, attentional pooler, "
+        f"448 px bilinear, ImageNet mean/std); 768-d and 20x: TRIDENT README; {CARD_UNREAD}",
         weights_file="pytorch_model_vision.bin",
     ),
     FoundationModel(
@@ -209,7 +211,8 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         True,
         "Vorontsov et al., A foundation model for clinical-grade computational pathology and rare cancers "
         "detection, Nat Med (2024)",
-        f"{TRIDENT} VirchowInferenceEncoder (class token + mean of tokens 1:); 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} VirchowInferenceEncoder (class token + mean of tokens 1:); 20x: TRIDENT README; "
+        f"{CARD_UNREAD}",
     ),
     FoundationModel(
         "pathology/virchow2",
@@ -256,10 +259,10 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         "Filiot et al., Distilling foundation models for robust and efficient models in digital pathology, "
         "arXiv 2501.16239 (2025)",
         f"{TRIDENT} H0MiniInferenceEncoder (hub config + SwiGLUPacked/SiLU, class token by default, cls+mean "
-        f"optional: 768/1536 in its README); {EVA}/bioptimus.py (HF login: gated). The architecture comes from "
-        "the hub's config.json; the timm name used without the hub (ViT-B/14, 4 registers) is not stated by "
-        f"TRIDENT/eva. mean/std: TRIDENT resolves them from the hub config (unread here), H-optimus-0's assumed; "
-        f"{CARD_UNREAD}",
+        f"optional: 768/1536 in its README); {EVA}/bioptimus.py (HF login: gated). The architecture comes "
+        "from the hub's config.json; the timm name used without the hub (ViT-B/14, 4 registers) is not "
+        "stated by TRIDENT/eva. mean/std: TRIDENT resolves them from the hub config (unread here), "
+        f"H-optimus-0's assumed; {CARD_UNREAD}",
     ),
     FoundationModel(
         "pathology/prov-gigapath",
@@ -305,8 +308,8 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         False,
         "Filiot et al., Scaling self-supervised learning for histopathology with masked image modeling, "
         "medRxiv (2023)",
-        f"{TRIDENT} PhikonInferenceEncoder (ViTModel without pooler, last_hidden_state[:, 0]); {EVA}/owkin.py; "
-        f"20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} PhikonInferenceEncoder (ViTModel without pooler, last_hidden_state[:, 0]); "
+        f"{EVA}/owkin.py; 20x: TRIDENT README; {CARD_UNREAD}",
         requires=HF_EXTRA,
         weights_file="pytorch_model.bin",
         hub_config=True,
@@ -360,8 +363,8 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
             None,
             "Nechaev et al., Hibou: a family of foundational vision transformers for pathology, "
             "arXiv 2406.05074 (2024)",
-            f"{TRIDENT} HibouLInferenceEncoder (pooler_output = normalised class token; HIBOU mean/std, 224 px "
-            f"bicubic); {EVA}/histai.py (DINOv2 with 4 registers through trust_remote_code). We build "
+            f"{TRIDENT} HibouLInferenceEncoder (pooler_output = normalised class token; HIBOU mean/std, 224 "
+            f"px bicubic); {EVA}/histai.py (DINOv2 with 4 registers through trust_remote_code). We build "
             "transformers' own Dinov2WithRegisters from the stated config instead of the hub's remote code; "
             "SwiGLU FFN and the weights' key layout are not stated by TRIDENT/eva (strict loading checks "
             f"them); 20x: TRIDENT README; {CARD_UNREAD}",
@@ -388,9 +391,9 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         False,
         "Karasikov et al., Training state-of-the-art pathology foundation models with orders of magnitude "
         "less data, arXiv 2504.05186 (2025)",
-        f"{TRIDENT} Midnight12kInferenceEncoder (AutoModel, KAIKO mean/std, 224 px; return_type cls+mean gives "
-        "the 3072-d of TRIDENT's README, its code default is the 1536-d class token, as eva's IN_FEATURES); "
-        f"{EVA}/kaiko.py; 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} Midnight12kInferenceEncoder (AutoModel, KAIKO mean/std, 224 px; return_type cls+mean "
+        "gives the 3072-d of TRIDENT's README, its code default is the 1536-d class token, as eva's "
+        f"IN_FEATURES); {EVA}/kaiko.py; 20x: TRIDENT README; {CARD_UNREAD}",
         requires=HF_EXTRA,
         weights_file="model.safetensors",
         hub_config=True,
@@ -407,8 +410,8 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         "unknown (Lunit research release)",
         False,
         "Kang et al., Benchmarking self-supervised learning on diverse pathology datasets, CVPR (2023)",
-        f"{TRIDENT} LunitS8InferenceEncoder (hub port; transform from the hub config); {EVA}/lunit.py (mean/std "
-        f"of the ViT-S training); 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} LunitS8InferenceEncoder (hub port; transform from the hub config); {EVA}/lunit.py "
+        f"(mean/std of the ViT-S training); 20x: TRIDENT README; {CARD_UNREAD}",
     ),
     FoundationModel(
         "pathology/lunit-vits16",
@@ -474,8 +477,8 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         "CC-BY-NC-ND-4.0",
         True,
         "Xiang et al., A vision-language foundation model for precision oncology, Nature (2025)",
-        f"{TRIDENT} MuskInferenceEncoder (vision class token, 384 px bicubic, inception mean/std); 1024-d and 20x: "
-        f"TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} MuskInferenceEncoder (vision class token, 384 px bicubic, inception mean/std); 1024-d "
+        f"and 20x: TRIDENT README; {CARD_UNREAD}",
         requires="musk",
     ),
 )

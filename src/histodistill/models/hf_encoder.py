@@ -106,7 +106,7 @@ def load_hf_encoder(
     ]
     if problems:
         raise UserError(
-            f"the weights in {origin} do not fit {architecture} ({'; '.join(problems)}). Check that the file is "
-            "the model's published one and that the configuration matches it"
+            f"the weights in {origin} do not fit {architecture} ({'; '.join(problems)}). Check that the file "
+            "is the model's published one and that the configuration matches it"
         )
     return HFEncoder(model)

@@ -58,6 +58,6 @@ def unreachable_remedy(where: str, reason: str) -> str:
 
     return (
         f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({reason}) and {where} is not in the "
-        f"cache ({constants.HF_HUB_CACHE}). Remedies: set HF_HUB_OFFLINE=1 and point HF_HOME or HF_HUB_CACHE at "
-        f"a cache that holds {where} (download it where the hub is reachable and copy the cache)"
+        f"cache ({constants.HF_HUB_CACHE}). Remedies: set HF_HUB_OFFLINE=1 and point HF_HOME or HF_HUB_CACHE "
+        f"at a cache that holds {where} (download it where the hub is reachable and copy the cache)"
     )

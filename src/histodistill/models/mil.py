@@ -247,8 +247,8 @@ MIL_MODELS: dict[str, type[MILHead]] = {
 
 
 def create_mil(name: str, in_dim: int, num_classes: int, standardize: bool = False, **kwargs) -> nn.Module:
-    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``, ``clam_sb``, ``clam_mb``); ``standardize``
-    wraps it in `Standardized` (fit its statistics before training)."""
+    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``, ``clam_sb``, ``clam_mb``);
+    ``standardize`` wraps it in `Standardized` (fit its statistics before training)."""
     if name not in MIL_MODELS:
         raise ConfigError(f"unknown MIL model {name!r}; choose one of {sorted(MIL_MODELS)}")
     model = MIL_MODELS[name](in_dim, num_classes, **kwargs)

@@ -37,7 +37,10 @@ EXTRA_SAFE_GLOBALS = (
     "pathlib.WindowsPath",
     "argparse.Namespace",
 )
-SAVE_STATE_DICT = "torch.save(model.state_dict(), 'weights.pth') or safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
+SAVE_STATE_DICT = (
+    "torch.save(model.state_dict(), 'weights.pth') or "
+    "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
+)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -92,12 +95,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Descend through wrapper keys (``state_dict``, ``model``, ``module``), then strip DDP/compile prefixes."""
+    """Descend through wrapper keys (``state_dict``, ``model``, ``module``), then strip DDP/compile
+    prefixes."""
     while not _is_state_dict(obj):
         inner = next((obj[key] for key in WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
         if inner is None:
             raise UserError(
-                f"no state dict found: top-level keys are {sorted(obj)[:10]}; expected tensors or one of {WRAPPER_KEYS}"
+                f"no state dict found: top-level keys are {sorted(obj)[:10]}; expected tensors or one of "
+                f"{WRAPPER_KEYS}"
             )
         obj = inner
     state = dict(obj)
@@ -131,9 +136,9 @@ def load_weights(
         problems.append(f"{len(unexpected)} unexpected: {_head(unexpected)}")
     if problems:
         raise UserError(
-            f"the weights in {origin} do not fit the model ({'; '.join(problems)}). Check that the model name "
-            "and its arguments (e.g. img_size, patch_size, init_values) match how the weights were trained"
-            + ("." if wrong_shape else ", or load non-strictly (strict=False).")
+            f"the weights in {origin} do not fit the model ({'; '.join(problems)}). Check that the model "
+            "name and its arguments (e.g. img_size, patch_size, init_values) match how the weights were "
+            "trained" + ("." if wrong_shape else ", or load non-strictly (strict=False).")
         )
     model.load_state_dict(state, strict=strict)
 
