@@ -91,8 +91,9 @@ class HistodistillCLI(LightningCLI):
             self.ckpt_path = check_run_dir(config.trainer.default_root_dir, config.resume, config.overwrite)
 
     def instantiate_classes(self) -> None:
-        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights cannot
-        # be had, a ConfigError) in a ValueError listing the Union's subtypes; the user needs our one line.
+        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights
+        # cannot be had, a ConfigError) in a ValueError listing the Union's subtypes; the user needs our one
+        # line.
         with rendering_parameters(config_flags(self.config)):
             try:
                 super().instantiate_classes()

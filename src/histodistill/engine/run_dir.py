@@ -7,8 +7,8 @@
   metrics.json                  final and best metrics at the end (RunSummary)
   tensorboard/                  TensorBoard events
   checkpoints/last.ckpt         end of the latest epoch: what ``resume`` continues from
-  checkpoints/best-<name>.ckpt  best value of each metric the method monitors: weights only (no optimiser state)
-  figures/                      PNGs written by the method (confusion matrices, ...)
+  checkpoints/best-<name>.ckpt  best value of each metric the method monitors: weights only (no optimiser
+  state) figures/                      PNGs written by the method (confusion matrices, ...)
 ```
 """
 

@@ -66,9 +66,9 @@ class CentreCellTiles(Dataset):
 
     A window is kept when at least one of its s*s cells is a tile, which the centre always is, so every
     tile gets one; our coords whose tiles are not on `histodistill tile`'s grid are refused. ``slide_path``:
-    the slide, for coords that do not name it (CLAM, TRIDENT). With ``mark_unreadable`` (`extract`), coords are
-    ``(x, y, readable)`` and a window touching pixels the slide file cannot give is marked unreadable instead of
-    raising `UnreadableRegion` (`SlideTileDataset` does the same).
+    the slide, for coords that do not name it (CLAM, TRIDENT). With ``mark_unreadable`` (`extract`), coords
+    are ``(x, y, readable)`` and a window touching pixels the slide file cannot give is marked unreadable
+    instead of raising `UnreadableRegion` (`SlideTileDataset` does the same).
     """
 
     def __init__(
@@ -88,13 +88,14 @@ class CentreCellTiles(Dataset):
         self.slide_id = self.windows.slide_id  # extract names the features file after it
         self.patch_size, self.target_mpp = self.windows.patch_size, self.windows.target_mpp
         self.centre = side * side // 2
-        # A tile off the grid is not its own window's centre cell: its window would be cut elsewhere or not at all.
+        # A tile off the grid is not its own window's centre cell: its window would be cut elsewhere or not at
+        # all.
         coords, _ = read_coords(coords_path)  # (N, 2)
         if not np.array_equal(self.windows.cell_coords[:, self.centre], coords):
             raise UserError(
-                f"{coords_path}: its tiles are not on the grid `histodistill tile` writes, so context windows "
-                "cannot be centred on them; tile the slide with `histodistill tile` (or extract without "
-                "`context_window=...`)"
+                f"{coords_path}: its tiles are not on the grid `histodistill tile` writes, so context "
+                "windows cannot be centred on them; tile the slide with `histodistill tile` (or extract "
+                "without `context_window=...`)"
             )
 
     def __len__(self) -> int:
@@ -128,8 +129,8 @@ def check_context_side(backbone: Backbone, side: int) -> None:
         size = backbone.spec.preprocess.input_size
         raise UserError(
             f"`context_window={side}`: {backbone.spec.name} is a ViT with a fixed {size}-px input and cannot "
-            f"take {side * size}-px windows; use a CNN, or a ViT built with dynamic_img_size=True (e.g. an MCM-KD "
-            "checkpoint trained that way)"
+            f"take {side * size}-px windows; use a CNN, or a ViT built with dynamic_img_size=True (e.g. an "
+            "MCM-KD checkpoint trained that way)"
         )
 
 

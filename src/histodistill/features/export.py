@@ -59,7 +59,8 @@ _FACTORY_ARGS = ("pretrained_cfg_overlay",)
 
 
 def timm_config(backbone: Backbone) -> dict[str, Any]:
-    """The ``config.json`` timm's ``local-dir:``/``hf-hub:`` loaders read (see timm.models._hub), for ``backbone``.
+    """The ``config.json`` timm's ``local-dir:``/``hf-hub:`` loaders read (see timm.models._hub), for
+    ``backbone``.
 
     ``pretrained_cfg`` keeps timm's description of the architecture (first conv, classifier name) and
     takes its preprocessing from ``backbone.spec.preprocess``: our eval transform resizes the short side

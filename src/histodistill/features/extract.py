@@ -66,8 +66,8 @@ def model_slug(model: str | os.PathLike) -> str:
 def features_folder_name(
     model: str | os.PathLike, pretrained: bool = True, context_window: int | None = None
 ) -> str:
-    """``features_<slug>`` (`model_slug`), with ``-random-init`` for random weights, so they never share a folder
-    name with the pretrained weights' features, and ``-context<S>`` for context-window features."""
+    """``features_<slug>`` (`model_slug`), with ``-random-init`` for random weights, so they never share a
+    folder name with the pretrained weights' features, and ``-context<S>`` for context-window features."""
     random_init = "" if pretrained else "-random-init"
     return f"features_{model_slug(model)}{random_init}{context_suffix(context_window)}"
 
@@ -153,9 +153,9 @@ def extract_slide(
     precision: str = "32",
     desc: str = "tiles",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features (N, D) float32 and coords (N, 2) int64 of one slide's readable tiles (a `SlideTileDataset`), and
-    the coords (U, 2) int64 of the tiles the slide file could not give (datasets built with ``mark_unreadable``
-    give coords (x, y, readable); plain (x, y) ones are all readable)."""
+    """Features (N, D) float32 and coords (N, 2) int64 of one slide's readable tiles (a `SlideTileDataset`),
+    and the coords (U, 2) int64 of the tiles the slide file could not give (datasets built with
+    ``mark_unreadable`` give coords (x, y, readable); plain (x, y) ones are all readable)."""
     features, marked = extract_features(model, dataset, batch_size, num_workers, device, precision, desc)
     marked = marked.reshape(len(features), -1) if len(features) else np.zeros((0, 2))  # (N, 2) or (N, 3)
     marked = marked.astype(np.int64)
@@ -268,7 +268,8 @@ def extract_images(
     pretrained: bool = True,
 ) -> Path:
     """Features of an image folder (``root/<class>/<image>``) into ``<out>/features_<slug>/features.h5``:
-    ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr ``classes``."""
+    ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr
+    ``classes``."""
 
     features_dir = Path(out_dir) / features_folder_name(model, pretrained)
     target = features_dir / PATCH_FEATURES
@@ -324,6 +325,6 @@ def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -
     if previous.get("weights_sha256") != record["weights_sha256"]:
         raise UserError(
             f"{path.parent} holds features of other weights ({previous.get('extractor')}, sha256 "
-            f"{str(previous.get('weights_sha256'))[:12]}...); use another `out_dir=...` or pass `overwrite=True` "
-            "to redo every slide"
+            f"{str(previous.get('weights_sha256'))[:12]}...); use another `out_dir=...` or pass "
+            "`overwrite=True` to redo every slide"
         )

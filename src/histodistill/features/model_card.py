@@ -58,7 +58,8 @@ def model_card_text(
         "## Model",
         f"- Architecture: timm `{spec.timm_name}` with `{json.dumps(spec.model_kwargs)}`, no classifier",
         f"- Output: {backbone.num_features}-d pooled features",
-        f"- Input: {pre.input_size} px tiles at {mpp}, normalised with mean {list(pre.mean)}, std {list(pre.std)}",
+        f"- Input: {pre.input_size} px tiles at {mpp}, normalised with mean {list(pre.mean)}, std "
+        f"{list(pre.std)}",
         f"- Weights: {spec.source}",
         "",
         "## Training recipe",
@@ -71,7 +72,8 @@ def model_card_text(
         *_metric_rows(metrics, run_dir / "metrics.json"),
         "",
         "## Licence",
-        f"`{license_id}`. The licences of the training data and of any starting or teacher weights apply too.",
+        f"`{license_id}`. The licences of the training data and of any starting or teacher weights apply "
+        "too.",
         "",
         "## Usage",
         "```python",

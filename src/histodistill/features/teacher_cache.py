@@ -26,7 +26,8 @@ NEVER_COMPLETED = "it was never completed"
 
 
 def cache_features_dir(cache_root: str | os.PathLike, teacher: str, pretrained: bool = True) -> Path:
-    """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>`` (`features_folder_name`)."""
+    """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>``
+    (`features_folder_name`)."""
 
     return Path(cache_root) / features_folder_name(teacher, pretrained)
 
@@ -117,19 +118,20 @@ def ensure_teacher_cache(
     """The features directory holding the teacher's features of every tile of ``tiles_dir/patches``.
 
     ``tiles_dir`` is a tiling output (ours, CLAM's or TRIDENT's, holding ``patches/``); ``slides_dir`` the
-    folder of its slides when the coords do not name them (CLAM, TRIDENT) or they moved. The cache is ``<cache_root>/features_<teacher slug>``,
-    exactly what ``histodistill extract --model TEACHER --coords tiles_dir --out cache_root`` writes. A cache
-    computed for this teacher, these weights and this tiling is used as is; a missing or stale one is
-    recomputed with `histodistill.features.extract.extract_slides` when ``rebuild`` is True, and refused with a
-    `UserError` naming the cache and ``data.init_args.rebuild_cache`` otherwise.
+    folder of its slides when the coords do not name them (CLAM, TRIDENT) or they moved. The cache is
+    ``<cache_root>/features_<teacher slug>``, exactly what ``histodistill extract --model TEACHER --coords
+    tiles_dir --out cache_root`` writes. A cache computed for this teacher, these weights and this tiling is
+    used as is; a missing or stale one is recomputed with `histodistill.features.extract.extract_slides` when
+    ``rebuild`` is True, and refused with a `UserError` naming the cache and ``data.init_args.rebuild_cache``
+    otherwise.
     """
     patches_dir = Path(tiles_dir) / "patches"
     features_dir = cache_features_dir(cache_root, teacher, pretrained)
     key = cache_key(patches_dir, teacher, teacher_weights, pretrained)
     if not key["slides"]:
         raise UserError(
-            f"no coords files (*.h5) in {patches_dir}: run `histodistill tile SLIDES --out {tiles_dir}` first "
-            "(sample slides: `histodistill samples make-slides --out SLIDES`)"
+            f"no coords files (*.h5) in {patches_dir}: run `histodistill tile SLIDES --out {tiles_dir}` "
+            "first (sample slides: `histodistill samples make-slides --out SLIDES`)"
         )
     reasons = stale_reasons(features_dir, key)
     if not reasons:

@@ -59,8 +59,9 @@ class MethodModule(L.LightningModule):
             # Raising before backward() keeps the weights as they were after the last good step.
             details = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
-                f"the training loss became non-finite at step {self.global_step} ({details}). {self._resume_hint()} "
-                "Lower optim.lr, raise the warm-up, or use precision 32 to find the cause."
+                f"the training loss became non-finite at step {self.global_step} ({details}). "
+                f"{self._resume_hint()} Lower optim.lr, raise the warm-up, or use precision 32 to find the "
+                "cause."
             )
         batch_size = _batch_size(batch)
         for name, value in losses.items():
@@ -81,8 +82,8 @@ class MethodModule(L.LightningModule):
                 raise
             lr = optimizer.param_groups[0]["lr"]
             raise NonFiniteLossError(
-                f"the optimiser step overflowed at step {self.global_step} (learning rate {lr:.4g}: {error}). "
-                f"{self._resume_hint()} Lower optim.lr."
+                f"the optimiser step overflowed at step {self.global_step} (learning rate {lr:.4g}: "
+                f"{error}). {self._resume_hint()} Lower optim.lr."
             ) from None
 
     def _resume_hint(self) -> str:

@@ -127,7 +127,8 @@ class TeacherStudentMethod(ClassificationMethod):
             )
 
     def start_from_teacher(self, teacher: str, classifier_source: str | None) -> None:
-        """Student ← teacher (weights and BN buffers); classifier too when the teacher has one for these classes.
+        """Student ← teacher (weights and BN buffers); classifier too when the teacher has one for these
+        classes.
 
         Otherwise the classifier keeps its fresh initialisation, as MoMA re-initialises only the
         classifier when the class counts differ (``load_model(..., strict=False)``).
@@ -155,9 +156,9 @@ class TeacherStudentMethod(ClassificationMethod):
         return features, self.classify(features)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, D_s) -> logits, through dropout while training: MoMA's EfficientNet has it inside
-        its classifier (``Dropout(0.2)`` then ``Linear``), so the features the distillation terms see are not
-        dropped (timm's ``drop_rate`` would drop them too)."""
+        """Pooled features (B, D_s) -> logits, through dropout while training: MoMA's EfficientNet has it
+        inside its classifier (``Dropout(0.2)`` then ``Linear``), so the features the distillation terms see
+        are not dropped (timm's ``drop_rate`` would drop them too)."""
         return self.classifier(F.dropout(features, self.classifier_dropout, self.training))
 
     @torch.no_grad()
@@ -166,9 +167,10 @@ class TeacherStudentMethod(ClassificationMethod):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images prepared for the student -> teacher pooled features (B, D_t) and logits (or None).
 
-        ``batch_statistics`` runs the teacher's BatchNorm layers, and only those, in training mode (the momentum
-        encoder of MoCo/MoMA normalises with the batch: MoMA's ``set_bn_train``), so dropout and drop-path stay
-        off; otherwise the whole teacher is in eval mode, whatever mode Lightning put the module in.
+        ``batch_statistics`` runs the teacher's BatchNorm layers, and only those, in training mode (the
+        momentum encoder of MoCo/MoMA normalises with the batch: MoMA's ``set_bn_train``), so dropout and
+        drop-path stay off; otherwise the whole teacher is in eval mode, whatever mode Lightning put the
+        module in.
         """
         self.teacher.eval()
         if batch_statistics:
@@ -299,9 +301,10 @@ class Distill(TeacherStudentMethod):
         if self.feature_loss.needs_teacher_classifier and self.teacher_classifier is None:
             if classifier_source is None and Path(teacher).suffix != ".ckpt":
                 raise UserError(
-                    f"feature: {self.feature} reuses the teacher's classifier, but teacher {teacher!r} is not a histodistill "
-                    ".ckpt: set `teacher_classifier_from_checkpoint=...` to the supervised checkpoint it comes "
-                    "from, or choose a term that needs no classifier (rkd, pkt, cc, sp, at, vid, nst, semckd...)"
+                    f"feature: {self.feature} reuses the teacher's classifier, but teacher {teacher!r} is "
+                    "not a histodistill .ckpt: set `teacher_classifier_from_checkpoint=...` to the "
+                    "supervised checkpoint it comes from, or choose a term that needs no classifier (rkd, "
+                    "pkt, cc, sp, at, vid, nst, semckd...)"
                 )
             self.teacher_classifier = load_teacher_classifier(
                 teacher, classifier_source, self.teacher.num_features, self.num_classes
@@ -351,10 +354,12 @@ class Distill(TeacherStudentMethod):
         if term is not None and term.init_stage and self.training:
             self.trained_batches += 1
             in_stage = bool(self.trained_batches <= self.init_steps)
-        # FT's stage trains the paraphraser on the teacher alone: the student (and its BatchNorm) is left as is.
+        # FT's stage trains the paraphraser on the teacher alone: the student (and its BatchNorm) is left as
+        # is.
         student = None
         if not in_stage or term.stage_needs_student:
-            # AB's and FSP's stages train the student in eval mode, as RepDistiller's helper/pretrain.py `init`.
+            # AB's and FSP's stages train the student in eval mode, as RepDistiller's helper/pretrain.py
+            # `init`.
             eval_mode = in_stage and term.stage_student_eval and self.backbone.training
             if eval_mode:
                 self.backbone.eval()
@@ -469,8 +474,8 @@ def load_teacher_classifier(
         source = teacher
     if source is None:
         raise UserError(
-            f"w_kd > 0 needs the teacher's classifier, but teacher {teacher!r} is not a histodistill .ckpt: set "
-            "`teacher_classifier_from_checkpoint=...` to the supervised checkpoint the teacher comes "
+            f"w_kd > 0 needs the teacher's classifier, but teacher {teacher!r} is not a histodistill .ckpt: "
+            "set `teacher_classifier_from_checkpoint=...` to the supervised checkpoint the teacher comes "
             "from, or set `w_kd=0` (teacher and student tasks differ)"
         )
     state = classifier_state(teacher, source)
@@ -482,9 +487,9 @@ def load_teacher_classifier(
     weight, bias = state["weight"], state.get("bias")
     if weight.shape[0] != num_classes:
         raise UserError(
-            f"KD is on (w_kd > 0) but the teacher classifier in {source} has {weight.shape[0]} classes and the "
-            f"student has num_classes={num_classes}: KD needs the same classes on both sides. For a different "
-            "task set `w_kd=0` (the feature term still transfers knowledge)"
+            f"KD is on (w_kd > 0) but the teacher classifier in {source} has {weight.shape[0]} classes and "
+            f"the student has num_classes={num_classes}: KD needs the same classes on both sides. For a "
+            "different task set `w_kd=0` (the feature term still transfers knowledge)"
         )
     if weight.shape[1] != in_features:
         raise UserError(

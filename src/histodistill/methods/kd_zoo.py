@@ -79,12 +79,14 @@ class Term(nn.Module):
     sets ``init_stage`` and implements `init_loss`."""
 
     layers: ClassVar[slice | None] = None
-    # Student and teacher layers are compared one to one (SemCKD's attention pairs each student layer with all).
+    # Student and teacher layers are compared one to one (SemCKD's attention pairs each student layer with
+    # all).
     pairs_layers: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {}
     init_stage: ClassVar[bool] = False
     stage_needs_student: ClassVar[bool] = True
-    # RepDistiller's init stage runs the student in eval mode (BatchNorm on running statistics) while it trains.
+    # RepDistiller's init stage runs the student in eval mode (BatchNorm on running statistics) while it
+    # trains.
     stage_student_eval: ClassVar[bool] = False
     needs_teacher_classifier: ClassVar[bool] = False
     needs_index: ClassVar[bool] = False
@@ -117,7 +119,8 @@ class Term(nn.Module):
         raise NotImplementedError
 
     def logits(self, student: LayerFeatures, teacher_classifier: nn.Module | None) -> torch.Tensor | None:
-        """The student's logits (B, num_classes) where the term replaces its classifier; None: the classifier's."""
+        """The student's logits (B, num_classes) where the term replaces its classifier; None: the
+        classifier's."""
         return None
 
     def pairs(self, inputs: TermInputs):
@@ -297,10 +300,10 @@ class FSP(Term):
         super().__init__(student, teacher, student_layers, teacher_layers, options)
         if self.student_channels != self.teacher_channels:
             raise UserError(
-                f"feature: fsp compares C_i × C_(i+1) matrices, so student and teacher layers need the same channels; "
-                f"got student {self.student_channels} and teacher {self.teacher_channels}. Choose layers with equal "
-                "channels (model.init_args.student_layers / teacher_layers) or a method that allows different widths "
-                "(at, nst, vid, ab, semckd)"
+                "feature: fsp compares C_i × C_(i+1) matrices, so student and teacher layers need the same "
+                f"channels; got student {self.student_channels} and teacher {self.teacher_channels}. Choose "
+                "layers with equal channels (model.init_args.student_layers / teacher_layers) or a method "
+                "that allows different widths (at, nst, vid, ab, semckd)"
             )
 
     def loss(self, inputs):
@@ -320,7 +323,8 @@ class SemCKD(Term):
             self.build(int(self.options["batch_size"]))
 
     def build(self, batch_size: int) -> None:
-        """The attention embeds a whole row of the batch similarity, so it is built once the batch size is known."""
+        """The attention embeds a whole row of the batch similarity, so it is built once the batch size is
+        known."""
         self.criterion = SemCKDLoss(
             self.student_channels, self.teacher_channels, batch_size, self.options["soft"]
         )
@@ -354,9 +358,10 @@ class SimKD(Term):
         for role, backbone in (("student", student), ("teacher", teacher)):
             if backbone.feature_kind != "map":
                 raise UserError(
-                    f"feature: simkd projects the student's last feature map onto the teacher's and reuses the teacher's "
-                    f"classifier on it, so both need a CNN feature map; the {role} {backbone.spec.name} is a token model. "
-                    "Use a CNN, or a method on pooled features or maps (rkd, pkt, cc, sp, at, vid...)"
+                    "feature: simkd projects the student's last feature map onto the teacher's and reuses "
+                    f"the teacher's classifier on it, so both need a CNN feature map; the {role} "
+                    f"{backbone.spec.name} is a token model. Use a CNN, or a method on pooled features or "
+                    "maps (rkd, pkt, cc, sp, at, vid...)"
                 )
         self.projector = SimKDProjector(student.num_features, teacher.num_features, self.options["factor"])
 
@@ -415,7 +420,8 @@ def build_term(
     if unknown:
         allowed = ", ".join(sorted(cls.defaults)) or "none"
         raise UserError(
-            f"model.init_args.feature_options {unknown} are not options of feature: {name} (its options: {allowed})"
+            f"model.init_args.feature_options {unknown} are not options of feature: {name} (its options: "
+            f"{allowed})"
         )
     s_ids, t_ids = [], []
     if cls.layers is not None:

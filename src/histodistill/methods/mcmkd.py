@@ -129,7 +129,8 @@ class MCMKD(MethodModule):
         self.train()
 
     def predict_cells(self, windows: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """(B, 3, P, P) normalised windows + (B, s*s) mask -> (B, s*s, teacher_dim) predicted teacher features."""
+        """(B, 3, P, P) normalised windows + (B, s*s) mask -> (B, s*s, teacher_dim) predicted teacher
+        features."""
         hidden = self.masker(windows, masked)  # masked cells painted with the fill
         cells = grid_pool(spatial_features(self.backbone, hidden), grid_side(masked.shape[1]))  # (B, s*s, C)
         return self.head(cells)

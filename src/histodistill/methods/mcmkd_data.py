@@ -27,7 +27,8 @@ class ContextWindowDataModule(PatchDataModule):
     """Context windows of every coords file in ``patches_dir``.
 
     Args:
-        tiles_dir: a tiling output folder, ours, CLAM's or TRIDENT's (its ``patches/`` holds one coords .h5 per
+        tiles_dir: a tiling output folder, ours, CLAM's or TRIDENT's (its ``patches/`` holds one coords .h5
+        per
             slide).
         slides_dir: the folder of the slides, for coords that do not name them (CLAM, TRIDENT) or whose slides
             moved (default: each coords file's ``slide_path``).
@@ -36,7 +37,8 @@ class ContextWindowDataModule(PatchDataModule):
         teacher_pretrained: a teacher name loads its published weights; False builds it randomly
             initialised (tests and the CPU demo only: random targets teach nothing).
         cache_dir: the teacher's features live in ``<cache_dir>/features_<teacher slug>``, the folder
-            ``histodistill extract --model TEACHER --coords TILES_DIR --out CACHE_DIR`` writes (default: tiles_dir).
+            ``histodistill extract --model TEACHER --coords TILES_DIR --out CACHE_DIR`` writes (default:
+            tiles_dir).
         rebuild_cache: recompute a missing or stale cache with the teacher instead of refusing it.
         side: s, the window is s x s tiles (odd s centres the window on its anchor tile).
         min_fraction: the least fraction of a window's s*s cells that must be tissue tiles (1 = all).

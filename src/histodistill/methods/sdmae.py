@@ -43,8 +43,8 @@ from histodistill.optim.optimizer import OptimConfig
 
 # SD-MAE's encoder has no cls token. Its features are those of the official linear probe and fine-tuning
 # (modeling_finetune.py, use_mean_pooling=True): a fresh LayerNorm (timm's fc_norm) on the mean of the
-# un-normed patch tokens, the pretrained final norm dropped. ``backbone_kwargs: {fc_norm: false}`` instead keeps
-# the final norm on the tokens and mean-pools the normed tokens.
+# un-normed patch tokens, the pretrained final norm dropped. ``backbone_kwargs: {fc_norm: false}`` instead
+# keeps the final norm on the tokens and mean-pools the normed tokens.
 SDMAE_BACKBONE_KWARGS = {"class_token": False, "global_pool": "avg", "fc_norm": True}
 
 
@@ -240,8 +240,8 @@ class SDMAE(_MaskedPretraining):
     xavier_patch_embed = False
 
     def visible_count(self) -> int:
-        """SD-MAE's RandomMaskingGenerator masks ``int(r·L)`` patches and keeps the rest (58 of 144 at r = 0.6,
-        where MAE's rule keeps 57)."""
+        """SD-MAE's RandomMaskingGenerator masks ``int(r·L)`` patches and keeps the rest (58 of 144 at r =
+        0.6, where MAE's rule keeps 57)."""
         return self.num_patches - int(self.mask_ratio * self.num_patches)
 
     def __init__(
@@ -269,7 +269,8 @@ class SDMAE(_MaskedPretraining):
             backbone, {**SDMAE_BACKBONE_KWARGS, **(backbone_kwargs or {})}, mask_ratio, optim, normalization
         )
         vit = self.backbone.model
-        # Pretraining normalises the encoder's tokens; the pooled feature uses a fresh, frozen fc_norm instead.
+        # Pretraining normalises the encoder's tokens; the pooled feature uses a fresh, frozen fc_norm
+        # instead.
         self.encoder_norm = nn.Identity()
         if isinstance(vit.norm, nn.Identity) and not isinstance(vit.fc_norm, nn.Identity):
             self.encoder_norm = copy.deepcopy(vit.fc_norm)
