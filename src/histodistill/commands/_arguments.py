@@ -94,11 +94,12 @@ def command_flags(
 
 
 def render_parameters(message: str, flags: dict[str, str] | None = None) -> str:
-    """A library message's parameters as a command's flags: `` `folds=5` `` -> ``--folds 5`` and `` `splits_dir` ``
-    (or `` `splits_dir=...` ``) -> ``--splits`` (``flags`` maps a parameter to its flag where the flag is not
-    ``--`` + its name with dashes); `` `drop_empty=True` `` -> ``--drop-empty``, a switch. `mil` and its
-    library (`histodistill.eval.mil_cv`) still name bare parameters, which `histodistill.errors` does not
-    take as parameters; the other commands render through `histodistill.errors.rendering_parameters`."""
+    """A library message's parameters as a command's flags: `` `folds=5` `` -> ``--folds 5`` and ``
+    `splits_dir` `` (or `` `splits_dir=...` ``) -> ``--splits`` (``flags`` maps a parameter to its flag where
+    the flag is not ``--`` + its name with dashes); `` `drop_empty=True` `` -> ``--drop-empty``, a switch.
+    `mil` and its library (`histodistill.eval.mil_cv`) still name bare parameters, which `histodistill.errors`
+    does not take as parameters; the other commands render through
+    `histodistill.errors.rendering_parameters`."""
     import re
 
     def flag(match: re.Match) -> str:

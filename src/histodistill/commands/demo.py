@@ -11,7 +11,10 @@ import argparse
 
 from histodistill.commands._arguments import output_folder
 
-HELP = "run the whole chain on the sample data, ending on the slide task (resumable; --quick for a shorter version)"
+HELP = (
+    "run the whole chain on the sample data, ending on the slide task (resumable; --quick for a shorter "
+    "version)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the smoke run: every stage on a slice of the data, about 3 minutes on 2 idle cores; its table ranks noise",
+        help="the smoke run: every stage on a slice of the data, about 3 minutes on 2 idle cores; its table "
+        "ranks noise",
     )
     parser.add_argument(
         "--device",
@@ -66,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
             else "has not been timed on a CPU in its current form"
         )
         print(
-            f"the {'quick' if args.quick else 'full'} demo {took} (docs/demo.md); each stage prints its time, "
-            "and an interrupted demo resumes"
+            f"the {'quick' if args.quick else 'full'} demo {took} (docs/demo.md); each stage prints its "
+            "time, and an interrupted demo resumes"
         )
     if args.quick:
         print(

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> None:
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
     print(
-        "\ngated: accept the terms on the model's Hugging Face page and log in (hf auth login); '?': see the card. "
+        "\ngated: accept the terms on the model's Hugging Face page and log in (hf auth login); '?': see the "
+        "card. "
         'needs: histodistill[hf] = pip install "histodistill[hf]"; conch, musk: the authors\' packages, '
         "which histodistill lists but does not build. Sources: docs/models.md"
     )

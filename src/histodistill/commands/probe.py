@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _classes_line(data, source: str) -> str:
-    """Each class and its count, said before the probes train (`histodistill.data.labels.describe_classes`)."""
+    """Each class and its count, said before the probes train
+    (`histodistill.data.labels.describe_classes`)."""
     from histodistill.data.labels import describe_classes
 
     unit = "slides" if data.groups is not None else "images"

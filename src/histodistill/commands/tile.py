@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mpp-override",
         type=float,
         default=None,
-        help="level-0 microns per pixel to use instead of the slides' metadata (needed for slides without it, "
-        "e.g. most PNG/JPEG); a CSV `mpp` column wins over this for its row",
+        help="level-0 microns per pixel to use instead of the slides' metadata (needed for slides without "
+        "it, e.g. most PNG/JPEG); a CSV `mpp` column wins over this for its row",
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="slides tiled in parallel, one process each (default 1)"
@@ -99,9 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-saturation",
         type=float,
         default=None,
-        help="bright pixels less saturated than this (HSV, 0..1) are glass; set it below the automatic cut for "
-        "very pale tissue, 0 to count every pixel that is not near-black (default: automatic, Otsu over the "
-        "bright pixels clipped to 0.04-0.10)",
+        help="bright pixels less saturated than this (HSV, 0..1) are glass; set it below the automatic cut "
+        "for very pale tissue, 0 to count every pixel that is not near-black (default: automatic, Otsu over "
+        "the bright pixels clipped to 0.04-0.10)",
     )
     add_shard_argument(parser)
 
@@ -185,8 +185,8 @@ def refuse_other_settings(jobs: list[dict], out: Path) -> None:
         tiles = sum(int(status.get("n_tiles", 0)) for status, _ in conflicts)
         raise UserError(
             f"{out / 'patches'}: {len(conflicts)} of {len(jobs)} slides were tiled there with other settings "
-            f"({'; '.join(conflicts[0][1])}); their {tiles} tiles are kept: pass --overwrite to tile them again "
-            "with these settings, or choose another --out"
+            f"({'; '.join(conflicts[0][1])}); their {tiles} tiles are kept: pass --overwrite to tile them "
+            "again with these settings, or choose another --out"
         )
 
 
@@ -209,8 +209,8 @@ def _tile_all(jobs: list[dict], workers: int, results: list, progress) -> None:
 
 
 def space_needed(out: Path, slides: int) -> int | None:
-    """Bytes the tiling of ``slides`` slides needs in ``out``: the finished slides' coords, QC and status files
-    scaled to all of them (None before any slide is finished)."""
+    """Bytes the tiling of ``slides`` slides needs in ``out``: the finished slides' coords, QC and status
+    files scaled to all of them (None before any slide is finished)."""
     done = list((out / "status").glob("*.json"))
     if not done:
         return None

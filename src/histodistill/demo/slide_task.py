@@ -122,7 +122,8 @@ def run_slide_task(
     workers: int | None = None,
 ) -> dict[str, dict]:
     """``{extractor: scores}`` for features folders ``{extractor: <features_*> dir}`` of the slides in
-    ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``): `histodistill.eval.mil_cv.cross_validate`
+    ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``):
+    `histodistill.eval.mil_cv.cross_validate`
     per extractor into ``out/<extractor>`` (its seed runs ``seed_<s>/`` with several seeds), `MIL_SETTINGS`.
     The same seed gives the same folds for every extractor (the splits depend on the labels and seed only).
     Extractors are independent and seeded, so ``workers`` parallel processes (default `mil_workers`) give the
@@ -157,7 +158,8 @@ def run_slide_task(
 
 def score_runs(runs: dict[str, list[Path]], slides_dir: Path, tile_px: int) -> dict[str, dict]:
     """``{extractor: scores}`` (`histodistill.eval.slide_task.slide_task_scores`) of finished MIL runs
-    ``{extractor: [run dir per CV seed]}`` (`histodistill.eval.mil_cv.seed_runs`) on the slides of ``slides_dir`` (their exact tumour masks)."""
+    ``{extractor: [run dir per CV seed]}`` (`histodistill.eval.mil_cv.seed_runs`) on the slides of
+    ``slides_dir`` (their exact tumour masks)."""
     from histodistill.eval.slide_task import slide_task_scores
 
     tumour = exact_tumour(slides_dir, tile_px)
@@ -165,8 +167,9 @@ def score_runs(runs: dict[str, list[Path]], slides_dir: Path, tile_px: int) -> d
 
 
 def exact_tumour(slides_dir: Path, tile_px: int):
-    """``tumour(slide_id, coords (N, 2)) -> (N,) bool``: which tiles of a slide in ``slides_dir`` (`make_slides`
-    output) lie in its exact tumour mask; what localisation and tile-probe AUROCs are scored against."""
+    """``tumour(slide_id, coords (N, 2)) -> (N,) bool``: which tiles of a slide in ``slides_dir``
+    (`make_slides` output) lie in its exact tumour mask; what localisation and tile-probe AUROCs are scored
+    against."""
     from histodistill.samples.synthetic_slides import tumor_tile_labels
 
     def tumour(slide_id, coords):

@@ -51,7 +51,8 @@ LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
 #   run's 384-d, 4-block ViT extracts 2.4-3.0x slower than the 64-px ResNet-18 student end to end on this
 #   CPU (the issue asks >= 2x; docs/benchmarks/distill.md); --quick keeps the 96-d, 2-block ViT, faster
 #   than the student.
-# - mcmkd_steps: MCM-KD's optimiser steps (distill's budget). 400 steps of 8 windows (72 tiles) in the full run:
+# - mcmkd_steps: MCM-KD's optimiser steps (distill's budget). 400 steps of 8 windows (72 tiles) in the full
+# run:
 #   issue 26 measured that 400 steps of 64 tiles lifted a from-scratch ResNet-18's tile probe to 0.871;
 #   --quick runs a handful, enough for every code path.
 SIZES = {
@@ -86,7 +87,8 @@ SIZES = {
 # - targets: the teacher cache's features standardised per dimension, with a squared error (the recipe's
 #   default is LayerNorm per tile with a cosine; docs/mcmkd.md "Target normalisation" measures why the cosine
 #   mostly rewards the ViT features' common direction);
-# - windows on every 3rd tile, so the step budget spreads over more of the slides (stride 1 centres a window on
+# - windows on every 3rd tile, so the step budget spreads over more of the slides (stride 1 centres a window
+# on
 #   every tile: each tile a masked target up to 9 times per pass), 8 windows per step.
 MCMKD_RECIPE = "mcmkd/tiny_cpu.yaml"
 MCMKD_TARGETS = {"target_norm": "standardize", "loss": "mse"}
@@ -107,8 +109,9 @@ def recorded_sizes(out: Path, stage: str) -> dict:
     return {key: value for key, value in record["settings"].items() if key != "quick"}
 
 
-# Measured wall time of the whole demo on 2 idle CPU cores (docs/demo.md, "Timing"), full and --quick; printed when a
-# CPU demo starts. None: not measured for the current chain (the full run through distill has not been timed yet).
+# Measured wall time of the whole demo on 2 idle CPU cores (docs/demo.md, "Timing"), full and --quick; printed
+# when a CPU demo starts. None: not measured for the current chain (the full run through distill has not been
+# timed yet).
 MINUTES_ON_2_CPU_CORES = {False: None, True: 3}
 
 
@@ -423,10 +426,10 @@ def distill_moma(context: DemoContext) -> dict:
 def mcmkd_overrides(
     student: Path, teacher: Path, tiles: Path, cache: Path, steps: int | None = None
 ) -> list[str]:
-    """`fit` overrides on `MCMKD_RECIPE` that redo the demo's MCM-KD fit outside distill (`benchmarks/mcmkd_bn.py`,
-    `benchmarks/mcmkd_targets.py`): the teacher's cached features under ``cache``, `MCMKD_TARGETS`,
-    `MCMKD_WINDOW_STRIDE`, `MCMKD_BATCH`, and ``steps`` optimiser steps as the demo's distill stage (`SIZES`
-    ``mcmkd_steps``), or the recipe's one epoch when None."""
+    """`fit` overrides on `MCMKD_RECIPE` that redo the demo's MCM-KD fit outside distill
+    (`benchmarks/mcmkd_bn.py`, `benchmarks/mcmkd_targets.py`): the teacher's cached features under ``cache``,
+    `MCMKD_TARGETS`, `MCMKD_WINDOW_STRIDE`, `MCMKD_BATCH`, and ``steps`` optimiser steps as the demo's distill
+    stage (`SIZES` ``mcmkd_steps``), or the recipe's one epoch when None."""
     from histodistill.models.backbones import create_backbone
 
     budget = [] if steps is None else ["--trainer.max_epochs", "-1", "--trainer.max_steps", str(steps)]
@@ -456,9 +459,9 @@ def mcmkd_overrides(
 
 
 # Extractors compared on the slide task (name: its checkpoint under the demo folder): the teacher (the SD-MAE
-# ViT), the MoMA student before and after MCM-KD, the same student trained on the same labels with logit KD only
-# and without a teacher (cross-entropy only), the MAE ViT of the same budget; and two controls that must sit at
-# chance: the student's architecture with random weights, and per-tile colour statistics.
+# ViT), the MoMA student before and after MCM-KD, the same student trained on the same labels with logit KD
+# only and without a teacher (cross-entropy only), the MAE ViT of the same budget; and two controls that must
+# sit at chance: the student's architecture with random weights, and per-tile colour statistics.
 EXTRACTORS = {
     "sdmae_vit": ("sdmae", "run", "checkpoints", "last.ckpt"),
     "mcmkd_student": ("distill", "fit", "run", "checkpoints", "last.ckpt"),
@@ -488,12 +491,12 @@ STUDENTS = ("mcmkd_student", "moma_student", "kd_student", "ce_student")
 
 
 def distill_mcmkd(context: DemoContext) -> dict:
-    """`histodistill distill` (`histodistill.pipelines.distill.distill`) into ``distill/``: the SD-MAE ViT teacher's
-    features of every slide tile, once (MCM-KD's targets and the teacher's slide features); MCM-KD fine-tunes the
-    MoMA student (its own weights as the start) for `SIZES` ``mcmkd_steps`` steps on context windows of every slide,
-    unlabeled, as the paper does on the target cohort (no hold-out); then teacher, un-tuned and tuned student on
-    the slide task with the demo's CV (folds, seeds, epochs and `MIL_SETTINGS` of the ``mil`` stage: the same
-    folds), and distill's own summary.json and report.html."""
+    """`histodistill distill` (`histodistill.pipelines.distill.distill`) into ``distill/``: the SD-MAE ViT
+    teacher's features of every slide tile, once (MCM-KD's targets and the teacher's slide features); MCM-KD
+    fine-tunes the MoMA student (its own weights as the start) for `SIZES` ``mcmkd_steps`` steps on context
+    windows of every slide, unlabeled, as the paper does on the target cohort (no hold-out); then teacher,
+    un-tuned and tuned student on the slide task with the demo's CV (folds, seeds, epochs and `MIL_SETTINGS`
+    of the ``mil`` stage: the same folds), and distill's own summary.json and report.html."""
     from histodistill.demo.slide_task import MIL_SETTINGS
     from histodistill.pipelines.distill import distill
     from histodistill.pipelines.distill_config import DistillConfig
@@ -571,9 +574,9 @@ def extract_slide_features(context: DemoContext) -> dict:
 
 
 def _keep_measured_rates(rows: dict[str, dict], previous: Path) -> None:
-    """A rerun of the features stage finds every slide of an unchanged extractor done (verified, skipped), so it
-    times nothing (``tiles_per_s`` None); such a row keeps the tiles/s its earlier run of this stage measured
-    for the same features folder (``previous``: that run's extractors.json), else stays None."""
+    """A rerun of the features stage finds every slide of an unchanged extractor done (verified, skipped), so
+    it times nothing (``tiles_per_s`` None); such a row keeps the tiles/s its earlier run of this stage
+    measured for the same features folder (``previous``: that run's extractors.json), else stays None."""
     measured = json.loads(previous.read_text()) if previous.is_file() else {}
     for name, row in rows.items():
         before = measured.get(name, {})
@@ -592,8 +595,9 @@ def mil_runs(out: Path, name: str, seeds: int) -> list[Path]:
 
 
 def _check_same_folds(runs: list[Path], reference: list[Path]) -> None:
-    """The distill stage's CV and the mil stage's split the slides alike (same labels file, seeds and settings:
-    `run_slide_task`'s folds depend on those alone); checked on their splits files, since one table ranks both."""
+    """The distill stage's CV and the mil stage's split the slides alike (same labels file, seeds and
+    settings: `run_slide_task`'s folds depend on those alone); checked on their splits files, since one table
+    ranks both."""
     for run, other in zip(runs, reference, strict=True):
         ours, theirs = (
             {path.name: path.read_bytes() for path in (folder / "splits").glob("*.csv")}
@@ -609,9 +613,9 @@ def _check_same_folds(runs: list[Path], reference: list[Path]) -> None:
 def slide_mil(context: DemoContext) -> dict:
     """ABMIL on each extractor's features: k-fold CV by case, repeated over seeds (same folds for every
     extractor at a seed; the `DISTILLED` ones' runs are the distill stage's, scored here, not trained again);
-    slide AUROC [95 % CI], balanced accuracy, localisation AUROC and the tile-probe AUROC per extractor, written
-    with the features stage's numbers to ``<out>/summary.json`` (the report's opening table, in `TABLE_ROWS`
-    order, with the demo's verdict and distill's)."""
+    slide AUROC [95 % CI], balanced accuracy, localisation AUROC and the tile-probe AUROC per extractor,
+    written with the features stage's numbers to ``<out>/summary.json`` (the report's opening table, in
+    `TABLE_ROWS` order, with the demo's verdict and distill's)."""
     from histodistill.demo.slide_task import exact_tumour, run_slide_task, score_runs
     from histodistill.eval.slide_task import tile_probe_auroc
 
@@ -670,11 +674,12 @@ def slide_mil(context: DemoContext) -> dict:
         else ""
     )
     note = smoke + (
-        f"{scores[names[0]]['slides']} semi-synthetic slides of held-out real tissue; ABMIL, {sizes['folds']}-fold "
-        f"CV by case x {sizes['seeds']} seed(s); slide AUROC of the out-of-fold predictions, mean over seeds, 95 % "
-        "bootstrap CI over slides; tile probe = AUROC of a linear probe told every tile's tumour label, "
-        f"{sizes['folds']}-fold CV by slide, no MIL. tiles/s = end-to-end extraction on this machine. The "
-        "un-tuned student is the MoMA student MCM-KD starts from. The two controls must sit at chance."
+        f"{scores[names[0]]['slides']} semi-synthetic slides of held-out real tissue; ABMIL, "
+        f"{sizes['folds']}-fold CV by case x {sizes['seeds']} seed(s); slide AUROC of the out-of-fold "
+        "predictions, mean over seeds, 95 % bootstrap CI over slides; tile probe = AUROC of a linear probe "
+        f"told every tile's tumour label, {sizes['folds']}-fold CV by slide, no MIL. tiles/s = end-to-end "
+        "extraction on this machine. The un-tuned student is the MoMA student MCM-KD starts from. The two "
+        "controls must sit at chance."
     )
     distilled = json.loads((context.out / "distill" / SUMMARY_JSON).read_text())["verdict"]
     verdict = (
@@ -700,8 +705,8 @@ def distill_verdict(rows: list[dict]) -> str:
     speed_text = f"{speed:.1f}x" if speed is not None else "an unmeasured multiple of"
     return (
         f"Distillation {'pays' if met else 'does not yet pay'}: the best distilled student, {best['label']}, "
-        f"reaches slide AUROC {best['slide_auroc']:.3f}, {kept:.0%} of the teacher's {teacher['slide_auroc']:.3f}, "
-        f"at {speed_text} its tiles/s (targets: >= 0.85, >= 90 %, >= 2x)."
+        f"reaches slide AUROC {best['slide_auroc']:.3f}, {kept:.0%} of the teacher's "
+        f"{teacher['slide_auroc']:.3f}, at {speed_text} its tiles/s (targets: >= 0.85, >= 90 %, >= 2x)."
     )
 
 
@@ -735,8 +740,9 @@ def write_report(context: DemoContext) -> dict:
     return {"report": str(build_report(context.out))}
 
 
-# What each stage's outputs depend on (`SIZES` keys; "quick" for every stage): a resumed demo must match these,
-# and only these (`histodistill.pipelines.runner.check_settings`). Stages after one that runs run again anyway.
+# What each stage's outputs depend on (`SIZES` keys; "quick" for every stage): a resumed demo must match
+# these, and only these (`histodistill.pipelines.runner.check_settings`). Stages after one that runs run again
+# anyway.
 _TEACHER = ("teacher_dim", "teacher_depth", "teacher_heads")
 _MIL = ("folds", "seeds", "mil_epochs")
 STAGES = [

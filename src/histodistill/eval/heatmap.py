@@ -275,7 +275,8 @@ def run_heatmaps(
                 f"{run} holds the runs of several CV seeds, pass one of them as `run=...` "
                 f"({', '.join(seeds)} in {run})"
                 if seeds
-                else "pass as `run=...` the run directory of a MIL cross-validation (`histodistill mil --out`)"
+                else "pass as `run=...` the run directory of a MIL cross-validation (`histodistill mil "
+                "--out`)"
             )
         )
     wanted = slide_ids or sorted(attention)

@@ -72,8 +72,8 @@ def open_image_folders(
 
 
 def eval_features(data: ImageProbeData, batch_size: int = BATCH_SIZE) -> tuple[PatchFeatures, PatchFeatures]:
-    """Features (N, D) of the train and test images under the backbone's eval transform (resize + centre crop),
-    ``batch_size`` images per forward pass."""
+    """Features (N, D) of the train and test images under the backbone's eval transform (resize + centre
+    crop), ``batch_size`` images per forward pass."""
     transform = build_transform("eval", data.backbone.spec.preprocess, train=False)
     prepare_model(data.backbone, data.device)
     out = []

@@ -208,8 +208,9 @@ def plot_confusion(
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Linear centred kernel alignment of two representations of the same N items, ``x`` (N, D1) and ``y``
-    (N, D2): ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc (Kornblith et al. 2019,
-    eq. 5). 1 for representations equal up to rotation and isotropic scaling; needs no map between D1 and D2."""
+    (N, D2): ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc (Kornblith et al.
+    2019, eq. 5). 1 for representations equal up to rotation and isotropic scaling; needs no map between D1
+    and D2."""
     x = np.asarray(x, np.float64) - np.mean(x, axis=0)
     y = np.asarray(y, np.float64) - np.mean(y, axis=0)
     cross = np.linalg.norm(y.T @ x) ** 2

@@ -141,7 +141,8 @@ def knn_probe(
     num_classes: int | None = None,
     chunk: int = 1024,
 ) -> ProbeResult:
-    """DINO's temperature-weighted cosine kNN. ``seed`` is accepted for symmetry: the vote is deterministic."""
+    """DINO's temperature-weighted cosine kNN. ``seed`` is accepted for symmetry: the vote is
+    deterministic."""
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     train = torch.nn.functional.normalize(torch.as_tensor(train_x, dtype=torch.float32), dim=1)  # (Ntr, D)
     labels = torch.as_tensor(train_y, dtype=torch.long)
@@ -159,7 +160,8 @@ def knn_probe(
     return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
 
 
-# main_linprobe.py / run_mae_eval_linear.py defaults: --epochs 90, --warmup_epochs 10, --batch_size 512 (per GPU),
+# main_linprobe.py / run_mae_eval_linear.py defaults: --epochs 90, --warmup_epochs 10, --batch_size 512 (per
+# GPU),
 # --blr 0.1 (lr = blr x batch / 256).
 EPOCHS, WARMUP_EPOCHS, BATCH_SIZE, BASE_LR = 90, 10, 512, 0.1
 
@@ -243,7 +245,8 @@ def mae_linear_probe(
     batch_size: int = BATCH_SIZE,
     base_lr: float = BASE_LR,
 ) -> ProbeResult:
-    """MAE's linear probe (`train_mae_head`) on frozen features ``train_x`` (N, D), scored on ``test_x`` (M, D).
+    """MAE's linear probe (`train_mae_head`) on frozen features ``train_x`` (N, D), scored on ``test_x`` (M,
+    D).
 
     Shuffled batches of B = 512, the last incomplete one dropped (`mae_batch_orders`); a training set
     smaller than ``batch_size`` is one batch per step (the lr still follows its size / 256). Precomputed
@@ -294,7 +297,8 @@ def load_patch_features(
             missing = {FEATURES, "labels"} - set(handle)
             if missing:
                 raise UserError(
-                    f"{path} has no {sorted(missing)} datasets: not a patch features file from `extract --images`"
+                    f"{path} has no {sorted(missing)} datasets: not a patch features file from `extract "
+                    "--images`"
                 )
             features = handle[FEATURES][:].astype(np.float32)
             labels = handle["labels"][:].astype(np.int64)

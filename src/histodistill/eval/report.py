@@ -55,7 +55,8 @@ EXTRACTOR_COLUMNS = (
 )
 
 STYLE = """
-body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d1d24;background:#fafafa}
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;\
+margin:0;color:#1d1d24;background:#fafafa}
 header{background:#3b2a5a;color:#fff;padding:18px 28px}header h1{margin:0 0 4px;font-size:22px}
 header p{margin:0;opacity:.85}nav{padding:8px 28px;background:#ece8f3;position:sticky;top:0}
 nav a{margin-right:14px;color:#3b2a5a;text-decoration:none;font-weight:600}
@@ -100,13 +101,14 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, max_images:
             f"{run_dir} holds nothing to report (no metrics, figures or config): is it a run directory?"
         )
     nav = "".join(f'<a href="#{_anchor(name)}">{html.escape(name)}</a>' for name, _ in sections)
+    main = "".join(body for _, body in sections)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
-        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(str(run_dir.resolve()))} · generated {stamp}</p></header>"
-        f"<nav>{nav}</nav><main>{''.join(body for _, body in sections)}</main></body></html>\n"
+        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(str(run_dir.resolve()))} · generated "
+        f"{stamp}</p></header><nav>{nav}</nav><main>{main}</main></body></html>\n"
     )
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
@@ -160,7 +162,8 @@ def _extractor_section(summary: dict | None) -> tuple[str, str] | None:
     verdict = f"<p><b>{html.escape(summary['verdict'])}</b></p>" if summary.get("verdict") else ""
     note = f"<p>{html.escape(summary['note'])}</p>" if summary.get("note") else ""
     body = (
-        f'<section id="s-summary"><h2>Which extractor?</h2>{verdict}{note}<table><tr><th>extractor</th>{head}</tr>'
+        '<section id="s-summary"><h2>Which extractor?</h2>'
+        f"{verdict}{note}<table><tr><th>extractor</th>{head}</tr>"
         f"{''.join(rows)}</table></section>"
     )
     return "summary", body
@@ -235,8 +238,8 @@ def _distill_section(summary: dict) -> tuple[str, str]:
         else "trains on the labelled patches given"
     )
     facts.append(
-        f"The fit ({fit['method']}) {unlabeled}: {fit['slides_fit']} slides in the fit, {fit['slides_held_out']} "
-        f"held out, {fit['steps']} optimiser steps; the student started from "
+        f"The fit ({fit['method']}) {unlabeled}: {fit['slides_fit']} slides in the fit, "
+        f"{fit['slides_held_out']} held out, {fit['steps']} optimiser steps; the student started from "
         f"{fit['student_start']} weights."
     )
     plot = _auroc_figure(summary)

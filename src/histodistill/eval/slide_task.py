@@ -62,7 +62,8 @@ def slide_task_scores(
     n_boot: int = 2000,
 ) -> dict:
     """Scores of one extractor over its MIL runs (one per CV seed, same slides): ``auroc``,
-    ``auroc_ci`` [low, high], ``auroc_per_seed``, ``balanced_accuracy``, ``localisation_auroc``, ``slides``."""
+    ``auroc_ci`` [low, high], ``auroc_per_seed``, ``balanced_accuracy``, ``localisation_auroc``,
+    ``slides``."""
     runs = [read_predictions(run, positive) for run in run_dirs]
     slides = sorted(runs[0])
     labels = np.array([runs[0][s][0] for s in slides])

@@ -62,7 +62,8 @@ def tile_slides(context: DistillContext) -> dict:
     empty = [result.slide_id for result in results if result.n_tiles == 0]
     if empty:
         print(
-            f"warning: {len(empty)} slide(s) without tissue tiles (e.g. {empty[0]}): see {context.tiles_dir}/qc"
+            f"warning: {len(empty)} slide(s) without tissue tiles (e.g. {empty[0]}): see "
+            f"{context.tiles_dir}/qc"
         )
     return {
         "slides": len(results),
@@ -127,7 +128,8 @@ def run_dir(context: DistillContext) -> Path:
 
 
 def models_json(out: Path) -> Path:
-    """features/models.json of a distill folder ``out``: each model's row (features folder, tiles/s, parameters)."""
+    """features/models.json of a distill folder ``out``: each model's row (features folder, tiles/s,
+    parameters)."""
     return out / "features" / "models.json"
 
 
@@ -224,8 +226,8 @@ def _mcmkd_overrides(context: DistillContext) -> list[str]:
         config.teacher,
         "--data.init_args.teacher_weights",
         str(config.teacher_weights) if config.teacher_weights else "null",
-        # The teacher as stage 2 cached it, with its weights (a recipe may say otherwise, e.g. tiny_cpu's random
-        # teacher): the cache is found under that teacher's name.
+        # The teacher as stage 2 cached it, with its weights (a recipe may say otherwise, e.g. tiny_cpu's
+        # random teacher): the cache is found under that teacher's name.
         "--data.init_args.teacher_pretrained",
         "true",
         "--data.init_args.cache_dir",
@@ -283,7 +285,8 @@ def export_student(context: DistillContext) -> dict:
 
 def extract_students(context: DistillContext) -> dict:
     """Stage 5a: every slide's features from the tuned and the un-tuned student (timed), beside the teacher's
-    row from stage 2 (its cache is its slide features: no second teacher pass). Writes features/models.json."""
+    row from stage 2 (its cache is its slide features: no second teacher pass). Writes
+    features/models.json."""
 
     from histodistill.features.extract import extract_slides
     from histodistill.features.throughput import timed_extraction
@@ -463,10 +466,10 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict:
     start = time.perf_counter()
     context = prepare(config, log)
     log(
-        f"teacher {config.teacher}: tiles of {context.tile_px} px at {context.tile_mpp} mpp; student {config.student} "
-        f"starts from {context.student_start} weights; {config.method} for {config.steps} steps on "
-        f"{len(context.slide_ids) - len(context.held_out)} of {len(context.slide_ids)} slides (unlabeled), on "
-        f"{context.device}"
+        f"teacher {config.teacher}: tiles of {context.tile_px} px at {context.tile_mpp} mpp; student "
+        f"{config.student} starts from {context.student_start} weights; {config.method} for {config.steps} "
+        f"steps on {len(context.slide_ids) - len(context.held_out)} of {len(context.slide_ids)} slides "
+        f"(unlabeled), on {context.device}"
     )
     records = run_stages(STAGES, context, log)
     log(f"\nhistodistill distill finished in {time.perf_counter() - start:.1f} s; outputs in {config.out}/")

@@ -22,8 +22,9 @@ MAX_AGREEMENT_TILES = 20_000  # tiles pooled for the CKA (a (n, n)-free formula,
 
 def slide_cv(folders: dict[str, Path], config, out: Path, device: str) -> dict:
     """ABMIL (``config.mil_model``) k-fold CV by case over ``config.mil_seeds`` CV seeds (runs in
-    ``out/<model>``, or ``out/<model>/seed_<s>`` with several: `histodistill.eval.mil_cv.seed_runs`) on each of
-    ``folders`` (``{model: features folder}``) against ``config.labels``; returns ``{models: {name: {slide_auroc, slide_auroc_ci, balanced_accuracy, run}},
+    ``out/<model>``, or ``out/<model>/seed_<s>`` with several: `histodistill.eval.mil_cv.seed_runs`) on each
+    of ``folders`` (``{model: features folder}``) against ``config.labels``; returns ``{models: {name:
+    {slide_auroc, slide_auroc_ci, balanced_accuracy, run}},
     retention, retention_untuned: {value, ci}, bags, folds, mil_model}``. ``config`` is a `DistillConfig`."""
     from histodistill.errors import UserError
     from histodistill.eval.metrics import paired_bootstrap_auroc
@@ -86,8 +87,8 @@ def slide_cv(folders: dict[str, Path], config, out: Path, device: str) -> dict:
 
 
 def _interval(value: tuple[float, float, float]) -> dict:
-    """``{value, ci}`` for JSON; a bound that is not finite (resamples where the teacher's AUROC is 0, on a few
-    slides) is None: the interval is unbounded there."""
+    """``{value, ci}`` for JSON; a bound that is not finite (resamples where the teacher's AUROC is 0, on a
+    few slides) is None: the interval is unbounded there."""
     point, low, high = (round(v, 4) if math.isfinite(v) else None for v in value)
     return {"value": point, "ci": [low, high]}
 
@@ -147,8 +148,9 @@ def agreement(folders: dict[str, Path], slide_ids: Sequence[str], fit_run: Path,
 
 
 def _mcmkd_head(run_dir: Path):
-    """The fitted MCM-KD projection head (`GridHead`: student dim -> teacher dim) from the run's last checkpoint,
-    and its target statistics ``(mean, std)`` when the run standardised its targets (else None)."""
+    """The fitted MCM-KD projection head (`GridHead`: student dim -> teacher dim) from the run's last
+    checkpoint, and its target statistics ``(mean, std)`` when the run standardised its targets (else
+    None)."""
     from histodistill.engine.run_dir import last_checkpoint
     from histodistill.models.grid_head import GridHead
     from histodistill.models.weights import read_checkpoint
@@ -234,17 +236,20 @@ def _verdict(results: dict, speedup: float | None, labelled: bool) -> str:
     speed = f"{speedup:g}x" if speedup else "an unmeasured multiple of"
     if labelled:
         value, low, high = (_percent(v) for v in (results["retention"]["value"], *results["retention"]["ci"]))
-        return f"the student keeps {value} [95 % CI {low}, {high}] of the teacher's slide AUROC at {speed} its speed"
+        return (
+            f"the student keeps {value} [95 % CI {low}, {high}] of the teacher's slide AUROC at {speed} "
+            "its speed"
+        )
     cosine = results["student_cosine"]
     where = "held-out" if results["slides"] == "held_out" else "fit (pass --holdout for unseen)"
     agree = (
-        f"its features agree with the teacher's at cosine {cosine:.2f} on {results['tiles']} tiles of the {where} "
-        f"slides"
+        f"its features agree with the teacher's at cosine {cosine:.2f} on {results['tiles']} tiles of the "
+        f"{where} slides"
         if cosine is not None
         else f"its features have linear CKA "
         f"{results['models']['student']['cka']:.2f} with the teacher's on the {where} slides"
     )
     return (
-        f"the student runs at {speed} the teacher's speed and {agree}; slide labels (--labels) are needed for "
-        "the AUROC comparison"
+        f"the student runs at {speed} the teacher's speed and {agree}; slide labels (--labels) are needed "
+        "for the AUROC comparison"
     )

@@ -17,8 +17,9 @@ from histodistill.eval.mil_config import MIL_MODEL_NAMES, TrainConfig
 
 # The recipe each method fits by default (configs/<recipe>; --recipe chooses another).
 METHOD_RECIPES = {"mcmkd": "mcmkd/resnet50_s3_p224.yaml", "moma": "moma/heterogeneous_vit_to_resnet18.yaml"}
-# MCM-KD's target normalisations and losses (`histodistill.losses.masked_context`'s `TargetNorm` and `LossKind`;
-# named here so that building the command's options does not import torch; a test keeps the two equal).
+# MCM-KD's target normalisations and losses (`histodistill.losses.masked_context`'s `TargetNorm` and
+# `LossKind`; named here so that building the command's options does not import torch; a test keeps the two
+# equal).
 TARGET_NORMS = ("layer_norm", "standardize")
 MCMKD_LOSSES = ("cosine", "smooth_l1", "mse")
 # Options only MCM-KD's recipe has (refused with --method moma).
@@ -50,15 +51,15 @@ class DistillConfig:
     slides: Path | None = field(
         default=None,
         **_option(
-            "folder of slides (not recursive); with --coords: where the coords' slides are (needed for CLAM/TRIDENT "
-            "coords, or if the slides moved)"
+            "folder of slides (not recursive); with --coords: where the coords' slides are (needed for "
+            "CLAM/TRIDENT coords, or if the slides moved)"
         ),
     )
     coords: Path | None = field(
         default=None,
         **_option(
-            "coords of an earlier tiling to use instead of tiling: `histodistill tile`'s, CLAM's or TRIDENT's (the "
-            "folder holding patches/, or patches/ itself)"
+            "coords of an earlier tiling to use instead of tiling: `histodistill tile`'s, CLAM's or "
+            "TRIDENT's (the folder holding patches/, or patches/ itself)"
         ),
     )
     labels: Path | None = field(
@@ -80,7 +81,8 @@ class DistillConfig:
     method: Literal["mcmkd", "moma"] = field(
         default="mcmkd",
         **_option(
-            "mcmkd: masked context modelling on the slides' tiles, unlabeled (the default); moma: needs --patch-labels"
+            "mcmkd: masked context modelling on the slides' tiles, unlabeled (the default); moma: needs "
+            "--patch-labels"
         ),
     )
     patch_labels: Path | None = field(
@@ -89,8 +91,9 @@ class DistillConfig:
     recipe: str | None = field(
         default=None,
         **_option(
-            "the fit's recipe: a shipped one under configs/ (e.g. mcmkd/tiny_cpu.yaml) or a YAML file; the options "
-            f"below override it (default: {METHOD_RECIPES['mcmkd']} for mcmkd, {METHOD_RECIPES['moma']} for moma)"
+            "the fit's recipe: a shipped one under configs/ (e.g. mcmkd/tiny_cpu.yaml) or a YAML file; the "
+            f"options below override it (default: {METHOD_RECIPES['mcmkd']} for mcmkd, "
+            f"{METHOD_RECIPES['moma']} for moma)"
         ),
     )
     steps: int = field(default=2000, **_option("the fit's budget in optimiser steps"))
@@ -101,15 +104,15 @@ class DistillConfig:
     window_stride: int | None = field(
         default=None,
         **_option(
-            "MCM-KD: every Nth tile (in x and y) is a window centre; 1 overlaps windows, so an epoch shows a tile in up "
-            "to 9 windows, 3 about once (default: the recipe's, 1)"
+            "MCM-KD: every Nth tile (in x and y) is a window centre; 1 overlaps windows, so an epoch shows a "
+            "tile in up to 9 windows, 3 about once (default: the recipe's, 1)"
         ),
     )
     target_norm: str | None = field(
         default=None,
         **_option(
-            "MCM-KD: the teacher features as targets: layer_norm per tile, or standardize per dimension over the "
-            "teacher cache (default: the recipe's, layer_norm as the paper)",
+            "MCM-KD: the teacher features as targets: layer_norm per tile, or standardize per dimension over "
+            "the teacher cache (default: the recipe's, layer_norm as the paper)",
             choices=TARGET_NORMS,
         ),
     )
@@ -129,7 +132,8 @@ class DistillConfig:
     holdout: float = field(
         default=0.0,
         **_option(
-            "share of the slides kept out of the fit (MCM-KD fine-tunes on the target cohort, unlabeled, as the paper)"
+            "share of the slides kept out of the fit (MCM-KD fine-tunes on the target cohort, unlabeled, as "
+            "the paper)"
         ),
     )
     folds: int = field(default=5, **_option("ABMIL cross-validation folds by case (with --labels)"))
@@ -138,8 +142,8 @@ class DistillConfig:
     mil_seeds: int = field(
         default=1,
         **_option(
-            "MIL CV seeds (--seed, --seed + 1, ...): each repeats the k-fold CV on other folds; AUROCs are the mean "
-            "over seeds of the pooled out-of-fold AUROC"
+            "MIL CV seeds (--seed, --seed + 1, ...): each repeats the k-fold CV on other folds; AUROCs are "
+            "the mean over seeds of the pooled out-of-fold AUROC"
         ),
     )
     mil_lr: float = field(default=TrainConfig.lr, **_option("MIL learning rate (AdamW)"))
@@ -197,7 +201,8 @@ class DistillContext:
 
     @property
     def tiles_dir(self) -> Path:
-        """The tiling output (holding ``patches/``): ours, or --coords (given as that folder or its patches/)."""
+        """The tiling output (holding ``patches/``): ours, or --coords (given as that folder or its
+        patches/)."""
         coords = self.config.coords
         if coords is None:
             return self.out / "tiles"
@@ -205,7 +210,8 @@ class DistillContext:
 
     @property
     def slides_dir(self) -> Path | None:
-        """Where the slides of --coords are (CLAM and TRIDENT coords do not name them): --slides, else None."""
+        """Where the slides of --coords are (CLAM and TRIDENT coords do not name them): --slides, else
+        None."""
         return self.config.slides if self.config.coords is not None else None
 
     @property
@@ -332,7 +338,8 @@ def _check_paths(config: DistillConfig) -> None:
 
 def _slide_ids(config: DistillConfig) -> list[str]:
     """The cohort: the slide files of --slides, or the slide ids of the coords files of --coords (ours, CLAM's
-    or TRIDENT's), each of whose slides must be found (`find_slide`: in --slides, else where the coords say)."""
+    or TRIDENT's), each of whose slides must be found (`find_slide`: in --slides, else where the coords
+    say)."""
     from histodistill.io import visible_files
     from histodistill.wsi.coords import coords_files, find_slide, read_coords
     from histodistill.wsi.formats import SLIDE_SUFFIXES
@@ -354,8 +361,8 @@ def _slide_ids(config: DistillConfig) -> list[str]:
 
 
 def _describe_coords(config: DistillConfig, teacher_mpp: float | None) -> str:
-    """One line: what the tiles of --coords are (the first file's; CLAM states no mpp, TRIDENT a magnification)
-    and the mpp the teacher expects, which distill cannot check for coords without an mpp."""
+    """One line: what the tiles of --coords are (the first file's; CLAM states no mpp, TRIDENT a
+    magnification) and the mpp the teacher expects, which distill cannot check for coords without an mpp."""
     from histodistill.wsi.coords import coords_files, read_coords
 
     files = coords_files(config.coords)
@@ -368,8 +375,9 @@ def _describe_coords(config: DistillConfig, teacher_mpp: float | None) -> str:
         resolution = f"at level {attrs.get('patch_level', '?')} (mpp unknown)"
     expects = f"{teacher_mpp:g} mpp" if teacher_mpp else "no particular mpp"
     return (
-        f"--coords {config.coords}: {len(files)} slide(s); {files[0].name}: tiles of {attrs['patch_size']} px = "
-        f"{attrs['patch_size_level0']} level-0 px {resolution}; the teacher {config.teacher} expects {expects}"
+        f"--coords {config.coords}: {len(files)} slide(s); {files[0].name}: tiles of {attrs['patch_size']} "
+        f"px = {attrs['patch_size_level0']} level-0 px {resolution}; the teacher {config.teacher} expects "
+        f"{expects}"
     )
 
 

@@ -1,6 +1,6 @@
 """Training a recipe (configs/<method>/<recipe>.yaml, or a YAML file) from a pipeline: the same code
-`histodistill fit` runs (`histodistill.engine.cli.fit_main`: LightningCLI builds the method, the data module and
-the Trainer), with the pipeline's overrides, resuming an interrupted run from its last checkpoint.
+`histodistill fit` runs (`histodistill.engine.cli.fit_main`: LightningCLI builds the method, the data module
+and the Trainer), with the pipeline's overrides, resuming an interrupted run from its last checkpoint.
 `class_spec` names a class in those overrides as the recipes do (``class_path`` + ``init_args``)."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def configs_dir() -> Path:
 
 
 def class_spec(cls: type, **init_args) -> dict:
-    """``{"class_path": ..., "init_args": init_args}``: ``cls`` as a recipe names it, its path taken from the class
-    itself (an override then fails at import, not at a typo'd string). ``json.dumps`` it for `fit_recipe`."""
+    """``{"class_path": ..., "init_args": init_args}``: ``cls`` as a recipe names it, its path taken from the
+    class itself (an override then fails at import, not at a typo'd string). ``json.dumps`` it for
+    `fit_recipe`."""
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 

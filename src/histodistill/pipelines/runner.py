@@ -56,7 +56,8 @@ def record_path(out: Path, stage: str) -> Path:
 
 def read_record(path: Path) -> dict:
     """A finished stage's record (``<out>/<stage>/stage.json``). One that cannot be read leaves its stage's
-    state unknown: refused (`UserError`, with the fix), rather than taken as finished or silently run again."""
+    state unknown: refused (`UserError`, with the fix), rather than taken as finished or silently run
+    again."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -72,7 +73,8 @@ def read_record(path: Path) -> dict:
 def run_stages(
     stages: list[Stage], context: StageContext, log: Callable[[str], None] = print
 ) -> dict[str, dict]:
-    """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary, seconds and settings.
+    """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary, seconds and
+    settings.
 
     Raises `UserError` before any stage runs when ``context.out`` holds a stage finished with other settings
     (`check_settings`), a stage's folder is a file, or a record is unreadable."""
@@ -132,7 +134,8 @@ def check_settings(stages: list[Stage], records: Mapping[str, dict], context: St
     """Refuse to resume into a finished stage (``{stage: record}``) recorded with other settings than this
     run's: skipping it would mix two runs' results. Names the first setting that differs, in stage order.
     A stage that declares its settings is compared on those alone (a record holds every setting, and one of an
-    earlier version may hold settings since retired); one that declares none (None) on every key of either side."""
+    earlier version may hold settings since retired); one that declares none (None) on every key of either
+    side."""
     for stage in stages:
         if stage.name not in records:
             continue
