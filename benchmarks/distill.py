@@ -111,8 +111,8 @@ def main() -> None:
         markdown_table(
             ["model", "parameters", "tiles/s", "vs ViT-L/16", f"{unit} per 10k slides x 10k tiles"], rows
         ),
-        "\nRandom weights (speed does not depend on them). The projection divides 10^8 tiles by the forward rate: "
-        "reading and resizing tiles come on top (the end-to-end rate `distill` reports per model).\n",
+        "\nRandom weights (speed does not depend on them). The projection divides 10^8 tiles by the forward "
+        "rate: reading and resizing tiles come on top (the end-to-end rate `distill` reports per model).\n",
     ]
     if device == "cpu":
         body.append(
@@ -145,8 +145,8 @@ def main() -> None:
             "Virchow2...) needs its weights and a GPU.\n",
         ]
     body.append(
-        f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: read the "
-        "ratios, measured in the same run, rather than the absolute rates).\n"
+        f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: "
+        "read the ratios, measured in the same run, rather than the absolute rates).\n"
     )
     write_section("distill_command", "distill: teacher vs students", "\n".join(body))
 

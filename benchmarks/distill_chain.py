@@ -1,10 +1,10 @@
 """The demo's distillation chain as one table: does a distilled student keep the teacher's slide AUROC?
 
 Reads a ``histodistill demo`` output DIR (only read; its ``features`` stage at least finished) and writes
-docs/benchmarks/distill.md: the issue-26 table (rows `teacher`, `student (un-tuned)`, `student (MCM-KD)`, `student (MoMA)`, `student (KD)`,
-`student (CE)`, `MAE ViT`, `random-init`, `colour-only`; columns slide AUROC [95 % CI], tile-probe AUROC,
-tiles/s, parameters; slide AUROC and the verdict sentence once the ``mil`` stage finished, the tile probe
-computed here otherwise), and the diagnosis: per extractor the linear CKA of its tile
+docs/benchmarks/distill.md: the issue-26 table (rows `teacher`, `student (un-tuned)`, `student (MCM-KD)`,
+`student (MoMA)`, `student (KD)`, `student (CE)`, `MAE ViT`, `random-init`, `colour-only`; columns slide AUROC
+[95 % CI], tile-probe AUROC, tiles/s, parameters; slide AUROC and the verdict sentence once the ``mil`` stage
+finished, the tile probe computed here otherwise), and the diagnosis: per extractor the linear CKA of its tile
 features with the teacher's; the patch probe on the nuclei task; the students' training steps and loss
 curves (start, middle, end).
 
@@ -114,9 +114,12 @@ def main() -> None:
 
     body = f"""{args.label}
 
-{sizes["slides"]} semi-synthetic slides (generator seed 0), ABMIL {sizes["mil_epochs"]} epochs, {sizes["folds"]}-fold CV by
-case × {sizes["seeds"]} seed(s); slide AUROC of the out-of-fold predictions, mean over seeds, 95 % bootstrap CI
-over slides. Tile probe: a linear probe told every tile's tumour label, {sizes["folds"]}-fold CV by slide, no MIL.
+{sizes["slides"]} semi-synthetic slides (generator seed 0), ABMIL {sizes["mil_epochs"]} epochs, \
+{sizes["folds"]}-fold CV by
+case × {sizes["seeds"]} seed(s); slide AUROC of the out-of-fold predictions, mean over seeds, 95 % bootstrap \
+CI
+over slides. Tile probe: a linear probe told every tile's tumour label, {sizes["folds"]}-fold CV by slide, \
+no MIL.
 tiles/s: end-to-end extraction on this machine, in one process, one extractor after another. The un-tuned
 student is the MoMA student MCM-KD starts from (the same numbers as `student (MoMA)`).
 
@@ -124,7 +127,8 @@ student is the MoMA student MCM-KD starts from (the same numbers as `student (Mo
 
 {markdown_table(["extractor", "slide AUROC [95 % CI]", "tile probe AUROC", "tiles/s", "parameters"], table)}
 
-**Diagnosis.** CKA = linear CKA of the extractor's tile features with the teacher's (first {MAX_TILES:,} tiles);
+**Diagnosis.** CKA = linear CKA of the extractor's tile features with the teacher's (first {MAX_TILES:,} \
+tiles);
 patch probe = linear-probe balanced accuracy on the nuclei task; per seed = slide AUROC per CV seed.
 
 {markdown_table(["extractor", "CKA with teacher", "patch probe", "slide AUROC per seed"], diagnosis)}

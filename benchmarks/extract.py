@@ -103,7 +103,8 @@ def main() -> None:
     table = markdown_table(["workers", "end-to-end tiles/s", "ratio to model-only"], rows)
     body = f"""
 Slide: {slide_label}, tiled at 0.5 mpp into {size}-px tiles (the model's input size); {len(dataset)} tiles,
-model {args.model}, {device.type}, precision {precision}, batch {args.batch_size}. End-to-end = `extract_slide`
+model {args.model}, {device.type}, precision {precision}, batch {args.batch_size}. End-to-end = \
+`extract_slide`
 over a `SlideTileDataset` (read, eval transform, DataLoader with N workers started for the slide, model);
 model-only = the same batches already in memory: {mean_sd(alone)} tiles/s. Mean ± sd over {args.repeats}
 interleaved repeats. Load average (1 min) {load_before:.1f} before and {os.getloadavg()[0]:.1f} after, on
@@ -114,7 +115,8 @@ interleaved repeats. Load average (1 min) {load_before:.1f} before and {os.getlo
 On a CPU the model and the DataLoader workers share the same few cores, so every tile decoded is compute taken
 from the model: the ratio there measures that competition, not overlap, and more workers than free cores only
 add start-up and scheduling. On a GPU the workers run beside the model and the target is a ratio of at least
-0.9 (the data side hidden behind the model){"" if device.type == "cuda" else "; this run had no GPU, so that target is not measured here"}.
+0.9 (the data side hidden behind the \
+model){"" if device.type == "cuda" else "; this run had no GPU, so that target is not measured here"}.
 """
     write_section("extract", "Feature extraction throughput", body)
 

@@ -130,7 +130,8 @@ def main() -> int:
 
 {inference}
 
-### SD-MAE training step (ViT-S/16 at 224, mask 0.75, 4×192 decoder; bf16 autocast, compiled objective, fused AdamW)
+### SD-MAE training step (ViT-S/16 at 224, mask 0.75, 4×192 decoder; bf16 autocast, compiled objective, \
+fused AdamW)
 
 {steps}
 

@@ -1,4 +1,5 @@
-"""MCM-KD on semi-synthetic slides: does one epoch of fine-tuning help MIL, and what does the teacher cache save?
+"""MCM-KD on semi-synthetic slides: does one epoch of fine-tuning help MIL, and what does the teacher cache
+save?
 
 Pipeline, all on this CPU: `make_slides` (real stain-normalised tiles, half the slides with a tumour
 region) -> `tile_slide` (64-px tiles at 0.5 mpp) -> the teacher's cache (`ensure_teacher_cache`, i.e.
@@ -100,7 +101,8 @@ def train_seconds(method: MCMKD, loader: DataLoader) -> float:
 
 
 def cache_vs_live(tiles: Path, cache: Path, windows: int, batch_size: int) -> dict[str, float]:
-    """Seconds for the same ``windows`` windows (same order, same seeds) with the cache and with a live teacher."""
+    """Seconds for the same ``windows`` windows (same order, same seeds) with the cache and with a live
+    teacher."""
 
     def method(live: bool) -> MCMKD:
         torch.manual_seed(0)
@@ -139,7 +141,8 @@ def mil_auroc(features_dir: Path, labels_csv: Path, folds: int, epochs: int) -> 
 
 
 def forward_ratio(batch: int) -> tuple[float, float]:
-    """Model-only forward seconds per image at the real recipe's sizes: ResNet-50 and ViT-L/16 (UNI's shape)."""
+    """Model-only forward seconds per image at the real recipe's sizes: ResNet-50 and ViT-L/16 (UNI's
+    shape)."""
     times, images = [], torch.randn(batch, 3, 224, 224)
     for name in ("resnet50", "vit_large_patch16_224"):
         model = create_backbone(name, pretrained=False).eval()  # timing only
@@ -252,9 +255,9 @@ def main() -> None:
         if real is None
         else (
             f"\nAt the real recipe's sizes (model-only forward, batch 1, 224 px, random weights): ResNet-50 "
-            f"{1000 * real[0]:.0f} ms/image, ViT-L/16 (UNI's architecture) {1000 * real[1]:.0f} ms/image: the student "
-            f"extracts **{real[1] / real[0]:.1f}×** faster than a UNI-sized teacher, and a live teacher would cost "
-            f"9 such forwards per 3×3 window.\n"
+            f"{1000 * real[0]:.0f} ms/image, ViT-L/16 (UNI's architecture) {1000 * real[1]:.0f} ms/image: "
+            f"the student extracts **{real[1] / real[0]:.1f}×** faster than a UNI-sized teacher, and a live "
+            "teacher would cost 9 such forwards per 3×3 window.\n"
         )
     )
     body = f"""

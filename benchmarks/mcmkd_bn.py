@@ -104,8 +104,8 @@ def teacher_agreement(model: MCMKD, tiles: Path, cache: Path, side: int, stride:
 
 
 def demo_inputs(demo: Path) -> dict:
-    """The paths the MCM-KD fit of the demo's distill stage used, whether the demo ran ``--quick`` and the fit's
-    final train loss (from the stage records)."""
+    """The paths the MCM-KD fit of the demo's distill stage used, whether the demo ran ``--quick`` and the
+    fit's final train loss (from the stage records)."""
     paths = {
         "teacher": demo.joinpath(*EXTRACTORS["sdmae_vit"]),
         "student": demo.joinpath(*EXTRACTORS["moma_student"]),
@@ -281,7 +281,8 @@ final train loss {final_loss[False]:.4f}, demo {demo["loss"]:.4f}).
 
 Cosines are means over every tile (single tiles: the student's use after fine-tuning) or over every
 visible / masked tissue cell of the 3×3 windows with ≥ 6 of 9 tissue cells, window stride {stride} as in
-training (the training view, fixed masks); the un-tuned student has no head, so no cosine. Slide task: ABMIL on each student's tile
+training (the training view, fixed masks); the un-tuned student has no head, so no cosine. Slide task: ABMIL \
+on each student's tile
 features (standardised, `histodistill mil`'s default), {task["folds"]}-fold CV by case × {args.seeds} seed(s)
 (the same folds for every row at a seed), {epochs} epochs; AUROC of the pooled out-of-fold probabilities,
 mean over seeds, 95 % CI a bootstrap over slides (`histodistill.eval.slide_task`). AUROC per seed: {per_seed}.

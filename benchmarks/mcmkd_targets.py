@@ -157,7 +157,8 @@ def main() -> None:
             predicted = model.head(student[:, None, :])[:, 0]  # (N, D_teacher): each tile as a 1 x 1 window
             target = normalise_targets(raw, norm, model.target_mean, model.target_std)
             cosine = float(torch.nn.functional.cosine_similarity(predicted, target, dim=-1).mean())
-        # The logged loss is w_masked · masked + w_visible · visible: the constant prediction scores each term.
+        # The logged loss is w_masked · masked + w_visible · visible: the constant prediction scores each
+        # term.
         weights = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
         constant = (weights["w_masked"] + weights["w_visible"]) * (
             1 - constant_cosine if loss == "cosine" else 1.0
@@ -186,13 +187,21 @@ def main() -> None:
             ]
         )
 
-    body = f"""Teacher `{args.teacher}` ({teacher_dim}-d), student start `{args.student}`; {len(slide_ids)} tuning slides
-(generator seed {args.slide_seed}), {len(teacher):,} tiles; MCM-KD `configs/mcmkd/tiny_cpu.yaml` with the demo's
+    runs_table = markdown_table(
+        ["targets + loss", "steps", "first", "10 %", "last", "vs constant", "cosine to target", "seconds"],
+        rows,
+    )
+    body = f"""Teacher `{args.teacher}` ({teacher_dim}-d), student start `{args.student}`; \
+{len(slide_ids)} tuning slides
+(generator seed {args.slide_seed}), {len(teacher):,} tiles; MCM-KD `configs/mcmkd/tiny_cpu.yaml` with the \
+demo's
 overrides, {args.epochs} epoch(s), window stride {args.window_stride}, batch 8, seed 0.
 
-**The targets' geometry** (share of their energy along their common mean direction; about 1/D = {1 / teacher_dim:.3f}
+**The targets' geometry** (share of their energy along their common mean direction; about 1/D = \
+{1 / teacher_dim:.3f}
 for isotropic targets). Predicting the mean LayerNorm-ed target for every tile, input ignored, already
-gives a mean cosine of **{constant_cosine:.3f}** with the default targets (a loss of {1 - constant_cosine:.3f}).
+gives a mean cosine of **{constant_cosine:.3f}** with the default targets (a loss of \
+{1 - constant_cosine:.3f}).
 
 {markdown_table(["targets", "share along the common mean"], geometry)}
 
@@ -200,16 +209,18 @@ gives a mean cosine of **{constant_cosine:.3f}** with the default targets (a los
 the last 5 steps over the loss of the constant prediction: below 1, the student explains more than the
 common direction; cosine = the head's prediction from one tile against the run's normalised target):
 
-{markdown_table(["targets + loss", "steps", "first", "10 %", "last", "vs constant", "cosine to target", "seconds"], rows)}
+{runs_table}
 
 **Tile features** (tile probe = AUROC of a linear probe told every tile's tumour label, 5-fold CV by
 slide, no MIL; linear CKA with the teacher's tile features):
 
 {markdown_table(["features", "tile probe AUROC", "CKA with teacher"], probes)}
 
-Loss curves (every logged step): {"; ".join(f"{name}: " + " ".join(f"{v:.3f}" for v in curve) for name, curve in curves.items())}
+Loss curves (every logged step): \
+{"; ".join(f"{name}: " + " ".join(f"{v:.3f}" for v in curve) for name, curve in curves.items())}
 
-Load average {load_start:.1f} at the start (2 cores, shared with other work); {time.perf_counter() - total:.0f} s in all.
+Load average {load_start:.1f} at the start (2 cores, shared with other work); \
+{time.perf_counter() - total:.0f} s in all.
 """
     write_section("mcmkd_targets", "MCM-KD targets: LayerNorm + cosine vs standardised + squared error", body)
 

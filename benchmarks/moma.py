@@ -248,20 +248,25 @@ def main() -> None:
             )
     incomplete = (
         f"**Incomplete run** (stopped by --budget-minutes {args.budget_minutes} or interrupted): fewer "
-        f"seeds than asked for {'; '.join(missing)}. Rerun the same command to finish; finished runs are kept."
+        f"seeds than asked for {'; '.join(missing)}. Rerun the same command to finish; finished runs are "
+        "kept."
         if missing
         else ""
     )
 
     body = f"""
-Task: hgsc_nest nuclei (3 classes: {", ".join(task.class_names)}), {len(train_y)} training and {len(test_y)} test
-nuclei from a spatial split; 64-px crops resized to {SIZE} px. Students: ResNet-18 layout with 16-128 channels,
+Task: hgsc_nest nuclei (3 classes: {", ".join(task.class_names)}), {len(train_y)} training and {len(test_y)} \
+test
+nuclei from a spatial split; 64-px crops resized to {SIZE} px. Students: ResNet-18 layout with 16-128 \
+channels,
 {args.steps} SGD steps (batch {BATCH}, lr 0.05, cosine), flips/rot90. Teacher: ResNet-18 layout with 32-256
 channels trained supervised on the full training split for {args.teacher_steps} steps. MoMA runs with a frozen
 teacher (different widths, so no EMA), KD on, a 1024-key queue; CRD with 512-d embeddings and 4096 negatives;
 FitNet's regressor is MoMA's ConvReg (1×1 conv + BN + ReLU). The kd_zoo rows use the official weights of
-configs/kd/effnet_b0_512_<name>.yaml (MoMA's script where it ran the method, else RepDistiller's, which runs SP,
-VID, RKD, PKT, AB, FT, FSP and NST without KD; tuned by their authors for batch 64 and longer runs, not re-tuned
+configs/kd/effnet_b0_512_<name>.yaml (MoMA's script where it ran the method, else RepDistiller's, which runs \
+SP,
+VID, RKD, PKT, AB, FT, FSP and NST without KD; tuned by their authors for batch 64 and longer runs, not \
+re-tuned
 here); AB, FT and FSP spend the first {max(1, args.steps // 8)} steps in their pre-training
 stage; FSP pairs the student's stem + layer2..4 with the teacher's stem + layer1..3 (equal channels).
 Mean ± sd over {args.seeds} seeds (seed = label subset and initialisation). torch threads: {args.threads}.

@@ -215,7 +215,8 @@ def quality(steps: int, eval_at: list[int], seeds: int, batch_size: int, n_crops
                 print(f"seed {seed} {name} step {at}: linear {acc[0]:.3f}, kNN {acc[1]:.3f}", flush=True)
     counts = (
         f"{len(crops)} unlabeled pretraining crops from {', '.join(PRETRAIN_SAMPLES)}; probe on "
-        f"{len(task.train_labels)} train / {len(task.test_labels)} test nuclei, classes {', '.join(task.class_names)}"
+        f"{len(task.train_labels)} train / {len(task.test_labels)} test nuclei, classes "
+        f"{', '.join(task.class_names)}"
     )
     return results, counts
 
@@ -255,12 +256,15 @@ def main() -> None:
         step_ratio, sdmae_s, mae_s = step_time_ratio(args.batch_size, args.repeats)
         encoder_ratio_, masked_s, full_s = encoder_ratio(args.batch_size, args.repeats)
         body += f"""
-### Cost (CPU, ViT-S/16 at 224, batch {args.batch_size}, mask 0.75, median of {args.repeats} interleaved pairs)
+### Cost (CPU, ViT-S/16 at 224, batch {args.batch_size}, mask 0.75, median of {args.repeats} interleaved \
+pairs)
 
 | measure | value | target |
 |---|---|---|
-| SD-MAE step / MAE step (same encoder, same 4×192 decoder; the difference is the two 4096-way DINO heads) | {step_ratio:.2f} ({sdmae_s:.2f} s / {mae_s:.2f} s) | ≤ 1.15 |
-| encoder on 25 % visible tokens / full pass | {encoder_ratio_:.2f} ({masked_s * 1e3:.0f} ms / {full_s * 1e3:.0f} ms) | ≤ 0.4 |
+| SD-MAE step / MAE step (same encoder, same 4×192 decoder; the difference is the two 4096-way DINO heads) | \
+{step_ratio:.2f} ({sdmae_s:.2f} s / {mae_s:.2f} s) | ≤ 1.15 |
+| encoder on 25 % visible tokens / full pass | {encoder_ratio_:.2f} ({masked_s * 1e3:.0f} ms / \
+{full_s * 1e3:.0f} ms) | ≤ 0.4 |
 """
     results, counts = quality(args.steps, eval_at, args.seeds, args.pretrain_batch, args.crops)
     rows = [
@@ -269,12 +273,14 @@ def main() -> None:
     ]
     final = {name: np.mean([v[0] for v in results[(name, args.steps)]]) for name in ("MAE", "SD-MAE")}
     verdict = ("SD-MAE beats MAE" if final["SD-MAE"] > final["MAE"] else "SD-MAE does NOT beat MAE") + (
-        f" on the final linear probe here ({final['SD-MAE']:.3f} vs {final['MAE']:.3f}, mean of {args.seeds} seed(s))"
+        f" on the final linear probe here ({final['SD-MAE']:.3f} vs {final['MAE']:.3f}, mean of {args.seeds} "
+        "seed(s))"
     )
     body += f"""
 ### Quality: probe accuracy against pretraining steps (hgsc nuclei task)
 
-A 4-block, 96-d ViT with 8-px patches at 64 px, pretrained for {args.steps} steps (batch {args.pretrain_batch},
+A 4-block, 96-d ViT with 8-px patches at 64 px, pretrained for {args.steps} steps (batch \
+{args.pretrain_batch},
 AdamW lr 1.5e-3, warm-up + cosine, flips and 90° turns) with MAE or SD-MAE; {counts}; spatial split.
 Frozen pooled features (SD-MAE: mean of normed tokens; MAE: cls token) → standardised → a class-balanced
 logistic regression (linear) and a 20-NN cosine vote (kNN). Balanced accuracy, mean ± sd over seeds; step 0 is
