@@ -19,7 +19,8 @@ from histodistill.wsi.tiff_writer import write_pyramid_tiff
 # nothing from intra-op threads (on a busy machine, 2 threads made collation 100x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests never touch the model hub: offline mode and an empty Hugging Face cache (set before huggingface_hub is
-# imported, which reads them once), so a test that forgets --random-init fails loudly, here and on every machine.
+# imported, which reads them once), so a test that forgets --random-init fails loudly, here and on every
+# machine.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="histodistill-tests-hf-")
 atexit.register(
@@ -91,9 +92,9 @@ def tiny_slide(tmp_path) -> TinySlide:
 
 def write_corrupt_slide(path: Path, levels: bool = True) -> tuple[Path, tuple[int, int]]:
     """A 1024 x 1024 JPEG-tiled pyramidal TIFF at 0.5 mpp, tissue everywhere, whose level-0 tile at (256, 256)
-    has the second half of its entropy-coded data replaced by noise (a corrupt tile as real archives hold them);
-    ``levels=False`` writes level 0 only, so tissue detection reads the damaged level too. Returns the path and
-    the damaged tile's level-0 top-left."""
+    has the second half of its entropy-coded data replaced by noise (a corrupt tile as real archives hold
+    them); ``levels=False`` writes level 0 only, so tissue detection reads the damaged level too. Returns the
+    path and the damaged tile's level-0 top-left."""
     import tifffile
 
     from histodistill.wsi.tiff_writer import write_pyramid_tiff
@@ -155,7 +156,8 @@ def write_supervised_checkpoint(
 ) -> tuple[Path, object]:
     """A supervised run's checkpoint as `histodistill fit` writes it (weights + backbone record): a teacher.
 
-    ``backbone`` holds `Supervised` arguments (``backbone=..., backbone_kwargs=...``; default tiny/resnet18-64).
+    ``backbone`` holds `Supervised` arguments (``backbone=..., backbone_kwargs=...``; default
+    tiny/resnet18-64).
     """
     import torch
 

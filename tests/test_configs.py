@@ -6,11 +6,11 @@ under a folder and returns the ``init_args`` to use instead. A config using a da
 the map fails with a message saying to add it here (see docs/training.md, "Configs and tests").
 Data-module arguments that are paths (``tiles_dir``) are rewritten by name through `TINY_PATHS`.
 Hub downloads are switched off: every ``pretrained``/``teacher_pretrained`` key becomes false (each
-config states it: the default is pretrained; ``student_init: imagenet`` becomes ``random``), and checkpoints of earlier
-runs (``*.ckpt`` values under ``model``, e.g. teachers) become a randomly initialised supervised
+config states it: the default is pretrained; ``student_init: imagenet`` becomes ``random``), and checkpoints
+of earlier runs (``*.ckpt`` values under ``model``, e.g. teachers) become a randomly initialised supervised
 checkpoint of the student's architecture, except a ``backbone`` that is a run's checkpoint (fine-tuning
-a pretrained encoder): that becomes an untrained checkpoint of the shipped config writing that run, and weight files (``.bin``, ``.pth``, ``.pt``, ``.safetensors``)
-become null.
+a pretrained encoder): that becomes an untrained checkpoint of the shipped config writing that run, and weight
+files (``.bin``, ``.pth``, ``.pt``, ``.safetensors``) become null.
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ def stand_in_checkpoint(folder: Path, backbone: str, num_classes: int) -> Path:
 
 def stand_in_pretraining(checkpoint: str, folder: Path) -> Path:
     """An untrained checkpoint of the shipped config whose run directory holds ``checkpoint``
-    (``runs/<name>/checkpoints/last.ckpt`` is written by the config with ``default_root_dir: runs/<name>``)."""
+    (``runs/<name>/checkpoints/last.ckpt`` is written by the config with ``default_root_dir:
+    runs/<name>``)."""
     import torch
 
     from histodistill.engine.cli import HistodistillCLI
@@ -218,7 +219,8 @@ def test_configs_are_found():
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_config_states_pretrained_or_random(config_path):
-    """Weights are pretrained by default; a recipe says which start it means wherever its class has the choice."""
+    """Weights are pretrained by default; a recipe says which start it means wherever its class has the
+    choice."""
     import importlib
     import inspect
 
@@ -302,8 +304,8 @@ def test_tiny_config_trains_end_to_end(config_path, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics.json").is_file()
 
 
-# MoMA's comparison (trinhvg/MoMA scripts/run_comparison.sh: -c CE, -d KD, -b feature) where it runs the method,
-# else RepDistiller's scripts/run_cifar_distill.sh (-a 0: no KD; CE weight -r 1 by default).
+# MoMA's comparison (trinhvg/MoMA scripts/run_comparison.sh: -c CE, -d KD, -b feature) where it runs the
+# method, else RepDistiller's scripts/run_cifar_distill.sh (-a 0: no KD; CE weight -r 1 by default).
 OFFICIAL_WEIGHTS = {
     "fitnet": (1, 1, 100),
     "cc": (1, 1, 0.02),
@@ -332,8 +334,9 @@ OFFICIAL_WEIGHTS = {
 )
 def test_momas_recipes_train_as_its_official_scripts(config_path):
     # train_student_moma.py / train_student_comparison.py: SGD(lr 0.05, momentum 0.9, weight_decay 1e-4) over
-    # every trainable parameter, adjust_learning_rate with --cosine (eta_min = lr · 0.1³, per epoch), 50 epochs,
-    # fp32; EfficientNet-B0 from efficientnet(): dropout 0.2 in the classifier, drop-connect 0.2, BN 0.01 / 1e-3.
+    # every trainable parameter, adjust_learning_rate with --cosine (eta_min = lr · 0.1³, per epoch), 50
+    # epochs, fp32; EfficientNet-B0 from efficientnet(): dropout 0.2 in the classifier, drop-connect 0.2, BN
+    # 0.01 / 1e-3.
     config = yaml.safe_load(config_path.read_text())
     args = config["model"]["init_args"]
     optim = args["optim"]

@@ -129,8 +129,8 @@ def test_an_unreadable_record_or_a_file_in_a_stage_folders_place_is_refused_befo
 
 def test_a_folder_the_previous_demo_finished_resumes_into_the_distill_stage(tmp_path):
     """Records of the demo before the distill stage hold every size with every stage (no mcmkd_steps) and a
-    stage `mcmkd` since retired: samples..moma are skipped, distill and every stage after it run. A change of a
-    size a finished stage declares is still refused, naming it."""
+    stage `mcmkd` since retired: samples..moma are skipped, distill and every stage after it run. A change of
+    a size a finished stage declares is still refused, naming it."""
     import dataclasses
 
     from histodistill.demo.stages import SIZES, STAGES

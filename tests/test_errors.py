@@ -35,7 +35,8 @@ def test_a_switch_is_rendered_only_for_the_value_it_stands_for():
 
 
 def test_what_is_not_a_known_parameter_is_left_as_written():
-    # A dataset name in backticks is no parameter; a parameter the command does not take keeps its Python form.
+    # A dataset name in backticks is no parameter; a parameter the command does not take keeps its Python
+    # form.
     message = "no `coords` dataset; `patch_size=256` and `target_mpp` unchanged"
     assert render_parameters(message, FLAGS) == message
 

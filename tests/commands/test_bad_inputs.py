@@ -267,8 +267,9 @@ def test_every_command_has_its_output_checked():
 
 
 def read_only_folder(root: Path, monkeypatch) -> Path:
-    """A folder nobody may write into: mode 0555, and, for root (whom modes do not stop), `os.access` answering
-    as it does on a read-only mount (EROFS), the issue-29 case of `extract --out` on a read-only share."""
+    """A folder nobody may write into: mode 0555, and, for root (whom modes do not stop), `os.access`
+    answering as it does on a read-only mount (EROFS), the issue-29 case of `extract --out` on a read-only
+    share."""
     import os
 
     folder = root / "read_only"

@@ -1,5 +1,6 @@
-"""`histodistill extract` and `fit` weights: pretrained by default (here from a local stand-in of the Hugging Face
-cache), one error line when they cannot be had, random only with --random-init and then said and recorded."""
+"""`histodistill extract` and `fit` weights: pretrained by default (here from a local stand-in of the Hugging
+Face cache), one error line when they cannot be had, random only with --random-init and then said and
+recorded."""
 
 from __future__ import annotations
 

@@ -154,7 +154,8 @@ def test_window_transform_resizes_each_cell_to_the_model_input_and_normalises():
 
 
 def test_windows_are_read_at_the_tilings_mpp_not_the_slides_metadata(tmp_path):
-    # A plain PNG has no mpp in its metadata: as after `tile --mpp-override 0.25`, only the coords file knows it.
+    # A plain PNG has no mpp in its metadata: as after `tile --mpp-override 0.25`, only the coords file knows
+    # it.
     from PIL import Image
 
     from conftest import make_tissue_image
@@ -221,7 +222,8 @@ def test_a_corrupt_window_is_replaced_by_the_slides_next_readable_one_with_one_w
     assert sorted(map(tuple, corners.tolist())) == [(256, 640), (640, 256), (640, 256), (640, 640)]
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0].startswith(
-        f"warning: slide corrupt: a context window at level-0 ({x}, {y}) cannot be read from {path} (Corrupt JPEG"
+        f"warning: slide corrupt: a context window at level-0 ({x}, {y}) cannot be read from {path} (Corrupt "
+        "JPEG"
     )
 
 
@@ -230,7 +232,8 @@ HALF = TILE // 2  # their tiles: 32 px at half the slide's resolution, i.e. 64 l
 
 
 def layout_attrs(layout: str) -> dict:
-    """The attrs CLAM's create_patches_fp / TRIDENT write for 32-px tiles of 64 level-0 px (no slide path, no mpp)."""
+    """The attrs CLAM's create_patches_fp / TRIDENT write for 32-px tiles of 64 level-0 px (no slide path, no
+    mpp)."""
     if layout == "clam":
         return dict(
             patch_size=HALF,

@@ -151,8 +151,9 @@ def test_folders_without_features_are_explained(tmp_path, make):
 
 
 def test_what_the_writer_writes_the_reader_reads_and_the_rerun_check_accepts(tmp_path):
-    """The format's owner round-trips: float64/int32 in, float32/int64 out; tiling attrs on `coords`, slide attrs
-    on the file; a file leaving out unreadable tiles is finished for its coords file, a shorter one is not."""
+    """The format's owner round-trips: float64/int32 in, float32/int64 out; tiling attrs on `coords`, slide
+    attrs on the file; a file leaving out unreadable tiles is finished for its coords file, a shorter one is
+    not."""
     coords_path = tmp_path / "patches" / "s1.h5"
     coords_path.parent.mkdir()
     with h5py.File(coords_path, "w") as handle:

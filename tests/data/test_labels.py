@@ -1,5 +1,6 @@
-"""Label spellings (issue 29): every CSV label reader refuses missing labels naming the lines, reads numerically
-equal spellings as one class, refuses labels that differ only in case, and the classes are said with counts."""
+"""Label spellings (issue 29): every CSV label reader refuses missing labels naming the lines, reads
+numerically equal spellings as one class, refuses labels that differ only in case, and the classes are said
+with counts."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def labels_csv(tmp_path, labels) -> object:
 
 
 def test_zero_one_and_their_float_spellings_are_two_classes_not_four(tmp_path):
-    # The reported input: binary labels saved as 0/1 on some rows and 0.0/1.0 on others trained a 4-class model.
+    # The reported input: binary labels saved as 0/1 on some rows and 0.0/1.0 on others trained a 4-class
+    # model.
     path = labels_csv(tmp_path, ["0", "1", "0.0", "1.0", "1", "0"])
     rows = read_labels(path)
     assert class_names(rows) == ["0", "1"]

@@ -99,7 +99,8 @@ def test_empty_patches_dir_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_corrupt_tile_is_replaced_by_the_next_readable_one_with_one_warning(tmp_path, capfd, workers):
-    # Issue 29: training raised UnreadableRegion inside a DataLoader worker, re-wrapped by torch into a traceback.
+    # Issue 29: training raised UnreadableRegion inside a DataLoader worker, re-wrapped by torch into a
+    # traceback.
     from conftest import write_corrupt_slide
     from histodistill.data import slide_dataset
 

@@ -32,7 +32,8 @@ def torchrun(
     extra: tuple[str, ...] = ("--standalone",),
     timeout: float = 600,
 ) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc tests/distributed/<script> args`` on the CPU, one thread per process."""
+    """``torchrun --nproc-per-node nproc tests/distributed/<script> args`` on the CPU, one thread per
+    process."""
     environment = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

@@ -209,7 +209,8 @@ def test_resume_without_a_checkpoint_is_a_user_error(tmp_path, two_class_data, c
 def test_a_bad_config_value_is_one_line_naming_its_key(
     tmp_path, two_class_data, capsys, option, value, problem
 ):
-    # Issue 31: a ConfigError raised while the module is built names the parameter (`lr=-1.0`); fit shows its key.
+    # Issue 31: a ConfigError raised while the module is built names the parameter (`lr=-1.0`); fit shows its
+    # key.
     assert fit(tmp_path / "run", two_class_data, "--model.init_args.num_classes", "2", option, value) == 2
     error = capsys.readouterr().err
     assert "Traceback" not in error
@@ -240,7 +241,8 @@ def test_a_tiny_recipe_without_its_data_names_the_command_that_makes_it(tmp_path
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, two_class_data, capsys, monkeypatch):
-    # torch.save reports a full disk as RuntimeError "... file write failed" (issue 29: every command that writes).
+    # torch.save reports a full disk as RuntimeError "... file write failed" (issue 29: every command that
+    # writes).
     from histodistill.engine import callbacks
 
     def full_disk(obj, path):

@@ -82,7 +82,8 @@ def test_unknown_run_directory_is_a_user_error(tmp_path, capsys):
 
 
 def test_a_corrupt_tile_is_drawn_grey_with_one_warning(tmp_path, capsys, monkeypatch):
-    # Issue 29: the thumbnail of a slide with a corrupt JPEG tile (level 0 only) stopped with an OpenSlideError.
+    # Issue 29: the thumbnail of a slide with a corrupt JPEG tile (level 0 only) stopped with an
+    # OpenSlideError.
     from conftest import write_corrupt_slide
     from histodistill.eval import heatmap
 

@@ -18,7 +18,8 @@ COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 60)}
 
 
 def _colour_folder(root, per_class, seed):
-    """``root/<colour>/<i>.png``: 32-px noisy images of two colours, a task any random CNN's features separate."""
+    """``root/<colour>/<i>.png``: 32-px noisy images of two colours, a task any random CNN's features
+    separate."""
     rng = np.random.default_rng(seed)
     for name, colour in COLOURS.items():
         (root / name).mkdir(parents=True)

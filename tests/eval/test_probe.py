@@ -214,10 +214,11 @@ def test_cli_linear_protocol_mae(tmp_path):
 
 
 def test_mae_head_init_optimiser_and_per_step_lr_follow_main_linprobe(monkeypatch):
-    # main_linprobe.py / run_mae_eval_linear.py: BatchNorm1d(D, affine=False, eps=1e-6) + Linear, trunc_normal_
-    # (std=0.01) weight; SGD momentum 0.9 without weight decay (SD-MAE's); before every step, lr = blr x B / 256
-    # x (a linear warm-up, then a half cosine to 0) at epoch + step / steps_per_epoch. Documented deviation: the
-    # shared scheduler's warm-up is one step ahead, (step + 1) / warm-up steps, so no step runs at lr 0.
+    # main_linprobe.py / run_mae_eval_linear.py: BatchNorm1d(D, affine=False, eps=1e-6) + Linear,
+    # trunc_normal_ (std=0.01) weight; SGD momentum 0.9 without weight decay (SD-MAE's); before every step, lr
+    # = blr x B / 256 x (a linear warm-up, then a half cosine to 0) at epoch + step / steps_per_epoch.
+    # Documented deviation: the shared scheduler's warm-up is one step ahead, (step + 1) / warm-up steps, so
+    # no step runs at lr 0.
     import torch
 
     from histodistill.eval import probe

@@ -1,4 +1,5 @@
-"""Slide-task scores: pooled out-of-fold AUROC over seeds with a bootstrap CI, balanced accuracy, localisation."""
+"""Slide-task scores: pooled out-of-fold AUROC over seeds with a bootstrap CI, balanced accuracy,
+localisation."""
 
 from __future__ import annotations
 

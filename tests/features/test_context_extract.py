@@ -1,4 +1,5 @@
-"""`extract --context-window`: each tile's feature is the centre cell of its window, aligned, resumable, separate."""
+"""`extract --context-window`: each tile's feature is the centre cell of its window, aligned, resumable,
+separate."""
 
 from __future__ import annotations
 

@@ -176,8 +176,9 @@ def test_image_folder_features(tmp_path):
 
 
 def test_image_features_of_an_earlier_run_are_reused_and_others_refused(tmp_path, capsys):
-    # Issue 29: the demo's features stage printed "... features.h5 exists; pass --overwrite" about the file its
-    # own sdmae stage had written: the same weights and images are reused and said so, not reported as a conflict.
+    # Issue 29: the demo's features stage printed "... features.h5 exists; pass --overwrite" about the file
+    # its own sdmae stage had written: the same weights and images are reused and said so, not reported as a
+    # conflict.
     from conftest import make_image_folder
 
     images = make_image_folder(tmp_path / "images", per_class=2)

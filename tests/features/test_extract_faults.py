@@ -1,6 +1,7 @@
 """Faults while extracting (issue 29). A full disk during `extract`, `tile` and `fit`: exit 2 and one `error:`
-line naming the file that could not be written, the space the run needs and that a rerun resumes; finished files
-stay valid and the rerun completes them (the full disk is a write that raises ENOSPC at a chosen file: no root, no
+line naming the file that could not be written, the space the run needs and that a rerun resumes; finished
+files stay valid and the rerun completes them (the full disk is a write that raises ENOSPC at a chosen file:
+no root, no
 tmpfs). A corrupt JPEG tile: left out, named and recorded, the run goes on."""
 
 from __future__ import annotations

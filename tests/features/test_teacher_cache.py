@@ -141,8 +141,8 @@ def test_an_interrupted_build_resumes_and_a_stale_or_damaged_cache_is_computed_a
 
 
 def test_a_cache_whose_extract_left_out_unreadable_tiles_is_fresh_and_names_them(tiles, tmp_path):
-    # Issue 29: extract leaves out tiles of a corrupt JPEG tile; the cache then held fewer rows than the coords
-    # and counted as stale for ever, and a lookup of such a tile blamed "a different tiling".
+    # Issue 29: extract leaves out tiles of a corrupt JPEG tile; the cache then held fewer rows than the
+    # coords and counted as stale for ever, and a lookup of such a tile blamed "a different tiling".
     from histodistill.data.feature_files import UNREADABLE_ATTR
     from histodistill.wsi.slide import UnreadableRegion
 

@@ -286,7 +286,8 @@ def test_srrl_is_feature_mse_plus_mse_of_the_teacher_classifier_outputs():
 
 # ---- layer pairs of different sizes ------------------------------------------------------------------
 def test_the_larger_map_is_average_pooled_to_the_smaller_as_repdistillers_at_and_nst():
-    # RepDistiller/MoMA AT and NST: if s_H > t_H: f_s = adaptive_avg_pool2d(f_s, (t_H, t_H)), else the teacher.
+    # RepDistiller/MoMA AT and NST: if s_H > t_H: f_s = adaptive_avg_pool2d(f_s, (t_H, t_H)), else the
+    # teacher.
     from histodistill.losses.spatial import match_spatial
 
     big = torch.arange(16.0).view(1, 1, 4, 4)

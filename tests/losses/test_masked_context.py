@@ -102,7 +102,8 @@ def test_a_perfect_prediction_has_zero_loss():
     assert out["loss"].item() == pytest.approx(0, abs=1e-6)
 
 
-# ---- target normalisation: per tile (LayerNorm) or per dimension (standardize) --------------------------------
+# ---- target normalisation: per tile (LayerNorm) or per dimension (standardize)
+# --------------------------------
 MEAN, STD = [1.0, -2.0, 3.0], [2.0, 0.5, 4.0]
 
 
@@ -161,7 +162,8 @@ def test_mean_direction_share_against_its_formula():
 def test_layer_norm_keeps_a_shared_direction_that_standardize_removes():
     """The issue's observation on a toy teacher: features = a large common vector + small tile-specific parts.
     After LayerNorm most of the targets' energy is the common direction, and predicting that constant
-    already gives a cosine near 1; standardised per dimension, the targets' mean is 0 (no shared direction)."""
+    already gives a cosine near 1; standardised per dimension, the targets' mean is 0 (no shared
+    direction)."""
     g = torch.Generator().manual_seed(0)
     common = torch.randn(64, generator=g) * 3 + 1
     features = common + 0.5 * torch.randn(500, 64, generator=g)  # (N, D)

@@ -24,7 +24,8 @@ def tiny_batch(n=8, classes=3, seed=0):
 
 @pytest.fixture
 def teacher_ckpt(tmp_path):
-    """A supervised run's checkpoint (3 classes) as `histodistill fit` writes it: weights + backbone record."""
+    """A supervised run's checkpoint (3 classes) as `histodistill fit` writes it: weights + backbone
+    record."""
 
     def make(num_classes=3, name="teacher.ckpt"):
         return write_supervised_checkpoint(tmp_path / name, num_classes=num_classes, **STUDENT)

@@ -83,7 +83,8 @@ def test_default_layers_follow_the_official_slices():
 
 def momas_endpoints(model, images):
     """MoMA's EfficientNet ``extract_endpoints`` rule run on timm's modules: the map just before every block
-    that shrinks the spatial size, then the conv-head map (trinhvg/MoMA models/efficientnet_pytorch/model.py)."""
+    that shrinks the spatial size, then the conv-head map (trinhvg/MoMA
+    models/efficientnet_pytorch/model.py)."""
     x = model.bn1(model.conv_stem(images))
     endpoints, previous = [], x
     for block in [b for stage in model.blocks for b in stage]:

@@ -150,7 +150,8 @@ def test_feature_statistics_over_every_tile_of_the_cache(tmp_path):
     np.testing.assert_allclose(std, rows.std(0), rtol=1e-9)
 
 
-# ---- end to end: tile -> teacher cache -> histodistill fit -> extract with the fine-tuned student -------------
+# ---- end to end: tile -> teacher cache -> histodistill fit -> extract with the fine-tuned student
+# -------------
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "mcmkd" / "tiny_cpu.yaml"
 

@@ -207,8 +207,8 @@ def test_official_init_and_mask_count_details():
 
 def test_the_pooled_feature_is_the_official_probes_fresh_layernorm_on_un_normed_token_means():
     # irsLu/SD-MAE modeling_finetune.py, use_mean_pooling=True: norm = Identity, fc_norm = a new LayerNorm on
-    # x.mean(1); run_mae_eval_linear.py loads the pretrained weights non-strictly, so the pretrained final norm
-    # is dropped and fc_norm stays at weight 1, bias 0 (the encoder is frozen).
+    # x.mean(1); run_mae_eval_linear.py loads the pretrained weights non-strictly, so the pretrained final
+    # norm is dropped and fc_norm stays at weight 1, bias 0 (the encoder is frozen).
     torch.manual_seed(0)
     module = SDMAE(**TINY_SDMAE)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)

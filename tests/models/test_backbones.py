@@ -26,7 +26,8 @@ from histodistill.models.registry import Registry
 from histodistill.optim.optimizer import OptimConfig
 
 TINY = list_backbones("tiny")
-PATHOLOGY = {  # name -> (pooled dim, prefix tokens) from the model cards; every entry: tests/models/test_foundation.py
+# name -> (pooled dim, prefix tokens) from the model cards; every entry: tests/models/test_foundation.py
+PATHOLOGY = {
     "pathology/uni": (1024, 1),
     "pathology/uni2-h": (1536, 9),
     "pathology/h-optimus-0": (1536, 5),

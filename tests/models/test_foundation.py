@@ -24,7 +24,8 @@ HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 LUNIT = ((0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464))
 OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-# name -> (mean/std, input px, mpp, embedding dim), as the loaders and READMEs cited in docs/models.md state them.
+# name -> (mean/std, input px, mpp, embedding dim), as the loaders and READMEs cited in docs/models.md state
+# them.
 PUBLISHED = {
     "pathology/uni": (IMAGENET, 224, 0.5, 1024),
     "pathology/uni2-h": (IMAGENET, 224, 0.5, 1536),

@@ -1,5 +1,6 @@
-"""Hub access without network (issue 29): one quick probe, then huggingface_hub's offline mode, so the user gets
-our one line at once (HF_HUB_OFFLINE=1 first) instead of ~53 s of retries. Only loopback addresses are used."""
+"""Hub access without network (issue 29): one quick probe, then huggingface_hub's offline mode, so the user
+gets our one line at once (HF_HUB_OFFLINE=1 first) instead of ~53 s of retries. Only loopback addresses are
+used."""
 
 from __future__ import annotations
 

@@ -133,7 +133,8 @@ def test_clam_instance_loss_is_cross_entropy_of_top_k_as_class_and_bottom_k_as_n
     # Label 1: classifier 1, tiles 1 and 3 (highest attention) -> 1, tiles 2 and 0 (lowest) -> 0; mean of 4.
     expected = (ce(z[1][1], 1) + ce(z[3][1], 1) + ce(z[2][1], 0) + ce(z[0][1], 0)) / 4
     assert clam_instance_loss(out, torch.tensor([1]), k_sample=2).item() == pytest.approx(expected, rel=1e-6)
-    # Subtyping: classifier 0 (the other class) also pushes the top-2 tiles to 0; the sum over classifiers / 2.
+    # Subtyping: classifier 0 (the other class) also pushes the top-2 tiles to 0; the sum over classifiers /
+    # 2.
     subtyping = (expected + (ce(z[1][0], 0) + ce(z[3][0], 0)) / 2) / 2
     assert clam_instance_loss(out, torch.tensor([1]), 2, subtyping=True).item() == pytest.approx(
         subtyping, rel=1e-6

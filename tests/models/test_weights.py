@@ -1,4 +1,5 @@
-"""Weight files as training scripts write them: read safely, or refused with one line that says how to fix them."""
+"""Weight files as training scripts write them: read safely, or refused with one line that says how to fix
+them."""
 
 from __future__ import annotations
 

@@ -99,8 +99,8 @@ def _argv(cohort, out: Path, teacher: str, *extra: str, labels: bool = True) -> 
 
 
 STAGES = ("tiles", "teacher", "fit", "export", "features", "compare", "report")
-# A shipped recipe other than the method's default, MCM-KD's targets and windows, and two MIL CV seeds (what the
-# demo's distill stage sets).
+# A shipped recipe other than the method's default, MCM-KD's targets and windows, and two MIL CV seeds (what
+# the demo's distill stage sets).
 TUNED = (
     "--recipe",
     "mcmkd/tiny_cpu.yaml",
@@ -181,8 +181,9 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
     assert main(_argv(cohort, out, hub_teacher, *TUNED)) == 0
     assert capsys.readouterr().out.count("done before, skipped") == len(STAGES)
 
-    # A kill mid-stage: its record never written, a half-written temporary left, finished files kept. The rerun
-    # completes it (the teacher cache resumes slide by slide, the fit from its last.ckpt) and every stage after.
+    # A kill mid-stage: its record never written, a half-written temporary left, finished files kept. The
+    # rerun completes it (the teacher cache resumes slide by slide, the fit from its last.ckpt) and every
+    # stage after.
     (cache / "teacher_cache.json").unlink()
     (cache / "synth_001.h5").unlink()
     (cache / ".synth_001.x1y2.tmp.h5").write_bytes(b"half")
@@ -263,7 +264,8 @@ def test_bad_input_is_refused_with_one_line_before_any_stage(cohort, tmp_path, c
         "--patch-labels DIR_OR_CSV": ("--method", "moma"),
         "no such file or folder": ("--teacher-weights", str(tmp_path / "missing.bin")),
         "--recipe nope.yaml: neither a recipe under": ("--recipe", "nope.yaml"),
-        "--recipe moma/tiny_cpu.yaml fits histodistill.methods.moma.MoMA, not histodistill.methods.mcmkd.MCMKD: "
+        "--recipe moma/tiny_cpu.yaml fits histodistill.methods.moma.MoMA, not "
+        "histodistill.methods.mcmkd.MCMKD: "
         "pass a recipe of --method mcmkd": ("--recipe", "moma/tiny_cpu.yaml"),
         "--target-norm is MCM-KD's: drop it for --method moma": (
             "--method",

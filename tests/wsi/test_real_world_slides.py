@@ -204,16 +204,16 @@ def test_sample_svs_crop_pale_beside_strong(sample_file, tmp_path):
 
 
 def test_a_corrupt_jpeg_tile_is_a_warning_not_a_failed_slide(tmp_path, capsys):
-    # Issue 29: `tile` stopped (exit 2) naming the file with no fix. Now the damaged block is taken as glass for
-    # tissue detection, the slide is tiled, and one warning names the region and what extract will do.
+    # Issue 29: `tile` stopped (exit 2) naming the file with no fix. Now the damaged block is taken as glass
+    # for tissue detection, the slide is tiled, and one warning names the region and what extract will do.
     from conftest import write_corrupt_slide
 
     path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif", levels=False)
     assert main(["tile", str(path), "--out", str(tmp_path / "out"), "--patch-size", "128"]) == 0
     err = capsys.readouterr().err
     assert err.splitlines() == [
-        f"warning: {path}: 1 region(s) of the slide file cannot be read (first: level-0 ({x}, {y}), level 0: Corrupt "
-        "JPEG data: premature end of data segment); they were taken as glass for tissue detection, and `extract` "
-        "leaves out, names and records the tiles it cannot read"
+        f"warning: {path}: 1 region(s) of the slide file cannot be read (first: level-0 ({x}, {y}), level 0: "
+        "Corrupt JPEG data: premature end of data segment); they were taken as glass for tissue detection, "
+        "and `extract` leaves out, names and records the tiles it cannot read"
     ]
     assert status_of(tmp_path / "out", "corrupt")["status"] == "ok"

@@ -1,6 +1,6 @@
 """Tissue mask: glass is bright AND grey, images without glass stay whole, user cuts below Otsu's,
-the ink battery (green, blue, navy, violet-blue, black rejected; red kept), pen, dark edges, holes, specks, and
-the mask resolution."""
+the ink battery (green, blue, navy, violet-blue, black rejected; red kept), pen, dark edges, holes, specks,
+and the mask resolution."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def test_a_user_cut_can_go_below_otsus():
 
 
 # The ink battery of issue 29: marker colours as scanned, each a band over 85 % of an image of glass, and the
-# tissue fraction the mask must give. Red overlaps eosin and is kept (docs/tiling.md, "Inks still not filtered").
+# tissue fraction the mask must give. Red overlaps eosin and is kept (docs/tiling.md, "Inks still not
+# filtered").
 INKS = {
     "green": ((40, 150, 60), 0.0),  # green above red: the pen rule
     "blue": ((30, 60, 170), 0.0),  # green above red: the pen rule
@@ -131,7 +132,8 @@ def test_dark_tissue_is_not_black_ink_and_hematoxylin_rich_tissue_is_not_navy_in
     nuclei = rng.random((100, 120)) < 0.4
     tissue[nuclei] = np.array([70, 50, 130]) + rng.normal(0, 8, (nuclei.sum(), 3))
     assert tissue_mask(np.clip(tissue, 0, 255).astype(np.uint8), MPP).mean() > 0.97
-    # Tissue as dark as black ink is strongly coloured (S >= 0.27 on the samples): a dark hematoxylin patch, kept.
+    # Tissue as dark as black ink is strongly coloured (S >= 0.27 on the samples): a dark hematoxylin patch,
+    # kept.
     dark = np.clip(np.array([70, 45, 95]) + rng.normal(0, 6, (100, 120, 3)), 0, 255).astype(np.uint8)
     assert tissue_mask(dark, MPP).mean() > 0.97
 
