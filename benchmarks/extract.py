@@ -50,9 +50,8 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "32")
     torch.manual_seed(0)
-    backbone = prepare_model(
-        create_backbone(args.model, pretrained=False), device
-    )  # speed does not depend on the weights
+    # speed does not depend on the weights
+    backbone = prepare_model(create_backbone(args.model, pretrained=False), device)
     size = backbone.spec.preprocess.input_size
     with tempfile.TemporaryDirectory() as tmp:
         slide = cached_path("cmu_small_region")

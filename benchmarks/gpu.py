@@ -35,9 +35,8 @@ def inference_rows(device: torch.device) -> list[list[object]]:
     rows = []
     images = torch.randn(BATCH, 3, 224, 224, device=device)
     for name in ("vit_small_patch16_224", "resnet50"):
-        model = (
-            timm.create_model(name, pretrained=False, num_classes=0).to(device).eval()
-        )  # random: speed only
+        # random: speed only
+        model = timm.create_model(name, pretrained=False, num_classes=0).to(device).eval()
         compiled = torch.compile(model)
         variants = {"fp32": (model, False), "bf16": (model, True), "bf16 + compile": (compiled, True)}
         rates = {}

@@ -72,9 +72,8 @@ class LiveTeacherMCMKD(MCMKD):
         b, _, side_px, _ = raw.shape
         p = side_px // SIDE
         cells = raw.reshape(b, 3, SIDE, p, SIDE, p).permute(0, 2, 4, 1, 3, 5)  # (B, s, s, 3, p, p), row-major
-        cells = cells.reshape(b * SIDE * SIDE, 3, p, p)[
-            valid.reshape(-1)
-        ]  # tissue cells only, as in the cache
+        # tissue cells only, as in the cache
+        cells = cells.reshape(b * SIDE * SIDE, 3, p, p)[valid.reshape(-1)]
         teacher = torch.zeros(b * SIDE * SIDE, TEACHER_DIM)
         with torch.no_grad():
             teacher[valid.reshape(-1)] = self.teacher(self.teacher_transform(cells))  # (n_valid, D)
@@ -152,7 +151,7 @@ def forward_ratio(batch: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--work", default="/tmp/histodistill_bench_mcmkd", help="scratch directory (emptied first)"
     )
@@ -217,6 +216,7 @@ def main() -> None:
         ("student, MCM-KD, context 3", checkpoint, SIDE),
     ):
         start = time.perf_counter()
+        # the un-tuned student is random
         features[name] = extract_slides(
             model,
             tiles,
@@ -225,7 +225,7 @@ def main() -> None:
             device="cpu",
             context_window=context,
             pretrained=False,
-        )  # the un-tuned student is random
+        )
         seconds[name] = time.perf_counter() - start
 
     auroc = {

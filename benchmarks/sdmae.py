@@ -111,9 +111,8 @@ def pretraining_crops(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
     for i, name in enumerate(PRETRAIN_SAMPLES):
         slide = open_slide(fetch(name), mpp=0.5)
         image = slide.read_region((0, 0), 0, slide.dimensions)
-        ok = np.argwhere(
-            crop_fraction(rgb_to_lab(image)[..., 0] < TISSUE_LIGHTNESS, size) >= 0.5
-        )  # (M, 2) (y, x)
+        # (M, 2) (y, x)
+        ok = np.argwhere(crop_fraction(rgb_to_lab(image)[..., 0] < TISSUE_LIGHTNESS, size) >= 0.5)
         share = n // len(PRETRAIN_SAMPLES) + (i < n % len(PRETRAIN_SAMPLES))
         crops += [image[y : y + size, x : x + size] for y, x in ok[rng.integers(len(ok), size=share)]]
     return np.stack(crops)

@@ -23,9 +23,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # machine.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="histodistill-tests-hf-")
-atexit.register(
-    shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True
-)  # one per test process, removed with it
+# one per test process, removed with it
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.pop("HF_HUB_CACHE", None)
 
 # Lightning binds its log handlers to sys.stderr when first imported. Imported here, at collection, they

@@ -235,9 +235,8 @@ def test_config_states_pretrained_or_random(config_path):
             named = init_args.get(
                 "teacher" if key == "teacher_pretrained" else "backbone", init_args.get("student")
             )
-            local = init_args.get(
-                "teacher_weights" if key == "teacher_pretrained" else "weights"
-            )  # a file wins
+            # a file wins
+            local = init_args.get("teacher_weights" if key == "teacher_pretrained" else "weights")
             if (
                 key in parameters
                 and named

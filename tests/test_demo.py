@@ -115,9 +115,8 @@ def test_an_unreadable_record_or_a_file_in_a_stage_folders_place_is_refused_befo
     with pytest.raises(UserError, match=r"b/stage.json is not a readable stage record: delete it"):
         run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)
     assert calls == ["a", "b", "c"]
-    run_stages(
-        _stages(calls), _context(tmp_path, overwrite=True), log=lambda _: None
-    )  # --overwrite reruns all
+    # --overwrite reruns all
+    run_stages(_stages(calls), _context(tmp_path, overwrite=True), log=lambda _: None)
     assert calls == ["a", "b", "c"] * 2
     shutil.rmtree(out / "c")
     (out / "c").write_text("not a folder")
@@ -184,11 +183,12 @@ def test_a_rerun_features_stage_keeps_the_tiles_per_s_measured_when_the_same_fol
             }
         )
     )
+    # measured now
     rows = {
         "kd_student": {"features_dir": "f/kd", "tiles_per_s": None},  # skipped: every slide done before
         "mae_vit": {"features_dir": "f/mae", "tiles_per_s": None},  # another folder: nothing to keep
         "ce_student": {"features_dir": "f/ce", "tiles_per_s": 90.0},
-    }  # measured now
+    }
     _keep_measured_rates(rows, previous)
     assert [row["tiles_per_s"] for row in rows.values()] == [150.0, None, 90.0]
     _keep_measured_rates(rows, tmp_path / "absent.json")  # a first run: nothing before
@@ -240,9 +240,8 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     page = (out / "report.html").read_text()
     assert html.escape(summary["verdict"]) in page and "student (MCM-KD)" in page
     assert 'id="s-stages"' in page and 'id="s-mil"' in page and 'id="s-heatmaps"' in page
-    assert page.index('id="s-summary"') < page.index(
-        'id="s-stages"'
-    )  # the report opens on the extractor table
+    # the report opens on the extractor table
+    assert page.index('id="s-summary"') < page.index('id="s-stages"')
     assert "a smoke run of every stage" in page  # the quick table is not mistaken for a result
     assert all(
         json.loads((out / stage.name / "stage.json").read_text())["settings"]

@@ -32,9 +32,8 @@ def test_single_slide_then_skip_then_overwrite(tiny_slide, tmp_path, capsys):
     assert "0 tiled, 1 already done" in capsys.readouterr().out
     assert main([*argv, "--overwrite"]) == 0
     assert "1 tiled" in capsys.readouterr().out
-    assert (
-        main([*argv[:-1], "64"]) == 2
-    )  # other settings over finished outputs: refused (a user error), outputs kept
+    # other settings over finished outputs: refused (a user error), outputs kept
+    assert main([*argv[:-1], "64"]) == 2
     err = capsys.readouterr().err
     # Issue 29: only the setting that differs (not the whole settings dict), the tiles kept, and the fix.
     assert err.splitlines() == [

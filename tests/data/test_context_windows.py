@@ -93,10 +93,11 @@ def test_cells_land_on_tiles_when_the_scale_is_not_an_integer():
 def test_overlap_that_does_not_divide_the_tile_is_refused():
     with pytest.raises(UserError, match="`overlap=0`"):
         grid_geometry(coords_attrs("s", overlap=24), "coords.h5")
+    # half overlap: every 2nd tile
     assert grid_geometry(coords_attrs("s", overlap=32), "coords.h5") == (
         32.0,
         2,
-    )  # half overlap: every 2nd tile
+    )
 
 
 def test_one_read_per_window_and_cells_match_the_tiles(tiled, monkeypatch):
@@ -127,9 +128,8 @@ def test_items_carry_teacher_features_of_their_cells(tiled, tmp_path):
     path, coords = tiled
     features_dir = tmp_path / "features_teacher"
     features_dir.mkdir()
-    features = np.concatenate([coords, coords.sum(axis=1, keepdims=True)], axis=1).astype(
-        np.float32
-    )  # (N, 3)
+    # (N, 3)
+    features = np.concatenate([coords, coords.sum(axis=1, keepdims=True)], axis=1).astype(np.float32)
     with h5py.File(features_dir / "tiny_slide.h5", "w") as h5:
         h5["features"], h5["coords"] = features, coords
     dataset = context_windows_of_dir(path.parent, features_dir, side=3, min_fraction=4 / 9)
@@ -167,9 +167,8 @@ def test_windows_are_read_at_the_tilings_mpp_not_the_slides_metadata(tmp_path):
     dataset = ContextWindowDataset(path, side=3)
     window, cells, _, _ = dataset[0]
     assert dataset.mpp == 0.25
-    expected = open_slide(png, 0.25).read_at_mpp(
-        tuple(cells[0].tolist()), 3 * TILE, 0.5
-    )  # a 2x downsampled read
+    # a 2x downsampled read
+    expected = open_slide(png, 0.25).read_at_mpp(tuple(cells[0].tolist()), 3 * TILE, 0.5)
     np.testing.assert_array_equal(window.permute(1, 2, 0).numpy(), expected)
 
 
@@ -183,20 +182,20 @@ def test_window_stride_sets_how_often_one_epoch_shows_a_tile(tiled, window_strid
     for window, flags in zip(cells, valid, strict=True):
         for cell in window[flags].tolist():
             visits[tuple(cell)] = visits.get(tuple(cell), 0) + 1
-    assert (
-        max(visits.values()) == most_visits
-    )  # stride 1: an interior tile is a target in all 9 of its windows
+    # stride 1: an interior tile is a target in all 9 of its windows
+    assert max(visits.values()) == most_visits
     assert ((np.round(coords[anchors] / TILE) % window_stride) == 0).all()
 
 
 def test_excluded_slides_give_no_window(tiled, tiny_slide):
     path, _ = tiled
     kept = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
+    # excluded by its slide id
     write_coords(
         path.parent / "other.h5",
         box_tiles(128, 128, cols=6, rows=4),
         coords_attrs(tiny_slide.path) | {"slide_id": "other"},
-    )  # excluded by its slide id
+    )
     both = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
     held_out = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5, exclude=["other"])
     assert len(both) == 2 * len(kept) and len(held_out) == len(kept) > 0
@@ -215,9 +214,8 @@ def test_a_corrupt_window_is_replaced_by_the_slides_next_readable_one_with_one_w
     tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=128)
     dataset = context_windows_of_dir(tmp_path / "tiles" / "patches", None, side=3, window_stride=3)
     corners = torch.cat([cells[:, 0] for _, cells, _, _ in DataLoader(dataset, batch_size=4, num_workers=1)])
-    assert (
-        len(corners) == len(dataset) == 4
-    )  # anchors on cells 3 and 6 of the 8 x 8 grid: corners at 256, 640 px
+    # anchors on cells 3 and 6 of the 8 x 8 grid: corners at 256, 640 px
+    assert len(corners) == len(dataset) == 4
     # The window over the damaged JPEG tile (256..512 px) is (256, 256)'s: it takes the next one, (640, 256).
     assert sorted(map(tuple, corners.tolist())) == [(256, 640), (640, 256), (640, 256), (640, 640)]
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]

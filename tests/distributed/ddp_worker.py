@@ -37,9 +37,8 @@ def loss_level(out: Path, rank: int, world: int = 2) -> None:
 
     sd = SelfDistillationLoss(16).train()
     sd_loss = sd(student[half], teacher[half])
-    torch.manual_seed(
-        0
-    )  # the same initial memories on every rank, as DDP's initial broadcast would make them
+    # the same initial memories on every rank, as DDP's initial broadcast would make them
+    torch.manual_seed(0)
     crd = CRDLoss(12, 10, num_data=20, feat_dim=6, nce_k=5)
     crd_loss = crd(features_s[half], features_t[half], index[half], contrast[half])
     torch.save(

@@ -130,9 +130,8 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, two_class_data):
     interrupted = tmp_path / "interrupted"
     stop = "--trainer.callbacks+=test_fit.StopAfterFirstEpoch"
     assert fit(interrupted, two_class_data, *common, stop) == 0
-    assert (
-        torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
-    )  # one epoch
+    # one epoch
+    assert torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert fit(interrupted, two_class_data, *common, "--resume") == 0
     expected = state_dict(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     resumed = state_dict(interrupted / "checkpoints" / "last.ckpt")

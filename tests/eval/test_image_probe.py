@@ -56,9 +56,8 @@ def test_training_images_are_augmented_afresh_every_epoch_and_the_eval_path_is_d
     first, second = eval_features(data), eval_features(data)
     np.testing.assert_array_equal(first[0].features, second[0].features)
     np.testing.assert_array_equal(first[1].features, second[1].features)
-    eval_inputs = seen[
-        0
-    ]  # (6, 3, 64, 64): the 6 training images, resized and centre-cropped, in folder order
+    # (6, 3, 64, 64): the 6 training images, resized and centre-cropped, in folder order
+    eval_inputs = seen[0]
     seen.clear()
     # One step per epoch, holding every training image.
     mae_image_probe(data, first[1].features, first[1].labels, seed=0, epochs=2, warmup_epochs=1, batch_size=6)

@@ -21,9 +21,8 @@ def test_knn_vote_matches_the_formula_by_hand():
     unit = test[0] / np.linalg.norm(test[0])
     sims = [unit @ (t / np.linalg.norm(t)) for t in train]  # [0.995, 0.0995, 0.774]
     T = 0.5
-    votes = np.array(
-        [math.exp(sims[0] / T), math.exp(sims[2] / T)]
-    )  # class 0, class 1 (point 1 is not in the top 2)
+    # class 0, class 1 (point 1 is not in the top 2)
+    votes = np.array([math.exp(sims[0] / T), math.exp(sims[2] / T)])
     expected = votes / votes.sum()
     result = knn_probe(train, train_y, test, np.array([0, 1]), k=2, temperature=T)
     np.testing.assert_allclose(result.probs[0], expected, rtol=1e-5)
@@ -67,9 +66,8 @@ def _write_features(path, x, y, classes):
         handle.attrs["classes"] = classes
 
 
-@pytest.mark.parametrize(
-    "classes", [(0, 1, 2), (0, 2)]
-)  # three classes, and two of three (binary, one absent)
+# three classes, and two of three (binary, one absent)
+@pytest.mark.parametrize("classes", [(0, 1, 2), (0, 2)])
 def test_linear_classifier_gives_the_probe_probabilities_on_raw_features(classes):
     """The teacher head for logit KD: the probe's scaler folded into one Linear, so softmax(logits) on raw
     features equals the fitted probe's predict_proba (the probe scores test features with the same model)."""

@@ -172,8 +172,7 @@ def test_a_demo_report_opens_on_the_extractor_table_and_shows_folds_as_a_table(c
     page = build_report(chain).read_text()
     assert page.index('id="s-summary"') < page.index('id="s-stages"')
     assert "0.901 [0.801, 0.966]" in page and "11,176,512" in page and "–" in page
-    assert (
-        "0.8333333333333334" not in page and "{&#x27;auroc" not in page
-    )  # folds: a table, not a Python repr
+    # folds: a table, not a Python repr
+    assert "0.8333333333333334" not in page and "{&#x27;auroc" not in page
     assert "<th>auroc</th>" in page and "0.8333" in page
     assert "negative, positive" in page and "[&#x27;negative" not in page  # lists read as text, not a repr

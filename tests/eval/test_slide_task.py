@@ -106,9 +106,8 @@ def _write_features(folder, slides: dict[str, np.ndarray]) -> None:
 
 def test_tile_probe_finds_tumour_tiles_the_features_carry(tmp_path):
     rng = np.random.default_rng(0)
-    truth = {
-        f"s{i}": rng.random(20) < (0.3 if i % 2 else 0.0) for i in range(10)
-    }  # tumour tiles on odd slides
+    # tumour tiles on odd slides
+    truth = {f"s{i}": rng.random(20) < (0.3 if i % 2 else 0.0) for i in range(10)}
     features = {s: rng.normal(0, 1, (20, 6)) + 3.0 * t[:, None] * np.eye(6)[0] for s, t in truth.items()}
     _write_features(tmp_path / "f", features)
     score = tile_probe_auroc(tmp_path / "f", list(truth), lambda s, coords: truth[s][coords[:, 0] // 64])

@@ -14,9 +14,8 @@ from histodistill.wsi.tiling import tile_slide
 
 def test_colour_features_are_each_tiles_lab_statistics(tmp_path):
     rng = np.random.default_rng(0)
-    image = np.full(
-        (192, 192, 3), 242, np.uint8
-    )  # glass around two tissue tiles, so tissue detection has a contrast
+    # glass around two tissue tiles, so tissue detection has a contrast
+    image = np.full((192, 192, 3), 242, np.uint8)
     image[:64, :64] = np.clip(rng.normal((200, 100, 150), 10, (64, 64, 3)), 0, 255)  # pink tile
     image[:64, 64:128] = np.clip(rng.normal((90, 60, 160), 10, (64, 64, 3)), 0, 255)  # purple tile
     write_pyramid_tiff(tmp_path / "s.tif", image, mpp=0.5)

@@ -193,9 +193,8 @@ def test_rerun_skips_finished_slides_and_redoes_missing_ones(tiles, tmp_path):
     (folder / "slide_b.h5").unlink()
     assert _extract(tiles, out, "--context-window", "3") == 0
     assert (folder / "slide_a.h5").stat().st_mtime_ns == stamp_a  # finished slide skipped
-    np.testing.assert_array_equal(
-        h5py.File(folder / "slide_b.h5")["features"][:], before
-    )  # redone identically
+    # redone identically
+    np.testing.assert_array_equal(h5py.File(folder / "slide_b.h5")["features"][:], before)
 
 
 @pytest.mark.parametrize(

@@ -37,9 +37,8 @@ def tiles(tiny_slide, tmp_path):
 
 
 def _extract(tiles, out, *extra):
-    random_init = (
-        () if "--weights" in extra else ("--random-init",)
-    )  # a weights file is the other explicit choice
+    # a weights file is the other explicit choice
+    random_init = () if "--weights" in extra else ("--random-init",)
     return main(
         [
             "extract",
@@ -96,9 +95,8 @@ def test_rerun_skips_finished_slides_and_redoes_missing_ones(tiles, tmp_path):
     (folder / "slide_b.h5").unlink()
     assert _extract(tiles, out) == 0
     assert (folder / "slide_a.h5").stat().st_mtime_ns == stamp_a  # skipped
-    np.testing.assert_array_equal(
-        h5py.File(folder / "slide_b.h5")["features"][:], before
-    )  # same seeded model
+    # same seeded model
+    np.testing.assert_array_equal(h5py.File(folder / "slide_b.h5")["features"][:], before)
 
 
 def test_an_interrupted_slide_leaves_no_file_and_is_redone(tiles, tmp_path, monkeypatch):

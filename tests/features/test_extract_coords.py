@@ -16,9 +16,8 @@ from histodistill.wsi.tiff_writer import write_pyramid_tiff
 from histodistill.wsi.tiling import tile_slide
 
 MODEL = "tiny/resnet18-64"
-SAME_TILES = np.array(
-    [[128, 128], [256, 128], [128, 256], [384, 256]], np.int64
-)  # in the tiny slide's tissue
+# in the tiny slide's tissue
+SAME_TILES = np.array([[128, 128], [256, 128], [128, 256], [384, 256]], np.int64)
 
 
 def extract(coords, out, *extra) -> int:
@@ -190,9 +189,8 @@ def test_heatmap_boxes_follow_the_tiling_after_mpp_override(tmp_path, monkeypatc
     sizes = []
     original = heatmap.score_raster
     monkeypatch.setattr(heatmap, "score_raster", lambda *a: sizes.append(a[3]) or original(*a))
-    assert (
-        main(["heatmap", "--run", str(tmp_path / "run"), "--top-k", "1"]) == 0
-    )  # slide found by its slide_path
+    # slide found by its slide_path
+    assert main(["heatmap", "--run", str(tmp_path / "run"), "--top-k", "1"]) == 0
     assert sizes == [128]
     moved = tmp_path / "moved"
     moved.mkdir()

@@ -160,12 +160,13 @@ def test_corrupt_tiles_are_left_out_named_and_recorded_and_the_rerun_keeps_the_f
     out, folder = tmp_path / "features", tmp_path / "features" / FOLDER
     assert _extract(tmp_path / "tiles", out) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: slide")]
+    # the 256-px JPEG tile holds four tiles
     damaged = [
         (x, y),
         (x + 128, y),
         (x, y + 128),
         (x + 128, y + 128),
-    ]  # the 256-px JPEG tile holds four tiles
+    ]
     assert warnings == [
         f"warning: slide corrupt: 4 of 64 tiles cannot be read from the slide file (corrupt or "
         f"damaged) and are left out of its features: {', '.join(map(str, damaged))}; listed in "
@@ -180,7 +181,6 @@ def test_corrupt_tiles_are_left_out_named_and_recorded_and_the_rerun_keeps_the_f
         *(f"corrupt,{a},{b}" for a, b in damaged),
     ]
     stamp = (folder / "corrupt.h5").stat().st_mtime_ns
-    assert (
-        _extract(tmp_path / "tiles", out) == 0
-    )  # a finished file with 60 of 64 rows is finished, not redone
+    # a finished file with 60 of 64 rows is finished, not redone
+    assert _extract(tmp_path / "tiles", out) == 0
     assert "redoing" not in capsys.readouterr().out and (folder / "corrupt.h5").stat().st_mtime_ns == stamp

@@ -69,10 +69,11 @@ def test_at_is_mean_squared_difference_of_normalised_attention_maps():
 
 # ---- SP ---------------------------------------------------------------------------------------------
 def test_sp_is_frobenius_distance_of_row_normalised_batch_grams_over_b_squared():
+    # a map and a vector: only the batch relation counts
     s, t = (
         fixed(3, 2, 2, 2, seed=3),
         fixed(3, 7, seed=4),
-    )  # a map and a vector: only the batch relation counts
+    )
 
     def gram(x):
         rows = [r.flatten().tolist() for r in x]

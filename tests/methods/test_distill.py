@@ -100,9 +100,8 @@ def test_frozen_teacher_never_changes_and_is_left_out_of_the_optimiser(teacher_c
     before = {k: v.clone() for k, v in distill.teacher.state_dict().items()}
     train_steps(distill, tiny_batch(), steps=3)
     for key, value in distill.teacher.state_dict().items():
-        assert torch.equal(value, before[key]), (
-            key
-        )  # BN running stats included: the teacher runs in eval mode
+        # BN running stats included: the teacher runs in eval mode
+        assert torch.equal(value, before[key]), key
     assert not any(p.requires_grad for p in distill.teacher.parameters())
     assert not any(p.requires_grad for p in distill.teacher_classifier.parameters())
 

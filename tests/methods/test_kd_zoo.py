@@ -56,9 +56,8 @@ def test_every_zoo_name_is_a_feature_choice():
 def test_each_zoo_term_trains_a_tiny_student(teacher_ckpt, feature):  # noqa: F811
     path, _ = teacher_ckpt()
     torch.manual_seed(0)
-    distill = make(
-        path, feature, w_feature=min(WEIGHTS[feature], 1.0)
-    )  # official weights assume batches of 64
+    # official weights assume batches of 64
+    distill = make(path, feature, w_feature=min(WEIGHTS[feature], 1.0))
     batch = (*tiny_batch(), torch.arange(8))  # the sample indices CRD needs; the other terms ignore them
     losses = train_steps(distill, batch, steps=10, lr=0.02)
     assert all(map(torch.isfinite, map(torch.tensor, losses)))

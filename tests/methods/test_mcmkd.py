@@ -168,9 +168,10 @@ def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(
 
     tiles = tmp_path / "tiles"
     tile_slide(tiny_slide.path, tiles, target_mpp=0.5, patch_size=64)
+    # as the tiny recipe states
     features_dir = ensure_teacher_cache(
         tiles, tiles, "tiny/vit-tiny-p8-64", rebuild=True, batch_size=32, pretrained=False
-    )  # as the tiny recipe states
+    )
 
     # From here on the teacher must never run: no extraction, no teacher forward.
     def refuse(*args, **kwargs):

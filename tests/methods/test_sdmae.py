@@ -198,9 +198,8 @@ def test_official_init_and_mask_count_details():
     assert sdmae.decoder.mask_token.abs().max() <= 0.02
     fan_in = 3 * 8 * 8
     assert sdmae.backbone.model.patch_embed.proj.weight.abs().max() <= fan_in**-0.5  # Conv2d default bound
-    assert (
-        mae.backbone.model.patch_embed.proj.weight.abs().max() > fan_in**-0.5
-    )  # xavier: (6 / (192 + 48))^0.5
+    # xavier: (6 / (192 + 48))^0.5
+    assert mae.backbone.model.patch_embed.proj.weight.abs().max() > fan_in**-0.5
     bridge = sdmae.decoder.bridge.weight
     assert bridge.abs().max() <= bridge.shape[1] ** -0.5  # Linear default, not xavier
 

@@ -108,9 +108,8 @@ def test_spec_round_trips_through_json():
 
 
 def test_timm_name_takes_preprocessing_from_timm_and_kwargs_change_input_size():
-    assert (
-        create_backbone("vit_tiny_patch16_224", pretrained=False).spec.preprocess.input_size == 224
-    )  # timm's pretrained_cfg
+    # timm's pretrained_cfg
+    assert create_backbone("vit_tiny_patch16_224", pretrained=False).spec.preprocess.input_size == 224
     backbone = create_backbone("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
     # A ViT built for 32 px accepts only 32 px: extraction must resize to what the model takes.
     size = backbone.spec.preprocess.input_size
@@ -201,10 +200,11 @@ def test_random_like_keeps_the_spec_and_draws_new_weights(capsys):
     trained = create_backbone("tiny/vit-tiny-p8-64", pretrained=False)
     control = random_like(replace(trained.spec, source="checkpoint:last.ckpt"))
     assert control.spec == trained.spec and control.spec.preprocess.input_size == 64  # source "random" again
+    # built for 64 px, as the spec
     assert control(torch.zeros(1, 3, 64, 64)).shape == (
         1,
         trained.num_features,
-    )  # built for 64 px, as the spec
+    )
     assert not torch.equal(control.model.patch_embed.proj.weight, trained.model.patch_embed.proj.weight)
     assert "tiny/vit-tiny-p8-64: random initialisation" in capsys.readouterr().err
 

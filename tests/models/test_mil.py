@@ -119,9 +119,8 @@ def ce(logits: list[float], target: int) -> float:
 
 def fixed_clam_output() -> MILOutput:
     """One bag of 5 tiles (and a padded sixth), two classes, one attention branch (SB)."""
-    attention = torch.tensor(
-        [[[0.1, 0.4, 0.05, 0.3, 0.15, 0.0]]]
-    )  # (1, 1, 6): top-2 = tiles 1, 3; bottom-2 = 2, 0
+    # (1, 1, 6): top-2 = tiles 1, 3; bottom-2 = 2, 0
+    attention = torch.tensor([[[0.1, 0.4, 0.05, 0.3, 0.15, 0.0]]])
     instance_logits = torch.arange(24, dtype=torch.float32).reshape(1, 6, 2, 2).sin()  # (1, 6, C=2, 2)
     mask = torch.tensor([[True] * 5 + [False]])
     return MILOutput(torch.tensor([[0.3, -0.2]]), attention[:, 0], attention, instance_logits, mask)

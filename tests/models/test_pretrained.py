@@ -56,9 +56,8 @@ def test_random_weights_only_when_asked_and_said(capsys):
 
 def test_a_local_file_needs_no_hub(tmp_path, capsys):
     state = _published_weights(tmp_path)
-    backbone = create_backbone(
-        NAME, weights=tmp_path / "model.safetensors"
-    )  # the hub would fail: offline, empty
+    # the hub would fail: offline, empty
+    backbone = create_backbone(NAME, weights=tmp_path / "model.safetensors")
     torch.testing.assert_close(backbone.model.conv1[0].weight, state["conv1.0.weight"])
     assert backbone.spec.source == "weights:model.safetensors" and "random" not in capsys.readouterr().err
 

@@ -235,9 +235,8 @@ def _polygon_vertex_mean(wkb: bytes) -> tuple[float, float]:
     (geometry_type,) = struct.unpack(order + "I", wkb[1:5])
     assert geometry_type == 3  # Polygon
     (num_points,) = struct.unpack(order + "I", wkb[9:13])  # first ring: after the ring count
-    points = np.frombuffer(wkb[13 : 13 + 16 * num_points], dtype=order + "f8").reshape(
-        num_points, 2
-    )  # (P, 2) x, y
+    # (P, 2) x, y
+    points = np.frombuffer(wkb[13 : 13 + 16 * num_points], dtype=order + "f8").reshape(num_points, 2)
     return tuple(points.mean(0))
 
 

@@ -91,9 +91,8 @@ def test_zero_tiles_are_never_silent(tmp_path, capsys, name, pixels, reason, par
     assert main(["tile", str(path), "--out", str(out)]) == 0
     status = status_of(out, name)
     assert status["status"] == "empty" and status["n_tiles"] == 0
-    assert (
-        reason in status["message"] and parameter in status["message"]
-    )  # the file speaks Python, the CLI flags
+    # the file speaks Python, the CLI flags
+    assert reason in status["message"] and parameter in status["message"]
     assert str(out / "qc" / f"{name}.png") in status["message"] and (out / "qc" / f"{name}.png").is_file()
     assert not (out / "patches" / f"{name}.h5").exists()
     captured = capsys.readouterr()
@@ -117,9 +116,8 @@ def test_a_desktop_resolution_tag_is_refused_by_name_and_writes_no_coords(tmp_pa
     assert "pass --mpp-override X with the scanner's resolution" in err
     assert not (out / "patches" / "tagged.h5").exists()
     assert status_of(out, "tagged")["status"] == "failed"
-    assert (
-        main(["tile", str(path), "--out", str(out), "--mpp-override", "0.5"]) == 0
-    )  # the named remedy works
+    # the named remedy works
+    assert main(["tile", str(path), "--out", str(out), "--mpp-override", "0.5"]) == 0
 
 
 def test_an_mpp_override_off_by_ten_is_refused_too(tiny_slide, tmp_path):
@@ -144,9 +142,8 @@ def test_upsampling_is_a_warning_that_names_both_mpps(tiny_slide, tmp_path, caps
         "target 0.25 mpp is finer than the slide's level 0 (0.5 mpp" in message and "upsampled 2x" in message
     )
     assert status_of(out, "tiny_slide")["status"] == "ok"
-    assert (
-        message.replace("`target_mpp=0.5`", "--mpp 0.5") in capsys.readouterr().err
-    )  # the CLI names its option
+    # the CLI names its option
+    assert message.replace("`target_mpp=0.5`", "--mpp 0.5") in capsys.readouterr().err
 
 
 def test_images_beyond_pillows_pixel_limit_are_read_when_memory_allows(tmp_path, monkeypatch):

@@ -91,10 +91,11 @@ INKS = {
     "blue": ((30, 60, 170), 0.0),  # green above red: the pen rule
     "navy": ((69, 61, 119), 0.0),  # red just above green: the averaged-hue ink rule
     "violet-blue": ((80, 60, 150), 0.0),  # hue 253 deg: the averaged-hue ink rule
+    # the band: above the near-black cut, a trace of blue; was kept 8 of 8
     "black": (
         (45, 45, 55),
         0.0,
-    ),  # the band: above the near-black cut, a trace of blue; was kept 8 of 8
+    ),
     "red": ((200, 40, 50), 0.85),  # KEPT: as red as eosin, nothing tells them apart by colour
 }
 
@@ -142,9 +143,8 @@ def test_tinted_and_grey_glass_pen_and_dark_borders_are_not_tissue():
     tissue_box = (100, 60, 220, 160)
     image = make_tissue_image(320, 240, [tissue_box], seed=3)
     rng = np.random.default_rng(4)
-    image[:, :30] = np.clip(
-        np.array((228, 222, 234)) + rng.normal(0, 4, (240, 30, 3)), 0, 255
-    )  # tinted glass
+    # tinted glass
+    image[:, :30] = np.clip(np.array((228, 222, 234)) + rng.normal(0, 4, (240, 30, 3)), 0, 255)
     image[:, 280:] = np.linspace(242, 200, 40)[None, :, None].astype(np.uint8)  # grey vignetting
     image[20:26, 40:300] = (40, 150, 60)  # green pen line
     image[180:215, 40:90] = (30, 60, 170)  # blue pen blob

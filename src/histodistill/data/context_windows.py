@@ -106,10 +106,11 @@ def window_cells(
         valid = np.array([(int(x), int(y)) in tiles for x, y in cells.reshape(-1, 2)], dtype=bool)
     else:
         cells, valid = _snap_to_tiles(coords, np.round(cell_offsets(side) * cell_steps * stride), stride / 4)
+    # (N, s*s)
     cells, valid = (
         cells.reshape(len(coords), side * side, 2),
         valid.reshape(len(coords), side * side),
-    )  # (N, s*s)
+    )
     # A small tolerance so that a threshold written as 0.888 keeps windows with 8 of 9 cells.
     keep = valid.mean(axis=1) >= min_fraction - 1e-3
     keep &= (grid_index % (window_stride * cell_steps) == 0).all(axis=1)  # anchors on every k-th cell

@@ -210,9 +210,8 @@ class HDF5ArrayDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.asarray(self._images()[index], dtype=np.uint8)).permute(
-            2, 0, 1
-        )  # (3, H, W)
+        # (3, H, W)
+        image = torch.from_numpy(np.asarray(self._images()[index], dtype=np.uint8)).permute(2, 0, 1)
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
     def __getstate__(self) -> dict:

@@ -67,9 +67,8 @@ def score_raster(
     the tile whose top-left lies in the overlap.
     """
     raster = np.full(shape_hw, np.nan)
-    boxes = np.round(np.concatenate([coords, coords + patch_size_level0], axis=1) / downsample).astype(
-        int
-    )  # (N, 4)
+    # (N, 4)
+    boxes = np.round(np.concatenate([coords, coords + patch_size_level0], axis=1) / downsample).astype(int)
     boxes = np.clip(boxes, 0, [shape_hw[1], shape_hw[0], shape_hw[1], shape_hw[0]])
     for (x0, y0, x1, y1), value in zip(boxes, values, strict=True):
         raster[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] = value  # at least one pixel per tile

@@ -53,9 +53,8 @@ def ovr_auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
         return float("nan")
     if probs.shape[1] == 2:
         return float(binary_aurocs((y_true == 1)[None], probs[None, :, 1])[0])
-    return float(
-        np.mean(binary_aurocs(y_true[None] == present[:, None], probs[:, present].T))
-    )  # (K, N) -> (K,)
+    # (K, N) -> (K,)
+    return float(np.mean(binary_aurocs(y_true[None] == present[:, None], probs[:, present].T)))
 
 
 def ovr_aurocs(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:

@@ -37,11 +37,12 @@ FIGURE_FOLDERS = {"figures", "qc", "heatmaps"}  # where stages write their PNGs
 MAX_FIGURE_PX = 1100  # wider figures are shrunk: the page column is 1200 px
 MAX_FIGURE_BYTES = 400_000  # heavier ones are re-encoded as JPEG
 SUMMARY_JSON = "summary.json"  # a demo's per-extractor results, the report's opening table
+# the rows of `histodistill distill`'s summary.json
 DISTILL_MODELS = (
     "teacher",
     "student_untuned",
     "student",
-)  # the rows of `histodistill distill`'s summary.json
+)
 # (key in summary.json, column header, format); a missing or null value shows as "–".
 # The first four are the distill table's columns (docs/benchmarks/distill.md).
 EXTRACTOR_COLUMNS = (

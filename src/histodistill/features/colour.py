@@ -47,9 +47,8 @@ def colour_features(coords_dir: str | os.PathLike, out_dir: str | os.PathLike) -
         target = features_dir / f"{coords_path.stem}.h5"
         if target.exists():
             continue
-        tiles = SlideTileDataset(
-            coords_path, mark_unreadable=True
-        )  # (3, H, W) uint8 tensors at the tiling's mpp
+        # (3, H, W) uint8 tensors at the tiling's mpp
+        tiles = SlideTileDataset(coords_path, mark_unreadable=True)
         features, coords, unreadable = extract_slide(lab_features, tiles, desc=tiles.slide_id)
         record_unreadable(features_dir, tiles.slide_id, unreadable, len(tiles))
         write_slide_features(

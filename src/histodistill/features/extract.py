@@ -77,9 +77,8 @@ def state_dict_sha256(model: nn.Module) -> str:
     whatever file format, checkpoint or hub they came from."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        tensor = (
-            tensor.detach().cpu().contiguous().reshape(-1)
-        )  # 0-d buffers (BN counters) cannot be viewed as bytes
+        # 0-d buffers (BN counters) cannot be viewed as bytes
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

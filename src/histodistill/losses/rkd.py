@@ -31,9 +31,8 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 def triplet_cosines(features: torch.Tensor) -> torch.Tensor:
     """(B, D) -> (B³,): ``ψ_A(i, j, k) = ⟨e_ij, e_kj⟩``, e_ij the unit vector from x_j to x_i
     (the cosine of the angle at j)."""
-    difference = F.normalize(
-        features[None, :, :] - features[:, None, :], p=2, dim=2
-    )  # (B, B, D): [j, i] = x_i − x_j
+    # (B, B, D): [j, i] = x_i − x_j
+    difference = F.normalize(features[None, :, :] - features[:, None, :], p=2, dim=2)
     return torch.bmm(difference, difference.transpose(1, 2)).flatten()
 
 

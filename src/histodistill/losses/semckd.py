@@ -74,12 +74,12 @@ class SemCKDLoss(nn.Module):
             flat = f.flatten(1)
             return flat @ flat.T  # (B, B)
 
-        q = torch.stack(
-            [embed(similarity(f)) for embed, f in zip(self.queries, student, strict=True)], 1
-        )  # (B, n_s, d)
+        # (B, n_s, d)
+        q = torch.stack([embed(similarity(f)) for embed, f in zip(self.queries, student, strict=True)], 1)
+        # (B, d, n_t)
         k = torch.stack(
             [embed(similarity(f.detach())) for embed, f in zip(self.keys, teacher, strict=True)], 2
-        )  # (B, d, n_t)
+        )
         return torch.softmax(torch.bmm(q, k) / self.soft, dim=-1)
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

@@ -299,9 +299,8 @@ class SDMAE(_MaskedPretraining):
         """``pred`` (B, L, p·p·3) in target space (zeros at visible patches), ``student`` and ``teacher``
         head outputs averaged over the visible patches, (B, head_dim) each."""
         vit = self.backbone.model
-        tokens = self.encoder_norm(
-            encode_visible(vit, images, mask.ids_keep)[:, vit.num_prefix_tokens :]
-        )  # (B, K, D)
+        # (B, K, D)
+        tokens = self.encoder_norm(encode_visible(vit, images, mask.ids_keep)[:, vit.num_prefix_tokens :])
         pred_masked, decoded_visible = self.decoder(tokens, mask)  # (B, L−K, p·p·3), (B, K, Dd)
         return {
             "pred": scatter_patches(pred_masked, mask.ids_masked, self.num_patches),

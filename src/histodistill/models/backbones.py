@@ -290,9 +290,8 @@ def _published_file(name: str, entry: BackboneEntry, filename: str) -> Path:
         if not target.is_file():
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(
-                    filename, str(target), progress=False
-                )  # writes a temporary, then renames
+                # writes a temporary, then renames
+                torch.hub.download_url_to_file(filename, str(target), progress=False)
             except OSError as error:
                 raise UserError(
                     f"cannot download the pretrained weights of {name!r} from {filename}: "

@@ -58,9 +58,8 @@ def cell_mask_to_pixels(mask: torch.Tensor, height: int, width: int) -> torch.Te
     if height % side or width % side:
         raise ValueError(f"window {height}x{width} is not an exact {side}x{side} grid of tiles")
     grid = mask.view(mask.shape[0], 1, side, side)  # (B, 1, s, s), row-major cells
-    return grid.repeat_interleave(height // side, dim=2).repeat_interleave(
-        width // side, dim=3
-    )  # (B, 1, H, W)
+    # (B, 1, H, W)
+    return grid.repeat_interleave(height // side, dim=2).repeat_interleave(width // side, dim=3)
 
 
 class CellMasker(nn.Module):

@@ -141,10 +141,11 @@ def clam_instance_loss(
     total = torch.zeros(batch, device=mask.device)
     for c in range(logits.shape[2]):
         branch = c if branches > 1 else 0
+        # (B, k, 2) each
         top_c, bottom_c = (
             logits[rows, top[:, branch], c],
             logits[rows, bottom[:, branch], c],
-        )  # (B, k, 2) each
+        )
         in_class = (mean_ce(top_c, ones) + mean_ce(bottom_c, zeros)) / (2 * valid.sum(1))
         out_of_class = mean_ce(top_c, zeros) / valid.sum(1) if subtyping else torch.zeros_like(in_class)
         total = total + torch.where(labels == c, in_class, out_of_class)

@@ -207,11 +207,12 @@ def _step_checkpoint(context: DistillContext) -> dict:
 
 def _mcmkd_overrides(context: DistillContext) -> list[str]:
     config = context.config
+    # None: the recipe's
     given = {
         "--model.init_args.target_norm": config.target_norm,
         "--model.init_args.loss": config.loss,
         "--data.init_args.window_stride": config.window_stride,
-    }  # None: the recipe's
+    }
     return [
         *(part for key, value in given.items() if value is not None for part in (key, str(value))),
         "--model.init_args.student",

@@ -109,11 +109,12 @@ def run_stages(
         write_json(context.out / TIMINGS, {name: rec["seconds"] for name, rec in records.items()})
         start, ran = time.perf_counter(), True
         summary = stage.run(context)
+        # all of them: what the run was
         record = {
             "summary": summary,
             "seconds": round(time.perf_counter() - start, 2),
             "settings": dict(context.settings),
-        }  # all of them: what the run was
+        }
         write_json(record_path(context.out, stage.name), record)
         records[stage.name] = record
         log(f"    done in {record['seconds']:.1f} s: " + ", ".join(f"{k}={v}" for k, v in summary.items()))

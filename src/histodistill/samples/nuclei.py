@@ -184,9 +184,8 @@ def write_image_folder(
     split_dirs = [out_dir / "train", out_dir / "test"]
     if not overwrite:
         if summary_path.is_file():
-            previous = {"fraction": 1.0} | json.loads(
-                summary_path.read_text()
-            )  # older folders kept every nucleus
+            # older folders kept every nucleus
+            previous = {"fraction": 1.0} | json.loads(summary_path.read_text())
             previous = {key: previous.get(key) for key in settings}
             if previous == settings:
                 return out_dir

@@ -80,9 +80,8 @@ class Slide(ABC):
         self.slide_id = path.stem
         self._metadata_mpp = metadata_mpp
         self._mpp_override = mpp_override
-        self.mpp_source = (
-            OVERRIDE_SOURCE if mpp_override else mpp_source
-        )  # where `mpp` comes from, for messages
+        # where `mpp` comes from, for messages
+        self.mpp_source = OVERRIDE_SOURCE if mpp_override else mpp_source
         self.unreadable: list[UnreadableRegion] = []  # regions `read_downsampled` read as glass
 
     @property
