@@ -52,9 +52,8 @@ LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
 #   CPU (the issue asks >= 2x; docs/benchmarks/distill.md); --quick keeps the 96-d, 2-block ViT, faster
 #   than the student.
 # - mcmkd_steps: MCM-KD's optimiser steps (distill's budget). 400 steps of 8 windows (72 tiles) in the full
-# run:
-#   issue 26 measured that 400 steps of 64 tiles lifted a from-scratch ResNet-18's tile probe to 0.871;
-#   --quick runs a handful, enough for every code path.
+#   run: issue 26 measured that 400 steps of 64 tiles lifted a from-scratch ResNet-18's tile probe to
+#   0.871; --quick runs a handful, enough for every code path.
 SIZES = {
     False: {
         "slides": 200,
@@ -88,8 +87,7 @@ SIZES = {
 #   default is LayerNorm per tile with a cosine; docs/mcmkd.md "Target normalisation" measures why the cosine
 #   mostly rewards the ViT features' common direction);
 # - windows on every 3rd tile, so the step budget spreads over more of the slides (stride 1 centres a window
-# on
-#   every tile: each tile a masked target up to 9 times per pass), 8 windows per step.
+#   on every tile: each tile a masked target up to 9 times per pass), 8 windows per step.
 MCMKD_RECIPE = "mcmkd/tiny_cpu.yaml"
 MCMKD_TARGETS = {"target_norm": "standardize", "loss": "mse"}
 MCMKD_WINDOW_STRIDE = 3
