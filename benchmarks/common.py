@@ -45,7 +45,8 @@ def machine_description() -> str:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, sync: bool = False) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA-synchronised if asked)."""
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA-synchronised if
+    asked)."""
     import torch
 
     def once() -> float:
@@ -81,10 +82,13 @@ def write_section(name: str, title: str, body: str) -> Path:
     """Write one benchmark's results (with machine and date) to ``docs/benchmarks/<name>.md``; the parts
     that `write_part` wrote into it stay after them."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = f"## {title}\n\n_Machine: {machine_description()}. Measured {stamp} by `python benchmarks/{name}.py`._\n\n{body.strip()}\n"
+    text = (
+        f"## {title}\n\n_Machine: {machine_description()}. Measured {stamp} by `python "
+        f"benchmarks/{name}.py`._\n\n{body.strip()}\n"
+    )
     path = SECTIONS_DIR / f"{name}.md"
     old = path.read_text() if path.is_file() else ""
-    parts = old[old.index(PART):] if PART in old else ""
+    parts = old[old.index(PART) :] if PART in old else ""
     return _write(path, text + ("\n" + parts if parts else ""), text)
 
 
@@ -93,8 +97,10 @@ def write_part(name: str, key: str, title: str, command: str, body: str) -> Path
     own machine and date, measured by ``command``; the rest of the file stays as it was."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     marker = f"{PART}{key} -->"
-    block = (f"{marker}\n### {title}\n\n_Machine: {machine_description()}. Measured {stamp} by `{command}`._\n\n"
-             f"{body.strip()}\n")
+    block = (
+        f"{marker}\n### {title}\n\n_Machine: {machine_description()}. Measured {stamp} by `{command}`._\n\n"
+        f"{body.strip()}\n"
+    )
     path = SECTIONS_DIR / f"{name}.md"
     old = path.read_text() if path.is_file() else ""
     if marker in old:

@@ -34,8 +34,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tiles", type=int, default=512, help="at most this many tiles are timed")
-    parser.add_argument("--precision", choices=("32", "bf16"), default=None,
-                        help="default: bf16 on a GPU, 32 on the CPU")
+    parser.add_argument(
+        "--precision", choices=("32", "bf16"), default=None, help="default: bf16 on a GPU, 32 on the CPU"
+    )
     args = parser.parse_args()
 
     from histodistill.data.slide_dataset import SlideTileDataset
@@ -49,7 +50,8 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "32")
     torch.manual_seed(0)
-    backbone = prepare_model(create_backbone(args.model, pretrained=False), device)  # speed does not depend on the weights
+    # speed does not depend on the weights
+    backbone = prepare_model(create_backbone(args.model, pretrained=False), device)
     size = backbone.spec.preprocess.input_size
     with tempfile.TemporaryDirectory() as tmp:
         slide = cached_path("cmu_small_region")
@@ -57,7 +59,9 @@ def main() -> None:
         slide = slide or generated_slide(Path(tmp))
         tile_slide(slide, Path(tmp) / "tiles", target_mpp=0.5, patch_size=size)
         coords = next((Path(tmp) / "tiles" / "patches").glob("*.h5"))
-        full = SlideTileDataset(coords, transform=build_transform("eval", backbone.spec.preprocess, train=False))
+        full = SlideTileDataset(
+            coords, transform=build_transform("eval", backbone.spec.preprocess, train=False)
+        )
         dataset = Subset(full, range(min(args.tiles, len(full))))
 
         def end_to_end(workers: int) -> float:
@@ -66,8 +70,10 @@ def main() -> None:
             _sync(device)
             return len(dataset) / (time.perf_counter() - start)
 
-        batches = [torch.stack([dataset[j][0] for j in range(i, min(i + args.batch_size, len(dataset)))])
-                   for i in range(0, len(dataset), args.batch_size)]
+        batches = [
+            torch.stack([dataset[j][0] for j in range(i, min(i + args.batch_size, len(dataset)))])
+            for i in range(0, len(dataset), args.batch_size)
+        ]
 
         @torch.inference_mode()
         def model_only() -> float:
@@ -89,12 +95,15 @@ def main() -> None:
             alone.append(model_only())
             for workers in args.workers:
                 e2e[workers].append(end_to_end(workers))
-    rows = [[workers, mean_sd(rates), mean_sd([rate / model for rate, model in zip(rates, alone, strict=True)])]
-            for workers, rates in e2e.items()]
+    rows = [
+        [workers, mean_sd(rates), mean_sd([rate / model for rate, model in zip(rates, alone, strict=True)])]
+        for workers, rates in e2e.items()
+    ]
     table = markdown_table(["workers", "end-to-end tiles/s", "ratio to model-only"], rows)
     body = f"""
 Slide: {slide_label}, tiled at 0.5 mpp into {size}-px tiles (the model's input size); {len(dataset)} tiles,
-model {args.model}, {device.type}, precision {precision}, batch {args.batch_size}. End-to-end = `extract_slide`
+model {args.model}, {device.type}, precision {precision}, batch {args.batch_size}. End-to-end = \
+`extract_slide`
 over a `SlideTileDataset` (read, eval transform, DataLoader with N workers started for the slide, model);
 model-only = the same batches already in memory: {mean_sd(alone)} tiles/s. Mean ± sd over {args.repeats}
 interleaved repeats. Load average (1 min) {load_before:.1f} before and {os.getloadavg()[0]:.1f} after, on
@@ -105,7 +114,8 @@ interleaved repeats. Load average (1 min) {load_before:.1f} before and {os.getlo
 On a CPU the model and the DataLoader workers share the same few cores, so every tile decoded is compute taken
 from the model: the ratio there measures that competition, not overlap, and more workers than free cores only
 add start-up and scheduling. On a GPU the workers run beside the model and the target is a ratio of at least
-0.9 (the data side hidden behind the model){"" if device.type == "cuda" else "; this run had no GPU, so that target is not measured here"}.
+0.9 (the data side hidden behind the \
+model){"" if device.type == "cuda" else "; this run had no GPU, so that target is not measured here"}.
 """
     write_section("extract", "Feature extraction throughput", body)
 

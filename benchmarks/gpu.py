@@ -35,11 +35,13 @@ def inference_rows(device: torch.device) -> list[list[object]]:
     rows = []
     images = torch.randn(BATCH, 3, 224, 224, device=device)
     for name in ("vit_small_patch16_224", "resnet50"):
-        model = timm.create_model(name, pretrained=False, num_classes=0).to(device).eval()  # random: speed only
+        # random: speed only
+        model = timm.create_model(name, pretrained=False, num_classes=0).to(device).eval()
         compiled = torch.compile(model)
         variants = {"fp32": (model, False), "bf16": (model, True), "bf16 + compile": (compiled, True)}
         rates = {}
         for label, (net, bf16) in variants.items():
+
             def forward(net=net, bf16=bf16) -> None:
                 with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
                     net(images)
@@ -77,35 +79,65 @@ def sdmae_step_rows(device: torch.device, batch_size: int = BATCH) -> list[list[
 
         seconds = median_seconds(step, repeats=10, warmup=3, sync=True)
         mfu = f"{flops / seconds / peak:.1%}" if peak else "n/a (unknown peak)"
-        rows.append([type(module).__name__, batch_size, f"{seconds * 1e3:.0f}", f"{batch_size / seconds:.0f}",
-                     f"{flops / seconds / 1e12:.1f}", mfu])
+        rows.append(
+            [
+                type(module).__name__,
+                batch_size,
+                f"{seconds * 1e3:.0f}",
+                f"{batch_size / seconds:.0f}",
+                f"{flops / seconds / 1e12:.1f}",
+                mfu,
+            ]
+        )
     return rows
 
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("benchmarks/gpu.py: no CUDA GPU visible on this machine; nothing measured, nothing written "
-              "(docs/benchmarks/gpu.md keeps its 'not yet measured' note)")
+        print(
+            "benchmarks/gpu.py: no CUDA GPU visible on this machine; nothing measured, nothing written "
+            "(docs/benchmarks/gpu.md keeps its 'not yet measured' note)"
+        )
         return 0
     start = time.perf_counter()
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: the bf16 ratio is against true fp32
     inference = markdown_table(["model", "precision", "images/s", "× fp32"], inference_rows(device))
-    steps = markdown_table(["method", "batch", "ms / step", "images/s", "TFLOP/s", "MFU"], sdmae_step_rows(device))
-    extract = subprocess.call([sys.executable, "-m", "benchmarks.extract", "--device", "cuda", "--precision", "bf16",
-                               "--workers", "8", "--batch-size", "256", "--tiles", "4096"], cwd=ROOT)
+    steps = markdown_table(
+        ["method", "batch", "ms / step", "images/s", "TFLOP/s", "MFU"], sdmae_step_rows(device)
+    )
+    extract = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.extract",
+            "--device",
+            "cuda",
+            "--precision",
+            "bf16",
+            "--workers",
+            "8",
+            "--batch-size",
+            "256",
+            "--tiles",
+            "4096",
+        ],
+        cwd=ROOT,
+    )
     body = f"""
 ### Inference throughput: what bf16 and torch.compile buy (batch {BATCH}, 224 px, random weights)
 
 {inference}
 
-### SD-MAE training step (ViT-S/16 at 224, mask 0.75, 4×192 decoder; bf16 autocast, compiled objective, fused AdamW)
+### SD-MAE training step (ViT-S/16 at 224, mask 0.75, 4×192 decoder; bf16 autocast, compiled objective, \
+fused AdamW)
 
 {steps}
 
 MFU = model FLOPs (PyTorch's FLOP counter on one forward + backward) / step time / the card's dense bf16
-peak. Extraction tiles/s against model-only: the extraction section (`docs/benchmarks/extract.md`, {"written by this run" if extract == 0
-else "its run FAILED in this session, see the console"}). Total time: {time.perf_counter() - start:.0f} s.
+peak. Extraction tiles/s against model-only: the extraction section (`docs/benchmarks/extract.md`, {
+        "written by this run" if extract == 0 else "its run FAILED in this session, see the console"
+    }). Total time: {time.perf_counter() - start:.0f} s.
 """
     write_section("gpu", "GPU throughput: bf16, torch.compile, SD-MAE step and MFU", body)
     return extract

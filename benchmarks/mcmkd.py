@@ -1,4 +1,5 @@
-"""MCM-KD on semi-synthetic slides: does one epoch of fine-tuning help MIL, and what does the teacher cache save?
+"""MCM-KD on semi-synthetic slides: does one epoch of fine-tuning help MIL, and what does the teacher cache
+save?
 
 Pipeline, all on this CPU: `make_slides` (real stain-normalised tiles, half the slides with a tumour
 region) -> `tile_slide` (64-px tiles at 0.5 mpp) -> the teacher's cache (`ensure_teacher_cache`, i.e.
@@ -71,11 +72,17 @@ class LiveTeacherMCMKD(MCMKD):
         b, _, side_px, _ = raw.shape
         p = side_px // SIDE
         cells = raw.reshape(b, 3, SIDE, p, SIDE, p).permute(0, 2, 4, 1, 3, 5)  # (B, s, s, 3, p, p), row-major
-        cells = cells.reshape(b * SIDE * SIDE, 3, p, p)[valid.reshape(-1)]  # tissue cells only, as in the cache
+        # tissue cells only, as in the cache
+        cells = cells.reshape(b * SIDE * SIDE, 3, p, p)[valid.reshape(-1)]
         teacher = torch.zeros(b * SIDE * SIDE, TEACHER_DIM)
         with torch.no_grad():
             teacher[valid.reshape(-1)] = self.teacher(self.teacher_transform(cells))  # (n_valid, D)
-        batch = (self.student_transform(raw), cell_coords, valid, teacher.reshape(b, SIDE * SIDE, TEACHER_DIM))
+        batch = (
+            self.student_transform(raw),
+            cell_coords,
+            valid,
+            teacher.reshape(b, SIDE * SIDE, TEACHER_DIM),
+        )
         return super().objective(batch)
 
 
@@ -93,17 +100,25 @@ def train_seconds(method: MCMKD, loader: DataLoader) -> float:
 
 
 def cache_vs_live(tiles: Path, cache: Path, windows: int, batch_size: int) -> dict[str, float]:
-    """Seconds for the same ``windows`` windows (same order, same seeds) with the cache and with a live teacher."""
+    """Seconds for the same ``windows`` windows (same order, same seeds) with the cache and with a live
+    teacher."""
+
     def method(live: bool) -> MCMKD:
         torch.manual_seed(0)
         kwargs = dict(student=STUDENT, teacher_dim=TEACHER_DIM, pretrained=False)
-        return LiveTeacherMCMKD(create_backbone(TEACHER, pretrained=False), **kwargs) if live else MCMKD(**kwargs)
+        return (
+            LiveTeacherMCMKD(create_backbone(TEACHER, pretrained=False), **kwargs)
+            if live
+            else MCMKD(**kwargs)
+        )
 
     seconds = {}
     for name, live in (("cache", False), ("live teacher", True)):
         model = method(live)
         transform = None if live else window_transform(model.backbone.spec.preprocess, SIDE)
-        dataset = context_windows_of_dir(tiles / "patches", None if live else cache, SIDE, 0.66, transform=transform)
+        dataset = context_windows_of_dir(
+            tiles / "patches", None if live else cache, SIDE, 0.66, transform=transform
+        )
         subset = Subset(dataset, range(min(windows, len(dataset))))
         torch.manual_seed(1)  # the same masks in both runs
         seconds[name] = train_seconds(model, DataLoader(subset, batch_size=batch_size))
@@ -117,13 +132,16 @@ def mil_auroc(features_dir: Path, labels_csv: Path, folds: int, epochs: int) -> 
     classes = class_names(rows)
     dataset = BagDataset(features_dir, make_bags(rows, classes))
     config = TrainConfig(epochs=epochs, lr=5e-4, patience=10, seed=0, device="cpu")
-    results = [run_fold(k, dataset, split, "abmil", len(classes), config)
-               for k, split in enumerate(make_splits(rows, folds, seed=0))]
+    results = [
+        run_fold(k, dataset, split, "abmil", len(classes), config)
+        for k, split in enumerate(make_splits(rows, folds, seed=0))
+    ]
     return [float(r.metrics["auroc"]) for r in results]
 
 
 def forward_ratio(batch: int) -> tuple[float, float]:
-    """Model-only forward seconds per image at the real recipe's sizes: ResNet-50 and ViT-L/16 (UNI's shape)."""
+    """Model-only forward seconds per image at the real recipe's sizes: ResNet-50 and ViT-L/16 (UNI's
+    shape)."""
     times, images = [], torch.randn(batch, 3, 224, 224)
     for name in ("resnet50", "vit_large_patch16_224"):
         model = create_backbone(name, pretrained=False).eval()  # timing only
@@ -133,15 +151,23 @@ def forward_ratio(batch: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/histodistill_bench_mcmkd", help="scratch directory (emptied first)")
-    parser.add_argument("--slides", type=int, default=16, help="number of semi-synthetic slides (half positive)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--work", default="/tmp/histodistill_bench_mcmkd", help="scratch directory (emptied first)"
+    )
+    parser.add_argument(
+        "--slides", type=int, default=16, help="number of semi-synthetic slides (half positive)"
+    )
     parser.add_argument("--grid", type=int, default=6, help="synthetic cells per slide side (cells of 64 px)")
     parser.add_argument("--folds", type=int, default=4, help="MIL cross-validation folds")
     parser.add_argument("--epochs", type=int, default=30, help="maximum MIL epochs per fold")
-    parser.add_argument("--timing-windows", type=int, default=24, help="windows timed with the cache and live")
+    parser.add_argument(
+        "--timing-windows", type=int, default=24, help="windows timed with the cache and live"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine is shared)")
-    parser.add_argument("--skip-real-sizes", action="store_true", help="skip the ResNet-50 vs ViT-L forward timing")
+    parser.add_argument(
+        "--skip-real-sizes", action="store_true", help="skip the ResNet-50 vs ViT-L forward timing"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -157,41 +183,82 @@ def main() -> None:
     features: dict[str, Path] = {}
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    features["teacher (tiny ViT, random)"] = ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True, batch_size=64, pretrained=False)
+    features["teacher (tiny ViT, random)"] = ensure_teacher_cache(
+        tiles, tiles, TEACHER, rebuild=True, batch_size=64, pretrained=False
+    )
     seconds["teacher (tiny ViT, random)"] = time.perf_counter() - start
 
     run_dir = work / "mcmkd_tuned"
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        code = cli(["fit", "--config", str(RECIPE), "--trainer.default_root_dir", str(run_dir),
-                    "--data.init_args.tiles_dir", str(tiles), "--trainer.enable_progress_bar", "false",
-                    "--trainer.enable_model_summary", "false"])
+        code = cli(
+            [
+                "fit",
+                "--config",
+                str(RECIPE),
+                "--trainer.default_root_dir",
+                str(run_dir),
+                "--data.init_args.tiles_dir",
+                str(tiles),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+            ]
+        )
     assert code == 0, "MCM-KD fine-tuning failed"
     fit_seconds = time.perf_counter() - start
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
 
-    for name, model, context in (("student, un-tuned", STUDENT, None), ("student, MCM-KD", checkpoint, None),
-                                 ("student, MCM-KD, context 3", checkpoint, SIDE)):
+    for name, model, context in (
+        ("student, un-tuned", STUDENT, None),
+        ("student, MCM-KD", checkpoint, None),
+        ("student, MCM-KD, context 3", checkpoint, SIDE),
+    ):
         start = time.perf_counter()
-        features[name] = extract_slides(model, tiles, work / "features", batch_size=64, device="cpu",
-                                        context_window=context, pretrained=False)  # the un-tuned student is random
+        # the un-tuned student is random
+        features[name] = extract_slides(
+            model,
+            tiles,
+            work / "features",
+            batch_size=64,
+            device="cpu",
+            context_window=context,
+            pretrained=False,
+        )
         seconds[name] = time.perf_counter() - start
 
-    auroc = {name: mil_auroc(folder, labels_csv, args.folds, args.epochs) for name, folder in features.items()}
+    auroc = {
+        name: mil_auroc(folder, labels_csv, args.folds, args.epochs) for name, folder in features.items()
+    }
     timing = cache_vs_live(tiles, features["teacher (tiny ViT, random)"], args.timing_windows, batch_size=4)
     real = None if args.skip_real_sizes else forward_ratio(batch=1)
 
     teacher_rate = n_tiles / seconds["teacher (tiny ViT, random)"]
-    rows = [[name, mean_sd(auroc[name]), f"{n_tiles / seconds[name]:.1f}", f"{n_tiles / seconds[name] / teacher_rate:.2f}"]
-            for name in features]
+    rows = [
+        [
+            name,
+            mean_sd(auroc[name]),
+            f"{n_tiles / seconds[name]:.1f}",
+            f"{n_tiles / seconds[name] / teacher_rate:.2f}",
+        ]
+        for name in features
+    ]
     windows = len(context_windows_of_dir(tiles / "patches", None, SIDE, 0.66))
     per_window = {k: timing[k] / timing["windows"] for k in ("cache", "live teacher")}
-    live_rows = [[k, f"{1000 * v:.0f}", f"{v * windows:.0f}", f"{v / per_window['cache']:.2f}"] for k, v in per_window.items()]
-    real_text = "" if real is None else (
-        f"\nAt the real recipe's sizes (model-only forward, batch 1, 224 px, random weights): ResNet-50 "
-        f"{1000 * real[0]:.0f} ms/image, ViT-L/16 (UNI's architecture) {1000 * real[1]:.0f} ms/image: the student "
-        f"extracts **{real[1] / real[0]:.1f}×** faster than a UNI-sized teacher, and a live teacher would cost "
-        f"9 such forwards per 3×3 window.\n"
+    live_rows = [
+        [k, f"{1000 * v:.0f}", f"{v * windows:.0f}", f"{v / per_window['cache']:.2f}"]
+        for k, v in per_window.items()
+    ]
+    real_text = (
+        ""
+        if real is None
+        else (
+            f"\nAt the real recipe's sizes (model-only forward, batch 1, 224 px, random weights): ResNet-50 "
+            f"{1000 * real[0]:.0f} ms/image, ViT-L/16 (UNI's architecture) {1000 * real[1]:.0f} ms/image: "
+            f"the student extracts **{real[1] / real[0]:.1f}×** faster than a UNI-sized teacher, and a live "
+            "teacher would cost 9 such forwards per 3×3 window.\n"
+        )
     )
     body = f"""
 {args.slides} semi-synthetic slides (`make_slides`: real stain-normalised tiles, half with a tumour region,
@@ -208,14 +275,14 @@ process; baseline: the teacher, whose run is the cache build):**
 
 {markdown_table(["features", "MIL AUROC", "tiles/s", "× teacher"], rows)}
 
-**Fine-tuning with the cache vs with a live teacher** (the same {timing['windows']} windows, batch 4, same
+**Fine-tuning with the cache vs with a live teacher** (the same {timing["windows"]} windows, batch 4, same
 seeds; a training step = read + objective + backward + AdamW; baseline: the cache; epoch = {windows} windows):
 
 {markdown_table(["teacher features from", "ms / window", "s / epoch (est.)", "× cache"], live_rows)}
 
 The live variant (`LiveTeacherMCMKD` in this script, not in the toolkit) runs the teacher on every tissue
 cell of every window, so each tile passes through the teacher about 9 times per epoch; the cache runs it
-once per tile, before training ({seconds['teacher (tiny ViT, random)']:.0f} s here), and is reused by every
+once per tile, before training ({seconds["teacher (tiny ViT, random)"]:.0f} s here), and is reused by every
 later run with the same teacher and tiling.
 {real_text}
 Timings share 2 CPU cores with other work: rows of the same architecture (un-tuned vs MCM-KD student)

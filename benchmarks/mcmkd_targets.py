@@ -52,7 +52,10 @@ from histodistill.samples.synthetic_slides import make_slides
 from histodistill.wsi.tiling import tile_slide
 
 # (name, target_norm, loss): the recipe's default, and the lever.
-SETTINGS = (("layer_norm + cosine (default)", "layer_norm", "cosine"), ("standardize + mse", "standardize", "mse"))
+SETTINGS = (
+    ("layer_norm + cosine (default)", "layer_norm", "cosine"),
+    ("standardize + mse", "standardize", "mse"),
+)
 
 
 def tuning_tiles(work: Path, n_slides: int, seed: int) -> tuple[Path, Path, list[str]]:
@@ -79,11 +82,17 @@ def loss_curve(run: Path) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", required=True, help="the teacher checkpoint (the demo's sdmae/run/checkpoints/last.ckpt)")
-    parser.add_argument("--student", required=True, help="the student MCM-KD starts from (a .ckpt or a registered name)")
+    parser.add_argument(
+        "--teacher", required=True, help="the teacher checkpoint (the demo's sdmae/run/checkpoints/last.ckpt)"
+    )
+    parser.add_argument(
+        "--student", required=True, help="the student MCM-KD starts from (a .ckpt or a registered name)"
+    )
     parser.add_argument("--work", default="/tmp/histodistill_bench_mcmkd_targets")
     parser.add_argument("--slides", type=int, default=60, help="tuning slides")
-    parser.add_argument("--slide-seed", type=int, default=1, help="generator seed of the tuning slides (not the demo's 0)")
+    parser.add_argument(
+        "--slide-seed", type=int, default=1, help="generator seed of the tuning slides (not the demo's 0)"
+    )
     parser.add_argument("--window-stride", type=int, default=3, help="MCM-KD window stride (the demo's: 3)")
     parser.add_argument("--epochs", type=int, default=1, help="MCM-KD epochs (the paper: 1)")
     parser.add_argument("--threads", type=int, default=2)
@@ -104,9 +113,11 @@ def main() -> None:
     mean_target = layer_normed.mean(dim=0, keepdim=True)
     constant_cosine = float(torch.nn.functional.cosine_similarity(mean_target, layer_normed, dim=-1).mean())
     standardized = normalise_targets(raw, "standardize", raw.mean(0), raw.std(0, unbiased=False))
-    geometry = [["raw teacher features", f"{mean_direction_share(raw):.3f}"],
-                ["LayerNorm per tile (default targets)", f"{mean_direction_share(layer_normed):.3f}"],
-                ["standardised per dimension", f"{mean_direction_share(standardized):.3f}"]]
+    geometry = [
+        ["raw teacher features", f"{mean_direction_share(raw):.3f}"],
+        ["LayerNorm per tile (default targets)", f"{mean_direction_share(layer_normed):.3f}"],
+        ["standardised per dimension", f"{mean_direction_share(standardized):.3f}"],
+    ]
 
     features = {"start": extract_slides(args.student, tiles, work / "features_start", device="cpu")}
     rows, curves = [], {}
@@ -115,41 +126,82 @@ def main() -> None:
         run = work / f"run_{norm}_{loss}"
         shutil.rmtree(run, ignore_errors=True)
         start = time.perf_counter()
-        metrics = fit_recipe("mcmkd/tiny_cpu.yaml", run, [
-            *mcmkd_overrides(Path(args.student), Path(args.teacher), tiles, cache_root),
-            "--model.init_args.target_norm", norm, "--model.init_args.loss", loss,
-            "--data.init_args.window_stride", str(args.window_stride), "--trainer.max_epochs", str(args.epochs),
-            "--trainer.enable_progress_bar", "false"], "cpu")
+        metrics = fit_recipe(
+            "mcmkd/tiny_cpu.yaml",
+            run,
+            [
+                *mcmkd_overrides(Path(args.student), Path(args.teacher), tiles, cache_root),
+                "--model.init_args.target_norm",
+                norm,
+                "--model.init_args.loss",
+                loss,
+                "--data.init_args.window_stride",
+                str(args.window_stride),
+                "--trainer.max_epochs",
+                str(args.epochs),
+                "--trainer.enable_progress_bar",
+                "false",
+            ],
+            "cpu",
+        )
         seconds = time.perf_counter() - start
         curve = curves[name] = loss_curve(run)
         checkpoint = run / "checkpoints" / "last.ckpt"
         features[name] = extract_slides(checkpoint, tiles, work / f"features_{norm}_{loss}", device="cpu")
-        model = MCMKD(student=str(checkpoint), teacher_dim=teacher_dim, pretrained=False, target_norm=norm, loss=loss)
+        model = MCMKD(
+            student=str(checkpoint), teacher_dim=teacher_dim, pretrained=False, target_norm=norm, loss=loss
+        )
         model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
         student = torch.from_numpy(stacked(features[name], slide_ids))
         with torch.no_grad():
             predicted = model.head(student[:, None, :])[:, 0]  # (N, D_teacher): each tile as a 1 x 1 window
             target = normalise_targets(raw, norm, model.target_mean, model.target_std)
             cosine = float(torch.nn.functional.cosine_similarity(predicted, target, dim=-1).mean())
-        # The logged loss is w_masked · masked + w_visible · visible: the constant prediction scores each term.
+        # The logged loss is w_masked · masked + w_visible · visible: the constant prediction scores each
+        # term.
         weights = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
-        constant = (weights["w_masked"] + weights["w_visible"]) * (1 - constant_cosine if loss == "cosine" else 1.0)
-        rows.append([name, metrics.get("global_step"), f"{curve[0]:.4f}", f"{curve[len(curve) // 10]:.4f}",
-                     f"{curve[-1]:.4f}", f"{np.mean(curve[-5:]) / constant:.3f}", f"{cosine:.3f}", f"{seconds:.0f}"])
+        constant = (weights["w_masked"] + weights["w_visible"]) * (
+            1 - constant_cosine if loss == "cosine" else 1.0
+        )
+        rows.append(
+            [
+                name,
+                metrics.get("global_step"),
+                f"{curve[0]:.4f}",
+                f"{curve[len(curve) // 10]:.4f}",
+                f"{curve[-1]:.4f}",
+                f"{np.mean(curve[-5:]) / constant:.3f}",
+                f"{cosine:.3f}",
+                f"{seconds:.0f}",
+            ]
+        )
 
     probes = []
     for name, folder in [("teacher", cache), *features.items()]:
         label = "student at the start (no MCM-KD)" if name == "start" else name
-        probes.append([label, f"{tile_probe_auroc(folder, slide_ids, tumour):.3f}",
-                       f"{linear_cka(stacked(folder, slide_ids), teacher):.3f}"])
+        probes.append(
+            [
+                label,
+                f"{tile_probe_auroc(folder, slide_ids, tumour):.3f}",
+                f"{linear_cka(stacked(folder, slide_ids), teacher):.3f}",
+            ]
+        )
 
-    body = f"""Teacher `{args.teacher}` ({teacher_dim}-d), student start `{args.student}`; {len(slide_ids)} tuning slides
-(generator seed {args.slide_seed}), {len(teacher):,} tiles; MCM-KD `configs/mcmkd/tiny_cpu.yaml` with the demo's
+    runs_table = markdown_table(
+        ["targets + loss", "steps", "first", "10 %", "last", "vs constant", "cosine to target", "seconds"],
+        rows,
+    )
+    body = f"""Teacher `{args.teacher}` ({teacher_dim}-d), student start `{args.student}`; \
+{len(slide_ids)} tuning slides
+(generator seed {args.slide_seed}), {len(teacher):,} tiles; MCM-KD `configs/mcmkd/tiny_cpu.yaml` with the \
+demo's
 overrides, {args.epochs} epoch(s), window stride {args.window_stride}, batch 8, seed 0.
 
-**The targets' geometry** (share of their energy along their common mean direction; about 1/D = {1 / teacher_dim:.3f}
+**The targets' geometry** (share of their energy along their common mean direction; about 1/D = \
+{1 / teacher_dim:.3f}
 for isotropic targets). Predicting the mean LayerNorm-ed target for every tile, input ignored, already
-gives a mean cosine of **{constant_cosine:.3f}** with the default targets (a loss of {1 - constant_cosine:.3f}).
+gives a mean cosine of **{constant_cosine:.3f}** with the default targets (a loss of \
+{1 - constant_cosine:.3f}).
 
 {markdown_table(["targets", "share along the common mean"], geometry)}
 
@@ -157,16 +209,18 @@ gives a mean cosine of **{constant_cosine:.3f}** with the default targets (a los
 the last 5 steps over the loss of the constant prediction: below 1, the student explains more than the
 common direction; cosine = the head's prediction from one tile against the run's normalised target):
 
-{markdown_table(["targets + loss", "steps", "first", "10 %", "last", "vs constant", "cosine to target", "seconds"], rows)}
+{runs_table}
 
 **Tile features** (tile probe = AUROC of a linear probe told every tile's tumour label, 5-fold CV by
 slide, no MIL; linear CKA with the teacher's tile features):
 
 {markdown_table(["features", "tile probe AUROC", "CKA with teacher"], probes)}
 
-Loss curves (every logged step): {"; ".join(f"{name}: " + " ".join(f"{v:.3f}" for v in curve) for name, curve in curves.items())}
+Loss curves (every logged step): \
+{"; ".join(f"{name}: " + " ".join(f"{v:.3f}" for v in curve) for name, curve in curves.items())}
 
-Load average {load_start:.1f} at the start (2 cores, shared with other work); {time.perf_counter() - total:.0f} s in all.
+Load average {load_start:.1f} at the start (2 cores, shared with other work); \
+{time.perf_counter() - total:.0f} s in all.
 """
     write_section("mcmkd_targets", "MCM-KD targets: LayerNorm + cosine vs standardised + squared error", body)
 

@@ -55,7 +55,8 @@ def train(module, images, labels, steps, seed, lr=0.05):
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        optimizer, lambda s: 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     module.train()
     n = len(labels)
     for step in range(steps):
@@ -80,9 +81,11 @@ def score(module, images, labels) -> tuple[float, float]:
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
     module.eval()
-    predictions = torch.cat([module(images[i:i + 256]).argmax(1) for i in range(0, len(images), 256)])
-    return (balanced_accuracy_score(labels.numpy(), predictions.numpy()),
-            f1_score(labels.numpy(), predictions.numpy(), average="macro"))
+    predictions = torch.cat([module(images[i : i + 256]).argmax(1) for i in range(0, len(images), 256)])
+    return (
+        balanced_accuracy_score(labels.numpy(), predictions.numpy()),
+        f1_score(labels.numpy(), predictions.numpy(), average="macro"),
+    )
 
 
 # kd_zoo baselines: Distill arguments as in configs/kd/effnet_b0_512_<name>.yaml (the official weights).
@@ -97,8 +100,14 @@ ZOO_ARGS = {
     "FT": {"feature": "ft", "w_feature": 200.0, "w_kd": 0.0, "init_steps": "1/8"},
     # FSP needs equal channels: the student's stem, layer2..4 (64, 32, 64, 128) against the wider
     # teacher's stem, layer1..3 (64, 32, 64, 128).
-    "FSP": {"feature": "fsp", "w_feature": 0.0, "w_kd": 0.0, "init_steps": "1/8", "student_layers": [0, 2, 3, 4],
-            "teacher_layers": [0, 1, 2, 3]},
+    "FSP": {
+        "feature": "fsp",
+        "w_feature": 0.0,
+        "w_kd": 0.0,
+        "init_steps": "1/8",
+        "student_layers": [0, 2, 3, 4],
+        "teacher_layers": [0, 1, 2, 3],
+    },
     "NST": {"feature": "nst", "w_feature": 50.0, "w_kd": 0.0},
     "SemCKD": {"feature": "semckd", "w_feature": 50.0, "w_kd": 0.0, "feature_options": {"batch_size": BATCH}},
     "SimKD": {"feature": "simkd", "w_feature": 1.0, "w_ce": 0.0, "w_kd": 0.0},
@@ -139,16 +148,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="SGD steps per student run (batch 32)")
     parser.add_argument("--teacher-steps", type=int, default=300, help="SGD steps for the teacher")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method and label fraction")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
-    parser.add_argument("--cache", type=Path, default=Path("runs/benchmarks/moma"), help="finished runs (resumable)")
-    parser.add_argument("--budget-minutes", type=float, default=None,
-                        help="start no new student run after this long; the table reports the seeds done")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)"
+    )
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS)
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=Path("runs/benchmarks/moma"), help="finished runs (resumable)"
+    )
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        help="start no new student run after this long; the table reports the seeds done",
+    )
     args = parser.parse_args()
     methods = [m for m in METHODS if m in args.methods.split(",")]
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown or "CE" not in methods:
-        parser.error(f"--methods: unknown {sorted(unknown)}" if unknown else "--methods must include CE (the baseline)")
+        parser.error(
+            f"--methods: unknown {sorted(unknown)}" if unknown else "--methods must include CE (the baseline)"
+        )
     torch.set_num_threads(args.threads)
 
     from histodistill.methods.base import backbone_record
@@ -172,7 +193,9 @@ def main() -> None:
     else:
         train(teacher, train_x, train_y, args.teacher_steps, seed=0)
         with atomic_path(teacher_ckpt) as tmp:
-            torch.save({"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)}, tmp)
+            torch.save(
+                {"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)}, tmp
+            )
     teacher_score = score(teacher, test_x, test_y)
 
     # Step time first (short, and the same batch for every method): student step incl. teacher forward.
@@ -181,8 +204,9 @@ def main() -> None:
     for method in methods:
         student = build_student(method, teacher_ckpt, len(train_y), steps=0).train()
         optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3)
-        timings[method] = median_seconds(lambda s=student, o=optimizer: optimizer_step(s, o, batch, 0),
-                                         repeats=15, warmup=3)
+        timings[method] = median_seconds(
+            lambda s=student, o=optimizer: optimizer_step(s, o, batch, 0), repeats=15, warmup=3
+        )
 
     # Seeds outermost, so a budget-limited run has every method for the first seeds.
     fractions = (0.1, 1.0)
@@ -205,30 +229,48 @@ def main() -> None:
     rows, missing = [], []
     for fraction in fractions:
         for method in methods:
-            done = [json.loads(p.read_text()) for seed in range(args.seeds)
-                    if (p := cache / f"{fraction:g}_{seed}_{method}.json").is_file()]
+            done = [
+                json.loads(p.read_text())
+                for seed in range(args.seeds)
+                if (p := cache / f"{fraction:g}_{seed}_{method}.json").is_file()
+            ]
             if len(done) < args.seeds:
                 missing.append(f"{fraction:.0%} {method} ({len(done)}/{args.seeds} seeds)")
-            rows.append([f"{fraction:.0%} ({len(stratified_subset(task.train_labels, fraction))} nuclei)", method,
-                         f"{len(done)}/{args.seeds}", mean_or_none([r[0] for r in done]),
-                         mean_or_none([r[1] for r in done]), f"×{timings[method] / timings['CE']:.2f}"])
-    incomplete = (f"**Incomplete run** (stopped by --budget-minutes {args.budget_minutes} or interrupted): fewer "
-                  f"seeds than asked for {'; '.join(missing)}. Rerun the same command to finish; finished runs are kept."
-                  if missing else "")
+            rows.append(
+                [
+                    f"{fraction:.0%} ({len(stratified_subset(task.train_labels, fraction))} nuclei)",
+                    method,
+                    f"{len(done)}/{args.seeds}",
+                    mean_or_none([r[0] for r in done]),
+                    mean_or_none([r[1] for r in done]),
+                    f"×{timings[method] / timings['CE']:.2f}",
+                ]
+            )
+    incomplete = (
+        f"**Incomplete run** (stopped by --budget-minutes {args.budget_minutes} or interrupted): fewer "
+        f"seeds than asked for {'; '.join(missing)}. Rerun the same command to finish; finished runs are "
+        "kept."
+        if missing
+        else ""
+    )
 
     body = f"""
-Task: hgsc_nest nuclei (3 classes: {', '.join(task.class_names)}), {len(train_y)} training and {len(test_y)} test
-nuclei from a spatial split; 64-px crops resized to {SIZE} px. Students: ResNet-18 layout with 16-128 channels,
+Task: hgsc_nest nuclei (3 classes: {", ".join(task.class_names)}), {len(train_y)} training and {len(test_y)} \
+test
+nuclei from a spatial split; 64-px crops resized to {SIZE} px. Students: ResNet-18 layout with 16-128 \
+channels,
 {args.steps} SGD steps (batch {BATCH}, lr 0.05, cosine), flips/rot90. Teacher: ResNet-18 layout with 32-256
 channels trained supervised on the full training split for {args.teacher_steps} steps. MoMA runs with a frozen
 teacher (different widths, so no EMA), KD on, a 1024-key queue; CRD with 512-d embeddings and 4096 negatives;
 FitNet's regressor is MoMA's ConvReg (1×1 conv + BN + ReLU). The kd_zoo rows use the official weights of
-configs/kd/effnet_b0_512_<name>.yaml (MoMA's script where it ran the method, else RepDistiller's, which runs SP,
-VID, RKD, PKT, AB, FT, FSP and NST without KD; tuned by their authors for batch 64 and longer runs, not re-tuned
+configs/kd/effnet_b0_512_<name>.yaml (MoMA's script where it ran the method, else RepDistiller's, which runs \
+SP,
+VID, RKD, PKT, AB, FT, FSP and NST without KD; tuned by their authors for batch 64 and longer runs, not \
+re-tuned
 here); AB, FT and FSP spend the first {max(1, args.steps // 8)} steps in their pre-training
 stage; FSP pairs the student's stem + layer2..4 with the teacher's stem + layer1..3 (equal channels).
 Mean ± sd over {args.seeds} seeds (seed = label subset and initialisation). torch threads: {args.threads}.
-Methods in this run: {', '.join(methods)}.
+Methods in this run: {", ".join(methods)}.
 
 {incomplete}
 
@@ -237,7 +279,7 @@ Teacher on the test split: balanced accuracy {teacher_score[0]:.3f}, macro-F1 {t
 {markdown_table(["labels", "student", "seeds", "balanced accuracy", "macro-F1", "step time / CE"], rows)}
 
 Step time: median of 15 optimiser steps (after 3 warm-up) of each student incl. its teacher forward, batch
-{BATCH} at {SIZE} px, CPU, measured once per method in this run; CE {timings['CE'] * 1e3:.1f} ms per step.
+{BATCH} at {SIZE} px, CPU, measured once per method in this run; CE {timings["CE"] * 1e3:.1f} ms per step.
 
 What this can and cannot show: one 1500×1500 image gives ~1,300 nuclei, the test split is one region of the
 same image, and the runs are a few minutes of CPU training at 32 px. Differences of a few points between

@@ -29,7 +29,10 @@ def scripts() -> list[str]:
 
 
 def assemble() -> Path:
-    sections = sorted(SECTIONS_DIR.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
+    sections = sorted(
+        SECTIONS_DIR.glob("*.md"),
+        key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem),
+    )
     intro = (
         "# Benchmarks\n\n"
         "Every figure here is produced by a script in `benchmarks/` and is a ratio against a baseline\n"
@@ -44,9 +47,15 @@ def assemble() -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--assemble", action="store_true", help="only assemble docs/benchmarks.md from the sections")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these benchmark scripts (names without .py)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--assemble", action="store_true", help="only assemble docs/benchmarks.md from the sections"
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only these benchmark scripts (names without .py)"
+    )
     args = parser.parse_args()
     failed = []
     if not args.assemble:

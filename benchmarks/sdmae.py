@@ -39,8 +39,10 @@ def step_fn(module, batch, optimizer):
 def paper_pair(**common):
     """MAE and SD-MAE around the same ViT-S/16 encoder and SD-MAE's 4×192 decoder."""
     decoder = {"decoder_dim": 192, "decoder_depth": 4, "decoder_heads": 3}
-    encoder = {"backbone": "vit_small_patch16_224", "backbone_kwargs": {"class_token": False, "global_pool": "avg",
-                                                                         "fc_norm": False}}
+    encoder = {
+        "backbone": "vit_small_patch16_224",
+        "backbone_kwargs": {"class_token": False, "global_pool": "avg", "fc_norm": False},
+    }
     return MAE(**encoder, **decoder, **common), SDMAE(**encoder, **decoder, **common)
 
 
@@ -51,7 +53,11 @@ def interleaved_ratio(numerator, denominator, repeats: int) -> tuple[float, floa
     numerator(), denominator()  # warm-up
     pairs = [(median_seconds(numerator, 1, 0), median_seconds(denominator, 1, 0)) for _ in range(repeats)]
     ratios = sorted(a / b for a, b in pairs)
-    return ratios[len(ratios) // 2], float(np.median([a for a, _ in pairs])), float(np.median([b for _, b in pairs]))
+    return (
+        ratios[len(ratios) // 2],
+        float(np.median([a for a, _ in pairs])),
+        float(np.median([b for _, b in pairs])),
+    )
 
 
 def step_time_ratio(batch_size: int, repeats: int) -> tuple[float, float, float]:
@@ -68,11 +74,16 @@ def encoder_ratio(batch_size: int, repeats: int) -> tuple[float, float, float]:
     images = torch.randn(batch_size, 3, 224, 224)
     ids_keep = random_masking(batch_size, 196, 0.75).ids_keep
     with torch.no_grad():
-        return interleaved_ratio(lambda: encode_visible(vit, images, ids_keep), lambda: vit.forward_features(images), repeats)
+        return interleaved_ratio(
+            lambda: encode_visible(vit, images, ids_keep), lambda: vit.forward_features(images), repeats
+        )
 
 
 # ---- quality on the nuclei task --------------------------------------------------------------------
-SMALL_VIT = {"backbone": "tiny/vit-tiny-p8-64", "backbone_kwargs": {"embed_dim": 96, "depth": 4, "num_heads": 3}}
+SMALL_VIT = {
+    "backbone": "tiny/vit-tiny-p8-64",
+    "backbone_kwargs": {"embed_dim": 96, "depth": 4, "num_heads": 3},
+}
 SMALL_DECODER = {"decoder_dim": 64, "decoder_depth": 2, "decoder_heads": 2}
 
 
@@ -100,14 +111,23 @@ def pretraining_crops(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
     for i, name in enumerate(PRETRAIN_SAMPLES):
         slide = open_slide(fetch(name), mpp=0.5)
         image = slide.read_region((0, 0), 0, slide.dimensions)
-        ok = np.argwhere(crop_fraction(rgb_to_lab(image)[..., 0] < TISSUE_LIGHTNESS, size) >= 0.5)  # (M, 2) (y, x)
+        # (M, 2) (y, x)
+        ok = np.argwhere(crop_fraction(rgb_to_lab(image)[..., 0] < TISSUE_LIGHTNESS, size) >= 0.5)
         share = n // len(PRETRAIN_SAMPLES) + (i < n % len(PRETRAIN_SAMPLES))
         crops += [image[y : y + size, x : x + size] for y, x in ok[rng.integers(len(ok), size=share)]]
     return np.stack(crops)
 
 
-def pretrain(module, crops: np.ndarray, steps: range, batch_size: int, total: int, generator: torch.Generator,
-             optimizer, schedule) -> None:
+def pretrain(
+    module,
+    crops: np.ndarray,
+    steps: range,
+    batch_size: int,
+    total: int,
+    generator: torch.Generator,
+    optimizer,
+    schedule,
+) -> None:
     """Run ``steps`` of AdamW (warm-up + cosine over ``total`` steps) on batches of random crops from
     ``crops`` (N, 64, 64, 3) uint8, each batch flipped and turned at random."""
     module.train()
@@ -142,14 +162,18 @@ def probe_balanced_accuracy(train_x, train_y, test_x, test_y, num_classes: int) 
     train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
     linear = LogisticRegression(max_iter=3000, class_weight="balanced").fit(train_x, train_y)
     knn = KNeighborsClassifier(20, metric="cosine", weights="distance").fit(train_x, train_y)
-    return tuple(classification_metrics(test_y, clf.predict_proba(test_x), num_classes)["balanced_accuracy"]
-                 for clf in (linear, knn))
+    return tuple(
+        classification_metrics(test_y, clf.predict_proba(test_x), num_classes)["balanced_accuracy"]
+        for clf in (linear, knn)
+    )
 
 
 def warmup_cosine(total: int):
     """Learning-rate factor per step: linear warm-up over the first tenth, then cosine to 0 at ``total``."""
     warmup = max(1, total // 10)
-    return lambda s: min((s + 1) / warmup, 0.5 * (1 + np.cos(np.pi * min(1.0, (s - warmup) / max(1, total - warmup)))))
+    return lambda s: min(
+        (s + 1) / warmup, 0.5 * (1 + np.cos(np.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
+    )
 
 
 def quality(steps: int, eval_at: list[int], seeds: int, batch_size: int, n_crops: int) -> tuple[dict, str]:
@@ -163,10 +187,15 @@ def quality(steps: int, eval_at: list[int], seeds: int, batch_size: int, n_crops
         for name in ("MAE", "SD-MAE"):
             torch.manual_seed(seed)  # the encoder is built first: same random init for both methods
             if name == "SD-MAE":
-                module = SDMAE(**SMALL_VIT, **SMALL_DECODER, head_dim=1024, head_hidden_dim=512, head_bottleneck_dim=128)
+                module = SDMAE(
+                    **SMALL_VIT, **SMALL_DECODER, head_dim=1024, head_hidden_dim=512, head_bottleneck_dim=128
+                )
             else:
                 module = MAE(**SMALL_VIT, **SMALL_DECODER)
-            train, test = to_input(task.train_images, module.preprocess), to_input(task.test_images, module.preprocess)
+            train, test = (
+                to_input(task.train_images, module.preprocess),
+                to_input(task.test_images, module.preprocess),
+            )
             generator = torch.Generator().manual_seed(seed)
             optimizer = torch.optim.AdamW(parameter_groups(module, 0.05), lr=1.5e-3, betas=(0.9, 0.95))
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
@@ -174,53 +203,83 @@ def quality(steps: int, eval_at: list[int], seeds: int, batch_size: int, n_crops
             for at in sorted({0, *eval_at}):
                 pretrain(module, crops, range(done, at), batch_size, steps, generator, optimizer, schedule)
                 done = at
-                acc = probe_balanced_accuracy(features(module.backbone, train), task.train_labels,
-                                              features(module.backbone, test), task.test_labels, len(task.class_names))
+                acc = probe_balanced_accuracy(
+                    features(module.backbone, train),
+                    task.train_labels,
+                    features(module.backbone, test),
+                    task.test_labels,
+                    len(task.class_names),
+                )
                 results.setdefault(("random init" if at == 0 else name, at), []).append(acc)
                 print(f"seed {seed} {name} step {at}: linear {acc[0]:.3f}, kNN {acc[1]:.3f}", flush=True)
-    counts = (f"{len(crops)} unlabeled pretraining crops from {', '.join(PRETRAIN_SAMPLES)}; probe on "
-              f"{len(task.train_labels)} train / {len(task.test_labels)} test nuclei, classes {', '.join(task.class_names)}")
+    counts = (
+        f"{len(crops)} unlabeled pretraining crops from {', '.join(PRETRAIN_SAMPLES)}; probe on "
+        f"{len(task.train_labels)} train / {len(task.test_labels)} test nuclei, classes "
+        f"{', '.join(task.class_names)}"
+    )
     return results, counts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=4, help="batch of the CPU timing runs (ViT-S/16 at 224)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="batch of the CPU timing runs (ViT-S/16 at 224)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs per ratio (median reported)")
-    parser.add_argument("--steps", type=int, default=3000, help="pretraining steps per run in the quality curve")
-    parser.add_argument("--eval-at", default=None,
-                        help="comma-separated steps at which to probe (default: 0, 1/6, 1/3, 2/3 and all of --steps)")
+    parser.add_argument(
+        "--steps", type=int, default=3000, help="pretraining steps per run in the quality curve"
+    )
+    parser.add_argument(
+        "--eval-at",
+        default=None,
+        help="comma-separated steps at which to probe (default: 0, 1/6, 1/3, 2/3 and all of --steps)",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds in the quality curve (mean ± sd)")
-    parser.add_argument("--pretrain-batch", type=int, default=32, help="batch size of the quality pretraining")
+    parser.add_argument(
+        "--pretrain-batch", type=int, default=32, help="batch size of the quality pretraining"
+    )
     parser.add_argument("--crops", type=int, default=8000, help="unlabeled 64-px pretraining crops")
     parser.add_argument("--skip-cost", action="store_true", help="only the quality curve")
     args = parser.parse_args()
     start = time.perf_counter()
-    eval_at = ([int(v) for v in args.eval_at.split(",")] if args.eval_at
-               else sorted({0, args.steps // 6, args.steps // 3, 2 * args.steps // 3, args.steps}))
+    eval_at = (
+        [int(v) for v in args.eval_at.split(",")]
+        if args.eval_at
+        else sorted({0, args.steps // 6, args.steps // 3, 2 * args.steps // 3, args.steps})
+    )
 
     body = ""
     if not args.skip_cost:
         step_ratio, sdmae_s, mae_s = step_time_ratio(args.batch_size, args.repeats)
         encoder_ratio_, masked_s, full_s = encoder_ratio(args.batch_size, args.repeats)
         body += f"""
-### Cost (CPU, ViT-S/16 at 224, batch {args.batch_size}, mask 0.75, median of {args.repeats} interleaved pairs)
+### Cost (CPU, ViT-S/16 at 224, batch {args.batch_size}, mask 0.75, median of {args.repeats} interleaved \
+pairs)
 
 | measure | value | target |
 |---|---|---|
-| SD-MAE step / MAE step (same encoder, same 4×192 decoder; the difference is the two 4096-way DINO heads) | {step_ratio:.2f} ({sdmae_s:.2f} s / {mae_s:.2f} s) | ≤ 1.15 |
-| encoder on 25 % visible tokens / full pass | {encoder_ratio_:.2f} ({masked_s * 1e3:.0f} ms / {full_s * 1e3:.0f} ms) | ≤ 0.4 |
+| SD-MAE step / MAE step (same encoder, same 4×192 decoder; the difference is the two 4096-way DINO heads) | \
+{step_ratio:.2f} ({sdmae_s:.2f} s / {mae_s:.2f} s) | ≤ 1.15 |
+| encoder on 25 % visible tokens / full pass | {encoder_ratio_:.2f} ({masked_s * 1e3:.0f} ms / \
+{full_s * 1e3:.0f} ms) | ≤ 0.4 |
 """
     results, counts = quality(args.steps, eval_at, args.seeds, args.pretrain_batch, args.crops)
-    rows = [[name, step, mean_sd([v[0] for v in values]), mean_sd([v[1] for v in values]), len(values)]
-            for (name, step), values in sorted(results.items(), key=lambda item: (item[0][1], item[0][0]))]
+    rows = [
+        [name, step, mean_sd([v[0] for v in values]), mean_sd([v[1] for v in values]), len(values)]
+        for (name, step), values in sorted(results.items(), key=lambda item: (item[0][1], item[0][0]))
+    ]
     final = {name: np.mean([v[0] for v in results[(name, args.steps)]]) for name in ("MAE", "SD-MAE")}
     verdict = ("SD-MAE beats MAE" if final["SD-MAE"] > final["MAE"] else "SD-MAE does NOT beat MAE") + (
-        f" on the final linear probe here ({final['SD-MAE']:.3f} vs {final['MAE']:.3f}, mean of {args.seeds} seed(s))")
+        f" on the final linear probe here ({final['SD-MAE']:.3f} vs {final['MAE']:.3f}, mean of {args.seeds} "
+        "seed(s))"
+    )
     body += f"""
 ### Quality: probe accuracy against pretraining steps (hgsc nuclei task)
 
-A 4-block, 96-d ViT with 8-px patches at 64 px, pretrained for {args.steps} steps (batch {args.pretrain_batch},
+A 4-block, 96-d ViT with 8-px patches at 64 px, pretrained for {args.steps} steps (batch \
+{args.pretrain_batch},
 AdamW lr 1.5e-3, warm-up + cosine, flips and 90° turns) with MAE or SD-MAE; {counts}; spatial split.
 Frozen pooled features (SD-MAE: mean of normed tokens; MAE: cls token) → standardised → a class-balanced
 logistic regression (linear) and a 20-NN cosine vote (kNN). Balanced accuracy, mean ± sd over seeds; step 0 is

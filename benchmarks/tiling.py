@@ -80,7 +80,9 @@ def island_sources() -> dict[str, np.ndarray]:
         path = cached_path(name)
         if path is None:
             mix = rng.random((1024, 1024, 1), dtype=np.float32) ** 3
-            pixels = np.array([225, 120, 170], np.float32) * (1 - mix) + np.array([90, 60, 150], np.float32) * mix
+            pixels = (
+                np.array([225, 120, 170], np.float32) * (1 - mix) + np.array([90, 60, 150], np.float32) * mix
+            )
         elif path.suffix == ".svs":
             pixels = open_slide(path).read_region((768, 1920), 0, (768, 768))  # all tissue
         else:
@@ -129,8 +131,10 @@ def realistic_slide(folder: Path) -> Path:
 def islands_found(coords: np.ndarray, patch_level0: int) -> int:
     """How many of `ISLANDS` hold the centre of at least one kept tile."""
     centres = coords + patch_level0 / 2  # (N, 2)
-    return sum(bool((((centres[:, 0] - cx) / rx) ** 2 + ((centres[:, 1] - cy) / ry) ** 2 <= 1).any())
-               for cx, cy, rx, ry, _ in ISLANDS)
+    return sum(
+        bool((((centres[:, 0] - cx) / rx) ** 2 + ((centres[:, 1] - cy) / ry) ** 2 <= 1).any())
+        for cx, cy, rx, ry, _ in ISLANDS
+    )
 
 
 def run_tile_cli(args: list[str], pythonpath: str) -> tuple[float, float]:
@@ -141,12 +145,16 @@ def run_tile_cli(args: list[str], pythonpath: str) -> tuple[float, float]:
 
     # VmHWM is this process's own peak (ru_maxrss would keep the benchmark's, inherited across exec);
     # RUSAGE_CHILDREN covers the --workers processes.
-    code = ("import re, resource, sys; from histodistill.cli import main; code = main(sys.argv[1:]); "
-            "own = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
-            "print(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
+    code = (
+        "import re, resource, sys; from histodistill.cli import main; code = main(sys.argv[1:]); "
+        "own = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+        "print(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
+    )
     env = {**os.environ, "PYTHONPATH": pythonpath}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, "tile", *args], check=True, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "tile", *args], check=True, env=env, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - start
     return seconds, int(done.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is KiB on Linux
 
@@ -164,8 +172,13 @@ def realistic_section(folder: Path) -> str:
     built = "reused from an earlier run" if reused else f"built in {time.perf_counter() - start:.0f} s"
     config, patch = TissueConfig(), 256
 
-    stages = {"open": [], "read the detection level": [], "tissue mask": [], "grid + tissue fractions": [],
-              "whole `tile_slide` (+ h5, QC PNG, status)": []}
+    stages = {
+        "open": [],
+        "read the detection level": [],
+        "tissue mask": [],
+        "grid + tissue fractions": [],
+        "whole `tile_slide` (+ h5, QC PNG, status)": [],
+    }
     for _ in range(3):
         close_all()
         t0 = time.perf_counter()
@@ -200,22 +213,42 @@ def realistic_section(folder: Path) -> str:
         out = folder / f"out-{len(found)}"
         one_s, one_mib = run_tile_cli([str(path), "--out", str(out / "one"), "--overwrite"], src)
         coords, attrs = read_coords(out / "one" / "patches" / f"{path.stem}.h5")
-        found.append(f"{label}: {islands_found(coords, attrs['patch_size_level0'])} of {len(ISLANDS)} islands, "
-                     f"{len(coords)} tiles")
-        many_s, many_mib = run_tile_cli([str(batch), "--out", str(out / "many"), "--workers", "2", "--overwrite"], src)
-        rows.append([label, f"{one_s:.2f}", f"{one_mib:.0f}", f"{many_s:.1f}", f"{n_slides / many_s * 60:.1f}",
-                     f"{many_mib:.0f}"])
+        found.append(
+            f"{label}: {islands_found(coords, attrs['patch_size_level0'])} of {len(ISLANDS)} islands, "
+            f"{len(coords)} tiles"
+        )
+        many_s, many_mib = run_tile_cli(
+            [str(batch), "--out", str(out / "many"), "--workers", "2", "--overwrite"], src
+        )
+        rows.append(
+            [
+                label,
+                f"{one_s:.2f}",
+                f"{one_mib:.0f}",
+                f"{many_s:.1f}",
+                f"{n_slides / many_s * 60:.1f}",
+                f"{many_mib:.0f}",
+            ]
+        )
     if len(rows) == 2:
-        rows.append(["ratio this / baseline", f"{float(rows[0][1]) / float(rows[1][1]):.2f}",
-                     f"{float(rows[0][2]) / float(rows[1][2]):.2f}", f"{float(rows[0][3]) / float(rows[1][3]):.2f}",
-                     "", f"{float(rows[0][5]) / float(rows[1][5]):.2f}"])
+        rows.append(
+            [
+                "ratio this / baseline",
+                f"{float(rows[0][1]) / float(rows[1][1]):.2f}",
+                f"{float(rows[0][2]) / float(rows[1][2]):.2f}",
+                f"{float(rows[0][3]) / float(rows[1][3]):.2f}",
+                "",
+                f"{float(rows[0][5]) / float(rows[1][5]):.2f}",
+            ]
+        )
     return f"""
 ### A realistic 20x slide
 
 30000 x 24000 px at 0.5 mpp, JPEG pyramid TIFF with levels 1/4/16/64 ({built}),
 six tissue islands cut from the sample images (two are fragments of 0.4 x 0.3 and 0.3 x 0.3 mm), a
 black border strip and a navy pen stroke. 256-px tiles at 0.5 mpp, default settings: the mask is
-{mask_mpp:g} um/px, read from the level of downsample {slide.level_downsamples[slide.best_level_for_downsample(mask_mpp / slide.mpp)]:g}.
+{mask_mpp:g} um/px, read from the level of downsample {
+        slide.level_downsamples[slide.best_level_for_downsample(mask_mpp / slide.mpp)]:g}.
 In-process stages, medians of 3 (cold open each time):
 
 {markdown_table(["stage", "seconds per slide"], stage_rows)}
@@ -223,8 +256,19 @@ In-process stages, medians of 3 (cold open each time):
 Whole `histodistill tile` processes in fresh interpreters (interpreter start and imports included);
 peak memory is the largest resident set of the process and its workers:
 
-{markdown_table(["code", "1 slide: s", "1 slide: peak MiB", f"{n_slides} slides, --workers 2: s", "slides / min",
-                 "peak MiB"], rows)}
+{
+        markdown_table(
+            [
+                "code",
+                "1 slide: s",
+                "1 slide: peak MiB",
+                f"{n_slides} slides, --workers 2: s",
+                "slides / min",
+                "peak MiB",
+            ],
+            rows,
+        )
+    }
 
 Islands found (a kept tile's centre inside the island): {"; ".join(found)}.
 
@@ -288,10 +332,18 @@ def main() -> None:
         raw_rate = len(dataset) / median_seconds(raw, repeats=3)
         rows = [["raw `read_at_mpp` loop (baseline)", f"{raw_rate:.0f}", "1.00"]]
         for workers in (0, 2):
-            loader = DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=workers, persistent_workers=workers > 0)
+            loader = DataLoader(
+                dataset, batch_size=BATCH_SIZE, num_workers=workers, persistent_workers=workers > 0
+            )
             tiles_per_second(loader)  # warm-up: worker start and slide opening are not per-tile costs
             rate = float(np.median([tiles_per_second(loader) for _ in range(3)]))
-            rows.append([f"`SlideTileDataset` + DataLoader, {workers} workers", f"{rate:.0f}", f"{rate / raw_rate:.2f}"])
+            rows.append(
+                [
+                    f"`SlideTileDataset` + DataLoader, {workers} workers",
+                    f"{rate:.0f}",
+                    f"{rate / raw_rate:.2f}",
+                ]
+            )
 
     load = os.getloadavg()[0]
     body = f"""
@@ -303,8 +355,15 @@ differences within about 30 % are noise).
 Slide: {source}. Tiles of {PATCH_SIZE} px at 0.5 mpp, minimum tissue 0.5, default `TissueConfig`
 (mask at a 16th of a tile); {len(dataset)} tiles kept. Medians of 3 runs.
 
-{markdown_table(["step", "seconds per slide"], [["tissue detection (open, read level, mask)", f"{detect_s:.2f}"],
-                                                ["whole `tile_slide` (detection, grid, h5, QC PNG, status)", f"{tile_s:.2f}"]])}
+{
+        markdown_table(
+            ["step", "seconds per slide"],
+            [
+                ["tissue detection (open, read level, mask)", f"{detect_s:.2f}"],
+                ["whole `tile_slide` (detection, grid, h5, QC PNG, status)", f"{tile_s:.2f}"],
+            ],
+        )
+    }
 
 {markdown_table(["tile reading", "tiles / s", "ratio to raw"], rows)}
 

@@ -19,10 +19,12 @@ from histodistill.wsi.tiff_writer import write_pyramid_tiff
 # nothing from intra-op threads (on a busy machine, 2 threads made collation 100x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests never touch the model hub: offline mode and an empty Hugging Face cache (set before huggingface_hub is
-# imported, which reads them once), so a test that forgets --random-init fails loudly, here and on every machine.
+# imported, which reads them once), so a test that forgets --random-init fails loudly, here and on every
+# machine.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="histodistill-tests-hf-")
-atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)  # one per test process, removed with it
+# one per test process, removed with it
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.pop("HF_HUB_CACHE", None)
 
 # Lightning binds its log handlers to sys.stderr when first imported. Imported here, at collection, they
@@ -89,9 +91,9 @@ def tiny_slide(tmp_path) -> TinySlide:
 
 def write_corrupt_slide(path: Path, levels: bool = True) -> tuple[Path, tuple[int, int]]:
     """A 1024 x 1024 JPEG-tiled pyramidal TIFF at 0.5 mpp, tissue everywhere, whose level-0 tile at (256, 256)
-    has the second half of its entropy-coded data replaced by noise (a corrupt tile as real archives hold them);
-    ``levels=False`` writes level 0 only, so tissue detection reads the damaged level too. Returns the path and
-    the damaged tile's level-0 top-left."""
+    has the second half of its entropy-coded data replaced by noise (a corrupt tile as real archives hold
+    them); ``levels=False`` writes level 0 only, so tissue detection reads the damaged level too. Returns the
+    path and the damaged tile's level-0 top-left."""
     import tifffile
 
     from histodistill.wsi.tiff_writer import write_pyramid_tiff
@@ -102,8 +104,9 @@ def write_corrupt_slide(path: Path, levels: bool = True) -> tuple[Path, tuple[in
         offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]  # row 1, column 1
     data = bytearray(path.read_bytes())
     half = count // 2
-    data[offset + half : offset + count - 2] = np.random.default_rng(0).integers(0, 256, count - 2 - half,
-                                                                                  dtype=np.uint8).tobytes()
+    data[offset + half : offset + count - 2] = (
+        np.random.default_rng(0).integers(0, 256, count - 2 - half, dtype=np.uint8).tobytes()
+    )
     path.write_bytes(bytes(data))
     return path, (256, 256)
 
@@ -122,7 +125,9 @@ def sample_file():
     return get
 
 
-def make_image_folder(root: Path, classes=("a", "b", "c"), per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, classes=("a", "b", "c"), per_class: int = 4, size: int = 32, seed: int = 0
+) -> Path:
     """``root/<class>/<i>.png``: RGB noise whose brightness depends on the class (a learnable task)."""
     from PIL import Image
 
@@ -145,10 +150,13 @@ def patch_folders(tmp_path) -> Path:
     return root
 
 
-def write_supervised_checkpoint(path: Path, num_classes: int = 3, seed: int = 1, **backbone) -> tuple[Path, object]:
+def write_supervised_checkpoint(
+    path: Path, num_classes: int = 3, seed: int = 1, **backbone
+) -> tuple[Path, object]:
     """A supervised run's checkpoint as `histodistill fit` writes it (weights + backbone record): a teacher.
 
-    ``backbone`` holds `Supervised` arguments (``backbone=..., backbone_kwargs=...``; default tiny/resnet18-64).
+    ``backbone`` holds `Supervised` arguments (``backbone=..., backbone_kwargs=...``; default
+    tiny/resnet18-64).
     """
     import torch
 
@@ -156,7 +164,9 @@ def write_supervised_checkpoint(path: Path, num_classes: int = 3, seed: int = 1,
     from histodistill.methods.supervised import Supervised
 
     torch.manual_seed(seed)
-    teacher = Supervised(num_classes=num_classes, **({"backbone": "tiny/resnet18-64", "pretrained": False} | backbone))
+    teacher = Supervised(
+        num_classes=num_classes, **({"backbone": "tiny/resnet18-64", "pretrained": False} | backbone)
+    )
     torch.save({"state_dict": teacher.state_dict(), "histodistill_backbone": backbone_record(teacher)}, path)
     return path, teacher
 
@@ -165,7 +175,11 @@ def write_supervised_checkpoint(path: Path, num_classes: int = 3, seed: int = 1,
 def distill_inputs(tmp_path) -> dict[str, Path]:
     """What a distillation recipe needs to run tiny: train/val image folders (3 classes, 16 px) and a
     supervised teacher checkpoint of ``tiny/resnet18-64``."""
-    inputs = {"train": tmp_path / "data" / "train", "val": tmp_path / "data" / "val", "teacher": tmp_path / "teacher.ckpt"}
+    inputs = {
+        "train": tmp_path / "data" / "train",
+        "val": tmp_path / "data" / "val",
+        "teacher": tmp_path / "teacher.ckpt",
+    }
     make_image_folder(inputs["train"], per_class=4, size=16, seed=0)
     make_image_folder(inputs["val"], per_class=2, size=16, seed=1)
     write_supervised_checkpoint(inputs["teacher"])
@@ -173,8 +187,16 @@ def distill_inputs(tmp_path) -> dict[str, Path]:
 
 
 # `histodistill fit` flags for a quiet one-epoch test run.
-QUIET_ONE_EPOCH = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-                   "--trainer.enable_model_summary", "false", "--data.init_args.batch_size", "4"]
+QUIET_ONE_EPOCH = [
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.init_args.batch_size",
+    "4",
+]
 
 
 # Feature folders as other tools write them (read by `histodistill.data.feature_files`).
@@ -193,7 +215,9 @@ def write_clam_features(feat_dir, slide_id, features):
     (feat_dir / "pt_files").mkdir(parents=True, exist_ok=True)
     with h5py.File(feat_dir / "h5_files" / f"{slide_id}.h5", "w") as handle:
         for key, value in (("features", features), ("coords", tile_grid(len(features)).astype(np.int32))):
-            handle.create_dataset(key, data=value, maxshape=(None, value.shape[1]), chunks=(1, value.shape[1]))
+            handle.create_dataset(
+                key, data=value, maxshape=(None, value.shape[1]), chunks=(1, value.shape[1])
+            )
     torch.save(torch.from_numpy(features), feat_dir / "pt_files" / f"{slide_id}.pt")
 
 
@@ -208,8 +232,14 @@ def write_trident_features(job_dir, slide_id, features, encoder="uni_v1"):
         handle["features"] = features
         handle["coords"] = tile_grid(len(features)).astype(np.int64)
         handle["features"].attrs.update(name=slide_id, savetodir=str(folder))
-        handle["coords"].attrs.update(patch_size=256, patch_size_level0=512, level0_magnification=40,
-                                      target_magnification=20, overlap=0, name=slide_id)
+        handle["coords"].attrs.update(
+            patch_size=256,
+            patch_size_level0=512,
+            level0_magnification=40,
+            target_magnification=20,
+            overlap=0,
+            name=slide_id,
+        )
     return folder
 
 

@@ -65,7 +65,11 @@ def test_a_folder_of_the_other_size_is_refused_before_any_stage_runs(tmp_path, c
     with pytest.raises(UserError, match=r"quick true != false in .*demo/a/stage.json"):
         run_stages(_stages(calls), full, log=lambda _: None)
     assert calls == ["a", "b", "c"]  # nothing ran, nothing was skipped into the full run
-    run_stages(_stages(calls), DemoContext(out=full.out, quick=False, device="cpu", overwrite=True), log=lambda _: None)
+    run_stages(
+        _stages(calls),
+        DemoContext(out=full.out, quick=False, device="cpu", overwrite=True),
+        log=lambda _: None,
+    )
     assert calls == ["a", "b", "c"] * 2
     # The command: exit 2 and one line, before the samples stage (which would fetch) runs.
     out = tmp_path / "cli"
@@ -81,16 +85,23 @@ def test_a_folder_of_other_sizes_or_of_unrecorded_sizes_is_refused(tmp_path):
     out = tmp_path / "demo"
     run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 60}), log=lambda _: None)
     # --quick of an earlier version (60 slides) resumed by this one (20): refused, nothing runs.
-    with pytest.raises(UserError, match=r"slides 60 != 20 in .*demo/a/stage.json \(recorded there != this run\): "
-                                        r"pass --overwrite"):
-        run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 20}), log=lambda _: None)
+    with pytest.raises(
+        UserError,
+        match=r"slides 60 != 20 in .*demo/a/stage.json \(recorded there != this run\): "
+        r"pass --overwrite",
+    ):
+        run_stages(
+            _stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 20}), log=lambda _: None
+        )
     assert calls == ["a", "b", "c"]
     # A record written before sizes were recorded cannot be trusted to match.
     record = json.loads((out / "b" / "stage.json").read_text())
     del record["settings"]
     (out / "b" / "stage.json").write_text(json.dumps(record))
     with pytest.raises(UserError, match=r"b/stage.json records no settings \(an earlier version wrote it\)"):
-        run_stages(_stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 60}), log=lambda _: None)
+        run_stages(
+            _stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 60}), log=lambda _: None
+        )
     with pytest.raises(UserError, match="does not record the demo's sizes"):
         recorded_sizes(out, "b")
     assert recorded_sizes(out, "a") == {"slides": 60}
@@ -104,7 +115,8 @@ def test_an_unreadable_record_or_a_file_in_a_stage_folders_place_is_refused_befo
     with pytest.raises(UserError, match=r"b/stage.json is not a readable stage record: delete it"):
         run_stages(_stages(calls), _context(tmp_path), log=lambda _: None)
     assert calls == ["a", "b", "c"]
-    run_stages(_stages(calls), _context(tmp_path, overwrite=True), log=lambda _: None)  # --overwrite reruns all
+    # --overwrite reruns all
+    run_stages(_stages(calls), _context(tmp_path, overwrite=True), log=lambda _: None)
     assert calls == ["a", "b", "c"] * 2
     shutil.rmtree(out / "c")
     (out / "c").write_text("not a folder")
@@ -116,21 +128,35 @@ def test_an_unreadable_record_or_a_file_in_a_stage_folders_place_is_refused_befo
 
 def test_a_folder_the_previous_demo_finished_resumes_into_the_distill_stage(tmp_path):
     """Records of the demo before the distill stage hold every size with every stage (no mcmkd_steps) and a
-    stage `mcmkd` since retired: samples..moma are skipped, distill and every stage after it run. A change of a
-    size a finished stage declares is still refused, naming it."""
+    stage `mcmkd` since retired: samples..moma are skipped, distill and every stage after it run. A change of
+    a size a finished stage declares is still refused, naming it."""
     import dataclasses
 
     from histodistill.demo.stages import SIZES, STAGES
 
     out = tmp_path / "demo"
     old = {"quick": True, **{key: value for key, value in SIZES[True].items() if key != "mcmkd_steps"}}
-    for name in ("samples", "data", "tiles", "sdmae", "mae", "teacher", "moma", "mcmkd", "features", "mil",
-                 "heatmaps", "report"):
+    for name in (
+        "samples",
+        "data",
+        "tiles",
+        "sdmae",
+        "mae",
+        "teacher",
+        "moma",
+        "mcmkd",
+        "features",
+        "mil",
+        "heatmaps",
+        "report",
+    ):
         (out / name).mkdir(parents=True)
         (out / name / "stage.json").write_text(json.dumps({"summary": {}, "seconds": 1.0, "settings": old}))
     calls: list[str] = []
-    stages = [dataclasses.replace(stage, run=lambda context, name=stage.name: calls.append(name) or {})
-              for stage in STAGES]
+    stages = [
+        dataclasses.replace(stage, run=lambda context, name=stage.name: calls.append(name) or {})
+        for stage in STAGES
+    ]
     run_stages(stages, DemoContext(out, True, "cpu", False, sizes=SIZES[True]), log=lambda _: None)
     assert calls == ["distill", "features", "mil", "heatmaps", "report"]
     record = json.loads((out / "distill" / "stage.json").read_text())
@@ -138,7 +164,9 @@ def test_a_folder_the_previous_demo_finished_resumes_into_the_distill_stage(tmp_
     calls.clear()
     for key, value in (("student_epochs", 2), ("mcmkd_steps", 5)):
         sizes = {**SIZES[True], key: value}
-        with pytest.raises(UserError, match=rf"^{key} {SIZES[True][key]} != {value} in .*demo/(moma|distill)/stage.json"):
+        with pytest.raises(
+            UserError, match=rf"^{key} {SIZES[True][key]} != {value} in .*demo/(moma|distill)/stage.json"
+        ):
             run_stages(stages, DemoContext(out, True, "cpu", False, sizes=sizes), log=lambda _: None)
     assert calls == []
 
@@ -147,11 +175,20 @@ def test_a_rerun_features_stage_keeps_the_tiles_per_s_measured_when_the_same_fol
     from histodistill.demo.stages import _keep_measured_rates
 
     previous = tmp_path / "extractors.json"
-    previous.write_text(json.dumps({"kd_student": {"features_dir": "f/kd", "tiles_per_s": 150.0},
-                                    "mae_vit": {"features_dir": "f/old_mae", "tiles_per_s": 600.0}}))
-    rows = {"kd_student": {"features_dir": "f/kd", "tiles_per_s": None},  # skipped: every slide done before
-            "mae_vit": {"features_dir": "f/mae", "tiles_per_s": None},  # another folder: nothing to keep
-            "ce_student": {"features_dir": "f/ce", "tiles_per_s": 90.0}}  # measured now
+    previous.write_text(
+        json.dumps(
+            {
+                "kd_student": {"features_dir": "f/kd", "tiles_per_s": 150.0},
+                "mae_vit": {"features_dir": "f/old_mae", "tiles_per_s": 600.0},
+            }
+        )
+    )
+    # measured now
+    rows = {
+        "kd_student": {"features_dir": "f/kd", "tiles_per_s": None},  # skipped: every slide done before
+        "mae_vit": {"features_dir": "f/mae", "tiles_per_s": None},  # another folder: nothing to keep
+        "ce_student": {"features_dir": "f/ce", "tiles_per_s": 90.0},
+    }
     _keep_measured_rates(rows, previous)
     assert [row["tiles_per_s"] for row in rows.values()] == [150.0, None, 90.0]
     _keep_measured_rates(rows, tmp_path / "absent.json")  # a first run: nothing before
@@ -192,7 +229,9 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     extractors = json.loads((out / "features" / "extractors.json").read_text())
     assert all(Path(extractors[name]["features_dir"]).is_relative_to(out / "distill") for name in DISTILLED)
     assert not [name for name in DISTILLED if (out / "mil" / name).exists()]
-    assert (out / "distill" / "report.html").is_file() and "histodistill distill` (MCM-KD" in summary["verdict"]
+    assert (out / "distill" / "report.html").is_file() and "histodistill distill` (MCM-KD" in summary[
+        "verdict"
+    ]
     assert "the student keeps " in summary["verdict"]
     assert all(row["parameters"] > 0 and 0 < row["probe_balanced_accuracy"] <= 1 for row in rows[:-1])
     probe = json.loads((out / "sdmae" / "run" / "probe.json").read_text())["linear_probe_balanced_accuracy"]
@@ -201,13 +240,20 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, sample_file, caps
     page = (out / "report.html").read_text()
     assert html.escape(summary["verdict"]) in page and "student (MCM-KD)" in page
     assert 'id="s-stages"' in page and 'id="s-mil"' in page and 'id="s-heatmaps"' in page
-    assert page.index('id="s-summary"') < page.index('id="s-stages"')  # the report opens on the extractor table
+    # the report opens on the extractor table
+    assert page.index('id="s-summary"') < page.index('id="s-stages"')
     assert "a smoke run of every stage" in page  # the quick table is not mistaken for a result
-    assert all(json.loads((out / stage.name / "stage.json").read_text())["settings"] == {"quick": True, **SIZES[True]}
-               for stage in STAGES)
+    assert all(
+        json.loads((out / stage.name / "stage.json").read_text())["settings"]
+        == {"quick": True, **SIZES[True]}
+        for stage in STAGES
+    )
     # Every demo_out/... path a shipped recipe or doc points users at is one the demo wrote.
     root = Path(__file__).resolve().parents[1]
-    texts = [p.read_text() for p in [*root.glob("configs/**/*.yaml"), *root.glob("docs/**/*.md"), root / "README.md"]]
+    texts = [
+        p.read_text()
+        for p in [*root.glob("configs/**/*.yaml"), *root.glob("docs/**/*.md"), root / "README.md"]
+    ]
     named = {m for text in texts for m in re.findall(r"demo_out/([\w./-]*\w)", text)}
     assert named and not [p for p in named if not (out / p).exists()]
     capsys.readouterr()
@@ -229,7 +275,9 @@ def test_random_control_keeps_the_checkpoints_preprocessing_with_other_weights(t
     assert (control.spec.name, control.spec.timm_name) == (trained.name, trained.timm_name)
     assert control.spec.preprocess == trained.preprocess and control.spec.preprocess.input_size == 64
     config = json.loads((tmp_path / "control" / "config.json").read_text())
-    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["histodistill"]["source"] == "random"
+    assert (
+        config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["histodistill"]["source"] == "random"
+    )
     weights = teacher.backbone.model.state_dict()
     assert not torch.equal(control.model.conv1.weight, weights["conv1.weight"])
 
@@ -246,15 +294,27 @@ def test_slide_task_trains_mil_on_one_thread_and_restores_the_count(tmp_path, mo
     seen, before = [], torch.get_num_threads()
 
     def cross_validate(features, labels, out, config, *, overwrite, log):
-        seen.append((torch.get_num_threads(), config.seeds, config.train.lr, config.val_fraction,
-                     config.train.early_stop, overwrite))
+        seen.append(
+            (
+                torch.get_num_threads(),
+                config.seeds,
+                config.train.lr,
+                config.val_fraction,
+                config.train.early_stop,
+                overwrite,
+            )
+        )
         return types.SimpleNamespace(runs=[out / "seed_0", out / "seed_1"])
 
     monkeypatch.setattr(histodistill.eval.mil_cv, "cross_validate", cross_validate)
-    monkeypatch.setattr(histodistill.eval.slide_task, "slide_task_scores", lambda runs, tumour: {"runs": len(runs)})
+    monkeypatch.setattr(
+        histodistill.eval.slide_task, "slide_task_scores", lambda runs, tumour: {"runs": len(runs)}
+    )
     torch.set_num_threads(2)
     try:
-        assert run_slide_task({"a": tmp_path}, tmp_path, tmp_path / "out", 64, seeds=2, workers=1) == {"a": {"runs": 2}}
+        assert run_slide_task({"a": tmp_path}, tmp_path, tmp_path / "out", 64, seeds=2, workers=1) == {
+            "a": {"runs": 2}
+        }
         assert seen == [(1, 2, MIL_SETTINGS["lr"], 0.2, "none", True)] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -266,9 +326,22 @@ def test_slide_task_runs_in_parallel_processes_give_the_files_of_one(tmp_path, m
     from histodistill.demo.slide_task import run_slide_task
 
     features_dir, labels, _ = planted_features(tmp_path, n_cases=12)
-    monkeypatch.setattr(histodistill.eval.slide_task, "slide_task_scores", lambda runs, tumour: [str(r) for r in runs])
-    runs = {workers: run_slide_task({"a": features_dir, "b": features_dir}, tmp_path, tmp_path / f"out{workers}", 256,
-                                    folds=2, seeds=2, epochs=2, workers=workers) for workers in (1, 2)}
+    monkeypatch.setattr(
+        histodistill.eval.slide_task, "slide_task_scores", lambda runs, tumour: [str(r) for r in runs]
+    )
+    runs = {
+        workers: run_slide_task(
+            {"a": features_dir, "b": features_dir},
+            tmp_path,
+            tmp_path / f"out{workers}",
+            256,
+            folds=2,
+            seeds=2,
+            epochs=2,
+            workers=workers,
+        )
+        for workers in (1, 2)
+    }
     assert runs[2] == {name: [p.replace("out1", "out2") for p in paths] for name, paths in runs[1].items()}
     for name in ("a", "b"):
         for seed in (0, 1):

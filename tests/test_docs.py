@@ -63,7 +63,7 @@ def _sections() -> dict[tuple[str, ...], str]:
         match = HEADING.match(heading.group(0))
         if match:
             end = headings[index + 1].start() if index + 1 < len(headings) else len(text)
-            sections[tuple(match.group(2).split())] = text[heading.end():end]
+            sections[tuple(match.group(2).split())] = text[heading.end() : end]
     return sections
 
 
@@ -87,7 +87,9 @@ def test_every_nested_action_has_a_section():
     parser = build_parser(_command_modules())
     for command, command_parser in _subparsers(parser).items():
         for action in _subparsers(command_parser):
-            assert (command, action) in sections, f"docs/cli.md has no section for `histodistill {command} {action}`"
+            assert (command, action) in sections, (
+                f"docs/cli.md has no section for `histodistill {command} {action}`"
+            )
 
 
 @pytest.mark.parametrize("words", _checked_sections(), ids=" ".join)
@@ -95,7 +97,9 @@ def test_options_mentioned_exist(words):
     known = _options_below(_command_parser(list(words)))
     mentioned = set(OPTION.findall(_sections()[words]))
     unknown = sorted(mentioned - known)
-    assert not unknown, f"docs/cli.md, `histodistill {' '.join(words)}` mentions options its parser lacks: {unknown}"
+    assert not unknown, (
+        f"docs/cli.md, `histodistill {' '.join(words)}` mentions options its parser lacks: {unknown}"
+    )
 
 
 @pytest.mark.parametrize("words", _checked_sections(), ids=" ".join)
@@ -111,7 +115,9 @@ def test_every_option_has_a_row_with_the_parser_default(words):
     for action in positionals:
         if not isinstance(action, argparse._SubParsersAction):
             metavar = action.metavar or action.dest.upper()
-            assert metavar in _sections()[words], f"`histodistill {' '.join(words)}`: {metavar} is not documented"
+            assert metavar in _sections()[words], (
+                f"`histodistill {' '.join(words)}`: {metavar} is not documented"
+            )
 
 
 def _check_default(command: str, name: str, action: argparse.Action, cell: str) -> None:
@@ -121,13 +127,17 @@ def _check_default(command: str, name: str, action: argparse.Action, cell: str) 
     elif cell == "off":
         assert action.nargs == 0 and action.default is False, f"{where}: documented as an off flag"
     elif cell.startswith("–"):
-        assert action.default is None and not action.required, f"{where}: documented without a default, parser has {action.default!r}"
+        assert action.default is None and not action.required, (
+            f"{where}: documented without a default, parser has {action.default!r}"
+        )
     else:
         value = re.fullmatch(r"`([^`]*)`", cell)
         assert value, f"{where}: default cell {cell!r} is none of required / off / – / `value`"
         default = action.default
         shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
-        assert value.group(1) == shown, f"{where}: documented default {value.group(1)!r}, parser default {shown!r}"
+        assert value.group(1) == shown, (
+            f"{where}: documented default {value.group(1)!r}, parser default {shown!r}"
+        )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)

@@ -9,30 +9,42 @@ import pytest
 from histodistill.commands._arguments import command_flags
 from histodistill.errors import ConfigError, Flag, UserError, render_parameters, rendering_parameters
 
-FLAGS = {"target_mpp": Flag("--mpp"), "overwrite=True": Flag("--overwrite", switch=True),
-         "pretrained=False": Flag("--random-init", switch=True)}
+FLAGS = {
+    "target_mpp": Flag("--mpp"),
+    "overwrite=True": Flag("--overwrite", switch=True),
+    "pretrained=False": Flag("--random-init", switch=True),
+}
 
 
 def test_a_parameter_is_rendered_as_its_flag_with_its_value():
-    assert render_parameters("`target_mpp=0.3`: finer than the slide", FLAGS) == "--mpp 0.3: finer than the slide"
+    assert (
+        render_parameters("`target_mpp=0.3`: finer than the slide", FLAGS)
+        == "--mpp 0.3: finer than the slide"
+    )
     assert render_parameters("raise `target_mpp=...`", FLAGS) == "raise --mpp"
     assert render_parameters("`target_mpp='x'`: not a number", FLAGS) == "--mpp x: not a number"
 
 
 def test_a_switch_is_rendered_only_for_the_value_it_stands_for():
-    assert render_parameters("pass `overwrite=True` to replace them", FLAGS) == "pass --overwrite to replace them"
+    assert (
+        render_parameters("pass `overwrite=True` to replace them", FLAGS)
+        == "pass --overwrite to replace them"
+    )
     assert render_parameters("`pretrained=False`: random weights", FLAGS) == "--random-init: random weights"
     assert render_parameters("`overwrite=False` keeps them", FLAGS) == "`overwrite=False` keeps them"
 
 
 def test_what_is_not_a_known_parameter_is_left_as_written():
-    # A dataset name in backticks is no parameter; a parameter the command does not take keeps its Python form.
+    # A dataset name in backticks is no parameter; a parameter the command does not take keeps its Python
+    # form.
     message = "no `coords` dataset; `patch_size=256` and `target_mpp` unchanged"
     assert render_parameters(message, FLAGS) == message
 
 
 def test_the_error_carries_its_parameters():
-    error = UserError("`target_mpp=0.3`: finer than the slide's 0.5 um/px; pass `overwrite=True`, not `coords`")
+    error = UserError(
+        "`target_mpp=0.3`: finer than the slide's 0.5 um/px; pass `overwrite=True`, not `coords`"
+    )
     assert error.parameters == {"target_mpp": "0.3", "overwrite": "True"}
 
 
@@ -53,7 +65,11 @@ def test_a_commands_flags_come_from_its_parser_and_its_renames():
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--random-init", action="store_true")
     flags = command_flags(parser, {"target_mpp": "mpp", "pretrained=False": "random_init"})
-    assert flags == {"patch_size": Flag("--patch-size"), "mpp": Flag("--mpp"), "target_mpp": Flag("--mpp"),
-                     "overwrite=True": Flag("--overwrite", switch=True),
-                     "random_init=True": Flag("--random-init", switch=True),
-                     "pretrained=False": Flag("--random-init", switch=True)}
+    assert flags == {
+        "patch_size": Flag("--patch-size"),
+        "mpp": Flag("--mpp"),
+        "target_mpp": Flag("--mpp"),
+        "overwrite=True": Flag("--overwrite", switch=True),
+        "random_init=True": Flag("--random-init", switch=True),
+        "pretrained=False": Flag("--random-init", switch=True),
+    }

@@ -99,8 +99,15 @@ def test_type_checkers_see_the_same_public_names_as_the_lazy_imports():
     import histodistill
 
     tree = ast.parse(Path(histodistill.__file__).read_text())
-    block = next(node for node in tree.body
-                 if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
-    seen = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom)
-            for alias in node.names}
+    block = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+    )
+    seen = {
+        alias.name: node.module
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
     assert seen == histodistill._PUBLIC

@@ -27,7 +27,19 @@ from histodistill.errors import UserError, rendering_parameters
 from histodistill.io import reporting_full_disk
 
 # The order a user meets the stages in; commands not listed here are shown after them.
-PIPELINE_ORDER = ("samples", "tile", "fit", "export", "extract", "probe", "mil", "heatmap", "report", "distill", "demo")
+PIPELINE_ORDER = (
+    "samples",
+    "tile",
+    "fit",
+    "export",
+    "extract",
+    "probe",
+    "mil",
+    "heatmap",
+    "report",
+    "distill",
+    "demo",
+)
 
 
 def _command_modules() -> dict[str, ModuleType]:
@@ -54,8 +66,9 @@ def build_parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
             continue
         command_parser = sub.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(command_parser)
-        command_parser.set_defaults(_run=module.run,
-                                    _flags=command_flags(command_parser, getattr(module, "PARAMETERS", None)))
+        command_parser.set_defaults(
+            _run=module.run, _flags=command_flags(command_parser, getattr(module, "PARAMETERS", None))
+        )
     return parser
 
 

@@ -33,9 +33,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SHARD_HELP = ("I/N: process only share I (0-based) of N of the sorted slides, e.g. `--shard "
-              "$SLURM_ARRAY_TASK_ID/N` in a SLURM job array; ranks of torchrun/srun split each share further "
-              "(default: all slides, split among the launcher's ranks)")
+SHARD_HELP = (
+    "I/N: process only share I (0-based) of N of the sorted slides, e.g. `--shard "
+    "$SLURM_ARRAY_TASK_ID/N` in a SLURM job array; ranks of torchrun/srun split each share further "
+    "(default: all slides, split among the launcher's ranks)"
+)
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     """``"i/n"`` -> (i, n) with 0 <= i < n; anything else is a `ConfigError` naming ``shard``."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not match or not 0 <= int(match[1]) < int(match[2]):
-        raise ConfigError(f"`shard={text}`: expected I/N with 0 <= I < N, e.g. `shard=0/4` (the first of 4 "
-                          "shares)")
+        raise ConfigError(
+            f"`shard={text}`: expected I/N with 0 <= I < N, e.g. `shard=0/4` (the first of 4 shares)"
+        )
     return int(match[1]), int(match[2])
 
 
@@ -86,7 +89,9 @@ def launcher_rank(env: Mapping[str, str] | None = None) -> tuple[int, int, int |
             try:
                 values = int(env[rank]), int(env[world]), int(env.get(local, env[rank]))
             except ValueError:
-                raise UserError(f"{launcher}: {rank}={env[rank]!r} and {world}={env[world]!r} must be integers") from None
+                raise UserError(
+                    f"{launcher}: {rank}={env[rank]!r} and {world}={env[world]!r} must be integers"
+                ) from None
             if not 0 <= values[0] < values[1]:
                 raise UserError(f"{launcher}: {rank}={values[0]} is not below {world}={values[1]}")
             return (*values, launcher)
@@ -99,7 +104,8 @@ def this_process(shard: str | None = None, env: Mapping[str, str] | None = None)
     shard_index, shard_count = parse_shard(shard) if shard else (0, 1)
     if shard:
         launcher = f"shard {shard_index}/{shard_count}" + (
-            f", {launcher} rank {rank}/{world}" if world > 1 else "")
+            f", {launcher} rank {rank}/{world}" if world > 1 else ""
+        )
     elif world > 1:
         launcher = f"{launcher} rank {rank}/{world}"
     return Share(shard_index + shard_count * rank, shard_count * world, local_rank, launcher)
@@ -145,7 +151,9 @@ def process_group(timeout_minutes: float = 30) -> Iterator[bool]:
         yield True
         return
     env = os.environ
-    if not (dist.is_available() and "MASTER_ADDR" in env and "RANK" in env and int(env.get("WORLD_SIZE", 1)) > 1):
+    if not (
+        dist.is_available() and "MASTER_ADDR" in env and "RANK" in env and int(env.get("WORLD_SIZE", 1)) > 1
+    ):
         yield False
         return
     dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))

@@ -44,9 +44,9 @@ def is_disk_full(error: BaseException) -> bool:
     if isinstance(error, DiskFullError) or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(error)
-    return isinstance(error, (OSError, RuntimeError)) and ("No space left on device" in text
-                                                           or "Disk quota exceeded" in text
-                                                           or "file write failed" in text)
+    return isinstance(error, (OSError, RuntimeError)) and (
+        "No space left on device" in text or "Disk quota exceeded" in text or "file write failed" in text
+    )
 
 
 @contextlib.contextmanager
@@ -99,8 +99,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise DiskFullError(path)
 
 
-# Names no finished output has: hidden files (our own `atomic_path` temporaries ``.<stem>.<random>.tmp<suffix>``,
-# macOS ``._<name>`` resource forks), editor backups, and other tools' partial or lock files.
+# Names no finished output has: hidden files (our own `atomic_path` temporaries
+# ``.<stem>.<random>.tmp<suffix>``, macOS ``._<name>`` resource forks), editor backups, and other tools'
+# partial or lock files.
 _TEMPORARY_ENDINGS = ("~", ".tmp", ".part", ".partial", ".lock", ".crdownload")
 
 
@@ -121,11 +122,18 @@ def unwritable_reason(value: str | os.PathLike, kind: str) -> str | None:
         return f"{value} is a folder: pass a file name to write, e.g. {path / 'report.html'}"
     # The place where the first file or folder would be made: the folder itself for an existing output
     # folder, else the nearest existing parent (missing parents are made there).
-    place = path if kind == "folder" and path.is_dir() else next(
-        (parent for parent in (path.parent, *path.parent.parents) if parent.exists()), Path("."))
-    if not os.access(place, os.W_OK | os.X_OK):  # EROFS and permissions alike, also for root on a read-only mount
-        return (f"{value}: {place.resolve()} is not writable (read-only or no permission): pass a {kind} "
-                "on a writable disk")
+    place = (
+        path
+        if kind == "folder" and path.is_dir()
+        else next((parent for parent in (path.parent, *path.parent.parents) if parent.exists()), Path("."))
+    )
+    if not os.access(
+        place, os.W_OK | os.X_OK
+    ):  # EROFS and permissions alike, also for root on a read-only mount
+        return (
+            f"{value}: {place.resolve()} is not writable (read-only or no permission): pass a {kind} "
+            "on a writable disk"
+        )
     return None
 
 
@@ -148,28 +156,37 @@ RESUMES = "run the same command again: it resumes, keeping every finished file"
 
 
 def full_disk_message(path: Path, out: Path, needed: int | None, rerun: str = RESUMES) -> str:
-    """One line: the file that could not be written, the free space, the run's estimated need, and the rerun."""
+    """One line: the file that could not be written, the free space, the run's estimated need, and the
+    rerun."""
     place = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(place).free
-    need = (f"this run needs about {_human(needed)} in {out} ({_human(_size(out))} written so far)" if needed
-            else f"{_human(_size(out))} were written to {out} so far")
-    return (f"no space left on the disk to write {path} ({_human(free)} free): {need}; free space there or pass "
-            f"another output folder, then {rerun}")
+    need = (
+        f"this run needs about {_human(needed)} in {out} ({_human(_size(out))} written so far)"
+        if needed
+        else f"{_human(_size(out))} were written to {out} so far"
+    )
+    return (
+        f"no space left on the disk to write {path} ({_human(free)} free): {need}; free space there or pass "
+        f"another output folder, then {rerun}"
+    )
 
 
 @contextlib.contextmanager
-def reporting_full_disk(out: str | os.PathLike, needed: Callable[[], int | None] = lambda: None,
-                        rerun: str = RESUMES) -> Iterator[None]:
-    """Turn a write that fails for want of space anywhere in the block into a `UserError` (`full_disk_message`):
-    the file, the space ``needed()`` by the run in ``out`` (bytes, an estimate; None when unknown), and how a
-    rerun resumes (``rerun``). Every command that writes runs inside one (`histodistill.cli`), estimating
-    commands in their own."""
+def reporting_full_disk(
+    out: str | os.PathLike, needed: Callable[[], int | None] = lambda: None, rerun: str = RESUMES
+) -> Iterator[None]:
+    """Turn a write that fails for want of space anywhere in the block into a `UserError`
+    (`full_disk_message`): the file, the space ``needed()`` by the run in ``out`` (bytes, an estimate; None
+    when unknown), and how a rerun resumes (``rerun``). Every command that writes runs inside one
+    (`histodistill.cli`), estimating commands in their own."""
     try:
         yield
     except (OSError, RuntimeError, DiskFullError) as error:
         if not is_disk_full(error):
             raise
-        path = error.path if isinstance(error, DiskFullError) else Path(getattr(error, "filename", None) or out)
+        path = (
+            error.path if isinstance(error, DiskFullError) else Path(getattr(error, "filename", None) or out)
+        )
         raise UserError(full_disk_message(path, Path(out), needed(), rerun)) from None
 
 
@@ -194,7 +211,9 @@ def atomic_hdf5(path: str | os.PathLike) -> Iterator[Any]:
 def is_hidden_or_temporary(path: str | os.PathLike) -> bool:
     """True for a file that a killed run or another program left behind, never a finished output."""
     name = Path(path).name
-    return name.startswith((".", "~$")) or name.lower().endswith(_TEMPORARY_ENDINGS) or ".tmp." in name.lower()
+    return (
+        name.startswith((".", "~$")) or name.lower().endswith(_TEMPORARY_ENDINGS) or ".tmp." in name.lower()
+    )
 
 
 def visible_files(directory: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> list[Path]:
@@ -206,7 +225,8 @@ def visible_files(directory: str | os.PathLike, suffixes: tuple[str, ...] | None
         return []
     wanted = None if suffixes is None else {s.lower() for s in suffixes}
     return sorted(
-        p for p in directory.iterdir()
+        p
+        for p in directory.iterdir()
         if p.is_file() and not is_hidden_or_temporary(p) and (wanted is None or p.suffix.lower() in wanted)
     )
 

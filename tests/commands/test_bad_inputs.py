@@ -61,8 +61,20 @@ def good_images(root: Path) -> Path:
 
 
 def probe_images(train: Path, test: Path, out: Path) -> list[str]:
-    return ["probe", "--train-images", str(train), "--test-images", str(test), "--model", "tiny/resnet18-64",
-            "--random-init", "--linear-protocol", "mae", "--out", str(out)]
+    return [
+        "probe",
+        "--train-images",
+        str(train),
+        "--test-images",
+        str(test),
+        "--model",
+        "tiny/resnet18-64",
+        "--random-init",
+        "--linear-protocol",
+        "mae",
+        "--out",
+        str(out),
+    ]
 
 
 def good_run(root: Path) -> Path:
@@ -87,8 +99,18 @@ def good_slides(root: Path) -> Path:
 
 
 def distill(inputs: list[str], root: Path) -> list[str]:
-    return ["distill", "--teacher", "tiny/resnet18-64", "--student", "tiny/resnet18-64", "--student-random-init",
-            "--out", str(root / "out"), *inputs]
+    return [
+        "distill",
+        "--teacher",
+        "tiny/resnet18-64",
+        "--student",
+        "tiny/resnet18-64",
+        "--student-random-init",
+        "--out",
+        str(root / "out"),
+        *inputs,
+    ]
+
 
 # command -> {input: argv with the bad path in that input}. Output folders are not inputs: a missing or
 # empty one is valid. `samples` and `demo` read no files: their bad input is a file given as --out,
@@ -99,9 +121,26 @@ INPUTS: dict[str, dict[str, Argv]] = {
     "fit": {"--config": lambda p, t: ["fit", "--config", str(p)]},
     "export": {"--checkpoint": lambda p, t: ["export", "--checkpoint", str(p), "--out", str(t / "out")]},
     "extract": {
-        "--coords": lambda p, t: ["extract", "--model", "tiny/resnet18-64", "--coords", str(p), "--out", str(t / "out")],
-        "--images": lambda p, t: ["extract", "--model", "tiny/resnet18-64", "--images", str(p), "--out", str(t / "out"),
-                                  "--workers", "0"],
+        "--coords": lambda p, t: [
+            "extract",
+            "--model",
+            "tiny/resnet18-64",
+            "--coords",
+            str(p),
+            "--out",
+            str(t / "out"),
+        ],
+        "--images": lambda p, t: [
+            "extract",
+            "--model",
+            "tiny/resnet18-64",
+            "--images",
+            str(p),
+            "--out",
+            str(t / "out"),
+            "--workers",
+            "0",
+        ],
     },
     "probe": {
         "--features": lambda p, t: ["probe", "--features", str(p), "--out", str(t / "out")],
@@ -109,8 +148,24 @@ INPUTS: dict[str, dict[str, Argv]] = {
         "--test-images": lambda p, t: probe_images(good_images(t), p, t / "out"),
     },
     "mil": {
-        "--features": lambda p, t: ["mil", "--features", str(p), "--labels", str(good_labels(t)), "--out", str(t / "out")],
-        "--labels": lambda p, t: ["mil", "--features", str(good_features(t)), "--labels", str(p), "--out", str(t / "out")],
+        "--features": lambda p, t: [
+            "mil",
+            "--features",
+            str(p),
+            "--labels",
+            str(good_labels(t)),
+            "--out",
+            str(t / "out"),
+        ],
+        "--labels": lambda p, t: [
+            "mil",
+            "--features",
+            str(good_features(t)),
+            "--labels",
+            str(p),
+            "--out",
+            str(t / "out"),
+        ],
     },
     "heatmap": {
         "--run": lambda p, t: ["heatmap", "--run", str(p), "--slides", str(t)],
@@ -127,18 +182,29 @@ INPUTS: dict[str, dict[str, Argv]] = {
 }
 # Kinds that are valid for an input, with the reason (everything else must be refused).
 VALID = {
-    ("samples", "--out"): {"missing file": "a new output folder", "empty folder": "an output folder",
-                           "wrong folder": "an output folder may hold other files"},
-    ("demo", "--out"): {"missing file": "a new output folder", "empty folder": "an output folder",
-                        "wrong folder": "an output folder may hold other files"},
+    ("samples", "--out"): {
+        "missing file": "a new output folder",
+        "empty folder": "an output folder",
+        "wrong folder": "an output folder may hold other files",
+    },
+    ("demo", "--out"): {
+        "missing file": "a new output folder",
+        "empty folder": "an output folder",
+        "wrong folder": "an output folder may hold other files",
+    },
 }
 EXTRA_CASES = {("samples", "unknown sample name"): lambda p, t: ["samples", "fetch", "no_such_sample"]}
 
 CASES = [
     pytest.param((argv_of, kind), id=f"{command} {name} {kind}")
-    for command, inputs in INPUTS.items() for name, argv_of in inputs.items() for kind in KINDS
+    for command, inputs in INPUTS.items()
+    for name, argv_of in inputs.items()
+    for kind in KINDS
     if kind not in VALID.get((command, name), {})
-] + [pytest.param((argv_of, "missing file"), id=f"{command} {name}") for (command, name), argv_of in EXTRA_CASES.items()]
+] + [
+    pytest.param((argv_of, "missing file"), id=f"{command} {name}")
+    for (command, name), argv_of in EXTRA_CASES.items()
+]
 
 
 def test_every_command_has_bad_inputs():
@@ -179,8 +245,17 @@ OUTPUTS: dict[str, Argv] = {
     "heatmap": lambda o, t: ["heatmap", "--run", str(t), "--slides", str(t), "--out", o],
     "report": lambda o, t: ["report", str(t), "--out", o],
     "demo": lambda o, t: ["demo", "--quick", "--out", o],
-    "distill": lambda o, t: ["distill", "--teacher", "tiny/resnet18-64", "--student", "resnet18", "--slides", str(t),
-                             "--out", o],
+    "distill": lambda o, t: [
+        "distill",
+        "--teacher",
+        "tiny/resnet18-64",
+        "--student",
+        "resnet18",
+        "--slides",
+        str(t),
+        "--out",
+        o,
+    ],
 }
 
 
@@ -192,8 +267,9 @@ def test_every_command_has_its_output_checked():
 
 
 def read_only_folder(root: Path, monkeypatch) -> Path:
-    """A folder nobody may write into: mode 0555, and, for root (whom modes do not stop), `os.access` answering
-    as it does on a read-only mount (EROFS), the issue-29 case of `extract --out` on a read-only share."""
+    """A folder nobody may write into: mode 0555, and, for root (whom modes do not stop), `os.access`
+    answering as it does on a read-only mount (EROFS), the issue-29 case of `extract --out` on a read-only
+    share."""
     import os
 
     folder = root / "read_only"
@@ -215,8 +291,9 @@ MESSAGES = {"empty": "empty path", "under a file": "which is a file", "read-only
 
 @pytest.mark.parametrize("kind", sorted(MESSAGES))
 @pytest.mark.parametrize("command", sorted(OUTPUTS))
-def test_an_output_nothing_can_be_written_to_is_one_error_line_and_exit_2(tmp_path, capsys, monkeypatch, command,
-                                                                          kind):
+def test_an_output_nothing_can_be_written_to_is_one_error_line_and_exit_2(
+    tmp_path, capsys, monkeypatch, command, kind
+):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder\n")
     # "" would silently mean the current folder; a missing folder under a read-only one could not be made.

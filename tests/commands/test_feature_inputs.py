@@ -38,12 +38,30 @@ def write_ours(folder, slide_id, features):
     folder.mkdir(parents=True, exist_ok=True)
     with h5py.File(folder / f"{slide_id}.h5", "w") as handle:
         handle["features"] = features
-        handle["coords"] = np.stack([np.arange(len(features)) * 256, np.zeros(len(features))], 1).astype(np.int64)
+        handle["coords"] = np.stack([np.arange(len(features)) * 256, np.zeros(len(features))], 1).astype(
+            np.int64
+        )
 
 
 def mil(features, labels, out, *extra):
-    return main(["mil", "--features", str(features), "--labels", str(labels), "--out", str(out), "--folds", "2",
-                 "--epochs", "2", "--lr", "1e-2", *extra])
+    return main(
+        [
+            "mil",
+            "--features",
+            str(features),
+            "--labels",
+            str(labels),
+            "--out",
+            str(out),
+            "--folds",
+            "2",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            *extra,
+        ]
+    )
 
 
 def error_lines(capsys) -> list[str]:
@@ -64,8 +82,20 @@ def test_mil_on_clam_h5_files_writes_attention_with_coords(tmp_path):
 def test_clam_models_on_clam_h5_files_write_attention_of_their_branch(tmp_path, model):
     for i in range(N_SLIDES):
         write_clam_features(tmp_path / "clam", f"s{i}", slide_features(i))
-    assert mil(tmp_path / "clam", labels_csv(tmp_path), tmp_path / "run", "--model", model, "--hidden-dim", "16",
-               "--k-sample", "3") == 0
+    assert (
+        mil(
+            tmp_path / "clam",
+            labels_csv(tmp_path),
+            tmp_path / "run",
+            "--model",
+            model,
+            "--hidden-dim",
+            "16",
+            "--k-sample",
+            "3",
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "run" / "checkpoints" / "model.json").read_text())
     assert config["model"] == model and config["model_kwargs"]["k_sample"] == 3
     with h5py.File(tmp_path / "run" / "attention" / "s3.h5") as handle:
@@ -78,7 +108,9 @@ def test_mil_on_clam_pt_files_says_there_is_no_attention_for_them(tmp_path, caps
         write_clam_features(tmp_path / "clam", f"s{i}", slide_features(i))
     shutil.rmtree(tmp_path / "clam" / "h5_files")
     assert mil(tmp_path / "clam", labels_csv(tmp_path), tmp_path / "run") == 0
-    assert f"no attention files for {N_SLIDES} slide(s) whose features have no coords" in capsys.readouterr().out
+    assert (
+        f"no attention files for {N_SLIDES} slide(s) whose features have no coords" in capsys.readouterr().out
+    )
     assert not (tmp_path / "run" / "attention").exists()
 
 
@@ -89,8 +121,26 @@ def test_mil_and_probe_on_a_trident_job_dir(tmp_path):
     assert mil(tmp_path / "job", labels, tmp_path / "run") == 0
     with h5py.File(tmp_path / "run" / "attention" / "s1.h5") as handle:
         assert handle.attrs["patch_size_level0"] == 512  # TRIDENT's coords attrs reach the heatmap
-    assert main(["probe", "--features", str(tmp_path / "job"), "--labels", str(labels), "--folds", "2",
-                 "--seeds", "0", "--k", "3", "--out", str(tmp_path / "probe")]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--features",
+                str(tmp_path / "job"),
+                "--labels",
+                str(labels),
+                "--folds",
+                "2",
+                "--seeds",
+                "0",
+                "--k",
+                "3",
+                "--out",
+                str(tmp_path / "probe"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "probe" / "probe.json").read_text())["classes"] == ["normal", "tumor"]
     data = load_patch_features(tmp_path / "job", labels)  # what the probe fitted: one mean per slide
     np.testing.assert_allclose(data.features[3], slide_features(3).mean(axis=0), rtol=1e-6)
@@ -107,8 +157,20 @@ def test_a_truncated_file_stops_mil_and_probe_before_anything_is_written(tmp_pat
     (line,) = error_lines(capsys)
     assert "s5.h5 cannot be read" in line and "s4.h5" not in line
     assert not (tmp_path / "run").exists()
-    assert main(["probe", "--features", str(tmp_path / "features"), "--labels", str(labels),
-                 "--out", str(tmp_path / "probe")]) == 2
+    assert (
+        main(
+            [
+                "probe",
+                "--features",
+                str(tmp_path / "features"),
+                "--labels",
+                str(labels),
+                "--out",
+                str(tmp_path / "probe"),
+            ]
+        )
+        == 2
+    )
     (line,) = error_lines(capsys)
     assert "s5.h5 cannot be read" in line
 
@@ -147,10 +209,26 @@ def test_heatmap_ignores_a_killed_runs_temporary_file(tmp_path, tiny_slide):
     slides = tmp_path / "slides"
     slides.mkdir()
     shutil.copy(tiny_slide.path, slides / "s1.tif")
-    assert main(["heatmap", "--run", str(tmp_path / "run"), "--slides", str(slides), "--top-k", "1",
-                 "--thumbnail-size", "128"]) == 0
+    assert (
+        main(
+            [
+                "heatmap",
+                "--run",
+                str(tmp_path / "run"),
+                "--slides",
+                str(slides),
+                "--top-k",
+                "1",
+                "--thumbnail-size",
+                "128",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "run" / "figures" / "heatmaps").iterdir()) == [
-        "s1_heatmap.png", "s1_tiles.png"]
+        "s1_heatmap.png",
+        "s1_tiles.png",
+    ]
 
 
 def test_heatmap_names_a_truncated_attention_file(tmp_path, tiny_slide, capsys):
@@ -163,12 +241,16 @@ def test_heatmap_names_a_truncated_attention_file(tmp_path, tiny_slide, capsys):
     assert "attention file" in line and "s1.h5" in line
 
 
-@pytest.mark.parametrize(("extra", "expected"), [
-    (["--lr", "1e38"], ["overflowed", "Lower --lr"]),  # the weights overflow in the first step
-    (["--bag-weight", "0.5"], ["--bag-weight", "--model clam_sb"]),  # CLAM's option with another model
-])
-def test_mil_with_an_overflowing_learning_rate_or_a_clam_option_elsewhere_is_one_error_line(tmp_path, capsys, extra,
-                                                                                              expected):
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--lr", "1e38"], ["overflowed", "Lower --lr"]),  # the weights overflow in the first step
+        (["--bag-weight", "0.5"], ["--bag-weight", "--model clam_sb"]),  # CLAM's option with another model
+    ],
+)
+def test_mil_with_an_overflowing_learning_rate_or_a_clam_option_elsewhere_is_one_error_line(
+    tmp_path, capsys, extra, expected
+):
     for i in range(N_SLIDES):
         write_ours(tmp_path / "features", f"s{i}", slide_features(i))
     assert mil(tmp_path / "features", labels_csv(tmp_path), tmp_path / "run", *extra) == 2

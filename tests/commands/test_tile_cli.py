@@ -32,12 +32,15 @@ def test_single_slide_then_skip_then_overwrite(tiny_slide, tmp_path, capsys):
     assert "0 tiled, 1 already done" in capsys.readouterr().out
     assert main([*argv, "--overwrite"]) == 0
     assert "1 tiled" in capsys.readouterr().out
-    assert main([*argv[:-1], "64"]) == 2  # other settings over finished outputs: refused (a user error), outputs kept
+    # other settings over finished outputs: refused (a user error), outputs kept
+    assert main([*argv[:-1], "64"]) == 2
     err = capsys.readouterr().err
     # Issue 29: only the setting that differs (not the whole settings dict), the tiles kept, and the fix.
-    assert err.splitlines() == [f"error: {out / 'patches'}: 1 of 1 slides were tiled there with other settings "
-                                "(--patch-size 64 (the tiles there: 128)); their 10 tiles are kept: pass --overwrite "
-                                "to tile them again with these settings, or choose another --out"]
+    assert err.splitlines() == [
+        f"error: {out / 'patches'}: 1 of 1 slides were tiled there with other settings "
+        "(--patch-size 64 (the tiles there: 128)); their 10 tiles are kept: pass --overwrite "
+        "to tile them again with these settings, or choose another --out"
+    ]
     assert '"status": "ok"' in (out / "status" / "tiny_slide.json").read_text()
     assert len(read_coords(out / "patches" / "tiny_slide.h5")[0]) == 10
 
@@ -64,7 +67,10 @@ def test_csv_with_per_slide_mpp(tmp_path):
     write_pyramid_tiff(tmp_path / "nompp.tif", image, mpp=None, tile=128)
     Image.fromarray(image).save(tmp_path / "photo.png")
     (tmp_path / "slides.csv").write_text("path,mpp\nnompp.tif,0.5\nphoto.png,0.25\n")
-    assert main(["tile", str(tmp_path / "slides.csv"), "--out", str(tmp_path / "out"), "--patch-size", "128"]) == 0
+    assert (
+        main(["tile", str(tmp_path / "slides.csv"), "--out", str(tmp_path / "out"), "--patch-size", "128"])
+        == 0
+    )
     assert len(read_coords(tmp_path / "out" / "patches" / "nompp.h5")[0]) == 4
     coords, attrs = read_coords(tmp_path / "out" / "patches" / "photo.h5")  # 128 px at 0.5 = 256 px at 0.25
     assert attrs["mpp"] == 0.25 and attrs["patch_size_level0"] == 256 and coords.tolist() == [[0, 0]]
@@ -107,7 +113,10 @@ def test_each_bad_slide_alone_exits_non_zero(tmp_path, capsys, index):
     [
         (lambda p: None, "no such slide, folder or CSV"),
         (lambda p: p.mkdir(), "no slide files in this folder"),
-        (lambda p: p.write_text("file\nx.svs\n"), "lacks column(s) ['path'] (read as comma-separated with header ['file'])"),
+        (
+            lambda p: p.write_text("file\nx.svs\n"),
+            "lacks column(s) ['path'] (read as comma-separated with header ['file'])",
+        ),
         (lambda p: p.write_text("path,mpp\nx.svs,fast\n"), "line 2: `mpp` must be a number"),
     ],
 )

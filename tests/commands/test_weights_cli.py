@@ -1,5 +1,6 @@
-"""`histodistill extract` and `fit` weights: pretrained by default (here from a local stand-in of the Hugging Face
-cache), one error line when they cannot be had, random only with --random-init and then said and recorded."""
+"""`histodistill extract` and `fit` weights: pretrained by default (here from a local stand-in of the Hugging
+Face cache), one error line when they cannot be had, random only with --random-init and then said and
+recorded."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def tiles(tiny_slide, tmp_path):
 
 
 def _extract(tiles, out, *extra):
-    return main(["extract", "--model", NAME, "--coords", str(tiles), "--out", str(out), "--workers", "0", *extra])
+    return main(
+        ["extract", "--model", NAME, "--coords", str(tiles), "--out", str(out), "--workers", "0", *extra]
+    )
 
 
 def _record(out, folder=f"features_{NAME}"):
@@ -64,7 +67,9 @@ def test_random_init_and_a_weights_file_contradict(tiles, tmp_path, capsys):
     assert "--random-init and --weights" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("cpus", "workers"), [({0, 1}, 2), (set(range(64)), extract_command.MAX_DEFAULT_WORKERS)])
+@pytest.mark.parametrize(
+    ("cpus", "workers"), [({0, 1}, 2), (set(range(64)), extract_command.MAX_DEFAULT_WORKERS)]
+)
 def test_default_workers_are_the_cpus_available_capped(monkeypatch, cpus, workers):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: cpus, raising=False)
     assert extract_command.default_workers() == workers
@@ -75,20 +80,48 @@ def test_fit_recipe_with_an_imagenet_start_it_cannot_get_stops_with_one_line(tmp
 
     data = tmp_path / "data"
     make_image_folder(data / "train", classes=("a", "b"), per_class=2, size=16)
-    code = main(["fit", "--config", str(TINY), "--model.init_args.pretrained", "true",
-                 "--trainer.default_root_dir", str(tmp_path / "run"),
-                 "--data.init_args.train.init_args.root", str(data / "train"),
-                 "--data.init_args.val.init_args.root", str(data / "train")])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--model.init_args.pretrained",
+            "true",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--data.init_args.train.init_args.root",
+            str(data / "train"),
+            "--data.init_args.val.init_args.root",
+            str(data / "train"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "'tiny/resnet18-64'" in errors[0] and "--model.init_args.pretrained False" in errors[0]
+    assert (
+        len(errors) == 1
+        and "'tiny/resnet18-64'" in errors[0]
+        and "--model.init_args.pretrained False" in errors[0]
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_random_init_of_a_checkpoint_is_refused_not_ignored(tiles, tmp_path, capsys):
     checkpoint = tmp_path / "last.ckpt"
     checkpoint.write_bytes(b"")
-    assert main(["extract", "--model", str(checkpoint), "--random-init", "--coords", str(tiles),
-                 "--out", str(tmp_path / "f")]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                str(checkpoint),
+                "--random-init",
+                "--coords",
+                str(tiles),
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 2
+    )
     assert "carries its own weights" in capsys.readouterr().err

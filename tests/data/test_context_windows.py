@@ -30,8 +30,16 @@ def box_tiles(x0: int, y0: int, cols: int, rows: int) -> np.ndarray:
 
 
 def coords_attrs(slide_path, mpp=0.5, target_mpp=0.5, overlap=0) -> dict:
-    return dict(patch_size=TILE, patch_level=0, patch_size_level0=round(TILE * target_mpp / mpp), mpp=mpp,
-                target_mpp=target_mpp, overlap=overlap, slide_path=str(slide_path), slide_id="tiny_slide")
+    return dict(
+        patch_size=TILE,
+        patch_level=0,
+        patch_size_level0=round(TILE * target_mpp / mpp),
+        mpp=mpp,
+        target_mpp=target_mpp,
+        overlap=overlap,
+        slide_path=str(slide_path),
+        slide_id="tiny_slide",
+    )
 
 
 @pytest.fixture
@@ -77,13 +85,19 @@ def test_cells_land_on_tiles_when_the_scale_is_not_an_integer():
     coords = grid_coords((1000, 700), TILE, 0, 0.5 / 0.499)
     stride, steps = grid_geometry(attrs, "coords.h5")
     _, _, valid = window_cells(coords, stride, steps, side=3)
-    assert valid.all() and len(valid) == (len(np.unique(coords[:, 0])) - 2) * (len(np.unique(coords[:, 1])) - 2)
+    assert valid.all() and len(valid) == (len(np.unique(coords[:, 0])) - 2) * (
+        len(np.unique(coords[:, 1])) - 2
+    )
 
 
 def test_overlap_that_does_not_divide_the_tile_is_refused():
     with pytest.raises(UserError, match="`overlap=0`"):
         grid_geometry(coords_attrs("s", overlap=24), "coords.h5")
-    assert grid_geometry(coords_attrs("s", overlap=32), "coords.h5") == (32.0, 2)  # half overlap: every 2nd tile
+    # half overlap: every 2nd tile
+    assert grid_geometry(coords_attrs("s", overlap=32), "coords.h5") == (
+        32.0,
+        2,
+    )
 
 
 def test_one_read_per_window_and_cells_match_the_tiles(tiled, monkeypatch):
@@ -105,14 +119,17 @@ def test_one_read_per_window_and_cells_match_the_tiles(tiled, monkeypatch):
     for k in (0, 4, 8):
         i, j = divmod(k, 3)
         alone = original(slide, tuple(cells[k].tolist()), TILE, 0.5)  # (64, 64, 3)
-        np.testing.assert_array_equal(window[:, i * TILE : (i + 1) * TILE, j * TILE : (j + 1) * TILE].permute(1, 2, 0).numpy(), alone)
+        np.testing.assert_array_equal(
+            window[:, i * TILE : (i + 1) * TILE, j * TILE : (j + 1) * TILE].permute(1, 2, 0).numpy(), alone
+        )
 
 
 def test_items_carry_teacher_features_of_their_cells(tiled, tmp_path):
     path, coords = tiled
     features_dir = tmp_path / "features_teacher"
     features_dir.mkdir()
-    features = np.concatenate([coords, coords.sum(axis=1, keepdims=True)], axis=1).astype(np.float32)  # (N, 3)
+    # (N, 3)
+    features = np.concatenate([coords, coords.sum(axis=1, keepdims=True)], axis=1).astype(np.float32)
     with h5py.File(features_dir / "tiny_slide.h5", "w") as h5:
         h5["features"], h5["coords"] = features, coords
     dataset = context_windows_of_dir(path.parent, features_dir, side=3, min_fraction=4 / 9)
@@ -137,7 +154,8 @@ def test_window_transform_resizes_each_cell_to_the_model_input_and_normalises():
 
 
 def test_windows_are_read_at_the_tilings_mpp_not_the_slides_metadata(tmp_path):
-    # A plain PNG has no mpp in its metadata: as after `tile --mpp-override 0.25`, only the coords file knows it.
+    # A plain PNG has no mpp in its metadata: as after `tile --mpp-override 0.25`, only the coords file knows
+    # it.
     from PIL import Image
 
     from conftest import make_tissue_image
@@ -149,27 +167,35 @@ def test_windows_are_read_at_the_tilings_mpp_not_the_slides_metadata(tmp_path):
     dataset = ContextWindowDataset(path, side=3)
     window, cells, _, _ = dataset[0]
     assert dataset.mpp == 0.25
-    expected = open_slide(png, 0.25).read_at_mpp(tuple(cells[0].tolist()), 3 * TILE, 0.5)  # a 2x downsampled read
+    # a 2x downsampled read
+    expected = open_slide(png, 0.25).read_at_mpp(tuple(cells[0].tolist()), 3 * TILE, 0.5)
     np.testing.assert_array_equal(window.permute(1, 2, 0).numpy(), expected)
 
 
 @pytest.mark.parametrize(("window_stride", "most_visits"), [(1, 9), (3, 1)])
 def test_window_stride_sets_how_often_one_epoch_shows_a_tile(tiled, window_stride, most_visits):
     _, coords = tiled
-    anchors, cells, valid = window_cells(coords, TILE, 1, side=3, min_fraction=1 / 9, window_stride=window_stride)
+    anchors, cells, valid = window_cells(
+        coords, TILE, 1, side=3, min_fraction=1 / 9, window_stride=window_stride
+    )
     visits: dict[tuple[int, int], int] = {}
     for window, flags in zip(cells, valid, strict=True):
         for cell in window[flags].tolist():
             visits[tuple(cell)] = visits.get(tuple(cell), 0) + 1
-    assert max(visits.values()) == most_visits  # stride 1: an interior tile is a target in all 9 of its windows
+    # stride 1: an interior tile is a target in all 9 of its windows
+    assert max(visits.values()) == most_visits
     assert ((np.round(coords[anchors] / TILE) % window_stride) == 0).all()
 
 
 def test_excluded_slides_give_no_window(tiled, tiny_slide):
     path, _ = tiled
     kept = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
-    write_coords(path.parent / "other.h5", box_tiles(128, 128, cols=6, rows=4),
-                 coords_attrs(tiny_slide.path) | {"slide_id": "other"})  # excluded by its slide id
+    # excluded by its slide id
+    write_coords(
+        path.parent / "other.h5",
+        box_tiles(128, 128, cols=6, rows=4),
+        coords_attrs(tiny_slide.path) | {"slide_id": "other"},
+    )
     both = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5)
     held_out = context_windows_of_dir(path.parent, None, side=3, min_fraction=0.5, exclude=["other"])
     assert len(both) == 2 * len(kept) and len(held_out) == len(kept) > 0
@@ -188,12 +214,15 @@ def test_a_corrupt_window_is_replaced_by_the_slides_next_readable_one_with_one_w
     tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=128)
     dataset = context_windows_of_dir(tmp_path / "tiles" / "patches", None, side=3, window_stride=3)
     corners = torch.cat([cells[:, 0] for _, cells, _, _ in DataLoader(dataset, batch_size=4, num_workers=1)])
-    assert len(corners) == len(dataset) == 4  # anchors on cells 3 and 6 of the 8 x 8 grid: corners at 256, 640 px
+    # anchors on cells 3 and 6 of the 8 x 8 grid: corners at 256, 640 px
+    assert len(corners) == len(dataset) == 4
     # The window over the damaged JPEG tile (256..512 px) is (256, 256)'s: it takes the next one, (640, 256).
     assert sorted(map(tuple, corners.tolist())) == [(256, 640), (640, 256), (640, 256), (640, 640)]
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0].startswith(
-        f"warning: slide corrupt: a context window at level-0 ({x}, {y}) cannot be read from {path} (Corrupt JPEG")
+        f"warning: slide corrupt: a context window at level-0 ({x}, {y}) cannot be read from {path} (Corrupt "
+        "JPEG"
+    )
 
 
 # ---- CLAM's and TRIDENT's coords: no mpp, windows by level-0 geometry ---------------------------------
@@ -201,21 +230,38 @@ HALF = TILE // 2  # their tiles: 32 px at half the slide's resolution, i.e. 64 l
 
 
 def layout_attrs(layout: str) -> dict:
-    """The attrs CLAM's create_patches_fp / TRIDENT write for 32-px tiles of 64 level-0 px (no slide path, no mpp)."""
+    """The attrs CLAM's create_patches_fp / TRIDENT write for 32-px tiles of 64 level-0 px (no slide path, no
+    mpp)."""
     if layout == "clam":
-        return dict(patch_size=HALF, patch_level=1, downsample=np.array([2.0, 2.0]),
-                    downsampled_level_dim=np.array([512, 384]), level_dim=np.array([1024, 768]), name="tiny_slide",
-                    save_path="patches")
-    return dict(patch_size=HALF, patch_size_level0=TILE, level0_magnification=20, target_magnification=10,
-                overlap=0, name="tiny_slide", savetodir="job")
+        return dict(
+            patch_size=HALF,
+            patch_level=1,
+            downsample=np.array([2.0, 2.0]),
+            downsampled_level_dim=np.array([512, 384]),
+            level_dim=np.array([1024, 768]),
+            name="tiny_slide",
+            save_path="patches",
+        )
+    return dict(
+        patch_size=HALF,
+        patch_size_level0=TILE,
+        level0_magnification=20,
+        target_magnification=10,
+        overlap=0,
+        name="tiny_slide",
+        savetodir="job",
+    )
 
 
 @pytest.mark.parametrize("layout", ["clam", "trident"])
 def test_clam_and_trident_coords_give_exactly_the_windows_of_ours(tiny_slide, tmp_path, layout):
     coords = box_tiles(128, 128, cols=6, rows=4)
     ours = tmp_path / "ours" / "patches" / "tiny_slide.h5"
-    write_coords(ours, coords, coords_attrs(tiny_slide.path, target_mpp=1.0) | {"patch_size": HALF,
-                                                                          "patch_size_level0": TILE})
+    write_coords(
+        ours,
+        coords,
+        coords_attrs(tiny_slide.path, target_mpp=1.0) | {"patch_size": HALF, "patch_size_level0": TILE},
+    )
     name = "tiny_slide_patches.h5" if layout == "trident" else "tiny_slide.h5"  # TRIDENT's file name
     theirs = tmp_path / layout / "patches" / name
     write_coords(theirs, coords, layout_attrs(layout))
@@ -226,7 +272,9 @@ def test_clam_and_trident_coords_give_exactly_the_windows_of_ours(tiny_slide, tm
     expected = context_windows_of_dir(ours.parent, features, side=3, min_fraction=4 / 9)
     with pytest.raises(UserError, match="`slides_dir=DIR`"):  # their coords name no slide
         context_windows_of_dir(theirs.parent, features, side=3, min_fraction=4 / 9)
-    got = context_windows_of_dir(theirs.parent, features, side=3, min_fraction=4 / 9, slides_dir=tiny_slide.path.parent)
+    got = context_windows_of_dir(
+        theirs.parent, features, side=3, min_fraction=4 / 9, slides_dir=tiny_slide.path.parent
+    )
     assert grid_geometry(read_coords(theirs)[1], theirs) == (float(TILE), 1)
     ours_part, their_part = expected.datasets[0], got.datasets[0]
     assert their_part.target_mpp is None and their_part.window_level0 == 3 * TILE
@@ -253,7 +301,9 @@ def test_a_clam_grid_per_contour_with_a_fractional_step_finds_its_neighbours():
     index = {tuple(xy): k for k, xy in enumerate(coords.tolist())}
     for anchor, window in zip(anchors, cells, strict=True):
         row, col = divmod(int(anchor), 5)
-        neighbours = [index[(int(steps[col + dx]), int(steps[row + dy]))] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        neighbours = [
+            index[(int(steps[col + dx]), int(steps[row + dy]))] for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+        ]
         np.testing.assert_array_equal(window, coords[neighbours])  # the tiles' own coords, row-major
 
 

@@ -40,7 +40,13 @@ def test_image_folder_errors_name_the_problem(tmp_path):
 
 def test_csv_paths_are_relative_to_the_csv_and_splits_share_labels(tmp_path):
     make_image_folder(tmp_path / "img", classes=("x", "y"), per_class=2, size=8)
-    rows = ["path,label,split", "img/x/0.png,x,train", "img/y/0.png,y,train", "img/x/1.png,x,val", "img/y/1.png,y,val"]
+    rows = [
+        "path,label,split",
+        "img/x/0.png,x,train",
+        "img/y/0.png,y,train",
+        "img/x/1.png,x,val",
+        "img/y/1.png,y,val",
+    ]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     val = CsvDataset(tmp_path / "m.csv", split="val")
     assert val.classes == ["x", "y"] and [label for _, label in val.samples] == [0, 1]

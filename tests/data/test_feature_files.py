@@ -63,7 +63,9 @@ def test_a_clam_h5_without_its_pt_is_an_unfinished_slide(tmp_path):
     (tmp_path / "pt_files" / "killed.pt").unlink()  # CLAM appends to the .h5 and saves the .pt last
     folder = open_feature_folder(tmp_path)
     assert sorted(folder.files) == ["done"]
-    with pytest.raises(UserError, match=r"CLAM did not finish 1 slide\(s\) .*: killed have an .h5 but no pt_files"):
+    with pytest.raises(
+        UserError, match=r"CLAM did not finish 1 slide\(s\) .*: killed have an .h5 but no pt_files"
+    ):
         load_slides(folder, ["done", "killed"])
 
 
@@ -149,15 +151,21 @@ def test_folders_without_features_are_explained(tmp_path, make):
 
 
 def test_what_the_writer_writes_the_reader_reads_and_the_rerun_check_accepts(tmp_path):
-    """The format's owner round-trips: float64/int32 in, float32/int64 out; tiling attrs on `coords`, slide attrs
-    on the file; a file leaving out unreadable tiles is finished for its coords file, a shorter one is not."""
+    """The format's owner round-trips: float64/int32 in, float32/int64 out; tiling attrs on `coords`, slide
+    attrs on the file; a file leaving out unreadable tiles is finished for its coords file, a shorter one is
+    not."""
     coords_path = tmp_path / "patches" / "s1.h5"
     coords_path.parent.mkdir()
     with h5py.File(coords_path, "w") as handle:
         handle["coords"] = grid(5)
     target = tmp_path / "features" / "s1.h5"
-    write_slide_features(target, features_of(4).astype(np.float64), grid(4).astype(np.int32),
-                         {"slide_id": "s1", UNREADABLE_ATTR: 1}, {"patch_size_level0": 256})
+    write_slide_features(
+        target,
+        features_of(4).astype(np.float64),
+        grid(4).astype(np.int32),
+        {"slide_id": "s1", UNREADABLE_ATTR: 1},
+        {"patch_size_level0": 256},
+    )
     slide = read_slide_features(target)
     assert slide.features.dtype == np.float32 and slide.coords.dtype == np.int64
     np.testing.assert_array_equal(slide.coords, grid(4))

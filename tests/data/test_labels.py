@@ -1,5 +1,6 @@
-"""Label spellings (issue 29): every CSV label reader refuses missing labels naming the lines, reads numerically
-equal spellings as one class, refuses labels that differ only in case, and the classes are said with counts."""
+"""Label spellings (issue 29): every CSV label reader refuses missing labels naming the lines, reads
+numerically equal spellings as one class, refuses labels that differ only in case, and the classes are said
+with counts."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def labels_csv(tmp_path, labels) -> object:
 
 
 def test_zero_one_and_their_float_spellings_are_two_classes_not_four(tmp_path):
-    # The reported input: binary labels saved as 0/1 on some rows and 0.0/1.0 on others trained a 4-class model.
+    # The reported input: binary labels saved as 0/1 on some rows and 0.0/1.0 on others trained a 4-class
+    # model.
     path = labels_csv(tmp_path, ["0", "1", "0.0", "1.0", "1", "0"])
     rows = read_labels(path)
     assert class_names(rows) == ["0", "1"]
@@ -38,16 +40,27 @@ def test_labels_that_differ_only_in_case_are_refused_naming_both(tmp_path):
 @pytest.mark.parametrize("missing", ["NA", "", "nan", "N/A", "null"])
 def test_missing_labels_are_refused_naming_their_lines(tmp_path, missing):
     path = labels_csv(tmp_path, ["tumor", missing, "normal", "NA" if missing else ""])
-    with pytest.raises(UserError, match=r"labels.csv: 2 row\(s\) have no label \(empty or NA\) on line\(s\) 3, 5:"):
+    with pytest.raises(
+        UserError, match=r"labels.csv: 2 row\(s\) have no label \(empty or NA\) on line\(s\) 3, 5:"
+    ):
         read_labels(path)
 
 
 def test_canonical_spellings_and_class_order():
-    assert [canonical(s) for s in ("1.0", "01", "1e0", "0.50", "-2.0", "tumor", "inf")] == \
-        ["1", "1", "1", "0.5", "-2", "tumor", "inf"]
+    assert [canonical(s) for s in ("1.0", "01", "1e0", "0.50", "-2.0", "tumor", "inf")] == [
+        "1",
+        "1",
+        "1",
+        "0.5",
+        "-2",
+        "tumor",
+        "inf",
+    ]
     assert class_order(["10", "2", "1", "0.5"]) == ["0.5", "1", "2", "10"]
     assert class_order(["tumor", "normal"]) == ["normal", "tumor"]
-    assert describe_classes(["b", "a", "b"], "images", "x.csv") == "x.csv: 2 classes: a (1 images), b (2 images)"
+    assert (
+        describe_classes(["b", "a", "b"], "images", "x.csv") == "x.csv: 2 classes: a (1 images), b (2 images)"
+    )
 
 
 def test_the_csv_manifest_reads_labels_the_same_way(tmp_path):

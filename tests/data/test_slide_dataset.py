@@ -65,7 +65,8 @@ def test_mpp_of_the_tiling_is_reused(tiny_slide, tmp_path):
     dataset = SlideTileDataset(tmp_path / "patches" / "tiny_slide.h5")
     assert dataset.mpp == 0.25
     image, coords = dataset[0]
-    expected = open_slide(tiny_slide.path).read_region(tuple(coords.tolist()), 1, (64, 64))  # 0.5 mpp = level 1
+    # 0.5 mpp = level 1
+    expected = open_slide(tiny_slide.path).read_region(tuple(coords.tolist()), 1, (64, 64))
     np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), expected)
 
 
@@ -97,7 +98,8 @@ def test_empty_patches_dir_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_corrupt_tile_is_replaced_by_the_next_readable_one_with_one_warning(tmp_path, capfd, workers):
-    # Issue 29: training raised UnreadableRegion inside a DataLoader worker, re-wrapped by torch into a traceback.
+    # Issue 29: training raised UnreadableRegion inside a DataLoader worker, re-wrapped by torch into a
+    # traceback.
     from conftest import write_corrupt_slide
     from histodistill.data import slide_dataset
 
@@ -107,13 +109,16 @@ def test_a_corrupt_tile_is_replaced_by_the_next_readable_one_with_one_warning(tm
     dataset = SlideTilesDataset(tmp_path / "tiles" / "patches")
     coords = torch.cat([c for _, c in DataLoader(dataset, batch_size=16, num_workers=workers)]).tolist()
     damaged = [[x, y], [x + 128, y], [x, y + 128], [x + 128, y + 128]]
-    assert len(coords) == 64 and not any(c in damaged for c in coords)  # the batch keeps its size, no made-up pixels
+    # the batch keeps its size, no made-up pixels
+    assert len(coords) == 64 and not any(c in damaged for c in coords)
     assert coords.count([x + 256, y]) == 3  # (x, y) and (x + 128, y) take the next readable tile of their row
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: slide corrupt: a tile at level-0 ({x}, {y}) cannot be read from {path} (Corrupt "
-                        "JPEG data: premature end of data segment); training uses the slide's next readable tile in "
-                        "its place and names no further ones of this slide (`histodistill extract` lists them all in "
-                        "unreadable_tiles.csv)"]
+    assert warnings == [
+        f"warning: slide corrupt: a tile at level-0 ({x}, {y}) cannot be read from {path} (Corrupt "
+        "JPEG data: premature end of data segment); training uses the slide's next readable tile in "
+        "its place and names no further ones of this slide (`histodistill extract` lists them all in "
+        "unreadable_tiles.csv)"
+    ]
 
 
 def test_a_slide_with_no_readable_tile_is_a_user_error(tmp_path):

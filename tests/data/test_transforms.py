@@ -88,15 +88,33 @@ def _randaugment_of(recipe: str, preprocess: Preprocess):
 
     from histodistill.data.transforms import TorchSeeded
 
-    found = [op.transform for op in build_transform(recipe, preprocess, train=True).transforms
-             if isinstance(op, TorchSeeded) and isinstance(op.transform, RandAugment)]
+    found = [
+        op.transform
+        for op in build_transform(recipe, preprocess, train=True).transforms
+        if isinstance(op, TorchSeeded) and isinstance(op.transform, RandAugment)
+    ]
     assert len(found) == 1
     return found[0]
 
 
 # MoMA's dataset/RandAugment.py op list for 'rand' (its PosterizeTpu is timm's 'Posterize').
-MOMA_OPS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
-            "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
+MOMA_OPS = [
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+]
 
 
 def test_randaugment_is_momas_rand_m10_n2_mstd05():
@@ -125,8 +143,11 @@ def test_finetune_recipe_is_maes_timm_transform():
     assert [op.name for op in augment.ops][:4] == ["AutoContrast", "Equalize", "Invert", "Rotate"]
     assert "PosterizeIncreasing" in [op.name for op in augment.ops]  # 'inc1': the increasing variants
     assert all(op.magnitude == 9 and op.magnitude_std == 0.5 and op.prob == 0.5 for op in augment.ops)
-    erasing = [op.transform for op in build_transform("finetune", Preprocess(input_size=32), True).transforms
-               if isinstance(op, TorchSeeded) and isinstance(op.transform, RandomErasing)]
+    erasing = [
+        op.transform
+        for op in build_transform("finetune", Preprocess(input_size=32), True).transforms
+        if isinstance(op, TorchSeeded) and isinstance(op.transform, RandomErasing)
+    ]
     assert len(erasing) == 1 and erasing[0].probability == 0.25 and erasing[0].mode == "pixel"
 
 
@@ -173,11 +194,16 @@ def test_single_draw_crop_clips_the_box_to_the_image_instead_of_falling_back_to_
     image = torch.arange(40, dtype=torch.uint8).view(1, 40, 1).expand(3, 40, 40) * 6  # rows 0, 6, ..., 234
     torch.manual_seed(0)
     out = SingleDrawResizedCrop(40, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))(image)
-    crops = [v2.functional.resized_crop(image, top, 0, 35, 40, [40, 40], interpolation=v2.InterpolationMode.BICUBIC,
-                                        antialias=True) for top in range(6)]
+    crops = [
+        v2.functional.resized_crop(
+            image, top, 0, 35, 40, [40, 40], interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+        )
+        for top in range(6)
+    ]
     assert any(torch.equal(out, crop) for crop in crops)
-    centre = v2.functional.resized_crop(image, 5, 0, 30, 40, [40, 40], interpolation=v2.InterpolationMode.BICUBIC,
-                                        antialias=True)
+    centre = v2.functional.resized_crop(
+        image, 5, 0, 30, 40, [40, 40], interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+    )
     assert not torch.equal(out, centre)
     torch.manual_seed(0)
     small = SingleDrawResizedCrop(16)(image)  # a random area and aspect: still the output size

@@ -41,6 +41,20 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     code = main(["tile", slides, "--out", tiles, "--mpp", "1.0", "--patch-size", "64"])
     dist.barrier()  # extract lists the coords files: every rank's tiling must be finished
-    code = code or main(["extract", "--model", MODEL, "--random-init", "--coords", tiles, "--out", features, "--workers", "0",
-                         "--batch-size", "4"])
+    code = code or main(
+        [
+            "extract",
+            "--model",
+            MODEL,
+            "--random-init",
+            "--coords",
+            tiles,
+            "--out",
+            features,
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+        ]
+    )
     sys.exit(code)

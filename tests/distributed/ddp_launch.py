@@ -24,17 +24,44 @@ def six_slides(folder: Path) -> Path:
     return folder
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, env: dict[str, str] | None = None,
-             extra: tuple[str, ...] = ("--standalone",), timeout: float = 600) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc tests/distributed/<script> args`` on the CPU, one thread per process."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                   "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), str(HERE), os.environ.get("PYTHONPATH", "")]),
-                   **(env or {})}
-    command = [sys.executable, "-m", "torch.distributed.run", *extra, "--nproc-per-node", str(nproc),
-               str(HERE / script), *args]
+def torchrun(
+    script: str,
+    *args: str,
+    nproc: int = 2,
+    env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = ("--standalone",),
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc tests/distributed/<script> args`` on the CPU, one thread per
+    process."""
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "src"), str(ROOT / "tests"), str(HERE), os.environ.get("PYTHONPATH", "")]
+        ),
+        **(env or {}),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *extra,
+        "--nproc-per-node",
+        str(nproc),
+        str(HERE / script),
+        *args,
+    ]
     # A session of its own, so a hung launch is killed with all its workers rather than leaving them behind.
-    with subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+    with subprocess.Popen(
+        command,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

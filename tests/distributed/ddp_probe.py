@@ -25,13 +25,15 @@ class KeepRankState(L.Callback):
         dataset = trainer.datamodule.datasets["val"]  # unsharded: every sample once
         images, targets = zip(*(dataset[i][:2] for i in range(len(dataset))), strict=True)
         logits = module(torch.stack(images).to(module.device)).float()
-        self.record["val"] = {"logged": float(trainer.callback_metrics["val/loss"]),
-                              "whole_set": float(F.cross_entropy(logits, torch.as_tensor(targets))),
-                              "samples": len(dataset)}
+        self.record["val"] = {
+            "logged": float(trainer.callback_metrics["val/loss"]),
+            "whole_set": float(F.cross_entropy(logits, torch.as_tensor(targets))),
+            "samples": len(dataset),
+        }
 
     def on_train_end(self, trainer, module) -> None:
-        self.record["buffers"] = {name: value.detach().cpu().clone() for name, value in module.named_buffers()}
+        self.record["buffers"] = {
+            name: value.detach().cpu().clone() for name, value in module.named_buffers()
+        }
         self.record["global_step"] = trainer.global_step
         torch.save(self.record, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")
-
-

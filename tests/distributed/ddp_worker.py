@@ -37,21 +37,45 @@ def loss_level(out: Path, rank: int, world: int = 2) -> None:
 
     sd = SelfDistillationLoss(16).train()
     sd_loss = sd(student[half], teacher[half])
-    torch.manual_seed(0)  # the same initial memories on every rank, as DDP's initial broadcast would make them
+    # the same initial memories on every rank, as DDP's initial broadcast would make them
+    torch.manual_seed(0)
     crd = CRDLoss(12, 10, num_data=20, feat_dim=6, nce_k=5)
     crd_loss = crd(features_s[half], features_t[half], index[half], contrast[half])
-    torch.save({"sdmae_loss": sd_loss.detach(), "center": sd.center.clone(), "crd_loss": crd_loss.detach(),
-                **{name: value.clone() for name, value in crd.memory.named_buffers()}},
-               out / f"losses_rank{rank}.pt")
+    torch.save(
+        {
+            "sdmae_loss": sd_loss.detach(),
+            "center": sd.center.clone(),
+            "crd_loss": crd_loss.detach(),
+            **{name: value.clone() for name, value in crd.memory.named_buffers()},
+        },
+        out / f"losses_rank{rank}.pt",
+    )
 
 
 def fit(out: Path, name: str, config: str, data: Path, *extra: str) -> None:
-    code = main([
-        "fit", "--config", str(CONFIGS / config), "--trainer.default_root_dir", str(out / name),
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.callbacks+=ddp_probe.KeepRankState", "--data.init_args.batch_size", "2", *extra,
-    ])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            "--trainer.default_root_dir",
+            str(out / name),
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.callbacks+=ddp_probe.KeepRankState",
+            "--data.init_args.batch_size",
+            "2",
+            *extra,
+        ]
+    )
     if code:
         raise SystemExit(f"fit {name} exited with {code}")
 
@@ -62,16 +86,44 @@ if __name__ == "__main__":
     rank = dist.get_rank()
     loss_level(out, rank)
 
-    train, val = ("--data.init_args.train.init_args.root", str(data / "train")), (
-        "--data.init_args.val.init_args.root", str(data / "val"))
+    train, val = (
+        ("--data.init_args.train.init_args.root", str(data / "train")),
+        ("--data.init_args.val.init_args.root", str(data / "val")),
+    )
     with warnings.catch_warnings(record=True) as caught:  # the filters in force, recorded instead of shown
-        fit(out, "supervised", "supervised/tiny_cpu.yaml", data, *train, *val, "--model.init_args.num_classes", "2",
-            "--trainer.max_epochs", "1")
+        fit(
+            out,
+            "supervised",
+            "supervised/tiny_cpu.yaml",
+            data,
+            *train,
+            *val,
+            "--model.init_args.num_classes",
+            "2",
+            "--trainer.max_epochs",
+            "1",
+        )
     (out / f"warnings_rank{rank}.txt").write_text("\n".join(str(w.message) for w in caught))
     teacher = str(out / "supervised" / "checkpoints" / "last.ckpt")
     fit(out, "sdmae", "sdmae/tiny_cpu.yaml", data, *train, "--trainer.max_steps", "1")
-    one_step = ("--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--model.init_args.num_classes", "2",
-                "--model.init_args.teacher", teacher)
+    one_step = (
+        "--trainer.max_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--model.init_args.num_classes",
+        "2",
+        "--model.init_args.teacher",
+        teacher,
+    )
     fit(out, "moma", "moma/tiny_cpu.yaml", data, *train, *val, *one_step)
-    fit(out, "crd", "kd/tiny_crd.yaml", data, "--data.init_args.train.init_args.dataset.init_args.root",
-        str(data / "train"), *val, *one_step)
+    fit(
+        out,
+        "crd",
+        "kd/tiny_crd.yaml",
+        data,
+        "--data.init_args.train.init_args.dataset.init_args.root",
+        str(data / "train"),
+        *val,
+        *one_step,
+    )

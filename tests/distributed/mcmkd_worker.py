@@ -32,9 +32,30 @@ def counting_builds(log: Path):
 if __name__ == "__main__":
     out, tiles = Path(sys.argv[1]), sys.argv[2]
     teacher_cache.extract_slides = counting_builds(out / "builds.txt")
-    sys.exit(main([
-        "fit", "--config", str(CONFIG), "--data.init_args.tiles_dir", tiles,
-        "--trainer.default_root_dir", str(out / "run"), "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
-        "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.max_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    ]))
+    sys.exit(
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIG),
+                "--data.init_args.tiles_dir",
+                tiles,
+                "--trainer.default_root_dir",
+                str(out / "run"),
+                "--trainer.strategy",
+                "ddp",
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.num_nodes",
+                "2",
+                "--trainer.devices",
+                "1",
+                "--trainer.max_steps",
+                "1",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+            ]
+        )
+    )

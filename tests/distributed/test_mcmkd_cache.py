@@ -26,8 +26,16 @@ def test_two_nodes_build_the_teacher_cache_once(tiny_slide, tmp_path):
     port = free_port()
 
     def node(rank: int):
-        rendezvous = ("--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-                      "--master-port", str(port))
+        rendezvous = (
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+        )
         return torchrun("mcmkd_worker.py", str(tmp_path), str(tmp_path / "tiles"), nproc=1, extra=rendezvous)
 
     with ThreadPoolExecutor(2) as pool:

@@ -36,7 +36,9 @@ def test_shards_times_ranks_take_every_item_exactly_once():
     taken = []
     for shard in range(3):
         for rank in range(4):
-            share = this_process(f"{shard}/3", {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank % 2)})
+            share = this_process(
+                f"{shard}/3", {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank % 2)}
+            )
             assert share.count == 12 and share.local_rank == rank % 2
             taken += share.select(items)
     assert sorted(taken) == items
@@ -58,14 +60,40 @@ def test_a_job_array_of_two_shards_tiles_and_extracts_every_slide_once(tmp_path,
     slides = six_slides(tmp_path / "slides")
     tiles, out = tmp_path / "tiles", tmp_path / "out"
     for shard in ("1/2", "0/2"):
-        assert main(["tile", str(slides), "--out", str(tiles), "--mpp", "1.0", "--patch-size", "64",
-                     "--shard", shard]) == 0
+        assert (
+            main(
+                [
+                    "tile",
+                    str(slides),
+                    "--out",
+                    str(tiles),
+                    "--mpp",
+                    "1.0",
+                    "--patch-size",
+                    "64",
+                    "--shard",
+                    shard,
+                ]
+            )
+            == 0
+        )
         assert "3 slides: 3 tiled" in capsys.readouterr().out
     assert sorted(p.stem for p in (tiles / "patches").glob("*.h5")) == [f"slide_{i}" for i in range(6)]
 
     folder = out / "features_tiny-resnet18-64-random-init"
-    extract = ["extract", "--model", "tiny/resnet18-64", "--random-init", "--coords", str(tiles), "--out", str(out),
-               "--workers", "0", "--shard"]
+    extract = [
+        "extract",
+        "--model",
+        "tiny/resnet18-64",
+        "--random-init",
+        "--coords",
+        str(tiles),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--shard",
+    ]
     assert main([*extract, "0/2"]) == 0
     assert "shard 0/2: share 0 of 2, 3 of 6 slides" in capsys.readouterr().out
     assert sorted(p.stem for p in folder.glob("*.h5")) == ["slide_0", "slide_2", "slide_4"]

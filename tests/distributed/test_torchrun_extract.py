@@ -37,9 +37,31 @@ def _assert_same(found, reference):
 
 def test_two_ranks_survive_a_killed_rank_and_end_with_every_slide_once_as_one_process(tmp_path):
     slides = six_slides(tmp_path / "slides")
-    assert main(["tile", str(slides), "--out", str(tmp_path / "ref_tiles"), "--mpp", "1.0", "--patch-size", "64"]) == 0
-    assert main(["extract", "--model", MODEL, "--random-init", "--coords", str(tmp_path / "ref_tiles"), "--out", str(tmp_path / "ref"),
-                 "--workers", "0", "--batch-size", "4"]) == 0
+    assert (
+        main(
+            ["tile", str(slides), "--out", str(tmp_path / "ref_tiles"), "--mpp", "1.0", "--patch-size", "64"]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                MODEL,
+                "--random-init",
+                "--coords",
+                str(tmp_path / "ref_tiles"),
+                "--out",
+                str(tmp_path / "ref"),
+                "--workers",
+                "0",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     reference = _features(tmp_path / "ref" / FOLDER)
     folder = tmp_path / "out" / FOLDER
     args = (str(slides), str(tmp_path / "tiles"), str(tmp_path / "out"))
@@ -57,7 +79,9 @@ def test_two_ranks_survive_a_killed_rank_and_end_with_every_slide_once_as_one_pr
     rerun = torchrun("cli_worker.py", *args)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     for rank in (0, 1):  # each rank takes the same half of the sorted slides as before, for tile and extract
-        assert rerun.stdout.count(f"torchrun rank {rank}/2: share {rank} of 2, 3 of 6 slides") == 2, rerun.stdout
+        assert rerun.stdout.count(f"torchrun rank {rank}/2: share {rank} of 2, 3 of 6 slides") == 2, (
+            rerun.stdout
+        )
     assert rerun.stdout.count("3 slides: 0 tiled, 3 already done") == 2
     found = _features(folder)
     assert sorted(found) == sorted(reference) == [f"slide_{i}" for i in range(6)]
@@ -65,4 +89,5 @@ def test_two_ranks_survive_a_killed_rank_and_end_with_every_slide_once_as_one_pr
     # Finished slides were kept as they were, not extracted again.
     assert {s: (folder / f"{s}.h5").stat().st_mtime_ns for s in survivors} == stamps
     assert json.loads((folder / "extractor.json").read_text()) == json.loads(
-        (tmp_path / "ref" / FOLDER / "extractor.json").read_text())
+        (tmp_path / "ref" / FOLDER / "extractor.json").read_text()
+    )

@@ -17,7 +17,9 @@ NO_VALIDATION = "You passed in a `val_dataloader` but have no `validation_step`.
 def test_the_litlogger_tip_goes_and_other_info_stays(caplog):
     drop_lightning_adverts()
     with caplog.at_level(logging.INFO):
-        rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        rank_zero_info(
+            "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
+        )
         rank_zero_info("GPU available: False, used: False")
     assert "litlogger" not in caplog.text and "GPU available" in caplog.text
 
@@ -39,6 +41,8 @@ def _warnings_while_fitting(model) -> list[str]:
 
 def test_no_validation_step_is_silenced_only_for_our_pretraining_methods():
     mae = MAE(backbone="tiny/vit-tiny-p8-64", decoder_dim=16, decoder_depth=1, decoder_heads=2)
-    assert _warnings_while_fitting(mae) == ["The number of training batches (2) is smaller than the logging interval"]
+    assert _warnings_while_fitting(mae) == [
+        "The number of training batches (2) is smaller than the logging interval"
+    ]
     user = UsersOwnMethod(backbone="tiny/resnet18-64", num_classes=2, pretrained=False)
     assert NO_VALIDATION in _warnings_while_fitting(user)

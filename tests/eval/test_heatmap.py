@@ -67,8 +67,9 @@ def test_heatmap_montage_shows_the_top_tile_first(mil_run, tiny_slide, monkeypat
 
     drawn = {}
     monkeypatch.setattr(heatmap, "draw_montage", lambda path, top, bottom, *a, **k: drawn.update(top=top))
-    heatmap.slide_heatmap(tiny_slide.path, run / "attention" / f"{tiny_slide.path.stem}.h5", run / "out",
-                          top_k=1, tile_px=128)
+    heatmap.slide_heatmap(
+        tiny_slide.path, run / "attention" / f"{tiny_slide.path.stem}.h5", run / "out", top_k=1, tile_px=128
+    )
     from histodistill.wsi.slide import open_slide
 
     expected = open_slide(tiny_slide.path).read_region(tuple(hot), 0, (128, 128))
@@ -81,7 +82,8 @@ def test_unknown_run_directory_is_a_user_error(tmp_path, capsys):
 
 
 def test_a_corrupt_tile_is_drawn_grey_with_one_warning(tmp_path, capsys, monkeypatch):
-    # Issue 29: the thumbnail of a slide with a corrupt JPEG tile (level 0 only) stopped with an OpenSlideError.
+    # Issue 29: the thumbnail of a slide with a corrupt JPEG tile (level 0 only) stopped with an
+    # OpenSlideError.
     from conftest import write_corrupt_slide
     from histodistill.eval import heatmap
 
@@ -89,18 +91,27 @@ def test_a_corrupt_tile_is_drawn_grey_with_one_warning(tmp_path, capsys, monkeyp
     coords = grid_coords(range(4), range(4), 256)  # the damaged tile (256, 256) is one of them
     (tmp_path / "attention").mkdir()
     with h5py.File(tmp_path / "attention" / "corrupt.h5", "w") as handle:
-        handle["coords"], handle["scores"] = coords, np.linspace(0, 1, len(coords)).astype(np.float32)[::-1].copy()
+        handle["coords"], handle["scores"] = (
+            coords,
+            np.linspace(0, 1, len(coords)).astype(np.float32)[::-1].copy(),
+        )
         handle.attrs.update(patch_size_level0=256)
     drawn = {}
-    monkeypatch.setattr(heatmap, "draw_heatmap", lambda path, thumbnail, *a, **k: drawn.update(thumbnail=thumbnail))
+    monkeypatch.setattr(
+        heatmap, "draw_heatmap", lambda path, thumbnail, *a, **k: drawn.update(thumbnail=thumbnail)
+    )
     monkeypatch.setattr(heatmap, "draw_montage", lambda path, top, bottom, *a, **k: drawn.update(top=top))
-    heatmap.slide_heatmap(path, tmp_path / "attention" / "corrupt.h5", tmp_path / "out", top_k=8, thumbnail_size=256)
+    heatmap.slide_heatmap(
+        path, tmp_path / "attention" / "corrupt.h5", tmp_path / "out", top_k=8, thumbnail_size=256
+    )
     thumbnail = drawn["thumbnail"]  # 1024 px slide at 256 px: the damaged 256-px tile is 64 x 64 px
     assert thumbnail.shape == (256, 256, 3)
     assert (thumbnail[64:128, 64:128] == heatmap.MISSING).all() and thumbnail[:64, :64].mean() < 240
     # The montage's 6th highest tile is the damaged one (scores fall with the index): grey, the others tissue.
     assert (drawn["top"][5] == heatmap.MISSING).all() and drawn["top"][0].mean() < 240
     [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warning.startswith(f"warning: slide corrupt: 1 region(s) of {path} cannot be read (corrupt or damaged; "
-                              f"first: level-0 ({x}, {y}): Corrupt JPEG data")
+    assert warning.startswith(
+        f"warning: slide corrupt: 1 region(s) of {path} cannot be read (corrupt or damaged; "
+        f"first: level-0 ({x}, {y}): Corrupt JPEG data"
+    )
     assert warning.endswith("drawn grey (missing) in corrupt_heatmap.png and corrupt_tiles.png")

@@ -18,7 +18,8 @@ COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 60)}
 
 
 def _colour_folder(root, per_class, seed):
-    """``root/<colour>/<i>.png``: 32-px noisy images of two colours, a task any random CNN's features separate."""
+    """``root/<colour>/<i>.png``: 32-px noisy images of two colours, a task any random CNN's features
+    separate."""
     rng = np.random.default_rng(seed)
     for name, colour in COLOURS.items():
         (root / name).mkdir(parents=True)
@@ -36,13 +37,16 @@ def folders(tmp_path):
 @pytest.fixture
 def data(folders, one_torch_thread):
     train, test = open_image_folders(*folders)
-    return ImageProbeData(seeded_backbone("tiny/resnet18-64", None, pretrained=False), train, test, torch.device("cpu"))
+    return ImageProbeData(
+        seeded_backbone("tiny/resnet18-64", None, pretrained=False), train, test, torch.device("cpu")
+    )
 
 
 def _probe(data, seed=0, epochs=2, batch_size=6):
     _, test = eval_features(data)
-    return mae_image_probe(data, test.features, test.labels, seed, epochs=epochs, warmup_epochs=1,
-                           batch_size=batch_size)
+    return mae_image_probe(
+        data, test.features, test.labels, seed, epochs=epochs, warmup_epochs=1, batch_size=batch_size
+    )
 
 
 def test_training_images_are_augmented_afresh_every_epoch_and_the_eval_path_is_deterministic(data):
@@ -52,7 +56,8 @@ def test_training_images_are_augmented_afresh_every_epoch_and_the_eval_path_is_d
     first, second = eval_features(data), eval_features(data)
     np.testing.assert_array_equal(first[0].features, second[0].features)
     np.testing.assert_array_equal(first[1].features, second[1].features)
-    eval_inputs = seen[0]  # (6, 3, 64, 64): the 6 training images, resized and centre-cropped, in folder order
+    # (6, 3, 64, 64): the 6 training images, resized and centre-cropped, in folder order
+    eval_inputs = seen[0]
     seen.clear()
     # One step per epoch, holding every training image.
     mae_image_probe(data, first[1].features, first[1].labels, seed=0, epochs=2, warmup_epochs=1, batch_size=6)
@@ -96,29 +101,67 @@ def test_two_colour_classes_are_learnt(data):
 
 def test_cli_writes_probe_json_for_image_folders(folders, tmp_path, one_torch_thread):
     train, test = folders
-    argv = ["probe", "--train-images", str(train), "--test-images", str(test), "--model", "tiny/resnet18-64",
-            "--random-init", "--linear-protocol", "mae", "--epochs", "3", "--batch-size", "3", "--seeds", "0",
-            "--k", "3", "--workers", "0", "--out", str(tmp_path / "out")]
+    argv = [
+        "probe",
+        "--train-images",
+        str(train),
+        "--test-images",
+        str(test),
+        "--model",
+        "tiny/resnet18-64",
+        "--random-init",
+        "--linear-protocol",
+        "mae",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "3",
+        "--seeds",
+        "0",
+        "--k",
+        "3",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0
     results = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert results["classes"] == ["blue", "red"] and results["linear_protocol"] == "mae"
     assert results["options"]["linear"] == {"epochs": 3, "batch_size": 3, "warmup_epochs": 0}
-    assert results["images"]["train_transform"] == "linprobe" and results["images"]["weights_source"] == "random"
+    assert (
+        results["images"]["train_transform"] == "linprobe" and results["images"]["weights_source"] == "random"
+    )
     assert {"linear", "knn"} <= results.keys() and len(results["linear"]["runs"]) == 1
     assert (tmp_path / "out" / "confusion_linear.png").is_file()
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"--test-images": "missing"}, "does not exist"),
-    ({"--linear-protocol": "sklearn"}, "add --linear-protocol mae"),
-    ({"--model": "resnet-eighteen"}, "unknown model"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--test-images": "missing"}, "does not exist"),
+        ({"--linear-protocol": "sklearn"}, "add --linear-protocol mae"),
+        ({"--model": "resnet-eighteen"}, "unknown model"),
+    ],
+)
 def test_cli_bad_image_inputs_are_one_error_line(folders, tmp_path, capsys, change, message):
     train, test = folders
-    options = {"--train-images": str(train), "--test-images": str(test), "--model": "tiny/resnet18-64",
-               "--linear-protocol": "mae"}
-    options.update({key: str(tmp_path / value) if value == "missing" else value for key, value in change.items()})
-    argv = ["probe", *[part for pair in options.items() for part in pair], "--random-init", "--out", str(tmp_path / "o")]
+    options = {
+        "--train-images": str(train),
+        "--test-images": str(test),
+        "--model": "tiny/resnet18-64",
+        "--linear-protocol": "mae",
+    }
+    options.update(
+        {key: str(tmp_path / value) if value == "missing" else value for key, value in change.items()}
+    )
+    argv = [
+        "probe",
+        *[part for pair in options.items() for part in pair],
+        "--random-init",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0]
@@ -127,7 +170,9 @@ def test_cli_bad_image_inputs_are_one_error_line(folders, tmp_path, capsys, chan
 
 def test_mae_training_options_need_the_mae_protocol(tmp_path, capsys):
     assert main(["probe", "--features", str(tmp_path), "--epochs", "5", "--out", str(tmp_path / "o")]) == 2
-    assert "--epochs set the MAE linear probe's training: add --linear-protocol mae" in capsys.readouterr().err
+    assert (
+        "--epochs set the MAE linear probe's training: add --linear-protocol mae" in capsys.readouterr().err
+    )
 
 
 def test_non_finite_features_of_augmented_images_stop_the_run(data):

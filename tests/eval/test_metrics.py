@@ -77,5 +77,6 @@ def test_linear_cka_is_one_under_rotation_and_scaling_and_low_for_unrelated_feat
     rotated = 3.0 * x @ ortho_group.rvs(6, random_state=1) + 5.0  # rotation, isotropic scale, shift
     assert linear_cka(x, rotated) == pytest.approx(1.0)
     assert linear_cka(x, rng.normal(size=(200, 4))) < 0.1
-    # The formula on a case worked by hand: x = (-1, 0, 1), y = (-1, 0, 1)^2 centred = (1/3, -2/3, 1/3): orthogonal.
+    # The formula on a case worked by hand: x = (-1, 0, 1), y = (-1, 0, 1)^2 centred = (1/3, -2/3, 1/3):
+    # orthogonal.
     assert linear_cka(np.array([[-1.0], [0.0], [1.0]]), np.array([[1.0], [0.0], [1.0]])) == pytest.approx(0.0)

@@ -21,7 +21,8 @@ def test_knn_vote_matches_the_formula_by_hand():
     unit = test[0] / np.linalg.norm(test[0])
     sims = [unit @ (t / np.linalg.norm(t)) for t in train]  # [0.995, 0.0995, 0.774]
     T = 0.5
-    votes = np.array([math.exp(sims[0] / T), math.exp(sims[2] / T)])  # class 0, class 1 (point 1 is not in the top 2)
+    # class 0, class 1 (point 1 is not in the top 2)
+    votes = np.array([math.exp(sims[0] / T), math.exp(sims[2] / T)])
     expected = votes / votes.sum()
     result = knn_probe(train, train_y, test, np.array([0, 1]), k=2, temperature=T)
     np.testing.assert_allclose(result.probs[0], expected, rtol=1e-5)
@@ -57,13 +58,16 @@ def _write_features(path, x, y, classes):
     with h5py.File(path, "w") as handle:
         handle["features"] = x
         handle["labels"] = y
-        handle.create_dataset("paths", data=np.array([f"{classes[c]}/{i}.png" for i, c in enumerate(y)], dtype=object),
-                              dtype=h5py.string_dtype())
+        handle.create_dataset(
+            "paths",
+            data=np.array([f"{classes[c]}/{i}.png" for i, c in enumerate(y)], dtype=object),
+            dtype=h5py.string_dtype(),
+        )
         handle.attrs["classes"] = classes
 
 
-
-@pytest.mark.parametrize("classes", [(0, 1, 2), (0, 2)])  # three classes, and two of three (binary, one absent)
+# three classes, and two of three (binary, one absent)
+@pytest.mark.parametrize("classes", [(0, 1, 2), (0, 2)])
 def test_linear_classifier_gives_the_probe_probabilities_on_raw_features(classes):
     """The teacher head for logit KD: the probe's scaler folded into one Linear, so softmax(logits) on raw
     features equals the fitted probe's predict_proba (the probe scores test features with the same model)."""
@@ -90,20 +94,43 @@ def test_cli_cross_validation_writes_metrics_and_figures_and_repeats(tmp_path):
     assert results["protocol"] == "3-fold CV" and results["classes"] == ["a", "b", "c"]
     for name in ("linear", "knn"):
         assert len(results[name]["runs"]) == 6
-        assert set(results[name]["mean"]) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "kappa_qw"}
+        assert set(results[name]["mean"]) == {
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "auroc",
+            "kappa_qw",
+        }
         assert results[name]["mean"]["accuracy"] > 0.8
         assert (tmp_path / "p1" / f"confusion_{name}.png").stat().st_size > 0
     assert main([*args, "--out", str(tmp_path / "p2")]) == 0
     again = json.loads((tmp_path / "p2" / "probe.json").read_text())
-    assert again["linear"]["runs"] == results["linear"]["runs"] and again["knn"]["runs"] == results["knn"]["runs"]
+    assert (
+        again["linear"]["runs"] == results["linear"]["runs"]
+        and again["knn"]["runs"] == results["knn"]["runs"]
+    )
 
 
 def test_cli_train_test_and_relabelling(tmp_path):
     x, y = _clusters(n_per_class=8)
     _write_features(tmp_path / "train.h5", x, y, ["a", "b", "c"])
     _write_features(tmp_path / "test.h5", x[::2], y[::2], ["a", "b", "c"])
-    assert main(["probe", "--train", str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
-                 "--seeds", "0", "--out", str(tmp_path / "tt")]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--train",
+                str(tmp_path / "train.h5"),
+                "--test",
+                str(tmp_path / "test.h5"),
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path / "tt"),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "tt" / "probe.json").read_text())
     assert results["protocol"] == "train/test" and results["linear"]["mean"]["accuracy"] == 1.0
 
@@ -111,8 +138,26 @@ def test_cli_train_test_and_relabelling(tmp_path):
     rows = ["path,label"] + [f"{'abc'[c]}/{i}.png,{'ab' if c < 2 else 'x'}" for i, c in enumerate(y) if c < 2]
     rows += [f"c/{i}.png,c" for i, c in enumerate(y) if c == 2][:3]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    assert main(["probe", "--features", str(tmp_path / "train.h5"), "--labels", str(tmp_path / "labels.csv"),
-                 "--folds", "3", "--seeds", "0", "--k", "3", "--out", str(tmp_path / "rl")]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--features",
+                str(tmp_path / "train.h5"),
+                "--labels",
+                str(tmp_path / "labels.csv"),
+                "--folds",
+                "3",
+                "--seeds",
+                "0",
+                "--k",
+                "3",
+                "--out",
+                str(tmp_path / "rl"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "rl" / "probe.json").read_text())["classes"] == ["ab", "c"]
 
 
@@ -121,7 +166,9 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
     _write_features(tmp_path / "features.h5", x, y, ["a", "b", "c"])
     assert main(["probe", "--features", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err  # the library names `folds=5`, the command its option
-    assert err.startswith("error: --folds 5: every class needs at least 5 samples") and "lower --folds to" in err
+    assert (
+        err.startswith("error: --folds 5: every class needs at least 5 samples") and "lower --folds to" in err
+    )
     assert main(["probe", "--train", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert main(["probe", "--features", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "o")]) == 2
     assert "extract --images" in capsys.readouterr().err
@@ -142,43 +189,74 @@ def test_cli_linear_protocol_mae(tmp_path):
     x, y = _clusters(n_per_class=8)
     _write_features(tmp_path / "train.h5", x, y, ["a", "b", "c"])
     _write_features(tmp_path / "test.h5", x[::2], y[::2], ["a", "b", "c"])
-    assert main(["probe", "--train", str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"), "--seeds", "0",
-                 "--linear-protocol", "mae", "--out", str(tmp_path / "mae")]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--train",
+                str(tmp_path / "train.h5"),
+                "--test",
+                str(tmp_path / "test.h5"),
+                "--seeds",
+                "0",
+                "--linear-protocol",
+                "mae",
+                "--out",
+                str(tmp_path / "mae"),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "mae" / "probe.json").read_text())
     assert results["linear_protocol"] == "mae" and results["linear"]["mean"]["accuracy"] == 1.0
 
 
 def test_mae_head_init_optimiser_and_per_step_lr_follow_main_linprobe(monkeypatch):
-    # main_linprobe.py / run_mae_eval_linear.py: BatchNorm1d(D, affine=False, eps=1e-6) + Linear, trunc_normal_
-    # (std=0.01) weight; SGD momentum 0.9 without weight decay (SD-MAE's); before every step, lr = blr x B / 256
-    # x (a linear warm-up, then a half cosine to 0) at epoch + step / steps_per_epoch. Documented deviation: the
-    # shared scheduler's warm-up is one step ahead, (step + 1) / warm-up steps, so no step runs at lr 0.
+    # main_linprobe.py / run_mae_eval_linear.py: BatchNorm1d(D, affine=False, eps=1e-6) + Linear,
+    # trunc_normal_ (std=0.01) weight; SGD momentum 0.9 without weight decay (SD-MAE's); before every step, lr
+    # = blr x B / 256 x (a linear warm-up, then a half cosine to 0) at epoch + step / steps_per_epoch.
+    # Documented deviation: the shared scheduler's warm-up is one step ahead, (step + 1) / warm-up steps, so
+    # no step runs at lr 0.
     import torch
 
     from histodistill.eval import probe
 
     optimizers, lrs = [], []
     build = probe.build_optimizer
-    monkeypatch.setattr(probe, "build_optimizer", lambda *a, **k: optimizers.append(build(*a, **k)) or optimizers[-1])
+    monkeypatch.setattr(
+        probe, "build_optimizer", lambda *a, **k: optimizers.append(build(*a, **k)) or optimizers[-1]
+    )
     epochs, warmup, steps, batch, dim = 4, 2, 3, 8, 512
 
     def batches():
         generator = torch.Generator().manual_seed(0)
         for _ in range(epochs * steps):
             lrs.append(optimizers[0].param_groups[0]["lr"])  # the lr of the step this batch is for
-            yield torch.randn(batch, dim, generator=generator), torch.randint(0, 3, (batch,), generator=generator)
+            yield (
+                torch.randn(batch, dim, generator=generator),
+                torch.randint(0, 3, (batch,), generator=generator),
+            )
 
-    head = probe.train_mae_head(batches(), dim, 3, batch, steps, epochs=epochs, warmup_epochs=warmup, base_lr=0.1)
+    head = probe.train_mae_head(
+        batches(), dim, 3, batch, steps, epochs=epochs, warmup_epochs=warmup, base_lr=0.1
+    )
     norm, linear = head
-    assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine and norm.eps == 1e-6 and not head.training
+    assert (
+        isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine and norm.eps == 1e-6 and not head.training
+    )
     group = optimizers[0].param_groups[0]
-    assert isinstance(optimizers[0], torch.optim.SGD) and group["momentum"] == 0.9 and group["weight_decay"] == 0
+    assert (
+        isinstance(optimizers[0], torch.optim.SGD) and group["momentum"] == 0.9 and group["weight_decay"] == 0
+    )
     peak = 0.1 * batch / 256
     expected = []
     for step in range(epochs * steps):
         t = step / steps
-        expected.append(peak * (step + 1) / (warmup * steps) if t < warmup
-                        else peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (epochs - warmup))))
+        expected.append(
+            peak * (step + 1) / (warmup * steps)
+            if t < warmup
+            else peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (epochs - warmup)))
+        )
     assert lrs == pytest.approx(expected, abs=1e-12)
     fresh = probe.train_mae_head(iter(()), dim, 3, batch, steps)  # no step taken: the initial head
     assert fresh[1].weight.std().item() == pytest.approx(0.01, rel=0.05) and not fresh[1].bias.any()

@@ -87,19 +87,29 @@ def _chromium() -> str | None:
 
 @pytest.mark.browser
 def test_report_renders_in_headless_chromium(chain, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is installed with the dev extra")
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is installed with the dev extra"
+    )
     executable = _chromium()
     if executable is None:
         pytest.skip("no Chromium on this machine: install Debian's `chromium` package (CI does)")
     page_path = build_report(chain)
     errors: list[str] = []
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run"]
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=executable, args=flags)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on(
+                "console", lambda message: errors.append(message.text) if message.type == "error" else None
+            )
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(page_path.as_uri())
             page.wait_for_load_state("load")
@@ -118,22 +128,51 @@ def test_report_renders_in_headless_chromium(chain, tmp_path):
 
 
 def test_a_demo_report_opens_on_the_extractor_table_and_shows_folds_as_a_table(chain):
-    rows = [{"name": "moma_student", "probe_balanced_accuracy": 0.8123, "slide_auroc": 0.9012,
-             "slide_auroc_ci": [0.8011, 0.9655], "balanced_accuracy": 0.85, "localisation_auroc": 0.777,
-             "tiles_per_s": 512.3, "parameters": 11176512},
-            {"name": "colour_only", "probe_balanced_accuracy": None, "slide_auroc": 0.5, "slide_auroc_ci": [0.35, 0.65],
-             "balanced_accuracy": 0.5, "localisation_auroc": None, "tiles_per_s": 900.0, "parameters": 0}]
+    rows = [
+        {
+            "name": "moma_student",
+            "probe_balanced_accuracy": 0.8123,
+            "slide_auroc": 0.9012,
+            "slide_auroc_ci": [0.8011, 0.9655],
+            "balanced_accuracy": 0.85,
+            "localisation_auroc": 0.777,
+            "tiles_per_s": 512.3,
+            "parameters": 11176512,
+        },
+        {
+            "name": "colour_only",
+            "probe_balanced_accuracy": None,
+            "slide_auroc": 0.5,
+            "slide_auroc_ci": [0.35, 0.65],
+            "balanced_accuracy": 0.5,
+            "localisation_auroc": None,
+            "tiles_per_s": 900.0,
+            "parameters": 0,
+        },
+    ]
     (chain / "summary.json").write_text(json.dumps({"extractors": rows, "note": "60 slides"}))
     mil = chain / "mil"
     mil.mkdir()
-    folds = [{"auroc": 0.8333333333333334, "balanced_accuracy": 0.75, "n_test": 12},
-             {"auroc": 0.9166666666666666, "balanced_accuracy": 0.8, "n_test": 12}]
-    (mil / "metrics.json").write_text(json.dumps({"model": "abmil", "classes": ["negative", "positive"],
-                                                 "dropped_empty": [], "folds": folds, "mean": {"auroc": 0.875}}))
+    folds = [
+        {"auroc": 0.8333333333333334, "balanced_accuracy": 0.75, "n_test": 12},
+        {"auroc": 0.9166666666666666, "balanced_accuracy": 0.8, "n_test": 12},
+    ]
+    (mil / "metrics.json").write_text(
+        json.dumps(
+            {
+                "model": "abmil",
+                "classes": ["negative", "positive"],
+                "dropped_empty": [],
+                "folds": folds,
+                "mean": {"auroc": 0.875},
+            }
+        )
+    )
     (chain / "timings.json").write_text(json.dumps({"data": 1.0, "tiles": 3.0, "sdmae": 12.5, "mil": 2.0}))
     page = build_report(chain).read_text()
     assert page.index('id="s-summary"') < page.index('id="s-stages"')
     assert "0.901 [0.801, 0.966]" in page and "11,176,512" in page and "–" in page
-    assert "0.8333333333333334" not in page and "{&#x27;auroc" not in page  # folds: a table, not a Python repr
+    # folds: a table, not a Python repr
+    assert "0.8333333333333334" not in page and "{&#x27;auroc" not in page
     assert "<th>auroc</th>" in page and "0.8333" in page
     assert "negative, positive" in page and "[&#x27;negative" not in page  # lists read as text, not a repr

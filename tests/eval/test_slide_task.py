@@ -1,4 +1,5 @@
-"""Slide-task scores: pooled out-of-fold AUROC over seeds with a bootstrap CI, balanced accuracy, localisation."""
+"""Slide-task scores: pooled out-of-fold AUROC over seeds with a bootstrap CI, balanced accuracy,
+localisation."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from histodistill.eval.probe import linear_probe
 from histodistill.eval.slide_task import bootstrap_auroc, slide_task_scores, tile_probe_auroc
 
 
-def _write_run(run, probs: dict[str, float], labels: dict[str, str], attention: dict[str, np.ndarray]) -> None:
+def _write_run(
+    run, probs: dict[str, float], labels: dict[str, str], attention: dict[str, np.ndarray]
+) -> None:
     run.mkdir(parents=True)
     with open(run / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -30,10 +33,18 @@ def _write_run(run, probs: dict[str, float], labels: dict[str, str], attention: 
 def test_scores_pool_out_of_fold_predictions_and_localise_against_the_mask(tmp_path):
     labels = {"a": "negative", "b": "negative", "c": "positive", "d": "positive"}
     # seed 0 ranks perfectly; seed 1 swaps b and c (AUROC 0.75)
-    _write_run(tmp_path / "s0", {"a": 0.1, "b": 0.2, "c": 0.8, "d": 0.9}, labels,
-               {"c": np.array([0.1, 0.7, 0.2]), "d": np.array([0.5, 0.4, 0.1])})
-    _write_run(tmp_path / "s1", {"a": 0.1, "b": 0.6, "c": 0.4, "d": 0.9}, labels,
-               {"c": np.array([0.1, 0.7, 0.2]), "d": np.array([0.5, 0.4, 0.1])})
+    _write_run(
+        tmp_path / "s0",
+        {"a": 0.1, "b": 0.2, "c": 0.8, "d": 0.9},
+        labels,
+        {"c": np.array([0.1, 0.7, 0.2]), "d": np.array([0.5, 0.4, 0.1])},
+    )
+    _write_run(
+        tmp_path / "s1",
+        {"a": 0.1, "b": 0.6, "c": 0.4, "d": 0.9},
+        labels,
+        {"c": np.array([0.1, 0.7, 0.2]), "d": np.array([0.5, 0.4, 0.1])},
+    )
 
     def tumour(slide_id, coords):  # tile 1 of c and tile 0 of d are tumour
         return np.arange(len(coords)) == (1 if slide_id == "c" else 0)
@@ -95,7 +106,8 @@ def _write_features(folder, slides: dict[str, np.ndarray]) -> None:
 
 def test_tile_probe_finds_tumour_tiles_the_features_carry(tmp_path):
     rng = np.random.default_rng(0)
-    truth = {f"s{i}": rng.random(20) < (0.3 if i % 2 else 0.0) for i in range(10)}  # tumour tiles on odd slides
+    # tumour tiles on odd slides
+    truth = {f"s{i}": rng.random(20) < (0.3 if i % 2 else 0.0) for i in range(10)}
     features = {s: rng.normal(0, 1, (20, 6)) + 3.0 * t[:, None] * np.eye(6)[0] for s, t in truth.items()}
     _write_features(tmp_path / "f", features)
     score = tile_probe_auroc(tmp_path / "f", list(truth), lambda s, coords: truth[s][coords[:, 0] // 64])

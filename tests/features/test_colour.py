@@ -14,7 +14,8 @@ from histodistill.wsi.tiling import tile_slide
 
 def test_colour_features_are_each_tiles_lab_statistics(tmp_path):
     rng = np.random.default_rng(0)
-    image = np.full((192, 192, 3), 242, np.uint8)  # glass around two tissue tiles, so tissue detection has a contrast
+    # glass around two tissue tiles, so tissue detection has a contrast
+    image = np.full((192, 192, 3), 242, np.uint8)
     image[:64, :64] = np.clip(rng.normal((200, 100, 150), 10, (64, 64, 3)), 0, 255)  # pink tile
     image[:64, 64:128] = np.clip(rng.normal((90, 60, 160), 10, (64, 64, 3)), 0, 255)  # purple tile
     write_pyramid_tiff(tmp_path / "s.tif", image, mpp=0.5)
@@ -43,6 +44,9 @@ def test_corrupt_tiles_are_left_out_named_and_recorded_as_extract_does(tmp_path,
         assert handle["features"].shape == (60, 6) and handle.attrs[UNREADABLE_ATTR] == 4
         assert {tuple(c) for c in handle["coords"][:].tolist()}.isdisjoint(damaged)
         assert np.isfinite(handle["features"][:]).all()
-    assert (folder / UNREADABLE_CSV).read_text().splitlines() == ["slide_id,x,y", *(f"corrupt,{a},{b}" for a, b in damaged)]
+    assert (folder / UNREADABLE_CSV).read_text().splitlines() == [
+        "slide_id,x,y",
+        *(f"corrupt,{a},{b}" for a, b in damaged),
+    ]
     [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: slide")]
     assert warning.startswith("warning: slide corrupt: 4 of 64 tiles cannot be read from the slide file")

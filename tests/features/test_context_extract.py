@@ -1,4 +1,5 @@
-"""`extract --context-window`: each tile's feature is the centre cell of its window, aligned, resumable, separate."""
+"""`extract --context-window`: each tile's feature is the centre cell of its window, aligned, resumable,
+separate."""
 
 from __future__ import annotations
 
@@ -45,8 +46,23 @@ def one_slide(tiny_slide, tmp_path):
 
 
 def _extract(tiles, out, *extra):
-    return main(["extract", "--model", MODEL, "--random-init", "--coords", str(tiles), "--out", str(out), "--workers", "0",
-                 "--batch-size", "8", *extra])
+    return main(
+        [
+            "extract",
+            "--model",
+            MODEL,
+            "--random-init",
+            "--coords",
+            str(tiles),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--batch-size",
+            "8",
+            *extra,
+        ]
+    )
 
 
 class PixelNet(nn.Module):
@@ -77,8 +93,16 @@ def corner_coords(tiny_slide, tmp_path):
     width, height = tiny_slide.size
     coords = np.array([[0, 0], [TILE, 0], [width - TILE, height - TILE]], np.int64)
     path = tmp_path / "patches" / "tiny_slide.h5"
-    attrs = dict(patch_size=TILE, patch_level=0, patch_size_level0=TILE, mpp=0.5, target_mpp=0.5, overlap=0,
-                 slide_path=str(tiny_slide.path), slide_id="tiny_slide")
+    attrs = dict(
+        patch_size=TILE,
+        patch_level=0,
+        patch_size_level0=TILE,
+        mpp=0.5,
+        target_mpp=0.5,
+        overlap=0,
+        slide_path=str(tiny_slide.path),
+        slide_id="tiny_slide",
+    )
     write_coords(path, coords, attrs)
     return path, coords
 
@@ -117,12 +141,26 @@ def test_centre_cell_of_a_pixelwise_network_equals_the_tiles_own_feature(tiny_sl
     # Tiles read at the wrong place or mpp, or the wrong cell kept, would break this equality.
     coords = np.stack(np.meshgrid(np.arange(128, 512, TILE), np.arange(128, 384, TILE)), -1).reshape(-1, 2)
     path = tmp_path / "patches" / "tiny_slide.h5"
-    write_coords(path, coords, dict(patch_size=TILE, patch_level=0, patch_size_level0=TILE, mpp=0.5, target_mpp=0.5,
-                                    overlap=0, slide_path=str(tiny_slide.path), slide_id="tiny_slide"))
+    write_coords(
+        path,
+        coords,
+        dict(
+            patch_size=TILE,
+            patch_level=0,
+            patch_size_level0=TILE,
+            mpp=0.5,
+            target_mpp=0.5,
+            overlap=0,
+            slide_path=str(tiny_slide.path),
+            slide_id="tiny_slide",
+        ),
+    )
     backbone = pixel_backbone()
     model, tiles_of = centre_cell_extraction(backbone, 3)
     windows = tiles_of(path)
-    per_tile = SlideTileDataset(path, transform=build_transform("eval", backbone.spec.preprocess, train=False))
+    per_tile = SlideTileDataset(
+        path, transform=build_transform("eval", backbone.spec.preprocess, train=False)
+    )
     with torch.no_grad():
         context = model(torch.stack([windows[i][0] for i in range(len(windows))]))  # (N, 5)
         own = backbone(torch.stack([per_tile[i][0] for i in range(len(per_tile))]))  # (N, 5)
@@ -155,13 +193,17 @@ def test_rerun_skips_finished_slides_and_redoes_missing_ones(tiles, tmp_path):
     (folder / "slide_b.h5").unlink()
     assert _extract(tiles, out, "--context-window", "3") == 0
     assert (folder / "slide_a.h5").stat().st_mtime_ns == stamp_a  # finished slide skipped
-    np.testing.assert_array_equal(h5py.File(folder / "slide_b.h5")["features"][:], before)  # redone identically
+    # redone identically
+    np.testing.assert_array_equal(h5py.File(folder / "slide_b.h5")["features"][:], before)
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--context-window", "2"], "odd number"),
-    (["--context-window", "3", "--model", "tiny/vit-tiny-p8-64"], "dynamic_img_size"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--context-window", "2"], "odd number"),
+        (["--context-window", "3", "--model", "tiny/vit-tiny-p8-64"], "dynamic_img_size"),
+    ],
+)
 def test_unusable_windows_are_refused_before_anything_is_written(one_slide, tmp_path, capsys, extra, message):
     assert _extract(one_slide, tmp_path / "f", *extra) == 2
     assert message in capsys.readouterr().err
@@ -170,8 +212,23 @@ def test_unusable_windows_are_refused_before_anything_is_written(one_slide, tmp_
 
 def test_image_folders_have_no_context(tmp_path, capsys):
     (tmp_path / "images").mkdir()
-    assert main(["extract", "--model", MODEL, "--random-init", "--images", str(tmp_path / "images"), "--out", str(tmp_path),
-                 "--context-window", "3"]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                MODEL,
+                "--random-init",
+                "--images",
+                str(tmp_path / "images"),
+                "--out",
+                str(tmp_path),
+                "--context-window",
+                "3",
+            ]
+        )
+        == 2
+    )
     assert "--coords" in capsys.readouterr().err
 
 

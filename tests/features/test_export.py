@@ -30,7 +30,10 @@ def checkpoint(tmp_path):
             "epoch": 1,
             "global_step": 10,
             "state_dict": state,
-            CHECKPOINT_BACKBONE_KEY: {"spec": backbone.spec.to_dict(), "state_dict_prefix": "backbone.model."},
+            CHECKPOINT_BACKBONE_KEY: {
+                "spec": backbone.spec.to_dict(),
+                "state_dict_prefix": "backbone.model.",
+            },
         },
         path,
     )
@@ -85,8 +88,14 @@ def test_timm_alone_loads_the_export_without_histodistill(tmp_path, checkpoint):
     x = torch.randn(2, 3, 64, 64)
     torch.save(x, tmp_path / "x.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", STANDALONE, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", STANDALONE, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     loaded = torch.load(tmp_path / "y.pt")
     torch.testing.assert_close(loaded["features"], backbone(x))
@@ -99,7 +108,9 @@ def test_an_uploaded_export_loads_from_the_hub_by_id(tmp_path, checkpoint, fake_
     out = export_checkpoint(path, tmp_path / "exported")
     fake_hf_cache("lab/tiny-vit", {name: out / name for name in ("config.json", "model.safetensors")})
     x = torch.randn(1, 3, 64, 64)
-    torch.testing.assert_close(timm.create_model("hf-hub:lab/tiny-vit", pretrained=True).eval()(x), backbone(x))
+    torch.testing.assert_close(
+        timm.create_model("hf-hub:lab/tiny-vit", pretrained=True).eval()(x), backbone(x)
+    )
     hub = create_backbone("hf-hub:lab/tiny-vit").eval()
     torch.testing.assert_close(hub(x), backbone(x))
     assert hub.spec.source == "hf-hub:lab/tiny-vit" and hub.spec.preprocess.input_size == 64
@@ -120,15 +131,33 @@ def test_a_timm_model_folder_without_our_record_loads_through_timm(tmp_path, che
 def test_model_card_has_recipe_data_metrics_and_licence(tmp_path, checkpoint):
     path, _ = checkpoint
     run = path.parent.parent
-    (run / "config.yaml").write_text("model:\n  class_path: histodistill.methods.moma.MoMA\n"
-                                     "data:\n  init_args:\n    root: data/nct_crc\n")
+    (run / "config.yaml").write_text(
+        "model:\n  class_path: histodistill.methods.moma.MoMA\ndata:\n  init_args:\n    root: data/nct_crc\n"
+    )
     (run / "metrics.json").write_text(json.dumps({"final": {"val/accuracy": 0.91234}, "best": {}}))
     out = tmp_path / "exported"
-    assert main(["export", "--checkpoint", str(path), "--out", str(out), "--model-card",
-                 "--license", "cc-by-nc-4.0"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(path),
+                "--out",
+                str(out),
+                "--model-card",
+                "--license",
+                "cc-by-nc-4.0",
+            ]
+        )
+        == 0
+    )
     card = (out / "README.md").read_text()
     assert "license: cc-by-nc-4.0" in card and "library_name: timm" in card
-    assert "histodistill.methods.moma.MoMA" in card and "data/nct_crc" in card and "| val/accuracy | 0.9123 |" in card
+    assert (
+        "histodistill.methods.moma.MoMA" in card
+        and "data/nct_crc" in card
+        and "| val/accuracy | 0.9123 |" in card
+    )
     assert 'timm.create_model("local-dir:exported", pretrained=True)' in card
 
 

@@ -37,9 +37,25 @@ def tiles(tiny_slide, tmp_path):
 
 
 def _extract(tiles, out, *extra):
-    random_init = () if "--weights" in extra else ("--random-init",)  # a weights file is the other explicit choice
-    return main(["extract", "--model", MODEL, *random_init, "--coords", str(tiles), "--out", str(out),
-                 "--workers", "0", "--batch-size", "4", *extra])
+    # a weights file is the other explicit choice
+    random_init = () if "--weights" in extra else ("--random-init",)
+    return main(
+        [
+            "extract",
+            "--model",
+            MODEL,
+            *random_init,
+            "--coords",
+            str(tiles),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+            *extra,
+        ]
+    )
 
 
 def test_features_per_slide_match_the_model_on_each_tile(tiles, tmp_path):
@@ -61,8 +77,10 @@ def test_features_per_slide_match_the_model_on_each_tile(tiles, tmp_path):
     expected_coords, _ = read_coords(tiles / "patches" / "slide_a.h5")
     assert features.dtype == np.float32 and features.shape == (len(expected_coords), 512)
     assert coords.dtype == np.int64 and np.array_equal(coords, expected_coords)
-    dataset = SlideTileDataset(tiles / "patches" / "slide_a.h5",
-                               transform=build_transform("eval", backbone.spec.preprocess, train=False))
+    dataset = SlideTileDataset(
+        tiles / "patches" / "slide_a.h5",
+        transform=build_transform("eval", backbone.spec.preprocess, train=False),
+    )
     with torch.no_grad():
         direct = backbone(torch.stack([dataset[i][0] for i in (0, len(dataset) - 1)]))
     np.testing.assert_allclose(features[[0, -1]], direct.numpy(), rtol=1e-4, atol=1e-5)
@@ -77,7 +95,8 @@ def test_rerun_skips_finished_slides_and_redoes_missing_ones(tiles, tmp_path):
     (folder / "slide_b.h5").unlink()
     assert _extract(tiles, out) == 0
     assert (folder / "slide_a.h5").stat().st_mtime_ns == stamp_a  # skipped
-    np.testing.assert_array_equal(h5py.File(folder / "slide_b.h5")["features"][:], before)  # same seeded model
+    # same seeded model
+    np.testing.assert_array_equal(h5py.File(folder / "slide_b.h5")["features"][:], before)
 
 
 def test_an_interrupted_slide_leaves_no_file_and_is_redone(tiles, tmp_path, monkeypatch):
@@ -113,7 +132,12 @@ def test_features_of_other_weights_are_not_mixed_into_a_folder(tiles, tmp_path, 
 
 
 def test_missing_coords_folder_is_explained(tmp_path, capsys):
-    assert main(["extract", "--model", MODEL, "--random-init", "--coords", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            ["extract", "--model", MODEL, "--random-init", "--coords", str(tmp_path), "--out", str(tmp_path)]
+        )
+        == 2
+    )
     assert "histodistill tile" in capsys.readouterr().err
 
 
@@ -122,9 +146,26 @@ def test_image_folder_features(tmp_path):
     for label in ("stroma", "tumour"):
         (tmp_path / "images" / label).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
-    assert main(["extract", "--model", MODEL, "--random-init", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "f"),
-                 "--workers", "0"]) == 0
+            Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / label / f"{i}.png"
+            )
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                MODEL,
+                "--random-init",
+                "--images",
+                str(tmp_path / "images"),
+                "--out",
+                str(tmp_path / "f"),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     with h5py.File(tmp_path / "f" / "features_tiny-resnet18-64-random-init" / "features.h5") as handle:
         assert handle["features"].shape == (6, 512) and handle["features"].dtype == np.float32
         assert handle["labels"][:].tolist() == [0, 0, 0, 1, 1, 1]
@@ -133,13 +174,24 @@ def test_image_folder_features(tmp_path):
 
 
 def test_image_features_of_an_earlier_run_are_reused_and_others_refused(tmp_path, capsys):
-    # Issue 29: the demo's features stage printed "... features.h5 exists; pass --overwrite" about the file its
-    # own sdmae stage had written: the same weights and images are reused and said so, not reported as a conflict.
+    # Issue 29: the demo's features stage printed "... features.h5 exists; pass --overwrite" about the file
+    # its own sdmae stage had written: the same weights and images are reused and said so, not reported as a
+    # conflict.
     from conftest import make_image_folder
 
     images = make_image_folder(tmp_path / "images", per_class=2)
-    argv = ["extract", "--model", MODEL, "--random-init", "--images", str(images), "--out", str(tmp_path / "f"),
-            "--workers", "0"]
+    argv = [
+        "extract",
+        "--model",
+        MODEL,
+        "--random-init",
+        "--images",
+        str(images),
+        "--out",
+        str(tmp_path / "f"),
+        "--workers",
+        "0",
+    ]
     assert main(argv) == 0
     target = tmp_path / "f" / "features_tiny-resnet18-64-random-init" / "features.h5"
     stamp = target.stat().st_mtime_ns
@@ -163,7 +215,9 @@ def test_random_init_features_get_a_folder_of_their_own(tiles, tmp_path):
     # Issue 29: --random-init features went to features_resnet50, the pretrained weights' folder name.
     assert features_folder_name("resnet50", pretrained=False) == "features_resnet50-random-init"
     assert features_folder_name("resnet50") == "features_resnet50"
-    assert features_folder_name("tiny/resnet18-64", False, 3) == "features_tiny-resnet18-64-random-init-context3"
+    assert (
+        features_folder_name("tiny/resnet18-64", False, 3) == "features_tiny-resnet18-64-random-init-context3"
+    )
     out = tmp_path / "features"
     assert _extract(tiles, out) == 0
     assert sorted(p.name for p in out.iterdir()) == ["features_tiny-resnet18-64-random-init"]
@@ -219,7 +273,10 @@ def test_rerun_redoes_damaged_outputs_and_says_why(tiles, tmp_path, capsys):
     assert _extract(tiles, out) == 0
     printed = capsys.readouterr().out
     assert "redoing slide_b.h5" in printed and "cannot be read" in printed
-    assert "redoing slide_a.h5" in printed and f"has {len(features)} rows but its coords file has {len(features) + 1}" in printed
+    assert (
+        "redoing slide_a.h5" in printed
+        and f"has {len(features)} rows but its coords file has {len(features) + 1}" in printed
+    )
     for slide_id, features in before.items():
         np.testing.assert_array_equal(h5py.File(folder / f"{slide_id}.h5")["features"][:], features)
 

@@ -36,8 +36,16 @@ def write_features(path, coords, features, **attrs) -> None:
 @pytest.fixture
 def tiles(tmp_path):
     """A tiling output folder with one 2 x 2-tile slide."""
-    attrs = dict(patch_size=64, patch_level=0, patch_size_level0=64, mpp=0.5, target_mpp=0.5, overlap=0,
-                 slide_path=str(tmp_path / "s.tif"), slide_id="s")
+    attrs = dict(
+        patch_size=64,
+        patch_level=0,
+        patch_size_level0=64,
+        mpp=0.5,
+        target_mpp=0.5,
+        overlap=0,
+        slide_path=str(tmp_path / "s.tif"),
+        slide_id="s",
+    )
     write_coords(tmp_path / "tiles" / "patches" / "s.h5", COORDS, attrs)
     return tmp_path / "tiles"
 
@@ -53,7 +61,9 @@ def complete_cache(tiles, teacher=TEACHER):
 
 def test_lookup_returns_rows_in_cell_order_with_zeros_for_invalid_cells(tmp_path):
     order = np.array([2, 0, 3, 1])  # the file's rows are not in the order the cells ask for
-    write_features(tmp_path / "f.h5", COORDS[order], (10 * order[:, None] + np.array([[0, 1]])).astype(np.float32))
+    write_features(
+        tmp_path / "f.h5", COORDS[order], (10 * order[:, None] + np.array([[0, 1]])).astype(np.float32)
+    )
     cells = np.array([[64, 64], [0, 0], [128, 0], [64, 0]])
     out = TeacherFeatures(tmp_path / "f.h5").lookup(cells, np.array([True, True, False, True]))
     np.testing.assert_array_equal(out, [[30, 31], [0, 1], [0, 0], [10, 11]])
@@ -124,27 +134,38 @@ def test_an_interrupted_build_resumes_and_a_stale_or_damaged_cache_is_computed_a
     ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
     (features_dir / "s.h5").write_bytes(b"half")  # damaged after the record: not trusted, computed again
     assert stale_reasons(features_dir, cache_key(tiles / "patches", TEACHER, None)) == [
-        "slide s: cached for None, tiled as {'target_mpp': 0.5, 'patch_size': 64, 'tiles': 4}"]
+        "slide s: cached for None, tiled as {'target_mpp': 0.5, 'patch_size': 64, 'tiles': 4}"
+    ]
     ensure_teacher_cache(tiles, tiles, TEACHER, rebuild=True)
     assert overwrites == [False, True]
 
 
 def test_a_cache_whose_extract_left_out_unreadable_tiles_is_fresh_and_names_them(tiles, tmp_path):
-    # Issue 29: extract leaves out tiles of a corrupt JPEG tile; the cache then held fewer rows than the coords
-    # and counted as stale for ever, and a lookup of such a tile blamed "a different tiling".
+    # Issue 29: extract leaves out tiles of a corrupt JPEG tile; the cache then held fewer rows than the
+    # coords and counted as stale for ever, and a lookup of such a tile blamed "a different tiling".
     from histodistill.data.feature_files import UNREADABLE_ATTR
     from histodistill.wsi.slide import UnreadableRegion
 
     features_dir = cache_features_dir(tiles, TEACHER)
-    write_features(features_dir / "s.h5", COORDS[:3], np.ones((3, 2)), patch_size=64, target_mpp=0.5,
-                   slide_path=str(tmp_path / "s.tif"), **{UNREADABLE_ATTR: 1})
+    write_features(
+        features_dir / "s.h5",
+        COORDS[:3],
+        np.ones((3, 2)),
+        patch_size=64,
+        target_mpp=0.5,
+        slide_path=str(tmp_path / "s.tif"),
+        **{UNREADABLE_ATTR: 1},
+    )
     with h5py.File(features_dir / "s.h5", "a") as handle:
         handle["coords"].attrs["patch_size_level0"] = 64
     write_json(features_dir / EXTRACTOR_JSON, {"extractor": TEACHER})
     write_json(features_dir / CACHE_RECORD, cache_key(tiles / "patches", TEACHER, None))
     assert ensure_teacher_cache(tiles, tiles, TEACHER) == features_dir  # not stale: 3 rows + 1 unreadable
-    with pytest.raises(UnreadableRegion, match=r"s.tif: the 64 x 64 px region at level-0 \(64, 64\), level 0, "
-                                               r"cannot be read \(left out of the teacher cache .*s.h5 as unreadable\)"):
+    with pytest.raises(
+        UnreadableRegion,
+        match=r"s.tif: the 64 x 64 px region at level-0 \(64, 64\), level 0, "
+        r"cannot be read \(left out of the teacher cache .*s.h5 as unreadable\)",
+    ):
         TeacherFeatures(features_dir / "s.h5").lookup(COORDS, np.ones(4, bool))
 
 
@@ -155,14 +176,18 @@ def test_clam_coords_are_cached_under_their_slide_and_keyed_on_the_level0_tile(t
     write_coords(tiles / "patches" / "tiny_slide.h5", COORDS * 2 + 128, clam)
     key = cache_key(tiles / "patches", TEACHER, None, pretrained=False)
     assert key["slides"] == {"tiny_slide": {"patch_size_level0": 128, "patch_size": 64, "tiles": 4}}
-    with pytest.raises(UserError, match="`slides_dir=DIR`"):  # the slide is not named: found only with slides_dir
+    with pytest.raises(
+        UserError, match="`slides_dir=DIR`"
+    ):  # the slide is not named: found only with slides_dir
         ensure_teacher_cache(tiles, tmp_path, TEACHER, rebuild=True, pretrained=False)
-    features_dir = ensure_teacher_cache(tiles, tmp_path, TEACHER, rebuild=True, pretrained=False,
-                                        slides_dir=tiny_slide.path.parent)
+    features_dir = ensure_teacher_cache(
+        tiles, tmp_path, TEACHER, rebuild=True, pretrained=False, slides_dir=tiny_slide.path.parent
+    )
     assert TeacherFeatures(features_dir / "tiny_slide.h5").dim == 192
     assert not stale_reasons(features_dir, key)  # the features carry patch_size_level0: fresh as computed
     clam["downsample"] = np.array([4.0, 4.0])  # tiled again at level 2: 256 level-0 px per tile
     write_coords(tiles / "patches" / "tiny_slide.h5", COORDS * 2 + 128, clam)
     assert stale_reasons(features_dir, cache_key(tiles / "patches", TEACHER, None, pretrained=False)) == [
         "slide tiny_slide: cached for {'patch_size_level0': 128, 'patch_size': 64, 'tiles': 4}, "
-        "tiled as {'patch_size_level0': 256, 'patch_size': 64, 'tiles': 4}"]
+        "tiled as {'patch_size_level0': 256, 'patch_size': 64, 'tiles': 4}"
+    ]

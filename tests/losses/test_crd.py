@@ -20,7 +20,9 @@ def test_nce_loss_by_hand():
 def test_crd_loss_on_a_tiny_memory_equals_the_formula():
     torch.manual_seed(0)
     n, dim, k, tau, mom = 6, 4, 2, 0.07, 0.5
-    crd = CRDLoss(student_dim=3, teacher_dim=5, num_data=n, feat_dim=dim, nce_k=k, temperature=tau, momentum=mom)
+    crd = CRDLoss(
+        student_dim=3, teacher_dim=5, num_data=n, feat_dim=dim, nce_k=k, temperature=tau, momentum=mom
+    )
     fs, ft = torch.randn(2, 3), torch.randn(2, 5)
     index = torch.tensor([1, 4])
     contrast = torch.tensor([[1, 0, 5], [4, 2, 2]])
@@ -41,8 +43,12 @@ def test_crd_loss_on_a_tiny_memory_equals_the_formula():
     assert crd.memory.z_teacher.item() == pytest.approx(z_t.item(), rel=1e-5)
     assert crd.memory.z_student.item() == pytest.approx(z_s.item(), rel=1e-5)
     # memory update: m <- normalise(0.5 m + 0.5 v) at the batch's indices only
-    torch.testing.assert_close(crd.memory.memory_student[index], F.normalize(mom * mem_s[index] + (1 - mom) * vs, dim=1))
-    torch.testing.assert_close(crd.memory.memory_teacher[index], F.normalize(mom * mem_t[index] + (1 - mom) * vt, dim=1))
+    torch.testing.assert_close(
+        crd.memory.memory_student[index], F.normalize(mom * mem_s[index] + (1 - mom) * vs, dim=1)
+    )
+    torch.testing.assert_close(
+        crd.memory.memory_teacher[index], F.normalize(mom * mem_t[index] + (1 - mom) * vt, dim=1)
+    )
     untouched = torch.tensor([0, 2, 3, 5])
     torch.testing.assert_close(crd.memory.memory_student[untouched], mem_s[untouched])
 

@@ -36,8 +36,13 @@ def dot(a, b):
 
 def pool2(m):
     """Average 2×2 blocks of a nested-list (C, H, W) map."""
-    return [[[sum(c[2 * i + a][2 * j + b] for a in (0, 1) for b in (0, 1)) / 4 for j in range(len(c[0]) // 2)]
-             for i in range(len(c) // 2)] for c in m]
+    return [
+        [
+            [sum(c[2 * i + a][2 * j + b] for a in (0, 1) for b in (0, 1)) / 4 for j in range(len(c[0]) // 2)]
+            for i in range(len(c) // 2)
+        ]
+        for c in m
+    ]
 
 
 def spatial(m):
@@ -64,10 +69,16 @@ def test_at_is_mean_squared_difference_of_normalised_attention_maps():
 
 # ---- SP ---------------------------------------------------------------------------------------------
 def test_sp_is_frobenius_distance_of_row_normalised_batch_grams_over_b_squared():
-    s, t = fixed(3, 2, 2, 2, seed=3), fixed(3, 7, seed=4)  # a map and a vector: only the batch relation counts
+    # a map and a vector: only the batch relation counts
+    s, t = (
+        fixed(3, 2, 2, 2, seed=3),
+        fixed(3, 7, seed=4),
+    )
+
     def gram(x):
         rows = [r.flatten().tolist() for r in x]
         return [unit([dot(a, b) for b in rows]) for a in rows]
+
     g_s, g_t = gram(s), gram(t)
     expected = sum((g_s[i][j] - g_t[i][j]) ** 2 for i in range(3) for j in range(3)) / 9
     assert sp_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
@@ -77,16 +88,28 @@ def test_sp_is_frobenius_distance_of_row_normalised_batch_grams_over_b_squared()
 def test_cc_kernel_is_the_taylor_expanded_rbf_and_the_loss_its_squared_difference():
     s, t = fixed(3, 4, seed=5), fixed(3, 4, seed=6)
     gamma = 0.4
+
     def kernel(x):
         rows = [unit(r) for r in x.tolist()]
-        return [[sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * dot(a, b) ** p for p in range(3))
-                 for b in rows] for a in rows]
+        return [
+            [
+                sum(
+                    math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * dot(a, b) ** p
+                    for p in range(3)
+                )
+                for b in rows
+            ]
+            for a in rows
+        ]
+
     k_s, k_t = kernel(s), kernel(t)
     expected = sum((k_t[i][j] - k_s[i][j]) ** 2 for i in range(3) for j in range(3)) / 9
     assert cc_loss(s, t, gamma=gamma, order=2).item() == pytest.approx(expected, rel=1e-5)
     # a high order recovers the exact Gaussian kernel exp(−γ‖x − y‖²) of the unit vectors
     u = F.normalize(s, dim=1)
-    torch.testing.assert_close(correlation_matrix(s, gamma, order=12), torch.exp(-gamma * torch.cdist(u, u) ** 2))
+    torch.testing.assert_close(
+        correlation_matrix(s, gamma, order=12), torch.exp(-gamma * torch.cdist(u, u) ** 2)
+    )
 
 
 # ---- VID --------------------------------------------------------------------------------------------
@@ -112,11 +135,13 @@ def test_vid_is_the_gaussian_negative_log_likelihood_with_per_channel_variance()
 # ---- RKD --------------------------------------------------------------------------------------------
 def test_rkd_distance_and_angle_terms_by_hand():
     s, t = fixed(4, 3, seed=9), fixed(4, 5, seed=10)
+
     def distances(x):
         rows = x.tolist()
         d = [[math.dist(a, b) for b in rows] for a in rows]
         mu = sum(d[i][j] for i in range(4) for j in range(4) if i != j) / 12
         return [[v / mu for v in r] for r in d]
+
     d_s, d_t = distances(s), distances(t)
     dist = sum(huber(d_s[i][j] - d_t[i][j]) for i in range(4) for j in range(4)) / 16
     assert rkd_distance_loss(s, t).item() == pytest.approx(dist, rel=1e-4)
@@ -134,6 +159,7 @@ def test_rkd_distance_and_angle_terms_by_hand():
                         e_kj = unit([a - b for a, b in zip(rows[k], rows[j], strict=True)])
                         out[j, i, k] = dot(e_ij, e_kj)
         return out
+
     c_s, c_t = cosines(s), cosines(t)
     angle = sum(huber(c_s[key] - c_t[key]) for key in c_s) / 64
     assert rkd_angle_loss(s, t).item() == pytest.approx(angle, rel=1e-4)
@@ -143,13 +169,18 @@ def test_rkd_distance_and_angle_terms_by_hand():
 # ---- PKT --------------------------------------------------------------------------------------------
 def test_pkt_is_the_mean_kl_of_cosine_conditional_probabilities():
     s, t = fixed(3, 4, seed=11), fixed(3, 6, seed=12)
+
     def conditional(x):
         rows = [unit(r) for r in x.tolist()]
         k = [[(dot(a, b) + 1) / 2 for b in rows] for a in rows]
         return [[v / sum(r) for v in r] for r in k]
+
     p_s, p_t = conditional(s), conditional(t)
     eps = 1e-7
-    expected = sum(p_t[i][j] * math.log((p_t[i][j] + eps) / (p_s[i][j] + eps)) for i in range(3) for j in range(3)) / 9
+    expected = (
+        sum(p_t[i][j] * math.log((p_t[i][j] + eps) / (p_s[i][j] + eps)) for i in range(3) for j in range(3))
+        / 9
+    )
     assert pkt_loss(s, t).item() == pytest.approx(expected, rel=1e-4)
 
 
@@ -178,16 +209,20 @@ def test_ft_is_the_l1_distance_of_normalised_factors():
 def test_fsp_matrices_and_loss_by_hand():
     s = [fixed(2, 2, 4, 4, seed=15), fixed(2, 3, 2, 2, seed=16), fixed(2, 1, 2, 2, seed=17)]
     t = [fixed(2, 2, 4, 4, seed=18), fixed(2, 3, 2, 2, seed=19), fixed(2, 1, 2, 2, seed=20)]
+
     def fsp(bottom, top, b, pool):
         f1 = spatial(pool2(bottom[b].tolist()) if pool else bottom[b].tolist())
         f2 = spatial(top[b].tolist())
         return [[dot(x, y) / 4 for y in f2] for x in f1]  # (C1, C2), h·w = 4
+
     total = 0.0
     for i, pool in ((0, True), (1, False)):
         squares = []
         for b in range(2):
             g_s, g_t = fsp(s[i], s[i + 1], b, pool), fsp(t[i], t[i + 1], b, pool)
-            squares += [(x - y) ** 2 for rs, rt in zip(g_s, g_t, strict=True) for x, y in zip(rs, rt, strict=True)]
+            squares += [
+                (x - y) ** 2 for rs, rt in zip(g_s, g_t, strict=True) for x, y in zip(rs, rt, strict=True)
+            ]
         total += sum(squares) / len(squares)
     assert fsp_loss(s, t).item() == pytest.approx(total, rel=1e-5)
 
@@ -199,8 +234,10 @@ def test_nst_is_the_polynomial_kernel_mmd_between_channel_patterns():
     for b in range(2):
         fs = [unit(c) for c in spatial(s[b].tolist())]
         ft = [unit(c) for c in spatial(t[b].tolist())]
+
         def k(a, c):
             return sum(dot(x, y) ** 2 for x in a for y in c) / (len(a) * len(c))
+
         total += k(fs, fs) + k(ft, ft) - 2 * k(fs, ft)
     assert nst_loss(s, t).item() == pytest.approx(total / 2, rel=1e-5)
     assert nst_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
@@ -227,7 +264,9 @@ def test_simkd_is_mse_to_the_teacher_map_and_predicts_with_the_teacher_classifie
     projected = projector(s)
     assert simkd_loss(projected, t).item() == pytest.approx(((projected - t) ** 2).mean().item(), rel=1e-6)
     pooled = projected.mean(dim=(2, 3))
-    torch.testing.assert_close(projector.predict(s, classifier), pooled @ classifier.weight.T + classifier.bias)
+    torch.testing.assert_close(
+        projector.predict(s, classifier), pooled @ classifier.weight.T + classifier.bias
+    )
 
 
 def test_srrl_is_feature_mse_plus_mse_of_the_teacher_classifier_outputs():
@@ -236,15 +275,20 @@ def test_srrl_is_feature_mse_plus_mse_of_the_teacher_classifier_outputs():
     classifier = torch.nn.Linear(4, 2)
     s, t, z = fixed(5, 3, seed=25), fixed(5, 4, seed=26), fixed(5, 2, seed=27)
     bn = srrl.transfer[1]
-    regressed = torch.relu((s @ srrl.transfer[0].weight.T - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
-                           * bn.weight + bn.bias)
-    expected = ((regressed - t) ** 2).mean() + ((regressed @ classifier.weight.T + classifier.bias - z) ** 2).mean()
+    regressed = torch.relu(
+        (s @ srrl.transfer[0].weight.T - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight
+        + bn.bias
+    )
+    expected = ((regressed - t) ** 2).mean() + (
+        (regressed @ classifier.weight.T + classifier.bias - z) ** 2
+    ).mean()
     assert srrl(s, t, classifier, z).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 # ---- layer pairs of different sizes ------------------------------------------------------------------
 def test_the_larger_map_is_average_pooled_to_the_smaller_as_repdistillers_at_and_nst():
-    # RepDistiller/MoMA AT and NST: if s_H > t_H: f_s = adaptive_avg_pool2d(f_s, (t_H, t_H)), else the teacher.
+    # RepDistiller/MoMA AT and NST: if s_H > t_H: f_s = adaptive_avg_pool2d(f_s, (t_H, t_H)), else the
+    # teacher.
     from histodistill.losses.spatial import match_spatial
 
     big = torch.arange(16.0).view(1, 1, 4, 4)

@@ -23,7 +23,10 @@ def hand_cosine_loss(a: list[float], b: list[float]) -> float:
 
 
 def hand_smooth_l1(a: list[float], b: list[float], beta: float) -> float:
-    terms = [0.5 * (x - y) ** 2 / beta if abs(x - y) < beta else abs(x - y) - 0.5 * beta for x, y in zip(a, b, strict=True)]
+    terms = [
+        0.5 * (x - y) ** 2 / beta if abs(x - y) < beta else abs(x - y) - 0.5 * beta
+        for x, y in zip(a, b, strict=True)
+    ]
     return sum(terms) / len(terms)
 
 
@@ -36,8 +39,14 @@ VALID = [True, False, True, True]
 
 def run(kind: str, w_masked: float, w_visible: float, beta: float = 1.0) -> dict[str, torch.Tensor]:
     return masked_context_loss(
-        torch.tensor([PRED]), torch.tensor([TEACHER]), torch.tensor([MASKED]), torch.tensor([VALID]),
-        kind=kind, w_masked=w_masked, w_visible=w_visible, beta=beta,
+        torch.tensor([PRED]),
+        torch.tensor([TEACHER]),
+        torch.tensor([MASKED]),
+        torch.tensor([VALID]),
+        kind=kind,
+        w_masked=w_masked,
+        w_visible=w_visible,
+        beta=beta,
     )
 
 
@@ -45,7 +54,9 @@ def run(kind: str, w_masked: float, w_visible: float, beta: float = 1.0) -> dict
 def test_loss_equals_hand_computation(kind, beta):
     def cell(k: int) -> float:
         target = hand_layer_norm(TEACHER[k])
-        return hand_cosine_loss(PRED[k], target) if kind == "cosine" else hand_smooth_l1(PRED[k], target, beta)
+        return (
+            hand_cosine_loss(PRED[k], target) if kind == "cosine" else hand_smooth_l1(PRED[k], target, beta)
+        )
 
     masked = cell(0)  # cell 1 is masked but has no teacher feature
     visible = (cell(2) + cell(3)) / 2
@@ -57,7 +68,9 @@ def test_loss_equals_hand_computation(kind, beta):
 
 def test_zero_masked_weight_is_pure_visible_distillation():
     pred = torch.tensor([PRED], requires_grad=True)
-    out = masked_context_loss(pred, torch.tensor([TEACHER]), torch.tensor([MASKED]), torch.tensor([VALID]), w_masked=0.0)
+    out = masked_context_loss(
+        pred, torch.tensor([TEACHER]), torch.tensor([MASKED]), torch.tensor([VALID]), w_masked=0.0
+    )
     assert out["loss"].item() == pytest.approx(out["visible"].item())
     out["loss"].backward()
     assert pred.grad[0, 0].abs().sum() == 0 and pred.grad[0, 1].abs().sum() == 0  # masked cells learn nothing
@@ -69,7 +82,9 @@ def test_invalid_cells_do_not_change_the_loss():
     changed = teacher.clone()
     changed[0, 1] = 1e6  # the non-tissue cell's "feature" is garbage
     base = run("cosine", 1.0, 1.0)["loss"]
-    other = masked_context_loss(torch.tensor([PRED]), changed, torch.tensor([MASKED]), torch.tensor([VALID]))["loss"]
+    other = masked_context_loss(torch.tensor([PRED]), changed, torch.tensor([MASKED]), torch.tensor([VALID]))[
+        "loss"
+    ]
     assert torch.equal(base, other)
 
 
@@ -81,11 +96,14 @@ def test_targets_are_layer_normed_without_affine():
 
 def test_a_perfect_prediction_has_zero_loss():
     target = normalise_targets(torch.tensor([TEACHER]))
-    out = masked_context_loss(target, torch.tensor([TEACHER]), torch.tensor([MASKED]), torch.tensor([VALID]), kind="smooth_l1")
+    out = masked_context_loss(
+        target, torch.tensor([TEACHER]), torch.tensor([MASKED]), torch.tensor([VALID]), kind="smooth_l1"
+    )
     assert out["loss"].item() == pytest.approx(0, abs=1e-6)
 
 
-# ---- target normalisation: per tile (LayerNorm) or per dimension (standardize) --------------------------------
+# ---- target normalisation: per tile (LayerNorm) or per dimension (standardize)
+# --------------------------------
 MEAN, STD = [1.0, -2.0, 3.0], [2.0, 0.5, 4.0]
 
 
@@ -104,8 +122,15 @@ def test_standardized_targets_equal_hand_computation(kind):
         return hand_cosine_loss(PRED[k], target) if kind == "cosine" else hand_mse(PRED[k], target)
 
     out = masked_context_loss(
-        torch.tensor([PRED]), torch.tensor([TEACHER]), torch.tensor([MASKED]), torch.tensor([VALID]), kind=kind,
-        w_masked=2.0, w_visible=0.5, target_norm="standardize", target_mean=torch.tensor(MEAN),
+        torch.tensor([PRED]),
+        torch.tensor([TEACHER]),
+        torch.tensor([MASKED]),
+        torch.tensor([VALID]),
+        kind=kind,
+        w_masked=2.0,
+        w_visible=0.5,
+        target_norm="standardize",
+        target_mean=torch.tensor(MEAN),
         target_std=torch.tensor(STD),
     )
     assert out["masked"].item() == pytest.approx(cell(0), rel=1e-5)
@@ -137,7 +162,8 @@ def test_mean_direction_share_against_its_formula():
 def test_layer_norm_keeps_a_shared_direction_that_standardize_removes():
     """The issue's observation on a toy teacher: features = a large common vector + small tile-specific parts.
     After LayerNorm most of the targets' energy is the common direction, and predicting that constant
-    already gives a cosine near 1; standardised per dimension, the targets' mean is 0 (no shared direction)."""
+    already gives a cosine near 1; standardised per dimension, the targets' mean is 0 (no shared
+    direction)."""
     g = torch.Generator().manual_seed(0)
     common = torch.randn(64, generator=g) * 3 + 1
     features = common + 0.5 * torch.randn(500, 64, generator=g)  # (N, D)
@@ -145,6 +171,8 @@ def test_layer_norm_keeps_a_shared_direction_that_standardize_removes():
     assert mean_direction_share(layer_normed) > 0.9
     constant = layer_normed.mean(dim=0, keepdim=True).expand_as(layer_normed)
     assert F.cosine_similarity(constant, layer_normed, dim=-1).mean() > 0.9
-    standardized = normalise_targets(features, "standardize", features.mean(0), features.std(0, unbiased=False))
+    standardized = normalise_targets(
+        features, "standardize", features.mean(0), features.std(0, unbiased=False)
+    )
     assert standardized.mean(dim=0).abs().max() < 1e-5
     assert mean_direction_share(standardized) < 2 / 64  # no more than a random direction carries (~1/D)

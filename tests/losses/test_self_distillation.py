@@ -58,7 +58,9 @@ def test_last_layer_norm_stays_fixed_under_training():
     head = DINOHead(8, out_dim=16, hidden_dim=12, bottleneck_dim=4)
     g = head.last_layer.parametrizations.weight.original0
     assert not g.requires_grad and torch.all(g == 1)
-    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=0.1, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(
+        [p for p in head.parameters() if p.requires_grad], lr=0.1, weight_decay=0.05
+    )
     v_before = head.last_layer.parametrizations.weight.original1.detach().clone()
     for _ in range(3):
         optimizer.zero_grad()

@@ -24,7 +24,8 @@ def tiny_batch(n=8, classes=3, seed=0):
 
 @pytest.fixture
 def teacher_ckpt(tmp_path):
-    """A supervised run's checkpoint (3 classes) as `histodistill fit` writes it: weights + backbone record."""
+    """A supervised run's checkpoint (3 classes) as `histodistill fit` writes it: weights + backbone
+    record."""
 
     def make(num_classes=3, name="teacher.ckpt"):
         return write_supervised_checkpoint(tmp_path / name, num_classes=num_classes, **STUDENT)
@@ -53,7 +54,9 @@ def test_w_kd_zero_gives_exactly_the_supervised_loss(teacher_ckpt):
     distill = Distill(num_classes=3, teacher=str(path), w_kd=0.0, **STUDENT)
     torch.manual_seed(0)
     supervised = Supervised(num_classes=3, **STUDENT)
-    supervised.load_state_dict({k: v for k, v in distill.state_dict().items() if k.split(".")[0] in ("backbone", "classifier")})
+    supervised.load_state_dict(
+        {k: v for k, v in distill.state_dict().items() if k.split(".")[0] in ("backbone", "classifier")}
+    )
     batch = tiny_batch()
     distill.eval(), supervised.eval()
     ours = distill.objective(batch)
@@ -82,7 +85,13 @@ def test_kd_with_a_different_class_count_is_refused_clearly(teacher_ckpt):
 
 def test_kd_without_a_teacher_classifier_is_refused():
     with pytest.raises(UserError, match="teacher_classifier_from_checkpoint"):
-        Distill(num_classes=3, teacher="resnet18", teacher_pretrained=False, teacher_kwargs={"channels": [8, 16, 32, 64]}, **STUDENT)
+        Distill(
+            num_classes=3,
+            teacher="resnet18",
+            teacher_pretrained=False,
+            teacher_kwargs={"channels": [8, 16, 32, 64]},
+            **STUDENT,
+        )
 
 
 def test_frozen_teacher_never_changes_and_is_left_out_of_the_optimiser(teacher_ckpt):
@@ -91,7 +100,8 @@ def test_frozen_teacher_never_changes_and_is_left_out_of_the_optimiser(teacher_c
     before = {k: v.clone() for k, v in distill.teacher.state_dict().items()}
     train_steps(distill, tiny_batch(), steps=3)
     for key, value in distill.teacher.state_dict().items():
-        assert torch.equal(value, before[key]), key  # BN running stats included: the teacher runs in eval mode
+        # BN running stats included: the teacher runs in eval mode
+        assert torch.equal(value, before[key]), key
     assert not any(p.requires_grad for p in distill.teacher.parameters())
     assert not any(p.requires_grad for p in distill.teacher_classifier.parameters())
 
@@ -101,8 +111,14 @@ def test_a_tiny_run_of_each_baseline_lowers_its_loss(teacher_ckpt, feature, w_fe
     path, _ = teacher_ckpt()
     torch.manual_seed(0)
     options = {"num_samples": 8, "nce_k": 16, "feat_dim": 16} if feature == "crd" else None
-    distill = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=w_feature,
-                      feature_options=options, **STUDENT)
+    distill = Distill(
+        num_classes=3,
+        teacher=str(path),
+        feature=feature,
+        w_feature=w_feature,
+        feature_options=options,
+        **STUDENT,
+    )
     images, labels = tiny_batch()
     losses = train_steps(distill, (images, labels, torch.arange(8)))
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
@@ -112,8 +128,14 @@ def test_a_tiny_run_of_each_baseline_lowers_its_loss(teacher_ckpt, feature, w_fe
 
 def test_crd_without_indices_says_how_to_get_them(teacher_ckpt):
     path, _ = teacher_ckpt()
-    distill = Distill(num_classes=3, teacher=str(path), feature="crd", w_feature=0.8,
-                      feature_options={"num_samples": 8}, **STUDENT)
+    distill = Distill(
+        num_classes=3,
+        teacher=str(path),
+        feature="crd",
+        w_feature=0.8,
+        feature_options={"num_samples": 8},
+        **STUDENT,
+    )
     with pytest.raises(UserError, match="IndexedDataset"):
         distill.objective(tiny_batch())
 
@@ -154,12 +176,25 @@ def test_tiny_crd_config_trains_end_to_end_with_indexed_data(tmp_path, distill_i
     from conftest import QUIET_ONE_EPOCH
 
     run = tmp_path / "run"
-    assert main([
-        "fit", "--config", str(ROOT / "configs" / "kd" / "tiny_crd.yaml"), "--trainer.default_root_dir", str(run),
-        "--model.init_args.teacher", str(distill_inputs["teacher"]),
-        "--data.init_args.train.init_args.dataset.init_args.root", str(distill_inputs["train"]),
-        "--data.init_args.val.init_args.root", str(distill_inputs["val"]), *QUIET_ONE_EPOCH,
-    ]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "kd" / "tiny_crd.yaml"),
+                "--trainer.default_root_dir",
+                str(run),
+                "--model.init_args.teacher",
+                str(distill_inputs["teacher"]),
+                "--data.init_args.train.init_args.dataset.init_args.root",
+                str(distill_inputs["train"]),
+                "--data.init_args.val.init_args.root",
+                str(distill_inputs["val"]),
+                *QUIET_ONE_EPOCH,
+            ]
+        )
+        == 0
+    )
     assert "train/crd" in (run / "metrics.csv").read_text()
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     # one memory row per training image
@@ -203,17 +238,30 @@ def test_student_init_random_and_imagenet_do_not_copy_the_teacher(teacher_ckpt, 
     import histodistill.methods.distill as distill
 
     real = distill.create_backbone
-    monkeypatch.setattr(distill, "create_backbone", lambda name, pretrained=False, weights=None, **kw:
-                        asked.append((name, pretrained)) or real(name, pretrained=False, **kw))
+    monkeypatch.setattr(
+        distill,
+        "create_backbone",
+        lambda name, pretrained=False, weights=None, **kw: (
+            asked.append((name, pretrained)) or real(name, pretrained=False, **kw)
+        ),
+    )
     Distill(num_classes=3, teacher=str(path), student_init="imagenet", **STUDENT)
-    assert ("resnet18", True) in asked  # the published weights are asked for (no hub in tests: built randomly here)
+    assert (
+        "resnet18",
+        True,
+    ) in asked  # the published weights are asked for (no hub in tests: built randomly here)
 
 
 def test_student_init_teacher_with_another_architecture_is_refused(teacher_ckpt):
     path, _ = teacher_ckpt()
     with pytest.raises(UserError, match="student_init"):
-        Distill(num_classes=3, teacher=str(path), student_init="teacher", backbone="resnet18",
-                backbone_kwargs={"channels": [4, 8, 16, 32]})
+        Distill(
+            num_classes=3,
+            teacher=str(path),
+            student_init="teacher",
+            backbone="resnet18",
+            backbone_kwargs={"channels": [4, 8, 16, 32]},
+        )
 
 
 def test_classifier_dropout_drops_before_the_classifier_not_on_the_distilled_features(teacher_ckpt):
@@ -229,6 +277,8 @@ def test_classifier_dropout_drops_before_the_classifier_not_on_the_distilled_fea
     torch.testing.assert_close(f1, f2)
     assert not torch.allclose(z1, z2)
     distill.eval()
-    torch.testing.assert_close(distill.student_forward(images)[1], distill.classifier(distill.backbone(images)))
+    torch.testing.assert_close(
+        distill.student_forward(images)[1], distill.classifier(distill.backbone(images))
+    )
     with pytest.raises(UserError, match="classifier_dropout"):
         Distill(num_classes=3, teacher=str(path), classifier_dropout=1.0, **STUDENT)

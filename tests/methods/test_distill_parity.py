@@ -214,9 +214,16 @@ def test_the_flat_crd_arguments_of_earlier_versions_still_configure_crd(teacher_
 @pytest.mark.parametrize("feature", ["hint", "crd"])
 def test_a_checkpoint_from_before_hint_and_crd_were_terms_still_loads(teacher_ckpt, feature):  # noqa: F811
     path, _ = teacher_ckpt()
+
     def make():
-        return Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=1.0, **STUDENT,
-                       **ARGS.get(feature, {}))
+        return Distill(
+            num_classes=3,
+            teacher=str(path),
+            feature=feature,
+            w_feature=1.0,
+            **STUDENT,
+            **ARGS.get(feature, {}),
+        )
 
     torch.manual_seed(0)
     saved = make().state_dict()

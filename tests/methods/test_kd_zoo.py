@@ -13,9 +13,23 @@ from histodistill.models.intermediates import forward_layers, pyramid
 STAGED = {"ab", "ft", "fsp"}
 # Official feature weights of each term (MoMA's comparison where it ran the method, RepDistiller otherwise);
 # AB and FSP train without their term after their stage.
-WEIGHTS = {"hint": 100.0, "crd": 0.8,
-           "at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "rkd": 1.0, "pkt": 30000.0, "ab": 0.0, "ft": 200.0,
-           "fsp": 0.0, "nst": 50.0, "semckd": 50.0, "simkd": 1.0, "srrl": 1.0}
+WEIGHTS = {
+    "hint": 100.0,
+    "crd": 0.8,
+    "at": 1000.0,
+    "sp": 3000.0,
+    "cc": 0.02,
+    "vid": 1.0,
+    "rkd": 1.0,
+    "pkt": 30000.0,
+    "ab": 0.0,
+    "ft": 200.0,
+    "fsp": 0.0,
+    "nst": 50.0,
+    "semckd": 50.0,
+    "simkd": 1.0,
+    "srrl": 1.0,
+}
 
 
 def make(path, feature, **kwargs):
@@ -42,7 +56,8 @@ def test_every_zoo_name_is_a_feature_choice():
 def test_each_zoo_term_trains_a_tiny_student(teacher_ckpt, feature):  # noqa: F811
     path, _ = teacher_ckpt()
     torch.manual_seed(0)
-    distill = make(path, feature, w_feature=min(WEIGHTS[feature], 1.0))  # official weights assume batches of 64
+    # official weights assume batches of 64
+    distill = make(path, feature, w_feature=min(WEIGHTS[feature], 1.0))
     batch = (*tiny_batch(), torch.arange(8))  # the sample indices CRD needs; the other terms ignore them
     losses = train_steps(distill, batch, steps=10, lr=0.02)
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
@@ -67,7 +82,8 @@ def test_default_layers_follow_the_official_slices():
 
 def momas_endpoints(model, images):
     """MoMA's EfficientNet ``extract_endpoints`` rule run on timm's modules: the map just before every block
-    that shrinks the spatial size, then the conv-head map (trinhvg/MoMA models/efficientnet_pytorch/model.py)."""
+    that shrinks the spatial size, then the conv-head map (trinhvg/MoMA
+    models/efficientnet_pytorch/model.py)."""
     x = model.bn1(model.conv_stem(images))
     endpoints, previous = [], x
     for block in [b for stage in model.blocks for b in stage]:
@@ -114,7 +130,10 @@ def test_pre_training_stage_trains_only_its_own_loss_then_hands_over(teacher_ckp
     # FT's stage trains the paraphraser on the teacher alone: the student is untouched
     for key, value in distill.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), key
-    assert any(not torch.equal(a, b) for a, b in zip(paraphraser_before, distill.feature_loss.paraphraser.parameters(), strict=True))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(paraphraser_before, distill.feature_loss.paraphraser.parameters(), strict=True)
+    )
     assert int(distill.trained_batches) == 2
     distill.train()
     assert set(distill.objective(tiny_batch())) == {"ce", "kd", "ft", "loss"}
@@ -172,14 +191,23 @@ def test_simkd_student_predicts_through_the_teacher_classifier(teacher_ckpt):  #
     path, _ = teacher_ckpt()
     distill = make(path, "simkd", w_ce=0.0, w_kd=0.0).eval()
     images, _ = tiny_batch()
-    expected = distill.teacher_classifier(distill.feature_loss.projector(distill.backbone.forward_features(images)).mean((2, 3)))
+    expected = distill.teacher_classifier(
+        distill.feature_loss.projector(distill.backbone.forward_features(images)).mean((2, 3))
+    )
     torch.testing.assert_close(distill(images), expected)
     assert not any(p.requires_grad for p in distill.teacher_classifier.parameters())
 
 
 # A 4-block ViT teaching a narrow ResNet-18, both at 64 px: the heterogeneous code path at CPU-test size.
-VIT_TEACHER = {"teacher": "tiny/vit-tiny-p8-64", "teacher_pretrained": False, "pretrained": False, "teacher_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 2},
-               "backbone": "tiny/resnet18-64", "backbone_kwargs": {"channels": [8, 16, 32, 64]}, "w_kd": 0.0}
+VIT_TEACHER = {
+    "teacher": "tiny/vit-tiny-p8-64",
+    "teacher_pretrained": False,
+    "pretrained": False,
+    "teacher_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 2},
+    "backbone": "tiny/resnet18-64",
+    "backbone_kwargs": {"channels": [8, 16, 32, 64]},
+    "w_kd": 0.0,
+}
 
 
 @pytest.mark.parametrize("feature", sorted(set(ZOO) - {"fsp", "simkd", "srrl"}))
@@ -199,7 +227,9 @@ def test_what_a_heterogeneous_pair_cannot_do_is_refused_with_the_fix():
         Distill(num_classes=3, feature="fsp", **VIT_TEACHER)
     with pytest.raises(UserError, match="simkd.*token model"):
         Distill(num_classes=3, feature="simkd", **VIT_TEACHER)
-    with pytest.raises(UserError, match="srrl reuses the teacher's classifier.*teacher_classifier_from_checkpoint"):
+    with pytest.raises(
+        UserError, match="srrl reuses the teacher's classifier.*teacher_classifier_from_checkpoint"
+    ):
         Distill(num_classes=3, feature="srrl", **VIT_TEACHER)
 
 
@@ -221,8 +251,10 @@ def test_terms_build_what_depends_on_the_data_at_setup_or_say_what_is_missing(te
     path, _ = teacher_ckpt()
     unknown = TrainingData(batch_size=lambda: None, num_samples=lambda: None)
     known = TrainingData(batch_size=lambda: 8, num_samples=lambda: 12)
-    cases = (("semckd", lambda t: t.criterion.batch_size, "batch size.*batch_size"),
-             ("crd", lambda t: t.criterion.memory.num_data, "IndexedDataset.*num_samples"))
+    cases = (
+        ("semckd", lambda t: t.criterion.batch_size, "batch size.*batch_size"),
+        ("crd", lambda t: t.criterion.memory.num_data, "IndexedDataset.*num_samples"),
+    )
     for feature, built, missing in cases:
         distill = Distill(num_classes=3, teacher=str(path), feature=feature, w_feature=1.0, **STUDENT)
         term = distill.feature_loss

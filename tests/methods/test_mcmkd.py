@@ -34,7 +34,9 @@ def make(**kwargs) -> MCMKD:
     return MCMKD(student="test_resnet", teacher_dim=DIM, pretrained=False, **kwargs)
 
 
-@pytest.mark.parametrize(("fill", "head", "loss"), [("mean", "linear", "cosine"), ("learned", "mlp", "smooth_l1")])
+@pytest.mark.parametrize(
+    ("fill", "head", "loss"), [("mean", "linear", "cosine"), ("learned", "mlp", "smooth_l1")]
+)
 def test_objective_is_finite_and_reaches_every_trainable_part(fill, head, loss):
     model = make(fill=fill, head=head, loss=loss)
     losses = model.objective(fake_batch())
@@ -93,7 +95,6 @@ def test_a_few_steps_lower_the_loss():
     assert model.objective(batch)["loss"].item() < first
 
 
-
 def test_standardize_uses_the_statistics_it_was_given_and_keeps_them_in_the_checkpoint():
     from histodistill.losses.masked_context import masked_context_loss, normalise_targets
 
@@ -110,10 +111,20 @@ def test_standardize_uses_the_statistics_it_was_given_and_keeps_them_in_the_chec
     from histodistill.models.cell_mask import random_cell_mask
 
     masked = random_cell_mask(4, SIDE * SIDE, 0.5)
-    expected = masked_context_loss(model.predict_cells(batch[0], masked), batch[3], masked, batch[2], "mse",
-                                   target_norm="standardize", target_mean=mean, target_std=std)["loss"]
+    expected = masked_context_loss(
+        model.predict_cells(batch[0], masked),
+        batch[3],
+        masked,
+        batch[2],
+        "mse",
+        target_norm="standardize",
+        target_mean=mean,
+        target_std=std,
+    )["loss"]
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert torch.equal(model.state_dict()["target_mean"], mean) and torch.equal(model.state_dict()["target_std"], std)
+    assert torch.equal(model.state_dict()["target_mean"], mean) and torch.equal(
+        model.state_dict()["target_std"], std
+    )
     assert normalise_targets(teacher, "standardize", mean, std).mean(0).abs().max() < 1e-5
     assert "target_mean" not in make().state_dict()  # layer_norm checkpoints keep their keys
     with pytest.raises(ValueError, match="shape"):
@@ -139,13 +150,16 @@ def test_feature_statistics_over_every_tile_of_the_cache(tmp_path):
     np.testing.assert_allclose(std, rows.std(0), rtol=1e-9)
 
 
-# ---- end to end: tile -> teacher cache -> histodistill fit -> extract with the fine-tuned student -------------
+# ---- end to end: tile -> teacher cache -> histodistill fit -> extract with the fine-tuned student
+# -------------
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "mcmkd" / "tiny_cpu.yaml"
 
 
 @pytest.mark.slow
-def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(tiny_slide, tmp_path, monkeypatch):
+def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(
+    tiny_slide, tmp_path, monkeypatch
+):
     from histodistill.cli import main
     from histodistill.features import extract
     from histodistill.features.teacher_cache import ensure_teacher_cache
@@ -154,8 +168,10 @@ def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(t
 
     tiles = tmp_path / "tiles"
     tile_slide(tiny_slide.path, tiles, target_mpp=0.5, patch_size=64)
-    features_dir = ensure_teacher_cache(tiles, tiles, "tiny/vit-tiny-p8-64", rebuild=True, batch_size=32,
-                                        pretrained=False)  # as the tiny recipe states
+    # as the tiny recipe states
+    features_dir = ensure_teacher_cache(
+        tiles, tiles, "tiny/vit-tiny-p8-64", rebuild=True, batch_size=32, pretrained=False
+    )
 
     # From here on the teacher must never run: no extraction, no teacher forward.
     def refuse(*args, **kwargs):
@@ -172,11 +188,24 @@ def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(t
     monkeypatch.setattr(extract, "extract_slides", refuse)
     monkeypatch.setattr(Backbone, "forward", spy)
     run = tmp_path / "run"
-    assert main([
-        "fit", "--config", str(TINY), "--trainer.default_root_dir", str(run),
-        "--data.init_args.tiles_dir", str(tiles),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    ]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(TINY),
+                "--trainer.default_root_dir",
+                str(run),
+                "--data.init_args.tiles_dir",
+                str(tiles),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+            ]
+        )
+        == 0
+    )
     assert teacher_calls == []
 
     rows = list(csv.DictReader((run / "metrics.csv").open()))
@@ -186,11 +215,12 @@ def test_one_epoch_fit_uses_the_cache_lowers_the_loss_and_the_student_extracts(t
 
     monkeypatch.setattr(Backbone, "forward", original_forward)
     monkeypatch.undo()
-    student_dir = extract.extract_slides(run / "checkpoints" / "last.ckpt", tiles, tmp_path / "out", device="cpu")
+    student_dir = extract.extract_slides(
+        run / "checkpoints" / "last.ckpt", tiles, tmp_path / "out", device="cpu"
+    )
     with h5py.File(student_dir / "tiny_slide.h5") as h5, h5py.File(features_dir / "tiny_slide.h5") as teacher:
         assert h5["features"].shape == (teacher["features"].shape[0], 512)  # resnet18 features per tile
         assert np.isfinite(h5["features"][:]).all()
-
 
 
 @pytest.mark.slow
@@ -203,11 +233,30 @@ def test_standardize_fit_computes_the_statistics_from_the_cache_and_stores_them(
     tiles = tmp_path / "tiles"
     tile_slide(tiny_slide.path, tiles, target_mpp=0.5, patch_size=64)
     run = tmp_path / "run"
-    assert main([
-        "fit", "--config", str(TINY), "--trainer.default_root_dir", str(run), "--data.init_args.tiles_dir", str(tiles),
-        "--model.init_args.target_norm", "standardize", "--model.init_args.loss", "mse", "--trainer.max_steps", "2",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    ]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(TINY),
+                "--trainer.default_root_dir",
+                str(run),
+                "--data.init_args.tiles_dir",
+                str(tiles),
+                "--model.init_args.target_norm",
+                "standardize",
+                "--model.init_args.loss",
+                "mse",
+                "--trainer.max_steps",
+                "2",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+            ]
+        )
+        == 0
+    )
     state = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     mean, std, count = feature_statistics(sorted(tiles.glob("features_*/*.h5")))  # the teacher cache
     assert count > 0
@@ -225,7 +274,9 @@ def test_mask_count_default_and_option(monkeypatch):
     import histodistill.methods.mcmkd as mcmkd
 
     real = mcmkd.random_cell_mask
-    monkeypatch.setattr(mcmkd, "random_cell_mask", lambda *a, **k: recorded.append(real(*a, **k)) or recorded[-1])
+    monkeypatch.setattr(
+        mcmkd, "random_cell_mask", lambda *a, **k: recorded.append(real(*a, **k)) or recorded[-1]
+    )
     model.objective(fake_batch())
     assert (recorded[0].sum(dim=1) == 5).all()
 
@@ -251,8 +302,15 @@ def test_freeze_bn_stats_holds_in_a_lightning_fit(frozen, tmp_path):
     model = make(freeze_bn_stats=frozen)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running_mean" in k}
     windows, cells, valid, teacher = fake_batch(batch_size=8)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, DataLoader(TensorDataset(windows, cells, valid, teacher), batch_size=4))
     after = {k: v for k, v in model.backbone.state_dict().items() if "running_mean" in k}
     assert all(torch.equal(before[k], after[k]) for k in before) == frozen

@@ -12,11 +12,17 @@ from histodistill.methods import moma as moma_module
 from histodistill.methods.moma import MoMA
 
 # A narrow ResNet-18 that declares 32-px inputs, the size of `tiny_batch` and of the ViT teacher.
-STUDENT = {"backbone": "resnet18", "pretrained": False,
-           "backbone_kwargs": {"channels": [8, 16, 32, 64], "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}}
+STUDENT = {
+    "backbone": "resnet18",
+    "pretrained": False,
+    "backbone_kwargs": {"channels": [8, 16, 32, 64], "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}},
+}
 SMALL = {"queue_size": 32, "embed_dim": 16, "attention_heads": 4}
-VIT_TEACHER = {"teacher": "vit_tiny_patch16_224", "teacher_pretrained": False,
-               "teacher_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
+VIT_TEACHER = {
+    "teacher": "vit_tiny_patch16_224",
+    "teacher_pretrained": False,
+    "teacher_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+}
 
 
 def tiny_batch(n=8, seed=0):
@@ -50,11 +56,16 @@ def test_ema_teacher_follows_its_formula_and_keeps_its_bn_buffers(teacher_ckpt):
     embed_before, attn_before = copy.deepcopy(model.embed_k), copy.deepcopy(model.attn_k)
     classifier_before = copy.deepcopy(model.teacher_classifier)
     model.momentum_update()
-    pairs = [(model.teacher.model, teacher_before.model, model.backbone.model),
-             (model.embed_k, embed_before, model.embed_q), (model.attn_k, attn_before, model.attn_q),
-             (model.teacher_classifier, classifier_before, model.classifier)]
+    pairs = [
+        (model.teacher.model, teacher_before.model, model.backbone.model),
+        (model.embed_k, embed_before, model.embed_q),
+        (model.attn_k, attn_before, model.attn_q),
+        (model.teacher_classifier, classifier_before, model.classifier),
+    ]
     for new, old, source in pairs:
-        for (name, p_new), p_old, p_src in zip(new.named_parameters(), old.parameters(), source.parameters(), strict=True):
+        for (name, p_new), p_old, p_src in zip(
+            new.named_parameters(), old.parameters(), source.parameters(), strict=True
+        ):
             torch.testing.assert_close(p_new, 0.9 * p_old + 0.1 * p_src, msg=name)
     for (name, buffer), old in zip(model.teacher.named_buffers(), teacher_before.buffers(), strict=True):
         assert torch.equal(buffer, old), name
@@ -96,9 +107,13 @@ def test_nce_term_equals_infonce_on_attended_embeddings_and_the_keys_are_enqueue
         teacher_features, _ = model.teacher_forward(images, batch_statistics=True)
         query = model.attn_q(model.embed_q(features))
         key = model.attn_k(model.embed_k(teacher_features))
-    assert losses["nce"].item() == pytest.approx(infonce_loss(query, key, queue_before, 0.15).item(), rel=1e-5)
+    assert losses["nce"].item() == pytest.approx(
+        infonce_loss(query, key, queue_before, 0.15).item(), rel=1e-5
+    )
     assert set(losses) == {"ce", "kd", "nce", "loss"}
-    assert losses["loss"].item() == pytest.approx(sum(losses[k].item() for k in ("ce", "kd", "nce")), rel=1e-6)
+    assert losses["loss"].item() == pytest.approx(
+        sum(losses[k].item() for k in ("ce", "kd", "nce")), rel=1e-6
+    )
     assert int(model.queue.pointer) == 8
     torch.testing.assert_close(model.queue.queue[:8], key)
     torch.testing.assert_close(model.queue.queue[8:], queue_before[8:])
@@ -134,8 +149,17 @@ def test_the_ema_teacher_normalises_with_the_batch_but_never_drops_paths():
     # MoMA's set_bn_train switches only BatchNorm to training mode: a drop-path teacher stays deterministic.
     torch.manual_seed(0)
     kwargs = {**STUDENT["backbone_kwargs"], "drop_path_rate": 0.5}
-    model = MoMA(num_classes=3, teacher="resnet18", teacher_pretrained=False, teacher_kwargs=kwargs, w_kd=0.0,
-                 backbone="resnet18", pretrained=False, backbone_kwargs=kwargs, **SMALL)
+    model = MoMA(
+        num_classes=3,
+        teacher="resnet18",
+        teacher_pretrained=False,
+        teacher_kwargs=kwargs,
+        w_kd=0.0,
+        backbone="resnet18",
+        pretrained=False,
+        backbone_kwargs=kwargs,
+        **SMALL,
+    )
     images, _ = tiny_batch()
     first, _ = model.teacher_forward(images, batch_statistics=True)
     second, _ = model.teacher_forward(images, batch_statistics=True)
@@ -175,7 +199,9 @@ def test_the_embeddings_are_unit_vectors_before_attention_and_attention_mixes_th
 def test_a_tiny_moma_run_lowers_its_loss(teacher_ckpt, mode):
     torch.manual_seed(0)
     teacher = {"teacher": teacher_ckpt} if mode == "ema" else VIT_TEACHER
-    model = MoMA(num_classes=3, teacher_update=mode, w_kd=1.0 if mode == "ema" else 0.0, **teacher, **SMALL, **STUDENT)
+    model = MoMA(
+        num_classes=3, teacher_update=mode, w_kd=1.0 if mode == "ema" else 0.0, **teacher, **SMALL, **STUDENT
+    )
     batch = tiny_batch()
     initial_queue = copy.deepcopy(model.queue.state_dict())
 
@@ -200,12 +226,25 @@ def test_tiny_moma_config_trains_end_to_end_from_a_supervised_checkpoint(tmp_pat
     from conftest import QUIET_ONE_EPOCH
 
     run = tmp_path / "run"
-    assert main([
-        "fit", "--config", str(ROOT / "configs" / "moma" / "tiny_cpu.yaml"), "--trainer.default_root_dir", str(run),
-        "--model.init_args.teacher", str(distill_inputs["teacher"]),
-        "--data.init_args.train.init_args.root", str(distill_inputs["train"]),
-        "--data.init_args.val.init_args.root", str(distill_inputs["val"]), *QUIET_ONE_EPOCH,
-    ]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "moma" / "tiny_cpu.yaml"),
+                "--trainer.default_root_dir",
+                str(run),
+                "--model.init_args.teacher",
+                str(distill_inputs["teacher"]),
+                "--data.init_args.train.init_args.root",
+                str(distill_inputs["train"]),
+                "--data.init_args.val.init_args.root",
+                str(distill_inputs["val"]),
+                *QUIET_ONE_EPOCH,
+            ]
+        )
+        == 0
+    )
     for name in ("checkpoints/last.ckpt", "checkpoints/best-accuracy.ckpt", "checkpoints/best-macro_f1.ckpt"):
         assert (run / name).is_file(), name
     metrics = (run / "metrics.csv").read_text()

@@ -13,10 +13,19 @@ from histodistill.methods.sdmae import MAE, SDMAE
 from histodistill.optim.optimizer import parameter_groups
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_VIT = {"backbone": "tiny/vit-tiny-p8-64", "backbone_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2,
-                                                                   "img_size": 32}}
-TINY_SDMAE = {**TINY_VIT, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "head_dim": 64,
-              "head_hidden_dim": 32, "head_bottleneck_dim": 16}
+TINY_VIT = {
+    "backbone": "tiny/vit-tiny-p8-64",
+    "backbone_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 32},
+}
+TINY_SDMAE = {
+    **TINY_VIT,
+    "decoder_dim": 32,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+    "head_dim": 64,
+    "head_hidden_dim": 32,
+    "head_bottleneck_dim": 16,
+}
 TINY_MAE = {**TINY_VIT, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
 
 
@@ -92,15 +101,25 @@ def test_preview_pastes_visible_patches_from_the_original():
 def run_fit(config: Path, run_dir: Path, data: Path) -> None:
     from histodistill.cli import main
 
-    code = main([
-        "fit", "--config", str(config),
-        "--trainer.default_root_dir", str(run_dir),
-        "--data.init_args.train.init_args.root", str(data),
-        "--data.init_args.batch_size", "4",
-        "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-    ])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.default_root_dir",
+            str(run_dir),
+            "--data.init_args.train.init_args.root",
+            str(data),
+            "--data.init_args.batch_size",
+            "4",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+        ]
+    )
     assert code == 0
 
 
@@ -139,23 +158,35 @@ def test_inputs_are_normalised_with_imagenet_statistics_and_the_export_records_t
     from histodistill.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
     # timm's vit_tiny_patch16_224 config says mean = std = 0.5; MAE and SD-MAE normalise with ImageNet's.
-    kwargs = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 32, "depth": 1},
-              "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+    kwargs = {
+        "backbone": "vit_tiny_patch16_224",
+        "backbone_kwargs": {"img_size": 32, "depth": 1},
+        "decoder_dim": 16,
+        "decoder_depth": 1,
+        "decoder_heads": 2,
+    }
     if cls is SDMAE:
         kwargs.update(head_dim=16, head_hidden_dim=16, head_bottleneck_dim=8)
     module = cls(**kwargs)
     assert module.preprocess.mean == IMAGENET_MEAN and module.preprocess.std == IMAGENET_STD
     config = json.loads((save_backbone(module.backbone, tmp_path / "export") / "config.json").read_text())
-    assert config["pretrained_cfg"]["mean"] == list(IMAGENET_MEAN) and config["pretrained_cfg"]["std"] == list(IMAGENET_STD)
+    assert config["pretrained_cfg"]["mean"] == list(IMAGENET_MEAN) and config["pretrained_cfg"][
+        "std"
+    ] == list(IMAGENET_STD)
     assert cls(**kwargs, normalization="backbone").preprocess.mean == (0.5, 0.5, 0.5)
 
 
 def test_official_init_and_mask_count_details():
     # SD-MAE (irsLu/SD-MAE): masks int(r·L) and keeps the rest; trunc_normal_ cut at ±std; bridge and patch
     # projection at PyTorch's defaults. MAE: keeps int(L·(1−r)); patch projection xavier_uniform.
-    shape = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 96, "patch_size": 8, "depth": 1,
-                                                                    "embed_dim": 48, "num_heads": 3},
-             "mask_ratio": 0.6, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+    shape = {
+        "backbone": "vit_tiny_patch16_224",
+        "backbone_kwargs": {"img_size": 96, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3},
+        "mask_ratio": 0.6,
+        "decoder_dim": 16,
+        "decoder_depth": 1,
+        "decoder_heads": 2,
+    }
     torch.manual_seed(0)
     sdmae = SDMAE(**shape, head_dim=16, head_hidden_dim=16, head_bottleneck_dim=8)
     mae = MAE(**shape)
@@ -167,15 +198,16 @@ def test_official_init_and_mask_count_details():
     assert sdmae.decoder.mask_token.abs().max() <= 0.02
     fan_in = 3 * 8 * 8
     assert sdmae.backbone.model.patch_embed.proj.weight.abs().max() <= fan_in**-0.5  # Conv2d default bound
-    assert mae.backbone.model.patch_embed.proj.weight.abs().max() > fan_in**-0.5  # xavier: (6 / (192 + 48))^0.5
+    # xavier: (6 / (192 + 48))^0.5
+    assert mae.backbone.model.patch_embed.proj.weight.abs().max() > fan_in**-0.5
     bridge = sdmae.decoder.bridge.weight
     assert bridge.abs().max() <= bridge.shape[1] ** -0.5  # Linear default, not xavier
 
 
 def test_the_pooled_feature_is_the_official_probes_fresh_layernorm_on_un_normed_token_means():
     # irsLu/SD-MAE modeling_finetune.py, use_mean_pooling=True: norm = Identity, fc_norm = a new LayerNorm on
-    # x.mean(1); run_mae_eval_linear.py loads the pretrained weights non-strictly, so the pretrained final norm
-    # is dropped and fc_norm stays at weight 1, bias 0 (the encoder is frozen).
+    # x.mean(1); run_mae_eval_linear.py loads the pretrained weights non-strictly, so the pretrained final
+    # norm is dropped and fc_norm stays at weight 1, bias 0 (the encoder is frozen).
     torch.manual_seed(0)
     module = SDMAE(**TINY_SDMAE)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
@@ -193,8 +225,12 @@ def test_the_pooled_feature_is_the_official_probes_fresh_layernorm_on_un_normed_
         assert not any(p.requires_grad for p in vit.fc_norm.parameters())
         # pretraining still normalises the encoder's tokens, with a LayerNorm that trains
         assert not torch.equal(module.encoder_norm.weight, torch.ones_like(module.encoder_norm.weight))
-    kept = SDMAE(**{**TINY_SDMAE, "backbone_kwargs": {**TINY_VIT["backbone_kwargs"], "fc_norm": False}}).eval()
+    kept = SDMAE(
+        **{**TINY_SDMAE, "backbone_kwargs": {**TINY_VIT["backbone_kwargs"], "fc_norm": False}}
+    ).eval()
     with torch.no_grad():  # the option: the mean of the final-normed tokens, the final norm in the backbone
         vit = kept.backbone.model
-        torch.testing.assert_close(kept.backbone(x), vit.norm(vit.blocks(vit.patch_embed(x) + vit.pos_embed)).mean(1))
+        torch.testing.assert_close(
+            kept.backbone(x), vit.norm(vit.blocks(vit.patch_embed(x) + vit.pos_embed)).mean(1)
+        )
     assert isinstance(kept.encoder_norm, torch.nn.Identity)

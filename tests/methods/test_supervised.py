@@ -32,9 +32,9 @@ def test_objective_is_label_smoothed_cross_entropy(model):
     log_probs = logits.log_softmax(dim=1)
     # Smoothed target: 1 - eps on the label plus eps / C everywhere.
     eps, classes = 0.1, 3
-    expected = -sum(
-        (1 - eps) * log_probs[i, labels[i]] + eps / classes * log_probs[i].sum() for i in range(2)
-    ) / 2
+    expected = (
+        -sum((1 - eps) * log_probs[i, labels[i]] + eps / classes * log_probs[i].sum() for i in range(2)) / 2
+    )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert math.isfinite(loss.item())
 
@@ -59,13 +59,22 @@ def test_mixup_cutmix_objective_is_soft_target_ce_on_timms_mixed_batch():
     from timm.loss import SoftTargetCrossEntropy
 
     torch.manual_seed(0)
-    model = Supervised(backbone="tiny/resnet18-64", pretrained=False, num_classes=3, label_smoothing=0.1, mixup=0.8, cutmix=1.0).train()
+    model = Supervised(
+        backbone="tiny/resnet18-64",
+        pretrained=False,
+        num_classes=3,
+        label_smoothing=0.1,
+        mixup=0.8,
+        cutmix=1.0,
+    ).train()
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
     for seed in (0, 3):  # seeds that draw mixup and cutmix
         np.random.seed(seed)
         loss = model.objective((images.clone(), labels))["loss"]
         np.random.seed(seed)
-        mixed, targets = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=3)(images.clone(), labels)
+        mixed, targets = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=3)(
+            images.clone(), labels
+        )
         assert not torch.equal(mixed, images) and torch.allclose(targets.sum(1), torch.ones(4))
         torch.testing.assert_close(loss, SoftTargetCrossEntropy()(model(mixed), targets))
     with pytest.raises(UserError, match="even batch"):

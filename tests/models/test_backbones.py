@@ -26,7 +26,8 @@ from histodistill.models.registry import Registry
 from histodistill.optim.optimizer import OptimConfig
 
 TINY = list_backbones("tiny")
-PATHOLOGY = {  # name -> (pooled dim, prefix tokens) from the model cards; every entry: tests/models/test_foundation.py
+# name -> (pooled dim, prefix tokens) from the model cards; every entry: tests/models/test_foundation.py
+PATHOLOGY = {
     "pathology/uni": (1024, 1),
     "pathology/uni2-h": (1536, 9),
     "pathology/h-optimus-0": (1536, 5),
@@ -50,7 +51,12 @@ def no_network(monkeypatch):
 
 
 def test_registry_lists_the_promised_entries():
-    assert set(TINY) == {"tiny/resnet18-64", "tiny/resnet34-64", "tiny/vit-tiny-p8-64", "tiny/efficientnet-b0-64"}
+    assert set(TINY) == {
+        "tiny/resnet18-64",
+        "tiny/resnet34-64",
+        "tiny/vit-tiny-p8-64",
+        "tiny/efficientnet-b0-64",
+    }
     assert set(PATHOLOGY) <= set(list_backbones("pathology"))
 
 
@@ -92,20 +98,26 @@ def test_foundation_models_build_without_the_hub(name, no_network):
 
 def test_spec_round_trips_through_json():
     spec = BackboneSpec(
-        "pathology/uni2-h", "vit_giant_patch14_224", {"mlp_layer": "SwiGLUPacked", "reg_tokens": 8},
-        Preprocess((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 224, 0.5), "random",
+        "pathology/uni2-h",
+        "vit_giant_patch14_224",
+        {"mlp_layer": "SwiGLUPacked", "reg_tokens": 8},
+        Preprocess((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 224, 0.5),
+        "random",
     )
     assert BackboneSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
 def test_timm_name_takes_preprocessing_from_timm_and_kwargs_change_input_size():
-    assert create_backbone("vit_tiny_patch16_224", pretrained=False).spec.preprocess.input_size == 224  # timm's pretrained_cfg
+    # timm's pretrained_cfg
+    assert create_backbone("vit_tiny_patch16_224", pretrained=False).spec.preprocess.input_size == 224
     backbone = create_backbone("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
     # A ViT built for 32 px accepts only 32 px: extraction must resize to what the model takes.
     size = backbone.spec.preprocess.input_size
     assert size == 32
     assert backbone(torch.randn(1, 3, size, size)).shape == (1, 192)
-    assert create_backbone("tiny/vit-tiny-p8-64", pretrained=False, img_size=32).spec.preprocess.input_size == 32
+    assert (
+        create_backbone("tiny/vit-tiny-p8-64", pretrained=False, img_size=32).spec.preprocess.input_size == 32
+    )
 
 
 def test_unknown_name_is_a_user_error_with_suggestions():
@@ -114,7 +126,9 @@ def test_unknown_name_is_a_user_error_with_suggestions():
 
 
 def test_misspelt_name_suggests_the_closest_registered_and_timm_names():
-    with pytest.raises(UserError, match=r"'resnet-18'.*registered: tiny/resnet18-64.*; timm: resnet18,") as error:
+    with pytest.raises(
+        UserError, match=r"'resnet-18'.*registered: tiny/resnet18-64.*; timm: resnet18,"
+    ) as error:
         create_backbone("resnet-18")
     assert "\n" not in str(error.value)
 
@@ -186,7 +200,11 @@ def test_random_like_keeps_the_spec_and_draws_new_weights(capsys):
     trained = create_backbone("tiny/vit-tiny-p8-64", pretrained=False)
     control = random_like(replace(trained.spec, source="checkpoint:last.ckpt"))
     assert control.spec == trained.spec and control.spec.preprocess.input_size == 64  # source "random" again
-    assert control(torch.zeros(1, 3, 64, 64)).shape == (1, trained.num_features)  # built for 64 px, as the spec
+    # built for 64 px, as the spec
+    assert control(torch.zeros(1, 3, 64, 64)).shape == (
+        1,
+        trained.num_features,
+    )
     assert not torch.equal(control.model.patch_embed.proj.weight, trained.model.patch_embed.proj.weight)
     assert "tiny/vit-tiny-p8-64: random initialisation" in capsys.readouterr().err
 

@@ -8,7 +8,9 @@ import torch
 from histodistill.models.cell_mask import CellMasker, masked_cell_count, random_cell_mask
 
 
-@pytest.mark.parametrize(("cells", "ratio", "expected"), [(9, 0.5, 4), (9, 0.0, 1), (9, 1.0, 8), (4, 0.75, 3), (2, 0.5, 1)])
+@pytest.mark.parametrize(
+    ("cells", "ratio", "expected"), [(9, 0.5, 4), (9, 0.0, 1), (9, 1.0, 8), (4, 0.75, 3), (2, 0.5, 1)]
+)
 def test_masked_cell_count_keeps_one_masked_and_one_visible(cells, ratio, expected):
     assert masked_cell_count(cells, ratio) == expected
 

@@ -24,7 +24,8 @@ HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 LUNIT = ((0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464))
 OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-# name -> (mean/std, input px, mpp, embedding dim), as the loaders and READMEs cited in docs/models.md state them.
+# name -> (mean/std, input px, mpp, embedding dim), as the loaders and READMEs cited in docs/models.md state
+# them.
 PUBLISHED = {
     "pathology/uni": (IMAGENET, 224, 0.5, 1024),
     "pathology/uni2-h": (IMAGENET, 224, 0.5, 1536),
@@ -114,8 +115,13 @@ def test_kaiko_vits16_loads_strictly_from_the_hub_cache(tmp_path, fake_hf_cache)
     state = timm.create_model("vit_small_patch16_224", num_classes=0).state_dict()
     save_file(state, tmp_path / "model.safetensors")
     hub_id = BY_NAME["pathology/kaiko-vits16"].hub_id
-    fake_hf_cache(hub_id, {"model.safetensors": tmp_path / "model.safetensors",
-                           "config.json": _write_json(tmp_path / "config.json", _timm_hub_config("vit_small_patch16_224"))})
+    fake_hf_cache(
+        hub_id,
+        {
+            "model.safetensors": tmp_path / "model.safetensors",
+            "config.json": _write_json(tmp_path / "config.json", _timm_hub_config("vit_small_patch16_224")),
+        },
+    )
     backbone = create_backbone("pathology/kaiko-vits16")
     assert backbone.spec.source == f"hf-hub:{hub_id}"
     assert all(torch.equal(value, backbone.model.state_dict()[key]) for key, value in state.items())
@@ -154,12 +160,19 @@ def _phikon_published_state(width: int, depth: int, hidden: int) -> dict:
         "embeddings.position_embeddings": torch.randn(1, 1 + 4, width),
         "embeddings.patch_embeddings.projection.weight": torch.randn(width, 3, 16, 16),
         "embeddings.patch_embeddings.projection.bias": torch.randn(width),
-        "layernorm.weight": torch.randn(width), "layernorm.bias": torch.randn(width),
+        "layernorm.weight": torch.randn(width),
+        "layernorm.bias": torch.randn(width),
     }
-    shapes = {"attention.attention.query": (width, width), "attention.attention.key": (width, width),
-              "attention.attention.value": (width, width), "attention.output.dense": (width, width),
-              "intermediate.dense": (hidden, width), "output.dense": (width, hidden),
-              "layernorm_before": (width,), "layernorm_after": (width,)}
+    shapes = {
+        "attention.attention.query": (width, width),
+        "attention.attention.key": (width, width),
+        "attention.attention.value": (width, width),
+        "attention.output.dense": (width, width),
+        "intermediate.dense": (hidden, width),
+        "output.dense": (width, hidden),
+        "layernorm_before": (width,),
+        "layernorm_after": (width,),
+    }
     for i in range(depth):
         for name, shape in shapes.items():
             state[f"encoder.layer.{i}.{name}.weight"] = torch.randn(*shape)
@@ -170,12 +183,25 @@ def _phikon_published_state(width: int, depth: int, hidden: int) -> dict:
 def test_phikon_loads_strictly_with_its_published_config_and_file(tmp_path, fake_hf_cache):
     pytest.importorskip("transformers")
     # The published config.json decides the architecture: a tiny one keeps the test fast, same code path.
-    config = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 64, "image_size": 32, "patch_size": 16, "qkv_bias": True}
+    config = {
+        "model_type": "vit",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 16,
+        "qkv_bias": True,
+    }
     state = _phikon_published_state(32, 2, 64)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    fake_hf_cache("owkin/phikon", {"pytorch_model.bin": tmp_path / "pytorch_model.bin",
-                                   "config.json": _write_json(tmp_path / "config.json", config)})
+    fake_hf_cache(
+        "owkin/phikon",
+        {
+            "pytorch_model.bin": tmp_path / "pytorch_model.bin",
+            "config.json": _write_json(tmp_path / "config.json", config),
+        },
+    )
     backbone = create_backbone("pathology/phikon").eval()
     with torch.no_grad():
         tokens = backbone.forward_features(torch.randn(2, 3, 32, 32))
@@ -190,10 +216,22 @@ def test_phikon_file_missing_a_key_is_refused(tmp_path, fake_hf_cache):
     state = _phikon_published_state(32, 1, 64)
     state.pop("layernorm.weight")
     torch.save(state, tmp_path / "pytorch_model.bin")
-    config = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "intermediate_size": 64, "image_size": 32, "patch_size": 16}
-    fake_hf_cache("owkin/phikon", {"pytorch_model.bin": tmp_path / "pytorch_model.bin",
-                                   "config.json": _write_json(tmp_path / "config.json", config)})
+    config = {
+        "model_type": "vit",
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 16,
+    }
+    fake_hf_cache(
+        "owkin/phikon",
+        {
+            "pytorch_model.bin": tmp_path / "pytorch_model.bin",
+            "config.json": _write_json(tmp_path / "config.json", config),
+        },
+    )
     with pytest.raises(UserError, match="missing keys: layernorm.weight"):
         create_backbone("pathology/phikon")
 
@@ -202,8 +240,13 @@ def test_a_local_published_phikon_file_needs_no_hub(tmp_path, capsys):
     pytest.importorskip("transformers")
     state = _phikon_published_state(32, 2, 64)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-            "image_size": 32}
+    tiny = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+    }
     backbone = create_backbone("pathology/phikon", weights=tmp_path / "pytorch_model.bin", **tiny)
     assert torch.equal(backbone.model.model.embeddings.cls_token, state["embeddings.cls_token"])
     assert backbone.spec.source == "weights:pytorch_model.bin"
@@ -219,13 +262,22 @@ def test_offline_published_file_is_one_error_line_with_the_remedies(fake_hf_cach
     with pytest.raises(UserError) as error:
         create_backbone("pathology/gpfm")
     message = str(error.value)
-    assert "\n" not in message and "majiabo/GPFM" in message and "`weights=FILE` with the model 'pathology/gpfm'" in message
+    assert (
+        "\n" not in message
+        and "majiabo/GPFM" in message
+        and "`weights=FILE` with the model 'pathology/gpfm'" in message
+    )
 
 
 def test_transformers_entries_name_the_extra_when_it_is_missing(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers -> ImportError
-    with pytest.raises(UserError, match=re.escape('pathology/hibou-b needs the Hugging Face transformers library, '
-                                                  'which is not installed: pip install "histodistill[hf]"')):
+    with pytest.raises(
+        UserError,
+        match=re.escape(
+            "pathology/hibou-b needs the Hugging Face transformers library, "
+            'which is not installed: pip install "histodistill[hf]"'
+        ),
+    ):
         create_backbone("pathology/hibou-b", pretrained=False)
 
 

@@ -1,5 +1,6 @@
-"""Hub access without network (issue 29): one quick probe, then huggingface_hub's offline mode, so the user gets
-our one line at once (HF_HUB_OFFLINE=1 first) instead of ~53 s of retries. Only loopback addresses are used."""
+"""Hub access without network (issue 29): one quick probe, then huggingface_hub's offline mode, so the user
+gets our one line at once (HF_HUB_OFFLINE=1 first) instead of ~53 s of retries. Only loopback addresses are
+used."""
 
 from __future__ import annotations
 
@@ -53,7 +54,11 @@ def test_an_unreachable_hub_is_one_probe_and_one_line_naming_hf_hub_offline_firs
     message = str(error.value)
     assert len(unreachable_hub) == 1  # one connection attempt, no retries
     assert "\n" not in message and "cannot be reached" in message and "Connection refused" in message
-    assert message.index("HF_HUB_OFFLINE=1") < message.index("`weights=FILE`") < message.index("`pretrained=False`")
+    assert (
+        message.index("HF_HUB_OFFLINE=1")
+        < message.index("`weights=FILE`")
+        < message.index("`pretrained=False`")
+    )
     assert constants.HF_HUB_OFFLINE is False  # offline mode only for the block
 
 

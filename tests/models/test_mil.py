@@ -14,8 +14,13 @@ from histodistill.models.mil_stacked import NotStackable, stack_mil, unstack_sta
 
 IN_DIM, CLASSES = 12, 3
 CLAM_SMALL = {"hidden_dim": 16, "attention_dim": 8, "k_sample": 2}
-SMALL = {"mean": {}, "abmil": {"hidden_dim": 16, "attention_dim": 8}, "transmil": {"dim": 16, "heads": 2},
-         "clam_sb": CLAM_SMALL, "clam_mb": CLAM_SMALL}
+SMALL = {
+    "mean": {},
+    "abmil": {"hidden_dim": 16, "attention_dim": 8},
+    "transmil": {"dim": 16, "heads": 2},
+    "clam_sb": CLAM_SMALL,
+    "clam_mb": CLAM_SMALL,
+}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -114,7 +119,8 @@ def ce(logits: list[float], target: int) -> float:
 
 def fixed_clam_output() -> MILOutput:
     """One bag of 5 tiles (and a padded sixth), two classes, one attention branch (SB)."""
-    attention = torch.tensor([[[0.1, 0.4, 0.05, 0.3, 0.15, 0.0]]])  # (1, 1, 6): top-2 = tiles 1, 3; bottom-2 = 2, 0
+    # (1, 1, 6): top-2 = tiles 1, 3; bottom-2 = 2, 0
+    attention = torch.tensor([[[0.1, 0.4, 0.05, 0.3, 0.15, 0.0]]])
     instance_logits = torch.arange(24, dtype=torch.float32).reshape(1, 6, 2, 2).sin()  # (1, 6, C=2, 2)
     mask = torch.tensor([[True] * 5 + [False]])
     return MILOutput(torch.tensor([[0.3, -0.2]]), attention[:, 0], attention, instance_logits, mask)
@@ -126,15 +132,22 @@ def test_clam_instance_loss_is_cross_entropy_of_top_k_as_class_and_bottom_k_as_n
     # Label 1: classifier 1, tiles 1 and 3 (highest attention) -> 1, tiles 2 and 0 (lowest) -> 0; mean of 4.
     expected = (ce(z[1][1], 1) + ce(z[3][1], 1) + ce(z[2][1], 0) + ce(z[0][1], 0)) / 4
     assert clam_instance_loss(out, torch.tensor([1]), k_sample=2).item() == pytest.approx(expected, rel=1e-6)
-    # Subtyping: classifier 0 (the other class) also pushes the top-2 tiles to 0; the sum over classifiers / 2.
+    # Subtyping: classifier 0 (the other class) also pushes the top-2 tiles to 0; the sum over classifiers /
+    # 2.
     subtyping = (expected + (ce(z[1][0], 0) + ce(z[3][0], 0)) / 2) / 2
-    assert clam_instance_loss(out, torch.tensor([1]), 2, subtyping=True).item() == pytest.approx(subtyping, rel=1e-6)
+    assert clam_instance_loss(out, torch.tensor([1]), 2, subtyping=True).item() == pytest.approx(
+        subtyping, rel=1e-6
+    )
     # More picks than real tiles: the padded tile is never picked; every real tile is top and bottom.
     everything = (sum(ce(z[t][0], 1) for t in range(5)) + sum(ce(z[t][0], 0) for t in range(5))) / 10
-    assert clam_instance_loss(out, torch.tensor([0]), k_sample=8).item() == pytest.approx(everything, rel=1e-6)
+    assert clam_instance_loss(out, torch.tensor([0]), k_sample=8).item() == pytest.approx(
+        everything, rel=1e-6
+    )
     # The objective: 0.7 x bag cross-entropy + 0.3 x instance loss (CLAM's bag_weight).
     bag = ce([0.3, -0.2], 1)
-    assert clam_loss(out, torch.tensor([1]), 0.7, 2).item() == pytest.approx(0.7 * bag + 0.3 * expected, rel=1e-6)
+    assert clam_loss(out, torch.tensor([1]), 0.7, 2).item() == pytest.approx(
+        0.7 * bag + 0.3 * expected, rel=1e-6
+    )
 
 
 def test_clam_mb_uses_each_class_branch_for_its_instance_loss_and_scores_the_predicted_branch():
@@ -168,7 +181,9 @@ def test_clam_sb_follows_its_gated_attention_and_mb_scores_class_c_from_branch_c
             torch.testing.assert_close(out.logits[0], model.classifier(pooled[0]))
         else:
             w, b = model.classifier.weight, model.classifier.bias
-            torch.testing.assert_close(out.logits[0], torch.stack([w[c] @ pooled[c] + b[c] for c in range(CLASSES)]))
+            torch.testing.assert_close(
+                out.logits[0], torch.stack([w[c] @ pooled[c] + b[c] for c in range(CLASSES)])
+            )
 
 
 def test_standardized_mil_z_scores_with_fitted_statistics_and_wraps_the_model():

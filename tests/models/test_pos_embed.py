@@ -41,7 +41,12 @@ def test_1d_table_matches_interleaved_formula():
 @pytest.mark.parametrize(("kind", "class_token"), [("2d", True), ("1d", False)])
 def test_encoder_table_is_fixed_and_not_trainable(kind, class_token):
     vit = timm.create_model(
-        "vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=1, class_token=class_token,
+        "vit_tiny_patch16_224",
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        class_token=class_token,
         global_pool="token" if class_token else "avg",
     )
     prepare_vit_for_masking(vit, kind)

@@ -42,7 +42,9 @@ def test_missing_weights_offline_is_one_error_line_with_every_remedy(fake_hf_cac
 
 
 def test_an_architecture_without_published_weights_is_not_silently_random():
-    with pytest.raises(UserError, match="no pretrained weights for 'vit_giant_patch14_224'.*`pretrained=False`"):
+    with pytest.raises(
+        UserError, match="no pretrained weights for 'vit_giant_patch14_224'.*`pretrained=False`"
+    ):
         create_backbone("vit_giant_patch14_224")
 
 
@@ -54,7 +56,8 @@ def test_random_weights_only_when_asked_and_said(capsys):
 
 def test_a_local_file_needs_no_hub(tmp_path, capsys):
     state = _published_weights(tmp_path)
-    backbone = create_backbone(NAME, weights=tmp_path / "model.safetensors")  # the hub would fail: offline, empty
+    # the hub would fail: offline, empty
+    backbone = create_backbone(NAME, weights=tmp_path / "model.safetensors")
     torch.testing.assert_close(backbone.model.conv1[0].weight, state["conv1.0.weight"])
     assert backbone.spec.source == "weights:model.safetensors" and "random" not in capsys.readouterr().err
 
@@ -71,5 +74,7 @@ def test_gated_model_names_the_model_and_how_to_get_access(monkeypatch):
         raise error
 
     monkeypatch.setattr(timm, "create_model", gated)
-    with pytest.raises(UserError, match=r"'pathology/uni' from MahmoodLab/UNI: it is gated.*HF_TOKEN.*`weights=FILE`"):
+    with pytest.raises(
+        UserError, match=r"'pathology/uni' from MahmoodLab/UNI: it is gated.*HF_TOKEN.*`weights=FILE`"
+    ):
         create_backbone("pathology/uni")

@@ -18,8 +18,16 @@ from histodistill.models.vit_mae import (
 
 
 def tiny_vit(class_token: bool = True, kind: str = "2d"):
-    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "class_token": class_token,
-              "global_pool": "token" if class_token else "avg", "fc_norm": False}
+    kwargs = {
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 64,
+        "depth": 2,
+        "num_heads": 2,
+        "class_token": class_token,
+        "global_pool": "token" if class_token else "avg",
+        "fc_norm": False,
+    }
     vit = timm.create_model("vit_small_patch16_224", num_classes=0, **kwargs)
     prepare_vit_for_masking(vit, kind)
     return vit.eval(), kwargs

@@ -1,4 +1,5 @@
-"""Weight files as training scripts write them: read safely, or refused with one line that says how to fix them."""
+"""Weight files as training scripts write them: read safely, or refused with one line that says how to fix
+them."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ def test_mae_style_checkpoint_with_argparse_namespace_loads(tmp_path):
     # facebookresearch/mae's misc.save_model: {'model', 'optimizer', 'epoch', 'scaler', 'args': Namespace}.
     model = nn.Linear(3, 2)
     args = argparse.Namespace(model="mae_vit_base_patch16", blr=1.5e-4, output_dir=Path("out"))
-    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 399, "scaler": {}, "args": args},
-               tmp_path / "checkpoint-399.pth")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": {}, "epoch": 399, "scaler": {}, "args": args},
+        tmp_path / "checkpoint-399.pth",
+    )
     state = read_state_dict(tmp_path / "checkpoint-399.pth")
     assert set(state) == {"weight", "bias"}
     torch.testing.assert_close(state["weight"], model.weight.detach())

@@ -22,8 +22,12 @@ def _sources() -> dict[str, list[Source]]:
     """Benign: pink gradients; tumour: a bluish checkerboard (as tests/samples/test_synthetic_slides.py)."""
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 1, 192)[None, :, None]
-    benign = [np.clip(np.array([220, 130, 170]) - 40 * ramp + rng.normal(0, 2, (192, 192, 3)), 0, 255).astype(np.uint8)
-              for _ in range(2)]
+    benign = [
+        np.clip(np.array([220, 130, 170]) - 40 * ramp + rng.normal(0, 2, (192, 192, 3)), 0, 255).astype(
+            np.uint8
+        )
+        for _ in range(2)
+    ]
     checker = ((np.indices((160, 160)) // 4).sum(0) % 2)[..., None]
     tumor = np.clip(np.array([90, 70, 160]) + 70 * checker, 0, 255).astype(np.uint8)
     return {"benign": [Source(f"b{i}", im) for i, im in enumerate(benign)], "tumor": [Source("t", tumor)]}
@@ -44,34 +48,79 @@ def _teacher_export(folder: Path) -> Path:
 def cohort(tmp_path_factory) -> dict[str, Path]:
     """8 slides (4 per class) of a 5 x 5 grid of 64-px tiles at 0.5 mpp, their labels, a tiny teacher."""
     root = tmp_path_factory.mktemp("cohort")
-    labels = make_slides(root / "synth", n_slides=8, seed=0, tile_px=TILE, grid=5, sources=_sources(), workers=1)
-    return {"slides": root / "synth" / "slides", "labels": labels, "teacher": _teacher_export(root / "tiny-vit")}
+    labels = make_slides(
+        root / "synth", n_slides=8, seed=0, tile_px=TILE, grid=5, sources=_sources(), workers=1
+    )
+    return {
+        "slides": root / "synth" / "slides",
+        "labels": labels,
+        "teacher": _teacher_export(root / "tiny-vit"),
+    }
 
 
 @pytest.fixture
 def hub_teacher(cohort, fake_hf_cache) -> str:
     """The tiny teacher as `hf-hub:lab/tiny-vit`, laid out as the hub cache holds it (offline)."""
-    fake_hf_cache("lab/tiny-vit", {name: cohort["teacher"] / name for name in ("config.json", "model.safetensors")})
+    fake_hf_cache(
+        "lab/tiny-vit", {name: cohort["teacher"] / name for name in ("config.json", "model.safetensors")}
+    )
     return "hf-hub:lab/tiny-vit"
 
 
 def _argv(cohort, out: Path, teacher: str, *extra: str, labels: bool = True) -> list[str]:
-    return ["distill", "--teacher", teacher, "--student", "tiny/resnet18-64", "--student-random-init",
-            "--slides", str(cohort["slides"]), "--out", str(out), "--steps", "3", "--batch-size", "4",
-            "--num-workers", "0", "--extract-batch-size", "32", "--folds", "2", "--mil-epochs", "2", "--device", "cpu",
-            *(["--labels", str(cohort["labels"])] if labels else []), *extra]
+    return [
+        "distill",
+        "--teacher",
+        teacher,
+        "--student",
+        "tiny/resnet18-64",
+        "--student-random-init",
+        "--slides",
+        str(cohort["slides"]),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--extract-batch-size",
+        "32",
+        "--folds",
+        "2",
+        "--mil-epochs",
+        "2",
+        "--device",
+        "cpu",
+        *(["--labels", str(cohort["labels"])] if labels else []),
+        *extra,
+    ]
 
 
 STAGES = ("tiles", "teacher", "fit", "export", "features", "compare", "report")
-# A shipped recipe other than the method's default, MCM-KD's targets and windows, and two MIL CV seeds (what the
-# demo's distill stage sets).
-TUNED = ("--recipe", "mcmkd/tiny_cpu.yaml", "--target-norm", "standardize", "--loss", "mse", "--window-stride", "2",
-         "--mil-seeds", "2", "--mil-val-fraction", "0.25")
+# A shipped recipe other than the method's default, MCM-KD's targets and windows, and two MIL CV seeds (what
+# the demo's distill stage sets).
+TUNED = (
+    "--recipe",
+    "mcmkd/tiny_cpu.yaml",
+    "--target-norm",
+    "standardize",
+    "--loss",
+    "mse",
+    "--window-stride",
+    "2",
+    "--mil-seeds",
+    "2",
+    "--mil-val-fraction",
+    "0.25",
+)
 
 
 @pytest.mark.slow
 def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_each_stage(
-        cohort, hub_teacher, tmp_path, capsys, caplog, one_torch_thread):
+    cohort, hub_teacher, tmp_path, capsys, caplog, one_torch_thread
+):
     out = tmp_path / "run"
     assert main(_argv(cohort, out, hub_teacher, *TUNED)) == 0
     printed = capsys.readouterr().out
@@ -82,12 +131,18 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
         row = summary[name]
         assert {"name", "slide_auroc", "slide_auroc_ci", "tiles_per_s", "parameters"} <= row.keys()
         low, high = row["slide_auroc_ci"]
-        assert 0 <= low <= row["slide_auroc"] <= high <= 1 and row["tiles_per_s"] > 0 and row["parameters"] > 0
+        assert (
+            0 <= low <= row["slide_auroc"] <= high <= 1 and row["tiles_per_s"] > 0 and row["parameters"] > 0
+        )
     assert summary["teacher"]["name"] == hub_teacher
     assert summary["student_untuned"]["parameters"] == summary["student"]["parameters"]
     assert set(summary["retention"]) == {"value", "ci"} and len(summary["retention"]["ci"]) == 2
     assert summary["verdict"].startswith("the student keeps ") and "x its speed" in summary["verdict"]
-    assert summary["fit"]["steps"] == 3 and summary["fit"]["unlabeled"] and summary["fit"]["student_start"] == "random"
+    assert (
+        summary["fit"]["steps"] == 3
+        and summary["fit"]["unlabeled"]
+        and summary["fit"]["student_start"] == "random"
+    )
     # No second teacher pass: the teacher's slide features ARE the MCM-KD cache, and its MIL run read them.
     cache = out / "teacher" / "features_hf-hub-lab-tiny-vit"
     assert Path(summary["teacher"]["features_dir"]) == cache and (cache / "teacher_cache.json").is_file()
@@ -96,24 +151,39 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
     fit_config = (out / "fit" / "run" / "config.yaml").read_text()
     assert "rebuild_cache: false" in fit_config and f"cache_dir: {out / 'teacher'}" in fit_config
     # --recipe (tiny_cpu's lr 1e-3, not resnet50_s3_p224's 1e-4) with the MCM-KD options over it.
-    assert all(line in fit_config for line in ("lr: 0.001", "target_norm: standardize", "loss: mse",
-                                               "window_stride: 2"))
+    assert all(
+        line in fit_config
+        for line in ("lr: 0.001", "target_norm: standardize", "loss: mse", "window_stride: 2")
+    )
     # --mil-seeds 2: two CV runs per model, on the same folds for the three (same labels, same seeds).
-    splits = [sorted(p.read_text() for p in (out / "compare" / name / f"seed_{seed}" / "splits").glob("*.csv"))
-              for seed in (0, 1) for name in ("teacher", "student_untuned", "student")]
-    assert splits[0] and splits[:3] == [splits[0]] * 3 and splits[3:] == [splits[3]] * 3 and splits[0] != splits[3]
+    splits = [
+        sorted(p.read_text() for p in (out / "compare" / name / f"seed_{seed}" / "splits").glob("*.csv"))
+        for seed in (0, 1)
+        for name in ("teacher", "student_untuned", "student")
+    ]
+    assert (
+        splits[0]
+        and splits[:3] == [splits[0]] * 3
+        and splits[3:] == [splits[3]] * 3
+        and splits[0] != splits[3]
+    )
     assert "val_fraction: 0.25" in (out / "compare" / "teacher" / "config.yaml").read_text()
     # Exported as a timm local-dir with its model card; the un-tuned student is literally the start weights.
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (out / "export").iterdir()}
     page = (out / "report.html").read_text()
-    assert "the student keeps" in page and "data:image/png;base64" in page and "unlabeled, as the paper does" in page
+    assert (
+        "the student keeps" in page
+        and "data:image/png;base64" in page
+        and "unlabeled, as the paper does" in page
+    )
 
     # Run again: every stage verified and skipped.
     assert main(_argv(cohort, out, hub_teacher, *TUNED)) == 0
     assert capsys.readouterr().out.count("done before, skipped") == len(STAGES)
 
-    # A kill mid-stage: its record never written, a half-written temporary left, finished files kept. The rerun
-    # completes it (the teacher cache resumes slide by slide, the fit from its last.ckpt) and every stage after.
+    # A kill mid-stage: its record never written, a half-written temporary left, finished files kept. The
+    # rerun completes it (the teacher cache resumes slide by slide, the fit from its last.ckpt) and every
+    # stage after.
     (cache / "teacher_cache.json").unlink()
     (cache / "synth_001.h5").unlink()
     (cache / ".synth_001.x1y2.tmp.h5").write_bytes(b"half")
@@ -122,7 +192,9 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
     assert main(_argv(cohort, out, hub_teacher, *TUNED)) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 1  # tiles only
     assert "Restored all states from the checkpoint" in caplog.text  # the fit resumed from its last.ckpt
-    assert all((out / s / "stage.json").is_file() for s in STAGES) and (cache / "teacher_cache.json").is_file()
+    assert (
+        all((out / s / "stage.json").is_file() for s in STAGES) and (cache / "teacher_cache.json").is_file()
+    )
     assert json.loads((out / "summary.json").read_text())["fit"]["steps"] == 3  # resumed, not trained further
     # The last stage killed after its summary was removed: only it runs again.
     (out / "summary.json").unlink()
@@ -139,14 +211,18 @@ def test_distill_runs_end_to_end_from_a_hub_teacher_and_resumes_after_a_kill_in_
     # Other settings: refused before any stage, naming the setting and the record.
     assert main(_argv(cohort, out, hub_teacher, *TUNED, "--steps", "5")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert errors == [f"error: steps 3 != 5 in {out / 'fit' / 'stage.json'} (recorded there != this run): pass "
-                   "--overwrite to run every stage again, or another --out"]
+    assert errors == [
+        f"error: steps 3 != 5 in {out / 'fit' / 'stage.json'} (recorded there != this run): pass "
+        "--overwrite to run every stage again, or another --out"
+    ]
     assert main(_argv(cohort, out, hub_teacher, *TUNED[:-4], "--mil-seeds", "3")) == 2
     assert f"error: mil_seeds 2 != 3 in {out / 'compare' / 'stage.json'}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_without_labels_it_reports_feature_agreement_on_held_out_slides(cohort, tmp_path, capsys, one_torch_thread):
+def test_without_labels_it_reports_feature_agreement_on_held_out_slides(
+    cohort, tmp_path, capsys, one_torch_thread
+):
     out = tmp_path / "run"
     assert main(_argv(cohort, out, str(cohort["teacher"]), "--holdout", "0.25", labels=False)) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -157,7 +233,9 @@ def test_without_labels_it_reports_feature_agreement_on_held_out_slides(cohort, 
     assert "slide labels (--labels) are needed for the AUROC comparison" in summary["verdict"]
     held_out = json.loads((out / "fit" / "held_out.json").read_text())
     fit_config = (out / "fit" / "run" / "config.yaml").read_text()
-    assert len(held_out) == 2 and all(f"- {slide}" in fit_config.split("exclude_slides:")[1] for slide in held_out)
+    assert len(held_out) == 2 and all(
+        f"- {slide}" in fit_config.split("exclude_slides:")[1] for slide in held_out
+    )
 
 
 def _one_error_line(capsys) -> str:
@@ -174,7 +252,10 @@ def test_bad_input_is_refused_with_one_line_before_any_stage(cohort, tmp_path, c
     thin = tmp_path / "thin.csv"
     with open(cohort["labels"]) as handle:
         rows = list(csv.DictReader(handle))
-    thin.write_text("case_id,slide_id,label\n" + "".join(f"{r['case_id']},{r['slide_id']},{r['label']}\n" for r in rows[:3]))
+    thin.write_text(
+        "case_id,slide_id,label\n"
+        + "".join(f"{r['case_id']},{r['slide_id']},{r['label']}\n" for r in rows[:3])
+    )
     cases = {
         "hf-hub:lab/not-cached": ("--teacher", "hf-hub:lab/not-cached"),
         "no-such-net": ("--student", "no-such-net"),
@@ -183,9 +264,15 @@ def test_bad_input_is_refused_with_one_line_before_any_stage(cohort, tmp_path, c
         "--patch-labels DIR_OR_CSV": ("--method", "moma"),
         "no such file or folder": ("--teacher-weights", str(tmp_path / "missing.bin")),
         "--recipe nope.yaml: neither a recipe under": ("--recipe", "nope.yaml"),
-        "--recipe moma/tiny_cpu.yaml fits histodistill.methods.moma.MoMA, not histodistill.methods.mcmkd.MCMKD: "
+        "--recipe moma/tiny_cpu.yaml fits histodistill.methods.moma.MoMA, not "
+        "histodistill.methods.mcmkd.MCMKD: "
         "pass a recipe of --method mcmkd": ("--recipe", "moma/tiny_cpu.yaml"),
-        "--target-norm is MCM-KD's: drop it for --method moma": ("--method", "moma", "--target-norm", "standardize"),
+        "--target-norm is MCM-KD's: drop it for --method moma": (
+            "--method",
+            "moma",
+            "--target-norm",
+            "standardize",
+        ),
         "--window-stride must be positive, got 0": ("--window-stride", "0"),
         "--mil-seeds must be at least 1, got 0": ("--mil-seeds", "0"),
         "--mil-val-fraction must be in [0, 1), got 1.0": ("--mil-val-fraction", "1"),
@@ -214,26 +301,40 @@ def test_clam_coords_with_slides_are_described_cached_and_cut_into_windows(cohor
     clam = tmp_path / "clam" / "patches"
     clam.mkdir(parents=True)
     slides = sorted(cohort["slides"].glob("*.tif"))[:3]
-    for path in slides:  # our tiles of 3 slides, rewritten as create_patches_fp writes them: no mpp, no slide path
+    for (
+        path
+    ) in slides:  # our tiles of 3 slides, rewritten as create_patches_fp writes them: no mpp, no slide path
         tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=TILE)
         coords, _ = read_coords(tmp_path / "tiles" / "patches" / f"{path.stem}.h5")
         with h5py.File(clam / f"{path.stem}.h5", "w") as handle:
             handle["coords"] = coords
-            handle["coords"].attrs.update(patch_size=TILE, patch_level=0, downsample=np.array([1.0, 1.0]),
-                                          name=path.stem)
+            handle["coords"].attrs.update(
+                patch_size=TILE, patch_level=0, downsample=np.array([1.0, 1.0]), name=path.stem
+            )
     argv = _argv(cohort, tmp_path / "run", str(cohort["teacher"]), "--coords", str(clam.parent), labels=False)
-    without_slides = argv[:argv.index("--slides")] + argv[argv.index("--slides") + 2:]
+    without_slides = argv[: argv.index("--slides")] + argv[argv.index("--slides") + 2 :]
     assert main(without_slides) == 2  # CLAM coords name no slide
     assert "pass --slides DIR" in _one_error_line(capsys)
 
-    config = DistillConfig(teacher=str(cohort["teacher"]), student="tiny/resnet18-64", student_random_init=True,
-                           out=tmp_path / "run", coords=clam.parent, slides=cohort["slides"], device="cpu",
-                           num_workers=0)
+    config = DistillConfig(
+        teacher=str(cohort["teacher"]),
+        student="tiny/resnet18-64",
+        student_random_init=True,
+        out=tmp_path / "run",
+        coords=clam.parent,
+        slides=cohort["slides"],
+        device="cpu",
+        num_workers=0,
+    )
     lines = []
     context = prepare(config, log=lines.append)
     assert context.slide_ids == tuple(path.stem for path in slides) and context.slides_dir == cohort["slides"]
     described = [line for line in lines if line.startswith("--coords")]
-    assert len(described) == 1 and "3 slide(s); synth_000.h5: tiles of 64 px = 64 level-0 px at level 0 (mpp unknown)" in described[0]
+    assert (
+        len(described) == 1
+        and "3 slide(s); synth_000.h5: tiles of 64 px = 64 level-0 px at level 0 (mpp unknown)"
+        in described[0]
+    )
     assert "the teacher " in described[0] and " expects " in described[0]
     overrides = _mcmkd_overrides(context)  # the fit finds the slides too
     assert overrides[overrides.index("--data.init_args.slides_dir") + 1] == str(cohort["slides"])
@@ -250,21 +351,37 @@ def test_clam_coords_with_slides_are_described_cached_and_cut_into_windows(cohor
 
 def _summary(labelled: bool = True) -> dict:
     """summary.json as the report stage writes it (the contract), for a cohort of 40 slides."""
+
     def row(name, auroc, ci, rate, params):
-        return {"name": name, "slide_auroc": auroc if labelled else None, "slide_auroc_ci": ci if labelled else None,
-                "balanced_accuracy": 0.8 if labelled else None, "tiles_per_s": rate, "forward_tiles_per_s": rate * 2,
-                "parameters": params, "projected_hours": round(1e8 / rate / 3600, 1), "features_dir": "f"}
+        return {
+            "name": name,
+            "slide_auroc": auroc if labelled else None,
+            "slide_auroc_ci": ci if labelled else None,
+            "balanced_accuracy": 0.8 if labelled else None,
+            "tiles_per_s": rate,
+            "forward_tiles_per_s": rate * 2,
+            "parameters": params,
+            "projected_hours": round(1e8 / rate / 3600, 1),
+            "features_dir": "f",
+        }
 
     return {
         "teacher": row("pathology/uni", 0.9, [0.82, 0.96], 300.0, 303_000_000),
         "student_untuned": row("resnet18 (start: imagenet)", 0.8, [0.7, 0.88], 2400.0, 11_000_000),
         "student": row("resnet18 (MCM-KD)", 0.87, [0.79, 0.94], 2400.0, 11_000_000),
         "retention": {"value": 0.967, "ci": [0.9, 1.02]} if labelled else {"value": None, "ci": None},
-        "speedup": 8.0, "speed_measure": "end-to-end extraction",
+        "speedup": 8.0,
+        "speed_measure": "end-to-end extraction",
         "projection": {"slides": 10_000, "tiles_per_slide": 10_000, "unit": "GPU-hours"},
         "machine": {"cpu": "Some CPU", "cores": 16, "gpu": "NVIDIA H100", "device": "cuda"},
-        "fit": {"method": "mcmkd", "steps": 2000, "slides_fit": 36, "slides_held_out": 4, "student_start": "imagenet",
-                "unlabeled": True},
+        "fit": {
+            "method": "mcmkd",
+            "steps": 2000,
+            "slides_fit": 36,
+            "slides_held_out": 4,
+            "student_start": "imagenet",
+            "unlabeled": True,
+        },
         "verdict": "the student keeps 97% [95 % CI 90%, 102%] of the teacher's slide AUROC at 8x its speed",
         **({} if labelled else {"agreement": {"student_cosine": 0.71, "tiles": 500, "slides": "held_out"}}),
     }
@@ -284,14 +401,22 @@ def test_the_report_opens_on_the_verdict_the_three_models_and_their_auroc_plot(t
     assert "histodistill distill" in page
     (tmp_path / "summary.json").write_text(json.dumps(_summary(labelled=False)))
     page = build_report(tmp_path).read_text()
-    assert "data:image/png" not in page and "the AUROC comparison needs a labels CSV" in page and "cosine 0.71" in page
+    assert (
+        "data:image/png" not in page
+        and "the AUROC comparison needs a labels CSV" in page
+        and "cosine 0.71" in page
+    )
 
 
 @pytest.mark.browser
 def test_the_distill_report_renders_in_headless_chromium(tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is installed with the dev extra")
-    executable = next((path for name in ("chromium", "chromium-browser", "google-chrome")
-                       if (path := shutil.which(name))), None)
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is installed with the dev extra"
+    )
+    executable = next(
+        (path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))),
+        None,
+    )
     if executable is None:
         pytest.skip("no Chromium on this machine: install Debian's `chromium` package (CI does)")
     from histodistill.eval.report import build_report
@@ -315,16 +440,24 @@ def test_the_distill_report_renders_in_headless_chromium(tmp_path):
 
 
 @pytest.mark.slow
-def test_moma_fits_on_labelled_patches_and_the_report_says_it_is_not_unlabeled(cohort, tmp_path, one_torch_thread):
+def test_moma_fits_on_labelled_patches_and_the_report_says_it_is_not_unlabeled(
+    cohort, tmp_path, one_torch_thread
+):
     from conftest import make_image_folder
 
     patches = make_image_folder(tmp_path / "patches", per_class=4, size=TILE)
     out = tmp_path / "run"
-    argv = _argv(cohort, out, str(cohort["teacher"]), "--method", "moma", "--patch-labels", str(patches), labels=False)
+    argv = _argv(
+        cohort, out, str(cohort["teacher"]), "--method", "moma", "--patch-labels", str(patches), labels=False
+    )
     argv[argv.index("--steps") + 1] = "2"
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["fit"]["method"] == "moma" and summary["fit"]["steps"] == 2 and not summary["fit"]["unlabeled"]
+    assert (
+        summary["fit"]["method"] == "moma"
+        and summary["fit"]["steps"] == 2
+        and not summary["fit"]["unlabeled"]
+    )
     assert summary["agreement"]["student_cosine"] is None  # MoMA's heads do not map to the teacher's features
     assert "trains on the labelled patches given" in (out / "report.html").read_text()
     assert "num_classes: 3" in (out / "fit" / "run" / "config.yaml").read_text()
@@ -337,8 +470,14 @@ def test_coords_of_an_earlier_tiling_replace_stage_one_given_as_the_folder_or_it
     for path in sorted(cohort["slides"].glob("*.tif"))[:3]:
         tile_slide(path, tmp_path / "tiles", target_mpp=0.5, patch_size=TILE)
     for coords in (tmp_path / "tiles", tmp_path / "tiles" / "patches"):
-        config = DistillConfig(teacher=str(cohort["teacher"]), student="tiny/resnet18-64", student_random_init=True,
-                               out=tmp_path / "run", coords=coords, holdout=0.34)
+        config = DistillConfig(
+            teacher=str(cohort["teacher"]),
+            student="tiny/resnet18-64",
+            student_random_init=True,
+            out=tmp_path / "run",
+            coords=coords,
+            holdout=0.34,
+        )
         context = prepare(config, log=lambda _: None)
         assert context.tiles_dir == tmp_path / "tiles" and len(context.slide_ids) == 3
         assert len(context.held_out) == 1 and context.held_out[0] in context.slide_ids

@@ -37,8 +37,11 @@ def _stages(calls: list[str]) -> list[Stage]:
 def test_a_change_of_a_setting_a_stage_declares_is_named_with_its_record(tmp_path):
     calls: list[str] = []
     run_stages(_stages(calls), Context(tmp_path, settings={"size": 1, "steps": 200}), log=lambda _: None)
-    with pytest.raises(UserError, match=r"^steps 200 != 500 in .*/b/stage.json \(recorded there != this run\): "
-                                        r"pass --overwrite to run every stage again, or another --out$"):
+    with pytest.raises(
+        UserError,
+        match=r"^steps 200 != 500 in .*/b/stage.json \(recorded there != this run\): "
+        r"pass --overwrite to run every stage again, or another --out$",
+    ):
         run_stages(_stages(calls), Context(tmp_path, settings={"size": 1, "steps": 500}), log=lambda _: None)
     assert calls == ["a", "b", "c"]
 
@@ -65,7 +68,9 @@ def test_a_stage_that_declares_its_settings_ignores_other_recorded_keys_but_not_
     for name in ("a", "b", "c"):  # as the earlier version wrote them: the full settings dict
         record = json.loads((tmp_path / name / "stage.json").read_text())
         (tmp_path / name / "stage.json").write_text(json.dumps({**record, "settings": old}))
-    run_stages(_stages(calls), Context(tmp_path, settings={"size": 1, "steps": 2, "new": 7}), log=lambda _: None)
+    run_stages(
+        _stages(calls), Context(tmp_path, settings={"size": 1, "steps": 2, "new": 7}), log=lambda _: None
+    )
     assert calls == ["a", "b", "c"]  # nothing refused, nothing ran again
     with pytest.raises(UserError, match=r"^steps 2 != 3 in .*/b/stage.json"):
         run_stages(_stages(calls), Context(tmp_path, settings={"size": 1, "steps": 3}), log=lambda _: None)

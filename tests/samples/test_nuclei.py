@@ -1,4 +1,5 @@
-"""The labeled nuclei task on a tiny synthetic image with known nuclei, and on the real hgsc_nest when cached."""
+"""The labeled nuclei task on a tiny synthetic image with known nuclei, and on the real hgsc_nest when
+cached."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ UNTYPED_ID = 11  # an instance whose pixels have no type: no label, not in the t
 
 
 def _coordinate_image() -> np.ndarray:
-    """(H, W, 3) uint8 whose red channel is the column and green the row: crops reveal where they came from."""
+    """(H, W, 3) uint8 whose red channel is the column and green the row: crops reveal where they came
+    from."""
     ys, xs = np.mgrid[:HEIGHT, :WIDTH]
     return np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8)
 
@@ -112,8 +114,13 @@ def test_subsample_keeps_a_stratified_share_of_each_split_and_its_pairs():
     train_labels = np.array([0] * 40 + [1] * 20 + [2] * 10)
     test_labels = np.array([0] * 10 + [1] * 5 + [2] * 0)
     # each crop's pixels hold its own index, so a subsampled crop can be matched to its label
-    task = NucleiTask(np.arange(70).reshape(70, 1, 1, 1) * np.ones((1, 2, 2, 3), int), train_labels,
-                      np.arange(15).reshape(15, 1, 1, 1) * np.ones((1, 2, 2, 3), int), test_labels, HGSC_CLASSES)
+    task = NucleiTask(
+        np.arange(70).reshape(70, 1, 1, 1) * np.ones((1, 2, 2, 3), int),
+        train_labels,
+        np.arange(15).reshape(15, 1, 1, 1) * np.ones((1, 2, 2, 3), int),
+        test_labels,
+        HGSC_CLASSES,
+    )
     half = subsample(task, 0.5)
     assert np.bincount(half.train_labels).tolist() == [20, 10, 5]
     assert np.bincount(half.test_labels, minlength=3).tolist() == [5, 2, 0]  # round(2.5) = 2
@@ -145,10 +152,14 @@ def test_write_image_folder_layout_summary_and_reuse(tmp_path, synthetic_hgsc):
         counts[split][class_name] += 1
     # split at x = 140 (70 % quantile of 20, 60, 100, 150, 196); 16-px crops: none straddles it
     assert summary["split_x"] == 140
-    assert counts == summary["counts"] == {
-        "train": {"connective": 1, "inflammatory": 1, "neoplastic": 1},
-        "test": {"connective": 1, "inflammatory": 1, "neoplastic": 0},
-    }
+    assert (
+        counts
+        == summary["counts"]
+        == {
+            "train": {"connective": 1, "inflammatory": 1, "neoplastic": 1},
+            "test": {"connective": 1, "inflammatory": 1, "neoplastic": 0},
+        }
+    )
     assert (out / "test" / "neoplastic").is_dir()  # empty, but present so class indices agree across splits
     crop = np.asarray(Image.open(out / "test" / "connective" / "00001.png"))
     assert crop.shape == (16, 16, 3) and crop[8, 8, :2].tolist() == [196, 100]
@@ -199,11 +210,23 @@ def test_real_task_counts(sample_file):
     _, instance, kind = nuclei.load_hgsc()
     found = find_nuclei(instance, kind)
     # the parquet lists 374 connective nuclei; one of them has no pixels of its own in the instance raster
-    assert class_counts(found.types - 1, HGSC_CLASSES) == {"connective": 373, "inflammatory": 633, "neoplastic": 288}
+    assert class_counts(found.types - 1, HGSC_CLASSES) == {
+        "connective": 373,
+        "inflammatory": 633,
+        "neoplastic": 288,
+    }
     task = nuclei.load_nuclei_task(crop_size=64, test_fraction=0.3)
     assert task.train_images.shape == (861, 64, 64, 3) and task.test_images.shape == (350, 64, 64, 3)
-    assert class_counts(task.train_labels, HGSC_CLASSES) == {"connective": 162, "inflammatory": 510, "neoplastic": 189}
-    assert class_counts(task.test_labels, HGSC_CLASSES) == {"connective": 198, "inflammatory": 84, "neoplastic": 68}
+    assert class_counts(task.train_labels, HGSC_CLASSES) == {
+        "connective": 162,
+        "inflammatory": 510,
+        "neoplastic": 189,
+    }
+    assert class_counts(task.test_labels, HGSC_CLASSES) == {
+        "connective": 198,
+        "inflammatory": 84,
+        "neoplastic": 68,
+    }
 
 
 def _polygon_vertex_mean(wkb: bytes) -> tuple[float, float]:
@@ -212,7 +235,8 @@ def _polygon_vertex_mean(wkb: bytes) -> tuple[float, float]:
     (geometry_type,) = struct.unpack(order + "I", wkb[1:5])
     assert geometry_type == 3  # Polygon
     (num_points,) = struct.unpack(order + "I", wkb[9:13])  # first ring: after the ring count
-    points = np.frombuffer(wkb[13 : 13 + 16 * num_points], dtype=order + "f8").reshape(num_points, 2)  # (P, 2) x, y
+    # (P, 2) x, y
+    points = np.frombuffer(wkb[13 : 13 + 16 * num_points], dtype=order + "f8").reshape(num_points, 2)
     return tuple(points.mean(0))
 
 
@@ -223,7 +247,9 @@ def test_type_values_match_the_parquet_class_names(sample_file):
     with np.load(sample_file("hgsc_nest_type_mask")) as data:
         kind = data["nuc_raster"]
     names_by_value: dict[int, set[str]] = {}
-    for wkb, class_name in zip(table.column("geometry").to_pylist(), table.column("class_name").to_pylist(), strict=True):
+    for wkb, class_name in zip(
+        table.column("geometry").to_pylist(), table.column("class_name").to_pylist(), strict=True
+    ):
         x, y = _polygon_vertex_mean(wkb)
         names_by_value.setdefault(int(kind[round(y), round(x)]), set()).add(class_name)
     assert names_by_value == {value: {name} for value, name in enumerate(HGSC_CLASSES, start=1)}

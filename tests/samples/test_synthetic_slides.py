@@ -31,8 +31,12 @@ def sources(seed: int = 0) -> dict[str, list[Source]]:
     survives colour normalisation and JPEG), so pasted tumour tiles can be found again in the slide."""
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 1, 96)[None, :, None]
-    benign = [np.clip(np.array([220, 130, 170]) - 40 * ramp + rng.normal(0, 2, (96, 96, 3)), 0, 255).astype(np.uint8)
-              for _ in range(2)]
+    benign = [
+        np.clip(np.array([220, 130, 170]) - 40 * ramp + rng.normal(0, 2, (96, 96, 3)), 0, 255).astype(
+            np.uint8
+        )
+        for _ in range(2)
+    ]
     checker = ((np.indices((80, 80)) // 4).sum(0) % 2)[..., None]
     tumor = [np.clip(np.array([90, 70, 160]) + 70 * checker, 0, 255).astype(np.uint8)]
     return {"benign": [Source(f"b{i}", im) for i, im in enumerate(benign)], "tumor": [Source("t", tumor[0])]}
@@ -49,8 +53,16 @@ def is_checkerboard(tile: np.ndarray) -> bool:
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    labels = make_slides(out, n_slides=6, seed=3, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3),
-                         workers=3)
+    labels = make_slides(
+        out,
+        n_slides=6,
+        seed=3,
+        tile_px=TILE,
+        grid=GRID,
+        sources=sources(),
+        tumor_fraction=(0.2, 0.3),
+        workers=3,
+    )
     return out, labels
 
 
@@ -92,15 +104,27 @@ def test_tumor_mask_matches_pasted_region(slides):
 
 def test_same_seed_gives_identical_files_whatever_the_threads(slides, tmp_path):
     out, _ = slides  # rendered by 3 threads
-    make_slides(tmp_path, n_slides=6, seed=3, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3),
-                workers=1)
+    make_slides(
+        tmp_path,
+        n_slides=6,
+        seed=3,
+        tile_px=TILE,
+        grid=GRID,
+        sources=sources(),
+        tumor_fraction=(0.2, 0.3),
+        workers=1,
+    )
     written = sorted((out / "slides").glob("*.tif")) + sorted((out / "masks").glob("*.npy"))
     assert len(written) == 12
     for path in [*written, out / "labels.csv", out / "synthetic.json"]:
         assert (tmp_path / path.relative_to(out)).read_bytes() == path.read_bytes(), path.name
     other = tmp_path / "other"
-    make_slides(other, n_slides=6, seed=4, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3))
-    assert (other / "slides" / "synth_000.tif").read_bytes() != (out / "slides" / "synth_000.tif").read_bytes()
+    make_slides(
+        other, n_slides=6, seed=4, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.2, 0.3)
+    )
+    assert (other / "slides" / "synth_000.tif").read_bytes() != (
+        out / "slides" / "synth_000.tif"
+    ).read_bytes()
 
 
 def test_tumor_tile_labels_map_coords_to_mask(tmp_path):
@@ -169,11 +193,15 @@ def test_repeated_reinhard_reaches_the_target_where_one_pass_does_not_and_stacks
     repeated = reinhard_normalize(dark, target_mean, target_std, 85.0, iterations=10)
     stats = np.concatenate(lab_stats(repeated, 85.0), axis=-1)  # (3, 6): one row per image
     np.testing.assert_allclose(stats, np.tile(np.concatenate([target_mean, target_std]), (3, 1)), atol=0.1)
-    assert np.array_equal(repeated[1], reinhard_normalize(dark[1], target_mean, target_std, 85.0, iterations=10))
+    assert np.array_equal(
+        repeated[1], reinhard_normalize(dark[1], target_mean, target_std, 85.0, iterations=10)
+    )
     # A target per image: each image reaches its own, as it would alone.
     means, stds = target_mean + rng.normal(0, 2, (3, 3)), target_std * np.exp(rng.normal(0, 0.1, (3, 3)))
     own = reinhard_normalize(dark, means, stds, 85.0, iterations=10)
-    np.testing.assert_allclose(np.concatenate(lab_stats(own, 85.0), axis=-1), np.hstack([means, stds]), atol=0.25)
+    np.testing.assert_allclose(
+        np.concatenate(lab_stats(own, 85.0), axis=-1), np.hstack([means, stds]), atol=0.25
+    )
     assert np.array_equal(own[2], reinhard_normalize(dark[2], means[2], stds[2], 85.0, iterations=10))
 
 
@@ -201,7 +229,9 @@ def test_crop_fraction_is_each_crops_share_of_true_pixels():
 
 
 def test_tumour_fraction_follows_the_range_asked_for(tmp_path):
-    make_slides(tmp_path, n_slides=8, seed=1, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.4, 0.5))
+    make_slides(
+        tmp_path, n_slides=8, seed=1, tile_px=TILE, grid=GRID, sources=sources(), tumor_fraction=(0.4, 0.5)
+    )
     for slide in json.loads((tmp_path / "synthetic.json").read_text())["slides"]:
         if slide["tumor_tiles"]:
             assert 0.35 <= slide["tumor_tiles"] / slide["tissue_tiles"] <= 0.55, slide
@@ -214,8 +244,13 @@ def test_lab_to_rgb_gives_the_codes_of_the_srgb_formula_out_of_gamut_included():
     fy = (lab[:, 0] + 16) / 116
     f = np.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], axis=-1)
     xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * np.array([0.95047, 1.0, 1.08883])
-    to_rgb = np.linalg.inv([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
-                            [0.0193339, 0.1191920, 0.9503041]])
+    to_rgb = np.linalg.inv(
+        [
+            [0.4124564, 0.3575761, 0.1804375],
+            [0.2126729, 0.7151522, 0.0721750],
+            [0.0193339, 0.1191920, 0.9503041],
+        ]
+    )
     linear = np.clip(xyz @ to_rgb.T, 0, 1)
     srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
     np.testing.assert_array_equal(lab_to_rgb(lab), np.round(srgb * 255).astype(np.uint8))

@@ -62,11 +62,27 @@ def test_an_image_that_is_tissue_everywhere_keeps_every_tile(tmp_path):
 @pytest.mark.parametrize(
     ("name", "pixels", "reason", "parameter", "option"),
     [
-        ("gray", make_tissue_image(512, 512, [(0, 0, 512, 512)]).mean(2, keepdims=True).repeat(3, 2),
-         "the image has no colour", "`min_saturation=0`", "--min-saturation 0"),
-        ("blank", np.full((512, 512, 3), 240), "no tissue found", "`min_saturation=0.02`", "--min-saturation 0.02"),
-        ("small", make_tissue_image(100, 100, [(0, 0, 100, 100)]), "smaller than one 256-px tile", "`patch_size=...`",
-         "lower --patch-size or --mpp"),
+        (
+            "gray",
+            make_tissue_image(512, 512, [(0, 0, 512, 512)]).mean(2, keepdims=True).repeat(3, 2),
+            "the image has no colour",
+            "`min_saturation=0`",
+            "--min-saturation 0",
+        ),
+        (
+            "blank",
+            np.full((512, 512, 3), 240),
+            "no tissue found",
+            "`min_saturation=0.02`",
+            "--min-saturation 0.02",
+        ),
+        (
+            "small",
+            make_tissue_image(100, 100, [(0, 0, 100, 100)]),
+            "smaller than one 256-px tile",
+            "`patch_size=...`",
+            "lower --patch-size or --mpp",
+        ),
     ],
 )
 def test_zero_tiles_are_never_silent(tmp_path, capsys, name, pixels, reason, parameter, option):
@@ -75,7 +91,8 @@ def test_zero_tiles_are_never_silent(tmp_path, capsys, name, pixels, reason, par
     assert main(["tile", str(path), "--out", str(out)]) == 0
     status = status_of(out, name)
     assert status["status"] == "empty" and status["n_tiles"] == 0
-    assert reason in status["message"] and parameter in status["message"]  # the file speaks Python, the CLI flags
+    # the file speaks Python, the CLI flags
+    assert reason in status["message"] and parameter in status["message"]
     assert str(out / "qc" / f"{name}.png") in status["message"] and (out / "qc" / f"{name}.png").is_file()
     assert not (out / "patches" / f"{name}.h5").exists()
     captured = capsys.readouterr()
@@ -99,16 +116,21 @@ def test_a_desktop_resolution_tag_is_refused_by_name_and_writes_no_coords(tmp_pa
     assert "pass --mpp-override X with the scanner's resolution" in err
     assert not (out / "patches" / "tagged.h5").exists()
     assert status_of(out, "tagged")["status"] == "failed"
-    assert main(["tile", str(path), "--out", str(out), "--mpp-override", "0.5"]) == 0  # the named remedy works
+    # the named remedy works
+    assert main(["tile", str(path), "--out", str(out), "--mpp-override", "0.5"]) == 0
 
 
 def test_an_mpp_override_off_by_ten_is_refused_too(tiny_slide, tmp_path):
-    with pytest.raises(UserError, match=r"level-0 mpp 0.025 um/px read from the override \(`mpp_override=...`, or"):
+    with pytest.raises(
+        UserError, match=r"level-0 mpp 0.025 um/px read from the override \(`mpp_override=...`, or"
+    ):
         tile_slide(tiny_slide.path, tmp_path / "out", mpp_override=0.025)
 
 
 def test_patch_size_level0_is_never_below_one(tiny_slide, tmp_path):
-    with pytest.raises(UserError, match=r"a 1-px tile at 0.05 mpp is 0.00313 level-0 pixels.*raise `patch_size=...`"):
+    with pytest.raises(
+        UserError, match=r"a 1-px tile at 0.05 mpp is 0.00313 level-0 pixels.*raise `patch_size=...`"
+    ):
         tile_slide(tiny_slide.path, tmp_path / "out", target_mpp=0.05, patch_size=1, mpp_override=16)
 
 
@@ -116,9 +138,12 @@ def test_upsampling_is_a_warning_that_names_both_mpps(tiny_slide, tmp_path, caps
     out = tmp_path / "out"
     assert main(["tile", str(tiny_slide.path), "--out", str(out), "--mpp", "0.25"]) == 0
     message = status_of(out, "tiny_slide")["message"]
-    assert "target 0.25 mpp is finer than the slide's level 0 (0.5 mpp" in message and "upsampled 2x" in message
+    assert (
+        "target 0.25 mpp is finer than the slide's level 0 (0.5 mpp" in message and "upsampled 2x" in message
+    )
     assert status_of(out, "tiny_slide")["status"] == "ok"
-    assert message.replace("`target_mpp=0.5`", "--mpp 0.5") in capsys.readouterr().err  # the CLI names its option
+    # the CLI names its option
+    assert message.replace("`target_mpp=0.5`", "--mpp 0.5") in capsys.readouterr().err
 
 
 def test_images_beyond_pillows_pixel_limit_are_read_when_memory_allows(tmp_path, monkeypatch):
@@ -129,8 +154,11 @@ def test_images_beyond_pillows_pixel_limit_are_read_when_memory_allows(tmp_path,
     np.testing.assert_array_equal(slide.read_region((0, 0), 0, (300, 200)), image)
     assert Image.MAX_IMAGE_PIXELS == 1000  # the limit is lifted for our read only
     monkeypatch.setattr(slide_module, "available_memory", lambda: 10_000)
-    with pytest.raises(UserError, match=r"huge.png: the image is 300 x 200 px .*beyond Pillow's pixel limit.*"
-                                        r"tiled pyramidal TIFF.*vips tiffsave"):
+    with pytest.raises(
+        UserError,
+        match=r"huge.png: the image is 300 x 200 px .*beyond Pillow's pixel limit.*"
+        r"tiled pyramidal TIFF.*vips tiffsave",
+    ):
         slide_module._open_uncached(tmp_path / "huge.png", None)
 
 
@@ -141,8 +169,11 @@ def test_detection_reads_the_pyramid_level_closest_to_the_mask_resolution(tmp_pa
     slide = open_slide(path)
     levels = []
     original = type(slide).read_region
-    monkeypatch.setattr(type(slide), "read_region",
-                        lambda self, loc, level, size: levels.append(level) or original(self, loc, level, size))
+    monkeypatch.setattr(
+        type(slide),
+        "read_region",
+        lambda self, loc, level, size: levels.append(level) or original(self, loc, level, size),
+    )
     tile_slide(path, tmp_path / "out")
     assert slide.level_downsamples[levels[0]] == 16
     assert max(slide.level_dimensions[levels[0]]) == 128
@@ -157,7 +188,9 @@ def test_sample_image_that_is_tissue_everywhere_keeps_21_of_25_tiles(sample_file
 
 @pytest.mark.samples
 def test_sample_svs_crop_pale_beside_strong(sample_file, tmp_path):
-    crop = open_slide(sample_file("cmu_small_region")).read_region((768, 1920), 0, (768, 768)).astype(np.float32)
+    crop = (
+        open_slide(sample_file("cmu_small_region")).read_region((768, 1920), 0, (768, 768)).astype(np.float32)
+    )
     canvas = np.full((1280, 2304, 3), 236, np.float32)
     canvas[256:1024, 256:1024] = crop
     canvas[256:1024, 1280:2048] = 0.5 * crop + 0.5 * 236
@@ -168,15 +201,16 @@ def test_sample_svs_crop_pale_beside_strong(sample_file, tmp_path):
 
 
 def test_a_corrupt_jpeg_tile_is_a_warning_not_a_failed_slide(tmp_path, capsys):
-    # Issue 29: `tile` stopped (exit 2) naming the file with no fix. Now the damaged block is taken as glass for
-    # tissue detection, the slide is tiled, and one warning names the region and what extract will do.
+    # Issue 29: `tile` stopped (exit 2) naming the file with no fix. Now the damaged block is taken as glass
+    # for tissue detection, the slide is tiled, and one warning names the region and what extract will do.
     from conftest import write_corrupt_slide
 
     path, (x, y) = write_corrupt_slide(tmp_path / "corrupt.tif", levels=False)
     assert main(["tile", str(path), "--out", str(tmp_path / "out"), "--patch-size", "128"]) == 0
     err = capsys.readouterr().err
     assert err.splitlines() == [
-        f"warning: {path}: 1 region(s) of the slide file cannot be read (first: level-0 ({x}, {y}), level 0: Corrupt "
-        "JPEG data: premature end of data segment); they were taken as glass for tissue detection, and `extract` "
-        "leaves out, names and records the tiles it cannot read"]
+        f"warning: {path}: 1 region(s) of the slide file cannot be read (first: level-0 ({x}, {y}), level 0: "
+        "Corrupt JPEG data: premature end of data segment); they were taken as glass for tissue detection, "
+        "and `extract` leaves out, names and records the tiles it cannot read"
+    ]
     assert status_of(tmp_path / "out", "corrupt")["status"] == "ok"

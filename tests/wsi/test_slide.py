@@ -50,7 +50,15 @@ def test_read_region_is_exact_and_white_outside(lossless_slide):
 def test_best_level_for_mpp(lossless_slide):
     slide = open_slide(lossless_slide[0])  # levels at 0.25, 0.5, 1.0 mpp
     assert slide.level_count == 3
-    assert [slide.best_level_for_mpp(m) for m in (0.1, 0.25, 0.4, 0.5, 0.9, 1.0, 5.0)] == [0, 0, 0, 1, 1, 2, 2]
+    assert [slide.best_level_for_mpp(m) for m in (0.1, 0.25, 0.4, 0.5, 0.9, 1.0, 5.0)] == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+    ]
     assert slide.best_level_for_mpp(0.4998) == 1  # scanner rounding in the downsample is tolerated
     assert slide.best_level_for_mpp(0.49) == 0
 
@@ -59,10 +67,14 @@ def test_read_at_mpp_reads_the_best_level_then_resizes(lossless_slide):
     path, _ = lossless_slide
     slide = open_slide(path)
     # 0.5 mpp exists as level 1: the tile is that level's pixels, no resize.
-    np.testing.assert_array_equal(slide.read_at_mpp((64, 32), 40, 0.5), slide.read_region((64, 32), 1, (40, 40)))
+    np.testing.assert_array_equal(
+        slide.read_at_mpp((64, 32), 40, 0.5), slide.read_region((64, 32), 1, (40, 40))
+    )
     # 0.75 mpp: 60 px read at level 1 (0.5 mpp), resized to 40.
     tile = slide.read_at_mpp((64, 32), 40, 0.75)
-    expected = Image.fromarray(slide.read_region((64, 32), 1, (60, 60))).resize((40, 40), Image.Resampling.BILINEAR)
+    expected = Image.fromarray(slide.read_region((64, 32), 1, (60, 60))).resize(
+        (40, 40), Image.Resampling.BILINEAR
+    )
     np.testing.assert_array_equal(tile, np.asarray(expected))
 
 
@@ -105,10 +117,14 @@ def test_plain_images_are_converted_to_rgb(tmp_path):
     Image.fromarray(gray).save(tmp_path / "gray.png")
     slide = open_slide(tmp_path / "gray.png")
     assert isinstance(slide, ImageSlide) and slide.level_count == 1
-    np.testing.assert_array_equal(slide.read_region((0, 0), 0, (10, 8)), np.repeat(gray[..., None], 3, axis=2))
+    np.testing.assert_array_equal(
+        slide.read_region((0, 0), 0, (10, 8)), np.repeat(gray[..., None], 3, axis=2)
+    )
 
     Image.fromarray(gray).convert("P").save(tmp_path / "palette.png")
-    np.testing.assert_array_equal(open_slide(tmp_path / "palette.png").read_region((0, 0), 0, (10, 8))[..., 0], gray)
+    np.testing.assert_array_equal(
+        open_slide(tmp_path / "palette.png").read_region((0, 0), 0, (10, 8))[..., 0], gray
+    )
 
 
 @pytest.mark.parametrize(
@@ -149,8 +165,11 @@ def test_plain_image_mpp_is_read_from_its_tag_and_refused_outside_microscope_ran
     with pytest.raises(UserError, match=r"none.png: the slide has no microns-per-pixel.*`mpp_override=X`"):
         _ = open_slide(tmp_path / "none.png").mpp
     # An editor default is refused by name, value and tag, not silently read as 264.6 um/px.
-    with pytest.raises(UserError, match=r"screen.png: level-0 mpp 264.6 um/px read from its PNG pHYs chunk "
-                                        r"\(96.* dpi\) is outside 0.05-16.0 .*`mpp_override=X`"):
+    with pytest.raises(
+        UserError,
+        match=r"screen.png: level-0 mpp 264.6 um/px read from its PNG pHYs chunk "
+        r"\(96.* dpi\) is outside 0.05-16.0 .*`mpp_override=X`",
+    ):
         _ = open_slide(tmp_path / "screen.png").mpp
     assert open_slide(tmp_path / "screen.png", mpp=0.3).mpp == 0.3
 
@@ -169,8 +188,9 @@ def test_a_corrupt_jpeg_tile_is_an_error_naming_slide_and_region_and_the_slide_s
     slide = open_slide(path)
     with pytest.raises(UnreadableRegion) as info:
         slide.read_region((x, y), 0, (256, 256))
-    assert str(info.value).startswith(f"{path}: the 256 x 256 px region at level-0 ({x}, {y}), level 0, cannot be "
-                                      "read (Corrupt JPEG data")
+    assert str(info.value).startswith(
+        f"{path}: the 256 x 256 px region at level-0 ({x}, {y}), level 0, cannot be read (Corrupt JPEG data"
+    )
     # OpenSlide keeps an error for good; the handle was opened again, so the other tiles still read.
     assert slide.read_region((0, 0), 0, (256, 256)).mean() < 250
     # A whole-level read loses only the damaged block (as glass) and lists it.

@@ -72,13 +72,30 @@ def test_tiles_of_the_synthetic_slide_are_exactly_its_boxes(tiny_slide, tmp_path
     assert result.status == "ok" and result.n_tiles == 10
     coords, attrs = read_coords(tmp_path / "out" / "patches" / "tiny_slide.h5")
     # Box (128,128)-(512,384) holds 3 x 2 tiles of 128, box (640,384)-(896,640) 2 x 2.
-    expected = [(128, 128), (256, 128), (384, 128), (128, 256), (256, 256), (384, 256),
-                (640, 384), (768, 384), (640, 512), (768, 512)]
+    expected = [
+        (128, 128),
+        (256, 128),
+        (384, 128),
+        (128, 256),
+        (256, 256),
+        (384, 256),
+        (640, 384),
+        (768, 384),
+        (640, 512),
+        (768, 512),
+    ]
     assert coords.tolist() == [list(c) for c in expected]
     assert attrs == dict(
-        patch_size=128, patch_level=0, patch_size_level0=128, mpp=0.5, target_mpp=0.5, overlap=0,
-        slide_path=str(tiny_slide.path.resolve()), slide_id="tiny_slide",
-        level0_magnification=20.0, target_magnification=20.0,
+        patch_size=128,
+        patch_level=0,
+        patch_size_level0=128,
+        mpp=0.5,
+        target_mpp=0.5,
+        overlap=0,
+        slide_path=str(tiny_slide.path.resolve()),
+        slide_id="tiny_slide",
+        level0_magnification=20.0,
+        target_magnification=20.0,
     )
     with h5py.File(tmp_path / "out" / "patches" / "tiny_slide.h5") as h5:
         assert h5["coords"].dtype == np.int64 and h5["coords"].shape == (10, 2)
@@ -110,8 +127,11 @@ def test_finished_outputs_are_skipped_overwritten_or_refused(tiny_slide, tmp_pat
     stamp = paths.coords.stat().st_mtime_ns
     assert tile_slide(tiny_slide.path, out, patch_size=128).status == "skipped"
     assert paths.coords.stat().st_mtime_ns == stamp
-    with pytest.raises(UserError, match=r"tiny_slide.h5 was made with other settings: `patch_size=64` \(the tiles "
-                       r"there: 128\); its 10 tiles are kept: pass `overwrite=True`"):
+    with pytest.raises(
+        UserError,
+        match=r"tiny_slide.h5 was made with other settings: `patch_size=64` \(the tiles "
+        r"there: 128\); its 10 tiles are kept: pass `overwrite=True`",
+    ):
         tile_slide(tiny_slide.path, out, patch_size=64)
     with pytest.raises(UserError, match=r"settings: `min_saturation=0.02` \(the tiles there: default\); its"):
         tile_slide(tiny_slide.path, out, patch_size=128, tissue=TissueConfig(min_saturation=0.02))
@@ -148,9 +168,14 @@ def test_missing_mpp_needs_an_override(tmp_path, tiny_slide):
     assert tile_slide(path, tmp_path / "out", patch_size=128, mpp_override=0.5, overwrite=True).n_tiles == 10
 
 
-@pytest.mark.parametrize("kwargs, parameter", [(dict(overlap=128), "`overlap=128`: must be in"),
-                                               (dict(min_tissue=1.5), "`min_tissue=1.5`: must be in"),
-                                               (dict(patch_size=0), "`patch_size=0`: must be positive")])
+@pytest.mark.parametrize(
+    "kwargs, parameter",
+    [
+        (dict(overlap=128), "`overlap=128`: must be in"),
+        (dict(min_tissue=1.5), "`min_tissue=1.5`: must be in"),
+        (dict(patch_size=0), "`patch_size=0`: must be positive"),
+    ],
+)
 def test_bad_settings_name_their_parameter(tiny_slide, tmp_path, kwargs, parameter):
     with pytest.raises(ConfigError, match=parameter):
         tile_slide(tiny_slide.path, tmp_path, **{"patch_size": 128, **kwargs})

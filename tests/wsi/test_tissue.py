@@ -1,6 +1,6 @@
 """Tissue mask: glass is bright AND grey, images without glass stay whole, user cuts below Otsu's,
-the ink battery (green, blue, navy, violet-blue, black rejected; red kept), pen, dark edges, holes, specks, and
-the mask resolution."""
+the ink battery (green, blue, navy, violet-blue, black rejected; red kept), pen, dark edges, holes, specks,
+and the mask resolution."""
 
 from __future__ import annotations
 
@@ -84,13 +84,18 @@ def test_a_user_cut_can_go_below_otsus():
 
 
 # The ink battery of issue 29: marker colours as scanned, each a band over 85 % of an image of glass, and the
-# tissue fraction the mask must give. Red overlaps eosin and is kept (docs/tiling.md, "Inks still not filtered").
+# tissue fraction the mask must give. Red overlaps eosin and is kept (docs/tiling.md, "Inks still not
+# filtered").
 INKS = {
     "green": ((40, 150, 60), 0.0),  # green above red: the pen rule
     "blue": ((30, 60, 170), 0.0),  # green above red: the pen rule
     "navy": ((69, 61, 119), 0.0),  # red just above green: the averaged-hue ink rule
     "violet-blue": ((80, 60, 150), 0.0),  # hue 253 deg: the averaged-hue ink rule
-    "black": ((45, 45, 55), 0.0),  # the issue's band: above the near-black cut, a trace of blue; was kept 8 of 8
+    # the issue's band: above the near-black cut, a trace of blue; was kept 8 of 8
+    "black": (
+        (45, 45, 55),
+        0.0,
+    ),
     "red": ((200, 40, 50), 0.85),  # KEPT: as red as eosin, nothing tells them apart by colour
 }
 
@@ -116,7 +121,9 @@ def test_black_ink_band_gives_no_tiles(tmp_path):
 
     image = np.repeat(np.repeat(ink_band(INKS["black"][0]), 8, axis=0), 8, axis=1)  # 1600 px at 0.5 mpp
     write_pyramid_tiff(tmp_path / "black_ink.tif", image, mpp=0.5, tile=256)
-    assert tile_slide(tmp_path / "black_ink.tif", tmp_path / "out", target_mpp=0.5, patch_size=256).n_tiles == 0
+    assert (
+        tile_slide(tmp_path / "black_ink.tif", tmp_path / "out", target_mpp=0.5, patch_size=256).n_tiles == 0
+    )
 
 
 def test_dark_tissue_is_not_black_ink_and_hematoxylin_rich_tissue_is_not_navy_ink():
@@ -126,7 +133,8 @@ def test_dark_tissue_is_not_black_ink_and_hematoxylin_rich_tissue_is_not_navy_in
     nuclei = rng.random((100, 120)) < 0.4
     tissue[nuclei] = np.array([70, 50, 130]) + rng.normal(0, 8, (nuclei.sum(), 3))
     assert tissue_mask(np.clip(tissue, 0, 255).astype(np.uint8), MPP).mean() > 0.97
-    # Tissue as dark as black ink is strongly coloured (S >= 0.27 on the samples): a dark hematoxylin patch, kept.
+    # Tissue as dark as black ink is strongly coloured (S >= 0.27 on the samples): a dark hematoxylin patch,
+    # kept.
     dark = np.clip(np.array([70, 45, 95]) + rng.normal(0, 6, (100, 120, 3)), 0, 255).astype(np.uint8)
     assert tissue_mask(dark, MPP).mean() > 0.97
 
@@ -135,7 +143,8 @@ def test_tinted_and_grey_glass_pen_and_dark_borders_are_not_tissue():
     tissue_box = (100, 60, 220, 160)
     image = make_tissue_image(320, 240, [tissue_box], seed=3)
     rng = np.random.default_rng(4)
-    image[:, :30] = np.clip(np.array((228, 222, 234)) + rng.normal(0, 4, (240, 30, 3)), 0, 255)  # tinted glass
+    # tinted glass
+    image[:, :30] = np.clip(np.array((228, 222, 234)) + rng.normal(0, 4, (240, 30, 3)), 0, 255)
     image[:, 280:] = np.linspace(242, 200, 40)[None, :, None].astype(np.uint8)  # grey vignetting
     image[20:26, 40:300] = (40, 150, 60)  # green pen line
     image[180:215, 40:90] = (30, 60, 170)  # blue pen blob

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from histodistill.commands._arguments import output_folder
 
-HELP = "distil a foundation-model teacher into a fast student on your slides, and compare them on the slide task"
+HELP = (
+    "distil a foundation-model teacher into a fast student on your slides, and compare them on the slide task"
+)
 # Parameters of the stages' library calls that name an option here (`histodistill.errors`).
 PARAMETERS = {"coords_dir": "coords", "slides_dir": "slides", "target_mpp": "mpp"}
 
@@ -32,18 +34,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for item in dataclasses.fields(DistillConfig):
         flag, hint = "--" + item.name.replace("_", "-"), hints[item.name]
         required = item.default is dataclasses.MISSING
-        help_text = item.metadata["help"] + ("" if required or item.default is None or item.default is False
-                                             else f" (default {item.default})")
+        help_text = item.metadata["help"] + (
+            "" if required or item.default is None or item.default is False else f" (default {item.default})"
+        )
         if hint is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
         elif typing.get_origin(hint) is typing.Literal or item.metadata["choices"]:
             choices = item.metadata["choices"] or typing.get_args(hint)
             parser.add_argument(flag, choices=choices, default=item.default, help=help_text)
         else:
-            kind = next(arg for arg in typing.get_args(hint) if arg is not type(None)) if typing.get_args(hint) else hint
+            kind = (
+                next(arg for arg in typing.get_args(hint) if arg is not type(None))
+                if typing.get_args(hint)
+                else hint
+            )
             convert = output_folder if item.name == "out" else kind
-            parser.add_argument(flag, type=convert, required=required, help=help_text,
-                                **({} if required else {"default": item.default}))
+            parser.add_argument(
+                flag,
+                type=convert,
+                required=required,
+                help=help_text,
+                **({} if required else {"default": item.default}),
+            )
 
 
 def run(args: argparse.Namespace) -> int:

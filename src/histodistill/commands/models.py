@@ -23,8 +23,16 @@ def rows() -> list[tuple[str, ...]]:
 
     gated = {True: "yes", False: "no", None: "?"}
     return [
-        (m.name, m.embedding, str(m.dim), f"{m.preprocess.input_size} px", str(m.preprocess.mpp), gated[m.gated],
-         m.requires or "-", m.hub_id or (m.weights_file or "-"))
+        (
+            m.name,
+            m.embedding,
+            str(m.dim),
+            f"{m.preprocess.input_size} px",
+            str(m.preprocess.mpp),
+            gated[m.gated],
+            m.requires or "-",
+            m.hub_id or (m.weights_file or "-"),
+        )
         for m in FOUNDATION_MODELS
     ]
 
@@ -34,6 +42,9 @@ def run(args: argparse.Namespace) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS) - 1)]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
-    print("\ngated: accept the terms on the model's Hugging Face page and log in (hf auth login); '?': see the card. "
-          "needs: histodistill[hf] = pip install \"histodistill[hf]\"; conch, musk: the authors' packages, "
-          "which histodistill lists but does not build. Sources: docs/models.md")
+    print(
+        "\ngated: accept the terms on the model's Hugging Face page and log in (hf auth login); '?': see the "
+        "card. "
+        'needs: histodistill[hf] = pip install "histodistill[hf]"; conch, musk: the authors\' packages, '
+        "which histodistill lists but does not build. Sources: docs/models.md"
+    )

@@ -15,10 +15,17 @@ HELP = "write a self-contained HTML report (metrics, curves, figures, timings, c
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (fit, mil, tile) or a demo output directory")
-    parser.add_argument("--out", default=None, type=output_file, help="HTML file to write (default RUN_DIR/report.html)")
     parser.add_argument(
-        "--max-images", type=int, default=12, help="most figures shown per folder, e.g. QC images of many slides (default 12)"
+        "run_dir", metavar="RUN_DIR", help="a run directory (fit, mil, tile) or a demo output directory"
+    )
+    parser.add_argument(
+        "--out", default=None, type=output_file, help="HTML file to write (default RUN_DIR/report.html)"
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=12,
+        help="most figures shown per folder, e.g. QC images of many slides (default 12)",
     )
 
 

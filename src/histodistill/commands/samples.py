@@ -23,33 +23,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
 
-    actions.add_parser("list", help="list every sample with its status (cached / missing), size and path (default)")
+    actions.add_parser(
+        "list", help="list every sample with its status (cached / missing), size and path (default)"
+    )
 
     fetch = actions.add_parser("fetch", help="download, verify and cache samples, then print their paths")
     fetch.add_argument(
-        "names", nargs="*", metavar="NAME", help="sample names as shown by `histodistill samples`; all when omitted"
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="sample names as shown by `histodistill samples`; all when omitted",
     )
 
     slides = actions.add_parser(
-        "make-slides", help="write semi-synthetic pyramidal slides built from the real samples, and their labels CSV"
+        "make-slides",
+        help="write semi-synthetic pyramidal slides built from the real samples, and their labels CSV",
     )
-    slides.add_argument("--out", required=True, type=output_folder, help="output directory for the slides and labels.csv")
-    slides.add_argument("--n-slides", type=int, default=None, help="how many slides to write (default: the generator's)")
-    slides.add_argument("--seed", type=int, default=None, help="random seed, for a reproducible set (default: the generator's)")
+    slides.add_argument(
+        "--out", required=True, type=output_folder, help="output directory for the slides and labels.csv"
+    )
+    slides.add_argument(
+        "--n-slides", type=int, default=None, help="how many slides to write (default: the generator's)"
+    )
+    slides.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed, for a reproducible set (default: the generator's)",
+    )
 
     nuclei = actions.add_parser(
         "make-nuclei",
         help="write the labeled nuclei task (hgsc_nest crops) as <out>/{train,test}/<class>/<index>.png",
     )
-    nuclei.add_argument("--out", required=True, type=output_folder, help="output directory (NCT-CRC-HE-100K-style image folders)")
-    nuclei.add_argument("--crop-size", type=int, default=64, help="side of the square crop centred on each nucleus, px (default 64)")
+    nuclei.add_argument(
+        "--out",
+        required=True,
+        type=output_folder,
+        help="output directory (NCT-CRC-HE-100K-style image folders)",
+    )
+    nuclei.add_argument(
+        "--crop-size",
+        type=int,
+        default=64,
+        help="side of the square crop centred on each nucleus, px (default 64)",
+    )
     nuclei.add_argument(
         "--test-fraction",
         type=float,
         default=0.3,
         help="share of nuclei (by centroid x, rightmost) that form the test split (default 0.3)",
     )
-    nuclei.add_argument("--overwrite", action="store_true", help="rewrite the folders even if a finished task is there")
+    nuclei.add_argument(
+        "--overwrite", action="store_true", help="rewrite the folders even if a finished task is there"
+    )
 
 
 def _list() -> None:
@@ -75,10 +102,18 @@ def run(args: argparse.Namespace) -> int:
         from histodistill.samples.synthetic_slides import make_slides
 
         # Only the options given are passed on, so the generator's own defaults stay the single source.
-        options = {key: value for key, value in (("n_slides", args.n_slides), ("seed", args.seed)) if value is not None}
+        options = {
+            key: value
+            for key, value in (("n_slides", args.n_slides), ("seed", args.seed))
+            if value is not None
+        }
         print(make_slides(args.out, **options))
     elif action == "make-nuclei":
         from histodistill.samples.nuclei import write_image_folder
 
-        print(write_image_folder(args.out, crop_size=args.crop_size, test_fraction=args.test_fraction, overwrite=args.overwrite))
+        print(
+            write_image_folder(
+                args.out, crop_size=args.crop_size, test_fraction=args.test_fraction, overwrite=args.overwrite
+            )
+        )
     return 0

@@ -25,20 +25,28 @@ HELP = "detect tissue and write tile coordinates (CLAM/TRIDENT HDF5) for a slide
 PARAMETERS = {"target_mpp": "mpp", "out_dir": "out"}
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "source",
         metavar="SLIDE_OR_DIR_OR_CSV",
-        help="one slide file; a folder (its slide files, not recursive: " + " ".join(sorted(SLIDE_SUFFIXES))
+        help="one slide file; a folder (its slide files, not recursive: "
+        + " ".join(sorted(SLIDE_SUFFIXES))
         + "); or a CSV with a `path` column (relative paths are taken from the CSV's folder) and an "
         "optional `mpp` column that overrides the slide's mpp for that row",
     )
-    parser.add_argument("--out", required=True, type=output_folder, help="output directory; patches/, qc/ and status/ are made inside")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=output_folder,
+        help="output directory; patches/, qc/ and status/ are made inside",
+    )
     resolution = parser.add_mutually_exclusive_group()
     resolution.add_argument(
-        "--mpp", type=float, default=None, help="target resolution of the tiles in microns per pixel (default 0.5)"
+        "--mpp",
+        type=float,
+        default=None,
+        help="target resolution of the tiles in microns per pixel (default 0.5)",
     )
     resolution.add_argument(
         "--magnification",
@@ -47,36 +55,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="target objective magnification instead of --mpp: 20 = the slide's mpp x objective power / 20 "
         "when the slide states its objective power, else 0.5 mpp (40 = 0.25 mpp)",
     )
-    parser.add_argument("--patch-size", type=int, default=256, help="tile side in pixels at the target resolution (default 256)")
     parser.add_argument(
-        "--overlap", type=int, default=0, help="pixels (at the target resolution) shared by neighbouring tiles (default 0)"
+        "--patch-size",
+        type=int,
+        default=256,
+        help="tile side in pixels at the target resolution (default 256)",
     )
     parser.add_argument(
-        "--min-tissue", type=float, default=0.5, help="keep a tile when tissue covers at least this fraction of it (default 0.5)"
+        "--overlap",
+        type=int,
+        default=0,
+        help="pixels (at the target resolution) shared by neighbouring tiles (default 0)",
+    )
+    parser.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.5,
+        help="keep a tile when tissue covers at least this fraction of it (default 0.5)",
     )
     parser.add_argument(
         "--mpp-override",
         type=float,
         default=None,
-        help="level-0 microns per pixel to use instead of the slides' metadata (needed for slides without it, "
-        "e.g. most PNG/JPEG); a CSV `mpp` column wins over this for its row",
+        help="level-0 microns per pixel to use instead of the slides' metadata (needed for slides without "
+        "it, e.g. most PNG/JPEG); a CSV `mpp` column wins over this for its row",
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="slides tiled in parallel, one process each (default 1)"
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="tile again even where finished outputs exist (default: skip those)"
+        "--overwrite",
+        action="store_true",
+        help="tile again even where finished outputs exist (default: skip those)",
     )
     parser.add_argument(
-        "--mask-mpp", type=float, default=None,
+        "--mask-mpp",
+        type=float,
+        default=None,
         help="resolution of the tissue mask in microns per pixel, read from the closest pyramid level "
         "(default: a 16th of a tile's side, at most 8)",
     )
     parser.add_argument(
-        "--min-saturation", type=float, default=None,
-        help="bright pixels less saturated than this (HSV, 0..1) are glass; set it below the automatic cut for "
-        "very pale tissue, 0 to count every pixel that is not near-black (default: automatic, Otsu over the "
-        "bright pixels clipped to 0.04-0.10)",
+        "--min-saturation",
+        type=float,
+        default=None,
+        help="bright pixels less saturated than this (HSV, 0..1) are glass; set it below the automatic cut "
+        "for very pale tissue, 0 to count every pixel that is not near-black (default: automatic, Otsu over "
+        "the bright pixels clipped to 0.04-0.10)",
     )
     add_shard_argument(parser)
 
@@ -90,7 +115,9 @@ def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path,
     if source.is_dir():
         slides = visible_files(source, tuple(SLIDE_SUFFIXES))
         if not slides:
-            raise UserError(f"{source}: no slide files in this folder (looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
+            raise UserError(
+                f"{source}: no slide files in this folder (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
+            )
         found = [(path, mpp_override) for path in slides]
     elif source.suffix.lower() == ".csv" and source.is_file():
         rows = read_table(source, "slide CSV", ("path",)).rows
@@ -111,8 +138,10 @@ def collect_slides(source: Path, mpp_override: float | None) -> list[tuple[Path,
     by_id: dict[str, Path] = {}
     for path, _ in found:
         if by_id.setdefault(path.stem, path) != path:
-            raise UserError(f"{source}: two slides share the id {path.stem!r} ({by_id[path.stem]} and {path}); "
-                            "outputs are named by file stem, so rename one")
+            raise UserError(
+                f"{source}: two slides share the id {path.stem!r} ({by_id[path.stem]} and {path}); "
+                "outputs are named by file stem, so rename one"
+            )
     return found
 
 
@@ -140,8 +169,15 @@ def refuse_other_settings(jobs: list[dict], out: Path) -> None:
 
     conflicts = []
     for job in jobs:
-        settings = tiling_settings(job["target_mpp"], job["magnification"], job["patch_size"], job["overlap"],
-                                   job["min_tissue"], job["mpp_override"], job["tissue"])
+        settings = tiling_settings(
+            job["target_mpp"],
+            job["magnification"],
+            job["patch_size"],
+            job["overlap"],
+            job["min_tissue"],
+            job["mpp_override"],
+            job["tissue"],
+        )
         status, differences = earlier_tiling(out, Path(job["slide_path"]).stem, settings)
         if differences:
             conflicts.append((status, differences))
@@ -149,8 +185,8 @@ def refuse_other_settings(jobs: list[dict], out: Path) -> None:
         tiles = sum(int(status.get("n_tiles", 0)) for status, _ in conflicts)
         raise UserError(
             f"{out / 'patches'}: {len(conflicts)} of {len(jobs)} slides were tiled there with other settings "
-            f"({'; '.join(conflicts[0][1])}); their {tiles} tiles are kept: pass --overwrite to tile them again "
-            "with these settings, or choose another --out"
+            f"({'; '.join(conflicts[0][1])}); their {tiles} tiles are kept: pass --overwrite to tile them "
+            "again with these settings, or choose another --out"
         )
 
 
@@ -173,13 +209,17 @@ def _tile_all(jobs: list[dict], workers: int, results: list, progress) -> None:
 
 
 def space_needed(out: Path, slides: int) -> int | None:
-    """Bytes the tiling of ``slides`` slides needs in ``out``: the finished slides' coords, QC and status files
-    scaled to all of them (None before any slide is finished)."""
+    """Bytes the tiling of ``slides`` slides needs in ``out``: the finished slides' coords, QC and status
+    files scaled to all of them (None before any slide is finished)."""
     done = list((out / "status").glob("*.json"))
     if not done:
         return None
-    written = sum(p.stat().st_size for folder in ("patches", "qc", "status") for p in (out / folder).glob("*")
-                  if p.is_file())
+    written = sum(
+        p.stat().st_size
+        for folder in ("patches", "qc", "status")
+        for p in (out / folder).glob("*")
+        if p.is_file()
+    )
     return round(written / len(done) * slides)
 
 
@@ -203,9 +243,18 @@ def run(args: argparse.Namespace) -> int:
     if share.count > 1:  # sorted by id above, so every process cuts the same list
         print(share.describe(len(share.select(slides)), len(slides)))
     jobs = [
-        dict(slide_path=path, out_dir=args.out, target_mpp=args.mpp or 0.5, patch_size=args.patch_size,
-             overlap=args.overlap, min_tissue=args.min_tissue, mpp_override=mpp, tissue=tissue,
-             overwrite=args.overwrite, magnification=args.magnification)
+        dict(
+            slide_path=path,
+            out_dir=args.out,
+            target_mpp=args.mpp or 0.5,
+            patch_size=args.patch_size,
+            overlap=args.overlap,
+            min_tissue=args.min_tissue,
+            mpp_override=mpp,
+            tissue=tissue,
+            overwrite=args.overwrite,
+            magnification=args.magnification,
+        )
         for path, mpp in share.select(slides)
     ]
     if not args.overwrite:
@@ -221,16 +270,24 @@ def run(args: argparse.Namespace) -> int:
     if len(results) == 1 and results[0].status == "failed" and Path(args.source).suffix.lower() != ".csv":
         # One slide named on the command line that cannot be tiled is bad input, not a partial batch.
         failed = results[0]
-        raise UserError(failed.message if failed.slide_path in failed.message else f"{failed.slide_path}: {failed.message}")
+        raise UserError(
+            failed.message
+            if failed.slide_path in failed.message
+            else f"{failed.slide_path}: {failed.message}"
+        )
     for result in results:
         message = render_parameters(result.message, args._flags)  # `min_tissue=0.5` -> --min-tissue 0.5
         if result.status == "failed":
             print(f"failed: {result.slide_path}: {message}", file=sys.stderr)
         elif result.message:  # why a slide has no tile, or an upsampling warning
             print(f"warning: {result.slide_path}: {message}", file=sys.stderr)
-    counts = {status: sum(r.status == status for r in results) for status in ("ok", "empty", "skipped", "failed")}
+    counts = {
+        status: sum(r.status == status for r in results) for status in ("ok", "empty", "skipped", "failed")
+    }
     no_tiles = sum(r.status != "failed" and r.n_tiles == 0 for r in results)
     tiles = sum(r.n_tiles for r in results)
-    print(f"{len(results)} slides: {counts['ok'] + counts['empty']} tiled, {counts['skipped']} already done, "
-          f"{counts['failed']} failed, {no_tiles} with no tiles; {tiles} tiles in {Path(args.out) / 'patches'}")
+    print(
+        f"{len(results)} slides: {counts['ok'] + counts['empty']} tiled, {counts['skipped']} already done, "
+        f"{counts['failed']} failed, {no_tiles} with no tiles; {tiles} tiles in {Path(args.out) / 'patches'}"
+    )
     return 1 if counts["failed"] else 0

@@ -51,25 +51,31 @@ class Bag:
 def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
     """Rows of a ``case_id,slide_id,label`` CSV (`histodistill.data.table.read_table`: BOM, ``;`` or tab,
     spaces, CRLF), labels in one spelling per class (`histodistill.data.labels.clean_labels`: missing ones
-    and case-only differences refused, ``1.0`` read as ``1``); a `UserError` names the file when it is malformed."""
+    and case-only differences refused, ``1.0`` read as ``1``); a `UserError` names the file when it is
+    malformed."""
     table = read_table(path, "labels CSV", LABEL_COLUMNS)
     if not table.rows:
         raise UserError(f"labels CSV {path} has no rows")
     labels = clean_labels([r["label"] for r in table.rows], table.lines, f"labels CSV {path}")
-    rows = [SlideLabel(r["case_id"], r["slide_id"], label) for r, label in zip(table.rows, labels, strict=True)]
+    rows = [
+        SlideLabel(r["case_id"], r["slide_id"], label) for r, label in zip(table.rows, labels, strict=True)
+    ]
     seen: set[str] = set()
     for row, line in zip(rows, table.lines, strict=True):
         if not row.slide_id:
             raise UserError(f"labels CSV {path}: line {line} has an empty slide_id ({row})")
         if row.slide_id in seen:
-            raise UserError(f"labels CSV {path}: slide_id {row.slide_id!r} appears twice; list each slide once")
+            raise UserError(
+                f"labels CSV {path}: slide_id {row.slide_id!r} appears twice; list each slide once"
+            )
         seen.add(row.slide_id)
     return rows
 
 
 def class_names(rows: list[SlideLabel]) -> list[str]:
     """Sorted distinct labels (`histodistill.data.labels.class_order`: numerically when all are numbers), so
-    label ``1`` / ``positive`` / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is the positive class."""
+    label ``1`` / ``positive`` / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is the positive
+    class."""
     return class_order([row.label for row in rows])
 
 
@@ -107,9 +113,9 @@ def empty_bags_error(empty: list[Bag], folder: str) -> UserError:
     """The message for empty bags: all of them by name, why, and the two ways on."""
     slides = [s for bag in empty for s in bag.slide_ids]
     return UserError(
-        f"{len(slides)} slide(s) in {folder} have no tissue tiles (features of shape (0, D)): {shown(slides)}. "
-        "Tiling found no tissue on them, so re-tiling with the same settings gives 0 tiles again: pass "
-        "`drop_empty=True` "
+        f"{len(slides)} slide(s) in {folder} have no tissue tiles (features of shape (0, D)): "
+        f"{shown(slides)}. Tiling found no tissue on them, so re-tiling with the same settings gives 0 tiles "
+        "again: pass `drop_empty=True` "
         "to leave them out (the run's metrics.json lists them) or remove them from the labels CSV"
     )
 
@@ -125,8 +131,12 @@ class BagDataset(Dataset):
     Raises `UserError` before returning for anything `load_slides` refuses and for empty bags.
     """
 
-    def __init__(self, features_dir: str | os.PathLike | FeatureFolder, bags: list[Bag],
-                 slides: Mapping[str, SlideFeatures] | None = None) -> None:
+    def __init__(
+        self,
+        features_dir: str | os.PathLike | FeatureFolder,
+        bags: list[Bag],
+        slides: Mapping[str, SlideFeatures] | None = None,
+    ) -> None:
         folder = features_dir if isinstance(features_dir, FeatureFolder) else None
         if slides is None:
             folder = folder or open_feature_folder(features_dir)
@@ -146,7 +156,9 @@ class BagDataset(Dataset):
         return {
             "features": torch.from_numpy(np.concatenate([p.features for p in parts])),
             "coords": torch.from_numpy(np.concatenate(coords)),
-            "slide_index": torch.cat([torch.full((p.n_tiles,), i, dtype=torch.long) for i, p in enumerate(parts)]),
+            "slide_index": torch.cat(
+                [torch.full((p.n_tiles,), i, dtype=torch.long) for i, p in enumerate(parts)]
+            ),
             "label": bag.label,
             "bag_id": bag.bag_id,
         }

@@ -44,17 +44,18 @@ def has_mpp(attrs: dict) -> bool:
 def grid_geometry(attrs: dict, source: str | os.PathLike) -> tuple[float, int]:
     """The tiling grid of a coords file: (stride in level-0 pixels, grid steps from one cell to the next).
 
-    `histodistill tile` puts column k at ``round(k * stride)`` with ``stride = (patch_size - overlap) * scale``,
-    ``scale = target_mpp / mpp``; CLAM and TRIDENT state no mpp, so their stride is
+    `histodistill tile` puts column k at ``round(k * stride)`` with ``stride = (patch_size - overlap) *
+    scale``, ``scale = target_mpp / mpp``; CLAM and TRIDENT state no mpp, so their stride is
     ``patch_size_level0 * (patch_size - overlap) / patch_size`` (CLAM records no overlap: its default step is
-    the patch size). Window cells must abut, so they are ``patch_size / (patch_size - overlap)`` grid steps apart.
+    the patch size). Window cells must abut, so they are ``patch_size / (patch_size - overlap)`` grid steps
+    apart.
     """
     patch_size, overlap = int(attrs["patch_size"]), int(attrs.get("overlap", 0))
     if patch_size % (patch_size - overlap):
         raise UserError(
-            f"{source}: tiles of {patch_size} px with overlap {overlap} do not abut on a grid, so they cannot "
-            "form context windows; tile again with `overlap=0` (or an overlap that divides the patch size "
-            "evenly)"
+            f"{source}: tiles of {patch_size} px with overlap {overlap} do not abut on a grid, so they "
+            "cannot form context windows; tile again with `overlap=0` (or an overlap that divides the patch "
+            "size evenly)"
         )
     if has_mpp(attrs):
         stride = (patch_size - overlap) * float(attrs["target_mpp"]) / float(attrs["mpp"])
@@ -71,7 +72,12 @@ def cell_offsets(side: int) -> np.ndarray:
 
 
 def window_cells(
-    coords: np.ndarray, stride: float, cell_steps: int, side: int, min_fraction: float = 1.0, window_stride: int = 1,
+    coords: np.ndarray,
+    stride: float,
+    cell_steps: int,
+    side: int,
+    min_fraction: float = 1.0,
+    window_stride: int = 1,
     on_grid: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The windows of a coords file.
@@ -100,14 +106,20 @@ def window_cells(
         valid = np.array([(int(x), int(y)) in tiles for x, y in cells.reshape(-1, 2)], dtype=bool)
     else:
         cells, valid = _snap_to_tiles(coords, np.round(cell_offsets(side) * cell_steps * stride), stride / 4)
-    cells, valid = cells.reshape(len(coords), side * side, 2), valid.reshape(len(coords), side * side)  # (N, s*s)
+    # (N, s*s)
+    cells, valid = (
+        cells.reshape(len(coords), side * side, 2),
+        valid.reshape(len(coords), side * side),
+    )
     # A small tolerance so that a threshold written as 0.888 keeps windows with 8 of 9 cells.
     keep = valid.mean(axis=1) >= min_fraction - 1e-3
     keep &= (grid_index % (window_stride * cell_steps) == 0).all(axis=1)  # anchors on every k-th cell
     return np.flatnonzero(keep).astype(np.int64), cells[keep], valid[keep]
 
 
-def _snap_to_tiles(coords: np.ndarray, offsets: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+def _snap_to_tiles(
+    coords: np.ndarray, offsets: np.ndarray, tolerance: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(N*s*s, 2) int64 cells at ``coords + offsets`` (offsets (s*s, 2) level-0 px), each replaced by the tile
     within ``tolerance`` (Chebyshev distance) of it if there is one, and (N*s*s,) bool: whether there is."""
     from scipy.spatial import cKDTree
@@ -121,14 +133,17 @@ def _snap_to_tiles(coords: np.ndarray, offsets: np.ndarray, tolerance: float) ->
 
 
 def window_transform(preprocess, side: int):
-    """uint8 (3, P, P) window -> float (3, s*S, s*S) normalised with the backbone's mean/std, S its input size.
+    """uint8 (3, P, P) window -> float (3, s*S, s*S) normalised with the backbone's mean/std, S its input
+    size.
 
     Each cell is thus resized exactly as `extract` resizes a lone tile to S, so the student sees tissue
     at the same scale in fine-tuning and in extraction. No augmentation: spatial ones would have to
     permute the cells and teacher targets along with the pixels.
     """
     window_side = side * int(preprocess.input_size)
-    as_window = SimpleNamespace(mean=preprocess.mean, std=preprocess.std, input_size=window_side, mpp=preprocess.mpp)
+    as_window = SimpleNamespace(
+        mean=preprocess.mean, std=preprocess.std, input_size=window_side, mpp=preprocess.mpp
+    )
     return build_transform("eval", as_window, train=False)  # resize to s*S; the centre crop is then a no-op
 
 
@@ -164,8 +179,10 @@ class ContextWindowDataset(Dataset):
         self.coords_path = Path(coords_path)
         self.slide_id = attrs["slide_id"]
         if not (slide_path or attrs.get("slide_path")):
-            raise UserError(f"{coords_path}: the coords do not name their slide (CLAM/TRIDENT coords); pass its "
-                            "file as `slide_path=...`")
+            raise UserError(
+                f"{coords_path}: the coords do not name their slide (CLAM/TRIDENT coords); pass its "
+                "file as `slide_path=...`"
+            )
         self.slide_path = Path(slide_path or attrs["slide_path"])
         self.skip_unreadable = skip_unreadable
         self.side = side
@@ -180,8 +197,9 @@ class ContextWindowDataset(Dataset):
         stride, cell_steps = grid_geometry(attrs, coords_path)
         # CLAM/TRIDENT: a window is s cells of patch_size_level0 level-0 px each (stride * cell_steps).
         self.window_level0 = None if self.target_mpp is not None else side * stride * cell_steps
-        self.anchors, self.cell_coords, self.valid = window_cells(coords, stride, cell_steps, side, min_fraction,
-                                                                     window_stride, on_grid=has_mpp(attrs))
+        self.anchors, self.cell_coords, self.valid = window_cells(
+            coords, stride, cell_steps, side, min_fraction, window_stride, on_grid=has_mpp(attrs)
+        )
         self.teacher = TeacherFeatures(teacher_features) if teacher_features is not None else None
 
     def __len__(self) -> int:
@@ -228,8 +246,8 @@ def context_windows_of_dir(
 ) -> ConcatDataset:
     """Every coords file of ``patches_dir`` as one dataset, except the slide ids in ``exclude`` (held out);
     ``features_dir`` holds the teacher's ``<slide_id>.h5`` features (the cache). ``slides_dir``: the folder of
-    the slides, for coords that do not name them (CLAM, TRIDENT) or whose slides moved (`find_slide`). A window
-    the slide file cannot give is replaced by the slide's next readable one, with one warning per slide
+    the slides, for coords that do not name them (CLAM, TRIDENT) or whose slides moved (`find_slide`). A
+    window the slide file cannot give is replaced by the slide's next readable one, with one warning per slide
     (`next_readable`). Raises `UserError` when no slide yields a window or a slide is not found."""
     tilings = {path: read_coords(path)[1] for path in visible_files(patches_dir, (".h5",))}
     tilings = {path: attrs for path, attrs in tilings.items() if attrs["slide_id"] not in set(exclude)}

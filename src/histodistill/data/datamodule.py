@@ -51,7 +51,9 @@ class SeededAugmentation(Dataset):
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only, the one fork_rng restores: torch.manual_seed also seeds CUDA/XPU/MTIA,
             # formatting a stack trace per call where they are not initialised (7x the cost of a small item).
-            torch.default_generator.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+            torch.default_generator.manual_seed(
+                int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+            )
             return self.dataset[index]
 
 
@@ -64,9 +66,10 @@ class PatchDataModule(L.LightningDataModule):
         test: test dataset for ``trainer.test``, or None.
         batch_size: samples per device per step (the effective batch multiplies it by devices × accumulation).
         num_workers: DataLoader worker processes (0 reads in the main process).
-        train_transform: recipe for training data (eval, basic, randaugment, mae, sdmae, linprobe, he, finetune).
-        eval_transform: recipe for validation/test data, applied with ``train=False`` (deterministic).
-        seed: base of the per-epoch shuffling seed; None uses the run's ``seed_everything`` value.
+        train_transform: recipe for training data (eval, basic, randaugment, mae, sdmae, linprobe, he,
+        finetune). eval_transform: recipe for validation/test data, applied with ``train=False``
+        (deterministic). seed: base of the per-epoch shuffling seed; None uses the run's ``seed_everything``
+        value.
     """
 
     def __init__(
@@ -101,10 +104,14 @@ class PatchDataModule(L.LightningDataModule):
             if dataset is None:
                 continue
             if not hasattr(dataset, "transform"):
-                raise UserError(f"data.init_args.{split}: {type(dataset).__name__} has no `transform` attribute; "
-                                "use a histodistill dataset or give yours one")
+                raise UserError(
+                    f"data.init_args.{split}: {type(dataset).__name__} has no `transform` attribute; "
+                    "use a histodistill dataset or give yours one"
+                )
             train = split == "train"
-            dataset.transform = build_transform(self.train_transform if train else self.eval_transform, preprocess, train)
+            dataset.transform = build_transform(
+                self.train_transform if train else self.eval_transform, preprocess, train
+            )
 
     def _loader(self, dataset: Dataset, sampler=None, drop_last: bool = False) -> DataLoader:
         workers = self.num_workers
@@ -122,10 +129,14 @@ class PatchDataModule(L.LightningDataModule):
         dataset = self.datasets["train"]
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         trainer = self.trainer
-        sampler = EpochIndexSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=seed)
+        sampler = EpochIndexSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=seed
+        )
         if len(dataset) // trainer.world_size < self.batch_size:
-            raise UserError(f"the training set has {len(dataset)} samples, fewer than one batch per device "
-                            f"(`batch_size={self.batch_size}`); lower the batch size")
+            raise UserError(
+                f"the training set has {len(dataset)} samples, fewer than one batch per device "
+                f"(`batch_size={self.batch_size}`); lower the batch size"
+            )
         # drop_last keeps every step's batch the same size (BatchNorm and the lr scaling assume it).
         return self._loader(SeededAugmentation(dataset, seed), sampler=sampler, drop_last=True)
 

@@ -38,7 +38,8 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 class _ImageFiles(Dataset):
-    """Labeled image files: subclasses fill ``self.samples`` with ``(path, label index)`` and ``self.classes``."""
+    """Labeled image files: subclasses fill ``self.samples`` with ``(path, label index)`` and
+    ``self.classes``."""
 
     samples: list[tuple[Path, int]]
     transform: Transform
@@ -61,21 +62,38 @@ class ImageFolderDataset(_ImageFiles):
         if not self.root.is_dir():
             what = "is a file, not a folder" if self.root.exists() else "does not exist"
             # The tiny recipes read the nuclei task at demo_out/data/nuclei/{train,test}: say what writes it.
-            maker = (f"; `histodistill samples make-nuclei --out {self.root.parent}` writes the sample nuclei task "
-                     "there" if self.root.name in ("train", "test") and not self.root.exists() else "")
-            raise UserError(f"image folder {self.root} {what}: pass a folder with one subfolder per class "
-                            f"(root/<class>/<image>){maker}")
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not is_hidden_or_temporary(p))
+            maker = (
+                f"; `histodistill samples make-nuclei --out {self.root.parent}` writes the sample nuclei "
+                "task there"
+                if self.root.name in ("train", "test") and not self.root.exists()
+                else ""
+            )
+            raise UserError(
+                f"image folder {self.root} {what}: pass a folder with one subfolder per class "
+                f"(root/<class>/<image>){maker}"
+            )
+        self.classes = sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not is_hidden_or_temporary(p)
+        )
         if not self.classes:
-            raise UserError(f"image folder {self.root} has no class subfolders (expected root/<class>/<image>)")
+            raise UserError(
+                f"image folder {self.root} has no class subfolders (expected root/<class>/<image>)"
+            )
         self.samples: list[tuple[Path, int]] = []
         for index, name in enumerate(self.classes):
-            # Hidden anywhere below the class folder (`._x.png` resource forks, `.ipynb_checkpoints/`) is not data.
-            files = sorted(p for p in (self.root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(is_hidden_or_temporary(part) for part in p.relative_to(self.root / name).parts))
+            # Hidden anywhere below the class folder (`._x.png` resource forks, `.ipynb_checkpoints/`) is not
+            # data.
+            files = sorted(
+                p
+                for p in (self.root / name).rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(is_hidden_or_temporary(part) for part in p.relative_to(self.root / name).parts)
+            )
             if not files:
-                raise UserError(f"class folder {self.root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                                "add images or remove the folder")
+                raise UserError(
+                    f"class folder {self.root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                    "add images or remove the folder"
+                )
             self.samples += [(path, index) for path in files]
 
 
@@ -103,8 +121,10 @@ class CsvDataset(_ImageFiles):
         self.classes = [canonical(c) for c in classes] if classes is not None else class_order(labels)
         unknown = sorted(labels - set(self.classes))
         if unknown:
-            raise UserError(f"{self.csv_path}: labels {unknown} are not in classes {self.classes}; "
-                            "fix the CSV or the dataset's `classes` list")
+            raise UserError(
+                f"{self.csv_path}: labels {unknown} are not in classes {self.classes}; "
+                "fix the CSV or the dataset's `classes` list"
+            )
         if split is not None:
             rows = [row for row in rows if row.get("split") == split]
             if not rows:
@@ -116,7 +136,9 @@ class CsvDataset(_ImageFiles):
         table = read_table(self.csv_path, "CSV manifest", ("path", "label"))
         if not table.rows:
             raise UserError(f"CSV manifest {self.csv_path} has no rows")
-        labels = clean_labels([row["label"] for row in table.rows], table.lines, f"CSV manifest {self.csv_path}")
+        labels = clean_labels(
+            [row["label"] for row in table.rows], table.lines, f"CSV manifest {self.csv_path}"
+        )
         return [{**row, "label": label} for row, label in zip(table.rows, labels, strict=True)]
 
 
@@ -152,15 +174,23 @@ class HDF5ArrayDataset(Dataset):
                 raise UserError(f"{self.y_path} has no dataset {y_key!r} (found {sorted(handle.keys())})")
             labels = np.asarray(handle[y_key]).reshape(handle[y_key].shape[0], -1)  # (N, values per image)
         if labels.shape[1] != 1:
-            raise UserError(f"{self.y_path}:{y_key} holds {labels.shape[1]} values per image; expected one label")
+            raise UserError(
+                f"{self.y_path}:{y_key} holds {labels.shape[1]} values per image; expected one label"
+            )
         if labels.shape[0] != shape[0]:
-            raise UserError(f"{self.x_path}:{x_key} has {shape[0]} images but {self.y_path}:{y_key} has "
-                            f"{labels.shape[0]} labels; they must match one to one")
+            raise UserError(
+                f"{self.x_path}:{x_key} has {shape[0]} images but {self.y_path}:{y_key} has "
+                f"{labels.shape[0]} labels; they must match one to one"
+            )
         self.labels = labels[:, 0].astype(np.int64)  # (N,)
-        self.classes = list(classes) if classes is not None else [str(i) for i in range(int(self.labels.max()) + 1)]
+        self.classes = (
+            list(classes) if classes is not None else [str(i) for i in range(int(self.labels.max()) + 1)]
+        )
         if self.labels.min() < 0 or self.labels.max() >= len(self.classes):
-            raise UserError(f"{self.y_path}:{y_key} has labels outside 0..{len(self.classes) - 1} "
-                            f"for classes {self.classes}")
+            raise UserError(
+                f"{self.y_path}:{y_key} has labels outside 0..{len(self.classes) - 1} "
+                f"for classes {self.classes}"
+            )
         self._handle: h5py.File | None = None
         self._pid: int | None = None
 
@@ -180,7 +210,8 @@ class HDF5ArrayDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.asarray(self._images()[index], dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+        # (3, H, W)
+        image = torch.from_numpy(np.asarray(self._images()[index], dtype=np.uint8)).permute(2, 0, 1)
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
     def __getstate__(self) -> dict:

@@ -59,7 +59,9 @@ from histodistill.io import atomic_hdf5, atomic_path, visible_files
 FEATURES = "features"  # dataset (N, D) float32
 COORDS = "coords"  # dataset (N, 2) int64, level-0 top-left (x, y); the tiling's attributes are on it
 EXTRACTOR_JSON = "extractor.json"  # beside the features files: which network, weights and preprocessing
-PATCH_FEATURES = "features.h5"  # an image folder's features: FEATURES, ``labels``, ``paths``, attr ``classes``
+PATCH_FEATURES = (
+    "features.h5"  # an image folder's features: FEATURES, ``labels``, ``paths``, attr ``classes``
+)
 # A features file's count of the tiles of its coords file the slide file could not give (module docstring).
 UNREADABLE_ATTR = "unreadable_tiles"
 UNREADABLE_CSV = "unreadable_tiles.csv"  # slide_id,x,y of every tile left out as unreadable, beside the files
@@ -117,9 +119,11 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
     given = Path(path)
     if not given.is_dir():
         what = "a file" if given.exists() else "missing"
-        raise UserError(f"`features={given}` is {what}, not a folder: pass the folder of <slide_id>.h5 files "
-                        "that "
-                        "`histodistill extract` wrote (or CLAM's feat_dir, or TRIDENT's features_<encoder>/)")
+        raise UserError(
+            f"`features={given}` is {what}, not a folder: pass the folder of <slide_id>.h5 files "
+            "that "
+            "`histodistill extract` wrote (or CLAM's feat_dir, or TRIDENT's features_<encoder>/)"
+        )
     for sub, layout in (("h5_files", "CLAM h5_files"), ("pt_files", "CLAM pt_files")):
         found = _files_in(given / sub)
         if found:
@@ -132,15 +136,21 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
     found = _files_in(given)
     if found:
         return FeatureFolder(given, given, *found)
-    candidates = sorted(d for d in (*given.glob("features_*"), *given.glob("*/features_*")) if d.is_dir() and _files_in(d))
+    candidates = sorted(
+        d for d in (*given.glob("features_*"), *given.glob("*/features_*")) if d.is_dir() and _files_in(d)
+    )
     if len(candidates) == 1:
         return FeatureFolder(given, candidates[0], *_files_in(candidates[0]))
     if candidates:
-        raise UserError(f"`features={given}` holds {len(candidates)} feature folders "
-                        f"({shown(str(c) for c in candidates)}): "
-                        "pass the one you want")
-    raise UserError(f"`features={given}` has no feature files: expected <slide_id>.h5 (histodistill extract, "
-                    "TRIDENT features_<encoder>/) or CLAM's h5_files/ or pt_files/")
+        raise UserError(
+            f"`features={given}` holds {len(candidates)} feature folders "
+            f"({shown(str(c) for c in candidates)}): "
+            "pass the one you want"
+        )
+    raise UserError(
+        f"`features={given}` has no feature files: expected <slide_id>.h5 (histodistill extract, "
+        "TRIDENT features_<encoder>/) or CLAM's h5_files/ or pt_files/"
+    )
 
 
 def read_slide_features(path: str | os.PathLike) -> SlideFeatures:
@@ -155,14 +165,18 @@ def read_slide_features(path: str | os.PathLike) -> SlideFeatures:
     try:
         with h5py.File(path, "r") as handle:
             if FEATURES not in handle:
-                raise UserError(f"{path} has no `features` dataset (it has {sorted(handle)}): not a features file")
+                raise UserError(
+                    f"{path} has no `features` dataset (it has {sorted(handle)}): not a features file"
+                )
             features = np.asarray(handle[FEATURES][:], dtype=np.float32)
             coords = np.asarray(handle[COORDS][:]).astype(np.int64) if COORDS in handle else None
             attrs = dict(handle.attrs) | (dict(handle[COORDS].attrs) if COORDS in handle else {})
     except (OSError, KeyError, ValueError, TypeError) as error:
         # h5py raises OSError for truncated or non-HDF5 files, KeyError/ValueError for damaged objects.
-        raise UserError(f"{path} cannot be read ({type(error).__name__}: {error}); it is truncated or not a "
-                        "features file: delete it and run `histodistill extract` again (it redoes missing files)") from None
+        raise UserError(
+            f"{path} cannot be read ({type(error).__name__}: {error}); it is truncated or not a "
+            "features file: delete it and run `histodistill extract` again (it redoes missing files)"
+        ) from None
     return _checked(path, SlideFeatures(features, coords, attrs))
 
 
@@ -171,10 +185,14 @@ def _read_pt(path: Path) -> SlideFeatures:
         # weights_only: a .pt is a pickle, and only plain tensors are accepted from it.
         value = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
-        raise UserError(f"{path} cannot be read as a tensor ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                        "it is truncated or not a features file: recreate it") from None
+        raise UserError(
+            f"{path} cannot be read as a tensor ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "it is truncated or not a features file: recreate it"
+        ) from None
     if not isinstance(value, torch.Tensor):
-        raise UserError(f"{path} holds a {type(value).__name__}, not a features tensor (N, D) as CLAM's pt_files do")
+        raise UserError(
+            f"{path} holds a {type(value).__name__}, not a features tensor (N, D) as CLAM's pt_files do"
+        )
     return _checked(path, SlideFeatures(value.float().numpy(), None, {}))
 
 
@@ -186,8 +204,10 @@ def _checked(path: Path, slide: SlideFeatures) -> SlideFeatures:
         if coords.ndim != 2 or coords.shape[1] != 2:
             raise UserError(f"{path}: `coords` has shape {coords.shape}; expected (tiles, 2)")
         if len(coords) != len(features):
-            raise UserError(f"{path}: {len(features)} feature rows but {len(coords)} coords rows; the file is "
-                            "incomplete: delete it and extract that slide again")
+            raise UserError(
+                f"{path}: {len(features)} feature rows but {len(coords)} coords rows; the file is "
+                "incomplete: delete it and extract that slide again"
+            )
     return slide
 
 
@@ -222,8 +242,13 @@ def problems_of(path: Path, rows: int | None = None, dim: int | None = None) -> 
     return None
 
 
-def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any],
-                         coords_attrs: dict[str, Any] | None = None) -> None:
+def write_slide_features(
+    path: Path,
+    features: np.ndarray,
+    coords: np.ndarray,
+    attrs: dict[str, Any],
+    coords_attrs: dict[str, Any] | None = None,
+) -> None:
     """``features`` (N, D) float32 and ``coords`` (N, 2) int64, written atomically; ``coords_attrs`` (the
     tiling: patch_size_level0, ...) go on the ``coords`` dataset, where TRIDENT's slide encoders read them."""
     with atomic_hdf5(path) as handle:
@@ -235,10 +260,12 @@ def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, a
             handle.attrs[key] = value
 
 
-def write_patch_features(path: Path, features: np.ndarray, labels: np.ndarray, paths: list[str],
-                         attrs: dict[str, Any]) -> None:
-    """An image folder's ``features`` (N, D) float32, ``labels`` (N,) int64 and ``paths`` (N,) (relative to its
-    root), written atomically with ``attrs`` (``classes``, ``extractor``, ``weights_sha256``) on the file."""
+def write_patch_features(
+    path: Path, features: np.ndarray, labels: np.ndarray, paths: list[str], attrs: dict[str, Any]
+) -> None:
+    """An image folder's ``features`` (N, D) float32, ``labels`` (N,) int64 and ``paths`` (N,) (relative to
+    its root), written atomically with ``attrs`` (``classes``, ``extractor``, ``weights_sha256``) on the
+    file."""
     with atomic_hdf5(path) as handle:
         handle.create_dataset(FEATURES, data=features.astype(np.float32))
         handle.create_dataset("labels", data=labels.astype(np.int64))
@@ -282,12 +309,16 @@ def record_unreadable(features_dir: Path, slide_id: str, coords: np.ndarray, til
     if len(coords):
         listed = ", ".join(f"({x}, {y})" for x, y in coords[:5]) + (", ..." if len(coords) > 5 else "")
         # tqdm.write keeps the line off the progress bars.
-        tqdm.write(f"warning: slide {slide_id}: {len(coords)} of {tiles} tiles cannot be read from the slide file "
-                   f"(corrupt or damaged) and are left out of its features: {listed}; listed in {path}", file=sys.stderr)
+        tqdm.write(
+            f"warning: slide {slide_id}: {len(coords)} of {tiles} tiles cannot be read from the slide file "
+            f"(corrupt or damaged) and are left out of its features: {listed}; listed in {path}",
+            file=sys.stderr,
+        )
 
 
 def is_finished(target: Path, coords_path: Path, dim: int) -> bool:
-    """True when ``target`` is a complete features file for ``coords_path``; prints why it is redone otherwise."""
+    """True when ``target`` is a complete features file for ``coords_path``; prints why it is redone
+    otherwise."""
     if not target.exists():
         return False
     rows = coords_rows(coords_path)
@@ -300,7 +331,8 @@ def is_finished(target: Path, coords_path: Path, dim: int) -> bool:
 
 
 def require_finite(features: np.ndarray, source: str, model: str) -> None:
-    """Stop with a `UserError` naming ``source`` (``slide s1``) when ``features`` (N, D) hold a NaN or an infinity."""
+    """Stop with a `UserError` naming ``source`` (``slide s1``) when ``features`` (N, D) hold a NaN or an
+    infinity."""
     if bad := non_finite_rows(features):
         raise UserError(
             f"`model={model}` gave non-finite features (NaN or inf) for {bad} of {len(features)} images of "
@@ -318,12 +350,16 @@ def load_slides(folder: FeatureFolder, slide_ids: Iterable[str]) -> dict[str, Sl
     """
     slide_ids = list(dict.fromkeys(slide_ids))
     if cut := [s for s in slide_ids if s in folder.unfinished]:
-        raise UserError(f"CLAM did not finish {len(cut)} slide(s) in {folder.describe()}: {shown(cut)} have an .h5 "
-                        "but no pt_files/<slide_id>.pt; run CLAM's extract_features_fp.py again for them")
+        raise UserError(
+            f"CLAM did not finish {len(cut)} slide(s) in {folder.describe()}: {shown(cut)} have an .h5 "
+            "but no pt_files/<slide_id>.pt; run CLAM's extract_features_fp.py again for them"
+        )
     missing = [s for s in slide_ids if s not in folder.files]
     if missing:
-        raise UserError(f"no features file in {folder.describe()} for {len(missing)} slide(s) {shown(missing)}: run "
-                        "`histodistill extract` for them or remove them from the labels CSV")
+        raise UserError(
+            f"no features file in {folder.describe()} for {len(missing)} slide(s) {shown(missing)}: run "
+            "`histodistill extract` for them or remove them from the labels CSV"
+        )
     loaded, unreadable = {}, []
     for slide_id in slide_ids:
         try:
@@ -331,23 +367,34 @@ def load_slides(folder: FeatureFolder, slide_ids: Iterable[str]) -> dict[str, Sl
         except UserError as error:
             unreadable.append(str(error))
     if unreadable:
-        raise UserError(f"{len(unreadable)} features file(s) cannot be used: " + "; ".join(unreadable[:SHOWN])
-                        + (f"; and {len(unreadable) - SHOWN} more" if len(unreadable) > SHOWN else ""))
+        raise UserError(
+            f"{len(unreadable)} features file(s) cannot be used: "
+            + "; ".join(unreadable[:SHOWN])
+            + (f"; and {len(unreadable) - SHOWN} more" if len(unreadable) > SHOWN else "")
+        )
     dims = {s: f.features.shape[1] for s, f in loaded.items() if f.n_tiles}
     if len(set(dims.values())) > 1:
         common = max(set(dims.values()), key=list(dims.values()).count)
         odd = [f"{folder.files[s].name} ({d})" for s, d in dims.items() if d != common]
-        raise UserError(f"features in {folder.describe()} have different dimensions: most are {common}, but "
-                        f"{shown(odd)}: they come from another extractor; extract them again with the same "
-                        "model")
+        raise UserError(
+            f"features in {folder.describe()} have different dimensions: most are {common}, but "
+            f"{shown(odd)}: they come from another extractor; extract them again with the same "
+            "model"
+        )
     bad = {s: n for s, f in loaded.items() if (n := non_finite_rows(f.features))}
     if bad:
         listed = [f"{folder.files[s].name} ({n} of {loaded[s].n_tiles} rows)" for s, n in bad.items()]
-        raise UserError(f"non-finite features (NaN or inf) in {len(bad)} file(s) of {folder.describe()}: {shown(listed)}; "
-                        "extract them again (`histodistill extract --overwrite`) or remove those slides from the labels CSV")
+        raise UserError(
+            f"non-finite features (NaN or inf) in {len(bad)} file(s) of {folder.describe()}: "
+            f"{shown(listed)}; extract them again (`histodistill extract --overwrite`) or remove those "
+            "slides from the labels CSV"
+        )
     return loaded
 
 
 def feature_dim(slides: dict[str, SlideFeatures]) -> int:
     """The feature dimension D shared by the slides (the width of an empty (0, D) array counts too)."""
-    return next((f.features.shape[1] for f in slides.values() if f.n_tiles), next(iter(slides.values())).features.shape[1])
+    return next(
+        (f.features.shape[1] for f in slides.values() if f.n_tiles),
+        next(iter(slides.values())).features.shape[1],
+    )

@@ -56,24 +56,30 @@ def clean_labels(labels: Sequence[str], lines: Sequence[int], source: str) -> li
     """
     missing = [line for label, line in zip(labels, lines, strict=True) if label.lower() in MISSING]
     if missing:
-        raise UserError(f"{source}: {len(missing)} row(s) have no label (empty or NA) on line(s) {_lines(missing)}: "
-                        "give every row a label, or remove those rows")
+        raise UserError(
+            f"{source}: {len(missing)} row(s) have no label (empty or NA) on line(s) {_lines(missing)}: "
+            "give every row a label, or remove those rows"
+        )
     cleaned = [canonical(label) for label in labels]
     spellings: dict[str, Counter] = {}
     for label in cleaned:
         spellings.setdefault(label.casefold(), Counter())[label] += 1
     clashes = [counts for counts in spellings.values() if len(counts) > 1]
     if clashes:
-        shown = "; ".join(" vs ".join(f"{name!r} ({n} rows)" for name, n in sorted(counts.items()))
-                          for counts in clashes)
-        raise UserError(f"{source}: labels that differ only in case: {shown}; they would be separate classes: "
-                        "write each class one way (or rename one if they really are different classes)")
+        shown = "; ".join(
+            " vs ".join(f"{name!r} ({n} rows)" for name, n in sorted(counts.items())) for counts in clashes
+        )
+        raise UserError(
+            f"{source}: labels that differ only in case: {shown}; they would be separate classes: "
+            "write each class one way (or rename one if they really are different classes)"
+        )
     return cleaned
 
 
 def class_order(labels: Sequence[str] | set[str]) -> list[str]:
-    """Distinct labels sorted numerically when every one is a number (``2`` before ``10``), else alphabetically,
-    so ``1`` / ``positive`` / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is the positive class."""
+    """Distinct labels sorted numerically when every one is a number (``2`` before ``10``), else
+    alphabetically, so ``1`` / ``positive`` / ``tumor`` comes after ``0`` / ``negative`` / ``normal`` and is
+    the positive class."""
     distinct = set(labels)
     if all(_number(label) is not None for label in distinct):
         return sorted(distinct, key=float)

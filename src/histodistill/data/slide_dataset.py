@@ -36,7 +36,8 @@ class SlideTileDataset(Dataset):
     A tile the slide file cannot give (a corrupt JPEG tile) raises `UnreadableRegion`; with
     ``mark_unreadable`` (`extract`) its item is instead a stand-in image with coords ``(x, y, 0)``, readable
     tiles coming with ``(x, y, 1)``, so the reader leaves it out, names it and records it; with
-    ``skip_unreadable`` (training, `SlideTilesDataset`) the item is the next readable tile's (`next_readable`).
+    ``skip_unreadable`` (training, `SlideTilesDataset`) the item is the next readable tile's
+    (`next_readable`).
     """
 
     def __init__(
@@ -54,8 +55,10 @@ class SlideTileDataset(Dataset):
         self.slide_id = str(attrs.get("slide_id", self.coords_path.stem))
         self.attrs = attrs
         if not (slide_path or attrs.get("slide_path")):
-            raise UserError(f"{self.coords_path}: the coords do not name their slide (CLAM/TRIDENT coords); pass "
-                            "`slide_path=...` (`slide_paths=...`, {slide_id: path}, for SlideTilesDataset)")
+            raise UserError(
+                f"{self.coords_path}: the coords do not name their slide (CLAM/TRIDENT coords); pass "
+                "`slide_path=...` (`slide_paths=...`, {slide_id: path}, for SlideTilesDataset)"
+            )
         self.slide_path = Path(slide_path or attrs["slide_path"])
         if not self.slide_path.is_file():
             raise UserError(
@@ -68,7 +71,9 @@ class SlideTileDataset(Dataset):
         self.mpp = float(mpp) if mpp is not None else None
         # Level-0 side of a tile: exact from the mpps when the file has them (no rounding), else as stated.
         exact = self.target_mpp is not None and self.mpp is not None
-        self.patch_size_level0 = self.patch_size * self.target_mpp / self.mpp if exact else float(attrs["patch_size_level0"])
+        self.patch_size_level0 = (
+            self.patch_size * self.target_mpp / self.mpp if exact else float(attrs["patch_size_level0"])
+        )
         self.transform = transform
         self._slide = None  # opened lazily in the process that reads, never pickled (__getstate__)
 
@@ -92,8 +97,9 @@ class SlideTileDataset(Dataset):
         except UnreadableRegion:
             if not self.mark_unreadable:
                 raise
-            return marked_unreadable(torch.zeros((3, self.patch_size, self.patch_size), dtype=torch.uint8),
-                                     self.transform, x, y)
+            return marked_unreadable(
+                torch.zeros((3, self.patch_size, self.patch_size), dtype=torch.uint8), self.transform, x, y
+            )
         # The copy makes the (possibly read-only, Pillow-owned) pixels a writable (3, H, W) array.
         image = torch.from_numpy(tile.transpose(2, 0, 1).copy())  # (3, H, W)
         if self.transform is not None:
@@ -104,8 +110,9 @@ class SlideTileDataset(Dataset):
 
 
 def marked_unreadable(image: torch.Tensor, transform: Callable | None, x: int, y: int):
-    """The item of a tile whose pixels cannot be read, in ``mark_unreadable`` mode: a stand-in ``image`` (never
-    used: the reader drops the row) and coords ``(x, y, 0)``; readable tiles come with ``(x, y, 1)``."""
+    """The item of a tile whose pixels cannot be read, in ``mark_unreadable`` mode: a stand-in ``image``
+    (never used: the reader drops the row) and coords ``(x, y, 0)``; readable tiles come with ``(x, y,
+    1)``."""
     return (transform(image) if transform is not None else image), torch.tensor((x, y, 0), dtype=torch.long)
 
 
@@ -115,10 +122,10 @@ _NAMED: set[str] = set()
 
 
 def next_readable(item: Callable[[int], Item], index: int, size: int, slide_id: str, what: str) -> Item:
-    """``item(index)`` or, when the slide file cannot give its pixels (`UnreadableRegion`), the item of the next
-    index of the same slide that it can (wrapping around), so a training batch keeps its size and holds no made-up
-    pixels. The first unreadable ``what`` (tile, context window) of each slide is named in one ``warning:`` line
-    per process; a slide none of whose ``size`` items can be read is a `UserError`."""
+    """``item(index)`` or, when the slide file cannot give its pixels (`UnreadableRegion`), the item of the
+    next index of the same slide that it can (wrapping around), so a training batch keeps its size and holds
+    no made-up pixels. The first unreadable ``what`` (tile, context window) of each slide is named in one
+    ``warning:`` line per process; a slide none of whose ``size`` items can be read is a `UserError`."""
     for step in range(size):
         try:
             return item((index + step) % size)
@@ -126,12 +133,17 @@ def next_readable(item: Callable[[int], Item], index: int, size: int, slide_id: 
             if slide_id not in _NAMED:
                 _NAMED.add(slide_id)
                 x, y = damage.location
-                tqdm.write(f"warning: slide {slide_id}: a {what} at level-0 ({x}, {y}) cannot be read from "
-                           f"{damage.path} ({damage.reason}); training uses the slide's next readable {what} in "
-                           f"its place and names no further ones of this slide (`histodistill extract` lists them "
-                           "all in unreadable_tiles.csv)", file=sys.stderr)
-    raise UserError(f"slide {slide_id}: none of its {size} {what}s can be read from the slide file (corrupt or "
-                    "damaged); leave it out of the training data or restore the file")
+                tqdm.write(
+                    f"warning: slide {slide_id}: a {what} at level-0 ({x}, {y}) cannot be read from "
+                    f"{damage.path} ({damage.reason}); training uses the slide's next readable {what} in "
+                    f"its place and names no further ones of this slide (`histodistill extract` lists them "
+                    "all in unreadable_tiles.csv)",
+                    file=sys.stderr,
+                )
+    raise UserError(
+        f"slide {slide_id}: none of its {size} {what}s can be read from the slide file (corrupt or "
+        "damaged); leave it out of the training data or restore the file"
+    )
 
 
 class SlideTilesDataset(ConcatDataset):
@@ -153,11 +165,16 @@ class SlideTilesDataset(ConcatDataset):
         # Leaves out the unfinished temporary files of a running `tile` (`histodistill.io.visible_files`).
         files = visible_files(patches_dir, (".h5",))
         if not files:
-            raise UserError(f"{patches_dir}: no coords files (*.h5); run `histodistill tile ... --out DIR` "
-                            "and pass DIR/patches")
+            raise UserError(
+                f"{patches_dir}: no coords files (*.h5); run `histodistill tile ... --out DIR` "
+                "and pass DIR/patches"
+            )
         slide_paths = slide_paths or {}
         super().__init__(
-            [SlideTileDataset(path, slide_paths.get(path.stem), transform, skip_unreadable=True) for path in files]
+            [
+                SlideTileDataset(path, slide_paths.get(path.stem), transform, skip_unreadable=True)
+                for path in files
+            ]
         )
 
     @property

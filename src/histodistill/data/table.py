@@ -54,22 +54,35 @@ def read_table(path: str | os.PathLike, what: str, required: tuple[str, ...] = (
         # utf-8-sig drops Excel's byte-order mark (and reads files without one the same).
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text: save it as \"CSV UTF-8\" (Excel) or UTF-8") from None
+        raise UserError(f'{what} {path} is not UTF-8 text: save it as "CSV UTF-8" (Excel) or UTF-8') from None
     first = next((line for line in text.splitlines() if line.strip()), None)
     if first is None:
-        raise UserError(f"{what} {path} is empty: it needs a header line" + (f" with {','.join(required)}" if required else ""))
+        raise UserError(
+            f"{what} {path} is empty: it needs a header line"
+            + (f" with {','.join(required)}" if required else "")
+        )
     delimiter = sniff_delimiter(first)
     # newline="": the csv module itself handles CRLF, also inside quoted fields.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
-    records = [([cell.strip() for cell in record], reader.line_num) for record in reader
-               if any(cell.strip() for cell in record)]
+    records = [
+        ([cell.strip() for cell in record], reader.line_num)
+        for record in reader
+        if any(cell.strip() for cell in record)
+    ]
     header, body = records[0][0], records[1:]
-    table = Table(path, header, [dict(zip(header, record, strict=False)) for record, _ in body], delimiter,
-                  [line for _, line in body])
+    table = Table(
+        path,
+        header,
+        [dict(zip(header, record, strict=False)) for record, _ in body],
+        delimiter,
+        [line for _, line in body],
+    )
     missing = [c for c in required if c not in header]
     if missing:
-        raise UserError(f"{what} {path} lacks column(s) {missing} ({table.how_read()}): its header must include "
-                        f"{','.join(required)}")
+        raise UserError(
+            f"{what} {path} lacks column(s) {missing} ({table.how_read()}): its header must include "
+            f"{','.join(required)}"
+        )
     for row in table.rows:
         for column in header:
             row.setdefault(column, "")  # short rows: missing trailing cells are empty

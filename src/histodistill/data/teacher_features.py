@@ -45,16 +45,23 @@ class TeacherFeatures:
     def lookup(self, cell_coords: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """(S, 2) cell top-lefts + (S,) valid -> (S, D) float32 teacher features, zeros where not valid.
 
-        A valid cell without a feature is `UnreadableRegion` when the file records tiles its slide file could not
-        give (`extract` left them out), else a `UserError`: the cache was computed from another tiling."""
+        A valid cell without a feature is `UnreadableRegion` when the file records tiles its slide file could
+        not give (`extract` left them out), else a `UserError`: the cache was computed from another tiling."""
         features = self._open()
         out = np.zeros((len(cell_coords), features.shape[1]), np.float32)
-        wanted = [(k, (int(x), int(y))) for k, ((x, y), ok) in enumerate(zip(cell_coords, valid, strict=True)) if ok]
+        wanted = [
+            (k, (int(x), int(y))) for k, ((x, y), ok) in enumerate(zip(cell_coords, valid, strict=True)) if ok
+        ]
         missing = [xy for _, xy in wanted if xy not in self._row]
         if missing and self._attrs.get(UNREADABLE_ATTR, 0):
             side = int(round(float(self._attrs.get("patch_size_level0", 0))))
-            raise UnreadableRegion(Path(str(self._attrs.get("slide_path", self.path))), missing[0], 0, (side, side),
-                                   f"left out of the teacher cache {self.path} as unreadable")
+            raise UnreadableRegion(
+                Path(str(self._attrs.get("slide_path", self.path))),
+                missing[0],
+                0,
+                (side, side),
+                f"left out of the teacher cache {self.path} as unreadable",
+            )
         if missing:
             raise UserError(
                 f"teacher cache {self.path} has no feature for tile(s) {missing[:3]}: it was computed from a "
@@ -81,6 +88,8 @@ def feature_statistics(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, int]:
         total += rows.sum(axis=0)
         squares += (rows**2).sum(axis=0)
     if not count:
-        raise UserError(f"no teacher features to compute target statistics from in {[str(p) for p in paths][:3]}")
+        raise UserError(
+            f"no teacher features to compute target statistics from in {[str(p) for p in paths][:3]}"
+        )
     mean = total / count
     return mean, np.sqrt(np.maximum(squares / count - mean**2, 0.0)), count

@@ -109,8 +109,9 @@ class SingleDrawResizedCrop(nn.Module):
     to a centre crop, which gives other crops for large areas and extreme ratios. uint8 (3, H, W) in and out.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+    def __init__(
+        self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ) -> None:
         super().__init__()
         self.size, self.scale, self.ratio = size, scale, ratio
 
@@ -122,8 +123,16 @@ class SingleDrawResizedCrop(nn.Module):
         crop_h = min(round(math.sqrt(area / aspect)), height)
         top = int(torch.randint(0, height - crop_h + 1, (1,)).item())
         left = int(torch.randint(0, width - crop_w + 1, (1,)).item())
-        return v2.functional.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size],
-                                          interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        return v2.functional.resized_crop(
+            image,
+            top,
+            left,
+            crop_h,
+            crop_w,
+            [self.size, self.size],
+            interpolation=v2.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
 
 
 class TorchSeeded(nn.Module):
@@ -157,7 +166,10 @@ def timm_randaugment(config: str, preprocess, size: int, interpolation: str | No
     fine-tuning transform passes ``bicubic``. ``translate_const`` is only read by the absolute
     translations, which the ``rand`` op set does not use (it translates by 45 % of the size).
     """
-    hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in preprocess.mean)}
+    hparams = {
+        "translate_const": int(size * 0.45),
+        "img_mean": tuple(min(255, round(255 * m)) for m in preprocess.mean),
+    }
     if interpolation is not None:
         from timm.data.transforms import str_to_pil_interp
 
@@ -189,8 +201,9 @@ def _orientation() -> list[Callable]:
 
 
 def _finetune(size: int, preprocess) -> list[Callable]:
-    # timm.data.create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic"),
-    # as MAE's and SD-MAE's fine-tuning build it (RandomErasing comes after normalisation: see AFTER_NORMALISE).
+    # timm.data.create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+    # interpolation="bicubic"), as MAE's and SD-MAE's fine-tuning build it (RandomErasing comes after
+    # normalisation: see AFTER_NORMALISE).
     return [
         v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
@@ -203,11 +216,13 @@ def _finetune(size: int, preprocess) -> list[Callable]:
 RECIPES: dict[str, Callable[[int, object], list[Callable]]] = {
     "eval": lambda size, pre: _resize_crop(size),
     "basic": lambda size, pre: _resize_crop(size) + _orientation(),
-    "randaugment": lambda size, pre: _resize_crop(size) + [
-        v2.RandomHorizontalFlip(), timm_randaugment("rand-m10-n2-mstd0.5", pre, size)
-    ],
+    "randaugment": lambda size, pre: (
+        _resize_crop(size) + [v2.RandomHorizontalFlip(), timm_randaugment("rand-m10-n2-mstd0.5", pre, size)]
+    ),
     "mae": lambda size, pre: [
-        v2.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomResizedCrop(
+            size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+        ),
         v2.RandomHorizontalFlip(),
     ],
     "sdmae": lambda size, pre: [v2.RandomResizedCrop(size, antialias=True)],
@@ -218,7 +233,9 @@ RECIPES: dict[str, Callable[[int, object], list[Callable]]] = {
 
 # Training ops that act on the normalised float tensor (timm's RandomErasing draws normalised noise).
 AFTER_NORMALISE: dict[str, Callable[[], list[Callable]]] = {
-    "finetune": lambda: [TorchSeeded(RandomErasing(probability=0.25, mode="pixel", max_count=1, device="cpu"), pil=False)],
+    "finetune": lambda: [
+        TorchSeeded(RandomErasing(probability=0.25, mode="pixel", max_count=1, device="cpu"), pil=False)
+    ],
 }
 
 

@@ -23,26 +23,34 @@ COLOUR = None  # the model value that stands for the colour-only control in `mea
 # training on it too scored 0.687 / 0.722 against 0.755 / 0.743 (within the seed spread).
 MIL_SETTINGS = {"lr": 2e-3, "weight_decay": 1e-2, "val_fraction": 0.2}
 # The same settings as `histodistill mil` options, for the pages that report them.
-MIL_OPTIONS = tuple(part for name, value in MIL_SETTINGS.items()
-                    for part in (f"--{name.replace('_', '-')}", f"{value:g}"))
+MIL_OPTIONS = tuple(
+    part for name, value in MIL_SETTINGS.items() for part in (f"--{name.replace('_', '-')}", f"{value:g}")
+)
 
 
-def probe_nuclei(model: str | Path, nuclei_dir: Path, out_dir: Path, device: str, overwrite: bool = False) -> float:
+def probe_nuclei(
+    model: str | Path, nuclei_dir: Path, out_dir: Path, device: str, overwrite: bool = False
+) -> float:
     """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task
     (``nuclei_dir/{train,test}``); features are cached under ``out_dir`` (``overwrite``: extracted again)."""
     from histodistill.eval.probe import linear_probe, load_patch_features
     from histodistill.features.extract import extract_images
 
-    feats = {split: load_patch_features(extract_images(model, nuclei_dir / split, out_dir / split, device=device,
-                                                       overwrite=overwrite))
-             for split in ("train", "test")}
-    result = linear_probe(feats["train"].features, feats["train"].labels, feats["test"].features,
-                          feats["test"].labels, seed=0)
+    feats = {
+        split: load_patch_features(
+            extract_images(model, nuclei_dir / split, out_dir / split, device=device, overwrite=overwrite)
+        )
+        for split in ("train", "test")
+    }
+    result = linear_probe(
+        feats["train"].features, feats["train"].labels, feats["test"].features, feats["test"].labels, seed=0
+    )
     return round(float(result.metrics["balanced_accuracy"]), 3)
 
 
-def measure_extractors(models: dict[str, str | Path | None], tiles_dir: Path, out_dir: Path, nuclei_dir: Path,
-                       device: str) -> dict[str, dict]:
+def measure_extractors(
+    models: dict[str, str | Path | None], tiles_dir: Path, out_dir: Path, nuclei_dir: Path, device: str
+) -> dict[str, dict]:
     """``{name: {features_dir, tiles_per_s, parameters, probe_balanced_accuracy}}``; a model of `COLOUR`
     is the colour-only control (no parameters, no probe). Features go to ``out_dir/<name>/features_*``,
     probe features to ``out_dir/probe/<name>``. ``tiles_per_s`` counts only the slides extracted by this
@@ -57,14 +65,19 @@ def measure_extractors(models: dict[str, str | Path | None], tiles_dir: Path, ou
     rows = {}
     for name, model in models.items():
         place = out_dir / name
-        extract = (partial(colour_features, tiles_dir, place) if model is COLOUR else
-                   partial(extract_slides, model, tiles_dir, place, device=device))
+        extract = (
+            partial(colour_features, tiles_dir, place)
+            if model is COLOUR
+            else partial(extract_slides, model, tiles_dir, place, device=device)
+        )
         folder, tiles_per_s = timed_extraction(extract, place)
         rows[name] = {
-            "features_dir": str(folder), "tiles_per_s": tiles_per_s,
+            "features_dir": str(folder),
+            "tiles_per_s": tiles_per_s,
             "parameters": 0 if model is COLOUR else parameters(create_backbone(model)),
-            "probe_balanced_accuracy": None if model is COLOUR else probe_nuclei(model, nuclei_dir,
-                                                                                 out_dir / "probe" / name, device),
+            "probe_balanced_accuracy": None
+            if model is COLOUR
+            else probe_nuclei(model, nuclei_dir, out_dir / "probe" / name, device),
         }
     return rows
 
@@ -95,11 +108,22 @@ def mil_workers(device: str) -> int:
     return usable_cpus() if device == "cpu" else 1
 
 
-def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_px: int, *, model: str = "abmil",
-                   folds: int = 5, seeds: int = 3, epochs: int = 40, device: str = "cpu",
-                   workers: int | None = None) -> dict[str, dict]:
+def run_slide_task(
+    features: dict[str, Path],
+    slides_dir: Path,
+    out: Path,
+    tile_px: int,
+    *,
+    model: str = "abmil",
+    folds: int = 5,
+    seeds: int = 3,
+    epochs: int = 40,
+    device: str = "cpu",
+    workers: int | None = None,
+) -> dict[str, dict]:
     """``{extractor: scores}`` for features folders ``{extractor: <features_*> dir}`` of the slides in
-    ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``): `histodistill.eval.mil_cv.cross_validate`
+    ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``):
+    `histodistill.eval.mil_cv.cross_validate`
     per extractor into ``out/<extractor>`` (its seed runs ``seed_<s>/`` with several seeds), `MIL_SETTINGS`.
     The same seed gives the same folds for every extractor (the splits depend on the labels and seed only).
     Extractors are independent and seeded, so ``workers`` parallel processes (default `mil_workers`) give the
@@ -110,8 +134,13 @@ def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_
     from histodistill.eval.mil_cv import CVConfig, TrainConfig
 
     train = {name: value for name, value in MIL_SETTINGS.items() if name != "val_fraction"}
-    config = CVConfig(model=model, folds=folds, seeds=seeds, val_fraction=MIL_SETTINGS["val_fraction"],
-                      train=TrainConfig(epochs=epochs, device=device, **train))
+    config = CVConfig(
+        model=model,
+        folds=folds,
+        seeds=seeds,
+        val_fraction=MIL_SETTINGS["val_fraction"],
+        train=TrainConfig(epochs=epochs, device=device, **train),
+    )
     jobs = [(features[name], slides_dir / "labels.csv", out / name, config) for name in features]
     workers = min(workers or mil_workers(device), len(jobs))
     if workers > 1:
@@ -122,13 +151,15 @@ def run_slide_task(features: dict[str, Path], slides_dir: Path, out: Path, tile_
         outcomes = [_cross_validate_on_one_thread(job) for job in jobs]
     for name, (_, lines) in zip(features, outcomes, strict=True):
         print("\n".join([f"MIL on {name}:", *lines]))
-    return score_runs({name: result.runs for name, (result, _) in zip(features, outcomes, strict=True)}, slides_dir,
-                      tile_px)
+    return score_runs(
+        {name: result.runs for name, (result, _) in zip(features, outcomes, strict=True)}, slides_dir, tile_px
+    )
 
 
 def score_runs(runs: dict[str, list[Path]], slides_dir: Path, tile_px: int) -> dict[str, dict]:
     """``{extractor: scores}`` (`histodistill.eval.slide_task.slide_task_scores`) of finished MIL runs
-    ``{extractor: [run dir per CV seed]}`` (`histodistill.eval.mil_cv.seed_runs`) on the slides of ``slides_dir`` (their exact tumour masks)."""
+    ``{extractor: [run dir per CV seed]}`` (`histodistill.eval.mil_cv.seed_runs`) on the slides of
+    ``slides_dir`` (their exact tumour masks)."""
     from histodistill.eval.slide_task import slide_task_scores
 
     tumour = exact_tumour(slides_dir, tile_px)
@@ -136,8 +167,9 @@ def score_runs(runs: dict[str, list[Path]], slides_dir: Path, tile_px: int) -> d
 
 
 def exact_tumour(slides_dir: Path, tile_px: int):
-    """``tumour(slide_id, coords (N, 2)) -> (N,) bool``: which tiles of a slide in ``slides_dir`` (`make_slides`
-    output) lie in its exact tumour mask; what localisation and tile-probe AUROCs are scored against."""
+    """``tumour(slide_id, coords (N, 2)) -> (N,) bool``: which tiles of a slide in ``slides_dir``
+    (`make_slides` output) lie in its exact tumour mask; what localisation and tile-probe AUROCs are scored
+    against."""
     from histodistill.samples.synthetic_slides import tumor_tile_labels
 
     def tumour(slide_id, coords):

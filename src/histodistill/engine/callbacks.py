@@ -40,7 +40,9 @@ class StepReseed(L.Callback):
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         key = [seed, trainer.current_epoch, batch_idx, trainer.global_rank]
         state = np.random.SeedSequence(key).generate_state(1)
@@ -76,7 +78,9 @@ class RunSummary(L.Callback):
         self._write(trainer)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.summary["test"] = {k: v for k, v in _numbers(trainer.callback_metrics).items() if k.startswith("test/")}
+        self.summary["test"] = {
+            k: v for k, v in _numbers(trainer.callback_metrics).items() if k.startswith("test/")
+        }
         self._write(trainer)
 
     def _write(self, trainer: L.Trainer) -> None:

@@ -91,8 +91,9 @@ class HistodistillCLI(LightningCLI):
             self.ckpt_path = check_run_dir(config.trainer.default_root_dir, config.resume, config.overwrite)
 
     def instantiate_classes(self) -> None:
-        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights cannot
-        # be had, a ConfigError) in a ValueError listing the Union's subtypes; the user needs our one line.
+        # jsonargparse wraps what a class raises while it is built (e.g. a model whose pretrained weights
+        # cannot be had, a ConfigError) in a ValueError listing the Union's subtypes; the user needs our one
+        # line.
         with rendering_parameters(config_flags(self.config)):
             try:
                 super().instantiate_classes()
@@ -122,12 +123,18 @@ def fit_main(argv: list[str]) -> int:
         except UnicodeDecodeError:
             # jsonargparse reports missing and malformed config files itself, but not binary ones.
             configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-            raise UserError(f"--config {' '.join(configs)}: not a YAML text file (UTF-8); pass a recipe such as "
-                            "configs/supervised/tiny_cpu.yaml") from None
+            raise UserError(
+                f"--config {' '.join(configs)}: not a YAML text file (UTF-8); pass a recipe such as "
+                "configs/supervised/tiny_cpu.yaml"
+            ) from None
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    resume = "add --resume to continue from checkpoints/last.ckpt (or --overwrite to start again if there is none)"
-    with rendering_parameters(config_flags(cli.config)), \
-            reporting_full_disk(trainer.default_root_dir, lambda: checkpoint_space(model), resume):
+    resume = (
+        "add --resume to continue from checkpoints/last.ckpt (or --overwrite to start again if there is none)"
+    )
+    with (
+        rendering_parameters(config_flags(cli.config)),
+        reporting_full_disk(trainer.default_root_dir, lambda: checkpoint_space(model), resume),
+    ):
         with expected_warnings_silenced(model):
             trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
         if getattr(datamodule, "datasets", {}).get("test") is not None:

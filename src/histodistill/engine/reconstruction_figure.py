@@ -31,7 +31,9 @@ def save_reconstruction_grid(preview: dict[str, torch.Tensor], path: str | Path,
     for row in range(n):
         for col, name in enumerate(COLUMNS):
             ax = axes[row][col]
-            ax.imshow(preview[name][row].permute(1, 2, 0).float().cpu().clamp(0, 1).numpy(), interpolation="nearest")
+            ax.imshow(
+                preview[name][row].permute(1, 2, 0).float().cpu().clamp(0, 1).numpy(), interpolation="nearest"
+            )
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(name, fontsize=9)
@@ -60,20 +62,28 @@ class ReconstructionFigure(L.Callback):
         self._images: torch.Tensor | None = None
         self._last_step = -1
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         if self._images is None:
             self._images = batch[0][: self.num_images].detach().cpu().clone()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
             self.write(trainer, pl_module, f"reconstruction_step{step:07d}.png", f"step {step}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(trainer, pl_module, "reconstruction_final.png", f"end of training (step {trainer.global_step})")
+        self.write(
+            trainer, pl_module, "reconstruction_final.png", f"end of training (step {trainer.global_step})"
+        )
 
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, filename: str, title: str) -> Path | None:
+    def write(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, filename: str, title: str
+    ) -> Path | None:
         if self._images is None or not trainer.is_global_zero:
             return None
         was_training = pl_module.training

@@ -7,8 +7,8 @@
   metrics.json                  final and best metrics at the end (RunSummary)
   tensorboard/                  TensorBoard events
   checkpoints/last.ckpt         end of the latest epoch: what ``resume`` continues from
-  checkpoints/best-<name>.ckpt  best value of each metric the method monitors: weights only (no optimiser state)
-  figures/                      PNGs written by the method (confusion matrices, ...)
+  checkpoints/best-<name>.ckpt  best value of each metric the method monitors: weights only (no optimiser
+  state) figures/                      PNGs written by the method (confusion matrices, ...)
 ```
 """
 
@@ -44,12 +44,16 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool) -> 
     last = last_checkpoint(run_dir)
     if resume:
         if not last.is_file():
-            raise UserError(f"`resume=True`: {last} does not exist; run without `resume=True` to start, "
-                            "or set trainer.default_root_dir to the run you want to continue")
+            raise UserError(
+                f"`resume=True`: {last} does not exist; run without `resume=True` to start, "
+                "or set trainer.default_root_dir to the run you want to continue"
+            )
         return last
     if last.is_file() and not overwrite:
-        raise UserError(f"{run_dir} already holds a run ({last}): add `resume=True` to continue it, "
-                        "`overwrite=True` to start it again in place, or choose another trainer.default_root_dir")
+        raise UserError(
+            f"{run_dir} already holds a run ({last}): add `resume=True` to continue it, "
+            "`overwrite=True` to start it again in place, or choose another trainer.default_root_dir"
+        )
     return None
 
 

@@ -41,8 +41,10 @@ def read_attention(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dic
             coords, scores = handle["coords"][:].astype(np.int64), handle["scores"][:].astype(np.float32)
             return coords, scores, dict(handle.attrs)
     except (OSError, KeyError) as error:
-        raise UserError(f"attention file {path} cannot be read ({type(error).__name__}: {error}): it is truncated "
-                        "or not from `histodistill mil`; run `histodistill mil` again to rewrite it") from None
+        raise UserError(
+            f"attention file {path} cannot be read ({type(error).__name__}: {error}): it is truncated "
+            "or not from `histodistill mil`; run `histodistill mil` again to rewrite it"
+        ) from None
 
 
 def rank_scale(scores: np.ndarray) -> np.ndarray:
@@ -53,7 +55,11 @@ def rank_scale(scores: np.ndarray) -> np.ndarray:
 
 
 def score_raster(
-    shape_hw: tuple[int, int], coords: np.ndarray, values: np.ndarray, patch_size_level0: int, downsample: float
+    shape_hw: tuple[int, int],
+    coords: np.ndarray,
+    values: np.ndarray,
+    patch_size_level0: int,
+    downsample: float,
 ) -> np.ndarray:
     """(h, w) float raster at thumbnail scale: each tile's box holds its value, NaN where no tile is.
 
@@ -61,7 +67,8 @@ def score_raster(
     the tile whose top-left lies in the overlap.
     """
     raster = np.full(shape_hw, np.nan)
-    boxes = np.round(np.concatenate([coords, coords + patch_size_level0], axis=1) / downsample).astype(int)  # (N, 4)
+    # (N, 4)
+    boxes = np.round(np.concatenate([coords, coords + patch_size_level0], axis=1) / downsample).astype(int)
     boxes = np.clip(boxes, 0, [shape_hw[1], shape_hw[0], shape_hw[1], shape_hw[0]])
     for (x0, y0, x1, y1), value in zip(boxes, values, strict=True):
         raster[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] = value  # at least one pixel per tile
@@ -73,11 +80,15 @@ def infer_patch_size_level0(coords: np.ndarray) -> int:
     steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
     steps = np.concatenate([s[s > 0] for s in steps])
     if not len(steps):
-        raise UserError("cannot infer the patch size from a single tile: add patch_size_level0 to the features file")
+        raise UserError(
+            "cannot infer the patch size from a single tile: add patch_size_level0 to the features file"
+        )
     return int(steps.min())
 
 
-def overlay(thumbnail: np.ndarray, raster: np.ndarray, cmap: str, alpha: float, vmin: float, vmax: float) -> np.ndarray:
+def overlay(
+    thumbnail: np.ndarray, raster: np.ndarray, cmap: str, alpha: float, vmin: float, vmax: float
+) -> np.ndarray:
     """(h, w, 3) uint8: the raster's colours blended over the thumbnail with opacity ``alpha``; pixels
     without a tile (NaN) keep the thumbnail as it is."""
     normalized = np.clip((raster - vmin) / max(vmax - vmin, 1e-12), 0, 1)
@@ -100,7 +111,9 @@ def draw_heatmap(
     width_in = MAX_WIDTH_PX / DPI
     figure, axes = plt.subplots(1, 2, figsize=(width_in, width_in / 2 * h / w + 0.8), dpi=DPI)
     finite = raster[np.isfinite(raster)]
-    vmin, vmax = (0.0, 1.0) if scale == "rank" or not len(finite) else (float(finite.min()), float(finite.max()))
+    vmin, vmax = (
+        (0.0, 1.0) if scale == "rank" or not len(finite) else (float(finite.min()), float(finite.max()))
+    )
     axes[0].imshow(thumbnail)
     axes[1].imshow(overlay(thumbnail, raster, cmap, alpha, vmin, vmax))
     for ax, name in zip(axes, ("thumbnail", title or "attention"), strict=True):
@@ -115,13 +128,21 @@ def draw_heatmap(
     plt.close(figure)
 
 
-def draw_montage(path: str | os.PathLike, top: list[np.ndarray], bottom: list[np.ndarray], top_scores, bottom_scores,
-                 title: str = "") -> None:
+def draw_montage(
+    path: str | os.PathLike,
+    top: list[np.ndarray],
+    bottom: list[np.ndarray],
+    top_scores,
+    bottom_scores,
+    title: str = "",
+) -> None:
     """Two rows of tiles: the ``k`` highest-scored (top row) and the ``k`` lowest; PNG ≤ 1600 px wide."""
     k = max(len(top), len(bottom), 1)
     cell_in = min(2.0, MAX_WIDTH_PX / DPI / k)
     figure, axes = plt.subplots(2, k, figsize=(cell_in * k, cell_in * 2 + 0.6), dpi=DPI, squeeze=False)
-    for row, (tiles, scores, name) in enumerate(((top, top_scores, "top"), (bottom, bottom_scores, "bottom"))):
+    for row, (tiles, scores, name) in enumerate(
+        ((top, top_scores, "top"), (bottom, bottom_scores, "bottom"))
+    ):
         for col in range(k):
             ax = axes[row, col]
             ax.set_axis_off()
@@ -157,20 +178,26 @@ def slide_heatmap(
     coords, scores, attrs = read_attention(attention_path)
     slide = open_slide(slide_path)
     slide_id = Path(attention_path).stem
-    patch0 = int(attrs["patch_size_level0"]) if "patch_size_level0" in attrs else infer_patch_size_level0(coords)
+    patch0 = (
+        int(attrs["patch_size_level0"]) if "patch_size_level0" in attrs else infer_patch_size_level0(coords)
+    )
     slide.unreadable.clear()  # the slide is cached per process: only this figure's reads
     thumbnail = slide.get_thumbnail(thumbnail_size).copy()
     downsample = slide.dimensions[0] / thumbnail.shape[1]
     for damage in slide.unreadable:  # read as glass by `get_thumbnail`; drawn as missing instead
         (x, y), scale = damage.location, slide.level_downsamples[damage.level] / downsample
         x0, y0 = int(x / downsample), int(y / downsample)
-        thumbnail[y0 : y0 + max(1, round(damage.size[1] * scale)), x0 : x0 + max(1, round(damage.size[0] * scale))] = MISSING
+        thumbnail[
+            y0 : y0 + max(1, round(damage.size[1] * scale)), x0 : x0 + max(1, round(damage.size[0] * scale))
+        ] = MISSING
     damaged = list(slide.unreadable)
     values = rank_scale(scores) if scale == "rank" else scores
     raster = score_raster(thumbnail.shape[:2], coords, values, patch0, downsample)
     # The class name where the run wrote one (older runs: the class index).
     label = attrs.get("label_name", attrs.get("label"))
-    title = f"{slide_id}: attention" + (f" (true class: {label}, scored by fold {attrs.get('fold')})" if label is not None else "")
+    title = f"{slide_id}: attention" + (
+        f" (true class: {label}, scored by fold {attrs.get('fold')})" if label is not None else ""
+    )
     out_dir = Path(out_dir)
     heatmap_path, montage_path = out_dir / f"{slide_id}_heatmap.png", out_dir / f"{slide_id}_tiles.png"
     draw_heatmap(heatmap_path, thumbnail, raster, scale, title, alpha)
@@ -186,15 +213,24 @@ def slide_heatmap(
         return np.asarray(Image.fromarray(pixels).resize((tile_px, tile_px)))
 
     top, bottom = order[:k], order[::-1][:k]
-    draw_montage(montage_path, [tile(i) for i in top], [tile(i) for i in bottom], scores[top], scores[bottom],
-                 f"{slide_id}: top and bottom {k} tiles")
+    draw_montage(
+        montage_path,
+        [tile(i) for i in top],
+        [tile(i) for i in bottom],
+        scores[top],
+        scores[bottom],
+        f"{slide_id}: top and bottom {k} tiles",
+    )
     if damaged:
         from tqdm import tqdm
 
         (x, y), regions = damaged[0].location, len({(d.location, d.level) for d in damaged})
-        tqdm.write(f"warning: slide {slide_id}: {regions} region(s) of {slide.path} cannot be read (corrupt or "
-                   f"damaged; first: level-0 ({x}, {y}): {damaged[0].reason}); drawn grey (missing) in "
-                   f"{heatmap_path.name} and {montage_path.name}", file=sys.stderr)
+        tqdm.write(
+            f"warning: slide {slide_id}: {regions} region(s) of {slide.path} cannot be read (corrupt or "
+            f"damaged; first: level-0 ({x}, {y}): {damaged[0].reason}); drawn grey (missing) in "
+            f"{heatmap_path.name} and {montage_path.name}",
+            file=sys.stderr,
+        )
     return heatmap_path, montage_path
 
 
@@ -206,9 +242,17 @@ def csv_slide_paths(source: Path) -> dict[str, Path]:
     return {row["slide_id"]: (source.parent / row["path"]).resolve() for row in rows}
 
 
-def run_heatmaps(run: str | os.PathLike, slides: str | os.PathLike | None = None, slide_ext: str | None = None,
-                 slide_ids: list[str] | None = None, out: str | os.PathLike | None = None, top_k: int = 8,
-                 scale: Scale = "rank", alpha: float = 0.5, thumbnail_size: int = 1024) -> tuple[list[str], Path]:
+def run_heatmaps(
+    run: str | os.PathLike,
+    slides: str | os.PathLike | None = None,
+    slide_ext: str | None = None,
+    slide_ids: list[str] | None = None,
+    out: str | os.PathLike | None = None,
+    top_k: int = 8,
+    scale: Scale = "rank",
+    alpha: float = 0.5,
+    thumbnail_size: int = 1024,
+) -> tuple[list[str], Path]:
     """`slide_heatmap` for every slide with attention in a MIL run directory ``run`` (``run/attention``), or
     ``slide_ids``; returns (the slides drawn, the output folder: ``out``, default ``run/figures/heatmaps``).
 
@@ -224,10 +268,16 @@ def run_heatmaps(run: str | os.PathLike, slides: str | os.PathLike | None = None
     attention = {p.stem: p for p in visible_files(run / "attention", (".h5",))}
     if not attention:
         seeds = sorted(p.name for p in run.glob("seed_*") if (p / "attention").is_dir())
-        raise UserError(f"no attention files in {run / 'attention'}: " + (
-            f"{run} holds the runs of several CV seeds, pass one of them as `run=...` "
-            f"({', '.join(seeds)} in {run})" if seeds
-            else "pass as `run=...` the run directory of a MIL cross-validation (`histodistill mil --out`)"))
+        raise UserError(
+            f"no attention files in {run / 'attention'}: "
+            + (
+                f"{run} holds the runs of several CV seeds, pass one of them as `run=...` "
+                f"({', '.join(seeds)} in {run})"
+                if seeds
+                else "pass as `run=...` the run directory of a MIL cross-validation (`histodistill mil "
+                "--out`)"
+            )
+        )
     wanted = slide_ids or sorted(attention)
     if unknown := [s for s in wanted if s not in attention]:
         raise UserError(f"`slide_ids={unknown}`: no attention for them in {run / 'attention'}")
@@ -235,11 +285,20 @@ def run_heatmaps(run: str | os.PathLike, slides: str | os.PathLike | None = None
     if slides is not None and Path(slides).is_file():
         paths = csv_slide_paths(Path(slides))
         if missing := [s for s in wanted if s not in paths]:
-            raise UserError(f"`slides={slides}` has no slide for {missing[:5]}: add them or restrict `slide_ids=...`")
+            raise UserError(
+                f"`slides={slides}` has no slide for {missing[:5]}: add them or restrict `slide_ids=...`"
+            )
     else:
         paths = {s: find_slide(attention[s], {**attrs[s], "slide_id": s}, slides, slide_ext) for s in wanted}
     out = Path(out) if out else run / "figures" / "heatmaps"
     for slide_id in tqdm(wanted, desc="heatmaps", unit="slide", dynamic_ncols=True):
-        slide_heatmap(paths[slide_id], attention[slide_id], out, top_k=top_k, scale=scale, alpha=alpha,
-                      thumbnail_size=thumbnail_size)
+        slide_heatmap(
+            paths[slide_id],
+            attention[slide_id],
+            out,
+            top_k=top_k,
+            scale=scale,
+            alpha=alpha,
+            thumbnail_size=thumbnail_size,
+        )
     return wanted, out

@@ -57,27 +57,32 @@ class ImageProbeData:
     num_workers: int = 0
 
 
-def open_image_folders(train_dir: str | os.PathLike, test_dir: str | os.PathLike) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+def open_image_folders(
+    train_dir: str | os.PathLike, test_dir: str | os.PathLike
+) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """Both folders listed and checked (class subfolders with images, the same classes) before any work;
     `UserError` naming the folder otherwise."""
     train, test = ImageFolderDataset(train_dir), ImageFolderDataset(test_dir)
     if train.classes != test.classes:
-        raise UserError(f"`test_dir={test_dir}` has classes {test.classes} but `train_dir={train_dir}` has "
-                        f"{train.classes}: both folders need the same class subfolders")
+        raise UserError(
+            f"`test_dir={test_dir}` has classes {test.classes} but `train_dir={train_dir}` has "
+            f"{train.classes}: both folders need the same class subfolders"
+        )
     return train, test
 
 
 def eval_features(data: ImageProbeData, batch_size: int = BATCH_SIZE) -> tuple[PatchFeatures, PatchFeatures]:
-    """Features (N, D) of the train and test images under the backbone's eval transform (resize + centre crop),
-    ``batch_size`` images per forward pass."""
+    """Features (N, D) of the train and test images under the backbone's eval transform (resize + centre
+    crop), ``batch_size`` images per forward pass."""
     transform = build_transform("eval", data.backbone.spec.preprocess, train=False)
     prepare_model(data.backbone, data.device)
     out = []
     for folder, name in ((data.train, "train"), (data.test, "test")):
         dataset = copy.copy(folder)  # the same files, another transform
         dataset.transform = transform
-        features, labels = extract_features(data.backbone, dataset, batch_size, data.num_workers, data.device,
-                                            desc=f"{name} images")
+        features, labels = extract_features(
+            data.backbone, dataset, batch_size, data.num_workers, data.device, desc=f"{name} images"
+        )
         require_finite(features, f"image folder {dataset.root}", data.backbone.spec.name)
         paths = np.array([str(path.relative_to(dataset.root)) for path, _ in dataset.samples])
         out.append(PatchFeatures(features, labels.astype(np.int64), paths, list(dataset.classes)))
@@ -85,8 +90,15 @@ def eval_features(data: ImageProbeData, batch_size: int = BATCH_SIZE) -> tuple[P
 
 
 def mae_image_probe(
-    data: ImageProbeData, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0, num_classes: int | None = None,
-    epochs: int = EPOCHS, warmup_epochs: int = WARMUP_EPOCHS, batch_size: int = BATCH_SIZE, base_lr: float = BASE_LR,
+    data: ImageProbeData,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    seed: int = 0,
+    num_classes: int | None = None,
+    epochs: int = EPOCHS,
+    warmup_epochs: int = WARMUP_EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    base_lr: float = BASE_LR,
 ) -> ProbeResult:
     """The MAE linear probe trained on ``data.train``'s images, augmented afresh every epoch (``linprobe``
     recipe), scored on the test features ``test_x`` (M, D) (eval transform, `eval_features`)."""
@@ -96,13 +108,32 @@ def mae_image_probe(
     orders = mae_batch_orders(len(train), batch_size, epochs, seed)
     # SeededAugmentation's item epoch * N + i is image i drawn with the generator seeded by (seed, epoch, i).
     keys = [(epoch * len(train) + index).tolist() for epoch, order in enumerate(orders) for index in order]
-    loader = DataLoader(SeededAugmentation(train, seed), batch_sampler=keys, num_workers=data.num_workers,
-                        pin_memory=data.device.type == "cuda")
-    steps = tqdm(loader, desc=f"linear probe, seed {seed}, {epochs} epochs", unit="step", leave=False, dynamic_ncols=True)
+    loader = DataLoader(
+        SeededAugmentation(train, seed),
+        batch_sampler=keys,
+        num_workers=data.num_workers,
+        pin_memory=data.device.type == "cuda",
+    )
+    steps = tqdm(
+        loader,
+        desc=f"linear probe, seed {seed}, {epochs} epochs",
+        unit="step",
+        leave=False,
+        dynamic_ncols=True,
+    )
     batches = _frozen_features(data.backbone, steps, data.device, f"augmented images of {train.root}")
-    head = train_mae_head(batches, data.backbone.num_features,
-                          num_classes, orders[0].shape[1], len(orders[0]), seed, epochs, warmup_epochs, base_lr,
-                          data.device)
+    head = train_mae_head(
+        batches,
+        data.backbone.num_features,
+        num_classes,
+        orders[0].shape[1],
+        len(orders[0]),
+        seed,
+        epochs,
+        warmup_epochs,
+        base_lr,
+        data.device,
+    )
     return score_head(head, test_x, test_y, num_classes)
 
 
@@ -121,7 +152,10 @@ def image_linear_probe(data: ImageProbeData) -> Callable[..., ProbeResult]:
 
 
 def _frozen_features(
-    backbone: Backbone, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, source: str,
+    backbone: Backbone,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    source: str,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features (B, D), labels (B,)) per batch, from the backbone in eval mode without gradients; a NaN or
     inf feature stops the run (`UserError` naming ``source``) instead of training the head on it."""

@@ -53,7 +53,8 @@ def ovr_auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
         return float("nan")
     if probs.shape[1] == 2:
         return float(binary_aurocs((y_true == 1)[None], probs[None, :, 1])[0])
-    return float(np.mean(binary_aurocs(y_true[None] == present[:, None], probs[:, present].T)))  # (K, N) -> (K,)
+    # (K, N) -> (K,)
+    return float(np.mean(binary_aurocs(y_true[None] == present[:, None], probs[:, present].T)))
 
 
 def ovr_aurocs(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -87,7 +88,9 @@ def _class_probs(probs: np.ndarray) -> np.ndarray:
     return np.stack([1 - probs, probs], axis=-1) if probs.ndim == 2 else probs
 
 
-def bootstrap_auroc(labels: np.ndarray, probs: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_auroc(
+    labels: np.ndarray, probs: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """``(mean AUROC, CI low, CI high)`` for ``labels`` (S,) class indices (0/1 when binary) and ``probs``
     of R repeats of the same S items (CV seeds): (R, S) probabilities of the positive class, or (R, S, C)
     class probabilities (AUROC one-vs-rest, `ovr_auroc`). The point is the mean over repeats of each
@@ -112,8 +115,9 @@ class PairedAUROC:
     ratio: tuple[float, float, float]
 
 
-def paired_bootstrap_auroc(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, n_boot: int = 2000,
-                           seed: int = 0) -> PairedAUROC:
+def paired_bootstrap_auroc(
+    labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> PairedAUROC:
     """AUROCs of models a and b scored on the same items, with 95 % percentile CIs of b - a and b / a from
     ONE resampling of the items: each resample scores both models on the same items, so what the two
     share (which items are hard) cancels out of the difference instead of widening its CI.
@@ -131,11 +135,17 @@ def paired_bootstrap_auroc(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.
         low, high = np.percentile(samples, [2.5, 97.5])
         return value, float(low), float(high)
 
-    return PairedAUROC(interval(point[0], a), interval(point[1], b), interval(point[1] - point[0], b - a),
-                       interval(point[1] / point[0], b / a))
+    return PairedAUROC(
+        interval(point[0], a),
+        interval(point[1], b),
+        interval(point[1] - point[0], b - a),
+        interval(point[1] / point[0], b / a),
+    )
 
 
-def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float]:
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, num_classes: int
+) -> dict[str, float]:
     """``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``auroc`` (one-vs-rest), ``kappa_qw``
     (quadratic-weighted Cohen's kappa) from labels (N,) and class probabilities (N, C)."""
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -179,7 +189,14 @@ def plot_confusion(
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     for (row, col), count in np.ndenumerate(counts):
-        axes.text(col, row, str(count), ha="center", va="center", color="white" if recall[row, col] > 0.5 else "black")
+        axes.text(
+            col,
+            row,
+            str(count),
+            ha="center",
+            va="center",
+            color="white" if recall[row, col] > 0.5 else "black",
+        )
     if title:
         axes.set_title(title)
     figure.tight_layout()
@@ -190,8 +207,9 @@ def plot_confusion(
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Linear centred kernel alignment of two representations of the same N items, ``x`` (N, D1) and ``y``
-    (N, D2): ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc (Kornblith et al. 2019,
-    eq. 5). 1 for representations equal up to rotation and isotropic scaling; needs no map between D1 and D2."""
+    (N, D2): ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc (Kornblith et al.
+    2019, eq. 5). 1 for representations equal up to rotation and isotropic scaling; needs no map between D1
+    and D2."""
     x = np.asarray(x, np.float64) - np.mean(x, axis=0)
     y = np.asarray(y, np.float64) - np.mean(y, axis=0)
     cross = np.linalg.norm(y.T @ x) ** 2

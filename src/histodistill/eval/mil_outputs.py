@@ -49,16 +49,23 @@ def load_model(run_dir: str | os.PathLike, fold: int) -> tuple[torch.nn.Module, 
     """Rebuild fold ``fold``'s best model from a run directory; returns (model in eval mode, model.json)."""
     checkpoints = Path(run_dir) / "checkpoints"
     if not (checkpoints / MODEL_JSON).is_file():
-        raise UserError(f"{checkpoints / MODEL_JSON} not found: is {run_dir} the --out of a `histodistill mil` run?")
+        raise UserError(
+            f"{checkpoints / MODEL_JSON} not found: is {run_dir} the --out of a `histodistill mil` run?"
+        )
     description = json.loads((checkpoints / MODEL_JSON).read_text())
     model = create_mil(
-        description["model"], description["in_dim"], len(description["classes"]), **description["model_kwargs"]
+        description["model"],
+        description["in_dim"],
+        len(description["classes"]),
+        **description["model_kwargs"],
     )
     model.load_state_dict(load_file(str(checkpoints / f"fold_{fold}.safetensors")))
     return model.eval(), description
 
 
-def write_predictions(path: Path, results: list[FoldResult], classes: list[str], id_column: str = "slide_id") -> None:
+def write_predictions(
+    path: Path, results: list[FoldResult], classes: list[str], id_column: str = "slide_id"
+) -> None:
     """``<id_column>,label,prob_<class>...,fold`` per test bag (``case_id`` when bags are whole cases)."""
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -75,13 +82,31 @@ def write_pooled_predictions(path: Path, predictions, classes: list[str], seeds:
     ``prob_<class>_seed<s>``."""
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([predictions.id_column, "label", *(f"prob_{c}" for c in classes),
-                         *(name for s in seeds for name in (f"fold_seed{s}", *(f"prob_{c}_seed{s}" for c in classes)))])
+        writer.writerow(
+            [
+                predictions.id_column,
+                "label",
+                *(f"prob_{c}" for c in classes),
+                *(name for s in seeds for name in (f"fold_seed{s}", *(f"prob_{c}_seed{s}" for c in classes))),
+            ]
+        )
         for i, bag_id in enumerate(predictions.bag_ids):
-            per_seed = [value for r in range(len(seeds)) for value in (
-                int(predictions.folds[r, i]), *(f"{p:.6f}" for p in predictions.probs_per_seed[r, i]))]
-            writer.writerow([bag_id, classes[predictions.labels[i]], *(f"{p:.6f}" for p in predictions.probs[i]),
-                             *per_seed])
+            per_seed = [
+                value
+                for r in range(len(seeds))
+                for value in (
+                    int(predictions.folds[r, i]),
+                    *(f"{p:.6f}" for p in predictions.probs_per_seed[r, i]),
+                )
+            ]
+            writer.writerow(
+                [
+                    bag_id,
+                    classes[predictions.labels[i]],
+                    *(f"{p:.6f}" for p in predictions.probs[i]),
+                    *per_seed,
+                ]
+            )
 
 
 def write_history(path: Path, results: list[FoldResult]) -> None:
@@ -95,7 +120,9 @@ def write_history(path: Path, results: list[FoldResult]) -> None:
                 writer.writerow({"fold": result.fold} | row)
 
 
-def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult], classes: list[str]) -> list[str]:
+def write_attention(
+    run_dir: Path, dataset: BagDataset, results: list[FoldResult], classes: list[str]
+) -> list[str]:
     """Out-of-fold instance scores per slide (a case bag is cut back into its slides), with the tile
     coords, the label (index and class name) and the features file's tiling attributes
     (``patch_size_level0``...) for the heatmap.
@@ -105,7 +132,9 @@ def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult
     index_of = {bag.bag_id: i for i, bag in enumerate(dataset.bags)}
     without_coords = []
     for result in results:
-        for bag_id, scores, label in zip(result.test.bag_ids, result.test.scores, result.test.labels, strict=True):
+        for bag_id, scores, label in zip(
+            result.test.bag_ids, result.test.scores, result.test.labels, strict=True
+        ):
             item = dataset[index_of[bag_id]]
             for s, slide_id in enumerate(dataset.bags[index_of[bag_id]].slide_ids):
                 if not dataset.has_coords[slide_id]:
@@ -116,7 +145,9 @@ def write_attention(run_dir: Path, dataset: BagDataset, results: list[FoldResult
                     out["coords"] = item["coords"].numpy()[rows]  # (N_slide, 2) level-0 top-left
                     out["scores"] = scores[rows].astype(np.float32)  # (N_slide,)
                     out.attrs.update({k: v for k, v in dataset.attrs[slide_id].items() if np.isscalar(v)})
-                    out.attrs.update(fold=result.fold, bag_id=bag_id, label=int(label), label_name=classes[int(label)])
+                    out.attrs.update(
+                        fold=result.fold, bag_id=bag_id, label=int(label), label_name=classes[int(label)]
+                    )
     return without_coords
 
 
@@ -128,7 +159,11 @@ def plot_roc(path: Path, results: list[FoldResult], classes: list[str]) -> None:
         for r in results:
             if len(np.unique(r.test.labels)) == 2:
                 fpr, tpr, _ = roc_curve(r.test.labels, r.test.probs[:, 1])
-                axes.plot(fpr, tpr, label=f"fold {r.fold} (AUROC {roc_auc_score(r.test.labels, r.test.probs[:, 1]):.3f})")
+                axes.plot(
+                    fpr,
+                    tpr,
+                    label=f"fold {r.fold} (AUROC {roc_auc_score(r.test.labels, r.test.probs[:, 1]):.3f})",
+                )
         axes.set_title(f"ROC for {classes[1]!r} per fold")
     else:
         labels = np.concatenate([r.test.labels for r in results])
@@ -136,7 +171,9 @@ def plot_roc(path: Path, results: list[FoldResult], classes: list[str]) -> None:
         for c, name in enumerate(classes):
             if 0 < (labels == c).sum() < len(labels):
                 fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
-                axes.plot(fpr, tpr, label=f"{name} vs rest (AUROC {roc_auc_score(labels == c, probs[:, c]):.3f})")
+                axes.plot(
+                    fpr, tpr, label=f"{name} vs rest (AUROC {roc_auc_score(labels == c, probs[:, c]):.3f})"
+                )
         axes.set_title("one-vs-rest ROC, all folds' test predictions")
     axes.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
     axes.set_xlabel("false positive rate")

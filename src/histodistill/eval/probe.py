@@ -73,8 +73,13 @@ class PatchFeatures:
 
 
 def linear_probe(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0,
-    C: float | None = None, num_classes: int | None = None,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    seed: int = 0,
+    C: float | None = None,
+    num_classes: int | None = None,
 ) -> ProbeResult:
     """Logistic regression on standardised features; ``C=None`` chooses it by inner CV on the train split."""
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
@@ -90,7 +95,9 @@ def _fit_logistic(train_x: np.ndarray, train_y: np.ndarray, seed: int, C: float 
     if C is None and inner >= 2:
         # Inner folds need at least two samples of every class; otherwise C falls back to 1.0.
         classifier = LogisticRegressionCV(
-            Cs=list(C_GRID), cv=StratifiedKFold(inner, shuffle=True, random_state=seed), max_iter=2000,
+            Cs=list(C_GRID),
+            cv=StratifiedKFold(inner, shuffle=True, random_state=seed),
+            max_iter=2000,
             random_state=seed,
         )
     else:
@@ -108,7 +115,10 @@ def linear_classifier(train_x: np.ndarray, train_y: np.ndarray, num_classes: int
     scaler, logistic = model[0], model[-1]
     coef, intercept = logistic.coef_, logistic.intercept_  # (C', D), (C',); binary: (1, D)
     if len(logistic.classes_) == 2:  # sklearn's binary form: one logit; as two, softmax gives the same odds
-        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+        coef, intercept = (
+            np.concatenate([-coef / 2, coef / 2]),
+            np.concatenate([-intercept / 2, intercept / 2]),
+        )
     weight = np.zeros((num_classes, train_x.shape[1]))
     bias = np.full(num_classes, -1e4)
     weight[logistic.classes_] = coef / scaler.scale_
@@ -121,17 +131,27 @@ def linear_classifier(train_x: np.ndarray, train_y: np.ndarray, num_classes: int
 
 
 def knn_probe(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0,
-    k: int = 20, temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    seed: int = 0,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
 ) -> ProbeResult:
-    """DINO's temperature-weighted cosine kNN. ``seed`` is accepted for symmetry: the vote is deterministic."""
+    """DINO's temperature-weighted cosine kNN. ``seed`` is accepted for symmetry: the vote is
+    deterministic."""
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     train = torch.nn.functional.normalize(torch.as_tensor(train_x, dtype=torch.float32), dim=1)  # (Ntr, D)
     labels = torch.as_tensor(train_y, dtype=torch.long)
     k = min(k, len(train))
     probs = []
     for start in range(0, len(test_x), chunk):
-        test = torch.nn.functional.normalize(torch.as_tensor(test_x[start:start + chunk], dtype=torch.float32), dim=1)
+        test = torch.nn.functional.normalize(
+            torch.as_tensor(test_x[start : start + chunk], dtype=torch.float32), dim=1
+        )
         similarity, index = (test @ train.T).topk(k, dim=1)  # (B, k)
         weights = (similarity / temperature).exp()  # (B, k)
         votes = torch.zeros(len(test), num_classes).scatter_add_(1, labels[index], weights)  # (B, C)
@@ -140,7 +160,8 @@ def knn_probe(
     return ProbeResult(classification_metrics(test_y, probs, num_classes), probs)
 
 
-# main_linprobe.py / run_mae_eval_linear.py defaults: --epochs 90, --warmup_epochs 10, --batch_size 512 (per GPU),
+# main_linprobe.py / run_mae_eval_linear.py defaults: --epochs 90, --warmup_epochs 10, --batch_size 512 (per
+# GPU),
 # --blr 0.1 (lr = blr x batch / 256).
 EPOCHS, WARMUP_EPOCHS, BATCH_SIZE, BASE_LR = 90, 10, 512, 0.1
 
@@ -155,9 +176,16 @@ def mae_batch_orders(n: int, batch_size: int, epochs: int, seed: int) -> list[to
 
 
 def train_mae_head(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], dim: int, num_classes: int, batch: int,
-    steps_per_epoch: int, seed: int = 0, epochs: int = EPOCHS, warmup_epochs: int = WARMUP_EPOCHS,
-    base_lr: float = BASE_LR, device: torch.device | str = "cpu",
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    dim: int,
+    num_classes: int,
+    batch: int,
+    steps_per_epoch: int,
+    seed: int = 0,
+    epochs: int = EPOCHS,
+    warmup_epochs: int = WARMUP_EPOCHS,
+    base_lr: float = BASE_LR,
+    device: torch.device | str = "cpu",
 ) -> nn.Sequential:
     """Train MAE's linear-probe head on ``batches``: ``epochs x steps_per_epoch`` pairs of features (B, D)
     and labels (B,), on ``device``; returns the head in eval mode.
@@ -174,8 +202,15 @@ def train_mae_head(
         nn.init.trunc_normal_(head[1].weight, std=0.01)  # MoCo v3 / MAE: the head starts near zero
         nn.init.zeros_(head[1].bias)
     head.to(device).train()
-    config = OptimConfig(name="sgd", lr=base_lr, reference_batch_size=256, momentum=0.9, weight_decay=0.0,
-                         warmup_epochs=warmup_epochs, min_lr=0.0)
+    config = OptimConfig(
+        name="sgd",
+        lr=base_lr,
+        reference_batch_size=256,
+        momentum=0.9,
+        weight_decay=0.0,
+        warmup_epochs=warmup_epochs,
+        min_lr=0.0,
+    )
     lr = scaled_lr(config, batch)
     optimizer = build_optimizer(head, config, lr)
     scheduler = build_scheduler(optimizer, config, lr, epochs * steps_per_epoch, steps_per_epoch)
@@ -188,7 +223,9 @@ def train_mae_head(
     return head.eval()
 
 
-def score_head(head: nn.Module, test_x: np.ndarray | torch.Tensor, test_y: np.ndarray, num_classes: int) -> ProbeResult:
+def score_head(
+    head: nn.Module, test_x: np.ndarray | torch.Tensor, test_y: np.ndarray, num_classes: int
+) -> ProbeResult:
     """Metrics of a trained head on test features (M, D)."""
     device = next(head.parameters()).device
     with torch.no_grad():
@@ -197,11 +234,19 @@ def score_head(head: nn.Module, test_x: np.ndarray | torch.Tensor, test_y: np.nd
 
 
 def mae_linear_probe(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0,
-    num_classes: int | None = None, epochs: int = EPOCHS, warmup_epochs: int = WARMUP_EPOCHS,
-    batch_size: int = BATCH_SIZE, base_lr: float = BASE_LR,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    seed: int = 0,
+    num_classes: int | None = None,
+    epochs: int = EPOCHS,
+    warmup_epochs: int = WARMUP_EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    base_lr: float = BASE_LR,
 ) -> ProbeResult:
-    """MAE's linear probe (`train_mae_head`) on frozen features ``train_x`` (N, D), scored on ``test_x`` (M, D).
+    """MAE's linear probe (`train_mae_head`) on frozen features ``train_x`` (N, D), scored on ``test_x`` (M,
+    D).
 
     Shuffled batches of B = 512, the last incomplete one dropped (`mae_batch_orders`); a training set
     smaller than ``batch_size`` is one batch per step (the lr still follows its size / 256). Precomputed
@@ -213,8 +258,17 @@ def mae_linear_probe(
     y = torch.as_tensor(train_y, dtype=torch.long)
     orders = mae_batch_orders(len(x), batch_size, epochs, seed)
     batches = ((x[index], y[index]) for order in orders for index in order)  # index: (batch,) sample indices
-    head = train_mae_head(batches, x.shape[1], num_classes, orders[0].shape[1], len(orders[0]), seed, epochs,
-                          warmup_epochs, base_lr)
+    head = train_mae_head(
+        batches,
+        x.shape[1],
+        num_classes,
+        orders[0].shape[1],
+        len(orders[0]),
+        seed,
+        epochs,
+        warmup_epochs,
+        base_lr,
+    )
     return score_head(head, test_x, test_y, num_classes)
 
 
@@ -222,7 +276,9 @@ PROBES = {"linear": linear_probe, "knn": knn_probe}
 LINEAR_PROTOCOLS = {"sklearn": linear_probe, "mae": mae_linear_probe}
 
 
-def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike | None = None) -> PatchFeatures:
+def load_patch_features(
+    path: str | os.PathLike, labels_csv: str | os.PathLike | None = None
+) -> PatchFeatures:
     """Read a ``features.h5`` of `histodistill extract --images` (or a folder holding one), or a folder of
     per-slide features (ours, CLAM's, TRIDENT's; see `load_slide_embeddings`).
 
@@ -240,14 +296,19 @@ def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike |
         with h5py.File(path) as handle:
             missing = {FEATURES, "labels"} - set(handle)
             if missing:
-                raise UserError(f"{path} has no {sorted(missing)} datasets: not a patch features file from `extract --images`")
+                raise UserError(
+                    f"{path} has no {sorted(missing)} datasets: not a patch features file from `extract "
+                    "--images`"
+                )
             features = handle[FEATURES][:].astype(np.float32)
             labels = handle["labels"][:].astype(np.int64)
             paths = handle["paths"].asstr()[:] if "paths" in handle else np.arange(len(labels)).astype(str)
             classes = [str(c) for c in handle.attrs.get("classes", [str(i) for i in range(labels.max() + 1)])]
     except (OSError, KeyError, ValueError) as error:
-        raise UserError(f"{path} cannot be read ({type(error).__name__}: {error}): it is truncated or not a features "
-                        "file; extract it again with `histodistill extract --images ... --overwrite`") from None
+        raise UserError(
+            f"{path} cannot be read ({type(error).__name__}: {error}): it is truncated or not a features "
+            "file; extract it again with `histodistill extract --images ... --overwrite`"
+        ) from None
     if bad := non_finite_rows(features):
         raise UserError(f"{path} has {bad} non-finite rows (NaN or inf) of {len(features)}: extract it again")
     if labels_csv is None:
@@ -255,14 +316,16 @@ def load_patch_features(path: str | os.PathLike, labels_csv: str | os.PathLike |
     table = read_table(labels_csv, "labels CSV", ("path", "label"))
     rows = table.rows
     if not rows:
-        raise UserError(f"`labels_csv={labels_csv}`: expected a CSV with columns path,label and at least one "
-                        "row")
+        raise UserError(
+            f"`labels_csv={labels_csv}`: expected a CSV with columns path,label and at least one row"
+        )
     row_labels = clean_labels([row["label"] for row in rows], table.lines, f"`labels_csv={labels_csv}`")
     position = {p: i for i, p in enumerate(paths)}
     unknown = [row["path"] for row in rows if row["path"] not in position]
     if unknown:
-        raise UserError(f"`labels_csv={labels_csv}`: {len(unknown)} paths are not in {path}, "
-                        f"e.g. {unknown[:3]}")
+        raise UserError(
+            f"`labels_csv={labels_csv}`: {len(unknown)} paths are not in {path}, e.g. {unknown[:3]}"
+        )
     classes = class_order(row_labels)
     keep = np.array([position[row["path"]] for row in rows])
     new_labels = np.array([classes.index(label) for label in row_labels], dtype=np.int64)
@@ -275,16 +338,22 @@ def load_slide_embeddings(folder: str | os.PathLike, labels_csv: str | os.PathLi
     try:
         feature_folder = open_feature_folder(folder)
     except UserError:
-        raise UserError(f"{folder} holds neither a {PATCH_FEATURES} (`histodistill extract --images`) nor per-slide "
-                        "features files (`extract --coords`, CLAM, TRIDENT): pass one of those") from None
+        raise UserError(
+            f"{folder} holds neither a {PATCH_FEATURES} (`histodistill extract --images`) nor per-slide "
+            "features files (`extract --coords`, CLAM, TRIDENT): pass one of those"
+        ) from None
     if labels_csv is None:
-        raise UserError(f"{folder} is a folder of per-slide features: pass as `labels_csv=...` a "
-                        "case_id,slide_id,label CSV to probe mean-pooled slide embeddings")
+        raise UserError(
+            f"{folder} is a folder of per-slide features: pass as `labels_csv=...` a "
+            "case_id,slide_id,label CSV to probe mean-pooled slide embeddings"
+        )
     rows = read_labels(labels_csv)
     slides = load_slides(feature_folder, [r.slide_id for r in rows])
     if empty := [r.slide_id for r in rows if not slides[r.slide_id].n_tiles]:
-        raise UserError(f"{len(empty)} slide(s) in {feature_folder.describe()} have no tissue tiles (features (0, D)): "
-                        f"{shown(empty)}; remove them from the labels CSV")
+        raise UserError(
+            f"{len(empty)} slide(s) in {feature_folder.describe()} have no tissue tiles (features (0, D)): "
+            f"{shown(empty)}; remove them from the labels CSV"
+        )
     classes = class_names(rows)
     features = np.stack([slides[r.slide_id].features.mean(axis=0) for r in rows]).astype(np.float32)  # (S, D)
     labels = np.array([classes.index(r.label) for r in rows], dtype=np.int64)
@@ -328,14 +397,21 @@ def evaluate_probes(
     probes = {**PROBES, "linear": linear or LINEAR_PROTOCOLS[linear_protocol]}
     linear_options = {"C": C} if linear_protocol == "sklearn" else dict(mae_options or {})
     options = {"linear": linear_options, "knn": {"k": k, "temperature": temperature}}
-    results: dict = {"protocol": "train/test" if test is not None else f"{folds}-fold CV", "seeds": list(seeds),
-                     "classes": data.classes, "options": options, "linear_protocol": linear_protocol,
-                     **(record or {})}
+    results: dict = {
+        "protocol": "train/test" if test is not None else f"{folds}-fold CV",
+        "seeds": list(seeds),
+        "classes": data.classes,
+        "options": options,
+        "linear_protocol": linear_protocol,
+        **(record or {}),
+    }
     for name, probe in probes.items():
         runs, first_truth, first_pred = [], [], []
         for seed in seeds:
             for split, (train_x, train_y, test_x, test_y) in enumerate(_splits(data, test, folds, seed)):
-                result = probe(train_x, train_y, test_x, test_y, seed, num_classes=num_classes, **options[name])
+                result = probe(
+                    train_x, train_y, test_x, test_y, seed, num_classes=num_classes, **options[name]
+                )
                 runs.append({"seed": seed, "split": split, **result.metrics})
                 if seed == seeds[0]:
                     first_truth.append(test_y)
@@ -343,12 +419,19 @@ def evaluate_probes(
         metric_names = list(runs[0].keys() - {"seed", "split"})
         results[name] = {
             "mean": {m: float(np.nanmean([r[m] for r in runs])) for m in sorted(metric_names)},
-            "std": {m: float(np.nanstd([r[m] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
-                    for m in sorted(metric_names)},
+            "std": {
+                m: float(np.nanstd([r[m] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+                for m in sorted(metric_names)
+            },
             "runs": runs,
         }
-        plot_confusion(np.concatenate(first_truth), np.concatenate(first_pred), data.classes,
-                       Path(out_dir) / f"confusion_{name}.png", title=f"{name} probe, seed {seeds[0]}")
+        plot_confusion(
+            np.concatenate(first_truth),
+            np.concatenate(first_pred),
+            data.classes,
+            Path(out_dir) / f"confusion_{name}.png",
+            title=f"{name} probe, seed {seeds[0]}",
+        )
     write_json(Path(out_dir) / "probe.json", results)
     return results
 
@@ -360,11 +443,12 @@ def _splits(data: PatchFeatures, test: PatchFeatures | None, folds: int, seed: i
     counts = np.bincount(data.labels, minlength=len(data.classes))
     if folds < 2 or counts.min() < folds:
         per_class = ", ".join(f"{name!r} {n}" for name, n in zip(data.classes, counts, strict=True))
-        raise ConfigError(f"`folds={folds}`: every class needs at least {max(folds, 2)} samples, one per test "
-                          f"fold; samples per class are {per_class}. "
-                          + (f"Either lower `folds=...` to {counts.min()}, add" if counts.min() >= 2
-                             else "Add")
-                          + " samples of the small classes, or pass a test set (`test=...`)")
+        raise ConfigError(
+            f"`folds={folds}`: every class needs at least {max(folds, 2)} samples, one per test "
+            f"fold; samples per class are {per_class}. "
+            + (f"Either lower `folds=...` to {counts.min()}, add" if counts.min() >= 2 else "Add")
+            + " samples of the small classes, or pass a test set (`test=...`)"
+        )
     if data.groups is None:
         parts = StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.features, data.labels)
     else:

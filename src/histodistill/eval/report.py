@@ -37,7 +37,12 @@ FIGURE_FOLDERS = {"figures", "qc", "heatmaps"}  # where stages write their PNGs
 MAX_FIGURE_PX = 1100  # wider figures are shrunk: the page column is 1200 px
 MAX_FIGURE_BYTES = 400_000  # heavier ones are re-encoded as JPEG
 SUMMARY_JSON = "summary.json"  # a demo's per-extractor results, the report's opening table
-DISTILL_MODELS = ("teacher", "student_untuned", "student")  # the rows of `histodistill distill`'s summary.json
+# the rows of `histodistill distill`'s summary.json
+DISTILL_MODELS = (
+    "teacher",
+    "student_untuned",
+    "student",
+)
 # (key in summary.json, column header, format); a missing or null value shows as "–".
 # The first four are the distill table's columns (docs/benchmarks/distill.md).
 EXTRACTOR_COLUMNS = (
@@ -51,7 +56,8 @@ EXTRACTOR_COLUMNS = (
 )
 
 STYLE = """
-body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d1d24;background:#fafafa}
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;\
+margin:0;color:#1d1d24;background:#fafafa}
 header{background:#3b2a5a;color:#fff;padding:18px 28px}header h1{margin:0 0 4px;font-size:22px}
 header p{margin:0;opacity:.85}nav{padding:8px 28px;background:#ece8f3;position:sticky;top:0}
 nav a{margin-right:14px;color:#3b2a5a;text-decoration:none;font-weight:600}
@@ -81,22 +87,29 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, max_images:
         distilled = isinstance(summary, dict) and DISTILL_MODELS[0] in summary
         first = _distill_section(summary) if distilled else _extractor_section(summary)
         parts = [first, _timings_section(run_dir, timings)]
-        parts += [_directory_section(run_dir / name, name, max_images) for name in timings if (run_dir / name).is_dir()]
+        parts += [
+            _directory_section(run_dir / name, name, max_images)
+            for name in timings
+            if (run_dir / name).is_dir()
+        ]
         title = f"histodistill {'distill' if distilled else 'demo'} — {run_dir.resolve().name}"
     else:
         parts = [_directory_section(run_dir, run_dir.resolve().name, max_images)]
         title = f"histodistill run — {run_dir.resolve().name}"
     sections = [part for part in parts if part]
     if not sections:
-        raise UserError(f"{run_dir} holds nothing to report (no metrics, figures or config): is it a run directory?")
+        raise UserError(
+            f"{run_dir} holds nothing to report (no metrics, figures or config): is it a run directory?"
+        )
     nav = "".join(f'<a href="#{_anchor(name)}">{html.escape(name)}</a>' for name, _ in sections)
+    main = "".join(body for _, body in sections)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
-        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(str(run_dir.resolve()))} · generated {stamp}</p></header>"
-        f"<nav>{nav}</nav><main>{''.join(body for _, body in sections)}</main></body></html>\n"
+        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(str(run_dir.resolve()))} · generated "
+        f"{stamp}</p></header><nav>{nav}</nav><main>{main}</main></body></html>\n"
     )
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
@@ -119,12 +132,16 @@ def _timings_section(run_dir: Path, timings: dict) -> tuple[str, str]:
     for name, seconds in timings.items():
         record = _read_json(run_dir / name / "stage.json") or {}
         summary = ", ".join(f"{k}={v}" for k, v in (record.get("summary") or {}).items())
-        rows.append(f'<tr><td><a href="#{_anchor(name)}">{html.escape(name)}</a></td>'
-                    f'<td class="num">{seconds:.1f} s</td><td>{html.escape(summary)}</td></tr>')
+        rows.append(
+            f'<tr><td><a href="#{_anchor(name)}">{html.escape(name)}</a></td>'
+            f'<td class="num">{seconds:.1f} s</td><td>{html.escape(summary)}</td></tr>'
+        )
     total = sum(timings.values())
     rows.append(f'<tr><th>total</th><td class="num"><b>{total:.1f} s</b></td><td></td></tr>')
-    body = ('<section id="s-stages"><h2>Stages and timing</h2><table><tr><th>stage</th><th>time</th>'
-            f'<th>summary</th></tr>{"".join(rows)}</table></section>')
+    body = (
+        '<section id="s-stages"><h2>Stages and timing</h2><table><tr><th>stage</th><th>time</th>'
+        f"<th>summary</th></tr>{''.join(rows)}</table></section>"
+    )
     return "stages", body
 
 
@@ -145,8 +162,11 @@ def _extractor_section(summary: dict | None) -> tuple[str, str] | None:
         rows.append(f"<tr><td>{html.escape(row.get('label', row['name']))}</td>{''.join(cells)}</tr>")
     verdict = f"<p><b>{html.escape(summary['verdict'])}</b></p>" if summary.get("verdict") else ""
     note = f"<p>{html.escape(summary['note'])}</p>" if summary.get("note") else ""
-    body = (f'<section id="s-summary"><h2>Which extractor?</h2>{verdict}{note}<table><tr><th>extractor</th>{head}</tr>'
-            f'{"".join(rows)}</table></section>')
+    body = (
+        '<section id="s-summary"><h2>Which extractor?</h2>'
+        f"{verdict}{note}<table><tr><th>extractor</th>{head}</tr>"
+        f"{''.join(rows)}</table></section>"
+    )
     return "summary", body
 
 
@@ -154,42 +174,83 @@ def _distill_section(summary: dict) -> tuple[str, str]:
     """`histodistill distill`'s answer: the verdict, the teacher and both students side by side, their slide
     AUROCs with CIs as a plot, retention, speed-up and the projection on this machine."""
     unit = summary["projection"]["unit"]
-    head = "".join(f"<th>{html.escape(title)}</th>" for title in (
-        "model", "slide AUROC [95 % CI]", "slide bal. acc.", "tiles/s (extraction)", "tiles/s (forward)",
-        "parameters", f"{unit} for 10k slides"))
+    head = "".join(
+        f"<th>{html.escape(title)}</th>"
+        for title in (
+            "model",
+            "slide AUROC [95 % CI]",
+            "slide bal. acc.",
+            "tiles/s (extraction)",
+            "tiles/s (forward)",
+            "parameters",
+            f"{unit} for 10k slides",
+        )
+    )
     rows = []
     for key in DISTILL_MODELS:
         row = summary[key]
-        auroc = "–" if row["slide_auroc"] is None else "{:.3f} [{:.3f}, {:.3f}]".format(row["slide_auroc"],
-                                                                                     *row["slide_auroc_ci"])
-        cells = [auroc, *("–" if row.get(k) is None else spec.format(row[k]) for k, spec in (
-            ("balanced_accuracy", "{:.3f}"), ("tiles_per_s", "{:,.0f}"), ("forward_tiles_per_s", "{:,.0f}"),
-            ("parameters", "{:,}"), ("projected_hours", "{:,.1f}")))]
-        rows.append(f"<tr><td>{html.escape(row['name'])}</td>"
-                    + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells) + "</tr>")
+        auroc = (
+            "–"
+            if row["slide_auroc"] is None
+            else "{:.3f} [{:.3f}, {:.3f}]".format(row["slide_auroc"], *row["slide_auroc_ci"])
+        )
+        cells = [
+            auroc,
+            *(
+                "–" if row.get(k) is None else spec.format(row[k])
+                for k, spec in (
+                    ("balanced_accuracy", "{:.3f}"),
+                    ("tiles_per_s", "{:,.0f}"),
+                    ("forward_tiles_per_s", "{:,.0f}"),
+                    ("parameters", "{:,}"),
+                    ("projected_hours", "{:,.1f}"),
+                )
+            ),
+        ]
+        rows.append(
+            f"<tr><td>{html.escape(row['name'])}</td>"
+            + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells)
+            + "</tr>"
+        )
     retention, fit, machine = summary["retention"], summary["fit"], summary["machine"]
     facts = [f"Speed-up of the student ({summary['speed_measure']}): {summary['speedup']}x."]
     if retention["value"] is not None:
         low, high = ("unbounded" if v is None else f"{v:.1%}" for v in retention["ci"])
-        facts.insert(0, "Retention (student / teacher slide AUROC, paired bootstrap over the same slides): "
-                        f"{retention['value']:.1%} [95 % CI {low}, {high}].")
+        facts.insert(
+            0,
+            "Retention (student / teacher slide AUROC, paired bootstrap over the same slides): "
+            f"{retention['value']:.1%} [95 % CI {low}, {high}].",
+        )
     else:
         agreement = summary.get("agreement", {})
-        facts.insert(0, f"No slide labels: the AUROC comparison needs a labels CSV. Feature agreement on "
-                        f"{agreement.get('tiles')} tiles ({agreement.get('slides')} slides): cosine "
-                        f"{agreement.get('student_cosine')}, linear CKA {summary['student'].get('feature_cka')}.")
-    facts.append(f"Projection: 10,000 slides of 10,000 tiles in {unit} at the rates measured on this machine "
-                 f"({machine['gpu'] or machine['cpu']}, {machine['cores']} CPU cores, device {machine['device']}).")
-    unlabeled = "fine-tunes on the target cohort's slides, unlabeled, as the paper does" if fit.get("unlabeled") \
+        facts.insert(
+            0,
+            f"No slide labels: the AUROC comparison needs a labels CSV. Feature agreement on "
+            f"{agreement.get('tiles')} tiles ({agreement.get('slides')} slides): cosine "
+            f"{agreement.get('student_cosine')}, linear CKA {summary['student'].get('feature_cka')}.",
+        )
+    facts.append(
+        f"Projection: 10,000 slides of 10,000 tiles in {unit} at the rates measured on this machine "
+        f"({machine['gpu'] or machine['cpu']}, {machine['cores']} CPU cores, device {machine['device']})."
+    )
+    unlabeled = (
+        "fine-tunes on the target cohort's slides, unlabeled, as the paper does"
+        if fit.get("unlabeled")
         else "trains on the labelled patches given"
-    facts.append(f"The fit ({fit['method']}) {unlabeled}: {fit['slides_fit']} slides in the fit, {fit['slides_held_out']} "
-                 f"held out, {fit['steps']} optimiser steps; the student started from "
-                 f"{fit['student_start']} weights.")
+    )
+    facts.append(
+        f"The fit ({fit['method']}) {unlabeled}: {fit['slides_fit']} slides in the fit, "
+        f"{fit['slides_held_out']} held out, {fit['steps']} optimiser steps; the student started from "
+        f"{fit['student_start']} weights."
+    )
     plot = _auroc_figure(summary)
     figure = f'<div class="gallery">{_figure(plot, "slide AUROC with 95 % CI")}</div>' if plot else ""
-    body = (f'<section id="s-summary"><h2>Distilled: does the student keep the teacher\'s slide AUROC?</h2>'
-            f"<p><b>{html.escape(summary['verdict'])}</b></p><table><tr>{head}</tr>{''.join(rows)}</table>{figure}"
-            + "".join(f"<p>{html.escape(fact)}</p>" for fact in facts) + "</section>")
+    body = (
+        f'<section id="s-summary"><h2>Distilled: does the student keep the teacher\'s slide AUROC?</h2>'
+        f"<p><b>{html.escape(summary['verdict'])}</b></p><table><tr>{head}</tr>{''.join(rows)}</table>{figure}"
+        + "".join(f"<p>{html.escape(fact)}</p>" for fact in facts)
+        + "</section>"
+    )
     return "summary", body
 
 
@@ -204,8 +265,10 @@ def _auroc_figure(summary: dict) -> bytes | None:
     import matplotlib.pyplot as plt
 
     values = [row["slide_auroc"] for row in rows]
-    errors = [[v - row["slide_auroc_ci"][0] for v, row in zip(values, rows, strict=True)],
-              [row["slide_auroc_ci"][1] - v for v, row in zip(values, rows, strict=True)]]
+    errors = [
+        [v - row["slide_auroc_ci"][0] for v, row in zip(values, rows, strict=True)],
+        [row["slide_auroc_ci"][1] - v for v, row in zip(values, rows, strict=True)],
+    ]
     fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
     ax.errorbar(range(len(rows)), values, yerr=errors, fmt="o", capsize=6, color="#3b2a5a")
     ax.set_xticks(range(len(rows)), ["teacher", "student (un-tuned)", "student (tuned)"])
@@ -226,13 +289,17 @@ def _directory_section(directory: Path, name: str, max_images: int) -> tuple[str
     for path in sorted(directory.rglob("metrics.csv")):
         curves = _curves_figure(path)
         if curves:
-            blocks.append(f"<h3>Training curves ({html.escape(str(path.parent.relative_to(directory)) or '.')})</h3>"
-                          f'<div class="gallery">{_figure(curves, "training curves")}</div>')
+            blocks.append(
+                f"<h3>Training curves ({html.escape(str(path.parent.relative_to(directory)) or '.')})</h3>"
+                f'<div class="gallery">{_figure(curves, "training curves")}</div>'
+            )
     blocks += _galleries(directory, max_images)
     for path in sorted(directory.rglob("config.yaml")):
         text = path.read_text(errors="replace")
-        blocks.append(f"<details><summary>config: {html.escape(str(path.relative_to(directory)))}</summary>"
-                      f"<pre>{html.escape(text)}</pre></details>")
+        blocks.append(
+            f"<details><summary>config: {html.escape(str(path.relative_to(directory)))}</summary>"
+            f"<pre>{html.escape(text)}</pre></details>"
+        )
     if not blocks:
         return None
     return name, f'<section id="{_anchor(name)}"><h2>{html.escape(name)}</h2>{"".join(blocks)}</section>'
@@ -267,7 +334,8 @@ def _metrics_table(path: Path, root: Path) -> str:
     records = [(key, value) for key, value in rows if _is_records(value)]
     cells = "".join(
         f'<tr><td>{html.escape(key)}</td><td class="num">{html.escape(_format(value))}</td></tr>'
-        for key, value in rows if not _is_records(value)
+        for key, value in rows
+        if not _is_records(value)
     )
     tables = "".join(_records_table(key, value) for key, value in records)
     return f"<h3>Metrics ({html.escape(str(path.relative_to(root)))})</h3><table>{cells}</table>{tables}"
@@ -278,7 +346,9 @@ def _records_table(name: str, records: list[dict]) -> str:
     keys = list(dict.fromkeys(key for record in records for key in record))
     head = "".join(f"<th>{html.escape(key)}</th>" for key in keys)
     body = "".join(
-        "<tr>" + "".join(f'<td class="num">{html.escape(_format(r.get(key, "")))}</td>' for key in keys) + "</tr>"
+        "<tr>"
+        + "".join(f'<td class="num">{html.escape(_format(r.get(key, "")))}</td>' for key in keys)
+        + "</tr>"
         for r in records
     )
     return f"<p><b>{html.escape(name)}</b></p><table><tr>{head}</tr>{body}</table>"
@@ -318,7 +388,7 @@ def _curves_figure(path: Path) -> bytes | None:
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("step", fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -354,7 +424,9 @@ def _galleries(directory: Path, max_images: int) -> list[str]:
         more = f" — {len(paths) - len(shown)} more not shown" if len(paths) > len(shown) else ""
         figures = "".join(_figure(_screen_sized(p), str(p.relative_to(directory))) for p in shown)
         label = str(folder.relative_to(directory)) if folder != directory else "."
-        blocks.append(f"<h3>Figures ({html.escape(label)}){html.escape(more)}</h3><div class=\"gallery\">{figures}</div>")
+        blocks.append(
+            f'<h3>Figures ({html.escape(label)}){html.escape(more)}</h3><div class="gallery">{figures}</div>'
+        )
     return blocks
 
 
@@ -377,5 +449,7 @@ def _screen_sized(path: Path) -> bytes:
 def _figure(image: bytes, caption: str) -> str:
     mime = "image/png" if image[:4] == b"\x89PNG" else "image/jpeg"
     data = base64.b64encode(image).decode("ascii")
-    return (f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(caption)}" loading="lazy">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(caption)}" loading="lazy">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )

@@ -35,12 +35,15 @@ from histodistill.eval.probe import linear_probe
 def read_predictions(run_dir: str | os.PathLike, positive: str) -> dict[str, tuple[int, float]]:
     """``{slide_id: (label is positive, probability of positive)}`` from a run's predictions.csv."""
     with open(Path(run_dir) / "predictions.csv", newline="") as handle:
-        return {row["slide_id"]: (int(row["label"] == positive), float(row[f"prob_{positive}"]))
-                for row in csv.DictReader(handle)}
+        return {
+            row["slide_id"]: (int(row["label"] == positive), float(row[f"prob_{positive}"]))
+            for row in csv.DictReader(handle)
+        }
 
 
-def localisation_aurocs(run_dir: str | os.PathLike, positives: Sequence[str],
-                        tumour: Callable[[str, np.ndarray], np.ndarray]) -> list[float]:
+def localisation_aurocs(
+    run_dir: str | os.PathLike, positives: Sequence[str], tumour: Callable[[str, np.ndarray], np.ndarray]
+) -> list[float]:
     """Per positive slide with both tumour and benign tiles: AUROC of its instance scores for tumour."""
     values = []
     for slide_id in positives:
@@ -52,10 +55,15 @@ def localisation_aurocs(run_dir: str | os.PathLike, positives: Sequence[str],
     return values
 
 
-def slide_task_scores(run_dirs: Sequence[str | os.PathLike], tumour: Callable[[str, np.ndarray], np.ndarray],
-                      positive: str = "positive", n_boot: int = 2000) -> dict:
+def slide_task_scores(
+    run_dirs: Sequence[str | os.PathLike],
+    tumour: Callable[[str, np.ndarray], np.ndarray],
+    positive: str = "positive",
+    n_boot: int = 2000,
+) -> dict:
     """Scores of one extractor over its MIL runs (one per CV seed, same slides): ``auroc``,
-    ``auroc_ci`` [low, high], ``auroc_per_seed``, ``balanced_accuracy``, ``localisation_auroc``, ``slides``."""
+    ``auroc_ci`` [low, high], ``auroc_per_seed``, ``balanced_accuracy``, ``localisation_auroc``,
+    ``slides``."""
     runs = [read_predictions(run, positive) for run in run_dirs]
     slides = sorted(runs[0])
     labels = np.array([runs[0][s][0] for s in slides])
@@ -64,16 +72,24 @@ def slide_task_scores(run_dirs: Sequence[str | os.PathLike], tumour: Callable[[s
     positives = [s for s, y in zip(slides, labels, strict=True) if y]
     localisation = [v for run in run_dirs for v in localisation_aurocs(run, positives, tumour)]
     return {
-        "auroc": round(auroc, 4), "auroc_ci": [round(low, 4), round(high, 4)],
+        "auroc": round(auroc, 4),
+        "auroc_ci": [round(low, 4), round(high, 4)],
         "auroc_per_seed": [round(float(roc_auc_score(labels, p)), 4) for p in probs],
-        "balanced_accuracy": round(float(np.mean([balanced_accuracy_score(labels, p > 0.5) for p in probs])), 4),
+        "balanced_accuracy": round(
+            float(np.mean([balanced_accuracy_score(labels, p > 0.5) for p in probs])), 4
+        ),
         "localisation_auroc": round(float(np.mean(localisation)), 4) if localisation else None,
         "slides": len(slides),
     }
 
 
-def tile_probe_auroc(features_dir: str | os.PathLike, slide_ids: Sequence[str],
-                     tumour: Callable[[str, np.ndarray], np.ndarray], folds: int = 5, seed: int = 0) -> float:
+def tile_probe_auroc(
+    features_dir: str | os.PathLike,
+    slide_ids: Sequence[str],
+    tumour: Callable[[str, np.ndarray], np.ndarray],
+    folds: int = 5,
+    seed: int = 0,
+) -> float:
     """AUROC for tumour of every tile of ``slide_ids`` (benign slides' tiles are all negatives), each scored
     by `histodistill.eval.probe.linear_probe` (standardised logistic regression, C by inner CV) trained on
     the tiles of the other folds' slides: ``folds`` folds by slide (GroupKFold), so no slide is both
@@ -86,6 +102,7 @@ def tile_probe_auroc(features_dir: str | os.PathLike, slide_ids: Sequence[str],
     groups = np.concatenate([np.full(slides[s].n_tiles, i) for i, s in enumerate(slide_ids)])
     scores = np.zeros(len(truth))
     for train, test in GroupKFold(folds, shuffle=True, random_state=seed).split(features, truth, groups):
-        scores[test] = linear_probe(features[train], truth[train], features[test], truth[test], seed=seed,
-                                    num_classes=2).probs[:, 1]
+        scores[test] = linear_probe(
+            features[train], truth[train], features[test], truth[test], seed=seed, num_classes=2
+        ).probs[:, 1]
     return float(roc_auc_score(truth, scores))

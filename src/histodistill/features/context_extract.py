@@ -66,27 +66,36 @@ class CentreCellTiles(Dataset):
 
     A window is kept when at least one of its s*s cells is a tile, which the centre always is, so every
     tile gets one; our coords whose tiles are not on `histodistill tile`'s grid are refused. ``slide_path``:
-    the slide, for coords that do not name it (CLAM, TRIDENT). With ``mark_unreadable`` (`extract`), coords are
-    ``(x, y, readable)`` and a window touching pixels the slide file cannot give is marked unreadable instead of
-    raising `UnreadableRegion` (`SlideTileDataset` does the same).
+    the slide, for coords that do not name it (CLAM, TRIDENT). With ``mark_unreadable`` (`extract`), coords
+    are ``(x, y, readable)`` and a window touching pixels the slide file cannot give is marked unreadable
+    instead of raising `UnreadableRegion` (`SlideTileDataset` does the same).
     """
 
-    def __init__(self, coords_path: str | os.PathLike, slide_path: str | os.PathLike | None = None, *, transform,
-                 side: int, mark_unreadable: bool = False) -> None:
+    def __init__(
+        self,
+        coords_path: str | os.PathLike,
+        slide_path: str | os.PathLike | None = None,
+        *,
+        transform,
+        side: int,
+        mark_unreadable: bool = False,
+    ) -> None:
         self.mark_unreadable = mark_unreadable
-        self.windows = ContextWindowDataset(coords_path, side=side, min_fraction=1 / side**2, slide_path=slide_path,
-                                            transform=transform)
+        self.windows = ContextWindowDataset(
+            coords_path, side=side, min_fraction=1 / side**2, slide_path=slide_path, transform=transform
+        )
         self.coords_path = Path(coords_path)
         self.slide_id = self.windows.slide_id  # extract names the features file after it
         self.patch_size, self.target_mpp = self.windows.patch_size, self.windows.target_mpp
         self.centre = side * side // 2
-        # A tile off the grid is not its own window's centre cell: its window would be cut elsewhere or not at all.
+        # A tile off the grid is not its own window's centre cell: its window would be cut elsewhere or not at
+        # all.
         coords, _ = read_coords(coords_path)  # (N, 2)
         if not np.array_equal(self.windows.cell_coords[:, self.centre], coords):
             raise UserError(
-                f"{coords_path}: its tiles are not on the grid `histodistill tile` writes, so context windows "
-                "cannot be centred on them; tile the slide with `histodistill tile` (or extract without "
-                "`context_window=...`)"
+                f"{coords_path}: its tiles are not on the grid `histodistill tile` writes, so context "
+                "windows cannot be centred on them; tile the slide with `histodistill tile` (or extract "
+                "without `context_window=...`)"
             )
 
     def __len__(self) -> int:
@@ -100,7 +109,9 @@ class CentreCellTiles(Dataset):
                 raise
             x, y = (int(v) for v in self.windows.cell_coords[index, self.centre])
             side = self.windows.window_px
-            return marked_unreadable(torch.zeros((3, side, side), dtype=torch.uint8), self.windows.transform, x, y)
+            return marked_unreadable(
+                torch.zeros((3, side, side), dtype=torch.uint8), self.windows.transform, x, y
+            )
         if not self.mark_unreadable:
             return window, cells[self.centre]  # (3, s*S, s*S), (2,) = the tile's own top-left
         x, y = (int(v) for v in cells[self.centre])
@@ -110,14 +121,16 @@ class CentreCellTiles(Dataset):
 def check_context_side(backbone: Backbone, side: int) -> None:
     """Refuse a window side or a model that cannot give context features, naming the option and the fix."""
     if side < 3 or side % 2 == 0:
-        raise ConfigError(f"`context_window={side}`: must be an odd number >= 3 so the window has a centre "
-                          "tile (e.g. 3); leave it out for per-patch features")
+        raise ConfigError(
+            f"`context_window={side}`: must be an odd number >= 3 so the window has a centre "
+            "tile (e.g. 3); leave it out for per-patch features"
+        )
     if backbone.feature_kind == "tokens" and not getattr(backbone.model, "dynamic_img_size", False):
         size = backbone.spec.preprocess.input_size
         raise UserError(
             f"`context_window={side}`: {backbone.spec.name} is a ViT with a fixed {size}-px input and cannot "
-            f"take {side * size}-px windows; use a CNN, or a ViT built with dynamic_img_size=True (e.g. an MCM-KD "
-            "checkpoint trained that way)"
+            f"take {side * size}-px windows; use a CNN, or a ViT built with dynamic_img_size=True (e.g. an "
+            "MCM-KD checkpoint trained that way)"
         )
 
 
@@ -126,4 +139,6 @@ def centre_cell_extraction(backbone: Backbone, side: int):
     windows to features and ``tiles_of(coords_path, slide_path)`` is the `CentreCellTiles` of one slide."""
     check_context_side(backbone, side)
     transform = window_transform(backbone.spec.preprocess, side)  # each cell resized like a lone tile
-    return CentreCell(backbone, side), partial(CentreCellTiles, transform=transform, side=side, mark_unreadable=True)
+    return CentreCell(backbone, side), partial(
+        CentreCellTiles, transform=transform, side=side, mark_unreadable=True
+    )

@@ -31,16 +31,36 @@ from histodistill.models.backbones import (
 )
 
 # pretrained_cfg fields that say where the *source* weights came from: wrong for exported weights.
-_SOURCE_FIELDS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "architecture",
-                  "license", "origin_url", "paper_name", "paper_ids", "notes", "description", "label_names",
-                  "label_descriptions", "label_offset", "test_input_size", "test_crop_pct", "pool_size",
-                  "test_pool_size")
+_SOURCE_FIELDS = (
+    "url",
+    "file",
+    "state_dict",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "source",
+    "tag",
+    "architecture",
+    "license",
+    "origin_url",
+    "paper_name",
+    "paper_ids",
+    "notes",
+    "description",
+    "label_names",
+    "label_descriptions",
+    "label_offset",
+    "test_input_size",
+    "test_crop_pct",
+    "pool_size",
+    "test_pool_size",
+)
 # Model arguments that steer timm's factory rather than the architecture.
 _FACTORY_ARGS = ("pretrained_cfg_overlay",)
 
 
 def timm_config(backbone: Backbone) -> dict[str, Any]:
-    """The ``config.json`` timm's ``local-dir:``/``hf-hub:`` loaders read (see timm.models._hub), for ``backbone``.
+    """The ``config.json`` timm's ``local-dir:``/``hf-hub:`` loaders read (see timm.models._hub), for
+    ``backbone``.
 
     ``pretrained_cfg`` keeps timm's description of the architecture (first conv, classifier name) and
     takes its preprocessing from ``backbone.spec.preprocess``: our eval transform resizes the short side
@@ -48,10 +68,17 @@ def timm_config(backbone: Backbone) -> dict[str, Any]:
     """
     spec, pre = backbone.spec, backbone.spec.preprocess
     source_cfg = dict(getattr(backbone.model, "pretrained_cfg", None) or {})
-    pretrained_cfg = {key: value for key, value in source_cfg.items() if key not in _SOURCE_FIELDS and value is not None}
+    pretrained_cfg = {
+        key: value for key, value in source_cfg.items() if key not in _SOURCE_FIELDS and value is not None
+    }
     pretrained_cfg.update(
-        input_size=[3, pre.input_size, pre.input_size], interpolation="bilinear", crop_pct=1.0, crop_mode="center",
-        mean=list(pre.mean), std=list(pre.std), num_classes=0,
+        input_size=[3, pre.input_size, pre.input_size],
+        interpolation="bilinear",
+        crop_pct=1.0,
+        crop_mode="center",
+        mean=list(pre.mean),
+        std=list(pre.std),
+        num_classes=0,
     )
     model_args = {key: value for key, value in spec.model_kwargs.items() if key not in _FACTORY_ARGS}
     return {
@@ -68,7 +95,9 @@ def save_backbone(backbone: Backbone, out_dir: str | os.PathLike) -> Path:
     """Write ``backbone.model``'s weights and its ``config.json`` into ``out_dir``; returns ``out_dir``."""
     out_dir = Path(out_dir)
     # safetensors needs contiguous tensors that share no memory.
-    state = {key: value.detach().cpu().contiguous().clone() for key, value in backbone.model.state_dict().items()}
+    state = {
+        key: value.detach().cpu().contiguous().clone() for key, value in backbone.model.state_dict().items()
+    }
     with atomic_path(out_dir / EXPORT_WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     write_json(out_dir / EXPORT_CONFIG, timm_config(backbone))

@@ -63,9 +63,11 @@ def model_slug(model: str | os.PathLike) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
 
-def features_folder_name(model: str | os.PathLike, pretrained: bool = True, context_window: int | None = None) -> str:
-    """``features_<slug>`` (`model_slug`), with ``-random-init`` for random weights, so they never share a folder
-    name with the pretrained weights' features, and ``-context<S>`` for context-window features."""
+def features_folder_name(
+    model: str | os.PathLike, pretrained: bool = True, context_window: int | None = None
+) -> str:
+    """``features_<slug>`` (`model_slug`), with ``-random-init`` for random weights, so they never share a
+    folder name with the pretrained weights' features, and ``-context<S>`` for context-window features."""
     random_init = "" if pretrained else "-random-init"
     return f"features_{model_slug(model)}{random_init}{context_suffix(context_window)}"
 
@@ -75,7 +77,8 @@ def state_dict_sha256(model: nn.Module) -> str:
     whatever file format, checkpoint or hub they came from."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BN counters) cannot be viewed as bytes
+        # 0-d buffers (BN counters) cannot be viewed as bytes
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
@@ -116,8 +119,12 @@ def extract_features(
     """
     device = torch.device(device)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     features, others = [], []
@@ -137,12 +144,17 @@ def extract_features(
 
 
 def extract_slide(
-    model: nn.Module, dataset: Dataset, batch_size: int = 64, num_workers: int = 0,
-    device: torch.device | str = "cpu", precision: str = "32", desc: str = "tiles",
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    precision: str = "32",
+    desc: str = "tiles",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features (N, D) float32 and coords (N, 2) int64 of one slide's readable tiles (a `SlideTileDataset`), and
-    the coords (U, 2) int64 of the tiles the slide file could not give (datasets built with ``mark_unreadable``
-    give coords (x, y, readable); plain (x, y) ones are all readable)."""
+    """Features (N, D) float32 and coords (N, 2) int64 of one slide's readable tiles (a `SlideTileDataset`),
+    and the coords (U, 2) int64 of the tiles the slide file could not give (datasets built with
+    ``mark_unreadable`` give coords (x, y, readable); plain (x, y) ones are all readable)."""
     features, marked = extract_features(model, dataset, batch_size, num_workers, device, precision, desc)
     marked = marked.reshape(len(features), -1) if len(features) else np.zeros((0, 2))  # (N, 2) or (N, 3)
     marked = marked.astype(np.int64)
@@ -213,7 +225,9 @@ def extract_slides(
     prepare_model(backbone, torch_device)  # in place (nn.Module.to), so `net` wraps the prepared backbone
     # A full disk names the file, this run's need (N x D float32 features and N x 2 int64 coords per slide,
     # plus HDF5's few KB) and that a rerun resumes.
-    needed = sum(coords_rows(path) or 0 for path in files) * (4 * record["feature_dim"] + 16) + 8192 * len(files)
+    needed = sum(coords_rows(path) or 0 for path in files) * (4 * record["feature_dim"] + 16) + 8192 * len(
+        files
+    )
     with reporting_full_disk(features_dir, lambda: needed):
         for coords_path in tqdm(files, desc="slides", unit="slide", dynamic_ncols=True):
             tiling = tilings[coords_path]
@@ -225,9 +239,14 @@ def extract_slides(
                 net, dataset, batch_size, num_workers, torch_device, precision, desc=tiling["slide_id"]
             )
             require_finite(features, f"slide {tiling['slide_id']}", str(model))
-            attrs = {"slide_id": tiling["slide_id"], "slide_path": str(slide_of[coords_path]), "extractor": str(model),
-                     "weights_sha256": record["weights_sha256"], **tiling_attrs(tiling),
-                     UNREADABLE_ATTR: len(unreadable)}
+            attrs = {
+                "slide_id": tiling["slide_id"],
+                "slide_path": str(slide_of[coords_path]),
+                "extractor": str(model),
+                "weights_sha256": record["weights_sha256"],
+                **tiling_attrs(tiling),
+                UNREADABLE_ATTR: len(unreadable),
+            }
             if context_window is not None:
                 attrs["context_window"] = context_window
             record_unreadable(features_dir, tiling["slide_id"], unreadable, len(coords) + len(unreadable))
@@ -248,7 +267,8 @@ def extract_images(
     pretrained: bool = True,
 ) -> Path:
     """Features of an image folder (``root/<class>/<image>``) into ``<out>/features_<slug>/features.h5``:
-    ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr ``classes``."""
+    ``features`` (N, D) float32, ``labels`` (N,) int64, ``paths`` (N,) relative to the root, attr
+    ``classes``."""
 
     features_dir = Path(out_dir) / features_folder_name(model, pretrained)
     target = features_dir / PATCH_FEATURES
@@ -264,9 +284,15 @@ def extract_images(
         print(f"redoing {target}: {problem}")
     torch_device = resolve_device(device)
     backbone = prepare_model(backbone, torch_device)
-    features, labels = extract_features(backbone, dataset, batch_size, num_workers, torch_device, precision, "images")
+    features, labels = extract_features(
+        backbone, dataset, batch_size, num_workers, torch_device, precision, "images"
+    )
     require_finite(features, f"image folder {images_dir}", str(model))
-    attrs = {"classes": list(dataset.classes), "extractor": str(model), "weights_sha256": record["weights_sha256"]}
+    attrs = {
+        "classes": list(dataset.classes),
+        "extractor": str(model),
+        "weights_sha256": record["weights_sha256"],
+    }
     write_patch_features(target, features, labels, paths, attrs)
     write_json(features_dir / EXTRACTOR_JSON, record)
     return target
@@ -281,10 +307,14 @@ def _reuse_or_refuse(target: Path, record: dict[str, Any], paths: list[str]) -> 
         same_images = [p.decode() if isinstance(p, bytes) else str(p) for p in stored] == paths
     if previous != record["weights_sha256"] or not same_images:
         what = "other weights" if previous != record["weights_sha256"] else "another image folder"
-        raise UserError(f"{target} holds features of {what}; use another `out_dir=...` or pass `overwrite=True` "
-                        "to extract again")
-    print(f"reusing {target}: extracted earlier from these images with these weights (overwriting extracts "
-          "again)")
+        raise UserError(
+            f"{target} holds features of {what}; use another `out_dir=...` or pass `overwrite=True` "
+            "to extract again"
+        )
+    print(
+        f"reusing {target}: extracted earlier from these images with these weights (overwriting extracts "
+        "again)"
+    )
 
 
 def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -> None:
@@ -294,6 +324,6 @@ def _check_same_extractor(path: Path, record: dict[str, Any], overwrite: bool) -
     if previous.get("weights_sha256") != record["weights_sha256"]:
         raise UserError(
             f"{path.parent} holds features of other weights ({previous.get('extractor')}, sha256 "
-            f"{str(previous.get('weights_sha256'))[:12]}...); use another `out_dir=...` or pass `overwrite=True` "
-            "to redo every slide"
+            f"{str(previous.get('weights_sha256'))[:12]}...); use another `out_dir=...` or pass "
+            "`overwrite=True` to redo every slide"
         )

@@ -27,12 +27,19 @@ def write_model_card(out_dir: Path, backbone: Backbone, checkpoint: Path, licens
     metrics = _read(run_dir / "metrics.json", json.loads)
     path = out_dir / MODEL_CARD
     with atomic_path(path) as tmp:
-        tmp.write_text(model_card_text(out_dir.name, backbone, checkpoint, config, metrics, license_id, run_dir))
+        tmp.write_text(
+            model_card_text(out_dir.name, backbone, checkpoint, config, metrics, license_id, run_dir)
+        )
     return path
 
 
 def model_card_text(
-    name: str, backbone: Backbone, checkpoint: Path, config: dict | None, metrics: dict | None, license_id: str,
+    name: str,
+    backbone: Backbone,
+    checkpoint: Path,
+    config: dict | None,
+    metrics: dict | None,
+    license_id: str,
     run_dir: Path,
 ) -> str:
     spec, pre = backbone.spec, backbone.spec.preprocess
@@ -51,7 +58,8 @@ def model_card_text(
         "## Model",
         f"- Architecture: timm `{spec.timm_name}` with `{json.dumps(spec.model_kwargs)}`, no classifier",
         f"- Output: {backbone.num_features}-d pooled features",
-        f"- Input: {pre.input_size} px tiles at {mpp}, normalised with mean {list(pre.mean)}, std {list(pre.std)}",
+        f"- Input: {pre.input_size} px tiles at {mpp}, normalised with mean {list(pre.mean)}, std "
+        f"{list(pre.std)}",
         f"- Weights: {spec.source}",
         "",
         "## Training recipe",
@@ -64,7 +72,8 @@ def model_card_text(
         *_metric_rows(metrics, run_dir / "metrics.json"),
         "",
         "## Licence",
-        f"`{license_id}`. The licences of the training data and of any starting or teacher weights apply too.",
+        f"`{license_id}`. The licences of the training data and of any starting or teacher weights apply "
+        "too.",
         "",
         "## Usage",
         "```python",
@@ -94,7 +103,9 @@ def _metric_rows(metrics: dict | None, source: Path) -> list[str]:
         return [f"Not recorded: {source} was not found."]
     rows = ["| metric | value |", "|---|---|"]
     for group in ("final", "test"):
-        rows += [f"| {name} | {value:.4g} |" for name, value in metrics.get(group, {}).items() if value is not None]
+        rows += [
+            f"| {name} | {value:.4g} |" for name, value in metrics.get(group, {}).items() if value is not None
+        ]
     for monitor, best in metrics.get("best", {}).items():
         if best.get("value") is not None:
             rows.append(f"| best {monitor} | {best['value']:.4g} |")

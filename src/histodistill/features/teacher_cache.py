@@ -26,13 +26,17 @@ NEVER_COMPLETED = "it was never completed"
 
 
 def cache_features_dir(cache_root: str | os.PathLike, teacher: str, pretrained: bool = True) -> Path:
-    """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>`` (`features_folder_name`)."""
+    """Where `extract` puts the teacher's features: ``<cache_root>/features_<teacher slug>``
+    (`features_folder_name`)."""
 
     return Path(cache_root) / features_folder_name(teacher, pretrained)
 
 
 def cache_key(
-    patches_dir: str | os.PathLike, teacher: str, teacher_weights: str | os.PathLike | None, pretrained: bool = True
+    patches_dir: str | os.PathLike,
+    teacher: str,
+    teacher_weights: str | os.PathLike | None,
+    pretrained: bool = True,
 ) -> dict:
     """What the cached features depend on: the teacher (name, weights file hash, pretrained or random)
     and, per slide id, the tiling read from the coords attrs (`tiling_key`)."""
@@ -87,8 +91,11 @@ def stale_reasons(features_dir: str | os.PathLike, key: dict) -> list[str]:
     if record.get("teacher_weights_sha256") != key["teacher_weights_sha256"]:
         reasons.append("the teacher weights file differs from the one it was computed with")
     if record.get("teacher_random_init", False) != key.get("teacher_random_init", False):
-        reasons.append("it was computed with " + ("random" if record.get("teacher_random_init") else "pretrained")
-                       + " teacher weights")
+        reasons.append(
+            "it was computed with "
+            + ("random" if record.get("teacher_random_init") else "pretrained")
+            + " teacher weights"
+        )
     for slide_id, tiling in key["slides"].items():
         cached = _cached_tiling(features_dir / f"{slide_id}.h5")
         if cached != tiling:
@@ -111,18 +118,21 @@ def ensure_teacher_cache(
     """The features directory holding the teacher's features of every tile of ``tiles_dir/patches``.
 
     ``tiles_dir`` is a tiling output (ours, CLAM's or TRIDENT's, holding ``patches/``); ``slides_dir`` the
-    folder of its slides when the coords do not name them (CLAM, TRIDENT) or they moved. The cache is ``<cache_root>/features_<teacher slug>``,
-    exactly what ``histodistill extract --model TEACHER --coords tiles_dir --out cache_root`` writes. A cache
-    computed for this teacher, these weights and this tiling is used as is; a missing or stale one is
-    recomputed with `histodistill.features.extract.extract_slides` when ``rebuild`` is True, and refused with a
-    `UserError` naming the cache and ``data.init_args.rebuild_cache`` otherwise.
+    folder of its slides when the coords do not name them (CLAM, TRIDENT) or they moved. The cache is
+    ``<cache_root>/features_<teacher slug>``, exactly what ``histodistill extract --model TEACHER --coords
+    tiles_dir --out cache_root`` writes. A cache computed for this teacher, these weights and this tiling is
+    used as is; a missing or stale one is recomputed with `histodistill.features.extract.extract_slides` when
+    ``rebuild`` is True, and refused with a `UserError` naming the cache and ``data.init_args.rebuild_cache``
+    otherwise.
     """
     patches_dir = Path(tiles_dir) / "patches"
     features_dir = cache_features_dir(cache_root, teacher, pretrained)
     key = cache_key(patches_dir, teacher, teacher_weights, pretrained)
     if not key["slides"]:
-        raise UserError(f"no coords files (*.h5) in {patches_dir}: run `histodistill tile SLIDES --out {tiles_dir}` first "
-                        "(sample slides: `histodistill samples make-slides --out SLIDES`)")
+        raise UserError(
+            f"no coords files (*.h5) in {patches_dir}: run `histodistill tile SLIDES --out {tiles_dir}` "
+            "first (sample slides: `histodistill samples make-slides --out SLIDES`)"
+        )
     reasons = stale_reasons(features_dir, key)
     if not reasons:
         return features_dir
@@ -136,8 +146,17 @@ def ensure_teacher_cache(
     # A build that was interrupted (no record yet) resumes: extract skips the slides it finished and checks
     # they are of the same weights. A stale cache is computed again from scratch.
     interrupted = reasons == [NEVER_COMPLETED]
-    extract_slides(teacher, tiles_dir, cache_root, weights=teacher_weights, batch_size=batch_size,
-                   num_workers=num_workers, precision=precision, overwrite=not interrupted, pretrained=pretrained,
-                   slides_dir=slides_dir)
+    extract_slides(
+        teacher,
+        tiles_dir,
+        cache_root,
+        weights=teacher_weights,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        overwrite=not interrupted,
+        pretrained=pretrained,
+        slides_dir=slides_dir,
+    )
     write_json(features_dir / CACHE_RECORD, key)
     return features_dir

@@ -28,8 +28,8 @@ PROJECTED_TILES_PER_SLIDE = 10_000
 
 
 def timed_extraction(extract: Callable[[], Path], search_dir: str | os.PathLike) -> tuple[Path, float | None]:
-    """Run ``extract``, which writes features files under ``search_dir`` and returns their folder; returns that
-    folder and the end-to-end tiles/s over the files this call wrote (None when it wrote none: a resumed
+    """Run ``extract``, which writes features files under ``search_dir`` and returns their folder; returns
+    that folder and the end-to-end tiles/s over the files this call wrote (None when it wrote none: a resumed
     extraction had nothing left to do, so no rate was measured)."""
     done_before = {path.resolve() for path in Path(search_dir).rglob("*.h5")}
     start = time.perf_counter()
@@ -44,8 +44,9 @@ def timed_extraction(extract: Callable[[], Path], search_dir: str | os.PathLike)
 
 
 @torch.inference_mode()
-def forward_rate(backbone: Backbone, device: str = "cpu", batch_size: int = 32, seconds: float = 2.0,
-                 precision: str = "32") -> float:
+def forward_rate(
+    backbone: Backbone, device: str = "cpu", batch_size: int = 32, seconds: float = 2.0, precision: str = "32"
+) -> float:
     """Tiles/s of ``backbone`` alone: batches of ``batch_size`` random (3, S, S) tiles at its input size S,
     repeated for about ``seconds`` after one warm-up batch; ``precision`` ``bf16`` autocasts (GPUs)."""
     size = backbone.preprocess.input_size

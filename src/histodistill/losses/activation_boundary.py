@@ -18,7 +18,9 @@ def ab_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float = 1.0) -
     An active teacher neuron asks the student response to exceed +m, an inactive one to stay below −m.
     """
     active = (teacher.detach() > 0).to(student.dtype)
-    per_element = active * torch.relu(margin - student).pow(2) + (1 - active) * torch.relu(margin + student).pow(2)
+    per_element = active * torch.relu(margin - student).pow(2) + (1 - active) * torch.relu(
+        margin + student
+    ).pow(2)
     return per_element.sum() / student.shape[0]
 
 
@@ -31,8 +33,13 @@ class ABConnectors(nn.Module):
     forward(student maps, teacher maps) -> ``Σ_i w_i · ab_loss(connector_i(s_i), t_i)``.
     """
 
-    def __init__(self, student_channels: list[int], teacher_channels: list[int], margin: float = 1.0,
-                 identity: list[bool] | None = None) -> None:
+    def __init__(
+        self,
+        student_channels: list[int],
+        teacher_channels: list[int],
+        margin: float = 1.0,
+        identity: list[bool] | None = None,
+    ) -> None:
         super().__init__()
         self.margin = margin
         identity = identity or [False] * len(student_channels)
@@ -45,7 +52,9 @@ class ABConnectors(nn.Module):
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         total = student[0].new_zeros(())
-        for connector, weight, s, t in zip(self.connectors, self.layer_weights, student, teacher, strict=True):
+        for connector, weight, s, t in zip(
+            self.connectors, self.layer_weights, student, teacher, strict=True
+        ):
             s, t = match_spatial(s, t)
             total = total + weight * ab_loss(connector(s), t, self.margin)
         return total

@@ -20,5 +20,7 @@ def correlation_matrix(embeddings: torch.Tensor, gamma: float = 0.4, order: int 
 def cc_loss(student: torch.Tensor, teacher: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
     """(B, D), (B, D) embeddings -> ``‖C_t − C_s‖²_F / B²`` (the paper's L_CC)."""
     batch = student.shape[0]
-    difference = correlation_matrix(student, gamma, order) - correlation_matrix(teacher.detach(), gamma, order)
+    difference = correlation_matrix(student, gamma, order) - correlation_matrix(
+        teacher.detach(), gamma, order
+    )
     return difference.pow(2).sum() / batch**2

@@ -57,7 +57,9 @@ class ContrastMemory(nn.Module):
         negatives = torch.randint(0, self.num_data, (index.shape[0], self.nce_k), device=index.device)
         return torch.cat([index[:, None], negatives], dim=1)
 
-    def scores(self, anchor: torch.Tensor, memory: torch.Tensor, contrast_index: torch.Tensor, z: torch.Tensor):
+    def scores(
+        self, anchor: torch.Tensor, memory: torch.Tensor, contrast_index: torch.Tensor, z: torch.Tensor
+    ):
         """anchor (B, D) against memory rows contrast_index (B, 1 + k) -> normalised scores (B, 1 + k)."""
         rows = memory[contrast_index].detach()  # (B, 1 + k, D)
         scores = torch.exp(torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / self.temperature)
@@ -69,7 +71,11 @@ class ContrastMemory(nn.Module):
     @torch.no_grad()
     def update(self, student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor) -> None:
         """Move each sample's memory rows towards its new embeddings (gathered over ranks under DDP)."""
-        index, student, teacher = concat_all_gather(index), concat_all_gather(student), concat_all_gather(teacher)
+        index, student, teacher = (
+            concat_all_gather(index),
+            concat_all_gather(student),
+            concat_all_gather(teacher),
+        )
         for memory, value in ((self.memory_student, student), (self.memory_teacher, teacher)):
             blended = memory[index] * self.momentum + value.to(memory.dtype) * (1 - self.momentum)
             memory[index] = F.normalize(blended, dim=1)

@@ -25,10 +25,14 @@ class Paraphraser(nn.Module):
     def __init__(self, channels: int, rate: float = 0.5, bn: bool = False) -> None:
         super().__init__()
         factor = max(1, round(channels * rate))
-        self.encoder = nn.Sequential(_conv(channels, channels, bn=bn), _conv(channels, factor, bn=bn),
-                                     _conv(factor, factor, bn=bn))
-        self.decoder = nn.Sequential(_conv(factor, factor, True, bn), _conv(factor, channels, True, bn),
-                                     _conv(channels, channels, True, bn))
+        self.encoder = nn.Sequential(
+            _conv(channels, channels, bn=bn), _conv(channels, factor, bn=bn), _conv(factor, factor, bn=bn)
+        )
+        self.decoder = nn.Sequential(
+            _conv(factor, factor, True, bn),
+            _conv(factor, channels, True, bn),
+            _conv(channels, channels, True, bn),
+        )
         self.factor_channels = factor
 
     def reconstruction_loss(self, teacher: torch.Tensor) -> torch.Tensor:
@@ -39,8 +43,11 @@ class Paraphraser(nn.Module):
 
 def translator(student_channels: int, factor_channels: int) -> nn.Sequential:
     """Student map -> factor space: three 3×3 convolutions Cs -> Cs -> m -> m (the paper's translator)."""
-    return nn.Sequential(_conv(student_channels, student_channels), _conv(student_channels, factor_channels),
-                         _conv(factor_channels, factor_channels))
+    return nn.Sequential(
+        _conv(student_channels, student_channels),
+        _conv(student_channels, factor_channels),
+        _conv(factor_channels, factor_channels),
+    )
 
 
 def ft_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: int = 1) -> torch.Tensor:

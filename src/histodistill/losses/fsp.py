@@ -1,4 +1,5 @@
-"""Flow of solution procedure, FSP (Yim et al., CVPR 2017): match the Gram matrices between consecutive layers."""
+"""Flow of solution procedure, FSP (Yim et al., CVPR 2017): match the Gram matrices between consecutive
+layers."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def fsp_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.
         g_s = fsp_matrix(student[i], student[i + 1])
         g_t = fsp_matrix(teacher[i].detach(), teacher[i + 1].detach())
         if g_s.shape != g_t.shape:
-            raise ValueError(f"FSP needs equal channels per layer, got student {tuple(g_s.shape[1:])} and "
-                             f"teacher {tuple(g_t.shape[1:])} between layers {i} and {i + 1}")
+            raise ValueError(
+                f"FSP needs equal channels per layer, got student {tuple(g_s.shape[1:])} and "
+                f"teacher {tuple(g_t.shape[1:])} between layers {i} and {i + 1}"
+            )
         losses.append((g_s - g_t).pow(2).mean())
     return torch.stack(losses).sum()

@@ -1,4 +1,5 @@
-"""FitNet hint (Romero et al. 2015) on the pooled feature: regress the teacher's feature from the student's."""
+"""FitNet hint (Romero et al. 2015) on the pooled feature: regress the teacher's feature from the
+student's."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ class HintLoss(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int) -> None:
         super().__init__()
-        self.regressor = nn.Sequential(nn.Conv2d(student_dim, teacher_dim, 1), nn.BatchNorm2d(teacher_dim), nn.ReLU())
+        self.regressor = nn.Sequential(
+            nn.Conv2d(student_dim, teacher_dim, 1), nn.BatchNorm2d(teacher_dim), nn.ReLU()
+        )
 
     def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
         """student_features (B, Ds), teacher_features (B, Dt) -> scalar mean squared error."""

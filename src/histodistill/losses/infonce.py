@@ -56,14 +56,18 @@ class MoCoQueue(nn.Module):
         self.pointer.copy_((self.pointer + n) % self.size)
 
 
-def infonce_logits(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+def infonce_logits(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """query (B, D), positive key (B, D), queue (K, D) -> logits (B, 1 + K) = [q·k⁺, q·queueᵀ] / τ."""
     positive = (query * key).sum(dim=1, keepdim=True)  # (B, 1)
     negative = query @ queue.detach().t()  # (B, K)
     return torch.cat([positive, negative], dim=1) / temperature
 
 
-def infonce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+def infonce_loss(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Cross-entropy of `infonce_logits` with the positive (index 0) as the target."""
     logits = infonce_logits(query, key, queue, temperature)
     target = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
+) -> torch.Tensor:
     """``T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``, averaged over the batch.
 
     student_logits, teacher_logits: (B, C). The T² factor keeps the gradient scale of this term

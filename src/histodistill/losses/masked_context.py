@@ -47,7 +47,9 @@ def normalise_targets(
         return F.layer_norm(teacher.float(), teacher.shape[-1:], eps=eps)
     if norm == "standardize":
         if mean is None or std is None:
-            raise ValueError("target_norm 'standardize' needs the per-dimension mean and std of the teacher cache")
+            raise ValueError(
+                "target_norm 'standardize' needs the per-dimension mean and std of the teacher cache"
+            )
         return (teacher.float() - mean) / std.clamp_min(eps)
     raise ConfigError(f"target_norm must be 'layer_norm' or 'standardize', got {norm!r}")
 
@@ -65,7 +67,9 @@ def mean_direction_share(targets: torch.Tensor) -> float:
     return float((along**2).sum() / (targets**2).sum())
 
 
-def per_cell_loss(pred: torch.Tensor, target: torch.Tensor, kind: LossKind, beta: float = 1.0) -> torch.Tensor:
+def per_cell_loss(
+    pred: torch.Tensor, target: torch.Tensor, kind: LossKind, beta: float = 1.0
+) -> torch.Tensor:
     """(B, S, D) x (B, S, D) -> (B, S): ``1 - cos``, or the smooth-L1 or squared error averaged over the D
     features."""
     if kind == "cosine":

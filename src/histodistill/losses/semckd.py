@@ -14,8 +14,12 @@ def _regressor(c_in: int, c_out: int) -> nn.Sequential:
     """1×1, 3×3, 1×1 convolutions c_in -> 2·c_out -> 2·c_out -> c_out (BatchNorm + ReLU between)."""
     mid = 2 * c_out
     return nn.Sequential(
-        nn.Conv2d(c_in, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-        nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+        nn.Conv2d(c_in, mid, 1, bias=False),
+        nn.BatchNorm2d(mid),
+        nn.ReLU(),
+        nn.Conv2d(mid, mid, 3, padding=1, bias=False),
+        nn.BatchNorm2d(mid),
+        nn.ReLU(),
         nn.Conv2d(mid, c_out, 1, bias=False),
     )
 
@@ -46,8 +50,14 @@ class SemCKDLoss(nn.Module):
     (``batch_size``, as in the official code, which skips smaller batches).
     """
 
-    def __init__(self, student_channels: list[int], teacher_channels: list[int], batch_size: int,
-                 soft: float = 1.0, factor: int = 4) -> None:
+    def __init__(
+        self,
+        student_channels: list[int],
+        teacher_channels: list[int],
+        batch_size: int,
+        soft: float = 1.0,
+        factor: int = 4,
+    ) -> None:
         super().__init__()
         self.batch_size, self.soft = batch_size, soft
         dim = max(1, batch_size // factor)
@@ -59,12 +69,17 @@ class SemCKDLoss(nn.Module):
 
     def attention(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """-> (B, n_s, n_t) attention of each student layer over the teacher layers."""
+
         def similarity(f: torch.Tensor) -> torch.Tensor:
             flat = f.flatten(1)
             return flat @ flat.T  # (B, B)
 
-        q = torch.stack([embed(similarity(f)) for embed, f in zip(self.queries, student, strict=True)], 1)  # (B, n_s, d)
-        k = torch.stack([embed(similarity(f.detach())) for embed, f in zip(self.keys, teacher, strict=True)], 2)  # (B, d, n_t)
+        # (B, n_s, d)
+        q = torch.stack([embed(similarity(f)) for embed, f in zip(self.queries, student, strict=True)], 1)
+        # (B, d, n_t)
+        k = torch.stack(
+            [embed(similarity(f.detach())) for embed, f in zip(self.keys, teacher, strict=True)], 2
+        )
         return torch.softmax(torch.bmm(q, k) / self.soft, dim=-1)
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

@@ -19,9 +19,15 @@ class SimKDProjector(nn.Module):
         super().__init__()
         mid = max(1, teacher_channels // factor)
         self.net = nn.Sequential(
-            nn.Conv2d(student_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-            nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-            nn.Conv2d(mid, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels), nn.ReLU(),
+            nn.Conv2d(student_channels, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
+            nn.Conv2d(mid, mid, 3, padding=1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
+            nn.Conv2d(mid, teacher_channels, 1, bias=False),
+            nn.BatchNorm2d(teacher_channels),
+            nn.ReLU(),
         )
 
     def forward(self, student_map: torch.Tensor) -> torch.Tensor:

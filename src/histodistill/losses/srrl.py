@@ -18,10 +18,18 @@ class SRRLLoss(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int) -> None:
         super().__init__()
-        self.transfer = nn.Sequential(nn.Linear(student_dim, teacher_dim, bias=False), nn.BatchNorm1d(teacher_dim),
-                                      nn.ReLU())
+        self.transfer = nn.Sequential(
+            nn.Linear(student_dim, teacher_dim, bias=False), nn.BatchNorm1d(teacher_dim), nn.ReLU()
+        )
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_classifier: nn.Module,
-                teacher_logits: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        teacher_classifier: nn.Module,
+        teacher_logits: torch.Tensor,
+    ) -> torch.Tensor:
         regressed = self.transfer(student)
-        return F.mse_loss(regressed, teacher.detach()) + F.mse_loss(teacher_classifier(regressed), teacher_logits.detach())
+        return F.mse_loss(regressed, teacher.detach()) + F.mse_loss(
+            teacher_classifier(regressed), teacher_logits.detach()
+        )

@@ -25,17 +25,26 @@ class VIDLoss(nn.Module):
     Spatial sizes are matched by `match_spatial`.
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int, mid_channels: int | None = None,
-                 init_variance: float = 5.0) -> None:
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        mid_channels: int | None = None,
+        init_variance: float = 5.0,
+    ) -> None:
         super().__init__()
         mid = mid_channels or teacher_channels
         self.regressor = nn.Sequential(
-            nn.Conv2d(student_channels, mid, 1, bias=False), nn.ReLU(),
-            nn.Conv2d(mid, mid, 1, bias=False), nn.ReLU(),
+            nn.Conv2d(student_channels, mid, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(mid, mid, 1, bias=False),
+            nn.ReLU(),
             nn.Conv2d(mid, teacher_channels, 1, bias=False),
         )
         # softplus⁻¹(init_variance − ε), so the variance starts at init_variance.
-        self.log_scale = nn.Parameter(torch.full((teacher_channels,), math.log(math.expm1(init_variance - EPS))))
+        self.log_scale = nn.Parameter(
+            torch.full((teacher_channels,), math.log(math.expm1(init_variance - EPS)))
+        )
 
     def variance(self) -> torch.Tensor:
         """(C_t,) per-channel variances σ²."""

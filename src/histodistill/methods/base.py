@@ -59,12 +59,19 @@ class MethodModule(L.LightningModule):
             # Raising before backward() keeps the weights as they were after the last good step.
             details = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
-                f"the training loss became non-finite at step {self.global_step} ({details}). {self._resume_hint()} "
-                "Lower optim.lr, raise the warm-up, or use precision 32 to find the cause."
+                f"the training loss became non-finite at step {self.global_step} ({details}). "
+                f"{self._resume_hint()} Lower optim.lr, raise the warm-up, or use precision 32 to find the "
+                "cause."
             )
         batch_size = _batch_size(batch)
         for name, value in losses.items():
-            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size, sync_dist=False)
+            self.log(
+                f"train/{name}",
+                value.detach(),
+                prog_bar=name == "loss",
+                batch_size=batch_size,
+                sync_dist=False,
+            )
         return total
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
@@ -75,14 +82,16 @@ class MethodModule(L.LightningModule):
                 raise
             lr = optimizer.param_groups[0]["lr"]
             raise NonFiniteLossError(
-                f"the optimiser step overflowed at step {self.global_step} (learning rate {lr:.4g}: {error}). "
-                f"{self._resume_hint()} Lower optim.lr."
+                f"the optimiser step overflowed at step {self.global_step} (learning rate {lr:.4g}: "
+                f"{error}). {self._resume_hint()} Lower optim.lr."
             ) from None
 
     def _resume_hint(self) -> str:
         """Which checkpoint a stopped run can go back to: only one that exists on disk is named."""
         trainer = self.trainer
-        paths = {getattr(c, "best_model_path", "") for c in trainer.checkpoint_callbacks} | {trainer.ckpt_path or ""}
+        paths = {getattr(c, "best_model_path", "") for c in trainer.checkpoint_callbacks} | {
+            trainer.ckpt_path or ""
+        }
         saved = sorted(str(p) for p in paths if p and Path(p).is_file())
         if saved:
             return f"The checkpoint(s) on disk ({', '.join(saved)}) are from before this step."
@@ -121,5 +130,11 @@ def backbone_record(module: MethodModule) -> dict[str, Any]:
 
 
 def _batch_size(batch: Any) -> int:
-    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) if isinstance(batch, dict) else batch
+    first = (
+        batch[0]
+        if isinstance(batch, (list, tuple))
+        else next(iter(batch.values()))
+        if isinstance(batch, dict)
+        else batch
+    )
     return int(first.shape[0]) if hasattr(first, "shape") else 1

@@ -53,7 +53,9 @@ class ClassificationMethod(MethodModule):
         if num_classes < 2:
             raise ConfigError(f"`num_classes={num_classes}`: must be >= 2")
         self.num_classes = num_classes
-        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, **(backbone_kwargs or {}))
+        self.backbone = create_backbone(
+            backbone, pretrained=pretrained, weights=weights, **(backbone_kwargs or {})
+        )
         self.classifier = nn.Linear(self.backbone.num_features, num_classes)
         self._logits: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
@@ -70,8 +72,10 @@ class ClassificationMethod(MethodModule):
     def setup(self, stage: str) -> None:
         names = getattr(getattr(self.trainer, "datamodule", None), "classes", None)
         if names is not None and len(names) != self.num_classes:
-            raise ConfigError(f"`num_classes={self.num_classes}` but the training data has {len(names)} "
-                              f"classes ({', '.join(map(str, names))}): set `num_classes={len(names)}`")
+            raise ConfigError(
+                f"`num_classes={self.num_classes}` but the training data has {len(names)} "
+                f"classes ({', '.join(map(str, names))}): set `num_classes={len(names)}`"
+            )
 
     # ---- validation and test: collect logits, score them once per epoch ------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -125,8 +129,11 @@ class ClassificationMethod(MethodModule):
             # So Lightning's advice to reduce these epoch metrics across devices (sync_dist) does not apply to
             # them; it still shows for any other metric. Set here, not at import: `fit` imports this module
             # inside a `warnings.catch_warnings()` block, which would discard the filter on exit.
-            warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\('{stage}/",
-                                    category=PossibleUserWarning)
+            warnings.filterwarnings(
+                "ignore",
+                message=rf"It is recommended to use `self\.log\('{stage}/",
+                category=PossibleUserWarning,
+            )
         loss = F.cross_entropy(logits, targets)
         probs = logits.softmax(dim=1).cpu().numpy()
         metrics = classification_metrics(targets.cpu().numpy(), probs, self.num_classes)

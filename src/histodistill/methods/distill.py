@@ -74,12 +74,18 @@ class TeacherStudentMethod(ClassificationMethod):
         optim: OptimConfig | None = None,
     ) -> None:
         if student_init is not None and student_init not in STUDENT_INITS:
-            raise ConfigError(f"`student_init={student_init!r}`: must be one of {', '.join(STUDENT_INITS)} "
-                              "(or unset)")
+            raise ConfigError(
+                f"`student_init={student_init!r}`: must be one of {', '.join(STUDENT_INITS)} (or unset)"
+            )
         # Built randomly first: whether the student starts as the teacher is known only once both exist,
         # and a student that does never needs its published weights.
-        super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, num_classes=num_classes, pretrained=False,
-                         optim=optim)
+        super().__init__(
+            backbone=backbone,
+            backbone_kwargs=backbone_kwargs,
+            num_classes=num_classes,
+            pretrained=False,
+            optim=optim,
+        )
         if not 0 <= classifier_dropout < 1:
             raise ConfigError(f"`classifier_dropout={classifier_dropout}`: must be in [0, 1)")
         self.classifier_dropout = classifier_dropout
@@ -97,21 +103,32 @@ class TeacherStudentMethod(ClassificationMethod):
             freeze(self.teacher_classifier)
         same_architecture = state_shapes(self.backbone.model) == state_shapes(self.teacher.model)
         if student_init == "teacher" and not same_architecture:
-            raise ConfigError(f"`student_init='teacher'` copies the teacher into the student, but teacher "
-                              f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in "
-                              "architecture: set `student_init='imagenet'` or `student_init='random'`")
+            raise ConfigError(
+                f"`student_init='teacher'` copies the teacher into the student, but teacher "
+                f"{self.teacher.spec.name!r} and student {self.backbone.spec.name!r} differ in "
+                "architecture: set `student_init='imagenet'` or `student_init='random'`"
+            )
         own_weights = pretrained or weights is not None
-        self.student_init = student_init or ("teacher" if same_architecture else "imagenet" if own_weights else "random")
+        self.student_init = student_init or (
+            "teacher" if same_architecture else "imagenet" if own_weights else "random"
+        )
         if student_init is None:
-            rank_zero_info(f"student_init: {self.student_init} (the default: teacher when the architectures match, "
-                           "else the student's own pretrained/weights setting)")
+            rank_zero_info(
+                f"student_init: {self.student_init} (the default: teacher when the architectures match, "
+                "else the student's own pretrained/weights setting)"
+            )
         if self.student_init == "teacher":
             self.start_from_teacher(teacher, teacher_classifier_from_checkpoint)
-        elif self.student_init == "imagenet":  # the published weights, from the hub or the local `weights` file
-            self.backbone = create_backbone(backbone, pretrained=weights is None, weights=weights, **(backbone_kwargs or {}))
+        elif (
+            self.student_init == "imagenet"
+        ):  # the published weights, from the hub or the local `weights` file
+            self.backbone = create_backbone(
+                backbone, pretrained=weights is None, weights=weights, **(backbone_kwargs or {})
+            )
 
     def start_from_teacher(self, teacher: str, classifier_source: str | None) -> None:
-        """Student ← teacher (weights and BN buffers); classifier too when the teacher has one for these classes.
+        """Student ← teacher (weights and BN buffers); classifier too when the teacher has one for these
+        classes.
 
         Otherwise the classifier keeps its fresh initialisation, as MoMA re-initialises only the
         classifier when the class counts differ (``load_model(..., strict=False)``).
@@ -123,10 +140,14 @@ class TeacherStudentMethod(ClassificationMethod):
             if state is not None and state["weight"].shape == self.classifier.weight.shape:
                 classifier = state
         if classifier is not None:
-            self.classifier.load_state_dict(classifier if isinstance(classifier, dict) else classifier.state_dict())
+            self.classifier.load_state_dict(
+                classifier if isinstance(classifier, dict) else classifier.state_dict()
+            )
         else:
-            rank_zero_info(f"student_init: teacher: the student starts as the teacher; its {self.num_classes}-class "
-                           "classifier is freshly initialised (the teacher has none for these classes)")
+            rank_zero_info(
+                f"student_init: teacher: the student starts as the teacher; its {self.num_classes}-class "
+                "classifier is freshly initialised (the teacher has none for these classes)"
+            )
 
     # ---- what subclasses use -------------------------------------------------------------------
     def student_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,18 +156,21 @@ class TeacherStudentMethod(ClassificationMethod):
         return features, self.classify(features)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, D_s) -> logits, through dropout while training: MoMA's EfficientNet has it inside
-        its classifier (``Dropout(0.2)`` then ``Linear``), so the features the distillation terms see are not
-        dropped (timm's ``drop_rate`` would drop them too)."""
+        """Pooled features (B, D_s) -> logits, through dropout while training: MoMA's EfficientNet has it
+        inside its classifier (``Dropout(0.2)`` then ``Linear``), so the features the distillation terms see
+        are not dropped (timm's ``drop_rate`` would drop them too)."""
         return self.classifier(F.dropout(features, self.classifier_dropout, self.training))
 
     @torch.no_grad()
-    def teacher_forward(self, images: torch.Tensor, batch_statistics: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def teacher_forward(
+        self, images: torch.Tensor, batch_statistics: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images prepared for the student -> teacher pooled features (B, D_t) and logits (or None).
 
-        ``batch_statistics`` runs the teacher's BatchNorm layers, and only those, in training mode (the momentum
-        encoder of MoCo/MoMA normalises with the batch: MoMA's ``set_bn_train``), so dropout and drop-path stay
-        off; otherwise the whole teacher is in eval mode, whatever mode Lightning put the module in.
+        ``batch_statistics`` runs the teacher's BatchNorm layers, and only those, in training mode (the
+        momentum encoder of MoCo/MoMA normalises with the batch: MoMA's ``set_bn_train``), so dropout and
+        drop-path stay off; otherwise the whole teacher is in eval mode, whatever mode Lightning put the
+        module in.
         """
         self.teacher.eval()
         if batch_statistics:
@@ -157,7 +181,9 @@ class TeacherStudentMethod(ClassificationMethod):
         logits = self.teacher_classifier(features) if self.teacher_classifier is not None else None
         return features, logits
 
-    def supervised_terms(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None):
+    def supervised_terms(
+        self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None
+    ):
         """The weighted CE and KD terms: {"ce", "kd" (when on)} and their weighted sum as "loss"."""
         losses = {"ce": F.cross_entropy(logits, labels)}
         total = self.w_ce * losses["ce"]
@@ -168,11 +194,32 @@ class TeacherStudentMethod(ClassificationMethod):
         return losses
 
 
-FeatureName = Literal["none", "hint", "crd", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst",
-                      "semckd", "simkd", "srrl"]
+FeatureName = Literal[
+    "none",
+    "hint",
+    "crd",
+    "at",
+    "sp",
+    "cc",
+    "vid",
+    "rkd",
+    "pkt",
+    "ab",
+    "ft",
+    "fsp",
+    "nst",
+    "semckd",
+    "simkd",
+    "srrl",
+]
 # Flat CRD arguments of earlier versions -> the crd term's ``feature_options`` keys they now are.
-LEGACY_CRD_ARGUMENTS = {"crd_feat_dim": "feat_dim", "crd_nce_k": "nce_k", "crd_temperature": "temperature",
-                        "crd_momentum": "momentum", "num_samples": "num_samples"}
+LEGACY_CRD_ARGUMENTS = {
+    "crd_feat_dim": "feat_dim",
+    "crd_nce_k": "nce_k",
+    "crd_temperature": "temperature",
+    "crd_momentum": "momentum",
+    "num_samples": "num_samples",
+}
 
 
 class Distill(TeacherStudentMethod):
@@ -213,42 +260,67 @@ class Distill(TeacherStudentMethod):
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, teacher=teacher, **kwargs)
         self.feature, self.w_feature = feature, w_feature
-        options = migrate_crd_arguments(feature, feature_options, {
-            "crd_feat_dim": crd_feat_dim, "crd_nce_k": crd_nce_k, "crd_temperature": crd_temperature,
-            "crd_momentum": crd_momentum, "num_samples": num_samples})
+        options = migrate_crd_arguments(
+            feature,
+            feature_options,
+            {
+                "crd_feat_dim": crd_feat_dim,
+                "crd_nce_k": crd_nce_k,
+                "crd_temperature": crd_temperature,
+                "crd_momentum": crd_momentum,
+                "num_samples": num_samples,
+            },
+        )
         self.feature_loss: Term | None = None
         if feature != "none":
-            self.build_term(teacher, student_layers, teacher_layers, options,
-                            kwargs.get("teacher_classifier_from_checkpoint"))
+            self.build_term(
+                teacher,
+                student_layers,
+                teacher_layers,
+                options,
+                kwargs.get("teacher_classifier_from_checkpoint"),
+            )
         staged = self.feature_loss is not None and self.feature_loss.init_stage
         if init_steps < 0 or (init_steps > 0 and not staged):
-            raise ConfigError(f"`init_steps={init_steps}`: only ab, ft and fsp have a pre-training "
-                              "stage; give a number of training batches >= 0 for those, 0 otherwise")
+            raise ConfigError(
+                f"`init_steps={init_steps}`: only ab, ft and fsp have a pre-training "
+                "stage; give a number of training batches >= 0 for those, 0 otherwise"
+            )
         self.init_steps = init_steps
         if staged:
             # Training batches seen so far: a buffer, so a resumed run knows whether its stage is over.
             self.register_buffer("trained_batches", torch.zeros((), dtype=torch.long))
 
-    def build_term(self, teacher: str, student_layers, teacher_layers, options,
-                   classifier_source: str | None) -> None:
+    def build_term(
+        self, teacher: str, student_layers, teacher_layers, options, classifier_source: str | None
+    ) -> None:
         """The term, and the teacher classifier where the term reuses it."""
-        self.feature_loss = build_term(self.feature, self.backbone, self.teacher, student_layers, teacher_layers, options)
+        self.feature_loss = build_term(
+            self.feature, self.backbone, self.teacher, student_layers, teacher_layers, options
+        )
         if self.feature_loss.needs_teacher_classifier and self.teacher_classifier is None:
             if classifier_source is None and Path(teacher).suffix != ".ckpt":
                 raise UserError(
-                    f"feature: {self.feature} reuses the teacher's classifier, but teacher {teacher!r} is not a histodistill "
-                    ".ckpt: set `teacher_classifier_from_checkpoint=...` to the supervised checkpoint it comes "
-                    "from, or choose a term that needs no classifier (rkd, pkt, cc, sp, at, vid, nst, semckd...)")
+                    f"feature: {self.feature} reuses the teacher's classifier, but teacher {teacher!r} is "
+                    "not a histodistill .ckpt: set `teacher_classifier_from_checkpoint=...` to the "
+                    "supervised checkpoint it comes from, or choose a term that needs no classifier (rkd, "
+                    "pkt, cc, sp, at, vid, nst, semckd...)"
+                )
             self.teacher_classifier = load_teacher_classifier(
-                teacher, classifier_source, self.teacher.num_features, self.num_classes)
+                teacher, classifier_source, self.teacher.num_features, self.num_classes
+            )
             freeze(self.teacher_classifier)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.feature_loss is not None:
             datamodule = getattr(self.trainer, "datamodule", None)
-            self.feature_loss.setup(TrainingData(batch_size=lambda: getattr(datamodule, "batch_size", None),
-                                                 num_samples=lambda: indexed_samples(datamodule)))
+            self.feature_loss.setup(
+                TrainingData(
+                    batch_size=lambda: getattr(datamodule, "batch_size", None),
+                    num_samples=lambda: indexed_samples(datamodule),
+                )
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints from before hint and crd were terms hold their loss's weights one level up
@@ -270,17 +342,24 @@ class Distill(TeacherStudentMethod):
         term = self.feature_loss
         self.teacher.eval()
         with torch.no_grad():
-            teacher = forward_layers(self.teacher, to_teacher_input(images, self.preprocess, self.teacher.preprocess),
-                                     term.teacher_layers if term is not None else [])
-            teacher_logits = self.teacher_classifier(teacher.pooled) if self.teacher_classifier is not None else None
+            teacher = forward_layers(
+                self.teacher,
+                to_teacher_input(images, self.preprocess, self.teacher.preprocess),
+                term.teacher_layers if term is not None else [],
+            )
+            teacher_logits = (
+                self.teacher_classifier(teacher.pooled) if self.teacher_classifier is not None else None
+            )
         in_stage = False
         if term is not None and term.init_stage and self.training:
             self.trained_batches += 1
             in_stage = bool(self.trained_batches <= self.init_steps)
-        # FT's stage trains the paraphraser on the teacher alone: the student (and its BatchNorm) is left as is.
+        # FT's stage trains the paraphraser on the teacher alone: the student (and its BatchNorm) is left as
+        # is.
         student = None
         if not in_stage or term.stage_needs_student:
-            # AB's and FSP's stages train the student in eval mode, as RepDistiller's helper/pretrain.py `init`.
+            # AB's and FSP's stages train the student in eval mode, as RepDistiller's helper/pretrain.py
+            # `init`.
             eval_mode = in_stage and term.stage_student_eval and self.backbone.training
             if eval_mode:
                 self.backbone.eval()
@@ -290,8 +369,10 @@ class Distill(TeacherStudentMethod):
         index = None
         if term is not None and term.needs_index:
             if len(batch) < 3:
-                raise UserError(f"feature: {self.feature} needs batches (image, label, index): wrap the "
-                                "training dataset in histodistill.data.indexed_dataset.IndexedDataset")
+                raise UserError(
+                    f"feature: {self.feature} needs batches (image, label, index): wrap the "
+                    "training dataset in histodistill.data.indexed_dataset.IndexedDataset"
+                )
             index = batch[2]
         inputs = TermInputs(student, teacher, teacher_logits, self.teacher_classifier, index)
         if in_stage:
@@ -307,16 +388,19 @@ class Distill(TeacherStudentMethod):
         return losses
 
 
-def migrate_crd_arguments(feature: str, options: dict[str, Any] | None,
-                          legacy: dict[str, Any]) -> dict[str, Any]:
+def migrate_crd_arguments(
+    feature: str, options: dict[str, Any] | None, legacy: dict[str, Any]
+) -> dict[str, Any]:
     """``feature_options`` with the flat CRD arguments of earlier versions moved in (crd only, as before)."""
     given = {name: value for name, value in legacy.items() if value is not None}
     if not given:
         return dict(options or {})
     moved = ", ".join(f"{LEGACY_CRD_ARGUMENTS[name]}: {value}" for name, value in given.items())
-    rank_zero_warn(f"model.init_args {', '.join(given)} are deprecated: give them as "
-                   f"model.init_args.feature_options {{{moved}}}" + ("" if feature == "crd" else
-                                                                     f" (feature: {feature} ignores them)"))
+    rank_zero_warn(
+        f"model.init_args {', '.join(given)} are deprecated: give them as "
+        f"model.init_args.feature_options {{{moved}}}"
+        + ("" if feature == "crd" else f" (feature: {feature} ignores them)")
+    )
     if feature != "crd":
         return dict(options or {})
     return {**{LEGACY_CRD_ARGUMENTS[name]: value for name, value in given.items()}, **(options or {})}
@@ -346,7 +430,11 @@ def classifier_state(teacher: str, source: str | None) -> dict[str, torch.Tensor
     if source is None:
         return None
     state = read_checkpoint(source).get("state_dict", {})
-    found = {key[len(CLASSIFIER_PREFIX):]: value for key, value in state.items() if key.startswith(CLASSIFIER_PREFIX)}
+    found = {
+        key[len(CLASSIFIER_PREFIX) :]: value
+        for key, value in state.items()
+        if key.startswith(CLASSIFIER_PREFIX)
+    }
     return found if found.get("weight") is not None and found["weight"].ndim == 2 else None
 
 
@@ -366,13 +454,17 @@ def to_teacher_input(images: torch.Tensor, student: Preprocess, teacher: Preproc
         )
         images = (images * s_std + s_mean - t_mean) / t_std
     if teacher.input_size != student.input_size:
-        size = (round(images.shape[-2] * teacher.input_size / student.input_size),
-                round(images.shape[-1] * teacher.input_size / student.input_size))
+        size = (
+            round(images.shape[-2] * teacher.input_size / student.input_size),
+            round(images.shape[-1] * teacher.input_size / student.input_size),
+        )
         images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
     return images
 
 
-def load_teacher_classifier(teacher: str, source: str | None, in_features: int, num_classes: int) -> nn.Linear:
+def load_teacher_classifier(
+    teacher: str, source: str | None, in_features: int, num_classes: int
+) -> nn.Linear:
     """The teacher's linear classifier from a supervised checkpoint (the teacher's own ``.ckpt`` by default).
 
     Refuses clearly when there is no such checkpoint or when its class count differs from the
@@ -382,24 +474,28 @@ def load_teacher_classifier(teacher: str, source: str | None, in_features: int, 
         source = teacher
     if source is None:
         raise UserError(
-            f"w_kd > 0 needs the teacher's classifier, but teacher {teacher!r} is not a histodistill .ckpt: set "
-            "`teacher_classifier_from_checkpoint=...` to the supervised checkpoint the teacher comes "
+            f"w_kd > 0 needs the teacher's classifier, but teacher {teacher!r} is not a histodistill .ckpt: "
+            "set `teacher_classifier_from_checkpoint=...` to the supervised checkpoint the teacher comes "
             "from, or set `w_kd=0` (teacher and student tasks differ)"
         )
     state = classifier_state(teacher, source)
     if state is None:
-        raise UserError(f"{source} has no linear '{CLASSIFIER_PREFIX}weight' in its state_dict: use the checkpoint "
-                        "of a supervised run (histodistill fit with a classification method)")
+        raise UserError(
+            f"{source} has no linear '{CLASSIFIER_PREFIX}weight' in its state_dict: use the checkpoint "
+            "of a supervised run (histodistill fit with a classification method)"
+        )
     weight, bias = state["weight"], state.get("bias")
     if weight.shape[0] != num_classes:
         raise UserError(
-            f"KD is on (w_kd > 0) but the teacher classifier in {source} has {weight.shape[0]} classes and the "
-            f"student has num_classes={num_classes}: KD needs the same classes on both sides. For a different "
-            "task set `w_kd=0` (the feature term still transfers knowledge)"
+            f"KD is on (w_kd > 0) but the teacher classifier in {source} has {weight.shape[0]} classes and "
+            f"the student has num_classes={num_classes}: KD needs the same classes on both sides. For a "
+            "different task set `w_kd=0` (the feature term still transfers knowledge)"
         )
     if weight.shape[1] != in_features:
-        raise UserError(f"the classifier in {source} expects {weight.shape[1]}-d features but the teacher "
-                        f"produces {in_features}-d: teacher and teacher_classifier_from_checkpoint do not match")
+        raise UserError(
+            f"the classifier in {source} expects {weight.shape[1]}-d features but the teacher "
+            f"produces {in_features}-d: teacher and teacher_classifier_from_checkpoint do not match"
+        )
     classifier = nn.Linear(in_features, num_classes, bias=bias is not None)
     classifier.load_state_dict({"weight": weight, **({"bias": bias} if bias is not None else {})})
     return classifier

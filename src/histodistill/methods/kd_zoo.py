@@ -79,24 +79,35 @@ class Term(nn.Module):
     sets ``init_stage`` and implements `init_loss`."""
 
     layers: ClassVar[slice | None] = None
-    # Student and teacher layers are compared one to one (SemCKD's attention pairs each student layer with all).
+    # Student and teacher layers are compared one to one (SemCKD's attention pairs each student layer with
+    # all).
     pairs_layers: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {}
     init_stage: ClassVar[bool] = False
     stage_needs_student: ClassVar[bool] = True
-    # RepDistiller's init stage runs the student in eval mode (BatchNorm on running statistics) while it trains.
+    # RepDistiller's init stage runs the student in eval mode (BatchNorm on running statistics) while it
+    # trains.
     stage_student_eval: ClassVar[bool] = False
     needs_teacher_classifier: ClassVar[bool] = False
     needs_index: ClassVar[bool] = False
 
-    def __init__(self, student: Backbone, teacher: Backbone, student_layers: list[int], teacher_layers: list[int],
-                 options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        student: Backbone,
+        teacher: Backbone,
+        student_layers: list[int],
+        teacher_layers: list[int],
+        options: dict[str, Any],
+    ) -> None:
         super().__init__()
         self.options = {**self.defaults, **options}
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         self.student_channels = layer_channels(student, student_layers)
         self.teacher_channels = layer_channels(teacher, teacher_layers)
-        self.student_sizes, self.teacher_sizes = layer_sizes(student, student_layers), layer_sizes(teacher, teacher_layers)
+        self.student_sizes, self.teacher_sizes = (
+            layer_sizes(student, student_layers),
+            layer_sizes(teacher, teacher_layers),
+        )
 
     def setup(self, data: TrainingData) -> None:
         """Build what depends on the training data, before training starts (nothing, for most terms)."""
@@ -108,7 +119,8 @@ class Term(nn.Module):
         raise NotImplementedError
 
     def logits(self, student: LayerFeatures, teacher_classifier: nn.Module | None) -> torch.Tensor | None:
-        """The student's logits (B, num_classes) where the term replaces its classifier; None: the classifier's."""
+        """The student's logits (B, num_classes) where the term replaces its classifier; None: the
+        classifier's."""
         return None
 
     def pairs(self, inputs: TermInputs):
@@ -183,8 +195,12 @@ class CC(Term):
         self.embed_teacher = nn.Linear(teacher.num_features, self.options["feat_dim"])
 
     def loss(self, inputs):
-        return cc_loss(self.embed_student(inputs.student.pooled), self.embed_teacher(inputs.teacher.pooled),
-                       self.options["gamma"], self.options["order"])
+        return cc_loss(
+            self.embed_student(inputs.student.pooled),
+            self.embed_teacher(inputs.teacher.pooled),
+            self.options["gamma"],
+            self.options["order"],
+        )
 
 
 class VID(Term):
@@ -198,14 +214,18 @@ class VID(Term):
         )
 
     def loss(self, inputs):
-        return torch.stack([vid(s, t) for vid, (s, t) in zip(self.per_layer, self.pairs(inputs), strict=True)]).sum()
+        return torch.stack(
+            [vid(s, t) for vid, (s, t) in zip(self.per_layer, self.pairs(inputs), strict=True)]
+        ).sum()
 
 
 class RKD(Term):
     defaults = {"w_distance": 25.0, "w_angle": 50.0}
 
     def loss(self, inputs):
-        return rkd_loss(inputs.student.pooled, inputs.teacher.pooled, self.options["w_distance"], self.options["w_angle"])
+        return rkd_loss(
+            inputs.student.pooled, inputs.teacher.pooled, self.options["w_distance"], self.options["w_angle"]
+        )
 
 
 class PKT(Term):
@@ -230,7 +250,9 @@ class AB(Term):
         student = list(zip(self.student_channels, self.student_sizes, strict=True))
         teacher = list(zip(self.teacher_channels, self.teacher_sizes, strict=True))
         same = [s == t for s, t in zip(student, teacher, strict=True)]
-        self.connectors = ABConnectors(self.student_channels, self.teacher_channels, self.options["margin"], same)
+        self.connectors = ABConnectors(
+            self.student_channels, self.teacher_channels, self.options["margin"], same
+        )
 
     def loss(self, inputs):
         return self.connectors(inputs.student.maps, inputs.teacher.maps)
@@ -240,14 +262,22 @@ class AB(Term):
 
 
 class FT(Term):
-    layers, defaults, init_stage = slice(-1, None), {"rate": 0.5, "p": 1, "w_init": 1.0, "paraphraser_bn": False}, True
+    layers, defaults, init_stage = (
+        slice(-1, None),
+        {"rate": 0.5, "p": 1, "w_init": 1.0, "paraphraser_bn": False},
+        True,
+    )
     stage_needs_student = False
 
     def __init__(self, student, teacher, student_layers, teacher_layers, options):
         super().__init__(student, teacher, student_layers, teacher_layers, options)
         if len(student_layers) != 1:
-            raise UserError(f"feature: ft uses one layer pair, got student_layers of length {len(student_layers)}")
-        self.paraphraser = Paraphraser(self.teacher_channels[0], self.options["rate"], self.options["paraphraser_bn"])
+            raise UserError(
+                f"feature: ft uses one layer pair, got student_layers of length {len(student_layers)}"
+            )
+        self.paraphraser = Paraphraser(
+            self.teacher_channels[0], self.options["rate"], self.options["paraphraser_bn"]
+        )
         self.translator = translator(self.student_channels[0], self.paraphraser.factor_channels)
 
     def loss(self, inputs):
@@ -270,10 +300,10 @@ class FSP(Term):
         super().__init__(student, teacher, student_layers, teacher_layers, options)
         if self.student_channels != self.teacher_channels:
             raise UserError(
-                f"feature: fsp compares C_i × C_(i+1) matrices, so student and teacher layers need the same channels; "
-                f"got student {self.student_channels} and teacher {self.teacher_channels}. Choose layers with equal "
-                "channels (model.init_args.student_layers / teacher_layers) or a method that allows different widths "
-                "(at, nst, vid, ab, semckd)"
+                "feature: fsp compares C_i × C_(i+1) matrices, so student and teacher layers need the same "
+                f"channels; got student {self.student_channels} and teacher {self.teacher_channels}. Choose "
+                "layers with equal channels (model.init_args.student_layers / teacher_layers) or a method "
+                "that allows different widths (at, nst, vid, ab, semckd)"
             )
 
     def loss(self, inputs):
@@ -293,23 +323,30 @@ class SemCKD(Term):
             self.build(int(self.options["batch_size"]))
 
     def build(self, batch_size: int) -> None:
-        """The attention embeds a whole row of the batch similarity, so it is built once the batch size is known."""
-        self.criterion = SemCKDLoss(self.student_channels, self.teacher_channels, batch_size, self.options["soft"])
+        """The attention embeds a whole row of the batch similarity, so it is built once the batch size is
+        known."""
+        self.criterion = SemCKDLoss(
+            self.student_channels, self.teacher_channels, batch_size, self.options["soft"]
+        )
 
     def setup(self, data):
         if self.criterion is not None:
             return
         batch_size = data.batch_size()
         if batch_size is None:
-            raise UserError("feature: semckd needs the batch size before training: use a data module with "
-                            "batch_size, or give model.init_args.feature_options.batch_size")
+            raise UserError(
+                "feature: semckd needs the batch size before training: use a data module with "
+                "batch_size, or give model.init_args.feature_options.batch_size"
+            )
         self.build(int(batch_size))
 
     def loss(self, inputs):
         size = inputs.student.pooled.shape[0]
         if size != self.criterion.batch_size:
-            raise UserError(f"feature: semckd was built for batches of {self.criterion.batch_size} but got {size}: "
-                            "keep data.init_args.batch_size fixed (the training loader drops the last short batch)")
+            raise UserError(
+                f"feature: semckd was built for batches of {self.criterion.batch_size} but got {size}: "
+                "keep data.init_args.batch_size fixed (the training loader drops the last short batch)"
+            )
         return self.criterion(inputs.student.maps, inputs.teacher.maps)
 
 
@@ -321,9 +358,10 @@ class SimKD(Term):
         for role, backbone in (("student", student), ("teacher", teacher)):
             if backbone.feature_kind != "map":
                 raise UserError(
-                    f"feature: simkd projects the student's last feature map onto the teacher's and reuses the teacher's "
-                    f"classifier on it, so both need a CNN feature map; the {role} {backbone.spec.name} is a token model. "
-                    "Use a CNN, or a method on pooled features or maps (rkd, pkt, cc, sp, at, vid...)"
+                    "feature: simkd projects the student's last feature map onto the teacher's and reuses "
+                    f"the teacher's classifier on it, so both need a CNN feature map; the {role} "
+                    f"{backbone.spec.name} is a token model. Use a CNN, or a method on pooled features or "
+                    "maps (rkd, pkt, cc, sp, at, vid...)"
                 )
         self.projector = SimKDProjector(student.num_features, teacher.num_features, self.options["factor"])
 
@@ -343,33 +381,57 @@ class SRRL(Term):
         self.criterion = SRRLLoss(student.num_features, teacher.num_features)
 
     def loss(self, inputs):
-        return self.criterion(inputs.student.pooled, inputs.teacher.pooled, inputs.teacher_classifier,
-                              inputs.teacher_logits)
+        return self.criterion(
+            inputs.student.pooled, inputs.teacher.pooled, inputs.teacher_classifier, inputs.teacher_logits
+        )
 
 
 ZOO: dict[str, type[Term]] = {
-    "hint": Hint, "crd": CRD,
-    "at": AT, "sp": SP, "cc": CC, "vid": VID, "rkd": RKD, "pkt": PKT, "ab": AB, "ft": FT, "fsp": FSP,
-    "nst": NST, "semckd": SemCKD, "simkd": SimKD, "srrl": SRRL,
+    "hint": Hint,
+    "crd": CRD,
+    "at": AT,
+    "sp": SP,
+    "cc": CC,
+    "vid": VID,
+    "rkd": RKD,
+    "pkt": PKT,
+    "ab": AB,
+    "ft": FT,
+    "fsp": FSP,
+    "nst": NST,
+    "semckd": SemCKD,
+    "simkd": SimKD,
+    "srrl": SRRL,
 }
 
 
-def build_term(name: str, student: Backbone, teacher: Backbone, student_layers: list[int] | None,
-               teacher_layers: list[int] | None, options: dict[str, Any] | None) -> Term:
+def build_term(
+    name: str,
+    student: Backbone,
+    teacher: Backbone,
+    student_layers: list[int] | None,
+    teacher_layers: list[int] | None,
+    options: dict[str, Any] | None,
+) -> Term:
     """The term ``name`` for this pair, with its layers resolved and its options checked."""
     cls = ZOO[name]
     options = dict(options or {})
     unknown = sorted(set(options) - set(cls.defaults))
     if unknown:
         allowed = ", ".join(sorted(cls.defaults)) or "none"
-        raise UserError(f"model.init_args.feature_options {unknown} are not options of feature: {name} (its options: {allowed})")
+        raise UserError(
+            f"model.init_args.feature_options {unknown} are not options of feature: {name} (its options: "
+            f"{allowed})"
+        )
     s_ids, t_ids = [], []
     if cls.layers is not None:
         s_pos = student_layers if student_layers is not None else default_positions(student, cls.layers)
         t_pos = teacher_layers if teacher_layers is not None else default_positions(teacher, cls.layers)
         if cls.pairs_layers and len(s_pos) != len(t_pos):
-            raise UserError(f"feature: {name} pairs student and teacher layers one to one, but student_layers has "
-                            f"{len(s_pos)} ({s_pos}) and teacher_layers {len(t_pos)} ({t_pos}): give both the same length")
+            raise UserError(
+                f"feature: {name} pairs student and teacher layers one to one, but student_layers has "
+                f"{len(s_pos)} ({s_pos}) and teacher_layers {len(t_pos)} ({t_pos}): give both the same length"
+            )
         s_ids = resolve_layers(student, s_pos, "model.init_args.student_layers")
         t_ids = resolve_layers(teacher, t_pos, "model.init_args.teacher_layers")
     return cls(student, teacher, s_ids, t_ids, options)

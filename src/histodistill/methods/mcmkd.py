@@ -101,11 +101,15 @@ class MCMKD(MethodModule):
     def set_target_statistics(self, mean, std) -> None:
         """The per-dimension mean and std (D,) of the teacher cache's features, for ``standardize``."""
         if self.target_norm != "standardize":
-            raise ValueError(f"target statistics are only used with target_norm 'standardize', not {self.target_norm!r}")
+            raise ValueError(
+                f"target statistics are only used with target_norm 'standardize', not {self.target_norm!r}"
+            )
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         if mean.shape != (self.teacher_dim,) or std.shape != (self.teacher_dim,):
-            raise ValueError(f"target statistics must have shape ({self.teacher_dim},), got {tuple(mean.shape)} "
-                             f"and {tuple(std.shape)}")
+            raise ValueError(
+                f"target statistics must have shape ({self.teacher_dim},), got {tuple(mean.shape)} "
+                f"and {tuple(std.shape)}"
+            )
         self.target_mean.copy_(mean)
         self.target_std.copy_(std)
 
@@ -125,20 +129,33 @@ class MCMKD(MethodModule):
         self.train()
 
     def predict_cells(self, windows: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """(B, 3, P, P) normalised windows + (B, s*s) mask -> (B, s*s, teacher_dim) predicted teacher features."""
+        """(B, 3, P, P) normalised windows + (B, s*s) mask -> (B, s*s, teacher_dim) predicted teacher
+        features."""
         hidden = self.masker(windows, masked)  # masked cells painted with the fill
         cells = grid_pool(spatial_features(self.backbone, hidden), grid_side(masked.shape[1]))  # (B, s*s, C)
         return self.head(cells)
 
     def objective(self, batch) -> dict[str, torch.Tensor]:
         windows, _cell_coords, valid, teacher = batch  # (B, 3, P, P), (B, S, 2), (B, S), (B, S, D)
-        masked = random_cell_mask(valid.shape[0], valid.shape[1], self.mask_ratio, device=windows.device,
-                                  count=self.mask_count)
+        masked = random_cell_mask(
+            valid.shape[0], valid.shape[1], self.mask_ratio, device=windows.device, count=self.mask_count
+        )
         pred = self.predict_cells(windows, masked)
         if self.target_norm == "standardize" and torch.isnan(self.target_mean).any():
-            raise RuntimeError("target_norm 'standardize' needs the teacher cache's statistics: the data module "
-                               "(ContextWindowDataModule) sets them in setup(); call set_target_statistics first")
+            raise RuntimeError(
+                "target_norm 'standardize' needs the teacher cache's statistics: the data module "
+                "(ContextWindowDataModule) sets them in setup(); call set_target_statistics first"
+            )
         return masked_context_loss(
-            pred, teacher, masked, valid, self.loss_kind, self.w_masked, self.w_visible, self.smooth_l1_beta,
-            self.target_norm, self.target_mean, self.target_std,
+            pred,
+            teacher,
+            masked,
+            valid,
+            self.loss_kind,
+            self.w_masked,
+            self.w_visible,
+            self.smooth_l1_beta,
+            self.target_norm,
+            self.target_mean,
+            self.target_std,
         )

@@ -27,7 +27,8 @@ class ContextWindowDataModule(PatchDataModule):
     """Context windows of every coords file in ``patches_dir``.
 
     Args:
-        tiles_dir: a tiling output folder, ours, CLAM's or TRIDENT's (its ``patches/`` holds one coords .h5 per
+        tiles_dir: a tiling output folder, ours, CLAM's or TRIDENT's (its ``patches/`` holds one coords .h5
+        per
             slide).
         slides_dir: the folder of the slides, for coords that do not name them (CLAM, TRIDENT) or whose slides
             moved (default: each coords file's ``slide_path``).
@@ -36,7 +37,8 @@ class ContextWindowDataModule(PatchDataModule):
         teacher_pretrained: a teacher name loads its published weights; False builds it randomly
             initialised (tests and the CPU demo only: random targets teach nothing).
         cache_dir: the teacher's features live in ``<cache_dir>/features_<teacher slug>``, the folder
-            ``histodistill extract --model TEACHER --coords TILES_DIR --out CACHE_DIR`` writes (default: tiles_dir).
+            ``histodistill extract --model TEACHER --coords TILES_DIR --out CACHE_DIR`` writes (default:
+            tiles_dir).
         rebuild_cache: recompute a missing or stale cache with the teacher instead of refusing it.
         side: s, the window is s x s tiles (odd s centres the window on its anchor tile).
         min_fraction: the least fraction of a window's s*s cells that must be tissue tiles (1 = all).
@@ -74,7 +76,11 @@ class ContextWindowDataModule(PatchDataModule):
         super().__init__(train=None, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.tiles_dir = Path(tiles_dir)
         self.slides_dir = Path(slides_dir) if slides_dir else None
-        self.teacher, self.teacher_weights, self.teacher_pretrained = teacher, teacher_weights, teacher_pretrained
+        self.teacher, self.teacher_weights, self.teacher_pretrained = (
+            teacher,
+            teacher_weights,
+            teacher_pretrained,
+        )
         self.cache_dir = Path(cache_dir) if cache_dir else self.tiles_dir
         self.rebuild_cache = rebuild_cache
         self.side, self.min_fraction, self.mpp = side, min_fraction, mpp
@@ -88,19 +94,37 @@ class ContextWindowDataModule(PatchDataModule):
 
     def prepare_data(self) -> None:
         ensure_teacher_cache(
-            self.tiles_dir, self.cache_dir, self.teacher, self.teacher_weights, self.rebuild_cache,
-            self.extract_batch_size, self.num_workers, self.extract_precision, self.teacher_pretrained,
+            self.tiles_dir,
+            self.cache_dir,
+            self.teacher,
+            self.teacher_weights,
+            self.rebuild_cache,
+            self.extract_batch_size,
+            self.num_workers,
+            self.extract_precision,
+            self.teacher_pretrained,
             self.slides_dir,
         )
 
     def setup(self, stage: str | None = None) -> None:
-        features_dir = ensure_teacher_cache(self.tiles_dir, self.cache_dir, self.teacher, self.teacher_weights,
-                                            pretrained=self.teacher_pretrained)
+        features_dir = ensure_teacher_cache(
+            self.tiles_dir,
+            self.cache_dir,
+            self.teacher,
+            self.teacher_weights,
+            pretrained=self.teacher_pretrained,
+        )
         module = self.trainer.lightning_module
         dataset = context_windows_of_dir(
-            self.tiles_dir / "patches", features_dir, self.side, self.min_fraction,
-            transform=window_transform(module.preprocess, self.side), mpp=self.mpp, window_stride=self.window_stride,
-            exclude=self.exclude_slides, slides_dir=self.slides_dir,
+            self.tiles_dir / "patches",
+            features_dir,
+            self.side,
+            self.min_fraction,
+            transform=window_transform(module.preprocess, self.side),
+            mpp=self.mpp,
+            window_stride=self.window_stride,
+            exclude=self.exclude_slides,
+            slides_dir=self.slides_dir,
         )
         cached_dim = TeacherFeatures(visible_files(features_dir, (".h5",))[0]).dim
         if getattr(module, "teacher_dim", cached_dim) != cached_dim:
@@ -111,10 +135,13 @@ class ContextWindowDataModule(PatchDataModule):
         if getattr(module, "target_norm", "layer_norm") == "standardize":
             # Statistics over the training slides' tiles only (held-out slides stay unseen), once per setup;
             # the module keeps them in its checkpoint.
-            files = [path for path in visible_files(features_dir, (".h5",)) if path.stem not in self.exclude_slides]
+            files = [
+                path for path in visible_files(features_dir, (".h5",)) if path.stem not in self.exclude_slides
+            ]
             mean, std, count = feature_statistics(files)
             module.set_target_statistics(mean, std)
-            rank_zero_info(f"MCM-KD targets standardised per dimension with the statistics of {count} tiles "
-                           f"of {len(files)} slides in {features_dir}")
+            rank_zero_info(
+                f"MCM-KD targets standardised per dimension with the statistics of {count} tiles "
+                f"of {len(files)} slides in {features_dir}"
+            )
         self.datasets["train"] = dataset
-

@@ -12,8 +12,9 @@ each step teacher ← α·teacher + (1 − α)·student on parameters (α = 0.99
 teacher's own), likewise the teacher classifier and embed_k. In the official loop's order: the KD
 logits come from the teacher before this step's update, the key from the teacher after it (two
 teacher forwards). ``frozen`` keeps the teacher fixed (any architecture, e.g. a ViT foundation model
-teaching a ResNet-18) and trains embed_k by gradient through the positive logit. In both modes attn_k is the EMA of attn_q (our deviation from the official code,
-where the key-side attention modules never train; see docs/moma.md).
+teaching a ResNet-18) and trains embed_k by gradient through the positive logit. In both modes attn_k is the
+EMA of attn_q (our deviation from the official code, where the key-side attention modules never train; see
+docs/moma.md).
 """
 
 from __future__ import annotations
@@ -68,13 +69,18 @@ class MoMA(TeacherStudentMethod):
         teacher = {name: p.shape for name, p in self.teacher.model.named_parameters()}
         if student != teacher:
             raise ConfigError(
-                f"`teacher_update='ema'` makes the teacher the moving average of the student, so both need the "
-                f"same architecture, but teacher {self.teacher.spec.name!r} and student {self.backbone.spec.name!r} "
-                "differ: set `teacher_update='frozen'` for a different teacher"
+                "`teacher_update='ema'` makes the teacher the moving average of the student, so both need "
+                f"the same architecture, but teacher {self.teacher.spec.name!r} and student "
+                f"{self.backbone.spec.name!r} differ: set `teacher_update='frozen'` for a different teacher"
             )
-        if self.teacher_classifier is not None and self.teacher_classifier.weight.shape != self.classifier.weight.shape:
-            raise ConfigError("`teacher_update='ema'` needs the teacher classifier to match the student's "
-                            f"{tuple(self.classifier.weight.shape)}; got {tuple(self.teacher_classifier.weight.shape)}")
+        if (
+            self.teacher_classifier is not None
+            and self.teacher_classifier.weight.shape != self.classifier.weight.shape
+        ):
+            raise ConfigError(
+                "`teacher_update='ema'` needs the teacher classifier to match the student's "
+                f"{tuple(self.classifier.weight.shape)}; got {tuple(self.teacher_classifier.weight.shape)}"
+            )
 
     @torch.no_grad()
     def momentum_update(self) -> None:

@@ -43,8 +43,8 @@ from histodistill.optim.optimizer import OptimConfig
 
 # SD-MAE's encoder has no cls token. Its features are those of the official linear probe and fine-tuning
 # (modeling_finetune.py, use_mean_pooling=True): a fresh LayerNorm (timm's fc_norm) on the mean of the
-# un-normed patch tokens, the pretrained final norm dropped. ``backbone_kwargs: {fc_norm: false}`` instead keeps
-# the final norm on the tokens and mean-pools the normed tokens.
+# un-normed patch tokens, the pretrained final norm dropped. ``backbone_kwargs: {fc_norm: false}`` instead
+# keeps the final norm on the tokens and mean-pools the normed tokens.
 SDMAE_BACKBONE_KWARGS = {"class_token": False, "global_pool": "avg", "fc_norm": True}
 
 
@@ -61,7 +61,11 @@ class _MaskedPretraining(MethodModule):
         return int(self.num_patches * (1 - self.mask_ratio))
 
     def __init__(
-        self, backbone: str, backbone_kwargs: dict[str, Any] | None, mask_ratio: float, optim: OptimConfig | None,
+        self,
+        backbone: str,
+        backbone_kwargs: dict[str, Any] | None,
+        mask_ratio: float,
+        optim: OptimConfig | None,
         normalization: str = "imagenet",
     ) -> None:
         super().__init__(optim)
@@ -84,12 +88,24 @@ class _MaskedPretraining(MethodModule):
 
     def random_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskInfo:
         if generator is None:
-            return random_masking(images.shape[0], self.num_patches, self.mask_ratio, images.device,
-                                  num_visible=self.visible_count())
+            return random_masking(
+                images.shape[0],
+                self.num_patches,
+                self.mask_ratio,
+                images.device,
+                num_visible=self.visible_count(),
+            )
         # A seeded CPU generator gives the same preview masks on any device.
-        mask = random_masking(images.shape[0], self.num_patches, self.mask_ratio, generator=generator,
-                              num_visible=self.visible_count())
-        return MaskInfo(*(t.to(images.device) for t in (mask.ids_shuffle, mask.ids_restore, mask.mask)), mask.num_visible)
+        mask = random_masking(
+            images.shape[0],
+            self.num_patches,
+            self.mask_ratio,
+            generator=generator,
+            num_visible=self.visible_count(),
+        )
+        return MaskInfo(
+            *(t.to(images.device) for t in (mask.ids_shuffle, mask.ids_restore, mask.mask)), mask.num_visible
+        )
 
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Undo the input normalisation: (B, 3, H, W) normalised -> (B, 3, H, W) in [0, 1]."""
@@ -184,7 +200,9 @@ class MAE(_MaskedPretraining):
     def target_to_pixels(self, pred: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         if self.norm_pix_loss:
             original = patchify(images, self.patch_size)
-            pred = pred * (original.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + original.mean(dim=-1, keepdim=True)
+            pred = pred * (original.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + original.mean(
+                dim=-1, keepdim=True
+            )
         normalised = unpatchify(pred, self.patch_size, self.grid_size)
         return patchify(self.to_pixels(normalised), self.patch_size)
 
@@ -222,8 +240,8 @@ class SDMAE(_MaskedPretraining):
     xavier_patch_embed = False
 
     def visible_count(self) -> int:
-        """SD-MAE's RandomMaskingGenerator masks ``int(r·L)`` patches and keeps the rest (58 of 144 at r = 0.6,
-        where MAE's rule keeps 57)."""
+        """SD-MAE's RandomMaskingGenerator masks ``int(r·L)`` patches and keeps the rest (58 of 144 at r =
+        0.6, where MAE's rule keeps 57)."""
         return self.num_patches - int(self.mask_ratio * self.num_patches)
 
     def __init__(
@@ -247,27 +265,42 @@ class SDMAE(_MaskedPretraining):
     ) -> None:
         if not 0 <= distill_weight <= 1:
             raise ConfigError(f"`distill_weight={distill_weight}`: must be in [0, 1]")
-        super().__init__(backbone, {**SDMAE_BACKBONE_KWARGS, **(backbone_kwargs or {})}, mask_ratio, optim, normalization)
+        super().__init__(
+            backbone, {**SDMAE_BACKBONE_KWARGS, **(backbone_kwargs or {})}, mask_ratio, optim, normalization
+        )
         vit = self.backbone.model
-        # Pretraining normalises the encoder's tokens; the pooled feature uses a fresh, frozen fc_norm instead.
+        # Pretraining normalises the encoder's tokens; the pooled feature uses a fresh, frozen fc_norm
+        # instead.
         self.encoder_norm = nn.Identity()
         if isinstance(vit.norm, nn.Identity) and not isinstance(vit.fc_norm, nn.Identity):
             self.encoder_norm = copy.deepcopy(vit.fc_norm)
             vit.fc_norm.requires_grad_(False)
         self.distill_weight = distill_weight
         self.decoder = SDMAEDecoder(
-            vit.embed_dim, self.grid_size, self.patch_size, dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads
+            vit.embed_dim,
+            self.grid_size,
+            self.patch_size,
+            dim=decoder_dim,
+            depth=decoder_depth,
+            num_heads=decoder_heads,
         )
-        head_shape = {"out_dim": head_dim, "hidden_dim": head_hidden_dim, "bottleneck_dim": head_bottleneck_dim}
+        head_shape = {
+            "out_dim": head_dim,
+            "hidden_dim": head_hidden_dim,
+            "bottleneck_dim": head_bottleneck_dim,
+        }
         self.student_head = DINOHead(vit.embed_dim, **head_shape)
         self.teacher_head = DINOHead(decoder_dim, **head_shape)
-        self.distillation = SelfDistillationLoss(head_dim, student_temp, teacher_temp, center_momentum, teacher_stop_grad)
+        self.distillation = SelfDistillationLoss(
+            head_dim, student_temp, teacher_temp, center_momentum, teacher_stop_grad
+        )
 
     def forward_branches(self, images: torch.Tensor, mask: MaskInfo) -> dict[str, torch.Tensor]:
         """``pred`` (B, L, p·p·3) in target space (zeros at visible patches), ``student`` and ``teacher``
         head outputs averaged over the visible patches, (B, head_dim) each."""
         vit = self.backbone.model
-        tokens = self.encoder_norm(encode_visible(vit, images, mask.ids_keep)[:, vit.num_prefix_tokens :])  # (B, K, D)
+        # (B, K, D)
+        tokens = self.encoder_norm(encode_visible(vit, images, mask.ids_keep)[:, vit.num_prefix_tokens :])
         pred_masked, decoded_visible = self.decoder(tokens, mask)  # (B, L−K, p·p·3), (B, K, Dd)
         return {
             "pred": scatter_patches(pred_masked, mask.ids_masked, self.num_patches),

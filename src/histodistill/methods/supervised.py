@@ -51,16 +51,25 @@ class Supervised(ClassificationMethod):
         self.label_smoothing = label_smoothing
         self.mixup: Mixup | None = None
         if mixup > 0 or cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
-                               mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                mode="batch",
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
             self.soft_target_loss = SoftTargetCrossEntropy()
 
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         images, labels = batch[0], batch[1]
         if self.mixup is not None and self.training:
             if images.shape[0] % 2:
-                raise UserError(f"mixup/cutmix mix a batch with its reverse and need an even batch size, got "
-                                f"{images.shape[0]}: set `batch_size=...` to an even number")
+                raise UserError(
+                    f"mixup/cutmix mix a batch with its reverse and need an even batch size, got "
+                    f"{images.shape[0]}: set `batch_size=...` to an even number"
+                )
             images, targets = self.mixup(images, labels)  # targets (B, C): mixed, smoothed one-hots
             return {"loss": self.soft_target_loss(self(images), targets)}
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)

@@ -47,7 +47,8 @@ _LAYER_NAMES = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything needed to rebuild a backbone: ``timm.create_model(timm_name, num_classes=0, **model_kwargs)``.
+    """Everything needed to rebuild a backbone: ``timm.create_model(timm_name, num_classes=0,
+    **model_kwargs)``.
 
     ``name`` is what the user asked for (registered name, timm name, file); ``source`` says where the
     weights came from: ``random``, ``timm:<hub id or tag>``, ``hf-hub:<id>``, ``weights:<file>``,
@@ -64,7 +65,8 @@ class BackboneSpec:
     embedding: str = "head"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (stored in checkpoints, exports' ``config.json`` and ``extractor.json``)."""
+        """A JSON-serialisable dict (stored in checkpoints, exports' ``config.json`` and
+        ``extractor.json``)."""
         data = asdict(self)
         data["preprocess"]["mean"] = list(self.preprocess.mean)
         data["preprocess"]["std"] = list(self.preprocess.std)
@@ -184,7 +186,9 @@ def create_backbone(
     elif path.suffix == ".ckpt":
         backbone = _from_checkpoint(path, model_kwargs)
     elif str(name) in BACKBONES:
-        backbone = _from_entry(str(name), BACKBONES.get(str(name)), pretrained and weights is None, model_kwargs)
+        backbone = _from_entry(
+            str(name), BACKBONES.get(str(name)), pretrained and weights is None, model_kwargs
+        )
     elif str(name).startswith("hf-hub:"):
         backbone = _from_hub_id(str(name), pretrained and weights is None, model_kwargs)
     elif timm.is_model(str(name)):
@@ -212,8 +216,10 @@ def random_like(spec: BackboneSpec) -> Backbone:
 
 
 def _note_random(name: str) -> None:
-    print(f"note: {name}: random initialisation (random weights were asked for), no pretrained weights",
-          file=sys.stderr)
+    print(
+        f"note: {name}: random initialisation (random weights were asked for), no pretrained weights",
+        file=sys.stderr,
+    )
 
 
 # ---- sources ---------------------------------------------------------------------------------------
@@ -229,18 +235,23 @@ def _from_entry(name: str, entry: BackboneEntry, pretrained: bool, model_kwargs:
         model = _create_pretrained(f"hf-hub:{entry.hub_id}", kwargs, name)
         source = f"hf-hub:{entry.hub_id}"
     else:
-        model = _create_pretrained(entry.timm_name, kwargs, name) if pretrained else _create(entry.timm_name, kwargs)
+        model = (
+            _create_pretrained(entry.timm_name, kwargs, name)
+            if pretrained
+            else _create(entry.timm_name, kwargs)
+        )
         source = _timm_source(model) if pretrained else "random"
     return Backbone(model, BackboneSpec(name, entry.timm_name, kwargs, preprocess, source, entry.embedding))
 
 
 def _check_requirements(name: str, entry: BackboneEntry) -> None:
-    """Entries only their authors' package builds, and transformers entries without transformers, stop here."""
+    """Entries only their authors' package builds, and transformers entries without transformers, stop
+    here."""
     if entry.requires in PACKAGES:
         raise UserError(
             f"{name} is built by the authors' {entry.requires!r} package ({PACKAGES[entry.requires]}), which "
-            "histodistill does not wrap: extract its features with that package (or TRIDENT), or pick another "
-            "model (histodistill models)"
+            "histodistill does not wrap: extract its features with that package (or TRIDENT), or pick "
+            "another model (histodistill models)"
         )
     if is_transformers(entry.timm_name):
         from histodistill.models.hf_encoder import require_transformers
@@ -259,7 +270,11 @@ def _from_published_file(
 
         if entry.hub_config:  # the published architecture, as transformers' from_pretrained would read it
             kwargs = {**json.loads(_published_file(name, entry, "config.json").read_text()), **model_kwargs}
-        return load_hf_encoder(entry.timm_name, kwargs, path.parent, f"{entry.hub_id}/{entry.weights_file}"), kwargs, source
+        return (
+            load_hf_encoder(entry.timm_name, kwargs, path.parent, f"{entry.hub_id}/{entry.weights_file}"),
+            kwargs,
+            source,
+        )
     model = _create(entry.timm_name, kwargs)
     convert = CONVERTERS.get(entry.timm_name)
     state = read_state_dict(path)
@@ -275,12 +290,13 @@ def _published_file(name: str, entry: BackboneEntry, filename: str) -> Path:
         if not target.is_file():
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(filename, str(target), progress=False)  # writes a temporary, then renames
+                # writes a temporary, then renames
+                torch.hub.download_url_to_file(filename, str(target), progress=False)
             except OSError as error:
                 raise UserError(
-                    f"cannot download the pretrained weights of {name!r} from {filename}: {first_line(error)}. "
-                    f"Remedies: a local file (`weights=FILE` with the model {name!r}); or the file "
-                    f"at {target}; or `pretrained=False` for random weights"
+                    f"cannot download the pretrained weights of {name!r} from {filename}: "
+                    f"{first_line(error)}. Remedies: a local file (`weights=FILE` with the model {name!r}); "
+                    f"or the file at {target}; or `pretrained=False` for random weights"
                 ) from error
         return target
     from huggingface_hub import hf_hub_download
@@ -289,8 +305,11 @@ def _published_file(name: str, entry: BackboneEntry, filename: str) -> Path:
         try:
             return Path(hf_hub_download(entry.hub_id, filename, repo_type=entry.repo_type))
         except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
-            raise UserError(_unavailable_message(name, f"hf-hub:{entry.hub_id}", True, error, local=name,
-                                                 unreachable=unreachable)) from error
+            raise UserError(
+                _unavailable_message(
+                    name, f"hf-hub:{entry.hub_id}", True, error, local=name, unreachable=unreachable
+                )
+            ) from error
 
 
 def _load_local(backbone: Backbone, state: dict[str, torch.Tensor], origin: str, strict: bool) -> None:
@@ -300,7 +319,9 @@ def _load_local(backbone: Backbone, state: dict[str, torch.Tensor], origin: str,
     if is_transformers(architecture):
         from histodistill.models.hf_encoder import load_hf_encoder
 
-        backbone.model = load_hf_encoder(architecture, backbone.spec.model_kwargs, None, origin, state_dict=state)
+        backbone.model = load_hf_encoder(
+            architecture, backbone.spec.model_kwargs, None, origin, state_dict=state
+        )
         return
     convert = CONVERTERS.get(architecture)
     state = convert(state, backbone.model) if convert else state
@@ -310,7 +331,9 @@ def _load_local(backbone: Backbone, state: dict[str, torch.Tensor], origin: str,
 def _from_timm(name: str, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
     model = _create_pretrained(name, model_kwargs, name) if pretrained else _create(name, model_kwargs)
     preprocess = _with_input_size(_timm_preprocess(model), model_kwargs)
-    spec = BackboneSpec(name, name, dict(model_kwargs), preprocess, _timm_source(model) if pretrained else "random")
+    spec = BackboneSpec(
+        name, name, dict(model_kwargs), preprocess, _timm_source(model) if pretrained else "random"
+    )
     return Backbone(model, spec)
 
 
@@ -325,7 +348,9 @@ def _from_hub_id(hub_id: str, pretrained: bool, model_kwargs: dict[str, Any]) ->
     # always needs the hub (or its local cache).
     model = _create_pretrained(hub_id, model_kwargs, hub_id, pretrained=pretrained)
     timm_name = model.pretrained_cfg.get("architecture") or type(model).__name__
-    spec = BackboneSpec(hub_id, timm_name, dict(model_kwargs), _timm_preprocess(model), hub_id if pretrained else "random")
+    spec = BackboneSpec(
+        hub_id, timm_name, dict(model_kwargs), _timm_preprocess(model), hub_id if pretrained else "random"
+    )
     return Backbone(model, spec)
 
 
@@ -348,7 +373,7 @@ def checkpoint_backbone_state(checkpoint: dict[str, Any]) -> dict[str, torch.Ten
     """The backbone's own weights (keys as in ``Backbone.model``) cut out of a checkpoint's state dict."""
     prefix = checkpoint[CHECKPOINT_BACKBONE_KEY]["state_dict_prefix"]
     state = checkpoint.get("state_dict", {})
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def _from_export(directory: Path, model_kwargs: dict[str, Any]) -> Backbone:
@@ -358,8 +383,9 @@ def _from_export(directory: Path, model_kwargs: dict[str, Any]) -> Backbone:
     config_path, weights_path = directory / EXPORT_CONFIG, directory / EXPORT_WEIGHTS
     if not config_path.is_file():
         raise UserError(
-            f"{directory} is a directory but not a model folder: it needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS} "
-            "(made by `histodistill export`, or a timm model folder from the Hugging Face hub)"
+            f"{directory} is a directory but not a model folder: it needs {EXPORT_CONFIG} and "
+            f"{EXPORT_WEIGHTS} (made by `histodistill export`, or a timm model folder from the Hugging Face "
+            "hub)"
         )
     config = json.loads(config_path.read_text())
     source = f"export:{directory.name}"
@@ -392,10 +418,14 @@ def _create(timm_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs(model_kwargs))
     except TypeError as error:
-        raise UserError(f"timm model {timm_name!r} does not accept these arguments {model_kwargs}: {error}") from error
+        raise UserError(
+            f"timm model {timm_name!r} does not accept these arguments {model_kwargs}: {error}"
+        ) from error
 
 
-def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str, pretrained: bool = True) -> nn.Module:
+def _create_pretrained(
+    timm_name: str, model_kwargs: dict[str, Any], asked: str, pretrained: bool = True
+) -> nn.Module:
     # hf-hub: and local-dir: sources bring their weights; a plain timm name may have none published.
     if pretrained and ":" not in timm_name and not _has_published_weights(timm_name):
         raise UserError(
@@ -404,7 +434,9 @@ def _create_pretrained(timm_name: str, model_kwargs: dict[str, Any], asked: str,
         )
     with hub_access() as unreachable:  # one quick probe, not huggingface_hub's ~53 s of retries when offline
         try:
-            return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **timm_kwargs(model_kwargs))
+            return timm.create_model(
+                timm_name, pretrained=pretrained, num_classes=0, **timm_kwargs(model_kwargs)
+            )
         except (OSError, RuntimeError, ValueError) as error:  # hub/network errors are OSError subclasses
             message = _unavailable_message(asked, timm_name, pretrained, error, unreachable=unreachable)
             raise UserError(message) from error
@@ -416,7 +448,11 @@ def _has_published_weights(timm_name: str) -> bool:
 
 
 def _unavailable_message(
-    asked: str, timm_name: str, pretrained: bool, error: BaseException, local: str | None = None,
+    asked: str,
+    timm_name: str,
+    pretrained: bool,
+    error: BaseException,
+    local: str | None = None,
     unreachable: str | None = None,
 ) -> str:
     """One line: which model, why its files could not be had, and every way out (``local``: the model that
@@ -428,26 +464,43 @@ def _unavailable_message(
     hub_id = timm_name.startswith("hf-hub:")
     cfg = None if hub_id else timm.models.get_pretrained_cfg(timm_name)
     where = timm_name.removeprefix("hf-hub:") if cfg is None else cfg.hf_hub_id or cfg.url or timm_name
-    what = "pretrained weights" if pretrained else "config.json (an hf-hub: id needs it even for random weights)"
-    local = (f"the model {local!r}" if local else "the timm architecture as the model" if hub_id
-             else f"the model {asked!r}")
+    what = (
+        "pretrained weights" if pretrained else "config.json (an hf-hub: id needs it even for random weights)"
+    )
+    local = (
+        f"the model {local!r}"
+        if local
+        else "the timm architecture as the model"
+        if hub_id
+        else f"the model {asked!r}"
+    )
     others = f"a local file (`weights=FILE` with {local})" + (
-        "; or `pretrained=False` for random weights" if pretrained else "")
+        "; or `pretrained=False` for random weights" if pretrained else ""
+    )
     if unreachable is not None and isinstance(error, LocalEntryNotFoundError):
-        return f"cannot get the {what} of {asked!r} from {where}: {unreachable_remedy(where, unreachable)}; or {others}"
+        return (
+            f"cannot get the {what} of {asked!r} from {where}: {unreachable_remedy(where, unreachable)}; "
+            f"or {others}"
+        )
     if isinstance(error, GatedRepoError):
-        why = f"it is gated: accept its terms on https://huggingface.co/{where} and log in (`hf auth login` or HF_TOKEN)"
+        why = (
+            f"it is gated: accept its terms on https://huggingface.co/{where} and log in (`hf auth login` "
+            "or HF_TOKEN)"
+        )
     elif isinstance(error, RepositoryNotFoundError):
-        why = "no such repository on the Hugging Face hub, or a private one (log in: `hf auth login` or HF_TOKEN)"
+        why = (
+            "no such repository on the Hugging Face hub, or a private one (log in: `hf auth login` or "
+            "HF_TOKEN)"
+        )
     elif isinstance(error, LocalEntryNotFoundError):
         offline = ", HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else ""
         why = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}){offline} and the hub was not reached"
     else:
         why = f"{type(error).__name__}: {first_line(error)}"
     return (
-        f"cannot get the {what} of {asked!r} from {where}: {why}. Remedies: HF_HUB_OFFLINE=1 with a populated "
-        f"Hugging Face cache (download {where} where the hub is reachable, copy the cache, point HF_HOME or "
-        f"HF_HUB_CACHE at it); or {others}"
+        f"cannot get the {what} of {asked!r} from {where}: {why}. Remedies: HF_HUB_OFFLINE=1 with a "
+        f"populated Hugging Face cache (download {where} where the hub is reachable, copy the cache, point "
+        f"HF_HOME or HF_HUB_CACHE at it); or {others}"
     )
 
 
@@ -472,7 +525,8 @@ def _without_classifier(state: dict[str, torch.Tensor], model: nn.Module) -> dic
     names = classifier if isinstance(classifier, (list, tuple)) else [classifier] if classifier else []
     own = model.state_dict()
     return {
-        key: value for key, value in state.items()
+        key: value
+        for key, value in state.items()
         if key in own or not any(key.startswith(f"{n}.") for n in names)
     }
 
@@ -480,13 +534,18 @@ def _without_classifier(state: dict[str, torch.Tensor], model: nn.Module) -> dic
 def _unknown_name_message(name: str) -> str:
     """Names the closest registered and timm names: substring matches first, then spelling (``resnet-18``)."""
     query = name.lower()
-    registered = [n for n in list_backbones() if query in n] or difflib.get_close_matches(query, list_backbones(), 3, 0.5)
-    timm_names = timm.list_models(f"*{query}*")[:5] or difflib.get_close_matches(query, timm.list_models(), 5, 0.6)
+    registered = [n for n in list_backbones() if query in n] or difflib.get_close_matches(
+        query, list_backbones(), 3, 0.5
+    )
+    timm_names = timm.list_models(f"*{query}*")[:5] or difflib.get_close_matches(
+        query, timm.list_models(), 5, 0.6
+    )
     hints = [f"registered: {', '.join(registered)}"] if registered else []
     hints += [f"timm: {', '.join(timm_names)}"] if timm_names else []
     return (
         f"unknown model {name!r}: not a registered name (list_backbones()), a timm model, an hf-hub: id, "
-        f"a .ckpt checkpoint or an exported directory." + (f" Closest names: {'; '.join(hints)}." if hints else "")
+        f"a .ckpt checkpoint or an exported directory."
+        + (f" Closest names: {'; '.join(hints)}." if hints else "")
     )
 
 
@@ -494,20 +553,37 @@ def _unknown_name_message(name: str) -> str:
 # Small CPU-friendly models at 64 px for tests and the demo (0.5 mpp: a 64-px tile is 32 µm of tissue).
 _TINY = Preprocess(IMAGENET_MEAN, IMAGENET_STD, input_size=64, mpp=0.5)
 register_backbone("tiny/resnet18-64", BackboneEntry("resnet18", {}, _TINY, description="ResNet-18 at 64 px"))
-register_backbone("tiny/resnet34-64", BackboneEntry("resnet34", {}, _TINY, description="ResNet-34 at 64 px (a CPU teacher)"))
+register_backbone(
+    "tiny/resnet34-64", BackboneEntry("resnet34", {}, _TINY, description="ResNet-34 at 64 px (a CPU teacher)")
+)
 register_backbone(
     "tiny/vit-tiny-p8-64",
-    BackboneEntry("vit_tiny_patch16_224", {"patch_size": 8, "img_size": 64}, _TINY,
-                  description="ViT-Tiny with 8-px patches at 64 px: 64 patch tokens + 1 class token"),
+    BackboneEntry(
+        "vit_tiny_patch16_224",
+        {"patch_size": 8, "img_size": 64},
+        _TINY,
+        description="ViT-Tiny with 8-px patches at 64 px: 64 patch tokens + 1 class token",
+    ),
 )
-register_backbone("tiny/efficientnet-b0-64", BackboneEntry("efficientnet_b0", {}, _TINY, description="EfficientNet-B0 at 64 px"))
+register_backbone(
+    "tiny/efficientnet-b0-64",
+    BackboneEntry("efficientnet_b0", {}, _TINY, description="EfficientNet-B0 at 64 px"),
+)
+
 
 # Pathology foundation models: the table in models/foundation.py, with its sources.
 def _entry(model: FoundationModel) -> BackboneEntry:
     return BackboneEntry(
-        model.architecture, dict(model.model_kwargs), model.preprocess, model.hub_id,
-        f"{model.citation.split(',')[0]}: {model.build}, {model.embedding} {model.dim}-d", model.embedding,
-        model.weights_file, model.repo_type, model.hub_config, model.requires,
+        model.architecture,
+        dict(model.model_kwargs),
+        model.preprocess,
+        model.hub_id,
+        f"{model.citation.split(',')[0]}: {model.build}, {model.embedding} {model.dim}-d",
+        model.embedding,
+        model.weights_file,
+        model.repo_type,
+        model.hub_config,
+        model.requires,
     )
 
 
@@ -515,7 +591,9 @@ for _model in FOUNDATION_MODELS:
     register_backbone(_model.name, _entry(_model))
 
 
-def seeded_backbone(model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool) -> Backbone:
+def seeded_backbone(
+    model: str | os.PathLike, weights: str | os.PathLike | None, pretrained: bool
+) -> Backbone:
     """`create_backbone` with torch's generator seeded 0 (then restored): random weights are reproducible."""
     # A randomly initialised model (pretrained=False) must be the same on every run, or a resumed
     # extraction would mix features of two different networks.

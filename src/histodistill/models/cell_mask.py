@@ -27,10 +27,15 @@ def masked_cell_count(num_cells: int, ratio: float, count: int | None = None) ->
 
 
 def random_cell_mask(
-    batch_size: int, num_cells: int, ratio: float, generator: torch.Generator | None = None, device=None,
+    batch_size: int,
+    num_cells: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device=None,
     count: int | None = None,
 ) -> torch.Tensor:
-    """(B, S) bool, True = masked: exactly `masked_cell_count` cells per window, drawn independently per window."""
+    """(B, S) bool, True = masked: exactly `masked_cell_count` cells per window, drawn independently per
+    window."""
     count = masked_cell_count(num_cells, ratio, count)
     scores = torch.rand(batch_size, num_cells, generator=generator, device=device)
     # A cell is masked when its random score is among the `count` smallest of its window.
@@ -47,12 +52,14 @@ def grid_side(num_cells: int) -> int:
 
 
 def cell_mask_to_pixels(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, s*s) cell mask -> (B, 1, H, W) pixel mask; H and W must be multiples of s (one tile = H/s x W/s)."""
+    """(B, s*s) cell mask -> (B, 1, H, W) pixel mask; H and W must be multiples of s (one tile = H/s x
+    W/s)."""
     side = grid_side(mask.shape[1])
     if height % side or width % side:
         raise ValueError(f"window {height}x{width} is not an exact {side}x{side} grid of tiles")
     grid = mask.view(mask.shape[0], 1, side, side)  # (B, 1, s, s), row-major cells
-    return grid.repeat_interleave(height // side, dim=2).repeat_interleave(width // side, dim=3)  # (B, 1, H, W)
+    # (B, 1, H, W)
+    return grid.repeat_interleave(height // side, dim=2).repeat_interleave(width // side, dim=3)
 
 
 class CellMasker(nn.Module):

@@ -9,11 +9,11 @@ attention-pooled bag with one Linear(512, C); MB pools once per class and scores
 pooling with its own Linear(512, 1). Each class c also has an instance classifier Linear(512, 2).
 
 The objective (`clam_loss`): ``bag_weight`` × bag cross-entropy + (1 - ``bag_weight``) × the instance
-clustering loss (`clam_instance_loss`): for a bag of class y, the ``k_sample`` tiles with the highest attention
-(of branch y for MB) are pseudo-labelled 1 and the ``k_sample`` lowest 0 for class y's instance classifier,
-cross-entropy averaged over those 2k tiles. With ``subtyping`` (CLAM's flag for subtype tasks, where every
-class is tumour), every other class c also gets its branch's top-k tiles pushed to 0 by its classifier
-(cross-entropy over k tiles), and the sum over the C classifiers is divided by C.
+clustering loss (`clam_instance_loss`): for a bag of class y, the ``k_sample`` tiles with the highest
+attention (of branch y for MB) are pseudo-labelled 1 and the ``k_sample`` lowest 0 for class y's instance
+classifier, cross-entropy averaged over those 2k tiles. With ``subtyping`` (CLAM's flag for subtype tasks,
+where every class is tumour), every other class c also gets its branch's top-k tiles pushed to 0 by its
+classifier (cross-entropy over k tiles), and the sum over the C classifiers is divided by C.
 
 Defaults are CLAM's: dropout 0.25, ``k_sample`` 8 (``--B``), ``bag_weight`` 0.7, ``subtyping`` False,
 cross-entropy instance loss. Deviations (docs/mil.md):
@@ -56,15 +56,32 @@ class CLAM(MILHead):
 
     multi_branch = False
 
-    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 512, attention_dim: int = 256,
-                 dropout: float = 0.25, k_sample: int = 8, bag_weight: float = 0.7, subtyping: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        hidden_dim: int = 512,
+        attention_dim: int = 256,
+        dropout: float = 0.25,
+        k_sample: int = 8,
+        bag_weight: float = 0.7,
+        subtyping: bool = False,
+    ) -> None:
         super().__init__()
         if k_sample < 1 or not 0 <= bag_weight <= 1:
-            raise ConfigError(f"CLAM needs k_sample >= 1 and 0 <= bag_weight <= 1, got {k_sample}, {bag_weight}")
-        self.num_classes, self.k_sample, self.bag_weight, self.subtyping = num_classes, k_sample, bag_weight, subtyping
+            raise ConfigError(
+                f"CLAM needs k_sample >= 1 and 0 <= bag_weight <= 1, got {k_sample}, {bag_weight}"
+            )
+        self.num_classes, self.k_sample, self.bag_weight, self.subtyping = (
+            num_classes,
+            k_sample,
+            bag_weight,
+            subtyping,
+        )
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.attention = GatedAttentionBranches(hidden_dim, attention_dim, num_classes if self.multi_branch else 1,
-                                                dropout)
+        self.attention = GatedAttentionBranches(
+            hidden_dim, attention_dim, num_classes if self.multi_branch else 1, dropout
+        )
         # MB: row c of the weight is class c's own Linear(hidden_dim, 1); SB: one Linear(hidden_dim, C).
         self.classifier = nn.Linear(hidden_dim, num_classes)
         self.instance_classifiers = nn.Linear(hidden_dim, 2 * num_classes)  # C Linear(hidden_dim, 2), stacked
@@ -98,8 +115,9 @@ class CLAMMB(CLAM):
     multi_branch = True
 
 
-def clam_instance_loss(output: MILOutput, labels: torch.Tensor, k_sample: int = 8,
-                       subtyping: bool = False) -> torch.Tensor:
+def clam_instance_loss(
+    output: MILOutput, labels: torch.Tensor, k_sample: int = 8, subtyping: bool = False
+) -> torch.Tensor:
     """CLAM's instance clustering loss (module docstring), the mean over the B bags.
 
     ``output.attention`` (B, K, N) with K = 1 (SB: every class uses it) or K = C (MB: class c uses branch
@@ -116,13 +134,18 @@ def clam_instance_loss(output: MILOutput, labels: torch.Tensor, k_sample: int = 
     ones, zeros = (torch.full((batch, k), value, dtype=torch.long, device=mask.device) for value in (1, 0))
 
     def mean_ce(picked: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of picked logits (B, k, 2) against ``target`` (B, k), summed over the valid picks: (B,)."""
+        """Cross-entropy of picked logits (B, k, 2) against ``target`` (B, k), summed over the valid picks:
+        (B,)."""
         return (F.cross_entropy(picked.transpose(1, 2), target, reduction="none") * valid).sum(1)
 
     total = torch.zeros(batch, device=mask.device)
     for c in range(logits.shape[2]):
         branch = c if branches > 1 else 0
-        top_c, bottom_c = logits[rows, top[:, branch], c], logits[rows, bottom[:, branch], c]  # (B, k, 2) each
+        # (B, k, 2) each
+        top_c, bottom_c = (
+            logits[rows, top[:, branch], c],
+            logits[rows, bottom[:, branch], c],
+        )
         in_class = (mean_ce(top_c, ones) + mean_ce(bottom_c, zeros)) / (2 * valid.sum(1))
         out_of_class = mean_ce(top_c, zeros) / valid.sum(1) if subtyping else torch.zeros_like(in_class)
         total = total + torch.where(labels == c, in_class, out_of_class)
@@ -131,8 +154,14 @@ def clam_instance_loss(output: MILOutput, labels: torch.Tensor, k_sample: int = 
     return total.mean()
 
 
-def clam_loss(output: MILOutput, labels: torch.Tensor, bag_weight: float = 0.7, k_sample: int = 8,
-              subtyping: bool = False) -> torch.Tensor:
-    """CLAM's training objective: ``bag_weight`` × bag cross-entropy + (1 - ``bag_weight``) × `clam_instance_loss`."""
+def clam_loss(
+    output: MILOutput,
+    labels: torch.Tensor,
+    bag_weight: float = 0.7,
+    k_sample: int = 8,
+    subtyping: bool = False,
+) -> torch.Tensor:
+    """CLAM's training objective: ``bag_weight`` × bag cross-entropy + (1 - ``bag_weight``) ×
+    `clam_instance_loss`."""
     instance = clam_instance_loss(output, labels, k_sample, subtyping)
     return bag_weight * bag_cross_entropy(output, labels) + (1 - bag_weight) * instance

@@ -23,7 +23,8 @@ TRUNK = "vit_large_patch16_224"
 
 
 class AttentionalPooler(nn.Module):
-    """``n_queries`` learned queries (d_model) attend over context tokens (context_dim): (B, N, Cc) -> (B, Q, d)."""
+    """``n_queries`` learned queries (d_model) attend over context tokens (context_dim): (B, N, Cc) -> (B, Q,
+    d)."""
 
     def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1) -> None:
         super().__init__()
@@ -53,10 +54,16 @@ class ConchVisionTower(nn.Module):
     def __init__(self, img_size: int = 224, dynamic_img_size: bool = True) -> None:
         super().__init__()
         self.trunk = timm.create_model(
-            TRUNK, pretrained=False, num_classes=0, init_values=1.0, img_size=img_size,
+            TRUNK,
+            pretrained=False,
+            num_classes=0,
+            init_values=1.0,
+            img_size=img_size,
             dynamic_img_size=dynamic_img_size,
         )
-        self.attn_pool_contrast = AttentionalPooler(d_model=768, context_dim=self.trunk.num_features, n_head=8)
+        self.attn_pool_contrast = AttentionalPooler(
+            d_model=768, context_dim=self.trunk.num_features, n_head=8
+        )
         self.ln_contrast = nn.LayerNorm(768)
         self.num_features = 768
         self.num_prefix_tokens = self.trunk.num_prefix_tokens
@@ -75,7 +82,14 @@ def convert_conch_state(state: dict[str, torch.Tensor], model: nn.Module) -> dic
     own = model.trunk.pos_embed
     stored = state.get("trunk.pos_embed")
     if stored is not None and stored.shape != own.shape:
-        state = {**state, "trunk.pos_embed": resample_abs_pos_embed(
-            stored, new_size=model.trunk.patch_embed.grid_size, num_prefix_tokens=1, interpolation="bilinear",
-            antialias=False)}
+        state = {
+            **state,
+            "trunk.pos_embed": resample_abs_pos_embed(
+                stored,
+                new_size=model.trunk.patch_embed.grid_size,
+                num_prefix_tokens=1,
+                interpolation="bilinear",
+                antialias=False,
+            ),
+        }
     return state

@@ -22,8 +22,15 @@ SWIN = "swin_tiny_patch4_window7_224"
 class ConvStem(nn.Module):
     """(B, 3, H, W) -> (B, H/4, W/4, C) NHWC, as timm's Swin expects from its ``embed_layer``."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
-                 norm_layer: Any = None, **ignored: Any) -> None:
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        norm_layer: Any = None,
+        **ignored: Any,
+    ) -> None:
         super().__init__()
         if patch_size != 4 or embed_dim % 8:
             raise ValueError("CTransPath's stem needs patch_size 4 and embed_dim divisible by 8")
@@ -34,8 +41,11 @@ class ConvStem(nn.Module):
         layers: list[nn.Module] = []
         width_in, width = in_chans, embed_dim // 8
         for _ in range(2):
-            layers += [nn.Conv2d(width_in, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(width_in, width, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
             width_in, width = width, width * 2
         layers.append(nn.Conv2d(width_in, embed_dim, kernel_size=1))
         self.proj = nn.Sequential(*layers)

@@ -25,7 +25,12 @@ class DINOHead(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 2048, bottleneck_dim: int = 256, num_layers: int = 3
+        self,
+        in_dim: int,
+        out_dim: int = 4096,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
     ) -> None:
         super().__init__()
         if num_layers < 2:

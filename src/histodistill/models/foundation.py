@@ -45,8 +45,15 @@ OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26
 _SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "silu"}
 _VIRCHOW = {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "dynamic_img_size": True, **_SWIGLU}
 _HOPTIMUS = {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True}
-_DINOV2_VITG = {"hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24, "mlp_ratio": 4,
-                "use_swiglu_ffn": True, "patch_size": 14, "image_size": 224}
+_DINOV2_VITG = {
+    "hidden_size": 1536,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 24,
+    "mlp_ratio": 4,
+    "use_swiglu_ffn": True,
+    "patch_size": 14,
+    "image_size": 224,
+}
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,16 @@ _IMAGENET = _at(IMAGENET_MEAN, IMAGENET_STD)
 
 def _kaiko(name: str, timm_name: str, dim: int, extra: dict[str, Any] | None = None) -> FoundationModel:
     return FoundationModel(
-        f"pathology/kaiko-{name}", f"1aurent/{timm_name}.kaiko_ai_towards_large_pathology_fms", "timm hf-hub",
-        timm_name, {"dynamic_img_size": True, **(extra or {})}, _at(HALF, HALF), "cls", dim,
-        "unknown (1aurent's timm port of kaiko-ai/towards_large_pathology_fms)", False,
+        f"pathology/kaiko-{name}",
+        f"1aurent/{timm_name}.kaiko_ai_towards_large_pathology_fms",
+        "timm hf-hub",
+        timm_name,
+        {"dynamic_img_size": True, **(extra or {})},
+        _at(HALF, HALF),
+        "cls",
+        dim,
+        "unknown (1aurent's timm port of kaiko-ai/towards_large_pathology_fms)",
+        False,
         "Aben et al., Towards large-scale training of pathology foundation models, arXiv 2404.15217 (2024)",
         f"{TRIDENT} Kaiko*InferenceEncoder (hub port, 224 px transform, KAIKO mean/std); {EVA}/kaiko.py; "
         "20x: TRIDENT README; embedding: the class token (TRIDENT: timm's pooled output)",
@@ -94,118 +108,268 @@ def _kaiko(name: str, timm_name: str, dim: int, extra: dict[str, Any] | None = N
 def _hoptimus(version: str, licence: str, gated: bool, citation: str, source: str) -> FoundationModel:
     """H-optimus-0 and -1: the same ViT-g/14 with 4 registers and Bioptimus' mean/std."""
     return FoundationModel(
-        f"pathology/h-optimus-{version}", f"bioptimus/H-optimus-{version}", "timm hf-hub",
-        "vit_giant_patch14_reg4_dinov2", dict(_HOPTIMUS), _at(HOPTIMUS_MEAN, HOPTIMUS_STD), "cls", 1536, licence,
-        gated, citation, f"{source}; 20x: TRIDENT README; {CARD_UNREAD}",
+        f"pathology/h-optimus-{version}",
+        f"bioptimus/H-optimus-{version}",
+        "timm hf-hub",
+        "vit_giant_patch14_reg4_dinov2",
+        dict(_HOPTIMUS),
+        _at(HOPTIMUS_MEAN, HOPTIMUS_STD),
+        "cls",
+        1536,
+        licence,
+        gated,
+        citation,
+        f"{source}; 20x: TRIDENT README; {CARD_UNREAD}",
     )
 
 
 FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
     FoundationModel(
-        "pathology/uni", "MahmoodLab/UNI", "timm hf-hub", "vit_large_patch16_224",
-        {"init_values": 1e-5, "dynamic_img_size": True}, _IMAGENET, "cls", 1024, "CC-BY-NC-ND-4.0", True,
+        "pathology/uni",
+        "MahmoodLab/UNI",
+        "timm hf-hub",
+        "vit_large_patch16_224",
+        {"init_values": 1e-5, "dynamic_img_size": True},
+        _IMAGENET,
+        "cls",
+        1024,
+        "CC-BY-NC-ND-4.0",
+        True,
         "Chen et al., Towards a general-purpose foundation model for computational pathology, Nat Med (2024)",
-        f"{TRIDENT} UNIInferenceEncoder; {EVA}/mahmood.py (HF login: gated); 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} UNIInferenceEncoder; {EVA}/mahmood.py (HF login: gated); 20x: TRIDENT README; "
+        f"{CARD_UNREAD}",
     ),
     FoundationModel(
-        "pathology/uni2-h", "MahmoodLab/UNI2-h", "timm hf-hub", "vit_giant_patch14_224",
-        {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
-         "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU},
-        _IMAGENET, "cls", 1536, "CC-BY-NC-ND-4.0", True,
+        "pathology/uni2-h",
+        "MahmoodLab/UNI2-h",
+        "timm hf-hub",
+        "vit_giant_patch14_224",
+        {
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "no_embed_class": True,
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+            **_SWIGLU,
+        },
+        _IMAGENET,
+        "cls",
+        1536,
+        "CC-BY-NC-ND-4.0",
+        True,
         "Chen et al., Nat Med (2024); UNI2-h model card (MahmoodLab, 2025)",
-        f"{TRIDENT} UNIv2InferenceEncoder; {EVA}/mahmood.py (HF login: gated); 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} UNIv2InferenceEncoder; {EVA}/mahmood.py (HF login: gated); 20x: TRIDENT README; "
+        f"{CARD_UNREAD}",
     ),
     FoundationModel(
-        "pathology/conch-v1", "MahmoodLab/CONCH", "package", "conch_ViT-B-16 (CoCa image tower, conch package)",
-        {}, _at(OPENAI_MEAN, OPENAI_STD, 448), "head", 512, "CC-BY-NC-ND-4.0", True,
+        "pathology/conch-v1",
+        "MahmoodLab/CONCH",
+        "package",
+        "conch_ViT-B-16 (CoCa image tower, conch package)",
+        {},
+        _at(OPENAI_MEAN, OPENAI_STD, 448),
+        "head",
+        512,
+        "CC-BY-NC-ND-4.0",
+        True,
         "Lu et al., A visual-language foundation model for computational pathology, Nat Med (2024)",
-        f"{TRIDENT} Conchv1InferenceEncoder (encode_image, no projection); 448 px and OpenAI mean/std: CONCH repo "
-        f"conch_ViT-B-16.json and factory.py; 512-d and 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} Conchv1InferenceEncoder (encode_image, no projection); 448 px and OpenAI mean/std: CONCH "
+        f"repo conch_ViT-B-16.json and factory.py; 512-d and 20x: TRIDENT README; {CARD_UNREAD}",
         requires="conch",
     ),
     FoundationModel(
-        "pathology/conch-v1.5", "MahmoodLab/conchv1_5", "timm + state dict", "histodistill:conch-v1.5-vision",
-        {"img_size": 224}, _at(IMAGENET_MEAN, IMAGENET_STD, 448), "head", 768, "CC-BY-NC-ND-4.0", True,
+        "pathology/conch-v1.5",
+        "MahmoodLab/conchv1_5",
+        "timm + state dict",
+        "histodistill:conch-v1.5-vision",
+        {"img_size": 224},
+        _at(IMAGENET_MEAN, IMAGENET_STD, 448),
+        "head",
+        768,
+        "CC-BY-NC-ND-4.0",
+        True,
         "Ding et al., Multimodal whole slide foundation model for pathology (TITAN), arXiv 2411.19666 (2024)",
-        f"{TRIDENT} Conchv15InferenceEncoder and model_zoo/conchv1_5 (ViT-L/16 trunk, attentional pooler, 448 px "
-        f"bilinear, ImageNet mean/std); 768-d and 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} Conchv15InferenceEncoder and model_zoo/conchv1_5 (ViT-L/16 trunk, attentional pooler, "
+        f"448 px bilinear, ImageNet mean/std); 768-d and 20x: TRIDENT README; {CARD_UNREAD}",
         weights_file="pytorch_model_vision.bin",
     ),
     FoundationModel(
-        "pathology/virchow", "paige-ai/Virchow", "timm hf-hub", "vit_huge_patch14_224", dict(_VIRCHOW),
-        _IMAGENET, "cls+mean_patch", 2560, "Apache-2.0", True,
+        "pathology/virchow",
+        "paige-ai/Virchow",
+        "timm hf-hub",
+        "vit_huge_patch14_224",
+        dict(_VIRCHOW),
+        _IMAGENET,
+        "cls+mean_patch",
+        2560,
+        "Apache-2.0",
+        True,
         "Vorontsov et al., A foundation model for clinical-grade computational pathology and rare cancers "
         "detection, Nat Med (2024)",
-        f"{TRIDENT} VirchowInferenceEncoder (class token + mean of tokens 1:); 20x: TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} VirchowInferenceEncoder (class token + mean of tokens 1:); 20x: TRIDENT README; "
+        f"{CARD_UNREAD}",
     ),
     FoundationModel(
-        "pathology/virchow2", "paige-ai/Virchow2", "timm hf-hub", "vit_huge_patch14_224",
-        {**_VIRCHOW, "reg_tokens": 4}, _IMAGENET, "cls+mean_patch", 2560, "CC-BY-NC-ND-4.0", True,
+        "pathology/virchow2",
+        "paige-ai/Virchow2",
+        "timm hf-hub",
+        "vit_huge_patch14_224",
+        {**_VIRCHOW, "reg_tokens": 4},
+        _IMAGENET,
+        "cls+mean_patch",
+        2560,
+        "CC-BY-NC-ND-4.0",
+        True,
         "Zimmermann et al., Virchow2: scaling self-supervised mixed magnification models in pathology, "
         "arXiv 2408.00738 (2024)",
         f"{TRIDENT} Virchow2InferenceEncoder (class token + mean of tokens 5:, registers excluded); "
         f"{EVA}/paige.py (HF login: gated); 20x: TRIDENT README; {CARD_UNREAD}",
     ),
-    _hoptimus("0", "Apache-2.0", False, "Saillard et al., H-optimus-0, github.com/bioptimus/releases (2024)",
-              f"{TRIDENT} HOptimus0InferenceEncoder (global_pool token); {EVA}/bioptimus.py and eva "
-              "replicate_evaluations.md (mean/std)"),
-    _hoptimus("1", "CC-BY-NC-ND-4.0", True, "Bioptimus, H-optimus-1 model card (2025)",
-              f"{TRIDENT} HOptimus1InferenceEncoder (as H-optimus-0)"),
+    _hoptimus(
+        "0",
+        "Apache-2.0",
+        False,
+        "Saillard et al., H-optimus-0, github.com/bioptimus/releases (2024)",
+        f"{TRIDENT} HOptimus0InferenceEncoder (global_pool token); {EVA}/bioptimus.py and eva "
+        "replicate_evaluations.md (mean/std)",
+    ),
+    _hoptimus(
+        "1",
+        "CC-BY-NC-ND-4.0",
+        True,
+        "Bioptimus, H-optimus-1 model card (2025)",
+        f"{TRIDENT} HOptimus1InferenceEncoder (as H-optimus-0)",
+    ),
     FoundationModel(
-        "pathology/h0-mini", "bioptimus/H0-mini", "timm hf-hub", "vit_base_patch14_reg4_dinov2",
-        {"img_size": 224, "dynamic_img_size": True, **_SWIGLU}, _at(HOPTIMUS_MEAN, HOPTIMUS_STD), "cls", 768,
-        "CC-BY-NC-ND-4.0", True,
+        "pathology/h0-mini",
+        "bioptimus/H0-mini",
+        "timm hf-hub",
+        "vit_base_patch14_reg4_dinov2",
+        {"img_size": 224, "dynamic_img_size": True, **_SWIGLU},
+        _at(HOPTIMUS_MEAN, HOPTIMUS_STD),
+        "cls",
+        768,
+        "CC-BY-NC-ND-4.0",
+        True,
         "Filiot et al., Distilling foundation models for robust and efficient models in digital pathology, "
         "arXiv 2501.16239 (2025)",
         f"{TRIDENT} H0MiniInferenceEncoder (hub config + SwiGLUPacked/SiLU, class token by default, cls+mean "
-        f"optional: 768/1536 in its README); {EVA}/bioptimus.py (HF login: gated). The architecture comes from "
-        "the hub's config.json; the timm name used without the hub (ViT-B/14, 4 registers) is not stated by "
-        f"TRIDENT/eva. mean/std: TRIDENT resolves them from the hub config (unread here), H-optimus-0's assumed; "
-        f"{CARD_UNREAD}",
+        f"optional: 768/1536 in its README); {EVA}/bioptimus.py (HF login: gated). The architecture comes "
+        "from the hub's config.json; the timm name used without the hub (ViT-B/14, 4 registers) is not "
+        "stated by TRIDENT/eva. mean/std: TRIDENT resolves them from the hub config (unread here), "
+        f"H-optimus-0's assumed; {CARD_UNREAD}",
     ),
     FoundationModel(
-        "pathology/prov-gigapath", "prov-gigapath/prov-gigapath", "timm hf-hub", "vit_giant_patch14_dinov2",
-        {"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24, "mlp_ratio": 5.33334,
-         "dynamic_img_size": True}, _IMAGENET, "cls", 1536, "Apache-2.0", True,
+        "pathology/prov-gigapath",
+        "prov-gigapath/prov-gigapath",
+        "timm hf-hub",
+        "vit_giant_patch14_dinov2",
+        {
+            "img_size": 224,
+            "patch_size": 16,
+            "embed_dim": 1536,
+            "depth": 40,
+            "num_heads": 24,
+            "mlp_ratio": 5.33334,
+            "dynamic_img_size": True,
+        },
+        _IMAGENET,
+        "cls",
+        1536,
+        "Apache-2.0",
+        True,
         "Xu et al., A whole-slide foundation model for digital pathology from real-world data, Nature (2024)",
         f"{TRIDENT} GigaPathInferenceEncoder (resize 256 bicubic, centre crop 224); {EVA}/gigapath.py; "
         f"20x: TRIDENT README; {CARD_UNREAD}",
     ),
     FoundationModel(
-        "pathology/phikon", "owkin/phikon", "transformers", "transformers:ViTModel",
-        {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-         "patch_size": 16, "image_size": 224, "qkv_bias": True}, _IMAGENET, "cls", 768, "Owkin non-commercial",
-        False, "Filiot et al., Scaling self-supervised learning for histopathology with masked image modeling, "
+        "pathology/phikon",
+        "owkin/phikon",
+        "transformers",
+        "transformers:ViTModel",
+        {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "patch_size": 16,
+            "image_size": 224,
+            "qkv_bias": True,
+        },
+        _IMAGENET,
+        "cls",
+        768,
+        "Owkin non-commercial",
+        False,
+        "Filiot et al., Scaling self-supervised learning for histopathology with masked image modeling, "
         "medRxiv (2023)",
-        f"{TRIDENT} PhikonInferenceEncoder (ViTModel without pooler, last_hidden_state[:, 0]); {EVA}/owkin.py; "
-        f"20x: TRIDENT README; {CARD_UNREAD}",
-        requires=HF_EXTRA, weights_file="pytorch_model.bin", hub_config=True,
+        f"{TRIDENT} PhikonInferenceEncoder (ViTModel without pooler, last_hidden_state[:, 0]); "
+        f"{EVA}/owkin.py; 20x: TRIDENT README; {CARD_UNREAD}",
+        requires=HF_EXTRA,
+        weights_file="pytorch_model.bin",
+        hub_config=True,
     ),
     FoundationModel(
-        "pathology/phikon-v2", "owkin/phikon-v2", "transformers", "transformers:Dinov2Model",
-        {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4, "patch_size": 16,
-         "image_size": 224}, _IMAGENET, "cls", 1024, "Owkin non-commercial", False,
+        "pathology/phikon-v2",
+        "owkin/phikon-v2",
+        "transformers",
+        "transformers:Dinov2Model",
+        {
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "mlp_ratio": 4,
+            "patch_size": 16,
+            "image_size": 224,
+        },
+        _IMAGENET,
+        "cls",
+        1024,
+        "Owkin non-commercial",
+        False,
         "Filiot et al., Phikon-v2, a large and public feature extractor for biomarker prediction, "
         "arXiv 2409.09173 (2024)",
         f"{TRIDENT} Phikonv2InferenceEncoder (AutoModel, last_hidden_state[:, 0]; resize+crop 224); "
         f"{EVA}/owkin.py; 20x: TRIDENT README; {CARD_UNREAD}",
-        requires=HF_EXTRA, weights_file="model.safetensors", hub_config=True,
+        requires=HF_EXTRA,
+        weights_file="model.safetensors",
+        hub_config=True,
     ),
     *(
         FoundationModel(
-            f"pathology/hibou-{size.lower()}", f"histai/hibou-{size}", "transformers",
+            f"pathology/hibou-{size.lower()}",
+            f"histai/hibou-{size}",
+            "transformers",
             "transformers:Dinov2WithRegistersModel",
-            {"hidden_size": width, "num_hidden_layers": depth, "num_attention_heads": heads, "mlp_ratio": 4,
-             "use_swiglu_ffn": True, "num_register_tokens": 4, "patch_size": 14, "image_size": 224},
-            _at(HIBOU_MEAN, HIBOU_STD), "cls", width, "Apache-2.0", None,
+            {
+                "hidden_size": width,
+                "num_hidden_layers": depth,
+                "num_attention_heads": heads,
+                "mlp_ratio": 4,
+                "use_swiglu_ffn": True,
+                "num_register_tokens": 4,
+                "patch_size": 14,
+                "image_size": 224,
+            },
+            _at(HIBOU_MEAN, HIBOU_STD),
+            "cls",
+            width,
+            "Apache-2.0",
+            None,
             "Nechaev et al., Hibou: a family of foundational vision transformers for pathology, "
             "arXiv 2406.05074 (2024)",
-            f"{TRIDENT} HibouLInferenceEncoder (pooler_output = normalised class token; HIBOU mean/std, 224 px "
-            f"bicubic); {EVA}/histai.py (DINOv2 with 4 registers through trust_remote_code). We build "
+            f"{TRIDENT} HibouLInferenceEncoder (pooler_output = normalised class token; HIBOU mean/std, 224 "
+            f"px bicubic); {EVA}/histai.py (DINOv2 with 4 registers through trust_remote_code). We build "
             "transformers' own Dinov2WithRegisters from the stated config instead of the hub's remote code; "
             "SwiGLU FFN and the weights' key layout are not stated by TRIDENT/eva (strict loading checks "
             f"them); 20x: TRIDENT README; {CARD_UNREAD}",
-            requires=HF_EXTRA, weights_file="model.safetensors",
+            requires=HF_EXTRA,
+            weights_file="model.safetensors",
         )
         for size, width, depth, heads in (("B", 768, 12, 12), ("L", 1024, 24, 16))
     ),
@@ -215,25 +379,51 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
     _kaiko("vitb16", "vit_base_patch16_224", 768),
     _kaiko("vitl14", "vit_large_patch14_reg4_dinov2", 1024, {"img_size": 518}),
     FoundationModel(
-        "pathology/midnight-12k", "kaiko-ai/midnight", "transformers", "transformers:Dinov2Model",
-        dict(_DINOV2_VITG), _at(HALF, HALF), "cls+mean_patch", 3072, "MIT", False,
+        "pathology/midnight-12k",
+        "kaiko-ai/midnight",
+        "transformers",
+        "transformers:Dinov2Model",
+        dict(_DINOV2_VITG),
+        _at(HALF, HALF),
+        "cls+mean_patch",
+        3072,
+        "MIT",
+        False,
         "Karasikov et al., Training state-of-the-art pathology foundation models with orders of magnitude "
         "less data, arXiv 2504.05186 (2025)",
-        f"{TRIDENT} Midnight12kInferenceEncoder (AutoModel, KAIKO mean/std, 224 px; return_type cls+mean gives "
-        "the 3072-d of TRIDENT's README, its code default is the 1536-d class token, as eva's IN_FEATURES); "
-        f"{EVA}/kaiko.py; 20x: TRIDENT README; {CARD_UNREAD}",
-        requires=HF_EXTRA, weights_file="model.safetensors", hub_config=True,
+        f"{TRIDENT} Midnight12kInferenceEncoder (AutoModel, KAIKO mean/std, 224 px; return_type cls+mean "
+        "gives the 3072-d of TRIDENT's README, its code default is the 1536-d class token, as eva's "
+        f"IN_FEATURES); {EVA}/kaiko.py; 20x: TRIDENT README; {CARD_UNREAD}",
+        requires=HF_EXTRA,
+        weights_file="model.safetensors",
+        hub_config=True,
     ),
     FoundationModel(
-        "pathology/lunit-vits8", "1aurent/vit_small_patch8_224.lunit_dino", "timm hf-hub", "vit_small_patch8_224",
-        {"dynamic_img_size": True}, _at(LUNIT_MEAN, LUNIT_STD), "cls", 384, "unknown (Lunit research release)",
-        False, "Kang et al., Benchmarking self-supervised learning on diverse pathology datasets, CVPR (2023)",
-        f"{TRIDENT} LunitS8InferenceEncoder (hub port; transform from the hub config); {EVA}/lunit.py (mean/std "
-        f"of the ViT-S training); 20x: TRIDENT README; {CARD_UNREAD}",
+        "pathology/lunit-vits8",
+        "1aurent/vit_small_patch8_224.lunit_dino",
+        "timm hf-hub",
+        "vit_small_patch8_224",
+        {"dynamic_img_size": True},
+        _at(LUNIT_MEAN, LUNIT_STD),
+        "cls",
+        384,
+        "unknown (Lunit research release)",
+        False,
+        "Kang et al., Benchmarking self-supervised learning on diverse pathology datasets, CVPR (2023)",
+        f"{TRIDENT} LunitS8InferenceEncoder (hub port; transform from the hub config); {EVA}/lunit.py "
+        f"(mean/std of the ViT-S training); 20x: TRIDENT README; {CARD_UNREAD}",
     ),
     FoundationModel(
-        "pathology/lunit-vits16", None, "timm + state dict", "vit_small_patch16_224", {"dynamic_img_size": True},
-        _at(LUNIT_MEAN, LUNIT_STD), "cls", 384, "unknown (Lunit research release)", False,
+        "pathology/lunit-vits16",
+        None,
+        "timm + state dict",
+        "vit_small_patch16_224",
+        {"dynamic_img_size": True},
+        _at(LUNIT_MEAN, LUNIT_STD),
+        "cls",
+        384,
+        "unknown (Lunit research release)",
+        False,
         "Kang et al., CVPR (2023)",
         f"{EVA}/lunit.py (GitHub release weights, mean/std); not in TRIDENT; mpp not stated by TRIDENT/eva "
         f"(0.5 as its ViT-S/8 sibling); {CARD_UNREAD}",
@@ -241,17 +431,34 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         "dino_vit_small_patch16_ep200.torch",
     ),
     FoundationModel(
-        "pathology/ctranspath", "MahmoodLab/hest-bench", "timm + state dict", "histodistill:ctranspath", {},
-        _at(IMAGENET_MEAN, IMAGENET_STD, 224, 1.0), "head", 768, "unknown (weights: the CHIEF release)", None,
+        "pathology/ctranspath",
+        "MahmoodLab/hest-bench",
+        "timm + state dict",
+        "histodistill:ctranspath",
+        {},
+        _at(IMAGENET_MEAN, IMAGENET_STD, 224, 1.0),
+        "head",
+        768,
+        "unknown (weights: the CHIEF release)",
+        None,
         "Wang et al., Transformer-based unsupervised contrastive learning for histopathological image "
         "classification, Med Image Anal (2022)",
         f"{TRIDENT} CTransPathInferenceEncoder and model_zoo/ctranspath (ConvStem Swin-T, CHIEF weights, "
         f"224 px bilinear, ImageNet mean/std); 10x (1.0 mpp): TRIDENT README; {CARD_UNREAD}",
-        weights_file="fm_v1/ctranspath/CHIEF_CTransPath.pth", repo_type="dataset",
+        weights_file="fm_v1/ctranspath/CHIEF_CTransPath.pth",
+        repo_type="dataset",
     ),
     FoundationModel(
-        "pathology/gpfm", "majiabo/GPFM", "timm + state dict", "vit_large_patch14_dinov2",
-        {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True}, _IMAGENET, "cls", 1024, "unknown", None,
+        "pathology/gpfm",
+        "majiabo/GPFM",
+        "timm + state dict",
+        "vit_large_patch14_dinov2",
+        {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
+        _IMAGENET,
+        "cls",
+        1024,
+        "unknown",
+        None,
         "Ma et al., Towards a generalizable pathology foundation model via unified knowledge distillation, "
         "arXiv 2407.18449 (2024)",
         f"{TRIDENT} GPFMInferenceEncoder (GPFM.pth loaded strictly, 224 px bicubic, ImageNet mean/std); "
@@ -259,11 +466,19 @@ FOUNDATION_MODELS: tuple[FoundationModel, ...] = (
         weights_file="GPFM.pth",
     ),
     FoundationModel(
-        "pathology/musk", "xiangjx/musk", "package", "musk_large_patch16_384 (BEiT-3, musk package)", {},
-        _at(HALF, HALF, 384), "head", 1024, "CC-BY-NC-ND-4.0", True,
+        "pathology/musk",
+        "xiangjx/musk",
+        "package",
+        "musk_large_patch16_384 (BEiT-3, musk package)",
+        {},
+        _at(HALF, HALF, 384),
+        "head",
+        1024,
+        "CC-BY-NC-ND-4.0",
+        True,
         "Xiang et al., A vision-language foundation model for precision oncology, Nature (2025)",
-        f"{TRIDENT} MuskInferenceEncoder (vision class token, 384 px bicubic, inception mean/std); 1024-d and 20x: "
-        f"TRIDENT README; {CARD_UNREAD}",
+        f"{TRIDENT} MuskInferenceEncoder (vision class token, 384 px bicubic, inception mean/std); 1024-d "
+        f"and 20x: TRIDENT README; {CARD_UNREAD}",
         requires="musk",
     ),
 )

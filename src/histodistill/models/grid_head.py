@@ -55,7 +55,11 @@ class GridHead(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, kind: Literal["linear", "mlp"] = "linear", hidden_dim: int | None = None
+        self,
+        in_dim: int,
+        out_dim: int,
+        kind: Literal["linear", "mlp"] = "linear",
+        hidden_dim: int | None = None,
     ) -> None:
         super().__init__()
         if kind == "linear":

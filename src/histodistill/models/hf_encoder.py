@@ -52,7 +52,9 @@ def require_transformers(what: str) -> ModuleType:
     try:
         import transformers
     except ImportError as error:
-        raise UserError(f"{what} needs the Hugging Face transformers library, which is not installed: {EXTRA}") from error
+        raise UserError(
+            f"{what} needs the Hugging Face transformers library, which is not installed: {EXTRA}"
+        ) from error
     return transformers
 
 
@@ -74,7 +76,10 @@ def create_hf_encoder(architecture: str, config: dict[str, Any]) -> HFEncoder:
 
 
 def load_hf_encoder(
-    architecture: str, config: dict[str, Any], folder: str | os.PathLike | None, origin: str,
+    architecture: str,
+    config: dict[str, Any],
+    folder: str | os.PathLike | None,
+    origin: str,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> HFEncoder:
     """``architecture`` with ``config``, weights read by transformers from ``folder`` (``model.safetensors``
@@ -86,16 +91,22 @@ def load_hf_encoder(
     hf_logging.set_verbosity_error()  # its multi-line load report: the problems are our one error line below
     try:
         model, info = model_class.from_pretrained(
-            folder, config=config_class(**config), state_dict=state_dict, output_loading_info=True,
+            folder,
+            config=config_class(**config),
+            state_dict=state_dict,
+            output_loading_info=True,
             **_model_kwargs(model_class),
         )
     finally:
         hf_logging.set_verbosity(verbosity)
-    problems = [f"{len(info[key])} {key.replace('_', ' ')}: {', '.join(sorted(map(str, info[key]))[:8])}"
-                for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
+    problems = [
+        f"{len(info[key])} {key.replace('_', ' ')}: {', '.join(sorted(map(str, info[key]))[:8])}"
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        if info.get(key)
+    ]
     if problems:
         raise UserError(
-            f"the weights in {origin} do not fit {architecture} ({'; '.join(problems)}). Check that the file is "
-            "the model's published one and that the configuration matches it"
+            f"the weights in {origin} do not fit {architecture} ({'; '.join(problems)}). Check that the file "
+            "is the model's published one and that the configuration matches it"
         )
     return HFEncoder(model)

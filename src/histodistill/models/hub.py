@@ -56,6 +56,8 @@ def unreachable_remedy(where: str, reason: str) -> str:
     """The part of the one-line error that says the hub could not be reached, and the first remedy."""
     from huggingface_hub import constants
 
-    return (f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({reason}) and {where} is not in the "
-            f"cache ({constants.HF_HUB_CACHE}). Remedies: set HF_HUB_OFFLINE=1 and point HF_HOME or HF_HUB_CACHE at "
-            f"a cache that holds {where} (download it where the hub is reachable and copy the cache)")
+    return (
+        f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({reason}) and {where} is not in the "
+        f"cache ({constants.HF_HUB_CACHE}). Remedies: set HF_HUB_OFFLINE=1 and point HF_HOME or HF_HUB_CACHE "
+        f"at a cache that holds {where} (download it where the hub is reachable and copy the cache)"
+    )

@@ -4,12 +4,12 @@ One forward pass through timm's ``forward_intermediates`` gives the pooled featu
 map and the maps of the chosen layers, so asking for maps costs no second pass.
 
 Layers are named by their index in the backbone's *pyramid*: for a CNN, timm's ``feature_info`` (the stem
-then one entry per stage, e.g. ResNet-18: act1, layer1..layer4 at strides 2..32), except that an EfficientNet's
-last level is its 1280-channel conv-head map (after ``conv_head`` + ``bn2``) instead of timm's 320-channel
-``blocks.6``, as MoMA's ``extract_endpoints`` lists it (EfficientNet-B0: 16, 24, 40, 112, 1280); for a ViT (one
-``feature_info`` entry per block, all at the patch stride), five blocks standing in for the stem and four
-stages: 0, ⌈d/4⌉−1, ⌈d/2⌉−1, ⌈3d/4⌉−1, d−1 (ViT-B: blocks 0, 2, 5, 8, 11). A ViT's maps are its patch
-tokens laid out on the patch grid (B, D, H/p, W/p), prefix tokens dropped. Negative indices count from
+then one entry per stage, e.g. ResNet-18: act1, layer1..layer4 at strides 2..32), except that an
+EfficientNet's last level is its 1280-channel conv-head map (after ``conv_head`` + ``bn2``) instead of timm's
+320-channel ``blocks.6``, as MoMA's ``extract_endpoints`` lists it (EfficientNet-B0: 16, 24, 40, 112, 1280);
+for a ViT (one ``feature_info`` entry per block, all at the patch stride), five blocks standing in for the
+stem and four stages: 0, ⌈d/4⌉−1, ⌈d/2⌉−1, ⌈3d/4⌉−1, d−1 (ViT-B: blocks 0, 2, 5, 8, 11). A ViT's maps are its
+patch tokens laid out on the patch grid (B, D, H/p, W/p), prefix tokens dropped. Negative indices count from
 the end, as in Python.
 """
 
@@ -24,7 +24,8 @@ from timm.models.efficientnet import EfficientNet
 from histodistill.errors import UserError
 from histodistill.models.backbones import Backbone
 
-# The index that stands for the final feature map (an EfficientNet's conv head) among ``feature_info`` indices.
+# The index that stands for the final feature map (an EfficientNet's conv head) among ``feature_info``
+# indices.
 HEAD = -1
 
 
@@ -58,8 +59,10 @@ def resolve_layers(backbone: Backbone, layers: list[int], what: str) -> list[int
     levels = pyramid(backbone)
     bad = [i for i in layers if not -len(levels) <= i < len(levels)]
     if bad:
-        raise UserError(f"{what}={layers}: {backbone.spec.name} has {len(levels)} pyramid levels "
-                        f"(0..{len(levels) - 1}, negative counts from the end); {bad} is out of range")
+        raise UserError(
+            f"{what}={layers}: {backbone.spec.name} has {len(levels)} pyramid levels "
+            f"(0..{len(levels) - 1}, negative counts from the end); {bad} is out of range"
+        )
     return [levels[i] for i in layers]
 
 

@@ -20,8 +20,18 @@ from histodistill.errors import ConfigError
 from histodistill.models.clam import CLAMMB, CLAMSB
 from histodistill.models.mil_base import MILHead, MILOutput, full_mask, masked_softmax
 
-__all__ = ["ABMIL", "CLAMMB", "CLAMSB", "MIL_MODELS", "MILHead", "MILOutput", "MeanPoolMIL", "Standardized",
-           "TransMIL", "create_mil"]
+__all__ = [
+    "ABMIL",
+    "CLAMMB",
+    "CLAMSB",
+    "MIL_MODELS",
+    "MILHead",
+    "MILOutput",
+    "MeanPoolMIL",
+    "Standardized",
+    "TransMIL",
+    "create_mil",
+]
 
 
 class MeanPoolMIL(MILHead):
@@ -71,7 +81,12 @@ class ABMIL(MILHead):
     """
 
     def __init__(
-        self, in_dim: int, num_classes: int, hidden_dim: int = 256, attention_dim: int = 128, dropout: float = 0.25
+        self,
+        in_dim: int,
+        num_classes: int,
+        hidden_dim: int = 256,
+        attention_dim: int = 128,
+        dropout: float = 0.25,
     ) -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
@@ -222,13 +237,18 @@ class Standardized(MILHead):
         return self.mil.loss(output, labels)
 
 
-MIL_MODELS: dict[str, type[MILHead]] = {"mean": MeanPoolMIL, "abmil": ABMIL, "transmil": TransMIL, "clam_sb": CLAMSB,
-                                        "clam_mb": CLAMMB}
+MIL_MODELS: dict[str, type[MILHead]] = {
+    "mean": MeanPoolMIL,
+    "abmil": ABMIL,
+    "transmil": TransMIL,
+    "clam_sb": CLAMSB,
+    "clam_mb": CLAMMB,
+}
 
 
 def create_mil(name: str, in_dim: int, num_classes: int, standardize: bool = False, **kwargs) -> nn.Module:
-    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``, ``clam_sb``, ``clam_mb``); ``standardize``
-    wraps it in `Standardized` (fit its statistics before training)."""
+    """Build a MIL model by name (``mean``, ``abmil``, ``transmil``, ``clam_sb``, ``clam_mb``);
+    ``standardize`` wraps it in `Standardized` (fit its statistics before training)."""
     if name not in MIL_MODELS:
         raise ConfigError(f"unknown MIL model {name!r}; choose one of {sorted(MIL_MODELS)}")
     model = MIL_MODELS[name](in_dim, num_classes, **kwargs)

@@ -47,14 +47,16 @@ def sincos_1d(num_positions: int, dim: int, num_prefix_tokens: int = 0) -> torch
     if dim % 2:
         raise ValueError(f"sin-cos embedding needs an even width, got {dim}")
     exponent = 2 * (torch.arange(dim) // 2).to(torch.float64) / dim  # (dim,): 2i/D for channels 2i, 2i+1
-    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] / 10000**exponent[None, :]
+    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] / 10000 ** exponent[None, :]
     table = torch.empty_like(angles)
     table[:, 0::2] = angles[:, 0::2].sin()
     table[:, 1::2] = angles[:, 1::2].cos()
     return torch.cat([torch.zeros(num_prefix_tokens, dim, dtype=table.dtype), table]).float()
 
 
-def position_table(kind: str, grid_size: tuple[int, int], dim: int, num_prefix_tokens: int = 0) -> torch.Tensor:
+def position_table(
+    kind: str, grid_size: tuple[int, int], dim: int, num_prefix_tokens: int = 0
+) -> torch.Tensor:
     """``"2d"`` or ``"1d"`` table for a patch grid: (prefix + rows·cols, dim)."""
     if kind == "2d":
         return sincos_2d(grid_size, dim, num_prefix_tokens)

@@ -17,7 +17,9 @@ class ProjectionHead(nn.Module):
         super().__init__()
         hidden = in_dim if hidden_dim is None else hidden_dim
         if hidden:
-            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+            )
         else:
             self.net = nn.Linear(in_dim, out_dim)
 

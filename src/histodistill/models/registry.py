@@ -27,7 +27,9 @@ class Registry(Generic[T]):
         if obj is None:
             return lambda decorated: self.register(name, decorated)
         if not _NAME.match(name):
-            raise ValueError(f"{self.kind} name {name!r} must look like 'namespace/name' (lower case, no spaces)")
+            raise ValueError(
+                f"{self.kind} name {name!r} must look like 'namespace/name' (lower case, no spaces)"
+            )
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered; pick another name")
         self._entries[name] = obj

@@ -35,7 +35,9 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int], channels: int = 3) -> torch.Tensor:
+def unpatchify(
+    patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int], channels: int = 3
+) -> torch.Tensor:
     """Inverse of `patchify`: (B, L, p·p·C) -> (B, C, rows·p, cols·p)."""
     b = patches.shape[0]
     rows, cols = grid_size
@@ -161,7 +163,10 @@ def encode_visible(vit: VisionTransformer, images: torch.Tensor, ids_keep: torch
 
 def _decoder_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.Sequential:
     return nn.Sequential(
-        *[Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=_LayerNorm) for _ in range(depth)]
+        *[
+            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=_LayerNorm)
+            for _ in range(depth)
+        ]
     )
 
 
@@ -189,7 +194,9 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         # Fixed, so a buffer: never trained, rebuilt from the grid, not saved.
-        self.register_buffer("pos_table", position_table("2d", grid_size, dim, num_prefix_tokens)[None], persistent=False)
+        self.register_buffer(
+            "pos_table", position_table("2d", grid_size, dim, num_prefix_tokens)[None], persistent=False
+        )
         self.blocks = _decoder_blocks(dim, depth, num_heads, mlp_ratio)
         self.norm = _LayerNorm(dim)
         self.pred = nn.Linear(dim, patch_size**2 * in_chans)

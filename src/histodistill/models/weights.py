@@ -32,9 +32,15 @@ STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 # Globals outside histodistill that checkpoints legitimately hold: Lightning's hparams dict, paths in
 # hyper-parameters, and the argparse.Namespace that MAE/DINO/DeiT training scripts save as "args".
 EXTRA_SAFE_GLOBALS = (
-    "lightning.fabric.utilities.data.AttributeDict", "pathlib.PosixPath", "pathlib.WindowsPath", "argparse.Namespace",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "argparse.Namespace",
 )
-SAVE_STATE_DICT = "torch.save(model.state_dict(), 'weights.pth') or safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
+SAVE_STATE_DICT = (
+    "torch.save(model.state_dict(), 'weights.pth') or "
+    "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
+)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -89,22 +95,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Descend through wrapper keys (``state_dict``, ``model``, ``module``), then strip DDP/compile prefixes."""
+    """Descend through wrapper keys (``state_dict``, ``model``, ``module``), then strip DDP/compile
+    prefixes."""
     while not _is_state_dict(obj):
         inner = next((obj[key] for key in WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
         if inner is None:
             raise UserError(
-                f"no state dict found: top-level keys are {sorted(obj)[:10]}; expected tensors or one of {WRAPPER_KEYS}"
+                f"no state dict found: top-level keys are {sorted(obj)[:10]}; expected tensors or one of "
+                f"{WRAPPER_KEYS}"
             )
         obj = inner
     state = dict(obj)
     for prefix in STRIPPED_PREFIXES:
         if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
+            state = {key[len(prefix) :]: value for key, value in state.items()}
     return state
 
 
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str, strict: bool = True) -> None:
+def load_weights(
+    model: nn.Module, state: Mapping[str, torch.Tensor], origin: str, strict: bool = True
+) -> None:
     """Load ``state`` into ``model``; mismatches raise a `UserError` naming ``origin`` and the keys.
 
     With ``strict=False`` missing and unexpected keys are tolerated, shape mismatches never are.
@@ -126,9 +136,9 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: st
         problems.append(f"{len(unexpected)} unexpected: {_head(unexpected)}")
     if problems:
         raise UserError(
-            f"the weights in {origin} do not fit the model ({'; '.join(problems)}). Check that the model name "
-            "and its arguments (e.g. img_size, patch_size, init_values) match how the weights were trained"
-            + ("." if wrong_shape else ", or load non-strictly (strict=False).")
+            f"the weights in {origin} do not fit the model ({'; '.join(problems)}). Check that the model "
+            "name and its arguments (e.g. img_size, patch_size, init_values) match how the weights were "
+            "trained" + ("." if wrong_shape else ", or load non-strictly (strict=False).")
         )
     model.load_state_dict(state, strict=strict)
 

@@ -13,5 +13,6 @@ _OVERFLOW_MESSAGE = "without overflow"
 
 
 def step_overflowed(error: BaseException) -> bool:
-    """True when ``error`` is torch's overflow of a scalar (step size, lr) converted to the parameters' dtype."""
+    """True when ``error`` is torch's overflow of a scalar (step size, lr) converted to the parameters'
+    dtype."""
     return isinstance(error, RuntimeError) and _OVERFLOW_MESSAGE in str(error)

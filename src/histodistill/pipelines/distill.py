@@ -49,14 +49,28 @@ def tile_slides(context: DistillContext) -> dict:
     if context.config.coords is not None:
         return {"coords": str(context.config.coords), "slides": len(context.slide_ids)}
     slides = visible_files(context.config.slides, tuple(SLIDE_SUFFIXES))
-    results = [tile_slide(path, context.tiles_dir, target_mpp=context.tile_mpp, patch_size=context.tile_px,
-                          overwrite=context.overwrite)
-               for path in tqdm(slides, desc="tile", unit="slide", dynamic_ncols=True)]
+    results = [
+        tile_slide(
+            path,
+            context.tiles_dir,
+            target_mpp=context.tile_mpp,
+            patch_size=context.tile_px,
+            overwrite=context.overwrite,
+        )
+        for path in tqdm(slides, desc="tile", unit="slide", dynamic_ncols=True)
+    ]
     empty = [result.slide_id for result in results if result.n_tiles == 0]
     if empty:
-        print(f"warning: {len(empty)} slide(s) without tissue tiles (e.g. {empty[0]}): see {context.tiles_dir}/qc")
-    return {"slides": len(results), "tiles": sum(result.n_tiles for result in results), "mpp": context.tile_mpp,
-            "patch_size": context.tile_px}
+        print(
+            f"warning: {len(empty)} slide(s) without tissue tiles (e.g. {empty[0]}): see "
+            f"{context.tiles_dir}/qc"
+        )
+    return {
+        "slides": len(results),
+        "tiles": sum(result.n_tiles for result in results),
+        "mpp": context.tile_mpp,
+        "patch_size": context.tile_px,
+    }
 
 
 def cache_teacher(context: DistillContext) -> dict:
@@ -67,24 +81,42 @@ def cache_teacher(context: DistillContext) -> dict:
     from histodistill.features.throughput import timed_extraction
 
     config = context.config
-    folder, tiles_per_s = timed_extraction(lambda: ensure_teacher_cache(
-        context.tiles_dir, context.out / "teacher", config.teacher, config.teacher_weights, rebuild=True,
-        batch_size=config.extract_batch_size, num_workers=config.num_workers, precision=context.precision,
-        slides_dir=context.slides_dir), cache_features_dir(context.out / "teacher", config.teacher))
+    folder, tiles_per_s = timed_extraction(
+        lambda: ensure_teacher_cache(
+            context.tiles_dir,
+            context.out / "teacher",
+            config.teacher,
+            config.teacher_weights,
+            rebuild=True,
+            batch_size=config.extract_batch_size,
+            num_workers=config.num_workers,
+            precision=context.precision,
+            slides_dir=context.slides_dir,
+        ),
+        cache_features_dir(context.out / "teacher", config.teacher),
+    )
     return _throughput(config.teacher, folder, tiles_per_s, context, weights=config.teacher_weights)
 
 
-def _throughput(model: str | Path, folder: Path, tiles_per_s: float | None, context: DistillContext,
-                weights: Path | None = None) -> dict:
+def _throughput(
+    model: str | Path,
+    folder: Path,
+    tiles_per_s: float | None,
+    context: DistillContext,
+    weights: Path | None = None,
+) -> dict:
     """A model's row: its features folder, end-to-end (``tiles_per_s``, `timed_extraction`) and forward-only
     tiles/s, and parameters."""
     from histodistill.features.throughput import forward_rate, parameters
     from histodistill.models.backbones import create_backbone
 
     backbone = create_backbone(model, weights=weights)
-    return {"features_dir": str(folder), "tiles_per_s": tiles_per_s,
-            "forward_tiles_per_s": forward_rate(backbone, context.device, precision=context.precision),
-            "parameters": parameters(backbone)}
+    return {
+        "features_dir": str(folder),
+        "tiles_per_s": tiles_per_s,
+        "forward_tiles_per_s": forward_rate(backbone, context.device, precision=context.precision),
+        "parameters": parameters(backbone),
+    }
 
 
 def student_start_dir(context: DistillContext) -> Path:
@@ -96,7 +128,8 @@ def run_dir(context: DistillContext) -> Path:
 
 
 def models_json(out: Path) -> Path:
-    """features/models.json of a distill folder ``out``: each model's row (features folder, tiles/s, parameters)."""
+    """features/models.json of a distill folder ``out``: each model's row (features folder, tiles/s,
+    parameters)."""
     return out / "features" / "models.json"
 
 
@@ -119,21 +152,40 @@ def fit_student(context: DistillContext) -> dict:
     start = student_start_dir(context)
     if not (start / EXPORT_CONFIG).is_file() or context.overwrite:  # config.json is written last
         torch.manual_seed(config.seed)  # the random start, when asked for, is the seed's
-        save_backbone(create_backbone(config.student, pretrained=not config.student_random_init,
-                                      weights=config.student_weights), start)
+        save_backbone(
+            create_backbone(
+                config.student, pretrained=not config.student_random_init, weights=config.student_weights
+            ),
+            start,
+        )
     write_json(context.out / "fit" / "held_out.json", list(context.held_out))
-    common = ["--seed_everything", str(config.seed), "--trainer.max_epochs", "-1",
-              "--trainer.max_steps", str(config.steps), "--trainer.log_every_n_steps", str(min(50, config.steps)),
-              "--trainer.callbacks", json.dumps([_step_checkpoint(context)])]
+    common = [
+        "--seed_everything",
+        str(config.seed),
+        "--trainer.max_epochs",
+        "-1",
+        "--trainer.max_steps",
+        str(config.steps),
+        "--trainer.log_every_n_steps",
+        str(min(50, config.steps)),
+        "--trainer.callbacks",
+        json.dumps([_step_checkpoint(context)]),
+    ]
     if config.batch_size:
         common += ["--data.init_args.batch_size", str(config.batch_size)]
     common += ["--data.init_args.num_workers", str(config.num_workers)]
     overrides = _mcmkd_overrides(context) if config.method == "mcmkd" else _moma_overrides(context)
-    metrics = fit_recipe(context.recipe, run_dir(context), [*common, *overrides], context.device, config.devices)
+    metrics = fit_recipe(
+        context.recipe, run_dir(context), [*common, *overrides], context.device, config.devices
+    )
     loss = metrics.get("final", {}).get("train/loss")
-    return {"method": config.method, "steps": metrics.get("global_step"),
-            "train_loss": round(loss, 4) if isinstance(loss, float) else loss,
-            "slides_fit": len(context.slide_ids) - len(context.held_out), "slides_held_out": len(context.held_out)}
+    return {
+        "method": config.method,
+        "steps": metrics.get("global_step"),
+        "train_loss": round(loss, 4) if isinstance(loss, float) else loss,
+        "slides_fit": len(context.slide_ids) - len(context.held_out),
+        "slides_held_out": len(context.held_out),
+    }
 
 
 def _step_checkpoint(context: DistillContext) -> dict:
@@ -143,29 +195,50 @@ def _step_checkpoint(context: DistillContext) -> dict:
 
     from histodistill.pipelines.recipes import class_spec
 
-    return class_spec(ModelCheckpoint, dirpath=str(run_dir(context) / "checkpoints"), filename="last", save_top_k=1,
-                      every_n_train_steps=CHECKPOINT_EVERY_STEPS, enable_version_counter=False)
+    return class_spec(
+        ModelCheckpoint,
+        dirpath=str(run_dir(context) / "checkpoints"),
+        filename="last",
+        save_top_k=1,
+        every_n_train_steps=CHECKPOINT_EVERY_STEPS,
+        enable_version_counter=False,
+    )
 
 
 def _mcmkd_overrides(context: DistillContext) -> list[str]:
     config = context.config
-    given = {"--model.init_args.target_norm": config.target_norm, "--model.init_args.loss": config.loss,
-             "--data.init_args.window_stride": config.window_stride}  # None: the recipe's
+    # None: the recipe's
+    given = {
+        "--model.init_args.target_norm": config.target_norm,
+        "--model.init_args.loss": config.loss,
+        "--data.init_args.window_stride": config.window_stride,
+    }
     return [
         *(part for key, value in given.items() if value is not None for part in (key, str(value))),
-        "--model.init_args.student", str(student_start_dir(context)),
-        "--model.init_args.teacher_dim", str(context.teacher_dim),
-        "--data.init_args.tiles_dir", str(context.tiles_dir),
-        "--data.init_args.slides_dir", str(context.slides_dir) if context.slides_dir else "null",
-        "--data.init_args.teacher", config.teacher,
-        "--data.init_args.teacher_weights", str(config.teacher_weights) if config.teacher_weights else "null",
-        # The teacher as stage 2 cached it, with its weights (a recipe may say otherwise, e.g. tiny_cpu's random
-        # teacher): the cache is found under that teacher's name.
-        "--data.init_args.teacher_pretrained", "true",
-        "--data.init_args.cache_dir", str(context.out / "teacher"),
-        "--data.init_args.rebuild_cache", "false",  # stage 2 built it: the fit must find exactly those files
-        "--data.init_args.extract_precision", context.precision,
-        "--data.init_args.exclude_slides", json.dumps(list(context.held_out)),
+        "--model.init_args.student",
+        str(student_start_dir(context)),
+        "--model.init_args.teacher_dim",
+        str(context.teacher_dim),
+        "--data.init_args.tiles_dir",
+        str(context.tiles_dir),
+        "--data.init_args.slides_dir",
+        str(context.slides_dir) if context.slides_dir else "null",
+        "--data.init_args.teacher",
+        config.teacher,
+        "--data.init_args.teacher_weights",
+        str(config.teacher_weights) if config.teacher_weights else "null",
+        # The teacher as stage 2 cached it, with its weights (a recipe may say otherwise, e.g. tiny_cpu's
+        # random teacher): the cache is found under that teacher's name.
+        "--data.init_args.teacher_pretrained",
+        "true",
+        "--data.init_args.cache_dir",
+        str(context.out / "teacher"),
+        "--data.init_args.rebuild_cache",
+        "false",  # stage 2 built it: the fit must find exactly those files
+        "--data.init_args.extract_precision",
+        context.precision,
+        "--data.init_args.exclude_slides",
+        json.dumps(list(context.held_out)),
     ]
 
 
@@ -178,15 +251,25 @@ def _moma_overrides(context: DistillContext) -> list[str]:
     if labels.is_dir():
         train, classes = class_spec(ImageFolderDataset, root=str(labels)), ImageFolderDataset(labels).classes
     else:
-        train, classes = (class_spec(CsvDataset, csv=str(labels), root=str(labels.parent)),
-                          CsvDataset(labels).classes)
+        train, classes = (
+            class_spec(CsvDataset, csv=str(labels), root=str(labels.parent)),
+            CsvDataset(labels).classes,
+        )
     return [
-        "--model.init_args.backbone", str(student_start_dir(context)),
-        "--model.init_args.student_init", "imagenet",  # the student's own weights: student_start/
-        "--model.init_args.num_classes", str(len(classes)),
-        "--model.init_args.teacher", config.teacher,
-        "--model.init_args.teacher_weights", str(config.teacher_weights) if config.teacher_weights else "null",
-        "--data.init_args.train", json.dumps(train), "--data.init_args.val", "null",
+        "--model.init_args.backbone",
+        str(student_start_dir(context)),
+        "--model.init_args.student_init",
+        "imagenet",  # the student's own weights: student_start/
+        "--model.init_args.num_classes",
+        str(len(classes)),
+        "--model.init_args.teacher",
+        config.teacher,
+        "--model.init_args.teacher_weights",
+        str(config.teacher_weights) if config.teacher_weights else "null",
+        "--data.init_args.train",
+        json.dumps(train),
+        "--data.init_args.val",
+        "null",
     ]
 
 
@@ -195,14 +278,16 @@ def export_student(context: DistillContext) -> dict:
     from histodistill.engine.run_dir import last_checkpoint
     from histodistill.features.export import export_checkpoint
 
-    out = export_checkpoint(last_checkpoint(run_dir(context)), context.out / "export", overwrite=True,
-                            model_card=True)
+    out = export_checkpoint(
+        last_checkpoint(run_dir(context)), context.out / "export", overwrite=True, model_card=True
+    )
     return {"export": str(out)}
 
 
 def extract_students(context: DistillContext) -> dict:
     """Stage 5a: every slide's features from the tuned and the un-tuned student (timed), beside the teacher's
-    row from stage 2 (its cache is its slide features: no second teacher pass). Writes features/models.json."""
+    row from stage 2 (its cache is its slide features: no second teacher pass). Writes
+    features/models.json."""
 
     from histodistill.features.extract import extract_slides
     from histodistill.features.throughput import timed_extraction
@@ -212,11 +297,23 @@ def extract_students(context: DistillContext) -> dict:
     teacher = read_record(record_path(context.out, "teacher"))["summary"]
     rows = {"teacher": {"name": config.teacher, **teacher}}
     for name, model in (("student_untuned", student_start_dir(context)), ("student", context.out / "export")):
-        folder, tiles_per_s = timed_extraction(lambda model=model, name=name: extract_slides(
-            model, context.tiles_dir, context.out / "features" / name, batch_size=config.extract_batch_size,
-            num_workers=config.num_workers, device=context.device, precision=context.precision,
-            slides_dir=context.slides_dir), context.out / "features" / name)
-        rows[name] = {"name": _student_name(context, name), **_throughput(model, folder, tiles_per_s, context)}
+        folder, tiles_per_s = timed_extraction(
+            lambda model=model, name=name: extract_slides(
+                model,
+                context.tiles_dir,
+                context.out / "features" / name,
+                batch_size=config.extract_batch_size,
+                num_workers=config.num_workers,
+                device=context.device,
+                precision=context.precision,
+                slides_dir=context.slides_dir,
+            ),
+            context.out / "features" / name,
+        )
+        rows[name] = {
+            "name": _student_name(context, name),
+            **_throughput(model, folder, tiles_per_s, context),
+        }
     write_json(models_json(context.out), rows)
     return {f"{name}_tiles_per_s": row["tiles_per_s"] for name, row in rows.items()}
 
@@ -240,9 +337,14 @@ def compare(context: DistillContext) -> dict:
         results = slide_cv(folders, context.config, compare_dir(context.out), context.device)
         summary = {f"{name}_auroc": results["models"][name]["slide_auroc"] for name in MODELS}
     else:
-        results = agreement(folders, context.held_out or context.slide_ids, run_dir(context), context.config.method)
+        results = agreement(
+            folders, context.held_out or context.slide_ids, run_dir(context), context.config.method
+        )
         results["slides"] = "held_out" if context.held_out else "all"
-        summary = {"student_cosine": results["student_cosine"], "student_cka": results["models"]["student"]["cka"]}
+        summary = {
+            "student_cosine": results["student_cosine"],
+            "student_cka": results["models"]["student"]["cka"],
+        }
     write_json(compare_dir(context.out) / "results.json", results)
     return summary
 
@@ -264,6 +366,7 @@ def write_summary(context: DistillContext) -> dict:
 
 def _missing(*parts: str) -> Callable[[DistillContext], str | None]:
     """A stage's ``verify``: the first of its outputs (relative to ``out``) that is missing."""
+
     def verify(context: DistillContext) -> str | None:
         for part in parts:
             if not (context.out / part).exists():
@@ -277,29 +380,82 @@ def _teacher_cache_stale(context: DistillContext) -> str | None:
     from histodistill.features.teacher_cache import cache_features_dir, cache_key, stale_reasons
 
     config = context.config
-    reasons = stale_reasons(cache_features_dir(context.out / "teacher", config.teacher),
-                            cache_key(context.tiles_dir / "patches", config.teacher, config.teacher_weights))
+    reasons = stale_reasons(
+        cache_features_dir(context.out / "teacher", config.teacher),
+        cache_key(context.tiles_dir / "patches", config.teacher, config.teacher_weights),
+    )
     return f"the teacher cache is stale ({reasons[0]})" if reasons else None
 
 
 TILING = ("slides", "coords", "tile_mpp", "tile_px")
 STAGES = [
     Stage("tiles", "tile the slides at the teacher's tile size and mpp", tile_slides, settings=TILING),
-    Stage("teacher", "the teacher's features of every tile, once (MCM-KD cache = teacher slide features)",
-          cache_teacher, settings=("teacher", "teacher_weights"), verify=_teacher_cache_stale),
-    Stage("fit", "fit the student (optimiser steps; resumes from its last checkpoint)", fit_student,
-          settings=("student", "student_weights", "student_random_init", "method", "patch_labels", "recipe", "steps",
-                    "batch_size", "window_stride", "target_norm", "loss", "holdout", "seed", "devices"),
-          verify=_missing("fit/run/checkpoints/last.ckpt", "fit/student_start/config.json")),
-    Stage("export", "export the tuned student (timm local-dir + model card)", export_student, settings=(),
-          verify=_missing("export/config.json", "export/model.safetensors")),
-    Stage("features", "every slide's features from the tuned and un-tuned student; tiles/s of all three",
-          extract_students, settings=(), verify=_missing("features/models.json")),
-    Stage("compare", "slide-level ABMIL CV on each model's features (or, without labels, feature agreement)",
-          compare, settings=("labels", "folds", "mil_model", "mil_epochs", "mil_seeds", "mil_lr", "mil_weight_decay",
-                             "mil_val_fraction"), verify=_missing("compare/results.json")),
-    Stage("report", "summary.json and report.html", write_summary, settings=(),
-          verify=_missing(SUMMARY_JSON, "report.html")),
+    Stage(
+        "teacher",
+        "the teacher's features of every tile, once (MCM-KD cache = teacher slide features)",
+        cache_teacher,
+        settings=("teacher", "teacher_weights"),
+        verify=_teacher_cache_stale,
+    ),
+    Stage(
+        "fit",
+        "fit the student (optimiser steps; resumes from its last checkpoint)",
+        fit_student,
+        settings=(
+            "student",
+            "student_weights",
+            "student_random_init",
+            "method",
+            "patch_labels",
+            "recipe",
+            "steps",
+            "batch_size",
+            "window_stride",
+            "target_norm",
+            "loss",
+            "holdout",
+            "seed",
+            "devices",
+        ),
+        verify=_missing("fit/run/checkpoints/last.ckpt", "fit/student_start/config.json"),
+    ),
+    Stage(
+        "export",
+        "export the tuned student (timm local-dir + model card)",
+        export_student,
+        settings=(),
+        verify=_missing("export/config.json", "export/model.safetensors"),
+    ),
+    Stage(
+        "features",
+        "every slide's features from the tuned and un-tuned student; tiles/s of all three",
+        extract_students,
+        settings=(),
+        verify=_missing("features/models.json"),
+    ),
+    Stage(
+        "compare",
+        "slide-level ABMIL CV on each model's features (or, without labels, feature agreement)",
+        compare,
+        settings=(
+            "labels",
+            "folds",
+            "mil_model",
+            "mil_epochs",
+            "mil_seeds",
+            "mil_lr",
+            "mil_weight_decay",
+            "mil_val_fraction",
+        ),
+        verify=_missing("compare/results.json"),
+    ),
+    Stage(
+        "report",
+        "summary.json and report.html",
+        write_summary,
+        settings=(),
+        verify=_missing(SUMMARY_JSON, "report.html"),
+    ),
 ]
 
 
@@ -310,10 +466,12 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict:
 
     start = time.perf_counter()
     context = prepare(config, log)
-    log(f"teacher {config.teacher}: tiles of {context.tile_px} px at {context.tile_mpp} mpp; student {config.student} "
-        f"starts from {context.student_start} weights; {config.method} for {config.steps} steps on "
-        f"{len(context.slide_ids) - len(context.held_out)} of {len(context.slide_ids)} slides (unlabeled), on "
-        f"{context.device}")
+    log(
+        f"teacher {config.teacher}: tiles of {context.tile_px} px at {context.tile_mpp} mpp; student "
+        f"{config.student} starts from {context.student_start} weights; {config.method} for {config.steps} "
+        f"steps on {len(context.slide_ids) - len(context.held_out)} of {len(context.slide_ids)} slides "
+        f"(unlabeled), on {context.device}"
+    )
     records = run_stages(STAGES, context, log)
     log(f"\nhistodistill distill finished in {time.perf_counter() - start:.1f} s; outputs in {config.out}/")
     log(format_timings(records))

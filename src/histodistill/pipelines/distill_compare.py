@@ -22,41 +22,73 @@ MAX_AGREEMENT_TILES = 20_000  # tiles pooled for the CKA (a (n, n)-free formula,
 
 def slide_cv(folders: dict[str, Path], config, out: Path, device: str) -> dict:
     """ABMIL (``config.mil_model``) k-fold CV by case over ``config.mil_seeds`` CV seeds (runs in
-    ``out/<model>``, or ``out/<model>/seed_<s>`` with several: `histodistill.eval.mil_cv.seed_runs`) on each of
-    ``folders`` (``{model: features folder}``) against ``config.labels``; returns ``{models: {name: {slide_auroc, slide_auroc_ci, balanced_accuracy, run}},
+    ``out/<model>``, or ``out/<model>/seed_<s>`` with several: `histodistill.eval.mil_cv.seed_runs`) on each
+    of ``folders`` (``{model: features folder}``) against ``config.labels``; returns ``{models: {name:
+    {slide_auroc, slide_auroc_ci, balanced_accuracy, run}},
     retention, retention_untuned: {value, ci}, bags, folds, mil_model}``. ``config`` is a `DistillConfig`."""
     from histodistill.errors import UserError
     from histodistill.eval.metrics import paired_bootstrap_auroc
     from histodistill.eval.mil_cv import CVConfig, TrainConfig, cross_validate
 
-    cv = CVConfig(model=config.mil_model, folds=config.folds, seeds=config.mil_seeds,
-                  val_fraction=config.mil_val_fraction,
-                  train=TrainConfig(epochs=config.mil_epochs, lr=config.mil_lr, weight_decay=config.mil_weight_decay,
-                                    seed=config.seed, device=device))
+    cv = CVConfig(
+        model=config.mil_model,
+        folds=config.folds,
+        seeds=config.mil_seeds,
+        val_fraction=config.mil_val_fraction,
+        train=TrainConfig(
+            epochs=config.mil_epochs,
+            lr=config.mil_lr,
+            weight_decay=config.mil_weight_decay,
+            seed=config.seed,
+            device=device,
+        ),
+    )
     # overwrite: a CV interrupted in this stage is run again whole (minutes, against the fit's hours).
-    results = {name: cross_validate(folders[name], config.labels, out / name, cv, overwrite=True,
-                                    log=lambda line, name=name: print(f"  [{name}] {line}"))
-               for name in MODELS}
+    results = {
+        name: cross_validate(
+            folders[name],
+            config.labels,
+            out / name,
+            cv,
+            overwrite=True,
+            log=lambda line, name=name: print(f"  [{name}] {line}"),
+        )
+        for name in MODELS
+    }
     teacher = results["teacher"].predictions
     for name in MODELS:
         if results[name].predictions.bag_ids != teacher.bag_ids:  # the paired bootstrap needs the same bags
-            raise UserError(f"the {name}'s MIL run scored other slides than the teacher's: a slide lacks features in "
-                            f"one of {', '.join(str(f) for f in folders.values())}; rerun with --overwrite")
-    retention = {name: paired_bootstrap_auroc(teacher.labels, teacher.probs_per_seed,
-                                              results[name].predictions.probs_per_seed, seed=config.seed).ratio
-                 for name in ("student", "student_untuned")}
+            raise UserError(
+                f"the {name}'s MIL run scored other slides than the teacher's: a slide lacks features in "
+                f"one of {', '.join(str(f) for f in folders.values())}; rerun with --overwrite"
+            )
+    retention = {
+        name: paired_bootstrap_auroc(
+            teacher.labels, teacher.probs_per_seed, results[name].predictions.probs_per_seed, seed=config.seed
+        ).ratio
+        for name in ("student", "student_untuned")
+    }
     return {
-        "models": {name: {"slide_auroc": round(result.auroc, 4), "slide_auroc_ci": [round(v, 4) for v in result.auroc_ci],
-                          "balanced_accuracy": round(result.balanced_accuracy, 4), "run": str(result.out)}
-                   for name, result in results.items()},
-        "retention": _interval(retention["student"]), "retention_untuned": _interval(retention["student_untuned"]),
-        "bags": len(teacher.bag_ids), "folds": config.folds, "mil_model": config.mil_model,
+        "models": {
+            name: {
+                "slide_auroc": round(result.auroc, 4),
+                "slide_auroc_ci": [round(v, 4) for v in result.auroc_ci],
+                "balanced_accuracy": round(result.balanced_accuracy, 4),
+                "run": str(result.out),
+            }
+            for name, result in results.items()
+        },
+        "retention": _interval(retention["student"]),
+        "retention_untuned": _interval(retention["student_untuned"]),
+        "bags": len(teacher.bag_ids),
+        "folds": config.folds,
+        "mil_model": config.mil_model,
     }
 
 
 def _interval(value: tuple[float, float, float]) -> dict:
-    """``{value, ci}`` for JSON; a bound that is not finite (resamples where the teacher's AUROC is 0, on a few
-    slides) is None: the interval is unbounded there."""
+    """``{value, ci}`` for JSON; a bound that is not finite (resamples where the teacher's AUROC is 0, on a
+    few slides) is None: the interval is unbounded there."""
     point, low, high = (round(v, 4) if math.isfinite(v) else None for v in value)
     return {"value": point, "ci": [low, high]}
 
@@ -87,8 +119,10 @@ def agreement(folders: dict[str, Path], slide_ids: Sequence[str], fit_run: Path,
             with h5py.File(path, "r") as handle:
                 values, order = handle[FEATURES][:], handle[COORDS][:]
             if coords is not None and not np.array_equal(coords, order):
-                raise ValueError(f"{path}: tiles in another order than the teacher's; the features were not "
-                                 "extracted from the same coords")
+                raise ValueError(
+                    f"{path}: tiles in another order than the teacher's; the features were not "
+                    "extracted from the same coords"
+                )
             coords = order
             features[name].append(values)
     stacked = {name: np.concatenate(parts)[:MAX_AGREEMENT_TILES] for name, parts in features.items() if parts}
@@ -100,17 +134,23 @@ def agreement(folders: dict[str, Path], slide_ids: Sequence[str], fit_run: Path,
         with torch.no_grad():
             predicted = head(torch.from_numpy(stacked["student"]))  # (N, D_teacher)
             norm = "layer_norm" if statistics is None else "standardize"
-            target = normalise_targets(torch.from_numpy(stacked["teacher"]), norm, *(statistics or (None, None)))
+            target = normalise_targets(
+                torch.from_numpy(stacked["teacher"]), norm, *(statistics or (None, None))
+            )
             cosine = round(float(torch.nn.functional.cosine_similarity(predicted, target, dim=-1).mean()), 4)
     from histodistill.eval.metrics import linear_cka
 
-    return {"student_cosine": cosine, "tiles": int(len(stacked["teacher"])),
-            "models": {name: {"cka": round(linear_cka(stacked[name], stacked["teacher"]), 4)} for name in MODELS}}
+    return {
+        "student_cosine": cosine,
+        "tiles": int(len(stacked["teacher"])),
+        "models": {name: {"cka": round(linear_cka(stacked[name], stacked["teacher"]), 4)} for name in MODELS},
+    }
 
 
 def _mcmkd_head(run_dir: Path):
-    """The fitted MCM-KD projection head (`GridHead`: student dim -> teacher dim) from the run's last checkpoint,
-    and its target statistics ``(mean, std)`` when the run standardised its targets (else None)."""
+    """The fitted MCM-KD projection head (`GridHead`: student dim -> teacher dim) from the run's last
+    checkpoint, and its target statistics ``(mean, std)`` when the run standardised its targets (else
+    None)."""
     from histodistill.engine.run_dir import last_checkpoint
     from histodistill.models.grid_head import GridHead
     from histodistill.models.weights import read_checkpoint
@@ -144,29 +184,47 @@ def summary(rows: dict[str, dict], results: dict, fit: dict, context) -> dict:
     for name in MODELS:
         scores = results["models"][name] if labelled else {}
         document[name] = {
-            "name": rows[name]["name"], "slide_auroc": scores.get("slide_auroc"),
-            "slide_auroc_ci": scores.get("slide_auroc_ci"), "balanced_accuracy": scores.get("balanced_accuracy"),
-            "tiles_per_s": rows[name]["tiles_per_s"], "forward_tiles_per_s": rows[name]["forward_tiles_per_s"],
-            "parameters": rows[name]["parameters"], "projected_hours": projected_hours(rows[name][rate]),
+            "name": rows[name]["name"],
+            "slide_auroc": scores.get("slide_auroc"),
+            "slide_auroc_ci": scores.get("slide_auroc_ci"),
+            "balanced_accuracy": scores.get("balanced_accuracy"),
+            "tiles_per_s": rows[name]["tiles_per_s"],
+            "forward_tiles_per_s": rows[name]["forward_tiles_per_s"],
+            "parameters": rows[name]["parameters"],
+            "projected_hours": projected_hours(rows[name][rate]),
             "features_dir": rows[name]["features_dir"],
             **({} if labelled else {"feature_cka": results["models"][name]["cka"]}),
         }
     speedup = round(rows["student"][rate] / rows["teacher"][rate], 2) if rows["teacher"][rate] else None
     unit = "GPU-hours" if context.device == "cuda" else "CPU-hours"
-    document.update({
-        "retention": results.get("retention", {"value": None, "ci": None}),
-        "retention_untuned": results.get("retention_untuned", {"value": None, "ci": None}),
-        "speedup": speedup, "speed_measure": "end-to-end extraction" if rate == "tiles_per_s" else "forward pass only",
-        "projection": {"slides": PROJECTED_SLIDES, "tiles_per_slide": PROJECTED_TILES_PER_SLIDE, "unit": unit},
-        "machine": {**machine(context.device), "device": context.device},
-        "fit": {**fit, "student_start": context.student_start, "unlabeled": context.config.method == "mcmkd"},
-        "verdict": _verdict(results, speedup, labelled),
-    })
+    document.update(
+        {
+            "retention": results.get("retention", {"value": None, "ci": None}),
+            "retention_untuned": results.get("retention_untuned", {"value": None, "ci": None}),
+            "speedup": speedup,
+            "speed_measure": "end-to-end extraction" if rate == "tiles_per_s" else "forward pass only",
+            "projection": {
+                "slides": PROJECTED_SLIDES,
+                "tiles_per_slide": PROJECTED_TILES_PER_SLIDE,
+                "unit": unit,
+            },
+            "machine": {**machine(context.device), "device": context.device},
+            "fit": {
+                **fit,
+                "student_start": context.student_start,
+                "unlabeled": context.config.method == "mcmkd",
+            },
+            "verdict": _verdict(results, speedup, labelled),
+        }
+    )
     if labelled:
         document["mil"] = {key: results[key] for key in ("bags", "folds", "mil_model")}
     else:
-        document["agreement"] = {"student_cosine": results["student_cosine"], "tiles": results["tiles"],
-                                 "slides": results["slides"]}
+        document["agreement"] = {
+            "student_cosine": results["student_cosine"],
+            "tiles": results["tiles"],
+            "slides": results["slides"],
+        }
     return document
 
 
@@ -178,11 +236,20 @@ def _verdict(results: dict, speedup: float | None, labelled: bool) -> str:
     speed = f"{speedup:g}x" if speedup else "an unmeasured multiple of"
     if labelled:
         value, low, high = (_percent(v) for v in (results["retention"]["value"], *results["retention"]["ci"]))
-        return f"the student keeps {value} [95 % CI {low}, {high}] of the teacher's slide AUROC at {speed} its speed"
+        return (
+            f"the student keeps {value} [95 % CI {low}, {high}] of the teacher's slide AUROC at {speed} "
+            "its speed"
+        )
     cosine = results["student_cosine"]
     where = "held-out" if results["slides"] == "held_out" else "fit (pass --holdout for unseen)"
-    agree = (f"its features agree with the teacher's at cosine {cosine:.2f} on {results['tiles']} tiles of the {where} "
-             f"slides" if cosine is not None else f"its features have linear CKA "
-             f"{results['models']['student']['cka']:.2f} with the teacher's on the {where} slides")
-    return (f"the student runs at {speed} the teacher's speed and {agree}; slide labels (--labels) are needed for "
-            "the AUROC comparison")
+    agree = (
+        f"its features agree with the teacher's at cosine {cosine:.2f} on {results['tiles']} tiles of the "
+        f"{where} slides"
+        if cosine is not None
+        else f"its features have linear CKA "
+        f"{results['models']['student']['cka']:.2f} with the teacher's on the {where} slides"
+    )
+    return (
+        f"the student runs at {speed} the teacher's speed and {agree}; slide labels (--labels) are needed "
+        "for the AUROC comparison"
+    )

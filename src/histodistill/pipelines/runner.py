@@ -56,26 +56,39 @@ def record_path(out: Path, stage: str) -> Path:
 
 def read_record(path: Path) -> dict:
     """A finished stage's record (``<out>/<stage>/stage.json``). One that cannot be read leaves its stage's
-    state unknown: refused (`UserError`, with the fix), rather than taken as finished or silently run again."""
+    state unknown: refused (`UserError`, with the fix), rather than taken as finished or silently run
+    again."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         record = None
     if not isinstance(record, dict) or not {"summary", "seconds"} <= record.keys():
-        raise UserError(f"{path} is not a readable stage record: delete it to run that stage again, or pass "
-                        "--overwrite to run every stage again")
+        raise UserError(
+            f"{path} is not a readable stage record: delete it to run that stage again, or pass "
+            "--overwrite to run every stage again"
+        )
     return record
 
 
-def run_stages(stages: list[Stage], context: StageContext, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary, seconds and settings.
+def run_stages(
+    stages: list[Stage], context: StageContext, log: Callable[[str], None] = print
+) -> dict[str, dict]:
+    """Run (or skip) every stage; returns ``{stage: record}`` with each record's summary, seconds and
+    settings.
 
     Raises `UserError` before any stage runs when ``context.out`` holds a stage finished with other settings
     (`check_settings`), a stage's folder is a file, or a record is unreadable."""
     check_stage_folders(stages, context.out)
     # Each finished stage's record, read once: checked here, reused when the stage is skipped.
-    finished = {} if context.overwrite else {stage.name: read_record(record_path(context.out, stage.name))
-                                             for stage in stages if record_path(context.out, stage.name).exists()}
+    finished = (
+        {}
+        if context.overwrite
+        else {
+            stage.name: read_record(record_path(context.out, stage.name))
+            for stage in stages
+            if record_path(context.out, stage.name).exists()
+        }
+    )
     check_settings(stages, finished, context)
     context.out.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
@@ -96,8 +109,12 @@ def run_stages(stages: list[Stage], context: StageContext, log: Callable[[str], 
         write_json(context.out / TIMINGS, {name: rec["seconds"] for name, rec in records.items()})
         start, ran = time.perf_counter(), True
         summary = stage.run(context)
-        record = {"summary": summary, "seconds": round(time.perf_counter() - start, 2),
-                  "settings": dict(context.settings)}  # all of them: what the run was
+        # all of them: what the run was
+        record = {
+            "summary": summary,
+            "seconds": round(time.perf_counter() - start, 2),
+            "settings": dict(context.settings),
+        }
         write_json(record_path(context.out, stage.name), record)
         records[stage.name] = record
         log(f"    done in {record['seconds']:.1f} s: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
@@ -108,29 +125,38 @@ def run_stages(stages: list[Stage], context: StageContext, log: Callable[[str], 
 def check_stage_folders(stages: list[Stage], out: Path) -> None:
     """Refuse a file standing where a stage writes its folder (its first ``mkdir`` would fail mid-run)."""
     if files := [out / stage.name for stage in stages if (out / stage.name).is_file()]:
-        raise UserError(f"{files[0]} is a file where the {files[0].name} stage writes its folder: move it away, "
-                        "or use another --out")
+        raise UserError(
+            f"{files[0]} is a file where the {files[0].name} stage writes its folder: move it away, "
+            "or use another --out"
+        )
 
 
 def check_settings(stages: list[Stage], records: Mapping[str, dict], context: StageContext) -> None:
     """Refuse to resume into a finished stage (``{stage: record}``) recorded with other settings than this
     run's: skipping it would mix two runs' results. Names the first setting that differs, in stage order.
     A stage that declares its settings is compared on those alone (a record holds every setting, and one of an
-    earlier version may hold settings since retired); one that declares none (None) on every key of either side."""
+    earlier version may hold settings since retired); one that declares none (None) on every key of either
+    side."""
     for stage in stages:
         if stage.name not in records:
             continue
         path = record_path(context.out, stage.name)
         recorded, now = records[stage.name].get("settings"), dict(context.settings)
         if recorded is None:
-            raise UserError(f"{path} records no settings (an earlier version wrote it): pass --overwrite to run "
-                            "every stage again, or another --out")
-        keys = [*now, *(key for key in recorded if key not in now)] if stage.settings is None else stage.settings
+            raise UserError(
+                f"{path} records no settings (an earlier version wrote it): pass --overwrite to run "
+                "every stage again, or another --out"
+            )
+        keys = (
+            [*now, *(key for key in recorded if key not in now)] if stage.settings is None else stage.settings
+        )
         for key in keys:
             if recorded.get(key, "(unset)") != now.get(key, "(unset)"):
-                raise UserError(f"{key} {_shown(recorded.get(key, '(unset)'))} != {_shown(now.get(key, '(unset)'))} "
-                                f"in {path} (recorded there != this run): pass --overwrite to run every stage "
-                                "again, or another --out")
+                raise UserError(
+                    f"{key} {_shown(recorded.get(key, '(unset)'))} != {_shown(now.get(key, '(unset)'))} "
+                    f"in {path} (recorded there != this run): pass --overwrite to run every stage "
+                    "again, or another --out"
+                )
 
 
 def _shown(value: Any) -> str:

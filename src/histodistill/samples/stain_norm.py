@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 # sRGB (D65) -> CIE XYZ, and the D65 white point.
-_RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
-                        [0.0193339, 0.1191920, 0.9503041]])
+_RGB_TO_XYZ = np.array(
+    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+)
 _XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ)
 _WHITE = np.array([0.95047, 1.0, 1.08883])
 _DELTA = 6 / 29
@@ -36,7 +37,9 @@ def rgb_to_lab(image: np.ndarray) -> np.ndarray:
     """(..., H, W, 3) uint8 sRGB -> the same shape in float64 CIELAB (L in 0..100)."""
     xyz = _SRGB_TO_LINEAR[image] @ _RGB_TO_XYZ.T / _WHITE
     f = np.where(xyz > _DELTA**3, np.cbrt(xyz), xyz / (3 * _DELTA**2) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+    return np.stack(
+        [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1
+    )
 
 
 def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
@@ -69,8 +72,12 @@ def _tissue_stats(lab: np.ndarray, max_lightness: float) -> tuple[np.ndarray, np
 
 
 def reinhard_normalize(
-    image: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray, max_lightness: float = 90.0,
-    iterations: int = 1, tolerance: float = 0.05,
+    image: np.ndarray,
+    target_mean: np.ndarray,
+    target_std: np.ndarray,
+    max_lightness: float = 90.0,
+    iterations: int = 1,
+    tolerance: float = 0.05,
 ) -> np.ndarray:
     """``image`` (..., H, W, 3) uint8 (one image or a stack, each normalised on its own) with its tissue's
     LAB mean/sd moved to ``target_mean``/``target_std``: (3,), or (..., 3) for a target per image.
@@ -88,12 +95,17 @@ def reinhard_normalize(
     for _ in range(iterations):
         lab = rgb_to_lab(stack[active])
         mean, std = _tissue_stats(lab, max_lightness)  # (n, 3) each
-        off = np.maximum(np.abs(mean - goal_mean[active]).max(axis=1),
-                         np.abs(std - goal_std[active]).max(axis=1)) > tolerance
+        off = (
+            np.maximum(
+                np.abs(mean - goal_mean[active]).max(axis=1), np.abs(std - goal_std[active]).max(axis=1)
+            )
+            > tolerance
+        )
         if not off.any():
             break
         active, lab, mean, std = active[off], lab[off], mean[off], std[off]
         scale = goal_std[active] / np.maximum(std, 1e-6)  # (n, 3)
-        stack[active] = lab_to_rgb((lab - mean[:, None, None, :]) * scale[:, None, None, :]
-                                   + goal_mean[active][:, None, None, :])
+        stack[active] = lab_to_rgb(
+            (lab - mean[:, None, None, :]) * scale[:, None, None, :] + goal_mean[active][:, None, None, :]
+        )
     return stack.reshape(image.shape)

@@ -74,7 +74,9 @@ def crop_fraction(mask: np.ndarray, tile_px: int) -> np.ndarray:
     return (s[t:, t:] - s[:-t, t:] - s[t:, :-t] + s[:-t, :-t]) / t**2
 
 
-def hgsc_nest_sources(image: np.ndarray, type_mask: np.ndarray, split_x: int, tile_px: int) -> dict[str, Source]:
+def hgsc_nest_sources(
+    image: np.ndarray, type_mask: np.ndarray, split_x: int, tile_px: int
+) -> dict[str, Source]:
     """Tumour-nest and benign crops of ``hgsc_nest`` (H, W, 3), from its (H, W) type raster, only where
     the crop lies entirely right of ``split_x`` (the nuclei task's test side)."""
     neoplastic = crop_fraction(type_mask == NEOPLASTIC_TYPE, tile_px)
@@ -94,8 +96,11 @@ def load_sample_sources(tile_px: int) -> dict[str, list[Source]]:
     from histodistill.samples.nuclei import choose_split_x, find_nuclei, load_hgsc
     from histodistill.samples.registry import cached_path
 
-    missing = [n for n in ("hgsc_nest", "hgsc_nest_inst_mask", "hgsc_nest_type_mask", "hgsc_stromal_he")
-               if cached_path(n) is None]
+    missing = [
+        n
+        for n in ("hgsc_nest", "hgsc_nest_inst_mask", "hgsc_nest_type_mask", "hgsc_stromal_he")
+        if cached_path(n) is None
+    ]
     if missing:
         raise UserError(
             f"the semi-synthetic slides are built from sample images that are not cached: {missing}. "
@@ -119,7 +124,10 @@ class TilePool:
         for source in sources:
             if min(source.image.shape[:2]) < tile_px:
                 continue
-            ok = crop_fraction(rgb_to_lab(source.image)[..., 0] < TISSUE_LIGHTNESS, tile_px) >= MIN_TISSUE_FRACTION
+            ok = (
+                crop_fraction(rgb_to_lab(source.image)[..., 0] < TISSUE_LIGHTNESS, tile_px)
+                >= MIN_TISSUE_FRACTION
+            )
             if source.allowed is not None:
                 ok &= source.allowed
             if ok.any():
@@ -157,8 +165,10 @@ def tumor_region(tissue: np.ndarray, fraction: float, rng: np.random.Generator) 
             (r + dr, c + dc)
             for r, c in np.argwhere(region)
             for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1))
-            if 0 <= r + dr < tissue.shape[0] and 0 <= c + dc < tissue.shape[1]
-            and tissue[r + dr, c + dc] and not region[r + dr, c + dc]
+            if 0 <= r + dr < tissue.shape[0]
+            and 0 <= c + dc < tissue.shape[1]
+            and tissue[r + dr, c + dc]
+            and not region[r + dr, c + dc]
         ]
         if not frontier:
             break
@@ -197,8 +207,15 @@ class SlideDraw(NamedTuple):
     stds: np.ndarray  # (n, 3): each tile's LAB sd target
 
 
-def draw_slide(slide_id: str, positive: bool, grid: int, tumor_fraction: tuple[float, float],
-               pools: dict[str, TilePool], target: StainTarget, rng: np.random.Generator) -> SlideDraw:
+def draw_slide(
+    slide_id: str,
+    positive: bool,
+    grid: int,
+    tumor_fraction: tuple[float, float],
+    pools: dict[str, TilePool],
+    target: StainTarget,
+    rng: np.random.Generator,
+) -> SlideDraw:
     """The tissue, tumour region, source tiles and per-tile stain targets of one slide: ``target`` moved
     by each tile's own class-independent jitter."""
     cells = tissue_cells(grid, rng)
@@ -215,7 +232,9 @@ def render_slide(slide: SlideDraw) -> np.ndarray:
     t = slide.tiles.shape[1]
     image = np.empty((slide.cells.shape[0] * t, slide.cells.shape[1] * t, 3), np.uint8)
     image[:] = GLASS_RGB
-    tiles = reinhard_normalize(slide.tiles, slide.means, slide.stds, TISSUE_LIGHTNESS, iterations=NORMALISE_PASSES)
+    tiles = reinhard_normalize(
+        slide.tiles, slide.means, slide.stds, TISSUE_LIGHTNESS, iterations=NORMALISE_PASSES
+    )
     for (r, c), tile in zip(np.argwhere(slide.cells), tiles, strict=True):
         image[r * t : (r + 1) * t, c * t : (c + 1) * t] = tile
     return image
@@ -225,7 +244,9 @@ def write_slide(slide: SlideDraw, out_dir: Path, mpp: float) -> None:
     """``slides/<id>.tif`` and ``masks/<id>.npy`` of one drawn slide, each written atomically."""
     # Lossless: JPEG's chroma subsampling blurs colour more in busy (tumour) tiles than in calm ones, a
     # residual of texture in the colour statistics that a colour-only classifier reads.
-    write_pyramid_tiff(out_dir / "slides" / f"{slide.slide_id}.tif", render_slide(slide), mpp=mpp, compression="zlib")
+    write_pyramid_tiff(
+        out_dir / "slides" / f"{slide.slide_id}.tif", render_slide(slide), mpp=mpp, compression="zlib"
+    )
     with atomic_path(out_dir / "masks" / f"{slide.slide_id}.npy") as tmp, tmp.open("wb") as handle:
         np.save(handle, slide.tumor)
 
@@ -265,26 +286,43 @@ def make_slides(
     workers = workers or usable_cpus()
     rows, summary = [], []
     with ThreadPoolExecutor(workers) as pool:
-        # A few slides per thread at a time: the drawn source tiles of every slide at once would grow with n_slides.
+        # A few slides per thread at a time: the drawn source tiles of every slide at once would grow with
+        # n_slides.
         for start in range(0, n_slides, 4 * workers):
-            drawn = [draw_slide(f"synth_{i:03d}", bool(positives[i]), grid, tumor_fraction, pools, target, rng)
-                     for i in range(start, min(start + 4 * workers, n_slides))]
+            drawn = [
+                draw_slide(f"synth_{i:03d}", bool(positives[i]), grid, tumor_fraction, pools, target, rng)
+                for i in range(start, min(start + 4 * workers, n_slides))
+            ]
             list(pool.map(lambda slide: write_slide(slide, out_dir, mpp), drawn))
             for slide in drawn:
                 rows.append((slide.slide_id, slide.slide_id, LABELS[int(slide.positive)]))
-                summary.append({"slide_id": slide.slide_id, "tissue_tiles": int(slide.cells.sum()),
-                                "tumor_tiles": int(slide.tumor.sum())})
+                summary.append(
+                    {
+                        "slide_id": slide.slide_id,
+                        "tissue_tiles": int(slide.cells.sum()),
+                        "tumor_tiles": int(slide.tumor.sum()),
+                    }
+                )
     labels_csv = out_dir / "labels.csv"
     with atomic_path(labels_csv) as tmp, tmp.open("w", newline="") as handle:
         csv.writer(handle).writerows([("case_id", "slide_id", "label"), *rows])
-    write_json(out_dir / "synthetic.json", {
-        "semi_synthetic": True, "seed": seed, "tile_px": tile_px, "mpp": mpp, "grid": grid,
-        "tumor_fraction": list(tumor_fraction), "sources": named,
-        "stain_normalisation": "Reinhard, per tile, to the target with per-tile jitter",
-        "stain_jitter": {"lab_mean_sd": STAIN_JITTER_MEAN, "log_lab_sd_sd": STAIN_JITTER_LOG_SD},
-        "stain_target_lab_mean": target.mean.round(3).tolist(), "stain_target_lab_std": target.std.round(3).tolist(),
-        "slides": summary,
-    })
+    write_json(
+        out_dir / "synthetic.json",
+        {
+            "semi_synthetic": True,
+            "seed": seed,
+            "tile_px": tile_px,
+            "mpp": mpp,
+            "grid": grid,
+            "tumor_fraction": list(tumor_fraction),
+            "sources": named,
+            "stain_normalisation": "Reinhard, per tile, to the target with per-tile jitter",
+            "stain_jitter": {"lab_mean_sd": STAIN_JITTER_MEAN, "log_lab_sd_sd": STAIN_JITTER_LOG_SD},
+            "stain_target_lab_mean": target.mean.round(3).tolist(),
+            "stain_target_lab_std": target.std.round(3).tolist(),
+            "slides": summary,
+        },
+    )
     return labels_csv
 
 

@@ -1,1 +1,2 @@
-"""Whole-slide images: reading (OpenSlide/TiffSlide/plain images), tissue detection, tiling, the pyramidal TIFF writer."""
+"""Whole-slide images: reading (OpenSlide/TiffSlide/plain images), tissue detection, tiling, the pyramidal
+TIFF writer."""

@@ -31,8 +31,16 @@ from histodistill.wsi.formats import SLIDE_SUFFIXES
 
 # The tiling, as `extract` copies it onto a features file's `coords` (TRIDENT's slide encoders and
 # our heatmaps read patch_size_level0 there); the first is the one every reader needs.
-TILING_ATTRS = ("patch_size_level0", "patch_size", "patch_level", "target_mpp", "target_magnification",
-                "level0_magnification", "mpp", "overlap")
+TILING_ATTRS = (
+    "patch_size_level0",
+    "patch_size",
+    "patch_level",
+    "target_mpp",
+    "target_magnification",
+    "level0_magnification",
+    "mpp",
+    "overlap",
+)
 TRIDENT_SUFFIX = "_patches"
 
 
@@ -52,7 +60,9 @@ def _patch_size_level0(attrs: dict) -> float | None:
         downsample = attrs["downsample"]
         return attrs["patch_size"] * float(downsample[0] if isinstance(downsample, list) else downsample)
     if "level0_magnification" in attrs and "target_magnification" in attrs:
-        return attrs["patch_size"] * float(attrs["level0_magnification"]) / float(attrs["target_magnification"])
+        return (
+            attrs["patch_size"] * float(attrs["level0_magnification"]) / float(attrs["target_magnification"])
+        )
     return None
 
 
@@ -68,7 +78,9 @@ def read_coords(h5_path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     try:
         with h5py.File(h5_path, "r") as h5:
             if "coords" not in h5:
-                raise UserError(f"{h5_path}: not a coords file: it has no `coords` dataset (found: {sorted(h5)})")
+                raise UserError(
+                    f"{h5_path}: not a coords file: it has no `coords` dataset (found: {sorted(h5)})"
+                )
             dataset = h5["coords"]
             attrs = {key: _plain(value) for key, value in h5.attrs.items()}
             attrs |= {key: _plain(value) for key, value in dataset.attrs.items()}
@@ -80,11 +92,15 @@ def read_coords(h5_path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     missing = [] if "patch_size" in attrs else ["patch_size"]
     size0 = None if missing else _patch_size_level0(attrs)
     if size0 is None:
-        missing.append("patch_size_level0 (or CLAM's patch_level + downsample, or TRIDENT's "
-                       "level0_magnification + target_magnification)")
+        missing.append(
+            "patch_size_level0 (or CLAM's patch_level + downsample, or TRIDENT's "
+            "level0_magnification + target_magnification)"
+        )
     if missing:
-        raise UserError(f"{h5_path}: unusable coords file: missing attribute(s) {', '.join(missing)} on `coords`; "
-                        "tile the slides again with `histodistill tile`")
+        raise UserError(
+            f"{h5_path}: unusable coords file: missing attribute(s) {', '.join(missing)} on `coords`; "
+            "tile the slides again with `histodistill tile`"
+        )
     attrs["patch_size_level0"] = max(1, round(float(size0)))
     stem = h5_path.stem.removesuffix(TRIDENT_SUFFIX) if "savetodir" in attrs else h5_path.stem
     attrs["slide_id"] = str(attrs.get("slide_id") or attrs.get("name") or stem)
@@ -112,13 +128,16 @@ def coords_files(source: str | os.PathLike) -> list[Path]:
     folder = source / "patches" if (source / "patches").is_dir() else source
     files = visible_files(folder, (".h5",))
     if not files:
-        raise UserError(f"`coords_dir={source}`: no coords files in {folder} or {source / 'patches'}; run "
-                        f"`histodistill tile ... --out {source}` first, or pass a CLAM/TRIDENT patches/ folder")
+        raise UserError(
+            f"`coords_dir={source}`: no coords files in {folder} or {source / 'patches'}; run "
+            f"`histodistill tile ... --out {source}` first, or pass a CLAM/TRIDENT patches/ folder"
+        )
     return files
 
 
-def find_slide(coords_path: Path, attrs: dict, slides_dir: str | os.PathLike | None = None,
-               slide_ext: str | None = None) -> Path:
+def find_slide(
+    coords_path: Path, attrs: dict, slides_dir: str | os.PathLike | None = None, slide_ext: str | None = None
+) -> Path:
     """The slide of a coords file: ``<slides_dir>/<slide_id><ext>`` when ``slides_dir`` is given
     (any slide suffix when ``slide_ext`` is None), else the file's ``slide_path``.
 
@@ -129,18 +148,34 @@ def find_slide(coords_path: Path, attrs: dict, slides_dir: str | os.PathLike | N
         folder = Path(slides_dir)
         if not folder.is_dir():
             raise UserError(f"`slides_dir={folder}`: not a folder")
-        suffixes = [slide_ext if slide_ext.startswith(".") else f".{slide_ext}"] if slide_ext else SLIDE_SUFFIXES
-        found = [folder / f"{slide_id}{suffix}" for suffix in suffixes if (folder / f"{slide_id}{suffix}").is_file()]
+        suffixes = (
+            [slide_ext if slide_ext.startswith(".") else f".{slide_ext}"] if slide_ext else SLIDE_SUFFIXES
+        )
+        found = [
+            folder / f"{slide_id}{suffix}"
+            for suffix in suffixes
+            if (folder / f"{slide_id}{suffix}").is_file()
+        ]
         if not found:
-            looked = f"{slide_id}{suffixes[0]}" if slide_ext else f"{slide_id}.<{'|'.join(s[1:] for s in suffixes)}>"
-            raise UserError(f"{coords_path}: no slide {looked} in `slides_dir={folder}`"
-                            + ("" if slide_ext else "; pass `slide_ext=...` if its suffix is another"))
+            looked = (
+                f"{slide_id}{suffixes[0]}"
+                if slide_ext
+                else f"{slide_id}.<{'|'.join(s[1:] for s in suffixes)}>"
+            )
+            raise UserError(
+                f"{coords_path}: no slide {looked} in `slides_dir={folder}`"
+                + ("" if slide_ext else "; pass `slide_ext=...` if its suffix is another")
+            )
         return found[0]
     if not attrs.get("slide_path"):
-        raise UserError(f"{coords_path}: the coords do not name their slide (CLAM and TRIDENT coords do not); "
-                        "pass `slides_dir=DIR`, the folder holding <slide_id>.<ext>")
+        raise UserError(
+            f"{coords_path}: the coords do not name their slide (CLAM and TRIDENT coords do not); "
+            "pass `slides_dir=DIR`, the folder holding <slide_id>.<ext>"
+        )
     path = Path(attrs["slide_path"])
     if not path.is_file():
-        raise UserError(f"{coords_path}: its slide {path} no longer exists; pass `slides_dir=DIR`, the folder "
-                        "the slides are in now")
+        raise UserError(
+            f"{coords_path}: its slide {path} no longer exists; pass `slides_dir=DIR`, the folder "
+            "the slides are in now"
+        )
     return path

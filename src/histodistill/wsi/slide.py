@@ -47,8 +47,10 @@ class UnreadableRegion(UserError):
 
     def __init__(self, path: Path, location: tuple[int, int], level: int, size: tuple[int, int], reason: str):
         self.path, self.location, self.level, self.size, self.reason = path, location, level, size, reason
-        super().__init__(f"{path}: the {size[0]} x {size[1]} px region at level-0 ({location[0]}, {location[1]}), "
-                         f"level {level}, cannot be read ({reason})")
+        super().__init__(
+            f"{path}: the {size[0]} x {size[1]} px region at level-0 ({location[0]}, {location[1]}), "
+            f"level {level}, cannot be read ({reason})"
+        )
 
     def __reduce__(self):  # rebuilt from its fields when it comes back from a worker process
         return UnreadableRegion, (self.path, self.location, self.level, self.size, self.reason)
@@ -78,7 +80,8 @@ class Slide(ABC):
         self.slide_id = path.stem
         self._metadata_mpp = metadata_mpp
         self._mpp_override = mpp_override
-        self.mpp_source = OVERRIDE_SOURCE if mpp_override else mpp_source  # where `mpp` comes from, for messages
+        # where `mpp` comes from, for messages
+        self.mpp_source = OVERRIDE_SOURCE if mpp_override else mpp_source
         self.unreadable: list[UnreadableRegion] = []  # regions `read_downsampled` read as glass
 
     @property
@@ -119,7 +122,8 @@ class Slide(ABC):
         """Release the backend's file handle."""
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """(h, w, 3) uint8 of ``size`` pixels at ``level``, top-left ``location`` at level 0; white outside."""
+        """(h, w, 3) uint8 of ``size`` pixels at ``level``, top-left ``location`` at level 0; white
+        outside."""
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
         width, height = size
@@ -134,7 +138,9 @@ class Slide(ABC):
         out = np.full((height, width, 3), 255, np.uint8)
         if cx1 > cx0 and cy1 > cy0:
             inside_location = (round(cx0 * downsample), round(cy0 * downsample))
-            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read(inside_location, level, (cx1 - cx0, cy1 - cy0))
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read(
+                inside_location, level, (cx1 - cx0, cy1 - cy0)
+            )
         return out
 
     def level_mpp(self, level: int) -> float:
@@ -143,7 +149,8 @@ class Slide(ABC):
     def best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample is at most ``downsample`` (level 0 if none is)."""
         fine_enough = [
-            level for level in range(self.level_count)
+            level
+            for level in range(self.level_count)
             if self.level_downsamples[level] <= downsample * (1 + LEVEL_MPP_TOLERANCE)
         ]
         return max(fine_enough, default=0)
@@ -199,12 +206,14 @@ class Slide(ABC):
                 region = self.read_region(location, level, (level_w, y1 - y0))
             except UnreadableRegion:
                 region = self._read_around_damage(location, level, (level_w, y1 - y0))
-            strips.append(cv2.resize(region, (out_w, r1 - r0), interpolation=cv2.INTER_AREA).reshape(r1 - r0, out_w, 3))
+            strips.append(
+                cv2.resize(region, (out_w, r1 - r0), interpolation=cv2.INTER_AREA).reshape(r1 - r0, out_w, 3)
+            )
         return np.concatenate(strips)
 
-
     def get_thumbnail(self, max_size: int) -> np.ndarray:
-        """The whole slide as (h, w, 3) uint8, longest side ``max_size`` (or level 0's, if smaller), aspect kept.
+        """The whole slide as (h, w, 3) uint8, longest side ``max_size`` (or level 0's, if smaller), aspect
+        kept.
 
         `read_downsampled`, so regions the slide file cannot give come back as glass and are listed in
         ``self.unreadable`` (OpenSlide's own thumbnail stops at the first corrupt tile, breaking the handle).
@@ -239,8 +248,12 @@ class OpenSlideLikeSlide(Slide):
         if mpp_x not in (None, "") and float(mpp_x) > 0:
             # Non-square pixels are rare; their mean keeps tile areas right to first order.
             metadata_mpp = (float(mpp_x) + float(mpp_y or mpp_x)) / 2
-        super().__init__(path, metadata_mpp, mpp_override, f"its `{prefix}.mpp-x` property (for a plain TIFF: "
-                         "its XResolution and ResolutionUnit tags)")
+        super().__init__(
+            path,
+            metadata_mpp,
+            mpp_override,
+            f"its `{prefix}.mpp-x` property (for a plain TIFF: its XResolution and ResolutionUnit tags)",
+        )
         power = properties.get(f"{prefix}.objective-power")
         self.objective_power = float(power) if power not in (None, "") and float(power) > 0 else None
         self.level_dimensions = [tuple(map(int, dims)) for dims in handle.level_dimensions]
@@ -254,7 +267,9 @@ class OpenSlideLikeSlide(Slide):
             self._handle.close()
             self._handle = self._reopen(str(self.path))
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UnreadableRegion(self.path, tuple(map(int, location)), level, tuple(map(int, size)), reason) from None
+            raise UnreadableRegion(
+                self.path, tuple(map(int, location)), level, tuple(map(int, size)), reason
+            ) from None
         return _to_rgb_uint8(region, self.path)
 
     def close(self) -> None:
@@ -287,7 +302,9 @@ def _image_mpp(image: Image.Image) -> tuple[float | None, str]:
     read alike. A desktop default such as 72 dpi is returned as it is: `Slide.mpp` refuses it by name.
     """
     dpi = image.info.get("dpi")
-    tag = {"PNG": "PNG pHYs chunk", "JPEG": "JPEG JFIF density"}.get(image.format, f"{image.format} resolution")
+    tag = {"PNG": "PNG pHYs chunk", "JPEG": "JPEG JFIF density"}.get(
+        image.format, f"{image.format} resolution"
+    )
     if image.format == "TIFF" and 296 in image.tag_v2:  # ResolutionUnit: 2 inch, 3 centimetre
         unit, resolution = image.tag_v2[296], image.tag_v2.get(282)
         tag = "TIFF XResolution and ResolutionUnit tags"
@@ -331,11 +348,11 @@ def _open_plain_image(path: Path) -> Image.Image:
             available = available_memory()
             if needed > available:
                 raise UserError(
-                    f"{path}: the image is {width} x {height} px ({width * height / 1e6:.0f} Mpx), beyond Pillow's "
-                    f"pixel limit of {limit / 1e6:.0f} Mpx, and reading it whole needs about {needed / 2**30:.1f} GiB "
-                    f"of memory ({available / 2**30:.1f} GiB available); convert it to a tiled pyramidal TIFF, e.g. "
-                    f"`vips tiffsave {path.name} {path.stem}.tif --tile --pyramid --compression jpeg --Q 90 "
-                    "--tile-width 256 --tile-height 256`, and tile that"
+                    f"{path}: the image is {width} x {height} px ({width * height / 1e6:.0f} Mpx), beyond "
+                    f"Pillow's pixel limit of {limit / 1e6:.0f} Mpx, and reading it whole needs about "
+                    f"{needed / 2**30:.1f} GiB of memory ({available / 2**30:.1f} GiB available); convert it "
+                    f"to a tiled pyramidal TIFF, e.g. `vips tiffsave {path.name} {path.stem}.tif --tile "
+                    "--pyramid --compression jpeg --Q 90 --tile-width 256 --tile-height 256`, and tile that"
                 )
         image.load()
     return image

@@ -54,7 +54,9 @@ def write_pyramid_tiff(
     return path
 
 
-def _level_options(index: int, downsample: float, mpp: float | None, tile: int, compression: str | None) -> dict:
+def _level_options(
+    index: int, downsample: float, mpp: float | None, tile: int, compression: str | None
+) -> dict:
     options = dict(
         photometric="rgb",
         tile=(tile, tile),
@@ -97,6 +99,10 @@ def write_rendered_pyramid_tiff(
                         pixels[:h, :w] = render(x * downsample, y * downsample, w, h, downsample)
                         yield pixels
 
-            writer.write(tiles(), shape=(height, width, 3), dtype=np.uint8,
-                         **_level_options(index, downsample, mpp, tile, compression))
+            writer.write(
+                tiles(),
+                shape=(height, width, 3),
+                dtype=np.uint8,
+                **_level_options(index, downsample, mpp, tile, compression),
+            )
     return path

@@ -65,7 +65,11 @@ class OutputPaths:
     @classmethod
     def for_slide(cls, out_dir: str | os.PathLike, slide_id: str) -> OutputPaths:
         out = Path(out_dir)
-        return cls(out / "patches" / f"{slide_id}.h5", out / "qc" / f"{slide_id}.png", out / "status" / f"{slide_id}.json")
+        return cls(
+            out / "patches" / f"{slide_id}.h5",
+            out / "qc" / f"{slide_id}.png",
+            out / "status" / f"{slide_id}.json",
+        )
 
 
 def magnification_to_mpp(slide: Slide, magnification: float) -> float:
@@ -95,7 +99,9 @@ def grid_coords(dimensions: tuple[int, int], patch_size: int, overlap: int, scal
     return np.stack([xs.ravel(), ys.ravel()], axis=1)  # (N, 2)
 
 
-def tissue_fractions(mask: np.ndarray, coords: np.ndarray, patch_level0: int, dimensions: tuple[int, int]) -> np.ndarray:
+def tissue_fractions(
+    mask: np.ndarray, coords: np.ndarray, patch_level0: int, dimensions: tuple[int, int]
+) -> np.ndarray:
     """(N,) fraction of each tile's footprint that ``mask`` (h, w, at thumbnail scale) marks as tissue."""
     height, width = mask.shape
     fx, fy = width / dimensions[0], height / dimensions[1]  # mask pixels per level-0 pixel
@@ -109,7 +115,9 @@ def tissue_fractions(mask: np.ndarray, coords: np.ndarray, patch_level0: int, di
     return inside / ((x1 - x0) * (y1 - y0))
 
 
-def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, patch_level0: int, dimensions) -> Image.Image:
+def draw_qc(
+    thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, patch_level0: int, dimensions
+) -> Image.Image:
     """Thumbnail with the tissue contour (green) and every kept tile (blue outline); ``mask`` is
     resized (nearest) to the thumbnail when their sizes differ."""
     mask8 = cv2.resize(mask.astype(np.uint8), thumbnail.shape[1::-1], interpolation=cv2.INTER_NEAREST)
@@ -127,22 +135,37 @@ def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, patch_l
     return image
 
 
-def tiling_settings(target_mpp: float, magnification: float | None, patch_size: int, overlap: int, min_tissue: float,
-                    mpp_override: float | None, tissue: TissueConfig) -> dict:
+def tiling_settings(
+    target_mpp: float,
+    magnification: float | None,
+    patch_size: int,
+    overlap: int,
+    min_tissue: float,
+    mpp_override: float | None,
+    tissue: TissueConfig,
+) -> dict:
     """What a tiling depends on, as its status file records it (JSON: tuples become lists)."""
-    settings = dict(target_mpp=None if magnification else target_mpp, magnification=magnification,
-                    patch_size=patch_size, overlap=overlap, min_tissue=min_tissue, mpp_override=mpp_override,
-                    tissue=dataclasses.asdict(tissue))
+    settings = dict(
+        target_mpp=None if magnification else target_mpp,
+        magnification=magnification,
+        patch_size=patch_size,
+        overlap=overlap,
+        min_tissue=min_tissue,
+        mpp_override=mpp_override,
+        tissue=dataclasses.asdict(tissue),
+    )
     return json.loads(json.dumps(settings))
 
 
 def _parameter(key: str) -> str:
-    """The parameter of a settings key: ``tissue.min_saturation`` (of `TissueConfig`) -> ``min_saturation``."""
+    """The parameter of a settings key: ``tissue.min_saturation`` (of `TissueConfig`) ->
+    ``min_saturation``."""
     return key.removeprefix("tissue.")
 
 
 def settings_differences(earlier: dict, now: dict) -> list[str]:
     """Only the settings that differ, by their parameter: ```patch_size=224` (the tiles there: 256)``."""
+
     def flat(settings: dict) -> dict:
         out = {}
         for key, value in settings.items():
@@ -153,11 +176,16 @@ def settings_differences(earlier: dict, now: dict) -> list[str]:
         return "default" if value is None else str(value)  # None: the option was not given
 
     earlier, now = flat(earlier), flat(now)
-    return [f"`{_parameter(key)}={shown(now.get(key))}` (the tiles there: {shown(earlier.get(key))})"
-            for key in dict.fromkeys([*now, *earlier]) if earlier.get(key) != now.get(key)]
+    return [
+        f"`{_parameter(key)}={shown(now.get(key))}` (the tiles there: {shown(earlier.get(key))})"
+        for key in dict.fromkeys([*now, *earlier])
+        if earlier.get(key) != now.get(key)
+    ]
 
 
-def earlier_tiling(out_dir: str | os.PathLike, slide_id: str, settings: dict) -> tuple[dict | None, list[str]]:
+def earlier_tiling(
+    out_dir: str | os.PathLike, slide_id: str, settings: dict
+) -> tuple[dict | None, list[str]]:
     """``(status, differences)`` of a finished earlier tiling of ``slide_id`` in ``out_dir`` (``(None, [])``
     when there is none): its status record, and the settings (`tiling_settings`) it was made with that
     differ from ``settings`` (`settings_differences`; empty when the same)."""
@@ -171,12 +199,14 @@ def earlier_tiling(out_dir: str | os.PathLike, slide_id: str, settings: dict) ->
 
 
 def _existing_done(paths: OutputPaths, settings: dict) -> dict | None:
-    """The ok/empty status of a finished earlier run with these settings; `UserError` if the settings differ."""
+    """The ok/empty status of a finished earlier run with these settings; `UserError` if the settings
+    differ."""
     status, differences = earlier_tiling(paths.coords.parent.parent, paths.coords.stem, settings)
     if differences:
         raise UserError(
-            f"{paths.coords} was made with other settings: {'; '.join(differences)}; its {status.get('n_tiles', 0)} "
-            "tiles are kept: pass `overwrite=True` to replace them, or choose another `out_dir=...`"
+            f"{paths.coords} was made with other settings: {'; '.join(differences)}; its "
+            f"{status.get('n_tiles', 0)} tiles are kept: pass `overwrite=True` to replace them, or choose "
+            "another `out_dir=...`"
         )
     return status
 
@@ -208,7 +238,9 @@ def tile_slide(
     slide_path = Path(slide_path).resolve()
     slide_id = slide_path.stem
     paths = OutputPaths.for_slide(out_dir, slide_id)
-    settings = tiling_settings(target_mpp, magnification, patch_size, overlap, min_tissue, mpp_override, tissue)
+    settings = tiling_settings(
+        target_mpp, magnification, patch_size, overlap, min_tissue, mpp_override, tissue
+    )
     if not overwrite and (done := _existing_done(paths, settings)):
         return TileResult(slide_id, str(slide_path), "skipped", done["n_tiles"], 0.0, done.get("message", ""))
 
@@ -221,13 +253,17 @@ def tile_slide(
         scale = mpp / slide.mpp  # level-0 pixels per target pixel; slide.mpp refuses implausible values
         patch_level0 = round(patch_size * scale)
         if patch_level0 < 1:
-            raise UserError(f"{slide_path}: a {patch_size}-px tile at {mpp:.4g} mpp is {patch_size * scale:.3g} level-0 "
-                            f"pixels of {slide.mpp:.4g} um; raise `patch_size=...` or `target_mpp=...`")
+            raise UserError(
+                f"{slide_path}: a {patch_size}-px tile at {mpp:.4g} mpp is {patch_size * scale:.3g} level-0 "
+                f"pixels of {slide.mpp:.4g} um; raise `patch_size=...` or `target_mpp=...`"
+            )
         warnings = []
         if scale < 1 - LEVEL_MPP_TOLERANCE:
-            warnings.append(f"target {mpp:.4g} mpp is finer than the slide's level 0 ({slide.mpp:.4g} mpp, from "
-                            f"{slide.mpp_source}): tiles are upsampled {1 / scale:.3g}x; pass "
-                            f"`target_mpp={slide.mpp:.4g}` or coarser unless this is meant")
+            warnings.append(
+                f"target {mpp:.4g} mpp is finer than the slide's level 0 ({slide.mpp:.4g} mpp, from "
+                f"{slide.mpp_source}): tiles are upsampled {1 / scale:.3g}x; pass "
+                f"`target_mpp={slide.mpp:.4g}` or coarser unless this is meant"
+            )
         mask_mpp = mask_mpp_for(tissue, patch_level0, slide.mpp)
         slide.unreadable.clear()  # the slide is cached per process: only this run's reads
         image = slide.read_downsampled(mask_mpp / slide.mpp)  # (h, w, 3) from the closest pyramid level
@@ -251,29 +287,49 @@ def tile_slide(
             write_coords(paths.coords, coords, attrs)
         else:
             paths.coords.unlink(missing_ok=True)  # an earlier run's coords are not this run's
-            warnings.insert(0, _why_no_tiles(slide, image, mask, grid, patch_size, mpp, patch_level0, min_tissue,
-                                             tissue, paths.qc))
+            warnings.insert(
+                0,
+                _why_no_tiles(
+                    slide, image, mask, grid, patch_size, mpp, patch_level0, min_tissue, tissue, paths.qc
+                ),
+            )
         qc_downsample = max(1.0, max(slide.dimensions) / QC_MIN_SIDE)
         qc_image = image if max(image.shape[:2]) >= QC_MIN_SIDE else slide.read_downsampled(qc_downsample)
         if slide.unreadable:
             warnings.append(_unreadable_warning(slide.unreadable))
         with atomic_path(paths.qc) as tmp:
             # Fast zlib level: on a 20x slide's QC picture it saves 40 % of the time for 4 % more bytes.
-            draw_qc(qc_image, mask, coords, patch_level0, slide.dimensions).save(tmp, format="PNG", compress_level=1)
+            draw_qc(qc_image, mask, coords, patch_level0, slide.dimensions).save(
+                tmp, format="PNG", compress_level=1
+            )
     except BaseException as error:  # KeyboardInterrupt too: never leave a coords file for a failed slide
         for path in (paths.coords, paths.qc):
             path.unlink(missing_ok=True)
         if is_disk_full(error):
             raise  # no status can be written either; the run stops with one line (`reporting_full_disk`)
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-        status = dict(slide_id=slide_id, slide_path=str(slide_path), status="failed", n_tiles=0,
-                      seconds=round(time.perf_counter() - start, 3), message=message, settings=settings)
+        status = dict(
+            slide_id=slide_id,
+            slide_path=str(slide_path),
+            status="failed",
+            n_tiles=0,
+            seconds=round(time.perf_counter() - start, 3),
+            message=message,
+            settings=settings,
+        )
         write_json(paths.status, status)
         raise
     seconds = time.perf_counter() - start
     outcome, message = "ok" if len(coords) else "empty", "; ".join(warnings)
-    status = dict(slide_id=slide_id, slide_path=str(slide_path), status=outcome, n_tiles=len(coords),
-                  seconds=round(seconds, 3), message=message, settings=settings)
+    status = dict(
+        slide_id=slide_id,
+        slide_path=str(slide_path),
+        status=outcome,
+        n_tiles=len(coords),
+        seconds=round(seconds, 3),
+        message=message,
+        settings=settings,
+    )
     write_json(paths.status, status)
     return TileResult(slide_id, str(slide_path), outcome, len(coords), seconds, message)
 
@@ -282,24 +338,44 @@ def _unreadable_warning(damage: list) -> str:
     """One sentence on the regions a whole-level read could not decode (`Slide.unreadable`)."""
     first = damage[0]
     regions = len({(d.location, d.level) for d in damage})
-    return (f"{regions} region(s) of the slide file cannot be read (first: level-0 ({first.location[0]}, "
-            f"{first.location[1]}), level {first.level}: {first.reason}); they were taken as glass for tissue "
-            "detection, and `extract` leaves out, names and records the tiles it cannot read")
+    return (
+        f"{regions} region(s) of the slide file cannot be read (first: level-0 ({first.location[0]}, "
+        f"{first.location[1]}), level {first.level}: {first.reason}); they were taken as glass for tissue "
+        "detection, and `extract` leaves out, names and records the tiles it cannot read"
+    )
 
 
-def _why_no_tiles(slide: Slide, image: np.ndarray, mask: np.ndarray, grid: np.ndarray, patch_size: int, mpp: float,
-                  patch_level0: int, min_tissue: float, tissue: TissueConfig, qc_path: Path) -> str:
+def _why_no_tiles(
+    slide: Slide,
+    image: np.ndarray,
+    mask: np.ndarray,
+    grid: np.ndarray,
+    patch_size: int,
+    mpp: float,
+    patch_level0: int,
+    min_tissue: float,
+    tissue: TissueConfig,
+    qc_path: Path,
+) -> str:
     """One sentence: why a slide has no tile, where to look, and which option to change."""
     width, height = slide.dimensions
     if not len(grid):
-        return (f"no tiles: the slide is {width} x {height} px at level 0, smaller than one {patch_size}-px tile at "
-                f"{mpp:.4g} mpp ({patch_level0} level-0 px); see {qc_path}; lower `patch_size=...` or "
-                "`target_mpp=...`")
+        return (
+            f"no tiles: the slide is {width} x {height} px at level 0, smaller than one {patch_size}-px tile "
+            f"at {mpp:.4g} mpp ({patch_level0} level-0 px); see {qc_path}; lower `patch_size=...` or "
+            "`target_mpp=...`"
+        )
     if lacks_colour(image, tissue):
-        return (f"no tiles: the image has no colour (grayscale or unstained), and tissue is found by its stain; "
-                f"see {qc_path}; `min_saturation=0` counts every pixel that is not near-black as tissue")
+        return (
+            f"no tiles: the image has no colour (grayscale or unstained), and tissue is found by its stain; "
+            f"see {qc_path}; `min_saturation=0` counts every pixel that is not near-black as tissue"
+        )
     if not mask.any():
-        return (f"no tiles: no tissue found; see {qc_path}; if pale tissue was missed, pass a "
-                "`min_saturation=...` below the automatic glass cut (0.04-0.10), e.g. `min_saturation=0.02`")
-    return (f"no tiles: tissue covers {mask.mean():.1%} of the slide but no tile reaches "
-            f"`min_tissue={min_tissue}`; see {qc_path}; lower `min_tissue=...`")
+        return (
+            f"no tiles: no tissue found; see {qc_path}; if pale tissue was missed, pass a "
+            "`min_saturation=...` below the automatic glass cut (0.04-0.10), e.g. `min_saturation=0.02`"
+        )
+    return (
+        f"no tiles: tissue covers {mask.mean():.1%} of the slide but no tile reaches "
+        f"`min_tissue={min_tissue}`; see {qc_path}; lower `min_tissue=...`"
+    )

@@ -52,7 +52,9 @@ class TissueConfig:
     ink_min_saturation: float = 0.3  # ink is strongly coloured...
     ink_max_value: int = 160  # ...and dark (brightest channel), 0..255
     black_ink_max_value: int = 100  # black/grey ink: averaged colour at most this dark (brightest channel)...
-    black_ink_max_saturation: float = 0.25  # ...and this grey; H&E that dark is coloured (S >= 0.27 on the samples)
+    black_ink_max_saturation: float = (
+        0.25  # ...and this grey; H&E that dark is coloured (S >= 0.27 on the samples)
+    )
     ink_smoothing_um: float = 24.0  # side of the box the ink rules average colour over, microns
     median_um: float = 12.0  # median filter on the saturation, microns (0 = off)
     closing_um: float = 16.0  # radius of the closing that bridges small gaps, microns (0 = off)
@@ -105,21 +107,26 @@ def _odd_kernel(microns: float, mpp: float) -> int:
 
 
 def ink_mask(rgb: np.ndarray, mpp: float, config: TissueConfig) -> np.ndarray:
-    """(h, w) bool: navy/violet-blue ink, black/grey ink and green/blue pen, judged on the neighbourhood-averaged
-    colour, and their rim."""
+    """(h, w) bool: navy/violet-blue ink, black/grey ink and green/blue pen, judged on the
+    neighbourhood-averaged colour, and their rim."""
     size = max(3, _odd_kernel(config.ink_smoothing_um, mpp))
     averaged = cv2.blur(rgb, (size, size))
     hsv = cv2.cvtColor(averaged, cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for 0..360 degrees
     hue = hsv[..., 0].astype(np.float32) * (360 / 256)
     saturation, value = hsv[..., 1], hsv[..., 2]
-    navy = ((hue >= config.ink_hue[0]) & (hue <= config.ink_hue[1]) & (saturation >= config.ink_min_saturation * 255)
-            & (value <= config.ink_max_value))
+    navy = (
+        (hue >= config.ink_hue[0])
+        & (hue <= config.ink_hue[1])
+        & (saturation >= config.ink_min_saturation * 255)
+        & (value <= config.ink_max_value)
+    )
     # Black marker, RGB about (45, 45, 55), is above the near-black cut and carries a trace of blue.
     black = (value <= config.black_ink_max_value) & (saturation < config.black_ink_max_saturation * 255)
-    # The pen rule again on the averaged colour: per pixel, noise lets some pixels of a wide pen stroke pass it.
-    # Pen is strongly coloured; a greyish-blue average (a tissue rim on bluish glass) is not pen.
-    pen = ((averaged[..., 1].astype(np.int16) - averaged[..., 0] > config.pen_margin)
-           & (saturation >= config.ink_min_saturation * 255))
+    # The pen rule again on the averaged colour: per pixel, noise lets some pixels of a wide pen stroke pass
+    # it. Pen is strongly coloured; a greyish-blue average (a tissue rim on bluish glass) is not pen.
+    pen = (averaged[..., 1].astype(np.int16) - averaged[..., 0] > config.pen_margin) & (
+        saturation >= config.ink_min_saturation * 255
+    )
     ink = navy | black | pen
     # The averaging pales a stroke's rim with the glass beside it; widen the mask by the box it used.
     return cv2.dilate(ink.astype(np.uint8), np.ones((size, size), np.uint8)).astype(bool)
