@@ -47,7 +47,10 @@ def test_no_case_in_two_parts_and_every_slide_tested_once():
 
 def test_val_fraction_zero_trains_on_every_remaining_case_with_the_same_test_folds():
     rows = labels()
-    held, none = make_splits(rows, folds=4, val_fraction=0.25, seed=3), make_splits(rows, folds=4, val_fraction=0, seed=3)
+    held, none = (
+        make_splits(rows, folds=4, val_fraction=0.25, seed=3),
+        make_splits(rows, folds=4, val_fraction=0, seed=3),
+    )
     for a, b in zip(held, none, strict=True):
         assert b["val"] == [] and b["test"] == a["test"] and b["train"] == sorted(a["train"] + a["val"])
     with pytest.raises(UserError, match=r"\[0, 1\)"):

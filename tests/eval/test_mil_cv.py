@@ -1,5 +1,5 @@
-"""`histodistill.eval.mil_cv.cross_validate`: pooled out-of-fold AUROC with a CI, per-fold n/a, CV seeds, checks
-before writing; the bootstrap helpers it and `distill` use."""
+"""`histodistill.eval.mil_cv.cross_validate`: pooled out-of-fold AUROC with a CI, per-fold n/a, CV seeds,
+checks before writing; the bootstrap helpers it and `distill` use."""
 
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ def write_splits(folder, tests: list[list[str]], slide_ids: list[str]) -> None:
     folder.mkdir()
     for k, test in enumerate(tests):
         train = [s for s in slide_ids if s not in test]
-        rows = [f"{i},{train[i] if i < len(train) else ''},,{test[i] if i < len(test) else ''}"
-                for i in range(len(train))]
+        rows = [
+            f"{i},{train[i] if i < len(train) else ''},,{test[i] if i < len(test) else ''}"
+            for i in range(len(train))
+        ]
         (folder / f"splits_{k}.csv").write_text(",train,val,test\n" + "\n".join(rows) + "\n")
 
 
@@ -45,16 +47,42 @@ def test_test_folds_of_two_slides_one_of_one_class_show_na_and_the_pooled_auroc(
     """The user report: test folds of 2 slides printed a fold AUROC of 0.000 and a mean of 0.200 ± 0.447."""
     features, labels, _ = planted_features(tmp_path, n_cases=10)  # odd slides are tumour
     ids = [f"slide{c:02d}" for c in range(10)]
-    tests = [["slide00", "slide02"], ["slide04", "slide01"], ["slide06", "slide03"], ["slide08", "slide05"],
-             ["slide07", "slide09"]]  # folds 0 (normal only) and 4 (tumour only) hold one class
+    # folds 0 (normal only) and 4 (tumour only) hold one class
+    tests = [
+        ["slide00", "slide02"],
+        ["slide04", "slide01"],
+        ["slide06", "slide03"],
+        ["slide08", "slide05"],
+        ["slide07", "slide09"],
+    ]
     write_splits(tmp_path / "splits", tests, ids)
     out = tmp_path / "run"
-    assert main(["mil", "--features", str(features), "--labels", str(labels), "--splits", str(tmp_path / "splits"),
-                 "--epochs", "3", "--lr", "2e-3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "mil",
+                "--features",
+                str(features),
+                "--labels",
+                str(labels),
+                "--splits",
+                str(tmp_path / "splits"),
+                "--epochs",
+                "3",
+                "--lr",
+                "2e-3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert [fold["auroc"] is None for fold in metrics["folds"]] == [True, False, False, False, True]
-    fold_rows = [line.split() for line in printed.splitlines() if line.split()[:2] in (["0", "0"], ["0", "4"])]
+    fold_rows = [
+        line.split() for line in printed.splitlines() if line.split()[:2] in (["0", "0"], ["0", "4"])
+    ]
     assert len(fold_rows) == 2 and all(row[3] == "n/a" for row in fold_rows), printed
     assert "warning: seed 0: test folds with fewer than 5 slides of a class" in printed
     with (out / "predictions.csv").open() as handle:
@@ -68,27 +96,36 @@ def test_test_folds_of_two_slides_one_of_one_class_show_na_and_the_pooled_auroc(
     assert f"pooled out-of-fold AUROC {expected:.3f} [95 % CI" in printed
 
 
-def test_library_result_equals_its_files_and_seeds_repeat_with_the_same_folds_for_any_features(tmp_path, capsys):
+def test_library_result_equals_its_files_and_seeds_repeat_with_the_same_folds_for_any_features(
+    tmp_path, capsys
+):
     features, labels, _ = planted_features(tmp_path, n_cases=12)
     one = cross_validate(features, labels, tmp_path / "one", quick(), log=lambda line: None)
     two = cross_validate(features, labels, tmp_path / "two", quick(seeds=2), log=lambda line: None)
-    assert one.runs == [tmp_path / "one"] and two.runs == [tmp_path / "two" / "seed_0", tmp_path / "two" / "seed_1"]
+    assert one.runs == [tmp_path / "one"] and two.runs == [
+        tmp_path / "two" / "seed_0",
+        tmp_path / "two" / "seed_1",
+    ]
     assert two.seeds == [0, 1] and len(two.folds) == 4 and [f["seed"] for f in two.folds] == [0, 0, 1, 1]
     # Seed 0 of a two-seed run is the one-seed run: same folds, same initialisation, same predictions.
     np.testing.assert_allclose(two.predictions.probs_per_seed[0], one.predictions.probs, atol=1e-6)
     np.testing.assert_allclose(two.predictions.probs, two.predictions.probs_per_seed.mean(0))
     for k in range(2):
         assert (tmp_path / "one" / "splits" / f"splits_{k}.csv").read_text() == (
-            tmp_path / "two" / "seed_0" / "splits" / f"splits_{k}.csv").read_text()
+            tmp_path / "two" / "seed_0" / "splits" / f"splits_{k}.csv"
+        ).read_text()
     # The point is the mean of the seeds' pooled AUROCs, each the AUROC of all out-of-fold predictions.
     labels_ = two.predictions.labels
     per_seed = [roc_auc_score(labels_, p[:, 1]) for p in two.predictions.probs_per_seed]
     assert two.auroc_per_seed == pytest.approx(per_seed) and two.auroc == pytest.approx(np.mean(per_seed))
     assert two.auroc_ci[0] <= two.auroc <= two.auroc_ci[1]
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert metrics["pooled"]["auroc"] == pytest.approx(two.auroc) and metrics["pooled"]["auroc_ci"] == list(two.auroc_ci)
-    assert json.loads((tmp_path / "two" / "seed_1" / "metrics.json").read_text())["pooled"]["auroc"] == pytest.approx(
-        per_seed[1])
+    assert metrics["pooled"]["auroc"] == pytest.approx(two.auroc) and metrics["pooled"]["auroc_ci"] == list(
+        two.auroc_ci
+    )
+    assert json.loads((tmp_path / "two" / "seed_1" / "metrics.json").read_text())["pooled"][
+        "auroc"
+    ] == pytest.approx(per_seed[1])
     with (tmp_path / "two" / "predictions.csv").open() as handle:
         row = next(csv.DictReader(handle))
     i = two.predictions.bag_ids.index(row["slide_id"])
@@ -101,7 +138,8 @@ def test_library_result_equals_its_files_and_seeds_repeat_with_the_same_folds_fo
     other, _, _ = planted_features(tmp_path / "other", n_cases=12, seed=3)
     cross_validate(other, labels, tmp_path / "three", quick(), log=lambda line: None)
     assert (tmp_path / "three" / "splits" / "splits_1.csv").read_text() == (
-        tmp_path / "one" / "splits" / "splits_1.csv").read_text()
+        tmp_path / "one" / "splits" / "splits_1.csv"
+    ).read_text()
 
 
 def test_too_few_cases_is_refused_before_anything_is_written_naming_folds_and_splits(tmp_path, capsys):
@@ -110,8 +148,22 @@ def test_too_few_cases_is_refused_before_anything_is_written_naming_folds_and_sp
         cross_validate(features, labels, tmp_path / "run", quick(folds=5))
     assert "`splits_dir=...`" in str(info.value)
     assert not (tmp_path / "run").exists()
-    assert main(["mil", "--features", str(features), "--labels", str(labels), "--folds", "5",
-                 "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "mil",
+                "--features",
+                str(features),
+                "--labels",
+                str(labels),
+                "--folds",
+                "5",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: too few cases per class for --folds 5:") and "(--splits)" in err
     assert not (tmp_path / "run").exists()
@@ -123,21 +175,44 @@ def test_a_finished_run_is_kept_unless_overwrite_which_removes_only_the_old_runs
     with pytest.raises(UserError, match="`overwrite=True`"):
         cross_validate(features, labels, tmp_path / "run", quick(), log=lambda line: None)
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    three = cross_validate(features, labels, tmp_path / "run", quick(seeds=2), overwrite=True, log=lambda line: None)
+    three = cross_validate(
+        features, labels, tmp_path / "run", quick(seeds=2), overwrite=True, log=lambda line: None
+    )
     # The one-seed run's files are gone (a stale attention/ would be drawn as this run's); others are kept.
     assert not (tmp_path / "run" / "attention").exists() and not (tmp_path / "run" / "splits").exists()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "config.yaml", "metrics.json", "notes.txt", "predictions.csv", "seed_0", "seed_1"]
+        "config.yaml",
+        "metrics.json",
+        "notes.txt",
+        "predictions.csv",
+        "seed_0",
+        "seed_1",
+    ]
     assert three.runs == [tmp_path / "run" / "seed_0", tmp_path / "run" / "seed_1"]
 
 
 def test_mil_renders_the_librarys_parameters_as_its_flags(tmp_path, capsys):
-    """`cross_validate` names `folds=...` and `splits_dir=...`; `histodistill mil` prints --folds and --splits."""
+    """`cross_validate` names `folds=...` and `splits_dir=...`; `histodistill mil` prints --folds and
+    --splits."""
     features_dir, labels, _ = planted_features(tmp_path)
     with pytest.raises(UserError, match=r"`folds=50`.*lower `folds=\.\.\.`.*`splits_dir=\.\.\.`"):
         cross_validate(features_dir, labels, tmp_path / "lib", CVConfig(folds=50), log=lambda line: None)
-    assert main(["mil", "--features", str(features_dir), "--labels", str(labels), "--folds", "50",
-                 "--out", str(tmp_path / "cli")]) == 2
+    assert (
+        main(
+            [
+                "mil",
+                "--features",
+                str(features_dir),
+                "--labels",
+                str(labels),
+                "--folds",
+                "50",
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: too few cases per class for --folds 50") and "lower --folds," in err
     assert err.endswith("(--splits)") and "`" not in err and len(err.splitlines()) == 1
@@ -152,8 +227,10 @@ def test_bootstrap_auroc_of_class_probabilities_is_the_ovr_auroc_and_binary_matc
     assert point == pytest.approx(expected) and low < point < high
     picks = bootstrap_picks(labels, 50, seed=4)
     assert picks.shape == (50, 30) and all(len(np.unique(labels[p])) == 3 for p in picks)
-    np.testing.assert_allclose(ovr_aurocs(labels[picks], probs[0][picks]),
-                               [roc_auc_score(labels[p], probs[0][p], multi_class="ovr") for p in picks])
+    np.testing.assert_allclose(
+        ovr_aurocs(labels[picks], probs[0][picks]),
+        [roc_auc_score(labels[p], probs[0][p], multi_class="ovr") for p in picks],
+    )
     binary = (labels == 2).astype(int)
     two = np.stack([1 - probs[..., 2], probs[..., 2]], -1)
     assert bootstrap_auroc(binary, probs[..., 2], n_boot=100) == bootstrap_auroc(binary, two, n_boot=100)

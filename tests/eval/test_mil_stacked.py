@@ -25,11 +25,16 @@ from histodistill.models.mil_stacked import stack_mil
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SMALL = {"mean": {}, "abmil": {"hidden_dim": 16, "attention_dim": 8}, "transmil": {"dim": 16, "heads": 2},
-         "clam_sb": {"hidden_dim": 16, "attention_dim": 8, "k_sample": 3}}
-# ABMIL's attention bias w.bias (CLAM's attention.c.bias) shifts every attention logit of a bag alike, so the softmax never sees it: its
-# gradient is float rounding noise (~1e-9), which Adam scales up to steps of about lr. It differs between any
-# two float orders of the same sums, and changes no output; it is compared through the predictions.
+SMALL = {
+    "mean": {},
+    "abmil": {"hidden_dim": 16, "attention_dim": 8},
+    "transmil": {"dim": 16, "heads": 2},
+    "clam_sb": {"hidden_dim": 16, "attention_dim": 8, "k_sample": 3},
+}
+# ABMIL's attention bias w.bias (CLAM's attention.c.bias) shifts every attention logit of a bag alike, so the
+# softmax never sees it: its gradient is float rounding noise (~1e-9), which Adam scales up to steps of about
+# lr. It differs between any two float orders of the same sums, and changes no output; it is compared through
+# the predictions.
 NO_EFFECT = ("attention.w.bias", "attention.c.bias")
 
 
@@ -41,18 +46,28 @@ def dataset(tmp_path_factory):
 
 
 def build_runs(dataset, splits, model_name, config, seeds=(0, 1), **model_kwargs):
-    """The runs of one CV repeated over ``seeds``, built as `run_fold` builds a fold: the global seed, then the
-    model, its statistics, and (for the stacked trainer) the RNG state its dropout draws from."""
+    """The runs of one CV repeated over ``seeds``, built as `run_fold` builds a fold: the global seed, then
+    the model, its statistics, and (for the stacked trainer) the RNG state its dropout draws from."""
     runs = []
     for seed in seeds:
         for fold, split in enumerate(splits):
             parts = mil.split_indices(dataset, split)
             torch.manual_seed(seed * 100 + fold)
-            model = create_mil(model_name, dataset.feature_dim, 2, standardize=True, **SMALL[model_name] | model_kwargs)
+            model = create_mil(
+                model_name, dataset.feature_dim, 2, standardize=True, **SMALL[model_name] | model_kwargs
+            )
             model.fit(torch.cat([dataset[i]["features"] for i in parts["train"]]))
             generator = torch.Generator().set_state(torch.get_rng_state())
-            runs.append(Run(model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), seed * 100 + fold,
-                            generator, name=f"fold {fold}, seed {seed}"))
+            runs.append(
+                Run(
+                    model,
+                    Subset(dataset, parts["train"]),
+                    Subset(dataset, parts["val"]),
+                    seed * 100 + fold,
+                    generator,
+                    name=f"fold {fold}, seed {seed}",
+                )
+            )
     return runs
 
 
@@ -60,25 +75,38 @@ def one_at_a_time(runs, config):
     results = []
     for run in runs:
         torch.set_rng_state(run.generator.get_state())  # the global stream right after the model was built
-        results.append(mil.train_fold(run.model, run.train, run.val, dataclasses.replace(config, seed=run.seed)))
+        results.append(
+            mil.train_fold(run.model, run.train, run.val, dataclasses.replace(config, seed=run.seed))
+        )
     return results
 
 
-@pytest.mark.parametrize(("model_name", "dropout", "batch_size", "early_stop", "lr"), [
-    ("abmil", 0.0, 1, "none", 1e-2),
-    ("abmil", 0.25, 1, "val_auroc", 5e-3),  # runs stop after 2, 3 or 4 epochs
-    ("abmil", 0.25, 3, "val_loss", 1e-2),
-    ("mean", 0.5, 2, "val_loss", 1e-2),  # one run stops after 2 epochs, the others train all 8
-    ("clam_sb", 0.25, 2, "none", 1e-2),  # its own objective: bag and instance losses
-])
+@pytest.mark.parametrize(
+    ("model_name", "dropout", "batch_size", "early_stop", "lr"),
+    [
+        ("abmil", 0.0, 1, "none", 1e-2),
+        ("abmil", 0.25, 1, "val_auroc", 5e-3),  # runs stop after 2, 3 or 4 epochs
+        ("abmil", 0.25, 3, "val_loss", 1e-2),
+        ("mean", 0.5, 2, "val_loss", 1e-2),  # one run stops after 2 epochs, the others train all 8
+        ("clam_sb", 0.25, 2, "none", 1e-2),  # its own objective: bag and instance losses
+    ],
+)
 def test_training_together_equals_one_at_a_time(dataset, model_name, dropout, batch_size, early_stop, lr):
     data, splits = dataset
-    config = mil.TrainConfig(epochs=8, lr=lr, weight_decay=1e-2, early_stop=early_stop, patience=1,
-                             batch_size=batch_size, device="cpu")
+    config = mil.TrainConfig(
+        epochs=8,
+        lr=lr,
+        weight_decay=1e-2,
+        early_stop=early_stop,
+        patience=1,
+        batch_size=batch_size,
+        device="cpu",
+    )
     alone = one_at_a_time(build_runs(data, splits, model_name, config, dropout=dropout), config)
     together = train_runs(build_runs(data, splits, model_name, config, dropout=dropout), config)
-    assert len({len(run.train) for run in build_runs(data, splits, model_name, config)}) > 1, \
+    assert len({len(run.train) for run in build_runs(data, splits, model_name, config)}) > 1, (
         "the folds should differ in size, so some runs sit out steps"
+    )
     if early_stop != "none" and batch_size != 3:
         assert len({len(history) for _, _, history in alone}) > 1, "runs should stop at different epochs"
     test_bags = torch.stack([data[i]["features"][:12] for i in range(len(data))])  # (bags, 12, D)
@@ -127,7 +155,9 @@ def test_transmil_is_refused_before_training(dataset):
 def test_a_non_finite_loss_and_an_overflowing_step_are_user_errors_naming_the_run(dataset):
     data, splits = dataset
     config = mil.TrainConfig(epochs=2, lr=1e38, early_stop="none", device="cpu")
-    with pytest.raises(UserError, match=r"overflowed in fold 0, seed 0; fold 1, seed 0 \(`lr=1e\+38`.*Lower `lr`"):
+    with pytest.raises(
+        UserError, match=r"overflowed in fold 0, seed 0; fold 1, seed 0 \(`lr=1e\+38`.*Lower `lr`"
+    ):
         train_runs(build_runs(data, splits[:2], "abmil", config, seeds=(0,)), config)
     runs = build_runs(data, splits[:2], "abmil", config, seeds=(0,))
     with torch.no_grad():
@@ -141,11 +171,20 @@ def test_cross_validate_together_equals_one_at_a_time(tmp_path, model_name, earl
     """The CV's default (folds × seeds trained together) writes what training them one at a time writes."""
     features, labels, _ = planted_features(tmp_path, n_cases=18)
     train = TrainConfig(epochs=4, lr=5e-3, early_stop=early_stop, patience=1, model_kwargs=SMALL[model_name])
-    results = {batched: cross_validate(features, labels, tmp_path / str(batched), CVConfig(
-        model=model_name, folds=3, seeds=2, batched=batched, train=train), log=lambda line: None)
-        for batched in (False, True)}
+    results = {
+        batched: cross_validate(
+            features,
+            labels,
+            tmp_path / str(batched),
+            CVConfig(model=model_name, folds=3, seeds=2, batched=batched, train=train),
+            log=lambda line: None,
+        )
+        for batched in (False, True)
+    }
     alone, together = results[False], results[True]
-    np.testing.assert_allclose(together.predictions.probs_per_seed, alone.predictions.probs_per_seed, atol=1e-5)
+    np.testing.assert_allclose(
+        together.predictions.probs_per_seed, alone.predictions.probs_per_seed, atol=1e-5
+    )
     assert together.auroc == pytest.approx(alone.auroc, abs=1e-6)
     assert [row["best_epoch"] for row in together.folds] == [row["best_epoch"] for row in alone.folds]
     assert (tmp_path / "True" / "seed_1" / "checkpoints" / "fold_2.safetensors").is_file()
@@ -154,28 +193,37 @@ def test_cross_validate_together_equals_one_at_a_time(tmp_path, model_name, earl
 def test_cross_validate_trains_transmil_one_at_a_time_and_says_why(tmp_path):
     features, labels, _ = planted_features(tmp_path, n_cases=8)
     lines = []
-    cross_validate(features, labels, tmp_path / "run", CVConfig(model="transmil", folds=2, train=TrainConfig(
-        epochs=1, model_kwargs=SMALL["transmil"])), log=lines.append)
+    cross_validate(
+        features,
+        labels,
+        tmp_path / "run",
+        CVConfig(model="transmil", folds=2, train=TrainConfig(epochs=1, model_kwargs=SMALL["transmil"])),
+        log=lines.append,
+    )
     assert any("one at a time, not together: TransMIL runs each bag alone" in line for line in lines), lines
 
 
 def test_the_bag_cross_entropy_of_all_runs_at_once_is_each_runs_own_mean_and_ignores_empty_slots():
-    """`_objective`'s one call for every run gives what each run's model.loss gives on its own bags (runs with 3,
-    1 and no bags of a 3-bag step); an empty slot's inf logits reach no run's loss."""
+    """`_objective`'s one call for every run gives what each run's model.loss gives on its own bags (runs with
+    3, 1 and no bags of a 3-bag step); an empty slot's inf logits reach no run's loss."""
     model = create_mil("abmil", 6, 2, **SMALL["abmil"])
     logits, labels = torch.randn(9, 2), torch.tensor([0, 1, 1, 0, 0, 0, 1, 0, 1])
     logits[4:] = float("inf")  # run 1's padding slots and run 2's empty slots
     chosen, stepping = [[0, 1, 2], [5], []], [0, 1]
     output = MILOutput(logits, torch.zeros(9, 4))
     got = _objective(model, 3, 3)(output, labels, chosen, stepping)
-    expected = torch.stack([model.loss(MILOutput(logits[:3], None), labels[:3]),
-                            model.loss(MILOutput(logits[3:4], None), labels[3:4])])
+    expected = torch.stack(
+        [
+            model.loss(MILOutput(logits[:3], None), labels[:3]),
+            model.loss(MILOutput(logits[3:4], None), labels[3:4]),
+        ]
+    )
     torch.testing.assert_close(got, expected)
 
 
 def test_several_bags_per_step_take_one_adamw_step_per_group_of_bags_and_repeat_with_the_same_seeds(dataset):
-    """``batch_size`` B: each run takes ceil(n / B) steps an epoch (the mean loss of B bags each); trained twice
-    with the same seeds, dropout included, the weights are identical."""
+    """``batch_size`` B: each run takes ceil(n / B) steps an epoch (the mean loss of B bags each); trained
+    twice with the same seeds, dropout included, the weights are identical."""
     data, splits = dataset
     config = mil.TrainConfig(epochs=1, lr=1e-2, batch_size=3, device="cpu")
     optimizers, trained = [], []

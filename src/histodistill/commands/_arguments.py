@@ -31,16 +31,26 @@ def output_file(value: str) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     """``--model``, ``--weights`` and ``--random-init``: which frozen backbone, with which weights
     (`histodistill.models.backbones.create_backbone`); checked by `check_model_arguments`."""
-    parser.add_argument("--model", required=required, metavar="NAME_OR_CKPT_OR_DIR",
-                        help="a registered name (e.g. tiny/resnet18-64, pathology/uni), any timm model name, an "
-                             "hf-hub: id, a histodistill .ckpt, or a directory made by `histodistill export`")
-    parser.add_argument("--weights", metavar="FILE",
-                        help="local weights to load into --model (.safetensors, or a .pth/.pt/.bin state dict); "
-                             "without it a name loads its published pretrained weights (Hugging Face cache or hub) "
-                             "and a checkpoint or export uses its own")
-    parser.add_argument("--random-init", action="store_true",
-                        help="randomly initialised weights (seed 0) instead of the pretrained ones; a baseline, said "
-                             "on stderr and recorded (extract: extractor.json; probe: probe.json)")
+    parser.add_argument(
+        "--model",
+        required=required,
+        metavar="NAME_OR_CKPT_OR_DIR",
+        help="a registered name (e.g. tiny/resnet18-64, pathology/uni), any timm model name, an "
+        "hf-hub: id, a histodistill .ckpt, or a directory made by `histodistill export`",
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="local weights to load into --model (.safetensors, or a .pth/.pt/.bin state dict); "
+        "without it a name loads its published pretrained weights (Hugging Face cache or hub) "
+        "and a checkpoint or export uses its own",
+    )
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="randomly initialised weights (seed 0) instead of the pretrained ones; a baseline, said "
+        "on stderr and recorded (extract: extractor.json; probe: probe.json)",
+    )
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
@@ -50,12 +60,15 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     if args.random_init and args.weights:
         raise UserError("--random-init and --weights contradict each other: pass one of them")
     if args.random_init and os.path.exists(args.model):
-        raise UserError(f"--random-init applies to model names; {args.model} carries its own weights: "
-                        "pass its architecture's name (e.g. the timm name) for random weights")
+        raise UserError(
+            f"--random-init applies to model names; {args.model} carries its own weights: "
+            "pass its architecture's name (e.g. the timm name) for random weights"
+        )
 
 
-def command_flags(parser: argparse.ArgumentParser,
-                  parameters: Mapping[str, str] | None = None) -> dict[str, Flag]:
+def command_flags(
+    parser: argparse.ArgumentParser, parameters: Mapping[str, str] | None = None
+) -> dict[str, Flag]:
     """The `Flag` of each library parameter a command passes, for `histodistill.errors.rendering_parameters`:
     every option of ``parser`` under its dest (``patch_size`` -> ``--patch-size``; a switch under
     ``dest=True``, e.g. ``overwrite=True`` -> ``--overwrite``), plus ``parameters``, the command's own

@@ -27,7 +27,9 @@ Split = dict[str, list[str]]  # part name -> slide ids
 
 
 def _stratified_group_folds(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int):
-    return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(labels, labels, groups)
+    return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
+        labels, labels, groups
+    )
 
 
 def min_cases_per_class(folds: int, validation: bool = True) -> int:
@@ -53,8 +55,8 @@ def check_cases_per_class(rows: list[SlideLabel], folds: int, validation: bool =
         left = "two left to train and validate on" if validation else "one left to train on"
         lower = "lower `folds=...`, " if folds > 2 else ""
         raise UserError(
-            f"too few cases per class for `folds={folds}`: cases per class are {counts}; each class needs at least "
-            f"{needed} (one in each of the {folds} test folds and {left}). "
+            f"too few cases per class for `folds={folds}`: cases per class are {counts}; each class needs at "
+            f"least {needed} (one in each of the {folds} test folds and {left}). "
             f"Add cases of the small classes, {lower}or pass your own splits (`splits_dir=...`)"
         )
 
@@ -81,14 +83,18 @@ def make_splits(rows: list[SlideLabel], folds: int, val_fraction: float = 0.2, s
         cases_per_label = [len(set(groups[rest][labels[rest] == label])) for label in set(labels[rest])]
         val_splits = min(max(2, round(1 / val_fraction)), max(cases_per_label))
         if val_splits < 2:
-            raise UserError(f"fold {fold}: too few training cases to hold out a validation part; pass your own splits "
-                            "(`splits_dir=...`)")
+            raise UserError(
+                f"fold {fold}: too few training cases to hold out a validation part; pass your own splits "
+                "(`splits_dir=...`)"
+            )
         train, val = next(_stratified_group_folds(labels[rest], groups[rest], val_splits, seed + 1 + fold))
-        splits.append({
-            "train": sorted(slide_ids[rest][train]),
-            "val": sorted(slide_ids[rest][val]),
-            "test": sorted(slide_ids[test]),
-        })
+        splits.append(
+            {
+                "train": sorted(slide_ids[rest][train]),
+                "val": sorted(slide_ids[rest][val]),
+                "test": sorted(slide_ids[test]),
+            }
+        )
     return splits
 
 
@@ -132,11 +138,15 @@ def read_splits_dir(directory: str | os.PathLike, rows: list[SlideLabel]) -> lis
     """Every ``splits_<k>.csv`` in ``directory`` in fold order, each checked against the labels."""
     directory = Path(directory)
     # CLAM also writes splits_<k>_bool.csv and splits_<k>_descriptor.csv beside them: skip those.
-    numbered = {int(m.group(1)): p for p in directory.glob("splits_*.csv") if (m := SPLIT_NAME.fullmatch(p.name))}
+    numbered = {
+        int(m.group(1)): p for p in directory.glob("splits_*.csv") if (m := SPLIT_NAME.fullmatch(p.name))
+    }
     paths = [numbered[k] for k in sorted(numbered)]
     if not paths:
-        raise UserError(f"no splits_<k>.csv files in {directory}: pass as `splits_dir=...` a directory of "
-                        "CLAM-style splits")
+        raise UserError(
+            f"no splits_<k>.csv files in {directory}: pass as `splits_dir=...` a directory of "
+            "CLAM-style splits"
+        )
     splits = [read_split(p) for p in paths]
     for path, split in zip(paths, splits, strict=True):
         check_split(split, rows, str(path))

@@ -6,8 +6,8 @@ every fold; the loop is shorter than the Trainer set-up it would replace, and st
 CPU. It keeps `fit`'s run-directory conventions (`histodistill.eval.mil_cv` writes it).
 
 Per fold: AdamW with weight decay (no decay on biases, norms and tokens, `histodistill.optim.optimizer`),
-the model's own objective (``model.loss``: bag cross-entropy, plus CLAM's instance loss), ``epochs`` epochs with the
-last kept, or (``early_stop``) the best epoch by validation loss or AUROC kept, stopping after
+the model's own objective (``model.loss``: bag cross-entropy, plus CLAM's instance loss), ``epochs`` epochs
+with the last kept, or (``early_stop``) the best epoch by validation loss or AUROC kept, stopping after
 ``patience`` epochs without improvement. `histodistill.eval.mil_cv` runs the folds.
 """
 
@@ -68,24 +68,32 @@ def autocast(device: torch.device):
 
 def _loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_bags, generator=generator)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_bags, generator=generator
+    )
 
 
 def non_finite_loss_error(bag_ids: list[str], runs: str = "") -> UserError:
     """A step's loss became NaN or inf (``runs``: which of runs trained together, if any)."""
     where = f"bags {bag_ids}" + (f" of {runs}" if runs else "")
-    return UserError(f"the MIL training loss became non-finite ({where}); nothing was saved for this fold. "
-                     "Lower `lr=...`, and check the features for extreme values")
+    return UserError(
+        f"the MIL training loss became non-finite ({where}); nothing was saved for this fold. "
+        "Lower `lr=...`, and check the features for extreme values"
+    )
 
 
 def overflow_error(lr: float, runs: str = "") -> UserError:
     """An optimiser step wrote inf/NaN into the weights (``runs``: which of runs trained together, if any)."""
     where = f" in {runs}" if runs else ""
-    return UserError(f"the MIL optimiser step overflowed{where} (`lr={lr:.4g}`: the weights became non-finite); "
-                     "nothing was saved for this fold. Lower `lr=...`")
+    return UserError(
+        f"the MIL optimiser step overflowed{where} (`lr={lr:.4g}`: the weights became non-finite); "
+        "nothing was saved for this fold. Lower `lr=...`"
+    )
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+def train_epoch(
+    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device
+) -> float:
     """One pass over the training bags; returns the mean loss per bag."""
     model.train()
     parameters = list(model.parameters())  # checked after every step, listed once
@@ -100,8 +108,9 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # The fused AdamW step writes an overflow (an absurd learning rate) into the weights instead of raising,
-        # so the weights are checked after every step: a fold's last step could otherwise be saved as inf/NaN.
+        # The fused AdamW step writes an overflow (an absurd learning rate) into the weights instead of
+        # raising, so the weights are checked after every step: a fold's last step could otherwise be saved as
+        # inf/NaN.
         if not torch.isfinite(torch.nn.utils.get_total_norm(parameters)):
             raise overflow_error(optimizer.param_groups[0]["lr"])
         total += loss.item() * len(labels)
@@ -124,7 +133,9 @@ def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size
         for b, mask in enumerate(batch["mask"]):
             scores.append(out.scores[b, mask.to(device)].float().cpu().numpy())
     n = len(bag_ids)
-    return Predictions(bag_ids, np.concatenate(labels), np.concatenate(probs), scores, sum(losses) / max(n, 1))
+    return Predictions(
+        bag_ids, np.concatenate(labels), np.concatenate(probs), scores, sum(losses) / max(n, 1)
+    )
 
 
 def auroc(predictions: Predictions) -> float:
@@ -157,7 +168,11 @@ def train_fold(
             row |= {"val_loss": val.loss, "val_auroc": auroc(val)}
         history.append(row)
         log(row)
-        value = {"val_loss": -row.get("val_loss", 0.0), "val_auroc": row.get("val_auroc", 0.0), "none": epoch}[watch]
+        value = {
+            "val_loss": -row.get("val_loss", 0.0),
+            "val_auroc": row.get("val_auroc", 0.0),
+            "none": epoch,
+        }[watch]
         if best_state is None or value > best_value:
             best_value, best_epoch, best_state = value, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= config.patience and watch != "none":
@@ -182,9 +197,10 @@ def check_val_for_early_stop(splits: list[Split], early_stop: str, source: str) 
     training (rather than silently trained for every epoch). ``source`` names where the splits came from."""
     if empty := [fold for fold, split in enumerate(splits) if not split["val"]]:
         raise UserError(
-            f"{source}: fold(s) {', '.join(map(str, empty))} have no validation part, so `early_stop={early_stop}` "
-            "has nothing to watch; pass `early_stop=none` to train every fold for `epochs=...`, or hold out a "
-            "validation part (`val_fraction=...` > 0, or a val column in your `splits_dir=...`)"
+            f"{source}: fold(s) {', '.join(map(str, empty))} have no validation part, so "
+            f"`early_stop={early_stop}` has nothing to watch; pass `early_stop=none` to train every fold for "
+            "`epochs=...`, or hold out a validation part (`val_fraction=...` > 0, or a val column in your "
+            "`splits_dir=...`)"
         )
 
 
@@ -199,8 +215,14 @@ def check_val_has_every_class(dataset: BagDataset, splits: list[Split], num_clas
             )
 
 
-def build_fold_model(fold: int, dataset: BagDataset, train_part: list[int], model_name: str, num_classes: int,
-                     config: TrainConfig) -> nn.Module:
+def build_fold_model(
+    fold: int,
+    dataset: BagDataset,
+    train_part: list[int],
+    model_name: str,
+    num_classes: int,
+    config: TrainConfig,
+) -> nn.Module:
     """A fresh model for ``fold``, initialised with seed ``config.seed + fold``; a `Standardized` one gets the
     statistics of the training part's instances only. Training it draws its dropout masks from the global RNG
     as this leaves it."""
@@ -211,9 +233,16 @@ def build_fold_model(fold: int, dataset: BagDataset, train_part: list[int], mode
     return model
 
 
-def evaluate_fold(fold: int, trained: tuple[nn.Module, int, list[dict]], dataset: BagDataset, test_part: list[int],
-              num_classes: int, batch_size: int) -> FoldResult:
-    """The fold's result: ``trained`` (model, best epoch, history, as `train_fold` returns) on its test part."""
+def evaluate_fold(
+    fold: int,
+    trained: tuple[nn.Module, int, list[dict]],
+    dataset: BagDataset,
+    test_part: list[int],
+    num_classes: int,
+    batch_size: int,
+) -> FoldResult:
+    """The fold's result: ``trained`` (model, best epoch, history, as `train_fold` returns) on its test
+    part."""
     model, best_epoch, history = trained
     test = predict(model, Subset(dataset, test_part), torch.device("cpu"), batch_size)
     metrics = classification_metrics(test.labels, test.probs, num_classes)
@@ -233,5 +262,7 @@ def run_fold(
     parts = split_indices(dataset, split)
     model = build_fold_model(fold, dataset, parts["train"], model_name, num_classes, config)
     fold_config = dataclasses.replace(config, seed=config.seed + fold)  # each fold shuffles differently
-    trained = train_fold(model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), fold_config, log)
+    trained = train_fold(
+        model, Subset(dataset, parts["train"]), Subset(dataset, parts["val"]), fold_config, log
+    )
     return evaluate_fold(fold, trained, dataset, parts["test"], num_classes, config.batch_size)

@@ -26,8 +26,8 @@ class TrainConfig:
     its shuffling. ``feature_norm`` ``standardize`` z-scores each feature dimension with the fold's training
     tiles' mean and sd (`histodistill.models.mil.Standardized`, stored with the model); ``none`` feeds raw
     features, as CLAM and TRIDENT do. On raw self-supervised ViT features ABMIL stays at chance (the demo's
-    SD-MAE ViT: pooled slide AUROC 0.51 raw vs 0.89 standardised, 10 epochs, docs/mil.md), so it is the default
-    for every caller, the library's as the CLI's.
+    SD-MAE ViT: pooled slide AUROC 0.51 raw vs 0.89 standardised, 10 epochs, docs/mil.md), so it is the
+    default for every caller, the library's as the CLI's.
     ``batch_size``: bags per step, padded with a mask, their mean loss and one AdamW step; B > 1 takes
     ceil(n / B) steps an epoch instead of n, which changes the optimisation (docs/mil.md).
     """
@@ -41,10 +41,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     feature_norm: Literal["standardize", "none"] = "standardize"
-    model_kwargs: dict = field(default_factory=dict)  # the MIL model's own arguments (hidden_dim, CLAM's, ...)
+    # the MIL model's own arguments (hidden_dim, CLAM's, ...)
+    model_kwargs: dict = field(default_factory=dict)
 
     def model_arguments(self) -> dict:
-        """What `histodistill.models.mil.create_mil` gets besides name and sizes (also saved with the model)."""
+        """What `histodistill.models.mil.create_mil` gets besides name and sizes (also saved with the
+        model)."""
         return {"standardize": self.feature_norm == "standardize", **self.model_kwargs}
 
 
@@ -58,8 +60,8 @@ class CVConfig:
     ``train.early_stop`` is on, none when it is off (no slide is kept from training for nothing).
     ``by_case``: one bag per case; ``drop_empty``: leave out slides without tissue tiles (else an error).
     ``batched``: train all folds × seeds as one stacked model (`histodistill.eval.mil_stacked`; the same
-    results as one at a time, 1.3-1.5x less CPU time on an idle 2-core CPU, M times the activation memory); False, or a
-    model that cannot be stacked (TransMIL, CLAM-MB), trains them one at a time.
+    results as one at a time, 1.3-1.5x less CPU time on an idle 2-core CPU, M times the activation memory);
+    False, or a model that cannot be stacked (TransMIL, CLAM-MB), trains them one at a time.
     """
 
     model: Literal["abmil", "transmil", "mean", "clam_sb", "clam_mb"] = "abmil"

@@ -92,8 +92,11 @@ class _Bags:
     @classmethod
     def of(cls, dataset: Dataset | None) -> _Bags:
         items = [dataset[i] for i in range(len(dataset))] if dataset is not None else []
-        return cls([item["features"] for item in items], [item["label"] for item in items],
-                   [item["bag_id"] for item in items])
+        return cls(
+            [item["features"] for item in items],
+            [item["label"] for item in items],
+            [item["bag_id"] for item in items],
+        )
 
 
 @dataclass
@@ -138,11 +141,16 @@ class _MaskedAdamW:
         for group in reference.param_groups:
             names = [name_of[id(p)] for p in group["params"]]
             slices = [params[n].detach().unbind(0) for n in names]  # per parameter: M views
-            moments = [(torch.zeros_like(params[n]).unbind(0), torch.zeros_like(params[n]).unbind(0)) for n in names]
-            steps = [[torch.zeros((), dtype=torch.float32, device=params[n].device) for _ in range(runs)]
-                     for n in names]
-            settings = {k: group[k] for k in ("lr", "weight_decay", "eps")} | dict(zip(("beta1", "beta2"),
-                                                                                        group["betas"], strict=True))
+            moments = [
+                (torch.zeros_like(params[n]).unbind(0), torch.zeros_like(params[n]).unbind(0)) for n in names
+            ]
+            steps = [
+                [torch.zeros((), dtype=torch.float32, device=params[n].device) for _ in range(runs)]
+                for n in names
+            ]
+            settings = {k: group[k] for k in ("lr", "weight_decay", "eps")} | dict(
+                zip(("beta1", "beta2"), group["betas"], strict=True)
+            )
             self.groups.append((names, slices, moments, steps, settings))
         self._picked: dict[int, tuple] = {}
 
@@ -154,25 +162,43 @@ class _MaskedAdamW:
                 continue
             pick = [(k, m) for m in stepping for k in range(len(names))]
             if self._picked.get(g, (None,))[0] != pick:  # the same runs step almost every time: lists kept
-                self._picked[g] = (pick, [slices[k][m] for k, m in pick], [moments[k][0][m] for k, m in pick],
-                                   [moments[k][1][m] for k, m in pick], [steps[k][m] for k, m in pick])
+                self._picked[g] = (
+                    pick,
+                    [slices[k][m] for k, m in pick],
+                    [moments[k][0][m] for k, m in pick],
+                    [moments[k][1][m] for k, m in pick],
+                    [steps[k][m] for k, m in pick],
+                )
             _, weights, averages, squares, counts = self._picked[g]
             per_run_grads = [grads[n].unbind(0) for n in names]
-            adamw(weights, [per_run_grads[k][m] for k, m in pick], averages, squares, [], counts, fused=True,
-                  amsgrad=False, maximize=False, **settings)
+            adamw(
+                weights,
+                [per_run_grads[k][m] for k, m in pick],
+                averages,
+                squares,
+                [],
+                counts,
+                fused=True,
+                amsgrad=False,
+                maximize=False,
+                **settings,
+            )
 
 
 @torch.no_grad()
-def _validate(stacked: nn.Module, parts: list[_Bags], runs: list[int], per_run: int, dim: int,
-              device: torch.device) -> dict[int, dict]:
+def _validate(
+    stacked: nn.Module, parts: list[_Bags], runs: list[int], per_run: int, dim: int, device: torch.device
+) -> dict[int, dict]:
     """Validation loss (mean cross-entropy) and AUROC of each run in ``runs`` on its own part."""
     stacked.eval()
     sums = {m: 0.0 for m in runs}
     probs: dict[int, list[np.ndarray]] = {m: [] for m in runs}
     longest = max((len(parts[m].ids) for m in runs), default=0)
     for start in range(0, longest, per_run):
-        chosen = [list(range(start, min(start + per_run, len(p.ids)))) if m in runs else []
-                  for m, p in enumerate(parts)]
+        chosen = [
+            list(range(start, min(start + per_run, len(p.ids)))) if m in runs else []
+            for m, p in enumerate(parts)
+        ]
         step = _step(parts, chosen, per_run, dim)
         with autocast(device):
             logits = stacked(step.features.to(device), step.mask.to(device)).logits.float().cpu()  # (M·B, C)
@@ -181,9 +207,13 @@ def _validate(stacked: nn.Module, parts: list[_Bags], runs: list[int], per_run: 
             slots = slice(m * per_run, m * per_run + len(chosen[m]))
             sums[m] += losses[slots].sum().item()
             probs[m].append(logits[slots].softmax(dim=1).numpy())
-    return {m: {"val_loss": sums[m] / len(parts[m].ids),
-                "val_auroc": ovr_auroc(np.array(parts[m].labels), np.concatenate(probs[m]).astype(np.float64))}
-            for m in runs}
+    return {
+        m: {
+            "val_loss": sums[m] / len(parts[m].ids),
+            "val_auroc": ovr_auroc(np.array(parts[m].labels), np.concatenate(probs[m]).astype(np.float64)),
+        }
+        for m in runs
+    }
 
 
 @dataclass
@@ -217,8 +247,16 @@ def train_runs(runs: list[Run], config: TrainConfig) -> list[tuple[nn.Module, in
     train, val = [_Bags.of(run.train) for run in runs], [_Bags.of(run.val) for run in runs]
     # The order each run's own `train_fold` loader gives: a DataLoader over positions draws from its generator
     # exactly as one over the bags does (one seed, then one permutation per epoch).
-    orders = [DataLoader(range(len(part.ids)), batch_size=per_run, shuffle=True, collate_fn=list,
-                         generator=torch.Generator().manual_seed(run.seed)) for run, part in zip(runs, train, strict=True)]
+    orders = [
+        DataLoader(
+            range(len(part.ids)),
+            batch_size=per_run,
+            shuffle=True,
+            collate_fn=list,
+            generator=torch.Generator().manual_seed(run.seed),
+        )
+        for run, part in zip(runs, train, strict=True)
+    ]
     progress = [_Progress(config.early_stop if len(part.ids) else "none") for part in val]
     finite_at_start = _finite(parameters)
     for epoch in range(1, config.epochs + 1):
@@ -240,16 +278,23 @@ def train_runs(runs: list[Run], config: TrainConfig) -> list[tuple[nn.Module, in
                 if finite_at_start:  # weights given non-finite are the loss's error, as in `train_fold`
                     _check_weights(parameters, runs, config.lr)  # an earlier step's overflow shows here first
                 bad = [m for m, value in zip(stepping, run_losses, strict=True) if not torch.isfinite(value)]
-                raise non_finite_loss_error([i for m in bad for i in step.ids[m]], "; ".join(runs[m].name for m in bad))
+                raise non_finite_loss_error(
+                    [i for m in bad for i in step.ids[m]], "; ".join(runs[m].name for m in bad)
+                )
             grads = torch.autograd.grad(run_losses.sum(), list(parameters.values()))
             optimizer.step(dict(zip(parameters, grads, strict=True)), stepping)
-            totals[stepping] += run_losses.detach().double().cpu() * torch.tensor([len(chosen[m]) for m in stepping])
-        # An overflowing step (an absurd lr) writes inf/NaN into its run's weights: the run's next loss is then
-        # non-finite (checked above), and the epoch's last step is checked here, before anything is kept.
+            totals[stepping] += run_losses.detach().double().cpu() * torch.tensor(
+                [len(chosen[m]) for m in stepping]
+            )
+        # An overflowing step (an absurd lr) writes inf/NaN into its run's weights: the run's next loss is
+        # then non-finite (checked above), and the epoch's last step is checked here, before anything is kept.
         _check_weights(parameters, runs, config.lr)
         validation = _validate(stacked, val, [m for m in active if len(val[m].ids)], per_run, dim, device)
         for m in active:
-            row = {"epoch": epoch, "train_loss": totals[m].item() / max(len(train[m].ids), 1)} | validation.get(m, {})
+            row = {
+                "epoch": epoch,
+                "train_loss": totals[m].item() / max(len(train[m].ids), 1),
+            } | validation.get(m, {})
             _record(progress[m], row, epoch, config.patience, stacked, m)
             runs[m].log(row)
     results = []
@@ -268,17 +313,30 @@ def _objective(model: nn.Module, count: int, per_run: int) -> Callable:
     (CLAM-SB's instance loss) is called per run on its part of the output."""
     inner = model.mil if isinstance(model, Standardized) else model
     if type(inner).loss is not MILHead.loss:
+
         def per_run_loss(output, labels, chosen, stepping):
-            return torch.stack([model.loss(_run_part(output, m * per_run, m * per_run + len(chosen[m])),
-                                           labels[m * per_run : m * per_run + len(chosen[m])]) for m in stepping])
+            return torch.stack(
+                [
+                    model.loss(
+                        _run_part(output, m * per_run, m * per_run + len(chosen[m])),
+                        labels[m * per_run : m * per_run + len(chosen[m])],
+                    )
+                    for m in stepping
+                ]
+            )
+
         return per_run_loss
 
     def bag_cross_entropy(output, labels, chosen, stepping):
-        per_bag = F.cross_entropy(output.logits.float(), labels, reduction="none").view(count, per_run)  # (M, B)
+        # (M, B)
+        per_bag = F.cross_entropy(output.logits.float(), labels, reduction="none").view(count, per_run)
         bags = torch.tensor([len(c) for c in chosen], device=per_bag.device)[:, None]  # (M, 1)
-        share = (torch.arange(per_run, device=per_bag.device) < bags) / bags.clamp_min(1)  # (M, B): 1/B_m, 0 if empty
-        # An empty slot's loss is left out, not multiplied by 0 (it may be inf for a run whose weights overflowed).
+        # (M, B): 1/B_m, 0 if empty
+        share = (torch.arange(per_run, device=per_bag.device) < bags) / bags.clamp_min(1)
+        # An empty slot's loss is left out, not multiplied by 0 (it may be inf for a run whose weights
+        # overflowed).
         return per_bag.where(share > 0, 0.0).mul(share).sum(1)[stepping]
+
     return bag_cross_entropy
 
 
@@ -289,33 +347,61 @@ def _finite(parameters: dict[str, torch.Tensor]) -> bool:
 def _check_weights(parameters: dict[str, torch.Tensor], runs: list[Run], lr: float) -> None:
     """`train_fold`'s overflow error, naming the runs whose weights are no longer finite."""
     if not _finite(parameters):
-        bad = [m for m in range(len(runs)) if not all(torch.isfinite(p[m]).all() for p in parameters.values())]
+        bad = [
+            m for m in range(len(runs)) if not all(torch.isfinite(p[m]).all() for p in parameters.values())
+        ]
         raise overflow_error(lr, "; ".join(runs[m].name for m in bad))
 
 
 def _record(progress: _Progress, row: dict, epoch: int, patience: int, stacked: nn.Module, run: int) -> None:
     """`train_fold`'s bookkeeping for one epoch of one run: history, best epoch and weights, stopping."""
     progress.history.append(row)
-    value = {"val_loss": -row.get("val_loss", 0.0), "val_auroc": row.get("val_auroc", 0.0), "none": epoch}[progress.watch]
+    value = {"val_loss": -row.get("val_loss", 0.0), "val_auroc": row.get("val_auroc", 0.0), "none": epoch}[
+        progress.watch
+    ]
     if progress.best_state is None or value > progress.best_value:
-        progress.best_value, progress.best_epoch, progress.best_state = value, epoch, unstack_state(stacked, run)
+        progress.best_value, progress.best_epoch, progress.best_state = (
+            value,
+            epoch,
+            unstack_state(stacked, run),
+        )
     elif epoch - progress.best_epoch >= patience and progress.watch != "none":
         progress.done = True
 
 
-def run_folds(dataset: BagDataset, folds: list[tuple[int, int, Split]], model_name: str, num_classes: int,
-              config: TrainConfig, logs: list[Callable[[dict], None]]) -> list[FoldResult]:
+def run_folds(
+    dataset: BagDataset,
+    folds: list[tuple[int, int, Split]],
+    model_name: str,
+    num_classes: int,
+    config: TrainConfig,
+    logs: list[Callable[[dict], None]],
+) -> list[FoldResult]:
     """`histodistill.eval.mil.run_fold` for every (CV seed, fold, split) of ``folds``, trained together: each
     model built, trained (`train_runs`) and tested as `run_fold` does with ``config`` at that seed. ``logs``:
     each run's per-epoch callback. Raises `NotStackable` for a model that must train alone."""
     runs, parts = [], []
     for (seed, fold, split), log in zip(folds, logs, strict=True):
         part = split_indices(dataset, split)
-        model = build_fold_model(fold, dataset, part["train"], model_name, num_classes, replace(config, seed=seed))
-        generator = torch.Generator().set_state(torch.get_rng_state())  # what its dropout would draw from alone
-        runs.append(Run(model, Subset(dataset, part["train"]), Subset(dataset, part["val"]), seed + fold, generator,
-                        log, f"seed {seed} fold {fold}"))
+        model = build_fold_model(
+            fold, dataset, part["train"], model_name, num_classes, replace(config, seed=seed)
+        )
+        # what its dropout would draw from alone
+        generator = torch.Generator().set_state(torch.get_rng_state())
+        runs.append(
+            Run(
+                model,
+                Subset(dataset, part["train"]),
+                Subset(dataset, part["val"]),
+                seed + fold,
+                generator,
+                log,
+                f"seed {seed} fold {fold}",
+            )
+        )
         parts.append(part)
     trained = train_runs(runs, config)
-    return [evaluate_fold(fold, result, dataset, part["test"], num_classes, config.batch_size)
-            for (_, fold, _), result, part in zip(folds, trained, parts, strict=True)]
+    return [
+        evaluate_fold(fold, result, dataset, part["test"], num_classes, config.batch_size)
+        for (_, fold, _), result, part in zip(folds, trained, parts, strict=True)
+    ]

@@ -27,9 +27,11 @@ from torch import nn
 from histodistill.models.mil import ABMIL, CLAMMB, CLAMSB, MeanPoolMIL, Standardized, TransMIL
 
 STACKABLE = (MeanPoolMIL, ABMIL, CLAMSB)
-WHY_NOT = {TransMIL: "TransMIL runs each bag alone on its own token grid (and holds LayerNorms, convolutions "
-                     "and a class token)",
-           CLAMMB: "CLAM-MB multiplies by its classifier's weight matrix directly"}
+WHY_NOT = {
+    TransMIL: "TransMIL runs each bag alone on its own token grid (and holds LayerNorms, convolutions "
+    "and a class token)",
+    CLAMMB: "CLAM-MB multiplies by its classifier's weight matrix directly",
+}
 
 
 class NotStackable(ValueError):
@@ -44,14 +46,24 @@ class StackedLinear(nn.Module):
     def __init__(self, layers: Sequence[nn.Linear]) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]))
-        self.bias = None if layers[0].bias is None else nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
+        self.bias = (
+            None
+            if layers[0].bias is None
+            else nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runs = self.weight.shape[0]
         if x.ndim < 2 or x.shape[0] % runs:
-            raise ValueError(f"a stacked layer of {runs} runs needs (M·B, …, in) inputs, got {tuple(x.shape)}")
+            raise ValueError(
+                f"a stacked layer of {runs} runs needs (M·B, …, in) inputs, got {tuple(x.shape)}"
+            )
         rows = x.reshape(runs, -1, x.shape[-1])  # (M, B·…, in): run m's rows are contiguous
-        out = torch.bmm(rows, self.weight) if self.bias is None else torch.baddbmm(self.bias[:, None], rows, self.weight)
+        out = (
+            torch.bmm(rows, self.weight)
+            if self.bias is None
+            else torch.baddbmm(self.bias[:, None], rows, self.weight)
+        )
         return out.reshape(*x.shape[:-1], out.shape[-1])  # (M·B, …, out)
 
 
@@ -115,8 +127,13 @@ def stack_mil(models: Sequence[nn.Module]) -> nn.Module:
         raise NotStackable("the runs' models differ in architecture or sizes")
     inner = models[0].mil if isinstance(models[0], Standardized) else models[0]
     if type(inner) not in STACKABLE:
-        raise NotStackable(WHY_NOT.get(type(inner), f"{type(inner).__name__} is not among the stackable models "
-                                                   f"({', '.join(t.__name__ for t in STACKABLE)})"))
+        raise NotStackable(
+            WHY_NOT.get(
+                type(inner),
+                f"{type(inner).__name__} is not among the stackable models "
+                f"({', '.join(t.__name__ for t in STACKABLE)})",
+            )
+        )
     return _stack(list(models), "")
 
 
@@ -128,15 +145,17 @@ def _stack(modules: list[nn.Module], path: str) -> nn.Module:
         return StackedDropout(first.p)
     if isinstance(first, Standardized):
         return StackedStandardized(modules, _stack([m.mil for m in modules], f"{path}mil."))
-    if own := [name for name, _ in first.named_parameters(recurse=False)] + \
-            [name for name, _ in first.named_buffers(recurse=False)]:
+    if own := [name for name, _ in first.named_parameters(recurse=False)] + [
+        name for name, _ in first.named_buffers(recurse=False)
+    ]:
         raise NotStackable(f"{type(first).__name__} {path or 'model'} holds its own {', '.join(own)}")
     # A parameter-free module (ReLU, a container, the MIL model's own class) keeps its forward and attributes;
     # only its children are swapped for grouped ones.
     stacked = copy.copy(first)
     stacked._parameters, stacked._buffers = {}, {}
-    stacked._modules = {name: _stack([getattr(m, name) for m in modules], f"{path}{name}.")
-                        for name in first._modules}
+    stacked._modules = {
+        name: _stack([getattr(m, name) for m in modules], f"{path}{name}.") for name in first._modules
+    }
     return stacked
 
 
@@ -146,12 +165,17 @@ def unstack_state(stacked: nn.Module, run: int) -> dict[str, torch.Tensor]:
     for prefix, module in stacked.named_modules():
         for name, value in module.named_parameters(prefix=prefix, recurse=False):
             one = value[run].detach()
-            state[name] = (one.t() if isinstance(module, StackedLinear) and name.endswith("weight") else one).clone()
+            state[name] = (
+                one.t() if isinstance(module, StackedLinear) and name.endswith("weight") else one
+            ).clone()
     return state
 
 
-def set_dropout(stacked: nn.Module, generators: list[torch.Generator] | None,
-                shapes: list[tuple[int, int] | None] | None = None) -> None:
+def set_dropout(
+    stacked: nn.Module,
+    generators: list[torch.Generator] | None,
+    shapes: list[tuple[int, int] | None] | None = None,
+) -> None:
     """Give every `StackedDropout` the runs' generators and this step's per-run (B_m, N_m) shapes."""
     for module in stacked.modules():
         if isinstance(module, StackedDropout):
