@@ -156,13 +156,13 @@ def test_a_non_finite_loss_and_an_overflowing_step_are_user_errors_naming_the_ru
     data, splits = dataset
     config = mil.TrainConfig(epochs=2, lr=1e38, early_stop="none", device="cpu")
     with pytest.raises(
-        UserError, match=r"overflowed in fold 0, seed 0; fold 1, seed 0 \(`lr=1e\+38`.*Lower `lr`"
+        UserError, match=r"overflowed in fold 0, seed 0; fold 1, seed 0 \(`lr=1e\+38`.*Lower `lr=\.\.\.`"
     ):
         train_runs(build_runs(data, splits[:2], "abmil", config, seeds=(0,)), config)
     runs = build_runs(data, splits[:2], "abmil", config, seeds=(0,))
     with torch.no_grad():
         runs[1].model.mil.classifier.bias.fill_(float("inf"))
-    with pytest.raises(UserError, match=r"non-finite \(bags \['slide\d+'\] of fold 1, seed 0\).*Lower `lr`"):
+    with pytest.raises(UserError, match=r"non-finite \(bags \['slide\d+'\] of fold 1, seed 0\).*Lower `lr=\.\.\.`"):
         train_runs(runs, dataclasses.replace(config, lr=1e-3))
 
 

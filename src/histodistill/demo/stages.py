@@ -107,10 +107,10 @@ def recorded_sizes(out: Path, stage: str) -> dict:
     return {key: value for key, value in record["settings"].items() if key != "quick"}
 
 
-# Measured wall time of the whole demo on 2 idle CPU cores (docs/demo.md, "Timing"), full and --quick; printed
-# when a CPU demo starts. None: not measured for the current chain (the full run through distill has not been
-# timed yet).
-MINUTES_ON_2_CPU_CORES = {False: None, True: 3}
+# Measured wall time of the whole demo on 2 CPU cores (docs/demo.md, "Timing"), full and --quick; printed when a
+# CPU demo starts. Full: the stage times of the 2026-12-06 run through distill (AMD EPYC, AVX-512), 3,344 s, on a
+# CPU shared with other jobs for part of it (its mae stage took 702 s against sdmae's 209 s); None: not measured.
+MINUTES_ON_2_CPU_CORES = {False: 56, True: 3}
 
 
 def _fit(context: DemoContext, recipe: str, run_dir: Path, overrides: list[str]) -> dict:
