@@ -162,7 +162,9 @@ def test_a_non_finite_loss_and_an_overflowing_step_are_user_errors_naming_the_ru
     runs = build_runs(data, splits[:2], "abmil", config, seeds=(0,))
     with torch.no_grad():
         runs[1].model.mil.classifier.bias.fill_(float("inf"))
-    with pytest.raises(UserError, match=r"non-finite \(bags \['slide\d+'\] of fold 1, seed 0\).*Lower `lr=\.\.\.`"):
+    with pytest.raises(
+        UserError, match=r"non-finite \(bags \['slide\d+'\] of fold 1, seed 0\).*Lower `lr=\.\.\.`"
+    ):
         train_runs(runs, dataclasses.replace(config, lr=1e-3))
 
 

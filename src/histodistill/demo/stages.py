@@ -107,9 +107,9 @@ def recorded_sizes(out: Path, stage: str) -> dict:
     return {key: value for key, value in record["settings"].items() if key != "quick"}
 
 
-# Measured wall time of the whole demo on 2 CPU cores (docs/demo.md, "Timing"), full and --quick; printed when a
-# CPU demo starts. Full: the stage times of the 2026-12-06 run through distill (AMD EPYC, AVX-512), 3,344 s, on a
-# CPU shared with other jobs for part of it (its mae stage took 702 s against sdmae's 209 s); None: not measured.
+# Measured wall time of the whole demo on 2 CPU cores (docs/demo.md, "Timing"), full and --quick; printed
+# when a CPU demo starts. Full: the stage times of the 2026-12-06 run through distill (AMD EPYC, AVX-512),
+# 3,344 s, on a CPU shared with other jobs for part of it (its mae stage took 702 s against sdmae's 209 s).
 MINUTES_ON_2_CPU_CORES = {False: 56, True: 3}
 
 
