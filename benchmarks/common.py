@@ -78,14 +78,14 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 PART = "<!-- part: "  # starts a part of a section that a script writes on its own (`write_part`)
 
 
-def write_section(name: str, title: str, body: str) -> Path:
+def write_section(name: str, title: str, body: str, command: str | None = None) -> Path:
     """Write one benchmark's results (with machine and date) to ``docs/benchmarks/<name>.md``; the parts
-    that `write_part` wrote into it stay after them."""
+    that `write_part` wrote into it stay after them. ``command``: what measured them (default
+    ``python benchmarks/<name>.py``)."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = (
-        f"## {title}\n\n_Machine: {machine_description()}. Measured {stamp} by `python "
-        f"benchmarks/{name}.py`._\n\n{body.strip()}\n"
-    )
+    command = command or f"python benchmarks/{name}.py"
+    header = f"## {title}\n\n_Machine: {machine_description()}. Measured {stamp} by `{command}`._"
+    text = f"{header}\n\n{body.strip()}\n"
     path = SECTIONS_DIR / f"{name}.md"
     old = path.read_text() if path.is_file() else ""
     parts = old[old.index(PART) :] if PART in old else ""

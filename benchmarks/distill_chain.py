@@ -137,7 +137,12 @@ Training (optimiser steps; train loss first → middle → last):
 
 {markdown_table(["run", "steps", "train loss"], training)}
 """
-    write_section("distill", "The demo's distillation chain: teacher, students, controls", body)
+    write_section(
+        "distill",
+        "The demo's distillation chain: teacher, students, controls",
+        body,
+        command="python -m benchmarks.distill_chain --demo DIR",
+    )
 
 
 if __name__ == "__main__":

@@ -588,7 +588,7 @@ linear probe told every tile's true label (tumour or not), 5-fold CV by slide, A
 features alone carry (`tile_probe_auroc`). **Patch probe**: linear
 probe balanced accuracy on the hgsc nuclei task. tiles/s: end-to-end extraction in this run (shared CPU).
 Extractors from `histodistill demo --out {demo.name}`{
-        " (--quick)" if json.loads((demo / "data" / "stage.json").read_text())["quick"] else ""
+        " (--quick)" if read_record(record_path(demo, "data"))["settings"]["quick"] else ""
     }{" (features, tiles/s, probes and ABMIL runs: the demo's own, `--from-demo`)" if args.from_demo else ""}{
         f"; NOT measured (their demo stage had not finished): {', '.join(missing)}" if missing else ""
     }.
