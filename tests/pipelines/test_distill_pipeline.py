@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from histodistill.cli import main
+from histodistill.errors import UserError
 from histodistill.samples.synthetic_slides import Source, make_slides
 
 TILE = 64  # the tiny teacher's input size: tiles default to it
@@ -273,10 +274,10 @@ def test_bad_input_is_refused_with_one_line_before_any_stage(cohort, tmp_path, c
             "--target-norm",
             "standardize",
         ),
-        "--window-stride must be positive, got 0": ("--window-stride", "0"),
-        "--mil-seeds must be at least 1, got 0": ("--mil-seeds", "0"),
-        "--mil-val-fraction must be in [0, 1), got 1.0": ("--mil-val-fraction", "1"),
-        "--mil-lr must be positive": ("--mil-lr", "0"),
+        "--window-stride 0: must be positive": ("--window-stride", "0"),
+        "--mil-seeds 0: must be at least 1": ("--mil-seeds", "0"),
+        "--mil-val-fraction 1.0: must be in [0, 1)": ("--mil-val-fraction", "1"),
+        "--mil-lr 0.0: must be positive": ("--mil-lr", "0"),
     }
     for expected, pairs in cases.items():
         argv = _argv(cohort, out, teacher)
@@ -288,6 +289,17 @@ def test_bad_input_is_refused_with_one_line_before_any_stage(cohort, tmp_path, c
         assert main(argv) == 2, expected
         assert expected in _one_error_line(capsys)
         assert not out.exists(), expected  # nothing ran, nothing was written
+
+
+def test_a_python_caller_is_told_the_parameters_not_the_flags(tmp_path):
+    """The library speaks Python (issue 31): `distill` names `steps=0`, the command renders --steps 0."""
+    from histodistill.errors import ConfigError
+    from histodistill.pipelines.distill import DistillConfig, prepare
+
+    with pytest.raises(ConfigError, match=r"^`steps=0`: must be at least 1$"):
+        prepare(DistillConfig(teacher="t", student="s", out=tmp_path / "out", steps=0))
+    with pytest.raises(UserError, match=r"^pass `slides=FOLDER` \(slides to tile\), or `coords=\.\.\.`"):
+        prepare(DistillConfig(teacher="t", student="s", out=tmp_path / "out"))
 
 
 def test_clam_coords_with_slides_are_described_cached_and_cut_into_windows(cohort, tmp_path, capsys):

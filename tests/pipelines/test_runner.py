@@ -40,7 +40,7 @@ def test_a_change_of_a_setting_a_stage_declares_is_named_with_its_record(tmp_pat
     with pytest.raises(
         UserError,
         match=r"^steps 200 != 500 in .*/b/stage.json \(recorded there != this run\): "
-        r"pass --overwrite to run every stage again, or another --out$",
+        r"pass `overwrite=True` to run every stage again, or another `out=\.\.\.`$",
     ):
         run_stages(_stages(calls), Context(tmp_path, settings={"size": 1, "steps": 500}), log=lambda _: None)
     assert calls == ["a", "b", "c"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from histodistill.errors import UserError
+from histodistill.errors import ConfigError, UserError
 from histodistill.eval.mil_config import MIL_MODEL_NAMES, TrainConfig
 
 # The recipe each method fits by default (configs/<recipe>; --recipe chooses another).
@@ -237,7 +237,7 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
         teacher = create_backbone(config.teacher, weights=config.teacher_weights)
     except UserError as error:
         raise UserError(
-            f"--teacher {config.teacher}: {error} (for distill: --teacher-weights FILE)"
+            f"`teacher={config.teacher}`: {error} (for distill: `teacher_weights=FILE`)"
         ) from None
     student_start = (
         "random"
@@ -254,20 +254,20 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
         )
     except UserError as error:
         raise UserError(
-            f"--student {config.student}: {error} (for distill: --student-weights FILE or "
-            "--student-random-init)"
+            f"`student={config.student}`: {error} (for distill: `student_weights=FILE` or "
+            "`student_random_init=True`)"
         ) from None
     device = str(resolve_device(config.device))
     pre = teacher.preprocess
     if config.coords is not None:
         log(_describe_coords(config, pre.mpp))
     if config.mpp is None and pre.mpp is None:
-        log(f"the teacher {config.teacher} records no mpp: tiles at 0.5 mpp (pass --mpp to choose)")
+        log(f"the teacher {config.teacher} records no mpp: tiles at 0.5 mpp (pass `mpp=...` to choose)")
     rng = random.Random(config.seed)
     held_out = tuple(sorted(rng.sample(sorted(slide_ids), round(config.holdout * len(slide_ids)))))
     if len(held_out) == len(slide_ids):
         raise UserError(
-            f"--holdout {config.holdout} keeps all {len(slide_ids)} slides out of the fit: lower it"
+            f"`holdout={config.holdout}` keeps all {len(slide_ids)} slides out of the fit: lower it"
         )
     return DistillContext(
         config=config,
@@ -284,55 +284,60 @@ def prepare(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
 
 def _check_numbers(config: DistillConfig) -> None:
     if config.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {config.steps}")
+        raise ConfigError(f"`steps={config.steps}`: must be at least 1")
     if not 0 <= config.holdout < 1:
-        raise UserError(f"--holdout must be in [0, 1), got {config.holdout}")
+        raise ConfigError(f"`holdout={config.holdout}`: must be in [0, 1)")
     if config.devices < 1:
-        raise UserError(f"--devices must be at least 1, got {config.devices}")
+        raise ConfigError(f"`devices={config.devices}`: must be at least 1")
     for name in ("mpp", "patch_size", "batch_size", "window_stride", "mil_lr"):
         if (value := getattr(config, name)) is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise ConfigError(f"`{name}={value}`: must be positive")
     if config.mil_seeds < 1:
-        raise UserError(f"--mil-seeds must be at least 1, got {config.mil_seeds}")
+        raise ConfigError(f"`mil_seeds={config.mil_seeds}`: must be at least 1")
     if config.mil_weight_decay < 0:
-        raise UserError(f"--mil-weight-decay must be at least 0, got {config.mil_weight_decay}")
+        raise ConfigError(f"`mil_weight_decay={config.mil_weight_decay}`: must be at least 0")
     if not 0 <= config.mil_val_fraction < 1:
-        raise UserError(f"--mil-val-fraction must be in [0, 1), got {config.mil_val_fraction}")
+        raise ConfigError(f"`mil_val_fraction={config.mil_val_fraction}`: must be in [0, 1)")
     for name, choices in (("target_norm", TARGET_NORMS), ("loss", MCMKD_LOSSES)):
         if (value := getattr(config, name)) is not None and value not in choices:
-            raise UserError(f"--{name.replace('_', '-')} {value}: choose one of {', '.join(choices)}")
+            raise ConfigError(f"`{name}={value}`: choose one of {', '.join(choices)}")
     if config.method == "moma" and (
         given := [name for name in MCMKD_ONLY if getattr(config, name) is not None]
     ):
-        flag = "--" + given[0].replace("_", "-")
-        raise UserError(f"{flag} is MCM-KD's: drop it for --method moma (set MoMA's own in its --recipe)")
+        raise ConfigError(
+            f"`{given[0]}=...` is MCM-KD's: drop it for `method=moma` (set MoMA's own in its `recipe=...`)"
+        )
     if config.student_random_init and config.student_weights:
-        raise UserError("--student-random-init and --student-weights contradict each other: pass one of them")
+        raise ConfigError(
+            "`student_random_init=True` and `student_weights=...` contradict each other: pass one of them"
+        )
     if config.method == "moma" and config.patch_labels is None:
-        raise UserError(
-            "--method moma trains on labelled patches: pass --patch-labels DIR_OR_CSV (an image folder "
+        raise ConfigError(
+            "`method=moma` trains on labelled patches: pass `patch_labels=DIR_OR_CSV` (an image folder "
             "class/image, or a CSV path,label)"
         )
     if config.method == "mcmkd" and config.patch_labels is not None:
-        raise UserError("--patch-labels is MoMA's: pass --method moma, or drop --patch-labels for MCM-KD")
+        raise ConfigError(
+            "`patch_labels=...` is MoMA's: pass `method=moma`, or drop `patch_labels=...` for MCM-KD"
+        )
 
 
 def _check_paths(config: DistillConfig) -> None:
     named = {
-        "--slides": config.slides,
-        "--coords": config.coords,
-        "--labels": config.labels,
-        "--teacher-weights": config.teacher_weights,
-        "--student-weights": config.student_weights,
-        "--patch-labels": config.patch_labels,
+        "slides": config.slides,
+        "coords": config.coords,
+        "labels": config.labels,
+        "teacher_weights": config.teacher_weights,
+        "student_weights": config.student_weights,
+        "patch_labels": config.patch_labels,
     }
-    for option, path in named.items():
+    for name, path in named.items():
         if path is not None and not Path(path).exists():
-            raise UserError(f"{option} {path}: no such file or folder")
+            raise UserError(f"`{name}={path}`: no such file or folder")
     if config.slides is None and config.coords is None:
         raise UserError(
-            "pass --slides FOLDER (slides to tile), or --coords of an earlier tile/CLAM/TRIDENT run "
-            "(with --slides for CLAM/TRIDENT coords)"
+            "pass `slides=FOLDER` (slides to tile), or `coords=...` of an earlier tile/CLAM/TRIDENT run "
+            "(with `slides=...` for CLAM/TRIDENT coords)"
         )
 
 
@@ -350,11 +355,11 @@ def _slide_ids(config: DistillConfig) -> list[str]:
             find_slide(path, attrs, config.slides)
         return [attrs["slide_id"] for attrs in tilings.values()]
     if not Path(config.slides).is_dir():
-        raise UserError(f"--slides {config.slides}: expected a folder of slides")
+        raise UserError(f"`slides={config.slides}`: expected a folder of slides")
     slides = visible_files(config.slides, tuple(SLIDE_SUFFIXES))
     if not slides:
         raise UserError(
-            f"--slides {config.slides}: no slide files in this folder (looked for "
+            f"`slides={config.slides}`: no slide files in this folder (looked for "
             f"{', '.join(sorted(SLIDE_SUFFIXES))})"
         )
     return [path.stem for path in slides]
@@ -393,14 +398,14 @@ def _recipe(config: DistillConfig) -> Path:
     path = shipped if shipped.is_file() else Path(config.recipe)
     if not path.is_file():
         raise UserError(
-            f"--recipe {config.recipe}: neither a recipe under {configs_dir()} (e.g. "
+            f"`recipe={config.recipe}`: neither a recipe under {configs_dir()} (e.g. "
             f"{', '.join(METHOD_RECIPES.values())}) nor a YAML file"
         )
     model, expected = recipe_model(path), recipe_model(default)
     if model != expected:
         raise UserError(
-            f"--recipe {config.recipe} fits {model}, not {expected}: pass a recipe of --method "
-            f"{config.method} (e.g. {METHOD_RECIPES[config.method]})"
+            f"`recipe={config.recipe}` fits {model}, not {expected}: pass a recipe of "
+            f"`method={config.method}` (e.g. {METHOD_RECIPES[config.method]})"
         )
     return path.resolve()
 
@@ -413,11 +418,11 @@ def _check_labels(labels: Path, slide_ids: list[str], folds: int, validation: bo
     missing = sorted({row.slide_id for row in rows} - set(slide_ids))
     if missing:
         raise UserError(
-            f"--labels {labels}: {len(missing)} labelled slide(s) are not among the {len(slide_ids)} "
+            f"`labels={labels}`: {len(missing)} labelled slide(s) are not among the {len(slide_ids)} "
             f"slides (e.g. {', '.join(missing[:3])}): fix the slide_id column or the slides"
         )
     if len({row.label for row in rows}) < 2:
         raise UserError(
-            f"--labels {labels}: every slide has the same label; the AUROC needs two classes at least"
+            f"`labels={labels}`: every slide has the same label; the AUROC needs two classes at least"
         )
     check_cases_per_class(rows, folds, validation=validation)  # validation: --mil-val-fraction > 0

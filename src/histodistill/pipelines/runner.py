@@ -65,7 +65,7 @@ def read_record(path: Path) -> dict:
     if not isinstance(record, dict) or not {"summary", "seconds"} <= record.keys():
         raise UserError(
             f"{path} is not a readable stage record: delete it to run that stage again, or pass "
-            "--overwrite to run every stage again"
+            "`overwrite=True` to run every stage again"
         )
     return record
 
@@ -127,7 +127,7 @@ def check_stage_folders(stages: list[Stage], out: Path) -> None:
     if files := [out / stage.name for stage in stages if (out / stage.name).is_file()]:
         raise UserError(
             f"{files[0]} is a file where the {files[0].name} stage writes its folder: move it away, "
-            "or use another --out"
+            "or use another `out=...`"
         )
 
 
@@ -144,8 +144,8 @@ def check_settings(stages: list[Stage], records: Mapping[str, dict], context: St
         recorded, now = records[stage.name].get("settings"), dict(context.settings)
         if recorded is None:
             raise UserError(
-                f"{path} records no settings (an earlier version wrote it): pass --overwrite to run "
-                "every stage again, or another --out"
+                f"{path} records no settings (an earlier version wrote it): pass `overwrite=True` to run "
+                "every stage again, or another `out=...`"
             )
         keys = (
             [*now, *(key for key in recorded if key not in now)] if stage.settings is None else stage.settings
@@ -154,8 +154,8 @@ def check_settings(stages: list[Stage], records: Mapping[str, dict], context: St
             if recorded.get(key, "(unset)") != now.get(key, "(unset)"):
                 raise UserError(
                     f"{key} {_shown(recorded.get(key, '(unset)'))} != {_shown(now.get(key, '(unset)'))} "
-                    f"in {path} (recorded there != this run): pass --overwrite to run every stage "
-                    "again, or another --out"
+                    f"in {path} (recorded there != this run): pass `overwrite=True` to run every stage "
+                    "again, or another `out=...`"
                 )
 
 
