@@ -220,7 +220,7 @@ def _probe(context: DemoContext, model: str | Path, name: str, overwrite: bool =
     )
 
 
-def _pretrain(context: DemoContext, recipe: str, stage: str) -> tuple[dict, Path]:
+def pretrain_vit(context: DemoContext, recipe: str, stage: str) -> tuple[dict, Path]:
     """Self-supervised pretraining of the teacher-sized ViT (`SIZES`) on the sample slide's tiles."""
     from histodistill.data.slide_dataset import SlideTilesDataset
     from histodistill.engine.reconstruction_figure import ReconstructionFigure
@@ -260,7 +260,7 @@ def _pretrain(context: DemoContext, recipe: str, stage: str) -> tuple[dict, Path
 
 def pretrain_sdmae(context: DemoContext) -> dict:
     """SD-MAE pretrains the teacher; a linear probe on the nuclei task against the same ViT at random init."""
-    metrics, checkpoint = _pretrain(context, "sdmae/tiny_cpu.yaml", "sdmae")
+    metrics, checkpoint = pretrain_vit(context, "sdmae/tiny_cpu.yaml", "sdmae")
     scores = {
         "sdmae": _probe(context, checkpoint, "sdmae_vit"),  # the features stage reuses these features
         "random_init": _probe(
@@ -277,7 +277,7 @@ def pretrain_sdmae(context: DemoContext) -> dict:
 
 def pretrain_mae(context: DemoContext) -> dict:
     """MAE beside SD-MAE: the same ViT, tiles, epochs and batch (`configs/mae/tiny_cpu.yaml`)."""
-    metrics, checkpoint = _pretrain(context, "mae/tiny_cpu.yaml", "mae")
+    metrics, checkpoint = pretrain_vit(context, "mae/tiny_cpu.yaml", "mae")
     return {
         "train_loss": _rounded(metrics["final"].get("train/loss")),
         "probe_bacc_mae": _probe(context, checkpoint, "mae_vit"),
