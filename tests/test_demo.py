@@ -88,7 +88,7 @@ def test_a_folder_of_other_sizes_or_of_unrecorded_sizes_is_refused(tmp_path):
     with pytest.raises(
         UserError,
         match=r"slides 60 != 20 in .*demo/a/stage.json \(recorded there != this run\): "
-        r"pass --overwrite",
+        r"pass `overwrite=True`",
     ):
         run_stages(
             _stages(calls), DemoContext(out, True, "cpu", False, sizes={"slides": 20}), log=lambda _: None
