@@ -468,9 +468,9 @@ def main() -> None:
                 )
             # The demo's MIL is its mil stage plus the distill stage's compare (teacher, un-tuned, tuned
             # student).
-            seconds[model] = sum(
-                read_record(record_path(folder, "mil" if folder == demo else "compare"))["seconds"]
-                for folder in (demo, demo / "distill")
+            seconds[model] = (
+                read_record(record_path(demo, "mil"))["seconds"]
+                + read_record(record_path(demo / "distill", "compare"))["seconds"]
             )
             continue
         with contextlib.redirect_stdout(io.StringIO()):

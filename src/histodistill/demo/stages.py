@@ -641,13 +641,9 @@ def slide_mil(context: DemoContext) -> dict:
     with open(slides / "labels.csv", newline="") as handle:
         slide_ids = [row["slide_id"] for row in csv.DictReader(handle)]
     # No MIL: how well each extractor's tile features alone separate tumour tiles (told every tile's label).
+    tumour = exact_tumour(slides, SLIDE_TILE_PX)
     tile_probe = {
-        name: round(
-            tile_probe_auroc(
-                features[name], slide_ids, exact_tumour(slides, SLIDE_TILE_PX), folds=sizes["folds"]
-            ),
-            4,
-        )
+        name: round(tile_probe_auroc(features[name], slide_ids, tumour, folds=sizes["folds"]), 4)
         for name in names
     }
     rows = [
