@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from histodistill.demo.runner import DemoContext
@@ -220,15 +221,17 @@ def _probe(context: DemoContext, model: str | Path, name: str, overwrite: bool =
     )
 
 
-def pretrain_vit(context: DemoContext, recipe: str, stage: str) -> tuple[dict, Path]:
-    """Self-supervised pretraining of the teacher-sized ViT (`SIZES`) on the sample slide's tiles."""
+def pretrain_vit(
+    context: DemoContext, recipe: str, stage: str, patches: Path | None = None
+) -> tuple[dict, Path]:
+    """Self-supervised pretraining of the teacher-sized ViT (`SIZES`) on the tiles of ``patches`` (a
+    `tile` output's ``patches`` folder; default: the sample slide's) into ``<out>/<stage>/run``."""
     from histodistill.data.slide_dataset import SlideTilesDataset
     from histodistill.engine.reconstruction_figure import ReconstructionFigure
 
     run = context.out / stage / "run"
-    data = json.dumps(
-        class_spec(SlideTilesDataset, patches_dir=str(context.out / "tiles" / "sample" / "patches"))
-    )
+    patches = patches or context.out / "tiles" / "sample" / "patches"
+    data = json.dumps(class_spec(SlideTilesDataset, patches_dir=str(patches)))
     figures = json.dumps([class_spec(ReconstructionFigure, every_n_steps=100, num_images=8)])
     sizes = context.sizes
     vit = json.dumps(
@@ -355,25 +358,35 @@ def distill_moma(context: DemoContext) -> dict:
     labels, next to the same student with logit KD only (the contrastive term at 0) and without a
     teacher (cross-entropy only): the paper's MoMA ≥ KD ≥ CE comparison in one recipe. The teacher's
     logits come from its linear head (`teacher_head`)."""
+    return train_students(context, context.out / "moma", f"train_{round(LABEL_FRACTION * 100)}pct.csv")
+
+
+def train_students(
+    context: DemoContext,
+    out: Path,
+    train: str,
+    start: Sequence[str] = ("--model.init_args.student_init", "random"),
+) -> dict:
+    """The MoMA, KD and CE students of `distill_moma` into ``out/{run,kd,vanilla}``, trained on the demo's
+    nuclei ``train`` (a folder under ``data/nuclei`` or a CSV manifest there), starting as ``start`` says
+    (`fit` overrides; `benchmarks/student_levers.py` varies the labels and the start); returns their
+    validation scores. The default start is random weights, stated rather than left to a default: the
+    ResNet-18 cannot start as the ViT teacher, and the demo never reaches a hub for ImageNet weights."""
     teacher = _teacher(context)
-    subset = f"train_{round(LABEL_FRACTION * 100)}pct.csv"
-    # The student (ResNet-18) cannot start as the ViT teacher, and the demo never reaches a hub for
-    # ImageNet weights: it starts from random weights, said here rather than left to a default.
     common = [
         "--trainer.max_epochs",
         str(context.sizes["student_epochs"]),
         "--data.init_args.batch_size",
         "16",
-        "--model.init_args.student_init",
-        "random",
+        *start,
         "--model.init_args.teacher_classifier_from_checkpoint",
         str(context.out / "teacher" / "head.ckpt"),
-        *_nuclei_data(context, subset),
+        *_nuclei_data(context, train),
     ]
     moma = _fit(
         context,
         "moma/tiny_cpu.yaml",
-        context.out / "moma" / "run",
+        out / "run",
         [
             "--model.init_args.teacher",
             str(teacher),
@@ -387,7 +400,7 @@ def distill_moma(context: DemoContext) -> dict:
     kd = _fit(
         context,
         "moma/tiny_cpu.yaml",
-        context.out / "moma" / "kd",
+        out / "kd",
         [
             "--model.init_args.teacher",
             str(teacher),
@@ -401,7 +414,7 @@ def distill_moma(context: DemoContext) -> dict:
     vanilla = _fit(
         context,
         "moma/tiny_cpu.yaml",
-        context.out / "moma" / "vanilla",
+        out / "vanilla",
         [
             "--model.init_args.teacher",
             str(teacher),
