@@ -7,9 +7,10 @@
 Each script writes its own section (docs/benchmarks/<name>.md) with the machine and date, so a
 section can be refreshed alone (`python -m benchmarks.<name>`) and the page re-assembled.
 
-What a script needs is read from its own `add_argument` calls, so a new script needs no list here: a
-script with a ``--demo`` option is given run_all's ``--demo DIR``, and without it is skipped with a line
-that says how to run it; a script with another required option (``--teacher``...) is skipped the same way.
+Which modules are scripts (those with a ``__main__`` block) and what each needs (its own `add_argument`
+calls) is read from their source, so a new script or helper needs no list here: a script with a ``--demo``
+option is given run_all's ``--demo DIR``, and without it is skipped with a line that says how to run it; a
+script with another required option (``--teacher``...) is skipped the same way.
 """
 
 from __future__ import annotations
@@ -30,8 +31,22 @@ ORDER = ("tiling", "extract", "sdmae", "moma", "mcmkd", "mil", "distill", "gpu",
 
 
 def scripts() -> list[str]:
-    found = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__", "common", "run_all"}
+    """The benchmark scripts, in page order: the modules of benchmarks/ that run as a program (a top-level
+    ``if __name__ == "__main__":``), this one excepted; the helpers they share (common, tuning_slides) have
+    none."""
+    found = {
+        path.stem
+        for path in (ROOT / "benchmarks").glob("*.py")
+        if path.stem != "run_all" and _runs_as_script(path)
+    }
     return sorted(found, key=lambda name: (ORDER.index(name) if name in ORDER else len(ORDER), name))
+
+
+def _runs_as_script(path: Path) -> bool:
+    return any(
+        isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
+        for node in ast.parse(path.read_text()).body
+    )
 
 
 def options(script: Path) -> dict[str, bool]:

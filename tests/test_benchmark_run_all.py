@@ -36,6 +36,7 @@ def test_without_demo_the_demo_scripts_are_skipped_each_with_a_line(run_all, mon
     out = capsys.readouterr().out
     ran = {argv[2].removeprefix("benchmarks.") for argv in run_all.calls}
     assert {"tiling", "moma", "distill"} <= ran
+    assert not ran & {"common", "tuning_slides", "run_all"}  # shared helpers and itself are no benchmarks
     for name in (*DEMO_SCRIPTS, "mcmkd_targets"):
         assert name not in ran
         assert f"== skipped benchmarks/{name}.py: " in out
