@@ -320,6 +320,32 @@ def test_the_verdict_names_a_setting_for_python_callers_and_cli_users_alike():
     assert "on 500 tiles of the held-out slides;" in held_out and "holdout" not in held_out
 
 
+def test_the_command_shows_the_pipelines_lines_with_its_flags(tmp_path, capsys, monkeypatch):
+    # The pipeline logs in Python (`coords=...`), as a library caller passed it; the command prints its flags.
+    import histodistill.pipelines.distill as pipeline
+
+    def fake_distill(config, log=print):
+        log(f"`coords={config.coords}`: 3 slide(s); the teacher t expects 0.5 mpp")
+        log("the teacher t records no mpp: tiles at 0.5 mpp (pass `mpp=...` to choose)")
+
+    monkeypatch.setattr(pipeline, "distill", fake_distill)
+    coords = tmp_path / "tiles"
+    argv = [
+        "distill",
+        "--teacher",
+        "t",
+        "--student",
+        "s",
+        "--out",
+        str(tmp_path / "run"),
+        "--coords",
+        str(coords),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"--coords {coords}: 3 slide(s)" in out and "(pass --mpp to choose)" in out and "`" not in out
+
+
 def test_clam_coords_with_slides_are_described_cached_and_cut_into_windows(cohort, tmp_path, capsys):
     import h5py
 
@@ -359,7 +385,7 @@ def test_clam_coords_with_slides_are_described_cached_and_cut_into_windows(cohor
     lines = []
     context = prepare(config, log=lines.append)
     assert context.slide_ids == tuple(path.stem for path in slides) and context.slides_dir == cohort["slides"]
-    described = [line for line in lines if line.startswith(f"coords {clam.parent}: ")]  # not a CLI flag
+    described = [line for line in lines if line.startswith(f"`coords={clam.parent}`: ")]  # not a CLI flag
     assert (
         len(described) == 1
         and "3 slide(s); synth_000.h5: tiles of 64 px = 64 level-0 px at level 0 (mpp unknown)"
