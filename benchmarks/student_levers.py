@@ -11,7 +11,8 @@ students) and trains the three students again under each lever, with the demo's 
 Scores every student on the tuning slides (`benchmarks/tuning_slides.py`, never the demo's slides) beside its
 nuclei validation balanced accuracy, and writes a part of docs/benchmarks/distill.md.
 
-    python -m benchmarks.student_levers --demo DIR [--work runs/benchmarks/student_levers]
+    python -m benchmarks.student_levers --demo DIR [--levers labels start] [--start-weights FILE]
+        [--work runs/benchmarks/student_levers]
 """
 
 from __future__ import annotations
@@ -38,11 +39,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, required=True, help="a finished `histodistill demo` folder")
     parser.add_argument("--work", type=Path, default=Path("runs/benchmarks/student_levers"))
+    parser.add_argument(
+        "--levers", nargs="+", choices=("labels", "start"), default=["labels", "start"], help="which to try"
+    )
+    parser.add_argument(
+        "--start-weights",
+        type=Path,
+        help="the start lever's weights (default: DIR/distill/export/model.safetensors, the demo's distilled "
+        "student)",
+    )
     args = parser.parse_args()
     sizes = recorded_sizes(args.demo, "moma")
     tuning = tuning_slides(args.work)
     subset = f"train_{round(LABEL_FRACTION * 100)}pct.csv"
-    distilled = args.demo / "distill" / "export" / "model.safetensors"
+    distilled = args.start_weights or args.demo / "distill" / "export" / "model.safetensors"
     # lever: (the nuclei it trains on, its start overrides, what the table says of them)
     random_start = ("--model.init_args.student_init", "random")
     levers = {
@@ -50,9 +60,10 @@ def main() -> None:
         "start": (
             subset,
             ("--model.init_args.student_init", "imagenet", "--model.init_args.weights", str(distilled)),
-            f"{round(LABEL_FRACTION * 100)} % of the labels, start: the demo's distilled student",
+            f"{round(LABEL_FRACTION * 100)} % of the labels, start: a distilled student (MCM-KD)",
         ),
     }
+    levers = {name: lever for name, lever in levers.items() if name in args.levers}
     runs = {"demo": args.demo / "moma"}
     for lever, (train, start, _) in levers.items():
         # The demo's layout for what the students read: its nuclei, teacher and teacher head.
@@ -98,7 +109,7 @@ def main() -> None:
         "distill",
         "student_levers",
         "The papers' levers for MoMA ≥ KD ≥ CE on slides: the labels the fit sees, the student's start",
-        "python -m benchmarks.student_levers --demo DIR",
+        f"python -m benchmarks.student_levers --demo DIR --levers {' '.join(args.levers)}",
         body,
     )
 

@@ -208,8 +208,10 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
     return save_backbone(random_like(spec), out_dir)  # the checkpoint's preprocessing (input size) kept
 
 
-def _probe(context: DemoContext, model: str | Path, name: str, overwrite: bool = False) -> float:
-    """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task."""
+def _probe(context: DemoContext, model: str | Path, name: str) -> float:
+    """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task, extracted afresh
+    (seconds): a stage that ran again may have changed the model behind ``name``, and its cached probe
+    features would then be of other weights."""
     from histodistill.demo.slide_task import probe_nuclei
 
     return probe_nuclei(
@@ -217,7 +219,7 @@ def _probe(context: DemoContext, model: str | Path, name: str, overwrite: bool =
         context.out / "data" / "nuclei",
         context.out / "features" / "probe" / name,
         context.device,
-        overwrite,
+        overwrite=True,
     )
 
 
@@ -573,11 +575,9 @@ def extract_slide_features(context: DemoContext) -> dict:
     _keep_measured_rates(rows, context.out / "features" / "extractors.json")
     distilled = json.loads(models_json(context.out / "distill").read_text())
     for name, row in DISTILLED.items():
-        # The MCM-KD student's probe features are extracted afresh (the nuclei: seconds): a folder of the demo
-        # before the distill stage holds its earlier MCM-KD student's under the same name.
         rows[name] = {
             **{key: distilled[row][key] for key in ("features_dir", "tiles_per_s", "parameters")},
-            "probe_balanced_accuracy": _probe(context, checkpoints[name], name, name == "mcmkd_student"),
+            "probe_balanced_accuracy": _probe(context, checkpoints[name], name),
         }
     rows = {name: rows[name] for name in [*EXTRACTORS, *CONTROLS]}
     write_json(context.out / "features" / "extractors.json", rows)
