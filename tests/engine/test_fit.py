@@ -73,7 +73,7 @@ def state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_fit_writes_the_run_directory(tmp_path, two_class_data):
+def test_fit_writes_the_run_directory(tmp_path, two_class_data, capsys):
     run = tmp_path / "run"
     assert fit(run, two_class_data, "--model.init_args.num_classes", "2", "--trainer.max_epochs", "1") == 0
     for name in (
@@ -123,6 +123,12 @@ def test_fit_writes_the_run_directory(tmp_path, two_class_data):
     )
     for name, content in written.items():
         assert (run / name).read_bytes() == content, name
+    # Resuming it with a model that no longer fits its checkpoint (a ResNet-34 for its ResNet-18) is one
+    # error line, not torch's traceback.
+    capsys.readouterr()
+    changed = ("--model.init_args.backbone", "resnet34", "--model.init_args.pretrained", "false", "--resume")
+    assert fit(run, two_class_data, "--model.init_args.num_classes", "2", *changed) == 2
+    assert "does not fit this model" in capsys.readouterr().err
     # A second fresh run into the same directory is refused rather than silently mixed in.
     assert fit(run, two_class_data, "--model.init_args.num_classes", "2") == 2
 

@@ -23,7 +23,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from histodistill.engine.callbacks import AtomicCheckpointIO
 from histodistill.engine.console import drop_lightning_adverts, expected_warnings_silenced
-from histodistill.engine.run_dir import check_run_dir, default_callbacks, default_loggers, default_run_dir
+from histodistill.engine.run_dir import (
+    check_run_dir,
+    default_callbacks,
+    default_loggers,
+    default_run_dir,
+    resuming_a_checkpoint_that_fits,
+)
 from histodistill.errors import Flag, UserError, rendering_parameters
 from histodistill.io import atomic_path, reporting_full_disk
 from histodistill.methods.base import MethodModule
@@ -135,7 +141,7 @@ def fit_main(argv: list[str]) -> int:
         rendering_parameters(config_flags(cli.config)),
         reporting_full_disk(trainer.default_root_dir, lambda: checkpoint_space(model), resume),
     ):
-        with expected_warnings_silenced(model):
+        with expected_warnings_silenced(model), resuming_a_checkpoint_that_fits(cli.ckpt_path):
             trainer.fit(model, datamodule=datamodule, ckpt_path=cli.ckpt_path)
         if getattr(datamodule, "datasets", {}).get("test") is not None:
             trainer.test(model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer))

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from histodistill.engine.callbacks import RunSummary, StepReseed
 from histodistill.errors import UserError
 from histodistill.io import unwritable_reason
+from histodistill.models.weights import first_line
 
 
 def last_checkpoint(run_dir: str | os.PathLike) -> Path:
@@ -55,6 +57,25 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool) -> 
             "`overwrite=True` to start it again in place, or choose another trainer.default_root_dir"
         )
     return None
+
+
+# What torch and Lightning say when a checkpoint's weights or optimiser groups do not fit the model.
+MISMATCH_MESSAGES = ("Error(s) in loading state_dict", "doesn't match the size of optimizer's group")
+
+
+@contextmanager
+def resuming_a_checkpoint_that_fits(checkpoint: Path | None):
+    """Turn the error of a resumed ``checkpoint`` whose weights or optimiser groups do not fit the model into
+    one `UserError`: the recipe or the code changed since the run (a traceback before)."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as error:
+        if checkpoint is None or not any(message in str(error) for message in MISMATCH_MESSAGES):
+            raise
+        raise UserError(
+            f"{checkpoint} does not fit this model ({first_line(error)}): the recipe or the code changed "
+            "since the run. Resume with the run's own config.yaml, or set `overwrite=True` to start again"
+        ) from None
 
 
 def default_loggers(run_dir: str | os.PathLike) -> list:
