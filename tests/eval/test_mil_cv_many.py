@@ -13,8 +13,8 @@ from histodistill.eval.mil_cv_many import cross_validate_many, mil_workers
 
 @pytest.mark.slow  # ~9 s: two spawned processes import torch
 def test_two_workers_give_the_predictions_and_files_of_one_process_and_log_each_run_whole(tmp_path):
-    """One run is not bit-identical on 1 and 2 intra-op threads (measured: apart in the 8th digit on these bags), so this process
-    runs on 2 threads: the in-process runner must pin one thread, as each worker does, to match them."""
+    """A run is not bit-identical on 1 and 2 intra-op threads (measured: apart in the 8th digit on these
+    bags), so this process runs on 2: the in-process runner must pin one thread, as each worker does."""
     import torch
 
     for name in ("a", "b"):

@@ -95,9 +95,9 @@ def run_slide_task(
     """``{extractor: scores}`` for features folders ``{extractor: <features_*> dir}`` of the slides in
     ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``): `MIL_SETTINGS`'s cross-validation of
     each extractor into ``out/<extractor>`` (its seed runs ``seed_<s>/`` with several seeds) by
-    `histodistill.eval.mil_cv_many.cross_validate_many` (``workers`` parallel processes, default one per usable
-    CPU core on a CPU: the same files as one), then their `score_runs`. The same seed gives the same folds for
-    every extractor (the splits depend on the labels and seed only)."""
+    `histodistill.eval.mil_cv_many.cross_validate_many` (``workers`` parallel processes, default one per
+    usable CPU core on a CPU: the same files as one), then their `score_runs`. The same seed gives the same
+    folds for every extractor (the splits depend on the labels and seed only)."""
     from histodistill.eval.mil_cv import CVConfig, TrainConfig
     from histodistill.eval.mil_cv_many import cross_validate_many
 
