@@ -83,7 +83,8 @@ def cross_validate_many(
     ``workers``: parallel spawned processes (default `mil_workers` of ``config.train.device``; never more
     than the names); 1 runs them one after another in this process. The files are the same for any count.
     ``log`` gets ``MIL on <name>:`` and then that run's lines, indented, whole: as they come in this
-    process, when the run ends with workers.
+    process, when the run ends with workers. Workers are spawned: a script that calls this with more than
+    one needs the ``if __name__ == "__main__":`` guard, as any multiprocessing program.
 
     Raises what `cross_validate` raises (`UserError` for bad features or labels), for the first run that
     fails; runs not yet started are cancelled.
