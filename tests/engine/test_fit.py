@@ -112,6 +112,17 @@ def test_fit_writes_the_run_directory(tmp_path, two_class_data):
     # The saved config reproduces the run: it names the overridden data and leaves out --resume/--overwrite.
     config = (run / "config.yaml").read_text()
     assert str(two_class_data / "train") in config and "resume" not in config
+    # Resuming the finished run trains nothing and keeps what it wrote (it used to empty metrics.json's final
+    # and rewrite its best values, which the demo reads).
+    written = {name: (run / name).read_bytes() for name in ("metrics.json", "checkpoints/best-accuracy.ckpt")}
+    assert (
+        fit(
+            run, two_class_data, "--model.init_args.num_classes", "2", "--trainer.max_epochs", "1", "--resume"
+        )
+        == 0
+    )
+    for name, content in written.items():
+        assert (run / name).read_bytes() == content, name
     # A second fresh run into the same directory is refused rather than silently mixed in.
     assert fit(run, two_class_data, "--model.init_args.num_classes", "2") == 2
 

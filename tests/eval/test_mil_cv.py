@@ -254,3 +254,14 @@ def test_paired_bootstrap_resamples_the_bags_once_for_both_models():
     assert paired.difference[2] - paired.difference[1] < paired.a[2] - paired.a[1]
     same = paired_bootstrap_auroc(labels, a, a, n_boot=100)
     assert same.difference == (0.0, 0.0, 0.0) and same.ratio == (1.0, 1.0, 1.0)
+
+
+def test_predictions_file_keeps_every_float32_probability_exactly():
+    # Regression: six decimals made ties of probabilities near 0 and 1, so AUROCs read from predictions.csv
+    # (the demo's tables) fell short of the in-memory ones (distill's summary).
+    from histodistill.eval.mil_outputs import probability_text
+
+    probs = np.array([1 - 2**-24, 1 - 2**-23, 0.9999990, 0.5, 3e-7, 1e-30, 0.0, 1.0], dtype=np.float32)
+    read = np.array([float(probability_text(p)) for p in probs], dtype=np.float32)
+    assert np.array_equal(read, probs)
+    assert len({probability_text(p) for p in probs[:3]}) == 3  # f"{p:.6f}" gives "1.000000" for all three

@@ -231,7 +231,9 @@ def test_without_labels_it_reports_feature_agreement_on_held_out_slides(
     assert summary["agreement"]["slides"] == "held_out" and -1 <= summary["agreement"]["student_cosine"] <= 1
     assert summary["teacher"]["feature_cka"] == pytest.approx(1.0)
     assert summary["fit"]["slides_held_out"] == 2 and summary["fit"]["slides_fit"] == 6
-    assert "slide labels (--labels) are needed for the AUROC comparison" in summary["verdict"]
+    # Read by library callers and CLI users alike (summary.json, the report): both spellings of the setting.
+    assert "slide labels (`labels` / `--labels`) are needed for the AUROC comparison" in summary["verdict"]
+    assert "tiles of the held-out slides;" in summary["verdict"]
     held_out = json.loads((out / "fit" / "held_out.json").read_text())
     fit_config = (out / "fit" / "run" / "config.yaml").read_text()
     assert len(held_out) == 2 and all(
@@ -303,6 +305,48 @@ def test_a_python_caller_is_told_the_parameters_not_the_flags(tmp_path):
         prepare(DistillConfig(teacher="t", student="s", out=tmp_path / "out"))
 
 
+def test_the_verdict_names_a_setting_for_python_callers_and_cli_users_alike():
+    # The verdict is report text (summary.json, report.html, the log), not an error the CLI renders: it names
+    # each setting both ways, never a bare flag that a Python caller cannot pass.
+    from histodistill.pipelines.distill_compare import _verdict
+
+    results = {"student_cosine": 0.71, "tiles": 500, "slides": "all", "models": {}}
+    verdict = _verdict(results, 8.0, labelled=False)
+    assert verdict == (
+        "the student runs at 8x the teacher's speed and its features agree with the teacher's at cosine 0.71 "
+        "on 500 tiles of the fit slides (hold slides out of the fit with `holdout` / `--holdout` to measure "
+        "on unseen ones); slide labels (`labels` / `--labels`) are needed for the AUROC comparison"
+    )
+    held_out = _verdict(results | {"slides": "held_out"}, 8.0, labelled=False)
+    assert "on 500 tiles of the held-out slides;" in held_out and "holdout" not in held_out
+
+
+def test_the_command_shows_the_pipelines_lines_with_its_flags(tmp_path, capsys, monkeypatch):
+    # The pipeline logs in Python (`coords=...`), as a library caller passed it; the command prints its flags.
+    import histodistill.pipelines.distill as pipeline
+
+    def fake_distill(config, log=print):
+        log(f"`coords={config.coords}`: 3 slide(s); the teacher t expects 0.5 mpp")
+        log("the teacher t records no mpp: tiles at 0.5 mpp (pass `mpp=...` to choose)")
+
+    monkeypatch.setattr(pipeline, "distill", fake_distill)
+    coords = tmp_path / "tiles"
+    argv = [
+        "distill",
+        "--teacher",
+        "t",
+        "--student",
+        "s",
+        "--out",
+        str(tmp_path / "run"),
+        "--coords",
+        str(coords),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"--coords {coords}: 3 slide(s)" in out and "(pass --mpp to choose)" in out and "`" not in out
+
+
 def test_clam_coords_with_slides_are_described_cached_and_cut_into_windows(cohort, tmp_path, capsys):
     import h5py
 
@@ -342,7 +386,7 @@ def test_clam_coords_with_slides_are_described_cached_and_cut_into_windows(cohor
     lines = []
     context = prepare(config, log=lines.append)
     assert context.slide_ids == tuple(path.stem for path in slides) and context.slides_dir == cohort["slides"]
-    described = [line for line in lines if line.startswith("--coords")]
+    described = [line for line in lines if line.startswith(f"`coords={clam.parent}`: ")]  # not a CLI flag
     assert (
         len(described) == 1
         and "3 slide(s); synth_000.h5: tiles of 64 px = 64 level-0 px at level 0 (mpp unknown)"

@@ -254,3 +254,27 @@ def test_lab_to_rgb_gives_the_codes_of_the_srgb_formula_out_of_gamut_included():
     linear = np.clip(xyz @ to_rgb.T, 0, 1)
     srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
     np.testing.assert_array_equal(lab_to_rgb(lab), np.round(srgb * 255).astype(np.uint8))
+
+
+def test_unlabeled_tissue_is_the_nest_left_of_the_split_and_the_target_image(monkeypatch, tmp_path):
+    """The pretraining tissue beside the sample slide: hgsc_nest only left of the split the slides' sources
+    start at (so no slide pixel is in it), and the TIA Toolbox image whole, at the slides' mpp."""
+    from PIL import Image
+
+    import histodistill.samples.nuclei as nuclei
+    import histodistill.samples.registry as registry
+    import histodistill.samples.synthetic_slides as synthetic
+    from histodistill.wsi.slide import open_slide
+
+    nest = np.random.default_rng(0).integers(0, 255, (50, 90, 3), dtype=np.uint8)
+    target = tmp_path / "target.png"
+    Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(target)
+    monkeypatch.setattr(nuclei, "load_hgsc", lambda: (nest, np.zeros((50, 90)), np.zeros((50, 90))))
+    monkeypatch.setattr(synthetic, "_nest_split_x", lambda instance_mask, type_mask: 61)
+    monkeypatch.setattr(registry, "fetch", lambda name: {"tiatoolbox_target": target}[name])
+    paths = synthetic.unlabeled_tissue(tmp_path / "out", mpp=0.5)
+    assert [p.name for p in paths] == ["hgsc_nest_train_side.tif", "tiatoolbox_target.tif"]
+    nest_slide, target_slide = open_slide(paths[0]), open_slide(paths[1])
+    assert nest_slide.dimensions == (61, 50) and nest_slide.mpp == pytest.approx(0.5)
+    assert np.array_equal(nest_slide.read_region((0, 0), 0, (61, 50))[..., :3], nest[:, :61])  # lossless
+    assert target_slide.dimensions == (30, 40)

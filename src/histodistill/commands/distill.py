@@ -59,10 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from histodistill.errors import render_parameters
     from histodistill.pipelines.distill import distill
     from histodistill.pipelines.distill_config import DistillConfig
 
     values = {item.name: getattr(args, item.name) for item in dataclasses.fields(DistillConfig)}
     values["out"] = Path(values["out"])
-    distill(DistillConfig(**values))
+    # Errors are rendered by the CLI (`histodistill.cli`); the pipeline's lines here (`coords=...`: --coords).
+    distill(DistillConfig(**values), log=lambda line: print(render_parameters(line, args._flags)))
     return 0

@@ -50,7 +50,8 @@ def measure_extractors(
 ) -> dict[str, dict]:
     """``{name: {features_dir, tiles_per_s, parameters, probe_balanced_accuracy}}``; a model of `COLOUR`
     is the colour-only control (no parameters, no probe). Features go to ``out_dir/<name>/features_*``,
-    probe features to ``out_dir/probe/<name>``. ``tiles_per_s`` counts only the slides extracted by this
+    probe features to ``out_dir/probe/<name>``, extracted afresh (seconds; the model behind a name may have
+    changed since). ``tiles_per_s`` counts only the slides extracted by this
     call (a resumed extraction skips finished slides), and is None when every slide was already done."""
     from functools import partial
 
@@ -74,7 +75,7 @@ def measure_extractors(
             "parameters": 0 if model is COLOUR else parameters(create_backbone(model)),
             "probe_balanced_accuracy": None
             if model is COLOUR
-            else probe_nuclei(model, nuclei_dir, out_dir / "probe" / name, device),
+            else probe_nuclei(model, nuclei_dir, out_dir / "probe" / name, device, overwrite=True),
         }
     return rows
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from histodistill.demo.runner import DemoContext
@@ -48,9 +49,9 @@ LABEL_FRACTION = 0.25  # MoMA's "small labeled subset" of the training nuclei
 #   validates and probes every network on 20 % (172 training nuclei, 71 test).
 # - sdmae_epochs (SD-MAE and MAE alike), student_epochs: the networks' training (students: MoMA, KD, CE).
 # - teacher_dim, teacher_depth, teacher_heads: the SD-MAE (and MAE) ViT, 8-px patches at 64 px. The full
-#   run's 384-d, 4-block ViT extracts 2.4-3.0x slower than the 64-px ResNet-18 student end to end on this
-#   CPU (the issue asks >= 2x; docs/benchmarks/distill.md); --quick keeps the 96-d, 2-block ViT, faster
-#   than the student.
+#   run's 384-d, 4-block ViT extracts 2.0x slower than the 64-px ResNet-18 student end to end on this
+#   CPU, 3.1x in the forward pass alone (the issue asks >= 2x; docs/benchmarks/distill.md, 2026-12-06);
+#   --quick keeps the 96-d, 2-block ViT, faster than the student.
 # - mcmkd_steps: MCM-KD's optimiser steps (distill's budget). 400 steps of 8 windows (72 tiles) in the full
 #   run: issue 26 measured that 400 steps of 64 tiles lifted a from-scratch ResNet-18's tile probe to
 #   0.871; --quick runs a handful, enough for every code path.
@@ -207,8 +208,10 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
     return save_backbone(random_like(spec), out_dir)  # the checkpoint's preprocessing (input size) kept
 
 
-def _probe(context: DemoContext, model: str | Path, name: str, overwrite: bool = False) -> float:
-    """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task."""
+def _probe(context: DemoContext, model: str | Path, name: str) -> float:
+    """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task, extracted afresh
+    (seconds): a stage that ran again may have changed the model behind ``name``, and its cached probe
+    features would then be of other weights."""
     from histodistill.demo.slide_task import probe_nuclei
 
     return probe_nuclei(
@@ -216,19 +219,21 @@ def _probe(context: DemoContext, model: str | Path, name: str, overwrite: bool =
         context.out / "data" / "nuclei",
         context.out / "features" / "probe" / name,
         context.device,
-        overwrite,
+        overwrite=True,
     )
 
 
-def pretrain_vit(context: DemoContext, recipe: str, stage: str) -> tuple[dict, Path]:
-    """Self-supervised pretraining of the teacher-sized ViT (`SIZES`) on the sample slide's tiles."""
+def pretrain_vit(
+    context: DemoContext, recipe: str, stage: str, patches: Path | None = None
+) -> tuple[dict, Path]:
+    """Self-supervised pretraining of the teacher-sized ViT (`SIZES`) on the tiles of ``patches`` (a
+    `tile` output's ``patches`` folder; default: the sample slide's) into ``<out>/<stage>/run``."""
     from histodistill.data.slide_dataset import SlideTilesDataset
     from histodistill.engine.reconstruction_figure import ReconstructionFigure
 
     run = context.out / stage / "run"
-    data = json.dumps(
-        class_spec(SlideTilesDataset, patches_dir=str(context.out / "tiles" / "sample" / "patches"))
-    )
+    patches = patches or context.out / "tiles" / "sample" / "patches"
+    data = json.dumps(class_spec(SlideTilesDataset, patches_dir=str(patches)))
     figures = json.dumps([class_spec(ReconstructionFigure, every_n_steps=100, num_images=8)])
     sizes = context.sizes
     vit = json.dumps(
@@ -355,25 +360,35 @@ def distill_moma(context: DemoContext) -> dict:
     labels, next to the same student with logit KD only (the contrastive term at 0) and without a
     teacher (cross-entropy only): the paper's MoMA ≥ KD ≥ CE comparison in one recipe. The teacher's
     logits come from its linear head (`teacher_head`)."""
+    return train_students(context, context.out / "moma", f"train_{round(LABEL_FRACTION * 100)}pct.csv")
+
+
+def train_students(
+    context: DemoContext,
+    out: Path,
+    train: str,
+    start: Sequence[str] = ("--model.init_args.student_init", "random"),
+) -> dict:
+    """The MoMA, KD and CE students of `distill_moma` into ``out/{run,kd,vanilla}``, trained on the demo's
+    nuclei ``train`` (a folder under ``data/nuclei`` or a CSV manifest there), starting as ``start`` says
+    (`fit` overrides; `benchmarks/student_levers.py` varies the labels and the start); returns their
+    validation scores. The default start is random weights, stated rather than left to a default: the
+    ResNet-18 cannot start as the ViT teacher, and the demo never reaches a hub for ImageNet weights."""
     teacher = _teacher(context)
-    subset = f"train_{round(LABEL_FRACTION * 100)}pct.csv"
-    # The student (ResNet-18) cannot start as the ViT teacher, and the demo never reaches a hub for
-    # ImageNet weights: it starts from random weights, said here rather than left to a default.
     common = [
         "--trainer.max_epochs",
         str(context.sizes["student_epochs"]),
         "--data.init_args.batch_size",
         "16",
-        "--model.init_args.student_init",
-        "random",
+        *start,
         "--model.init_args.teacher_classifier_from_checkpoint",
         str(context.out / "teacher" / "head.ckpt"),
-        *_nuclei_data(context, subset),
+        *_nuclei_data(context, train),
     ]
     moma = _fit(
         context,
         "moma/tiny_cpu.yaml",
-        context.out / "moma" / "run",
+        out / "run",
         [
             "--model.init_args.teacher",
             str(teacher),
@@ -387,7 +402,7 @@ def distill_moma(context: DemoContext) -> dict:
     kd = _fit(
         context,
         "moma/tiny_cpu.yaml",
-        context.out / "moma" / "kd",
+        out / "kd",
         [
             "--model.init_args.teacher",
             str(teacher),
@@ -401,7 +416,7 @@ def distill_moma(context: DemoContext) -> dict:
     vanilla = _fit(
         context,
         "moma/tiny_cpu.yaml",
-        context.out / "moma" / "vanilla",
+        out / "vanilla",
         [
             "--model.init_args.teacher",
             str(teacher),
@@ -560,11 +575,9 @@ def extract_slide_features(context: DemoContext) -> dict:
     _keep_measured_rates(rows, context.out / "features" / "extractors.json")
     distilled = json.loads(models_json(context.out / "distill").read_text())
     for name, row in DISTILLED.items():
-        # The MCM-KD student's probe features are extracted afresh (the nuclei: seconds): a folder of the demo
-        # before the distill stage holds its earlier MCM-KD student's under the same name.
         rows[name] = {
             **{key: distilled[row][key] for key in ("features_dir", "tiles_per_s", "parameters")},
-            "probe_balanced_accuracy": _probe(context, checkpoints[name], name, name == "mcmkd_student"),
+            "probe_balanced_accuracy": _probe(context, checkpoints[name], name),
         }
     rows = {name: rows[name] for name in [*EXTRACTORS, *CONTROLS]}
     write_json(context.out / "features" / "extractors.json", rows)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from histodistill.io import atomic_path, write_json
 
@@ -54,13 +56,24 @@ class StepReseed(L.Callback):
 
 class RunSummary(L.Callback):
     """Write ``<run dir>/metrics.json`` when fitting (and testing) ends: the last logged value of every
-    metric, the best value and checkpoint of every monitored metric, epochs and steps completed."""
+    metric, the best value and checkpoint of every monitored metric, epochs and steps completed.
+
+    A fit that trains no batch (``--resume`` of a finished run) keeps the metrics.json the run ended with:
+    it has no metrics of its own to write, and rewriting it left ``final`` empty and ``best`` wrong."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / "metrics.json"
         self.summary: dict[str, Any] = {}
+        self.trained = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.trained = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.trained and self.path.is_file():
+            rank_zero_info(f"{self.path}: the run had finished, nothing was trained; its metrics stay")
+            self.summary = json.loads(self.path.read_text())
+            return
         best = {}
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_path:

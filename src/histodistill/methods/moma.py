@@ -12,9 +12,11 @@ each step teacher ← α·teacher + (1 − α)·student on parameters (α = 0.99
 teacher's own), likewise the teacher classifier and embed_k. In the official loop's order: the KD
 logits come from the teacher before this step's update, the key from the teacher after it (two
 teacher forwards). ``frozen`` keeps the teacher fixed (any architecture, e.g. a ViT foundation model
-teaching a ResNet-18) and trains embed_k by gradient through the positive logit. In both modes attn_k is the
-EMA of attn_q (our deviation from the official code, where the key-side attention modules never train; see
-docs/moma.md).
+teaching a ResNet-18), and embed_k with it: a fixed random projection to the embedding. The official code
+never trains the key side by gradient; a key head trained through the positive logit drifts away from the
+queued keys, which turns the InfoNCE into telling new keys from stale ones (it reached exactly 0 within 20
+steps in the demo, docs/moma.md). In both modes attn_k is the EMA of attn_q (our deviation from the official
+code, where the key-side attention modules never train; see docs/moma.md).
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ class MoMA(TeacherStudentMethod):
         # The MoCo rule for everything on the key side: start as a copy, then follow by EMA.
         self.attn_k = copy.deepcopy(self.attn_q)
         freeze(self.attn_k)
-        if teacher_update == "ema":
-            freeze(self.embed_k)
+        freeze(
+            self.embed_k
+        )  # ema: follows embed_q; frozen: stays as initialised (the module docstring says why)
         self.queue = MoCoQueue(embed_dim, queue_size)
 
     def check_same_architecture(self) -> None:
@@ -105,8 +108,7 @@ class MoMA(TeacherStudentMethod):
         losses = self.supervised_terms(logits, labels, teacher_logits)
 
         query = self.attn_q(self.embed_q(features))  # (B, E): samples attend to each other
-        # Frozen teacher: embed_k is trained through the positive logit (as CRD trains its teacher head).
-        with torch.set_grad_enabled(self.teacher_update == "frozen" and torch.is_grad_enabled()):
+        with torch.no_grad():  # the key side never trains by gradient
             key_embeddings = self.embed_k(teacher_features)  # (B, E)
             key = self.attn_k(key_embeddings)  # (B, E)
         # The queue is read before this batch enters it (a clone: enqueue writes in place).

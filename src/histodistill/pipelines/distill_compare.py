@@ -59,7 +59,7 @@ def slide_cv(folders: dict[str, Path], config, out: Path, device: str) -> dict:
         if results[name].predictions.bag_ids != teacher.bag_ids:  # the paired bootstrap needs the same bags
             raise UserError(
                 f"the {name}'s MIL run scored other slides than the teacher's: a slide lacks features in "
-                f"one of {', '.join(str(f) for f in folders.values())}; rerun with --overwrite"
+                f"one of {', '.join(str(f) for f in folders.values())}; rerun with `overwrite=True`"
             )
     retention = {
         name: paired_bootstrap_auroc(
@@ -231,6 +231,14 @@ def _percent(value: float | None) -> str:
     return "unbounded" if value is None else f"{value:.0%}"
 
 
+def _setting(name: str) -> str:
+    """A `DistillConfig` field named in text that library callers and CLI users both read (the verdict: in
+    summary.json, the report and the log), which no command rewrites as it does errors
+    (`histodistill.errors`): both spellings, `` `holdout` / `--holdout` `` (the command's option is the field
+    with ``-`` for ``_``)."""
+    return f"`{name}` / `--{name.replace('_', '-')}`"
+
+
 def _verdict(results: dict, speedup: float | None, labelled: bool) -> str:
     speed = f"{speedup:g}x" if speedup else "an unmeasured multiple of"
     if labelled:
@@ -240,7 +248,8 @@ def _verdict(results: dict, speedup: float | None, labelled: bool) -> str:
             "its speed"
         )
     cosine = results["student_cosine"]
-    where = "held-out" if results["slides"] == "held_out" else "fit (pass --holdout for unseen)"
+    held_out = results["slides"] == "held_out"
+    where = "held-out" if held_out else "fit"
     agree = (
         f"its features agree with the teacher's at cosine {cosine:.2f} on {results['tiles']} tiles of the "
         f"{where} slides"
@@ -248,7 +257,12 @@ def _verdict(results: dict, speedup: float | None, labelled: bool) -> str:
         else f"its features have linear CKA "
         f"{results['models']['student']['cka']:.2f} with the teacher's on the {where} slides"
     )
+    unseen = (
+        ""
+        if held_out
+        else f" (hold slides out of the fit with {_setting('holdout')} to measure on unseen ones)"
+    )
     return (
-        f"the student runs at {speed} the teacher's speed and {agree}; slide labels (--labels) are needed "
-        "for the AUROC comparison"
+        f"the student runs at {speed} the teacher's speed and {agree}{unseen}; slide labels "
+        f"({_setting('labels')}) are needed for the AUROC comparison"
     )

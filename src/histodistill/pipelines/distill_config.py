@@ -391,7 +391,7 @@ def _describe_coords(config: DistillConfig, teacher_mpp: float | None) -> str:
         resolution = f"at level {attrs.get('patch_level', '?')} (mpp unknown)"
     expects = f"{teacher_mpp:g} mpp" if teacher_mpp else "no particular mpp"
     return (
-        f"--coords {config.coords}: {len(files)} slide(s); {files[0].name}: tiles of {attrs['patch_size']} "
+        f"`coords={config.coords}`: {len(files)} slide(s); {files[0].name}: tiles of {attrs['patch_size']} "
         f"px = {attrs['patch_size_level0']} level-0 px {resolution}; the teacher {config.teacher} expects "
         f"{expects}"
     )

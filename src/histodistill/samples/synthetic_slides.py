@@ -93,7 +93,7 @@ def load_sample_sources(tile_px: int) -> dict[str, list[Source]]:
     """The real sources by role (``tumor``, ``benign``); a `UserError` if a sample is not cached."""
     from PIL import Image
 
-    from histodistill.samples.nuclei import choose_split_x, find_nuclei, load_hgsc
+    from histodistill.samples.nuclei import load_hgsc
     from histodistill.samples.registry import cached_path
 
     missing = [
@@ -107,11 +107,39 @@ def load_sample_sources(tile_px: int) -> dict[str, list[Source]]:
             f"Run `histodistill samples fetch` first"
         )
     image, instance_mask, type_mask = load_hgsc()
-    # The nuclei task's own split (its default test fraction and 64-px crops): training crops end left of it.
-    split_x = choose_split_x(find_nuclei(instance_mask, type_mask).centres_xy[:, 0], test_fraction=0.3)
+    split_x = _nest_split_x(instance_mask, type_mask)
     nest = hgsc_nest_sources(image, type_mask, split_x, tile_px)
     stroma = Source("hgsc_stromal_he", np.asarray(Image.open(cached_path("hgsc_stromal_he")).convert("RGB")))
     return {"tumor": [nest["tumor"]], "benign": [nest["benign"], stroma]}
+
+
+def _nest_split_x(instance_mask: np.ndarray, type_mask: np.ndarray) -> int:
+    """hgsc_nest's column where the slides' sources begin: the nuclei task's own train/test split (its
+    default test fraction and 64-px crops), whose training crops end left of it."""
+    from histodistill.samples.nuclei import choose_split_x, find_nuclei
+
+    return choose_split_x(find_nuclei(instance_mask, type_mask).centres_xy[:, 0], test_fraction=0.3)
+
+
+def unlabeled_tissue(out_dir: Path, mpp: float) -> list[Path]:
+    """The sample H&E that no slide of `make_slides` is cut from, written as pyramidal TIFFs at ``mpp`` (the
+    slides' scale: a pixel of the sources is a pixel of the slides) under ``out_dir``, for self-supervised
+    pretraining beside CMU-1-Small-Region: ``hgsc_nest`` left of the split (the nuclei task's training side,
+    unlabeled here) and ``tiatoolbox_target`` (a 1000 × 1000 carcinoma). Fetches the samples if needed."""
+    from PIL import Image
+
+    from histodistill.samples.nuclei import load_hgsc
+    from histodistill.samples.registry import fetch
+
+    image, instance_mask, type_mask = load_hgsc()
+    images = {
+        "hgsc_nest_train_side": image[:, : _nest_split_x(instance_mask, type_mask)],
+        "tiatoolbox_target": np.asarray(Image.open(fetch("tiatoolbox_target")).convert("RGB")),
+    }
+    return [
+        write_pyramid_tiff(out_dir / f"{name}.tif", np.ascontiguousarray(pixels), mpp=mpp, compression="zlib")
+        for name, pixels in images.items()
+    ]
 
 
 class TilePool:
