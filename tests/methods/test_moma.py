@@ -256,3 +256,38 @@ def test_tiny_moma_config_trains_end_to_end_from_a_supervised_checkpoint(tmp_pat
     assert "train/nce" in metrics and "train/kd" in metrics
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(checkpoint["state_dict"]["queue.pointer"]) == 12  # 3 steps of 4 keys entered the queue
+
+
+def test_teacher_layer_keys_are_the_layer_map_averaged_over_space_and_kd_keeps_the_pooled_logits():
+    from histodistill.methods.distill import to_teacher_input
+    from histodistill.models.intermediates import forward_layers, resolve_layers
+
+    torch.manual_seed(0)
+    teacher = {
+        **VIT_TEACHER,
+        "teacher_kwargs": {**VIT_TEACHER["teacher_kwargs"], "depth": 4, "embed_dim": 24},
+    }
+    model = MoMA(
+        num_classes=3, teacher_update="frozen", w_kd=0.0, teacher_layer=2, **teacher, **SMALL, **STUDENT
+    )
+    images, _ = tiny_batch()
+    features, logits = model.teacher_layer_forward(images)
+    index = resolve_layers(model.teacher, [2], "teacher_layer")[0]
+    expected = forward_layers(
+        model.teacher, to_teacher_input(images, model.preprocess, model.teacher.preprocess), [index]
+    ).maps[0]  # (B, C, h, w): the patch tokens on the patch grid
+    assert expected.dim() == 4 and features.shape == (8, 24) and logits is None
+    torch.testing.assert_close(features, expected.mean(dim=(2, 3)))
+    losses = train_steps(model, tiny_batch(), steps=2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    with pytest.raises(ConfigError, match="set `teacher_update='frozen'`"):
+        MoMA(
+            num_classes=3,
+            teacher="resnet18",
+            teacher_pretrained=False,
+            teacher_kwargs=STUDENT["backbone_kwargs"],
+            w_kd=0.0,
+            teacher_layer=1,
+            **SMALL,
+            **STUDENT,
+        )

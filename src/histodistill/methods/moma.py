@@ -28,8 +28,9 @@ import torch
 
 from histodistill.errors import ConfigError
 from histodistill.losses.infonce import MoCoQueue, concat_all_gather, infonce_loss
-from histodistill.methods.distill import TeacherStudentMethod, freeze
+from histodistill.methods.distill import TeacherStudentMethod, freeze, to_teacher_input
 from histodistill.models.batch_attention import BatchAttention
+from histodistill.models.intermediates import forward_layers, layer_channels, resolve_layers
 from histodistill.models.projection import ProjectionHead
 from histodistill.optim.ema import ema_update
 
@@ -47,8 +48,12 @@ class MoMA(TeacherStudentMethod):
         queue_size: int = 16384,
         embed_dim: int = 512,
         attention_heads: int = 4,
+        teacher_layer: int | None = None,
         **kwargs: Any,
     ) -> None:
+        """``teacher_layer``: the pyramid position (`histodistill.models.intermediates`; negative counts from
+        the end) whose map, averaged over space, is the frozen teacher's feature for the key; None (default,
+        the official code's) is the pooled final feature. KD logits always come from the pooled feature."""
         super().__init__(backbone=backbone, num_classes=num_classes, teacher=teacher, **kwargs)
         if not 0 <= momentum < 1:
             raise ConfigError(f"`momentum={momentum}`: must be in [0, 1)")
@@ -56,8 +61,24 @@ class MoMA(TeacherStudentMethod):
         self.w_nce, self.nce_temperature = w_nce, nce_temperature
         if teacher_update == "ema":
             self.check_same_architecture()
+            if teacher_layer is not None:
+                raise ConfigError(
+                    f"`teacher_layer={teacher_layer}` picks a layer of a frozen teacher, but the EMA "
+                    "teacher's key head follows the student's pooled feature: set `teacher_update='frozen'` "
+                    "or leave `teacher_layer` unset"
+                )
+        self.teacher_layer = (
+            None
+            if teacher_layer is None
+            else resolve_layers(self.teacher, [teacher_layer], "teacher_layer")[0]
+        )
+        key_dim = (
+            self.teacher.num_features
+            if self.teacher_layer is None
+            else layer_channels(self.teacher, [self.teacher_layer])[0]
+        )
         self.embed_q = ProjectionHead(self.backbone.num_features, embed_dim)
-        self.embed_k = ProjectionHead(self.teacher.num_features, embed_dim)
+        self.embed_k = ProjectionHead(key_dim, embed_dim)
         self.attn_q = BatchAttention(embed_dim, attention_heads)
         # The MoCo rule for everything on the key side: start as a copy, then follow by EMA.
         self.attn_k = copy.deepcopy(self.attn_q)
@@ -95,13 +116,29 @@ class MoMA(TeacherStudentMethod):
             if self.teacher_classifier is not None:
                 ema_update(self.teacher_classifier, self.classifier, self.momentum)
 
+    @torch.no_grad()
+    def teacher_layer_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images prepared for the student -> the frozen teacher's ``teacher_layer`` map averaged over space
+        (B, C) and its logits from the pooled feature (or None); the teacher in eval mode."""
+        self.teacher.eval()
+        layers = forward_layers(
+            self.teacher,
+            to_teacher_input(images, self.preprocess, self.teacher.preprocess),
+            [self.teacher_layer],
+        )
+        logits = self.teacher_classifier(layers.pooled) if self.teacher_classifier is not None else None
+        return layers.maps[0].mean(dim=(2, 3)), logits  # (B, C, H, W) -> (B, C)
+
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         images, labels = batch[0], batch[1]
         ema = self.teacher_update == "ema"
         features, logits = self.student_forward(images)  # (B, D_s), (B, C)
         # trinhvg/MoMA loops_moma.py: KD logits from the teacher as it was, then the EMA update, then the key
         # forward (BN on batch statistics) from the updated teacher.
-        teacher_features, teacher_logits = self.teacher_forward(images, batch_statistics=ema)
+        if self.teacher_layer is None:
+            teacher_features, teacher_logits = self.teacher_forward(images, batch_statistics=ema)
+        else:  # frozen teacher (refused with ema)
+            teacher_features, teacher_logits = self.teacher_layer_forward(images)
         self.momentum_update()
         if ema:
             teacher_features, _ = self.teacher_forward(images, batch_statistics=True)
