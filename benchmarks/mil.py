@@ -145,6 +145,7 @@ def time_cross_validation(
     its result; ``settings`` replace `TrainConfig` fields of the demo's (``batch_size``, ``lr``). CPU time,
     not wall time: on a machine shared with other work, wall time counts the others' turns."""
     from histodistill.eval.mil_cv import CVConfig, TrainConfig, cross_validate
+    from histodistill.eval.mil_cv_many import one_thread
 
     train = {name: value for name, value in MIL_SETTINGS.items() if name != "val_fraction"} | settings
     config = CVConfig(
@@ -155,14 +156,10 @@ def time_cross_validation(
         batched=batched,
         train=TrainConfig(epochs=epochs, device="cpu", **train),
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         start = time.process_time()
         result = cross_validate(features, labels, out, config, overwrite=True, log=lambda line: None)
         return time.process_time() - start, result
-    finally:
-        torch.set_num_threads(threads)
 
 
 def batched_speed(args: argparse.Namespace) -> None:

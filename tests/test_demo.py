@@ -320,35 +320,6 @@ def test_slide_task_trains_mil_on_one_thread_and_restores_the_count(tmp_path, mo
         torch.set_num_threads(before)
 
 
-def test_slide_task_runs_in_parallel_processes_give_the_files_of_one(tmp_path, monkeypatch):
-    import histodistill.eval.slide_task
-    from conftest import planted_features
-    from histodistill.demo.slide_task import run_slide_task
-
-    features_dir, labels, _ = planted_features(tmp_path, n_cases=12)
-    monkeypatch.setattr(
-        histodistill.eval.slide_task, "slide_task_scores", lambda runs, tumour: [str(r) for r in runs]
-    )
-    runs = {
-        workers: run_slide_task(
-            {"a": features_dir, "b": features_dir},
-            tmp_path,
-            tmp_path / f"out{workers}",
-            256,
-            folds=2,
-            seeds=2,
-            epochs=2,
-            workers=workers,
-        )
-        for workers in (1, 2)
-    }
-    assert runs[2] == {name: [p.replace("out1", "out2") for p in paths] for name, paths in runs[1].items()}
-    for name in ("a", "b"):
-        for seed in (0, 1):
-            one, two = (tmp_path / f"out{w}" / name / f"seed_{seed}" / "predictions.csv" for w in (1, 2))
-            assert one.read_text() == two.read_text()
-
-
 def test_distill_verdict_names_the_best_student_and_checks_every_target():
     from histodistill.demo.stages import STUDENTS, distill_verdict
 

@@ -280,6 +280,7 @@ def test_bad_input_is_refused_with_one_line_before_any_stage(cohort, tmp_path, c
         "--mil-seeds 0: must be at least 1": ("--mil-seeds", "0"),
         "--mil-val-fraction 1.0: must be in [0, 1)": ("--mil-val-fraction", "1"),
         "--mil-lr 0.0: must be positive": ("--mil-lr", "0"),
+        "--mil-workers 0: must be at least 1": ("--mil-workers", "0"),
     }
     for expected, pairs in cases.items():
         argv = _argv(cohort, out, teacher)

@@ -3,17 +3,14 @@
 
 - `measure_extractors`: tile features of every slide per extractor, timed (tiles/s end to end), with
   each network's parameter count and linear-probe balanced accuracy on the nuclei task;
-- `run_slide_task`: `histodistill.eval.mil_cv.cross_validate` per extractor (over CV seeds), then the scores
-  of `histodistill.eval.slide_task` (slide AUROC [95 % CI], balanced accuracy, localisation).
+- `run_slide_task`: `histodistill.eval.mil_cv_many.cross_validate_many` (a `cross_validate` per extractor,
+  over CV seeds, in parallel on a CPU), then the scores of `histodistill.eval.slide_task` (slide AUROC
+  [95 % CI], balanced accuracy, localisation).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from histodistill.eval.mil_cv import CVResult
 
 COLOUR = None  # the model value that stands for the colour-only control in `measure_extractors`
 # MIL settings of the slide task, chosen on tuning slides (generator seed 1, never the demo's seed-0 slides;
@@ -83,32 +80,6 @@ def measure_extractors(
     return rows
 
 
-def _cross_validate_on_one_thread(job: tuple) -> tuple[CVResult, list[str]]:
-    """One extractor's `cross_validate` on one intra-op thread; returns (its result, the lines it logged), so
-    runs in parallel processes print whole, one after another."""
-    import torch
-
-    from histodistill.eval.mil_cv import cross_validate
-
-    features, labels, out, config = job
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    lines: list[str] = []
-    try:
-        return cross_validate(features, labels, out, config, overwrite=True, log=lines.append), lines
-    finally:
-        torch.set_num_threads(threads)
-
-
-def mil_workers(device: str) -> int:
-    """Parallel MIL processes: one per usable CPU core on the CPU (a bag of a few dozen tiles is too small to
-    split over threads, so cores are used by running extractors' cross-validations side by side); one on a
-    GPU, which a single run already keeps busy."""
-    from histodistill.distributed import usable_cpus
-
-    return usable_cpus() if device == "cpu" else 1
-
-
 def run_slide_task(
     features: dict[str, Path],
     slides_dir: Path,
@@ -123,16 +94,13 @@ def run_slide_task(
     workers: int | None = None,
 ) -> dict[str, dict]:
     """``{extractor: scores}`` for features folders ``{extractor: <features_*> dir}`` of the slides in
-    ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``):
-    `histodistill.eval.mil_cv.cross_validate`
-    per extractor into ``out/<extractor>`` (its seed runs ``seed_<s>/`` with several seeds), `MIL_SETTINGS`.
-    The same seed gives the same folds for every extractor (the splits depend on the labels and seed only).
-    Extractors are independent and seeded, so ``workers`` parallel processes (default `mil_workers`) give the
-    same files as one; each extractor's lines are printed whole when it ends."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
+    ``slides_dir`` (`make_slides` output: ``labels.csv``, ``masks/``): `MIL_SETTINGS`'s cross-validation of
+    each extractor into ``out/<extractor>`` (its seed runs ``seed_<s>/`` with several seeds) by
+    `histodistill.eval.mil_cv_many.cross_validate_many` (``workers`` parallel processes, default one per
+    usable CPU core on a CPU: the same files as one), then their `score_runs`. The same seed gives the same
+    folds for every extractor (the splits depend on the labels and seed only)."""
     from histodistill.eval.mil_cv import CVConfig, TrainConfig
+    from histodistill.eval.mil_cv_many import cross_validate_many
 
     train = {name: value for name, value in MIL_SETTINGS.items() if name != "val_fraction"}
     config = CVConfig(
@@ -142,19 +110,8 @@ def run_slide_task(
         val_fraction=MIL_SETTINGS["val_fraction"],
         train=TrainConfig(epochs=epochs, device=device, **train),
     )
-    jobs = [(features[name], slides_dir / "labels.csv", out / name, config) for name in features]
-    workers = min(workers or mil_workers(device), len(jobs))
-    if workers > 1:
-        # spawn, not fork: a forked child would inherit the parent's torch thread pools mid-state.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            outcomes = list(pool.map(_cross_validate_on_one_thread, jobs))
-    else:
-        outcomes = [_cross_validate_on_one_thread(job) for job in jobs]
-    for name, (_, lines) in zip(features, outcomes, strict=True):
-        print("\n".join([f"MIL on {name}:", *lines]))
-    return score_runs(
-        {name: result.runs for name, (result, _) in zip(features, outcomes, strict=True)}, slides_dir, tile_px
-    )
+    results = cross_validate_many(features, slides_dir / "labels.csv", out, config, workers=workers)
+    return score_runs({name: result.runs for name, result in results.items()}, slides_dir, tile_px)
 
 
 def score_runs(runs: dict[str, list[Path]], slides_dir: Path, tile_px: int) -> dict[str, dict]:

@@ -23,12 +23,14 @@ MAX_AGREEMENT_TILES = 20_000  # tiles pooled for the CKA (a (n, n)-free formula,
 def slide_cv(folders: dict[str, Path], config, out: Path, device: str) -> dict:
     """ABMIL (``config.mil_model``) k-fold CV by case over ``config.mil_seeds`` CV seeds (runs in
     ``out/<model>``, or ``out/<model>/seed_<s>`` with several: `histodistill.eval.mil_cv.seed_runs`) on each
-    of ``folders`` (``{model: features folder}``) against ``config.labels``; returns ``{models: {name:
-    {slide_auroc, slide_auroc_ci, balanced_accuracy, run}},
-    retention, retention_untuned: {value, ci}, bags, folds, mil_model}``. ``config`` is a `DistillConfig`."""
+    of ``folders`` (``{model: features folder}``) against ``config.labels``, the three side by side
+    (`histodistill.eval.mil_cv_many.cross_validate_many`, ``config.mil_workers`` processes); returns
+    ``{models: {name: {slide_auroc, slide_auroc_ci, balanced_accuracy, run}}, retention, retention_untuned:
+    {value, ci}, bags, folds, mil_model}``. ``config`` is a `DistillConfig`."""
     from histodistill.errors import UserError
     from histodistill.eval.metrics import paired_bootstrap_auroc
-    from histodistill.eval.mil_cv import CVConfig, TrainConfig, cross_validate
+    from histodistill.eval.mil_cv import CVConfig, TrainConfig
+    from histodistill.eval.mil_cv_many import cross_validate_many
 
     cv = CVConfig(
         model=config.mil_model,
@@ -44,17 +46,14 @@ def slide_cv(folders: dict[str, Path], config, out: Path, device: str) -> dict:
         ),
     )
     # overwrite: a CV interrupted in this stage is run again whole (minutes, against the fit's hours).
-    results = {
-        name: cross_validate(
-            folders[name],
-            config.labels,
-            out / name,
-            cv,
-            overwrite=True,
-            log=lambda line, name=name: print(f"  [{name}] {line}"),
-        )
-        for name in MODELS
-    }
+    results = cross_validate_many(
+        {name: folders[name] for name in MODELS},
+        config.labels,
+        out,
+        cv,
+        workers=config.mil_workers,
+        log=lambda line: print(f"  {line}"),
+    )
     teacher = results["teacher"].predictions
     for name in MODELS:
         if results[name].predictions.bag_ids != teacher.bag_ids:  # the paired bootstrap needs the same bags

@@ -152,6 +152,14 @@ class DistillConfig:
         default=0.0,
         **_option("share of each fold's training cases held out of MIL training (validation curves only)"),
     )
+    mil_workers: int | None = field(
+        default=None,
+        **_option(
+            "MIL cross-validations run side by side, one process and one thread each (the same results for "
+            "any count; each holds its model's features in memory): default one per usable CPU core on a "
+            "CPU (at most 3), 1 on a GPU"
+        ),
+    )
     devices: int = field(default=1, **_option("GPUs for the fit (DDP when more than one)"))
     device: Literal["auto", "cpu", "cuda"] = field(
         default="auto", **_option("where to extract and train: auto = cuda when a GPU is visible")
@@ -195,7 +203,9 @@ class DistillContext:
             key: str(value) if isinstance(value, Path) else value
             for key, value in dataclasses.asdict(self.config).items()
         }
-        for key in ("out", "overwrite", "device", "num_workers", "extract_batch_size"):
+        # Not what the outputs depend on: where and how fast (the MIL CV's files are the same for any
+        # `mil_workers`, tested).
+        for key in ("out", "overwrite", "device", "num_workers", "extract_batch_size", "mil_workers"):
             del config[key]
         return {**config, "tile_mpp": self.tile_mpp, "tile_px": self.tile_px}
 
@@ -287,8 +297,9 @@ def _check_numbers(config: DistillConfig) -> None:
         raise ConfigError(f"`steps={config.steps}`: must be at least 1")
     if not 0 <= config.holdout < 1:
         raise ConfigError(f"`holdout={config.holdout}`: must be in [0, 1)")
-    if config.devices < 1:
-        raise ConfigError(f"`devices={config.devices}`: must be at least 1")
+    for name in ("devices", "mil_workers"):
+        if (value := getattr(config, name)) is not None and value < 1:
+            raise ConfigError(f"`{name}={value}`: must be at least 1")
     for name in ("mpp", "patch_size", "batch_size", "window_stride", "mil_lr"):
         if (value := getattr(config, name)) is not None and value <= 0:
             raise ConfigError(f"`{name}={value}`: must be positive")
