@@ -36,7 +36,7 @@ from histodistill.losses.kd import kd_loss
 from histodistill.methods.classification import ClassificationMethod
 from histodistill.methods.kd_zoo import Term, TermInputs, TrainingData, build_term
 from histodistill.models.backbones import Backbone, Preprocess, create_backbone
-from histodistill.models.intermediates import forward_layers
+from histodistill.models.intermediates import LayerFeatures, forward_layers
 from histodistill.models.weights import read_checkpoint
 from histodistill.optim.optimizer import OptimConfig
 
@@ -180,6 +180,20 @@ class TeacherStudentMethod(ClassificationMethod):
         features = self.teacher(to_teacher_input(images, self.preprocess, self.teacher.preprocess))
         logits = self.teacher_classifier(features) if self.teacher_classifier is not None else None
         return features, logits
+
+    @torch.no_grad()
+    def teacher_layers_forward(
+        self, images: torch.Tensor, layers: list[int]
+    ) -> tuple[LayerFeatures, torch.Tensor | None]:
+        """images prepared for the student -> the teacher's `LayerFeatures` (pooled feature, final map and the
+        maps of ``layers``, ``feature_info`` indices) and its logits from the pooled feature (or None); the
+        whole teacher in eval mode."""
+        self.teacher.eval()
+        teacher = forward_layers(
+            self.teacher, to_teacher_input(images, self.preprocess, self.teacher.preprocess), layers
+        )
+        logits = self.teacher_classifier(teacher.pooled) if self.teacher_classifier is not None else None
+        return teacher, logits
 
     def supervised_terms(
         self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None
@@ -340,16 +354,9 @@ class Distill(TeacherStudentMethod):
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         images, labels = batch[0], batch[1]
         term = self.feature_loss
-        self.teacher.eval()
-        with torch.no_grad():
-            teacher = forward_layers(
-                self.teacher,
-                to_teacher_input(images, self.preprocess, self.teacher.preprocess),
-                term.teacher_layers if term is not None else [],
-            )
-            teacher_logits = (
-                self.teacher_classifier(teacher.pooled) if self.teacher_classifier is not None else None
-            )
+        teacher, teacher_logits = self.teacher_layers_forward(
+            images, term.teacher_layers if term is not None else []
+        )
         in_stage = False
         if term is not None and term.init_stage and self.training:
             self.trained_batches += 1

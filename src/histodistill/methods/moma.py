@@ -28,9 +28,9 @@ import torch
 
 from histodistill.errors import ConfigError
 from histodistill.losses.infonce import MoCoQueue, concat_all_gather, infonce_loss
-from histodistill.methods.distill import TeacherStudentMethod, freeze, to_teacher_input
+from histodistill.methods.distill import TeacherStudentMethod, freeze
 from histodistill.models.batch_attention import BatchAttention
-from histodistill.models.intermediates import forward_layers, layer_channels, resolve_layers
+from histodistill.models.intermediates import layer_channels, resolve_layers
 from histodistill.models.projection import ProjectionHead
 from histodistill.optim.ema import ema_update
 
@@ -83,9 +83,8 @@ class MoMA(TeacherStudentMethod):
         # The MoCo rule for everything on the key side: start as a copy, then follow by EMA.
         self.attn_k = copy.deepcopy(self.attn_q)
         freeze(self.attn_k)
-        freeze(
-            self.embed_k
-        )  # ema: follows embed_q; frozen: stays as initialised (the module docstring says why)
+        # ema: embed_k follows embed_q; frozen: it stays as initialised (the module docstring says why).
+        freeze(self.embed_k)
         self.queue = MoCoQueue(embed_dim, queue_size)
 
     def check_same_architecture(self) -> None:
@@ -116,17 +115,10 @@ class MoMA(TeacherStudentMethod):
             if self.teacher_classifier is not None:
                 ema_update(self.teacher_classifier, self.classifier, self.momentum)
 
-    @torch.no_grad()
     def teacher_layer_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images prepared for the student -> the frozen teacher's ``teacher_layer`` map averaged over space
         (B, C) and its logits from the pooled feature (or None); the teacher in eval mode."""
-        self.teacher.eval()
-        layers = forward_layers(
-            self.teacher,
-            to_teacher_input(images, self.preprocess, self.teacher.preprocess),
-            [self.teacher_layer],
-        )
-        logits = self.teacher_classifier(layers.pooled) if self.teacher_classifier is not None else None
+        layers, logits = self.teacher_layers_forward(images, [self.teacher_layer])
         return layers.maps[0].mean(dim=(2, 3)), logits  # (B, C, H, W) -> (B, C)
 
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
