@@ -67,10 +67,7 @@ def main() -> None:
         seeds=sizes["seeds"],
         epochs=sizes["mil_epochs"],
     )
-    rows = [
-        [row, slide_cell({"slide_auroc": s["auroc"], "slide_auroc_ci": s["auroc_ci"]})]
-        for row, s in scores.items()
-    ]
+    rows = [[row, slide_cell(score)] for row, score in scores.items()]
     body = (
         f"The demo's {scores['teacher']['slides']} slides with their labels permuted across cases (seed "
         f"{PERMUTATION_SEED}; the class counts kept), ABMIL with the demo's MIL settings, "

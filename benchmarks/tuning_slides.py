@@ -49,7 +49,8 @@ def tuning_slides(work: Path) -> TuningSlides:
 def score_extractors(
     checkpoints: dict[str, Path], tuning: TuningSlides, work: Path, sizes: dict
 ) -> dict[str, dict]:
-    """``{name: {tile_probe, slide_auroc, slide_auroc_ci}}`` of each checkpoint on the tuning slides: its
+    """``{name: {tile_probe, auroc, auroc_ci, ...}}`` of each checkpoint on the tuning slides (the slide
+    scores of `histodistill.eval.slide_task.slide_task_scores`): its
     features under ``work/features/<name>``, ABMIL runs under ``work/mil/<name>``; ``sizes`` are the demo's
     recorded sizes (folds, CV seeds, MIL epochs). Finished features are reused; MIL runs are redone."""
     tumour = exact_tumour(tuning.slides_dir, SLIDE_TILE_PX)
@@ -68,18 +69,18 @@ def score_extractors(
     )
     return {
         name: {
+            **slide_scores[name],
             "tile_probe": tile_probe_auroc(folder, tuning.slide_ids, tumour, folds=sizes["folds"]),
-            "slide_auroc": slide_scores[name]["auroc"],
-            "slide_auroc_ci": slide_scores[name]["auroc_ci"],
         }
         for name, folder in folders.items()
     }
 
 
 def slide_cell(score: dict) -> str:
-    """``0.912 [0.850, 0.960]``: a slide AUROC with its 95 % CI, as the demo's tables print it."""
-    low, high = score["slide_auroc_ci"]
-    return f"{score['slide_auroc']:.3f} [{low:.3f}, {high:.3f}]"
+    """``0.912 [0.850, 0.960]``: a slide AUROC with its 95 % CI (``auroc``, ``auroc_ci`` of
+    `histodistill.eval.slide_task.slide_task_scores`), as the demo's tables print it."""
+    low, high = score["auroc_ci"]
+    return f"{score['auroc']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def scores_description(sizes: dict) -> str:

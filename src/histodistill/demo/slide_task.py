@@ -25,17 +25,16 @@ MIL_OPTIONS = tuple(
 )
 
 
-def probe_nuclei(
-    model: str | Path, nuclei_dir: Path, out_dir: Path, device: str, overwrite: bool = False
-) -> float:
+def probe_nuclei(model: str | Path, nuclei_dir: Path, out_dir: Path, device: str) -> float:
     """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task
-    (``nuclei_dir/{train,test}``); features are cached under ``out_dir`` (``overwrite``: extracted again)."""
+    (``nuclei_dir/{train,test}``); features are extracted afresh under ``out_dir`` (seconds): a demo stage
+    that ran again may have changed the model behind a name, and cached features would be of other weights."""
     from histodistill.eval.probe import linear_probe, load_patch_features
     from histodistill.features.extract import extract_images
 
     feats = {
         split: load_patch_features(
-            extract_images(model, nuclei_dir / split, out_dir / split, device=device, overwrite=overwrite)
+            extract_images(model, nuclei_dir / split, out_dir / split, device=device, overwrite=True)
         )
         for split in ("train", "test")
     }
@@ -50,9 +49,9 @@ def measure_extractors(
 ) -> dict[str, dict]:
     """``{name: {features_dir, tiles_per_s, parameters, probe_balanced_accuracy}}``; a model of `COLOUR`
     is the colour-only control (no parameters, no probe). Features go to ``out_dir/<name>/features_*``,
-    probe features to ``out_dir/probe/<name>``, extracted afresh (seconds; the model behind a name may have
-    changed since). ``tiles_per_s`` counts only the slides extracted by this
-    call (a resumed extraction skips finished slides), and is None when every slide was already done."""
+    probe features to ``out_dir/probe/<name>`` (`probe_nuclei`). ``tiles_per_s`` counts only the slides
+    extracted by this call (a resumed extraction skips finished slides), and is None when every slide was
+    already done."""
     from functools import partial
 
     from histodistill.features.colour import colour_features
@@ -75,7 +74,7 @@ def measure_extractors(
             "parameters": 0 if model is COLOUR else parameters(create_backbone(model)),
             "probe_balanced_accuracy": None
             if model is COLOUR
-            else probe_nuclei(model, nuclei_dir, out_dir / "probe" / name, device, overwrite=True),
+            else probe_nuclei(model, nuclei_dir, out_dir / "probe" / name, device),
         }
     return rows
 

@@ -209,9 +209,7 @@ def random_init_like(checkpoint: Path, out_dir: Path) -> Path:
 
 
 def _probe(context: DemoContext, model: str | Path, name: str) -> float:
-    """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task, extracted afresh
-    (seconds): a stage that ran again may have changed the model behind ``name``, and its cached probe
-    features would then be of other weights."""
+    """Linear-probe balanced accuracy of ``model``'s frozen features on the nuclei task (`probe_nuclei`)."""
     from histodistill.demo.slide_task import probe_nuclei
 
     return probe_nuclei(
@@ -219,7 +217,6 @@ def _probe(context: DemoContext, model: str | Path, name: str) -> float:
         context.out / "data" / "nuclei",
         context.out / "features" / "probe" / name,
         context.device,
-        overwrite=True,
     )
 
 
